@@ -1,0 +1,50 @@
+"""qlis: layer-importance-guided pruning, quantization and entropy-coded archives for PyTorch.
+
+>>> import qlis, torch
+>>> report = qlis.inspect(torch.nn.Linear(8, 8))
+>>> result = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
+"""
+
+from qlis.compress import CompressionResult, LayerPlan, compress
+from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
+from qlis.policy import Policy, make_policy
+from qlis.prune import FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
+from qlis.quantize import (
+    AffineQuantizer,
+    BinaryQuantizer,
+    KMeansQuantizer,
+    QuantizedTensor,
+    Quantizer,
+    get_quantizer,
+    register_quantizer,
+)
+from qlis.stats import InspectionReport, LayerStats, inspect
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AffineQuantizer",
+    "ArchiveError",
+    "BinaryQuantizer",
+    "CompressionResult",
+    "ConfigError",
+    "FractionPruner",
+    "InputError",
+    "InspectionReport",
+    "KMeansQuantizer",
+    "LayerPlan",
+    "LayerStats",
+    "Policy",
+    "Pruner",
+    "QlisError",
+    "QuantizedTensor",
+    "Quantizer",
+    "SigmaPruner",
+    "compress",
+    "get_pruner",
+    "get_quantizer",
+    "inspect",
+    "make_policy",
+    "register_pruner",
+    "register_quantizer",
+]

@@ -1,0 +1,17 @@
+"""Error types: every problem a user can cause is a `QlisError` with a message that says what to do."""
+
+
+class QlisError(Exception):
+    """Base class of the errors qlis raises for bad input; the CLI prints them as one line."""
+
+
+class InputError(QlisError):
+    """A model, file or tensor given to qlis cannot be used as it is."""
+
+
+class ConfigError(QlisError):
+    """A policy, strategy or codec was given a name or parameter it does not accept."""
+
+
+class ArchiveError(QlisError):
+    """A `.qlis` archive (or an encoded record in it) is corrupt, truncated or unsupported."""

@@ -1,0 +1,43 @@
+"""The shape shared by pruners and quantizers: a small, self-describing, registered class.
+
+Like a numcodecs codec, a strategy has an id, takes its parameters in ``__init__`` and can
+round-trip them through plain JSON, so an archive can name the strategy that made a tensor.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+from typing import Any, ClassVar
+
+from qlis.errors import ConfigError
+
+
+class Strategy:
+    """Base of Pruner and Quantizer: an id plus JSON-serialisable constructor parameters."""
+
+    strategy_id: ClassVar[str] = ""
+
+    def get_config(self) -> dict[str, Any]:
+        """The id and every constructor parameter, as plain JSON."""
+        params = _inspect.signature(type(self).__init__).parameters
+        config = {name: getattr(self, name) for name in params if name != "self"}
+        return {"id": self.strategy_id, **config}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        """Rebuild the strategy from ``get_config()``'s output."""
+        params = {k: v for k, v in config.items() if k != "id"}
+        try:
+            return cls(**params)
+        except TypeError as err:
+            raise ConfigError(f"bad parameters for {cls.strategy_id!r}: {err}") from None
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
