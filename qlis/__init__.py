@@ -5,6 +5,7 @@
 >>> result = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
 """
 
+from qlis.archive import Archive, load, open, save
 from qlis.compress import CompressionResult, LayerPlan, compress
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.policy import Policy, make_policy
@@ -23,6 +24,7 @@ from qlis.stats import InspectionReport, LayerStats, inspect
 __version__ = "0.1.0"
 
 __all__ = [
+    "Archive",
     "AffineQuantizer",
     "ArchiveError",
     "BinaryQuantizer",
@@ -44,7 +46,10 @@ __all__ = [
     "get_pruner",
     "get_quantizer",
     "inspect",
+    "load",
     "make_policy",
+    "open",
     "register_pruner",
     "register_quantizer",
+    "save",
 ]

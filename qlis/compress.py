@@ -70,7 +70,7 @@ class CompressionResult:
 
     @property
     def cr(self) -> float:
-        """Paper CR: original bits / (b_l bits per non-zero weight; unselected tensors as they are)."""
+        """Paper CR: original bits / (b_l bits per non-zero weight; the rest at full size)."""
         return self.original_bits / self.paper_bits if self.paper_bits else float("inf")
 
     @property
@@ -129,9 +129,10 @@ def _compress_layer(
         paper = float(kept * bits)
         codes = stored.codes if kept == weight.numel() else stored.codes[(pruned != 0).numpy()]
         huffman = _huffman_bits(codes, stored.n_levels)
-    reference = weight.float()
-    energy = float(reference.square().sum())
-    error = float((approx.float() - reference).square().sum())
+    reference = weight.float().reshape(-1)
+    difference = approx.float().reshape(-1) - reference
+    energy = float(torch.dot(reference, reference))
+    error = float(torch.dot(difference, difference))
     plan = LayerPlan(
         name=name,
         numel=weight.numel(),

@@ -1,4 +1,4 @@
-"""Error types: every problem a user can cause is a `QlisError` with a message that says what to do."""
+"""Error types: every problem a user can cause is a `QlisError` whose message says what to do."""
 
 
 class QlisError(Exception):

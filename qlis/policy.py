@@ -13,7 +13,7 @@ QLIS never gets fewer bits or a larger k. Two mappings:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy.stats import rankdata
@@ -51,7 +51,7 @@ class Policy:
         if any(not k >= 0 for k in self.k_levels):
             raise ConfigError(f"k levels must be >= 0, got {self.k_levels}")
         if list(self.k_levels) != sorted(self.k_levels, reverse=True):
-            raise ConfigError(f"k levels must go from the largest k to the smallest: {self.k_levels}")
+            raise ConfigError(f"k levels must run from largest to smallest: {self.k_levels}")
         bits = [b for b in self.bits_levels if b is not None]
         if any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
             raise ConfigError(f"bits must be whole numbers from 1 to 8, got {self.bits_levels}")
@@ -134,10 +134,14 @@ def make_policy(policy: str | Policy, **options) -> Policy:
     ((0.5,), (4,))
     """
     if isinstance(policy, Policy):
-        return replace(policy, **options) if options else policy
-    if policy not in _PRESETS:
+        if not options:
+            return policy
+        name = policy.name
+        config = {f.name: getattr(policy, f.name) for f in fields(Policy) if f.name != "name"}
+    elif policy in _PRESETS:
+        name, config = policy, dict(_PRESETS[policy])
+    else:
         raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
-    config = dict(_PRESETS[policy])
     if "k" in options:
         k = options.pop("k")
         if k is not None:
@@ -150,8 +154,8 @@ def make_policy(policy: str | Policy, **options) -> Policy:
     unknown = set(options) - known
     if unknown:
         raise ConfigError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for policy {policy!r}; "
+            f"unknown option(s) {', '.join(sorted(unknown))} for policy {name!r}; "
             f"known: k, bits, {', '.join(sorted(known))}"
         )
     config.update({key: tuple(v) if key.endswith("_levels") else v for key, v in options.items()})
-    return Policy(name=policy, **config)
+    return Policy(name=name, **config)

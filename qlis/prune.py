@@ -11,6 +11,7 @@ import torch
 from qlis.errors import ConfigError
 from qlis.registry import Registry
 from qlis.strategy import Strategy
+from qlis.tensors import smallest_at_least
 
 
 class Pruner(Strategy):
@@ -64,7 +65,7 @@ class SigmaPruner(Pruner):
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
         if self.k == 0:
             return torch.ones_like(weight, dtype=torch.bool)
-        return weight.abs() >= self.threshold(weight)
+        return weight.abs() >= smallest_at_least(self.threshold(weight), weight.dtype)
 
 
 @register_pruner

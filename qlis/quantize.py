@@ -108,7 +108,7 @@ class AffineQuantizer(Quantizer):
 
     def __init__(self, bits: int = 8, granularity: str = "tensor") -> None:
         if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ConfigError(f"affine quantization takes 2 to 8 bits (1 bit: 'binary'), got {bits}")
+            raise ConfigError(f"affine quantization takes 2 to 8 bits (1 bit: binary), got {bits}")
         _check_granularity(granularity)
         self.bits = bits
         self.granularity = granularity

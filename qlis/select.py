@@ -17,7 +17,7 @@ SelectSpec = Selector | str | Sequence[str] | None
 
 
 def default_select(name: str, tensor: torch.Tensor) -> bool:
-    """Floating-point tensors with 2 or more dimensions: Linear, Conv, Embedding, patch/pos embeds."""
+    """Floating-point tensors with 2 or more dimensions: Linear, Conv, Embedding, embeddings."""
     return tensor.is_floating_point() and tensor.ndim >= 2
 
 

@@ -18,14 +18,14 @@ from numba import njit
 
 from qlis.errors import InputError
 from qlis.select import SelectSpec, make_selector
-from qlis.tensors import as_state_dict, bit_patterns, storage_bits
+from qlis.tensors import as_state_dict, bit_patterns, smallest_at_least, storage_bits
 
 RECORD_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 
 
 @njit(cache=True, nogil=True)
 def _scan_u32(values: np.ndarray, small_below: int) -> tuple[float, int]:
-    """(sum_c c*log2(c) over the counts of distinct values, how many |value| patterns < small_below).
+    """(sum of c*log2(c) over distinct values' counts, number of |value| patterns < small_below).
 
     Values are bucketed by their high 16 bits, then counted by their low 16 bits in a small
     table that stays in cache: a linear-time exact distinct count.
@@ -63,10 +63,7 @@ def _scan_u32(values: np.ndarray, small_below: int) -> tuple[float, int]:
 
 def _small_threshold_pattern(eps: float, dtype: torch.dtype) -> int:
     """The bit pattern p of the smallest ``dtype`` value >= eps: |x| < eps iff |x|'s pattern < p."""
-    t = torch.tensor(eps, dtype=torch.float64).to(dtype)
-    if float(t) < eps:
-        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
-    return int(bit_patterns(t.reshape(1))[0])
+    return int(bit_patterns(smallest_at_least(eps, dtype).reshape(1))[0])
 
 
 def _scan(tensor: torch.Tensor, eps: float) -> tuple[float, float]:
@@ -78,10 +75,13 @@ def _scan(tensor: torch.Tensor, eps: float) -> tuple[float, float]:
     if patterns.dtype.itemsize == 4:
         acc, n_small = _scan_u32(patterns, small_below)
     else:
-        counts = np.bincount(patterns.astype(np.int64, copy=False))
-        values = np.flatnonzero(counts)
-        counts = counts[values]
-        n_small = int(counts[(values & ~sign_bit) < small_below].sum())
+        if patterns.dtype.itemsize == 8:  # float64: too wide for a table of counts
+            values, counts = np.unique(patterns, return_counts=True)
+        else:
+            counts = np.bincount(patterns.astype(np.int64, copy=False))
+            values = np.flatnonzero(counts)
+            counts = counts[values]
+        n_small = int(counts[(values & (sign_bit - 1)) < small_below].sum())
         counts = counts.astype(np.float64)
         acc = float((counts * np.log2(counts)).sum())
     return max(0.0, math.log2(n) - acc / n), n_small / n
@@ -169,7 +169,7 @@ def _layer_measures(tensor: torch.Tensor, eps: float) -> tuple[float, float, flo
         torch.isfinite(flat).all()
     ):
         raise InputError("contains NaN or Inf values")
-    sigma = float(flat.std(correction=0))
+    sigma = float(flat.float().std(correction=0))
     entropy, sparsity = _scan(flat, eps)
     return sigma, entropy, sparsity
 

@@ -20,7 +20,11 @@ class Strategy:
     def get_config(self) -> dict[str, Any]:
         """The id and every constructor parameter, as plain JSON."""
         params = _inspect.signature(type(self).__init__).parameters
-        config = {name: getattr(self, name) for name in params if name != "self"}
+        config = {
+            name: getattr(self, name)
+            for name, param in params.items()
+            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        }
         return {"id": self.strategy_id, **config}
 
     @classmethod

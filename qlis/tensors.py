@@ -20,6 +20,18 @@ def storage_bits(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size() * 8
 
 
+def smallest_at_least(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest ``dtype`` value >= ``value`` (0-dim): ``x >= it`` iff ``x >= value`` exactly.
+
+    Comparing a float16/bfloat16 tensor with a Python float rounds the float to the tensor's
+    dtype, which can move a threshold across stored values; this keeps such comparisons exact.
+    """
+    t = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if float(t) < value:
+        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    return t
+
+
 def bit_patterns(tensor: torch.Tensor) -> np.ndarray:
     """The stored bits of ``tensor`` as an unsigned numpy array of the same width (no copy)."""
     t = tensor.detach().contiguous()
@@ -27,6 +39,13 @@ def bit_patterns(tensor: torch.Tensor) -> np.ndarray:
         t = t.to(torch.uint8)
     size = t.element_size()
     return t.view(_PATTERN_DTYPES[size]).numpy().view(_NUMPY_UNSIGNED[size])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and stored bits (so NaN equals itself and -0.0 differs from 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return bool(np.array_equal(bit_patterns(a), bit_patterns(b)))
 
 
 def as_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict:

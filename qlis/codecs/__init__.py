@@ -1,0 +1,29 @@
+"""Codecs that turn 1-D arrays into bytes and back (numcodecs-style, found by id).
+
+The archive stores each record's ``codec.get_config()`` and decodes with
+``get_codec(config).decode(data, out)``; docs/codecs.md specifies every byte stream.
+"""
+
+from qlis.codecs._bounds import entropy_bits, huffman_code_lengths
+from qlis.codecs.ans import ANS
+from qlis.codecs.auto import Auto
+from qlis.codecs.base import Codec, codec_registry, get_codec, register_codec
+from qlis.codecs.bitpack import BitPack
+from qlis.codecs.huffman import Huffman
+from qlis.codecs.raw import Raw
+from qlis.codecs.sparse import Sparse
+
+__all__ = [
+    "ANS",
+    "Auto",
+    "BitPack",
+    "Codec",
+    "Huffman",
+    "Raw",
+    "Sparse",
+    "codec_registry",
+    "entropy_bits",
+    "get_codec",
+    "huffman_code_lengths",
+    "register_codec",
+]

@@ -1,0 +1,120 @@
+"""Reading models from files: .pt/.pth/.bin (state dicts, never unpickled code), .safetensors,
+and Hugging Face model folders (single or sharded checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from qlis.errors import InputError
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
+_FOLDER_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{path}: the file holds pickled Python objects that would run code when loaded "
+            "(for example a whole nn.Module); save model.state_dict() instead"
+        ) from None
+    except Exception as err:  # torch.load raises many types on non-checkpoints
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: not a PyTorch checkpoint ({first_line})") from None
+    return _tensor_mapping(obj, path)
+
+
+def _tensor_mapping(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint (also one nested under 'state_dict' & co.)."""
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    for key in _NESTED_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            return _tensor_mapping(obj[key], path)
+    raise InputError(f"{path}: no state dict found (keys: {', '.join(map(str, list(obj)[:8]))})")
+
+
+def _load_folder(path: Path) -> dict[str, torch.Tensor]:
+    for name in _FOLDER_FILES:
+        candidate = path / name
+        if not candidate.is_file():
+            continue
+        if name.endswith(".index.json"):
+            return _load_shards(candidate)
+        if name.endswith(".safetensors"):
+            return _load_safetensors(candidate)
+        return _load_torch(candidate)
+    looked_for = ", ".join(_FOLDER_FILES)
+    raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
+
+
+def _load_shards(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InputError(f"{index}: not a valid shard index ({err})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            raise InputError(f"{index}: shard {shard} is missing")
+        if shard.endswith(".safetensors"):
+            state.update(_load_safetensors(shard_path))
+        else:
+            state.update(_load_torch(shard_path))
+    return state
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model file or folder, loaded without executing any code.
+
+    >>> load_state_dict("missing.pt")
+    Traceback (most recent call last):
+    ...
+    qlis.errors.InputError: missing.pt: no such file or folder
+    """
+    path = Path(path)
+    if path.is_dir():
+        state = _load_folder(path)
+    elif not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    elif path.suffix == ".safetensors":
+        state = _load_safetensors(path)
+    elif path.suffix == ".qlis":
+        raise InputError(f"{path}: is a qlis archive; use 'qlis unpack' or qlis.load()")
+    else:
+        state = _load_torch(path)
+    if not state:
+        raise InputError(f"{path}: holds no tensors")
+    return state
+
+
+def model_file_bytes(path: str | Path) -> int:
+    """Bytes on disk of a model file, or of every file of a model folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

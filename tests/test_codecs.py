@@ -1,0 +1,305 @@
+"""Codec behaviour: round trips, sizes against their bounds, the registry and configs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from dahuffman import HuffmanCodec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlis.codecs import (
+    ANS,
+    Auto,
+    BitPack,
+    Codec,
+    Huffman,
+    Raw,
+    Sparse,
+    codec_registry,
+    entropy_bits,
+    get_codec,
+    huffman_code_lengths,
+    register_codec,
+)
+from qlis.codecs.ans import _encoder_table
+from qlis.codecs.huffman import _package_merge
+from qlis.errors import ArchiveError, ConfigError
+
+SYMBOL_CODECS = [BitPack(8), Huffman(), ANS()]
+ALL_IDS = {"ans", "auto", "bitpack", "huffman", "raw", "sparse"}
+
+
+def skewed_symbols(rng: np.random.Generator, n: int, k: int, skew: float) -> np.ndarray:
+    """n symbols from an alphabet of k (placed at random byte values), Zipf-like skew."""
+    p = 1.0 / np.arange(1, k + 1) ** skew
+    values = rng.choice(256, size=k, replace=False)
+    return values[rng.choice(k, size=n, p=p / p.sum())].astype(np.uint8)
+
+
+@st.composite
+def symbol_arrays(draw: st.DrawFn, max_size: int = 5000) -> np.ndarray:
+    n = draw(st.integers(0, max_size))
+    k = draw(st.integers(1, 256))
+    skew = draw(st.sampled_from([0.0, 1.0, 2.0, 4.0]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    return skewed_symbols(np.random.default_rng(seed), n, k, skew)
+
+
+def roundtrip(codec: Codec, array: np.ndarray) -> bytes:
+    data = codec.encode(array)
+    out = np.full(array.size, 0xAB, dtype=array.dtype) if array.size else np.empty_like(array)
+    result = codec.decode(data, out)
+    assert result is out
+    assert out.tobytes() == array.tobytes()
+    return data
+
+
+def varint_size(n: int) -> int:
+    return max(1, math.ceil(n.bit_length() / 7))
+
+
+# -- size bounds --------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 10**9), min_size=1, max_size=256))
+def test_huffman_code_lengths_are_optimal_like_dahuffman(counts: list[int]) -> None:
+    counts_arr = np.array(counts, dtype=np.int64)
+    lengths = huffman_code_lengths(counts_arr)
+    present = np.flatnonzero(counts_arr)
+    assert np.all(lengths[counts_arr == 0] == 0)
+    if present.size == 0:
+        return
+    if present.size == 1:
+        assert lengths[present[0]] == 1
+        return
+    assert sum(2.0 ** -lengths[present]) == pytest.approx(1.0, abs=1e-12)  # Kraft equality
+    # dahuffman adds an end-of-file symbol unless one of ours is declared as it.
+    table = HuffmanCodec.from_frequencies(
+        {int(s): int(counts_arr[s]) for s in present}, eof=int(present[0])
+    ).get_code_table()
+    oracle_bits = sum(int(counts_arr[s]) * table[int(s)][0] for s in present)
+    assert int(np.dot(counts_arr, lengths)) == oracle_bits
+
+
+def test_entropy_bits() -> None:
+    assert entropy_bits(np.array([5, 5])) == pytest.approx(10.0)
+    assert entropy_bits(np.array([0, 7, 0])) == 0.0
+    assert entropy_bits(np.array([], dtype=np.int64)) == 0.0
+    counts = np.array([97, 1, 1, 1])
+    expected = -sum(c * math.log2(c / 100) for c in counts)
+    assert entropy_bits(counts) == pytest.approx(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 10**6), min_size=2, max_size=256), st.integers(0, 8))
+def test_package_merge_respects_its_limit_and_is_optimal_without_one(
+    weights: list[int], extra: int
+) -> None:
+    w = np.sort(np.array(weights, dtype=np.int64))
+    optimal = huffman_code_lengths(w)
+    limit = max(1, (w.size - 1).bit_length()) + extra
+    capped = _package_merge(w, limit)
+    assert capped.max() <= limit
+    assert np.sum(np.ldexp(1.0, -capped)) == pytest.approx(1.0, abs=1e-12)
+    assert np.dot(w, capped) >= np.dot(w, optimal)
+    if limit >= optimal.max():
+        assert np.dot(w, capped) == np.dot(w, optimal)
+
+
+# -- round trips --------------------------------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(symbol_arrays())
+def test_symbol_codecs_roundtrip(array: np.ndarray) -> None:
+    bits = max(1, int(array.max()).bit_length()) if array.size else 1
+    for codec in [BitPack(bits), Huffman(), ANS(), Raw(), Sparse()]:
+        roundtrip(codec, array)
+    codec, data = Auto().select(array)
+    assert codec.codec_id in {"bitpack", "huffman", "ans"}
+    out = np.empty_like(array)
+    assert np.array_equal(get_codec(codec.get_config()).decode(data, out), array)
+
+
+@pytest.mark.parametrize("codec", [BitPack(1), Huffman(), ANS(), Raw(), Sparse()], ids=repr)
+def test_empty_arrays_roundtrip(codec: Codec) -> None:
+    roundtrip(codec, np.zeros(0, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, np.uint64])
+def test_raw_and_sparse_roundtrip_other_dtypes(dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    array = (rng.standard_normal(3001) * 100).astype(dtype)
+    array[rng.random(array.size) < 0.7] = 0
+    for codec in (Raw(), Sparse()):
+        roundtrip(codec, array)
+    codec, data = Auto().select(array)
+    assert codec.codec_id in {"raw", "sparse"}
+    assert len(data) == min(len(Raw().encode(array)), len(Sparse().encode(array)))
+
+
+def test_raw_is_little_endian() -> None:
+    array = np.array([1, 2], dtype=">u2")
+    assert Raw().encode(array) == b"\x01\x00\x02\x00"
+
+
+# -- sizes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitpack_size_is_exact(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for n in (0, 1, 7, 8, 9, 1001):
+        array = rng.integers(0, 2**bits, n).astype(np.uint8)
+        data = roundtrip(BitPack(bits), array)
+        assert len(data) == 1 + varint_size(n) + math.ceil(n * bits / 8)
+
+
+def test_bitpack_rejects_wide_codes_and_bad_widths() -> None:
+    with pytest.raises(ConfigError):
+        BitPack(2).encode(np.array([0, 4], dtype=np.uint8))
+    for bits in (0, 9, 2.0, True):
+        with pytest.raises(ConfigError):
+            BitPack(bits)
+
+
+def test_huffman_size_is_within_02_percent_of_optimal_on_1m_symbols() -> None:
+    rng = np.random.default_rng(2)
+    # Heavy-tailed 8-bit codes: optimal codes exceed 16 bits, so lengths get capped.
+    x = rng.standard_t(3, 1_000_000)
+    array = np.clip(np.round(x / np.abs(x).max() * 127 + 128), 0, 255).astype(np.uint8)
+    counts = np.bincount(array, minlength=256)
+    optimal_bits = int(np.dot(counts, huffman_code_lengths(counts)))
+    assert huffman_code_lengths(counts).max() > 16
+    data = roundtrip(Huffman(), array)
+    assert 8 * len(data) <= optimal_bits * 1.002
+
+
+@settings(max_examples=40, deadline=None)
+@given(symbol_arrays(max_size=3000))
+def test_huffman_size_small_arrays(array: np.ndarray) -> None:
+    data = Huffman().encode(array)
+    counts = np.bincount(array, minlength=256)
+    lengths = huffman_code_lengths(counts)
+    header = 1 + 3 + 32 + 128
+    if np.count_nonzero(counts) > 1:
+        assert len(data) <= math.ceil(np.dot(counts, lengths) * 1.001 / 8) + header
+    else:
+        assert len(data) <= 5
+
+
+def test_ans_size_close_to_entropy_on_skewed_data() -> None:
+    rng = np.random.default_rng(3)
+    # 2-bit codes of a quantized transformer: one symbol ~97%, about 0.2 bits of entropy.
+    two_bit = rng.choice(4, size=200_000, p=[0.97, 0.014, 0.011, 0.005]).astype(np.uint8)
+    eight_bit = skewed_symbols(rng, 200_000, 256, 1.5)
+    for array in (two_bit, eight_bit):
+        data = roundtrip(ANS(), array)
+        bound = entropy_bits(np.bincount(array, minlength=256)) / 8
+        assert len(data) <= bound * 1.03 + 40
+    single = np.full(100_000, 3, dtype=np.uint8)
+    assert len(roundtrip(ANS(), single)) <= 6
+
+
+def test_ans_reciprocals_divide_exactly() -> None:
+    # The encoder's multiply-by-reciprocal must equal x -> (x // f) * 2**scale + x % f + start.
+    rng = np.random.default_rng(4)
+    scale = 16
+    freqs = [1, 2, 3, 4, 5, 255, 256, 257, 4095, 32768]
+    freqs.append((1 << scale) - sum(freqs))
+    starts = np.cumsum([0, *freqs[:-1]]).tolist()
+    table = _encoder_table(np.arange(len(freqs)), np.array(freqs), scale)[: len(freqs)].tolist()
+    states = rng.integers(1 << 15, 1 << 63, 500, dtype=np.uint64).tolist() + [(1 << 63) - 1]
+    for (_, reciprocal, shift, bias, complement), f, start in zip(
+        table, freqs, starts, strict=True
+    ):
+        for x in states:
+            q = ((x * reciprocal) >> 64) >> shift
+            assert x + bias + q * complement == (x // f << scale) + x % f + start
+
+
+def test_sparse_keeps_bit_patterns_and_picks_the_smaller_position_coding() -> None:
+    special = np.array([0.0, -0.0, np.nan, -np.inf, 1e-45, 0.0], dtype=np.float32)
+    odd_nan = np.array([0, 0x7FC01234, 0xFFFFFFFF, 0], dtype=np.uint32)
+    for array in (special, special.astype(np.float16), odd_nan, odd_nan.view(np.float32)):
+        roundtrip(Sparse(), array)
+    bfloat16 = np.array([0, 0x8000, 0x7FC1, 0, 0x3F80], dtype=np.uint16)
+    roundtrip(Sparse(), bfloat16)
+
+    dense = np.arange(1, 10_001, dtype=np.uint32)
+    dense[::3] = 0
+    very_sparse = np.zeros(10_000, dtype=np.uint32)
+    very_sparse[[5, 700, 9_999]] = 7
+    assert len(roundtrip(Sparse(), dense)) == 1 + 2 + 2 + 1 + 1250 + 4 * 6666
+    assert len(roundtrip(Sparse(), very_sparse)) < 40
+    with pytest.raises(ConfigError):
+        Sparse().encode(np.zeros(4, dtype=np.complex128))
+
+
+# -- registry and configs -----------------------------------------------------------------
+
+
+def test_registry_and_config_roundtrip() -> None:
+    assert set(codec_registry.names()) >= ALL_IDS
+    codecs = [Raw(), BitPack(3), Huffman(), ANS(), Sparse(), Auto(), Auto(["huffman"], bits=4)]
+    for codec in codecs:
+        config = codec.get_config()
+        assert config["id"] == codec.codec_id
+        assert get_codec(config) == codec
+        assert type(codec).from_config(config).get_config() == config
+    assert get_codec("bitpack").get_config() == {"id": "bitpack", "bits": 8}
+    for bad in ("nope", {"bits": 2}, {"id": "bitpack", "width": 2}, {"id": 3}, ["huffman"]):
+        with pytest.raises(ConfigError):
+            get_codec(bad)
+    with pytest.raises(ConfigError):
+        BitPack.from_config({"id": "huffman"})
+    with pytest.raises(ConfigError):
+        Auto([{"id": "auto"}])
+
+
+def test_third_party_codec_is_found_by_get_codec() -> None:
+    @register_codec
+    class Xor(Codec):
+        codec_id = "test-xor"
+
+        def __init__(self, key: int = 0x5A) -> None:
+            self.key = key
+
+        def encode(self, array: np.ndarray) -> bytes:
+            return (array ^ self.key).tobytes()
+
+        def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
+            out[:] = np.frombuffer(buf, dtype=np.uint8) ^ self.key
+            return out
+
+    codec = get_codec({"id": "test-xor", "key": 3})
+    assert isinstance(codec, Xor)
+    assert codec.get_config() == {"id": "test-xor", "key": 3}
+    roundtrip(codec, np.arange(10, dtype=np.uint8))
+    chosen, _ = Auto([{"id": "test-xor", "key": 1}, "huffman"]).select(np.zeros(50, np.uint8))
+    assert chosen.codec_id == "huffman"
+
+
+def test_auto_cannot_decode_and_rejects_unusable_input() -> None:
+    with pytest.raises(ConfigError):
+        Auto().decode(b"", np.empty(0, np.uint8))
+    with pytest.raises(ConfigError):
+        Auto(["huffman", "ans"]).select(np.zeros(3, dtype=np.float32))
+    codec, _ = Auto(bits=4).select(np.random.default_rng(5).integers(0, 16, 64).astype(np.uint8))
+    assert codec.get_config() == {"id": "bitpack", "bits": 4}
+
+
+def test_encode_rejects_wrong_inputs_and_decode_wrong_outputs() -> None:
+    for codec in (Huffman(), ANS(), BitPack(4)):
+        with pytest.raises(ConfigError):
+            codec.encode(np.zeros(4, dtype=np.float32))
+        with pytest.raises(ConfigError):
+            codec.encode(np.zeros((2, 2), dtype=np.uint8))
+        data = codec.encode(np.zeros(4, dtype=np.uint8))
+        for out in (np.empty(4, np.uint16), np.empty(5, np.uint8), np.empty(8, np.uint8)[::2]):
+            with pytest.raises(ArchiveError):
+                codec.decode(data, out)

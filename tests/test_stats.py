@@ -1,0 +1,217 @@
+"""P, E, S, EWDS and QLIS against independent computations (DESIGN.md, eqs. 4-8)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qlis
+from qlis.errors import InputError, QlisError
+from qlis.stats import RECORD_KEYS, entropy_bits
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+dtypes = st.sampled_from(DTYPES)
+
+
+@st.composite
+def weights(draw, min_size: int = 1, max_size: int = 200, dtype=None) -> torch.Tensor:
+    """A float tensor whose values repeat (a small pool), include exact and signed zeros,
+    values near eps and heavy-tailed magnitudes."""
+    dtype = draw(dtypes) if dtype is None else dtype
+    pool = draw(
+        st.lists(
+            st.one_of(
+                st.floats(-100, 100, width=32, allow_subnormal=False),
+                st.sampled_from([0.0, -0.0, 1e-3, -1e-3, 0.000999, 0.0010001, 1e-6]),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    idx = draw(st.lists(st.integers(0, len(pool) - 1), min_size=min_size, max_size=max_size))
+    return torch.tensor([pool[i] for i in idx], dtype=torch.float32).to(dtype)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+@given(weights())
+def test_entropy_is_exact_over_stored_bit_patterns(w):
+    h = entropy_bits(w)
+    assert h == pytest.approx(ref.entropy(w), rel=1e-9, abs=1e-9)
+    assert 0.0 <= h <= min(ref.width(w.dtype), math.log2(w.numel())) + 1e-9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy_large_tensor_with_repeats(dtype):
+    """Beyond one 64K bucket: many repeated values and all-distinct values."""
+    rng = np.random.default_rng(0)
+    pool = torch.from_numpy(rng.standard_t(3, size=5000).astype(np.float32))
+    repeated = pool[torch.from_numpy(rng.integers(0, 5000, size=300_000))].to(dtype)
+    distinct = torch.from_numpy(rng.standard_normal(200_000).astype(np.float32)).to(dtype)
+    for w in (repeated, distinct):
+        assert entropy_bits(w) == pytest.approx(ref.entropy(w), rel=1e-9)
+
+
+def test_entropy_counts_signed_zeros_as_distinct_patterns():
+    assert entropy_bits(torch.tensor([0.0, -0.0])) == 1.0
+    assert entropy_bits(torch.tensor([0.0, 0.0, 0.0])) == 0.0
+
+
+@given(
+    st.lists(st.tuples(weights(min_size=4), st.integers(1, 3)), min_size=1, max_size=4),
+    st.floats(0, 1),
+    st.sampled_from([0.0, 1e-3, 1e-2, 0.5]),
+)
+def test_inspect_matches_the_formulas(layers, beta, eps):
+    state = {
+        f"layer{i}.weight": w[: (w.numel() // rows) * rows].reshape(rows, -1)
+        for i, (w, rows) in enumerate(layers)
+    }
+    report = qlis.inspect(state, beta=beta, eps=eps)
+    expected = ref.stats(state, beta=beta, eps=eps)
+    assert [layer.name for layer in report.layers] == list(expected)
+    for layer in report.layers:
+        want = expected[layer.name]
+        for key in ("P", "E", "S", "EWDS", "QLIS"):
+            assert _close(getattr(layer, key), want[key]), (key, layer, want)
+        scale = float(state[layer.name].abs().max())  # float32 arithmetic: relative to max|w|
+        assert layer.sigma == pytest.approx(want["sigma"], rel=1e-5, abs=1e-6 * scale)
+        assert 0 <= layer.E <= 1 and 0 <= layer.S <= 1 and 0 <= layer.EWDS <= 1
+        assert 0 <= layer.QLIS <= 1
+    assert sum(layer.P for layer in report.layers) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_inspect_tiny_vit(tiny_vit, beta):
+    state = tiny_vit.state_dict()
+    report = qlis.inspect(tiny_vit, beta=beta)
+    expected = ref.stats(state, beta=beta)
+    assert [layer.name for layer in report.layers] == list(expected)
+    for layer in report.layers:
+        tensor = state[layer.name]
+        assert layer.shape == tuple(tensor.shape) and layer.numel == tensor.numel()
+        assert layer.dtype == "float32"
+        for key in ("P", "E", "S", "EWDS", "QLIS"):
+            assert _close(getattr(layer, key), expected[layer.name][key]), key
+    assert report.beta == beta and report.eps == 1e-3
+    assert report.total_params == sum(t.numel() for t in state.values())
+    assert report.layer_params == sum(t.numel() for t in state.values() if ref.is_layer(t))
+    assert set(report.unselected) == {n for n, t in state.items() if not ref.is_layer(t)}
+    assert "position_ids" in report.unselected
+    # the heavy-tailed layers differ, so the scores do
+    assert len({round(layer.QLIS, 12) for layer in report.layers}) > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_inspect_in_every_float_dtype(tiny_state, dtype):
+    state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tiny_state.items()}
+    report = qlis.inspect(state)
+    expected = ref.stats(state)
+    for layer in report.layers:
+        assert layer.dtype == str(dtype).removeprefix("torch.")
+        for key in ("P", "E", "S", "EWDS", "QLIS"):
+            assert _close(getattr(layer, key), expected[layer.name][key]), key
+        assert layer.sigma == pytest.approx(expected[layer.name]["sigma"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparsity_threshold_is_strict_and_exact_at_eps(dtype):
+    eps = 0.5
+    below = torch.nextafter(torch.tensor(0.5, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    w = torch.stack(
+        [torch.tensor(v, dtype=dtype) for v in (0.5, -0.5, 0.25, -0.0, 0.0, 3.0)] + [below]
+    ).reshape(1, -1)
+    # |w| < 0.5: 0.25, -0.0, 0.0 and the value just below 0.5
+    assert qlis.inspect({"w": w}, eps=eps).layers[0].S == pytest.approx(4 / 7)
+    assert qlis.inspect({"w": w}, eps=0.0).layers[0].S == 0.0
+
+
+def test_eps_between_representable_values():
+    """eps = 1e-3 lies between float16/bfloat16 values: the count must follow float64 |w| < eps."""
+    for dtype in (torch.float16, torch.bfloat16):
+        grid = torch.linspace(9e-4, 1.1e-3, 2000).to(dtype).reshape(40, 50)
+        assert qlis.inspect({"w": grid}).layers[0].S == ref.sparsity(grid, 1e-3)
+
+
+def test_selection_and_share_are_over_selected_layers(tiny_state):
+    pattern = "blocks.*.fc*.weight"
+    report = qlis.inspect(tiny_state, select=pattern)
+    names = [layer.name for layer in report.layers]
+    assert names == [f"blocks.{i}.fc{j}.weight" for i in range(2) for j in (1, 2)]
+    total = sum(tiny_state[n].numel() for n in names)
+    for layer in report.layers:
+        assert layer.P == tiny_state[layer.name].numel() / total
+    by_callable = qlis.inspect(tiny_state, select=lambda name, t: name == "head.weight")
+    assert [layer.name for layer in by_callable.layers] == ["head.weight"]
+    assert by_callable.layers[0].P == 1.0
+
+
+def test_integer_tensors_never_match_a_pattern(tiny_state):
+    with pytest.raises(InputError, match="no layer selected"):
+        qlis.inspect(tiny_state, select="position_ids")
+
+
+def test_module_and_state_dict_give_the_same_report(tiny_vit):
+    assert qlis.inspect(tiny_vit).records() == qlis.inspect(tiny_vit.state_dict()).records()
+
+
+def test_report_records_and_totals(tiny_vit):
+    report = qlis.inspect(tiny_vit)
+    records = report.records()
+    assert all(tuple(r) == RECORD_KEYS for r in records)
+    assert all(isinstance(r["shape"], list) for r in records)
+    totals = report.totals
+    scores = [layer.QLIS for layer in report.layers]
+    assert totals["layers"] == len(report.layers)
+    assert totals["max_QLIS"] == max(scores) and totals["min_QLIS"] == min(scores)
+    assert report["head.weight"].name == "head.weight"
+    with pytest.raises(KeyError):
+        report["head.bias"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_name_the_layer(bad):
+    state = {"good.weight": torch.ones(2, 2), "bad.weight": torch.ones(3, 3)}
+    state["bad.weight"][1, 2] = bad
+    with pytest.raises(InputError, match=r"bad\.weight.*NaN or Inf"):
+        qlis.inspect(state)
+
+
+@pytest.mark.parametrize(
+    "state, match",
+    [
+        ({}, "no tensors"),
+        ({"ids": torch.arange(6).reshape(2, 3), "mask": torch.ones(2, 2, dtype=torch.bool)},
+         "no layer selected"),
+        ({"bias": torch.ones(3)}, "no layer selected"),
+        ({"w": torch.ones(2, 2), "meta": 3}, "not a tensor"),
+        ({"w": torch.zeros(0, 3)}, "empty"),
+    ],
+)
+def test_unusable_input_raises_input_error(state, match):
+    with pytest.raises(InputError, match=match):
+        qlis.inspect(state)
+
+
+def test_non_model_input_raises_input_error():
+    with pytest.raises(InputError, match="nn.Module or a state dict"):
+        qlis.inspect([torch.ones(2, 2)])
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5, float("nan")])
+def test_beta_outside_unit_interval(beta):
+    with pytest.raises(QlisError, match="beta"):
+        qlis.inspect(torch.nn.Linear(3, 3), beta=beta)
+
+
+def test_negative_eps():
+    with pytest.raises(QlisError, match="eps"):
+        qlis.inspect(torch.nn.Linear(3, 3), eps=-1e-3)
