@@ -249,13 +249,23 @@ class Archive:
             raise self._fail("corrupt header (checksum mismatch)")
         try:
             header = json.loads(raw_header)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise self._fail("corrupt header (not JSON)") from None
         self._data_len = data_len
         self._entries = self._validate(header, size)
-        self.metadata: dict[str, str] = dict(header.get("metadata") or {})
-        self.summary: dict = dict(header.get("summary") or {})
-        self.policy: dict = dict(header.get("policy") or {})
+        self.metadata: dict[str, str] = self._section(header, "metadata")
+        if not all(isinstance(v, str) for v in self.metadata.values()):
+            raise self._fail("corrupt header (metadata values must be strings)")
+        self.summary: dict = self._section(header, "summary")
+        if not all(v is None or isinstance(v, int | float) for v in self.summary.values()):
+            raise self._fail("corrupt header (summary values must be numbers)")
+        self.policy: dict = self._section(header, "policy")
+
+    def _section(self, header: dict, key: str) -> dict:
+        value = header.get(key, {})
+        if not isinstance(value, dict):
+            raise self._fail(f"corrupt header ({key} is not an object)")
+        return dict(value)
 
     def _check_record(self, record: object, where: str) -> dict:
         if not isinstance(record, dict):
@@ -294,6 +304,8 @@ class Archive:
             if decoded > record["length"] * MAX_EXPANSION + EXPANSION_SLACK:
                 raise self._fail(f"tensor {name!r}: declared size is implausible for its record")
             total += decoded
+            if not isinstance(entry.get("plan", {}), dict):
+                raise self._fail(f"tensor {name!r}: bad plan")
             if "quantizer" in entry:
                 self._validate_quantized(entry, name)
             entries[name] = entry

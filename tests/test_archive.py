@@ -1,0 +1,280 @@
+"""The .qlis archive: exact round trips, lazy reads, atomic writes, rejection of bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qlis
+from qlis.archive import ALIGN, MAGIC, PREFIX
+from qlis.errors import ArchiveError, InputError
+from qlis.tensors import same_bits
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+POLICIES = [("prune", {"k": 0.5}), ("quant", {"bits": 4}), ("quant", {"bits": 1}), ("lap", {}),
+            ("laq", {}), ("lapq", {}), ("lapq", {"granularity": "channel"}),
+            ("quant", {"bits": 3, "method": "kmeans"})]
+CODECS = ["huffman", "ans", "bitpack", "auto"]
+TMP_FIXTURE = [HealthCheck.function_scoped_fixture]  # tmp_path is reused across examples
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        assert same_bits(a[name], b[name]), name
+
+
+def small_model_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(40, 16, generator=gen),
+        "block.fc.weight": torch.randn(32, 16, generator=gen) * 0.1,
+        "block.fc.bias": torch.randn(32, generator=gen),
+        "block.norm.weight": torch.ones(32),
+        "head.weight": torch.randn(4, 32, generator=gen).half(),
+        "steps": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+@pytest.mark.parametrize("policy,options", POLICIES)
+@pytest.mark.parametrize("codec", CODECS)
+def test_round_trip_is_bit_exact(tmp_path, policy, options, codec):
+    result = qlis.compress(small_model_state(), policy=policy, **options)
+    path = qlis.save(result, tmp_path / "m.qlis", codec=codec)
+    assert_same_state(qlis.load(path), result.state_dict())
+
+
+tensor_shapes = st.sampled_from([(), (0,), (0, 3), (3, 0), (1, 1), (5, 7), (4, 3, 2), (17,)])
+
+
+@st.composite
+def state_dicts(draw):
+    n = draw(st.integers(1, 4))
+    state = {}
+    for i in range(n):
+        shape = draw(tensor_shapes)
+        dtype = draw(st.sampled_from(DTYPES))
+        seed = draw(st.integers(0, 2**16))
+        t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        if draw(st.booleans()) and t.numel():
+            t.view(-1)[0] = 0.0
+        state[f"t{i}"] = t
+    # at least one non-empty layer so that there is something to score
+    state["layer"] = torch.randn(draw(st.integers(1, 6)), draw(st.integers(1, 6))).to(
+        draw(st.sampled_from(DTYPES))
+    )
+    return state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(state=state_dicts(), policy=st.sampled_from(POLICIES), codec=st.sampled_from(CODECS))
+def test_round_trip_any_dtype_and_shape(tmp_path, state, policy, codec):
+    name, options = policy
+    result = qlis.compress(state, policy=name, **options)
+    path = qlis.save(result, tmp_path / "h.qlis", codec=codec)
+    assert_same_state(qlis.load(path), result.state_dict())
+
+
+def test_lazy_reads_and_load_into_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    result = qlis.compress(model, policy="quant", bits=8)
+    path = qlis.save(result, tmp_path / "m.qlis", metadata={"family": "mlp"})
+    with qlis.open(path) as archive:
+        assert archive.names() == list(model.state_dict())
+        assert archive.metadata == {"family": "mlp"}
+        assert same_bits(archive.read("2.weight"), result.state_dict()["2.weight"])
+        quantized = archive.read_quantized("0.weight")
+        assert quantized.codes.shape == (16, 8) and quantized.n_levels == 256
+        assert archive.read_quantized("0.bias") is None
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    qlis.load(path, model=fresh)
+    assert torch.equal(fresh[0].weight, result.state_dict()["0.weight"])
+    with pytest.raises(InputError, match="does not fit"):
+        qlis.load(path, model=torch.nn.Linear(3, 3))
+
+
+def test_records_are_aligned_and_sizes_add_up(tmp_path):
+    result = qlis.compress(small_model_state(), policy="lapq")
+    path = qlis.save(result, tmp_path / "m.qlis", source_bytes=12345)
+    raw = path.read_bytes()
+    magic, version, _, header_len, data_len = PREFIX.unpack(raw[: PREFIX.size])
+    assert magic == MAGIC and version == 1
+    header = json.loads(raw[PREFIX.size : PREFIX.size + header_len])
+    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
+    assert data_start + data_len == len(raw)
+    for entry in header["tensors"]:
+        assert entry["data"]["offset"] % ALIGN == 0
+    assert header["summary"]["source_bytes"] == 12345
+    assert header["summary"]["cr"] == pytest.approx(result.cr)
+
+
+def test_existing_file_is_kept_without_overwrite(tmp_path):
+    target = tmp_path / "m.qlis"
+    target.write_bytes(b"precious")
+    result = qlis.compress(small_model_state(), policy="quant", bits=8)
+    with pytest.raises(InputError, match="exists"):
+        qlis.save(result, target, overwrite=False)
+    assert target.read_bytes() == b"precious"
+
+
+def test_interrupted_write_leaves_no_partial_archive(tmp_path, monkeypatch):
+    target = tmp_path / "m.qlis"
+    target.write_bytes(b"old archive")
+    result = qlis.compress(small_model_state(), policy="quant", bits=8)
+    import qlis.archive as archive_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(archive_module, "_aligned", crash)
+    with pytest.raises(KeyboardInterrupt):
+        qlis.save(result, target)
+    assert target.read_bytes() == b"old archive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.qlis"]
+
+
+@pytest.fixture(scope="module")
+def archive_bytes(tmp_path_factory) -> tuple[bytes, dict]:
+    path = tmp_path_factory.mktemp("fuzz") / "m.qlis"
+    result = qlis.compress(small_model_state(), policy="lapq")
+    qlis.save(result, path, codec="auto")
+    return path.read_bytes(), result.state_dict()
+
+
+def _load_bytes(tmp_path, data: bytes) -> dict:
+    path = tmp_path / "fuzzed.qlis"
+    path.write_bytes(data)
+    return qlis.load(path)
+
+
+def _rejected_or_unchanged(tmp_path, data: bytes, expected: dict) -> None:
+    """A damaged archive is rejected with ArchiveError, or (damage in padding) reads the same."""
+    try:
+        state = _load_bytes(tmp_path, data)
+    except ArchiveError:
+        return
+    assert_same_state(state, expected)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_byte_flips_are_detected(tmp_path, archive_bytes, data):
+    raw, expected = archive_bytes
+    damaged = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        damaged[i] ^= data.draw(st.integers(1, 255))
+    _rejected_or_unchanged(tmp_path, bytes(damaged), expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_truncation_and_appended_garbage_are_rejected(tmp_path, archive_bytes, data):
+    raw, _ = archive_bytes
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    with pytest.raises(ArchiveError):
+        _load_bytes(tmp_path, raw[:cut])
+    garbage = data.draw(st.binary(min_size=1, max_size=200))
+    with pytest.raises(ArchiveError):
+        _load_bytes(tmp_path, raw + garbage)
+
+
+def _with_header(raw: bytes, mutate) -> bytes:
+    """Rewrite the JSON header (with a valid checksum) the way a hostile writer would."""
+    import google_crc32c
+
+    _, version, _, header_len, data_len = PREFIX.unpack(raw[: PREFIX.size])
+    header = json.loads(raw[PREFIX.size : PREFIX.size + header_len])
+    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
+    data = raw[data_start:]
+    mutate(header)
+    new_header = json.dumps(header).encode()
+    prefix = PREFIX.pack(MAGIC, version, google_crc32c.value(new_header), len(new_header), data_len)
+    pad = -(-(PREFIX.size + len(new_header)) // ALIGN) * ALIGN - PREFIX.size - len(new_header)
+    return prefix + new_header + b" " * pad + data
+
+
+def _first_quantized(header: dict) -> dict:
+    return next(e for e in header["tensors"] if "quantizer" in e)
+
+
+HOSTILE = {
+    "huge shape": lambda h: h["tensors"][0].update(shape=[1 << 20, 1 << 20]),
+    "negative dim": lambda h: h["tensors"][0].update(shape=[-1, 4]),
+    "offset past end": lambda h: h["tensors"][0]["data"].update(offset=1 << 40),
+    "length past end": lambda h: h["tensors"][0]["data"].update(length=1 << 40),
+    "string offset": lambda h: h["tensors"][0]["data"].update(offset="0"),
+    "unknown dtype": lambda h: h["tensors"][0].update(dtype="complex64"),
+    "unknown codec": lambda h: h["tensors"][0].update(codec={"id": "nope"}),
+    "codec params": lambda h: h["tensors"][0].update(codec={"id": "bitpack", "bits": 99}),
+    "unknown quantizer": lambda h: _first_quantized(h).update(quantizer={"id": "evil"}),
+    "quantizer params": lambda h: _first_quantized(h)["quantizer"].update(bits="x"),
+    "alphabet": lambda h: _first_quantized(h).update(n_levels=100000),
+    "small alphabet": lambda h: _first_quantized(h).update(n_levels=1),
+    "duplicate name": lambda h: h["tensors"].append(dict(h["tensors"][0])),
+    "no tensors": lambda h: h.update(tensors={"a": 1}),
+    "metadata": lambda h: h.update(metadata=["x"]),
+    "summary": lambda h: h.update(summary={"cr": "big"}),
+    "not qlis": lambda h: h.update(format="zip"),
+    "shape type": lambda h: h["tensors"][0].update(shape="4x4"),
+    "param shape": lambda h: next(iter(_first_quantized(h)["params"].values())).update(
+        shape=[1 << 30]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_headers_are_rejected(tmp_path, archive_bytes, case):
+    raw, _ = archive_bytes
+    with pytest.raises(ArchiveError):
+        _load_bytes(tmp_path, _with_header(raw, HOSTILE[case]))
+
+
+def test_deeply_nested_header_is_rejected(tmp_path, archive_bytes):
+    raw, _ = archive_bytes
+    import google_crc32c
+
+    nested = b"[" * 200000 + b"]" * 200000
+    prefix = PREFIX.pack(MAGIC, 1, google_crc32c.value(nested), len(nested), 0)
+    pad = -(-(PREFIX.size + len(nested)) // ALIGN) * ALIGN - PREFIX.size - len(nested)
+    with pytest.raises(ArchiveError):
+        _load_bytes(tmp_path, prefix + nested + b" " * pad)
+
+
+def test_other_files_are_not_archives(tmp_path):
+    for content in (b"", b"hello world", MAGIC, MAGIC + struct.pack("<I", 99) + bytes(20)):
+        with pytest.raises(ArchiveError):
+            _load_bytes(tmp_path, content)
+    with pytest.raises(InputError):
+        qlis.load(tmp_path / "missing.qlis")
+
+
+def test_checksum_mismatch_names_the_tensor(tmp_path):
+    result = qlis.compress(small_model_state(), policy="quant", bits=8)
+    path = qlis.save(result, tmp_path / "m.qlis", codec="bitpack")
+    with qlis.open(path) as archive:
+        entry = archive.entry("block.fc.weight")
+        start = archive._data_start + entry["data"]["offset"]
+    raw = bytearray(path.read_bytes())
+    raw[start + 3] ^= 0xFF
+    with pytest.raises(ArchiveError, match="block.fc.weight.*checksum"):
+        _load_bytes(tmp_path, bytes(raw))
+
+
+def test_archive_is_smaller_than_the_tensors(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    state = {f"l{i}.weight": torch.randn(256, 256, generator=gen) for i in range(4)}
+    result = qlis.compress(state, policy="quant", bits=4)
+    path = qlis.save(result, tmp_path / "m.qlis", codec="huffman")
+    original = sum(t.numel() * 4 for t in state.values())
+    ratio = original / os.path.getsize(path)
+    assert 7.0 < ratio <= result.hcr
+    assert np.isclose(result.cr, 8.0)
