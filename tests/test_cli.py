@@ -1,0 +1,221 @@
+"""The qlis command line: outputs, files it writes, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import qlis
+from qlis.cli import INSPECT_KEYS, cli
+from qlis.tensors import same_bits
+
+
+def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "encoder.layer.0.attention.attention.query.weight": torch.randn(48, 48, generator=gen),
+        "encoder.layer.0.attention.attention.query.bias": torch.randn(48, generator=gen),
+        "encoder.layer.0.intermediate.dense.weight": torch.randn(96, 48, generator=gen) * 0.05,
+        "classifier.weight": torch.randn(3, 48, generator=gen),
+        "position_ids": torch.arange(10),
+    }
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def model_pt(tmp_path) -> Path:
+    path = tmp_path / "model.pt"
+    torch.save(make_state(), path)
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_ok(runner: CliRunner, *args: str):
+    result = runner.invoke(cli, [str(a) for a in args], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def run_user_error(runner: CliRunner, *args: str):
+    result = runner.invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def test_inspect_json_matches_the_library(runner, model_pt):
+    records = json.loads(run_ok(runner, "inspect", model_pt, "--format", "json").stdout)
+    expected = qlis.inspect(make_state()).records()
+    assert [tuple(r) for r in records] == [INSPECT_KEYS] * len(expected)
+    assert records == json.loads(json.dumps(expected))
+    assert "position_ids" not in {r["name"] for r in records}
+
+
+def test_inspect_table_fits_80_columns(runner, model_pt):
+    out = run_ok(runner, "inspect", model_pt).stdout
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines[:-1]), lines
+    assert "QLIS" in lines[0] and "3 layers" in lines[-1]
+    assert any("intermediate.dense.weight" in line for line in lines)
+
+
+def test_inspect_csv_and_options(runner, model_pt):
+    out = run_ok(runner, "inspect", model_pt, "--format", "csv", "--beta", "1").stdout
+    header, *rows = out.strip().splitlines()
+    assert header.split(",") == list(INSPECT_KEYS)
+    qlis_column = [float(r.split(",")[-1]) for r in rows]
+    p_column = [float(r.split(",")[INSPECT_KEYS.index("P")]) for r in rows]
+    assert qlis_column == pytest.approx(p_column)  # beta=1: QLIS is the parameter share
+
+
+def test_inspect_plot_writes_png(runner, model_pt, tmp_path):
+    plot = tmp_path / "qlis.png"
+    run_ok(runner, "inspect", model_pt, "--plot", plot, "--policy", "laq")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_reads_safetensors_and_hf_folders(runner, tmp_path):
+    state = make_state()
+    save_file(state, tmp_path / "m.safetensors")
+    expected = json.loads(run_ok(runner, "inspect", tmp_path / "m.safetensors",
+                                 "--format", "json").stdout)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    names = list(state)
+    save_file({n: state[n] for n in names[:2]}, folder / "model-00001-of-00002.safetensors")
+    save_file({n: state[n] for n in names[2:]}, folder / "model-00002-of-00002.safetensors")
+    weight_map = {n: f"model-0000{1 if i < 2 else 2}-of-00002.safetensors"
+                  for i, n in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    sharded = json.loads(run_ok(runner, "inspect", folder, "--format", "json").stdout)
+    assert sorted(sharded, key=lambda r: r["name"]) == sorted(expected, key=lambda r: r["name"])
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    files = {}
+    files["missing"] = tmp_path / "absent.pt"
+    files["text"] = tmp_path / "notes.pt"
+    files["text"].write_text("not a model")
+    files["empty"] = tmp_path / "empty.pt"
+    torch.save({}, files["empty"])
+    files["integers"] = tmp_path / "ints.pt"
+    torch.save({"ids": torch.arange(12).reshape(3, 4)}, files["integers"])
+    files["nan"] = tmp_path / "nan.pt"
+    torch.save({"w": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}, files["nan"])
+    files["inf"] = tmp_path / "inf.safetensors"
+    save_file({"w": torch.tensor([[1.0, float("inf")], [0.0, 1.0]])}, files["inf"])
+    files["module"] = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), files["module"])
+    files["evil"] = tmp_path / "evil.pt"
+    torch.save({"w": Evil()}, files["evil"])
+    files["empty folder"] = tmp_path / "folder"
+    files["empty folder"].mkdir()
+    files["bad safetensors"] = tmp_path / "bad.safetensors"
+    files["bad safetensors"].write_bytes(b"\x10" + bytes(20))
+    return files
+
+
+@pytest.mark.parametrize("command", ["inspect", "pack"])
+def test_bad_inputs_get_one_line_and_exit_2(runner, tmp_path, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for kind, path in bad_inputs(tmp_path).items():
+        before = digest(path) if path.is_file() else None
+        args = [command, path] + (["-o", tmp_path / "out.qlis"] if command == "pack" else [])
+        line = run_user_error(runner, *args)
+        assert line.startswith("qlis: error:"), (kind, line)
+        assert (digest(path) if path.is_file() else None) == before, kind
+        assert not (tmp_path / "out.qlis").exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nan_error_names_the_layer(runner, tmp_path):
+    line = run_user_error(runner, "inspect", bad_inputs(tmp_path)["nan"])
+    assert "'w'" in line and "NaN" in line
+
+
+def test_pack_info_unpack(runner, model_pt, tmp_path):
+    archive = tmp_path / "model.qlis"
+    out = run_ok(runner, "pack", model_pt, "-o", archive, "--policy", "quant", "--bits", "4",
+                 "--codec", "ans").stdout
+    assert "real ratio" in out and "HCR" in out
+    expected = qlis.compress(make_state(), policy="quant", bits=4).state_dict()
+
+    info = json.loads(run_ok(runner, "info", archive, "--format", "json", "--verify").stdout)
+    rows = {r["name"]: r for r in info["tensors"]}
+    assert rows["classifier.weight"]["bits"] == 4 and rows["position_ids"]["bits"] is None
+    assert info["totals"]["archive_bytes"] == archive.stat().st_size
+    assert info["totals"]["source_file_bytes"] == model_pt.stat().st_size
+    assert info["totals"]["real_ratio"] == pytest.approx(
+        info["totals"]["original_bytes"] / archive.stat().st_size
+    )
+    table = run_ok(runner, "info", archive).stdout
+    assert "paper ratios" in table and "real ratio" in table
+
+    for suffix in (".safetensors", ".pt"):
+        target = tmp_path / f"unpacked{suffix}"
+        run_ok(runner, "unpack", archive, "-o", target)
+        state = load_file(target) if suffix == ".safetensors" else torch.load(
+            target, weights_only=True
+        )
+        assert sorted(state) == sorted(expected)  # safetensors stores names sorted
+        assert all(same_bits(state[n], expected[n]) for n in expected)
+
+
+def test_outputs_are_not_overwritten_without_force(runner, model_pt, tmp_path):
+    archive = tmp_path / "model.qlis"
+    archive.write_bytes(b"keep me")
+    assert "exists" in run_user_error(runner, "pack", model_pt, "-o", archive)
+    assert archive.read_bytes() == b"keep me"
+    run_ok(runner, "pack", model_pt, "-o", archive, "--force")
+    unpacked = tmp_path / "out.safetensors"
+    unpacked.write_bytes(b"keep me too")
+    assert "exists" in run_user_error(runner, "unpack", archive, "-o", unpacked)
+    assert unpacked.read_bytes() == b"keep me too"
+    assert "must end in" in run_user_error(runner, "unpack", archive, "-o", tmp_path / "x.txt")
+
+
+def test_corrupt_archives_get_one_line(runner, model_pt, tmp_path):
+    archive = tmp_path / "model.qlis"
+    run_ok(runner, "pack", model_pt, "-o", archive)
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    for command in (["info", archive], ["unpack", archive, "-o", tmp_path / "o.pt"]):
+        assert "truncated" in run_user_error(runner, *command)
+    assert "no such file" in run_user_error(runner, "info", tmp_path / "none.qlis")
+
+
+def test_bad_options_exit_2(runner, model_pt, tmp_path):
+    result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
+                                 "--codec", "zip"])
+    assert result.exit_code == 2 and "unknown codec" in result.stderr
+    result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
+                                 "--policy", "lapq", "--target-ratio", "1000"])
+    assert result.exit_code == 2 and "out of reach" in result.stderr
+    assert not (tmp_path / "m.qlis").exists()
+
+
+def test_demo_runs_and_verifies(runner, tmp_path):
+    out = run_ok(runner, "demo", "--model", "vit-tiny", "-o", tmp_path).stdout
+    assert "RANDOM-INITIALISED" in out and "bit-exact: yes" in out
+    assert (tmp_path / "vit-tiny.qlis").is_file()
