@@ -313,3 +313,7 @@ def demo(model, policy, codec, output_dir) -> None:
 
 def main() -> None:
     cli(prog_name="qlis")
+
+
+if __name__ == "__main__":
+    main()

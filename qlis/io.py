@@ -39,8 +39,10 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
             "(for example a whole nn.Module); save model.state_dict() instead"
         ) from None
     except Exception as err:  # torch.load raises many types on non-checkpoints
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a PyTorch checkpoint ({first_line})") from None
+        detail = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else ""
+        raise InputError(
+            f"{path}: not a PyTorch checkpoint" + (f" ({detail})" if detail else "")
+        ) from None
     return _tensor_mapping(obj, path)
 
 
@@ -48,6 +50,8 @@ def _tensor_mapping(obj: object, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint (also one nested under 'state_dict' & co.)."""
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    if not obj:
+        raise InputError(f"{path}: holds an empty state dict")
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {str(k): v for k, v in obj.items()}
     for key in _NESTED_KEYS:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
-from scipy.stats import rankdata
 
 from qlis.errors import ConfigError
 from qlis.quantize import GRANULARITIES
@@ -109,7 +108,9 @@ def _rank_quantiles(scores: np.ndarray) -> np.ndarray:
     """Each score's rank as a fraction in [0, 1] (ties share a rank; a lone layer gets 1)."""
     if scores.size <= 1:
         return np.ones(scores.size)
-    return (rankdata(scores, method="average") - 1) / (scores.size - 1)
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts + 1) / 2  # 0-based, ties averaged
+    return average_rank[group] / (scores.size - 1)
 
 
 def _level_index(quantiles: np.ndarray, n_levels: int, shift: float) -> np.ndarray:
