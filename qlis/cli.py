@@ -22,7 +22,7 @@ import qlis
 from qlis.atomic import atomic_path
 from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
-from qlis.io import load_state_dict, model_file_bytes
+from qlis.io import load_state_dict, model_file_bytes, write_safetensors
 from qlis.policy import POLICY_NAMES
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
@@ -203,9 +203,10 @@ def pack(path, output, policy, beta, eps, select, k, bits, granularity, method, 
         raise InputError(f"{output} exists; pass --force to replace it")
     state = load_state_dict(path)
     options = _policy_options(k, bits, granularity, method, target_ratio)
-    result = qlis.compress(state, policy=policy, beta=beta, eps=eps, select=select or None,
-                           **options)
     total = sum(t.numel() for t in state.values())
+    with _progress(total, "compressing") as progress:
+        result = qlis.compress(state, policy=policy, beta=beta, eps=eps, select=select or None,
+                               progress=progress, **options)
     source_bytes = model_file_bytes(path)
     with _progress(total, "writing") as progress:
         qlis.save(result, output, codec=codec, overwrite=force, source_bytes=source_bytes,
@@ -230,21 +231,16 @@ def unpack(path, output, force) -> None:
     if output.exists() and not force:
         raise InputError(f"{output} exists; pass --force to replace it")
     with qlis.open(path) as archive:
-        total = sum(row["original_bytes"] for row in archive.tensor_info())
-        with _progress(len(archive.names()), "reading") as progress:
-            state = {}
-            for name in archive.names():
-                state[name] = archive.read(name)
-                if progress is not None:
-                    progress(1)
-    with atomic_path(output, overwrite=force) as tmp:
-        if output.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
-        else:
-            torch.save(state, tmp)
-    click.echo(f"{output}: {len(state)} tensors, {_human_bytes(total)}")
+        rows = archive.tensor_info()
+        total = sum(row["original_bytes"] for row in rows)
+        with _progress(len(rows), "unpacking") as progress:
+            if output.suffix == ".safetensors":
+                layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
+                write_safetensors(output, layout, archive.read, progress=progress)
+            else:
+                with atomic_path(output, overwrite=force) as tmp:
+                    torch.save(archive.load(progress=progress), tmp)
+    click.echo(f"{output}: {len(rows)} tensors, {_human_bytes(total)}")
 
 
 @cli.command()

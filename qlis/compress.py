@@ -6,7 +6,7 @@ for everything stored losslessly), the per-layer plan, and the paper's ratios.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -178,6 +178,7 @@ def compress(
     eps: float = 1e-3,
     select: SelectSpec = None,
     inplace: bool = False,
+    progress: Callable[[int], None] | None = None,
     **options,
 ) -> CompressionResult:
     """Prune and/or quantize every selected layer as the policy plans from its QLIS.
@@ -185,7 +186,8 @@ def compress(
     ``options`` configure the policy: ``k`` (policy "prune"), ``bits`` (policy "quant"),
     ``k_levels``, ``bits_levels``, ``granularity`` ("tensor" or "channel"), ``method``
     ("affine" or "kmeans"), ``target_ratio`` (budget mode). A module is left untouched unless
-    ``inplace=True``, which loads the dequantized weights into it.
+    ``inplace=True``, which loads the dequantized weights into it. ``progress`` is called
+    with the number of parameters of each layer once it is done.
 
     >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
     >>> result.layers[0].bits, result.policy.name
@@ -209,6 +211,8 @@ def compress(
             layer.name, state[layer.name], layer.QLIS, k, bits, plan_policy
         )
         layers.append(plan)
+        if progress is not None:
+            progress(plan.numel)
     selected = {layer.name for layer in report.layers}
     fixed_bits = sum(
         t.numel() * storage_bits(t.dtype) for n, t in state.items() if n not in selected

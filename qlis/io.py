@@ -1,18 +1,22 @@
-"""Reading models from files: .pt/.pth/.bin (state dicts, never unpickled code), .safetensors,
-and Hugging Face model folders (single or sharded checkpoints)."""
+"""Model files: reading .pt/.pth/.bin (state dicts, never unpickled code), .safetensors and
+Hugging Face model folders (single or sharded); streaming a .safetensors file out."""
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from qlis.atomic import atomic_path
 from qlis.errors import InputError
+from qlis.tensors import bit_patterns
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _FOLDER_FILES = (
@@ -122,3 +126,39 @@ def model_file_bytes(path: str | Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+_SAFETENSORS_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def write_safetensors(
+    path: str | Path,
+    layout: list[tuple[str, str, list[int]]],
+    read: Callable[[str], torch.Tensor],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Stream tensors into a .safetensors file, one at a time (atomically).
+
+    ``layout`` lists (name, dtype name, shape) in file order; ``read(name)`` produces each
+    tensor when its turn comes, so memory holds one tensor rather than the whole model.
+    """
+    header: dict[str, object] = {}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape,
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, _, _ in layout:
+            tensor = read(name).contiguous()
+            f.write(bit_patterns(tensor).tobytes())
+            if progress is not None:
+                progress(1)

@@ -16,15 +16,22 @@ _SYMBOL_LIST_MAX = 32  # alphabets up to this size are listed; larger ones use a
 
 
 def as_bytes_array(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
-    """A read-only uint8 view of an encoded buffer, without copying it."""
+    """A read-only uint8 view of an encoded buffer, without copying it.
+
+    Always read-only, so that the compiled kernels see one array type whatever the caller
+    passed (numba compiles a writable and a read-only array argument separately).
+    """
     if isinstance(buf, np.ndarray):
         if buf.dtype != np.uint8 or buf.ndim != 1:
             raise ArchiveError("an encoded buffer must be bytes or a 1-D uint8 array")
-        return buf
-    try:
-        return np.frombuffer(buf, dtype=np.uint8)
-    except (TypeError, ValueError) as err:
-        raise ArchiveError(f"an encoded buffer must be bytes-like: {err}") from None
+        view = buf.view()
+    else:
+        try:
+            view = np.frombuffer(buf, dtype=np.uint8)
+        except (TypeError, ValueError) as err:
+            raise ArchiveError(f"an encoded buffer must be bytes-like: {err}") from None
+    view.flags.writeable = False
+    return view
 
 
 def check_input(array: np.ndarray, codec_id: str, dtype: type | None = np.uint8) -> np.ndarray:

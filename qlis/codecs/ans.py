@@ -75,11 +75,8 @@ def frequency_table(counts: np.ndarray) -> tuple[np.ndarray, int]:
         bits = float(np.dot(counts, scale - np.log2(freqs))) + 8 * _varint_size(freqs[:-1])
         costs.append(bits)
         tables.append((freqs, scale))
-    best = min(costs)
-    for bits, table in zip(costs, tables, strict=True):
-        if bits <= best * (1 + _SCALE_TOLERANCE):
-            return table
-    raise AssertionError("unreachable: the best table is within tolerance of itself")
+    limit = min(costs) * (1 + _SCALE_TOLERANCE)
+    return next(table for bits, table in zip(costs, tables, strict=True) if bits <= limit)
 
 
 @njit(cache=True, nogil=True)
@@ -211,14 +208,13 @@ class ANS(Codec):
         for f in freqs[:-1]:
             write_varint(stream, int(f))
         enc = _encoder_table(present, freqs, scale)
-        # Enough room for the coded bits plus rANS's tiny per-symbol slack (docs/codecs.md);
-        # the kernel stops safely if that ever falls short, and the worst case is retried.
+        # rANS emits at most the coded bits plus < 1e-4 bit per symbol (docs/codecs.md).
         coded_bits = float(np.dot(counts[present], scale - np.log2(freqs)))
-        for capacity in (int(coded_bits + 1e-4 * symbols.size) // 32 + 8, symbols.size // 2 + 8):
-            words = np.empty(4 * capacity, dtype=np.uint8)
-            pos = _encode(symbols, enc, words, states := np.empty(_LANES, np.uint64))
-            if pos >= 0:
-                break
+        words = np.empty(4 * (int(coded_bits + 1e-4 * symbols.size) // 32 + 8), dtype=np.uint8)
+        states = np.empty(_LANES, dtype=np.uint64)
+        pos = _encode(symbols, enc, words, states)
+        if pos < 0:
+            raise AssertionError("internal error: the rANS output bound was exceeded")
         stream += np.array(states, dtype="<u8").tobytes()
         return bytes(stream) + words[pos:].tobytes()
 
