@@ -242,8 +242,11 @@ class Huffman(Codec):
         kraft = int(np.sum(np.left_shift(1, longest - lengths[present])))
         if kraft != 1 << longest:
             raise reader.fail("the code lengths do not form a complete prefix code")
+        payload = reader.rest()
+        if not out.size <= 8 * payload.size <= out.size * longest + 7:
+            raise reader.fail(f"{payload.size} payload bytes cannot hold {out.size} codes")
         table, bits = decode_table(lengths)
-        status = _decode(reader.rest(), table, bits, out)
+        status = _decode(payload, table, bits, out)
         if status == 1:
             raise reader.fail("the coded bits do not end in the last byte (truncated or padded)")
         if status == 2:
