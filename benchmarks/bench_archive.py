@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import command, machine, write_section
 from safetensors.torch import save_file
 
 from qlis.demo import vit_state_dict
+from report import command, machine, write_section
 
 QLIS = [sys.executable, "-m", "qlis.cli"]
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import zstandard
 from dahuffman import HuffmanCodec
-from report import write_section
 
 from qlis.codecs import ANS, BitPack, Codec, Huffman, entropy_bits, huffman_code_lengths
+from report import write_section
 
 BITS = (1, 2, 4, 8)
 GRANULARITIES = ("tensor", "channel")

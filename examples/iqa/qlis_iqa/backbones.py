@@ -1,0 +1,254 @@
+"""CLIP and DINO backbones through `transformers`, loaded offline (a folder or the HF cache).
+
+Pretrained weights cannot be downloaded where qlis-iqa often runs, so nothing here touches the
+network: a backbone comes from a folder written by `save_pretrained` / `hf download`, or from a
+Hugging Face cache, and a miss says exactly where it looked and what to run on a connected
+machine. Random-initialised backbones (tests, benchmarks without weights) carry the config flag
+`qlis_random_init` so that every result computed from them can be labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import constants as hf_constants
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    PretrainedConfig,
+    PreTrainedModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from qlis_iqa.errors import IQAError, WeightsNotFoundError
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+RANDOM_INIT_FLAG = "qlis_random_init"
+RANDOM_LABEL = "random-initialised backbone"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A backbone family of the paper: its transformers class, checkpoint and shapes."""
+
+    name: str
+    title: str
+    hub_id: str
+    model_cls: type[PreTrainedModel]
+    config_cls: type[PretrainedConfig]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    full_config: dict[str, Any] = field(default_factory=dict)
+    tiny_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def repo_name(self) -> str:
+        return self.hub_id.split("/")[-1]
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(
+        name="clip",
+        title="CLIPIQA (CLIP ViT-L/14)",
+        hub_id="openai/clip-vit-large-patch14",
+        model_cls=CLIPVisionModelWithProjection,
+        config_cls=CLIPVisionConfig,
+        full_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+        tiny_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
+    ),
+    "dino": Family(
+        name="dino",
+        title="DINOIQA (DINO ViT-B/16)",
+        hub_id="facebook/dino-vitb16",
+        model_cls=ViTModel,
+        config_cls=ViTConfig,
+        model_kwargs={"add_pooling_layer": False},
+        full_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu",
+            layer_norm_eps=1e-12,
+            qkv_bias=True,
+        ),
+        tiny_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+    ),
+}
+
+SIZES = ("tiny", "full")
+
+
+def get_family(name: str) -> Family:
+    """Look a family up by name ('clip' or 'dino')."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise IQAError(f"unknown model family {name!r}; use one of {sorted(FAMILIES)}") from None
+
+
+def is_random_init(config: PretrainedConfig) -> bool:
+    """True when the backbone was random-initialised by qlis-iqa (never pretrained)."""
+    return bool(getattr(config, RANDOM_INIT_FLAG, False))
+
+
+def random_backbone(family: str, size: str = "tiny", seed: int = 0) -> PreTrainedModel:
+    """A random-initialised backbone of the family: 'tiny' for tests, 'full' = the paper's shape."""
+    fam = get_family(family)
+    if size not in SIZES:
+        raise IQAError(f"unknown backbone size {size!r}; use one of {list(SIZES)}")
+    shape = fam.tiny_config if size == "tiny" else fam.full_config
+    config = fam.config_cls(**shape, **{RANDOM_INIT_FLAG: True})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = fam.model_cls(config, **fam.model_kwargs)
+    return model.eval()
+
+
+def save_random_backbone(
+    family: str, out_dir: str | Path, size: str = "tiny", seed: int = 0
+) -> Path:
+    """Write a random-initialised backbone folder that `load_backbone` accepts."""
+    out = Path(out_dir)
+    random_backbone(family, size, seed).save_pretrained(out)
+    return out
+
+
+def build_backbone(family: str, config_json: str) -> PreTrainedModel:
+    """An uninitialised backbone of the given config, to receive a state dict (fast, no init)."""
+    fam = get_family(family)
+    try:
+        config = fam.config_cls.from_dict(json.loads(config_json))
+    except (ValueError, TypeError) as exc:
+        raise IQAError(f"the stored {fam.name} backbone config cannot be read: {exc}") from None
+    with no_init_weights():
+        model = fam.model_cls(config, **fam.model_kwargs)
+    return model.eval()
+
+
+def config_to_json(config: PretrainedConfig) -> str:
+    """The backbone config as compact JSON (stored in checkpoints and archives)."""
+    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def _candidate_folders(fam: Family, folder: Path) -> list[Path]:
+    org, name = fam.hub_id.split("/")
+    return [folder, folder / name, folder / org / name]
+
+
+def _hub_cache_dir(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
+
+
+def _download_hint(fam: Family) -> str:
+    kwargs = ", add_pooling_layer=False" if fam.model_kwargs else ""
+    return (
+        f"On a machine with internet run `hf download {fam.hub_id}` (older hubs: "
+        f"`huggingface-cli download {fam.hub_id}`) and copy its Hugging Face cache here "
+        f'(set HF_HUB_CACHE), or run `python -c "from transformers import '
+        f"{fam.model_cls.__name__} as M; M.from_pretrained('{fam.hub_id}'{kwargs})"
+        f".save_pretrained('{fam.repo_name}')\"` and pass --weights {fam.repo_name}; "
+        f"without weights, `qlis-iqa make-backbone --family {fam.name} --size full -o DIR` "
+        f"writes a random-initialised backbone"
+    )
+
+
+def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTrainedModel:
+    model, info = fam.model_cls.from_pretrained(
+        source,
+        local_files_only=True,
+        cache_dir=cache_dir,
+        output_loading_info=True,
+        **fam.model_kwargs,
+    )
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise IQAError(
+            f"the weights in {source} do not fit the {fam.title} backbone: {len(missing)} "
+            f"tensors missing (first: {', '.join(missing[:3])}); is this a {fam.name} model?"
+        )
+    return model.eval()
+
+
+def load_backbone(
+    family: str, weights: str | Path | None = None, cache_dir: str | Path | None = None
+) -> PreTrainedModel:
+    """Load a backbone offline from `weights` (a folder, or a hub id looked up in the HF cache).
+
+    Without `weights` the paper's checkpoint id is looked up in the Hugging Face cache
+    (`cache_dir`, else HF_HUB_CACHE). A folder may be the model folder itself or contain it
+    under its repository name (e.g. `WEIGHTS/clip-vit-large-patch14`).
+    """
+    fam = get_family(family)
+    looked: list[str] = []
+    if weights is not None and Path(weights).expanduser().exists():
+        folder = Path(weights).expanduser()
+        if not folder.is_dir():
+            raise IQAError(f"--weights {folder} is a file; give the folder that holds config.json")
+        for cand in _candidate_folders(fam, folder):
+            if (cand / "config.json").is_file():
+                try:
+                    return _from_pretrained(fam, str(cand), None)
+                except OSError as exc:
+                    msg = f"cannot load the {fam.name} backbone from {cand}: {exc}"
+                    raise IQAError(msg) from None
+            looked.append(f"{cand} (no config.json)")
+        hub_id, hub_cache = fam.hub_id, folder  # the folder may itself be a Hugging Face cache
+    else:
+        hub_id = str(weights) if weights is not None else fam.hub_id
+        if weights is not None and (hub_id.startswith((".", "/", "~")) or hub_id.count("/") > 1):
+            raise IQAError(f"--weights {hub_id}: no such folder")
+        hub_cache = _hub_cache_dir(cache_dir)
+    repo_dir = hub_cache / ("models--" + hub_id.replace("/", "--"))
+    try:
+        return _from_pretrained(fam, hub_id, hub_cache)
+    except OSError:
+        state = "incomplete" if repo_dir.exists() else "absent"
+        looked.append(f"{repo_dir} ({state})")
+    raise WeightsNotFoundError(
+        f"{fam.title} weights not found offline; looked in: {'; '.join(looked)}. "
+        + _download_hint(fam)
+    )
+
+
+def weights_label(model: PreTrainedModel, source: str | Path | None) -> str:
+    """How results of this backbone are labelled: random-initialised, or where it came from."""
+    if is_random_init(model.config):
+        return RANDOM_LABEL
+    return f"pretrained backbone ({source or model.config.name_or_path})"

@@ -1,0 +1,157 @@
+"""Predict the scores of annotated images (through the feature cache) and measure correlations."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
+from qlis_iqa.errors import IQAError
+from qlis_iqa.features import FeatureCache, extract_features
+from qlis_iqa.metrics import correlations
+from qlis_iqa.models import KEY, IQAModel
+
+Log = Callable[[str], None]
+
+
+def skipped_report(what: str, items: Sequence[tuple[str, str]]) -> str:
+    """'' or one line: how many images were skipped and the first few, with why."""
+    if not items:
+        return ""
+    first = "; ".join(f"{name}: {why}" for name, why in items[:3])
+    return f"{what}: {len(items)} image(s) skipped (first: {first})"
+
+
+@dataclass
+class Predictions:
+    """Predicted scores of the readable images of a sample list, and the skipped ones."""
+
+    names: list[str]
+    mos: np.ndarray
+    pred: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def metrics(self, logistic: bool = False) -> dict[str, float]:
+        return correlations(self.pred, self.mos, logistic=logistic)
+
+    def write_csv(self, path: str | Path, label: str) -> Path:
+        """name, mos, prediction, backbone label — one row per scored image."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "mos", "prediction", "backbone"])
+            for n, m, p in zip(self.names, self.mos, self.pred, strict=True):
+                w.writerow([n, f"{m:.6f}", f"{p:.6f}", label])
+        return path
+
+
+@torch.inference_mode()
+def predict_features(model: IQAModel, values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Run the trainable part of the model on cached frozen outputs."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [
+        model.trainable_forward(values[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(values), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@dataclass
+class SampleFeatures:
+    """Frozen outputs of the readable samples (in order) and the samples that were skipped."""
+
+    samples: list[Sample]
+    values: torch.Tensor
+    skipped: list[tuple[str, str]]
+    computed: int
+    cached: int
+
+
+def sample_features(
+    model: IQAModel,
+    samples: Sequence[Sample],
+    cache: FeatureCache | None,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "features",
+    fingerprint: str | None = None,
+) -> SampleFeatures:
+    """Frozen outputs of annotated samples; unreadable images are returned as skipped."""
+    feats = extract_features(
+        model,
+        [s.path for s in samples],
+        cache,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+        fingerprint=fingerprint,
+    )
+    good = [samples[i] for i in feats.index]
+    skipped = [(samples[i].name, why) for i, why in feats.bad]
+    return SampleFeatures(good, feats.values, skipped, feats.computed, feats.cached)
+
+
+def predict_samples(
+    model: IQAModel,
+    samples: Sequence[Sample],
+    cache: FeatureCache | None,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "evaluate",
+    fingerprint: str | None = None,
+) -> Predictions:
+    """Scores of annotated samples; frozen outputs come from (and go to) the cache."""
+    sf = sample_features(model, samples, cache, batch_size, workers, progress, desc, fingerprint)
+    if not sf.samples:
+        raise IQAError(f"{desc}: no readable image among {len(samples)} ({sf.skipped[0][1]})")
+    pred = predict_features(model, sf.values).numpy().astype(np.float64)
+    mos = np.array([s.mos for s in sf.samples], dtype=np.float64)
+    return Predictions([s.name for s in sf.samples], mos, pred, sf.skipped)
+
+
+@dataclass
+class EvalSet:
+    """The test images of a model's fixed split, as recorded when it was trained."""
+
+    dataset: IQADataset
+    split: Split
+    samples: list[Sample]
+    absent: list[str]
+
+
+def eval_set_for(
+    metadata: dict[str, str],
+    root: str | Path | None = None,
+    split_path: str | Path | None = None,
+    dataset: str | None = None,
+) -> EvalSet:
+    """The test split a checkpoint/archive was trained with; arguments override what it recorded."""
+    split_given = split_path is not None
+    dataset = dataset or metadata.get(KEY + "dataset")
+    root = root or metadata.get(KEY + "dataset_root")
+    split_path = split_path or metadata.get(KEY + "split_file")
+    if not dataset or not root or not split_path:
+        raise IQAError(
+            "this model does not record its dataset/split; pass --dataset, --root and --split"
+        )
+    split = Split.load(split_path)
+    if split.dataset != dataset:
+        raise IQAError(f"split {split_path} is for {split.dataset}, not {dataset}")
+    recorded = metadata.get(KEY + "split_sha256")
+    if recorded and recorded != split.digest() and not split_given:
+        raise IQAError(f"split {split_path} changed since the model was trained")
+    ds = load_dataset(dataset, root)
+    samples, absent = split_samples(ds, split.test)
+    if not samples:
+        raise IQAError(f"none of the {len(split.test)} test images of {split_path} is in {root}")
+    return EvalSet(ds, split, samples, absent)

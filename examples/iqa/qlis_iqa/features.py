@@ -1,0 +1,193 @@
+"""Frozen-part outputs, computed once per (backbone, preprocessing, image) and cached on disk.
+
+Training the head for 20 epochs, re-evaluating, and evaluating compressed variants whose frozen
+tensors did not change all read the cache instead of running the backbone again. The key is
+the model's fingerprint (hash of the backbone config and frozen tensors), the preprocessing
+config, and a hash of the image file's bytes, so a changed image or weight is never served a
+stale feature. Entries are .npy files written atomically (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from qlis_iqa.models import IQAModel
+from qlis_iqa.preprocess import ImageReadError, Preprocess, read_image
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (the image part of a cache key)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """A folder of cached frozen outputs: ROOT/<fingerprint>-<preprocessing>/<image hash>.npy."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, model: IQAModel, fingerprint: str | None = None) -> Path:
+        """The folder of this model's frozen part and preprocessing (with an info.json)."""
+        fingerprint = fingerprint or model.fingerprint()
+        pre = hashlib.sha256(model.preprocess.to_json().encode()).hexdigest()
+        folder = self.root / f"{model.family}-{fingerprint[:24]}-{pre[:12]}"
+        info = folder / "info.json"
+        if not info.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(
+                info,
+                json.dumps(
+                    {
+                        "family": model.family,
+                        "fingerprint": fingerprint,
+                        "preprocess": json.loads(model.preprocess.to_json()),
+                        "backbone": model.label,
+                    },
+                    indent=1,
+                ),
+            )
+        return folder
+
+    @staticmethod
+    def get(folder: Path, key: str) -> torch.Tensor | None:
+        path = folder / f"{key}.npy"
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (FileNotFoundError, ValueError, OSError):
+            return None  # absent or damaged entry: recompute it
+
+    @staticmethod
+    def put(folder: Path, key: str, value: torch.Tensor) -> None:
+        path = folder / f"{key}.npy"
+        tmp = folder / f".{key}.{os.getpid()}.tmp"
+        with tmp.open("wb") as f:
+            np.save(f, value.detach().cpu().numpy(), allow_pickle=False)
+        tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+class ImageDataset(Dataset):
+    """Preprocessed images; an unreadable one yields its error instead of a tensor."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return i, self.preprocess(read_image(self.paths[i])), ""
+        except ImageReadError as exc:
+            return i, None, str(exc)
+
+
+def collate_images(
+    batch: list[tuple[int, torch.Tensor | None, str]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """Stack the readable images of a batch; return the unreadable ones separately."""
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, err) for i, x, err in batch if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def image_loader(
+    paths: Sequence[Path], preprocess: Preprocess, batch_size: int, workers: int
+) -> DataLoader:
+    """A DataLoader of (indices, pixels, errors) batches over image files, in order."""
+    return DataLoader(
+        ImageDataset(paths, preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_images,
+    )
+
+
+@dataclass
+class Features:
+    """Frozen outputs of the readable images, in input order, and the images that failed."""
+
+    values: torch.Tensor
+    index: list[int]  # positions in the input list that `values` rows belong to
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    computed: int = 0
+    cached: int = 0
+
+
+@torch.inference_mode()
+def extract_features(
+    model: IQAModel,
+    paths: Sequence[Path],
+    cache: FeatureCache | None = None,
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "features",
+    fingerprint: str | None = None,
+) -> Features:
+    """Frozen outputs for `paths`: read from the cache where present, else computed and stored.
+
+    The backbone runs on the device the model is on; cached rows are float32 on the CPU.
+    """
+    paths = [Path(p) for p in paths]
+    rows: dict[int, torch.Tensor] = {}
+    bad: dict[int, str] = {}
+    keys: dict[int, str] = {}
+    folder = cache.folder(model, fingerprint) if cache is not None else None
+    todo: list[int] = []
+    for i, p in enumerate(paths):
+        if folder is None:
+            todo.append(i)
+            continue
+        try:
+            keys[i] = file_digest(p)
+        except OSError as exc:
+            bad[i] = f"{p}: {'missing' if isinstance(exc, FileNotFoundError) else exc}"
+            continue
+        hit = FeatureCache.get(folder, keys[i])
+        if hit is None:
+            todo.append(i)
+        else:
+            rows[i] = hit
+    n_cached = len(rows)
+    model.eval()
+    frozen_device = next(model.parameters()).device
+    if todo:
+        loader = image_loader([paths[i] for i in todo], model.preprocess, batch_size, workers)
+        with tqdm(total=len(todo), desc=desc, disable=not progress, unit="img") as bar:
+            for idx, pixels, errors in loader:
+                for j, err in errors:
+                    bad[todo[j]] = err
+                if pixels is not None:
+                    out = model.frozen_forward(pixels.to(frozen_device)).float().cpu()
+                    for j, row in zip(idx, out, strict=True):
+                        i = todo[j]
+                        rows[i] = row.clone()
+                        if folder is not None:
+                            FeatureCache.put(folder, keys[i], rows[i])
+                bar.update(len(idx) + len(errors))
+    index = sorted(rows)
+    values = torch.stack([rows[i] for i in index]) if index else torch.empty(0)
+    return Features(values, index, sorted(bad.items()), len(rows) - n_cached, n_cached)

@@ -1,0 +1,98 @@
+"""Score every image of a folder with a model rebuilt from its archive (or checkpoint) alone.
+
+The deployment case of the paper: a compressed model on an edge device monitoring generated
+images. Unreadable files are listed in the output (empty score, the reason) and on stderr,
+never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qlis_iqa.errors import IQAError
+from qlis_iqa.features import image_loader
+from qlis_iqa.models import IQAModel, load_model
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Image files of a folder (by suffix), sorted; an empty or absent folder is an error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IQAError(f"{folder}: no such folder of images")
+    pattern = "**/*" if recursive else "*"
+    paths = sorted(
+        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise IQAError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+@dataclass
+class Scores:
+    """Scores of the readable images and the reasons the others were skipped."""
+
+    paths: list[Path]
+    scores: dict[int, float] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def write_csv(self, path: str | Path, root: Path, label: str) -> Path:
+        """image, score, error, backbone — one row per file, in folder order."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "score", "error", "backbone"])
+            for i, p in enumerate(self.paths):
+                score = f"{self.scores[i]:.6f}" if i in self.scores else ""
+                w.writerow([p.relative_to(root).as_posix(), score, self.errors.get(i, ""), label])
+        return path
+
+
+@torch.inference_mode()
+def score_images(
+    model: IQAModel,
+    paths: Sequence[Path],
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+) -> Scores:
+    """Run the whole model on each image; unreadable images are recorded, not raised."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = Scores(list(paths))
+    with tqdm(total=len(out.paths), desc="score", disable=not progress, unit="img") as bar:
+        for idx, pixels, errors in image_loader(out.paths, model.preprocess, batch_size, workers):
+            out.errors.update(errors)
+            if pixels is not None:
+                values = model(pixels.to(device)).float().cpu().tolist()
+                out.scores.update(zip(idx, values, strict=True))
+            bar.update(len(idx) + len(errors))
+    return out
+
+
+def score_folder(
+    images_dir: str | Path,
+    model_path: str | Path,
+    out_csv: str | Path,
+    batch_size: int = 16,
+    workers: int = 0,
+    recursive: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
+) -> tuple[Scores, str]:
+    """Score a folder with the model stored in `model_path`; returns the scores and its label."""
+    root = Path(images_dir)
+    paths = list_images(root, recursive)
+    model, _ = load_model(model_path)
+    scores = score_images(model.to(device), paths, batch_size, workers, progress)
+    scores.write_csv(out_csv, root, model.label)
+    return scores, model.label

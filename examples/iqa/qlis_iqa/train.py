@@ -1,0 +1,219 @@
+"""Training with the paper's settings: Adam, lr 1e-4, weight decay 1e-5, 20 epochs, batch 16, MSE.
+
+Only the trainable part runs during the epochs: the frozen outputs of every image are computed
+(or read from the cache) first, so an unreadable image is skipped before training starts and
+never stops an epoch halfway.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from qlis_iqa.backbones import load_backbone, weights_label
+from qlis_iqa.data import Split, load_dataset, make_split, split_samples
+from qlis_iqa.errors import IQAError
+from qlis_iqa.evaluate import Log, Predictions, predict_samples, sample_features, skipped_report
+from qlis_iqa.features import FeatureCache
+from qlis_iqa.models import KEY, IQAModel, make_model, save_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the defaults are the paper's."""
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    seed: int = 0
+
+
+def fit(
+    model: IQAModel,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = False,
+) -> list[float]:
+    """Train the model's trainable part on cached frozen outputs; returns the mean loss per epoch.
+
+    The head's output bias starts at the mean training score, so the epochs are spent on
+    ranking images rather than on learning the offset of the MOS scale.
+    """
+    if len(features) == 0:
+        raise IQAError("no training image could be read")
+    device = next(model.head.parameters()).device
+    with torch.no_grad():
+        model.head[-1].bias.fill_(float(targets.mean()))
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        TensorDataset(features, targets.float()),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+    )
+    optimizer = torch.optim.Adam(
+        model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    loss_fn = nn.MSELoss()
+    for module in model.trainable_modules():
+        module.train()
+    losses: list[float] = []
+    with tqdm(total=config.epochs * len(loader), desc="train", disable=not progress) as bar:
+        for epoch in range(config.epochs):
+            total, count = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model.trainable_forward(x), y)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(x)
+                count += len(x)
+                bar.update(1)
+            losses.append(total / count)
+            bar.set_postfix(epoch=epoch + 1, mse=f"{losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+@dataclass
+class TrainResult:
+    """What `train_run` produced: the model, its files and its test metrics."""
+
+    model: IQAModel
+    checkpoint: Path
+    split_file: Path
+    predictions: Predictions
+    metrics: dict[str, float]
+    losses: list[float]
+    label: str
+
+
+def train_run(
+    family: str,
+    dataset: str,
+    root: str | Path,
+    out_dir: str | Path,
+    weights: str | Path | None = None,
+    split_file: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    config: TrainConfig = TrainConfig(),
+    limit: int | None = None,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    feature_batch: int = 16,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    logistic: bool = False,
+    head_hidden: int = 256,
+    log: Log = print,
+) -> TrainResult:
+    """Load data and backbone, train, evaluate on the fixed test split, and write the run folder.
+
+    OUT_DIR receives model.safetensors (the whole model, its metadata in the header),
+    split.json (unless an existing split file is given), predictions_test.csv, metrics.json and
+    train_log.csv. Frozen outputs are cached under `cache_dir` (default OUT_DIR/cache).
+    """
+    out = Path(out_dir)
+    ds = load_dataset(dataset, root)
+    if ds.missing:
+        log(ds.missing_report())
+    split_path = Path(split_file) if split_file else out / "split.json"
+    if split_path.is_file():
+        split = Split.load(split_path)
+        if split.dataset != ds.name:
+            raise IQAError(f"split {split_path} is for {split.dataset}, not {ds.name}")
+    else:
+        names = [s.name for s in ds.samples] + ds.missing
+        split = make_split(ds.name, names, split_seed, test_fraction, limit)
+        split.save(split_path)
+    train_samples, train_absent = split_samples(ds, split.train)
+    test_samples, test_absent = split_samples(ds, split.test)
+
+    backbone = load_backbone(family, weights)
+    label = weights_label(backbone, weights)
+    torch.manual_seed(config.seed)
+    model = make_model(family, backbone, head_hidden).to(device)
+    log(f"{model.family}: {label}; {len(train_samples)} train / {len(test_samples)} test images")
+    cache = FeatureCache(cache_dir or out / "cache")
+    fingerprint = model.fingerprint()
+
+    start = time.perf_counter()
+    train_feats = sample_features(
+        model,
+        train_samples,
+        cache,
+        feature_batch,
+        workers,
+        progress,
+        "features (train)",
+        fingerprint,
+    )
+    if train_feats.skipped:
+        log(skipped_report("train", train_feats.skipped))
+    feature_seconds = time.perf_counter() - start
+    targets = torch.tensor([s.mos for s in train_feats.samples], dtype=torch.float32)
+    start = time.perf_counter()
+    losses = fit(model, train_feats.values, targets, config, progress)
+    train_seconds = time.perf_counter() - start
+
+    preds = predict_samples(
+        model,
+        test_samples,
+        cache,
+        feature_batch,
+        workers,
+        progress,
+        "features (test)",
+        fingerprint,
+    )
+    if preds.skipped:
+        log(skipped_report("test", preds.skipped))
+    metrics = preds.metrics(logistic)
+
+    extra = {
+        KEY + "dataset": ds.name,
+        KEY + "dataset_root": str(Path(root).resolve()),
+        KEY + "split_file": str(split_path.resolve()),
+        KEY + "split_sha256": split.digest(),
+        KEY + "weights": str(weights) if weights else backbone.config.name_or_path,
+        KEY + "train_config": json.dumps(asdict(config), sort_keys=True),
+        KEY + "test_metrics": json.dumps(metrics, sort_keys=True),
+    }
+    checkpoint = save_checkpoint(model, out / "model.safetensors", extra)
+    preds.write_csv(out / "predictions_test.csv", label)
+    with (out / "train_log.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_mse", "backbone"])
+        w.writerows([i + 1, f"{loss:.6f}", label] for i, loss in enumerate(losses))
+    summary = {
+        "family": family,
+        "dataset": ds.name,
+        "backbone": label,
+        "train_images": len(train_feats.samples),
+        "test_images": len(preds.names),
+        "skipped": len(train_absent)
+        + len(test_absent)
+        + len(train_feats.skipped)
+        + len(preds.skipped),
+        "features_computed": train_feats.computed,
+        "features_cached": train_feats.cached,
+        "feature_seconds": feature_seconds,
+        "train_seconds": train_seconds,
+        "config": asdict(config),
+        "test": metrics,
+        "final_train_mse": losses[-1],
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return TrainResult(model, checkpoint, split_path, preds, metrics, losses, label)

@@ -1,0 +1,118 @@
+"""`qlis-iqa` end to end on the sample, and one-line errors with exit code 2 for user mistakes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qlis_iqa.backbones import RANDOM_LABEL
+from qlis_iqa.cli import cli
+
+
+def invoke(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="qlis-iqa")
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) -> None:
+    code, out, _ = invoke(
+        "make-backbone", "--family", "dino", "--size", "tiny", "-o", tmp_path / "bb"
+    )
+    assert code == 0 and RANDOM_LABEL in out
+    run = tmp_path / "run"
+    code, out, _ = invoke(
+        "train",
+        "--family",
+        "dino",
+        "--root",
+        sample_root,
+        "--weights",
+        tmp_path / "bb",
+        "-o",
+        run,
+        "--epochs",
+        "1",
+        "--test-fraction",
+        "0.5",
+    )
+    assert code == 0 and "SRCC" in out and RANDOM_LABEL in out
+    code, out, _ = invoke("evaluate", run, "--logistic", "-o", tmp_path / "pred.csv")
+    assert code == 0 and "PLCC LOGISTIC" in out and (tmp_path / "pred.csv").is_file()
+    code, out, _ = invoke(
+        "compress", run, "--policy", "quant", "--bits", "4", "-o", tmp_path / "m.qlis"
+    )
+    assert code == 0 and "real ratio" in out and RANDOM_LABEL in out
+    code, out, _ = invoke("evaluate", tmp_path / "m.qlis")  # dataset and split from the archive
+    assert code == 0 and "test (6 images)" in out
+    code, out, _ = invoke(
+        "score",
+        sample_root / "images",
+        "--model",
+        tmp_path / "m.qlis",
+        "-o",
+        tmp_path / "scores.csv",
+    )
+    assert code == 0 and "scored 12 image(s), skipped 0" in out
+    with (tmp_path / "scores.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 12
+    code, out, _ = invoke(
+        "sweep",
+        run,
+        "-o",
+        tmp_path / "sweep",
+        "--only",
+        "Baseline,Q 8-bit,LAPQ",
+        "--per-channel",
+        "--target-ratio",
+        "6",
+    )
+    assert code == 0 and out.count(RANDOM_LABEL) >= 3
+    assert {p.name for p in (tmp_path / "sweep").iterdir()} >= {
+        "sweep.md",
+        "sweep.csv",
+        "sweep.png",
+        "archives",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--family", "clip", "--root", "/no/such/dir", "-o", "x"], "data.csv not found"),
+        (
+            [
+                "train",
+                "--family",
+                "dino",
+                "--root",
+                "{sample}",
+                "-o",
+                "{tmp}/r",
+                "--weights",
+                "{tmp}",
+            ],
+            "weights not found offline; looked in",
+        ),
+        (["evaluate", "{tmp}/none.qlis"], "no such model file"),
+        (["score", "{tmp}", "--model", "{tmp}/none.qlis", "-o", "{tmp}/s.csv"], "no image files"),
+        (["sweep", "{sample}/data.csv", "-o", "{tmp}/s"], "not a safetensors checkpoint"),
+    ],
+)
+def test_user_mistakes_are_one_line(
+    tmp_path: Path, sample_root: Path, args: list[str], message: str
+) -> None:
+    filled = [a.format(sample=sample_root, tmp=tmp_path) for a in args]
+    code, out, err = invoke(*filled)
+    assert code == 2, err
+    assert err.startswith("qlis-iqa: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_usage_errors_exit_2() -> None:
+    code, _, err = invoke("train", "--family", "resnet")
+    assert code == 2 and "resnet" in err

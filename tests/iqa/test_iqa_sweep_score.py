@@ -1,0 +1,160 @@
+"""The Table 1 sweep (rows, columns, outputs) and archive-based scoring of image folders."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from iqa_helpers import write_image
+
+import qlis
+from qlis_iqa.backbones import RANDOM_LABEL
+from qlis_iqa.data import load_agiqa3k, split_samples
+from qlis_iqa.errors import IQAError
+from qlis_iqa.evaluate import predict_samples
+from qlis_iqa.features import FeatureCache
+from qlis_iqa.models import load_model, load_state, model_from_metadata
+from qlis_iqa.pack import pack
+from qlis_iqa.score import list_images, score_folder, score_images
+from qlis_iqa.sweep import (
+    CSV_FIELDS,
+    extra_variants,
+    paper_variants,
+    pick_variants,
+    run_sweep,
+    write_outputs,
+)
+
+TABLE_1 = [
+    "Baseline",
+    "P level 1.5",
+    "P level 1.0",
+    "P level 0.5",
+    "P level 0.25",
+    "Q 1-bit",
+    "Q 2-bit",
+    "Q 4-bit",
+    "Q 8-bit",
+    "LAP",
+    "LAQ",
+    "LAPQ",
+]
+
+
+def test_variants() -> None:
+    assert [v.name for v in paper_variants()] == TABLE_1
+    extra = extra_variants(per_channel=True, target_ratios=[20.0])
+    assert [v.name for v in extra] == [
+        "LAQ [channel]",
+        "LAPQ [channel]",
+        "LAPQ [budget 20x, channel]",
+    ]
+    assert extra[-1].options == {"target_ratio": 20.0, "granularity": "channel"}
+    assert [v.name for v in pick_variants(paper_variants(), "lapq, baseline")] == [
+        "Baseline",
+        "LAPQ",
+    ]
+    with pytest.raises(IQAError, match="unknown row"):
+        pick_variants(paper_variants(), "LAPQ,foo")
+    with pytest.raises(IQAError, match="target-ratio"):
+        extra_variants(target_ratios=[0.5])
+
+
+def _test_samples(run) -> list:
+    _, meta = load_model(run.checkpoint)
+    ds = load_agiqa3k(meta["qlis_iqa.dataset_root"])
+    return split_samples(ds, run.predictions.names)[0]
+
+
+def test_sweep_rows_columns_and_outputs(runs: dict, tmp_path: Path) -> None:
+    run = runs["clip"]
+    variants = paper_variants() + extra_variants(per_channel=True, target_ratios=[8.0])
+    rows = run_sweep(
+        run.model,
+        _test_samples(run),
+        tmp_path,
+        variants,
+        FeatureCache(run.checkpoint.parent / "cache"),
+        baseline_file=run.checkpoint,
+        logistic=True,
+        log=lambda m: None,
+    )
+    assert [r.variant for r in rows] == [v.name for v in variants]
+    base = rows[0]
+    assert (base.cr, base.hcr) == (1.0, 1.0) and base.srcc == pytest.approx(run.metrics["srcc"])
+    assert base.file_bytes == run.checkpoint.stat().st_size
+    for r in rows[1:]:
+        assert r.test_images == 6 and r.backbone == RANDOM_LABEL and r.file_bytes > 0
+        assert r.real_ratio == pytest.approx(base.real_ratio * base.file_bytes / r.file_bytes)
+        assert r.cr >= 1.0 and r.hcr >= 1.0 and (tmp_path / "archives").is_dir()
+    by = {r.variant: r for r in rows}
+    assert by["Q 1-bit"].mean_bits == 1.0 and math.isnan(by["P level 1.0"].mean_bits)
+    assert by["P level 1.5"].sparsity > by["P level 0.25"].sparsity > 0
+    assert by["Q 2-bit"].cr > by["Q 8-bit"].cr
+    assert by["LAPQ [budget 8x, channel]"].cr >= 8.0
+
+    files = write_outputs(rows, tmp_path, f"CLIPIQA sweep [{RANDOM_LABEL}]", logistic=True)
+    md = files["markdown"].read_text()
+    assert RANDOM_LABEL in md.splitlines()[0] and "must not be compared" in md
+    assert "| LAPQ [channel] |" in md and "PLCC (logistic)" in md
+    with files["csv"].open() as f:
+        reader = csv.DictReader(f)
+        table = list(reader)
+    assert reader.fieldnames == CSV_FIELDS and len(table) == len(variants)
+    assert {"srcc", "krcc", "plcc", "cr", "hcr", "real_ratio", "backbone"} <= set(CSV_FIELDS)
+    assert {r["backbone"] for r in table} == {RANDOM_LABEL}
+    assert files["plot"].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("family", ["clip", "dino"])
+def test_archive_scoring_equals_in_memory(
+    runs: dict, tmp_path: Path, sample_root: Path, family: str
+) -> None:
+    run = runs[family]
+    packed = pack(run.model, tmp_path / "m.qlis", "lapq", granularity="channel")
+    assert packed.real_ratio > 1.0
+    in_memory = model_from_metadata(run.model.metadata())
+    load_state(in_memory, packed.result.state_dict())
+    from_archive, meta = load_model(packed.path)
+    assert meta["qlis_iqa.policy"] == "lapq" and meta["qlis_iqa.backbone"] == RANDOM_LABEL
+    state = qlis.load(packed.path)
+    for name, tensor in packed.result.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    images = list_images(sample_root / "images")
+    a = score_images(in_memory, images, batch_size=4)
+    b = score_images(from_archive, images, batch_size=4)
+    assert a.scores == b.scores and len(a.scores) == 12  # bit-identical weights, same batches
+    # the sweep's cached path scores the same images the same way
+    samples = _test_samples(run)
+    cached = predict_samples(from_archive, samples, FeatureCache(tmp_path / "cache"))
+    full = {images[i].name: s for i, s in b.scores.items()}
+    for name, pred in zip(cached.names, cached.pred, strict=True):
+        assert pred == pytest.approx(full[name], abs=1e-5)
+
+
+def test_score_folder_lists_bad_images(runs: dict, tmp_path: Path, sample_root: Path) -> None:
+    folder = tmp_path / "imgs"
+    shutil.copytree(sample_root / "images", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    write_image(folder / "sub" / "deep.png", 5)
+    archive = pack(runs["dino"].model, tmp_path / "m.qlis", "lapq").path
+    scores, label = score_folder(folder, archive, tmp_path / "scores.csv", batch_size=4)
+    assert label == RANDOM_LABEL and len(scores.scores) == 12 and len(scores.errors) == 1
+    with (tmp_path / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13 and {r["backbone"] for r in rows} == {RANDOM_LABEL}
+    bad = [r for r in rows if r["error"]]
+    assert [r["image"] for r in bad] == ["broken.jpg"] and bad[0]["score"] == ""
+    deep, _ = score_folder(folder, archive, tmp_path / "all.csv", recursive=True)
+    assert len(deep.scores) == 13
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IQAError, match="no image files"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(IQAError, match="no such folder"):
+        list_images(tmp_path / "absent")

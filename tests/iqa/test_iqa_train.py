@@ -1,0 +1,86 @@
+"""Training: the paper's defaults, files of a run, cache reuse, bad images skipped up front."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+from iqa_helpers import make_agiqa3k
+
+from qlis_iqa.backbones import RANDOM_LABEL, random_backbone
+from qlis_iqa.data import Split
+from qlis_iqa.models import load_model, make_model
+from qlis_iqa.train import TrainConfig, fit, train_run
+
+
+def test_paper_defaults() -> None:
+    assert TrainConfig() == TrainConfig(epochs=20, batch_size=16, lr=1e-4, weight_decay=1e-5)
+
+
+def test_fit_learns_a_learnable_target() -> None:
+    torch.manual_seed(0)
+    model = make_model("clip", random_backbone("clip", "tiny"))
+    feats = torch.randn(64, model.feature_dim)
+    targets = feats[:, :4].sum(1) + 2.5
+    losses = fit(model, feats, targets, TrainConfig(epochs=30, lr=3e-3))
+    assert len(losses) == 30 and losses[-1] < 0.2 * losses[0]
+    backbone_before = model.backbone.state_dict()["visual_projection.weight"].clone()
+    fit(model, feats, targets, TrainConfig(epochs=1))
+    assert torch.equal(model.backbone.state_dict()["visual_projection.weight"], backbone_before)
+
+
+def test_run_folder(runs: dict, sample_root: Path) -> None:
+    run = runs["dino"]
+    out = run.checkpoint.parent
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "split.json",
+        "predictions_test.csv",
+        "metrics.json",
+        "train_log.csv",
+        "cache",
+    }
+    split = Split.load(out / "split.json")
+    assert len(split.train) == 6 and len(split.test) == 6
+    with (out / "predictions_test.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == run.predictions.names and len(rows) == 6
+    assert {r["backbone"] for r in rows} == {RANDOM_LABEL}
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["backbone"] == RANDOM_LABEL and set(summary["test"]) == {"srcc", "krcc", "plcc"}
+    model, meta = load_model(run.checkpoint)
+    assert meta["qlis_iqa.split_sha256"] == split.digest()
+    assert Path(meta["qlis_iqa.split_file"]) == (out / "split.json").resolve()
+
+
+def test_rerun_reuses_split_and_cache(tmp_path: Path, backbones: dict, sample_root: Path) -> None:
+    kwargs = dict(weights=backbones["clip"], config=TrainConfig(epochs=1), log=lambda m: None)
+    first = train_run("clip", "agiqa-3k", sample_root, tmp_path / "a", limit=10, **kwargs)
+    shared = dict(split_file=first.split_file, cache_dir=tmp_path / "a" / "cache")
+    second = train_run("clip", "agiqa-3k", sample_root, tmp_path / "b", **shared, **kwargs)
+    assert second.predictions.names == first.predictions.names  # the same 2 test images
+    summary = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert summary["features_computed"] == 0 and summary["features_cached"] == 8
+    assert not (tmp_path / "b" / "split.json").exists()
+
+
+def test_bad_images_are_reported_before_training(tmp_path: Path, backbones: dict) -> None:
+    root = make_agiqa3k(tmp_path / "data", 20, bad={3: "corrupt", 7: "missing", 11: "corrupt"})
+    messages: list[str] = []
+    run = train_run(
+        "dino",
+        "agiqa-3k",
+        root,
+        tmp_path / "run",
+        weights=backbones["dino"],
+        config=TrainConfig(epochs=2, batch_size=4),
+        log=messages.append,
+    )
+    text = "\n".join(messages)
+    assert "1 annotated image(s) missing" in text and "sd1.5_normal_007.jpg" in text
+    assert "image(s) skipped" in text and "unreadable" in text
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["train_images"] + summary["test_images"] == 17 and summary["skipped"] == 3
+    assert len(run.losses) == 2
