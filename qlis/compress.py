@@ -187,7 +187,8 @@ def compress(
     ``k_levels``, ``bits_levels``, ``granularity`` ("tensor" or "channel"), ``method``
     ("affine" or "kmeans"), ``target_ratio`` (budget mode). A module is left untouched unless
     ``inplace=True``, which loads the dequantized weights into it. ``progress`` is called
-    with the number of parameters of each layer once it is done.
+    with the number of parameters of each layer once it is done. Tensors the result keeps as
+    they are (not selected, or neither pruned nor quantized) share memory with the input.
 
     >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
     >>> result.layers[0].bits, result.policy.name

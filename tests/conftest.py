@@ -10,9 +10,7 @@ from reference import student_t
 from torch import nn
 
 # The first call of a numba kernel compiles it (or loads it from the cache): no deadlines.
-settings.register_profile(
-    "qlis", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=60
-)
+settings.register_profile("qlis", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("qlis")
 
 
@@ -79,4 +77,3 @@ def tiny_vit() -> TinyViT:
 def tiny_state(tiny_vit: TinyViT) -> dict[str, torch.Tensor]:
     """The tiny ViT's state dict, cloned (so a test may keep it as the untouched original)."""
     return {name: t.clone() for name, t in tiny_vit.state_dict().items()}
-

@@ -94,5 +94,5 @@ def huffman_bits(counts) -> int:
 
 
 def student_t(shape, df: float, scale: float, rng: np.random.Generator) -> torch.Tensor:
-    """Heavy-tailed float32 weights: Student-t samples with ``df`` degrees of freedom times ``scale``."""
+    """Heavy-tailed float32 weights: Student-t samples (``df`` degrees of freedom) * ``scale``."""
     return torch.from_numpy((rng.standard_t(df, size=shape) * scale).astype(np.float32))

@@ -130,15 +130,18 @@ def test_sparsity_threshold_is_strict_and_exact_at_eps(dtype):
         [torch.tensor(v, dtype=dtype) for v in (0.5, -0.5, 0.25, -0.0, 0.0, 3.0)] + [below]
     ).reshape(1, -1)
     # |w| < 0.5: 0.25, -0.0, 0.0 and the value just below 0.5
-    assert qlis.inspect({"w": w}, eps=eps).layers[0].S == pytest.approx(4 / 7)
-    assert qlis.inspect({"w": w}, eps=0.0).layers[0].S == 0.0
+    sparsity = qlis.inspect({"w": w}, eps=eps).layers[0].S
+    assert sparsity == pytest.approx(4 / 7)
+    sparsity = qlis.inspect({"w": w}, eps=0.0).layers[0].S
+    assert sparsity == 0.0
 
 
 def test_eps_between_representable_values():
     """eps = 1e-3 lies between float16/bfloat16 values: the count must follow float64 |w| < eps."""
     for dtype in (torch.float16, torch.bfloat16):
         grid = torch.linspace(9e-4, 1.1e-3, 2000).to(dtype).reshape(40, 50)
-        assert qlis.inspect({"w": grid}).layers[0].S == ref.sparsity(grid, 1e-3)
+        sparsity = qlis.inspect({"w": grid}).layers[0].S
+        assert sparsity == ref.sparsity(grid, 1e-3)
 
 
 def test_selection_and_share_are_over_selected_layers(tiny_state):
@@ -148,7 +151,8 @@ def test_selection_and_share_are_over_selected_layers(tiny_state):
     assert names == [f"blocks.{i}.fc{j}.weight" for i in range(2) for j in (1, 2)]
     total = sum(tiny_state[n].numel() for n in names)
     for layer in report.layers:
-        assert layer.P == tiny_state[layer.name].numel() / total
+        share = layer.P
+        assert share == tiny_state[layer.name].numel() / total
     by_callable = qlis.inspect(tiny_state, select=lambda name, t: name == "head.weight")
     assert [layer.name for layer in by_callable.layers] == ["head.weight"]
     assert by_callable.layers[0].P == 1.0
@@ -189,8 +193,10 @@ def test_non_finite_weights_name_the_layer(bad):
     "state, match",
     [
         ({}, "no tensors"),
-        ({"ids": torch.arange(6).reshape(2, 3), "mask": torch.ones(2, 2, dtype=torch.bool)},
-         "no layer selected"),
+        (
+            {"ids": torch.arange(6).reshape(2, 3), "mask": torch.ones(2, 2, dtype=torch.bool)},
+            "no layer selected",
+        ),
         ({"bias": torch.ones(3)}, "no layer selected"),
         ({"w": torch.ones(2, 2), "meta": 3}, "not a tensor"),
         ({"w": torch.zeros(0, 3)}, "empty"),

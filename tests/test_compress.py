@@ -1,0 +1,249 @@
+"""qlis.compress: plans, the paper's CR/HCR recomputed independently, state dicts, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+import qlis
+from qlis import CompressionResult, ConfigError, InputError, QlisError, QuantizedTensor
+from qlis.quantize import Quantizer, quantizer_registry, register_quantizer
+
+POLICIES = [
+    ("prune", {"k": 1.5}),
+    ("prune", {"k": 0.25}),
+    ("quant", {"bits": 1}),
+    ("quant", {"bits": 2}),
+    ("quant", {"bits": 4}),
+    ("quant", {"bits": 8}),
+    ("quant", {"bits": 4, "granularity": "channel"}),
+    ("quant", {"bits": 3, "method": "kmeans"}),
+    ("lap", {}),
+    ("laq", {}),
+    ("lapq", {}),
+    ("lapq", {"granularity": "channel"}),
+    ("lapq", {"method": "kmeans"}),
+    ("lapq", {"target_ratio": 12}),
+]
+IDS = [f"{p}-{o}" for p, o in POLICIES]
+
+
+def _independent_ratios(state: dict, result: CompressionResult) -> tuple[float, float]:
+    """(CR, HCR) from the input tensors and each layer's (k, bits) and codes, nothing else."""
+    original = sum(t.numel() * ref.width(t.dtype) for t in state.values())
+    planned = {plan.name: plan for plan in result.layers}
+    paper = huffman = 0
+    for name, tensor in state.items():
+        if name not in planned:
+            paper += tensor.numel() * ref.width(tensor.dtype)
+            huffman += tensor.numel() * ref.width(tensor.dtype)
+            continue
+        plan = planned[name]
+        kept = ref.keep_mask(tensor, plan.k) & (tensor.double().numpy() != 0)
+        if plan.bits is None:
+            paper += int(kept.sum()) * ref.width(tensor.dtype)
+            huffman += int(kept.sum()) * ref.width(tensor.dtype)
+        else:
+            stored = result.tensors[name]
+            paper += int(kept.sum()) * plan.bits
+            codes = stored.codes[kept]
+            huffman += ref.huffman_bits(np.bincount(codes.reshape(-1)))
+    return original / paper, original / huffman
+
+
+@pytest.mark.parametrize("policy, options", POLICIES, ids=IDS)
+def test_ratios_match_an_independent_count(tiny_state, policy, options):
+    result = qlis.compress(tiny_state, policy, **options)
+    cr, hcr = _independent_ratios(tiny_state, result)
+    assert result.cr == pytest.approx(cr, rel=1e-12)
+    assert result.hcr == pytest.approx(hcr, rel=1e-12)
+    assert result.hcr >= result.cr * (1 - 1e-12)  # Huffman never needs more than b_l bits
+    assert result.original_bytes == sum(t.numel() * t.element_size() for t in tiny_state.values())
+    summary = result.summary()
+    assert summary["cr"] == result.cr and summary["hcr"] == result.hcr
+    assert summary["tensors"] == len(tiny_state) and summary["policy"] == policy
+
+
+@pytest.mark.parametrize("policy, options", POLICIES, ids=IDS)
+def test_state_dict_covers_every_tensor_and_keeps_pruned_zeros(tiny_state, policy, options):
+    result = qlis.compress(tiny_state, policy, **options)
+    out = result.state_dict()
+    assert list(out) == list(tiny_state)
+    planned = {plan.name: plan for plan in result.layers}
+    for name, original in tiny_state.items():
+        assert out[name].dtype == original.dtype and out[name].shape == original.shape
+        if name not in planned:
+            if original.is_floating_point():
+                assert np.array_equal(ref.patterns(out[name]), ref.patterns(original))
+            else:
+                assert torch.equal(out[name], original)
+            continue
+        plan = planned[name]
+        keep = ref.keep_mask(original, plan.k)
+        assert bool((out[name][torch.from_numpy(~keep)] == 0).all())  # pruned stays zero
+        assert plan.kept == int((keep & (original.double().numpy() != 0)).sum())
+        assert plan.sparsity == pytest.approx(1 - plan.kept / original.numel())
+        if plan.bits is None:
+            assert isinstance(result.tensors[name], torch.Tensor)
+            kept = torch.from_numpy(keep)
+            assert torch.equal(out[name][kept], original[kept])
+        else:
+            assert isinstance(result.tensors[name], QuantizedTensor)
+        error = float((out[name].double() - original.double()).square().sum())
+        energy = float(original.double().square().sum())
+        assert plan.rel_mse == pytest.approx(error / energy, rel=1e-4, abs=1e-9)
+
+
+def test_unselected_tensors_are_bit_identical_in_16_bit(tiny_state):
+    state = {n: t.to(torch.bfloat16) if t.is_floating_point() else t for n, t in tiny_state.items()}
+    state["blocks.0.norm1.bias"][0] = -0.0
+    result = qlis.compress(state, "lapq")
+    out = result.state_dict()
+    for name in result.report.unselected:
+        assert np.array_equal(ref.patterns(out[name]), ref.patterns(state[name]))
+    cr, hcr = _independent_ratios(state, result)
+    assert result.cr == pytest.approx(cr) and result.hcr == pytest.approx(hcr)
+
+
+def test_plan_follows_the_policy_and_the_scores(tiny_vit):
+    result = qlis.compress(tiny_vit, "lapq", beta=0.3)
+    report = qlis.inspect(tiny_vit, beta=0.3)
+    assert [p.name for p in result.layers] == [layer.name for layer in report.layers]
+    assert [p.qlis for p in result.layers] == [layer.QLIS for layer in report.layers]
+    expected = result.policy.assign(np.array([layer.QLIS for layer in report.layers]))
+    assert [(p.k, p.bits) for p in result.layers] == expected
+    assert result.report.records() == report.records()
+    # more QLIS: never fewer bits, never a larger k
+    for a in result.layers:
+        for b in result.layers:
+            if a.qlis > b.qlis:
+                assert a.bits >= b.bits and a.k <= b.k
+
+
+def test_budget_mode_reaches_the_target_and_protects_the_top_layer(tiny_state):
+    result = qlis.compress(tiny_state, "lapq", target_ratio=12)
+    assert result.cr >= 12
+    assert _independent_ratios(tiny_state, result)[0] >= 12
+    top = max(result.layers, key=lambda p: p.qlis)
+    assert all(top.bits >= p.bits and top.k <= p.k for p in result.layers)
+    # a lower target is not met by throwing more away than the higher one does
+    easy = qlis.compress(tiny_state, "lapq", target_ratio=4)
+    assert 4 <= easy.cr <= result.cr
+
+
+@pytest.mark.parametrize(
+    "policy, options", [("lapq", {"target_ratio": 1e6}), ("quant", {"bits": 8, "target_ratio": 5})]
+)
+def test_unreachable_target(tiny_state, policy, options):
+    with pytest.raises(ConfigError, match="out of reach"):
+        qlis.compress(tiny_state, policy, **options)
+
+
+def test_module_is_untouched_by_default(tiny_vit, tiny_state):
+    qlis.compress(tiny_vit, "lapq")
+    for name, tensor in tiny_vit.state_dict().items():
+        assert torch.equal(tensor, tiny_state[name])
+
+
+def test_inplace_loads_the_dequantized_weights(tiny_vit, tiny_state):
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = tiny_vit(images)
+    result = qlis.compress(tiny_vit, "lapq", inplace=True)
+    expected = result.state_dict()
+    after = tiny_vit.state_dict()
+    for name in tiny_state:
+        assert torch.equal(after[name], expected[name])
+    changed = [p.name for p in result.layers if p.rel_mse > 0]
+    assert changed and all(not torch.equal(after[n], tiny_state[n]) for n in changed)
+    assert not torch.equal(tiny_vit(images), before)
+
+
+def test_state_dict_input_with_inplace_is_left_alone(tiny_state):
+    state = {n: t.clone() for n, t in tiny_state.items()}
+    qlis.compress(state, "quant", bits=2, inplace=True)
+    assert all(torch.equal(state[n], tiny_state[n]) for n in state)
+
+
+def test_selection_limits_what_is_compressed(tiny_state):
+    result = qlis.compress(tiny_state, "quant", bits=2, select="blocks.*.fc1.weight")
+    assert [p.name for p in result.layers] == ["blocks.0.fc1.weight", "blocks.1.fc1.weight"]
+    out = result.state_dict()
+    assert torch.equal(out["head.weight"], tiny_state["head.weight"])
+    cr, hcr = _independent_ratios(tiny_state, result)
+    assert result.cr == pytest.approx(cr) and result.hcr == pytest.approx(hcr)
+
+
+def test_policy_object_and_options(tiny_state):
+    policy = qlis.Policy("mine", k_levels=(0.5, 0.0), bits_levels=(2, None))
+    result = qlis.compress(tiny_state, policy)
+    assert result.policy is policy
+    assert {(p.k, p.bits) for p in result.layers} == {(0.5, 2), (0.0, None)}
+    assert qlis.compress(tiny_state, policy, bits=4).policy.bits_levels == (4,)
+
+
+class HalfStepQuantizer(Quantizer):
+    """A user's quantizer for a policy's ``method``: 2**bits levels on [-1, 1] by rounding."""
+
+    strategy_id = "test-halfstep"
+
+    def __init__(self, bits: int = 4) -> None:
+        self.bits = bits
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        top = 2**self.bits - 1
+        codes = torch.round((weight.float().clamp(-1, 1) + 1) / 2 * top)
+        return QuantizedTensor(
+            codes.to(torch.uint8).numpy(), top + 1, self.get_config(), {}, weight.dtype
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        top = 2**self.bits - 1
+        return (torch.from_numpy(q.codes).float() / top * 2 - 1).to(q.dtype)
+
+
+def test_compress_with_a_user_registered_quantizer(tiny_state, monkeypatch):
+    monkeypatch.setattr(quantizer_registry, "_classes", dict(quantizer_registry._classes))
+    register_quantizer(HalfStepQuantizer)
+    result = qlis.compress(tiny_state, "quant", bits=3, method="test-halfstep")
+    assert all(isinstance(result.tensors[p.name], QuantizedTensor) for p in result.layers)
+    assert result.tensors["head.weight"].quantizer == {"id": "test-halfstep", "bits": 3}
+    cr, hcr = _independent_ratios(tiny_state, result)
+    assert result.cr == pytest.approx(cr) and result.hcr == pytest.approx(hcr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes(tiny_state, dtype):
+    state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tiny_state.items()}
+    result = qlis.compress(state, "lapq")
+    out = result.state_dict()
+    assert all(out[n].dtype == state[n].dtype for n in state)
+    cr, hcr = _independent_ratios(state, result)
+    assert result.cr == pytest.approx(cr) and result.hcr == pytest.approx(hcr)
+
+
+def test_nan_weight_names_the_layer(tiny_state):
+    tiny_state["blocks.1.fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"blocks\.1\.fc2\.weight"):
+        qlis.compress(tiny_state)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        (({},), {}, InputError, "no tensors"),
+        (({"ids": torch.arange(4).reshape(2, 2)},), {}, InputError, "no layer selected"),
+        ((torch.nn.Linear(4, 4), "fancy"), {}, ConfigError, "unknown policy"),
+        ((torch.nn.Linear(4, 4), "lapq"), {"bogus": 1}, ConfigError, "unknown option"),
+        ((torch.nn.Linear(4, 4), "lapq"), {"method": "nope"}, ConfigError, "unknown quantizer"),
+        ((torch.nn.Linear(4, 4), "lapq"), {"granularity": "row"}, ConfigError, "granularity"),
+        ((torch.nn.Linear(4, 4), "quant"), {"bits": 16}, ConfigError, "1 to 8"),
+        ((torch.nn.Linear(4, 4), "lapq", 1.5), {}, QlisError, "beta"),
+        ((torch.nn.Linear(4, 4), "lapq", -0.5), {}, QlisError, "beta"),
+        (("model.pt",), {}, InputError, "nn.Module or a state dict"),
+    ],
+)
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        qlis.compress(*args, **kwargs)
