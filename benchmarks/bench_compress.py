@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 import qlis
-from report import write_section
+from report import machine, write_section
 
 GOAL_MPARAMS_PER_S = 20.0
 
@@ -135,22 +134,6 @@ def ratio_rows(state: dict) -> list[tuple[str, float, float, float, float]]:
         rel_mse = sum(p.rel_mse * energy[p.name] for p in result.layers) / total
         rows.append((label, result.cr, result.hcr, kept, rel_mse))
     return rows
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs visible, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

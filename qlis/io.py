@@ -10,9 +10,9 @@ import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from qlis.atomic import atomic_path
 from qlis.errors import InputError
@@ -27,16 +27,52 @@ _FOLDER_FILES = (
 )
 
 
+_SAFETENSORS_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL",
+}
+_FROM_SAFETENSORS = {v: getattr(torch, k) for k, v in _SAFETENSORS_DTYPES.items()}
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors mapped copy-on-write from the file: no second copy of the model in memory."""
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:  # validates the header and offsets
+            names = list(f.keys())
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+    state = {}
+    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+        info = header[name]
+        dtype = _FROM_SAFETENSORS.get(info["dtype"])
+        if dtype is None:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if start == end:
+            state[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + start,
+                        shape=(end - start,))
+        state[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+    return state
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load, memory-mapped when the file is a zip checkpoint (no second copy in memory)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError:
         raise InputError(
             f"{path}: the file holds pickled Python objects that would run code when loaded "
@@ -128,10 +164,6 @@ def model_file_bytes(path: str | Path) -> int:
     return path.stat().st_size
 
 
-_SAFETENSORS_DTYPES = {
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
-    "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL",
-}
 
 
 def write_safetensors(
