@@ -199,7 +199,7 @@ def report(
         "other layers Student-t (df 30), log-normal row scales; uniform min-max codes (1 bit: "
         "sign), every layer coded separately as in an archive.",
         "",
-        "## Size (bits per weight, all headers included; bounds are per-layer sums)",
+        "### Size (bits per weight, all headers included; bounds are per-layer sums)",
         "",
         "| codes | entropy bound | optimal Huffman | huffman | ans | bitpack | zstd -19 | "
         "gzip -9 | ans / entropy | huffman / optimal |",
@@ -219,7 +219,7 @@ def report(
         )
     lines += [
         "",
-        "## Speed (M symbols/s, one core; zstd on the bit-packed codes; dahuffman on a "
+        "### Speed (M symbols/s, one core; zstd on the bit-packed codes; dahuffman on a "
         f"{DAHUFFMAN_SAMPLE // 1_000_000} M-symbol sample)",
         "",
         "| codes | huffman enc | huffman dec | ans enc | ans dec | bitpack enc | bitpack dec | "
@@ -240,7 +240,7 @@ def report(
         lines.append(f"| {key[1]}-bit per-{key[0]} | {cells} |")
     lines += [
         "",
-        "## Goals",
+        "### Goals",
         "",
         f"- ans within 1% of the entropy bound: {mark(ans_worst <= 1 + GOAL_ANS)} "
         f"(worst {100 * (ans_worst - 1):+.3f}%)",

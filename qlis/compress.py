@@ -7,7 +7,7 @@ for everything stored losslessly), the per-layer plan, and the paper's ratios.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ class LayerPlan:
     kept: int
     paper_bits: float
     huffman_bits: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class CompressionResult:
