@@ -37,6 +37,7 @@ ALIGN = 64
 MAX_HEADER_BYTES = 256 << 20
 MAX_EXPANSION = 4096  # decoded bytes per encoded byte a record may claim
 EXPANSION_SLACK = 1 << 20
+CRC_PIECE = 1 << 24
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -57,8 +58,14 @@ _SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 Progress = Callable[[int], None]
 
 
-def _crc(data: bytes | memoryview | np.ndarray) -> int:
-    return google_crc32c.value(bytes(data) if isinstance(data, np.ndarray) else data)
+def _crc(data: bytes | memoryview) -> int:
+    """CRC-32C; a memoryview is checksummed in 16 MiB pieces (the library takes bytes only)."""
+    if isinstance(data, bytes):
+        return google_crc32c.value(data)
+    crc = 0
+    for start in range(0, len(data), CRC_PIECE):
+        crc = google_crc32c.extend(crc, bytes(data[start : start + CRC_PIECE]))
+    return crc
 
 
 def _aligned(n: int) -> int:
@@ -101,12 +108,11 @@ def _encode_codes(codes: np.ndarray, code_bits: int, codec: str) -> tuple[Codec,
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
     patterns = bit_patterns(tensor).reshape(-1)
-    raw = Raw()
     if try_sparse and patterns.size and np.count_nonzero(patterns) < 0.9 * patterns.size:
         sparse = Sparse().encode(patterns)
         if len(sparse) < patterns.nbytes:
             return Sparse(), sparse
-    return raw, raw.encode(patterns)
+    return Raw(), memoryview(patterns).cast("B").toreadonly()  # raw stream, no copy
 
 
 def _param_entry(writer: _Writer, array: np.ndarray) -> dict:
