@@ -15,7 +15,7 @@ MISSING = [m for m in ("transformers", "PIL", "openpyxl", "matplotlib") if find_
 if MISSING:
     collect_ignore_glob = ["test_*.py"]
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "iqa" / "agiqa-3k"
+DATA = Path(__file__).resolve().parents[1] / "data" / "iqa" / "agiqa-3k-sample"
 
 
 @pytest.fixture(scope="session")
