@@ -176,3 +176,32 @@ def _histogram(symbols: np.ndarray) -> np.ndarray:
 def byte_histogram(symbols: np.ndarray) -> np.ndarray:
     """Counts of the 256 byte values (int64), fast and without numpy's intp conversion."""
     return _histogram(symbols)
+
+
+def start_symbol_stream(symbols: np.ndarray) -> tuple[bytearray, np.ndarray, np.ndarray]:
+    """The head shared by the entropy coders: element count, then the present symbols.
+
+    Returns (stream, counts, present); the stream is already complete when at most one
+    symbol is present, since the head alone then says everything.
+    """
+    stream = bytearray()
+    write_varint(stream, symbols.size)
+    counts = byte_histogram(symbols) if symbols.size else np.zeros(256, dtype=np.int64)
+    present = np.flatnonzero(counts)
+    if present.size:
+        write_alphabet(stream, present)
+    return stream, counts, present
+
+
+def read_symbol_head(reader: Reader, out: np.ndarray) -> np.ndarray | None:
+    """Read what `start_symbol_stream` wrote: the present symbols, or None when the head alone
+    has filled ``out`` (no symbol, or a single repeated one)."""
+    if read_count(reader, out) == 0:
+        reader.expect_end()
+        return None
+    present = read_alphabet(reader)
+    if present.size == 1:
+        reader.expect_end()
+        out[:] = present[0]
+        return None
+    return present

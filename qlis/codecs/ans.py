@@ -15,12 +15,10 @@ from numba import njit
 from qlis.codecs._common import (
     Reader,
     as_bytes_array,
-    byte_histogram,
     check_input,
     check_out,
-    read_alphabet,
-    read_count,
-    write_alphabet,
+    read_symbol_head,
+    start_symbol_stream,
     write_varint,
 )
 from qlis.codecs.base import Codec, register_codec
@@ -194,14 +192,8 @@ class ANS(Codec):
 
     def encode(self, array: np.ndarray) -> bytes:
         symbols = check_input(array, self.codec_id)
-        stream = bytearray()
-        write_varint(stream, symbols.size)
-        if symbols.size == 0:
-            return bytes(stream)
-        counts = byte_histogram(symbols)
-        present = np.flatnonzero(counts)
-        write_alphabet(stream, present)
-        if present.size == 1:
+        stream, counts, present = start_symbol_stream(symbols)
+        if present.size <= 1:
             return bytes(stream)
         freqs, scale = frequency_table(counts[present])
         stream.append(scale)
@@ -221,13 +213,8 @@ class ANS(Codec):
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         out = check_out(out, self.codec_id)
         reader = Reader(as_bytes_array(buf), self.codec_id)
-        if read_count(reader, out) == 0:
-            reader.expect_end()
-            return out
-        present = read_alphabet(reader)
-        if present.size == 1:
-            reader.expect_end()
-            out[:] = present[0]
+        present = read_symbol_head(reader, out)
+        if present is None:
             return out
         scale = reader.u8()
         if not present.size <= 1 << scale <= 1 << MAX_SCALE:
