@@ -1,50 +1,67 @@
-"""``qlis.compress``: score the layers, plan (k, bits) per layer, prune and quantize.
+"""``qlis.compress``: ask a policy for a Plan, execute it through the registries, measure it.
 
 The result keeps what the archive needs (integer codes and their parameters, float tensors
-for everything stored losslessly), the per-layer plan, and the paper's ratios.
+for everything stored losslessly), what was done to each layer, what it cost in quality
+(weight error always; output error when calibration data was given) and its sizes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from qlis.calibrate import Calibration, CalibSpec
 from qlis.codecs import huffman_code_lengths
-from qlis.policy import Assignment, Policy, make_policy
-from qlis.prune import SigmaPruner
-from qlis.quantize import QuantizedTensor, make_quantizer
+from qlis.distortion import RECORD_OVERHEAD_BYTES, coded_code_bytes, param_bytes, relative_mse
+from qlis.errors import ConfigError, InputError
+from qlis.plan import LayerConfig, Plan, finite_json
+from qlis.policy import PlanContext, Policy, make_policy, register_policy
+from qlis.prune import get_pruner
+from qlis.quantize import QuantizedTensor, get_quantizer
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
 
 StoredTensor = torch.Tensor | QuantizedTensor
+DEFAULT_POLICY = "rd"
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What happened to one layer: its score, the chosen k and bits, and the cost in error."""
+    """What happened to one layer: its score, its strategies, and what they cost and saved.
+
+    ``kept`` counts the weights the pruner did not remove (zeros that were already in the
+    weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
+    entropy-coded size estimate of the layer as stored (codes + parameters + record).
+    """
 
     name: str
     numel: int
-    qlis: float
-    k: float
+    qlis: float | None
+    pruner: dict | None
+    quantizer: dict | None
+    k: float | None
     bits: int | None
     sparsity: float
     rel_mse: float
     kept: int
     paper_bits: float
     huffman_bits: float
+    coded_bytes: float
 
 
 class CompressionResult:
     """The outcome of ``qlis.compress``.
 
     ``tensors`` holds, for every tensor of the input in its order, either a QuantizedTensor
-    (codes + parameters) or a float tensor kept as it is (pruned layers and everything not
-    selected). ``cr``/``hcr`` are the paper's idealised ratios (no index or metadata cost).
+    (codes + parameters) or a float tensor kept as it is. ``cr``/``hcr`` are the paper's
+    idealised ratios (no index or metadata cost); ``estimated_bytes`` is the real archive
+    size to expect with an entropy coder; ``distortion`` says what it cost in quality.
     """
 
     def __init__(
@@ -52,22 +69,32 @@ class CompressionResult:
         tensors: dict[str, StoredTensor],
         layers: list[LayerPlan],
         policy: Policy,
-        report: InspectionReport,
+        report: InspectionReport | None,
         original_bits: int,
-        paper_bits: float,
-        huffman_bits: float,
+        config: dict,
+        distortion: dict,
     ) -> None:
         self.tensors = tensors
         self.layers = layers
         self.policy = policy
         self.report = report
         self.original_bits = original_bits
-        self.paper_bits = paper_bits
-        self.huffman_bits = huffman_bits
+        self.config = config
+        self.distortion = distortion
+        planned = {layer.name for layer in layers}
+        fixed = [t for n, t in tensors.items() if n not in planned]
+        fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
+        self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
+        self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
+        layer_bytes = sum(p.coded_bytes for p in layers)
+        fixed_bytes = fixed_bits / 8 + RECORD_OVERHEAD_BYTES * len(fixed)
+        self.estimated_bytes = int(fixed_bytes + layer_bytes)
 
     @property
     def cr(self) -> float:
-        """Paper CR: original bits / (b_l bits per non-zero weight; the rest at full size)."""
+        """Paper CR: original bits / (b_l bits per weight the pruner kept; the rest in full).
+
+        Only zeros the pruner made are free; zeros already in the weights are counted."""
         return self.original_bits / self.paper_bits if self.paper_bits else float("inf")
 
     @property
@@ -80,6 +107,11 @@ class CompressionResult:
         """Bytes of all input tensors in their dtypes (the size of a bare safetensors file)."""
         return self.original_bits // 8
 
+    @property
+    def numel(self) -> int:
+        """Elements of all tensors (every parameter and buffer)."""
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors the compressed model computes with (dequantized), for every input tensor."""
         return {
@@ -88,21 +120,62 @@ class CompressionResult:
         }
 
     def summary(self) -> dict:
-        """Plain-JSON totals: policy, sizes and ratios."""
+        """Plain-JSON totals: policy, sizes, ratios and quality."""
         return {
-            "policy": self.policy.name,
+            "policy": self.policy.strategy_id,
             "layers": len(self.layers),
             "tensors": len(self.tensors),
             "original_bytes": self.original_bytes,
+            "estimated_bytes": self.estimated_bytes,
+            "estimated_bits_per_weight": 8 * self.estimated_bytes / max(self.numel, 1),
             "cr": self.cr,
             "hcr": self.hcr,
+            **{f"distortion_{k}": v for k, v in self.distortion.items() if k != "output"},
+            "output": self.distortion.get("output"),
         }
+
+    def describe_quality(self) -> str:
+        """One line on what the compression cost: the weight error, and the output error
+        when calibration data was given."""
+        text = (f"weight error: relative MSE {self.distortion['weight_rel_mse']:.2e} "
+                f"(SNR {_snr_db(self.distortion['weight_rel_mse']):.1f} dB)")
+        output = self.distortion.get("output")
+        if output:
+            text += (f"; output on the calibration data: cosine {output['cosine']:.5f}, "
+                     f"relative MSE {output['rel_mse']:.2e}")
+        return text
 
     def __repr__(self) -> str:
         return (
-            f"CompressionResult(policy={self.policy.name!r}, layers={len(self.layers)}, "
-            f"cr={self.cr:.2f}, hcr={self.hcr:.2f})"
+            f"CompressionResult(policy={self.policy.strategy_id!r}, layers={len(self.layers)}, "
+            f"estimated_bytes={self.estimated_bytes}, "
+            f"weight_rel_mse={self.distortion['weight_rel_mse']:.3g})"
         )
+
+
+def _snr_db(rel_mse: float) -> float:
+    return float("inf") if rel_mse <= 0 else -10 * math.log10(rel_mse)
+
+
+@register_policy
+@dataclass(frozen=True)
+class PlanPolicy(Policy):
+    """A hand-written plan, as a policy: ``compress(model, plan=...)`` runs this."""
+
+    strategy_id: ClassVar[str] = "plan"
+
+    plan: dict | None = None
+
+    def __post_init__(self) -> None:
+        Plan.coerce(self.plan or {})
+
+    def make_plan(self, context: PlanContext) -> Plan:
+        return Plan.coerce(self.plan or {})
+
+
+def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
+    """How many weights the pruner zeroed (zeros already in the weight are not counted)."""
+    return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
 
 
 def _huffman_bits(codes: np.ndarray, n_levels: int) -> float:
@@ -110,120 +183,158 @@ def _huffman_bits(codes: np.ndarray, n_levels: int) -> float:
     return float((counts * huffman_code_lengths(counts)).sum())
 
 
-def _compress_layer(
-    name: str, weight: torch.Tensor, qlis: float, k: float, bits: int | None, policy: Policy
+def execute_layer(
+    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None
 ) -> tuple[StoredTensor, LayerPlan]:
-    pruned = SigmaPruner(k).prune(weight)[0] if k > 0 else weight
+    """Prune then quantize one layer as ``config`` says, and measure what that did."""
+    pruner = get_pruner(config.pruner) if config.pruner else None
+    pruned = pruner.prune(weight)[0] if pruner else weight
+    removed = pruned_count(weight, pruned) if pruner else 0
+    kept = weight.numel() - removed
     width = storage_bits(weight.dtype)
-    kept = int(torch.count_nonzero(pruned))
-    if bits is None:
+    if config.quantizer is None:
         stored: StoredTensor = pruned
         approx = pruned
         paper = huffman = float(kept * width)
+        coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
+        bits = None
     else:
-        stored = make_quantizer(bits, policy.granularity, policy.method).quantize(pruned)
+        stored = get_quantizer(config.quantizer).quantize(pruned)
         approx = stored.dequantize()
+        bits = config.bits or stored.code_bits
         paper = float(kept * bits)
-        codes = stored.codes if kept == weight.numel() else stored.codes[(pruned != 0).numpy()]
+        codes = stored.codes
+        if removed:
+            codes = codes[~((pruned == 0) & (weight != 0)).numpy()]
         huffman = _huffman_bits(codes, stored.n_levels)
-    reference = weight.float().reshape(-1)
-    difference = approx.float().reshape(-1) - reference
-    energy = float(torch.dot(reference, reference))
-    error = float(torch.dot(difference, difference))
+        coded = (coded_code_bytes(stored.codes, stored.n_levels) + param_bytes(stored.params)
+                 + RECORD_OVERHEAD_BYTES + 64 * len(stored.params))
     plan = LayerPlan(
         name=name,
         numel=weight.numel(),
         qlis=qlis,
-        k=k,
+        pruner=config.pruner,
+        quantizer=config.quantizer,
+        k=config.k,
         bits=bits,
-        sparsity=1.0 - kept / max(weight.numel(), 1),
-        rel_mse=error / energy if energy > 0 else 0.0,
+        sparsity=removed / max(weight.numel(), 1),
+        rel_mse=relative_mse(weight, approx),
         kept=kept,
         paper_bits=paper,
         huffman_bits=huffman,
+        coded_bytes=coded,
     )
     return stored, plan
 
 
-def _budget_costs(state: dict, report: InspectionReport, policy: Policy):
-    """Paper bits of any assignment, from kept-weight counts measured once per (layer, k)."""
-    kept = [
-        {
-            k: int(torch.count_nonzero(SigmaPruner(k).prune(state[layer.name])[0]))
-            for k in policy.k_levels
-        }
-        for layer in report.layers
-    ]
-    widths = [storage_bits(state[layer.name].dtype) for layer in report.layers]
-    selected = {layer.name for layer in report.layers}
-    fixed = sum(t.numel() * storage_bits(t.dtype) for n, t in state.items() if n not in selected)
+def _select_config(select: SelectSpec) -> Any:
+    if select is None or isinstance(select, str):
+        return select
+    if callable(select):
+        return f"<function {getattr(select, '__qualname__', type(select).__name__)}>"
+    return [str(s) for s in select]
 
-    def paper_bits(assignment: Assignment) -> float:
-        return fixed + sum(
-            kept[i][k] * (bits if bits is not None else widths[i])
-            for i, (k, bits) in enumerate(assignment)
-        )
 
-    return paper_bits
+def _check_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> None:
+    for name in plan:
+        if name not in state:
+            raise ConfigError(f"the plan names {name!r}, which the model does not have")
+        if not state[name].is_floating_point():
+            raise ConfigError(f"the plan names {name!r}, which is not a floating-point tensor")
 
 
 def compress(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
-    policy: str | Policy = "lapq",
+    policy: str | Policy = DEFAULT_POLICY,
     beta: float = 0.5,
     *,
+    plan: Plan | Mapping | None = None,
+    calib: CalibSpec | None = None,
     eps: float = 1e-3,
     select: SelectSpec = None,
     inplace: bool = False,
     progress: Callable[[int], None] | None = None,
-    **options,
+    **options: Any,
 ) -> CompressionResult:
-    """Prune and/or quantize every selected layer as the policy plans from its QLIS.
+    """Compress the selected layers as a policy (or a hand-written ``plan``) says.
 
-    ``options`` configure the policy: ``k`` (policy "prune"), ``bits`` (policy "quant"),
-    ``k_levels``, ``bits_levels``, ``granularity`` ("tensor" or "channel"), ``method``
-    ("affine" or "kmeans"), ``target_ratio`` (budget mode). A module is left untouched unless
-    ``inplace=True``, which loads the dequantized weights into it. ``progress`` is called
-    with the number of parameters of each layer once it is done. Tensors the result keeps as
-    they are (not selected, or neither pruned nor quantized) share memory with the input.
+    The default policy ``"rd"`` allocates, per layer, the entropy-coded quantizer step that
+    keeps quality: with no option it aims at a conservative weight error (docs/method.md);
+    ``target_bits_per_weight=``, ``target_bytes=``, ``target_ratio=`` (real archive bytes)
+    ask for a size, ``max_distortion=`` (weight error) or ``min_cosine=`` (output, needs
+    ``calib``) for a quality. ``calib`` is a few input batches (tensors, tuples or dicts of
+    keyword arguments) or a callable ``calib(model) -> outputs``; with it, distortion is
+    measured on the model's outputs. The paper's policies keep their names: ``"prune"``
+    (``k``), ``"quant"`` (``bits``), ``"lap"``, ``"laq"``, ``"lapq"``, with ``k_levels``,
+    ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
+    (configs applied to every layer) and ``target_ratio`` (the paper's CR).
+
+    A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
+    parameters of each layer once it is done. Tensors kept as they are share memory with
+    the input.
 
     >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
-    >>> result.layers[0].bits, result.policy.name
+    >>> result.layers[0].bits, result.policy.strategy_id
     (4, 'quant')
     """
     state = as_state_dict(model_or_state_dict)
-    plan_policy = make_policy(policy, **options)
-    report = inspect(state, beta=beta, eps=eps, select=select)
-    original_bits = sum(t.numel() * storage_bits(t.dtype) for t in state.values())
-    scores = np.array([layer.QLIS for layer in report.layers])
-    if plan_policy.target_ratio is None:
-        assignment = plan_policy.assign(scores)
+    if plan is not None:
+        if options or (policy != DEFAULT_POLICY and policy != "plan"):
+            raise ConfigError("give either plan= or a policy with options, not both")
+        plan_policy: Policy = PlanPolicy(plan=Plan.coerce(plan).to_json())
     else:
-        costs = _budget_costs(state, report, plan_policy)
-        assignment = plan_policy.assign(scores, costs, original_bits)
+        plan_policy = make_policy(policy, **options)
+    report = inspect(state, beta=beta, eps=eps, select=select)
+    calibration = None
+    if calib is not None:
+        if not isinstance(model_or_state_dict, torch.nn.Module):
+            raise InputError("calib= needs the model as an nn.Module (not a state dict)")
+        calibration = Calibration(model_or_state_dict, calib)
+    context = PlanContext(
+        state=state,
+        report=report,
+        model=model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None,
+        calibration=calibration,
+    )
+    the_plan = plan_policy.make_plan(context)
+    _check_plan(the_plan, state)
 
+    scores = {layer.name: layer.QLIS for layer in report.layers}
     stored: dict[str, StoredTensor] = dict(state)
     layers = []
-    for layer, (k, bits) in zip(report.layers, assignment, strict=True):
-        stored[layer.name], plan = _compress_layer(
-            layer.name, state[layer.name], layer.QLIS, k, bits, plan_policy
-        )
-        layers.append(plan)
+    for name, config in the_plan.items():
+        stored[name], layer_plan = execute_layer(name, state[name], config, scores.get(name))
+        layers.append(layer_plan)
         if progress is not None:
-            progress(plan.numel)
-    selected = {layer.name for layer in report.layers}
-    fixed_bits = sum(
-        t.numel() * storage_bits(t.dtype) for n, t in state.items() if n not in selected
-    )
+            progress(layer_plan.numel)
+    weighted = sum(p.rel_mse * p.numel for p in layers) / max(sum(p.numel for p in layers), 1)
+    distortion: dict[str, Any] = {
+        "weight_rel_mse": weighted,
+        "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
+        "output": None,
+    }
     result = CompressionResult(
         tensors=stored,
         layers=layers,
         policy=plan_policy,
         report=report,
-        original_bits=original_bits,
-        paper_bits=fixed_bits + sum(p.paper_bits for p in layers),
-        huffman_bits=fixed_bits + sum(p.huffman_bits for p in layers),
+        original_bits=sum(t.numel() * storage_bits(t.dtype) for t in state.values()),
+        config={
+            "policy": plan_policy.get_config(),
+            "beta": beta,
+            "eps": eps,
+            "select": _select_config(select),
+            "plan": the_plan.to_json(),
+        },
+        distortion=distortion,
     )
+    if calibration is not None:
+        changed = {p.name: t for p in layers if (t := result.tensors[p.name]) is not state[p.name]}
+        distortion["output"] = calibration.measure(
+            {name: t.dequantize() if isinstance(t, QuantizedTensor) else t
+             for name, t in changed.items()}
+        )
+    result.config = finite_json(result.config, "the compression config")
     if inplace and isinstance(model_or_state_dict, torch.nn.Module):
         model_or_state_dict.load_state_dict(result.state_dict())
     return result

@@ -1,24 +1,42 @@
-"""Policies: from QLIS scores to a per-layer plan (pruning multiplier k_l, bits b_l).
+"""Policies: something that looks at a model and produces a Plan (qlis/plan.py).
 
-A policy is a small dataclass config (torchao style). Levels are listed from the least to
-the most precise; a layer's position in those lists grows with its QLIS rank, so a higher
-QLIS never gets fewer bits or a larger k. Two mappings:
+A policy is a small frozen dataclass config (torchao style), registered by id like the
+pruners and quantizers, so a third party adds one with ``@register_policy`` or the
+``qlis.policies`` entry-point group and uses it by name from Python and from ``qlis pack``.
+
+The paper's policies (``prune``, ``quant``, ``lap``, ``laq``, ``lapq``) map QLIS ranks to
+levels. Levels run from the least to the most precise; a layer's position in them grows with
+its QLIS rank, so a higher QLIS never gets fewer bits or a larger k. Two mappings:
 
 - rank quantiles (default): the layers, ranked by QLIS, are cut into equal-size groups, one
   per level; the lowest-QLIS group gets the first (least precise) level.
 - budget (``target_ratio``): the same ranking, shifted towards the less precise levels just
   enough that the paper's compression ratio reaches the target.
+
+The rate–distortion policy ``rd`` lives in qlis/rd.py.
 """
 
 from __future__ import annotations
 
+import inspect as _inspect
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
 
 from qlis.errors import ConfigError
-from qlis.quantize import GRANULARITIES
+from qlis.plan import LayerConfig, Plan, finite_json
+from qlis.prune import get_pruner
+from qlis.quantize import GRANULARITIES, quantizer_registry
+from qlis.registry import Registry
+from qlis.strategy import Strategy
+from qlis.tensors import storage_bits
+
+if TYPE_CHECKING:
+    from qlis.calibrate import Calibration
+    from qlis.stats import InspectionReport
 
 PAPER_K_LEVELS = (1.5, 1.0, 0.5, 0.25, 0.0)
 PAPER_BITS_LEVELS = (1, 2, 4, 8)
@@ -26,33 +44,88 @@ PAPER_BITS_LEVELS = (1, 2, 4, 8)
 Assignment = list[tuple[float, int | None]]
 
 
+@dataclass
+class PlanContext:
+    """What a policy may look at: the tensors, their QLIS report, and (optionally) the module
+    with its calibration data. ``progress`` takes a number of parameters done."""
+
+    state: dict[str, torch.Tensor]
+    report: InspectionReport
+    model: torch.nn.Module | None = None
+    calibration: Calibration | None = None
+    progress: Callable[[int], None] | None = None
+
+
+class Policy(Strategy):
+    """Base class: a config that produces a Plan. Subclasses implement ``make_plan``."""
+
+    def make_plan(self, context: PlanContext) -> Plan:
+        raise NotImplementedError
+
+    @classmethod
+    def from_options(cls, **options: Any) -> Policy:
+        """The policy built from keyword options (``make_policy``'s entry point)."""
+        known = [n for n in _inspect.signature(cls).parameters if n != "self"]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for policy {cls.strategy_id!r}; "
+                f"known: {', '.join(known)}"
+            )
+        return cls(**options)
+
+    def get_config(self) -> dict[str, Any]:
+        return finite_json(super().get_config(), f"policy {self.strategy_id!r} options")
+
+
+policy_registry: Registry[Policy] = Registry("policy", "qlis.policies")
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Register a Policy subclass under its ``strategy_id`` (usable as a decorator)."""
+    policy_registry.register(cls.strategy_id, cls)
+    return cls
+
+
+def policy_names() -> list[str]:
+    """Every registered policy id (entry points included)."""
+    return policy_registry.names()
+
+
+@register_policy
 @dataclass(frozen=True)
-class Policy:
-    """How to choose (k, bits) per layer.
+class LevelsPolicy(Policy):
+    """The paper's scheme with levels of your choice: QLIS rank -> (k, bits) per layer.
 
     ``k_levels`` and ``bits_levels`` run from the least to the most precise level; a single
-    entry applies to every layer. ``bits=None`` keeps the layer in floating point.
+    entry applies to every layer. ``bits=None`` keeps the layer in floating point. ``method``
+    names the quantizer used for each bits level (the paper: ``affine``, with the binary
+    quantizer at 1 bit); ``quantizer``/``pruner`` (configs) instead apply one fixed
+    strategy to every layer, replacing the bits/k levels.
 
     >>> make_policy("laq").bits_levels
     (1, 2, 4, 8)
     """
 
-    name: str
+    strategy_id: ClassVar[str] = "levels"
+
     k_levels: tuple[float, ...] = (0.0,)
     bits_levels: tuple[int | None, ...] = (None,)
     granularity: str = "tensor"
     method: str = "affine"
     target_ratio: float | None = None
+    pruner: dict | None = None
+    quantizer: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.k_levels or not self.bits_levels:
             raise ConfigError("a policy needs at least one k level and one bits level")
-        if any(not k >= 0 for k in self.k_levels):
-            raise ConfigError(f"k levels must be >= 0, got {self.k_levels}")
+        if any(not (isinstance(k, int | float) and 0 <= k < float("inf")) for k in self.k_levels):
+            raise ConfigError(f"k levels must be finite numbers >= 0, got {self.k_levels}")
         if list(self.k_levels) != sorted(self.k_levels, reverse=True):
             raise ConfigError(f"k levels must run from largest to smallest: {self.k_levels}")
         bits = [b for b in self.bits_levels if b is not None]
-        if any(not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
             raise ConfigError(f"bits must be whole numbers from 1 to 8, got {self.bits_levels}")
         if None in self.bits_levels and self.bits_levels[-1] is not None:
             raise ConfigError("'no quantization' (None) can only be the most precise bits level")
@@ -60,8 +133,64 @@ class Policy:
             raise ConfigError(f"bits levels must go from fewest to most bits: {self.bits_levels}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}")
-        if self.target_ratio is not None and not self.target_ratio >= 1.0:
-            raise ConfigError(f"target_ratio must be >= 1, got {self.target_ratio}")
+        if self.target_ratio is not None and not 1.0 <= self.target_ratio < float("inf"):
+            raise ConfigError(f"target_ratio must be a finite number >= 1, got {self.target_ratio}")
+        if self.pruner is not None:
+            get_pruner(self.pruner)  # a bad config fails now, not after the scoring
+        if self.quantizer is not None:
+            quantizer_registry.get(_config_id(self.quantizer, "quantizer")).from_config(
+                self.quantizer
+            )
+        else:
+            for b in bits:
+                self.level_quantizer(b)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> LevelsPolicy:
+        """Options, with ``k``/``bits`` as shortcuts for a single uniform level (None: keep)."""
+        k = options.pop("k", None)
+        bits = options.pop("bits", None)
+        if k is not None:
+            if options.get("pruner") is not None:
+                raise ConfigError("give either k (sigma pruning) or pruner=, not both")
+            options["k_levels"] = (float(k),)
+        if bits is not None:
+            if options.get("quantizer") is not None:
+                raise ConfigError("give either bits or quantizer=, not both")
+            options["bits_levels"] = (bits,)
+        for key in ("k_levels", "bits_levels"):
+            if key in options:
+                options[key] = tuple(options[key])
+        return super().from_options(**options)
+
+    def level_quantizer(self, bits: int | None) -> dict | None:
+        """The quantizer config of a bits level (None: keep floating point)."""
+        if bits is None:
+            return None
+        if self.quantizer is not None:
+            return dict(self.quantizer)
+        if self.method == "affine" and bits == 1:
+            return {"id": "binary", "granularity": self.granularity}
+        cls = quantizer_registry.get(self.method)
+        accepts = _inspect.signature(cls).parameters
+        if "bits" not in accepts:
+            raise ConfigError(
+                f"quantizer {self.method!r} has no 'bits' parameter: pass it as "
+                f"quantizer={{'id': {self.method!r}, ...}} instead of method="
+            )
+        config: dict[str, Any] = {"id": self.method, "bits": bits}
+        if "granularity" in accepts:
+            config["granularity"] = self.granularity
+        elif self.granularity != "tensor":
+            raise ConfigError(f"quantizer {self.method!r} has no granularity option")
+        cls.from_config(config)
+        return config
+
+    def level_pruner(self, k: float) -> dict | None:
+        """The pruner config of a k level (None: no pruning)."""
+        if self.pruner is not None:
+            return dict(self.pruner)
+        return {"id": "sigma", "k": float(k)} if k > 0 else None
 
     def assign(
         self, qlis: np.ndarray, paper_bits: Callable[[Assignment], float] | None = None,
@@ -86,8 +215,8 @@ class Policy:
         if not reaches(1.0):
             best = original_bits / paper_bits(self._at(quantiles, 1.0))
             raise ConfigError(
-                f"target_ratio {self.target_ratio} is out of reach for policy {self.name!r}: "
-                f"its least precise levels give a ratio of {best:.2f}"
+                f"target_ratio {self.target_ratio} is out of reach for policy "
+                f"{self.strategy_id!r}: its least precise levels give a paper CR of {best:.2f}"
             )
         lo, hi = -1.0, 1.0
         for _ in range(60):
@@ -102,6 +231,77 @@ class Policy:
             (self.k_levels[i], self.bits_levels[j])
             for i, j in zip(k_idx.tolist(), b_idx.tolist(), strict=True)
         ]
+
+    def make_plan(self, context: PlanContext) -> Plan:
+        scores = np.array([layer.QLIS for layer in context.report.layers])
+        if self.target_ratio is None:
+            assignment = self.assign(scores)
+        else:
+            state = context.state
+            assignment = self.assign(
+                scores, self._paper_bits(state, context.report),
+                sum(t.numel() * storage_bits(t.dtype) for t in state.values()),
+            )
+        return Plan({
+            layer.name: LayerConfig(pruner=self.level_pruner(k), quantizer=self.level_quantizer(b))
+            for layer, (k, b) in zip(context.report.layers, assignment, strict=True)
+        })
+
+    def _paper_bits(self, state: dict, report: InspectionReport) -> Callable[[Assignment], float]:
+        """Paper bits of any assignment, from kept-weight counts measured once per (layer, k)."""
+        from qlis.compress import pruned_count
+
+        kept = []
+        for layer in report.layers:
+            weight = state[layer.name]
+            counts = {}
+            for k in self.k_levels:
+                config = self.level_pruner(k)
+                pruned = get_pruner(config).prune(weight)[0] if config else weight
+                counts[k] = weight.numel() - pruned_count(weight, pruned)
+            kept.append(counts)
+        widths = [storage_bits(state[layer.name].dtype) for layer in report.layers]
+        selected = {layer.name for layer in report.layers}
+        fixed = sum(
+            t.numel() * storage_bits(t.dtype) for n, t in state.items() if n not in selected
+        )
+
+        def paper_bits(assignment: Assignment) -> float:
+            return fixed + sum(
+                kept[i][k] * (bits if bits is not None else widths[i])
+                for i, (k, bits) in enumerate(assignment)
+            )
+
+        return paper_bits
+
+
+def _config_id(config: object, kind: str) -> str:
+    if not isinstance(config, dict) or not isinstance(config.get("id"), str):
+        raise ConfigError(f"{kind}= must be a config dict with an 'id', got {config!r}")
+    return config["id"]
+
+
+def _preset(policy_id: str, doc: str, **defaults: Any) -> type[LevelsPolicy]:
+    """A registered LevelsPolicy subclass whose level defaults are the paper's preset."""
+    namespace: dict[str, Any] = {"__doc__": doc, "__annotations__": {}}
+    namespace["strategy_id"] = policy_id
+    for key, value in defaults.items():
+        namespace[key] = value
+        namespace["__annotations__"][key] = "tuple"
+    cls = type(f"{policy_id.upper()}Policy", (LevelsPolicy,), namespace)
+    cls.__module__ = __name__
+    return register_policy(dataclass(frozen=True)(cls))
+
+
+PrunePolicy = _preset("prune", "Every layer pruned at one sigma multiplier k (default 1).",
+                      k_levels=(1.0,))
+QuantPolicy = _preset("quant", "Every layer quantized to one bit width (default 8).",
+                      bits_levels=(8,))
+LAPPolicy = _preset("lap", "The paper's LAP: k from QLIS rank.", k_levels=PAPER_K_LEVELS)
+LAQPolicy = _preset("laq", "The paper's LAQ: bits from QLIS rank.", bits_levels=PAPER_BITS_LEVELS)
+LAPQPolicy = _preset("lapq", "The paper's LAPQ: k and bits from QLIS rank.",
+                     k_levels=PAPER_K_LEVELS, bits_levels=PAPER_BITS_LEVELS)
+PAPER_POLICIES = ("prune", "quant", "lap", "laq", "lapq")
 
 
 def _rank_quantiles(scores: np.ndarray) -> np.ndarray:
@@ -118,18 +318,8 @@ def _level_index(quantiles: np.ndarray, n_levels: int, shift: float) -> np.ndarr
     return np.clip(np.floor((quantiles - shift) * n_levels), 0, n_levels - 1).astype(int)
 
 
-_PRESETS = {
-    "prune": {"k_levels": (1.0,)},
-    "quant": {"bits_levels": (8,)},
-    "lap": {"k_levels": PAPER_K_LEVELS},
-    "laq": {"bits_levels": PAPER_BITS_LEVELS},
-    "lapq": {"k_levels": PAPER_K_LEVELS, "bits_levels": PAPER_BITS_LEVELS},
-}
-POLICY_NAMES = tuple(_PRESETS)
-
-
-def make_policy(policy: str | Policy, **options) -> Policy:
-    """A Policy from a preset name and options (``k``/``bits`` set a uniform level).
+def make_policy(policy: str | Policy, **options: Any) -> Policy:
+    """A policy from a registered id (or an instance) and options; the class is kept.
 
     >>> make_policy("prune", k=0.5).k_levels, make_policy("quant", bits=4).bits_levels
     ((0.5,), (4,))
@@ -137,26 +327,15 @@ def make_policy(policy: str | Policy, **options) -> Policy:
     if isinstance(policy, Policy):
         if not options:
             return policy
-        name = policy.name
-        config = {f.name: getattr(policy, f.name) for f in fields(Policy) if f.name != "name"}
-    elif policy in _PRESETS:
-        name, config = policy, dict(_PRESETS[policy])
-    else:
-        raise ConfigError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
-    if "k" in options:
-        k = options.pop("k")
-        if k is not None:
-            config["k_levels"] = (float(k),)
-    if "bits" in options:
-        bits = options.pop("bits")
-        if bits is not None:
-            config["bits_levels"] = (bits,)
-    known = {f.name for f in fields(Policy)} - {"name"}
-    unknown = set(options) - known
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for policy {name!r}; "
-            f"known: k, bits, {', '.join(sorted(known))}"
-        )
-    config.update({key: tuple(v) if key.endswith("_levels") else v for key, v in options.items()})
-    return Policy(name=name, **config)
+        current = {f.name: getattr(policy, f.name) for f in fields(policy)} if hasattr(
+            policy, "__dataclass_fields__") else {
+            k: v for k, v in policy.get_config().items() if k != "id"}
+        if isinstance(policy, LevelsPolicy):
+            if options.get("pruner") is not None or options.get("k") is not None:
+                current.pop("k_levels")
+            if options.get("quantizer") is not None or options.get("bits") is not None:
+                current.pop("bits_levels")
+        return type(policy).from_options(**{**current, **options})
+    if not isinstance(policy, str):
+        raise ConfigError(f"policy must be a name or a Policy, got {type(policy).__name__}")
+    return policy_registry.get(policy).from_options(**options)

@@ -41,7 +41,8 @@ def _independent_ratios(state: dict, result: CompressionResult) -> tuple[float, 
             huffman += tensor.numel() * ref.width(tensor.dtype)
             continue
         plan = planned[name]
-        kept = ref.keep_mask(tensor, plan.k) & (tensor.double().numpy() != 0)
+        # only the zeros the pruner made are free: zeros already in the weight are kept
+        kept = ref.keep_mask(tensor, plan.k) | (tensor.double().numpy() == 0)
         if plan.bits is None:
             paper += int(kept.sum()) * ref.width(tensor.dtype)
             huffman += int(kept.sum()) * ref.width(tensor.dtype)
@@ -83,7 +84,7 @@ def test_state_dict_covers_every_tensor_and_keeps_pruned_zeros(tiny_state, polic
         plan = planned[name]
         keep = ref.keep_mask(original, plan.k)
         assert bool((out[name][torch.from_numpy(~keep)] == 0).all())  # pruned stays zero
-        assert plan.kept == int((keep & (original.double().numpy() != 0)).sum())
+        assert plan.kept == int((keep | (original.double().numpy() == 0)).sum())
         assert plan.sparsity == pytest.approx(1 - plan.kept / original.numel())
         if plan.bits is None:
             assert isinstance(result.tensors[name], torch.Tensor)
@@ -176,7 +177,7 @@ def test_selection_limits_what_is_compressed(tiny_state):
 
 
 def test_policy_object_and_options(tiny_state):
-    policy = qlis.Policy("mine", k_levels=(0.5, 0.0), bits_levels=(2, None))
+    policy = qlis.LevelsPolicy(k_levels=(0.5, 0.0), bits_levels=(2, None))
     result = qlis.compress(tiny_state, policy)
     assert result.policy is policy
     assert {(p.k, p.bits) for p in result.layers} == {(0.5, 2), (0.0, None)}

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from qlis import ConfigError, Policy, make_policy
+from qlis import ConfigError, LevelsPolicy, make_policy
 from qlis.policy import PAPER_BITS_LEVELS, PAPER_K_LEVELS
 
 scores = st.lists(
@@ -37,7 +37,7 @@ def _assert_monotone(qlis: list[float], assignment) -> None:
 
 @given(scores, k_levels, bits_levels)
 def test_rank_quantile_mapping_is_monotone(qlis, ks, bits):
-    policy = Policy("custom", k_levels=ks, bits_levels=bits)
+    policy = LevelsPolicy(k_levels=ks, bits_levels=bits)
     assignment = policy.assign(np.array(qlis))
     assert len(assignment) == len(qlis)
     assert all(k in ks and b in bits for k, b in assignment)
@@ -79,7 +79,7 @@ def budgets(draw):
             for size, (k, b) in zip(sizes, assignment, strict=True)
         )
 
-    return qlis, Policy("custom", k_levels=ks, bits_levels=bits), paper_bits, original
+    return qlis, LevelsPolicy(k_levels=ks, bits_levels=bits), paper_bits, original
 
 
 @given(budgets(), st.floats(1, 200))
@@ -135,10 +135,10 @@ def test_options():
     assert make_policy("lapq", granularity="channel").granularity == "channel"
     assert make_policy("lap", k_levels=[1.0, 0.0]).k_levels == (1.0, 0.0)
     assert make_policy("quant", bits=None).bits_levels == (8,)  # None: keep the preset
-    base = Policy("mine", k_levels=(1.0, 0.0), bits_levels=(2, 8))
+    base = LevelsPolicy(k_levels=(1.0, 0.0), bits_levels=(2, 8))
     assert make_policy(base) is base
-    assert make_policy(base, target_ratio=5.0) == Policy(
-        "mine", k_levels=(1.0, 0.0), bits_levels=(2, 8), target_ratio=5.0
+    assert make_policy(base, target_ratio=5.0) == LevelsPolicy(
+        k_levels=(1.0, 0.0), bits_levels=(2, 8), target_ratio=5.0
     )
     assert make_policy(base, bits=4).bits_levels == (4,)
 
@@ -149,7 +149,7 @@ def test_unknown_policy(policy):
         make_policy(policy)
 
 
-@pytest.mark.parametrize("policy", ["lapq", Policy("mine")])
+@pytest.mark.parametrize("policy", ["lapq", LevelsPolicy()])
 def test_unknown_option(policy):
     with pytest.raises(ConfigError, match="unknown option.*bogus"):
         make_policy(policy, bogus=1)
@@ -174,4 +174,4 @@ def test_unknown_option(policy):
 )
 def test_policy_validation(fields, match):
     with pytest.raises(ConfigError, match=match):
-        Policy("bad", **fields)
+        LevelsPolicy(**fields)

@@ -1,0 +1,136 @@
+"""Calibration: run the model on a few of the user's inputs and measure output distortion.
+
+``calib`` is either a sequence of input batches (a tensor, a tuple of positional arguments,
+or a dict of keyword arguments, e.g. a tokenizer's output) or a callable
+``calib(model) -> outputs``. The original model runs once; any set of replacement weights
+is then measured by swapping them into the module for one pass (and restoring it after), so
+the user's model is never left modified.
+
+Outputs: a tensor, or the first tensor of a tuple / dict / ``ModelOutput`` (for Hugging
+Face models, ``last_hidden_state`` or ``logits``). Cosine is measured per vector along the
+last dimension (per token, per embedding); outputs of width 1 (a score per input) are
+compared as one vector per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from qlis.errors import ConfigError, InputError
+
+CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The tensor a model output stands for (first of a tuple, dict or ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values: Iterable[Any] = output.values() if isinstance(output, Mapping) else output
+    if isinstance(output, Mapping | Sequence):
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                return value
+    raise InputError(
+        f"the model returned a {type(output).__name__} without a tensor; pass "
+        "calib=callable(model) -> tensor to say which output to compare"
+    )
+
+
+def _vectors(output: torch.Tensor) -> torch.Tensor:
+    out = output.detach().double()
+    if out.ndim >= 2 and out.shape[-1] > 1:
+        return out.reshape(-1, out.shape[-1])
+    return out.reshape(1, -1)
+
+
+class Calibration:
+    """Reference outputs of ``model`` on ``calib``, and the distortion of any weight swap."""
+
+    def __init__(self, model: torch.nn.Module, calib: CalibSpec) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise InputError("calibration needs the model as an nn.Module")
+        if not callable(calib):
+            if isinstance(calib, torch.Tensor | Mapping) or not isinstance(calib, Sequence):
+                raise ConfigError(
+                    "calib= takes a list of input batches or a callable(model) -> outputs"
+                )
+            if len(calib) == 0:
+                raise ConfigError("calib= is an empty list of batches")
+        self.model = model
+        self.calib = calib
+        self.passes = 0
+        self.seconds = 0.0
+        self.reference = [_vectors(o) for o in self._run()]
+        if not any(v.numel() for v in self.reference):
+            raise InputError("the calibration outputs are empty")
+
+    def _run(self) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                if callable(self.calib):
+                    outputs = [first_tensor(self.calib(self.model))]
+                else:
+                    outputs = [first_tensor(self._call(batch)) for batch in self.calib]
+        finally:
+            self.model.train(was_training)
+        self.passes += 1
+        self.seconds += time.perf_counter() - start
+        return outputs
+
+    def _call(self, batch: Any) -> Any:
+        if isinstance(batch, Mapping):
+            return self.model(**batch)
+        if isinstance(batch, tuple | list):
+            return self.model(*batch)
+        return self.model(batch)
+
+    def outputs_with(self, replacements: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs with some state-dict entries replaced (the model is restored after)."""
+        targets = {name: self._tensor(name) for name in replacements}
+        saved = {name: t.data for name, t in targets.items()}
+        try:
+            for name, t in targets.items():
+                t.data = replacements[name].to(dtype=t.dtype, device=t.device).reshape(t.shape)
+            return [_vectors(o) for o in self._run()]
+        finally:
+            for name, t in targets.items():
+                t.data = saved[name]
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = self.model.get_submodule(module_name) if module_name else self.model
+        except AttributeError:
+            raise InputError(f"the model has no tensor {name!r}") from None
+        tensor = getattr(module, attr, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(f"the model has no tensor {name!r}")
+        return tensor
+
+    def measure(self, replacements: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE."""
+        return self.compare(self.outputs_with(replacements))
+
+    def compare(self, outputs: list[torch.Tensor]) -> dict[str, float]:
+        cosines, error, energy = [], 0.0, 0.0
+        for ref, out in zip(self.reference, outputs, strict=True):
+            dot = (ref * out).sum(dim=1)
+            norms = ref.norm(dim=1) * out.norm(dim=1)
+            cos = torch.where(norms > 0, dot / norms.clamp(min=1e-300),
+                              (ref.norm(dim=1) == out.norm(dim=1)).double())
+            cosines.append(cos)
+            error += float((out - ref).square().sum())
+            energy += float(ref.square().sum())
+        cosine = float(torch.cat(cosines).mean())
+        return {
+            "cosine": cosine,
+            "one_minus_cosine": 1.0 - cosine,
+            "rel_mse": error / energy if energy > 0 else 0.0,
+        }

@@ -1,0 +1,58 @@
+"""What compression costs and saves, measured the same way everywhere.
+
+- weight error: relative MSE of a layer, ``||w_hat - w||^2 / ||w||^2``;
+- coded size: the bytes an entropy coder needs for a layer's codes (the empirical entropy,
+  which the ``ans`` codec reaches within a fraction of a percent) plus the bytes of the
+  quantizer's parameters and a small per-record cost — real bytes, not the paper's CR;
+- output error (qlis/calibrate.py): 1 - cosine or relative MSE of the model's outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+RECORD_OVERHEAD_BYTES = 160
+"""Per tensor: its JSON header entry and 64-byte record alignment, on average (measured on
+archives of transformer models: 120-200 bytes)."""
+
+_TABLE_BYTES_PER_SYMBOL = 1.5
+"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
+
+
+def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||approx - reference||^2 / ||reference||^2`` in float64 (0 for an all-zero reference).
+
+    >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
+    0.5
+    """
+    ref = reference.detach().reshape(-1).double()
+    diff = approx.detach().reshape(-1).double() - ref
+    energy = float(torch.dot(ref, ref))
+    return float(torch.dot(diff, diff)) / energy if energy > 0 else 0.0
+
+
+def entropy_of_counts(counts: np.ndarray) -> float:
+    """Total Shannon information of symbols with these counts, in bits."""
+    counts = np.asarray(counts, dtype=np.float64)
+    counts = counts[counts > 0]
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    return float(-(counts * np.log2(counts / total)).sum())
+
+
+def coded_code_bytes(codes: np.ndarray, n_levels: int) -> float:
+    """Bytes an entropy coder needs for ``codes``: information + alphabet table.
+
+    >>> coded_code_bytes(np.zeros(1000, dtype=np.uint8), 1) < 10
+    True
+    """
+    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=max(n_levels, 1))
+    present = int(np.count_nonzero(counts))
+    return entropy_of_counts(counts) / 8 + _TABLE_BYTES_PER_SYMBOL * present + 8
+
+
+def param_bytes(params: dict[str, np.ndarray]) -> int:
+    """Bytes of a quantizer's parameters as stored."""
+    return sum(int(np.asarray(v).nbytes) for v in params.values())

@@ -1,0 +1,303 @@
+"""``policy="rd"``: per-layer entropy-coded uniform steps chosen by rate–distortion allocation.
+
+For every layer, a curve of candidates — uniform quantization at a ladder of steps (relative
+to the layer's RMS, per tensor or per output channel), and "keep it as it is" — each with
+its real coded size (entropy of its codes + parameters + record, measured on a seeded sample
+of the layer) and its distortion:
+
+- data-free: the layer's relative weight MSE, weighted by its share of the parameters (the
+  total is the parameter-weighted mean relative MSE that every result reports);
+- with calibration data: the model's output distortion (1 - cosine) when that layer alone is
+  quantized, from one probe pass per layer: output distortion grows in proportion to the
+  weight's squared error (quantization noise is white at these rates), so the probe gives
+  the layer's gain and every candidate's output distortion follows from its weight error.
+
+qlis/allocate.py then picks one candidate per layer to meet a size or a quality target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size
+from qlis.distortion import RECORD_OVERHEAD_BYTES, entropy_of_counts
+from qlis.errors import ConfigError
+from qlis.plan import LayerConfig, Plan
+from qlis.policy import PlanContext, Policy, register_policy
+from qlis.quantize import MAX_LEVELS, round_with_offset
+from qlis.tensors import storage_bits
+
+DEFAULT_MAX_DISTORTION = 3e-4
+"""The default quality target: parameter-weighted relative weight MSE (35 dB weight SNR)."""
+DEFAULT_MIN_COSINE = 0.999
+"""The default quality target with calibration data: mean output cosine."""
+
+HEADER_BYTES = 512
+_PROBE_REL_MSE = 1e-3
+_COSINE_PASSES = 4
+_TABLE_BYTES_PER_SYMBOL = 1.5
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    config: dict | None  # None: keep the layer as it is
+    size: float
+    rel_mse: float
+
+
+def _relative_steps(finest: float) -> np.ndarray:
+    """Steps as fractions of the RMS, half an octave apart, from 1.5 down to ``finest``."""
+    count = int(math.floor(2 * math.log2(1.5 / finest))) + 1
+    return 1.5 * 2.0 ** (-np.arange(count) / 2)
+
+
+def _sample(flat: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    if flat.numel() <= size:
+        return flat
+    generator = torch.Generator().manual_seed(seed)
+    return flat[torch.randint(flat.numel(), (size,), generator=generator)]
+
+
+def _layer_candidates(
+    weight: torch.Tensor, granularities: tuple[str, ...], rounding: float,
+    sample_size: int, seed: int, finest: float,
+) -> list[_Candidate]:
+    """The candidates of one layer, measured on a sample of its weights."""
+    w = weight.detach().float()
+    numel = w.numel()
+    rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
+    keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
+    energy = float(rows.double().square().sum())
+    if numel == 0 or energy == 0:
+        return [keep]
+    index = _sample(torch.arange(numel), sample_size, seed)
+    values = rows.reshape(-1)[index]
+    row_of = index // rows.shape[1]
+    sample_energy = float(values.double().square().sum())
+    if sample_energy == 0:
+        return [keep]
+    candidates = [keep]
+    for granularity in granularities:
+        if granularity == "channel":
+            rms = rows.square().mean(dim=1).sqrt()
+            rms = torch.where(rms > 0, rms, torch.ones_like(rms))[row_of]
+            n_params = rows.shape[0]
+        else:
+            rms = torch.full_like(values, math.sqrt(energy / numel))
+            n_params = 1
+        scaled = values / rms
+        reliable_bits = None
+        for t in _relative_steps(finest):
+            levels = round_with_offset(scaled / float(t), rounding)
+            span = float(levels.max() - levels.min()) + 1
+            if span * max(1.0, float(rows.abs().max()) / float(values.abs().max())) > MAX_LEVELS:
+                break
+            error = float((values - levels * float(t) * rms).double().square().sum())
+            counts = torch.bincount((levels - levels.min()).long()).numpy()
+            present = int(np.count_nonzero(counts))
+            if present <= values.numel() / 16:  # enough samples per symbol to trust
+                bits = entropy_of_counts(counts) / values.numel() + (present - 1) / (
+                    2 * values.numel() * math.log(2))
+                reliable_bits = (bits, float(t))
+            elif reliable_bits is not None:  # high rate: one bit per halving of the step
+                bits = reliable_bits[0] + math.log2(reliable_bits[1] / float(t))
+            else:
+                bits = entropy_of_counts(counts) / values.numel()
+            size = (numel * bits / 8 + _TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 8
+                    + RECORD_OVERHEAD_BYTES + 2 * 64)
+            config = {"id": "uniform", "rel_mse": float(t) ** 2 / 12,
+                      "granularity": granularity, "rounding": rounding}
+            candidates.append(_Candidate(config, size, error / sample_energy))
+    return candidates
+
+
+@register_policy
+@dataclass(frozen=True)
+class RDPolicy(Policy):
+    """Rate–distortion allocation of entropy-coded uniform steps (see the module doc).
+
+    Give at most one target. Size (real archive bytes, all tensors counted):
+    ``target_bits_per_weight`` (over every element of the model), ``target_bytes``,
+    ``target_ratio`` (original tensor bytes / archive bytes). Quality: ``max_distortion``
+    (parameter-weighted relative weight MSE) or ``min_cosine`` (mean cosine of the model's
+    outputs to the original's; needs calibration data). No target: ``max_distortion`` =
+    DEFAULT_MAX_DISTORTION. ``granularities`` are the step families offered to each layer
+    (``"tensor"``: one step per layer, the weight-MSE optimum; ``"channel"``: one per
+    output channel), ``rounding`` < 0.5 adds a dead zone.
+    """
+
+    strategy_id: ClassVar[str] = "rd"
+
+    target_bits_per_weight: float | None = None
+    target_bytes: int | None = None
+    target_ratio: float | None = None
+    max_distortion: float | None = None
+    min_cosine: float | None = None
+    granularities: tuple[str, ...] = ("tensor",)
+    rounding: float = 0.5
+    finest_step: float = 1e-4
+    sample_size: int = 1 << 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        targets = [n for n in ("target_bits_per_weight", "target_bytes", "target_ratio",
+                               "max_distortion", "min_cosine") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise ConfigError(f"give one target, not {', '.join(targets)}")
+        for name in targets:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0 < value < math.inf
+            ):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if self.min_cosine is not None and not self.min_cosine < 1:
+            raise ConfigError(f"min_cosine must be below 1, got {self.min_cosine}")
+        if self.target_ratio is not None and self.target_ratio < 1:
+            raise ConfigError(f"target_ratio must be >= 1, got {self.target_ratio}")
+        if not self.granularities or any(
+            g not in ("tensor", "channel") for g in self.granularities
+        ):
+            raise ConfigError(f"granularities must be 'tensor' and/or 'channel', "
+                              f"got {self.granularities!r}")
+        if not (isinstance(self.rounding, int | float) and 0 < self.rounding <= 0.5):
+            raise ConfigError(f"rounding must be in (0, 0.5], got {self.rounding!r}")
+        if not (isinstance(self.finest_step, int | float) and 0 < self.finest_step < 1):
+            raise ConfigError(f"finest_step must be in (0, 1), got {self.finest_step!r}")
+        if isinstance(self.sample_size, bool) or not (
+            isinstance(self.sample_size, int) and self.sample_size >= 1024
+        ):
+            raise ConfigError(f"sample_size must be an integer >= 1024, got {self.sample_size!r}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> RDPolicy:
+        if "granularities" in options and isinstance(options["granularities"], str):
+            options["granularities"] = (options["granularities"],)
+        if "granularities" in options:
+            options["granularities"] = tuple(options["granularities"])
+        return super().from_options(**options)
+
+    def make_plan(self, context: PlanContext) -> Plan:
+        if self.min_cosine is not None and context.calibration is None:
+            raise ConfigError("min_cosine needs calibration data: pass calib=")
+        state = context.state
+        names = [layer.name for layer in context.report.layers]
+        total_numel = sum(layer.numel for layer in context.report.layers)
+        per_layer = []
+        for i, name in enumerate(names):
+            per_layer.append(_layer_candidates(
+                state[name], self.granularities, self.rounding, self.sample_size,
+                self.seed + i, self.finest_step,
+            ))
+        if context.calibration is None:
+            dist = [
+                np.array([c.rel_mse * state[n].numel() / total_numel for c in cands])
+                for n, cands in zip(names, per_layer, strict=True)
+            ]
+        else:
+            dist = self._output_distortions(context, names, per_layer)
+        curves = [
+            Curve(np.array([c.size for c in cands]), d)
+            for cands, d in zip(per_layer, dist, strict=True)
+        ]
+
+        def plan_of(choice: list[int]) -> Plan:
+            return Plan({
+                name: LayerConfig(quantizer=cands[i].config)
+                for name, cands, i in zip(names, per_layer, choice, strict=True)
+            })
+
+        return plan_of(self._allocate(context, curves, plan_of))
+
+    def _budget(self, context: PlanContext) -> float | None:
+        """Bytes the selected layers may take, from the size target (None: no size target)."""
+        state = context.state
+        selected = {layer.name for layer in context.report.layers}
+        fixed = HEADER_BYTES + sum(
+            t.numel() * storage_bits(t.dtype) / 8 + RECORD_OVERHEAD_BYTES
+            for n, t in state.items() if n not in selected
+        )
+        original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
+        if self.target_bits_per_weight is not None:
+            total = self.target_bits_per_weight * sum(t.numel() for t in state.values()) / 8
+        elif self.target_bytes is not None:
+            total = float(self.target_bytes)
+        elif self.target_ratio is not None:
+            total = original / self.target_ratio
+        else:
+            return None
+        if total <= fixed:
+            raise ConfigError(
+                f"the size target ({total:,.0f} bytes) does not even hold the tensors kept "
+                f"as they are ({fixed:,.0f} bytes)"
+            )
+        return total - fixed
+
+    def _allocate(
+        self, context: PlanContext, curves: list[Curve], plan_of: Callable[[list[int]], Plan]
+    ) -> list[int]:
+        budget = self._budget(context)
+        if budget is not None:
+            return allocate_for_size(curves, budget)
+        if context.calibration is not None and self.max_distortion is None:
+            min_cosine = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
+            return _allocate_for_cosine(context, curves, plan_of, min_cosine)
+        if context.calibration is not None:
+            raise ConfigError("max_distortion is a weight-error target: with calib= ask for "
+                              "min_cosine (output quality) or a size target")
+        limit = self.max_distortion if self.max_distortion is not None else DEFAULT_MAX_DISTORTION
+        return allocate_for_distortion(curves, limit)
+
+    def _output_distortions(
+        self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
+    ) -> list[np.ndarray]:
+        """Output distortion (1 - cosine) of every candidate, from one probe pass per layer."""
+        from qlis.compress import execute_layer
+
+        out = []
+        for name, cands in zip(names, per_layer, strict=True):
+            quantized = [c for c in cands if c.config is not None]
+            if not quantized:
+                out.append(np.zeros(len(cands)))
+                continue
+            probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
+                                                      - math.log(_PROBE_REL_MSE)))
+            stored, layer = execute_layer(name, context.state[name],
+                                          LayerConfig(quantizer=probe.config))
+            measured = context.calibration.measure({name: _dequantized(stored)})
+            gain = measured["one_minus_cosine"] / layer.rel_mse if layer.rel_mse > 0 else 0.0
+            out.append(np.array([max(gain, 0.0) * c.rel_mse for c in cands]))
+        return out
+
+
+def _allocate_for_cosine(
+    context: PlanContext, curves: list[Curve], plan_of: Callable[[list[int]], Plan],
+    min_cosine: float,
+) -> list[int]:
+    """Meet ``min_cosine`` as measured: allocate on the additive model, run the model, and
+    tighten the model's target until the measured cosine holds (at most a few passes)."""
+    from qlis.compress import execute_layer
+
+    wanted = 1.0 - min_cosine
+    limit = wanted
+    choice = allocate_for_distortion(curves, limit)
+    for _ in range(_COSINE_PASSES):
+        replaced = {
+            name: _dequantized(execute_layer(name, context.state[name], config)[0])
+            for name, config in plan_of(choice).items() if config.quantizer is not None
+        }
+        measured = context.calibration.measure(replaced)["one_minus_cosine"]
+        if measured <= wanted:
+            return choice
+        limit *= 0.9 * wanted / max(measured, 1e-300)
+        choice = allocate_for_distortion(curves, limit)
+    return choice
+
+
+def _dequantized(stored: Any) -> torch.Tensor:
+    return stored.dequantize() if hasattr(stored, "dequantize") else stored
