@@ -2,13 +2,15 @@
 
 >>> import qlis, torch
 >>> report = qlis.inspect(torch.nn.Linear(8, 8))
->>> result = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
+>>> result = qlis.compress(torch.nn.Linear(8, 8))  # rate–distortion, safe default
+>>> paper = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
 """
 
 from qlis.archive import Archive, load, open, save
 from qlis.compress import CompressionResult, LayerPlan, compress
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
-from qlis.policy import Policy, make_policy
+from qlis.plan import LayerConfig, Plan
+from qlis.policy import LevelsPolicy, Policy, make_policy, policy_names, register_policy
 from qlis.prune import FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
 from qlis.quantize import (
     AffineQuantizer,
@@ -16,9 +18,11 @@ from qlis.quantize import (
     KMeansQuantizer,
     QuantizedTensor,
     Quantizer,
+    UniformQuantizer,
     get_quantizer,
     register_quantizer,
 )
+from qlis.rd import RDPolicy
 from qlis.stats import InspectionReport, LayerStats, inspect
 
 __version__ = "0.1.0"
@@ -34,13 +38,18 @@ __all__ = [
     "InputError",
     "InspectionReport",
     "KMeansQuantizer",
+    "LayerConfig",
     "LayerPlan",
+    "LevelsPolicy",
+    "Plan",
     "LayerStats",
     "Policy",
     "Pruner",
     "QlisError",
     "QuantizedTensor",
     "Quantizer",
+    "RDPolicy",
+    "UniformQuantizer",
     "SigmaPruner",
     "compress",
     "get_pruner",
@@ -49,6 +58,8 @@ __all__ = [
     "load",
     "make_policy",
     "open",
+    "policy_names",
+    "register_policy",
     "register_pruner",
     "register_quantizer",
     "save",

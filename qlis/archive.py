@@ -1,9 +1,11 @@
 """The ``.qlis`` container: write, read lazily, verify (specification: docs/format.md).
 
-Layout: a 32-byte prefix (magic, version, header CRC, header length, data length), a JSON
-header, then 64-byte-aligned data records. Every record and the header carry a CRC-32C. All
-sizes in the header are checked against the file before anything is allocated, and nothing
-in the file is executed: strategies and codecs are looked up by id in their registries.
+Layout: a 32-byte prefix (magic, version, header CRC, header length, data length), an ASCII
+JSON header, then 64-byte-aligned data records. Every record and the header carry a CRC-32C.
+The reader validates the whole header (qlis.format) and bounds the memory the tensors will
+take before it allocates anything; nothing in the file is executed: codecs and quantizers
+are looked up by id in their registries. Reads are positional, so one open Archive can be
+shared by threads.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import builtins
 import json
 import math
 import os
-import struct
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,37 +27,36 @@ from qlis.atomic import atomic_path
 from qlis.codecs import BitPack, Codec, Raw, get_codec
 from qlis.codecs.auto import Auto
 from qlis.codecs.sparse import Sparse
-from qlis.compress import CompressionResult
+from qlis.compress import CompressionResult, LayerPlan
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
+from qlis.format import (
+    DEFAULT_MAX_DECODED_BYTES,
+    DTYPES,
+    MAGIC,
+    MAX_DIMS,
+    MAX_HEADER_BYTES,
+    MAX_LEVELS,
+    PARAM_DTYPES,
+    PREFIX,
+    VERSION,
+    aligned,
+    code_dtype,
+    element_size,
+    non_finite_path,
+    parse_json,
+    validate_header,
+)
 from qlis.quantize import QuantizedTensor, get_quantizer
 from qlis.tensors import bit_patterns
 
-MAGIC = b"\x89QLIS\r\n\x1a"
-VERSION = 1
-PREFIX = struct.Struct("<8sIIQQ")  # magic, version, header crc32c, header length, data length
-ALIGN = 64
-MAX_HEADER_BYTES = 256 << 20
-MAX_EXPANSION = 4096  # decoded bytes per encoded byte a record may claim
-EXPANSION_SLACK = 1 << 20
 CRC_PIECE = 1 << 24
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _PATTERN = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 Progress = Callable[[int], None]
+Stored = QuantizedTensor | torch.Tensor
 
 
 def _crc(data: bytes | memoryview) -> int:
@@ -66,10 +67,6 @@ def _crc(data: bytes | memoryview) -> int:
     for start in range(0, len(data), CRC_PIECE):
         crc = google_crc32c.extend(crc, bytes(data[start : start + CRC_PIECE]))
     return crc
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -89,21 +86,39 @@ class _Writer:
     def add(self, data: bytes | memoryview) -> dict:
         entry = {"offset": self.offset, "length": len(data), "crc32c": _crc(data)}
         self.records.append(data)
-        self.offset = _aligned(self.offset + len(data))
+        self.offset = aligned(self.offset + len(data))
         return entry
 
 
-def _encode_codes(codes: np.ndarray, code_bits: int, codec: str) -> tuple[Codec, bytes]:
-    flat = np.ascontiguousarray(codes).reshape(-1)
+def _check_codec_name(codec: str) -> None:
+    """Refuse an unknown codec before any work is done."""
+    if not isinstance(codec, str):
+        raise ConfigError(f"codec must be a codec id (a string), got {codec!r}")
+    if codec not in ("auto", "bitpack"):
+        get_codec(codec)
+
+
+def _codes(stored: QuantizedTensor, name: str) -> np.ndarray:
+    """The codes, flat, in the width the format derives from n_levels (uint8 or uint16)."""
+    n_levels = stored.n_levels
+    if not isinstance(n_levels, int) or not 1 <= n_levels <= MAX_LEVELS:
+        raise InputError(f"{name}: a quantizer gave {n_levels!r} levels; archives hold 1..65536")
+    codes = np.asarray(stored.codes).reshape(-1)
+    if codes.dtype.kind not in "ui":
+        raise InputError(f"{name}: quantized codes must be integers, got {codes.dtype}")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= n_levels):
+        raise InputError(f"{name}: a quantized code lies outside 0..{n_levels - 1}")
+    return np.ascontiguousarray(codes, dtype=code_dtype(n_levels))
+
+
+def _encode_codes(codes: np.ndarray, n_levels: int, codec: str) -> tuple[Codec, bytes]:
+    """Encode with exactly the codec asked for ("auto": the smallest; it says which)."""
     if codec == "auto":
-        chosen, data = Auto().select(flat)
-    else:
-        chosen = BitPack(bits=code_bits) if codec == "bitpack" else get_codec(codec)
-        data = chosen.encode(flat)
-    if len(data) * MAX_EXPANSION + EXPANSION_SLACK < flat.nbytes:
-        chosen = BitPack(bits=code_bits)  # keep every record within the reader's expansion cap
-        data = chosen.encode(flat)
-    return chosen, data
+        return Auto().select(codes)
+    chosen = BitPack(bits=max(1, (n_levels - 1).bit_length())) if codec == "bitpack" else (
+        get_codec(codec)
+    )
+    return chosen, chosen.encode(codes)
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
@@ -115,15 +130,33 @@ def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes 
     return Raw(), memoryview(patterns).cast("B").toreadonly()  # raw stream, no copy
 
 
-def _param_entry(writer: _Writer, array: np.ndarray) -> dict:
-    values = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
-    return {"shape": list(np.shape(array)), **writer.add(values.astype("<f4").tobytes())}
+def _param_entry(writer: _Writer, name: str, key: str, array: np.ndarray) -> dict:
+    values = np.asarray(array)
+    dtype = values.dtype.name
+    if dtype not in PARAM_DTYPES:
+        raise InputError(f"{name}: parameter {key!r} is {dtype}; archives store float32/float16")
+    data = np.ascontiguousarray(values, dtype=PARAM_DTYPES[dtype]).reshape(-1).tobytes()
+    return {"shape": list(values.shape), "dtype": dtype, **writer.add(data)}
+
+
+def _plan_entry(plan: LayerPlan) -> dict:
+    return {
+        "k": plan.k,
+        "bits": plan.bits,
+        "qlis": plan.qlis,
+        "pruner": plan.pruner,
+        "quantizer": plan.quantizer,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def save(
     result: CompressionResult,
     path: str | os.PathLike,
-    codec: str = "huffman",
+    codec: str = "ans",
     metadata: Mapping[str, str] | None = None,
     *,
     overwrite: bool = True,
@@ -132,10 +165,13 @@ def save(
 ) -> Path:
     """Write ``result`` as a .qlis archive (atomically: a crash never leaves a half file).
 
-    ``codec`` codes the quantized layers: "huffman" (the paper's), "ans", "bitpack", "auto"
-    (smallest per tensor) or any registered codec id. ``source_bytes`` is the size of the
-    file the model came from, for the real compression ratio. ``progress`` gets the number of
-    parameters done after each tensor.
+    ``codec`` codes the quantized layers: "ans" (entropy-bound, the default), "huffman" (the
+    paper's), "bitpack", "raw",
+    "auto" (smallest per tensor) or any registered codec id; the archive stores exactly that
+    codec (auto records the one it chose). ``source_bytes`` is the size of the file the model
+    came from, for the real compression ratio. ``progress`` gets the number of parameters done
+    after each tensor. The header records the writer, ``result.config`` (the full plan and
+    policy) and ``result.distortion``.
 
     >>> import qlis, torch, tempfile, os
     >>> result = qlis.compress(torch.nn.Linear(16, 16), policy="quant", bits=4)
@@ -143,58 +179,119 @@ def save(
     >>> sorted(qlis.load(path)) == ["bias", "weight"]
     True
     """
+    return write_tensors(
+        path,
+        result.tensors,
+        codec=codec,
+        metadata=metadata,
+        plans={layer.name: _plan_entry(layer) for layer in result.layers},
+        compression=result.config,
+        distortion=result.distortion,
+        summary={
+            "original_bytes": result.original_bytes,
+            "source_bytes": source_bytes,
+            "cr": _finite_or_none(result.cr),
+            "hcr": _finite_or_none(result.hcr),
+        },
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def write_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Stored],
+    *,
+    codec: str = "ans",
+    metadata: Mapping[str, str] | None = None,
+    plans: Mapping[str, dict] | None = None,
+    compression: dict | None = None,
+    distortion: dict | None = None,
+    summary: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+    progress: Progress | None = None,
+) -> Path:
+    """Write quantized and plain tensors as an archive (what `save` does with a result).
+
+    A plain tensor named in ``plans`` is stored with the ``sparse`` codec when that is
+    smaller (a pruned layer), every other plain tensor as ``raw`` bytes.
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if not overwrite and (path.exists() or path.is_symlink()):
         raise InputError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    if codec != "auto":
-        get_codec(codec if codec != "bitpack" else {"id": "bitpack", "bits": 8})
+    _check_codec_name(codec)
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise InputError("archive metadata must map strings to strings")
-    plans = {layer.name: layer for layer in result.layers}
+    plans = dict(plans or {})
     writer = _Writer()
     entries = []
-    for name, stored in result.tensors.items():
-        entry: dict[str, Any] = {"name": name}
+    for name, stored in tensors.items():
+        if not isinstance(name, str):
+            raise InputError(f"tensor names must be strings, got {name!r}")
+        if len(stored.shape) > MAX_DIMS:
+            raise InputError(f"{name}: {len(stored.shape)} dimensions; archives hold {MAX_DIMS}")
+        entry: dict[str, Any] = {"name": name, "shape": list(stored.shape)}
         if isinstance(stored, QuantizedTensor):
-            chosen, data = _encode_codes(stored.codes, stored.code_bits, codec)
+            codes = _codes(stored, name)
+            chosen, data = _encode_codes(codes, stored.n_levels, codec)
             entry.update(
-                shape=list(stored.shape),
                 dtype=_dtype_name(stored.dtype),
                 quantizer=stored.quantizer,
                 n_levels=stored.n_levels,
-                params={k: _param_entry(writer, v) for k, v in sorted(stored.params.items())},
+                params={
+                    key: _param_entry(writer, name, key, value)
+                    for key, value in sorted(stored.params.items())
+                },
             )
         else:
             chosen, data = _encode_plain(stored, try_sparse=name in plans)
-            entry.update(shape=list(stored.shape), dtype=_dtype_name(stored.dtype))
+            entry["dtype"] = _dtype_name(stored.dtype)
         entry["codec"] = chosen.get_config()
         entry["data"] = writer.add(data)
         if name in plans:
-            plan = plans[name]
-            entry["plan"] = {"k": plan.k, "bits": plan.bits, "qlis": plan.qlis}
+            entry["plan"] = plans[name]
         entries.append(entry)
         if progress is not None:
             progress(math.prod(entry["shape"]))
+    import qlis  # the package's version, read at write time
+
     header = {
         "format": "qlis",
         "version": VERSION,
+        "writer": {"name": "qlis", "version": qlis.__version__},
         "metadata": metadata,
-        "policy": {"name": result.policy.name},
-        "summary": {
-            "original_bytes": result.original_bytes,
-            "source_bytes": source_bytes,
-            "cr": result.cr,
-            "hcr": result.hcr,
-        },
+        "compression": compression,
+        "distortion": distortion,
+        "summary": dict(summary or {}),
         "tensors": entries,
     }
-    _write_atomically(path, json.dumps(header, separators=(",", ":")).encode(), writer, overwrite)
+    raw_header = _header_bytes(header, writer.offset)
+    _write_atomically(path, raw_header, writer, overwrite)
     return path
 
 
+def _header_bytes(header: dict, data_len: int) -> bytes:
+    """The header as ASCII JSON, checked by the reader's own rules (never write what we refuse)."""
+    where = non_finite_path(header)
+    if where is not None:
+        raise InputError(
+            f"cannot write the archive: {where} is not a finite number (JSON has no inf/nan); "
+            "fix the setting that produced it"
+        )
+    try:
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
+    except (TypeError, ValueError) as err:
+        raise InputError(f"cannot write the archive header: {err}") from None
+    try:
+        validate_header(parse_json(raw), data_len, max_decoded_bytes=None)
+    except ArchiveError as err:
+        raise InputError(f"cannot write this archive: {err}") from None
+    return raw
+
+
 def _write_atomically(path: Path, header: bytes, writer: _Writer, overwrite: bool) -> None:
-    data_start = _aligned(PREFIX.size + len(header))
+    data_start = aligned(PREFIX.size + len(header))
     prefix = PREFIX.pack(MAGIC, VERSION, _crc(header), len(header), writer.offset)
     with atomic_path(path, overwrite=overwrite) as tmp, builtins.open(tmp, "wb") as f:
         f.write(prefix)
@@ -202,15 +299,45 @@ def _write_atomically(path: Path, header: bytes, writer: _Writer, overwrite: boo
         f.write(b" " * (data_start - PREFIX.size - len(header)))
         position = 0
         for record in writer.records:
-            f.write(b"\0" * (_aligned(position) - position))
-            position = _aligned(position)
+            f.write(b"\0" * (aligned(position) - position))
+            position = aligned(position)
             f.write(record)
             position += len(record)
         f.write(b"\0" * (writer.offset - position))
 
 
+def _positional_reader(fd: int) -> Callable[[int, int], bytes]:
+    """pread where the system has it; elsewhere seek+read under a lock (thread-safe either way)."""
+    if hasattr(os, "pread"):
+
+        def pread(length: int, offset: int) -> bytes:
+            chunks, done = [], 0
+            while done < length:  # pread may return fewer bytes than asked
+                chunk = os.pread(fd, length - done, offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+        return pread
+    lock = threading.Lock()
+
+    def locked_read(length: int, offset: int) -> bytes:
+        with lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, length)
+
+    return locked_read
+
+
 class Archive:
     """A .qlis file opened for lazy, verified, per-tensor reads (use as a context manager).
+
+    ``max_decoded_bytes`` bounds the memory all tensors may take once decoded (the sum over
+    tensors of elements x (dtype width + code width) plus parameters), computed from the
+    header before anything is allocated; raise it for models larger than 64 GiB. One open
+    Archive may be read from several threads at once.
 
     >>> import qlis, torch, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "m.qlis")
@@ -220,139 +347,93 @@ class Archive:
     (['weight', 'bias'], torch.Size([4, 4]))
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    ) -> None:
+        if not _is_size(max_decoded_bytes):
+            raise ConfigError(
+                f"max_decoded_bytes must be a non-negative int, got {max_decoded_bytes!r}"
+            )
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
-        self._file = builtins.open(self.path, "rb")  # noqa: SIM115 - kept open for lazy reads
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._pread = _positional_reader(self._fd)
         try:
-            self._read_header()
+            self._read_header(max_decoded_bytes)
+        except ArchiveError as err:
+            os.close(self._fd)
+            raise ArchiveError(f"{self.path}: {err}") from None
         except BaseException:
-            self._file.close()
+            os.close(self._fd)
             raise
 
     def _fail(self, what: str) -> ArchiveError:
         return ArchiveError(f"{self.path}: {what}")
 
-    def _read_header(self) -> None:
-        size = os.fstat(self._file.fileno()).st_size
-        prefix = self._file.read(PREFIX.size)
+    def _read_header(self, max_decoded_bytes: int) -> None:
+        size = os.fstat(self._fd).st_size
+        prefix = self._pread(PREFIX.size, 0)
         if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC):
-            raise self._fail("not a qlis archive (bad magic bytes)")
+            raise ArchiveError("not a qlis archive (bad magic bytes)")
         _, version, header_crc, header_len, data_len = PREFIX.unpack(prefix)
         if version != VERSION:
-            raise self._fail(f"format version {version} is not supported (this reader: {VERSION})")
-        if header_len > min(MAX_HEADER_BYTES, size - PREFIX.size):
-            raise self._fail("truncated or corrupt (header length exceeds the file)")
-        self._data_start = _aligned(PREFIX.size + header_len)
+            newer = "a newer qlis: upgrade qlis" if version > VERSION else "an older qlis"
+            raise ArchiveError(
+                f"format version {version} is not supported (this reader reads version "
+                f"{VERSION}); it was written by {newer}, or re-create the archive"
+            )
+        if header_len > size - PREFIX.size:
+            raise ArchiveError("truncated or corrupt (header length exceeds the file)")
+        self._data_start = aligned(PREFIX.size + header_len)
         if self._data_start + data_len != size:
-            raise self._fail(
+            raise ArchiveError(
                 f"truncated or corrupt: {size} bytes on disk, the header announces "
                 f"{self._data_start + data_len}"
             )
-        raw_header = self._file.read(header_len)
-        if _crc(raw_header) != header_crc:
-            raise self._fail("corrupt header (checksum mismatch)")
-        try:
-            header = json.loads(raw_header)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise self._fail("corrupt header (not JSON)") from None
-        self._data_len = data_len
-        self._entries = self._validate(header, size)
-        self.metadata: dict[str, str] = self._section(header, "metadata")
-        if not all(isinstance(v, str) for v in self.metadata.values()):
-            raise self._fail("corrupt header (metadata values must be strings)")
-        self.summary: dict = self._section(header, "summary")
-        if not all(v is None or isinstance(v, int | float) for v in self.summary.values()):
-            raise self._fail("corrupt header (summary values must be numbers)")
-        self.policy: dict = self._section(header, "policy")
-
-    def _section(self, header: dict, key: str) -> dict:
-        value = header.get(key, {})
-        if not isinstance(value, dict):
-            raise self._fail(f"corrupt header ({key} is not an object)")
-        return dict(value)
-
-    def _check_record(self, record: object, where: str) -> dict:
-        if not isinstance(record, dict):
-            raise self._fail(f"{where}: missing record")
-        offset, length, crc = record.get("offset"), record.get("length"), record.get("crc32c")
-        if not all(isinstance(v, int) and v >= 0 for v in (offset, length, crc)):
-            raise self._fail(f"{where}: bad record location")
-        if offset + length > self._data_len:
-            raise self._fail(f"{where}: record lies outside the file")
-        return record
-
-    def _validate(self, header: object, size: int) -> dict[str, dict]:
-        if not isinstance(header, dict) or header.get("format") != "qlis":
-            raise self._fail("corrupt header (not a qlis header)")
-        tensors = header.get("tensors")
-        if not isinstance(tensors, list):
-            raise self._fail("corrupt header (no tensor list)")
-        entries: dict[str, dict] = {}
-        total = 0
-        for entry in tensors:
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise self._fail("corrupt header (tensor without a name)")
-            name = entry["name"]
-            if name in entries:
-                raise self._fail(f"tensor {name!r} appears twice")
-            shape, dtype = entry.get("shape"), entry.get("dtype")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise self._fail(f"tensor {name!r}: bad shape")
-            if dtype not in DTYPES:
-                raise self._fail(f"tensor {name!r}: unsupported dtype {dtype!r}")
-            if not isinstance(entry.get("codec"), dict):
-                raise self._fail(f"tensor {name!r}: no codec")
-            record = self._check_record(entry.get("data"), f"tensor {name!r}")
-            numel = math.prod(shape)
-            decoded = numel if "quantizer" in entry else numel * _element_size(dtype)
-            if decoded > record["length"] * MAX_EXPANSION + EXPANSION_SLACK:
-                raise self._fail(f"tensor {name!r}: declared size is implausible for its record")
-            total += decoded
-            if not isinstance(entry.get("plan", {}), dict):
-                raise self._fail(f"tensor {name!r}: bad plan")
-            if "quantizer" in entry:
-                self._validate_quantized(entry, name)
-            entries[name] = entry
-        if total > size * MAX_EXPANSION + 64 * EXPANSION_SLACK:
-            raise self._fail("declared tensor sizes are implausible for the file size")
-        return entries
-
-    def _validate_quantized(self, entry: dict, name: str) -> None:
-        n_levels, params = entry.get("n_levels"), entry.get("params")
-        if not isinstance(n_levels, int) or not 1 <= n_levels <= 256:
-            raise self._fail(f"tensor {name!r}: bad code alphabet size")
-        if not isinstance(entry.get("quantizer"), dict) or not isinstance(params, dict):
-            raise self._fail(f"tensor {name!r}: bad quantizer description")
-        for key, param in params.items():
-            record = self._check_record(param, f"tensor {name!r} parameter {key!r}")
-            shape = record.get("shape")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise self._fail(f"tensor {name!r} parameter {key!r}: bad shape")
-            if math.prod(shape) * 4 != record["length"]:
-                raise self._fail(f"tensor {name!r} parameter {key!r}: length mismatch")
+        if header_len > MAX_HEADER_BYTES:
+            raise ArchiveError(
+                f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MiB cap"
+            )
+        raw_header = self._pread(header_len, PREFIX.size)
+        if len(raw_header) != header_len or _crc(raw_header) != header_crc:
+            raise ArchiveError("corrupt header (checksum mismatch)")
+        header = validate_header(parse_json(raw_header), data_len, max_decoded_bytes)
+        self._entries = header.entries
+        self.writer: dict = header.writer
+        self.metadata: dict[str, str] = header.metadata
+        self.compression: dict | None = header.compression
+        self.distortion: dict | None = header.distortion
+        self.summary: dict = header.summary
+        self.decoded_bytes: int = header.decoded_bytes
 
     # -- reading -----------------------------------------------------------------------------
 
     def _read_record(self, record: dict, where: str) -> bytes:
-        self._file.seek(self._data_start + record["offset"])
-        data = self._file.read(record["length"])
+        data = self._pread(record["length"], self._data_start + record["offset"])
         if len(data) != record["length"]:
             raise self._fail(f"{where}: truncated record")
         if _crc(data) != record["crc32c"]:
             raise self._fail(f"{where}: checksum mismatch (the file is corrupt)")
         return data
 
+    def _empty(self, name: str, numel: int, dtype: np.dtype) -> np.ndarray:
+        try:
+            return np.empty(numel, dtype=dtype)
+        except MemoryError:
+            raise InputError(
+                f"{self.path}: not enough memory to decode tensor {name!r} "
+                f"({numel * np.dtype(dtype).itemsize} bytes)"
+            ) from None
+
     def _decode(self, entry: dict, out: np.ndarray) -> np.ndarray:
         name = entry["name"]
         data = self._read_record(entry["data"], f"tensor {name!r}")
         try:
-            codec = get_codec(entry["codec"])
-            return codec.decode(data, out)
+            return get_codec(entry["codec"]).decode(data, out)
         except ArchiveError as err:
             raise self._fail(f"tensor {name!r}: {err}") from None
-        except (ConfigError, TypeError, ValueError, KeyError) as err:
+        except (ConfigError, TypeError, ValueError, KeyError, IndexError) as err:
             raise self._fail(f"tensor {name!r}: cannot decode ({err})") from None
 
     def names(self) -> list[str]:
@@ -360,30 +441,38 @@ class Archive:
         return list(self._entries)
 
     def entry(self, name: str) -> dict:
-        """The header entry of one tensor (shape, dtype, codec, quantizer, record)."""
+        """The header entry of one tensor (shape, dtype, codec, quantizer, records, plan)."""
         try:
             return self._entries[name]
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The declared shape of one tensor (no data is read)."""
+        return tuple(self.entry(name)["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype `read` returns for one tensor (no data is read)."""
+        return DTYPES[self.entry(name)["dtype"]]
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
         """The integer codes and parameters of a quantized tensor (None for a plain one)."""
         entry = self.entry(name)
         if "quantizer" not in entry:
             return None
-        shape = entry["shape"]
-        codes = self._decode(entry, np.empty(math.prod(shape), dtype=np.uint8))
-        if codes.size and int(codes.max()) >= entry["n_levels"]:
+        shape, n_levels = entry["shape"], entry["n_levels"]
+        codes = self._decode(entry, self._empty(name, math.prod(shape), code_dtype(n_levels)))
+        if codes.size and int(codes.max()) >= n_levels:
             raise self._fail(f"tensor {name!r}: a code exceeds the alphabet")
-        params = {
-            key: np.frombuffer(self._read_record(rec, f"tensor {name!r} parameter {key!r}"), "<f4")
-            .reshape(rec["shape"])
-            .astype(np.float32)
-            for key, rec in entry["params"].items()
-        }
+        params = {}
+        for key, record in entry["params"].items():
+            data = self._read_record(record, f"tensor {name!r} parameter {key!r}")
+            params[key] = np.frombuffer(data, PARAM_DTYPES[record["dtype"]]).reshape(
+                record["shape"]
+            ).astype(record["dtype"])
         return QuantizedTensor(
             codes=codes.reshape(shape),
-            n_levels=entry["n_levels"],
+            n_levels=n_levels,
             quantizer=entry["quantizer"],
             params=params,
             dtype=DTYPES[entry["dtype"]],
@@ -395,14 +484,17 @@ class Archive:
         quantized = self.read_quantized(name)
         if quantized is not None:
             try:
-                return get_quantizer(quantized.quantizer).dequantize(quantized)
+                tensor = get_quantizer(quantized.quantizer).dequantize(quantized)
             except QlisError as err:
                 raise self._fail(f"tensor {name!r}: {err}") from None
             except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
                 raise self._fail(f"tensor {name!r}: inconsistent parameters ({err})") from None
+            if tuple(tensor.shape) != tuple(entry["shape"]) or tensor.dtype != quantized.dtype:
+                raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
+            return tensor
         dtype = DTYPES[entry["dtype"]]
-        size = _element_size(entry["dtype"])
-        patterns = self._decode(entry, np.empty(math.prod(entry["shape"]), dtype=_PATTERN[size]))
+        size = element_size(entry["dtype"])
+        patterns = self._decode(entry, self._empty(name, math.prod(entry["shape"]), _PATTERN[size]))
         signed = torch.from_numpy(patterns.view(_SIGNED[size]))
         tensor = signed.to(torch.bool) if dtype == torch.bool else signed.view(dtype)
         return tensor.reshape(entry["shape"])
@@ -422,29 +514,41 @@ class Archive:
             self.read(name)
 
     def tensor_info(self) -> list[dict]:
-        """Per tensor: name, shape, dtype, bits (None: stored exactly), codec and bytes."""
+        """Per tensor, for a gguf-dump-style listing: name, shape, dtype, quantizer id, levels,
+        bits and k (from the plan; None where not planned), codec id, stored bytes (record +
+        parameters), original bytes and stored bits per element."""
         rows = []
         for name, entry in self._entries.items():
             stored = entry["data"]["length"] + sum(
                 p["length"] for p in entry.get("params", {}).values()
             )
             plan = entry.get("plan") or {}
+            quantizer = entry.get("quantizer")
+            bits = plan.get("bits")
+            if bits is None and quantizer is not None:
+                bits = quantizer.get("bits") if _is_size(quantizer.get("bits")) else None
+            numel = math.prod(entry["shape"])
             rows.append(
                 {
                     "name": name,
                     "shape": entry["shape"],
                     "dtype": entry["dtype"],
-                    "bits": plan.get("bits") if "quantizer" in entry else None,
+                    "quantizer": quantizer["id"] if quantizer else None,
+                    "n_levels": entry.get("n_levels"),
+                    "bits": bits,
                     "k": plan.get("k"),
-                    "codec": entry["codec"].get("id"),
-                    "original_bytes": math.prod(entry["shape"]) * _element_size(entry["dtype"]),
+                    "codec": entry["codec"]["id"],
+                    "original_bytes": numel * element_size(entry["dtype"]),
                     "bytes": stored,
+                    "bits_per_weight": 8 * stored / numel if numel else None,
                 }
             )
         return rows
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> Archive:
         return self
@@ -453,18 +557,54 @@ class Archive:
         self.close()
 
 
-def _element_size(dtype_name: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+def _is_size(value: object) -> bool:
+    return type(value) is int and value >= 0
 
 
-def open(path: str | os.PathLike) -> Archive:  # noqa: A001 - the public name is qlis.open
+def open(  # noqa: A001 - the public name is qlis.open
+    path: str | os.PathLike, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+) -> Archive:
     """Open an archive for lazy per-tensor reads (see Archive)."""
-    return Archive(path)
+    return Archive(path, max_decoded_bytes=max_decoded_bytes)
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of an archive; with ``model``, also load them into it (strictly)."""
-    with Archive(path) as archive:
+def _check_fits(archive: Archive, model: torch.nn.Module) -> None:
+    """Names, shapes and dtypes of the archive against the model, before anything is loaded."""
+    expected = model.state_dict()
+    missing = [n for n in expected if n not in archive.names()]
+    extra = [n for n in archive.names() if n not in expected]
+    problem = None
+    if missing:
+        problem = f"the model has {missing[0]!r}, the archive does not"
+    elif extra:
+        problem = f"the archive has {extra[0]!r}, the model does not"
+    else:
+        for name, tensor in expected.items():
+            shape, dtype = archive.shape(name), archive.dtype(name)
+            if tuple(tensor.shape) != shape:
+                problem = f"{name!r} is {list(shape)} in the archive, {list(tensor.shape)} here"
+            elif tensor.dtype != dtype:
+                problem = f"{name!r} is {dtype} in the archive, {tensor.dtype} in the model"
+            if problem:
+                break
+    if problem:
+        raise InputError(f"{archive.path} does not fit the model ({problem}); model unchanged")
+
+
+def load(
+    path: str | os.PathLike,
+    model: torch.nn.Module | None = None,
+    *,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+) -> dict[str, torch.Tensor]:
+    """All tensors of an archive; with ``model``, also load them into it (strictly).
+
+    The model is checked against the archive's names, shapes and dtypes first, and every
+    tensor is decoded before any parameter changes: on any error the model is untouched.
+    """
+    with Archive(path, max_decoded_bytes=max_decoded_bytes) as archive:
+        if model is not None:
+            _check_fits(archive, model)
         state = archive.load()
     if model is not None:
         try:

@@ -1,23 +1,110 @@
-"""Atomic file writes: a temporary file in the target's folder, fsync, then rename over it.
+"""Atomic file writes: a temporary file in the target's folder, fsync, then publish it.
 
 An interrupted write never leaves a half file under the target name, and a file the user
-already had is only replaced once the new one is complete on disk.
+already had is only replaced once the new one is complete on disk. New files follow the
+umask like any other tool's; a replaced file keeps its mode. Without ``overwrite`` the file
+is published with a hard link, which fails if the target appeared meanwhile, so a file that
+someone else creates while we write is never clobbered. Temporaries are named
+``.NAME.qlis-tmp-PID-RANDOM``; those left by a killed qlis are removed on the next write to
+their folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
+import re
+import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from qlis.errors import InputError
 
+TMP_MARK = ".qlis-tmp-"
+STALE_SECONDS = 300
+_TMP_NAME = re.compile(r"^\..+\.qlis-tmp-(\d+)-[0-9a-f]{8}$")
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+_NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or not ours to judge): leave its file alone
+    return True
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove our own temporaries in ``folder`` whose writer is gone (dead pid) and that are
+    older than STALE_SECONDS; returns what was removed."""
+    removed = []
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(folder) if TMP_MARK in n]
+    except OSError:
+        return removed
+    for name in names:
+        match = _TMP_NAME.match(name)
+        if not match:
+            continue
+        path = folder / name
+        try:
+            old = now - path.lstat().st_mtime > STALE_SECONDS
+            if old and not _alive(int(match.group(1))):
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty file beside ``path``, created with mode 0666 so the umask applies."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, _CREATE, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise InputError(f"{path.parent}: cannot create a temporary file")
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        with contextlib.suppress(OSError):  # keep the mode of the file we replace
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if path exists: no check-then-replace race
+    except FileExistsError:
+        raise InputError(
+            f"{path} appeared while it was being written; it was kept. Pass --force "
+            "(overwrite=True) to replace it"
+        ) from None
+    except OSError as err:
+        if err.errno not in _NO_LINKS:
+            raise
+        if path.exists() or path.is_symlink():  # no hard links here: check, then rename
+            raise InputError(f"{path} exists; pass --force (overwrite=True) to replace it") from err
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path`` durably.
+    """Yield a temporary path to write; on success it becomes ``path`` durably.
 
     >>> import tempfile, os
     >>> target = os.path.join(tempfile.mkdtemp(), "out.txt")
@@ -27,24 +114,28 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     'done'
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if not overwrite and (path.exists() or path.is_symlink()):
         raise InputError(f"{path} exists; pass --force (overwrite=True) to replace it")
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"{parent}: no such folder")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    clean_stale(parent)
+    tmp = _create_temporary(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(parent, os.O_RDONLY)
+    try:
+        dir_fd = os.open(parent, os.O_RDONLY)
+    except OSError:
+        return  # folders cannot be opened on some systems; the rename is done
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass
     finally:
         os.close(dir_fd)

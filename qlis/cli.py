@@ -11,9 +11,8 @@ import csv
 import ctypes
 import io
 import json
-import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,13 +21,30 @@ import torch
 
 import qlis
 from qlis.atomic import atomic_path
+from qlis.compress import DEFAULT_POLICY
+from qlis.console import (
+    check_input,
+    check_output,
+    check_output_dir,
+    codec_names,
+    describe_rel_mse,
+    escape,
+    human_bytes,
+    silence_broken_pipe,
+    strict_json,
+    table,
+)
 from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
-from qlis.io import load_state_dict, model_file_bytes, write_safetensors
-from qlis.policy import POLICY_NAMES
+from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
+from qlis.policy import PAPER_POLICIES, policy_names
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
+POLICY_NAMES = policy_names()
+SOURCE_METADATA = "source_metadata."  # archive metadata carried from a safetensors source
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+CODECS = click.Choice(codec_names())
 
 
 class _Group(click.Group):
@@ -40,6 +56,9 @@ class _Group(click.Group):
         except QlisError as err:
             click.echo(f"qlis: error: {err}", err=True)
             ctx.exit(2)
+        except BrokenPipeError:
+            silence_broken_pipe()
+            ctx.exit(1)
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             click.echo(f"qlis: error: {where}{err.strerror or err}", err=True)
@@ -59,46 +78,60 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: bar.advance(task, n)
 
 
-def _format_table(rows: Sequence[Sequence[str]], headers: Sequence[str], name_col: int = 0) -> str:
-    """Right-aligned columns, with the name column shortened (from the left) to fit the terminal."""
-    width = shutil.get_terminal_size((80, 24)).columns
-    cols = list(zip(*([list(headers)] + [list(r) for r in rows]), strict=True))
-    widths = [max(len(c) for c in col) for col in cols]
-    others = sum(widths) - widths[name_col] + 2 * (len(widths) - 1)
-    widths[name_col] = max(12, min(widths[name_col], width - others))
-
-    def cell(text: str, i: int) -> str:
-        if i == name_col:
-            text = text if len(text) <= widths[i] else "…" + text[-(widths[i] - 1) :]
-            return text.ljust(widths[i])
-        return text.rjust(widths[i])
-
-    lines = ["  ".join(cell(h, i) for i, h in enumerate(headers))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(cell(str(v), i) for i, v in enumerate(r)) for r in rows]
-    return "\n".join(lines)
+def _json_option(text: str | None, what: str) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        example = '{"id": "group", "bits": 4}'
+        raise InputError(f"{what} must be JSON, e.g. '{example}'") from None
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
-def _policy_options(k, bits, granularity, method, target_ratio) -> dict:
-    options = {"granularity": granularity, "method": method}
-    if k is not None:
-        options["k"] = k
-    if bits is not None:
-        options["bits"] = bits
-    if target_ratio is not None:
-        options["target_ratio"] = target_ratio
+def _set_options(pairs: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError(f"--set takes KEY=VALUE (a policy option), got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
     return options
 
 
-def _plot(report: qlis.InspectionReport, policy: str, path: Path) -> None:
+def _pack_policy(policy: str, given: dict, plan_file: Path | None) -> tuple[object, dict]:
+    """The policy (or plan) and its options from the flags the user gave, checked before any
+    model is loaded: an option that the policy would ignore or override is refused."""
+    options = {key: value for key, value in given.items() if value is not None}
+    if plan_file is not None:
+        if options or policy != DEFAULT_POLICY:
+            raise InputError("--plan gives every layer's settings: drop --policy and its options")
+        check_input(plan_file, "file")
+        try:
+            plan = qlis.Plan.coerce(json.loads(plan_file.read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(f"{plan_file}: not a JSON plan") from None
+        return plan, {}
+    only = {"k": ("prune",), "bits": ("quant",)}
+    for key, policies in only.items():
+        if key in options and policy not in policies:
+            raise InputError(
+                f"--{key} applies to --policy {' or '.join(policies)}; policy {policy!r} sets it "
+                f"per layer (use --set {key}_levels=[...] to change its levels)"
+            )
+    quantizing = ("quant", "laq", "lapq", "levels")
+    for key in ("granularity", "method", "quantizer"):
+        if key in options and policy not in quantizing:
+            raise InputError(f"--{key} applies to policies that quantize by bits "
+                             f"({', '.join(quantizing)}), not {policy!r}")
+    qlis.make_policy(policy, **options)  # unknown or bad options fail here, before the work
+    return None, options
+
+
+def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -> None:
     try:
         import matplotlib
 
@@ -117,17 +150,17 @@ def _plot(report: qlis.InspectionReport, policy: str, path: Path) -> None:
     for bar, label in zip(bars, labels, strict=True):
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(range(len(scores)), [layer.name for layer in report.layers], rotation=90,
+    ax.set_xticks(range(len(scores)), [escape(layer.name) for layer in report.layers], rotation=90,
                   fontsize=6)
     ax.set_ylabel("QLIS")
     ax.set_title(f"QLIS per layer (beta={report.beta}) and the {policy} plan (k / bits)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=force) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(qlis.__version__, prog_name="qlis")
 def cli() -> None:
     """qlis: layer-importance-guided pruning, quantization and compact archives."""
@@ -139,6 +172,8 @@ _eps = click.option("--eps", type=click.FloatRange(min=0), default=1e-3, show_de
                     help="|w| below this counts as zero in the sparsity S.")
 _select = click.option("--select", "select", multiple=True, metavar="GLOB",
                        help="Layers: names matching GLOB (repeatable); default: float, ndim>=2.")
+_codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
+                      help="How quantized codes are stored; auto: the smallest per tensor.")
 
 
 @cli.command()
@@ -149,14 +184,18 @@ _select = click.option("--select", "select", multiple=True, metavar="GLOB",
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of QLIS per layer.")
-@click.option("--policy", type=click.Choice(POLICY_NAMES), default="lapq", show_default=True,
-              help="The policy whose per-layer plan the plot shows.")
-def inspect(path, beta, eps, select, fmt, plot, policy) -> None:
+@click.option("--policy", type=click.Choice(PAPER_POLICIES), default="lapq", show_default=True,
+              help="The paper policy whose per-layer plan the plot shows.")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
+def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
     """Per-layer importance report of a model (.pt/.pth, .safetensors, or a HF folder)."""
+    check_input(path)
+    if plot:
+        check_output(plot, force, (".png",), inputs=[path])
     report = qlis.inspect(load_state_dict(path), beta=beta, eps=eps, select=select or None)
     records = report.records()
     if fmt == "json":
-        click.echo(json.dumps(records))
+        click.echo(strict_json(records))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=INSPECT_KEYS, lineterminator="\n")
@@ -170,14 +209,15 @@ def inspect(path, beta, eps, select, fmt, plot, policy) -> None:
              f"{r['EWDS']:.3f}", f"{r['QLIS']:.4f}")
             for r in records
         ]
-        click.echo(_format_table(rows, ("layer", "params", "P", "E", "S", "EWDS", "QLIS")))
+        headers = ("layer", "params", "P", "E", "S", "EWDS", "QLIS")
+        click.echo(table(headers, rows, right=range(1, len(headers))))
         t = report.totals
         click.echo(
             f"{t['layers']} layers, {t['layer_params']:,} of {t['total_params']:,} parameters; "
             f"QLIS {t['min_QLIS']:.4f}..{t['max_QLIS']:.4f} (beta={beta}, eps={eps})"
         )
     if plot:
-        _plot(report, policy, plot)
+        _plot(report, policy, plot, force)
         click.echo(f"plot written to {plot}", err=True)
 
 
@@ -185,41 +225,77 @@ def inspect(path, beta, eps, select, fmt, plot, policy) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="The .qlis archive to write.")
-@click.option("--policy", type=click.Choice(POLICY_NAMES), default="lapq", show_default=True)
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
+              show_default=True,
+              help="rd: rate–distortion (quality or size target); prune/quant/lap/laq/lapq: "
+                   "the paper's.")
+@click.option("--target-bits-per-weight", type=click.FloatRange(min=0, min_open=True),
+              help="rd: archive bits per model element.")
+@click.option("--target-bytes", type=click.IntRange(min=1), help="rd: archive size in bytes.")
+@click.option("--target-ratio", type=click.FloatRange(min=1),
+              help="rd: original tensor bytes / archive bytes; lap/laq/lapq: the paper's CR.")
+@click.option("--max-distortion", type=click.FloatRange(min=0, min_open=True),
+              help="rd: parameter-weighted relative weight MSE (default 3e-4).")
 @_beta
 @_eps
 @_select
-@click.option("--k", type=click.FloatRange(min=0), help="Uniform k (policy prune).")
+@click.option("--k", type=click.FloatRange(min=0, max=1e6), help="Uniform k (policy prune).")
 @click.option("--bits", type=click.IntRange(1, 8), help="Uniform bits (policy quant).")
-@click.option("--granularity", type=click.Choice(["tensor", "channel"]), default="tensor",
-              show_default=True)
-@click.option("--method", type=click.Choice(["affine", "kmeans"]), default="affine",
-              show_default=True)
-@click.option("--target-ratio", type=click.FloatRange(min=1), help="Budget mode: reach this CR.")
-@click.option("--codec", default="huffman", show_default=True,
-              help="huffman, ans, bitpack or auto (smallest per tensor).")
+@click.option("--granularity", type=click.Choice(["tensor", "channel"]),
+              help="Per-tensor (the paper) or per-channel scales [quant, laq, lapq].")
+@click.option("--method", help="Quantizer id used for each bits level [quant, laq, lapq].")
+@click.option("--pruner", "pruner_json", metavar="JSON",
+              help='A pruner config for every layer, e.g. \'{"id": "fraction", "fraction": 0.3}\'.')
+@click.option("--quantizer", "quantizer_json", metavar="JSON",
+              help='A quantizer config for every layer, e.g. \'{"id": "group", "bits": 4}\'.')
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any other policy option (JSON value), e.g. --set granularities=[\"channel\"].")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path),
+              help="A JSON plan: layer name -> {pruner, quantizer} (instead of a policy).")
+@_codec
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def pack(path, output, policy, beta, eps, select, k, bits, granularity, method, target_ratio,
-         codec, force) -> None:
-    """Compress a model and write it as a .qlis archive."""
-    if output.exists() and not force:
-        raise InputError(f"{output} exists; pass --force to replace it")
+def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio,
+         max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
+         quantizer_json, settings, plan_file, codec, force) -> None:
+    """Compress a model and write it as a .qlis archive.
+
+    By default the rd policy keeps the model close to the original (weight error under
+    3e-4); ask for a size with --target-bits-per-weight, --target-bytes or --target-ratio.
+    """
+    check_input(path)
+    check_output(output, force, (".qlis",), inputs=[path])
+    given = {
+        "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
+        "target_ratio": target_ratio, "max_distortion": max_distortion, "k": k, "bits": bits,
+        "granularity": granularity, "method": method,
+        "pruner": _json_option(pruner_json, "--pruner"),
+        "quantizer": _json_option(quantizer_json, "--quantizer"),
+        **_set_options(settings),
+    }
+    plan, options = _pack_policy(policy, given, plan_file)
     state = load_state_dict(path)
-    options = _policy_options(k, bits, granularity, method, target_ratio)
     total = sum(t.numel() for t in state.values())
     with _progress(total, "compressing") as progress:
         result = qlis.compress(state, policy=policy, beta=beta, eps=eps, select=select or None,
-                               progress=progress, **options)
+                               plan=plan, progress=progress, **options)
+    for warning in result.warnings:
+        click.echo(f"qlis: warning: {warning}", err=True)
     source_bytes = model_file_bytes(path)
+    metadata = {"source": path.name}
+    metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
     with _progress(total, "writing") as progress:
         qlis.save(result, output, codec=codec, overwrite=force, source_bytes=source_bytes,
-                  progress=progress, metadata={"source": path.name})
+                  progress=progress, metadata=metadata)
     archive_bytes = output.stat().st_size
     click.echo(
-        f"{output}: {_human_bytes(archive_bytes)} from {_human_bytes(source_bytes)} "
-        f"(real ratio {source_bytes / archive_bytes:.2f}x; paper CR {result.cr:.2f}, "
-        f"HCR {result.hcr:.2f}; policy {policy})"
+        f"{escape(str(output))}: {human_bytes(archive_bytes)} from {human_bytes(source_bytes)}, "
+        f"real ratio {source_bytes / archive_bytes:.2f}x "
+        f"({8 * archive_bytes / max(result.numel, 1):.2f} bits per element); "
+        f"policy {result.policy.strategy_id}"
     )
+    click.echo(f"quality: {result.describe_quality()}")
+    click.echo(f"idealised paper ratios (no index or metadata cost, exact zeros free): "
+               f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
 
 
 @cli.command()
@@ -229,21 +305,58 @@ def pack(path, output, policy, beta, eps, select, k, bits, granularity, method, 
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def unpack(path, output, force) -> None:
     """Write the dequantized tensors of an archive as .safetensors or .pt."""
-    if output.suffix not in (".safetensors", ".pt", ".pth"):
-        raise InputError(f"{output}: the output must end in .safetensors, .pt or .pth")
-    if output.exists() and not force:
-        raise InputError(f"{output} exists; pass --force to replace it")
+    check_input(path, "file")
+    check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
     with qlis.open(path) as archive:
         rows = archive.tensor_info()
         total = sum(row["original_bytes"] for row in rows)
         with _progress(len(rows), "unpacking") as progress:
             if output.suffix == ".safetensors":
                 layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
-                write_safetensors(output, layout, archive.read, progress=progress)
+                source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
+                          if k.startswith(SOURCE_METADATA)}
+                write_safetensors(output, layout, archive.read, progress=progress,
+                                  metadata=source or None, overwrite=force)
             else:
                 with atomic_path(output, overwrite=force) as tmp:
                     torch.save(archive.load(progress=progress), tmp)
-    click.echo(f"{output}: {len(rows)} tensors, {_human_bytes(total)}")
+    click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}")
+
+
+def _setting(value: object) -> str:
+    """A header value on one line: plain for scalars, compact JSON otherwise."""
+    if isinstance(value, str):
+        return escape(value)
+    return escape(strict_json(value, separators=(", ", ": ")))
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings as dotted keys (``policy.bits_levels``), one per line in `info`."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _section(title: str, values: dict | None) -> list[str]:
+    if not values:
+        return [f"{title}: none recorded"]
+    return [f"{title}:"] + [f"  {escape(k)} = {_setting(v)}" for k, v in _flat(values).items()]
+
+
+def _info_row(row: dict) -> tuple[str, ...]:
+    def text(value: object) -> str:
+        return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    quantizer = row.get("quantizer")
+    if isinstance(quantizer, dict):
+        quantizer = quantizer.get("id")
+    return (row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"],
+            text(quantizer), text(row.get("bits")), text(row.get("k")), text(row.get("codec")),
+            human_bytes(row["bytes"]))
 
 
 @cli.command()
@@ -252,13 +365,18 @@ def unpack(path, output, force) -> None:
               show_default=True)
 @click.option("--verify", is_flag=True, help="Also read and check every record.")
 def info(path, fmt, verify) -> None:
-    """What an archive holds: per tensor bits, codec and bytes; sizes and ratios."""
+    """What an archive holds: metadata, writer and compression settings, then per tensor the
+    quantizer, bits, k, codec and size, then the totals."""
+    check_input(path, "file")
     with qlis.open(path) as archive:
         if verify:
             archive.verify()
         rows = archive.tensor_info()
         summary = archive.summary
         metadata = archive.metadata
+        writer = getattr(archive, "writer", None)
+        compression = getattr(archive, "compression", None)
+        distortion = getattr(archive, "distortion", None)
     archive_bytes = path.stat().st_size
     original = sum(r["original_bytes"] for r in rows)
     source = summary.get("source_bytes")
@@ -274,25 +392,31 @@ def info(path, fmt, verify) -> None:
         "verified": verify,
     }
     if fmt == "json":
-        click.echo(json.dumps({"tensors": rows, "totals": totals, "metadata": metadata}))
+        click.echo(strict_json({"metadata": metadata, "writer": writer,
+                                "compression": compression, "distortion": distortion,
+                                "tensors": rows, "totals": totals}))
         return
-    table = [
-        (r["name"], "x".join(map(str, r["shape"])) or "scalar",
-         str(r["bits"]) if r["bits"] is not None else r["dtype"], r["codec"],
-         f"{r['bytes']:,}")
-        for r in rows
-    ]
-    click.echo(_format_table(table, ("tensor", "shape", "bits", "codec", "bytes")))
+    lines = _section("metadata", metadata)
+    if isinstance(writer, dict) and {"name", "version"} <= writer.keys():
+        writer = f"{writer['name']} {writer['version']}"
+    lines.append(f"writer: {_setting(writer) if writer else 'not recorded'}")
+    settings = {k: v for k, v in (compression or {}).items() if k != "plan"}
+    lines += _section("compression", settings)
+    if isinstance(distortion, dict) and distortion.get("weight_rel_mse") is not None:
+        lines.append(f"distortion: {describe_rel_mse(distortion['weight_rel_mse'])}")
+    click.echo("\n".join(lines) + "\n")
+    headers = ("tensor", "shape", "dtype", "quantizer", "bits", "k", "codec", "size")
+    click.echo(table(headers, [_info_row(r) for r in rows], right=(4, 5, 7)))
     click.echo(
-        f"original tensors: {_human_bytes(original)}   archive: {_human_bytes(archive_bytes)}"
+        f"\noriginal tensors: {human_bytes(original)}   archive: {human_bytes(archive_bytes)}"
         f"   real ratio: {totals['real_ratio']:.2f}x"
     )
     if source:
-        click.echo(f"source file: {_human_bytes(source)}   real ratio vs the file: "
+        click.echo(f"source file: {human_bytes(source)}   real ratio vs the file: "
                    f"{totals['real_ratio_vs_source_file']:.2f}x")
     if totals["paper_cr"] is not None:
-        click.echo(f"paper ratios (idealised, no index or metadata cost): "
-                   f"CR {totals['paper_cr']:.2f}   HCR {totals['paper_hcr']:.2f}")
+        click.echo(f"paper ratios (idealised: exact zeros count as free, no index or metadata "
+                   f"cost): CR {totals['paper_cr']:.2f}   HCR {totals['paper_hcr']:.2f}")
     if verify:
         click.echo("all records verified")
 
@@ -300,11 +424,18 @@ def info(path, fmt, verify) -> None:
 @cli.command()
 @click.option("--model", type=click.Choice(list(VIT_SHAPES)), default="vit-b16", show_default=True)
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default="lapq", show_default=True)
-@click.option("--codec", default="huffman", show_default=True)
+@_codec
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path),
-              help="Keep the model file and the archive here (default: a temporary folder).")
-def demo(model, policy, codec, output_dir) -> None:
+              help="Keep the model file and the archive in this folder (default: temporary "
+                   "files, deleted at the end).")
+@click.option("--force", is_flag=True, help="Replace the two files in --output-dir if they exist.")
+def demo(model, policy, codec, output_dir, force) -> None:
     """The embedded default job: inspect, compress, pack, read back and verify a local ViT."""
+    if output_dir is not None:
+        check_output_dir(output_dir, force=True)
+        if output_dir.is_dir():
+            for suffix in (".safetensors", ".qlis"):
+                check_output(output_dir / f"{model}{suffix}", force)
     figures = run_demo(model, policy=policy, codec=codec, out_dir=output_dir, echo=click.echo)
     if not figures["bit_exact"]:
         raise QlisError("the archive did not read back bit-exact")

@@ -8,6 +8,7 @@ for everything stored losslessly), what was done to each layer, what it cost in 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +30,10 @@ from qlis.tensors import as_state_dict, storage_bits
 
 StoredTensor = torch.Tensor | QuantizedTensor
 DEFAULT_POLICY = "rd"
+
+
+class QualityWarning(UserWarning):
+    """A compression result misses a target it was asked for (also in ``result.warnings``)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class CompressionResult:
         self.original_bits = original_bits
         self.config = config
         self.distortion = distortion
+        self.warnings: list[str] = []
         planned = {layer.name for layer in layers}
         fixed = [t for n, t in tensors.items() if n not in planned]
         fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
@@ -335,6 +341,9 @@ def compress(
              for name, t in changed.items()}
         )
     result.config = finite_json(result.config, "the compression config")
+    result.warnings = plan_policy.review(result)
+    for warning in result.warnings:
+        warnings.warn(warning, QualityWarning, stacklevel=2)
     if inplace and isinstance(model_or_state_dict, torch.nn.Module):
         model_or_state_dict.load_state_dict(result.state_dict())
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qlis.atomic import atomic_path
+from qlis.console import describe_rel_mse, human_bytes
 from qlis.tensors import same_bits
 
 VIT_SHAPES = {
@@ -103,15 +104,17 @@ def run_demo(
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out_dir) if out_dir is not None else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
         state = vit_state_dict(model)
         source = folder / f"{model}.safetensors"
         with atomic_path(source) as tmp:
             save_file(state, str(tmp))
         n_params = sum(t.numel() for t in state.values())
+        where = (f"saved to {source}" if out_dir is not None else
+                 "written to a temporary file, deleted at the end (-o DIR keeps it)")
         echo(f"model: {model}-shaped, {n_params / 1e6:.1f}M parameters, RANDOM-INITIALISED "
-             "(heavy-tailed) weights built locally; saved to "
-             f"{source.name} ({source.stat().st_size / 2**20:.1f} MiB)")
+             f"(heavy-tailed) weights built locally; {where} "
+             f"({human_bytes(source.stat().st_size)} as safetensors)")
 
         start = time.perf_counter()
         report = qlis.inspect(state)
@@ -125,15 +128,24 @@ def run_demo(
         result = qlis.compress(state, policy=policy)
         compress_s = time.perf_counter() - start
         plan = Counter((layer.k, layer.bits) for layer in result.layers)
-        levels = ", ".join(f"k={k:g}/{b or 'fp'}b x{n}" for (k, b), n in sorted(plan.items()))
-        mean_error = sum(layer.rel_mse * layer.numel for layer in result.layers) / sum(
-            layer.numel for layer in result.layers
+        levels = ", ".join(
+            f"{'unpruned' if k is None else f'k={k:g}'}/{f'{b}b' if b else 'fp'} x{n}"
+            for (k, b), n in sorted(plan.items(), key=lambda item: (item[0][0] or 0,
+                                                                    item[0][1] or 0))
         )
+        distortion = getattr(result, "distortion", None) or {}
+        rel_mse = distortion.get("weight_rel_mse")
+        if rel_mse is None:  # parameter-weighted mean of the layers' errors
+            rel_mse = sum(layer.rel_mse * layer.numel for layer in result.layers) / sum(
+                layer.numel for layer in result.layers
+            )
+        quality = describe_rel_mse(rel_mse)
         echo(f"compress ({policy}): {compress_s:.2f} s "
              f"({n_params / (inspect_s + compress_s) / 1e6:.1f} M params/s with inspect); "
              f"plan: {levels}")
-        echo(f"paper ratios (idealised): CR {result.cr:.2f}  HCR {result.hcr:.2f}; "
-             f"weighted relative MSE {mean_error:.4f}")
+        echo(f"quality: {quality}")
+        echo(f"paper ratios (idealised: exact zeros count as free): CR {result.cr:.2f}  "
+             f"HCR {result.hcr:.2f}, at that quality")
 
         archive = folder / f"{model}.qlis"
         start = time.perf_counter()
@@ -147,14 +159,15 @@ def run_demo(
             same_bits(loaded[name], expected[name]) for name in expected
         )
         real_ratio = source.stat().st_size / archive.stat().st_size
-        echo(f"archive ({codec}): {archive.stat().st_size / 2**20:.2f} MiB, real ratio "
-             f"{real_ratio:.2f}x vs the safetensors file; save {save_s:.2f} s, "
-             f"load {load_s:.2f} s; "
+        echo(f"archive ({codec}): {human_bytes(archive.stat().st_size)}, real ratio "
+             f"{real_ratio:.2f}x vs the safetensors file at the quality above; save "
+             f"{save_s:.2f} s, load {load_s:.2f} s; "
              f"read back bit-exact: {'yes' if bit_exact else 'NO'}")
         if out_dir is not None:
-            echo(f"files kept in {folder}")
+            echo(f"files kept: {source}, {archive}")
     return {
         "params": n_params,
+        "weight_rel_mse": rel_mse,
         "cr": result.cr,
         "hcr": result.hcr,
         "real_ratio": real_ratio,

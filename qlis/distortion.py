@@ -26,10 +26,12 @@ def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
     0.5
     """
-    ref = reference.detach().reshape(-1).double()
-    diff = approx.detach().reshape(-1).double() - ref
-    energy = float(torch.dot(ref, ref))
-    return float(torch.dot(diff, diff)) / energy if energy > 0 else 0.0
+    ref = reference.detach().reshape(-1).float()
+    energy = float(ref.square().sum(dtype=torch.float64))
+    if energy == 0:
+        return 0.0
+    error = float((approx.detach().reshape(-1).float() - ref).square_().sum(dtype=torch.float64))
+    return error / energy
 
 
 def entropy_of_counts(counts: np.ndarray) -> float:

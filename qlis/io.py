@@ -1,12 +1,20 @@
 """Model files: reading .pt/.pth/.bin (state dicts, never unpickled code), .safetensors and
-Hugging Face model folders (single or sharded); streaming a .safetensors file out."""
+Hugging Face model folders (single or sharded); streaming a .safetensors file out.
+
+Everything read is treated as hostile: only regular files are opened (a FIFO or device
+would block or never end), a folder's files must resolve inside it, JSON is size- and
+depth-bounded, and every tensor is validated (`qlis.tensors.checked_state`) before use.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import stat
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,16 +24,20 @@ from safetensors import SafetensorError, safe_open
 
 from qlis.atomic import atomic_path
 from qlis.errors import InputError
-from qlis.tensors import bit_patterns
+from qlis.tensors import MAX_NDIM, bit_patterns, checked_state, tensor_label
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
+_MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
 _FOLDER_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
+_MAX_INDEX_BYTES = 16 << 20  # a shard index of ~100,000 tensors is about 10 MB
+_MAX_JSON_CONTAINERS = 100_000
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+_MAX_ELEMENTS = 2**63 - 1  # torch computes strides in int64
 
 _SAFETENSORS_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
@@ -34,43 +46,138 @@ _SAFETENSORS_DTYPES = {
 _FROM_SAFETENSORS = {v: getattr(torch, k) for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors mapped copy-on-write from the file: no second copy of the model in memory."""
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _stat(path: Path) -> os.stat_result:
     try:
-        with safe_open(str(path), framework="pt") as f:  # validates the header and offsets
-            names = list(f.keys())
+        return os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
+            from None
+
+
+def _require_regular(path: Path) -> int:
+    """The size of a regular file; anything else is refused before it is opened."""
+    info = _stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(
+            f"{path}: is {_file_kind(info.st_mode)}; give a model file or a model folder"
+        )
+    return info.st_size
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """A whole small file, opened non-blocking and checked regular (a FIFO cannot hang us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
+            from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: is {_file_kind(info.st_mode)}; expected a file")
+        if info.st_size > limit:
+            raise InputError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} allowed")
+        return f.read(limit + 1)
+
+
+def _parse_json(data: bytes, path: Path) -> object:
+    """JSON with bounded cost: the size is capped by the caller, containers and depth here."""
+    if data.count(b"[") + data.count(b"{") > _MAX_JSON_CONTAINERS:
+        raise InputError(f"{path}: more than {_MAX_JSON_CONTAINERS:,} JSON arrays and objects")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply") from None
+    except ValueError as err:  # also UnicodeDecodeError and over-long integers
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def _tensor_spec(path: Path, name: str, dtype_code: str, shape: list[int]) -> tuple:
+    """(torch dtype, shape, bytes) of a safetensors entry, validated without allocating."""
+    label = tensor_label(name)
+    dtype = _FROM_SAFETENSORS.get(dtype_code)
+    if dtype is None:
+        raise InputError(
+            f"{path}: tensor {label} has dtype {dtype_code}, which qlis does not store "
+            f"(it stores {', '.join(_FROM_SAFETENSORS)}); convert it first"
+        )
+    if len(shape) > MAX_NDIM:
+        raise InputError(f"{path}: tensor {label} has {len(shape)} dimensions (at most {MAX_NDIM})")
+    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
+        raise InputError(f"{path}: tensor {label} has an impossible shape {shape}")
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors mapped copy-on-write from the file: no second copy of the model in memory.
+
+    The header is read through the safetensors library (which bounds its size and depth and
+    checks that the tensors tile the data exactly); offsets follow from the tensors in offset
+    order, so no JSON is parsed here and one mapping serves every tensor.
+    """
+    file_size = _require_regular(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = [(n, f.get_slice(n).get_dtype(), f.get_slice(n).get_shape())
+                       for n in f.offset_keys()]
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, struct.error) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+    specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]
+    data_start = 8 + header_len
+    total = sum(size for *_, size in specs)
+    if data_start + total != file_size:
+        raise InputError(f"{path}: tensor data does not match the file size (corrupt file)")
+    data = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(total,)) \
+        if total else None
     state = {}
-    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
-        info = header[name]
-        dtype = _FROM_SAFETENSORS.get(info["dtype"])
-        if dtype is None:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if start == end:
-            state[name] = torch.empty(info["shape"], dtype=dtype)
+    offset = 0
+    for name, dtype, shape, size in specs:
+        if size == 0:
+            state[name] = torch.empty(shape, dtype=dtype)
             continue
-        raw = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len + start,
-                        shape=(end - start,))
-        state[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+        raw = data[offset:offset + size]
+        if (data_start + offset) % dtype.itemsize:
+            raw = raw.copy()  # unaligned in the file: an aligned copy of this tensor only
+        if dtype == torch.bool and raw.max() > 1:
+            raise InputError(f"{path}: bool tensor {tensor_label(name)} holds values other "
+                             "than 0 and 1 (corrupt file)")
+        state[name] = torch.from_numpy(raw).view(dtype).reshape(shape)
+        offset += size
     return state
 
 
 def _torch_load(path: Path) -> object:
-    """torch.load, memory-mapped when the file is a zip checkpoint (no second copy in memory)."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+    """torch.load, memory-mapped when the file is a zip checkpoint (no second copy in memory).
+
+    Warnings are silenced: a checkpoint we refuse (e.g. of quantized tensors) must give one
+    clear line, not torch's deprecation notices.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
-def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+def _load_torch(path: Path) -> Mapping:
+    _require_regular(path)
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError:
@@ -78,6 +185,10 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: the file holds pickled Python objects that would run code when loaded "
             "(for example a whole nn.Module); save model.state_dict() instead"
         ) from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a checkpoint") from None
+    except MemoryError:
+        raise InputError(f"{path}: does not fit in memory") from None
     except Exception as err:  # torch.load raises many types on non-checkpoints
         detail = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else ""
         raise InputError(
@@ -86,54 +197,111 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
     return _tensor_mapping(obj, path)
 
 
-def _tensor_mapping(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded checkpoint (also one nested under 'state_dict' & co.)."""
+def _describe_keys(obj: Mapping) -> str:
+    keys = [k if isinstance(k, str) else type(k).__name__ for k in list(obj)[:8]]
+    return ", ".join(tensor_label(k) for k in keys)
+
+
+def _tensor_mapping(obj: object, path: Path) -> Mapping:
+    """The state dict inside a loaded checkpoint, also one nested under 'state_dict' & co.
+
+    Searched iteratively and at most _MAX_NESTING levels deep.
+    """
     if not isinstance(obj, Mapping):
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    if not obj:
-        raise InputError(f"{path}: holds an empty state dict")
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {str(k): v for k, v in obj.items()}
-    for key in _NESTED_KEYS:
-        if isinstance(obj.get(key), Mapping):
-            return _tensor_mapping(obj[key], path)
-    raise InputError(f"{path}: no state dict found (keys: {', '.join(map(str, list(obj)[:8]))})")
+    for _ in range(_MAX_NESTING):
+        if not obj:
+            raise InputError(f"{path}: holds an empty state dict")
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            raise InputError(f"{path}: no state dict found (keys: {_describe_keys(obj)})")
+        obj = nested
+    raise InputError(f"{path}: the state dict is nested more than {_MAX_NESTING} levels deep")
 
 
-def _load_folder(path: Path) -> dict[str, torch.Tensor]:
+def _folder_roots(folder: Path) -> tuple[Path, ...]:
+    """Where a folder's files may resolve: inside it, or, for a Hugging Face cache snapshot
+    (…/snapshots/<revision>), in the blobs folder its links point to."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots":
+        return root, root.parent.parent / "blobs"
+    return (root,)
+
+
+def _inside(roots: tuple[Path, ...], candidate: Path, named_by: Path) -> Path:
+    """``candidate`` resolved, refused if it escapes the folder (``..``, absolute, symlink)."""
+    try:
+        resolved = candidate.resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise InputError(f"{named_by}: cannot resolve {candidate} ({err})") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise InputError(
+            f"{named_by}: {candidate} resolves to {resolved}, outside the model folder; "
+            "refusing to read it"
+        )
+    return resolved
+
+
+def _load_folder(path: Path) -> Mapping:
+    roots = _folder_roots(path)
     for name in _FOLDER_FILES:
         candidate = path / name
-        if not candidate.is_file():
+        if not os.path.lexists(candidate):
             continue
+        file = _inside(roots, candidate, path)
         if name.endswith(".index.json"):
-            return _load_shards(candidate)
+            return _load_shards(file, path, roots)
         if name.endswith(".safetensors"):
-            return _load_safetensors(candidate)
-        return _load_torch(candidate)
+            return _load_safetensors(file)
+        return _load_torch(file)
     looked_for = ", ".join(_FOLDER_FILES)
     raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
 
 
-def _load_shards(index: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise InputError(f"{index}: not a valid shard index ({err})") from None
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        shard_path = index.parent / shard
-        if not shard_path.is_file():
-            raise InputError(f"{index}: shard {shard} is missing")
-        if shard.endswith(".safetensors"):
-            state.update(_load_safetensors(shard_path))
-        else:
-            state.update(_load_torch(shard_path))
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, validated (strings only)."""
+    parsed = _parse_json(_read_small(index, _MAX_INDEX_BYTES), index)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: not a shard index (no 'weight_map' object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(
+                f"{index}: the shard of tensor {tensor_label(name)} is a "
+                f"{type(shard).__name__}, not a file name"
+            )
+    return weight_map
+
+
+def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> dict:
+    weight_map = _weight_map(index)
+    state: dict = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = _inside(roots, folder / shard, index)
+        if not os.path.lexists(shard_path):
+            raise InputError(f"{index}: shard {tensor_label(shard)} is missing")
+        part = (_load_safetensors(shard_path) if shard.endswith(".safetensors")
+                else _load_torch(shard_path))
+        twice = next((k for k in part if k in state), None)
+        if twice is not None:
+            raise InputError(f"{index}: tensor {tensor_label(str(twice))} is in two shards")
+        state.update(part)
+    absent = next((n for n in weight_map if n not in state), None)
+    if absent is not None:
+        raise InputError(
+            f"{index}: lists tensor {tensor_label(absent)} in shard "
+            f"{tensor_label(weight_map[absent])}, which does not hold it"
+        )
     return state
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a model file or folder, loaded without executing any code.
+
+    Only regular files and folders are read; tensors are validated as by
+    `qlis.tensors.checked_state` (dense, a stored dtype, no unbounded repeated views).
 
     >>> load_state_dict("missing.pt")
     Traceback (most recent call last):
@@ -141,10 +309,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     qlis.errors.InputError: missing.pt: no such file or folder
     """
     path = Path(path)
-    if path.is_dir():
+    mode = _stat(path).st_mode
+    if stat.S_ISDIR(mode):
         state = _load_folder(path)
-    elif not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+    elif not stat.S_ISREG(mode):
+        raise InputError(f"{path}: is {_file_kind(mode)}; give a model file or a model folder")
     elif path.suffix == ".safetensors":
         state = _load_safetensors(path)
     elif path.suffix == ".qlis":
@@ -153,7 +322,41 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = _load_torch(path)
     if not state:
         raise InputError(f"{path}: holds no tensors")
-    return state
+    return checked_state(state.items(), f"{path}: ")
+
+
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """The safetensors ``__metadata__`` of a model (e.g. ``{"format": "pt"}``), or None.
+
+    For a sharded folder: the entries every shard agrees on. A .pt checkpoint has none.
+    """
+    path = Path(path)
+    if stat.S_ISDIR(_stat(path).st_mode):
+        roots = _folder_roots(path)
+        if os.path.lexists(path / "model.safetensors"):
+            files = [_inside(roots, path / "model.safetensors", path)]
+        elif os.path.lexists(path / "model.safetensors.index.json"):
+            index = _inside(roots, path / "model.safetensors.index.json", path)
+            shards = sorted(set(_weight_map(index).values()))
+            files = [_inside(roots, path / shard, index) for shard in shards]
+        else:
+            return None
+    elif path.suffix == ".safetensors":
+        files = [path]
+    else:
+        return None
+    common: dict[str, str] | None = None
+    for file in files:
+        _require_regular(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise InputError(f"{file}: not a readable safetensors file ({err})") from None
+        common = metadata if common is None else {
+            k: v for k, v in common.items() if metadata.get(k) == v
+        }
+    return common or None
 
 
 def model_file_bytes(path: str | Path) -> int:
@@ -164,6 +367,49 @@ def model_file_bytes(path: str | Path) -> int:
     return path.stat().st_size
 
 
+def _check_text(text: object, what: str) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{what} is a {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{what} {tensor_label(text)} is not valid Unicode text (a lone surrogate), "
+            "which safetensors cannot store; write a .pt file instead"
+        ) from None
+    return text
+
+
+def _safetensors_header(
+    layout: list[tuple[str, str, list[int]]], metadata: Mapping[str, str] | None
+) -> bytes:
+    """The encoded, padded header of `write_safetensors`, refusing what safetensors cannot
+    represent (a tensor named __metadata__, names that are not UTF-8 text, other dtypes)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {
+            _check_text(k, "a metadata key"): _check_text(v, f"metadata {tensor_label(str(k))}")
+            for k, v in metadata.items()
+        }
+    offset = 0
+    for name, dtype, shape in layout:
+        _check_text(name, "the tensor name")
+        if name == "__metadata__" or name in header:
+            what = "is reserved by safetensors" if name == "__metadata__" else "appears twice"
+            raise InputError(f"tensor name {tensor_label(name)} {what}; write a .pt file instead")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise InputError(f"tensor {tensor_label(name)} has dtype {dtype}, which this "
+                             "writer does not support")
+        size = math.prod(shape) * getattr(torch, dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > _MAX_SAFETENSORS_HEADER:
+        raise InputError(f"the safetensors header would take {len(encoded):,} bytes, more than "
+                         f"safetensors reads ({_MAX_SAFETENSORS_HEADER:,}); write a .pt file")
+    return encoded
 
 
 def write_safetensors(
@@ -171,26 +417,33 @@ def write_safetensors(
     layout: list[tuple[str, str, list[int]]],
     read: Callable[[str], torch.Tensor],
     progress: Callable[[int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Stream tensors into a .safetensors file, one at a time (atomically).
 
     ``layout`` lists (name, dtype name, shape) in file order; ``read(name)`` produces each
     tensor when its turn comes, so memory holds one tensor rather than the whole model.
+    ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
+    ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
     """
-    header: dict[str, object] = {}
-    offset = 0
-    for name, dtype, shape in layout:
-        size = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": shape,
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, _, _ in layout:
-            tensor = read(name).contiguous()
-            f.write(bit_patterns(tensor).tobytes())
-            if progress is not None:
-                progress(1)
+    encoded = _safetensors_header(layout, metadata)
+    try:
+        with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for name, dtype, shape in layout:
+                tensor = read(name)
+                if tensor.dtype != getattr(torch, dtype) or list(tensor.shape) != list(shape):
+                    raise InputError(
+                        f"tensor {tensor_label(name)} was read as {tensor.dtype} "
+                        f"{list(tensor.shape)}, not the {dtype} {list(shape)} announced"
+                    )
+                f.write(bit_patterns(tensor).data)
+                if progress is not None:
+                    progress(1)
+    except OSError as err:  # a full disk (ENOSPC), a quota, a read-only file system
+        raise InputError(
+            f"{path}: could not be written ({err.strerror or err}); free space or write "
+            "elsewhere"
+        ) from None

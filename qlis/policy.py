@@ -36,6 +36,7 @@ from qlis.tensors import storage_bits
 
 if TYPE_CHECKING:
     from qlis.calibrate import Calibration
+    from qlis.compress import CompressionResult
     from qlis.stats import InspectionReport
 
 PAPER_K_LEVELS = (1.5, 1.0, 0.5, 0.25, 0.0)
@@ -61,6 +62,10 @@ class Policy(Strategy):
 
     def make_plan(self, context: PlanContext) -> Plan:
         raise NotImplementedError
+
+    def review(self, result: CompressionResult) -> list[str]:
+        """Warnings about the executed result (e.g. a quality target that was missed)."""
+        return []
 
     @classmethod
     def from_options(cls, **options: Any) -> Policy:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qlis.errors import ConfigError
+from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 
@@ -247,6 +247,121 @@ class KMeansQuantizer(Quantizer):
         return codebook[codes].reshape(q.shape).to(q.dtype)
 
 
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _float16_scale(scale: torch.Tensor) -> np.ndarray:
+    """The smallest float16 >= each positive float32 scale, within the float16 range.
+
+    Rounding up keeps the group's range inside the grid; a scale under the smallest float16
+    becomes that subnormal (2**-24), one over 65504 becomes 65504 (the extremes then clamp).
+    """
+    wanted = np.minimum(scale.numpy(), np.float32(_FLOAT16_MAX))
+    half = wanted.astype(np.float16)
+    low = half.astype(np.float32) < wanted
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    return half
+
+
+def _group_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(shape[0], prod(shape[1:])) view; a 0-d or 1-D tensor is one row."""
+    if tensor.ndim >= 2:
+        return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
+    return tensor.reshape(1, -1)
+
+
+def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, groups, group_size), the last group of each row padded with zeros."""
+    n_groups = -(-rows.shape[1] // group_size)
+    pad = n_groups * group_size - rows.shape[1]
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], n_groups, group_size)
+
+
+@register_quantizer
+class GroupAffineQuantizer(Quantizer):
+    """Group-wise affine quantization (the torchao int4 / GGUF-block family): one float16
+    scale (and zero point) per ``group_size`` consecutive weights along the input dimension.
+
+    The weight is viewed as (shape[0], prod(shape[1:])); a row not divisible by
+    ``group_size`` ends with a shorter group. 32, 64 and 128 are the usual group sizes.
+    Asymmetric: min-max with 0 exactly representable, the zero point an integer code.
+    Symmetric: codes centred on ``2**(bits-1)``, scale ``max|w| / (2**(bits-1) - 1)``.
+    The scale is computed in float32 and rounded up to float16, and the codes are derived
+    from that float16 scale, so ``(code - zero_point) * scale`` in float32 (then cast to the
+    weight's dtype) is what a reader anywhere computes; 0 stays exactly 0.
+
+    >>> q = GroupAffineQuantizer(bits=2, group_size=2).quantize(torch.tensor([-1.0, 2, 0, 3]))
+    >>> q.codes.tolist(), q.params["scale"].tolist(), q.dequantize().tolist()
+    ([0, 3, 0, 3], [[1.0, 1.0]], [-1.0, 2.0, 0.0, 3.0])
+    """
+
+    strategy_id = "group"
+
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> None:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ConfigError(f"group quantization takes 2 to 8 bits, got {bits!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ConfigError(f"group_size must be a positive integer (32-128), got {group_size!r}")
+        if not isinstance(symmetric, bool):
+            raise ConfigError(f"symmetric must be true or false, got {symmetric!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows = _group_rows(weight.detach().float())
+        groups = _grouped(rows, self.group_size)
+        top = (1 << self.bits) - 1
+        centre = 1 << (self.bits - 1)
+        if self.symmetric:
+            scale = groups.abs().amax(dim=2) / (centre - 1)
+        else:
+            lo = groups.amin(dim=2).clamp(max=0.0)
+            scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / top
+        if not bool(torch.isfinite(scale).all()):
+            raise InputError("group quantization needs finite weights (found inf or NaN)")
+        half = _float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        step = torch.from_numpy(half.astype(np.float32))
+        if self.symmetric:
+            zero_point = torch.full_like(step, float(centre))
+        else:
+            zero_point = torch.round((0.0 - lo) / step).clamp(0, top)  # never -0.0
+        codes = torch.round(groups / step[..., None] + zero_point[..., None]).clamp(0, top)
+        codes = codes.reshape(rows.shape[0], codes.shape[1] * codes.shape[2])[:, : rows.shape[1]]
+        params = {"scale": half}
+        if not self.symmetric:
+            params["zero_point"] = zero_point.numpy().astype(np.float16)
+        return QuantizedTensor(
+            codes=codes.to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=top + 1,
+            quantizer=self.get_config(),
+            params=params,
+            dtype=weight.dtype,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        rows = _group_rows(torch.from_numpy(np.ascontiguousarray(q.codes)).float())
+        groups = _grouped(rows, self.group_size)
+        shape = groups.shape[:2]
+        names = ["scale"] if self.symmetric else ["scale", "zero_point"]
+        arrays = [np.asarray(q.params.get(name, np.zeros(0))) for name in names]
+        if any(array.shape != shape for array in arrays):
+            raise ArchiveError(
+                f"group quantization of a {list(q.shape)} tensor needs {'/'.join(names)} "
+                f"of shape {list(shape)}, got {[list(array.shape) for array in arrays]}"
+            )
+        step = torch.from_numpy(arrays[0].astype(np.float32))
+        if self.symmetric:
+            zero_point = torch.full_like(step, float(1 << (self.bits - 1)))
+        else:
+            zero_point = torch.from_numpy(arrays[1].astype(np.float32))
+        values = (groups - zero_point[..., None]) * step[..., None]
+        values = values.reshape(rows.shape[0], values.shape[1] * values.shape[2])
+        return values[:, : rows.shape[1]].reshape(q.shape).to(q.dtype)
+
+
 def _nearest(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for each value (centroids sorted ascending)."""
     midpoints = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
@@ -266,3 +381,100 @@ def make_quantizer(bits: int, granularity: str = "tensor", method: str = "affine
     if bits == 1:
         return BinaryQuantizer(granularity=granularity)
     return AffineQuantizer(bits=bits, granularity=granularity)
+
+
+MAX_LEVELS = 1 << 16
+
+
+def code_dtype(n_levels: int) -> type:
+    """The narrowest unsigned numpy dtype that holds codes ``< n_levels`` (uint8 or uint16)."""
+    if n_levels > MAX_LEVELS:
+        raise ConfigError(f"{n_levels} code levels exceed the limit of {MAX_LEVELS}")
+    return np.uint8 if n_levels <= 256 else np.uint16
+
+
+def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
+    """sign(x) * floor(|x| + rounding): nearest at 0.5, a dead zone around 0 below it."""
+    return torch.copysign(scaled.abs().add_(rounding).floor_(), scaled)
+
+
+@register_quantizer
+class UniformQuantizer(Quantizer):
+    """Entropy-coded uniform quantization: a fixed step, integer codes of any range.
+
+    The scalar rate–distortion frontier: with an entropy coder behind it a uniform step is
+    within 0.25 bit of the best any scalar quantizer can do at the same error. ``step`` is
+    the step itself (relative to nothing), or ``rel_mse`` asks for the step whose high-rate
+    error ``step**2 / 12`` is that fraction of the layer's (or channel's) mean square.
+    ``rounding`` below 0.5 widens the zero bin (a dead zone) and lowers the rate.
+    Value of code ``c``: ``(c - offset) * step[row]``; 0 stays exactly 0.
+
+    >>> q = UniformQuantizer(step=0.5).quantize(torch.tensor([-1.0, 0.0, 0.3, 2.0]))
+    >>> q.codes.tolist(), q.dequantize().tolist()
+    ([0, 2, 3, 6], [-1.0, 0.0, 0.5, 2.0])
+    """
+
+    strategy_id = "uniform"
+
+    def __init__(
+        self,
+        step: float | None = None,
+        rel_mse: float | None = None,
+        granularity: str = "tensor",
+        rounding: float = 0.5,
+    ) -> None:
+        if (step is None) == (rel_mse is None):
+            raise ConfigError("uniform quantization takes exactly one of step= or rel_mse=")
+        if step is not None and not (isinstance(step, int | float) and 0 < step < math.inf):
+            raise ConfigError(f"step must be a positive finite number, got {step!r}")
+        if rel_mse is not None and not (isinstance(rel_mse, int | float) and 0 < rel_mse < 1):
+            raise ConfigError(f"rel_mse must be in (0, 1), got {rel_mse!r}")
+        if not (isinstance(rounding, int | float) and 0 < rounding <= 0.5):
+            raise ConfigError(f"rounding must be in (0, 0.5], got {rounding!r}")
+        _check_granularity(granularity)
+        self.step = None if step is None else float(step)
+        self.rel_mse = None if rel_mse is None else float(rel_mse)
+        self.granularity = granularity
+        self.rounding = float(rounding)
+
+    def steps(self, rows: torch.Tensor) -> torch.Tensor:
+        """The step of each row (float32): fixed, or from the row's mean square."""
+        if self.step is not None:
+            return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
+        mean_square = rows.square().mean(dim=1) if rows.shape[1] else torch.zeros(rows.shape[0])
+        step = torch.sqrt(12.0 * self.rel_mse * mean_square)
+        return torch.where(step > 0, step, torch.ones_like(step)).float()
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows = _rows(weight, self.granularity)
+        step = self.steps(rows)
+        levels = round_with_offset(rows / step[:, None], self.rounding)
+        low, high = (float(v) for v in torch.aminmax(levels)) if levels.numel() else (0, 0)
+        if not math.isfinite(low) or not math.isfinite(high):
+            raise ConfigError("uniform quantization needs finite weights")
+        low, high = int(low), int(high)
+        n_levels = high - low + 1
+        if n_levels > MAX_LEVELS:
+            raise ConfigError(
+                f"a step this small needs {n_levels} levels for this layer's range "
+                f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
+            )
+        shifted = levels.sub_(low)
+        if code_dtype(n_levels) is np.uint8:
+            codes = shifted.to(torch.uint8).numpy()
+        else:
+            codes = shifted.to(torch.int32).numpy().astype(np.uint16)
+        return QuantizedTensor(
+            codes=codes.reshape(weight.shape),
+            n_levels=n_levels,
+            quantizer=self.get_config(),
+            params={"step": step.numpy(), "offset": np.array([-low], dtype=np.float32)},
+            dtype=weight.dtype,
+        )
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        codes = np.ascontiguousarray(q.codes).astype(np.float32)
+        rows = _rows_of(QuantizedTensor(codes, q.n_levels, q.quantizer, {}, q.dtype),
+                        self.granularity)
+        values = (rows - float(q.params["offset"].reshape(-1)[0])) * _column(q.params["step"])
+        return values.reshape(q.shape).to(q.dtype)

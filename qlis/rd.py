@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
 from qlis.quantize import MAX_LEVELS, round_with_offset
 from qlis.tensors import storage_bits
+
+if TYPE_CHECKING:
+    from qlis.compress import CompressionResult
 
 DEFAULT_MAX_DISTORTION = 3e-4
 """The default quality target: parameter-weighted relative weight MSE (35 dB weight SNR)."""
@@ -57,11 +60,11 @@ def _relative_steps(finest: float) -> np.ndarray:
     return 1.5 * 2.0 ** (-np.arange(count) / 2)
 
 
-def _sample(flat: torch.Tensor, size: int, seed: int) -> torch.Tensor:
-    if flat.numel() <= size:
-        return flat
-    generator = torch.Generator().manual_seed(seed)
-    return flat[torch.randint(flat.numel(), (size,), generator=generator)]
+def _sample_index(numel: int, size: int, seed: int) -> torch.Tensor:
+    """Every index of a small layer; a seeded sample (with replacement) of a large one."""
+    if numel <= size:
+        return torch.arange(numel)
+    return torch.randint(numel, (size,), generator=torch.Generator().manual_seed(seed))
 
 
 def _layer_candidates(
@@ -73,16 +76,17 @@ def _layer_candidates(
     numel = w.numel()
     rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
-    energy = float(rows.double().square().sum())
+    energy = float(rows.square().sum(dtype=torch.float64)) if numel else 0.0
     if numel == 0 or energy == 0:
         return [keep]
-    index = _sample(torch.arange(numel), sample_size, seed)
+    index = _sample_index(numel, sample_size, seed)
     values = rows.reshape(-1)[index]
     row_of = index // rows.shape[1]
-    sample_energy = float(values.double().square().sum())
+    sample_energy = float(values.square().sum(dtype=torch.float64))
     if sample_energy == 0:
         return [keep]
     candidates = [keep]
+    widest = float(rows.abs().max()) / float(values.abs().max())  # full range / sample range
     for granularity in granularities:
         if granularity == "channel":
             rms = rows.square().mean(dim=1).sqrt()
@@ -95,11 +99,11 @@ def _layer_candidates(
         reliable_bits = None
         for t in _relative_steps(finest):
             levels = round_with_offset(scaled / float(t), rounding)
-            span = float(levels.max() - levels.min()) + 1
-            if span * max(1.0, float(rows.abs().max()) / float(values.abs().max())) > MAX_LEVELS:
+            low, high = (float(v) for v in torch.aminmax(levels))
+            if (high - low + 1) * max(1.0, widest) > MAX_LEVELS:
                 break
-            error = float((values - levels * float(t) * rms).double().square().sum())
-            counts = torch.bincount((levels - levels.min()).long()).numpy()
+            error = float((values - levels * float(t) * rms).square_().sum(dtype=torch.float64))
+            counts = torch.bincount((levels - low).long()).numpy()
             present = int(np.count_nonzero(counts))
             if present <= values.numel() / 16:  # enough samples per symbol to trust
                 bits = entropy_of_counts(counts) / values.numel() + (present - 1) / (
@@ -213,6 +217,28 @@ class RDPolicy(Policy):
             })
 
         return plan_of(self._allocate(context, curves, plan_of))
+
+    def review(self, result: CompressionResult) -> list[str]:
+        found = []
+        output = result.distortion.get("output")
+        if output is not None and self.max_distortion is None and self._size_target() is None:
+            wanted = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
+            if output["cosine"] < wanted:
+                found.append(f"the output cosine {output['cosine']:.5f} misses the target "
+                             f"{wanted} even after {_COSINE_PASSES} passes")
+        elif output is None and self._size_target() is None:
+            limit = self.max_distortion or DEFAULT_MAX_DISTORTION
+            if result.distortion["weight_rel_mse"] > limit * 1.001:
+                found.append(f"the weight error {result.distortion['weight_rel_mse']:.3g} "
+                             f"misses the target {limit:g}: even the finest steps do not reach "
+                             f"it (lower finest_step)")
+        return found
+
+    def _size_target(self) -> str | None:
+        for name in ("target_bits_per_weight", "target_bytes", "target_ratio"):
+            if getattr(self, name) is not None:
+                return name
+        return None
 
     def _budget(self, context: PlanContext) -> float | None:
         """Bytes the selected layers may take, from the size target (None: no size target)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -48,8 +48,136 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(np.array_equal(bit_patterns(a), bit_patterns(b)))
 
 
+# What the archive stores; anything else is refused by name (no silent conversions).
+STORED_DTYPES = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+)
+MAX_NDIM = 64  # numpy's limit: a tensor with more dimensions cannot be processed
+# Views that repeat elements (expand(), stride 0) and storages shared by many names let a few
+# bytes stand for terabytes. The tensors of one input may describe at most twice the bytes
+# their storages hold, plus this slack (tied weights and small expanded buffers stay fine).
+VIEW_SLACK_BYTES = 16 << 20
+
+
+def tensor_label(name: str) -> str:
+    """A tensor name for a message: quoted, escaped (control characters, surrogates), short."""
+    text = ascii(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _dtype_hint(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "torch.view_as_real(tensor)"
+    if dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
+        return "tensor.dequantize()"
+    if "float8" in str(dtype):
+        return "tensor.to(torch.float16), which is exact for float8"
+    return "tensor.to(torch.float32)"
+
+
+def _may_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two indices of a strided tensor may address one element (stride 0, expand)."""
+    reach = 0  # the farthest element offset the smaller-stride dimensions address
+    dims = zip(tensor.stride(), tensor.shape, strict=True)
+    for stride, size in sorted((st, sz) for st, sz in dims if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def _checked_tensor(name: object, value: object, where: str) -> torch.Tensor:
+    if not isinstance(name, str):
+        raise InputError(f"{where}a key is a {type(name).__name__}; tensor names must be strings")
+    label = tensor_label(name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{where}tensor name {label} is not valid Unicode text (a lone surrogate); rename it"
+        ) from None
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{where}entry {label} is a {type(value).__name__}, not a tensor")
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):  # before any call on it
+        lazy = isinstance(value, torch.nn.parameter.UninitializedTensorMixin)
+        raise InputError(
+            f"{where}tensor {label} is a {type(value).__name__} (a tensor subclass); "
+            + ("run the lazy module once to initialise it" if lazy
+               else "convert it to a plain tensor first")
+        )
+    tensor = value.detach()
+    if tensor.layout != torch.strided or tensor.is_nested:
+        raise InputError(
+            f"{where}tensor {label} has layout {tensor.layout}"
+            f"{' (nested)' if tensor.is_nested else ''}; qlis reads dense tensors: "
+            "use tensor.to_dense()"
+        )
+    if tensor.device.type == "meta":
+        raise InputError(
+            f"{where}tensor {label} is on the meta device (it holds no values); "
+            "give the model with its weights loaded"
+        )
+    if tensor.dtype not in STORED_DTYPES:
+        raise InputError(
+            f"{where}tensor {label} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+            f"which qlis does not store; convert it first, e.g. {_dtype_hint(tensor.dtype)}"
+        )
+    if tensor.ndim > MAX_NDIM:
+        raise InputError(
+            f"{where}tensor {label} has {tensor.ndim} dimensions (at most {MAX_NDIM})"
+        )
+    return tensor
+
+
+def checked_state(items: Iterable[tuple[object, object]], where: str = "") -> dict:
+    """Validate name -> tensor pairs into a dict, refusing what qlis cannot read or store.
+
+    Each value must be a dense, plain (not subclassed), non-meta tensor of a stored dtype under
+    a string name encodable as UTF-8. Views are kept as they are (no copy), but the tensors
+    together may describe at most twice the bytes their storages hold plus VIEW_SLACK_BYTES,
+    so a tiny stride-0 view cannot make later steps allocate gigabytes. ``where`` prefixes
+    messages (e.g. the file name and ': ').
+    """
+    state: dict[str, torch.Tensor] = {}
+    storages: dict[int, int] = {}
+    described = 0
+    for name, value in items:
+        tensor = _checked_tensor(name, value, where)
+        state[name] = tensor
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
+        described += tensor.numel() * tensor.element_size()
+    held = sum(storages.values())
+    if described > 2 * held + VIEW_SLACK_BYTES:
+        _refuse_expansion(state, described, held, where)
+    return state
+
+
+def _refuse_expansion(state: dict[str, torch.Tensor], described: int, held: int,
+                      where: str) -> None:
+    overlapping = [(t.numel() * t.element_size(), n) for n, t in state.items()
+                   if _may_overlap(t)]
+    if overlapping:
+        size, name = max(overlapping)
+        held_by = state[name].untyped_storage().nbytes()
+        raise InputError(
+            f"{where}tensor {tensor_label(name)} repeats its elements (a stride-0 or "
+            f"overlapping view, e.g. from expand()): it stands for {size:,} bytes held in "
+            f"{held_by:,} bytes; save or pass tensor.contiguous() if that size is meant"
+        )
+    raise InputError(
+        f"{where}tensors sharing storages stand for {described:,} bytes held in {held:,} bytes "
+        "(more than twice); store each shared tensor once"
+    )
+
+
 def as_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict:
-    """A plain name -> tensor dict (detached, CPU) from a module or a state dict."""
+    """A plain name -> tensor dict (detached, CPU) from a module or a state dict.
+
+    Validated as by `checked_state`: views from Python memory are accepted within its bound.
+    """
     if isinstance(model_or_state_dict, torch.nn.Module):
         items = model_or_state_dict.state_dict().items()
     elif isinstance(model_or_state_dict, Mapping):
@@ -58,11 +186,7 @@ def as_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tens
         raise InputError(
             f"expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}"
         )
-    state = {}
-    for name, value in items:
-        if not isinstance(value, torch.Tensor):
-            raise InputError(f"entry {name!r} is a {type(value).__name__}, not a tensor")
-        state[str(name)] = value.detach().cpu()
+    state = {name: tensor.cpu() for name, tensor in checked_state(items).items()}
     if not state:
         raise InputError("the model has no tensors")
     return state

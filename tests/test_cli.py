@@ -67,12 +67,13 @@ def test_inspect_json_matches_the_library(runner, model_pt):
     assert "position_ids" not in {r["name"] for r in records}
 
 
-def test_inspect_table_fits_80_columns(runner, model_pt):
-    out = run_ok(runner, "inspect", model_pt).stdout
+def test_inspect_table_piped_shows_full_names(runner, model_pt):
+    out = run_ok(runner, "inspect", model_pt).stdout  # COLUMNS=80, but piped: never cut
     lines = out.splitlines()
-    assert all(len(line) <= 80 for line in lines[:-1]), lines
     assert "QLIS" in lines[0] and "3 layers" in lines[-1]
-    assert any("intermediate.dense.weight" in line for line in lines)
+    for name in ("encoder.layer.0.attention.attention.query.weight",
+                 "encoder.layer.0.intermediate.dense.weight", "classifier.weight"):
+        assert sum(line.startswith(name + " ") for line in lines) == 1, (name, lines)
 
 
 def test_inspect_csv_and_options(runner, model_pt):
@@ -208,7 +209,7 @@ def test_corrupt_archives_get_one_line(runner, model_pt, tmp_path):
 def test_bad_options_exit_2(runner, model_pt, tmp_path):
     result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
                                  "--codec", "zip"])
-    assert result.exit_code == 2 and "unknown codec" in result.stderr
+    assert result.exit_code == 2 and "'zip' is not one of" in result.stderr
     result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
                                  "--policy", "lapq", "--target-ratio", "1000"])
     assert result.exit_code == 2 and "out of reach" in result.stderr
@@ -219,3 +220,5 @@ def test_demo_runs_and_verifies(runner, tmp_path):
     out = run_ok(runner, "demo", "--model", "vit-tiny", "-o", tmp_path).stdout
     assert "RANDOM-INITIALISED" in out and "bit-exact: yes" in out
     assert (tmp_path / "vit-tiny.qlis").is_file()
+    assert str(tmp_path / "vit-tiny.safetensors") in out
+    assert "exists" in run_user_error(runner, "demo", "--model", "vit-tiny", "-o", tmp_path)

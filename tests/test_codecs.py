@@ -24,12 +24,13 @@ from qlis.codecs import (
     huffman_code_lengths,
     register_codec,
 )
+from qlis.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
 from qlis.codecs.ans import _encoder_table
-from qlis.codecs.huffman import _package_merge
+from qlis.codecs.huffman import _package_merge, canonical_codes
 from qlis.errors import ArchiveError, ConfigError
 
-SYMBOL_CODECS = [BitPack(8), Huffman(), ANS()]
 ALL_IDS = {"ans", "auto", "bitpack", "huffman", "raw", "sparse"}
+DTYPES = [np.uint8, np.uint16]
 
 
 def skewed_symbols(rng: np.random.Generator, n: int, k: int, skew: float) -> np.ndarray:
@@ -39,13 +40,29 @@ def skewed_symbols(rng: np.random.Generator, n: int, k: int, skew: float) -> np.
     return values[rng.choice(k, size=n, p=p / p.sum())].astype(np.uint8)
 
 
+def wide_symbols(
+    rng: np.random.Generator, n: int, spread: float, centre: int, outliers: int = 0
+) -> np.ndarray:
+    """16-bit codes as a uniform quantizer makes them: a discretised Laplacian around
+    ``centre`` (``spread`` codes per unit of scale) plus a few outliers anywhere in 0..65535."""
+    codes = np.clip(np.round(rng.laplace(size=n) * spread) + centre, 0, 65535).astype(np.uint16)
+    if n:
+        codes[rng.integers(0, n, outliers)] = rng.integers(0, 65536, outliers)
+    return codes
+
+
 @st.composite
-def symbol_arrays(draw: st.DrawFn, max_size: int = 5000) -> np.ndarray:
+def symbol_arrays(draw: st.DrawFn, dtype: type = np.uint8, max_size: int = 5000) -> np.ndarray:
     n = draw(st.integers(0, max_size))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if dtype == np.uint16:
+        spread = draw(st.sampled_from([0.0, 0.3, 3.0, 30.0, 3000.0]))
+        centre = draw(st.integers(0, 65535))
+        return wide_symbols(rng, n, spread, centre, outliers=draw(st.integers(0, 5)))
     k = draw(st.integers(1, 256))
     skew = draw(st.sampled_from([0.0, 1.0, 2.0, 4.0]))
-    seed = draw(st.integers(0, 2**32 - 1))
-    return skewed_symbols(np.random.default_rng(seed), n, k, skew)
+    return skewed_symbols(rng, n, k, skew)
 
 
 def roundtrip(codec: Codec, array: np.ndarray) -> bytes:
@@ -113,21 +130,83 @@ def test_package_merge_respects_its_limit_and_is_optimal_without_one(
 # -- round trips --------------------------------------------------------------------------
 
 
-@settings(max_examples=80, deadline=None)
-@given(symbol_arrays())
-def test_symbol_codecs_roundtrip(array: np.ndarray) -> None:
-    bits = max(1, int(array.max()).bit_length()) if array.size else 1
-    for codec in [BitPack(bits), Huffman(), ANS(), Raw(), Sparse()]:
-        roundtrip(codec, array)
-    codec, data = Auto().select(array)
-    assert codec.codec_id in {"bitpack", "huffman", "ans"}
-    out = np.empty_like(array)
-    assert np.array_equal(get_codec(codec.get_config()).decode(data, out), array)
+def narrowest_bits(array: np.ndarray) -> int:
+    return max(1, int(array.max()).bit_length()) if array.size else 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["bitpack", "huffman", "ans", "raw", "sparse", "auto"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_symbol_codecs_roundtrip(name: str, dtype: type, data: st.DataObject) -> None:
+    array = data.draw(symbol_arrays(dtype))
+    if name == "auto":
+        codec, encoded = Auto().select(array)
+        assert codec.codec_id in {"bitpack", "huffman", "ans"}
+        out = np.empty_like(array)
+        assert np.array_equal(get_codec(codec.get_config()).decode(encoded, out), array)
+        return
+    bits = data.draw(st.integers(narrowest_bits(array), 8 * array.itemsize))
+    codec = BitPack(bits) if name == "bitpack" else get_codec(name)
+    roundtrip(codec, array)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("codec", [BitPack(1), Huffman(), ANS(), Raw(), Sparse()], ids=repr)
-def test_empty_arrays_roundtrip(codec: Codec) -> None:
-    roundtrip(codec, np.zeros(0, dtype=np.uint8))
+def test_empty_arrays_roundtrip(codec: Codec, dtype: type) -> None:
+    roundtrip(codec, np.zeros(0, dtype=dtype))
+
+
+@pytest.mark.parametrize("codec", [BitPack(7), Huffman(), ANS()], ids=repr)
+def test_stream_width_must_match_the_output(codec: Codec) -> None:
+    for n, fill in ((0, 0), (5, 0), (5, 100), (300, None)):
+        for dtype, other in ((np.uint8, np.uint16), (np.uint16, np.uint8)):
+            array = np.arange(n, dtype=dtype) % 128 if fill is None else np.full(n, fill, dtype)
+            data = roundtrip(codec, array)
+            assert data.startswith(WIDE_TAG) == (dtype == np.uint16 and codec.codec_id != "bitpack")
+            with pytest.raises(ArchiveError, match="bit"):
+                codec.decode(data, np.empty(n, dtype=other))
+
+
+def test_uint8_streams_keep_their_layout_and_uint16_streams_are_tagged() -> None:
+    # The documented heads (docs/codecs.md): 8-bit streams start with the count, then the
+    # alphabet; 16-bit ones with the tag, the count, then symbol runs (skip, length - 1).
+    codes = np.array([0, 0, 0, 3], dtype=np.uint8)
+    assert ANS().encode(codes)[:4] == bytes([4, 1, 0, 3])
+    assert Huffman().encode(codes)[:5] == bytes([4, 1, 0, 3, 0x00])  # lengths 1 and 1
+    assert BitPack(2).encode(codes) == bytes([2, 4, 0b11000000])
+    wide = np.array([300, 300, 301, 302, 1000], dtype=np.uint16)
+    runs = bytes([1, 0xAC, 0x02, 2, 0xB8, 0x05, 0])  # 300..302 (skip 300), 1000 (skip 696)
+    assert ANS().encode(wide)[:10] == WIDE_TAG + bytes([5]) + runs
+    assert Huffman().encode(wide)[:10] == WIDE_TAG + bytes([5]) + runs
+    assert BitPack(10).encode(wide)[:2] == bytes([0x80 | 10, 5])
+    assert Huffman().encode(np.full(9, 40000, np.uint16)) == WIDE_TAG + bytes(
+        [9, 0, 0xC0, 0xB8, 2, 0]
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, 65535), min_size=1, max_size=400))
+def test_symbol_runs_roundtrip(symbols: set[int]) -> None:
+    present = np.array(sorted(symbols), dtype=np.int64)
+    stream = bytearray()
+    write_runs(stream, present)
+    reader = Reader(np.frombuffer(bytes(stream), dtype=np.uint8), "test")
+    assert np.array_equal(read_runs(reader), present)
+    reader.expect_end()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 10**6), min_size=2, max_size=300))
+def test_canonical_codes_follow_the_documented_rule(counts: list[int]) -> None:
+    lengths = huffman_code_lengths(np.array(counts, dtype=np.int64))
+    codes, order = canonical_codes(lengths)
+    code, previous = 0, 0
+    for symbol in order:  # (previous + 1) << (length - previous length), written reversed
+        length = int(lengths[symbol])
+        code <<= length - previous
+        assert int(codes[symbol]) == int(f"{code:0{length}b}"[::-1], 2)
+        code, previous = code + 1, length
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32, np.uint64])
@@ -150,19 +229,24 @@ def test_raw_is_little_endian() -> None:
 # -- sizes --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", range(1, 17))
 def test_bitpack_size_is_exact(bits: int) -> None:
     rng = np.random.default_rng(bits)
-    for n in (0, 1, 7, 8, 9, 1001):
-        array = rng.integers(0, 2**bits, n).astype(np.uint8)
-        data = roundtrip(BitPack(bits), array)
-        assert len(data) == 1 + varint_size(n) + math.ceil(n * bits / 8)
+    for dtype in DTYPES if bits <= 8 else [np.uint16]:
+        for n in (0, 1, 7, 8, 9, 1001):
+            array = rng.integers(0, 2**bits, n).astype(dtype)
+            data = roundtrip(BitPack(bits), array)
+            assert len(data) == 1 + varint_size(n) + math.ceil(n * bits / 8)
 
 
 def test_bitpack_rejects_wide_codes_and_bad_widths() -> None:
     with pytest.raises(ConfigError):
         BitPack(2).encode(np.array([0, 4], dtype=np.uint8))
-    for bits in (0, 9, 2.0, True):
+    with pytest.raises(ConfigError):
+        BitPack(11).encode(np.array([0, 4096], dtype=np.uint16))
+    with pytest.raises(ConfigError):
+        BitPack(9).encode(np.array([0, 4], dtype=np.uint8))
+    for bits in (0, 17, 2.0, True):
         with pytest.raises(ConfigError):
             BitPack(bits)
 
@@ -203,6 +287,30 @@ def test_ans_size_close_to_entropy_on_skewed_data() -> None:
         assert len(data) <= bound * 1.03 + 40
     single = np.full(100_000, 3, dtype=np.uint8)
     assert len(roundtrip(ANS(), single)) <= 6
+
+
+def test_ans_within_1_percent_of_entropy_on_16_bit_laplacian_codes() -> None:
+    rng = np.random.default_rng(6)
+    # A uniform quantizer's codes of Laplacian weights: ~200 symbols around 1000, plus
+    # outliers far away (as a heavy-tailed layer's largest weights give).
+    codes = wide_symbols(rng, 300_000, spread=12.0, centre=1000, outliers=30)
+    counts = np.bincount(codes, minlength=65536)
+    assert 150 <= np.count_nonzero(counts) <= 300
+    data = roundtrip(ANS(), codes)
+    assert 8 * len(data) <= entropy_bits(counts) * 1.01
+
+
+def test_huffman_caps_long_codes_on_large_16_bit_alphabets() -> None:
+    rng = np.random.default_rng(7)
+    # ~5000 symbols (more than a 2**11 table holds) and optimal codes over 16 bits.
+    x = rng.standard_t(2, 400_000) * 400 + 30000
+    codes = np.clip(np.round(x), 0, 65535).astype(np.uint16)
+    counts = np.bincount(codes, minlength=65536)
+    optimal = huffman_code_lengths(counts)
+    assert np.count_nonzero(counts) > 2048 and optimal.max() > 16
+    data = roundtrip(Huffman(), codes)
+    header = 2 + 3 + 3 + 3 * np.count_nonzero(counts) + np.count_nonzero(counts) // 2 + 1
+    assert 8 * len(data) <= np.dot(counts, optimal) * 1.001 + 8 * header
 
 
 def test_ans_reciprocals_divide_exactly() -> None:
@@ -295,11 +403,17 @@ def test_auto_cannot_decode_and_rejects_unusable_input() -> None:
 
 def test_encode_rejects_wrong_inputs_and_decode_wrong_outputs() -> None:
     for codec in (Huffman(), ANS(), BitPack(4)):
-        with pytest.raises(ConfigError):
-            codec.encode(np.zeros(4, dtype=np.float32))
+        for bad in (np.zeros(4, dtype=np.float32), np.zeros(4, np.uint32), np.zeros(4, np.int16)):
+            with pytest.raises(ConfigError):
+                codec.encode(bad)
         with pytest.raises(ConfigError):
             codec.encode(np.zeros((2, 2), dtype=np.uint8))
         data = codec.encode(np.zeros(4, dtype=np.uint8))
-        for out in (np.empty(4, np.uint16), np.empty(5, np.uint8), np.empty(8, np.uint8)[::2]):
+        for out in (
+            np.empty(4, np.uint16),
+            np.empty(4, np.int8),
+            np.empty(5, np.uint8),
+            np.empty(8, np.uint8)[::2],
+        ):
             with pytest.raises(ArchiveError):
                 codec.decode(data, out)

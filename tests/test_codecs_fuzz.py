@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlis.codecs import ANS, BitPack, Codec, Huffman, Raw, Sparse
+from qlis.codecs._common import WIDE_TAG
 from qlis.errors import ArchiveError
 
 
@@ -19,7 +20,15 @@ def _samples() -> list[tuple[Codec, np.ndarray]]:
     pruned[rng.random(2000) < 0.8] = 0
     very_sparse = np.zeros(5000, dtype=np.float16)
     very_sparse[[3, 99, 4000]] = -0.0
+    laplace = np.round(rng.laplace(size=3000) * 10 + 700).astype(np.uint16)
+    laplace[[5, 2000]] = [3, 60000]
     return [
+        (BitPack(3), skewed.astype(np.uint16)),
+        (BitPack(11), laplace % 2048),
+        (BitPack(16), laplace),
+        (Huffman(), laplace),
+        (ANS(), laplace),
+        (ANS(), np.full(100, 40000, dtype=np.uint16)),
         (BitPack(2), skewed),
         (BitPack(5), skewed),
         (Huffman(), skewed),
@@ -90,10 +99,36 @@ def test_random_buffers_raise_archive_error(index: int, garbage: bytes, n: int) 
     decode_or_archive_error(codec, prefix + garbage, like)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize("codec", [Huffman(), ANS(), BitPack(3), Sparse()], ids=repr)
-def test_huge_claimed_counts_fail_before_allocating(codec: Codec) -> None:
+def test_huge_claimed_counts_fail_before_allocating(codec: Codec, dtype: type) -> None:
     # A 10-byte varint claiming ~2**62 elements against a small output: rejected at once.
-    header = bytes([3]) if codec.codec_id in {"bitpack"} else b""
+    wide = dtype == np.uint16
+    if codec.codec_id == "bitpack":
+        header = bytes([3 | (0x80 if wide else 0)])
+    elif codec.codec_id == "sparse":
+        header = bytes([np.dtype(dtype).itemsize])
+    else:
+        header = WIDE_TAG if wide else b""
     huge = header + b"\xff" * 8 + b"\x3f"
     with pytest.raises(ArchiveError):
-        codec.decode(huge, np.empty(10, dtype=np.uint8))
+        codec.decode(huge, np.empty(10, dtype=dtype))
+
+
+@pytest.mark.parametrize("codec", [Huffman(), ANS()], ids=repr)
+def test_hostile_16_bit_alphabets_are_bounded(codec: Codec) -> None:
+    out = np.empty(10, dtype=np.uint16)
+    head = WIDE_TAG + bytes([10])
+    hostile = [
+        b"\xff\xff\x01",  # 32768 runs claimed, no bytes for them
+        b"\xff\xff\x03" + b"\x00" * 100,  # more runs than 16-bit symbols allow
+        b"\x01" + b"\xff\xff\x03\x00" * 2,  # a run past 65535
+        b"\x00\x00\xff\xff\x03",  # one run of 65536 symbols, no code table after it
+        b"\x00\x80\x00\x00",  # a non-minimal varint
+    ]
+    for tail in hostile:
+        with pytest.raises(ArchiveError):
+            codec.decode(head + tail, out)
+    # The full 65536-symbol alphabet is legal and decodes (with the tables it declares).
+    every = np.arange(65536, dtype=np.uint16)
+    assert np.array_equal(codec.decode(codec.encode(every), np.empty_like(every)), every)

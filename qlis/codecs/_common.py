@@ -13,6 +13,8 @@ from qlis.errors import ArchiveError, ConfigError
 
 _MAX_VARINT_BYTES = 10
 _SYMBOL_LIST_MAX = 32  # alphabets up to this size are listed; larger ones use a 256-bit map
+SYMBOL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))  # what the symbol codecs take
+WIDE_TAG = b"\x80\x00"  # starts a 16-bit symbol stream: a non-minimal varint, so no 8-bit one
 
 
 def as_bytes_array(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
@@ -34,27 +36,35 @@ def as_bytes_array(buf: bytes | bytearray | memoryview | np.ndarray) -> np.ndarr
     return view
 
 
-def check_input(array: np.ndarray, codec_id: str, dtype: type | None = np.uint8) -> np.ndarray:
+def _names(dtypes: tuple[np.dtype, ...]) -> str:
+    return " or ".join(dtype.name for dtype in dtypes)
+
+
+def check_input(
+    array: np.ndarray, codec_id: str, dtypes: tuple[np.dtype, ...] | None = SYMBOL_DTYPES
+) -> np.ndarray:
     """The 1-D contiguous array a codec encodes; ConfigError if the codec cannot take it."""
     if not isinstance(array, np.ndarray):
         raise ConfigError(f"codec {codec_id!r} encodes numpy arrays, got {type(array).__name__}")
     if array.ndim != 1:
         raise ConfigError(f"codec {codec_id!r} encodes 1-D arrays; flatten the tensor first")
-    if dtype is not None and array.dtype != dtype:
+    if dtypes is not None and array.dtype not in dtypes:
         raise ConfigError(
-            f"codec {codec_id!r} encodes {np.dtype(dtype).name} arrays, got {array.dtype}; "
+            f"codec {codec_id!r} encodes {_names(dtypes)} arrays, got {array.dtype}; "
             "use the 'raw' or 'sparse' codec for other dtypes"
         )
     return np.ascontiguousarray(array)
 
 
-def check_out(out: np.ndarray, codec_id: str, dtype: type | None = np.uint8) -> np.ndarray:
+def check_out(
+    out: np.ndarray, codec_id: str, dtypes: tuple[np.dtype, ...] | None = SYMBOL_DTYPES
+) -> np.ndarray:
     """Validate the caller's preallocated output; a mismatch means the record is inconsistent."""
     if not isinstance(out, np.ndarray) or out.ndim != 1:
         raise ArchiveError(f"codec {codec_id!r} decodes into a preallocated 1-D numpy array")
-    if dtype is not None and out.dtype != dtype:
+    if dtypes is not None and out.dtype not in dtypes:
         raise ArchiveError(
-            f"codec {codec_id!r} decodes {np.dtype(dtype).name} data, the record says {out.dtype}"
+            f"codec {codec_id!r} decodes {_names(dtypes)} data, the record says {out.dtype}"
         )
     if not (out.flags.c_contiguous and out.flags.writeable):
         raise ArchiveError(f"codec {codec_id!r} needs a contiguous, writeable output array")
@@ -130,6 +140,68 @@ def read_count(reader: Reader, out: np.ndarray) -> int:
     return n
 
 
+def symbol_width(dtype: np.dtype) -> int:
+    """8 or 16: the bits of one symbol of a uint8 or uint16 stream."""
+    return 8 * np.dtype(dtype).itemsize
+
+
+@njit(cache=True, nogil=True)
+def _write_varints(values: np.ndarray, out: np.ndarray) -> int:
+    pos = 0
+    for value in values:
+        v = np.uint64(value)
+        while v >= 0x80:
+            out[pos] = np.uint8((v & np.uint64(0x7F)) | np.uint64(0x80))
+            v >>= np.uint64(7)
+            pos += 1
+        out[pos] = np.uint8(v)
+        pos += 1
+    return pos
+
+
+@njit(cache=True, nogil=True)
+def _read_varints(data: np.ndarray, limit: int, out: np.ndarray) -> int:
+    # Parse len(out) minimal varints, each <= limit (< 2**62); the bytes used, or -1.
+    pos = 0
+    for j in range(out.size):
+        value = 0
+        shift = 0
+        while True:
+            if pos >= data.size or shift > 56:
+                return -1
+            byte = np.int64(data[pos])
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if value > limit:
+                return -1
+            if byte < 0x80:
+                if byte == 0 and shift > 7:
+                    return -1
+                break
+        out[j] = value
+    return pos
+
+
+def write_varints(dst: bytearray, values: np.ndarray) -> None:
+    """Append each of ``values`` (>= 0) as a varint (`write_varint`, compiled for long lists)."""
+    buffer = np.empty(10 * len(values), dtype=np.uint8)
+    dst += buffer[: _write_varints(np.asarray(values, dtype=np.int64), buffer)].tobytes()
+
+
+def read_varints(reader: Reader, count: int, limit: int) -> np.ndarray:
+    """``count`` varints, each <= ``limit``, as int64; each takes a byte, so ``count`` is
+    checked against the stream before anything is allocated."""
+    if count > reader.remaining:
+        raise reader.fail("truncated")
+    values = np.empty(count, dtype=np.int64)
+    used = _read_varints(reader.data[reader.pos :], limit, values)
+    if used < 0:
+        raise reader.fail(f"a bad varint (truncated, not minimal or over {limit})")
+    reader.take(used)
+    return values
+
+
 def write_alphabet(dst: bytearray, symbols: np.ndarray) -> None:
     """Append the sorted set of present byte symbols: count-1, then a list or a 256-bit map."""
     k = int(symbols.size)
@@ -157,10 +229,35 @@ def read_alphabet(reader: Reader) -> np.ndarray:
     return symbols
 
 
+def write_runs(dst: bytearray, symbols: np.ndarray) -> None:
+    """Append the sorted set of present 16-bit symbols as runs of consecutive values:
+    ``varint r-1``, then per run ``varint skip`` (absent values before it, minus one after the
+    first run) and ``varint length-1``. A range like 40..300 takes a handful of bytes."""
+    breaks = np.flatnonzero(np.diff(symbols) > 1)
+    starts = symbols[np.concatenate([[0], breaks + 1])].astype(np.int64)
+    ends = symbols[np.concatenate([breaks, [symbols.size - 1]])].astype(np.int64) + 1
+    skips = starts - np.concatenate([[0], ends[:-1] + 1])
+    write_varint(dst, starts.size - 1)
+    write_varints(dst, np.stack([skips, ends - starts - 1], axis=1).ravel())
+
+
+def read_runs(reader: Reader) -> np.ndarray:
+    """The sorted present symbols written by `write_runs`; every symbol must be < 2**16."""
+    runs = reader.varint(limit=(1 << 15) - 1) + 1
+    fields = read_varints(reader, 2 * runs, limit=(1 << 16) - 1)
+    skips, lengths = fields[0::2], fields[1::2] + 1
+    ends = np.cumsum(skips + lengths) + np.arange(runs)
+    if ends[-1] > 1 << 16:
+        raise reader.fail("a symbol run goes past 65535")
+    starts = ends - lengths
+    before = np.cumsum(lengths) - lengths
+    return np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - before, lengths)
+
+
 @njit(cache=True, nogil=True)
-def _histogram(symbols: np.ndarray) -> np.ndarray:
+def _histogram(symbols: np.ndarray, bins: int) -> np.ndarray:
     # Four partial histograms break the store-to-load dependency of runs of equal symbols.
-    h = np.zeros((4, 256), dtype=np.int64)
+    h = np.zeros((4, bins), dtype=np.int64)
     n = symbols.size
     n4 = n - (n & 3)
     for i in range(0, n4, 4):
@@ -173,33 +270,49 @@ def _histogram(symbols: np.ndarray) -> np.ndarray:
     return h[0] + h[1] + h[2] + h[3]
 
 
-def byte_histogram(symbols: np.ndarray) -> np.ndarray:
-    """Counts of the 256 byte values (int64), fast and without numpy's intp conversion."""
-    return _histogram(symbols)
+def symbol_histogram(symbols: np.ndarray) -> np.ndarray:
+    """Counts (int64) of every value of a uint8 or uint16 array: 256 or 65536 of them."""
+    bins = 1 << symbol_width(symbols.dtype)
+    if symbols.size == 0:
+        return np.zeros(bins, dtype=np.int64)
+    return _histogram(symbols, bins)
 
 
 def start_symbol_stream(symbols: np.ndarray) -> tuple[bytearray, np.ndarray, np.ndarray]:
-    """The head shared by the entropy coders: element count, then the present symbols.
+    """The head shared by the entropy coders: width tag (16-bit only), element count, then the
+    present symbols.
 
     Returns (stream, counts, present); the stream is already complete when at most one
     symbol is present, since the head alone then says everything.
     """
-    stream = bytearray()
+    wide = symbols.dtype == np.uint16
+    stream = bytearray(WIDE_TAG if wide else b"")
     write_varint(stream, symbols.size)
-    counts = byte_histogram(symbols) if symbols.size else np.zeros(256, dtype=np.int64)
+    counts = symbol_histogram(symbols)
     present = np.flatnonzero(counts)
     if present.size:
-        write_alphabet(stream, present)
+        (write_runs if wide else write_alphabet)(stream, present)
     return stream, counts, present
+
+
+def read_width(reader: Reader, out: np.ndarray) -> None:
+    """Consume the width tag, if any; ArchiveError unless the stream's width is ``out``'s."""
+    data, pos = reader.data, reader.pos
+    wide = reader.remaining >= 2 and data[pos] == WIDE_TAG[0] and data[pos + 1] == WIDE_TAG[1]
+    if wide:
+        reader.take(2)
+    if wide != (out.dtype == np.uint16):
+        raise reader.fail(f"it holds {16 if wide else 8}-bit symbols, the record says {out.dtype}")
 
 
 def read_symbol_head(reader: Reader, out: np.ndarray) -> np.ndarray | None:
     """Read what `start_symbol_stream` wrote: the present symbols, or None when the head alone
     has filled ``out`` (no symbol, or a single repeated one)."""
+    read_width(reader, out)
     if read_count(reader, out) == 0:
         reader.expect_end()
         return None
-    present = read_alphabet(reader)
+    present = read_runs(reader) if out.dtype == np.uint16 else read_alphabet(reader)
     if present.size == 1:
         reader.expect_end()
         out[:] = present[0]

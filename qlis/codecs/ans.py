@@ -1,4 +1,4 @@
-"""Static rANS over uint8 symbols: within a fraction of a percent of the Shannon bound.
+"""Static rANS over uint8 or uint16 symbols: within a fraction of a percent of the Shannon bound.
 
 Huffman cannot spend less than one bit per symbol, yet 2-bit codes of real transformers
 carry about 0.27 bits of entropy per symbol; an entropy-bound coder closes that gap. This is
@@ -18,8 +18,9 @@ from qlis.codecs._common import (
     check_input,
     check_out,
     read_symbol_head,
+    read_varints,
     start_symbol_stream,
-    write_varint,
+    write_varints,
 )
 from qlis.codecs.base import Codec, register_codec
 
@@ -152,7 +153,7 @@ def _encoder_table(present: np.ndarray, freqs: np.ndarray, scale: int) -> np.nda
     gives x - 1, and the bias absorbs the difference (the encoded state is still x * 2**scale
     + start).
     """
-    table = np.zeros((256, 5), dtype=np.uint64)
+    table = np.zeros((int(present[-1]) + 1, 5), dtype=np.uint64)
     total = 1 << scale
     start = 0
     for symbol, f in zip(present.tolist(), freqs.tolist(), strict=True):
@@ -167,8 +168,8 @@ def _encoder_table(present: np.ndarray, freqs: np.ndarray, scale: int) -> np.nda
 
 
 def _symbol_tables(present: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    freq = np.zeros(256, dtype=np.uint64)
-    start = np.zeros(256, dtype=np.uint64)
+    freq = np.zeros(int(present[-1]) + 1, dtype=np.uint64)
+    start = np.zeros(int(present[-1]) + 1, dtype=np.uint64)
     freq[present] = freqs
     start[present] = np.cumsum(freqs) - freqs
     return freq, start
@@ -176,10 +177,11 @@ def _symbol_tables(present: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
 
 @register_codec
 class ANS(Codec):
-    """rANS entropy coder for uint8 symbols: reaches the entropy where Huffman cannot go
-    under one bit per symbol (e.g. 2-bit codes with one dominant value).
+    """rANS entropy coder for uint8 or uint16 symbols: reaches the entropy where Huffman
+    cannot go under one bit per symbol (e.g. 2-bit codes with one dominant value).
 
-    Stream: ``varint n``; if n > 0 the alphabet (as in Huffman); if k > 1: ``u8 scale``,
+    Stream: (16-bit symbols only: the tag ``0x80 0x00``) ``varint n``; if n > 0 the alphabet
+    (as in Huffman); if k > 1: ``u8 scale``,
     k-1 varint frequencies (the last is ``2**scale`` minus their sum), the four final states
     as u64 little-endian, then 32-bit little-endian words. A lone symbol needs nothing more.
 
@@ -197,8 +199,7 @@ class ANS(Codec):
             return bytes(stream)
         freqs, scale = frequency_table(counts[present])
         stream.append(scale)
-        for f in freqs[:-1]:
-            write_varint(stream, int(f))
+        write_varints(stream, freqs[:-1])
         enc = _encoder_table(present, freqs, scale)
         # rANS emits at most the coded bits plus < 1e-4 bit per symbol (docs/codecs.md).
         coded_bits = float(np.dot(counts[present], scale - np.log2(freqs)))
@@ -220,10 +221,9 @@ class ANS(Codec):
         if not present.size <= 1 << scale <= 1 << MAX_SCALE:
             raise reader.fail(f"scale {scale} out of range for {present.size} symbols")
         freqs = np.empty(present.size, dtype=np.int64)
-        for i in range(present.size - 1):
-            freqs[i] = reader.varint(limit=(1 << scale) - 1)
-            if freqs[i] == 0:
-                raise reader.fail("a present symbol has frequency 0")
+        freqs[:-1] = read_varints(reader, present.size - 1, limit=(1 << scale) - 1)
+        if np.any(freqs[:-1] == 0):
+            raise reader.fail("a present symbol has frequency 0")
         freqs[-1] = (1 << scale) - int(freqs[:-1].sum())
         if freqs[-1] < 1:
             raise reader.fail("the frequencies exceed the total")
@@ -234,7 +234,7 @@ class ANS(Codec):
         if words.size % 4:
             raise reader.fail("the payload is not a whole number of 32-bit words")
         freq, start = _symbol_tables(present, freqs)
-        table = np.repeat(present.astype(np.uint8), freqs)
+        table = np.repeat(present.astype(out.dtype), freqs)
         if not _decode(words, table, freq, start, scale, states, out):
             raise reader.fail("the coded words do not decode to exactly the expected symbols")
         return out

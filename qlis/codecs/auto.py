@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlis.codecs._common import check_input
+from qlis.codecs._common import SYMBOL_DTYPES, check_input
 from qlis.codecs.base import Codec, get_codec, register_codec
 from qlis.errors import ConfigError
 
@@ -14,9 +14,9 @@ class Auto(Codec):
     """Tries candidate codecs and keeps the smallest encoding; use `select`, which says which
     codec won, since decoding needs that codec (``"auto"`` never appears in an archive).
 
-    Default candidates: for uint8 codes, ``bitpack`` (``bits`` wide, or the narrowest width
-    that holds the largest code), ``huffman`` and ``ans``; for other dtypes ``raw`` and
-    ``sparse``. Candidates that cannot take an array's dtype are skipped. Ties go to the
+    Default candidates: for uint8 and uint16 codes, ``bitpack`` (``bits`` wide, or the
+    narrowest width that holds the largest code), ``huffman`` and ``ans``; for other dtypes
+    ``raw`` and ``sparse``. Candidates that cannot take an array's dtype are skipped. Ties go to the
     earlier candidate.
 
     >>> codec, data = Auto().select(np.zeros(1000, dtype=np.uint8))
@@ -34,20 +34,20 @@ class Auto(Codec):
                 if get_codec(candidate).codec_id == self.codec_id:
                     raise ConfigError("auto cannot be a candidate of itself")
             candidates = list(candidates)
-        if bits is not None and (isinstance(bits, bool) or bits not in range(1, 9)):
-            raise ConfigError(f"auto's bits must be 1..8 or None, got {bits!r}")
+        if bits is not None and (isinstance(bits, bool) or bits not in range(1, 17)):
+            raise ConfigError(f"auto's bits must be 1..16 or None, got {bits!r}")
         self.candidates = candidates
         self.bits = bits
 
     def _default_candidates(self, array: np.ndarray) -> list[Codec]:
-        if array.dtype != np.uint8:
+        if array.dtype not in SYMBOL_DTYPES:
             return [get_codec("raw"), get_codec("sparse")]
         bits = self.bits or max(1, int(array.max()).bit_length() if array.size else 1)
         return [get_codec({"id": "bitpack", "bits": bits}), get_codec("huffman"), get_codec("ans")]
 
     def select(self, array: np.ndarray) -> tuple[Codec, bytes]:
         """The candidate codec that encodes ``array`` smallest, and its bytes."""
-        array = check_input(array, self.codec_id, dtype=None)
+        array = check_input(array, self.codec_id, dtypes=None)
         if self.candidates is None:
             codecs = self._default_candidates(array)
         else:

@@ -1,4 +1,4 @@
-"""Fixed-width bit packing of small unsigned codes: the baseline every quantized layer gets."""
+"""Fixed-width bit packing of unsigned codes: the baseline every quantized layer gets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from qlis.codecs._common import (
     check_input,
     check_out,
     read_count,
+    symbol_width,
     write_varint,
 )
 from qlis.codecs.base import Codec, register_codec
 from qlis.errors import ConfigError
+
+_WIDE = 0x80  # flag in the head byte: the elements are uint16
 
 
 @njit(cache=True, nogil=True)
@@ -35,6 +38,46 @@ def _pack(values: np.ndarray, bits: int, out: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
+def _pack_wide(values: np.ndarray, bits: int, out: np.ndarray) -> None:
+    # Codes of 9-15 bits: a running 64-bit accumulator that flushes 32 bits at a time.
+    acc = np.uint64(0)
+    filled = 0
+    pos = 0
+    for i in range(values.size):
+        acc |= np.uint64(values[i]) << np.uint64(filled)
+        filled += bits
+        if filled >= 32:
+            for b in range(4):
+                out[pos + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+            pos += 4
+            acc >>= np.uint64(32)
+            filled -= 32
+    while filled > 0:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+        acc >>= np.uint64(8)
+        pos += 1
+        filled -= 8
+
+
+@njit(cache=True, nogil=True)
+def _unpack_wide(data: np.ndarray, bits: int, out: np.ndarray) -> bool:
+    # The inverse of _pack_wide; False if the padding bits of the last byte are not zero.
+    mask = np.uint64((1 << bits) - 1)
+    acc = np.uint64(0)
+    filled = 0
+    pos = 0
+    for i in range(out.size):
+        while filled < bits:
+            acc |= np.uint64(data[pos]) << np.uint64(filled)
+            pos += 1
+            filled += 8
+        out[i] = acc & mask
+        acc >>= np.uint64(bits)
+        filled -= bits
+    return acc == 0
+
+
+@njit(cache=True, nogil=True)
 def _unpack(data: np.ndarray, bits: int, out: np.ndarray) -> bool:
     # The inverse of _pack; False if the padding bits of the last byte are not zero.
     n = out.size
@@ -49,7 +92,7 @@ def _unpack(data: np.ndarray, bits: int, out: np.ndarray) -> bool:
         for b in range(nbytes):
             word |= np.uint64(data[g * bits + b]) << np.uint64(8 * b)
         for k in range(count):
-            out[8 * g + k] = np.uint8((word >> np.uint64(k * bits)) & mask)
+            out[8 * g + k] = (word >> np.uint64(k * bits)) & mask
         if count < 8 and (word >> np.uint64(count * bits)) != 0:
             return False
     return True
@@ -57,9 +100,11 @@ def _unpack(data: np.ndarray, bits: int, out: np.ndarray) -> bool:
 
 @register_codec
 class BitPack(Codec):
-    """Packs uint8 codes below ``2**bits`` into exactly ``bits`` bits each, low bits first.
+    """Packs uint8 or uint16 codes below ``2**bits`` into exactly ``bits`` bits each (1-16; more
+    than 8 only for uint16), low bits first.
 
-    Stream: ``u8 bits``, ``varint n``, then ``ceil(n * bits / 8)`` bytes; zero padding bits.
+    Stream: ``u8 head`` (``bits``, plus 0x80 for uint16 elements), ``varint n``, then
+    ``ceil(n * bits / 8)`` bytes; zero padding bits.
 
     >>> len(BitPack(bits=2).encode(np.array([0, 1, 2, 3] * 4, dtype=np.uint8)))
     6
@@ -68,36 +113,51 @@ class BitPack(Codec):
     codec_id = "bitpack"
 
     def __init__(self, bits: int = 8) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ConfigError(f"bitpack needs bits in 1..8, got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ConfigError(f"bitpack needs bits in 1..16, got {bits!r}")
         self.bits = bits
 
     def encode(self, array: np.ndarray) -> bytes:
         array = check_input(array, self.codec_id)
+        width = symbol_width(array.dtype)
+        if self.bits > width:
+            raise ConfigError(
+                f"bitpack(bits={self.bits}) is wider than the {array.dtype} codes it was given; "
+                f"use bits <= {width}"
+            )
         if array.size and int(array.max()) >> self.bits:
             raise ConfigError(
                 f"bitpack(bits={self.bits}) got the code {int(array.max())} >= 2**{self.bits}; "
                 "use more bits or the codes of a narrower quantizer"
             )
-        header = bytearray([self.bits])
+        header = bytearray([self.bits | (_WIDE if width == 16 else 0)])
         write_varint(header, array.size)
         payload = np.empty((array.size * self.bits + 7) // 8, dtype=np.uint8)
-        if self.bits == 8:
-            payload[:] = array
-        else:
+        if self.bits == width:
+            payload[:] = array.astype("<u2" if width == 16 else np.uint8).view(np.uint8)
+        elif self.bits <= 8:
             _pack(array, self.bits, payload)
+        else:
+            _pack_wide(array, self.bits, payload)
         return bytes(header) + payload.tobytes()
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         out = check_out(out, self.codec_id)
         reader = Reader(as_bytes_array(buf), self.codec_id)
-        if reader.u8() != self.bits:
+        head = reader.u8()
+        width = 16 if head & _WIDE else 8
+        if head & ~_WIDE != self.bits:
             raise reader.fail(f"its width is not the configured {self.bits} bits")
+        if width != symbol_width(out.dtype):
+            raise reader.fail(f"it holds {width}-bit elements, the record says {out.dtype}")
         n = read_count(reader, out)
         payload = reader.take((n * self.bits + 7) // 8)
         reader.expect_end()
-        if self.bits == 8:
-            out[:] = payload
-        elif not _unpack(payload, self.bits, out):
+        if self.bits == width:
+            out[:] = payload.view("<u2" if width == 16 else np.uint8)
+        elif self.bits <= 8:
+            if not _unpack(payload, self.bits, out):
+                raise reader.fail("non-zero padding bits")
+        elif not _unpack_wide(payload, self.bits, out):
             raise reader.fail("non-zero padding bits")
         return out

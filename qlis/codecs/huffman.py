@@ -1,9 +1,10 @@
-"""Canonical Huffman coding of uint8 symbols: the paper's coder, at table-decoding speed.
+"""Canonical Huffman coding of uint8 or uint16 symbols: the paper's coder, table-decoded.
 
 The stream stores only the code length of each present symbol; codes are canonical, so the
 decoder rebuilds them. Lengths are capped at 16 bits so that one table lookup decodes a
 symbol; where the optimal code is longer than 11 bits, the smallest cap from 11 to 16 bits
-that costs at most 0.1% over optimal is used (a small table stays in L1 cache).
+that costs at most 0.1% over optimal is used (a small table stays in L1 cache); an alphabet
+of more than 2**11 symbols starts from the smallest cap that can hold it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from qlis.codecs._common import (
     check_out,
     read_symbol_head,
     start_symbol_stream,
+    symbol_width,
 )
 from qlis.codecs.base import Codec, register_codec
 
@@ -74,7 +76,8 @@ def code_lengths(counts: np.ndarray) -> np.ndarray:
     weights = counts[present]
     order = np.argsort(weights, kind="stable")
     optimal_bits = int(np.dot(weights, lengths[present]))
-    for limit in range(_SMALL_TABLE_BITS, MAX_CODE_LENGTH + 1):
+    smallest = max(_SMALL_TABLE_BITS, (present.size - 1).bit_length())
+    for limit in range(smallest, MAX_CODE_LENGTH + 1):
         if limit >= longest:
             return lengths
         capped = _package_merge(weights[order], limit)
@@ -89,28 +92,29 @@ def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Canonical codes, bit-reversed for the LSB-first stream, and the symbols in code order.
 
     Codes are assigned in order of (length, symbol): the decoder needs only the lengths.
+    Code i is ``(code[i-1] + 1) << (length[i] - length[i-1])``, i.e. the Kraft sum of the codes
+    before it, in units of its own length.
     """
     present = np.flatnonzero(lengths)
     order = present[np.lexsort((present, lengths[present]))]
+    ordered = lengths[order].astype(np.int64)
+    longest = int(ordered[-1]) if ordered.size else 0
+    units = np.left_shift(1, longest - ordered)
+    code = (np.cumsum(units) - units) >> (longest - ordered)
     codes = np.zeros(lengths.size, dtype=np.uint64)
-    code = 0
-    previous = 0
-    for symbol in order:
-        length = int(lengths[symbol])
-        code <<= length - previous
-        codes[symbol] = _REVERSED_16[code] >> (16 - length)
-        code += 1
-        previous = length
+    codes[order] = _REVERSED_16[code] >> (16 - ordered)
     return codes, order
 
 
-def decode_table(lengths: np.ndarray) -> tuple[np.ndarray, int]:
-    """The lookup table indexed by the next ``bits`` stream bits: ``symbol | length << 8``."""
+def decode_table(lengths: np.ndarray, width: int = 8) -> tuple[np.ndarray, int]:
+    """The lookup table indexed by the next ``bits`` stream bits: ``symbol | length << width``
+    (uint16 entries for 8-bit symbols, uint32 for 16-bit ones)."""
     _, order = canonical_codes(lengths)
     bits = int(lengths.max())
     span = np.left_shift(1, bits - lengths[order])
-    by_code = np.repeat((order | (lengths[order] << 8)).astype(np.uint16), span)
-    table = np.empty(1 << bits, dtype=np.uint16)
+    dtype = np.uint16 if width == 8 else np.uint32
+    by_code = np.repeat((order | (lengths[order] << width)).astype(dtype), span)
+    table = np.empty(1 << bits, dtype=dtype)
     table[_REVERSED_16[: 1 << bits] >> (16 - bits)] = by_code
     return table, bits
 
@@ -141,7 +145,7 @@ def _encode(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray, out: np
 
 
 @njit(cache=True, nogil=True)
-def _decode(data: np.ndarray, table: np.ndarray, bits: int, out: np.ndarray) -> int:
+def _decode(data: np.ndarray, table: np.ndarray, bits: int, width: int, out: np.ndarray) -> int:
     # Returns 0 on success, 1 if the bits do not end in the last byte, 2 on non-zero padding.
     end = data.size
     acc = np.uint64(0)
@@ -149,6 +153,7 @@ def _decode(data: np.ndarray, table: np.ndarray, bits: int, out: np.ndarray) -> 
     pos = 0
     virtual = 0  # zero bits supplied past the end of the data
     mask = np.uint64((1 << bits) - 1)
+    symbol_mask = (1 << width) - 1
     for i in range(out.size):
         if filled < bits:
             if pos + 4 <= end:
@@ -170,8 +175,8 @@ def _decode(data: np.ndarray, table: np.ndarray, bits: int, out: np.ndarray) -> 
                     virtual += 32
                     filled += 32
         entry = table[acc & mask]
-        length = entry >> 8
-        out[i] = np.uint8(entry & 0xFF)
+        length = entry >> width
+        out[i] = entry & symbol_mask
         acc >>= np.uint64(length)
         filled -= length
     consumed = 8 * pos + virtual - filled
@@ -184,12 +189,12 @@ def _decode(data: np.ndarray, table: np.ndarray, bits: int, out: np.ndarray) -> 
 
 @register_codec
 class Huffman(Codec):
-    """Canonical Huffman code per array of uint8 symbols (the paper's coder); within 0.1%
-    of optimal Huffman size, table-decoded.
+    """Canonical Huffman code per array of uint8 or uint16 symbols (the paper's coder);
+    within 0.1% of optimal Huffman size, table-decoded.
 
-    Stream: ``varint n``; if n > 0 the alphabet (``u8 k-1``, then k symbol bytes if k <= 32
-    else a 32-byte map); if k > 1 the code lengths minus one as 4-bit nibbles, low nibble
-    first, then the codes LSB-first, zero-padded to a byte. A lone symbol needs no payload.
+    Stream: (16-bit symbols only: the tag ``0x80 0x00``) ``varint n``; if n > 0 the alphabet;
+    if k > 1 the code lengths minus one as 4-bit nibbles, low nibble first, then the codes
+    LSB-first, zero-padded to a byte. A lone symbol needs no payload (docs/codecs.md).
 
     >>> codec = Huffman()
     >>> codec.decode(codec.encode(np.array([7, 7, 1], dtype=np.uint8)), np.empty(3, np.uint8))
@@ -222,7 +227,8 @@ class Huffman(Codec):
         nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()
         if present.size % 2 and nibbles[-1]:
             raise reader.fail("non-zero padding nibble in the code lengths")
-        lengths = np.zeros(256, dtype=np.int64)
+        width = symbol_width(out.dtype)
+        lengths = np.zeros(1 << width, dtype=np.int64)
         lengths[present] = nibbles[: present.size].astype(np.int64) + 1
         longest = int(lengths.max())
         kraft = int(np.sum(np.left_shift(1, longest - lengths[present])))
@@ -231,8 +237,8 @@ class Huffman(Codec):
         payload = reader.rest()
         if not out.size <= 8 * payload.size <= out.size * longest + 7:
             raise reader.fail(f"{payload.size} payload bytes cannot hold {out.size} codes")
-        table, bits = decode_table(lengths)
-        status = _decode(payload, table, bits, out)
+        table, bits = decode_table(lengths, width)
+        status = _decode(payload, table, bits, width, out)
         if status == 1:
             raise reader.fail("the coded bits do not end in the last byte (truncated or padded)")
         if status == 2:

@@ -24,13 +24,13 @@ class Raw(Codec):
     codec_id = "raw"
 
     def encode(self, array: np.ndarray) -> bytes:
-        array = check_input(array, self.codec_id, dtype=None)
+        array = check_input(array, self.codec_id, dtypes=None)
         if array.dtype.hasobject:
             raise ConfigError("codec 'raw' cannot store Python objects")
         return array.astype(_little_endian(array.dtype), copy=False).tobytes()
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
-        out = check_out(out, self.codec_id, dtype=None)
+        out = check_out(out, self.codec_id, dtypes=None)
         if out.dtype.hasobject:
             raise ArchiveError("codec 'raw' cannot decode into an object array")
         data = as_bytes_array(buf)

@@ -124,7 +124,7 @@ class Sparse(Codec):
     codec_id = "sparse"
 
     def encode(self, array: np.ndarray) -> bytes:
-        array = check_input(array, self.codec_id, dtype=None)
+        array = check_input(array, self.codec_id, dtypes=None)
         unsigned = _bit_patterns(array.dtype)
         if unsigned is None:
             raise ConfigError(f"codec 'sparse' takes 1, 2, 4 or 8-byte elements, got {array.dtype}")
@@ -145,7 +145,7 @@ class Sparse(Codec):
         return bytes(stream) + positions.tobytes() + values.tobytes()
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
-        out = check_out(out, self.codec_id, dtype=None)
+        out = check_out(out, self.codec_id, dtypes=None)
         unsigned = _bit_patterns(out.dtype)
         if unsigned is None:
             raise ArchiveError(f"codec 'sparse' cannot decode into {out.dtype}")

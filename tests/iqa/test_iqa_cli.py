@@ -83,7 +83,10 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "--family", "clip", "--root", "/no/such/dir", "-o", "x"], "data.csv not found"),
+        (
+            ["train", "--family", "clip", "--root", "/no/such/dir", "-o", "x"],
+            "/no/such/dir: no such dataset folder",
+        ),
         (
             [
                 "train",
@@ -99,7 +102,8 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
             "weights not found offline; looked in",
         ),
         (["evaluate", "{tmp}/none.qlis"], "no such model file"),
-        (["score", "{tmp}", "--model", "{tmp}/none.qlis", "-o", "{tmp}/s.csv"], "no image files"),
+        (["score", "{tmp}", "--model", "{tmp}/none.qlis", "-o", "{tmp}/s.csv"], "no such model"),
+        (["score", "{tmp}", "--model", "{sample}/data.csv", "-o", "{tmp}/s.csv"], "no image files"),
         (["sweep", "{sample}/data.csv", "-o", "{tmp}/s"], "not a safetensors checkpoint"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Correlations equal scipy's; the 4-parameter logistic fit recovers a known mapping."""
+"""Correlations equal scipy's; the 4-parameter logistic fit recovers a known mapping and flags
+a fit that collapses to a step function instead of printing a number for it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,22 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from qlis_iqa.errors import IQAError
-from qlis_iqa.metrics import correlations, fit_logistic, krcc, logistic4, plcc, plcc_logistic, srcc
+from qlis_iqa.metrics import (
+    MIN_SLOPE_SCALE,
+    correlations,
+    fit_logistic,
+    krcc,
+    logistic4,
+    logistic_fit,
+    plcc,
+    plcc_logistic,
+    srcc,
+)
 
 pairs = st.integers(3, 60).flatmap(
     lambda n: st.tuples(
@@ -52,3 +63,44 @@ def test_degenerate_inputs() -> None:
         plcc([1.0, 2.0], [1.0, 2.0, 3.0])
     assert math.isnan(plcc_logistic([1, 2, 3], [1, 2, 3]))  # too few points for 4 parameters
     assert math.isnan(plcc_logistic([1.0] * 6, list(range(6))))
+
+
+def test_step_shaped_fits_are_degenerate() -> None:
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(0, 5, 600)
+    binary = np.where(rng.random(600) < 0.5, 0.30, 0.31) + rng.normal(0, 1e-6, 600)  # 1-bit model
+    flat = rng.normal(0, 1e-4, 600)
+    flat[:3] += 1.0  # nearly constant, three outliers
+    noise = rng.normal(0, 1, 600)  # unrelated to the scores
+    for pred in (binary, flat, noise):
+        fit = logistic_fit(pred, mos)
+        assert fit.degenerate and math.isnan(fit.plcc) and fit.reason
+        assert math.isnan(correlations(pred, mos, logistic=True)["plcc_logistic"])
+        with pytest.raises(IQAError, match="degenerate"):
+            fit_logistic(pred, mos)
+    assert "distinct fitted values" in logistic_fit(binary, mos).reason
+
+
+def test_a_noisy_monotone_relation_is_fitted() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-3, 3, 400)
+    mos = logistic4(x, 4.5, 0.5, 0.3, 0.8) + rng.normal(0, 0.3, 400)
+    fit = logistic_fit(x, mos)
+    assert not fit.degenerate and fit.params is not None
+    assert fit.params[3] == pytest.approx(0.8, rel=0.2) and fit.params[2] == pytest.approx(
+        0.3, abs=0.2
+    )
+    assert plcc(x, mos) < fit.plcc < 1.0
+    linear = 2 * x + 1 + rng.normal(0, 0.5, 400)  # a linear relation is a wide logistic
+    assert logistic_fit(x, linear).plcc == pytest.approx(plcc(x, linear), abs=0.01)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pairs)
+def test_logistic_fit_is_a_number_only_when_sound(pm: tuple[list[float], list[float]]) -> None:
+    p, m = np.array(pm[0]), np.array(pm[1])
+    fit = logistic_fit(p, m)
+    assert fit.degenerate == math.isnan(fit.plcc)
+    if not fit.degenerate:
+        assert -1.0 <= fit.plcc <= 1.0 + 1e-9
+        assert fit.params[3] >= MIN_SLOPE_SCALE * np.std(p)

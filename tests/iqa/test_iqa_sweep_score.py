@@ -13,18 +13,23 @@ from iqa_helpers import write_image
 
 import qlis
 from qlis_iqa.backbones import RANDOM_LABEL
-from qlis_iqa.data import load_agiqa3k, split_samples
+from qlis_iqa.data import Split, load_agiqa3k, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import predict_samples
 from qlis_iqa.features import FeatureCache
 from qlis_iqa.models import load_model, load_state, model_from_metadata
-from qlis_iqa.pack import pack
+from qlis_iqa.pack import calibration, pack
 from qlis_iqa.score import list_images, score_folder, score_images
 from qlis_iqa.sweep import (
+    COSINE_LADDER,
     CSV_FIELDS,
+    RDData,
+    _QualitySearch,
     extra_variants,
     paper_variants,
     pick_variants,
+    rd_data,
+    rd_variants,
     run_sweep,
     write_outputs,
 )
@@ -158,3 +163,96 @@ def test_score_folder_lists_bad_images(runs: dict, tmp_path: Path, sample_root: 
         list_images(tmp_path / "empty")
     with pytest.raises(IQAError, match="no such folder"):
         list_images(tmp_path / "absent")
+
+
+def test_pack_checks_its_target_before_compressing(
+    runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = runs["clip"].model
+    calls: list[str] = []
+    compress = qlis.compress
+    monkeypatch.setattr(qlis, "compress", lambda *a, **k: calls.append("run") or compress(*a, **k))
+    with pytest.raises(IQAError, match="no such folder"):
+        pack(model, tmp_path / "missing" / "m.qlis", "quant", bits=8)
+    assert not (tmp_path / "missing").exists() and not calls
+    first = pack(model, tmp_path / "m.qlis", "quant", bits=8)
+    with pytest.raises(IQAError, match="exists; pass --force"):
+        pack(model, tmp_path / "m.qlis", "quant", bits=4)
+    assert len(calls) == 1 and first.path.stat().st_size == first.file_bytes
+    assert (
+        pack(model, tmp_path / "m.qlis", "quant", bits=4, overwrite=True).file_bytes
+        < first.file_bytes
+    )
+
+
+def _train_samples(run) -> list:
+    _, meta = load_model(run.checkpoint)
+    ds = load_agiqa3k(meta["qlis_iqa.dataset_root"])
+    return split_samples(ds, Split.load(meta["qlis_iqa.split_file"]).train)[0]
+
+
+def test_calibration_is_centred_scores_of_training_images(runs: dict) -> None:
+    run = runs["dino"]
+    calib = calibration(run.model, _train_samples(run), images=5, batch_size=2)
+    assert calib.images == 5 and [len(b) for b in calib.batches] == [2, 2, 1]
+    out = calib(run.model)
+    assert out.shape == (5,) and abs(float(out.sum())) < 1e-9
+    with torch.no_grad():
+        raw = torch.cat([run.model(b) for b in calib.batches]).double()
+    torch.testing.assert_close(out, raw - raw.mean())
+
+
+class _FakeSearch(_QualitySearch):
+    """The search with a validation SRCC that passes from ladder index `first_ok` on."""
+
+    def __init__(self, first_ok: int) -> None:
+        self.first_ok, self.calls = first_ok, []
+        self.baseline, self.memo = 0.8, {}
+        self.rd = RDData(calib=None, validation=[None] * 4)
+
+    def _validation_srcc(self, i: int) -> float:
+        self.calls.append(i)
+        self.memo[i] = 0.8 if i >= self.first_ok else 0.5
+        return self.memo[i]
+
+
+def test_quality_search_bisects_to_the_smallest_passing_target() -> None:
+    for first_ok in range(len(COSINE_LADDER) + 1):
+        search = _FakeSearch(first_ok)
+        chosen, note = search.min_cosine_for(0.05)
+        assert chosen == COSINE_LADDER[min(first_ok, len(COSINE_LADDER) - 1)]
+        assert len(search.calls) <= 5
+        assert ("not met" in note) == (first_ok == len(COSINE_LADDER))
+
+
+def test_rd_rows_beside_the_paper_rows(runs: dict, tmp_path: Path) -> None:
+    if "rd" not in qlis.policy_names():
+        pytest.skip("this qlis has no policy 'rd' yet")
+    run = runs["clip"]
+    rd = rd_data(run.model, _train_samples(run), calib_images=2, val_images=4, batch_size=2)
+    assert len(rd.validation) == 4 and rd.calib.images == 2
+    names = {s.name for s in rd.validation}
+    assert not names & set(run.predictions.names)  # never the test split
+    variants = pick_variants(paper_variants(), "Baseline,Q 8-bit") + rd_variants([4, 1e4], [0.05])
+    messages: list[str] = []
+    rows = run_sweep(
+        run.model,
+        _test_samples(run),
+        tmp_path / "sweep",
+        variants,
+        FeatureCache(run.checkpoint.parent / "cache"),
+        baseline_file=run.checkpoint,
+        rd=rd,
+        log=messages.append,
+    )
+    assert any(m.startswith("rd [10000x]: skipped (") for m in messages)  # out of reach
+    by = {r.variant: r for r in rows}
+    assert [r.kind for r in rows] == ["baseline", "paper", "rd", "rd"]
+    ratio_row, drop_row = by["rd [4x]"], by["rd [SRCC -0.05]"]
+    assert ratio_row.real_ratio >= 3.0  # the target counts archive bytes; our metadata adds some
+    assert "min_cosine=" in drop_row.options and "validation SRCC" in drop_row.options
+    files = write_outputs(rows, tmp_path / "sweep", "CLIPIQA rd")
+    md = files["markdown"].read_text()
+    assert "SRCC vs real archive ratio" in md and "| rd | rd [4x] |" in md
+    with pytest.raises(IQAError, match="SRCC-drop"):
+        run_sweep(run.model, [], tmp_path, rd_variants(srcc_drops=[0.1]), None, archives=False)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from pathlib import Path
 
+import pytest
 import torch
 from iqa_helpers import make_agiqa3k
 
 from qlis_iqa.backbones import RANDOM_LABEL, random_backbone
 from qlis_iqa.data import Split
+from qlis_iqa.errors import IQAError
 from qlis_iqa.models import load_model, make_model
 from qlis_iqa.train import TrainConfig, fit, train_run
 
@@ -84,3 +88,51 @@ def test_bad_images_are_reported_before_training(tmp_path: Path, backbones: dict
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["train_images"] + summary["test_images"] == 17 and summary["skipped"] == 3
     assert len(run.losses) == 2
+
+
+def test_an_existing_run_is_not_overwritten_silently(
+    tmp_path: Path, backbones: dict, sample_root: Path
+) -> None:
+    messages: list[str] = []
+    kwargs = dict(weights=backbones["clip"], config=TrainConfig(epochs=1), log=messages.append)
+    old_umask = os.umask(0o027)
+    try:
+        first = train_run("clip", "agiqa-3k", sample_root, tmp_path / "a", limit=10, **kwargs)
+    finally:
+        os.umask(old_umask)
+    for name in ("model.safetensors", "split.json", "metrics.json", "predictions_test.csv"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == 0o640, name  # the umask
+    before = first.checkpoint.read_bytes()
+    with pytest.raises(IQAError, match="exists; pass --force"):
+        train_run("clip", "agiqa-3k", sample_root, tmp_path / "a", **kwargs)
+    assert first.checkpoint.read_bytes() == before
+    with pytest.raises(IQAError, match=r"already fixes the split .*limit 6 \(stored: 10\)"):
+        train_run(
+            "clip", "agiqa-3k", sample_root, tmp_path / "a", overwrite=True, limit=6, **kwargs
+        )
+    again = train_run(
+        "clip",
+        "agiqa-3k",
+        sample_root,
+        tmp_path / "a",
+        overwrite=True,
+        limit=6,
+        split_conflict="warn",
+        **kwargs,
+    )
+    assert any("limit 6 (stored: 10) is ignored" in m for m in messages)
+    assert again.predictions.names == first.predictions.names  # the stored split, as warned
+    same = train_run(
+        "clip", "agiqa-3k", sample_root, tmp_path / "a", overwrite=True, limit=10, **kwargs
+    )
+    assert same.predictions.names == first.predictions.names  # asking for what is stored is fine
+
+
+def test_a_missing_parent_is_refused_before_any_work(
+    tmp_path: Path, backbones: dict, sample_root: Path
+) -> None:
+    with pytest.raises(IQAError, match="no such folder"):
+        train_run(
+            "clip", "agiqa-3k", sample_root, tmp_path / "no" / "run", weights=backbones["clip"]
+        )
+    assert not (tmp_path / "no").exists()

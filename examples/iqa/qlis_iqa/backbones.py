@@ -9,42 +9,42 @@ machine. Random-initialised backbones (tests, benchmarks without weights) carry 
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import constants as hf_constants
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    PretrainedConfig,
-    PreTrainedModel,
-    ViTConfig,
-    ViTModel,
-)
 
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
 
-try:  # transformers >= 5
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers 4.x
-    from transformers.modeling_utils import no_init_weights
+if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds, paths are checked first
+    from transformers import PretrainedConfig, PreTrainedModel
 
 RANDOM_INIT_FLAG = "qlis_random_init"
 RANDOM_LABEL = "random-initialised backbone"
 
 
+def _no_init_weights() -> AbstractContextManager:
+    """transformers' context that skips weight initialisation (its home moved in 5.0)."""
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 @dataclass(frozen=True)
 class Family:
-    """A backbone family of the paper: its transformers class, checkpoint and shapes."""
+    """A backbone family of the paper: its transformers classes (by name), checkpoint, shapes."""
 
     name: str
     title: str
     hub_id: str
-    model_cls: type[PreTrainedModel]
-    config_cls: type[PretrainedConfig]
+    model_type: str  # the config's `model_type`
+    model_class: str  # a class of `transformers`, imported when first needed
+    config_class: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     full_config: dict[str, Any] = field(default_factory=dict)
     tiny_config: dict[str, Any] = field(default_factory=dict)
@@ -53,14 +53,27 @@ class Family:
     def repo_name(self) -> str:
         return self.hub_id.split("/")[-1]
 
+    @property
+    def model_cls(self) -> type[PreTrainedModel]:
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+    @property
+    def config_cls(self) -> type[PretrainedConfig]:
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
 
 FAMILIES: dict[str, Family] = {
     "clip": Family(
         name="clip",
         title="CLIPIQA (CLIP ViT-L/14)",
         hub_id="openai/clip-vit-large-patch14",
-        model_cls=CLIPVisionModelWithProjection,
-        config_cls=CLIPVisionConfig,
+        model_type="clip_vision_model",
+        model_class="CLIPVisionModelWithProjection",
+        config_class="CLIPVisionConfig",
         full_config=dict(
             hidden_size=1024,
             intermediate_size=4096,
@@ -87,8 +100,9 @@ FAMILIES: dict[str, Family] = {
         name="dino",
         title="DINOIQA (DINO ViT-B/16)",
         hub_id="facebook/dino-vitb16",
-        model_cls=ViTModel,
-        config_cls=ViTConfig,
+        model_type="vit",
+        model_class="ViTModel",
+        config_class="ViTConfig",
         model_kwargs={"add_pooling_layer": False},
         full_config=dict(
             hidden_size=768,
@@ -150,21 +164,24 @@ def save_random_backbone(
     return out
 
 
-def build_backbone(family: str, config_json: str) -> PreTrainedModel:
-    """An uninitialised backbone of the given config, to receive a state dict (fast, no init)."""
+def build_backbone(
+    family: str, config: Mapping[str, Any], attn_implementation: str | None = None
+) -> PreTrainedModel:
+    """An uninitialised backbone of a config validated by `schema.parse_config` (fast, no init).
+
+    Builds on the current default device: under `torch.device("meta")` it allocates nothing.
+    """
     fam = get_family(family)
+    settings = dict(config)
+    if attn_implementation is not None:
+        settings["attn_implementation"] = attn_implementation
     try:
-        config = fam.config_cls.from_dict(json.loads(config_json))
-    except (ValueError, TypeError) as exc:
-        raise IQAError(f"the stored {fam.name} backbone config cannot be read: {exc}") from None
-    with no_init_weights():
-        model = fam.model_cls(config, **fam.model_kwargs)
+        cfg = fam.config_cls.from_dict(settings)
+        with _no_init_weights():
+            model = fam.model_cls(cfg, **fam.model_kwargs)
+    except (ValueError, TypeError, KeyError, ImportError) as exc:
+        raise IQAError(f"the stored {fam.name} backbone config cannot be built: {exc}") from None
     return model.eval()
-
-
-def config_to_json(config: PretrainedConfig) -> str:
-    """The backbone config as compact JSON (stored in checkpoints and archives)."""
-    return json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 def _candidate_folders(fam: Family, folder: Path) -> list[Path]:
@@ -173,7 +190,11 @@ def _candidate_folders(fam: Family, folder: Path) -> list[Path]:
 
 
 def _hub_cache_dir(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else Path(hf_constants.HF_HUB_CACHE)
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from huggingface_hub import constants as hf_constants
+
+    return Path(hf_constants.HF_HUB_CACHE)
 
 
 def _download_hint(fam: Family) -> str:
@@ -182,7 +203,7 @@ def _download_hint(fam: Family) -> str:
         f"On a machine with internet run `hf download {fam.hub_id}` (older hubs: "
         f"`huggingface-cli download {fam.hub_id}`) and copy its Hugging Face cache here "
         f'(set HF_HUB_CACHE), or run `python -c "from transformers import '
-        f"{fam.model_cls.__name__} as M; M.from_pretrained('{fam.hub_id}'{kwargs})"
+        f"{fam.model_class} as M; M.from_pretrained('{fam.hub_id}'{kwargs})"
         f".save_pretrained('{fam.repo_name}')\"` and pass --weights {fam.repo_name}; "
         f"without weights, `qlis-iqa make-backbone --family {fam.name} --size full -o DIR` "
         f"writes a random-initialised backbone"

@@ -1,19 +1,34 @@
 """`qlis-iqa`: train, evaluate, compress, sweep (the paper's Table 1) and score image folders.
 
-Thin: every command parses, calls the package, prints. A user mistake (bad path, wrong
-columns, missing weights) is one line on stderr and exit code 2, never a traceback.
+Thin: every command checks its paths and options first (before transformers is imported or a
+model is loaded), then calls the package and prints. A user mistake (bad path, an output that
+exists, wrong columns, missing weights) is one line on stderr and exit code 2, never a traceback.
+Outputs follow qlis's rule (`qlis.console.check_output`): never replaced without --force,
+never a missing parent folder created, never one of the inputs.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from qlis import QlisError
+from qlis import InputError, QlisError
+from qlis.console import (
+    check_input,
+    check_output,
+    check_output_dir,
+    codec_names,
+    escape,
+    human_bytes,
+    silence_broken_pipe,
+)
+from qlis.policy import policy_names
 
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
 
@@ -35,6 +50,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except QlisError as exc:
             raise UserError(str(exc)) from None
+        except BrokenPipeError:
+            silence_broken_pipe()
+            ctx.exit(1)
         except OSError as exc:
             raise UserError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
 
@@ -48,7 +66,8 @@ def _progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
-def _quiet_transformers() -> None:
+def _start_work() -> None:
+    """Import transformers (seconds) only once every check has passed, and quiet it."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -56,8 +75,16 @@ def _quiet_transformers() -> None:
 
 
 def _model_file(path: Path) -> Path:
-    """A run folder stands for its model.safetensors."""
-    return path / "model.safetensors" if path.is_dir() else path
+    """The model a MODEL argument names (a run folder stands for its model.safetensors)."""
+    file = path / "model.safetensors" if path.is_dir() else path
+    return check_input(file, "model file")
+
+
+def _check_eval_set(root: Path | None, split_file: Path | None) -> None:
+    if root is not None:
+        check_input(root, "dataset folder")
+    if split_file is not None:
+        check_input(split_file, "split file")
 
 
 def _metrics_line(metrics: dict[str, float], label: str) -> str:
@@ -65,6 +92,24 @@ def _metrics_line(metrics: dict[str, float], label: str) -> str:
     return "  ".join(parts) + f"  [{label}]"
 
 
+def _options(*decorators: Callable) -> Callable:
+    """Several click options as one decorator, in the order given."""
+
+    def apply(command: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+def output_option(text: str, required: bool = True) -> Callable:
+    """``-o/--output``, the one spelling of an output in both tools."""
+    return click.option("-o", "--output", type=click.Path(path_type=Path), required=required,
+                        help=text)
+
+
+force_option = click.option("--force", is_flag=True, help="Replace an existing output.")
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a tty)."
 )
@@ -77,12 +122,35 @@ cache_option = click.option(
     type=click.Path(path_type=Path),
     help="Feature cache folder (default: the run folder's cache/).",
 )
+batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+logistic_option = click.option(
+    "--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit."
+)
+beta_option = click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                           help="Weight of the parameter share P in QLIS.")
+codec_option = click.option(
+    "--codec",
+    type=click.Choice(codec_names()),
+    default="huffman",
+    show_default=True,
+    help="How quantized codes are stored; auto: the smallest per tensor.",
+)
+eval_set_options = _options(
+    click.option("--dataset", type=DATASET, help="Default: the one the model was trained on."),
+    click.option("--root", type=click.Path(path_type=Path), help="Default: the training root."),
+    click.option(
+        "--split",
+        "split_file",
+        type=click.Path(path_type=Path),
+        help="Default: the split file the model was trained with.",
+    ),
+)
+runtime_options = _options(device_option, workers_option, progress_option)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings=CONTEXT)
 def cli() -> None:
     """Image-quality models (CLIPIQA, DINOIQA) on AGIQA-1K/3K, compressed with qlis."""
-    _quiet_transformers()
 
 
 @cli.command("make-backbone")
@@ -95,16 +163,19 @@ def cli() -> None:
     help="'full' = the paper's ViT-L/14 (clip) or ViT-B/16 (dino) shape.",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
-def make_backbone(family: str, size: str, seed: int, out: Path) -> None:
+@output_option("The backbone folder to write.")
+@force_option
+def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) -> None:
     """Write a RANDOM-INITIALISED backbone folder.
 
     For runs without pretrained weights; every result from it is labelled as such.
     """
+    check_output_dir(output, force)
+    _start_work()
     from qlis_iqa.backbones import RANDOM_LABEL, save_random_backbone
 
-    save_random_backbone(family, out, size, seed)
-    click.echo(f"{out}: {family} {size} backbone [{RANDOM_LABEL}]")
+    save_random_backbone(family, output, size, seed)
+    click.echo(f"{escape(str(output))}: {family} {size} backbone [{RANDOM_LABEL}]")
 
 
 @cli.command()
@@ -112,36 +183,36 @@ def make_backbone(family: str, size: str, seed: int, out: Path) -> None:
 @click.option("--dataset", type=DATASET, default="agiqa-3k", show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), required=True, help="Dataset folder.")
 @click.option("--weights", help="Backbone folder or hub id (HF cache); default: the paper's.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@output_option("The run folder (its parent must exist).")
 @click.option(
     "--split",
     "split_file",
     type=click.Path(path_type=Path),
-    help="Split file to reuse, or to create (default: OUT/split.json).",
+    help="Split file to reuse, or to create (default: OUTPUT/split.json).",
 )
 @click.option("--limit", type=click.IntRange(2), help="Use this many annotated images only.")
-@click.option("--test-fraction", default=0.2, show_default=True)
-@click.option("--split-seed", default=0, show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of the images in the test split of a new split.  [default: 0.2]")
+@click.option("--split-seed", type=int, help="Seed of a new split.  [default: 0]")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@batch_option
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--weight-decay", default=1e-5, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit.")
+@logistic_option
 @cache_option
-@device_option
-@workers_option
-@progress_option
+@runtime_options
+@force_option
 def train(
     family: str,
     dataset: str,
     root: Path,
     weights: str | None,
-    out: Path,
+    output: Path,
     split_file: Path | None,
     limit: int | None,
-    test_fraction: float,
-    split_seed: int,
+    test_fraction: float | None,
+    split_seed: int | None,
     epochs: int,
     batch_size: int,
     lr: float,
@@ -152,11 +223,19 @@ def train(
     device: str,
     workers: int,
     progress: bool | None,
+    force: bool,
 ) -> None:
     """Train a model, then evaluate it on the test split.
 
-    CLIPIQA or DINOIQA, with the paper's settings by default.
+    CLIPIQA or DINOIQA, with the paper's settings by default. An existing split file (the run
+    folder's split.json, or --split) is reused as it is: options that contradict it are an
+    error, or a warning with --force.
     """
+    check_input(root, "dataset folder")
+    check_output_dir(output, force)
+    if split_file is not None and not split_file.exists() and not split_file.parent.is_dir():
+        raise InputError(f"{split_file.parent}: no such folder (create it first)")
+    _start_work()
     from qlis_iqa.train import TrainConfig, train_run
 
     config = TrainConfig(epochs, batch_size, lr, weight_decay, seed)
@@ -164,7 +243,7 @@ def train(
         family,
         dataset,
         root,
-        out,
+        output,
         weights=weights,
         split_file=split_file,
         cache_dir=cache_dir,
@@ -177,52 +256,51 @@ def train(
         device=device,
         progress=_progress(progress),
         logistic=logistic,
+        overwrite=force,
+        split_conflict="warn" if force else "error",
         log=_err,
     )
-    click.echo(f"checkpoint: {run.checkpoint}")
+    click.echo(f"checkpoint: {escape(str(run.checkpoint))}")
     n = len(run.predictions.names)
     click.echo(f"test ({n} images): {_metrics_line(run.metrics, run.label)}")
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--dataset", type=DATASET, help="Default: the one the model was trained on.")
-@click.option("--root", type=click.Path(path_type=Path), help="Default: the training root.")
-@click.option(
-    "--split",
-    "split_file",
-    type=click.Path(path_type=Path),
-    help="Default: the split file the model was trained with.",
-)
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Predictions CSV.")
-@click.option("--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@eval_set_options
+@output_option("Predictions CSV.", required=False)
+@logistic_option
+@batch_option
 @cache_option
-@device_option
-@workers_option
-@progress_option
+@runtime_options
+@force_option
 def evaluate(
     model: Path,
     dataset: str | None,
     root: Path | None,
     split_file: Path | None,
-    out: Path | None,
+    output: Path | None,
     logistic: bool,
     batch_size: int,
     cache_dir: Path | None,
     device: str,
     workers: int,
     progress: bool | None,
+    force: bool,
 ) -> None:
     """Evaluate a model on its fixed test split.
 
     MODEL: a run folder, a checkpoint or a .qlis archive.
     """
+    path = _model_file(model)
+    _check_eval_set(root, split_file)
+    if output:
+        check_output(output, force, (".csv",), inputs=[path])
+    _start_work()
     from qlis_iqa.evaluate import eval_set_for, predict_samples, skipped_report
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
 
-    path = _model_file(model)
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
@@ -231,42 +309,27 @@ def evaluate(
         iqa.to(device), es.samples, cache, batch_size, workers, _progress(progress)
     )
     _err(skipped_report("test", preds.skipped))
-    if out:
-        preds.write_csv(out, iqa.label)
+    if output:
+        preds.write_csv(output, iqa.label)
     metrics = preds.metrics(logistic)
     click.echo(f"test ({len(preds.names)} images): {_metrics_line(metrics, iqa.label)}")
 
 
-def _policy_options(
-    k: float | None, bits: int | None, granularity: str | None, target_ratio: float | None
-) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "k": k,
-        "bits": bits,
-        "granularity": granularity,
-        "target_ratio": target_ratio,
-    }
-    return {key: v for key, v in options.items() if v is not None}
-
-
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help=".qlis file.")
-@click.option(
-    "--policy",
-    type=click.Choice(["prune", "quant", "lap", "laq", "lapq"]),
-    default="lapq",
-    show_default=True,
-)
-@click.option("--beta", default=0.5, show_default=True)
-@click.option("--k", type=float, help="Pruning level (policy prune).")
+@output_option("The .qlis archive to write.")
+@click.option("--policy", type=click.Choice(policy_names()), default="lapq", show_default=True)
+@beta_option
+@click.option("--k", type=click.FloatRange(min=0), help="Pruning level (policy prune).")
 @click.option("--bits", type=click.IntRange(1, 8), help="Bits (policy quant).")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]))
-@click.option("--target-ratio", type=float, help="Budget mode: the paper CR to reach.")
-@click.option("--codec", default="huffman", show_default=True)
+@click.option("--target-ratio", type=click.FloatRange(min=1),
+              help="Budget mode: the paper CR to reach.")
+@codec_option
+@force_option
 def compress(
     model: Path,
-    out: Path,
+    output: Path,
     policy: str,
     beta: float,
     k: float | None,
@@ -274,40 +337,39 @@ def compress(
     granularity: str | None,
     target_ratio: float | None,
     codec: str,
+    force: bool,
 ) -> None:
     """Compress a model into a self-contained archive.
 
     The whole model (backbone and head) is compressed; `score` needs nothing else.
     """
+    path = _model_file(model)
+    check_output(output, force, (".qlis",), inputs=[path])
+    _start_work()
     from qlis_iqa.models import load_model
     from qlis_iqa.pack import pack
 
-    iqa, meta = load_model(_model_file(model))
+    iqa, meta = load_model(path)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
-    options = _policy_options(k, bits, granularity, target_ratio)
-    packed = pack(iqa, out, policy, beta, codec, keep, **options)
+    given = {"k": k, "bits": bits, "granularity": granularity, "target_ratio": target_ratio}
+    options = {key: v for key, v in given.items() if v is not None}
+    packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, **options)
     click.echo(
-        f"{out}: {packed.file_bytes:,} bytes; CR {packed.result.cr:.2f}, HCR "
-        f"{packed.result.hcr:.2f} (paper); real ratio {packed.real_ratio:.2f}  [{iqa.label}]"
+        f"{escape(str(output))}: {human_bytes(packed.file_bytes)}, real ratio "
+        f"{packed.real_ratio:.2f}x; idealised paper CR {packed.result.cr:.2f}, HCR "
+        f"{packed.result.hcr:.2f} (exact zeros count as free)  [{iqa.label}]"
     )
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--dataset", type=DATASET, help="Default: the one the model was trained on.")
-@click.option("--root", type=click.Path(path_type=Path), help="Default: the training root.")
-@click.option(
-    "--split",
-    "split_file",
-    type=click.Path(path_type=Path),
-    help="Default: the split file the model was trained with.",
-)
-@click.option("--beta", default=0.5, show_default=True)
+@output_option("The output folder (its parent must exist).")
+@eval_set_options
+@beta_option
 @click.option("--per-channel", is_flag=True, help="Add per-channel LAQ/LAPQ rows.")
 @click.option(
     "--target-ratio",
-    type=float,
+    type=click.FloatRange(min=1),
     multiple=True,
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
 )
@@ -318,16 +380,15 @@ def compress(
     show_default=True,
     help="Write each variant's .qlis archive (needed for the real ratio).",
 )
-@click.option("--codec", default="huffman", show_default=True)
-@click.option("--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@codec_option
+@logistic_option
+@batch_option
 @cache_option
-@device_option
-@workers_option
-@progress_option
+@runtime_options
+@force_option
 def sweep(
     model: Path,
-    out: Path,
+    output: Path,
     dataset: str | None,
     root: Path | None,
     split_file: Path | None,
@@ -343,11 +404,16 @@ def sweep(
     device: str,
     workers: int,
     progress: bool | None,
+    force: bool,
 ) -> None:
     """The paper's Table 1 on the fixed test split.
 
     Baseline, P level k, Q b-bit, LAP, LAQ, LAPQ (+ per-channel and budget rows).
     """
+    path = _model_file(model)
+    _check_eval_set(root, split_file)
+    check_output_dir(output, force)
+    _start_work()
     from qlis_iqa.evaluate import eval_set_for, skipped_report
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
@@ -359,15 +425,14 @@ def sweep(
         write_outputs,
     )
 
-    path = _model_file(model)
+    variants = pick_variants(paper_variants() + extra_variants(per_channel, target_ratio), only)
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
-    variants = pick_variants(paper_variants() + extra_variants(per_channel, target_ratio), only)
     rows = run_sweep(
         iqa.to(device),
         es.samples,
-        out,
+        output,
         variants,
         FeatureCache(cache_dir or path.parent / "cache"),
         baseline_file=path if path.suffix == ".safetensors" else None,
@@ -382,8 +447,8 @@ def sweep(
         log=click.echo,
     )
     title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"
-    files = write_outputs(rows, out, title, logistic)
-    click.echo("wrote " + ", ".join(str(p) for p in files.values()))
+    files = write_outputs(rows, output, title, logistic)
+    click.echo("wrote " + ", ".join(escape(str(p)) for p in files.values()))
 
 
 @cli.command()
@@ -395,42 +460,49 @@ def sweep(
     required=True,
     help=".qlis archive (or checkpoint / run folder).",
 )
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Scores CSV.")
+@output_option("Scores CSV.")
 @click.option("--recursive", is_flag=True, help="Include images in subfolders.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
-@device_option
-@workers_option
-@progress_option
+@batch_option
+@runtime_options
+@force_option
 def score(
     images_dir: Path,
     model_path: Path,
-    out: Path,
+    output: Path,
     recursive: bool,
     batch_size: int,
     device: str,
     workers: int,
     progress: bool | None,
+    force: bool,
 ) -> None:
     """Score every image of a folder.
 
     The model is rebuilt from its .qlis archive alone; bad images are listed, not fatal.
     """
+    check_input(images_dir, "folder of images")
+    path = _model_file(model_path)
+    check_output(output, force, (".csv",), inputs=[path])
+    _start_work()
     from qlis_iqa.evaluate import skipped_report
     from qlis_iqa.score import score_folder
 
     scores, label = score_folder(
         images_dir,
-        _model_file(model_path),
-        out,
+        path,
+        output,
         batch_size,
         workers,
         recursive,
         device,
         _progress(progress),
     )
-    bad = [(scores.paths[i].name, why) for i, why in sorted(scores.errors.items())]
+    bad = [(escape(scores.paths[i].name), why) for i, why in sorted(scores.errors.items())]
     _err(skipped_report("score", bad))
-    click.echo(f"scored {len(scores.scores)} image(s), skipped {len(bad)}: {out}  [{label}]")
+    click.echo(
+        f"scored {len(scores.scores)} image(s), skipped {len(bad)}: "
+        f"{escape(str(output))}  [{label}]"
+    )
 
 
 def main() -> None:

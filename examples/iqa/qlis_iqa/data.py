@@ -16,6 +16,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlis.atomic import atomic_path
 from qlis_iqa.errors import IQAError
 
 DATASETS = ("agiqa-3k", "agiqa-1k")
@@ -175,11 +176,10 @@ class Split:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     def save(self, path: str | Path) -> Path:
+        """Write the split file atomically (its folder must exist)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json() + "\n", encoding="utf-8")
         return path
 
     @classmethod

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qlis.atomic import atomic_path
 from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features
@@ -42,8 +43,7 @@ class Predictions:
     def write_csv(self, path: str | Path, label: str) -> Path:
         """name, mos, prediction, backbone label — one row per scored image."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["name", "mos", "prediction", "backbone"])
             for n, m, p in zip(self.names, self.mos, self.pred, strict=True):

@@ -63,11 +63,19 @@ class FeatureCache:
         return folder
 
     @staticmethod
-    def get(folder: Path, key: str) -> torch.Tensor | None:
+    def get(folder: Path, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The cached row, or None when it is absent, damaged or not a float32 `shape` array.
+
+        The header is read first (memory-mapped), so a damaged entry announcing a huge array
+        costs nothing; any entry that does not fit is recomputed and overwritten.
+        """
         path = folder / f"{key}.npy"
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (FileNotFoundError, ValueError, OSError):
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.shape != shape or array.dtype != np.float32:
+                return None
+            return torch.from_numpy(np.array(array))
+        except (OSError, ValueError, EOFError):
             return None  # absent or damaged entry: recompute it
 
     @staticmethod
@@ -97,9 +105,13 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return i, self.preprocess(read_image(self.paths[i])), ""
+            image = read_image(self.paths[i])
         except ImageReadError as exc:
             return i, None, str(exc)
+        try:
+            return i, self.preprocess(image), ""
+        except ImageReadError as exc:  # e.g. an aspect ratio the resize would blow up on
+            return i, None, f"{self.paths[i]}: {exc}"
 
 
 def collate_images(
@@ -156,6 +168,7 @@ def extract_features(
     bad: dict[int, str] = {}
     keys: dict[int, str] = {}
     folder = cache.folder(model, fingerprint) if cache is not None else None
+    shape = model.feature_shape
     todo: list[int] = []
     for i, p in enumerate(paths):
         if folder is None:
@@ -166,7 +179,7 @@ def extract_features(
         except OSError as exc:
             bad[i] = f"{p}: {'missing' if isinstance(exc, FileNotFoundError) else exc}"
             continue
-        hit = FeatureCache.get(folder, keys[i])
+        hit = FeatureCache.get(folder, keys[i], shape)
         if hit is None:
             todo.append(i)
         else:

@@ -10,25 +10,31 @@ its last transformer block and final norm, so its cache holds the tokens enterin
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from qlis_iqa.backbones import (
-    RANDOM_LABEL,
-    build_backbone,
-    config_to_json,
-    get_family,
-    is_random_init,
-)
+from qlis.atomic import atomic_path
+from qlis_iqa.backbones import RANDOM_LABEL, build_backbone, get_family, is_random_init
 from qlis_iqa.errors import IQAError
 from qlis_iqa.preprocess import Preprocess, for_family
+from qlis_iqa.schema import (
+    FORMAT_VERSION,
+    KEY,
+    MAX_PARAMETERS,
+    ModelSpec,
+    architecture,
+    parse_metadata,
+)
 
-FORMAT_VERSION = "1"
-KEY = "qlis_iqa."  # prefix of the metadata keys stored in checkpoints and archives
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def mlp_head(in_features: int, hidden: int = 256) -> nn.Sequential:
@@ -46,15 +52,23 @@ class IQAModel(nn.Module):
         self.backbone = backbone
         self.head_hidden = head_hidden
         self.head = mlp_head(self.feature_dim, head_hidden)
-        size = backbone.config.image_size  # an int, or (height, width) in some configs
-        size = size[0] if isinstance(size, list | tuple) else size
-        self.preprocess: Preprocess = for_family(self.family, int(size))
+        self.preprocess: Preprocess = for_family(self.family, _side(backbone.config.image_size))
         for module in self.frozen_modules():
             module.requires_grad_(False)
 
     @property
     def feature_dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one image's `frozen_forward` output (what the feature cache stores)."""
+        raise NotImplementedError
+
+    def architecture_json(self) -> str:
+        """The backbone config keys that define the model, as compact JSON (see schema.py)."""
+        arch = architecture(self.family, self.backbone.config.to_dict())
+        return json.dumps(arch, sort_keys=True, separators=(",", ":"))
 
     @property
     def random_init(self) -> bool:
@@ -94,7 +108,7 @@ class IQAModel(nn.Module):
         """
         h = hashlib.sha256()
         h.update(self.family.encode())
-        h.update(config_to_json(self.backbone.config).encode())
+        h.update(self.architecture_json().encode())
         for i, module in enumerate(self.frozen_modules()):
             for name, tensor in sorted(module.state_dict().items()):
                 t = tensor.detach().cpu().contiguous()
@@ -107,11 +121,16 @@ class IQAModel(nn.Module):
         return {
             KEY + "format": FORMAT_VERSION,
             KEY + "family": self.family,
-            KEY + "backbone_config": config_to_json(self.backbone.config),
+            KEY + "backbone_config": self.architecture_json(),
             KEY + "preprocess": self.preprocess.to_json(),
             KEY + "head_hidden": str(self.head_hidden),
             KEY + "backbone": self.label,
         }
+
+
+def _side(size: int | list[int] | tuple[int, ...]) -> int:
+    """An image or patch size of a config: an int, or (height, width) in some configs."""
+    return int(size[0] if isinstance(size, list | tuple) else size)
 
 
 def _call_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -127,6 +146,10 @@ class CLIPIQA(IQAModel):
     @property
     def feature_dim(self) -> int:
         return int(self.backbone.config.projection_dim)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (self.feature_dim,)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.backbone]
@@ -149,6 +172,11 @@ class DINOIQA(IQAModel):
     @property
     def feature_dim(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        tokens = (self.preprocess.size // _side(self.backbone.config.patch_size)) ** 2 + 1
+        return (tokens, self.feature_dim)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -181,27 +209,62 @@ def make_model(family: str, backbone: PreTrainedModel, head_hidden: int = 256) -
     return MODEL_CLASSES[family](backbone, head_hidden).eval()
 
 
-def model_from_metadata(metadata: dict[str, str]) -> IQAModel:
-    """An uninitialised model of the architecture described by checkpoint/archive metadata."""
-    try:
-        family = metadata[KEY + "family"]
-        config_json = metadata[KEY + "backbone_config"]
-        head_hidden = int(metadata.get(KEY + "head_hidden", "256"))
-        stored_pre = metadata.get(KEY + "preprocess")
-    except (KeyError, ValueError):
-        raise IQAError(
-            "this file is not a qlis-iqa model (its metadata has no qlis_iqa.family / "
-            "qlis_iqa.backbone_config); train with `qlis-iqa train` and compress with "
-            "`qlis-iqa compress`"
-        ) from None
-    model = make_model(family, build_backbone(family, config_json), head_hidden)
-    if stored_pre is not None:
-        model.preprocess = Preprocess.from_json(stored_pre)
+def model_from_spec(spec: ModelSpec, meta: bool = False) -> IQAModel:
+    """An uninitialised model of a validated description; `meta`: shapes only, no memory."""
+    if meta:
+        with torch.device("meta"):
+            return model_from_spec(spec)
+    backbone = build_backbone(spec.family, spec.config, spec.attn_implementation)
+    model = make_model(spec.family, backbone, spec.head_hidden)
+    if spec.preprocess is not None:
+        model.preprocess = spec.preprocess
     return model
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a checkpoint (.safetensors) or archive (.qlis)."""
+def model_from_metadata(metadata: Mapping[str, str]) -> IQAModel:
+    """An uninitialised model of the architecture described by checkpoint/archive metadata."""
+    return model_from_spec(parse_metadata(metadata))
+
+
+def check_declared_shapes(
+    spec: ModelSpec, declared: Mapping[str, tuple[int, ...]], source: str
+) -> None:
+    """Refuse a file whose tensor names and shapes are not exactly those `spec` builds.
+
+    Runs on a meta-device model (no weight is allocated) before the real model is built, so a
+    description that would take gigabytes, or weights that do not fit it, cost nothing.
+    """
+    skeleton = model_from_spec(spec, meta=True)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    n_params = sum(math.prod(s) for s in expected.values())
+    if n_params > MAX_PARAMETERS:
+        raise IQAError(
+            f"{source}: its description builds {n_params:,} parameters "
+            f"(at most {MAX_PARAMETERS:,}); refused"
+        )
+    missing = sorted(expected.keys() - declared.keys())
+    extra = sorted(declared.keys() - expected.keys())
+    wrong = [k for k in expected if k in declared and tuple(declared[k]) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing (first: {missing[0]!r})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s) (first: {extra[0][:80]!r})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} of another shape (first: {k!r} is {list(declared[k])[:8]}, "
+            f"the description needs {list(expected[k])})"
+        )
+    if problems:
+        raise IQAError(f"{source} does not match the model it describes: {'; '.join(problems)}")
+
+
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Metadata and declared tensor shapes of a checkpoint (.safetensors) or archive (.qlis).
+
+    Nothing but the header is read: no tensor is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise IQAError(f"{path}: no such model file")
@@ -209,21 +272,34 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         import qlis
 
         with qlis.open(path) as archive:
-            return dict(archive.metadata)
+            shapes = {n: tuple(archive.entry(n)["shape"]) for n in archive.names()}
+            return dict(archive.metadata), shapes
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            return dict(f.metadata() or {}), shapes
     except (SafetensorError, OSError) as exc:
         raise IQAError(f"{path}: not a safetensors checkpoint ({exc})") from None
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a checkpoint (.safetensors) or archive (.qlis)."""
+    return read_header(path)[0]
+
+
 def load_model(path: str | Path) -> tuple[IQAModel, dict[str, str]]:
-    """Rebuild a model from a checkpoint (.safetensors) or a qlis archive (.qlis), nothing else."""
+    """Rebuild a model from a checkpoint (.safetensors) or a qlis archive (.qlis), nothing else.
+
+    The stored description is validated (schema.py) and checked against the file's declared
+    tensor shapes before the model is built or any tensor is read.
+    """
     path = Path(path)
-    metadata = read_metadata(path)
-    model = model_from_metadata(metadata)
+    metadata, declared = read_header(path)
+    spec = parse_metadata(metadata)
+    check_declared_shapes(spec, declared, str(path))
+    model = model_from_spec(spec)
     if path.suffix == ".qlis":
         import qlis
 
@@ -245,17 +321,25 @@ def load_state(model: IQAModel, state: dict[str, torch.Tensor], source: str = "s
         raise IQAError(f"{source} does not match the model it describes: {first}") from None
 
 
-def save_checkpoint(model: IQAModel, path: str | Path, extra: dict[str, str] | None = None) -> Path:
-    """Write the whole model as safetensors, its metadata (+ `extra`) in the header."""
+def save_checkpoint(
+    model: IQAModel,
+    path: str | Path,
+    extra: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the whole model as safetensors, its metadata (+ `extra`) in the header.
+
+    Atomic; the folder must exist; an existing file is replaced only with `overwrite`.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {**model.metadata(), **(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        mode = tmp.stat().st_mode & 0o7777  # what the umask gives a new file
+        save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes its file afresh, as 0600
     return path
 
 

@@ -2,16 +2,65 @@
 
 The archive's metadata holds the model family, backbone config, preprocessing and head size
 (strings), so `qlis-iqa score --model X.qlis` rebuilds the model from the archive alone.
+
+Policy "rd" can measure distortion on the model's output: `calibration(model, samples)` runs a
+few training images through the whole model. qlis compares outputs by cosine, and raw quality
+scores all sit near the mean opinion score (cosine ~1 whatever their order), so the compared
+output is the scores minus their mean: its cosine is the Pearson correlation of the compressed
+model's predictions with the original's, which is what the SRCC of a compressed model follows.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import qlis
+from qlis_iqa.data import Sample
+from qlis_iqa.errors import IQAError
+from qlis_iqa.features import image_loader
 from qlis_iqa.models import KEY, IQAModel, state_nbytes
+
+
+class CentredScores:
+    """`calib(model)` for qlis: the model's scores on fixed pixel batches, minus their mean."""
+
+    def __init__(self, batches: Sequence[torch.Tensor]) -> None:
+        self.batches = list(batches)
+
+    @property
+    def images(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        device = next(model.parameters()).device
+        scores = torch.cat([model(b.to(device)).double().cpu() for b in self.batches])
+        return scores - scores.mean()
+
+
+def calibration(
+    model: IQAModel,
+    samples: Sequence[Sample],
+    images: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> CentredScores:
+    """Calibration data for policy "rd": up to `images` readable images (a seeded choice)."""
+    if images < 2:
+        raise IQAError(f"calibration needs at least 2 images, got {images}")
+    chosen = random.Random(seed).sample(list(samples), min(images, len(samples)))
+    loader = image_loader([s.path for s in chosen], model.preprocess, batch_size, 0)
+    batches = [pixels for _, pixels, _ in loader if pixels is not None]
+    calib = CentredScores(batches)
+    if calib.images < 2:
+        raise IQAError(f"calibration: fewer than 2 of {len(chosen)} training images are readable")
+    return calib
 
 
 @dataclass
@@ -29,17 +78,42 @@ class Packed:
         return self.original_bytes / self.file_bytes
 
 
+def compress_model(
+    model: IQAModel,
+    policy: str = "lapq",
+    beta: float = 0.5,
+    calib: CentredScores | None = None,
+    **options: Any,
+) -> Any:
+    """`qlis.compress` of the whole model; with `calib` the model itself is run (untouched)."""
+    if calib is not None:
+        return qlis.compress(model, policy=policy, beta=beta, calib=calib, **options)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return qlis.compress(state, policy=policy, beta=beta, **options)
+
+
+def check_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an archive path whose folder is missing (never created) or that exists already."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise IQAError(f"{path.parent}: no such folder (create it first)")
+    if path.exists() and not overwrite:
+        raise IQAError(f"{path} exists; pass --force (overwrite=True) to replace it")
+    return path
+
+
 def write_archive(
     model: IQAModel,
     result: Any,
     path: str | Path,
     codec: str = "huffman",
     metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> Packed:
     """Save `result` (a compression of `model`) with the metadata that rebuilds the model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    qlis.save(result, path, codec=codec, metadata={**model.metadata(), **(metadata or {})})
+    path = check_target(path, overwrite)
+    meta = {**model.metadata(), **(metadata or {})}
+    qlis.save(result, path, codec=codec, metadata=meta, overwrite=overwrite)
     return Packed(result, path, path.stat().st_size, state_nbytes(model))
 
 
@@ -50,11 +124,19 @@ def pack(
     beta: float = 0.5,
     codec: str = "huffman",
     metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+    calib: CentredScores | None = None,
     **options: Any,
 ) -> Packed:
-    """Compress the whole model (backbone and head) and write its archive."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    result = qlis.compress(state, policy=policy, beta=beta, **options)
+    """Compress the whole model (backbone and head) and write its archive.
+
+    The target is checked before compressing: its folder must exist, and an existing file is
+    replaced only with `overwrite`. `calib` (policy "rd"): see `calibration`.
+    """
+    check_target(path, overwrite)
+    result = compress_model(model, policy, beta, calib, **options)
     extra = {KEY + "policy": policy, KEY + "beta": str(beta), **(metadata or {})}
     extra.update({KEY + f"option.{k}": str(v) for k, v in options.items()})
-    return write_archive(model, result, path, codec, extra)
+    if calib is not None:
+        extra[KEY + "calibration"] = f"{calib.images} training images, centred scores"
+    return write_archive(model, result, path, codec, extra, overwrite)

@@ -3,12 +3,20 @@
 CLIP: shortest side resized to the input size (bicubic), centre crop, CLIP mean/std.
 DINO: resized to size x size (bilinear), ImageNet mean/std — what the checkpoints' own image
 processors do. The config is plain JSON: it is part of the feature-cache key and is stored in
-every checkpoint and archive, so a deployed model preprocesses exactly as it was trained.
+every checkpoint and archive, so a deployed model preprocesses exactly as it was trained; it is
+validated on construction (a stored one comes from an untrusted file).
+
+Images are untrusted too: a file whose header announces more than MAX_IMAGE_PIXELS is refused
+before it is decoded, and the CLIP resize refuses an aspect ratio above MAX_ASPECT (a 1x100000
+PNG of 370 bytes would otherwise be resized to 22.4M x 224 pixels). Both are reported as
+unreadable images, never fatal.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +32,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+MODES = ("shortest-crop", "square")
+MIN_SIZE, MAX_SIZE = 16, 1024
+MAX_IMAGE_PIXELS = 8192 * 8192  # decoded size bound, checked on the header before decoding
+MAX_ASPECT = 32  # longest / shortest side accepted by the shortest-side resize
 
 
 class ImageReadError(IQAError):
@@ -40,6 +52,25 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    def __post_init__(self) -> None:
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise IQAError(f"preprocessing size {self.size!r} is not an integer")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise IQAError(f"preprocessing size {self.size} is outside {MIN_SIZE}..{MAX_SIZE}")
+        if self.mode not in MODES:
+            raise IQAError(f"preprocessing mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.resample not in _RESAMPLE:
+            known = ", ".join(sorted(_RESAMPLE))
+            raise IQAError(f"preprocessing resample {self.resample!r} is not one of {known}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(number(v) and abs(v) <= 1e3 for v in values):
+                raise IQAError(f"preprocessing {name} must be 3 finite numbers, got {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise IQAError(f"preprocessing std must be positive, got {self.std!r}")
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
@@ -48,13 +79,15 @@ class Preprocess:
         try:
             d = json.loads(text)
             return cls(
-                size=int(d["size"]),
-                mode=str(d["mode"]),
-                resample=str(d["resample"]),
+                size=d["size"],
+                mode=d["mode"],
+                resample=d["resample"],
                 mean=tuple(d["mean"]),
                 std=tuple(d["std"]),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except IQAError as exc:
+            raise IQAError(f"stored preprocessing config cannot be used: {exc}") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise IQAError(f"stored preprocessing config cannot be read: {exc}") from None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -64,6 +97,10 @@ class Preprocess:
             image = image.resize((self.size, self.size), resample)
         else:
             w, h = image.size
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise ImageReadError(
+                    f"unreadable ({w}x{h} pixels: aspect ratio above {MAX_ASPECT}:1)"
+                )
             scale = self.size / min(w, h)
             new_w, new_h = max(self.size, int(w * scale)), max(self.size, int(h * scale))
             image = image.resize((new_w, new_h), resample)
@@ -87,7 +124,15 @@ def for_family(family: str, size: int) -> Preprocess:
 def read_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image, turning every failure into an ImageReadError."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels; we refuse above 67 M
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS or min(w, h) < 1:
+                raise ImageReadError(
+                    f"{path}: unreadable ({w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
+                )
             im.load()
             return im.copy()
     except FileNotFoundError:

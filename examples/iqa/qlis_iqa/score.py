@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from qlis.atomic import atomic_path
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import image_loader
 from qlis_iqa.models import IQAModel, load_model
@@ -47,8 +48,7 @@ class Scores:
     def write_csv(self, path: str | Path, root: Path, label: str) -> Path:
         """image, score, error, backbone — one row per file, in folder order."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["image", "score", "error", "backbone"])
             for i, p in enumerate(self.paths):

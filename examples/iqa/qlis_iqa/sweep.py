@@ -7,44 +7,62 @@ cached by fingerprint, so a variant whose frozen tensors did not change (and any
 them. Each row reports SRCC/KRCC/PLCC, the paper's CR and HCR, and the real ratio: original
 tensor bytes / bytes of the .qlis archive on disk. Extra rows (per-channel quantization, budget
 mode) sit beside the paper's LAPQ to show what qlis adds to it.
+
+Rows of qlis's rate-distortion policy "rd" take calibration data: a few training-split images
+run through the whole model (see pack.calibration). They target a real archive ratio
+(`target_ratio`) or an allowed SRCC drop. An SRCC drop is not something qlis can measure, so it
+is met by a short search: the output-quality target `min_cosine` is bisected over
+COSINE_LADDER, each candidate scored on a validation set of other training images, and the
+smallest archive whose validation SRCC stays within the drop is kept (the test split is never
+looked at). The table and the plot put paper and rd rows side by side: SRCC vs REAL ratio.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import qlis
+from qlis import QlisError
+from qlis.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Log, predict_samples, skipped_report
 from qlis_iqa.features import FeatureCache
+from qlis_iqa.metrics import LogisticFit, logistic_fit, srcc
 from qlis_iqa.models import KEY, IQAModel, load_state, model_from_metadata, state_nbytes
-from qlis_iqa.pack import write_archive
+from qlis_iqa.pack import CentredScores, calibration, compress_model, write_archive
 
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
 PAPER_BITS = (1, 2, 4, 8)
+COSINE_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the sweep: a qlis policy and its options (policy None: the baseline)."""
+    """One row of the sweep: a qlis policy and its options (policy None: the baseline).
+
+    `srcc_drop` (policy "rd"): the allowed validation SRCC drop that picks `min_cosine`.
+    `kind`: "baseline", "paper", "extra" (qlis options on paper policies) or "rd".
+    """
 
     name: str
     policy: str | None
     options: dict[str, Any] = field(default_factory=dict, hash=False)
+    srcc_drop: float | None = None
+    kind: str = "paper"
 
 
 def paper_variants() -> list[Variant]:
     """Table 1 of the paper: Baseline, P level k, Q b-bit, LAP, LAQ, LAPQ (per-tensor)."""
     return [
-        Variant("Baseline", None),
+        Variant("Baseline", None, kind="baseline"),
         *(Variant(f"P level {k}", "prune", {"k": k}) for k in PAPER_K),
         *(Variant(f"Q {b}-bit", "quant", {"bits": b}) for b in PAPER_BITS),
         Variant("LAP", "lap"),
@@ -58,8 +76,8 @@ def extra_variants(per_channel: bool = False, target_ratios: Sequence[float] = (
     rows = []
     if per_channel:
         rows += [
-            Variant("LAQ [channel]", "laq", {"granularity": "channel"}),
-            Variant("LAPQ [channel]", "lapq", {"granularity": "channel"}),
+            Variant("LAQ [channel]", "laq", {"granularity": "channel"}, kind="extra"),
+            Variant("LAPQ [channel]", "lapq", {"granularity": "channel"}, kind="extra"),
         ]
     for ratio in target_ratios:
         if not ratio >= 1.0:
@@ -69,8 +87,56 @@ def extra_variants(per_channel: bool = False, target_ratios: Sequence[float] = (
         if per_channel:
             opts["granularity"] = "channel"
             suffix += ", channel"
-        rows.append(Variant(f"LAPQ [{suffix}]", "lapq", opts))
+        rows.append(Variant(f"LAPQ [{suffix}]", "lapq", opts, kind="extra"))
     return rows
+
+
+def rd_variants(
+    target_ratios: Sequence[float] = (), srcc_drops: Sequence[float] = ()
+) -> list[Variant]:
+    """Rows of policy "rd": at real archive ratios, and at allowed SRCC drops (validation)."""
+    rows = []
+    for ratio in target_ratios:
+        if not ratio >= 1.0:
+            raise IQAError(f"an rd target ratio must be >= 1, got {ratio}")
+        rows.append(Variant(f"rd [{ratio:g}x]", "rd", {"target_ratio": float(ratio)}, kind="rd"))
+    for drop in srcc_drops:
+        if not 0.0 <= drop < 1.0:
+            raise IQAError(f"an allowed SRCC drop must be in [0, 1), got {drop}")
+        rows.append(Variant(f"rd [SRCC -{drop:g}]", "rd", srcc_drop=float(drop), kind="rd"))
+    return rows
+
+
+@dataclass
+class RDData:
+    """Training-split data of the rd rows: calibration batches and a disjoint validation set."""
+
+    calib: CentredScores
+    validation: list[Sample]
+
+
+def rd_data(
+    model: IQAModel,
+    train_samples: Sequence[Sample],
+    calib_images: int = 32,
+    val_images: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> RDData:
+    """Split (seeded) training images into `calib_images` for calibration and the validation set.
+
+    The validation set is what SRCC-drop rows are tuned on; it needs at least 3 images.
+    """
+    order = list(train_samples)
+    random.Random(seed).shuffle(order)
+    n_calib = min(calib_images, max(2, len(order) // 3))
+    validation = order[n_calib : n_calib + val_images]
+    if len(validation) < 3:
+        raise IQAError(
+            f"rd rows need training images for calibration and validation; {len(order)} is too few"
+        )
+    calib = calibration(model, order[:n_calib], n_calib, batch_size, seed)
+    return RDData(calib, validation)
 
 
 def pick_variants(variants: list[Variant], only: str | None) -> list[Variant]:
@@ -97,6 +163,7 @@ class SweepRow:
     krcc: float
     plcc: float
     plcc_logistic: float
+    logistic_fit: str  # "", "ok" or "degenerate: why" (then plcc_logistic is NaN)
     cr: float
     hcr: float
     real_ratio: float
@@ -106,6 +173,7 @@ class SweepRow:
     test_images: int
     seconds: float
     backbone: str
+    kind: str = "paper"
 
 
 def _plan_stats(result: Any) -> tuple[float, float]:
@@ -119,11 +187,12 @@ def _plan_stats(result: Any) -> tuple[float, float]:
     return sparsity, bits
 
 
-def _options_text(v: Variant, beta: float) -> str:
-    opts = dict(v.options)
-    if v.policy in ("lap", "laq", "lapq"):
+def _options_text(policy: str | None, options: dict[str, Any], beta: float, note: str) -> str:
+    opts = dict(options)
+    if policy in ("lap", "laq", "lapq"):
         opts["beta"] = beta
-    return ", ".join(f"{k}={val}" for k, val in opts.items())
+    text = ", ".join(f"{k}={val}" for k, val in opts.items())
+    return f"{text} ({note})" if note else text
 
 
 def run_sweep(
@@ -141,50 +210,67 @@ def run_sweep(
     batch_size: int = 16,
     workers: int = 0,
     progress: bool = False,
+    rd: RDData | None = None,
     log: Log = print,
 ) -> list[SweepRow]:
     """Evaluate each variant on `samples`; write each compressed model to OUT/archives/*.qlis.
 
     The baseline's real ratio is measured on `baseline_file` (its safetensors checkpoint);
     `model_metadata` (e.g. the checkpoint's dataset and split) is copied into every archive.
+    `rd` (see `rd_data`) gives rd rows their calibration data; SRCC-drop rows need it. A row
+    qlis refuses (e.g. a size target out of reach) is logged and left out.
     """
+    if any(v.srcc_drop is not None for v in variants) and rd is None:
+        raise IQAError("rd rows with an SRCC-drop target need training images (rd_data)")
     out = Path(out_dir)
+    if archives:
+        make_folder(make_folder(out) / "archives")
     original = state_nbytes(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metadata = model.metadata()
     passthrough = {k: v for k, v in (model_metadata or {}).items() if k not in metadata}
+    searching = rd is not None and any(v.srcc_drop is not None for v in variants)
+    search = _QualitySearch(model, rd, beta, batch_size) if searching else None
     rows: list[SweepRow] = []
     for v in variants:
         start = time.perf_counter()
+        options, note = dict(v.options), ""
         if v.policy is None:
             candidate, cr, hcr, sparsity, bits = model, 1.0, 1.0, 0.0, math.nan
             size = Path(baseline_file).stat().st_size if baseline_file else 0
         else:
-            result = qlis.compress(state, policy=v.policy, beta=beta, **v.options)
-            candidate = model_from_metadata(metadata).to(next(model.parameters()).device)
-            load_state(candidate, result.state_dict(), f"{v.name} state")
+            calib = rd.calib if v.policy == "rd" and rd is not None else None
+            try:
+                if v.srcc_drop is not None and search is not None:
+                    options["min_cosine"], note = search.min_cosine_for(v.srcc_drop)
+                result = compress_model(model, v.policy, beta, calib, **options)
+            except QlisError as exc:  # e.g. a size target this model cannot reach
+                log(f"{v.name}: skipped ({exc})")
+                continue
+            candidate = _with_state(model, metadata, result, v.name)
             cr, hcr = float(result.cr), float(result.hcr)
             sparsity, bits = _plan_stats(result)
             size = 0
             if archives:
                 path = out / "archives" / f"{_slug(v.name)}.qlis"
                 extra = {KEY + "variant": v.name, **passthrough}
-                size = write_archive(model, result, path, codec, extra).file_bytes
+                size = write_archive(model, result, path, codec, extra, overwrite=True).file_bytes
         preds = predict_samples(
             candidate, samples, cache, batch_size, workers, progress, f"eval {v.name}"
         )
         if preds.skipped and not rows:
             log(skipped_report("test", preds.skipped))
-        m = preds.metrics(logistic)
+        m = preds.metrics()
+        fit = logistic_fit(preds.pred, preds.mos) if logistic else None
         rows.append(
             SweepRow(
                 variant=v.name,
                 policy=v.policy or "none",
-                options=_options_text(v, beta),
+                options=_options_text(v.policy, options, beta, note),
                 srcc=m["srcc"],
                 krcc=m["krcc"],
                 plcc=m["plcc"],
-                plcc_logistic=m.get("plcc_logistic", math.nan),
+                plcc_logistic=fit.plcc if fit else math.nan,
+                logistic_fit=_fit_text(fit),
                 cr=cr,
                 hcr=hcr,
                 real_ratio=original / size if size else math.nan,
@@ -194,10 +280,80 @@ def run_sweep(
                 test_images=len(preds.names),
                 seconds=time.perf_counter() - start,
                 backbone=model.label,
+                kind=v.kind,
             )
         )
         log(_row_line(rows[-1]))
     return rows
+
+
+def _with_state(model: IQAModel, metadata: dict[str, str], result: Any, name: str) -> IQAModel:
+    """A copy of `model`'s architecture holding a compression result's tensors."""
+    candidate = model_from_metadata(metadata).to(next(model.parameters()).device)
+    load_state(candidate, result.state_dict(), f"{name} state")
+    return candidate
+
+
+class _QualitySearch:
+    """Bisect COSINE_LADDER for the smallest archive within an allowed validation SRCC drop.
+
+    Assumes the validation SRCC does not fall as min_cosine rises; validation SRCCs are
+    remembered across the drops asked for, so a few drops cost a few compressions each.
+    """
+
+    def __init__(self, model: IQAModel, rd: RDData, beta: float, batch_size: int) -> None:
+        self.model, self.rd, self.beta, self.batch_size = model, rd, beta, batch_size
+        self.metadata = model.metadata()
+        self.baseline = self._srcc(model)
+        self.memo: dict[int, float] = {}
+
+    def _srcc(self, model: IQAModel) -> float:
+        preds = predict_samples(model, self.rd.validation, None, self.batch_size, desc="validate")
+        return srcc(preds.pred, preds.mos)
+
+    def _validation_srcc(self, i: int) -> float:
+        if i not in self.memo:
+            result = compress_model(
+                self.model, "rd", self.beta, self.rd.calib, min_cosine=COSINE_LADDER[i]
+            )
+            self.memo[i] = self._srcc(_with_state(self.model, self.metadata, result, "search"))
+        return self.memo[i]
+
+    def min_cosine_for(self, drop: float) -> tuple[float, str]:
+        """The chosen min_cosine, and a note saying how it was chosen."""
+        floor = self.baseline - drop
+
+        def ok(i: int) -> bool:
+            value = self._validation_srcc(i)
+            return not math.isnan(value) and value >= floor
+
+        lo, hi = 0, len(COSINE_LADDER) - 1
+        met = ok(hi)
+        while met and lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        chosen = hi
+        note = (
+            f"validation SRCC {_fmt(self.memo[chosen], 3)} vs {_fmt(self.baseline, 3)} on "
+            f"{len(self.rd.validation)} training images"
+            + ("" if met else f"; drop {drop:g} not met even at the top of the ladder")
+        )
+        return COSINE_LADDER[chosen], note
+
+
+def make_folder(path: str | Path) -> Path:
+    """Create an output folder whose parent exists (a missing parent is never created)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise IQAError(f"{path.parent}: no such folder (create it first)")
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def _fit_text(fit: LogisticFit | None) -> str:
+    if fit is None:
+        return ""
+    return f"degenerate: {fit.reason}" if fit.degenerate else "ok"
 
 
 def _slug(name: str) -> str:
@@ -223,7 +379,7 @@ CSV_FIELDS = list(SweepRow.__dataclass_fields__)
 def write_csv(rows: Sequence[SweepRow], path: str | Path) -> Path:
     """All columns of every row, the backbone label in each."""
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
@@ -251,7 +407,9 @@ def markdown_table(rows: Sequence[SweepRow], title: str, logistic: bool = False)
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         cells = [r.variant, _fmt(r.srcc, 4), _fmt(r.krcc, 4), _fmt(r.plcc, 4)]
-        cells += [_fmt(r.plcc_logistic, 4)] if logistic else []
+        if logistic:
+            degenerate = r.logistic_fit.startswith("degenerate")
+            cells.append("degenerate fit" if degenerate else _fmt(r.plcc_logistic, 4))
         cells += [
             _fmt(r.cr, 2),
             _fmt(r.hcr, 2),
@@ -269,11 +427,43 @@ def markdown_table(rows: Sequence[SweepRow], title: str, logistic: bool = False)
         "bytes of the .qlis archive on disk (Baseline: of the safetensors checkpoint).",
         "",
     ]
+    if logistic and any(r.logistic_fit.startswith("degenerate") for r in rows):
+        lines += [
+            "degenerate fit: the 4-parameter logistic collapsed to a step function, so no "
+            "PLCC (logistic) is given (the reason is in sweep.csv, column logistic_fit).",
+            "",
+        ]
+    lines += side_by_side(rows)
     return "\n".join(lines)
 
 
+def side_by_side(rows: Sequence[SweepRow]) -> list[str]:
+    """Markdown lines: every row with an archive, by real ratio, paper and rd rows together."""
+    sized = sorted((r for r in rows if not math.isnan(r.real_ratio)), key=lambda r: r.real_ratio)
+    if not sized:
+        return []
+    lines = [
+        "#### SRCC vs real archive ratio (paper and rd rows side by side)",
+        "",
+        "| real ratio | SRCC | kind | Variant | file bytes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sized:
+        cells = [_fmt(r.real_ratio, 2), _fmt(r.srcc, 4), r.kind, r.variant, f"{r.file_bytes:,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+PLOT_STYLE = {  # kind -> matplotlib marker style and legend label
+    "baseline": ({"marker": "*", "s": 120, "color": "black"}, "baseline (checkpoint)"),
+    "paper": ({"marker": "o", "color": "tab:blue"}, "paper policies"),
+    "extra": ({"marker": "s", "color": "tab:gray"}, "paper policies, qlis options"),
+    "rd": ({"marker": "^", "color": "tab:orange"}, "qlis rd (calibrated)"),
+}
+
+
 def plot(rows: Sequence[SweepRow], path: str | Path, title: str) -> Path:
-    """SRCC against compression: paper HCR (filled) and real archive ratio (hollow)."""
+    """SRCC against the REAL archive ratio, one marker per kind of row; rd rows joined."""
     import matplotlib
     import matplotlib.ticker
 
@@ -281,27 +471,37 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        if math.isnan(r.srcc):
+    shown = [r for r in rows if not (math.isnan(r.srcc) or math.isnan(r.real_ratio))]
+    for kind, (style, legend) in PLOT_STYLE.items():
+        group = sorted((r for r in shown if r.kind == kind), key=lambda r: r.real_ratio)
+        if not group:
             continue
-        ax.scatter(r.hcr, r.srcc, color="tab:blue")
-        ax.annotate(
-            r.variant, (r.hcr, r.srcc), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-        if not math.isnan(r.real_ratio) and r.policy != "none":
-            ax.scatter(r.real_ratio, r.srcc, facecolors="none", edgecolors="tab:orange")
-    ax.scatter([], [], color="tab:blue", label="paper HCR")
-    ax.scatter([], [], facecolors="none", edgecolors="tab:orange", label="real archive ratio")
+        x, y = [r.real_ratio for r in group], [r.srcc for r in group]
+        ax.scatter(x, y, label=legend, **style)
+        if kind == "rd" and len(group) > 1:
+            ax.plot(x, y, color=style["color"], alpha=0.5)
+        for r in group:
+            ax.annotate(
+                r.variant,
+                (r.real_ratio, r.srcc),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-    ax.set_xlabel("compression ratio (log scale)")
+    ax.set_xlabel("real compression ratio: original tensor bytes / archive bytes (log scale)")
     ax.set_ylabel("SRCC on the fixed test split")
     label = rows[0].backbone if rows else ""
-    ax.set_title(title if label in title else f"{title}\n[{label}]", fontsize=9)
-    ax.legend(fontsize=8)
+    missing = len(rows) - len(shown)
+    note = f" ({missing} row(s) without an archive not shown)" if missing else ""
+    ax.set_title((title if label in title else f"{title}\n[{label}]") + note, fontsize=9)
+    if shown:
+        ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)
 
@@ -310,10 +510,10 @@ def write_outputs(
     rows: Sequence[SweepRow], out_dir: str | Path, title: str, logistic: bool = False
 ) -> dict[str, Path]:
     """sweep.md, sweep.csv and sweep.png in OUT_DIR."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out_dir)
     md = out / "sweep.md"
-    md.write_text(markdown_table(rows, title, logistic), encoding="utf-8")
+    with atomic_path(md) as tmp:
+        tmp.write_text(markdown_table(rows, title, logistic), encoding="utf-8")
     return {
         "markdown": md,
         "csv": write_csv(rows, out / "sweep.csv"),

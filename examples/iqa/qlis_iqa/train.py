@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from qlis.atomic import atomic_path
 from qlis_iqa.backbones import load_backbone, weights_label
 from qlis_iqa.data import Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError
@@ -86,6 +87,31 @@ def fit(
     return losses
 
 
+SPLIT_CONFLICT = ("error", "warn")
+
+
+def _check_reused_split(
+    split: Split, path: Path, asked: dict[str, float | None], on_conflict: str, log: Log
+) -> None:
+    """Raise (or log) when options asked for now contradict the split file being reused."""
+    stored = {"limit": split.limit, "test_fraction": split.test_fraction, "split_seed": split.seed}
+    differ = [
+        f"{k} {v} (stored: {stored[k]})"
+        for k, v in asked.items()
+        if v is not None and v != stored[k]
+    ]
+    if not differ:
+        return
+    if on_conflict == "warn":
+        log(f"warning: {path} is reused as it is, so {', '.join(differ)} is ignored")
+        return
+    raise IQAError(
+        f"{path} already fixes the split and this run asks for {', '.join(differ)}; "
+        "drop those options to reuse it, or train into a new run folder (or --split NEW.json) "
+        "to draw a new split"
+    )
+
+
 @dataclass
 class TrainResult:
     """What `train_run` produced: the model, its files and its test metrics."""
@@ -109,40 +135,69 @@ def train_run(
     cache_dir: str | Path | None = None,
     config: TrainConfig = TrainConfig(),
     limit: int | None = None,
-    test_fraction: float = 0.2,
-    split_seed: int = 0,
+    test_fraction: float | None = None,
+    split_seed: int | None = None,
     feature_batch: int = 16,
     workers: int = 0,
     device: str = "cpu",
     progress: bool = False,
     logistic: bool = False,
     head_hidden: int = 256,
+    overwrite: bool = False,
+    split_conflict: str = "error",
     log: Log = print,
 ) -> TrainResult:
     """Load data and backbone, train, evaluate on the fixed test split, and write the run folder.
 
-    OUT_DIR receives model.safetensors (the whole model, its metadata in the header),
-    split.json (unless an existing split file is given), predictions_test.csv, metrics.json and
-    train_log.csv. Frozen outputs are cached under `cache_dir` (default OUT_DIR/cache).
+    OUT_DIR (its parent must exist) receives model.safetensors (the whole model, its metadata
+    in the header), split.json (unless an existing split file is given), predictions_test.csv,
+    metrics.json and train_log.csv. Frozen outputs are cached under `cache_dir` (default
+    OUT_DIR/cache). An existing checkpoint is replaced only with `overwrite`.
+
+    `limit`, `test_fraction` and `split_seed` (None: not asked for; a new split uses all
+    images, 0.2 and 0) draw a new split; when the split file already exists it is reused, and
+    a request that contradicts it is a `split_conflict`: "error" (raise) or "warn" (log it and
+    keep the stored split).
     """
     out = Path(out_dir)
+    checkpoint = out / "model.safetensors"
+    if checkpoint.exists() and not overwrite:
+        raise IQAError(
+            f"{checkpoint} exists; pass --force (overwrite=True) to retrain over it, "
+            "or choose a new run folder"
+        )
+    if split_conflict not in SPLIT_CONFLICT:
+        raise IQAError(f"split_conflict must be one of {SPLIT_CONFLICT}, got {split_conflict!r}")
+    if not out.is_dir() and not out.parent.is_dir():
+        raise IQAError(f"{out.parent}: no such folder (create it first)")
     ds = load_dataset(dataset, root)
     if ds.missing:
         log(ds.missing_report())
     split_path = Path(split_file) if split_file else out / "split.json"
-    if split_path.is_file():
+    new_split = not split_path.is_file()
+    if new_split:
+        names = [s.name for s in ds.samples] + ds.missing
+        split = make_split(
+            ds.name,
+            names,
+            0 if split_seed is None else split_seed,
+            0.2 if test_fraction is None else test_fraction,
+            limit,
+        )
+    else:
         split = Split.load(split_path)
         if split.dataset != ds.name:
             raise IQAError(f"split {split_path} is for {split.dataset}, not {ds.name}")
-    else:
-        names = [s.name for s in ds.samples] + ds.missing
-        split = make_split(ds.name, names, split_seed, test_fraction, limit)
-        split.save(split_path)
+        asked = {"limit": limit, "test_fraction": test_fraction, "split_seed": split_seed}
+        _check_reused_split(split, split_path, asked, split_conflict, log)
     train_samples, train_absent = split_samples(ds, split.train)
     test_samples, test_absent = split_samples(ds, split.test)
 
     backbone = load_backbone(family, weights)
     label = weights_label(backbone, weights)
+    out.mkdir(exist_ok=True)
+    if new_split:
+        split.save(split_path)
     torch.manual_seed(config.seed)
     model = make_model(family, backbone, head_hidden).to(device)
     log(f"{model.family}: {label}; {len(train_samples)} train / {len(test_samples)} test images")
@@ -191,9 +246,12 @@ def train_run(
         KEY + "train_config": json.dumps(asdict(config), sort_keys=True),
         KEY + "test_metrics": json.dumps(metrics, sort_keys=True),
     }
-    checkpoint = save_checkpoint(model, out / "model.safetensors", extra)
+    save_checkpoint(model, checkpoint, extra, overwrite=overwrite)
     preds.write_csv(out / "predictions_test.csv", label)
-    with (out / "train_log.csv").open("w", newline="", encoding="utf-8") as f:
+    with (
+        atomic_path(out / "train_log.csv") as tmp,
+        tmp.open("w", newline="", encoding="utf-8") as f,
+    ):
         w = csv.writer(f)
         w.writerow(["epoch", "train_mse", "backbone"])
         w.writerows([i + 1, f"{loss:.6f}", label] for i, loss in enumerate(losses))
@@ -215,5 +273,6 @@ def train_run(
         "test": metrics,
         "final_train_mse": losses[-1],
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return TrainResult(model, checkpoint, split_path, preds, metrics, losses, label)

@@ -1,0 +1,206 @@
+"""Output conventions shared by the `qlis` and `qlis-iqa` commands: one vocabulary for both.
+
+Names from files are escaped before printing (a tensor name is data, not terminal control);
+sizes are shown in binary units and written as exact integers in JSON/CSV; tables show full
+names when piped and fold long names on a terminal; every output file passes one rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qlis.errors import InputError
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def escape(text: str) -> str:
+    """``text`` with every unprintable character (control codes such as ESC, newlines, lone
+    surrogates, zero-width marks) written as a Python escape, so a name cannot drive the terminal.
+
+    >>> escape("layer\\x1b]52;c;aGk=\\x07.weight\\n")
+    'layer\\\\x1b]52;c;aGk=\\\\x07.weight\\\\n'
+    >>> escape("bloc\\udc80k"), escape("encoder.layer.0 ü")
+    ('bloc\\\\udc80k', 'encoder.layer.0 ü')
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def human_bytes(n: float) -> str:
+    """A size for people, in binary units (1 KiB = 1024 B); machine outputs keep exact bytes.
+
+    >>> human_bytes(512), human_bytes(1536), human_bytes(3 * 2**30)
+    ('512 B', '1.50 KiB', '3.00 GiB')
+    """
+    value, unit = float(n), 0
+    while round(abs(value), 2) >= 1024 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    return f"{int(n)} B" if unit == 0 else f"{value:.2f} {_UNITS[unit]}"
+
+
+def describe_rel_mse(rel_mse: float) -> str:
+    """A weight relative MSE (error energy / weight energy) with what it means: the SNR in dB
+    and a coarse verdict (>= 20 dB small, 10-20 dB moderate, < 10 dB large).
+
+    >>> describe_rel_mse(0.01)
+    "weight relative MSE 0.01 (SNR 20.0 dB: small; the error holds 1% of the weights' energy)"
+    """
+    if not math.isfinite(rel_mse) or rel_mse < 0:
+        return f"weight relative MSE {rel_mse} (not a valid error)"
+    if rel_mse == 0:
+        return "weight relative MSE 0 (exact)"
+    snr = -10 * math.log10(rel_mse)
+    verdict = "small" if snr >= 20 else "moderate" if snr >= 10 else "large"
+    return (f"weight relative MSE {rel_mse:.4g} (SNR {snr:.1f} dB: {verdict}; "
+            f"the error holds {100 * rel_mse:.3g}% of the weights' energy)")
+
+
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    *,
+    right: Collection[int] = (),
+    fold: int = 0,
+    terminal: bool | None = None,
+    width: int | None = None,
+) -> str:
+    """Render rows as a text table (rich), cells escaped.
+
+    Piped (``terminal`` False; default: whether stdout is a terminal) every cell is shown in
+    full, however wide. On a terminal the table fits ``width`` (default: the terminal's) and
+    column ``fold`` (the names) wraps onto further lines instead of being cut. Columns whose
+    index is in ``right`` are right-aligned (numbers).
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    if terminal is None:
+        terminal = sys.stdout.isatty()
+    cells = [[escape(str(cell)) for cell in row] for row in rows]
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, safe_box=True)
+    for i, header in enumerate(headers):
+        grid.add_column(
+            header,
+            justify="right" if i in right else "left",
+            overflow="fold",
+            no_wrap=not terminal or i != fold,
+        )
+    for row in cells:
+        grid.add_row(*(Text(cell) for cell in row))
+    if terminal:
+        width = width or shutil.get_terminal_size((80, 24)).columns
+    else:
+        widths = [len(h) for h in headers]
+        for row in cells:
+            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+        width = sum(widths) + 3 * len(widths) + 1
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False,
+            highlight=False, emoji=False, legacy_windows=False).print(grid)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+def strict_json(value: Any, **dumps: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null (Python's default writes
+    the non-standard ``NaN``/``Infinity``).
+
+    >>> strict_json({"k": float("inf"), "rows": [1.5, float("nan")]})
+    '{"k": null, "rows": [1.5, null]}'
+    """
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **dumps)
+
+
+def silence_broken_pipe() -> None:
+    """After the reader of stdout went away (``| head``): drop the rest of the output quietly,
+    as other command-line tools do, instead of reporting an error."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def codec_names() -> list[str]:
+    """The ``--codec`` choices of both tools: every registered codec, and "auto"."""
+    from qlis.codecs import codec_registry
+
+    return sorted({*codec_registry.names(), "auto"})
+
+
+def check_input(path: str | os.PathLike, what: str = "file or folder") -> Path:
+    """``path`` if it exists; an InputError naming it otherwise (checked before any work)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    path: str | os.PathLike,
+    force: bool,
+    suffixes: Collection[str] = (),
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Apply the one rule for every file either tool writes, before any work is done.
+
+    The name must end in one of ``suffixes`` (when given); its folder must already exist
+    (never created silently); an existing file is replaced only with ``force``; and a path
+    that is one of ``inputs`` (the same file, through a symlink or hard link too) is refused
+    even with ``force``.
+    """
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise InputError(f"{path}: the output must end in {' or '.join(sorted(suffixes))}")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise InputError(f"{path} is one of the inputs; write the output somewhere else")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent}: no such folder (create it first)")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise InputError(f"{path} exists; pass --force to replace it")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
+    """The rule for an output folder: its parent must exist, and a folder that already holds
+    files is written into only with ``force``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} exists and is not a folder")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: no such folder (create it first)")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise InputError(f"{path} exists and is not empty; pass --force to write into it")
+    return path

@@ -1,0 +1,124 @@
+"""`qlis-iqa` follows qlis's rules: paths and outputs checked before any work (and before
+transformers is imported), no output replaced without --force, no missing folder created."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qlis.console import codec_names
+from qlis_iqa.cli import cli
+from qlis_iqa.data import load_dataset, make_split
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="qlis-iqa")
+
+
+def refused(*args: object) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlis-iqa: error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A file standing for a model: every check below fails before it would be read."""
+    path = tmp_path / "run" / "model.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"checkpoint")
+    return path
+
+
+def test_bad_paths_are_reported_before_transformers_is_imported(tmp_path: Path) -> None:
+    commands = [
+        ["evaluate", tmp_path / "none.qlis"],
+        ["compress", tmp_path / "none", "-o", tmp_path / "x.qlis"],
+        ["score", tmp_path / "no-images", "--model", tmp_path / "m.qlis", "-o", tmp_path / "s.csv"],
+        ["train", "--family", "dino", "--root", tmp_path / "none", "-o", tmp_path / "r"],
+        ["sweep", tmp_path / "none", "-o", tmp_path / "s"],
+        ["make-backbone", "--family", "dino", "-o", tmp_path / "a" / "b"],
+    ]
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from qlis_iqa.cli import cli\n"
+        "codes = [CliRunner().invoke(cli, a).exit_code for a in json.loads(sys.argv[1])]\n"
+        "print(json.dumps([codes, 'transformers' in sys.modules]))\n"
+    )
+    args = json.dumps([[str(a) for a in c] for c in commands])
+    done = subprocess.run(
+        [sys.executable, "-c", script, args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    codes, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(commands) and imported is False
+
+
+def test_help_and_codec_choice_match_qlis() -> None:
+    for args in (["-h"], ["compress", "-h"], ["sweep", "-h"]):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Usage:" in result.stdout
+    help_text = " ".join(invoke("compress", "-h").stdout.split())
+    assert "[" + "|".join(codec_names()) + "]" in help_text
+    assert "-o, --output" in help_text
+
+
+def test_compress_never_creates_a_folder_nor_replaces_a_file(tmp_path, model_file) -> None:
+    line = refused("compress", model_file.parent, "-o", tmp_path / "nonexist" / "x.qlis")
+    assert "nonexist: no such folder" in line
+    assert not (tmp_path / "nonexist").exists()
+    assert "must end in .qlis" in refused("compress", model_file.parent, "-o", model_file)
+    existing = tmp_path / "old.qlis"
+    existing.write_bytes(b"keep")
+    assert "--force" in refused("compress", model_file, "-o", existing)
+    assert "one of the inputs" in refused("compress", existing, "-o", existing, "--force")
+    assert model_file.read_bytes() == b"checkpoint" and existing.read_bytes() == b"keep"
+
+
+def test_score_and_evaluate_outputs(tmp_path, model_file, sample_root) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = images / "photo.jpg"
+    photo.write_bytes(b"jpeg")
+    assert "must end in .csv" in refused("score", images, "--model", model_file, "-o", photo)
+    csv = tmp_path / "scores.csv"
+    csv.write_text("old")
+    assert "exists" in refused("score", images, "--model", model_file, "-o", csv)
+    assert "exists" in refused("evaluate", model_file.parent, "-o", csv)
+    assert photo.read_bytes() == b"jpeg" and csv.read_text() == "old"
+
+
+def test_folder_outputs_are_not_reused_without_force(tmp_path, model_file, sample_root) -> None:
+    run = model_file.parent
+    assert "--force" in refused("train", "--family", "dino", "--root", sample_root, "-o", run)
+    assert "--force" in refused("make-backbone", "--family", "dino", "-o", run)
+    assert "--force" in refused("sweep", model_file, "-o", run)
+    assert model_file.read_bytes() == b"checkpoint"
+
+
+def test_train_warns_when_the_stored_split_ignores_limit(tmp_path, model_file, sample_root):
+    run = model_file.parent
+    dataset = load_dataset("agiqa-3k", sample_root)
+    make_split(dataset.name, [s.name for s in dataset.samples]).save(run / "split.json")
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    args = ["train", "--family", "dino", "--root", sample_root, "-o", run, "--weights", no_weights]
+    result = invoke(*args, "--force", "--limit", "4")
+    assert result.exit_code == 2  # then stops: there are no weights in that folder
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.startswith("warning: ") and "limit 4 (stored: None)" in warning
+    assert "weights not found" in error
+    result = invoke(*args, "--force")
+    assert "warning" not in result.stderr  # nothing asked that the stored split ignores
+    assert model_file.read_bytes() == b"checkpoint"

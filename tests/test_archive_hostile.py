@@ -1,0 +1,359 @@
+"""Hand-crafted and generated hostile .qlis headers: one clear ArchiveError, never a traceback.
+
+Every crafted file here carries a correct header CRC (and correct record CRCs where the record
+lies in the file), so the reader really parses and validates what it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import google_crc32c
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qlis
+from qlis.errors import ArchiveError
+from qlis.format import ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
+
+TMP_FIXTURE = [HealthCheck.function_scoped_fixture]
+LIMIT = 256 << 20  # decoded-bytes limit for generated files: keeps the fuzz light on memory
+
+
+def build(header: dict | bytes, data: bytes, version: int = VERSION) -> bytes:
+    """A file around ``header`` (dict or raw bytes) and a data section, CRC recomputed."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    pad = -(-(PREFIX.size + len(raw)) // ALIGN) * ALIGN - PREFIX.size - len(raw)
+    prefix = PREFIX.pack(MAGIC, version, google_crc32c.value(raw), len(raw), len(data))
+    return prefix + raw + b" " * pad + data
+
+
+def split(raw: bytes) -> tuple[dict, bytes]:
+    _, _, _, header_len, _ = PREFIX.unpack(raw[: PREFIX.size])
+    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
+    return json.loads(raw[PREFIX.size : PREFIX.size + header_len]), raw[data_start:]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[dict, bytes]:
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "fc.weight": torch.randn(8, 12, generator=gen),
+        "fc.bias": torch.randn(8, generator=gen),
+        "emb.weight": torch.randn(6, 4, generator=gen).half(),
+        "steps": torch.tensor(3),
+    }
+    path = tmp_path_factory.mktemp("hostile") / "m.qlis"
+    qlis.save(qlis.compress(state, "lapq", granularity="channel"), path, codec="ans")
+    return split(path.read_bytes())
+
+
+def outcome(tmp_path, data: bytes) -> str:
+    """'ok' for a valid read, 'refused' for an ArchiveError; anything else propagates."""
+    path = tmp_path / "h.qlis"
+    path.write_bytes(data)
+    try:
+        state = qlis.load(path, max_decoded_bytes=LIMIT)
+    except ArchiveError as err:
+        assert "\n" not in str(err)
+        return "refused"
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
+    return "ok"
+
+
+def quantized(header: dict) -> dict:
+    return next(e for e in header["tensors"] if "quantizer" in e)
+
+
+def plain(header: dict) -> dict:
+    return next(e for e in header["tensors"] if "quantizer" not in e)
+
+
+def first_param(header: dict) -> dict:
+    return next(iter(quantized(header)["params"].values()))
+
+
+# Each class of attack from the issue, with several members; every one must be refused.
+CASES = {
+    # numbers JSON allows but nothing should hold
+    "5000-digit int": lambda h: b'{"format":"qlis","version":2,"tensors":[],"x":' + b"9" * 5000
+    + b"}",
+    "25-digit offset": lambda h: quantized(h)["data"].update(offset=10**25),
+    "negative offset": lambda h: quantized(h)["data"].update(offset=-64),
+    "crc over 32 bits": lambda h: quantized(h)["data"].update(crc32c=1 << 40),
+    "float length": lambda h: quantized(h)["data"].update(length=3.0),
+    "bool length": lambda h: quantized(h)["data"].update(length=True),
+    "NaN in plan": lambda h: json.dumps(h).replace('"k": ', '"k": NaN, "x": ', 1).encode(),
+    "Infinity summary": lambda h: json.dumps(h).replace('"cr": ', '"cr": Infinity, "y": ', 1)
+    .encode(),
+    "1e999": lambda h: json.dumps(h).replace('"qlis": ', '"qlis": 1e999, "z": ', 1).encode(),
+    # entries missing fields
+    **{
+        f"missing {key}": (lambda field: lambda h: quantized(h).pop(field))(key)
+        for key in ("shape", "dtype", "codec", "data", "n_levels", "params")
+    },
+    "missing crc": lambda h: plain(h)["data"].pop("crc32c"),
+    "missing param shape": lambda h: first_param(h).pop("shape"),
+    "missing param dtype": lambda h: first_param(h).pop("dtype"),
+    "entry is a list": lambda h: h["tensors"].append(["x"]),
+    "unknown entry field": lambda h: plain(h).update(extra=1),
+    # wrong JSON types
+    "params a list": lambda h: quantized(h).update(params=[1, 2]),
+    "params a string": lambda h: quantized(h).update(params="scale"),
+    "param a number": lambda h: quantized(h)["params"].update(scale=3),
+    "param dtype float64": lambda h: first_param(h).update(dtype="float64"),
+    "plan a list": lambda h: quantized(h).update(plan=[0.5]),
+    "plan bits a string": lambda h: quantized(h)["plan"].update(bits="4"),
+    "writer a string": lambda h: h.update(writer="qlis"),
+    "compression a list": lambda h: h.update(compression=[1]),
+    "summary nested": lambda h: h.update(summary={"cr": {"a": 1}}),
+    "metadata number": lambda h: h.update(metadata={"a": 1}),
+    "version string": lambda h: h.update(version="2"),
+    # shapes
+    "33 dims": lambda h: plain(h).update(shape=[1] * (MAX_DIMS + 1)),
+    "65 dims": lambda h: plain(h).update(shape=[1] * 65),
+    "bool dims": lambda h: plain(h).update(shape=[True, True]),
+    "float dims": lambda h: plain(h).update(shape=[2.0]),
+    "zero-size overflow": lambda h: plain(h).update(shape=[0, 1 << 40, 1 << 40]),
+    "zero-size 62-bit": lambda h: plain(h).update(shape=[0] + [1 << 62] * 4),
+    "huge dim": lambda h: plain(h).update(shape=[1 << 63]),
+    "negative dim": lambda h: plain(h).update(shape=[-8]),
+    # codecs and quantizers
+    "auto codec": lambda h: quantized(h).update(codec={"id": "auto"}),
+    "auto in auto": lambda h: quantized(h).update(
+        codec={"id": "auto", "candidates": [{"id": "auto", "candidates": [{"id": "auto"}]}]}
+    ),
+    "nested codec param": lambda h: quantized(h).update(codec={"id": "ans", "x": {"id": "ans"}}),
+    "unknown codec": lambda h: quantized(h).update(codec={"id": "zstd"}),
+    "codec id a number": lambda h: quantized(h).update(codec={"id": 7}),
+    "unknown quantizer": lambda h: quantized(h).update(quantizer={"id": "evil"}),
+    "nested quantizer": lambda h: quantized(h).update(quantizer={"id": "affine", "bits": [8]}),
+    "quantized int dtype": lambda h: quantized(h).update(dtype="int64"),
+    "alphabet 65537": lambda h: quantized(h).update(n_levels=65537),
+    "alphabet 0": lambda h: quantized(h).update(n_levels=0),
+    # records
+    "overlap": lambda h: plain(h)["data"].update(offset=quantized(h)["data"]["offset"]),
+    "unaligned": lambda h: plain(h)["data"].update(offset=plain(h)["data"]["offset"] + 1),
+    "duplicate key": lambda h: json.dumps(h).replace('"dtype": ', '"dtype": "x", "dtype": ', 1)
+    .encode(),
+    "non-ascii": lambda h: json.dumps(h, ensure_ascii=False).replace("fc.bias", "fc.bïas")
+    .encode(),
+    # decompression bombs: declared sizes over the limit, checked before allocation
+    "float64 bomb": lambda h: plain(h).update(shape=[1 << 17, 1 << 17], dtype="float64"),
+    "code bomb": lambda h: quantized(h).update(shape=[1 << 20, 1 << 10]),
+    "many small bombs": lambda h: h["tensors"].extend(
+        dict(copy.deepcopy(plain(h)), name=f"b{i}", shape=[1 << 22]) for i in range(20)
+    ),
+    # old and future versions
+    "version 1": lambda h: h.update(version=1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_crafted_headers_are_refused_in_one_line(tmp_path, base, case):
+    header, data = copy.deepcopy(base[0]), base[1]
+    changed = CASES[case](header)
+    raw = changed if isinstance(changed, bytes) else json.dumps(header).encode()
+    assert outcome(tmp_path, build(raw, data)) == "refused"
+
+
+def test_the_base_file_reads(tmp_path, base):
+    assert outcome(tmp_path, build(*base)) == "ok"
+
+
+def test_other_versions_are_refused_with_the_reason(tmp_path, base):
+    for version, word in ((1, "older"), (3, "newer")):
+        path = tmp_path / "v.qlis"
+        path.write_bytes(build(*base, version=version))
+        with pytest.raises(ArchiveError, match=f"version {version}.*{word}"):
+            qlis.open(path)
+
+
+# -- a generator and a mutator of headers (hypothesis) ----------------------------------------
+
+hostile_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.sampled_from([0, 1, 64, 255, 256, 65536, 1 << 31, 1 << 32, 1 << 62, -1]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+    st.sampled_from(["raw", "ans", "huffman", "bitpack", "sparse", "auto", "affine", "float32",
+                     "float16", "bool", "uint8", "kmeans", "group", "uniform"]),
+)
+json_values = st.recursive(
+    hostile_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(node, prefix=()):
+    """Every (container, key) in a JSON document, to pick a place to mutate."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield node, key
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield node, i
+            yield from _paths(value, (*prefix, i))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_mutated_headers_are_refused_or_read(tmp_path, base, data):
+    header = copy.deepcopy(base[0])
+    for _ in range(data.draw(st.integers(1, 3))):
+        places = list(_paths(header))
+        container, key = data.draw(st.sampled_from(places))
+        action = data.draw(st.sampled_from(["replace", "delete", "insert", "copy"]))
+        if action == "replace":
+            container[key] = data.draw(json_values)
+        elif action == "delete":
+            del container[key]
+        elif action == "insert" and isinstance(container, dict):
+            container[data.draw(st.text(max_size=6))] = data.draw(json_values)
+        elif action == "insert":
+            container.insert(key, data.draw(json_values))
+        else:  # copy a sibling's value: a shared record, a duplicated entry
+            source = data.draw(st.sampled_from(places))
+            container[key] = copy.deepcopy(source[0][source[1]])
+    assert outcome(tmp_path, build(header, base[1])) in ("ok", "refused")
+
+
+def _record(draw, data: bytearray) -> dict:
+    offset = draw(st.sampled_from([0, 64, 128, 4096, 1 << 40, -64])) if draw(
+        st.booleans()
+    ) else draw(st.integers(0, len(data) // ALIGN)) * ALIGN
+    length = draw(st.integers(0, 300) | st.sampled_from([1 << 50, -1]))
+    inside = offset >= 0 and length >= 0 and offset + length <= len(data)
+    crc = google_crc32c.value(bytes(data[offset : offset + length])) if inside else 0
+    return {"offset": offset, "length": length, "crc32c": draw(st.just(crc) | hostile_scalars)}
+
+
+@st.composite
+def generated_files(draw) -> bytes:
+    """Whole headers built field by field: mostly well-formed, each field sometimes hostile."""
+    data = bytearray(draw(st.binary(min_size=0, max_size=512)))
+    data += bytes(-len(data) % ALIGN)
+
+    def field(valid):
+        return draw(valid if draw(st.integers(0, 5)) else json_values)
+
+    tensors = []
+    for i in range(draw(st.integers(0, 4))):
+        entry = {
+            "name": field(st.just(f"t{i}")),
+            "shape": field(st.lists(st.integers(0, 12), max_size=3)),
+            "dtype": field(st.sampled_from(["float32", "float16", "bfloat16", "int64", "bool"])),
+            "codec": field(st.sampled_from([{"id": c} for c in ("raw", "ans", "huffman",
+                                                                  "sparse")])
+                           | st.builds(lambda b: {"id": "bitpack", "bits": b}, st.integers(1, 9))),
+            "data": field(st.just(_record(draw, data))),
+        }
+        if draw(st.booleans()):
+            n_levels = field(st.integers(1, 300))
+            entry["quantizer"] = field(st.sampled_from([
+                {"id": "affine", "bits": 4, "granularity": "tensor"},
+                {"id": "kmeans", "bits": 2},
+                {"id": "binary", "granularity": "channel"},
+            ]))
+            entry["n_levels"] = n_levels
+            name = draw(st.sampled_from(["scale", "zero_point", "codebook", "alpha"]))
+            param = {**_record(draw, data), "shape": [draw(st.integers(0, 40))],
+                     "dtype": draw(st.sampled_from(["float32", "float16"]))}
+            entry["params"] = field(st.just({name: param}))
+        if draw(st.booleans()):
+            del entry[draw(st.sampled_from(sorted(entry)))]
+        tensors.append(entry)
+    header = {
+        "format": field(st.just("qlis")),
+        "version": field(st.just(VERSION)),
+        "writer": field(st.just({"name": "qlis", "version": "0"})),
+        "metadata": field(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2)),
+        "compression": field(st.none()),
+        "tensors": tensors,
+    }
+    return build(header, bytes(data))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(raw=generated_files())
+def test_generated_headers_are_refused_or_read(tmp_path, raw):
+    assert outcome(tmp_path, raw) in ("ok", "refused")
+
+
+# -- headers that are costly to parse ---------------------------------------------------------
+
+PEAK_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, time
+    import google_crc32c, qlis
+    from qlis.format import ALIGN, MAGIC, PREFIX, VERSION
+    body = {body}
+    pad = -(-(PREFIX.size + len(body)) // ALIGN) * ALIGN - PREFIX.size - len(body)
+    path = sys.argv[1]
+    with open(path, "wb") as f:
+        f.write(PREFIX.pack(MAGIC, VERSION, google_crc32c.value(body), len(body), 0))
+        f.write(body + b" " * pad)
+    del body
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    try:
+        qlis.open(path)
+        print("ACCEPTED")
+    except qlis.ArchiveError as err:
+        print("REFUSED", err)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("PEAK_KIB", peak - before, time.perf_counter() - start)
+    """
+)
+
+COSTLY = {
+    "16 MiB of []": 'b"[" + b"[]," * ((16 << 20) // 3 - 1) + b"[]]"',
+    "deep nesting": 'b"[" * 100000 + b"]" * 100000',
+    "64 MiB + 1 header": 'b" " * ((64 << 20) + 1)',
+    "many floats": 'b"[" + b"1.5," * ((16 << 20) // 4 - 1) + b"1.5]"',
+}
+
+
+@pytest.mark.parametrize("case", sorted(COSTLY))
+def test_costly_headers_are_refused_before_parsing(tmp_path, case):
+    script = PEAK_SCRIPT.format(body=COSTLY[case])
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "c.qlis")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "REFUSED" in out, out
+    extra_kib = int(out.split("PEAK_KIB")[1].split()[0])
+    assert extra_kib < 200 * 1024, out  # far below what parsing them would take
+
+
+def _reference_depth(value) -> int:
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return 1 + max((_reference_depth(c) for c in children), default=0)
+    return 0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(value=json_values, chunk=st.integers(1, 9))
+def test_the_pre_parse_scan_ignores_strings_and_chunk_edges(monkeypatch, value, chunk):
+    import qlis.format as fmt
+
+    monkeypatch.setattr(fmt, "_SCAN_CHUNK", chunk)
+    depth = _reference_depth(value)
+    text = json.dumps([value, '\\"[[[{{', "]]\\\\", '"']).encode()
+    monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth + 1)
+    fmt.scan_json(text)  # strings full of brackets, quotes and backslashes do not count
+    monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth)
+    with pytest.raises(ArchiveError, match="nests"):
+        fmt.scan_json(text)

@@ -1,0 +1,106 @@
+"""Files qlis writes: umask modes, kept modes, no clobbering, stale temporaries, full disks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from qlis.atomic import STALE_SECONDS, atomic_path
+from qlis.errors import InputError
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_new_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "out.bin") == 0o666 & ~umask
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    with atomic_path(target, overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and _mode(target) == 0o640
+
+
+def test_a_file_that_appears_while_writing_is_not_clobbered(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(InputError, match="appeared"), atomic_path(target, overwrite=False) as tmp:
+        tmp.write_bytes(b"ours")
+        target.write_bytes(b"theirs")
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_without_hard_links_the_write_still_publishes(tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with atomic_path(tmp_path / "out.bin", overwrite=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert (tmp_path / "out.bin").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_our_naming_are_cleaned(tmp_path):
+    old = time.time() - STALE_SECONDS - 60
+    dead = _dead_pid()
+    stale = tmp_path / f".a.qlis.qlis-tmp-{dead}-0123abcd"
+    fresh = tmp_path / f".b.qlis.qlis-tmp-{dead}-0123abcd"
+    alive = tmp_path / f".c.qlis.qlis-tmp-{os.getpid()}-0123abcd"
+    foreign = tmp_path / f".d.qlis.tmp-{dead}"  # not our naming: never touched
+    for path in (stale, fresh, alive, foreign):
+        path.write_bytes(b"partial")
+    for path in (stale, alive, foreign):
+        os.utime(path, (old, old))
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert not stale.exists()
+    assert fresh.exists() and alive.exists() and foreign.exists()
+
+
+FULL_DISK = textwrap.dedent(
+    """
+    import resource, signal, sys, torch, qlis
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    result = qlis.compress({"w": torch.randn(64, 64)}, "quant", bits=8)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # writes past 1000 bytes fail
+    try:
+        qlis.save(result, sys.argv[1], codec="raw")
+    except OSError as err:
+        print("OSError", err.errno)
+    """
+)
+
+
+def test_a_full_disk_leaves_nothing_behind(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "m.qlis")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.stdout.strip() == f"OSError {errno.EFBIG}", out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

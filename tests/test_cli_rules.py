@@ -1,0 +1,160 @@
+"""The rules both CLIs share, on `qlis`: checks before any work, the one output rule, -h, the
+codec choice from the registry, escaped names, strict JSON, and what `info` and `demo` say."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import qlis
+import qlis.cli
+from qlis.cli import cli
+from qlis.console import codec_names
+
+
+@pytest.fixture
+def model_pt(tmp_path) -> Path:
+    path = tmp_path / "model.pt"
+    gen = torch.Generator().manual_seed(0)
+    torch.save({"a.weight": torch.randn(32, 16, generator=gen),
+                "a.bias": torch.randn(32, generator=gen)}, path)
+    return path
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(*args: object) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: these errors must come before any work."""
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)
+
+
+def test_dash_h_is_help():
+    for args in ([], ["pack"], ["info"]):
+        result = invoke(*args, "-h")
+        assert result.exit_code == 0 and "Usage:" in result.stdout
+
+
+def test_codec_choice_is_the_registry_in_help_and_error(model_pt, tmp_path, no_loading):
+    names = codec_names()
+    assert set(names) >= {"huffman", "ans", "bitpack", "raw", "sparse", "auto"}
+    help_text = " ".join(invoke("pack", "-h").stdout.split())
+    assert "[" + "|".join(names) + "]" in help_text
+    result = invoke("pack", model_pt, "-o", tmp_path / "m.qlis", "--codec", "zstd")
+    assert result.exit_code == 2
+    listed = re.search(r"is not one of (.*)\.", result.stderr).group(1)
+    assert re.findall(r"'([^']+)'", listed) == names
+
+
+def test_pack_checks_the_output_before_loading(model_pt, tmp_path, no_loading):
+    line = one_line_error("pack", model_pt, "-o", tmp_path / "absent" / "m.qlis")
+    assert "absent: no such folder" in line
+    assert not (tmp_path / "absent").exists()
+    assert "must end in .qlis" in one_line_error("pack", model_pt, "-o", tmp_path / "z.txt")
+    assert "no such file" in one_line_error("pack", tmp_path / "none.pt", "-o", tmp_path / "m.qlis")
+
+
+def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path, no_loading):
+    before = model_pt.read_bytes()
+    assert "must end in .png" in one_line_error("inspect", model_pt, "--plot", tmp_path / "x.jpg")
+    alias = tmp_path / "alias.png"
+    alias.symlink_to(model_pt)
+    line = one_line_error("inspect", model_pt, "--plot", alias, "--force")
+    assert "one of the inputs" in line
+    assert model_pt.read_bytes() == before
+
+
+def test_inspect_plot_is_not_replaced_without_force(model_pt, tmp_path):
+    plot = tmp_path / "q.png"
+    plot.write_bytes(b"keep")
+    assert "exists" in one_line_error("inspect", model_pt, "--plot", plot)
+    assert plot.read_bytes() == b"keep"
+
+
+def test_unpack_refuses_to_overwrite_its_archive(model_pt, tmp_path):
+    archive = tmp_path / "m.qlis"
+    qlis.save(qlis.compress(torch.load(model_pt, weights_only=True), "quant", bits=4), archive)
+    alias = tmp_path / "m.safetensors"
+    alias.hardlink_to(archive)
+    assert "one of the inputs" in one_line_error("unpack", archive, "-o", alias, "--force")
+    qlis.open(archive).close()  # still a valid archive
+
+
+HOSTILE = "evil\x1b]52;c;cHduZWQ=\x07\nname"
+
+
+def test_names_are_escaped_in_inspect_and_info(tmp_path):
+    path = tmp_path / "hostile.pt"
+    torch.save({HOSTILE: torch.randn(16, 8)}, path)
+    shown = "evil\\x1b]52;c;cHduZWQ=\\x07\\nname"
+    out = invoke("inspect", path).stdout
+    assert "\x1b" not in out and "\x07" not in out and shown in out
+    archive = tmp_path / "h.qlis"
+    qlis.save(qlis.compress(torch.load(path, weights_only=True), "quant", bits=4), archive,
+              metadata={"note": "a\x1b[2Jb"})
+    out = invoke("info", archive).stdout
+    assert "\x1b" not in out and shown in out and "a\\x1b[2Jb" in out
+
+
+def test_info_reads_like_gguf_dump_and_labels_the_paper_ratios(model_pt, tmp_path):
+    archive = tmp_path / "m.qlis"
+    result = invoke("pack", model_pt, "-o", archive, "--policy", "quant", "--bits", "4")
+    assert result.exit_code == 0, result.output
+    out = invoke("info", archive).stdout
+    order = [out.index(marker) for marker in
+             ("metadata:", "source = model.pt", "writer:", "compression", "tensor ",
+              "real ratio", "paper ratios")]
+    assert order == sorted(order)
+    header = next(line for line in out.splitlines() if line.startswith("tensor "))
+    assert header.split() == ["tensor", "shape", "dtype", "quantizer", "bits", "k", "codec",
+                              "size"]
+    assert "idealised" in out and "exact zeros count as free" in out
+    assert re.search(r"\d KiB|\d B", out)  # binary units, as in qlis-iqa
+
+
+def test_info_json_is_strict_and_exact(model_pt, tmp_path):
+    archive = tmp_path / "m.qlis"
+    assert invoke("pack", model_pt, "-o", archive).exit_code == 0
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    data = json.loads(invoke("info", archive, "--format", "json").stdout, parse_constant=refuse)
+    assert data["totals"]["archive_bytes"] == archive.stat().st_size
+    assert all(isinstance(row["bytes"], int) for row in data["tensors"])
+
+
+def test_demo_without_output_dir_says_the_files_are_temporary():
+    result = invoke("demo", "--model", "vit-tiny")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "temporary file" in out and "saved to" not in out and "-o DIR" in out
+    quality = next(line for line in out.splitlines() if line.startswith("quality:"))
+    assert "relative MSE" in quality and "SNR" in quality and " dB" in quality
+    assert all("at that quality" in line or "quality above" in line
+               for line in out.splitlines() if "ratio" in line)
+
+
+def test_demo_refuses_a_missing_parent(tmp_path):
+    assert "no such folder" in one_line_error("demo", "--model", "vit-tiny",
+                                              "-o", tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,515 @@
+"""Hostile and odd model inputs: every one ends in one clear InputError or a correct result.
+
+Each class of attack is crafted here in tmp_path with tiny files: repeated (stride-0) views,
+deep nesting, dtypes and layouts qlis does not store, FIFOs and devices, Hugging Face folders
+whose files escape the folder, crafted safetensors headers, and what the safetensors writer
+must refuse.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import qlis.io
+import qlis.tensors
+from qlis.errors import InputError
+from qlis.io import load_state_dict, read_metadata, write_safetensors
+from qlis.tensors import _may_overlap, as_state_dict, checked_state
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A read that blocks (a FIFO) fails the test after 10 s instead of hanging the suite."""
+    def timeout(*_):
+        raise TimeoutError("the read blocked")
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def refused(path, *words: str) -> str:
+    """The one-line message for ``path``, which must mention every word."""
+    with pytest.raises(InputError) as info:
+        load_state_dict(path)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+# 1. Repeated (stride-0, overlapping) views and shared storages
+
+
+def test_a_tiny_file_expanding_to_gigabytes_is_refused_by_name(tmp_path):
+    path = tmp_path / "expand.pt"
+    torch.save({"ok": torch.ones(3), "w": torch.zeros(1).expand(20000, 20000)}, path)
+    assert path.stat().st_size < 4096
+    refused(path, "'w'", "repeats its elements", "1,600,000,000 bytes")
+
+
+def test_small_expanded_buffers_and_tied_weights_are_kept(tmp_path):
+    w = torch.randn(6, 4)
+    ids = torch.arange(5).expand(1, -1)  # Hugging Face's position_ids: a size-1 stride-0 dim
+    bias = torch.randn(4).expand(3, 4)  # really repeats, but only 48 bytes
+    path = tmp_path / "tied.pt"
+    torch.save({"embed": w, "head": w, "head_t": w.t(), "ids": ids, "bias": bias}, path)
+    state = load_state_dict(path)
+    assert torch.equal(state["head_t"], w.t()) and torch.equal(state["bias"], bias)
+    assert torch.equal(state["ids"], ids)
+    ptr = state["embed"].untyped_storage().data_ptr()
+    assert state["head"].untyped_storage().data_ptr() == ptr  # still one storage, no copies
+    assert state["head_t"].untyped_storage().data_ptr() == ptr
+
+
+def test_many_names_on_one_storage_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(qlis.tensors, "VIEW_SLACK_BYTES", 0)
+    w = torch.randn(64, 16)
+    path = tmp_path / "aliases.pt"
+    torch.save({f"layer{i}": w for i in range(3)}, path)
+    refused(path, "sharing storages", "store each shared tensor once")
+    torch.save({"a": w, "b": w}, path)  # twice the storage: tied weights
+    assert len(load_state_dict(path)) == 2
+
+
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    strides=st.lists(st.integers(0, 12), min_size=4, max_size=4),
+)
+def test_views_said_not_to_overlap_address_distinct_elements(sizes, strides):
+    strides = strides[: len(sizes)]
+    reach = sum((n - 1) * s for n, s in zip(sizes, strides, strict=True))
+    view = torch.arange(reach + 1).as_strided(sizes, strides)
+    offsets = np.zeros(sizes, dtype=np.int64)
+    for dim, stride in enumerate(strides):
+        shape = [1] * len(sizes)
+        shape[dim] = sizes[dim]
+        offsets = offsets + (np.arange(sizes[dim]) * stride).reshape(shape)
+    repeats = len(np.unique(offsets)) < offsets.size
+    assert _may_overlap(view) or not repeats
+    assert not _may_overlap(view.contiguous())
+    assert not _may_overlap(view.contiguous().permute(*reversed(range(len(sizes)))))
+
+
+# 2. Deep nesting
+
+
+def test_deeply_nested_checkpoints_are_refused(tmp_path):
+    obj = {"w": torch.ones(2, 2)}
+    for _ in range(3000):
+        obj = {"state_dict": obj}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # torch.save pickles recursively
+    try:
+        torch.save(obj, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    refused(tmp_path / "deep.pt", "nested more than")
+    torch.save({"model": {"state_dict": {"w": torch.ones(2)}}}, tmp_path / "ok.pt")
+    assert list(load_state_dict(tmp_path / "ok.pt")) == ["w"]
+
+
+def test_recursion_inside_torch_load_is_an_input_error(tmp_path, monkeypatch):
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+
+    def recursing(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(qlis.io.torch, "load", recursing)
+    refused(tmp_path / "m.pt", "nested too deeply")
+
+
+def test_keys_that_are_not_names_are_refused(tmp_path):
+    torch.save({3: torch.ones(2)}, tmp_path / "int.pt")
+    refused(tmp_path / "int.pt", "a key is a int")
+    torch.save({"a": 1, (1, 2): 2}, tmp_path / "mixed.pt")
+    refused(tmp_path / "mixed.pt", "no state dict found", "'a', 'tuple'")
+    torch.save({"w\ud800": torch.ones(2)}, tmp_path / "surrogate.pt")
+    refused(tmp_path / "surrogate.pt", "'w\\ud800'", "lone surrogate")
+
+
+# 3. Layouts, devices and dtypes qlis does not store
+
+
+def odd_tensors() -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "sparse_coo": torch.eye(3).to_sparse(),
+            "sparse_csr": torch.eye(3).to_sparse_csr(),
+            "meta": torch.empty(3, 3, device="meta"),
+            "float8_e4m3fn": torch.ones(3).to(torch.float8_e4m3fn),
+            "float8_e5m2": torch.ones(3).to(torch.float8_e5m2),
+            "qint8": torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
+            "complex64": torch.ones(3, dtype=torch.complex64),
+            "uint16": torch.ones(3, dtype=torch.uint16),
+        }
+
+
+@pytest.mark.parametrize("kind", list(odd_tensors()))
+def test_odd_tensors_are_refused_by_name_and_kind_without_warnings(tmp_path, capfd, kind):
+    path = tmp_path / "odd.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save({"fine": torch.ones(2), "odd": odd_tensors()[kind]}, path)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        message = refused(path, "'odd'", kind.split("_")[-1] if "sparse" in kind else kind)
+    assert not caught and capfd.readouterr().err == ""
+    assert "e.g." in message or "use " in message or "give " in message  # says what to do
+
+
+# 4. FIFOs, devices and sockets
+
+
+def test_fifos_devices_and_sockets_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "model.pt")
+    refused(tmp_path / "model.pt", "FIFO")
+    refused("/dev/zero", "device")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.pt"))
+        refused(tmp_path / "sock.pt", "socket")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    refused(folder, "FIFO")
+    os.remove(folder / "model.safetensors")
+    os.mkfifo(folder / "model.safetensors.index.json")
+    refused(folder, "FIFO")
+    os.remove(folder / "model.safetensors.index.json")
+    index = {"weight_map": {"w": "model-1.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.mkfifo(folder / "model-1.safetensors")
+    refused(folder, "FIFO")
+
+
+# 5. Hugging Face folders that escape their folder
+
+
+def sharded_folder(root: Path, shard: str = "model-1.safetensors") -> Path:
+    folder = root / "hf"
+    folder.mkdir(exist_ok=True)
+    save_file({"w": torch.ones(2)}, folder / "model-1.safetensors")
+    index = {"metadata": {"total_size": 8}, "weight_map": {"w": shard}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_shards_must_resolve_inside_the_folder(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"w": torch.full((2,), 7.0)}, other / "x.safetensors")
+    assert torch.equal(load_state_dict(sharded_folder(tmp_path))["w"], torch.ones(2))
+    for shard in ("../other/x.safetensors", str(other / "x.safetensors"), "/etc/passwd"):
+        refused(sharded_folder(tmp_path, shard), "outside the model folder")
+    folder = sharded_folder(tmp_path, "link.safetensors")
+    (folder / "link.safetensors").symlink_to(other / "x.safetensors")
+    refused(folder, "outside the model folder")
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model.safetensors").symlink_to(other / "x.safetensors")
+    refused(folder, "outside the model folder")
+
+
+def test_a_hugging_face_cache_snapshot_may_link_to_its_blobs(tmp_path):
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file({"w": torch.ones(3)}, repo / "blobs" / "f00d", metadata={"format": "pt"})
+    (snapshot / "model.safetensors").symlink_to("../../blobs/f00d")
+    assert torch.equal(load_state_dict(snapshot)["w"], torch.ones(3))
+    assert read_metadata(snapshot) == {"format": "pt"}
+
+
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        ({"weight_map": {"w": 3}}, ("'w'", "int, not a file name")),
+        ({"weight_map": {"w": None}}, ("NoneType",)),
+        ({"weight_map": {"w": ["a"]}}, ("list",)),
+        ({"weight_map": ["w"]}, ("no 'weight_map' object",)),
+        ([1, 2], ("no 'weight_map' object",)),
+        ({"weight_map": {"w": "model-1.safetensors", "v": "model-1.safetensors"}},
+         ("'v'", "does not hold it")),
+        ({"weight_map": {"w": "missing.safetensors"}}, ("'missing.safetensors' is missing",)),
+        ({"weight_map": {"w": "a\u0000b"}}, ("cannot resolve",)),
+    ],
+)
+def test_bad_shard_indexes_get_one_line(tmp_path, index, words):
+    folder = sharded_folder(tmp_path)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    refused(folder, *words)
+
+
+def test_hostile_index_json_is_bounded(tmp_path, monkeypatch):
+    folder = sharded_folder(tmp_path)
+    index = folder / "model.safetensors.index.json"
+    index.write_text('{"weight_map": [' + "[]," * 120000 + "[]]}")
+    refused(folder, "JSON arrays and objects")
+    index.write_text('{"weight_map": ' + "[" * 5000 + "]" * 5000 + "}")
+    refused(folder, "nested too deeply")
+    index.write_text('{"weight_map": {"w": ' + "9" * 5000 + "}}")
+    refused(folder, "not valid JSON")
+    index.write_bytes(b'{"weight_map": \xff}')
+    refused(folder, "not valid JSON")
+    monkeypatch.setattr(qlis.io, "_MAX_INDEX_BYTES", 100)
+    index.write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}, "pad": "x" * 200}))
+    refused(folder, "more than the 100 allowed")
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    folder = sharded_folder(tmp_path)
+    save_file({"w": torch.zeros(2)}, folder / "model-2.safetensors")
+    weight_map = {"w": "model-1.safetensors", "v": "model-2.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(folder, "'w' is in two shards")
+
+
+# 6. Crafted safetensors headers
+
+
+def safetensors_bytes(header: dict, data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def entry(dtype: str, shape: list, start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+@pytest.mark.parametrize(
+    "header, data, words",
+    [
+        ({"a": entry("F32", [0, 2**62, 2**62], 0, 0)}, b"", ("'a'", "impossible shape")),
+        ({"a": entry("F32", [1] * 65, 0, 4)}, bytes(4), ("65 dimensions",)),
+        ({"a": entry("F8_E4M3", [2], 0, 2)}, bytes(2), ("F8_E4M3", "does not store")),
+        ({"a": entry("C64", [1], 0, 8)}, bytes(8), ("'a'",)),
+        ({"a": entry("F32", [2**40], 0, 2**42)}, bytes(8), ("not a readable safetensors",)),
+        ({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 0, 8)}, bytes(8),
+         ("not a readable",)),
+        ({"a": entry("BOOL", [2], 0, 2)}, b"\x01\x02", ("values other than 0 and 1",)),
+    ],
+)
+def test_crafted_safetensors_headers_get_one_line(tmp_path, header, data, words):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    refused(path, *words)
+
+
+def test_deep_and_junk_headers_cost_nothing(tmp_path):
+    path = tmp_path / "m.safetensors"
+    raw = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"j":' + b"[" * 5000
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"]" * 5000 + b"}}" + bytes(4))
+    refused(path, "not a readable safetensors file")
+    junk = entry("F32", [1], 0, 4) | {"junk": [[]] * 100}  # ignored by safetensors, and by us
+    path.write_bytes(safetensors_bytes({"a": junk}, struct.pack("<f", 2.5)))
+    assert load_state_dict(path)["a"].item() == 2.5
+    path.write_bytes(struct.pack("<Q", 2**63) + bytes(16))
+    refused(path, "not a readable safetensors file")
+
+
+def test_safetensors_are_mapped_once_and_unaligned_data_is_read_right(tmp_path):
+    header = {"u": entry("U8", [3], 0, 3), "f": entry("F32", [2], 3, 11),
+              "h": entry("F16", [1], 11, 13), "z": entry("F64", [0, 5], 13, 13)}
+    data = b"\x01\x02\x03" + struct.pack("<2f", 1.5, -2.0) + struct.pack("<e", 0.25)
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    state = load_state_dict(path)
+    assert state["f"].tolist() == [1.5, -2.0] and state["h"].item() == 0.25
+    assert state["u"].tolist() == [1, 2, 3] and state["z"].shape == (0, 5)
+    save_file({"a": torch.randn(8, 8), "b": torch.randn(16)}, path)
+    state = load_state_dict(path)
+    with safe_open(str(path), "pt") as f:
+        expected = {n: f.get_tensor(n) for n in f.offset_keys()}
+    assert all(torch.equal(state[n], expected[n]) for n in expected)
+    # one mapping, no copies: tensors lie in memory as they lie in the file
+    gap = state["b"].data_ptr() - state["a"].data_ptr()
+    assert abs(gap) == 256
+
+
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E5M2", "X"]),
+            st.lists(st.integers(0, 5), max_size=3),
+            st.sampled_from([0, 0, 0, -1, 2]),  # mostly valid offsets, sometimes not
+        ),
+        max_size=4,
+    ),
+    extra=st.sampled_from([0, 0, 0, -3, 1]),
+)
+def test_fuzzed_safetensors_headers_load_right_or_get_one_line(tmp_path_factory, entries,
+                                                                extra):
+    widths = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "BOOL": 1, "F8_E5M2": 1, "X": 1}
+    header, offset = {}, 0
+    for i, (dtype, shape, skew) in enumerate(entries):
+        size = int(np.prod(shape)) * widths[dtype]
+        header[f"t{i}"] = entry(dtype, shape, offset, max(offset, offset + size + skew))
+        offset = max(offset, offset + size + skew)
+    data = bytes(max(0, offset + extra))
+    path = tmp_path_factory.mktemp("fuzz") / "m.safetensors"
+    path.write_bytes(safetensors_bytes(header, data))
+    try:
+        state = load_state_dict(path)
+    except InputError as err:
+        assert "\n" not in str(err)
+        return
+    with safe_open(str(path), "pt") as f:
+        assert all(torch.equal(state[n], f.get_tensor(n)) for n in f.offset_keys())
+
+
+# 7. Writing safetensors: metadata, names safetensors cannot hold, atomic, full disk
+
+
+def layout_of(state: dict[str, torch.Tensor]) -> list:
+    return [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in state.items()]
+
+
+def test_write_safetensors_carries_metadata(tmp_path):
+    source = tmp_path / "source.safetensors"
+    state = {"w": torch.randn(3, 2), "b": torch.arange(4), "m": torch.tensor([True, False])}
+    save_file(state, source, metadata={"format": "pt", "note": "é"})
+    metadata = read_metadata(source)
+    assert metadata == {"format": "pt", "note": "é"}
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, layout_of(state), state.__getitem__, metadata=metadata)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == metadata
+        assert all(torch.equal(f.get_tensor(n), state[n]) for n in state)
+    torch.save(state, tmp_path / "m.pt")
+    assert read_metadata(tmp_path / "m.pt") is None
+    folder = sharded_folder(tmp_path)
+    save_file({"v": torch.ones(1)}, folder / "model-1.safetensors",
+              metadata={"format": "pt", "shard": "1"})
+    save_file({"w": torch.ones(1)}, folder / "model-2.safetensors",
+              metadata={"format": "pt", "shard": "2"})
+    weight_map = {"v": "model-1.safetensors", "w": "model-2.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert read_metadata(folder) == {"format": "pt"}  # what every shard agrees on
+
+
+@pytest.mark.parametrize(
+    "name, metadata, words",
+    [
+        ("__metadata__", None, ("reserved by safetensors",)),
+        ("w\ud800", None, ("'w\\ud800'", "lone surrogate")),
+        ("w", {"k": 1}, ("is a int",)),
+        ("w", {"k": "\udc80"}, ("lone surrogate",)),
+    ],
+)
+def test_write_safetensors_refuses_what_safetensors_cannot_hold(tmp_path, name, metadata,
+                                                                 words):
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(InputError) as info:
+        write_safetensors(out, [(name, "float32", [2])], lambda _: torch.ones(2),
+                          metadata=metadata)
+    assert all(w in str(info.value) for w in words), info.value
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_safetensors_reports_a_full_disk_in_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out.safetensors"
+
+    def read(name: str) -> torch.Tensor:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(InputError, match="No space left on device"):
+        write_safetensors(out, [("w", "float32", [2])], read)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="was read as torch.float64"):
+        write_safetensors(out, [("w", "float32", [2])], lambda _: torch.ones(2).double())
+    assert list(tmp_path.iterdir()) == []
+    out.write_bytes(b"keep")
+    with pytest.raises(InputError, match="exists"):
+        write_safetensors(out, [("w", "float32", [2])], lambda _: torch.ones(2), overwrite=False)
+    assert out.read_bytes() == b"keep"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_write_safetensors_on_a_real_full_device(tmp_path, monkeypatch):
+    real_open = open
+
+    def full_open(file, mode="r", *args, **kwargs):  # the temporary file lands on /dev/full
+        return real_open("/dev/full", mode, *args, **kwargs) if "w" in mode else real_open(
+            file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(qlis.io, "open", full_open, raising=False)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(InputError, match="No space left on device"):
+        write_safetensors(out, [("w", "float32", [2**16])], lambda _: torch.ones(2**16))
+    assert list(tmp_path.iterdir()) == []
+
+
+# 8. State dicts and modules given from Python
+
+
+def test_as_state_dict_validates_like_the_file_readers():
+    for kind, tensor in odd_tensors().items():
+        with pytest.raises(InputError, match="'odd'"):
+            as_state_dict({"fine": torch.ones(2), "odd": tensor})
+        assert kind
+    with pytest.raises(InputError, match="is a int, not a tensor"):
+        as_state_dict({"w": 3})
+    with pytest.raises(InputError, match="names must be strings"):
+        as_state_dict({0: torch.ones(2)})
+    with pytest.raises(InputError, match="repeats its elements"):
+        as_state_dict({"w": torch.zeros(1).expand(20000, 20000)})
+    with pytest.raises(InputError, match="tensor subclass"):
+        as_state_dict({"w": torch.nn.parameter.UninitializedParameter()})
+
+
+def test_as_state_dict_keeps_views_and_tied_weights_without_copies():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    model[1].weight = torch.nn.Parameter(torch.randn(10, 4))
+    model[0].weight = model[1].weight  # tied
+    state = as_state_dict(model)
+    assert state["0.weight"].data_ptr() == state["1.weight"].data_ptr()
+    assert type(state["0.weight"]) is torch.Tensor and not state["0.weight"].requires_grad
+    small = torch.randn(4).expand(3, 4)
+    assert as_state_dict({"b": small})["b"].data_ptr() == small.data_ptr()  # not copied
+    assert list(checked_state([("w", torch.ones(1))])) == ["w"]
+
+
+# The command line: each class ends in one line on stderr and exit code 2
+
+
+def test_the_cli_gives_one_line_for_each_class(tmp_path):
+    from click.testing import CliRunner
+
+    from qlis.cli import cli
+
+    files = {}
+    files["expand"] = tmp_path / "expand.pt"
+    torch.save({"w": torch.zeros(1).expand(20000, 20000)}, files["expand"])
+    files["qint8"] = tmp_path / "q.pt"
+    torch.save({"w": odd_tensors()["qint8"]}, files["qint8"])
+    files["fifo"] = tmp_path / "fifo.pt"
+    os.mkfifo(files["fifo"])
+    files["escape"] = sharded_folder(tmp_path, "../m.pt")
+    files["header"] = tmp_path / "h.safetensors"
+    files["header"].write_bytes(safetensors_bytes({"a": entry("F32", [1] * 65, 0, 4)}, bytes(4)))
+    for kind, path in files.items():
+        for args in (["inspect", str(path)], ["pack", str(path), "-o", str(tmp_path / "o.qlis")]):
+            result = CliRunner().invoke(cli, args)
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1, (kind, result.stderr)
+            assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.qlis").exists()

@@ -1,0 +1,92 @@
+"""UniformQuantizer: a fixed step, codes of any range, exact zeros, dead zone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from qlis import ConfigError, UniformQuantizer
+from qlis.quantize import MAX_LEVELS, get_quantizer
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@given(arrays(np.float32, st.integers(0, 64), elements=finite),
+       st.floats(1e-3, 10.0), st.sampled_from(["tensor", "channel"]))
+def test_every_value_is_within_half_a_step_and_zero_stays_zero(values, step, granularity):
+    weight = torch.from_numpy(values).reshape(-1, 1) if values.size else torch.zeros(0, 1)
+    quantizer = UniformQuantizer(step=step, granularity=granularity)
+    span = (float(weight.max()) - float(weight.min())) / step if values.size else 0
+    if span > MAX_LEVELS:  # too many levels for 16-bit codes: refused
+        with pytest.raises(ConfigError, match="levels"):
+            quantizer.quantize(weight)
+        return
+    if span > MAX_LEVELS - 2:
+        return  # at the boundary, either outcome is right
+    q = quantizer.quantize(weight)
+    out = q.dequantize()
+    assert out.shape == weight.shape and out.dtype == weight.dtype
+    assert bool(((out - weight).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all())
+    assert bool((out[weight == 0] == 0).all())
+    assert q.codes.dtype == (np.uint8 if q.n_levels <= 256 else np.uint16)
+    assert q.codes.size == 0 or int(q.codes.max()) < q.n_levels
+    rebuilt = get_quantizer(q.quantizer).dequantize(q)  # from its config alone
+    assert torch.equal(rebuilt, out)
+
+
+def test_rel_mse_mode_hits_its_target_at_high_rate():
+    torch.manual_seed(0)
+    weight = torch.randn(256, 512) * torch.linspace(0.1, 3, 256)[:, None]
+    for granularity in ("tensor", "channel"):
+        q = UniformQuantizer(rel_mse=1e-4, granularity=granularity).quantize(weight)
+        error = float((q.dequantize() - weight).square().sum() / weight.square().sum())
+        assert error == pytest.approx(1e-4, rel=0.1)
+        assert q.params["step"].shape == ((256,) if granularity == "channel" else (1,))
+
+
+def test_wide_ranges_use_16_bit_codes_and_the_limit_is_enforced():
+    weight = torch.linspace(-1, 1, 5001)
+    q = UniformQuantizer(step=1e-3).quantize(weight)
+    assert q.n_levels == 2001 and q.codes.dtype == np.uint16
+    assert float((q.dequantize() - weight).abs().max()) <= 5e-4 + 1e-6
+    with pytest.raises(ConfigError, match="levels"):
+        UniformQuantizer(step=1e-6).quantize(torch.tensor([-1.0, 1.0]))
+    assert MAX_LEVELS == 65536
+
+
+def test_a_dead_zone_lowers_the_rate():
+    torch.manual_seed(0)
+    weight = torch.randn(10000)
+    nearest = UniformQuantizer(step=0.5).quantize(weight)
+    dead = UniformQuantizer(step=0.5, rounding=0.3).quantize(weight)
+    zero_nearest = int((nearest.dequantize() == 0).sum())
+    zero_dead = int((dead.dequantize() == 0).sum())
+    assert zero_dead > zero_nearest
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_come_back_in_their_dtype(dtype):
+    weight = torch.randn(8, 8).to(dtype)
+    out = UniformQuantizer(rel_mse=1e-3).quantize(weight).dequantize()
+    assert out.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"step": 1.0, "rel_mse": 1e-3}, "exactly one"),
+        ({"step": 0.0}, "positive"),
+        ({"step": float("inf")}, "positive"),
+        ({"rel_mse": 1.5}, r"\(0, 1\)"),
+        ({"step": 1.0, "rounding": 0.0}, "rounding"),
+        ({"step": 1.0, "granularity": "row"}, "granularity"),
+    ],
+)
+def test_bad_parameters(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        UniformQuantizer(**kwargs)

@@ -1,0 +1,145 @@
+"""policy="rd": quality and size targets, real archive bytes, calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qlis
+from qlis import ConfigError
+from qlis.rd import DEFAULT_MAX_DISTORTION
+
+
+class TwoPaths(nn.Module):
+    """Two equal-sized branches; the output amplifies the first 30x, so it matters more —
+    something only calibration data can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = nn.Linear(128, 128)
+        self.quiet = nn.Linear(128, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 30 * self.loud(x) + self.quiet(x)
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+
+
+@pytest.mark.parametrize("model", ["tiny_vit", "mlp"])
+def test_default_is_rd_and_meets_its_quality_target(model, request):
+    result = qlis.compress(request.getfixturevalue(model))
+    assert result.policy.strategy_id == "rd"
+    assert result.distortion["weight_rel_mse"] <= DEFAULT_MAX_DISTORTION
+    assert all(p.quantizer is None or p.quantizer["id"] == "uniform" for p in result.layers)
+    assert result.original_bytes / result.estimated_bytes > (3 if model == "mlp" else 1.5)
+
+
+def test_a_tighter_quality_target_costs_more_bytes(tiny_vit):
+    loose = qlis.compress(tiny_vit, max_distortion=1e-2)
+    tight = qlis.compress(tiny_vit, max_distortion=1e-5)
+    assert loose.distortion["weight_rel_mse"] <= 1e-2
+    assert tight.distortion["weight_rel_mse"] <= 1e-5
+    assert loose.estimated_bytes < tight.estimated_bytes
+
+
+@pytest.mark.parametrize("target", [2.5, 4.0, 6.0])
+def test_bits_per_weight_target_holds_on_the_real_archive(mlp, tmp_path, target):
+    result = qlis.compress(mlp, target_bits_per_weight=target)
+    path = qlis.save(result, tmp_path / "m.qlis", codec="ans")
+    real_bits = 8 * path.stat().st_size / result.numel
+    assert real_bits <= target * 1.02
+    assert real_bits >= target * 0.85  # the budget is used, not wasted
+    assert abs(path.stat().st_size / result.estimated_bytes - 1) < 0.03
+    state = qlis.load(path)
+    for name, tensor in result.state_dict().items():
+        assert torch.equal(state[name], tensor)
+
+
+def test_ratio_and_bytes_targets(mlp):
+    by_ratio = qlis.compress(mlp, target_ratio=8)
+    assert by_ratio.original_bytes / by_ratio.estimated_bytes >= 8 * 0.99
+    by_bytes = qlis.compress(mlp, target_bytes=100_000)
+    assert by_bytes.estimated_bytes <= 100_000 * 1.01
+
+
+def test_rd_beats_the_paper_policy_at_equal_size(mlp, tmp_path):
+    paper = qlis.compress(mlp, "laq")
+    size = qlis.save(paper, tmp_path / "laq.qlis", codec="ans").stat().st_size
+    rd = qlis.compress(mlp, target_bytes=size)
+    rd_size = qlis.save(rd, tmp_path / "rd.qlis", codec="ans").stat().st_size
+    assert rd_size <= size * 1.02
+    assert rd.distortion["weight_rel_mse"] < paper.distortion["weight_rel_mse"] / 10
+
+
+def test_calibration_meets_min_cosine_as_measured():
+    model = TwoPaths()
+    calib = [torch.randn(16, 128) for _ in range(2)]
+    result = qlis.compress(model, min_cosine=0.999, calib=calib)
+    output = result.distortion["output"]
+    assert output["cosine"] >= 0.999
+    compressed = TwoPaths()
+    compressed.load_state_dict(result.state_dict())
+    with torch.no_grad():
+        reference = [model(x) for x in calib]
+        outs = [compressed(x) for x in calib]
+    cos = torch.cat([torch.cosine_similarity(r, o, dim=-1) for r, o in zip(reference, outs,
+                                                                           strict=True)])
+    assert float(cos.mean()) == pytest.approx(output["cosine"], abs=1e-6)
+    with torch.no_grad():
+        again = [model(x) for x in calib]
+    assert all(torch.equal(a, b) for a, b in zip(reference, again, strict=True))  # untouched
+
+
+def test_calibration_beats_data_free_at_equal_size():
+    model = TwoPaths()
+    calib = [torch.randn(32, 128)]
+    budget = 3.0
+    free = qlis.compress(model, target_bits_per_weight=budget)
+    tuned = qlis.compress(model, target_bits_per_weight=budget, calib=calib)
+    allowed = budget * sum(p.numel() for p in model.parameters()) / 8
+    assert max(tuned.estimated_bytes, free.estimated_bytes) <= allowed * 1.02
+    free_cos = qlis.compress(model, plan=free.config["plan"], calib=calib).distortion["output"]
+    assert tuned.distortion["output"]["cosine"] > free_cos["cosine"]
+    bits = {p.name: p.coded_bytes for p in tuned.layers}
+    assert bits["loud.weight"] > bits["quiet.weight"]  # the loud branch got the bytes
+
+
+def test_calibration_with_a_callable_and_dict_batches():
+    model = TwoPaths()
+    x = torch.randn(8, 128)
+    by_call = qlis.compress(model, target_bits_per_weight=4, calib=lambda m: m(x))
+    by_dict = qlis.compress(model, target_bits_per_weight=4, calib=[{"x": x}])
+    assert by_call.config["plan"] == by_dict.config["plan"]
+    assert by_call.distortion["output"] == pytest.approx(by_dict.distortion["output"])
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"target_bits_per_weight": 4, "max_distortion": 1e-3}, "one target"),
+        ({"min_cosine": 0.99}, "needs calibration"),
+        ({"target_bits_per_weight": 0.01}, "out of reach|does not even hold"),
+        ({"target_ratio": float("inf")}, "positive finite"),
+        ({"granularities": ("row",)}, "granularities"),
+        ({"rounding": 0.7}, "rounding"),
+        ({"bits": 4}, "unknown option"),
+    ],
+)
+def test_bad_rd_options(mlp, options, match):
+    with pytest.raises(ConfigError, match=match):
+        qlis.compress(mlp, **options)
+
+
+def test_calibration_input_errors(mlp):
+    with pytest.raises(qlis.QlisError, match="nn.Module"):
+        qlis.compress(mlp.state_dict(), calib=[torch.randn(2, 256)])
+    with pytest.raises(ConfigError, match="list of input batches"):
+        qlis.compress(mlp, calib=torch.randn(2, 256))
+    with pytest.raises(ConfigError, match="empty"):
+        qlis.compress(mlp, calib=[])
