@@ -596,15 +596,26 @@ def load(
     model: torch.nn.Module | None = None,
     *,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    runtime: str = "float",
 ) -> dict[str, torch.Tensor]:
     """All tensors of an archive; with ``model``, also load them into it (strictly).
 
     The model is checked against the archive's names, shapes and dtypes first, and every
     tensor is decoded before any parameter changes: on any error the model is untouched.
+    ``runtime="lowbit"`` (needs ``model``, which may live on the meta device) keeps quantized
+    Linear/Conv2d layers packed in memory and returns the model's new state (qlis.runtime).
     """
+    from qlis import runtime as lowbit  # the low-bit modules are only needed here
+
+    lowbit.check_runtime(runtime)
+    if runtime == "lowbit" and model is None:
+        raise ConfigError('runtime="lowbit" loads into a model: pass model=')
     with Archive(path, max_decoded_bytes=max_decoded_bytes) as archive:
         if model is not None:
             _check_fits(archive, model)
+        if runtime == "lowbit":
+            lowbit.load_lowbit(archive, model)
+            return model.state_dict()
         state = archive.load()
     if model is not None:
         try:

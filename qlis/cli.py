@@ -423,7 +423,8 @@ def info(path, fmt, verify) -> None:
 
 @cli.command()
 @click.option("--model", type=click.Choice(list(VIT_SHAPES)), default="vit-b16", show_default=True)
-@click.option("--policy", type=click.Choice(POLICY_NAMES), default="lapq", show_default=True)
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
+              show_default=True)
 @_codec
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path),
               help="Keep the model file and the archive in this folder (default: temporary "

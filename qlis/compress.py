@@ -18,7 +18,14 @@ import torch
 
 from qlis.calibrate import Calibration, CalibSpec
 from qlis.codecs import huffman_code_lengths
-from qlis.distortion import RECORD_OVERHEAD_BYTES, coded_code_bytes, param_bytes, relative_mse
+from qlis.distortion import (
+    HEADER_BYTES,
+    QUANTIZED_RECORD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    coded_code_bytes,
+    param_bytes,
+    relative_mse,
+)
 from qlis.errors import ConfigError, InputError
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
@@ -93,7 +100,7 @@ class CompressionResult:
         self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
         self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
         layer_bytes = sum(p.coded_bytes for p in layers)
-        fixed_bytes = fixed_bits / 8 + RECORD_OVERHEAD_BYTES * len(fixed)
+        fixed_bytes = HEADER_BYTES + fixed_bits / 8 + RECORD_OVERHEAD_BYTES * len(fixed)
         self.estimated_bytes = int(fixed_bytes + layer_bytes)
 
     @property
@@ -214,7 +221,7 @@ def execute_layer(
             codes = codes[~((pruned == 0) & (weight != 0)).numpy()]
         huffman = _huffman_bits(codes, stored.n_levels)
         coded = (coded_code_bytes(stored.codes, stored.n_levels) + param_bytes(stored.params)
-                 + RECORD_OVERHEAD_BYTES + 64 * len(stored.params))
+                 + QUANTIZED_RECORD_BYTES)
     plan = LayerPlan(
         name=name,
         numel=weight.numel(),

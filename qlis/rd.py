@@ -26,7 +26,12 @@ import numpy as np
 import torch
 
 from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size
-from qlis.distortion import RECORD_OVERHEAD_BYTES, entropy_of_counts
+from qlis.distortion import (
+    HEADER_BYTES,
+    QUANTIZED_RECORD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    entropy_of_counts,
+)
 from qlis.errors import ConfigError
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
@@ -41,9 +46,9 @@ DEFAULT_MAX_DISTORTION = 3e-4
 DEFAULT_MIN_COSINE = 0.999
 """The default quality target with calibration data: mean output cosine."""
 
-HEADER_BYTES = 512
 _PROBE_REL_MSE = 1e-3
 _COSINE_PASSES = 4
+_SAMPLING_MARGIN = 0.98  # sampled errors are estimates: aim 2% under a weight target
 _TABLE_BYTES_PER_SYMBOL = 1.5
 
 
@@ -113,8 +118,8 @@ def _layer_candidates(
                 bits = reliable_bits[0] + math.log2(reliable_bits[1] / float(t))
             else:
                 bits = entropy_of_counts(counts) / values.numel()
-            size = (numel * bits / 8 + _TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 8
-                    + RECORD_OVERHEAD_BYTES + 2 * 64)
+            size = (numel * bits / 8 + _TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 12
+                    + QUANTIZED_RECORD_BYTES)
             config = {"id": "uniform", "rel_mse": float(t) ** 2 / 12,
                       "granularity": granularity, "rounding": rounding}
             candidates.append(_Candidate(config, size, error / sample_energy))
@@ -145,7 +150,7 @@ class RDPolicy(Policy):
     min_cosine: float | None = None
     granularities: tuple[str, ...] = ("tensor",)
     rounding: float = 0.5
-    finest_step: float = 1e-4
+    finest_step: float = 1e-3
     sample_size: int = 1 << 16
     seed: int = 0
 
@@ -277,7 +282,7 @@ class RDPolicy(Policy):
             raise ConfigError("max_distortion is a weight-error target: with calib= ask for "
                               "min_cosine (output quality) or a size target")
         limit = self.max_distortion if self.max_distortion is not None else DEFAULT_MAX_DISTORTION
-        return allocate_for_distortion(curves, limit)
+        return allocate_for_distortion(curves, limit * _SAMPLING_MARGIN)
 
     def _output_distortions(
         self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]

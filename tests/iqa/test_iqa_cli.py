@@ -47,6 +47,11 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
         "compress", run, "--policy", "quant", "--bits", "4", "-o", tmp_path / "m.qlis"
     )
     assert code == 0 and "real ratio" in out and RANDOM_LABEL in out
+    code, out, _ = invoke(  # the default: rd, calibrated on training images
+        "compress", run, "--calib-images", "4", "--target-ratio", "3", "-o", tmp_path / "rd.qlis"
+    )
+    assert code == 0 and "policy rd, calibrated on 4 training images" in out, out
+    assert "output on the calibration data: cosine" in out
     code, out, _ = invoke("evaluate", tmp_path / "m.qlis")  # dataset and split from the archive
     assert code == 0 and "test (6 images)" in out
     code, out, _ = invoke(
@@ -66,12 +71,19 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
         "-o",
         tmp_path / "sweep",
         "--only",
-        "Baseline,Q 8-bit,LAPQ",
+        "Baseline,Q 8-bit,LAPQ,rd [3x]",
         "--per-channel",
         "--target-ratio",
         "6",
+        "--rd-ratio",
+        "3",
+        "--calib-images",
+        "3",
+        "--val-images",
+        "3",
     )
     assert code == 0 and out.count(RANDOM_LABEL) >= 3
+    assert "rd [3x]" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert {p.name for p in (tmp_path / "sweep").iterdir()} >= {
         "sweep.md",
         "sweep.csv",

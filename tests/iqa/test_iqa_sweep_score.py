@@ -229,8 +229,10 @@ def test_rd_rows_beside_the_paper_rows(runs: dict, tmp_path: Path) -> None:
     if "rd" not in qlis.policy_names():
         pytest.skip("this qlis has no policy 'rd' yet")
     run = runs["clip"]
-    rd = rd_data(run.model, _train_samples(run), calib_images=2, val_images=4, batch_size=2)
-    assert len(rd.validation) == 4 and rd.calib.images == 2
+    rd = rd_data(run.model, _train_samples(run), calib_images=3, val_images=4, batch_size=2)
+    assert len(rd.validation) == 3 and rd.calib.images == 3  # 6 training images in all
+    with pytest.raises(IQAError, match="too few"):
+        rd_data(run.model, _train_samples(run)[:5])
     names = {s.name for s in rd.validation}
     assert not names & set(run.predictions.names)  # never the test split
     variants = pick_variants(paper_variants(), "Baseline,Q 8-bit") + rd_variants([4, 1e4], [0.05])

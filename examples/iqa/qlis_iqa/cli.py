@@ -131,7 +131,7 @@ beta_option = click.option("--beta", type=click.FloatRange(0, 1), default=0.5, s
 codec_option = click.option(
     "--codec",
     type=click.Choice(codec_names()),
-    default="huffman",
+    default="ans",
     show_default=True,
     help="How quantized codes are stored; auto: the smallest per tensor.",
 )
@@ -318,13 +318,22 @@ def evaluate(
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @output_option("The .qlis archive to write.")
-@click.option("--policy", type=click.Choice(policy_names()), default="lapq", show_default=True)
+@click.option("--policy", type=click.Choice(policy_names()), default="rd", show_default=True,
+              help="rd: rate–distortion, calibrated on training images; lapq etc.: the paper's.")
 @beta_option
 @click.option("--k", type=click.FloatRange(min=0), help="Pruning level (policy prune).")
 @click.option("--bits", type=click.IntRange(1, 8), help="Bits (policy quant).")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]))
 @click.option("--target-ratio", type=click.FloatRange(min=1),
-              help="Budget mode: the paper CR to reach.")
+              help="rd: real archive ratio; lap/laq/lapq: the paper CR to reach.")
+@click.option("--target-bits-per-weight", type=click.FloatRange(min=0, min_open=True),
+              help="rd: archive bits per model element.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, max_open=True),
+              help="rd: the least cosine (= Pearson correlation) of the calibration scores to "
+                   "the original model's (default 0.999).")
+@click.option("--calib-images", type=click.IntRange(min=0), default=32, show_default=True,
+              help="rd: training-split images to calibrate on (0: data-free).")
+@eval_set_options
 @codec_option
 @force_option
 def compress(
@@ -336,29 +345,64 @@ def compress(
     bits: int | None,
     granularity: str | None,
     target_ratio: float | None,
+    target_bits_per_weight: float | None,
+    min_cosine: float | None,
+    calib_images: int,
+    dataset: str | None,
+    root: Path | None,
+    split_file: Path | None,
     codec: str,
     force: bool,
 ) -> None:
     """Compress a model into a self-contained archive.
 
-    The whole model (backbone and head) is compressed; `score` needs nothing else.
+    The whole model (backbone and head) is compressed; `score` needs nothing else. With the
+    default policy rd, the model is calibrated on a few images of its training split.
     """
     path = _model_file(model)
     check_output(output, force, (".qlis",), inputs=[path])
+    _check_eval_set(root, split_file)
+    given = {"k": k, "bits": bits, "granularity": granularity, "target_ratio": target_ratio,
+             "target_bits_per_weight": target_bits_per_weight, "min_cosine": min_cosine}
+    options = {key: v for key, v in given.items() if v is not None}
+    calibrated = policy == "rd" and calib_images > 0
+    if min_cosine is not None and not calibrated:
+        raise QlisError("--min-cosine needs --policy rd and --calib-images > 0")
     _start_work()
     from qlis_iqa.models import load_model
-    from qlis_iqa.pack import pack
+    from qlis_iqa.pack import calibration, pack
 
     iqa, meta = load_model(path)
+    calib = None
+    if calibrated:
+        calib = calibration(iqa, _training_samples(meta, root, split_file, dataset), calib_images)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
-    given = {"k": k, "bits": bits, "granularity": granularity, "target_ratio": target_ratio}
-    options = {key: v for key, v in given.items() if v is not None}
-    packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, **options)
+    packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
+                  **options)
+    for warning in packed.result.warnings:
+        _err(f"qlis-iqa: warning: {warning}")
     click.echo(
         f"{escape(str(output))}: {human_bytes(packed.file_bytes)}, real ratio "
-        f"{packed.real_ratio:.2f}x; idealised paper CR {packed.result.cr:.2f}, HCR "
-        f"{packed.result.hcr:.2f} (exact zeros count as free)  [{iqa.label}]"
+        f"{packed.real_ratio:.2f}x; policy {policy}"
+        + (f", calibrated on {calib.images} training images" if calib else "")
+        + f"  [{iqa.label}]"
     )
+    click.echo(f"quality: {packed.result.describe_quality()}")
+    click.echo(f"idealised paper ratios (exact zeros count as free): CR {packed.result.cr:.2f}, "
+               f"HCR {packed.result.hcr:.2f}")
+
+
+def _training_samples(meta, root, split_file, dataset):
+    """The training-split images of the data set a model was trained on (for calibration)."""
+    from qlis_iqa.data import split_samples
+    from qlis_iqa.evaluate import eval_set_for
+
+    es = eval_set_for(meta, root, split_file, dataset)
+    samples = split_samples(es.dataset, es.split.train)[0]
+    if not samples:
+        raise QlisError("no training image is available for calibration; pass --root, or "
+                        "--calib-images 0 for a data-free compression")
+    return samples
 
 
 @cli.command()
@@ -373,6 +417,14 @@ def compress(
     multiple=True,
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
 )
+@click.option("--rd-ratio", type=click.FloatRange(min=1), multiple=True,
+              help="Add an rd row at this real archive ratio (repeatable).")
+@click.option("--rd-srcc-drop", type=click.FloatRange(0, 1, max_open=True), multiple=True,
+              help="Add an rd row allowed to lose this much validation SRCC (repeatable).")
+@click.option("--calib-images", type=click.IntRange(min=3), default=32, show_default=True,
+              help="rd rows: training images to calibrate on.")
+@click.option("--val-images", type=click.IntRange(min=3), default=64, show_default=True,
+              help="rd SRCC-drop rows: training images (disjoint from calibration) to tune on.")
 @click.option("--only", help="Comma-separated row names to run (default: all).")
 @click.option(
     "--archives/--no-archives",
@@ -395,6 +447,10 @@ def sweep(
     beta: float,
     per_channel: bool,
     target_ratio: tuple[float, ...],
+    rd_ratio: tuple[float, ...],
+    rd_srcc_drop: tuple[float, ...],
+    calib_images: int,
+    val_images: int,
     only: str | None,
     archives: bool,
     codec: str,
@@ -414,6 +470,7 @@ def sweep(
     _check_eval_set(root, split_file)
     check_output_dir(output, force)
     _start_work()
+    from qlis_iqa.data import split_samples
     from qlis_iqa.evaluate import eval_set_for, skipped_report
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
@@ -421,14 +478,24 @@ def sweep(
         extra_variants,
         paper_variants,
         pick_variants,
+        rd_data,
+        rd_variants,
         run_sweep,
         write_outputs,
     )
 
-    variants = pick_variants(paper_variants() + extra_variants(per_channel, target_ratio), only)
+    variants = pick_variants(
+        paper_variants() + extra_variants(per_channel, target_ratio)
+        + rd_variants(rd_ratio, rd_srcc_drop),
+        only,
+    )
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
+    rd = None
+    if any(v.kind == "rd" for v in variants):
+        train = split_samples(es.dataset, es.split.train)[0]
+        rd = rd_data(iqa, train, calib_images, val_images, batch_size)
     rows = run_sweep(
         iqa.to(device),
         es.samples,
@@ -444,6 +511,7 @@ def sweep(
         batch_size=batch_size,
         workers=workers,
         progress=_progress(progress),
+        rd=rd,
         log=click.echo,
     )
     title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"

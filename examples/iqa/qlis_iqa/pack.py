@@ -52,14 +52,14 @@ def calibration(
     seed: int = 0,
 ) -> CentredScores:
     """Calibration data for policy "rd": up to `images` readable images (a seeded choice)."""
-    if images < 2:
-        raise IQAError(f"calibration needs at least 2 images, got {images}")
+    if images < 3:  # two centred scores are (a, -a): their cosine is always +-1
+        raise IQAError(f"calibration needs at least 3 images, got {images}")
     chosen = random.Random(seed).sample(list(samples), min(images, len(samples)))
     loader = image_loader([s.path for s in chosen], model.preprocess, batch_size, 0)
     batches = [pixels for _, pixels, _ in loader if pixels is not None]
     calib = CentredScores(batches)
-    if calib.images < 2:
-        raise IQAError(f"calibration: fewer than 2 of {len(chosen)} training images are readable")
+    if calib.images < 3:
+        raise IQAError(f"calibration: fewer than 3 of {len(chosen)} training images are readable")
     return calib
 
 
@@ -106,7 +106,7 @@ def write_archive(
     model: IQAModel,
     result: Any,
     path: str | Path,
-    codec: str = "huffman",
+    codec: str = "ans",
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> Packed:
@@ -122,7 +122,7 @@ def pack(
     path: str | Path,
     policy: str = "lapq",
     beta: float = 0.5,
-    codec: str = "huffman",
+    codec: str = "ans",
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
     calib: CentredScores | None = None,

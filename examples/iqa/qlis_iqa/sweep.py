@@ -125,13 +125,13 @@ def rd_data(
 ) -> RDData:
     """Split (seeded) training images into `calib_images` for calibration and the validation set.
 
-    The validation set is what SRCC-drop rows are tuned on; it needs at least 3 images.
+    Both need at least 3 images; the validation set is what SRCC-drop rows are tuned on.
     """
     order = list(train_samples)
     random.Random(seed).shuffle(order)
-    n_calib = min(calib_images, max(2, len(order) // 3))
+    n_calib = min(calib_images, len(order) - 3)
     validation = order[n_calib : n_calib + val_images]
-    if len(validation) < 3:
+    if n_calib < 3 or len(validation) < 3:
         raise IQAError(
             f"rd rows need training images for calibration and validation; {len(order)} is too few"
         )
@@ -205,7 +205,7 @@ def run_sweep(
     model_metadata: dict[str, str] | None = None,
     beta: float = 0.5,
     archives: bool = True,
-    codec: str = "huffman",
+    codec: str = "ans",
     logistic: bool = False,
     batch_size: int = 16,
     workers: int = 0,

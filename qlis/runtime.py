@@ -1,0 +1,298 @@
+"""Run compressed: put an archive's quantized layers into a model as low-bit modules.
+
+``qlis.load(path, model=m, runtime="lowbit")`` reads the archive one tensor at a time and
+replaces every quantized ``nn.Linear`` / ``nn.Conv2d`` of ``m`` by a module that keeps the
+integer codes in memory (1 byte or less per weight) and computes from them; the float32
+weight is never built for the whole model. ``m`` may be built on the meta device
+(``with torch.device("meta"): m = Model()``): then nothing but the packed model is allocated.
+
+Path per layer (``runtime_plan`` lists them without loading anything):
+
+=================================================  ===========  ================================
+quantizer of the weight                            path         held in memory per weight
+=================================================  ===========  ================================
+Linear: affine or uniform with 17..256 levels      ``int8``     1 byte (int8 code - 128) + a
+(8-bit affine, per tensor or per channel)                       float32 scale and zero per row
+Linear: group (4-bit and others), kmeans, binary,  ``dequant``  codes bit-packed: 1/2/4 bits
+affine/uniform with <= 16 levels, uniform with                  for <= 2/4/16 levels, else
+more than 256 levels, any third-party quantizer;                uint8 / uint16; the quantizer's
+every quantized Conv2d                                          parameters as buffers
+plain (pruned only, or never quantized), and       ``float``    the float tensor, as today
+quantized tensors of other modules (embeddings)
+=================================================  ===========  ================================
+
+Forward: ``int8`` calls torch's int8 weight-only CPU kernel (``aten._weight_int8pack_mm``)
+for inputs of at most ``kernel_max_rows`` rows; for larger inputs (one image is already
+197 tokens) it dequantizes the weight on the fly and calls ``F.linear``, which is many times
+faster on CPU for many rows. ``dequant`` always dequantizes with the archive's own quantizer,
+caching nothing. Exactness: the dequantize branch equals ``F.linear(x, archive_weight, bias)``
+to the bit; the kernel branch equals it to float32 rounding. torch's int4 group-wise CPU
+kernel (``aten._weight_int4pack_mm_for_cpu``) maps exactly onto qlis' group codes
+(kernel zero = (8 - zero_point) * scale) but is 10-60x slower than dequantize + F.linear for
+ViT-sized inputs here, and its packed layout is block-permuted by output size, so 4-bit group
+layers keep two codes per byte in qlis' own layout on the ``dequant`` path (docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlis.errors import ConfigError, InputError
+from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer
+
+RUNTIMES = ("float", "lowbit")
+KERNEL_MAX_ROWS = 8
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+HAS_INT8_KERNEL = _has_op("_weight_int8pack_mm")
+
+
+def choose_path(
+    quantizer: dict, n_levels: int, shape: Iterable[int], dtype: str = "float32"
+) -> str:
+    """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` takes."""
+    shape = tuple(shape)
+    if len(shape) != 2 or dtype != "float32":
+        return "dequant"
+    kind = quantizer.get("id")
+    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 16 < n_levels <= 256:
+        return "int8"
+    return "dequant"
+
+
+# -- bit packing for the dequantize path -------------------------------------------------------
+
+
+def _pack_width(n_levels: int) -> int:
+    bits = max(1, (n_levels - 1).bit_length())
+    return next(w for w in (1, 2, 4, 8, 16) if bits <= w)
+
+
+def pack_codes(codes: np.ndarray, n_levels: int) -> torch.Tensor:
+    """Flat codes at 1, 2 or 4 bits per code (little end first), else uint8 / int16 as is."""
+    width = _pack_width(n_levels)
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if width == 16:
+        return torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy())
+    if width == 8:
+        return torch.from_numpy(flat.astype(np.uint8, copy=True))
+    per_byte = 8 // width
+    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.uint8)
+    padded[: flat.size] = flat
+    lanes = padded.reshape(-1, per_byte) << (np.arange(per_byte, dtype=np.uint8) * width)
+    return torch.from_numpy(np.bitwise_or.reduce(lanes, axis=1).astype(np.uint8))
+
+
+def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> np.ndarray:
+    """The inverse of `pack_codes`: flat codes as uint8 (uint16 above 256 levels)."""
+    width = _pack_width(n_levels)
+    if width == 16:
+        return packed.numpy().view(np.uint16)
+    if width == 8:
+        return packed.numpy()
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    codes = (packed[:, None] >> shifts) & ((1 << width) - 1)
+    return codes.reshape(-1)[:numel].numpy()
+
+
+# -- the low-bit modules -----------------------------------------------------------------------
+
+
+class _LowBit(nn.Module):
+    """What every low-bit layer shares: its bias, and its dequantized weight on demand
+    (``dequantized_weight()``), so a user can always compare with the float layer."""
+
+    path = ""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, bias: torch.Tensor | None):
+        super().__init__()
+        self.shape = shape
+        self.weight_dtype = dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.shape)}, path={self.path}, bias={self.bias is not None}"
+
+
+class DequantLinear(_LowBit):
+    """Any quantizer: codes packed, dequantized by the quantizer itself at every call."""
+
+    path = "dequant"
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(q.shape, q.dtype, bias)
+        self.quantizer: Quantizer = get_quantizer(q.quantizer)
+        self.quantizer_config = q.quantizer
+        self.n_levels = q.n_levels
+        self.register_buffer("codes", pack_codes(q.codes, q.n_levels))
+        self.param_names = sorted(q.params)
+        for key in self.param_names:
+            self.register_buffer(f"param_{key}", torch.from_numpy(np.array(q.params[key])))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
+        params = {key: getattr(self, f"param_{key}").numpy() for key in self.param_names}
+        q = QuantizedTensor(codes.reshape(self.shape), self.n_levels, self.quantizer_config,
+                            params, self.weight_dtype)
+        return self.quantizer.dequantize(q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+
+class DequantConv2d(DequantLinear):
+    """A Conv2d whose weight is dequantized at every call (bit-exact with the archive)."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> None:
+        super().__init__(q, bias)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+def _row_affine(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) with value = (code - zero) * scale, as the quantizer computes it."""
+    names = ("scale", "zero_point") if q.quantizer["id"] == "affine" else ("step", "offset")
+    scale, zero = (
+        torch.from_numpy(np.array(q.params[key], dtype=np.float32).reshape(-1)) for key in names
+    )
+    rows = q.shape[0]
+    return scale.expand(rows).contiguous(), zero.expand(rows).contiguous()
+
+
+class Int8Linear(_LowBit):
+    """8-bit row-affine codes as int8 (code - 128); torch's int8 weight-only kernel."""
+
+    path = "int8"
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(q.shape, q.dtype, bias)
+        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8))
+        self.register_buffer("weight_int8", (codes.to(torch.int16) - 128).to(torch.int8))
+        scale, zero = _row_affine(q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.kernel_max_rows = KERNEL_MAX_ROWS
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = self.weight_int8.float().add_(128.0)
+        return ((codes - self.zero[:, None]) * self.scale[:, None]).to(self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if rows > self.kernel_max_rows or x.dtype != torch.float32:
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        out = out + flat.sum(dim=1, keepdim=True) * ((128.0 - self.zero) * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Module) -> _LowBit:
+    """The low-bit replacement of a Linear or Conv2d whose weight the archive holds as ``q``."""
+    if isinstance(module, nn.Conv2d):
+        return DequantConv2d(q, bias, module)
+    path = choose_path(q.quantizer, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
+    if path == "int8":
+        return Int8Linear(q, bias)
+    return DequantLinear(q, bias)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _replaceable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros"
+    return type(module) is nn.Linear
+
+
+def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (import cycle)
+    """Per weight of the archive that could run packed: layer name, path and kernel.
+
+    Decided from the header alone (a 2-D quantized weight is taken for a Linear, a 4-D one for
+    a Conv2d); loading into a model may still keep a layer float when it is neither.
+    """
+    kernels = {"int8": "aten._weight_int8pack_mm (<= 8 rows), else F.linear on the "
+               "dequantized weight", "dequant": "F.linear on the dequantized weight",
+               "float": "F.linear"}
+    rows = []
+    for name in archive.names():
+        entry = archive.entry(name)
+        if not name.endswith("weight") or len(entry["shape"]) not in (2, 4):
+            continue
+        if "quantizer" not in entry:
+            path = "float"
+        else:
+            path = choose_path(
+                entry["quantizer"], entry["n_levels"], entry["shape"], entry["dtype"]
+            )
+        kernel = kernels[path]
+        if len(entry["shape"]) == 4:
+            kernel = "F.conv2d" + ("" if path == "float" else " on the dequantized weight")
+        layer = name[: -len(".weight")] if name.endswith(".weight") else name
+        rows.append({"layer": layer, "shape": entry["shape"], "path": path, "kernel": kernel})
+    return rows
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - qlis.Archive
+    """Put the archive into ``model`` with quantized Linear/Conv2d layers kept packed.
+
+    Reads one tensor at a time; the model changes only after every tensor was read (on any
+    error it is untouched). Returns {layer: path} for the layers now low-bit.
+    """
+    persistent = model.state_dict()
+    if _replaceable(model) and "quantizer" in archive.entry("weight"):
+        raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
+    for name, buffer in model.named_buffers():
+        if name not in persistent and buffer.is_meta:
+            raise InputError(
+                f"{name!r} is a non-persistent buffer on the meta device and no archive holds "
+                "it; build that part of the model on the CPU (or pass a model built on the CPU)"
+            )
+    replacements: dict[str, _LowBit] = {}
+    for name, module in model.named_modules():
+        weight = f"{name}.weight"
+        if not name or not _replaceable(module) or weight not in persistent:
+            continue
+        q = archive.read_quantized(weight)
+        if q is None:
+            continue
+        bias = None
+        if module.bias is not None:
+            bias = archive.read(f"{name}.bias")
+        replacements[name] = lowbit_module(q, bias, module)
+    covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
+    rest = {name: archive.read(name) for name in persistent if name not in covered}
+    for name, new in replacements.items():
+        setattr(*_parent(model, name), new)
+    model.load_state_dict(rest, strict=False, assign=True)
+    return {name: module.path for name, module in replacements.items()}
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")

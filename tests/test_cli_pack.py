@@ -1,0 +1,149 @@
+"""`qlis pack`: policies and targets, option conflicts refused before any work, quality shown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import qlis
+from qlis.cli import cli
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "a.weight": torch.randn(256, 128, generator=gen),
+        "a.bias": torch.randn(256, generator=gen),
+        "b.weight": torch.randn(64, 256, generator=gen) * 0.1,
+    }
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "origin": "test"})
+    return path
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def user_error(*args: object) -> str:
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)
+
+
+def test_default_pack_is_rd_and_states_its_quality(model_file, tmp_path):
+    out = tmp_path / "m.qlis"
+    result = invoke("pack", model_file, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "policy rd" in result.stdout and "real ratio" in result.stdout
+    assert "quality: weight error: relative MSE" in result.stdout
+    with qlis.open(out) as archive:
+        assert archive.compression["policy"]["id"] == "rd"
+        assert archive.distortion["weight_rel_mse"] <= 3e-4
+        assert {r["codec"] for r in archive.tensor_info() if r["quantizer"]} == {"ans"}
+
+
+def test_size_target_holds_on_disk(model_file, tmp_path):
+    out = tmp_path / "m.qlis"
+    result = invoke("pack", model_file, "-o", out, "--target-bits-per-weight", 3)
+    assert result.exit_code == 0, result.output
+    numel = 256 * 128 + 256 + 64 * 256
+    assert 8 * out.stat().st_size / numel <= 3 * 1.02
+
+
+def test_quantizer_and_pruner_configs_by_name(model_file, tmp_path):
+    out = tmp_path / "g.qlis"
+    result = invoke("pack", model_file, "-o", out, "--policy", "quant",
+                    "--quantizer", '{"id": "group", "bits": 4, "group_size": 32}')
+    assert result.exit_code == 0, result.output
+    with qlis.open(out) as archive:
+        assert {r["quantizer"] for r in archive.tensor_info() if r["quantizer"]} == {"group"}
+    out = tmp_path / "p.qlis"
+    result = invoke("pack", model_file, "-o", out, "--policy", "prune",
+                    "--pruner", '{"id": "fraction", "fraction": 0.5}', "--codec", "ans")
+    assert result.exit_code == 0, result.output
+    state = qlis.load(out)
+    assert float((state["a.weight"] == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_hand_written_plan(model_file, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"b.weight": {"quantizer": {"id": "affine", "bits": 8}}}))
+    out = tmp_path / "m.qlis"
+    result = invoke("pack", model_file, "-o", out, "--plan", plan)
+    assert result.exit_code == 0, result.output
+    with qlis.open(out) as archive:
+        quantized = [r["name"] for r in archive.tensor_info() if r["quantizer"]]
+        assert quantized == ["b.weight"]
+        assert archive.compression["plan"]["b.weight"]["quantizer"]["bits"] == 8
+
+
+def test_set_passes_any_policy_option(model_file, tmp_path):
+    out = tmp_path / "m.qlis"
+    result = invoke("pack", model_file, "-o", out, "--set", 'granularities=["channel"]',
+                    "--set", "max_distortion=1e-3")
+    assert result.exit_code == 0, result.output
+    with qlis.open(out) as archive:
+        assert archive.compression["policy"]["granularities"] == ["channel"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--policy", "lapq", "--bits", "4"], "--bits applies to --policy quant"),
+        (["--policy", "prune", "--bits", "3"], "--bits applies to --policy quant"),
+        (["--policy", "rd", "--k", "1"], "--k applies to --policy prune"),
+        (["--policy", "prune", "--method", "kmeans"], "--method applies to policies that"),
+        (["--policy", "lap", "--granularity", "channel"], "--granularity applies"),
+        (["--target-bits-per-weight", "4", "--max-distortion", "1e-3"], "one target"),
+        (["--policy", "lapq", "--max-distortion", "1e-3"], "unknown option"),
+        (["--quantizer", "{not json"], "--quantizer must be JSON"),
+        (["--set", "bogus=1"], "unknown option"),
+        (["--set", "no-equals"], "KEY=VALUE"),
+        (["--policy", "quant", "--method", "nope", "--bits", "4"], "unknown quantizer"),
+        (["--policy", "lapq", "--plan", "plan.json"], "--plan gives every layer"),
+    ],
+)
+def test_conflicting_options_are_refused_before_loading(model_file, tmp_path, no_loading,
+                                                        args, match):
+    line = user_error("pack", model_file, "-o", tmp_path / "x.qlis", *args)
+    assert match in line
+    assert not (tmp_path / "x.qlis").exists()
+
+
+def test_a_missed_quality_target_is_a_warning(model_file, tmp_path, monkeypatch):
+    def review(policy, result):
+        return [f"the weight error {result.distortion['weight_rel_mse']:.3g} misses the target"]
+
+    monkeypatch.setattr(qlis.RDPolicy, "review", review)
+    result = invoke("pack", model_file, "-o", tmp_path / "m.qlis")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("qlis: warning: the weight error")
+    assert result.stderr.count("\n") == 1  # once, not again as a Python warning
+
+
+def test_unpack_carries_the_source_metadata(model_file, tmp_path):
+    archive = tmp_path / "m.qlis"
+    assert invoke("pack", model_file, "-o", archive).exit_code == 0
+    out = tmp_path / "back.safetensors"
+    result = invoke("unpack", archive, "-o", out)
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "origin": "test"}

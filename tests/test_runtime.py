@@ -1,0 +1,189 @@
+"""Running compressed: low-bit modules compute what the dequantized float model computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qlis
+from qlis import runtime
+from qlis.errors import ConfigError, InputError
+
+
+class Toy(nn.Module):
+    """ViT-shaped in miniature: a patch conv, an MLP block, a head."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.fc2(torch.relu(self.fc1(tokens)))
+        return self.head(self.norm(tokens).mean(dim=1))
+
+
+QUANTIZERS = {
+    "affine8-channel": ({"id": "affine", "bits": 8, "granularity": "channel"}, "int8"),
+    "affine8-tensor": ({"id": "affine", "bits": 8}, "int8"),
+    "uniform-8bit": ({"id": "uniform", "step": 0.01}, "int8"),
+    "uniform-16bit": ({"id": "uniform", "step": 1e-4, "granularity": "channel"}, "dequant"),
+    "group4": ({"id": "group", "bits": 4, "group_size": 32}, "dequant"),
+    "group4-symmetric": ({"id": "group", "bits": 4, "group_size": 32, "symmetric": True},
+                         "dequant"),
+    "kmeans3": ({"id": "kmeans", "bits": 3}, "dequant"),
+    "binary": ({"id": "binary"}, "dequant"),
+    "affine2": ({"id": "affine", "bits": 2, "granularity": "channel"}, "dequant"),
+}
+
+
+def archive_of(tmp_path, quantizer: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Toy().eval()
+    path = tmp_path / "toy.qlis"
+    qlis.save(qlis.compress(model, "quant", quantizer=quantizer), path)
+    reference = Toy().eval()
+    qlis.load(path, model=reference)
+    with torch.device("meta"):
+        low = Toy().eval()
+    qlis.load(path, model=low, runtime="lowbit")
+    return path, reference, low
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_lowbit_model_matches_the_dequantized_model(tmp_path, name):
+    quantizer, path = QUANTIZERS[name]
+    _, reference, low = archive_of(tmp_path, quantizer)
+    assert low.fc1.path == path and low.patch.path == "dequant"
+    assert isinstance(low.norm, nn.LayerNorm) and not low.norm.weight.is_meta
+    x = torch.randn(2, 3, 16, 16)
+    for module in low.modules():  # the head sees 2 rows: make it dequantize too
+        if isinstance(module, runtime.Int8Linear):
+            module.kernel_max_rows = 0
+    with torch.no_grad():
+        # the dequantize branch is bit-exact with the float model
+        assert torch.equal(low(x), reference(x))
+        tokens = torch.randn(3, 64)  # few rows: int8 uses torch's kernel
+        expected = F.linear(tokens, reference.fc1.weight, reference.fc1.bias)
+        got = low.fc1(tokens)
+    if path == "int8":
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+def test_dequantized_weight_is_the_archive_weight(tmp_path, name):
+    path, reference, low = archive_of(tmp_path, QUANTIZERS[name][0])
+    with qlis.open(path) as archive:
+        for layer in ("patch", "fc1", "fc2", "head"):
+            weight = getattr(low, layer).dequantized_weight()
+            assert torch.equal(weight, archive.read(f"{layer}.weight"))
+
+
+def test_int8_kernel_branch_handles_an_uncentred_zero_point():
+    """Codes far from 128 and zero points far from 128: the correction term carries them."""
+    weight = torch.rand(32, 48) * 3 + 1  # all positive: zero point 0, codes 0..255
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(weight)
+    module = runtime.Int8Linear(q, torch.randn(32))
+    x = torch.randn(4, 48)
+    expected = F.linear(x, q.dequantize(), module.bias)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-4)
+    module.kernel_max_rows = 0
+    assert torch.equal(module(x), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_levels=st.integers(1, 65536), size=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_pack_codes_round_trips(n_levels, size, seed):
+    dtype = np.uint8 if n_levels <= 256 else np.uint16
+    codes = np.random.default_rng(seed).integers(0, n_levels, size).astype(dtype)
+    packed = runtime.pack_codes(codes, n_levels)
+    back = runtime.unpack_codes(packed, n_levels, size)
+    assert np.array_equal(back, codes) and back.dtype == dtype
+    bits = max(1, (n_levels - 1).bit_length())
+    width = min(w for w in (1, 2, 4, 8, 16) if w >= bits)  # the memory the codes take
+    assert packed.numel() * packed.element_size() == -(-size * width // 8)
+
+
+def memory_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Block(nn.Module):
+    """A ViT block's Linear layers (the weight of a ViT is almost all here)."""
+
+    def __init__(self, dim: int = 256) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+
+@pytest.mark.parametrize(("quantizer", "limit"), [
+    ({"id": "group", "bits": 4, "group_size": 64}, 0.35),
+    ({"id": "affine", "bits": 8, "granularity": "channel"}, 0.5),
+])
+def test_packed_model_is_close_to_the_archive_codes(tmp_path, quantizer, limit):
+    model = Block().eval()
+    path = tmp_path / "block.qlis"
+    qlis.save(qlis.compress(model, "quant", quantizer=quantizer), path, codec="bitpack")
+    with torch.device("meta"):
+        low = Block()
+    qlis.load(path, model=low, runtime="lowbit")
+    assert memory_bytes(low) <= limit * memory_bytes(model)
+    with qlis.open(path) as archive:
+        stored = sum(row["bytes"] for row in archive.tensor_info())
+    assert memory_bytes(low) <= 1.15 * stored  # packed in memory as on disk, give or take
+
+
+def test_runtime_plan_names_each_layer_path(tmp_path):
+    path, _, _ = archive_of(tmp_path, {"id": "affine", "bits": 8, "granularity": "channel"})
+    with qlis.open(path) as archive:
+        plan = {row["layer"]: row for row in runtime.runtime_plan(archive)}
+    assert set(plan) == {"patch", "fc1", "fc2", "head"}
+    assert plan["fc1"]["path"] == "int8" and "int8pack" in plan["fc1"]["kernel"]
+    assert plan["patch"]["path"] == "dequant" and "conv2d" in plan["patch"]["kernel"]
+
+
+def test_pruned_layers_stay_float(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "pruned.qlis"
+    qlis.save(qlis.compress(Toy(), "prune", k=0.5), path)
+    low = Toy()
+    qlis.load(path, model=low, runtime="lowbit")
+    assert type(low.fc1) is nn.Linear
+    with qlis.open(path) as archive:
+        assert {row["path"] for row in runtime.runtime_plan(archive)} == {"float"}
+
+
+def test_bad_runtime_and_missing_model_are_user_errors(tmp_path):
+    path, _, _ = archive_of(tmp_path, {"id": "kmeans", "bits": 2})
+    with pytest.raises(ConfigError, match="runtime"):
+        qlis.load(path, model=Toy(), runtime="fast")
+    with pytest.raises(ConfigError, match="model="):
+        qlis.load(path, runtime="lowbit")
+    bare = tmp_path / "bare.qlis"
+    qlis.save(qlis.compress(nn.Linear(8, 8), "quant", bits=8), bare)
+    with pytest.raises(InputError, match="wrap it"):
+        qlis.load(bare, model=nn.Linear(8, 8), runtime="lowbit")
+
+
+def test_meta_buffer_not_in_the_archive_is_refused_before_any_change(tmp_path):
+    path, _, _ = archive_of(tmp_path, {"id": "kmeans", "bits": 2})
+    with torch.device("meta"):
+        low = Toy()
+    low.register_buffer("positions", torch.empty(4, device="meta"), persistent=False)
+    with pytest.raises(InputError, match="non-persistent"):
+        qlis.load(path, model=low, runtime="lowbit")
+    assert type(low.fc1) is nn.Linear
