@@ -33,8 +33,9 @@ from report import command, machine, write_section
 
 GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
 PAPER = [("lapq", "lapq", {}), ("laq", "laq", {}), ("quant 8 bits", "quant", {"bits": 8})]
-RD_FREE_BITS = [3.0, 4.0, 5.0, 6.0, 7.0]
-RD_CALIB_BITS = [3.0, 3.5, 4.0, 5.0]
+RD_FREE_BITS = [3.0, 3.5, 4.0, 5.0, 6.0, 7.0]
+RD_CALIB_BITS = [3.0, 3.5, 4.0, 5.0, 5.5, 6.0]
+RD_MIN_COSINES = [0.99, 0.999]  # calibrated quality targets: the smallest archive keeping it
 GROUPS = ("gguf", "torchao", "paper", "rd")
 COSINE_GOALS = [(0.99, 4.0), (0.999, 6.0)]  # (mean cosine, rd's bits per weight at most)
 SPEED_GOAL = 10.0  # M parameters/s, rd data-free
@@ -201,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 speed.append(numel / seconds / 1e6)
                 add(qlis_row("qlis rd data-free", f"rd target {bits} b/w (ans)", result, state,
                              fidelity, "ans", folder, f"compress {seconds:.2f} s"))
+            t0 = time.perf_counter()
+            result = qlis.compress(state)  # the default: rd at its conservative quality target
+            seconds = time.perf_counter() - t0
+            speed.append(numel / seconds / 1e6)
+            add(qlis_row("qlis rd data-free", "rd default (ans)", result, state, fidelity, "ans",
+                         folder, f"compress {seconds:.2f} s"))
 
             def calib(m: torch.nn.Module) -> torch.Tensor:
                 with torch.no_grad():
@@ -211,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                 result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits)
                 seconds = time.perf_counter() - t0
                 add(qlis_row("qlis rd calibrated", f"rd calib target {bits} b/w (ans)", result,
+                             state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
+            for cosine in RD_MIN_COSINES:
+                t0 = time.perf_counter()
+                result = qlis.compress(model, "rd", calib=calib, min_cosine=cosine)
+                seconds = time.perf_counter() - t0
+                add(qlis_row("qlis rd calibrated", f"rd calib min_cosine {cosine} (ans)", result,
                              state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
     elapsed = time.perf_counter() - started
     markdown = render(rows, skipped, speed, text.source, len(text.evaluation),

@@ -235,7 +235,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--target-ratio", type=click.FloatRange(min=1),
               help="rd: original tensor bytes / archive bytes; lap/laq/lapq: the paper's CR.")
 @click.option("--max-distortion", type=click.FloatRange(min=0, min_open=True),
-              help="rd: parameter-weighted relative weight MSE (default 3e-4).")
+              help="rd: the layers' mean relative weight MSE (default 1e-4).")
 @_beta
 @_eps
 @_select
@@ -260,7 +260,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     """Compress a model and write it as a .qlis archive.
 
     By default the rd policy keeps the model close to the original (weight error under
-    3e-4); ask for a size with --target-bits-per-weight, --target-bytes or --target-ratio.
+    1e-4 per layer on average); ask for a size with --target-bits-per-weight, --target-bytes or --target-ratio.
     """
     check_input(path)
     check_output(output, force, (".qlis",), inputs=[path])
@@ -318,9 +318,19 @@ def unpack(path, output, force) -> None:
                 write_safetensors(output, layout, archive.read, progress=progress,
                                   metadata=source or None, overwrite=force)
             else:
-                with atomic_path(output, overwrite=force) as tmp:
-                    torch.save(archive.load(progress=progress), tmp)
+                _save_pt(archive.load(progress=progress), output, force)
     click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}")
+
+
+def _save_pt(state: dict, output: Path, force: bool) -> None:
+    """torch.save, atomically; its write failures (a RuntimeError from the zip writer, e.g. a
+    full disk) become one line, and nothing is left behind."""
+    try:
+        with atomic_path(output, overwrite=force) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+        raise InputError(f"{output}: could not be written ({reason}); is the disk full?") from None
 
 
 def _setting(value: object) -> str:

@@ -150,8 +150,9 @@ class CompressionResult:
     def describe_quality(self) -> str:
         """One line on what the compression cost: the weight error, and the output error
         when calibration data was given."""
-        text = (f"weight error: relative MSE {self.distortion['weight_rel_mse']:.2e} "
-                f"(SNR {_snr_db(self.distortion['weight_rel_mse']):.1f} dB)")
+        mean, worst = self.distortion["weight_rel_mse"], self.distortion["weight_rel_mse_max"]
+        text = (f"weight error: relative MSE {mean:.2e} per layer on average "
+                f"(SNR {_snr_db(mean):.1f} dB), worst layer {worst:.2e}")
         output = self.distortion.get("output")
         if output:
             text += (f"; output on the calibration data: cosine {output['cosine']:.5f}, "
@@ -320,9 +321,10 @@ def compress(
         layers.append(layer_plan)
         if progress is not None:
             progress(layer_plan.numel)
-    weighted = sum(p.rel_mse * p.numel for p in layers) / max(sum(p.numel for p in layers), 1)
     distortion: dict[str, Any] = {
-        "weight_rel_mse": weighted,
+        "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
+        "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
+        / max(sum(p.numel for p in layers), 1),
         "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
         "output": None,
     }

@@ -140,7 +140,7 @@ def run_demo(
         levels = ", ".join(f"{label} x{n}" for label, n in sorted(plan.items()))
         distortion = getattr(result, "distortion", None) or {}
         rel_mse = distortion.get("weight_rel_mse")
-        if rel_mse is None:  # parameter-weighted mean of the layers' errors
+        if rel_mse is None:  # the layers' mean error
             rel_mse = sum(layer.rel_mse * layer.numel for layer in result.layers) / sum(
                 layer.numel for layer in result.layers
             )

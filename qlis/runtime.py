@@ -123,6 +123,12 @@ class _LowBit(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, built at each access (for code that reads ``.weight.dtype``,
+        as Hugging Face's CLIP embedding does); forward never uses it."""
+        return self.dequantized_weight()
+
     def extra_repr(self) -> str:
         return f"shape={list(self.shape)}, path={self.path}, bias={self.bias is not None}"
 
@@ -191,8 +197,9 @@ class Int8Linear(_LowBit):
         self.kernel_max_rows = KERNEL_MAX_ROWS
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = self.weight_int8.float().add_(128.0)
-        return ((codes - self.zero[:, None]) * self.scale[:, None]).to(self.weight_dtype)
+        # (code - 128) + (128 - zero) is the archive's integer code - zero, exactly
+        shift = (128.0 - self.zero)[:, None]
+        return (self.weight_int8.float() + shift).mul_(self.scale[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

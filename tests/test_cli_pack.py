@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import qlis
 from qlis.cli import cli
+from qlis.rd import DEFAULT_MAX_DISTORTION
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_default_pack_is_rd_and_states_its_quality(model_file, tmp_path):
     assert "quality: weight error: relative MSE" in result.stdout
     with qlis.open(out) as archive:
         assert archive.compression["policy"]["id"] == "rd"
-        assert archive.distortion["weight_rel_mse"] <= 3e-4
+        assert archive.distortion["weight_rel_mse"] <= DEFAULT_MAX_DISTORTION
         assert {r["codec"] for r in archive.tensor_info() if r["quantizer"]} == {"ans"}
 
 
@@ -147,3 +148,17 @@ def test_unpack_carries_the_source_metadata(model_file, tmp_path):
     assert result.exit_code == 0, result.output
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "origin": "test"}
+
+
+def test_unpack_to_pt_on_a_failing_disk_is_one_line(model_file, tmp_path, monkeypatch):
+    archive = tmp_path / "m.qlis"
+    assert invoke("pack", model_file, "-o", archive).exit_code == 0
+
+    def full_disk(*_args, **_kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = user_error("unpack", archive, "-o", tmp_path / "out.pt")
+    assert "could not be written" in line
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert not (tmp_path / "out.pt").exists()

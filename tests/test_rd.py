@@ -128,6 +128,9 @@ def test_calibration_with_a_callable_and_dict_batches():
         ({"target_ratio": float("inf")}, "positive finite"),
         ({"granularities": ("row",)}, "granularities"),
         ({"rounding": 0.7}, "rounding"),
+        ({"prune_levels": [-1]}, "prune_levels"),
+        ({"group_sizes": [0]}, "group_sizes"),
+        ({"group_sizes": [32], "group_bits": [1]}, "group_bits"),
         ({"bits": 4}, "unknown option"),
     ],
 )
@@ -143,3 +146,34 @@ def test_calibration_input_errors(mlp):
         qlis.compress(mlp, calib=torch.randn(2, 256))
     with pytest.raises(ConfigError, match="empty"):
         qlis.compress(mlp, calib=[])
+
+
+def test_candidate_estimates_match_the_executed_layer():
+    """Every candidate family's sampled error and size agree with the real thing."""
+    from qlis.compress import execute_layer
+    from qlis.rd import RDPolicy, _layer_candidates
+
+    torch.manual_seed(3)
+    weight = torch.distributions.StudentT(4).sample((384, 512))  # larger than the sample
+    policy = RDPolicy(prune_levels=(0.5,), group_sizes=(64,), granularities=("tensor", "channel"))
+    candidates = _layer_candidates(weight, policy, seed=0)
+    kinds = {(c.pruner is not None, c.config and c.config["id"]) for c in candidates}
+    assert kinds == {(False, None), (False, "uniform"), (True, "uniform"), (False, "group")}
+    checked = 0
+    for c in candidates:
+        if c.config is None or c.rel_mse < 1e-5 or c.rel_mse > 0.2:
+            continue
+        _, layer = execute_layer("w", weight, c.layer_config)
+        assert layer.rel_mse == pytest.approx(c.rel_mse, rel=0.1)
+        assert layer.coded_bytes == pytest.approx(c.size, rel=0.05)
+        checked += 1
+    assert checked > 20
+
+
+def test_prune_and_group_candidates_round_trip_through_the_archive(mlp, tmp_path):
+    result = qlis.compress(mlp, target_bits_per_weight=3, prune_levels=[0.25, 0.5],
+                           group_sizes=[32], granularities=["tensor", "channel"])
+    path = qlis.save(result, tmp_path / "m.qlis")
+    loaded = qlis.load(path)
+    assert all(torch.equal(loaded[n], t) for n, t in result.state_dict().items())
+    assert result.config["policy"]["prune_levels"] == [0.25, 0.5]

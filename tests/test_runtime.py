@@ -86,8 +86,9 @@ def test_dequantized_weight_is_the_archive_weight(tmp_path, name):
     path, reference, low = archive_of(tmp_path, QUANTIZERS[name][0])
     with qlis.open(path) as archive:
         for layer in ("patch", "fc1", "fc2", "head"):
-            weight = getattr(low, layer).dequantized_weight()
-            assert torch.equal(weight, archive.read(f"{layer}.weight"))
+            expected = archive.read(f"{layer}.weight")
+            assert torch.equal(getattr(low, layer).dequantized_weight(), expected)
+            assert torch.equal(getattr(low, layer).weight, expected)  # code reading .weight
 
 
 def test_int8_kernel_branch_handles_an_uncentred_zero_point():
