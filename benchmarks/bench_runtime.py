@@ -147,6 +147,7 @@ def measure(shape: str, archive: str, iters1: int, iters8: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds per model.")
     parser.add_argument("--no-write", action="store_true", help="Print only.")
     args = parser.parse_args()
     lines = [
@@ -159,7 +160,8 @@ def main() -> None:
         "same ratio after subtracting each process's RSS once torch and qlis are imported. "
         "Low-bit models are built on the meta device and loaded with "
         "`qlis.load(path, model=m, runtime=\"lowbit\")`. The machine is shared with other "
-        "jobs: images/s are noisy.",
+        f"jobs: configurations run interleaved, {args.rounds} rounds, best images/s kept; "
+        "batch 8 is 2 iterations (ViT-L: 1) after a warm-up.",
         "",
         "| model | config | load s | img/s b1 | img/s b8 | x float b8 | peak RSS MiB "
         "| x float RSS | above import | goals |",
@@ -168,14 +170,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.models.split(","):
             iters1, iters8 = (3, 2) if shape == "ViT-B/16" else (2, 1)
-            base = None
-            for label, quantizer in CONFIGS.items():
-                archive = "-"
+            archives = {}
+            for index, (label, quantizer) in enumerate(CONFIGS.items()):
+                archives[label] = "-"
                 if quantizer is not None:
-                    archive = str(Path(tmp) / "model.qlis")
-                    make_archive(shape, quantizer, Path(archive))
-                row = measure(shape, archive, iters1, iters8)
-                base = base or row
+                    archives[label] = str(Path(tmp) / f"model{index}.qlis")
+                    make_archive(shape, quantizer, Path(archives[label]))
+            best: dict[str, dict] = {}
+            for _ in range(args.rounds):  # interleaved rounds, best speed: other jobs add noise
+                for label, archive in archives.items():
+                    row = measure(shape, archive, iters1, iters8)
+                    if label in best:
+                        for key in ("img_s_1", "img_s_8"):
+                            row[key] = max(row[key], best[label][key])
+                    best[label] = row
+            base = best["float32"]
+            for label, quantizer in CONFIGS.items():
+                row = best[label]
                 speed, rss = row["img_s_8"] / base["img_s_8"], row["peak"] / base["peak"]
                 above = (row["peak"] - row["imported"]) / (base["peak"] - base["imported"])
                 goal = ""

@@ -7,7 +7,7 @@
 """
 
 from qlis.archive import Archive, load, open, save
-from qlis.compress import CompressionResult, LayerPlan, compress
+from qlis.compress import CompressionResult, LayerPlan, QualityWarning, compress
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import LevelsPolicy, Policy, make_policy, policy_names, register_policy
@@ -46,6 +46,7 @@ __all__ = [
     "Policy",
     "Pruner",
     "QlisError",
+    "QualityWarning",
     "QuantizedTensor",
     "Quantizer",
     "RDPolicy",

@@ -12,6 +12,7 @@ import ctypes
 import io
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 import qlis
 from qlis.atomic import atomic_path
-from qlis.compress import DEFAULT_POLICY
+from qlis.compress import DEFAULT_POLICY, QualityWarning
 from qlis.console import (
     check_input,
     check_output,
@@ -260,7 +261,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     """Compress a model and write it as a .qlis archive.
 
     By default the rd policy keeps the model close to the original (weight error under
-    1e-4 per layer on average); ask for a size with --target-bits-per-weight, --target-bytes or --target-ratio.
+    1e-4 per layer on average); ask for a size with --target-bits-per-weight,
+    --target-bytes or --target-ratio.
     """
     check_input(path)
     check_output(output, force, (".qlis",), inputs=[path])
@@ -275,7 +277,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     plan, options = _pack_policy(policy, given, plan_file)
     state = load_state_dict(path)
     total = sum(t.numel() for t in state.values())
-    with _progress(total, "compressing") as progress:
+    with _progress(total, "compressing") as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
         result = qlis.compress(state, policy=policy, beta=beta, eps=eps, select=select or None,
                                plan=plan, progress=progress, **options)
     for warning in result.warnings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,7 +135,11 @@ def run_demo(
              f"{low.QLIS:.4f} ({low.name}) to {high.QLIS:.4f} ({high.name})")
 
         start = time.perf_counter()
-        result = qlis.compress(state, policy=policy)
+        with warnings.catch_warnings(record=True) as missed:
+            warnings.simplefilter("always", qlis.QualityWarning)
+            result = qlis.compress(state, policy=policy)
+        for warning in missed:
+            echo(f"warning: {warning.message}")
         compress_s = time.perf_counter() - start
         plan = Counter(_step_label(layer) for layer in result.layers)
         levels = ", ".join(f"{label} x{n}" for label, n in sorted(plan.items()))

@@ -93,9 +93,13 @@ def _entropy_bits(counts: np.ndarray, n: int) -> float | None:
 def _uniform_ladder(
     values: torch.Tensor, rms: torch.Tensor, n_params: int, numel: int, widest: float,
     granularity: str, rounding: float, finest: float, pruner: dict | None,
-    reference: torch.Tensor, reference_energy: float,
+    reference: torch.Tensor, mean_square: float,
 ) -> list[_Candidate]:
-    """Uniform steps half an octave apart on one (possibly pruned) sample of a layer."""
+    """Uniform steps half an octave apart on one (possibly pruned) sample of a layer.
+
+    The relative error is the sample's mean squared error over the whole layer's mean
+    square: the error per weight is bounded by the step, so its sample mean is accurate, while
+    the energy of a heavy-tailed sample is not."""
     scaled = values / rms
     found = []
     reliable = None
@@ -118,7 +122,7 @@ def _uniform_ladder(
                 + QUANTIZED_RECORD_BYTES)
         config = {"id": "uniform", "rel_mse": float(t) ** 2 / 12,
                   "granularity": granularity, "rounding": rounding}
-        found.append(_Candidate(config, size, error / reference_energy, pruner))
+        found.append(_Candidate(config, size, error / values.numel() / mean_square, pruner))
     return found
 
 
@@ -132,8 +136,8 @@ def _group_candidates(
     n_rows = max(1, min(rows.shape[0], sample_size // max(rows.shape[1], 1)))
     pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:n_rows]
     sample = rows[pick]
-    energy = float(sample.square().sum(dtype=torch.float64))
-    if energy == 0:
+    mean_square = float(rows.square().sum(dtype=torch.float64)) / numel
+    if mean_square == 0:
         return []
     found = []
     for group_size in group_sizes:
@@ -147,7 +151,8 @@ def _group_candidates(
             size = (numel * min(per_symbol, bits) / 8 + 4 * n_groups
                     + _TABLE_BYTES_PER_SYMBOL * int(np.count_nonzero(counts))
                     + QUANTIZED_RECORD_BYTES)
-            found.append(_Candidate(quantizer.get_config(), size, error / energy))
+            found.append(_Candidate(quantizer.get_config(), size,
+                                    error / sample.numel() / mean_square))
     return found
 
 
@@ -188,7 +193,7 @@ def _layer_candidates(
                 n_params = 1
             candidates += _uniform_ladder(
                 kept_values, rms, n_params, numel, widest, granularity, policy.rounding,
-                policy.finest_step, pruner, values, sample_energy,
+                policy.finest_step, pruner, values, energy / numel,
             )
     if policy.group_sizes:
         candidates += _group_candidates(rows, numel, policy.sample_size, seed,
@@ -204,11 +209,14 @@ class RDPolicy(Policy):
     Give at most one target. Size (real archive bytes, all tensors counted):
     ``target_bits_per_weight`` (over every element of the model), ``target_bytes``,
     ``target_ratio`` (original tensor bytes / archive bytes). Quality: ``max_distortion``
-    (the layers' mean relative weight MSE, see ``weighting``) or ``min_cosine`` (mean cosine of the model's
-    outputs to the original's; needs calibration data). No target: ``max_distortion`` =
-    DEFAULT_MAX_DISTORTION. ``granularities`` are the step families offered to each layer
-    (``"tensor"``: one step per layer, the weight-MSE optimum; ``"channel"``: one per
-    output channel), ``rounding`` < 0.5 adds a dead zone.
+    (the layers' mean relative weight MSE, see ``weighting``) or ``min_cosine`` (mean
+    cosine of the model's outputs to the original's; needs calibration data). No target:
+    ``max_distortion`` = DEFAULT_MAX_DISTORTION (with calibration data: ``min_cosine`` =
+    DEFAULT_MIN_COSINE). Candidates: ``granularities`` are the step families offered to
+    each layer (``"tensor"``: one step per layer, the weight-MSE optimum; ``"channel"``: one
+    per output channel); ``prune_levels`` adds sigma pruning at those k before the steps;
+    ``group_sizes`` adds group-wise affine at ``group_bits``; ``rounding`` < 0.5 adds a dead
+    zone.
     """
 
     strategy_id: ClassVar[str] = "rd"

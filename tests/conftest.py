@@ -77,3 +77,14 @@ def tiny_vit() -> TinyViT:
 def tiny_state(tiny_vit: TinyViT) -> dict[str, torch.Tensor]:
     """The tiny ViT's state dict, cloned (so a test may keep it as the untouched original)."""
     return {name: t.clone() for name, t in tiny_vit.state_dict().items()}
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading a model fails the test: the errors checked must come before any work."""
+    import qlis.cli
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import one_line_error, run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -30,23 +30,11 @@ def model_file(tmp_path) -> Path:
 
 
 def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return run(cli, *args)
 
 
 def user_error(*args: object) -> str:
-    result = invoke(*args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr
-    return lines[0]
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)
+    return one_line_error(cli, "qlis: error:", *args)
 
 
 def test_default_pack_is_rd_and_states_its_quality(model_file, tmp_path):

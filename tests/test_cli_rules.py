@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import one_line_error as cli_error
+from cli_helpers import run
 
 import qlis
 import qlis.cli
@@ -27,25 +28,11 @@ def model_pt(tmp_path) -> Path:
 
 
 def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return run(cli, *args)
 
 
 def one_line_error(*args: object) -> str:
-    result = invoke(*args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr
-    return lines[0]
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Loading a model fails the test: these errors must come before any work."""
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)
+    return cli_error(cli, "qlis: error:", *args)
 
 
 def test_dash_h_is_help():

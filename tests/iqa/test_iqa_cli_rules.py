@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import one_line_error, run
 
 from qlis.console import codec_names
 from qlis_iqa.cli import cli
@@ -17,15 +17,11 @@ from qlis_iqa.data import load_dataset, make_split
 
 
 def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="qlis-iqa")
+    return run(cli, *args, prog_name="qlis-iqa")
 
 
 def refused(*args: object) -> str:
-    result = invoke(*args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qlis-iqa: error: "), result.stderr
-    return lines[0]
+    return one_line_error(cli, "qlis-iqa: error: ", *args)
 
 
 @pytest.fixture

@@ -10,13 +10,14 @@ never a missing parent folder created, never one of the inputs.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from qlis import InputError, QlisError
+from qlis import InputError, QlisError, QualityWarning
 from qlis.console import (
     check_input,
     check_output,
@@ -377,8 +378,10 @@ def compress(
     if calibrated:
         calib = calibration(iqa, _training_samples(meta, root, split_file, dataset), calib_images)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
-    packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
-                  **options)
+    with warnings.catch_warnings():  # printed below, once, as a qlis-iqa line
+        warnings.simplefilter("ignore", QualityWarning)
+        packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
+                      **options)
     for warning in packed.result.warnings:
         _err(f"qlis-iqa: warning: {warning}")
     click.echo(

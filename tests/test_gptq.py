@@ -1,0 +1,200 @@
+"""GPTQ-style error feedback: lower output error than plain rounding on the same grid, the
+quantizer's own format (archive round trip), exact zeros, dead inputs, input covariances."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qlis
+import qlis.gptq
+from qlis.calibrate import Calibration
+from qlis.errors import ConfigError, InputError
+from qlis.gptq import SUPPORTED_QUANTIZERS, input_covariances, quantize_with_error_feedback
+from qlis.quantize import get_quantizer
+
+CONFIGS = [
+    {"id": "uniform", "step": 0.5},
+    {"id": "uniform", "rel_mse": 0.01, "granularity": "channel", "rounding": 0.4},
+    {"id": "affine", "bits": 3, "granularity": "channel"},
+    {"id": "affine", "bits": 3, "granularity": "tensor"},
+    {"id": "group", "bits": 3, "group_size": 16},
+    {"id": "group", "bits": 3, "group_size": 16, "symmetric": True},
+]
+
+
+def correlated_layer(seed: int = 0, out: int = 24, width: int = 40, rows: int = 600):
+    """A weight with some exact zeros, and inputs X = Z A (strongly correlated columns)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=gen) @ torch.randn(width, width, generator=gen)
+    weight = torch.randn(out, width, generator=gen)
+    weight[torch.rand(out, width, generator=gen) < 0.1] = 0.0
+    return weight, x, x.T @ x / rows
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((weight - approx) @ x.T).norm())
+
+
+def assert_same_format(q: qlis.QuantizedTensor, plain: qlis.QuantizedTensor) -> None:
+    assert q.quantizer == plain.quantizer and q.dtype == plain.dtype and q.shape == plain.shape
+    assert q.codes.dtype == plain.codes.dtype
+    assert sorted(q.params) == sorted(plain.params)
+    for key, value in plain.params.items():
+        assert q.params[key].dtype == value.dtype and q.params[key].shape == value.shape
+    assert q.codes.dtype == (np.uint8 if q.n_levels <= 256 else np.uint16)
+    assert int(q.codes.max()) < q.n_levels
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_error_feedback_lowers_output_error_on_the_same_grid(config):
+    weight, x, hessian = correlated_layer()
+    plain = get_quantizer(config).quantize(weight)
+    q = quantize_with_error_feedback(weight, hessian, config, block_size=16)
+    approx = get_quantizer(q.quantizer).dequantize(q)
+    assert output_error(weight, approx, x) < 0.9 * output_error(weight, plain.dequantize(), x)
+    assert_same_format(q, plain)
+    assert torch.equal(approx, q.dequantize())
+    assert bool((approx[weight == 0] == 0).all())  # pruned zeros stay exactly zero
+    if config["id"] != "uniform":  # the grid is the quantizer's, fixed from the whole weight
+        assert all(np.array_equal(q.params[k], plain.params[k]) for k in plain.params)
+    else:
+        assert np.array_equal(q.params["step"], plain.params["step"])
+        assert int(q.codes.min()) == 0  # the level range is recomputed tightly
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1),
+    st.sampled_from(CONFIGS), st.sampled_from([1, 5, 128]),
+)
+def test_without_correlations_it_is_plain_rounding(out, width, seed, config, block_size):
+    """A diagonal covariance (some inputs dead) couples no columns: nothing is fed back."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, width, generator=gen)
+    weight[torch.rand(out, width, generator=gen) < 0.2] = 0.0
+    diagonal = torch.rand(width, generator=gen) * (torch.rand(width, generator=gen) > 0.3)
+    q = quantize_with_error_feedback(weight, torch.diag(diagonal), config, block_size=block_size)
+    plain = get_quantizer(config).quantize(weight)
+    assert np.array_equal(q.codes, plain.codes) and q.n_levels == plain.n_levels
+    assert all(np.array_equal(q.params[k], plain.params[k]) for k in plain.params)
+
+
+def test_block_size_only_changes_the_order_of_the_arithmetic():
+    weight, x, hessian = correlated_layer(seed=1, width=50)
+    config = {"id": "uniform", "step": 0.4}
+    results = [quantize_with_error_feedback(weight, hessian, config, block_size=b).dequantize()
+               for b in (1, 7, 128)]
+    for other in results[1:]:
+        assert float((other == results[0]).float().mean()) > 0.98
+        assert output_error(weight, other, x) == pytest.approx(
+            output_error(weight, results[0], x), rel=0.02)
+
+
+def test_uniform_levels_follow_the_feedback_beyond_the_plain_range():
+    weight = torch.tensor([[0.49, 1.2]])
+    hessian = torch.tensor([[1.0, 0.99], [0.99, 1.0]])
+    plain = get_quantizer({"id": "uniform", "step": 1.0}).quantize(weight)
+    q = quantize_with_error_feedback(weight, hessian, {"id": "uniform", "step": 1.0})
+    assert plain.dequantize().tolist() == [[0.0, 1.0]] and plain.n_levels == 2
+    assert q.dequantize().tolist() == [[0.0, 2.0]] and q.n_levels == 3
+    with pytest.raises(ConfigError, match="levels"):  # past 16-bit codes: refused, not wrapped
+        quantize_with_error_feedback(torch.tensor([[0.49, 65535.4]]), hessian,
+                                     {"id": "uniform", "step": 1.0})
+
+
+def test_dead_inputs_are_rounded_plainly_and_the_rest_still_gains():
+    weight, x, _ = correlated_layer(seed=2)
+    x[:, [0, 7, 39]] = 0.0
+    hessian = x.T @ x / len(x)
+    config = {"id": "group", "bits": 3, "group_size": 8}
+    q = quantize_with_error_feedback(weight, hessian, config)
+    plain = get_quantizer(config).quantize(weight)
+    assert np.array_equal(q.codes[:, [0, 7, 39]], plain.codes[:, [0, 7, 39]])
+    assert output_error(weight, q.dequantize(), x) < output_error(weight, plain.dequantize(), x)
+    all_dead = quantize_with_error_feedback(weight, torch.zeros(40, 40), config)
+    assert np.array_equal(all_dead.codes, plain.codes)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], {"id": "uniform", "step": 0.002},
+                                    CONFIGS[2], CONFIGS[5]], ids=["u8", "u16", "affine", "group"])
+def test_round_trips_through_the_archive(tmp_path, config):
+    weight, _, hessian = correlated_layer(seed=3)
+    layer = torch.nn.Linear(40, 24)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    result = qlis.compress(layer, plan={"weight": {"pruner": None, "quantizer": config}})
+    q = quantize_with_error_feedback(weight, hessian, config)
+    result.tensors["weight"] = q
+    path = qlis.save(result, tmp_path / "m.qlis")
+    restored = qlis.load(path)
+    assert torch.equal(restored["weight"], q.dequantize())
+    assert (q.n_levels > 256) == (config.get("step") == 0.002)  # 16-bit codes exercised
+
+
+def test_refuses_what_it_cannot_do():
+    weight, _, hessian = correlated_layer()
+    for config in ({"id": "kmeans", "bits": 3}, "binary"):
+        with pytest.raises(ConfigError, match="error feedback supports"):
+            quantize_with_error_feedback(weight, hessian, config)
+    with pytest.raises(InputError, match="2-D"):
+        quantize_with_error_feedback(weight.reshape(-1), hessian, "affine")
+    with pytest.raises(InputError, match=r"\(40, 40\)"):
+        quantize_with_error_feedback(weight, hessian[:10, :10], "affine")
+    with pytest.raises(InputError, match="damp"):  # singular and not damped
+        quantize_with_error_feedback(weight[:, :2], torch.ones(2, 2), "affine", damp=0)
+    with pytest.raises(ConfigError, match="damp"):
+        quantize_with_error_feedback(weight, hessian, "affine", damp=-1.0)
+    with pytest.raises(ConfigError, match="block_size"):
+        quantize_with_error_feedback(weight, hessian, "affine", block_size=0)
+    assert SUPPORTED_QUANTIZERS == ("affine", "group", "uniform")
+
+
+def hooks_left(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_input_covariances_match_the_inputs_by_hand():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    batches = [torch.randn(2, 7, 5), torch.randn(3, 5)]
+    calibration = Calibration(model, batches)
+    names = ["0.weight", "0.bias", "1.weight", "2.weight", "missing.weight"]
+    h = input_covariances(calibration, names)
+    assert sorted(h) == ["0.weight", "2.weight"] and hooks_left(model) == 0
+    with torch.no_grad():
+        x0 = torch.cat([b.reshape(-1, 5) for b in batches]).double()
+        x2 = torch.relu(model[0](x0.float())).double()
+    for name, x in (("0.weight", x0), ("2.weight", x2)):
+        assert h[name].dtype == torch.float32 and not h[name].is_inference()
+        torch.testing.assert_close(h[name], (x.T @ x / len(x)).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_input_covariances_leave_no_hook_when_the_model_fails_and_skip_unused_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    calls = []
+
+    def calib(m: torch.nn.Module) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 1 and fail:
+            raise RuntimeError("boom")
+        return m[0](torch.ones(4, 3))  # the second layer never runs
+
+    fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        input_covariances(Calibration(model, calib), ["0.weight", "1.weight"])
+    assert hooks_left(model) == 0
+    fail = False
+    h = input_covariances(Calibration(model, calib), ["0.weight", "1.weight"])
+    assert list(h) == ["0.weight"] and torch.equal(h["0.weight"], torch.ones(3, 3))
+    assert hooks_left(model) == 0
+
+
+def test_docstring_examples():
+    result = doctest.testmod(qlis.gptq, optionflags=doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0
