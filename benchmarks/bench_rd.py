@@ -35,6 +35,7 @@ GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
 PAPER = [("lapq", "lapq", {}), ("laq", "laq", {}), ("quant 8 bits", "quant", {"bits": 8})]
 RD_FREE_BITS = [3.0, 3.5, 4.0, 5.0, 6.0, 7.0]
 RD_CALIB_BITS = [3.0, 3.5, 4.0, 5.0, 5.5, 6.0]
+RD_FEEDBACK_BITS = [3.5, 4.0]  # calibrated, with GPTQ-style error feedback
 RD_MIN_COSINES = [0.99, 0.999]  # calibrated quality targets: the smallest archive keeping it
 GROUPS = ("gguf", "torchao", "paper", "rd")
 COSINE_GOALS = [(0.99, 4.0), (0.999, 6.0)]  # (mean cosine, rd's bits per weight at most)
@@ -219,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - t0
                 add(qlis_row("qlis rd calibrated", f"rd calib target {bits} b/w (ans)", result,
                              state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
+            for bits in RD_FEEDBACK_BITS:
+                t0 = time.perf_counter()
+                result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits,
+                                       error_feedback=True)
+                seconds = time.perf_counter() - t0
+                add(qlis_row("qlis rd calibrated + GPTQ", f"rd calib+gptq {bits} b/w (ans)",
+                             result, state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
             for cosine in RD_MIN_COSINES:
                 t0 = time.perf_counter()
                 result = qlis.compress(model, "rd", calib=calib, min_cosine=cosine)

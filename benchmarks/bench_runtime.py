@@ -33,6 +33,7 @@ SHAPES = {  # dim, depth, heads, mlp, patch; 224 x 224 images
     "ViT-B/16": (768, 12, 12, 3072, 16),
     "ViT-L/14": (1024, 24, 16, 4096, 14),
 }
+ROUNDS = {"ViT-B/16": 2, "ViT-L/14": 1}
 CONFIGS = {
     "float32": None,
     "int8 (affine 8-bit per channel)": {"id": "affine", "bits": 8, "granularity": "channel"},
@@ -147,7 +148,8 @@ def measure(shape: str, archive: str, iters1: int, iters8: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SHAPES))
-    parser.add_argument("--rounds", type=int, default=2, help="Interleaved rounds per model.")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="Interleaved rounds per model (default: ViT-B 2, ViT-L 1).")
     parser.add_argument("--no-write", action="store_true", help="Print only.")
     args = parser.parse_args()
     lines = [
@@ -160,8 +162,9 @@ def main() -> None:
         "same ratio after subtracting each process's RSS once torch and qlis are imported. "
         "Low-bit models are built on the meta device and loaded with "
         "`qlis.load(path, model=m, runtime=\"lowbit\")`. The machine is shared with other "
-        f"jobs: configurations run interleaved, {args.rounds} rounds, best images/s kept; "
-        "batch 8 is 2 iterations (ViT-L: 1) after a warm-up.",
+        "jobs: configurations run interleaved, best images/s of the rounds kept (rounds: "
+        f"{args.rounds or ', '.join(f'{k} {v}' for k, v in ROUNDS.items())}); batch 8 is 2 "
+        "iterations (ViT-L: 1) after a warm-up.",
         "",
         "| model | config | load s | img/s b1 | img/s b8 | x float b8 | peak RSS MiB "
         "| x float RSS | above import | goals |",
@@ -177,7 +180,8 @@ def main() -> None:
                     archives[label] = str(Path(tmp) / f"model{index}.qlis")
                     make_archive(shape, quantizer, Path(archives[label]))
             best: dict[str, dict] = {}
-            for _ in range(args.rounds):  # interleaved rounds, best speed: other jobs add noise
+            rounds = args.rounds or ROUNDS[shape]
+            for _ in range(rounds):  # interleaved rounds, best speed: other jobs add noise
                 for label, archive in archives.items():
                     row = measure(shape, archive, iters1, iters8)
                     if label in best:

@@ -27,6 +27,7 @@ from qlis.distortion import (
     relative_mse,
 )
 from qlis.errors import ConfigError, InputError
+from qlis.gptq import SUPPORTED_QUANTIZERS, input_covariances, quantize_with_error_feedback
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.prune import get_pruner
@@ -198,9 +199,13 @@ def _huffman_bits(codes: np.ndarray, n_levels: int) -> float:
 
 
 def execute_layer(
-    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None
+    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[StoredTensor, LayerPlan]:
-    """Prune then quantize one layer as ``config`` says, and measure what that did."""
+    """Prune then quantize one layer as ``config`` says, and measure what that did.
+
+    With ``hessian`` (the layer's input covariance) the rounding feeds its error forward
+    (GPTQ, qlis/gptq.py); the stored format is the quantizer's own."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
     removed = pruned_count(weight, pruned) if pruner else 0
@@ -213,7 +218,10 @@ def execute_layer(
         coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
         bits = None
     else:
-        stored = get_quantizer(config.quantizer).quantize(pruned)
+        if hessian is not None:
+            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer)
+        else:
+            stored = get_quantizer(config.quantizer).quantize(pruned)
         approx = stored.dequantize()
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
@@ -239,6 +247,13 @@ def execute_layer(
         coded_bytes=coded,
     )
     return stored, plan
+
+
+def _input_covariances(plan: Plan, calibration: Calibration) -> dict[str, torch.Tensor]:
+    """Input covariances of the planned layers that error feedback can round."""
+    names = [n for n, c in plan.items()
+             if c.quantizer is not None and c.quantizer.get("id") in SUPPORTED_QUANTIZERS]
+    return input_covariances(calibration, names)
 
 
 def _select_config(select: SelectSpec) -> Any:
@@ -268,6 +283,7 @@ def compress(
     select: SelectSpec = None,
     inplace: bool = False,
     progress: Callable[[int], None] | None = None,
+    error_feedback: bool = False,
     **options: Any,
 ) -> CompressionResult:
     """Compress the selected layers as a policy (or a hand-written ``plan``) says.
@@ -283,6 +299,10 @@ def compress(
     ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
     (configs applied to every layer) and ``target_ratio`` (the paper's CR).
 
+    ``error_feedback=True`` (needs ``calib``) rounds every planned nn.Linear weight GPTQ-style:
+    each column's rounding error is fed to the columns not yet rounded through the layer's
+    input covariance, on the quantizer's own grid (affine, group and uniform quantizers).
+
     A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
     parameters of each layer once it is done. Tensors kept as they are share memory with
     the input.
@@ -292,6 +312,8 @@ def compress(
     (4, 'quant')
     """
     state = as_state_dict(model_or_state_dict)
+    if error_feedback and calib is None:
+        raise ConfigError("error_feedback needs calibration data: pass calib=")
     if plan is not None:
         if options or (policy != DEFAULT_POLICY and policy != "plan"):
             raise ConfigError("give either plan= or a policy with options, not both")
@@ -313,11 +335,13 @@ def compress(
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)
 
+    hessians = _input_covariances(the_plan, calibration) if error_feedback else {}
     scores = {layer.name: layer.QLIS for layer in report.layers}
     stored: dict[str, StoredTensor] = dict(state)
     layers = []
     for name, config in the_plan.items():
-        stored[name], layer_plan = execute_layer(name, state[name], config, scores.get(name))
+        stored[name], layer_plan = execute_layer(name, state[name], config, scores.get(name),
+                                                 hessians.pop(name, None))
         layers.append(layer_plan)
         if progress is not None:
             progress(layer_plan.numel)
@@ -339,6 +363,7 @@ def compress(
             "beta": beta,
             "eps": eps,
             "select": _select_config(select),
+            "error_feedback": error_feedback,
             "plan": the_plan.to_json(),
         },
         distortion=distortion,

@@ -177,3 +177,16 @@ def test_prune_and_group_candidates_round_trip_through_the_archive(mlp, tmp_path
     loaded = qlis.load(path)
     assert all(torch.equal(loaded[n], t) for n, t in result.state_dict().items())
     assert result.config["policy"]["prune_levels"] == [0.25, 0.5]
+
+
+def test_error_feedback_lowers_the_output_error_of_the_same_plan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128))
+    mixing = torch.randn(256, 256) * torch.logspace(0, -2, 256)  # strongly correlated inputs
+    calib = [torch.randn(512, 256) @ mixing]
+    plain = qlis.compress(model, target_bits_per_weight=3, calib=calib)
+    fed = qlis.compress(model, plan=plain.config["plan"], calib=calib, error_feedback=True)
+    assert fed.config["error_feedback"] is True
+    assert fed.distortion["output"]["rel_mse"] < plain.distortion["output"]["rel_mse"] * 0.9
+    with pytest.raises(ConfigError, match="error_feedback needs calibration"):
+        qlis.compress(model, error_feedback=True)
