@@ -24,3 +24,6 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_archive.py
 	$(BIN)/python benchmarks/bench_iqa.py
+	$(BIN)/python benchmarks/bench_rd.py
+	$(BIN)/python benchmarks/bench_rd_speed.py
+	$(BIN)/python benchmarks/bench_runtime.py

@@ -13,6 +13,7 @@ import io
 import json
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,7 @@ from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
 from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
 from qlis.policy import PAPER_POLICIES, policy_names
+from qlis.runtime import runtime_plan
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
@@ -297,7 +299,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         f"policy {result.policy.strategy_id}"
     )
     click.echo(f"quality: {result.describe_quality()}")
-    click.echo(f"idealised paper ratios (no index or metadata cost, exact zeros free): "
+    click.echo(f"idealised paper ratios (no index or metadata cost, pruned zeros free): "
                f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
 
 
@@ -385,6 +387,7 @@ def info(path, fmt, verify) -> None:
         if verify:
             archive.verify()
         rows = archive.tensor_info()
+        runtime = runtime_plan(archive)
         summary = archive.summary
         metadata = archive.metadata
         writer = getattr(archive, "writer", None)
@@ -407,7 +410,7 @@ def info(path, fmt, verify) -> None:
     if fmt == "json":
         click.echo(strict_json({"metadata": metadata, "writer": writer,
                                 "compression": compression, "distortion": distortion,
-                                "tensors": rows, "totals": totals}))
+                                "tensors": rows, "runtime": runtime, "totals": totals}))
         return
     lines = _section("metadata", metadata)
     if isinstance(writer, dict) and {"name", "version"} <= writer.keys():
@@ -428,10 +431,19 @@ def info(path, fmt, verify) -> None:
         click.echo(f"source file: {human_bytes(source)}   real ratio vs the file: "
                    f"{totals['real_ratio_vs_source_file']:.2f}x")
     if totals["paper_cr"] is not None:
-        click.echo(f"paper ratios (idealised: exact zeros count as free, no index or metadata "
+        click.echo(f"paper ratios (idealised: pruned zeros count as free, no index or metadata "
                    f"cost): CR {totals['paper_cr']:.2f}   HCR {totals['paper_hcr']:.2f}")
+    paths = Counter(row["path"] for row in runtime)
+    if paths:
+        click.echo("runtime (qlis.load(..., runtime=\"lowbit\"), docs/runtime.md): "
+                   + ", ".join(f"{n} layers {_RUNTIME_PATHS[p]}" for p, n in sorted(paths.items())))
     if verify:
         click.echo("all records verified")
+
+
+_RUNTIME_PATHS = {"int8": "int8 (packed int8 weights)",
+                  "dequant": "dequant (codes packed, dequantized per call)",
+                  "float": "float (not quantized)"}
 
 
 @cli.command()

@@ -154,7 +154,7 @@ def run_demo(
              f"({n_params / (inspect_s + compress_s) / 1e6:.1f} M params/s with inspect); "
              f"plan: {levels}")
         echo(f"quality: {quality}")
-        echo(f"paper ratios (idealised: exact zeros count as free): CR {result.cr:.2f}  "
+        echo(f"paper ratios (idealised: pruned zeros count as free): CR {result.cr:.2f}  "
              f"HCR {result.hcr:.2f}, at that quality")
 
         archive = folder / f"{model}.qlis"

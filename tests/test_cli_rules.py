@@ -114,7 +114,7 @@ def test_info_reads_like_gguf_dump_and_labels_the_paper_ratios(model_pt, tmp_pat
     header = next(line for line in out.splitlines() if line.startswith("tensor "))
     assert header.split() == ["tensor", "shape", "dtype", "quantizer", "bits", "k", "codec",
                               "size"]
-    assert "idealised" in out and "exact zeros count as free" in out
+    assert "idealised" in out and "pruned zeros count as free" in out
     assert re.search(r"\d KiB|\d B", out)  # binary units, as in qlis-iqa
 
 

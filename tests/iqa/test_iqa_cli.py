@@ -64,7 +64,18 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
     )
     assert code == 0 and "scored 12 image(s), skipped 0" in out
     with (tmp_path / "scores.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 12
+        floats = list(csv.DictReader(f))
+    assert len(floats) == 12
+    code, out, _ = invoke(  # the same archive, its layers kept packed: the same scores
+        "score", sample_root / "images", "--model", tmp_path / "m.qlis", "--runtime", "lowbit",
+        "-o", tmp_path / "lowbit.csv",
+    )
+    assert code == 0, out
+    with (tmp_path / "lowbit.csv").open() as f:
+        packed = list(csv.DictReader(f))
+    assert [r["image"] for r in packed] == [r["image"] for r in floats]
+    for a, b in zip(floats, packed, strict=True):
+        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4 * (1 + abs(float(a["score"])))
     code, out, _ = invoke(
         "sweep",
         run,

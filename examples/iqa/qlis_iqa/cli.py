@@ -147,6 +147,13 @@ eval_set_options = _options(
     ),
 )
 runtime_options = _options(device_option, workers_option, progress_option)
+lowbit_option = click.option(
+    "--runtime",
+    type=click.Choice(["float", "lowbit"]),
+    default="float",
+    show_default=True,
+    help="lowbit: an archive's compressed layers stay packed in memory (docs/runtime.md).",
+)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -274,6 +281,7 @@ def train(
 @batch_option
 @cache_option
 @runtime_options
+@lowbit_option
 @force_option
 def evaluate(
     model: Path,
@@ -287,6 +295,7 @@ def evaluate(
     device: str,
     workers: int,
     progress: bool | None,
+    runtime: str,
     force: bool,
 ) -> None:
     """Evaluate a model on its fixed test split.
@@ -302,7 +311,7 @@ def evaluate(
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
 
-    iqa, meta = load_model(path)
+    iqa, meta = load_model(path, runtime)
     es = eval_set_for(meta, root, split_file, dataset)
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     cache = FeatureCache(cache_dir or path.parent / "cache")
@@ -391,7 +400,7 @@ def compress(
         + f"  [{iqa.label}]"
     )
     click.echo(f"quality: {packed.result.describe_quality()}")
-    click.echo(f"idealised paper ratios (exact zeros count as free): CR {packed.result.cr:.2f}, "
+    click.echo(f"idealised paper ratios (pruned zeros count as free): CR {packed.result.cr:.2f}, "
                f"HCR {packed.result.hcr:.2f}")
 
 
@@ -535,6 +544,7 @@ def sweep(
 @click.option("--recursive", is_flag=True, help="Include images in subfolders.")
 @batch_option
 @runtime_options
+@lowbit_option
 @force_option
 def score(
     images_dir: Path,
@@ -545,6 +555,7 @@ def score(
     device: str,
     workers: int,
     progress: bool | None,
+    runtime: str,
     force: bool,
 ) -> None:
     """Score every image of a folder.
@@ -567,6 +578,7 @@ def score(
         recursive,
         device,
         _progress(progress),
+        runtime,
     )
     bad = [(escape(scores.paths[i].name), why) for i, why in sorted(scores.errors.items())]
     _err(skipped_report("score", bad))

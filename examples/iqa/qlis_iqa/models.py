@@ -289,20 +289,29 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return read_header(path)[0]
 
 
-def load_model(path: str | Path) -> tuple[IQAModel, dict[str, str]]:
+def load_model(path: str | Path, runtime: str = "float") -> tuple[IQAModel, dict[str, str]]:
     """Rebuild a model from a checkpoint (.safetensors) or a qlis archive (.qlis), nothing else.
 
     The stored description is validated (schema.py) and checked against the file's declared
-    tensor shapes before the model is built or any tensor is read.
+    tensor shapes before the model is built or any tensor is read. ``runtime="lowbit"`` (an
+    archive only) keeps the compressed layers packed in memory and computes from them
+    (qlis/runtime.py, docs/runtime.md).
     """
+    if runtime not in ("float", "lowbit"):
+        raise IQAError(f"runtime must be 'float' or 'lowbit', got {runtime!r}")
     path = Path(path)
     metadata, declared = read_header(path)
     spec = parse_metadata(metadata)
     check_declared_shapes(spec, declared, str(path))
     model = model_from_spec(spec)
+    if runtime == "lowbit" and path.suffix != ".qlis":
+        raise IQAError(f"{path}: the low-bit runtime runs .qlis archives, not checkpoints")
     if path.suffix == ".qlis":
         import qlis
 
+        if runtime == "lowbit":
+            qlis.load(path, model=model, runtime="lowbit")
+            return model, metadata
         state = qlis.load(path)
     else:
         from safetensors.torch import load_file

@@ -88,11 +88,14 @@ def score_folder(
     recursive: bool = False,
     device: str = "cpu",
     progress: bool = False,
+    runtime: str = "float",
 ) -> tuple[Scores, str]:
-    """Score a folder with the model stored in `model_path`; returns the scores and its label."""
+    """Score a folder with the model stored in `model_path`; returns the scores and its label.
+
+    ``runtime="lowbit"``: the archive's compressed layers stay packed (less memory)."""
     root = Path(images_dir)
     paths = list_images(root, recursive)
-    model, _ = load_model(model_path)
+    model, _ = load_model(model_path, runtime)
     scores = score_images(model.to(device), paths, batch_size, workers, progress)
     scores.write_csv(out_csv, root, model.label)
     return scores, model.label
