@@ -25,7 +25,7 @@ from qlis.quantize import (
 from qlis.rd import RDPolicy
 from qlis.stats import InspectionReport, LayerStats, inspect
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Archive",

@@ -115,6 +115,19 @@ def test_sweep_rows_columns_and_outputs(runs: dict, tmp_path: Path) -> None:
     assert files["plot"].stat().st_size > 1000
 
 
+def test_the_low_bit_runtime_gives_the_same_srcc(runs: dict, tmp_path: Path) -> None:
+    run = runs["dino"]
+    variants = [v for v in paper_variants() if v.name in ("Q 8-bit", "Q 4-bit", "LAPQ")]
+    kwargs = dict(cache=None, log=lambda m: None)
+    floats = run_sweep(run.model, _test_samples(run), tmp_path / "f", variants, **kwargs)
+    packed = run_sweep(run.model, _test_samples(run), tmp_path / "p", variants,
+                       runtime="lowbit", **kwargs)
+    for a, b in zip(floats, packed, strict=True):
+        assert a.variant == b.variant and a.file_bytes == b.file_bytes
+        assert b.srcc == pytest.approx(a.srcc, abs=1e-9)
+        assert b.plcc == pytest.approx(a.plcc, abs=1e-4)
+
+
 @pytest.mark.parametrize("family", ["clip", "dino"])
 def test_archive_scoring_equals_in_memory(
     runs: dict, tmp_path: Path, sample_root: Path, family: str

@@ -449,6 +449,7 @@ def _training_samples(meta, root, split_file, dataset):
 @batch_option
 @cache_option
 @runtime_options
+@lowbit_option
 @force_option
 def sweep(
     model: Path,
@@ -472,6 +473,7 @@ def sweep(
     device: str,
     workers: int,
     progress: bool | None,
+    runtime: str,
     force: bool,
 ) -> None:
     """The paper's Table 1 on the fixed test split.
@@ -524,6 +526,7 @@ def sweep(
         workers=workers,
         progress=_progress(progress),
         rd=rd,
+        runtime=runtime,
         log=click.echo,
     )
     title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"

@@ -36,7 +36,14 @@ from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Log, predict_samples, skipped_report
 from qlis_iqa.features import FeatureCache
 from qlis_iqa.metrics import LogisticFit, logistic_fit, srcc
-from qlis_iqa.models import KEY, IQAModel, load_state, model_from_metadata, state_nbytes
+from qlis_iqa.models import (
+    KEY,
+    IQAModel,
+    load_model,
+    load_state,
+    model_from_metadata,
+    state_nbytes,
+)
 from qlis_iqa.pack import CentredScores, calibration, compress_model, write_archive
 
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
@@ -211,6 +218,7 @@ def run_sweep(
     workers: int = 0,
     progress: bool = False,
     rd: RDData | None = None,
+    runtime: str = "float",
     log: Log = print,
 ) -> list[SweepRow]:
     """Evaluate each variant on `samples`; write each compressed model to OUT/archives/*.qlis.
@@ -218,8 +226,12 @@ def run_sweep(
     The baseline's real ratio is measured on `baseline_file` (its safetensors checkpoint);
     `model_metadata` (e.g. the checkpoint's dataset and split) is copied into every archive.
     `rd` (see `rd_data`) gives rd rows their calibration data; SRCC-drop rows need it. A row
-    qlis refuses (e.g. a size target out of reach) is logged and left out.
+    qlis refuses (e.g. a size target out of reach) is logged and left out. With
+    ``runtime="lowbit"`` every compressed row is scored by its archive loaded with the low-bit
+    runtime (layers kept packed), which must give the dequantized model's SRCC.
     """
+    if runtime == "lowbit" and not archives:
+        raise IQAError("the low-bit runtime scores the archives: do not pass --no-archives")
     if any(v.srcc_drop is not None for v in variants) and rd is None:
         raise IQAError("rd rows with an SRCC-drop target need training images (rd_data)")
     out = Path(out_dir)
@@ -254,6 +266,9 @@ def run_sweep(
                 path = out / "archives" / f"{_slug(v.name)}.qlis"
                 extra = {KEY + "variant": v.name, **passthrough}
                 size = write_archive(model, result, path, codec, extra, overwrite=True).file_bytes
+                if runtime == "lowbit":
+                    device = next(model.parameters()).device
+                    candidate = load_model(path, runtime="lowbit")[0].to(device)
         preds = predict_samples(
             candidate, samples, cache, batch_size, workers, progress, f"eval {v.name}"
         )
