@@ -94,7 +94,7 @@ def main() -> None:
         f"- Goal: peak memory under 2x the checkpoint: {verdict(worst_mem < 2)} "
         f"(highest {worst_mem:.2f}x).",
         "- The real ratio is file bytes / archive bytes, everything included; the paper's "
-        "CR/HCR count only b_l bits per non-zero weight and are never the same number.",
+        "CR/HCR count only b_l bits per weight the pruner kept and are never the same number.",
     ]
     markdown = "\n".join(lines)
     print(markdown)
