@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *speed_lines,
             "",
-            "Ratios: the paper's CR (b_l bits per weight the pruner kept of each layer, every other",
+            "Ratios: the paper's CR (b_l bits per kept weight of each layer, every other",
             "tensor at full size, no index or metadata cost) and HCR (the same with each",
             "quantized layer's non-zero codes Huffman-coded). Not file sizes: the real archive",
             "ratio is measured separately. 'kept weights' is the non-zero share of the layer",

@@ -130,6 +130,9 @@ def _pack_policy(policy: str, given: dict, plan_file: Path | None) -> tuple[obje
         if key in options and policy not in quantizing:
             raise InputError(f"--{key} applies to policies that quantize by bits "
                              f"({', '.join(quantizing)}), not {policy!r}")
+    if "min_cosine" in options:
+        raise InputError("min_cosine needs calibration data, which qlis pack does not take: "
+                         "use qlis.compress(model, calib=..., min_cosine=...) in Python")
     qlis.make_policy(policy, **options)  # unknown or bad options fail here, before the work
     return None, options
 

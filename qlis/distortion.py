@@ -20,7 +20,7 @@ QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
-_TABLE_BYTES_PER_SYMBOL = 1.5
+TABLE_BYTES_PER_SYMBOL = 1.5
 """An entropy-coded stream lists its alphabet and a frequency per present symbol."""
 
 
@@ -56,7 +56,7 @@ def coded_code_bytes(codes: np.ndarray, n_levels: int) -> float:
     """
     counts = np.bincount(np.asarray(codes).reshape(-1), minlength=max(n_levels, 1))
     present = int(np.count_nonzero(counts))
-    return entropy_of_counts(counts) / 8 + _TABLE_BYTES_PER_SYMBOL * present + 8
+    return entropy_of_counts(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
 
 
 def param_bytes(params: dict[str, np.ndarray]) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -332,9 +332,10 @@ def make_policy(policy: str | Policy, **options: Any) -> Policy:
     if isinstance(policy, Policy):
         if not options:
             return policy
-        current = {f.name: getattr(policy, f.name) for f in fields(policy)} if hasattr(
-            policy, "__dataclass_fields__") else {
-            k: v for k, v in policy.get_config().items() if k != "id"}
+        if is_dataclass(policy):
+            current = {f.name: getattr(policy, f.name) for f in fields(policy)}
+        else:
+            current = {k: v for k, v in policy.get_config().items() if k != "id"}
         if isinstance(policy, LevelsPolicy):
             if options.get("pruner") is not None or options.get("k") is not None:
                 current.pop("k_levels")

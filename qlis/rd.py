@@ -1,7 +1,8 @@
 """``policy="rd"``: per-layer entropy-coded uniform steps chosen by rate–distortion allocation.
 
 For every layer, a curve of candidates — uniform quantization at a ladder of steps (relative
-to the layer's RMS, per tensor or per output channel), and "keep it as it is" — each with
+to the layer's RMS, per tensor or per output channel; optionally after sigma pruning, and
+group-wise affine at several bit widths), and "keep it as it is" — each with
 its real coded size (entropy of its codes + parameters + record, measured on a seeded sample
 of the layer) and its distortion:
 
@@ -33,6 +34,7 @@ from qlis.distortion import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
+    TABLE_BYTES_PER_SYMBOL,
     entropy_of_counts,
 )
 from qlis.errors import ConfigError
@@ -53,7 +55,6 @@ DEFAULT_MIN_COSINE = 0.999
 _PROBE_REL_MSE = 1e-3
 _COSINE_PASSES = 4
 _SAMPLING_MARGIN = 0.98  # sampled errors are estimates: aim 2% under a weight target
-_TABLE_BYTES_PER_SYMBOL = 1.5
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _uniform_ladder(
         else:
             bits = entropy_of_counts(counts) / values.numel()
         present = int(np.count_nonzero(counts))
-        size = (numel * bits / 8 + _TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 12
+        size = (numel * bits / 8 + TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 12
                 + QUANTIZED_RECORD_BYTES)
         config = {"id": "uniform", "rel_mse": float(t) ** 2 / 12,
                   "granularity": granularity, "rounding": rounding}
@@ -149,7 +150,7 @@ def _group_candidates(
             counts = np.bincount(q.codes.reshape(-1), minlength=q.n_levels)
             per_symbol = _entropy_bits(counts, q.codes.size) or bits
             size = (numel * min(per_symbol, bits) / 8 + 4 * n_groups
-                    + _TABLE_BYTES_PER_SYMBOL * int(np.count_nonzero(counts))
+                    + TABLE_BYTES_PER_SYMBOL * int(np.count_nonzero(counts))
                     + QUANTIZED_RECORD_BYTES)
             found.append(_Candidate(quantizer.get_config(), size,
                                     error / sample.numel() / mean_square))
@@ -279,10 +280,13 @@ class RDPolicy(Policy):
     @classmethod
     def from_options(cls, **options: Any) -> RDPolicy:
         for key in ("granularities", "prune_levels", "group_sizes", "group_bits"):
-            if isinstance(options.get(key), str | int | float):
-                options[key] = (options[key],)
-            if key in options:
-                options[key] = tuple(options[key])
+            value = options.get(key)
+            if isinstance(value, str | int | float):
+                options[key] = (value,)
+            elif key in options:
+                if not isinstance(value, list | tuple):
+                    raise ConfigError(f"{key} takes a list, got {value!r}")
+                options[key] = tuple(value)
         return super().from_options(**options)
 
     def make_plan(self, context: PlanContext) -> Plan:

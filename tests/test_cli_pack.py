@@ -106,6 +106,8 @@ def test_set_passes_any_policy_option(model_file, tmp_path):
         (["--quantizer", "{not json"], "--quantizer must be JSON"),
         (["--set", "bogus=1"], "unknown option"),
         (["--set", "no-equals"], "KEY=VALUE"),
+        (["--set", 'granularities={"a": 1}'], "takes a list"),
+        (["--set", "min_cosine=0.99"], "needs calibration data"),
         (["--policy", "quant", "--method", "nope", "--bits", "4"], "unknown quantizer"),
         (["--policy", "lapq", "--plan", "plan.json"], "--plan gives every layer"),
     ],
