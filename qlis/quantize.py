@@ -441,8 +441,12 @@ class UniformQuantizer(Quantizer):
         """The step of each row (float32): fixed, or from the row's mean square."""
         if self.step is not None:
             return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
-        mean_square = rows.square().mean(dim=1) if rows.shape[1] else torch.zeros(rows.shape[0])
-        step = torch.sqrt(12.0 * self.rel_mse * mean_square)
+        if not rows.shape[1]:
+            return torch.ones(rows.shape[0])
+        peak = rows.abs().amax(dim=1, keepdim=True)  # scaled first: no under/overflow
+        scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+        rms = (rows / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
+        step = math.sqrt(12.0 * self.rel_mse) * rms
         return torch.where(step > 0, step, torch.ones_like(step)).float()
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:

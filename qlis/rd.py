@@ -163,6 +163,9 @@ def _layer_candidates(
     """The candidates of one layer, measured on a sample of its weights."""
     w = weight.detach().float()
     numel = w.numel()
+    peak = float(w.abs().max()) if numel else 0.0
+    if 0 < peak < math.inf and not 1e-15 < peak < 1e15:
+        w = w / peak  # every measure below is relative: keep squares within float32
     rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
     energy = float(rows.square().sum(dtype=torch.float64)) if numel else 0.0
@@ -363,8 +366,8 @@ class RDPolicy(Policy):
             return None
         if total <= fixed:
             raise ConfigError(
-                f"the size target ({total:,.0f} bytes) does not even hold the tensors kept "
-                f"as they are ({fixed:,.0f} bytes)"
+                f"the size target ({total:,.0f} bytes) does not even hold the archive's "
+                f"fixed part (header and the tensors kept as they are: {fixed:,.0f} bytes)"
             )
         return total - fixed
 

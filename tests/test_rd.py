@@ -190,3 +190,15 @@ def test_error_feedback_lowers_the_output_error_of_the_same_plan():
     assert fed.distortion["output"]["rel_mse"] < plain.distortion["output"]["rel_mse"] * 0.9
     with pytest.raises(ConfigError, match="error_feedback needs calibration"):
         qlis.compress(model, error_feedback=True)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_extreme_weight_scales_are_measured_and_kept(scale):
+    torch.manual_seed(0)
+    weight = torch.randn(128, 64) * scale
+    result = qlis.compress({"w": weight})
+    error = result.distortion["weight_rel_mse"]
+    assert 0 < error <= DEFAULT_MAX_DISTORTION
+    assert result.layers[0].quantizer is not None
+    back, ref = result.state_dict()["w"] / scale, weight / scale
+    assert float((back - ref).square().sum() / ref.square().sum()) == pytest.approx(error, rel=1e-3)
