@@ -74,7 +74,11 @@ class CompressionResult:
     ``tensors`` holds, for every tensor of the input in its order, either a QuantizedTensor
     (codes + parameters) or a float tensor kept as it is. ``cr``/``hcr`` are the paper's
     idealised ratios (no index or metadata cost); ``estimated_bytes`` is the real archive
-    size to expect with an entropy coder; ``distortion`` says what it cost in quality.
+    size to expect with an entropy coder; ``distortion`` says what it cost in quality:
+    ``weight_rel_mse`` (the layers' relative MSE, each layer counting equally),
+    ``weight_rel_mse_params`` (weighted by parameters), ``weight_rel_mse_max``, and
+    ``output`` (cosine and relative MSE of the outputs) when calibration data was given,
+    with ``calibration_cost`` (passes over the calibration data, seconds).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class CompressionResult:
         self.config = config
         self.distortion = distortion
         self.warnings: list[str] = []
+        self.calibration_cost: dict[str, float] | None = None
         planned = {layer.name for layer in layers}
         fixed = [t for n, t in tensors.items() if n not in planned]
         fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
@@ -374,6 +379,7 @@ def compress(
             {name: t.dequantize() if isinstance(t, QuantizedTensor) else t
              for name, t in changed.items()}
         )
+        result.calibration_cost = {"passes": calibration.passes, "seconds": calibration.seconds}
     result.config = finite_json(result.config, "the compression config")
     result.warnings = plan_policy.review(result)
     for warning in result.warnings:

@@ -83,6 +83,8 @@ def test_calibration_meets_min_cosine_as_measured():
     result = qlis.compress(model, min_cosine=0.999, calib=calib)
     output = result.distortion["output"]
     assert output["cosine"] >= 0.999
+    # one reference pass, one probe per layer, at least one verifying pass, the final measure
+    assert result.calibration_cost["passes"] >= 1 + 2 + 1 + 1
     compressed = TwoPaths()
     compressed.load_state_dict(result.state_dict())
     with torch.no_grad():

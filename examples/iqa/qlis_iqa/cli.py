@@ -396,7 +396,9 @@ def compress(
     click.echo(
         f"{escape(str(output))}: {human_bytes(packed.file_bytes)}, real ratio "
         f"{packed.real_ratio:.2f}x; policy {policy}"
-        + (f", calibrated on {calib.images} training images" if calib else "")
+        + (f", calibrated on {calib.images} training images "
+           f"({packed.result.calibration_cost['passes']} passes, "
+           f"{packed.result.calibration_cost['seconds']:.1f} s)" if calib else "")
         + f"  [{iqa.label}]"
     )
     click.echo(f"quality: {packed.result.describe_quality()}")
