@@ -214,25 +214,22 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     return embed(m, calib_batches)
 
+            def calibrated(family: str, label: str, **options) -> None:
+                t0 = time.perf_counter()
+                result = qlis.compress(model, "rd", calib=calib, **options)
+                seconds = time.perf_counter() - t0
+                add(qlis_row(family, label, result, state, fidelity, "ans", folder,
+                             f"compress {seconds:.1f} s"))
+
             for bits in RD_CALIB_BITS:
-                t0 = time.perf_counter()
-                result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits)
-                seconds = time.perf_counter() - t0
-                add(qlis_row("qlis rd calibrated", f"rd calib target {bits} b/w (ans)", result,
-                             state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
+                calibrated("qlis rd calibrated", f"rd calib target {bits} b/w (ans)",
+                           target_bits_per_weight=bits)
             for bits in RD_FEEDBACK_BITS:
-                t0 = time.perf_counter()
-                result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits,
-                                       error_feedback=True)
-                seconds = time.perf_counter() - t0
-                add(qlis_row("qlis rd calibrated + GPTQ", f"rd calib+gptq {bits} b/w (ans)",
-                             result, state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
+                calibrated("qlis rd calibrated + GPTQ", f"rd calib+gptq {bits} b/w (ans)",
+                           target_bits_per_weight=bits, error_feedback=True)
             for cosine in RD_MIN_COSINES:
-                t0 = time.perf_counter()
-                result = qlis.compress(model, "rd", calib=calib, min_cosine=cosine)
-                seconds = time.perf_counter() - t0
-                add(qlis_row("qlis rd calibrated", f"rd calib min_cosine {cosine} (ans)", result,
-                             state, fidelity, "ans", folder, f"compress {seconds:.1f} s"))
+                calibrated("qlis rd calibrated", f"rd calib min_cosine {cosine} (ans)",
+                           min_cosine=cosine)
     elapsed = time.perf_counter() - started
     markdown = render(rows, skipped, speed, text.source, len(text.evaluation),
                       len(text.calibration), numel, layer_numel, elapsed, argv)
