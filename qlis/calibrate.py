@@ -29,11 +29,14 @@ def first_tensor(output: Any) -> torch.Tensor:
     """The tensor a model output stands for (first of a tuple, dict or ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
-    values: Iterable[Any] = output.values() if isinstance(output, Mapping) else output
-    if isinstance(output, Mapping | Sequence):
-        for value in values:
-            if isinstance(value, torch.Tensor):
-                return value
+    values: Iterable[Any] = ()
+    if isinstance(output, Mapping):
+        values = output.values()
+    elif isinstance(output, Sequence):
+        values = output
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
     raise InputError(
         f"the model returned a {type(output).__name__} without a tensor; pass "
         "calib=callable(model) -> tensor to say which output to compare"

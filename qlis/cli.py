@@ -393,9 +393,7 @@ def info(path, fmt, verify) -> None:
         runtime = runtime_plan(archive)
         summary = archive.summary
         metadata = archive.metadata
-        writer = getattr(archive, "writer", None)
-        compression = getattr(archive, "compression", None)
-        distortion = getattr(archive, "distortion", None)
+        writer, compression, distortion = archive.writer, archive.compression, archive.distortion
     archive_bytes = path.stat().st_size
     original = sum(r["original_bytes"] for r in rows)
     source = summary.get("source_bytes")

@@ -198,8 +198,11 @@ def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
     return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
 
 
-def _huffman_bits(codes: np.ndarray, n_levels: int) -> float:
-    counts = np.bincount(codes.reshape(-1), minlength=n_levels)
+def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
+    return np.bincount(codes.reshape(-1), minlength=n_levels)
+
+
+def _huffman_bits(counts: np.ndarray) -> float:
     return float((counts * huffman_code_lengths(counts)).sum())
 
 
@@ -213,7 +216,8 @@ def execute_layer(
     (GPTQ, qlis/gptq.py); the stored format is the quantizer's own."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
-    removed = pruned_count(weight, pruned) if pruner else 0
+    removed_mask = (pruned == 0) & (weight != 0) if pruner else None
+    removed = int(torch.count_nonzero(removed_mask)) if pruner else 0
     kept = weight.numel() - removed
     width = storage_bits(weight.dtype)
     if config.quantizer is None:
@@ -230,12 +234,12 @@ def execute_layer(
         approx = stored.dequantize()
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
-        codes = stored.codes
+        counts = _symbol_counts(stored.codes, stored.n_levels)
+        kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
         if removed:
-            codes = codes[~((pruned == 0) & (weight != 0)).numpy()]
-        huffman = _huffman_bits(codes, stored.n_levels)
-        coded = (coded_code_bytes(stored.codes, stored.n_levels) + param_bytes(stored.params)
-                 + QUANTIZED_RECORD_BYTES)
+            kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
+        huffman = _huffman_bits(kept_counts)
+        coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
     plan = LayerPlan(
         name=name,
         numel=weight.numel(),

@@ -143,12 +143,7 @@ def run_demo(
         compress_s = time.perf_counter() - start
         plan = Counter(_step_label(layer) for layer in result.layers)
         levels = ", ".join(f"{label} x{n}" for label, n in sorted(plan.items()))
-        distortion = getattr(result, "distortion", None) or {}
-        rel_mse = distortion.get("weight_rel_mse")
-        if rel_mse is None:  # the layers' mean error
-            rel_mse = sum(layer.rel_mse * layer.numel for layer in result.layers) / sum(
-                layer.numel for layer in result.layers
-            )
+        rel_mse = result.distortion["weight_rel_mse"]
         quality = describe_rel_mse(rel_mse)
         echo(f"compress ({policy}): {compress_s:.2f} s "
              f"({n_params / (inspect_s + compress_s) / 1e6:.1f} M params/s with inspect); "

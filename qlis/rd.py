@@ -184,7 +184,7 @@ def _layer_candidates(
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)
         pruner = None if k == 0 else {"id": "sigma", "k": float(k)}
-        kept_energy = float(kept_rows.square().sum(dtype=torch.float64))
+        kept_energy = energy if k == 0 else float(kept_rows.square().sum(dtype=torch.float64))
         if kept_energy == 0 or not bool(kept_values.any()):
             continue
         for granularity in policy.granularities:

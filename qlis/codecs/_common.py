@@ -160,7 +160,7 @@ def _write_varints(values: np.ndarray, out: np.ndarray) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _read_varints(data: np.ndarray, limit: int, out: np.ndarray) -> int:
+def parse_varints(data: np.ndarray, limit: int, out: np.ndarray) -> int:
     # Parse len(out) minimal varints, each <= limit (< 2**62); the bytes used, or -1.
     pos = 0
     for j in range(out.size):
@@ -195,7 +195,7 @@ def read_varints(reader: Reader, count: int, limit: int) -> np.ndarray:
     if count > reader.remaining:
         raise reader.fail("truncated")
     values = np.empty(count, dtype=np.int64)
-    used = _read_varints(reader.data[reader.pos :], limit, values)
+    used = parse_varints(reader.data[reader.pos :], limit, values)
     if used < 0:
         raise reader.fail(f"a bad varint (truncated, not minimal or over {limit})")
     reader.take(used)

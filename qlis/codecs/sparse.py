@@ -14,6 +14,7 @@ from qlis.codecs._common import (
     as_bytes_array,
     check_input,
     check_out,
+    parse_varints,
     read_count,
     write_varint,
 )
@@ -63,24 +64,14 @@ def _write_gaps(indices: np.ndarray, out: np.ndarray) -> None:
 
 @njit(cache=True, nogil=True)
 def _read_gaps(data: np.ndarray, n: int, indices: np.ndarray) -> int:
-    # Parse len(indices) gap varints; returns the bytes used, or -1 on a bad stream (a varint
-    # running off the data, longer than 9 bytes or not minimal, or an index >= n).
-    pos = 0
+    # Parse len(indices) gap varints into indices; returns the bytes used, or -1 on a bad
+    # stream (a varint running off the data, too long or not minimal, or an index >= n).
+    pos = parse_varints(data, max(n - 1, 0), indices)
+    if pos < 0:
+        return -1
     previous = -1
     for j in range(indices.size):
-        gap = 0
-        shift = 0
-        while True:
-            if pos >= data.size or shift > 56:
-                return -1
-            byte = data[pos]
-            pos += 1
-            gap |= np.int64(byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                if byte == 0 and shift > 7:
-                    return -1
-                break
+        gap = indices[j]
         if gap >= n - previous - 1:
             return -1
         previous += gap + 1
