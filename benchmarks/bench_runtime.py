@@ -1,15 +1,21 @@
-"""Running compressed on this CPU: peak RSS of load + scoring and images/s, float32 baseline
-vs `qlis.load(..., runtime="lowbit")` with 8-bit affine (int8 path) and 4-bit group codes
-(dequantize-on-the-fly path), side by side in one run.
+"""Running compressed on this CPU: peak RSS of load + scoring and images/s of the qlis-iqa
+models, float32 checkpoint vs `.qlis` archives loaded with `runtime="lowbit"`, each in
+float32 and in bfloat16 compute, side by side in one run.
 
-Models: plain ViT-shaped modules (ViT-B/16: 768 wide, 12 blocks, 197 tokens; ViT-L/14: 1024
-wide, 24 blocks, 257 tokens; patch embedding + blocks + final norm + the paper's MLP head),
-random-initialised (speed and memory do not depend on the values). Each (model, config) runs
-in a fresh process: build (float32: random init; low-bit: on the meta device), load, score
-batch 1 then batch 8; its peak RSS (VmHWM) covers load + both batches. "above import" also
-gives the ratio of the peaks minus the RSS of the interpreter with torch and qlis imported.
+Models: CLIPIQA (CLIP ViT-L/14 image encoder + the paper's MLP head) and DINOIQA (DINO
+ViT-B/16 + head) as qlis-iqa builds them (transformers), RANDOM-INITIALISED (speed and memory
+do not depend on the values). Weights: the float32 safetensors checkpoint; 8-bit affine per
+channel (the int8 path); 4-bit group-wise, groups of 64 (dequantize-on-the-fly path); rd at
+4 bits/weight, data-free (uniform steps, entropy-coded: what `qlis pack` writes). Every
+configuration runs in a fresh process through `qlis_iqa.models.load_model` (the path of
+`qlis-iqa score`): load, score batch 1, then batch 8; its peak RSS (VmHWM) covers import +
+load + both batches; "above floor" is the same ratio after subtracting each process's RSS
+before any weight exists (Python, torch, qlis and the transformers model code imported).
 Goals (issue 9): int8 and 4-bit >= 1.0x float32 images/s at batch 8; peak RSS <= 0.35x
 float32 for 4-bit, <= 0.5x for int8.
+
+    python benchmarks/bench_runtime.py                # both models, ~10 min on 2 cores
+    python benchmarks/bench_runtime.py --models dino --no-write
 """
 
 from __future__ import annotations
@@ -24,65 +30,22 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from report import machine, write_section
+from report import command, machine, write_section
 
-SHAPES = {  # dim, depth, heads, mlp, patch; 224 x 224 images
-    "ViT-B/16": (768, 12, 12, 3072, 16),
-    "ViT-L/14": (1024, 24, 16, 4096, 14),
-}
-ROUNDS = {"ViT-B/16": 2, "ViT-L/14": 1}
-CONFIGS = {
+MODELS = {"clip": "CLIPIQA, ViT-L/14", "dino": "DINOIQA, ViT-B/16"}
+ROUNDS = {"clip": 1, "dino": 2}
+ITERATIONS = {"clip": (2, 1), "dino": (3, 2)}  # timed batches of 1 and of 8, after a warm-up
+WEIGHTS = {  # label: qlis_iqa.pack.pack options; None = the float32 checkpoint
     "float32": None,
-    "int8 (affine 8-bit per channel)": {"id": "affine", "bits": 8, "granularity": "channel"},
-    "4-bit group (64), dequant path": {"id": "group", "bits": 4, "group_size": 64},
+    "int8 (affine 8-bit, per channel)": {
+        "policy": "quant", "quantizer": {"id": "affine", "bits": 8, "granularity": "channel"}},
+    "4-bit group (64)": {
+        "policy": "quant", "quantizer": {"id": "group", "bits": 4, "group_size": 64}},
+    "rd 4 b/w (uniform steps, ans)": {"policy": "rd", "target_bits_per_weight": 4.0},
 }
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class ViTIQA(nn.Module):
-    """A ViT backbone + the paper's MLP head (Linear(d, 256) -> ReLU -> Linear(256, 1))."""
-
-    def __init__(self, dim: int, depth: int, heads: int, mlp: int, patch: int) -> None:
-        super().__init__()
-        tokens = (224 // patch) ** 2 + 1
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Linear(256, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x)[:, 0]).squeeze(-1)
-
-
-def select_linear(name: str) -> bool:
-    return ".qkv." in name or ".proj." in name or ".fc1." in name or ".fc2." in name or (
-        name.startswith("head.")
-    )
+GOALS = {"int8 (affine 8-bit, per channel)": 0.5, "4-bit group (64)": 0.35}
+PRECISIONS = ("float32", "bfloat16")
 
 
 def high_water() -> int:
@@ -97,113 +60,179 @@ def high_water() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(shape: str, archive: str, iters1: int, iters8: int) -> None:
-    """One configuration in this process: build, load, score; print a JSON line."""
-    import qlis
+def child(path: str, runtime: str, precision: str, iters1: int, iters8: int) -> None:
+    """One configuration in this process: load, score; print a JSON line."""
+    import qlis  # noqa: F401 - part of the floor, as in `qlis-iqa score`
+    from qlis_iqa.models import load_model, model_from_spec, parse_metadata, read_header
 
-    imported = high_water()
-    torch.manual_seed(0)
+    model_from_spec(parse_metadata(read_header(path)[0]), meta=True)  # imports the model code
+    floor = high_water()
     start = time.perf_counter()
-    if archive == "-":
-        model = ViTIQA(*SHAPES[shape])
-    else:
-        with torch.device("meta"):
-            model = ViTIQA(*SHAPES[shape])
-        qlis.load(archive, model=model, runtime="lowbit")
-    model.eval()
+    model, _ = load_model(path, runtime, precision)
     load_s = time.perf_counter() - start
+    side = model.preprocess.size
     speeds = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), model.inference_context():
         for batch, iters in ((1, iters1), (8, iters8)):
-            images = torch.randn(batch, 3, 224, 224)
+            images = torch.randn(batch, 3, side, side)
             model(images)  # warm-up
             start = time.perf_counter()
             for _ in range(iters):
                 model(images)
             speeds[batch] = batch * iters / (time.perf_counter() - start)
     print(json.dumps({"load_s": load_s, "img_s_1": speeds[1], "img_s_8": speeds[8],
-                      "peak": high_water(), "imported": imported}))
+                      "peak": high_water(), "floor": floor}))
 
 
-def make_archive(shape: str, quantizer: dict, path: Path) -> None:
-    import qlis
+def make_files(family: str, folder: Path) -> dict[str, Path]:
+    """The float32 checkpoint and one archive per compressed configuration."""
+    from qlis_iqa.backbones import random_backbone
+    from qlis_iqa.models import make_model, save_checkpoint
+    from qlis_iqa.pack import pack
 
-    torch.manual_seed(0)
-    model = ViTIQA(*SHAPES[shape]).eval()
-    result = qlis.compress(model, "quant", quantizer=quantizer,
-                           select=lambda name, tensor: tensor.ndim == 2 and select_linear(name))
-    qlis.save(result, path, codec="bitpack")
+    model = make_model(family, random_backbone(family, "full"))
+    files = {}
+    for index, (label, options) in enumerate(WEIGHTS.items()):
+        if options is None:
+            files[label] = save_checkpoint(model, folder / f"{family}.safetensors")
+            continue
+        options = dict(options)
+        policy = options.pop("policy")
+        path = folder / f"{family}{index}.qlis"
+        packed = pack(model, path, policy, **options)
+        files[label] = packed.path
+        print(f"{family} {label}: {packed.file_bytes / 2**20:.0f} MiB, "
+              f"{packed.result.describe_quality()}", file=sys.stderr, flush=True)
+    return files
 
 
-def measure(shape: str, archive: str, iters1: int, iters8: int) -> dict:
+def measure(path: Path, runtime: str, precision: str, iters: tuple[int, int]) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", shape, archive, str(iters1), str(iters8)],
+        [sys.executable, __file__, "--child", str(path), runtime, precision, *map(str, iters)],
         capture_output=True, text=True, check=False,
     )
     if out.returncode:
-        raise SystemExit(f"{shape} {archive} failed:\n{out.stderr}")
+        raise SystemExit(f"{path} {runtime} {precision} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def goal_text(label: str, speed: float, rss: float, above: float) -> str:
+    if label not in GOALS:
+        return ""
+    limit = GOALS[label]
+    return (f"speed {'met' if speed >= 1.0 else 'not met'}, "
+            f"RSS <= {limit}x {'met' if rss <= limit else 'not met'} "
+            f"(above the floor: {'met' if above <= limit else 'not met'})")
+
+
+def real_weights(folder: Path) -> list[str]:
+    """What bfloat16 compute costs on real pretrained weights: all-MiniLM-L6-v2's sentence
+    embeddings against its float32 ones, for the float model and for its default `qlis pack`
+    archive run packed (the CLIP/DINO weights cannot be had here)."""
+    import contextlib
+
+    import minilm
+
+    import qlis
+
+    try:
+        model, tokenizer = minilm.load(minilm.model_folder())
+    except minilm.Unavailable as exc:
+        return [f"Real weights: skipped, {exc}."]
+    texts = minilm.sentences()
+    batches = minilm.tokenize(tokenizer, texts.evaluation)
+    reference = minilm.embed(model, batches)
+    archive = folder / "minilm.qlis"
+    result = qlis.compress(model)
+    qlis.save(result, archive)
+    packed, _ = minilm.load(minilm.model_folder())
+    qlis.load(archive, model=packed, runtime="lowbit")
+    lines = [
+        f"bfloat16 compute on real weights (all-MiniLM-L6-v2, {len(texts.evaluation)} "
+        f"sentences: {texts.source}): mean cosine of each sentence embedding to the float32 "
+        f"model's. The archive is `qlis.compress(model)`'s default ({result.describe_quality()}"
+        f"), loaded with `runtime=\"lowbit\"`.",
+        "",
+        "| weights | model MiB (parameters + buffers) | compute | mean cosine to float32 "
+        "| lowest |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for label, candidate in (("float32", model), ("qlis default archive, packed", packed)):
+        tensors = [*candidate.parameters(), *candidate.buffers()]
+        mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        for precision in PRECISIONS:
+            context = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bfloat16"
+                       else contextlib.nullcontext())
+            with context:
+                cosine = (minilm.embed(candidate, batches) * reference).sum(-1)
+            lines.append(f"| {label} | {mib:.1f} | {precision} | {float(cosine.mean()):.5f} | "
+                         f"{float(cosine.min()):.5f} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--models", default=",".join(MODELS), help="clip, dino or both.")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="Interleaved rounds per model (default: ViT-B 2, ViT-L 1).")
+                        help="Interleaved rounds per model (default: clip 1, dino 2).")
     parser.add_argument("--no-write", action="store_true", help="Print only.")
+    parser.add_argument("--skip-real", action="store_true",
+                        help="Skip the real-weights (MiniLM) bfloat16 check.")
     args = parser.parse_args()
     lines = [
         "## Running compressed (bench_runtime.py)",
         "",
-        f"Machine: {machine()}. Random-initialised ViT-shaped models (plain nn.Modules, not the "
-        "CLIP/DINO code), 224 x 224 images; Linear layers of the blocks and head quantized, "
-        "patch embedding, norms and embeddings float32. Each row is a fresh process; peak RSS "
-        "= VmHWM of import + build + load + batch 1 + batch 8 scoring; 'above import' = the "
-        "same ratio after subtracting each process's RSS once torch and qlis are imported. "
-        "Low-bit models are built on the meta device and loaded with "
-        "`qlis.load(path, model=m, runtime=\"lowbit\")`. The machine is shared with other "
-        "jobs: configurations run interleaved, best images/s of the rounds kept (rounds: "
-        f"{args.rounds or ', '.join(f'{k} {v}' for k, v in ROUNDS.items())}); batch 8 is 2 "
-        "iterations (ViT-L: 1) after a warm-up.",
+        f"Machine: {machine()}. Command: `{command()}`. No GPU was available to this run.",
         "",
-        "| model | config | load s | img/s b1 | img/s b8 | x float b8 | peak RSS MiB "
-        "| x float RSS | above import | goals |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "**RANDOM-INITIALISED backbones**: CLIPIQA (CLIP ViT-L/14) and DINOIQA (DINO ViT-B/16) "
+        "as qlis-iqa builds them, 224 x 224 inputs; only speed and memory are measured. Each row "
+        "is a fresh process loading through `qlis_iqa.models.load_model` (float32: the "
+        "safetensors checkpoint; the others: their `.qlis` archive with `runtime=\"lowbit\"`), "
+        "then scoring batch 1 and batch 8 (float32 loads lazily: safetensors maps the file and "
+        "pages are read at first use, so its load time is near 0 and its reading counts in the "
+        "first batch). compute bfloat16 = `torch.autocast` "
+        "(`qlis-iqa score --precision bfloat16`). Peak RSS = VmHWM of the whole process; 'floor' "
+        "= its RSS before any weight exists (Python, torch, qlis, qlis_iqa and the transformers "
+        "model code imported, the model's shapes built on the meta device); 'x float32 above "
+        "floor' = the RSS ratio once each process's floor is subtracted. 'x float32' compares "
+        "with the float32 checkpoint computing in float32, 'x float bf16' with the float32 "
+        "checkpoint computing in bfloat16. The machine is shared: configurations run "
+        "interleaved, best images/s of the rounds kept.",
+        "",
+        "| model | weights | compute | load s | img/s b1 | img/s b8 | x float32 b8 "
+        "| x float bf16 b8 | peak RSS MiB | x float32 RSS | floor MiB | x float32 above floor "
+        "| goals |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.models.split(","):
-            iters1, iters8 = (3, 2) if shape == "ViT-B/16" else (2, 1)
-            archives = {}
-            for index, (label, quantizer) in enumerate(CONFIGS.items()):
-                archives[label] = "-"
-                if quantizer is not None:
-                    archives[label] = str(Path(tmp) / f"model{index}.qlis")
-                    make_archive(shape, quantizer, Path(archives[label]))
-            best: dict[str, dict] = {}
-            rounds = args.rounds or ROUNDS[shape]
-            for _ in range(rounds):  # interleaved rounds, best speed: other jobs add noise
-                for label, archive in archives.items():
-                    row = measure(shape, archive, iters1, iters8)
-                    if label in best:
+        for family in args.models.split(","):
+            files = make_files(family, Path(tmp))
+            runs = [(label, precision) for label in WEIGHTS for precision in PRECISIONS]
+            best: dict[tuple[str, str], dict] = {}
+            for _ in range(args.rounds or ROUNDS[family]):  # interleaved: noise hits all alike
+                for label, precision in runs:
+                    runtime = "float" if WEIGHTS[label] is None else "lowbit"
+                    row = measure(files[label], runtime, precision, ITERATIONS[family])
+                    if (label, precision) in best:
                         for key in ("img_s_1", "img_s_8"):
-                            row[key] = max(row[key], best[label][key])
-                    best[label] = row
-            base = best["float32"]
-            for label, quantizer in CONFIGS.items():
-                row = best[label]
+                            row[key] = max(row[key], best[label, precision][key])
+                    best[label, precision] = row
+            base, base16 = best["float32", "float32"], best["float32", "bfloat16"]
+            for label, precision in runs:
+                row = best[label, precision]
                 speed, rss = row["img_s_8"] / base["img_s_8"], row["peak"] / base["peak"]
-                above = (row["peak"] - row["imported"]) / (base["peak"] - base["imported"])
-                goal = ""
-                if quantizer is not None:
-                    limit = 0.5 if quantizer["id"] == "affine" else 0.35
-                    goal = (f"speed {'met' if speed >= 1.0 else 'not met'}, "
-                            f"RSS <= {limit}x {'met' if rss <= limit else 'not met'}")
+                above = (row["peak"] - row["floor"]) / (base["peak"] - base["floor"])
                 lines.append(
-                    f"| {shape} | {label} | {row['load_s']:.1f} | {row['img_s_1']:.2f} | "
-                    f"{row['img_s_8']:.2f} | {speed:.2f} | {row['peak'] / 2**20:.0f} | "
-                    f"{rss:.2f} | {above:.2f} | {goal} |"
+                    f"| {MODELS[family]} | {label} | {precision} | {row['load_s']:.1f} | "
+                    f"{row['img_s_1']:.2f} | {row['img_s_8']:.2f} | {speed:.2f} | "
+                    f"{row['img_s_8'] / base16['img_s_8']:.2f} | {row['peak'] / 2**20:.0f} | "
+                    f"{rss:.2f} | {row['floor'] / 2**20:.0f} | {above:.2f} | "
+                    f"{goal_text(label, speed, rss, above)} |"
                 )
                 print(lines[-1], flush=True)
+        if not args.skip_real:
+            lines += ["", *real_weights(Path(tmp))]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
@@ -212,6 +241,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
         main()

@@ -120,12 +120,12 @@ def _tensor_spec(path: Path, name: str, dtype_code: str, shape: list[int]) -> tu
     return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors mapped copy-on-write from the file: no second copy of the model in memory.
+def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]]]:
+    """(where the data starts, [(name, dtype, shape, bytes)] in file order), validated.
 
     The header is read through the safetensors library (which bounds its size and depth and
     checks that the tensors tile the data exactly); offsets follow from the tensors in offset
-    order, so no JSON is parsed here and one mapping serves every tensor.
+    order, so no JSON is parsed here.
     """
     file_size = _require_regular(path)
     try:
@@ -138,9 +138,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
     specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]
     data_start = 8 + header_len
-    total = sum(size for *_, size in specs)
-    if data_start + total != file_size:
+    if data_start + sum(size for *_, size in specs) != file_size:
         raise InputError(f"{path}: tensor data does not match the file size (corrupt file)")
+    return data_start, specs
+
+
+def _check_bool(path: Path, name: str, raw: np.ndarray) -> None:
+    if raw.size and raw.max() > 1:
+        raise InputError(f"{path}: bool tensor {tensor_label(name)} holds values other "
+                         "than 0 and 1 (corrupt file)")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors mapped copy-on-write from the file: no second copy of the model in memory."""
+    data_start, specs = _safetensors_layout(path)
+    total = sum(size for *_, size in specs)
     data = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(total,)) \
         if total else None
     state = {}
@@ -152,12 +164,54 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raw = data[offset:offset + size]
         if (data_start + offset) % dtype.itemsize:
             raw = raw.copy()  # unaligned in the file: an aligned copy of this tensor only
-        if dtype == torch.bool and raw.max() > 1:
-            raise InputError(f"{path}: bool tensor {tensor_label(name)} holds values other "
-                             "than 0 and 1 (corrupt file)")
+        if dtype == torch.bool:
+            _check_bool(path, name, raw)
         state[name] = torch.from_numpy(raw).view(dtype).reshape(shape)
         offset += size
     return state
+
+
+def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Read a safetensors file straight into ``tensors`` (a model's state dict: the same
+    names and shapes, contiguous, on the CPU), one plain read per tensor; a tensor stored in
+    another dtype is read whole, then converted as ``load_state_dict`` would.
+
+    Unlike a loaded-then-copied state dict, the weights are never in memory twice, and unlike
+    mapped tensors the model owns aligned memory that no later change to the file can reach.
+    Names, dtypes and shapes are checked before anything is read; a file that turns out
+    corrupt while reading (truncated, a bool that is not 0 or 1) leaves ``tensors`` partly
+    overwritten, so read into a model that is being built.
+    """
+    path = Path(path)
+    data_start, specs = _safetensors_layout(path)
+    names = [name for name, *_ in specs]
+    if set(names) != set(tensors) or len(names) != len(tensors):
+        missing = sorted(set(tensors) - set(names))
+        extra = sorted(set(names) - set(tensors))
+        raise InputError(f"{path}: its tensors are not the model's ({len(missing)} missing, "
+                         f"{len(extra)} unexpected; first: {tensor_label((missing or extra)[0])})")
+    for name, _, shape, _ in specs:
+        target = tensors[name]
+        if list(target.shape) != list(shape):
+            raise InputError(f"{path}: tensor {tensor_label(name)} has shape {list(shape)}, "
+                             f"the model's {list(target.shape)}")
+        if not target.is_contiguous() or target.device.type != "cpu":
+            raise InputError(f"tensor {tensor_label(name)} of the model is not contiguous "
+                             "CPU memory; read the file with load_state_dict instead")
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        for name, dtype, shape, size in specs:
+            if size == 0:
+                continue
+            target = tensors[name].detach()
+            stored = target if target.dtype == dtype else torch.empty(shape, dtype=dtype)
+            raw = stored.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(raw)) != size:
+                raise InputError(f"{path}: the file ended early (truncated while reading)")
+            if dtype == torch.bool:
+                _check_bool(path, name, raw)
+            if stored is not target:
+                target.copy_(stored)
 
 
 def _torch_load(path: Path) -> object:

@@ -2,9 +2,10 @@
 
 ``qlis.load(path, model=m, runtime="lowbit")`` reads the archive one tensor at a time and
 replaces every quantized ``nn.Linear`` / ``nn.Conv2d`` of ``m`` by a module that keeps the
-integer codes in memory (1 byte or less per weight) and computes from them; the float32
-weight is never built for the whole model. ``m`` may be built on the meta device
-(``with torch.device("meta"): m = Model()``): then nothing but the packed model is allocated.
+integer codes in memory (the bits their levels need: 1 byte on the int8 path) and computes
+from them; the float32 weight is never built for the whole model. ``m`` may be built on the
+meta device (``with torch.device("meta"): m = Model()``): then nothing but the packed model is
+allocated.
 
 Path per layer (``runtime_plan`` lists them without loading anything):
 
@@ -13,10 +14,10 @@ quantizer of the weight                            path         held in memory p
 =================================================  ===========  ================================
 Linear: affine or uniform with 17..256 levels      ``int8``     1 byte (int8 code - 128) + a
 (8-bit affine, per tensor or per channel)                       float32 scale and zero per row
-Linear: group (4-bit and others), kmeans, binary,  ``dequant``  codes bit-packed: 1/2/4 bits
-affine/uniform with <= 16 levels, uniform with                  for <= 2/4/16 levels, else
-more than 256 levels, any third-party quantizer;                uint8 / uint16; the quantizer's
-every quantized Conv2d                                          parameters as buffers
+Linear: group (4-bit and others), kmeans, binary,  ``dequant``  ceil(log2(levels)) bits (bit
+affine/uniform with <= 16 levels, uniform with                  planes, `pack_codes`); the
+more than 256 levels, any third-party quantizer;                quantizer's parameters as
+every quantized Conv2d                                          buffers
 plain (pruned only, or never quantized), and       ``float``    the float tensor, as today
 quantized tensors of other modules (embeddings)
 =================================================  ===========  ================================
@@ -27,11 +28,20 @@ for inputs of at most ``kernel_max_rows`` rows; for larger inputs (one image is 
 faster on CPU for many rows. ``dequant`` dequantizes with the archive's own quantizer at every
 call, caching nothing (group codes in whole groups: the same arithmetic, in place).
 Exactness: the dequantize branch equals ``F.linear(x, archive_weight, bias)`` to the bit;
-the kernel branch equals it to float32 rounding. torch's int4 group-wise CPU
-kernel (``aten._weight_int4pack_mm_for_cpu``) maps exactly onto qlis' group codes
-(kernel zero = (8 - zero_point) * scale) but is 30-60x slower than F.linear for
-ViT-sized inputs here, and its packed layout is block-permuted by output size, so 4-bit group
-layers keep two codes per byte in qlis' own layout on the ``dequant`` path (docs/runtime.md).
+the kernel branch equals it to float32 rounding.
+
+Lower-precision compute: every path honours ``torch.autocast``. Under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` the weight is dequantized in float32 (the
+archive's exact values), then ``F.linear`` / ``F.conv2d`` round it and the input to bfloat16
+as they do for a float model: the output equals the dequantized float model's under the same
+autocast, to the bit (the int8 kernel branch steps aside). On a CPU with AVX512-BF16 or AMX
+this runs ViT-sized matmuls several times faster than float32 (docs/runtime.md).
+
+torch's int4 group-wise CPU kernel (``aten._weight_int4pack_mm_for_cpu``) maps exactly onto
+qlis' group codes (kernel zero = (8 - zero_point) * scale) but is 30-60x slower than F.linear
+for ViT-sized inputs here, and its packed layout is block-permuted by output size, so 4-bit
+group layers keep two codes per byte in qlis' own layout on the ``dequant`` path
+(docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -77,23 +87,54 @@ def choose_path(
 
 
 def _pack_width(n_levels: int) -> int:
-    bits = max(1, (n_levels - 1).bit_length())
-    return next(w for w in (1, 2, 4, 8, 16) if bits <= w)
+    """Bits per code: the fewest that hold ``n_levels`` codes (1..16)."""
+    return max(1, (n_levels - 1).bit_length())
+
+
+def _planes(width: int) -> list[tuple[int, int]]:
+    """(plane width, shift) per bit plane of a code, least significant first: the binary
+    digits of ``width`` (11 bits = an 8-, a 2- and a 1-bit plane)."""
+    planes, shift = [], 0
+    for plane in (8, 4, 2, 1):
+        if width & plane:
+            planes.append((plane, shift))
+            shift += plane
+    return planes
+
+
+def _pack_plane(values: np.ndarray, width: int) -> np.ndarray:
+    """uint8 values below 2**width (width 1, 2, 4 or 8), 8 // width per byte, little end first."""
+    if width == 8:
+        return values
+    per_byte = 8 // width
+    padded = np.zeros(-(-values.size // per_byte) * per_byte, dtype=np.uint8)
+    padded[: values.size] = values
+    lanes = padded.reshape(-1, per_byte) << (np.arange(per_byte, dtype=np.uint8) * width)
+    return np.bitwise_or.reduce(lanes, axis=1).astype(np.uint8)
+
+
+def _unpack_plane(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    if width == 8:
+        return packed
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    return ((packed[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
 
 
 def pack_codes(codes: np.ndarray, n_levels: int) -> torch.Tensor:
-    """Flat codes at 1, 2 or 4 bits per code (little end first), else uint8 / int16 as is."""
+    """Flat codes in exactly ``_pack_width(n_levels)`` bits each, as uint8 bit planes.
+
+    16-bit codes stay int16 and 8-bit codes uint8; any other width is split into planes of
+    8, 4, 2 and 1 bits (its binary digits), each stored 8 // plane codes per byte, one plane
+    after the other: a 300-level uniform layer takes 9 bits per weight, not 16, and unpacking
+    stays a few whole-array shifts (no code straddles a byte).
+    """
     width = _pack_width(n_levels)
     flat = np.ascontiguousarray(codes).reshape(-1)
     if width == 16:
         return torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy())
-    if width == 8:
-        return torch.from_numpy(flat.astype(np.uint8, copy=True))
-    per_byte = 8 // width
-    padded = np.zeros(-(-flat.size // per_byte) * per_byte, dtype=np.uint8)
-    padded[: flat.size] = flat
-    lanes = padded.reshape(-1, per_byte) << (np.arange(per_byte, dtype=np.uint8) * width)
-    return torch.from_numpy(np.bitwise_or.reduce(lanes, axis=1).astype(np.uint8))
+    parts = [_pack_plane(((flat >> shift) & ((1 << plane) - 1)).astype(np.uint8), plane)
+             for plane, shift in _planes(width)]
+    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
 
 
 def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> np.ndarray:
@@ -101,11 +142,18 @@ def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> np.ndarray:
     width = _pack_width(n_levels)
     if width == 16:
         return packed.numpy().view(np.uint16)
-    if width == 8:
-        return packed.numpy()
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
-    codes = (packed[:, None] >> shifts) & ((1 << width) - 1)
-    return codes.reshape(-1)[:numel].numpy()
+    dtype = torch.uint8 if width <= 8 else torch.int16  # int16 holds 15 bits
+    codes, start = None, 0
+    for plane, shift in _planes(width):
+        size = -(-numel * plane // 8)
+        values = _unpack_plane(packed[start : start + size], plane, numel)
+        start += size
+        if codes is None:  # the least significant plane: shift 0
+            codes = values.to(dtype)
+        else:
+            codes |= values.to(dtype) << shift
+    codes = codes.numpy()
+    return codes.view(np.uint16) if width > 8 else codes
 
 
 # -- the low-bit modules -----------------------------------------------------------------------
@@ -225,7 +273,8 @@ class Int8Linear(_LowBit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows > self.kernel_max_rows or x.dtype != torch.float32:
+        if (rows > self.kernel_max_rows or x.dtype != torch.float32
+                or torch.is_autocast_enabled(x.device.type)):
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)

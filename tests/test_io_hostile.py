@@ -345,6 +345,52 @@ def test_safetensors_are_mapped_once_and_unaligned_data_is_read_right(tmp_path):
     assert abs(gap) == 256
 
 
+def test_read_safetensors_into_fills_a_model_in_place(tmp_path):
+    """Every dtype, a 0-d and an empty tensor, unaligned data, and a stored dtype that differs
+    from the model's (converted as load_state_dict would): read into the model's own memory."""
+    state = {"w": torch.randn(5, 3), "half": torch.randn(7).half(), "b": torch.randn(3).bfloat16(),
+             "mask": torch.tensor([True, False, True]), "step": torch.tensor(41),
+             "empty": torch.zeros(0, 4), "u": torch.arange(3, dtype=torch.uint8)}
+    path = tmp_path / "m.safetensors"
+    save_file(state, path)
+    model = {name: torch.zeros_like(t) for name, t in state.items()}
+    model["half"] = torch.zeros(7)  # float32 in the model, float16 in the file
+    pointers = {name: t.data_ptr() for name, t in model.items()}
+    qlis.io.read_safetensors_into(path, model)
+    for name, tensor in state.items():
+        assert torch.equal(model[name], tensor.to(model[name].dtype)), name
+        assert model[name].data_ptr() == pointers[name]  # no new tensors: the model's own
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda m: m.pop("w"), "not the model's"),
+    (lambda m: m.update(extra=torch.zeros(1)), "not the model's"),
+    (lambda m: m.update(w=torch.zeros(3, 5)), r"has shape \[5, 3\]"),
+    (lambda m: m.update(w=torch.zeros(3, 5).t()), "not contiguous"),
+])
+def test_read_safetensors_into_refuses_a_model_it_does_not_fit_before_reading(
+        tmp_path, change, words):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(5, 3), "v": torch.randn(2)}, path)
+    model = {"w": torch.zeros(5, 3), "v": torch.zeros(2)}
+    change(model)
+    with pytest.raises(InputError, match=words):
+        qlis.io.read_safetensors_into(path, model)
+    assert all(not t.any() for t in model.values())  # nothing was read
+
+
+def test_read_safetensors_into_refuses_corrupt_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4)}, path)
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(InputError, match="not a readable safetensors file"):
+        qlis.io.read_safetensors_into(path, {"w": torch.zeros(4)})
+    header = {"m": entry("BOOL", [2], 0, 2)}
+    path.write_bytes(safetensors_bytes(header, b"\x01\x07"))
+    with pytest.raises(InputError, match="bool tensor"):
+        qlis.io.read_safetensors_into(path, {"m": torch.zeros(2, dtype=torch.bool)})
+
+
 @given(
     entries=st.lists(
         st.tuples(

@@ -76,6 +76,15 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
     assert [r["image"] for r in packed] == [r["image"] for r in floats]
     for a, b in zip(floats, packed, strict=True):
         assert abs(float(a["score"]) - float(b["score"])) <= 1e-4 * (1 + abs(float(a["score"])))
+    code, out, _ = invoke(  # packed and in bfloat16: near the float32 scores
+        "score", sample_root / "images", "--model", tmp_path / "m.qlis", "--runtime", "lowbit",
+        "--precision", "bfloat16", "-o", tmp_path / "bf16.csv",
+    )
+    assert code == 0, out
+    with (tmp_path / "bf16.csv").open() as f:
+        fast = list(csv.DictReader(f))
+    for a, b in zip(floats, fast, strict=True):
+        assert abs(float(a["score"]) - float(b["score"])) <= 0.05 * (1 + abs(float(a["score"])))
     code, out, _ = invoke(
         "sweep",
         run,

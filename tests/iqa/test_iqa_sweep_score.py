@@ -129,6 +129,30 @@ def test_the_low_bit_runtime_gives_the_same_srcc(runs: dict, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("family", ["clip", "dino"])
+def test_bfloat16_precision_scores_alike_in_both_runtimes(
+    runs: dict, tmp_path: Path, sample_root: Path, family: str
+) -> None:
+    """bfloat16 inference rounds the same matmuls whether the layers are packed or not, stays
+    near float32, and never shares feature-cache entries with float32."""
+    packed = pack(runs[family].model, tmp_path / "m.qlis", "quant", bits=8)
+    images = list_images(sample_root / "images")[:6]
+    scores = {}
+    for runtime in ("float", "lowbit"):
+        for precision in ("float32", "bfloat16"):
+            model, _ = load_model(packed.path, runtime, precision)
+            scores[runtime, precision] = score_images(model, images, batch_size=3).scores
+    assert scores["lowbit", "bfloat16"] == scores["float", "bfloat16"]
+    exact, fast = scores["float", "float32"], scores["float", "bfloat16"]
+    assert fast != exact
+    for i, value in exact.items():
+        assert fast[i] == pytest.approx(value, rel=0.05, abs=0.05)
+    float32, _ = load_model(packed.path)
+    assert float32.fingerprint() != float32.set_precision("bfloat16").fingerprint()
+    with pytest.raises(IQAError, match="precision"):
+        load_model(packed.path, precision="float16")
+
+
+@pytest.mark.parametrize("family", ["clip", "dino"])
 def test_archive_scoring_equals_in_memory(
     runs: dict, tmp_path: Path, sample_root: Path, family: str
 ) -> None:

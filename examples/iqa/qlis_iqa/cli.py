@@ -154,6 +154,14 @@ lowbit_option = click.option(
     show_default=True,
     help="lowbit: an archive's compressed layers stay packed in memory (docs/runtime.md).",
 )
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="What inference computes in: bfloat16 (torch.autocast) is several times faster on "
+    "CPUs with AVX512-BF16 or AMX, for either runtime (docs/runtime.md).",
+)
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -282,6 +290,7 @@ def train(
 @cache_option
 @runtime_options
 @lowbit_option
+@precision_option
 @force_option
 def evaluate(
     model: Path,
@@ -296,6 +305,7 @@ def evaluate(
     workers: int,
     progress: bool | None,
     runtime: str,
+    precision: str,
     force: bool,
 ) -> None:
     """Evaluate a model on its fixed test split.
@@ -311,7 +321,7 @@ def evaluate(
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
 
-    iqa, meta = load_model(path, runtime)
+    iqa, meta = load_model(path, runtime, precision)
     es = eval_set_for(meta, root, split_file, dataset)
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     cache = FeatureCache(cache_dir or path.parent / "cache")
@@ -550,6 +560,7 @@ def sweep(
 @batch_option
 @runtime_options
 @lowbit_option
+@precision_option
 @force_option
 def score(
     images_dir: Path,
@@ -561,6 +572,7 @@ def score(
     workers: int,
     progress: bool | None,
     runtime: str,
+    precision: str,
     force: bool,
 ) -> None:
     """Score every image of a folder.
@@ -584,6 +596,7 @@ def score(
         device,
         _progress(progress),
         runtime,
+        precision,
     )
     bad = [(escape(scores.paths[i].name), why) for i, why in sorted(scores.errors.items())]
     _err(skipped_report("score", bad))

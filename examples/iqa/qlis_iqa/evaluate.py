@@ -56,10 +56,11 @@ def predict_features(model: IQAModel, values: torch.Tensor, batch_size: int = 64
     """Run the trainable part of the model on cached frozen outputs."""
     model.eval()
     device = next(model.parameters()).device
-    out = [
-        model.trainable_forward(values[i : i + batch_size].to(device)).float().cpu()
-        for i in range(0, len(values), batch_size)
-    ]
+    with model.inference_context():
+        out = [
+            model.trainable_forward(values[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(values), batch_size)
+        ]
     return torch.cat(out) if out else torch.empty(0)
 
 

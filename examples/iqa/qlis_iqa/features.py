@@ -194,7 +194,8 @@ def extract_features(
                 for j, err in errors:
                     bad[todo[j]] = err
                 if pixels is not None:
-                    out = model.frozen_forward(pixels.to(frozen_device)).float().cpu()
+                    with model.inference_context():
+                        out = model.frozen_forward(pixels.to(frozen_device)).float().cpu()
                     for j, row in zip(idx, out, strict=True):
                         i = todo[j]
                         rows[i] = row.clone()

@@ -73,7 +73,8 @@ def score_images(
         for idx, pixels, errors in image_loader(out.paths, model.preprocess, batch_size, workers):
             out.errors.update(errors)
             if pixels is not None:
-                values = model(pixels.to(device)).float().cpu().tolist()
+                with model.inference_context():
+                    values = model(pixels.to(device)).float().cpu().tolist()
                 out.scores.update(zip(idx, values, strict=True))
             bar.update(len(idx) + len(errors))
     return out
@@ -89,13 +90,15 @@ def score_folder(
     device: str = "cpu",
     progress: bool = False,
     runtime: str = "float",
+    precision: str = "float32",
 ) -> tuple[Scores, str]:
     """Score a folder with the model stored in `model_path`; returns the scores and its label.
 
-    ``runtime="lowbit"``: the archive's compressed layers stay packed (less memory)."""
+    ``runtime="lowbit"``: the archive's compressed layers stay packed (less memory);
+    ``precision="bfloat16"``: matmuls in bfloat16 (faster on recent CPUs)."""
     root = Path(images_dir)
     paths = list_images(root, recursive)
-    model, _ = load_model(model_path, runtime)
+    model, _ = load_model(model_path, runtime, precision)
     scores = score_images(model.to(device), paths, batch_size, workers, progress)
     scores.write_csv(out_csv, root, model.label)
     return scores, model.label
