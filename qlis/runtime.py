@@ -116,7 +116,7 @@ def _pack_plane(values: np.ndarray, width: int) -> np.ndarray:
 def _unpack_plane(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
     if width == 8:
         return packed
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
 
 
@@ -134,26 +134,31 @@ def pack_codes(codes: np.ndarray, n_levels: int) -> torch.Tensor:
         return torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy())
     parts = [_pack_plane(((flat >> shift) & ((1 << plane) - 1)).astype(np.uint8), plane)
              for plane, shift in _planes(width)]
-    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
+    return torch.from_numpy(np.concatenate(parts))  # a copy: never the caller's array
 
 
-def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> np.ndarray:
-    """The inverse of `pack_codes`: flat codes as uint8 (uint16 above 256 levels)."""
+def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> torch.Tensor:
+    """The inverse of `pack_codes`, on the packed codes' device (torch ops only): flat codes
+    as uint8 up to 256 levels, int16 up to 2**15, int32 beyond."""
     width = _pack_width(n_levels)
     if width == 16:
-        return packed.numpy().view(np.uint16)
-    dtype = torch.uint8 if width <= 8 else torch.int16  # int16 holds 15 bits
+        return packed.to(torch.int32) & 0xFFFF  # the int16 holds uint16 bit patterns
+    dtype = torch.uint8 if width <= 8 else torch.int16
     codes, start = None, 0
     for plane, shift in _planes(width):
         size = -(-numel * plane // 8)
         values = _unpack_plane(packed[start : start + size], plane, numel)
         start += size
-        if codes is None:  # the least significant plane: shift 0
-            codes = values.to(dtype)
+        if codes is None:  # the least significant plane: shift 0 (a view of the buffer only
+            codes = values.to(dtype)  # when it is the only plane, never written to)
         else:
             codes |= values.to(dtype) << shift
-    codes = codes.numpy()
-    return codes.view(np.uint16) if width > 8 else codes
+    return codes
+
+
+def _numpy_codes(codes: torch.Tensor, n_levels: int) -> np.ndarray:
+    """Unpacked codes as a quantizer's `dequantize` takes them: uint8 or uint16, on the CPU."""
+    return codes.cpu().numpy().astype(np.uint8 if n_levels <= 256 else np.uint16, copy=False)
 
 
 # -- the low-bit modules -----------------------------------------------------------------------
@@ -202,11 +207,12 @@ class DequantLinear(_LowBit):
     def dequantized_weight(self) -> torch.Tensor:
         codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
         if self._whole_groups():
-            return self._group_weight(torch.from_numpy(codes))
-        params = {key: getattr(self, f"param_{key}").numpy() for key in self.param_names}
-        q = QuantizedTensor(codes.reshape(self.shape), self.n_levels, self.quantizer_config,
-                            params, self.weight_dtype)
-        return self.quantizer.dequantize(q)
+            return self._group_weight(codes)  # torch ops, on the module's device
+        # any other quantizer: its own (numpy) arithmetic on the CPU
+        params = {key: getattr(self, f"param_{key}").cpu().numpy() for key in self.param_names}
+        q = QuantizedTensor(_numpy_codes(codes, self.n_levels).reshape(self.shape),
+                            self.n_levels, self.quantizer_config, params, self.weight_dtype)
+        return self.quantizer.dequantize(q).to(self.codes.device)
 
     def _whole_groups(self) -> bool:
         """Group codes whose rows split into whole groups: dequantized here, in place."""
@@ -273,7 +279,7 @@ class Int8Linear(_LowBit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (rows > self.kernel_max_rows or x.dtype != torch.float32
+        if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
                 or torch.is_autocast_enabled(x.device.type)):
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
