@@ -12,10 +12,10 @@ Path per layer (``runtime_plan`` lists them without loading anything):
 =================================================  ===========  ================================
 quantizer of the weight                            path         held in memory per weight
 =================================================  ===========  ================================
-Linear: affine or uniform with 17..256 levels      ``int8``     1 byte (int8 code - 128) + a
+Linear: affine or uniform with 129..256 levels     ``int8``     1 byte (int8 code - 128) + a
 (8-bit affine, per tensor or per channel)                       float32 scale and zero per row
 Linear: group (4-bit and others), kmeans, binary,  ``dequant``  ceil(log2(levels)) bits (bit
-affine/uniform with <= 16 levels, uniform with                  planes, `pack_codes`); the
+affine/uniform with <= 128 levels, uniform with                 planes, `pack_codes`); the
 more than 256 levels, any third-party quantizer;                quantizer's parameters as
 every quantized Conv2d                                          buffers
 plain (pruned only, or never quantized), and       ``float``    the float tensor, as today
@@ -26,7 +26,8 @@ Forward: ``int8`` calls torch's int8 weight-only CPU kernel (``aten._weight_int8
 for inputs of at most ``kernel_max_rows`` rows; for larger inputs (one image is already
 197 tokens) it dequantizes the weight on the fly and calls ``F.linear``, which is many times
 faster on CPU for many rows. ``dequant`` dequantizes with the archive's own quantizer at every
-call, caching nothing (group codes in whole groups: the same arithmetic, in place).
+call, caching nothing (affine, uniform and group codes: the quantizer's arithmetic in
+torch, in place).
 Exactness: the dequantize branch equals ``F.linear(x, archive_weight, bias)`` to the bit;
 the kernel branch equals it to float32 rounding.
 
@@ -78,7 +79,7 @@ def choose_path(
     if len(shape) != 2 or dtype != "float32":
         return "dequant"
     kind = quantizer.get("id")
-    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 16 < n_levels <= 256:
+    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 128 < n_levels <= 256:
         return "int8"
     return "dequant"
 
@@ -117,7 +118,8 @@ def _unpack_plane(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
     if width == 8:
         return packed
     shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
-    return ((packed[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
+    values = packed[:, None] >> shifts
+    return values.bitwise_and_((1 << width) - 1).reshape(-1)[:numel]
 
 
 def pack_codes(codes: np.ndarray, n_levels: int) -> torch.Tensor:
@@ -151,8 +153,8 @@ def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> torch.Tenso
         start += size
         if codes is None:  # the least significant plane: shift 0 (a view of the buffer only
             codes = values.to(dtype)  # when it is the only plane, never written to)
-        else:
-            codes |= values.to(dtype) << shift
+        else:  # a fresh tensor of this plane's codes (a view only for the 8-bit plane,
+            codes |= values.to(dtype).bitwise_left_shift_(shift)  # and then a copy: int16)
     return codes
 
 
@@ -200,12 +202,21 @@ class DequantLinear(_LowBit):
         self.quantizer_config = q.quantizer
         self.n_levels = q.n_levels
         self.register_buffer("codes", pack_codes(q.codes, q.n_levels))
-        self.param_names = sorted(q.params)
+        self.row_affine = _is_row_affine(q)
+        self.param_names = [] if self.row_affine else sorted(q.params)
+        if self.row_affine:  # (code - zero) * scale per row, dequantized here in torch
+            scale, zero = _row_affine(q)
+            self.register_buffer("row_scale", scale)
+            self.register_buffer("row_zero", zero)
         for key in self.param_names:
             self.register_buffer(f"param_{key}", torch.from_numpy(np.array(q.params[key])))
 
     def dequantized_weight(self) -> torch.Tensor:
         codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
+        if self.row_affine:  # the quantizers' own float32 arithmetic, in place
+            rows = codes.float().reshape(self.shape[0], -1)
+            rows.sub_(self.row_zero[:, None]).mul_(self.row_scale[:, None])
+            return rows.reshape(self.shape).to(self.weight_dtype)
         if self._whole_groups():
             return self._group_weight(codes)  # torch ops, on the module's device
         # any other quantizer: its own (numpy) arithmetic on the CPU
@@ -246,6 +257,12 @@ class DequantConv2d(DequantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
+
+
+def _is_row_affine(q: QuantizedTensor) -> bool:
+    """Affine and uniform codes: value = (code - zero) * scale, one (scale, zero) per row."""
+    return q.quantizer.get("id") in ("affine", "uniform") and len(q.shape) >= 2 and (
+        math.prod(q.shape) > 0)
 
 
 def _row_affine(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:

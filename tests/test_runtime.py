@@ -35,7 +35,8 @@ class Toy(nn.Module):
 QUANTIZERS = {
     "affine8-channel": ({"id": "affine", "bits": 8, "granularity": "channel"}, "int8"),
     "affine8-tensor": ({"id": "affine", "bits": 8}, "int8"),
-    "uniform-8bit": ({"id": "uniform", "step": 0.01}, "int8"),
+    "uniform-8bit": ({"id": "uniform", "step": 0.001}, "int8"),
+    "uniform-5bit": ({"id": "uniform", "step": 0.01}, "dequant"),
     "uniform-16bit": ({"id": "uniform", "step": 1e-4, "granularity": "channel"}, "dequant"),
     "group4": ({"id": "group", "bits": 4, "group_size": 32}, "dequant"),
     "group4-symmetric": ({"id": "group", "bits": 4, "group_size": 32, "symmetric": True},
@@ -173,6 +174,17 @@ def test_codes_of_many_levels_take_their_bit_width_in_memory():
     module = runtime.DequantLinear(q, None)
     bits = (q.n_levels - 1).bit_length()
     assert module.codes.numel() * module.codes.element_size() <= weight.numel() * bits / 8 + 4
+    assert torch.equal(module.dequantized_weight(), q.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("quantizer", [qlis.UniformQuantizer(step=0.05),
+                                       qlis.AffineQuantizer(bits=6, granularity="channel")])
+def test_row_affine_codes_of_half_precision_weights_dequantize_as_the_archive(dtype, quantizer):
+    weight = torch.linspace(-1.0, 1.0, 24 * 16).reshape(24, 16).to(dtype)
+    q = quantizer.quantize(weight)
+    module = runtime.DequantLinear(q, None)
+    assert module.row_affine and module.dequantized_weight().dtype == dtype
     assert torch.equal(module.dequantized_weight(), q.dequantize())
 
 
