@@ -12,10 +12,10 @@ Path per layer (``runtime_plan`` lists them without loading anything):
 =================================================  ===========  ================================
 quantizer of the weight                            path         held in memory per weight
 =================================================  ===========  ================================
-Linear: affine or uniform with 129..256 levels     ``int8``     1 byte (int8 code - 128) + a
+Linear: affine or uniform with 17..256 levels      ``int8``     1 byte (int8 code - 128) + a
 (8-bit affine, per tensor or per channel)                       float32 scale and zero per row
 Linear: group (4-bit and others), kmeans, binary,  ``dequant``  ceil(log2(levels)) bits (bit
-affine/uniform with <= 128 levels, uniform with                 planes, `pack_codes`); the
+affine/uniform with <= 16 levels, uniform with                  planes, `pack_codes`); the
 more than 256 levels, any third-party quantizer;                quantizer's parameters as
 every quantized Conv2d                                          buffers
 plain (pruned only, or never quantized), and       ``float``    the float tensor, as today
@@ -79,7 +79,7 @@ def choose_path(
     if len(shape) != 2 or dtype != "float32":
         return "dequant"
     kind = quantizer.get("id")
-    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 128 < n_levels <= 256:
+    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 16 < n_levels <= 256:
         return "int8"
     return "dequant"
 

@@ -36,7 +36,7 @@ QUANTIZERS = {
     "affine8-channel": ({"id": "affine", "bits": 8, "granularity": "channel"}, "int8"),
     "affine8-tensor": ({"id": "affine", "bits": 8}, "int8"),
     "uniform-8bit": ({"id": "uniform", "step": 0.001}, "int8"),
-    "uniform-5bit": ({"id": "uniform", "step": 0.01}, "dequant"),
+    "uniform-4bit": ({"id": "uniform", "step": 0.02}, "dequant"),
     "uniform-16bit": ({"id": "uniform", "step": 1e-4, "granularity": "channel"}, "dequant"),
     "group4": ({"id": "group", "bits": 4, "group_size": 32}, "dequant"),
     "group4-symmetric": ({"id": "group", "bits": 4, "group_size": 32, "symmetric": True},
