@@ -192,7 +192,8 @@ class _LowBit(nn.Module):
 
 
 class DequantLinear(_LowBit):
-    """Any quantizer: codes packed, dequantized by the quantizer itself at every call."""
+    """Any quantizer: codes packed at their bit width and dequantized at every call (affine,
+    uniform and group codes by their arithmetic in torch, others by the quantizer itself)."""
 
     path = "dequant"
 
