@@ -21,6 +21,7 @@ float32 for 4-bit, <= 0.5x for int8.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -129,14 +130,13 @@ def real_weights(folder: Path) -> list[str]:
     """What bfloat16 compute costs on real pretrained weights: all-MiniLM-L6-v2's sentence
     embeddings against its float32 ones, for the float model and for its default `qlis pack`
     archive run packed (the CLIP/DINO weights cannot be had here)."""
-    import contextlib
-
     import minilm
 
     import qlis
 
     try:
-        model, tokenizer = minilm.load(minilm.model_folder())
+        source = minilm.model_folder()
+        model, tokenizer = minilm.load(source)
     except minilm.Unavailable as exc:
         return [f"Real weights: skipped, {exc}."]
     texts = minilm.sentences()
@@ -145,7 +145,7 @@ def real_weights(folder: Path) -> list[str]:
     archive = folder / "minilm.qlis"
     result = qlis.compress(model)
     qlis.save(result, archive)
-    packed, _ = minilm.load(minilm.model_folder())
+    packed, _ = minilm.load(source)
     qlis.load(archive, model=packed, runtime="lowbit")
     lines = [
         f"bfloat16 compute on real weights (all-MiniLM-L6-v2, {len(texts.evaluation)} "

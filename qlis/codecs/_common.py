@@ -255,6 +255,35 @@ def read_runs(reader: Reader) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def write_codes_lsb(
+    symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray, out: np.ndarray
+) -> int:
+    """Write ``codes[s]`` (``lengths[s]`` bits) for each symbol, least significant bit first,
+    into ``out``; returns the bytes written (the last one zero-padded)."""
+    acc = np.uint64(0)
+    filled = 0
+    pos = 0
+    for i in range(symbols.size):
+        s = symbols[i]
+        acc |= codes[s] << np.uint64(filled)
+        filled += lengths[s]
+        if filled >= 32:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+            out[pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+            out[pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+            out[pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+            pos += 4
+            acc >>= np.uint64(32)
+            filled -= 32
+    while filled > 0:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+        acc >>= np.uint64(8)
+        pos += 1
+        filled -= 8
+    return pos
+
+
+@njit(cache=True, nogil=True)
 def _histogram(symbols: np.ndarray, bins: int) -> np.ndarray:
     # Four partial histograms break the store-to-load dependency of runs of equal symbols.
     h = np.zeros((4, bins), dtype=np.int64)

@@ -12,6 +12,7 @@ from qlis.codecs._common import (
     check_out,
     read_count,
     symbol_width,
+    write_codes_lsb,
     write_varint,
 )
 from qlis.codecs.base import Codec, register_codec
@@ -38,30 +39,9 @@ def _pack(values: np.ndarray, bits: int, out: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _pack_wide(values: np.ndarray, bits: int, out: np.ndarray) -> None:
-    # Codes of 9-15 bits: a running 64-bit accumulator that flushes 32 bits at a time.
-    acc = np.uint64(0)
-    filled = 0
-    pos = 0
-    for i in range(values.size):
-        acc |= np.uint64(values[i]) << np.uint64(filled)
-        filled += bits
-        if filled >= 32:
-            for b in range(4):
-                out[pos + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
-            pos += 4
-            acc >>= np.uint64(32)
-            filled -= 32
-    while filled > 0:
-        out[pos] = np.uint8(acc & np.uint64(0xFF))
-        acc >>= np.uint64(8)
-        pos += 1
-        filled -= 8
-
-
-@njit(cache=True, nogil=True)
 def _unpack_wide(data: np.ndarray, bits: int, out: np.ndarray) -> bool:
-    # The inverse of _pack_wide; False if the padding bits of the last byte are not zero.
+    # The inverse of write_codes_lsb with `bits`-bit codes; False if the padding bits of
+    # the last byte are not zero.
     mask = np.uint64((1 << bits) - 1)
     acc = np.uint64(0)
     filled = 0
@@ -138,7 +118,8 @@ class BitPack(Codec):
         elif self.bits <= 8:
             _pack(array, self.bits, payload)
         else:
-            _pack_wide(array, self.bits, payload)
+            identity = np.arange(1 << self.bits, dtype=np.uint64)  # 9-15 bits: each code as is
+            write_codes_lsb(array, identity, np.full(identity.size, self.bits), payload)
         return bytes(header) + payload.tobytes()
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from qlis.codecs._common import (
     read_symbol_head,
     start_symbol_stream,
     symbol_width,
+    write_codes_lsb,
 )
 from qlis.codecs.base import Codec, register_codec
 
@@ -120,31 +121,6 @@ def decode_table(lengths: np.ndarray, width: int = 8) -> tuple[np.ndarray, int]:
 
 
 @njit(cache=True, nogil=True)
-def _encode(symbols: np.ndarray, codes: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> int:
-    acc = np.uint64(0)
-    filled = 0
-    pos = 0
-    for i in range(symbols.size):
-        s = symbols[i]
-        acc |= codes[s] << np.uint64(filled)
-        filled += lengths[s]
-        if filled >= 32:
-            out[pos] = np.uint8(acc & np.uint64(0xFF))
-            out[pos + 1] = np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
-            out[pos + 2] = np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
-            out[pos + 3] = np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
-            pos += 4
-            acc >>= np.uint64(32)
-            filled -= 32
-    while filled > 0:
-        out[pos] = np.uint8(acc & np.uint64(0xFF))
-        acc >>= np.uint64(8)
-        pos += 1
-        filled -= 8
-    return pos
-
-
-@njit(cache=True, nogil=True)
 def _decode(data: np.ndarray, table: np.ndarray, bits: int, width: int, out: np.ndarray) -> int:
     # Returns 0 on success, 1 if the bits do not end in the last byte, 2 on non-zero padding.
     end = data.size
@@ -214,7 +190,7 @@ class Huffman(Codec):
         stream += (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
         codes, _ = canonical_codes(lengths)
         payload = np.empty((int(np.dot(counts, lengths)) + 7) // 8 + 8, dtype=np.uint8)
-        size = _encode(symbols, codes, lengths, payload)
+        size = write_codes_lsb(symbols, codes, lengths, payload)
         return bytes(stream) + payload[:size].tobytes()
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:

@@ -46,6 +46,11 @@ def mlp_head(in_features: int, hidden: int = 256) -> nn.Sequential:
 PRECISIONS = ("float32", "bfloat16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise IQAError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
 class IQAModel(nn.Module):
     """Backbone + MLP head predicting one quality score per image."""
 
@@ -87,8 +92,7 @@ class IQAModel(nn.Module):
     def set_precision(self, precision: str) -> IQAModel:
         """Run inference in `precision`: "bfloat16" is several times faster on CPUs with
         AVX512-BF16 or AMX, and rounds every matmul's inputs to 8 significant bits."""
-        if precision not in PRECISIONS:
-            raise IQAError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.precision = precision
         return self
 
@@ -325,8 +329,7 @@ def load_model(
     """
     if runtime not in ("float", "lowbit"):
         raise IQAError(f"runtime must be 'float' or 'lowbit', got {runtime!r}")
-    if precision not in PRECISIONS:
-        raise IQAError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)  # before anything is built or read
     path = Path(path)
     metadata, declared = read_header(path)
     spec = parse_metadata(metadata)
