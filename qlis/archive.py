@@ -23,6 +23,7 @@ import google_crc32c
 import numpy as np
 import torch
 
+from qlis import runtime as lowbit
 from qlis.atomic import atomic_path
 from qlis.codecs import BitPack, Codec, Raw, get_codec
 from qlis.codecs.auto import Auto
@@ -464,19 +465,23 @@ class Archive:
         codes = self._decode(entry, self._empty(name, math.prod(shape), code_dtype(n_levels)))
         if codes.size and int(codes.max()) >= n_levels:
             raise self._fail(f"tensor {name!r}: a code exceeds the alphabet")
-        params = {}
-        for key, record in entry["params"].items():
-            data = self._read_record(record, f"tensor {name!r} parameter {key!r}")
-            params[key] = np.frombuffer(data, PARAM_DTYPES[record["dtype"]]).reshape(
-                record["shape"]
-            ).astype(record["dtype"])
         return QuantizedTensor(
             codes=codes.reshape(shape),
             n_levels=n_levels,
             quantizer=entry["quantizer"],
-            params=params,
+            params=self.read_params(name),
             dtype=DTYPES[entry["dtype"]],
         )
+
+    def read_params(self, name: str) -> dict[str, np.ndarray]:
+        """The quantizer parameters of a tensor (empty for a plain one), without its codes."""
+        params = {}
+        for key, record in self.entry(name).get("params", {}).items():
+            data = self._read_record(record, f"tensor {name!r} parameter {key!r}")
+            params[key] = np.frombuffer(data, PARAM_DTYPES[record["dtype"]]).reshape(
+                record["shape"]
+            ).astype(record["dtype"])
+        return params
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, dequantized, exactly as ``CompressionResult.state_dict()`` had it."""
@@ -605,7 +610,6 @@ def load(
     ``runtime="lowbit"`` (needs ``model``, which may live on the meta device) keeps quantized
     Linear/Conv2d layers packed in memory and returns the model's new state (qlis.runtime).
     """
-    from qlis import runtime as lowbit  # the low-bit modules are only needed here
 
     lowbit.check_runtime(runtime)
     if runtime == "lowbit" and model is None:

@@ -27,7 +27,7 @@ from qlis.distortion import (
     relative_mse,
 )
 from qlis.errors import ConfigError, InputError
-from qlis.gptq import SUPPORTED_QUANTIZERS, input_covariances, quantize_with_error_feedback
+from qlis.gptq import input_covariances, quantize_with_error_feedback
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.prune import get_pruner
@@ -261,7 +261,7 @@ def execute_layer(
 def _input_covariances(plan: Plan, calibration: Calibration) -> dict[str, torch.Tensor]:
     """Input covariances of the planned layers that error feedback can round."""
     names = [n for n, c in plan.items()
-             if c.quantizer is not None and c.quantizer.get("id") in SUPPORTED_QUANTIZERS]
+             if c.quantizer is not None and get_quantizer(c.quantizer).has_grid()]
     return input_covariances(calibration, names)
 
 

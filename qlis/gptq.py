@@ -19,23 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from qlis.calibrate import Calibration
 from qlis.errors import ConfigError, InputError
-from qlis.quantize import (
-    MAX_LEVELS,
-    QuantizedTensor,
-    code_dtype,
-    get_quantizer,
-    round_with_offset,
-)
-
-SUPPORTED_QUANTIZERS = ("affine", "group", "uniform")
+from qlis.grid import Grid, matrix_shape
+from qlis.quantize import QuantizedTensor, get_quantizer
 
 
 def input_covariances(
@@ -97,60 +88,6 @@ def _accumulator(
     return hook
 
 
-@dataclass
-class _Grid:
-    """Per element: code = rounded(w / scale + zero), clamped to [0, top] when ``top`` is set;
-    value = (code - zero) * scale, which is what the quantizer's dequantize computes."""
-
-    scale: torch.Tensor  # (in, out): one column of the weight per row, for fast column access
-    zero: torch.Tensor
-    top: int | None
-    rounded: Callable[[torch.Tensor], torch.Tensor]
-
-    def codes(self, column: torch.Tensor, j: int, keep_zero: torch.Tensor) -> torch.Tensor:
-        code = self.rounded(column / self.scale[j] + self.zero[j])
-        if self.top is not None:
-            code = code.clamp(0, self.top)
-        return torch.where(keep_zero, self.zero[j], code)
-
-    def values(self, code: torch.Tensor, j: int) -> torch.Tensor:
-        return (code - self.zero[j]) * self.scale[j]
-
-
-def _per_row(values: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """A per-tensor (1,) or per-row (out,) parameter as float32 (in, out)."""
-    column = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(1, -1))
-    return column.expand(shape[1], shape[0]).contiguous()
-
-
-def _per_group(values: np.ndarray, shape: tuple[int, int], group_size: int) -> torch.Tensor:
-    """A (out, groups) parameter repeated over its groups' columns, as float32 (in, out)."""
-    grouped = torch.from_numpy(np.asarray(values).astype(np.float32))
-    return grouped.repeat_interleave(group_size, dim=1)[:, : shape[1]].T.contiguous()
-
-
-def _grid(config: dict[str, Any], reference: QuantizedTensor) -> _Grid:
-    """The grid the quantizer fixed on the whole weight, from its own output's parameters."""
-    shape = reference.shape
-    params = reference.params
-    if config["id"] == "uniform":
-        rounding = float(config.get("rounding", 0.5))
-        scale = _per_row(params["step"], shape)
-        return _Grid(scale, torch.zeros_like(scale), None,
-                     lambda x: round_with_offset(x, rounding))
-    top = reference.n_levels - 1
-    if config["id"] == "affine":
-        scale = _per_row(params["scale"], shape)
-        return _Grid(scale, _per_row(params["zero_point"], shape), top, torch.round)
-    group_size = int(config["group_size"])
-    scale = _per_group(params["scale"], shape, group_size)
-    if "zero_point" in params:
-        zero = _per_group(params["zero_point"], shape, group_size)
-    else:  # symmetric: codes centred on 2**(bits-1)
-        zero = torch.full_like(scale, float(1 << (int(config["bits"]) - 1)))
-    return _Grid(scale, zero, top, torch.round)
-
-
 def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, dead inputs set to 1."""
     h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()
@@ -172,16 +109,27 @@ def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return upper.float()
 
 
-def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
-    if weight.ndim != 2 or not weight.is_floating_point():
+def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int,
+           transposed: bool) -> None:
+    if weight.ndim < 2 or not weight.is_floating_point():
         raise InputError(
-            f"error feedback takes a 2-D floating-point Linear weight (out, in), got a "
+            f"error feedback takes a floating-point weight of 2 or more dimensions, got a "
             f"{weight.dtype} tensor of shape {list(weight.shape)}"
         )
-    width = weight.shape[1]
-    if tuple(hessian.shape) != (width, width):
-        raise InputError(f"the input covariance must be ({width}, {width}) for a weight of "
-                         f"shape {list(weight.shape)}, got {list(hessian.shape)}")
+    rows, width = matrix_shape(weight.shape)
+    if transposed:
+        if weight.ndim != 2:
+            raise InputError("only a 2-D weight stored (in, out) can be transposed")
+        rows, width = width, rows
+    groups = hessian.shape[0] if hessian.ndim == 3 else 1
+    if hessian.ndim not in (2, 3) or tuple(hessian.shape[-2:]) != (width, width) or (
+        rows % groups
+    ):
+        raise InputError(
+            f"the input covariance must be ({width}, {width}), or (groups, {width}, {width}) "
+            f"with groups dividing {rows} outputs, for a weight of shape "
+            f"{list(weight.shape)}; got {list(hessian.shape)}"
+        )
     if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hessian).all()):
         raise InputError("error feedback needs a finite weight and covariance (found inf or NaN)")
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < math.inf:
@@ -196,15 +144,21 @@ def quantize_with_error_feedback(
     config: dict[str, Any] | str,
     damp: float = 0.01,
     block_size: int = 128,
+    transposed: bool = False,
 ) -> QuantizedTensor:
-    """Quantize a Linear weight (out, in) as ``config``'s quantizer does, with GPTQ's error
-    feedback along ``hessian`` (the input covariance, e.g. from ``input_covariances``).
+    """Quantize a weight as ``config``'s quantizer does, with GPTQ's error feedback along
+    ``hessian``, the covariance of the layer's inputs (e.g. from ``input_covariances``).
 
-    Supported: "affine" (tensor or channel), "group" (symmetric or not) and "uniform"; the
-    result has that quantizer's exact format (config, params, code dtype). For "uniform" the
-    codes' range (``n_levels``, ``offset``) is taken from the final levels, which feedback can
-    move beyond the plain rounding's range. ``damp`` adds that fraction of the mean diagonal
-    to ``H``; ``block_size`` columns are updated together (lazy batch updates).
+    The weight is seen as its matrix (outputs, inputs): ``(out, in)`` for a Linear,
+    ``(out, in / groups * kernel)`` for a convolution (its inputs unfolded), ``(in, out)``
+    with ``transposed=True`` for Hugging Face's Conv1D. ``hessian`` is (inputs, inputs), or
+    (groups, inputs, inputs) when the outputs split into equal groups that see different
+    inputs (grouped and depthwise convolutions, separate q/k/v inputs of packed attention).
+    Any quantizer that describes its grid works: the grid is fixed first from the whole
+    weight by the quantizer, so the result has that quantizer's exact format (config, params,
+    code dtype); only the codes differ (``Quantizer.with_codes``). ``damp`` adds that fraction
+    of the mean diagonal to ``H``; ``block_size`` columns are updated together (lazy batch
+    updates).
 
     >>> w = torch.tensor([[1.0, 0.9], [-0.4, 0.2]])
     >>> h = torch.tensor([[1.0, 0.9], [0.9, 1.0]])
@@ -212,53 +166,61 @@ def quantize_with_error_feedback(
     >>> q.dequantize().tolist()
     [[1.0, 1.0], [-0.5, 0.5]]
     """
-    config = {"id": config} if isinstance(config, str) else dict(config)
-    if config.get("id") not in SUPPORTED_QUANTIZERS:
-        raise ConfigError(
-            f"error feedback supports the quantizers {', '.join(SUPPORTED_QUANTIZERS)} (a grid "
-            f"fixed per tensor, row or group), not {config.get('id')!r}"
-        )
-    _check(weight, hessian, damp, block_size)
     quantizer = get_quantizer(config)
+    if not quantizer.has_grid():
+        raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
+                          "(Quantizer.grid), which error feedback needs")
+    _check(weight, hessian, damp, block_size, transposed)
     reference = quantizer.quantize(weight)
     if weight.numel() == 0:
         return reference
-    config = reference.quantizer
-    grid = _grid(config, reference)
-    factor = _upper_inverse_factor(hessian, damp)
-    work = weight.detach().to(device="cpu", dtype=torch.float32).T.contiguous()  # (in, out)
+    grid = quantizer.grid(reference.shape, reference.n_levels, reference.params)
+    matrix = weight.detach().to(device="cpu", dtype=torch.float32).reshape(
+        matrix_shape(weight.shape))
+    if transposed:
+        matrix, grid = matrix.T, grid.transposed()
+    covariances = hessian if hessian.ndim == 3 else hessian[None]
+    factors = torch.stack([_upper_inverse_factor(h, damp) for h in covariances])
+    codes = _feed_back(matrix, grid, factors, block_size)
+    if transposed:
+        codes = codes.T
+    return quantizer.with_codes(reference, codes.reshape(weight.shape))
+
+
+def _feed_back(
+    matrix: torch.Tensor, grid: Grid, factors: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes, as float32 (outputs,
+    inputs). ``factors`` (groups, inputs, inputs): one upper inverse factor per output group."""
+    groups = factors.shape[0]
+    work = matrix.T.contiguous()  # (inputs, outputs): one column of the matrix per row
     keep_zero = work == 0
+    width, outputs = work.shape
+    per_group = outputs // groups
+    columns = [grid.column(j) for j in range(width)]
     codes = torch.empty_like(work)
-    width = work.shape[0]
     for start in range(0, width, block_size):
         stop = min(start + block_size, width)
         block = work[start:stop].clone()
         errors = torch.empty_like(block)
-        inner = factor[start:stop, start:stop]
+        inner = factors[:, start:stop, start:stop]
         for i in range(stop - start):
             j = start + i
-            code = grid.codes(block[i], j, keep_zero[j])
-            codes[j] = code
-            errors[i] = (block[i] - grid.values(code, j)) / inner[i, i]
-            block[i + 1:].addr_(inner[i, i + 1:], errors[i], alpha=-1.0)
-        work[stop:].addmm_(factor[start:stop, stop:].T, errors, alpha=-1.0)
-    return _stored(codes.T, reference)
-
-
-def _stored(levels: torch.Tensor, reference: QuantizedTensor) -> QuantizedTensor:
-    """The codes in the reference's format; for "uniform", shifted to the final level range."""
-    params, n_levels = reference.params, reference.n_levels
-    if reference.quantizer["id"] == "uniform":
-        low, high = (int(v) for v in torch.aminmax(levels))
-        n_levels = high - low + 1
-        if n_levels > MAX_LEVELS:
-            raise ConfigError(
-                f"error feedback spread this layer's codes over {n_levels} levels (at most "
-                f"{MAX_LEVELS}); use a larger step or rel_mse"
-            )
-        levels = levels - low
-        params = {"step": params["step"], "offset": np.array([-low], dtype=np.float32)}
-    dtype = code_dtype(n_levels)
-    codes = levels.to(torch.int32).numpy().astype(dtype)
-    return QuantizedTensor(codes=codes, n_levels=n_levels, quantizer=reference.quantizer,
-                           params=params, dtype=reference.dtype)
+            column = torch.where(keep_zero[j], 0.0, block[i])[:, None]
+            code = columns[j].encode(column)
+            codes[j] = code[:, 0]
+            error = (block[i] - columns[j].decode(code)[:, 0]).reshape(groups, per_group)
+            error = error / inner[:, i, i, None]
+            errors[i] = error.reshape(-1)
+            if groups == 1:
+                block[i + 1:].addr_(inner[0, i, i + 1:], errors[i], alpha=-1.0)
+            else:
+                later = block[i + 1:].reshape(-1, groups, per_group)
+                later.sub_(inner[:, i, i + 1:].T[:, :, None] * error[None])
+        rest = factors[:, start:stop, stop:]
+        if groups == 1:
+            work[stop:].addmm_(rest[0].T, errors, alpha=-1.0)
+        else:
+            update = torch.einsum("gbk,bgr->kgr", rest, errors.reshape(-1, groups, per_group))
+            work[stop:].sub_(update.reshape(width - stop, outputs))
+    return codes.T

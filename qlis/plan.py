@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlis.errors import ConfigError
+from qlis.quantize import get_quantizer
 
 
 def _check_config(config: object, kind: str, layer: str) -> dict | None:
@@ -64,9 +65,7 @@ class LayerConfig:
         """The quantizer's nominal bits, when it has them (1 for binary)."""
         if not self.quantizer:
             return None
-        if self.quantizer.get("id") == "binary":
-            return 1
-        bits = self.quantizer.get("bits")
+        bits = getattr(get_quantizer(self.quantizer), "bits", None)
         return bits if isinstance(bits, int) else None
 
 

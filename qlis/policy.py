@@ -174,22 +174,7 @@ class LevelsPolicy(Policy):
             return None
         if self.quantizer is not None:
             return dict(self.quantizer)
-        if self.method == "affine" and bits == 1:
-            return {"id": "binary", "granularity": self.granularity}
-        cls = quantizer_registry.get(self.method)
-        accepts = _inspect.signature(cls).parameters
-        if "bits" not in accepts:
-            raise ConfigError(
-                f"quantizer {self.method!r} has no 'bits' parameter: pass it as "
-                f"quantizer={{'id': {self.method!r}, ...}} instead of method="
-            )
-        config: dict[str, Any] = {"id": self.method, "bits": bits}
-        if "granularity" in accepts:
-            config["granularity"] = self.granularity
-        elif self.granularity != "tensor":
-            raise ConfigError(f"quantizer {self.method!r} has no granularity option")
-        cls.from_config(config)
-        return config
+        return quantizer_registry.get(self.method).config_for_bits(bits, self.granularity)
 
     def level_pruner(self, k: float) -> dict | None:
         """The pruner config of a k level (None: no pruning)."""

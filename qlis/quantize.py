@@ -1,19 +1,25 @@
 """Quantizers: a weight tensor -> small integer codes plus the parameters to dequantize them.
 
 Every quantizer keeps an exact zero exactly zero (so LAPQ's pruned weights survive), returns
-its codes as a uint8 numpy array (what the archive's codecs store) and dequantizes with one
-deterministic function, so the archive reproduces ``CompressionResult.state_dict()`` to the bit.
+its codes as a uint8 (or uint16) numpy array (what the archive's codecs store) and describes
+its grid as data (qlis/grid.py): how a value rounds to a code and what each code is worth.
+Dequantization, error feedback, reconstruction and the low-bit runtime use only that grid, so
+the archive reproduces ``CompressionResult.state_dict()`` to the bit, and a third-party
+quantizer that implements ``quantize`` and ``grid`` works everywhere.
 """
 
 from __future__ import annotations
 
+import inspect as _inspect
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from qlis.errors import ArchiveError, ConfigError, InputError
+from qlis.grid import AffineGrid, CodebookGrid, Grid, matrix_shape
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 
@@ -42,15 +48,72 @@ class QuantizedTensor:
     def dequantize(self) -> torch.Tensor:
         return get_quantizer(self.quantizer).dequantize(self)
 
+    @property
+    def grid(self) -> Grid:
+        """The grid these codes live on (their quantizer's ``grid``)."""
+        return get_quantizer(self.quantizer).grid(self.shape, self.n_levels, self.params)
+
+    def matrix_codes(self) -> torch.Tensor:
+        """The codes as a torch matrix of the grid's view (shape[0], prod(shape[1:]))."""
+        codes = np.ascontiguousarray(self.codes)
+        if codes.dtype == np.uint16:  # torch's uint16 supports few operations
+            codes = codes.astype(np.int32)
+        return torch.from_numpy(codes).reshape(matrix_shape(self.shape))
+
 
 class Quantizer(Strategy):
-    """Maps a weight to a QuantizedTensor and back. Subclasses implement both directions."""
+    """Maps a weight to a QuantizedTensor and describes the grid its codes live on.
+
+    A subclass implements ``quantize`` and ``grid``; ``dequantize`` and ``with_codes``
+    follow from the grid (override ``with_codes`` for a grid without bounds).
+    """
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         raise NotImplementedError
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]) -> Grid:
+        """The grid of a tensor of ``shape`` that this quantizer made with ``params``."""
         raise NotImplementedError
+
+    @classmethod
+    def config_for_bits(cls, bits: int, granularity: str = "tensor") -> dict[str, Any]:
+        """The config a paper policy uses for a level of ``bits`` (and ``granularity``)."""
+        accepts = _inspect.signature(cls).parameters
+        if "bits" not in accepts:
+            raise ConfigError(
+                f"quantizer {cls.strategy_id!r} has no 'bits' parameter: pass it as "
+                f"quantizer={{'id': {cls.strategy_id!r}, ...}} instead of method="
+            )
+        config: dict[str, Any] = {"id": cls.strategy_id, "bits": bits}
+        if "granularity" in accepts:
+            config["granularity"] = granularity
+        elif granularity != "tensor":
+            raise ConfigError(f"quantizer {cls.strategy_id!r} has no granularity option")
+        cls.from_config(config)
+        return config
+
+    @classmethod
+    def has_grid(cls) -> bool:
+        """Whether the quantizer describes its grid (what error feedback and the low-bit
+        runtime need; a quantizer without one only quantizes and dequantizes)."""
+        return cls.grid is not Quantizer.grid
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """The values of ``q``'s codes on its grid, in its dtype."""
+        shape = matrix_shape(q.shape)
+        if not math.prod(q.shape):
+            return torch.zeros(q.shape, dtype=q.dtype)
+        grid = self.grid(q.shape, q.n_levels, q.params)
+        grid.check(shape)
+        return grid.decode(q.matrix_codes()).reshape(q.shape).to(q.dtype)
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
+        """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
+        if codes.numel() and not (float(codes.min()) >= 0 and float(codes.max()) < q.n_levels):
+            raise ConfigError(f"codes outside the grid's {q.n_levels} levels")
+        stored = codes.to(torch.int32).numpy().astype(code_dtype(q.n_levels))
+        return QuantizedTensor(stored.reshape(q.shape), q.n_levels, q.quantizer, q.params,
+                               q.dtype)
 
 
 quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers")
@@ -81,15 +144,33 @@ def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
-def _column(params: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)).reshape(-1, 1)
+def _row_layout(
+    shape: tuple[int, ...], granularity: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(block size, blocks) on the matrix view of one parameter per row of ``_rows``."""
+    rows, cols = matrix_shape(shape)
+    if granularity == "channel" and len(shape) >= 2 and rows > 0:
+        return (1, max(cols, 1)), (rows, 1)
+    if granularity == "channel" and len(shape) == 1 and cols > 0:  # one row per element
+        return (1, 1), (1, cols)
+    return (max(rows, 1), max(cols, 1)), (1, 1)
 
 
-def _rows_of(q: QuantizedTensor, granularity: str) -> torch.Tensor:
-    codes = torch.from_numpy(np.ascontiguousarray(q.codes))
-    if granularity == "channel" and codes.ndim >= 1 and codes.shape[0] > 0:
-        return codes.reshape(codes.shape[0], -1)
-    return codes.reshape(1, -1)
+def _param(params: dict[str, np.ndarray], key: str, blocks: tuple[int, ...]) -> torch.Tensor:
+    """A stored parameter in the grid's block layout (float16 or float32, as stored)."""
+    if key not in params:
+        raise ArchiveError(f"the quantizer's parameters lack {key!r}")
+    array = np.asarray(params[key])
+    if array.dtype not in (np.float16, np.float32):  # float16 stays: converting it is exact
+        array = array.astype(np.float32)
+    if array.size != math.prod(blocks):
+        raise ArchiveError(f"parameter {key!r} holds {array.size} values, its grid needs "
+                          f"{math.prod(blocks)}")
+    return torch.tensor(array.reshape(blocks))
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().reshape(matrix_shape(weight.shape))
 
 
 @register_quantizer
@@ -124,19 +205,27 @@ class AffineQuantizer(Quantizer):
         scale = (hi - lo) / top
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(-lo / scale).clamp(0, top)
-        codes = torch.round(rows / scale[:, None] + zero_point[:, None]).clamp(0, top)
+        params = {"scale": scale.numpy(), "zero_point": zero_point.numpy()}
+        grid = self.grid(tuple(weight.shape), top + 1, params)
         return QuantizedTensor(
-            codes=codes.to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
             n_levels=top + 1,
             quantizer=self.get_config(),
-            params={"scale": scale.numpy(), "zero_point": zero_point.numpy()},
+            params=params,
             dtype=weight.dtype,
         )
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        rows = _rows_of(q, self.granularity).float()
-        values = (rows - _column(q.params["zero_point"])) * _column(q.params["scale"])
-        return values.reshape(q.shape).to(q.dtype)
+    @classmethod
+    def config_for_bits(cls, bits: int, granularity: str = "tensor") -> dict[str, Any]:
+        """The paper's rule: 1 bit is binarization, more bits affine min-max."""
+        if bits == 1:
+            return BinaryQuantizer(granularity=granularity).get_config()
+        return super().config_for_bits(bits, granularity)
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        block, blocks = _row_layout(shape, self.granularity)
+        return AffineGrid(block, _param(params, "scale", blocks),
+                          _param(params, "zero_point", blocks), top=n_levels - 1)
 
 
 @register_quantizer
@@ -164,21 +253,26 @@ class BinaryQuantizer(Quantizer):
         rows = _rows(weight, self.granularity)
         nonzero = rows != 0
         alpha = rows.abs().sum(dim=1) / nonzero.sum(dim=1).clamp(min=1)
-        has_zeros = bool((~nonzero).any())
-        sign = torch.sign(rows)
-        codes = sign + 1 if has_zeros else (sign > 0).to(torch.float32)
+        n_levels = 3 if bool((~nonzero).any()) else 2
+        params = {"alpha": alpha.numpy()}
+        grid = self.grid(tuple(weight.shape), n_levels, params)
         return QuantizedTensor(
-            codes=codes.to(torch.uint8).reshape(weight.shape).numpy(),
-            n_levels=3 if has_zeros else 2,
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=n_levels,
             quantizer=self.get_config(),
-            params={"alpha": alpha.numpy()},
+            params=params,
             dtype=weight.dtype,
         )
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        rows = _rows_of(q, self.granularity).float()
-        sign = rows - 1 if q.n_levels == 3 else rows * 2 - 1
-        return (sign * _column(q.params["alpha"])).reshape(q.shape).to(q.dtype)
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
+        """Codebook {-alpha, +alpha}, or {-alpha, 0, +alpha} with 0 for exact zeros only."""
+        if n_levels not in (2, 3):
+            raise ArchiveError(f"binary codes have 2 or 3 levels, got {n_levels}")
+        block, blocks = _row_layout(shape, self.granularity)
+        alpha = _param(params, "alpha", blocks).float()[..., None]
+        entries = [-alpha, alpha] if n_levels == 2 else [-alpha, torch.zeros_like(alpha), alpha]
+        return CodebookGrid(block, torch.cat(entries, dim=2),
+                            zero_code=1 if n_levels == 3 else None, exclusive_zero=True)
 
 
 @register_quantizer
@@ -232,19 +326,23 @@ class KMeansQuantizer(Quantizer):
         centroids = self._fit(nonzero, k) if k > 0 and nonzero.numel() else torch.zeros(0)
         if has_zeros or centroids.numel() == 0:
             centroids = torch.cat([centroids, torch.zeros(1)]).unique()
-        codes = _nearest(flat, centroids) if flat.numel() else torch.zeros(0, dtype=torch.long)
+        params = {"codebook": centroids.numpy()}
+        grid = self.grid(tuple(weight.shape), centroids.numel(), params)
         return QuantizedTensor(
-            codes=codes.to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
             n_levels=centroids.numel(),
             quantizer=self.get_config(),
-            params={"codebook": centroids.numpy()},
+            params=params,
             dtype=weight.dtype,
         )
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        codebook = torch.from_numpy(np.ascontiguousarray(q.params["codebook"], dtype=np.float32))
-        codes = torch.from_numpy(np.ascontiguousarray(q.codes)).long()
-        return codebook[codes].reshape(q.shape).to(q.dtype)
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
+        """One sorted codebook for the whole tensor; 0.0, when present, is the zero code."""
+        rows, cols = matrix_shape(shape)
+        codebook = _param(params, "codebook", (1, 1, n_levels)).float()
+        zeros = torch.nonzero(codebook.reshape(-1) == 0).reshape(-1)
+        return CodebookGrid((max(rows, 1), max(cols, 1)), codebook,
+                            zero_code=int(zeros[0]) if zeros.numel() else None)
 
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -323,43 +421,30 @@ class GroupAffineQuantizer(Quantizer):
         if not bool(torch.isfinite(scale).all()):
             raise InputError("group quantization needs finite weights (found inf or NaN)")
         half = _float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        step = torch.from_numpy(half.astype(np.float32))
-        if self.symmetric:
-            zero_point = torch.full_like(step, float(centre))
-        else:
-            zero_point = torch.round((0.0 - lo) / step).clamp(0, top)  # never -0.0
-        codes = torch.round(groups / step[..., None] + zero_point[..., None]).clamp(0, top)
-        codes = codes.reshape(rows.shape[0], codes.shape[1] * codes.shape[2])[:, : rows.shape[1]]
         params = {"scale": half}
         if not self.symmetric:
+            step = torch.from_numpy(half.astype(np.float32))
+            zero_point = torch.round((0.0 - lo) / step).clamp(0, top)  # never -0.0
             params["zero_point"] = zero_point.numpy().astype(np.float16)
+        grid = self.grid(tuple(weight.shape), top + 1, params)
         return QuantizedTensor(
-            codes=codes.to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=grid.encode(rows).to(torch.uint8).reshape(weight.shape).numpy(),
             n_levels=top + 1,
             quantizer=self.get_config(),
             params=params,
             dtype=weight.dtype,
         )
 
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        rows = _group_rows(torch.from_numpy(np.ascontiguousarray(q.codes)).float())
-        groups = _grouped(rows, self.group_size)
-        shape = groups.shape[:2]
-        names = ["scale"] if self.symmetric else ["scale", "zero_point"]
-        arrays = [np.asarray(q.params.get(name, np.zeros(0))) for name in names]
-        if any(array.shape != shape for array in arrays):
-            raise ArchiveError(
-                f"group quantization of a {list(q.shape)} tensor needs {'/'.join(names)} "
-                f"of shape {list(shape)}, got {[list(array.shape) for array in arrays]}"
-            )
-        step = torch.from_numpy(arrays[0].astype(np.float32))
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        """(code - zero_point) * scale per group of ``group_size`` along the matrix's rows."""
+        rows, cols = matrix_shape(shape)
+        blocks = (rows, -(-cols // self.group_size))
+        scale = _param(params, "scale", blocks)
         if self.symmetric:
-            zero_point = torch.full_like(step, float(1 << (self.bits - 1)))
+            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
         else:
-            zero_point = torch.from_numpy(arrays[1].astype(np.float32))
-        values = (groups - zero_point[..., None]) * step[..., None]
-        values = values.reshape(rows.shape[0], values.shape[1] * values.shape[2])
-        return values[:, : rows.shape[1]].reshape(q.shape).to(q.dtype)
+            zero = _param(params, "zero_point", blocks)
+        return AffineGrid((1, self.group_size), scale, zero, top=n_levels - 1)
 
 
 def _nearest(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
@@ -369,18 +454,13 @@ def _nearest(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tens
 
 
 def make_quantizer(bits: int, granularity: str = "tensor", method: str = "affine") -> Quantizer:
-    """The quantizer a policy uses for ``bits``: the paper's binarization at 1 bit, else ``method``.
+    """The quantizer a policy uses for ``bits``: ``method``'s, at that many bits (the paper's
+    binarization at 1 bit for "affine").
 
     >>> make_quantizer(1), make_quantizer(4, "channel")
     (BinaryQuantizer(granularity='tensor'), AffineQuantizer(bits=4, granularity='channel'))
     """
-    if method == "kmeans":
-        return KMeansQuantizer(bits=bits)
-    if method != "affine":
-        return get_quantizer({"id": method, "bits": bits})
-    if bits == 1:
-        return BinaryQuantizer(granularity=granularity)
-    return AffineQuantizer(bits=bits, granularity=granularity)
+    return get_quantizer(quantizer_registry.get(method).config_for_bits(bits, granularity))
 
 
 MAX_LEVELS = 1 << 16
@@ -391,11 +471,6 @@ def code_dtype(n_levels: int) -> type:
     if n_levels > MAX_LEVELS:
         raise ConfigError(f"{n_levels} code levels exceed the limit of {MAX_LEVELS}")
     return np.uint8 if n_levels <= 256 else np.uint16
-
-
-def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
-    """sign(x) * floor(|x| + rounding): nearest at 0.5, a dead zone around 0 below it."""
-    return torch.copysign(scaled.abs().add_(rounding).floor_(), scaled)
 
 
 @register_quantizer
@@ -450,10 +525,22 @@ class UniformQuantizer(Quantizer):
         return torch.where(step > 0, step, torch.ones_like(step)).float()
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
-        rows = _rows(weight, self.granularity)
-        step = self.steps(rows)
-        levels = round_with_offset(rows / step[:, None], self.rounding)
-        low, high = (float(v) for v in torch.aminmax(levels)) if levels.numel() else (0, 0)
+        step = self.steps(_rows(weight, self.granularity))
+        params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
+        levels = self.grid(tuple(weight.shape), 1, params).encode(_matrix(weight))
+        q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
+        return self.with_codes(q, levels.reshape(weight.shape))
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        """Unbounded: (code - offset) * step, one step per tensor or row, codes rebased to 0."""
+        block, blocks = _row_layout(shape, self.granularity)
+        step = _param(params, "step", blocks)
+        offset = _param(params, "offset", (1,))
+        return AffineGrid(block, step, offset.expand_as(step).clone(), rounding=self.rounding)
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
+        """Codes of any range: shifted so the lowest is 0, the offset moved with them."""
+        low, high = (float(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
         if not math.isfinite(low) or not math.isfinite(high):
             raise ConfigError("uniform quantization needs finite weights")
         low, high = int(low), int(high)
@@ -463,22 +550,12 @@ class UniformQuantizer(Quantizer):
                 f"a step this small needs {n_levels} levels for this layer's range "
                 f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
             )
-        shifted = levels.sub_(low)
-        if code_dtype(n_levels) is np.uint8:
-            codes = shifted.to(torch.uint8).numpy()
-        else:
-            codes = shifted.to(torch.int32).numpy().astype(np.uint16)
+        offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
+        stored = (codes - low).to(torch.int32).numpy().astype(code_dtype(n_levels))
         return QuantizedTensor(
-            codes=codes.reshape(weight.shape),
+            codes=stored.reshape(codes.shape),
             n_levels=n_levels,
-            quantizer=self.get_config(),
-            params={"step": step.numpy(), "offset": np.array([-low], dtype=np.float32)},
-            dtype=weight.dtype,
+            quantizer=q.quantizer,
+            params={"step": q.params["step"], "offset": np.array([offset], dtype=np.float32)},
+            dtype=q.dtype,
         )
-
-    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        codes = np.ascontiguousarray(q.codes).astype(np.float32)
-        rows = _rows_of(QuantizedTensor(codes, q.n_levels, q.quantizer, {}, q.dtype),
-                        self.granularity)
-        values = (rows - float(q.params["offset"].reshape(-1)[0])) * _column(q.params["step"])
-        return values.reshape(q.shape).to(q.dtype)

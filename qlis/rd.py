@@ -38,9 +38,10 @@ from qlis.distortion import (
     entropy_of_counts,
 )
 from qlis.errors import ConfigError
+from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
-from qlis.quantize import MAX_LEVELS, round_with_offset
+from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer
 from qlis.tensors import storage_bits
 
 if TYPE_CHECKING:
@@ -132,7 +133,6 @@ def _group_candidates(
     group_bits: tuple[int, ...],
 ) -> list[_Candidate]:
     """Group-wise affine candidates, measured on whole sampled rows (groups stay intact)."""
-    from qlis.quantize import GroupAffineQuantizer
 
     n_rows = max(1, min(rows.shape[0], sample_size // max(rows.shape[1], 1)))
     pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:n_rows]

@@ -7,27 +7,28 @@ from them; the float32 weight is never built for the whole model. ``m`` may be b
 meta device (``with torch.device("meta"): m = Model()``): then nothing but the packed model is
 allocated.
 
-Path per layer (``runtime_plan`` lists them without loading anything):
+Path per layer (``runtime_plan`` lists them without decoding any code). The path follows the
+weight's grid (qlis/grid.py), never its quantizer's id, so a third-party quantizer that
+describes its grid runs packed too:
 
 =================================================  ===========  ================================
-quantizer of the weight                            path         held in memory per weight
+grid of the weight                                 path         held in memory per weight
 =================================================  ===========  ================================
-Linear: affine or uniform with 17..256 levels      ``int8``     1 byte (int8 code - 128) + a
-(8-bit affine, per tensor or per channel)                       float32 scale and zero per row
-Linear: group (4-bit and others), kmeans, binary,  ``dequant``  ceil(log2(levels)) bits (bit
-affine/uniform with <= 16 levels, uniform with                  planes, `pack_codes`); the
-more than 256 levels, any third-party quantizer;                quantizer's parameters as
-every quantized Conv2d                                          buffers
-plain (pruned only, or never quantized), and       ``float``    the float tensor, as today
-quantized tensors of other modules (embeddings)
+Linear: one (scale, zero) per row, 17..256 levels  ``int8``     1 byte (int8 code - 128) + a
+(8-bit affine per tensor or channel, uniform)                   float32 scale and zero per row
+Linear: any other grid (group-wise, codebooks,     ``dequant``  ceil(log2(levels)) bits (bit
+<= 16 or > 256 levels, third-party grids); every                planes, `pack_codes`); the
+quantized Conv2d                                                grid's tensors as buffers
+plain (pruned only, or never quantized), a         ``float``    the float tensor, as today
+quantizer without a grid, and quantized tensors
+of other modules (embeddings)
 =================================================  ===========  ================================
 
 Forward: ``int8`` calls torch's int8 weight-only CPU kernel (``aten._weight_int8pack_mm``)
 for inputs of at most ``kernel_max_rows`` rows; for larger inputs (one image is already
 197 tokens) it dequantizes the weight on the fly and calls ``F.linear``, which is many times
-faster on CPU for many rows. ``dequant`` dequantizes with the archive's own quantizer at every
-call, caching nothing (affine, uniform and group codes: the quantizer's arithmetic in
-torch, in place).
+faster on CPU for many rows. ``dequant`` decodes the codes on the grid at every call, caching
+nothing (torch ops, in place, on the module's device).
 Exactness: the dequantize branch equals ``F.linear(x, archive_weight, bias)`` to the bit;
 the kernel branch equals it to float32 rounding.
 
@@ -58,7 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlis.errors import ConfigError, InputError
-from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer
+from qlis.grid import Grid, matrix_shape
+from qlis.quantize import QuantizedTensor, get_quantizer
 
 RUNTIMES = ("float", "lowbit")
 KERNEL_MAX_ROWS = 8
@@ -71,15 +73,13 @@ def _has_op(name: str) -> bool:
 HAS_INT8_KERNEL = _has_op("_weight_int8pack_mm")
 
 
-def choose_path(
-    quantizer: dict, n_levels: int, shape: Iterable[int], dtype: str = "float32"
-) -> str:
-    """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` takes."""
+def choose_path(grid: Grid, n_levels: int, shape: Iterable[int], dtype: str = "float32") -> str:
+    """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` on ``grid`` takes:
+    int8 for 17..256 levels on a grid with one (scale, zero) per row, else dequant."""
     shape = tuple(shape)
-    if len(shape) != 2 or dtype != "float32":
+    if len(shape) != 2 or dtype != "float32" or not HAS_INT8_KERNEL:
         return "dequant"
-    kind = quantizer.get("id")
-    if HAS_INT8_KERNEL and kind in ("affine", "uniform") and 16 < n_levels <= 256:
+    if 16 < n_levels <= 256 and grid.row_affine(shape[0]) is not None:
         return "int8"
     return "dequant"
 
@@ -158,11 +158,6 @@ def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> torch.Tenso
     return codes
 
 
-def _numpy_codes(codes: torch.Tensor, n_levels: int) -> np.ndarray:
-    """Unpacked codes as a quantizer's `dequantize` takes them: uint8 or uint16, on the CPU."""
-    return codes.cpu().numpy().astype(np.uint8 if n_levels <= 256 else np.uint16, copy=False)
-
-
 # -- the low-bit modules -----------------------------------------------------------------------
 
 
@@ -192,56 +187,27 @@ class _LowBit(nn.Module):
 
 
 class DequantLinear(_LowBit):
-    """Any quantizer: codes packed at their bit width and dequantized at every call (affine,
-    uniform and group codes by their arithmetic in torch, others by the quantizer itself)."""
+    """Any quantizer that describes its grid: codes packed at their bit width, the grid's
+    tensors kept as buffers, and the weight decoded from them at every call (torch ops on the
+    module's device, bit-exact with the quantizer's own dequantization)."""
 
     path = "dequant"
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
         super().__init__(q.shape, q.dtype, bias)
-        self.quantizer: Quantizer = get_quantizer(q.quantizer)
-        self.quantizer_config = q.quantizer
         self.n_levels = q.n_levels
         self.register_buffer("codes", pack_codes(q.codes, q.n_levels))
-        self.row_affine = _is_row_affine(q)
-        self.param_names = [] if self.row_affine else sorted(q.params)
-        if self.row_affine:  # (code - zero) * scale per row, dequantized here in torch
-            scale, zero = _row_affine(q)
-            self.register_buffer("row_scale", scale)
-            self.register_buffer("row_zero", zero)
-        for key in self.param_names:
-            self.register_buffer(f"param_{key}", torch.from_numpy(np.array(q.params[key])))
+        self.grid = q.grid
+        self.grid.check(matrix_shape(q.shape))
+        self.grid_fields = sorted(self.grid.tensors())
+        for key, tensor in self.grid.tensors().items():
+            self.register_buffer(f"grid_{key}", tensor.contiguous())
 
     def dequantized_weight(self) -> torch.Tensor:
         codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
-        if self.row_affine:  # the quantizers' own float32 arithmetic, in place
-            rows = codes.float().reshape(self.shape[0], -1)
-            rows.sub_(self.row_zero[:, None]).mul_(self.row_scale[:, None])
-            return rows.reshape(self.shape).to(self.weight_dtype)
-        if self._whole_groups():
-            return self._group_weight(codes)  # torch ops, on the module's device
-        # any other quantizer: its own (numpy) arithmetic on the CPU
-        params = {key: getattr(self, f"param_{key}").cpu().numpy() for key in self.param_names}
-        q = QuantizedTensor(_numpy_codes(codes, self.n_levels).reshape(self.shape),
-                            self.n_levels, self.quantizer_config, params, self.weight_dtype)
-        return self.quantizer.dequantize(q).to(self.codes.device)
-
-    def _whole_groups(self) -> bool:
-        """Group codes whose rows split into whole groups: dequantized here, in place."""
-        config = self.quantizer_config
-        return (config["id"] == "group" and self.weight_dtype == torch.float32
-                and math.prod(self.shape[1:]) % int(config["group_size"]) == 0)
-
-    def _group_weight(self, codes: torch.Tensor) -> torch.Tensor:
-        """GroupAffineQuantizer.dequantize's arithmetic, (code - zero_point) * scale in
-        float32, with one allocation instead of four (the same bits: tests compare)."""
-        step = self.param_scale.float()
-        if "zero_point" in self.param_names:
-            zero = self.param_zero_point.float()
-        else:
-            zero = torch.full_like(step, float(1 << (int(self.quantizer_config["bits"]) - 1)))
-        groups = codes.float().reshape(*step.shape, -1)
-        return groups.sub_(zero[..., None]).mul_(step[..., None]).reshape(self.shape)
+        grid = self.grid.replace(**{key: getattr(self, f"grid_{key}") for key in self.grid_fields})
+        values = grid.decode(codes.reshape(matrix_shape(self.shape)))
+        return values.reshape(self.shape).to(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.bias)
@@ -260,22 +226,6 @@ class DequantConv2d(DequantLinear):
                         self.dilation, self.groups)
 
 
-def _is_row_affine(q: QuantizedTensor) -> bool:
-    """Affine and uniform codes: value = (code - zero) * scale, one (scale, zero) per row."""
-    return q.quantizer.get("id") in ("affine", "uniform") and len(q.shape) >= 2 and (
-        math.prod(q.shape) > 0)
-
-
-def _row_affine(q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) with value = (code - zero) * scale, as the quantizer computes it."""
-    names = ("scale", "zero_point") if q.quantizer["id"] == "affine" else ("step", "offset")
-    scale, zero = (
-        torch.from_numpy(np.array(q.params[key], dtype=np.float32).reshape(-1)) for key in names
-    )
-    rows = q.shape[0]
-    return scale.expand(rows).contiguous(), zero.expand(rows).contiguous()
-
-
 class Int8Linear(_LowBit):
     """8-bit row-affine codes as int8 (code - 128); torch's int8 weight-only kernel."""
 
@@ -285,9 +235,9 @@ class Int8Linear(_LowBit):
         super().__init__(q.shape, q.dtype, bias)
         codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8))
         self.register_buffer("weight_int8", (codes.to(torch.int16) - 128).to(torch.int8))
-        scale, zero = _row_affine(q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        scale, zero = q.grid.row_affine(q.shape[0])
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero", zero.float())
         self.kernel_max_rows = KERNEL_MAX_ROWS
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -312,7 +262,7 @@ def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Modu
     """The low-bit replacement of a Linear or Conv2d whose weight the archive holds as ``q``."""
     if isinstance(module, nn.Conv2d):
         return DequantConv2d(q, bias, module)
-    path = choose_path(q.quantizer, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
+    path = choose_path(q.grid, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
     if path == "int8":
         return Int8Linear(q, bias)
     return DequantLinear(q, bias)
@@ -353,8 +303,9 @@ def _replaceable(module: nn.Module) -> bool:
 def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (import cycle)
     """Per weight of the archive that could run packed: layer name, path and kernel.
 
-    Decided from the header alone (a 2-D quantized weight is taken for a Linear, a 4-D one for
-    a Conv2d); loading into a model may still keep a layer float when it is neither.
+    Decided from the header and each weight's grid parameters, without decoding codes (a 2-D
+    quantized weight is taken for a Linear, a 4-D one for a Conv2d); loading into a model may
+    still keep a layer float when it is neither.
     """
     kernels = {"int8": "aten._weight_int8pack_mm (<= 8 rows), else F.linear on the "
                "dequantized weight", "dequant": "F.linear on the dequantized weight",
@@ -364,18 +315,28 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
         entry = archive.entry(name)
         if not name.endswith("weight") or len(entry["shape"]) not in (2, 4):
             continue
-        if "quantizer" not in entry:
+        grid = _grid_of(archive, name)
+        if grid is None:
             path = "float"
         else:
-            path = choose_path(
-                entry["quantizer"], entry["n_levels"], entry["shape"], entry["dtype"]
-            )
+            path = choose_path(grid, entry["n_levels"], entry["shape"], entry["dtype"])
         kernel = kernels[path]
         if len(entry["shape"]) == 4:
             kernel = "F.conv2d" + ("" if path == "float" else " on the dequantized weight")
         layer = name[: -len(".weight")] if name.endswith(".weight") else name
         rows.append({"layer": layer, "shape": entry["shape"], "path": path, "kernel": kernel})
     return rows
+
+
+def _grid_of(archive, name: str) -> Grid | None:  # noqa: ANN001 - a qlis.Archive
+    """The grid of a quantized, non-empty tensor whose quantizer describes one (else None)."""
+    entry = archive.entry(name)
+    if "quantizer" not in entry or not math.prod(entry["shape"]):
+        return None
+    quantizer = get_quantizer(entry["quantizer"])
+    if not quantizer.has_grid():
+        return None
+    return quantizer.grid(tuple(entry["shape"]), entry["n_levels"], archive.read_params(name))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -403,9 +364,9 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         weight = f"{name}.weight"
         if not name or not _replaceable(module) or weight not in persistent:
             continue
-        q = archive.read_quantized(weight)
-        if q is None:
+        if _grid_of(archive, weight) is None:
             continue
+        q = archive.read_quantized(weight)
         bias = None
         if module.bias is not None:
             bias = archive.read(f"{name}.bias")

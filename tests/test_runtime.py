@@ -184,7 +184,8 @@ def test_row_affine_codes_of_half_precision_weights_dequantize_as_the_archive(dt
     weight = torch.linspace(-1.0, 1.0, 24 * 16).reshape(24, 16).to(dtype)
     q = quantizer.quantize(weight)
     module = runtime.DequantLinear(q, None)
-    assert module.row_affine and module.dequantized_weight().dtype == dtype
+    assert module.grid.row_affine(24) is not None
+    assert module.dequantized_weight().dtype == dtype
     assert torch.equal(module.dequantized_weight(), q.dequantize())
 
 

@@ -1,0 +1,230 @@
+"""Quantizer grids as data: how a value rounds to a code, and what each code is worth.
+
+A quantizer fixes its grid from a weight; everything else that handles codes (error feedback,
+reconstruction, the low-bit runtime, dequantization itself) works from the grid alone, never
+from a quantizer's id, so a third-party quantizer that describes its grid works everywhere.
+
+Grids live on the weight's matrix view ``(shape[0], prod(shape[1:]))`` (a 0-d or 1-D tensor
+is one row), the view that per-tensor, per-channel and group-wise parameters share. Like
+torchao's ``AffineQuantizedTensor``, a grid has one parameter set per block of
+``block_size = (rows, columns)`` elements: ``(rows, columns)`` of the whole matrix is per
+tensor, ``(1, columns)`` per output channel, ``(1, 32)`` group-wise; a block at the matrix's
+edge may be shorter. Codes are returned as float32 integers (exact below 2**24).
+
+>>> grid = AffineGrid(scale=torch.tensor([[0.5]]), zero=torch.tensor([[2.0]]),
+...                   block_size=(1, 3), top=3)
+>>> codes = grid.encode(torch.tensor([[-1.0, 0.1, 9.0]]))
+>>> codes.tolist(), grid.decode(codes).tolist()
+([[0.0, 2.0, 3.0]], [[-1.0, 0.0, 0.5]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qlis.errors import ArchiveError
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The matrix view of a weight of ``shape``: (shape[0], prod(shape[1:])), or one row."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        return shape[0], math.prod(shape[1:])
+    return 1, math.prod(shape)
+
+
+def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
+    """sign(x) * floor(|x| + rounding): nearest at 0.5, a dead zone around 0 below it."""
+    return torch.copysign(scaled.abs().add_(rounding).floor_(), scaled)
+
+
+def _blocks(matrix: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
+    """(row blocks, rows per block, column blocks, columns per block); edges padded with 0."""
+    rows, cols = matrix.shape
+    br, bc = block_size
+    n_r, n_c = -(-rows // br), -(-cols // bc)
+    pad_r, pad_c = n_r * br - rows, n_c * bc - cols
+    if pad_r or pad_c:
+        matrix = torch.nn.functional.pad(matrix, (0, pad_c, 0, pad_r))
+    return matrix.reshape(n_r, br, n_c, bc)
+
+
+def _unblock(blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    n_r, br, n_c, bc = blocks.shape
+    return blocks.reshape(n_r * br, n_c * bc)[: shape[0], : shape[1]]
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """What every grid shares: its matrix shape and its block size (see the module doc)."""
+
+    block_size: tuple[int, int]
+
+    def encode(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The code of every value of ``matrix`` (float32 integers); exact zeros take the code
+        whose value is 0 where the grid has one."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float32 value of every code (a matrix of the grid's shape)."""
+        raise NotImplementedError
+
+    @property
+    def n_blocks(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def column(self, j: int) -> Grid:
+        """The grid of column ``j`` of the matrix, as a one-column matrix."""
+        raise NotImplementedError
+
+    def transposed(self) -> Grid:
+        """The same grid on the transposed matrix."""
+        raise NotImplementedError
+
+    def row_affine(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, zero) per row, each (rows,), when value = (code - zero) * scale with one
+        pair per whole row (what integer matmul kernels take); None otherwise."""
+        return None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The grid's tensors by field name (to keep them as module buffers)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def replace(self, **tensors: torch.Tensor) -> Grid:
+        """The same grid with some tensors replaced (e.g. moved to another device)."""
+        return dataclasses.replace(self, **tensors)
+
+    def check(self, shape: tuple[int, int]) -> None:
+        """Refuse parameters whose block count does not fit a matrix of ``shape``."""
+        br, bc = self.block_size
+        if br < 1 or bc < 1:
+            raise ArchiveError(f"a grid's block size must be positive, got {self.block_size}")
+        wanted = (-(-shape[0] // br), -(-shape[1] // bc))
+        if self.n_blocks != wanted:
+            raise ArchiveError(
+                f"a {list(shape)} matrix in blocks of {list(self.block_size)} needs "
+                f"{list(wanted)} parameter blocks, got {list(self.n_blocks)}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class AffineGrid(Grid):
+    """value = (code - zero) * scale, one (scale, zero) per block; zero is an integer code.
+
+    A value rounds to ``zero + round(w / scale)``, clamped to ``[0, top]`` (``top=None``: an
+    unbounded grid, whose codes the quantizer rebases afterwards, as the entropy-coded uniform
+    grid does). ``rounding=None`` is ``torch.round(w / scale + zero)`` (ties to even); a
+    number ``r`` rounds ``sign(x) * floor(|x| + r)`` with ``x = w / scale``, a dead zone
+    around the zero code for ``r < 0.5``.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    top: int | None = None
+    rounding: float | None = None
+
+    @property
+    def n_blocks(self) -> tuple[int, int]:
+        return tuple(self.scale.shape)
+
+    def check(self, shape: tuple[int, int]) -> None:
+        super().check(shape)
+        if self.zero.shape != self.scale.shape:
+            raise ArchiveError(f"an affine grid's zero {list(self.zero.shape)} must match its "
+                               f"scale {list(self.scale.shape)}")
+
+    def encode(self, matrix: torch.Tensor) -> torch.Tensor:
+        x = _blocks(matrix.float(), self.block_size)
+        scale, zero = self.scale[:, None, :, None], self.zero[:, None, :, None]
+        if self.rounding is None:
+            codes = torch.round(x / scale + zero)
+        else:
+            codes = round_with_offset(x / scale, self.rounding).add_(zero)
+        if self.top is not None:
+            codes = codes.clamp_(0, self.top)
+        return _unblock(codes, tuple(matrix.shape))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        x = _blocks(codes.float(), self.block_size)
+        if x.data_ptr() == codes.data_ptr():
+            x = x.clone()  # never write into the caller's codes
+        values = x.sub_(self.zero[:, None, :, None]).mul_(self.scale[:, None, :, None])
+        return _unblock(values, tuple(codes.shape))
+
+    def column(self, j: int) -> AffineGrid:
+        b = j // self.block_size[1]
+        return dataclasses.replace(self, scale=self.scale[:, b : b + 1],
+                                   zero=self.zero[:, b : b + 1],
+                                   block_size=(self.block_size[0], 1))
+
+    def transposed(self) -> AffineGrid:
+        return dataclasses.replace(self, scale=self.scale.T, zero=self.zero.T,
+                                   block_size=self.block_size[::-1])
+
+    def row_affine(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.scale.shape[1] != 1 or rows == 0:
+            return None
+        per_row = self.scale.shape[0]
+        index = torch.arange(rows) // self.block_size[0] if per_row > 1 else torch.zeros(
+            rows, dtype=torch.long)
+        return self.scale[index, 0].contiguous(), self.zero[index, 0].contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class CodebookGrid(Grid):
+    """value = codebook[block, code]: a sorted table of values per block (k-means, binary).
+
+    A value rounds to the nearest entry (ties to the lower). With ``zero_code`` set, exact
+    zeros take that entry (which holds 0.0); ``exclusive_zero`` keeps every other value off
+    it (binary's third symbol is for pruned zeros only).
+    """
+
+    codebook: torch.Tensor  # (row blocks, column blocks, entries), each block sorted
+    zero_code: int | None = None
+    exclusive_zero: bool = False
+
+    @property
+    def n_blocks(self) -> tuple[int, int]:
+        return tuple(self.codebook.shape[:2])
+
+    def encode(self, matrix: torch.Tensor) -> torch.Tensor:
+        if not matrix.numel():
+            return matrix.float()
+        x = _blocks(matrix.float(), self.block_size)
+        n_r, br, n_c, bc = x.shape
+        flat = x.permute(0, 2, 1, 3).reshape(n_r, n_c, br * bc)
+        entries = torch.arange(self.codebook.shape[2])
+        if self.exclusive_zero and self.zero_code is not None:
+            entries = entries[entries != self.zero_code]
+        table = self.codebook[:, :, entries]
+        midpoints = (table[..., 1:] + table[..., :-1]) / 2
+        codes = entries[torch.searchsorted(midpoints.contiguous(), flat.contiguous())].float()
+        if self.zero_code is not None:
+            codes = torch.where(flat == 0, float(self.zero_code), codes)
+        codes = codes.reshape(n_r, n_c, br, bc).permute(0, 2, 1, 3)
+        return _unblock(codes, tuple(matrix.shape))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        if not codes.numel():
+            return codes.float()
+        x = _blocks(codes.long(), self.block_size)
+        n_r, br, n_c, bc = x.shape
+        flat = x.permute(0, 2, 1, 3).reshape(n_r, n_c, br * bc)
+        values = torch.gather(self.codebook.float(), 2, flat)
+        values = values.reshape(n_r, n_c, br, bc).permute(0, 2, 1, 3)
+        return _unblock(values, tuple(codes.shape))
+
+    def column(self, j: int) -> CodebookGrid:
+        b = j // self.block_size[1]
+        return dataclasses.replace(self, codebook=self.codebook[:, b : b + 1],
+                                   block_size=(self.block_size[0], 1))
+
+    def transposed(self) -> CodebookGrid:
+        return dataclasses.replace(self, codebook=self.codebook.transpose(0, 1),
+                                   block_size=self.block_size[::-1])
