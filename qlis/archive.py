@@ -147,6 +147,7 @@ def _plan_entry(plan: LayerPlan) -> dict:
         "qlis": plan.qlis,
         "pruner": plan.pruner,
         "quantizer": plan.quantizer,
+        **({"reconstruction": plan.reconstruction} if plan.reconstruction else {}),
     }
 
 

@@ -15,7 +15,8 @@ compared as one vector per batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -71,21 +72,35 @@ class Calibration:
         if not any(v.numel() for v in self.reference):
             raise InputError("the calibration outputs are empty")
 
-    def _run(self) -> list[torch.Tensor]:
+    def _run(self, stop: type[Exception] | None = None) -> list[torch.Tensor]:
+        """Run every batch (or the callable once) and return the outputs; a batch that raises
+        ``stop`` (a hook that has seen what it needed) is cut short and gives no output."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        outputs = []
         try:
             with torch.inference_mode():
-                if callable(self.calib):
-                    outputs = [first_tensor(self.calib(self.model))]
-                else:
-                    outputs = [first_tensor(self._call(batch)) for batch in self.calib]
+                for run in self._runs():
+                    try:
+                        outputs.append(first_tensor(run()))
+                    except Exception as err:
+                        if stop is None or not isinstance(err, stop):
+                            raise
         finally:
             self.model.train(was_training)
         self.passes += 1
         self.seconds += time.perf_counter() - start
         return outputs
+
+    def _runs(self) -> list[Callable[[], Any]]:
+        if callable(self.calib):
+            return [lambda: self.calib(self.model)]
+        return [lambda batch=batch: self._call(batch) for batch in self.calib]
+
+    def feed(self, stop: type[Exception] | None = None) -> None:
+        """One pass for the hooks the caller placed on the model (outputs are dropped)."""
+        self._run(stop)
 
     def _call(self, batch: Any) -> Any:
         if isinstance(batch, Mapping):
@@ -96,12 +111,18 @@ class Calibration:
 
     def outputs_with(self, replacements: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The outputs with some state-dict entries replaced (the model is restored after)."""
+        with self.swapped(replacements):
+            return [_vectors(o) for o in self._run()]
+
+    @contextmanager
+    def swapped(self, replacements: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Within the block, the model computes with some state-dict entries replaced."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
         try:
             for name, t in targets.items():
                 t.data = replacements[name].to(dtype=t.dtype, device=t.device).reshape(t.shape)
-            return [_vectors(o) for o in self._run()]
+            yield
         finally:
             for name, t in targets.items():
                 t.data = saved[name]

@@ -27,11 +27,12 @@ from qlis.distortion import (
     relative_mse,
 )
 from qlis.errors import ConfigError, InputError
-from qlis.gptq import input_covariances, quantize_with_error_feedback
+from qlis.gptq import quantize_with_error_feedback
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.prune import get_pruner
 from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.reconstruct import reconstruct
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
@@ -50,7 +51,8 @@ class LayerPlan:
 
     ``kept`` counts the weights the pruner did not remove (zeros that were already in the
     weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
-    entropy-coded size estimate of the layer as stored (codes + parameters + record).
+    entropy-coded size estimate of the layer as stored (codes + parameters + record);
+    ``reconstruction`` says how calibration shaped it ("" without error feedback).
     """
 
     name: str
@@ -66,6 +68,7 @@ class LayerPlan:
     paper_bits: float
     huffman_bits: float
     coded_bytes: float
+    reconstruction: str = ""
 
 
 class CompressionResult:
@@ -208,12 +211,13 @@ def _huffman_bits(counts: np.ndarray) -> float:
 
 def execute_layer(
     name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
 ) -> tuple[StoredTensor, LayerPlan]:
     """Prune then quantize one layer as ``config`` says, and measure what that did.
 
-    With ``hessian`` (the layer's input covariance) the rounding feeds its error forward
-    (GPTQ, qlis/gptq.py); the stored format is the quantizer's own."""
+    With ``hessian`` (the layer's input covariance; per output group when 3-D) the rounding
+    feeds its error forward (GPTQ, qlis/gptq.py; ``transposed`` for a weight stored (in, out));
+    the stored format is the quantizer's own. ``reconstruction`` is recorded in the plan row."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
     removed_mask = (pruned == 0) & (weight != 0) if pruner else None
@@ -228,7 +232,8 @@ def execute_layer(
         bits = None
     else:
         if hessian is not None:
-            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer)
+            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
+                                                  transposed=transposed)
         else:
             stored = get_quantizer(config.quantizer).quantize(pruned)
         approx = stored.dequantize()
@@ -254,15 +259,9 @@ def execute_layer(
         paper_bits=paper,
         huffman_bits=huffman,
         coded_bytes=coded,
+        reconstruction=reconstruction,
     )
     return stored, plan
-
-
-def _input_covariances(plan: Plan, calibration: Calibration) -> dict[str, torch.Tensor]:
-    """Input covariances of the planned layers that error feedback can round."""
-    names = [n for n, c in plan.items()
-             if c.quantizer is not None and get_quantizer(c.quantizer).has_grid()]
-    return input_covariances(calibration, names)
 
 
 def _select_config(select: SelectSpec) -> Any:
@@ -293,6 +292,7 @@ def compress(
     inplace: bool = False,
     progress: Callable[[int], None] | None = None,
     error_feedback: bool = False,
+    bias_correction: bool = True,
     **options: Any,
 ) -> CompressionResult:
     """Compress the selected layers as a policy (or a hand-written ``plan``) says.
@@ -308,9 +308,12 @@ def compress(
     ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
     (configs applied to every layer) and ``target_ratio`` (the paper's CR).
 
-    ``error_feedback=True`` (needs ``calib``) rounds every planned nn.Linear weight GPTQ-style:
-    each column's rounding error is fed to the columns not yet rounded through the layer's
-    input covariance, on the quantizer's own grid (affine, group and uniform quantizers).
+    ``error_feedback=True`` (needs ``calib``) reconstructs sequentially (qlis/reconstruct.py):
+    layers in forward order, each rounded GPTQ-style on its quantizer's grid against the
+    inputs the already-quantized model gives it (Linear, Conv1d/2d/3d incl. grouped and
+    depthwise, Hugging Face Conv1D, attention's packed projections), and with
+    ``bias_correction`` its bias shifted by the mean output error; other layers are rounded
+    data-free and ``LayerPlan.reconstruction`` says so.
 
     A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
     parameters of each layer once it is done. Tensors kept as they are share memory with
@@ -344,16 +347,25 @@ def compress(
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)
 
-    hessians = _input_covariances(the_plan, calibration) if error_feedback else {}
     scores = {layer.name: layer.QLIS for layer in report.layers}
+
+    def execute(name: str, weight: torch.Tensor, config: LayerConfig,
+                **how: Any) -> tuple[StoredTensor, LayerPlan]:
+        return execute_layer(name, weight, config, scores.get(name), **how)
+
     stored: dict[str, StoredTensor] = dict(state)
-    layers = []
-    for name, config in the_plan.items():
-        stored[name], layer_plan = execute_layer(name, state[name], config, scores.get(name),
-                                                 hessians.pop(name, None))
-        layers.append(layer_plan)
-        if progress is not None:
-            progress(layer_plan.numel)
+    if error_feedback:
+        done = reconstruct(calibration, the_plan, state, execute, bias_correction, progress)
+        stored.update(done.tensors)
+        stored.update(done.biases)
+        layers = [done.layers[name] for name in the_plan]
+    else:
+        layers = []
+        for name, config in the_plan.items():
+            stored[name], layer_plan = execute(name, state[name], config)
+            layers.append(layer_plan)
+            if progress is not None:
+                progress(layer_plan.numel)
     distortion: dict[str, Any] = {
         "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
         "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
@@ -378,7 +390,7 @@ def compress(
         distortion=distortion,
     )
     if calibration is not None:
-        changed = {p.name: t for p in layers if (t := result.tensors[p.name]) is not state[p.name]}
+        changed = {n: t for n, t in result.tensors.items() if t is not state[n]}
         distortion["output"] = calibration.measure(
             {name: t.dequantize() if isinstance(t, QuantizedTensor) else t
              for name, t in changed.items()}

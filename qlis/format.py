@@ -58,7 +58,7 @@ _ENTRY_KEYS = {"name", "shape", "dtype", "codec", "data", "plan"}
 _QUANTIZED_KEYS = _ENTRY_KEYS | {"quantizer", "n_levels", "params"}
 _RECORD_KEYS = {"offset", "length", "crc32c"}
 _PARAM_KEYS = _RECORD_KEYS | {"shape", "dtype"}
-_PLAN_KEYS = {"k", "bits", "qlis", "pruner", "quantizer"}
+_PLAN_KEYS = {"k", "bits", "qlis", "pruner", "quantizer", "reconstruction"}
 _SCALAR = (type(None), bool, int, float, str)
 _SCAN_CHUNK = 1 << 20
 
@@ -283,6 +283,10 @@ def _check_plan(plan: object, where: str) -> None:
     for key in ("pruner", "quantizer"):
         if plan.get(key) is not None:
             _object(plan[key], f"{where} plan {key}")
+    if "reconstruction" in plan and not (
+        isinstance(plan["reconstruction"], str) and len(plan["reconstruction"]) <= 200
+    ):
+        raise _fail(where, "plan reconstruction must be a short string")
 
 
 def _check_entry(entry: object, data_len: int, records: list) -> tuple[str, dict, int]:

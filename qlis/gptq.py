@@ -18,74 +18,13 @@ calibration data says nothing about them and other inputs may not leave them at 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from qlis.calibrate import Calibration
 from qlis.errors import ConfigError, InputError
 from qlis.grid import Grid, matrix_shape
 from qlis.quantize import QuantizedTensor, get_quantizer
-
-
-def input_covariances(
-    calibration: Calibration, names: Iterable[str]
-) -> dict[str, torch.Tensor]:
-    """``H = X^T X / n`` (float32, (in, in)) of the inputs X of each ``nn.Linear`` weight named.
-
-    One pass of the calibration runs the model with a hook on each of those layers that sums
-    ``X^T X`` in float64 over all input rows (X reshaped to (-1, in_features)). Names that are
-    not the weight of an ``nn.Linear``, and layers the model never called, are left out.
-
-    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    >>> h = input_covariances(Calibration(model, [torch.eye(3)]), ["0.weight", "0.bias"])
-    >>> list(h), torch.allclose(h["0.weight"], torch.eye(3) / 3)
-    (['0.weight'], True)
-    """
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-    handles = []
-    try:
-        for name in dict.fromkeys(names):
-            module = _linear_of(calibration.model, name)
-            if module is not None:
-                hook = _accumulator(name, module.in_features, sums, rows)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        if handles:
-            calibration._run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (total / rows[name]).float().cpu() for name, total in sums.items()
-            if rows[name]}
-
-
-def _linear_of(model: torch.nn.Module, name: str) -> torch.nn.Linear | None:
-    module_name, _, attr = name.rpartition(".")
-    if attr != "weight":
-        return None
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
-        return None
-    return module if isinstance(module, torch.nn.Linear) else None
-
-
-def _accumulator(
-    name: str, width: int, sums: dict[str, torch.Tensor], rows: dict[str, int]
-) -> Callable[..., None]:
-    rows[name] = 0
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["input"]
-        x = x.detach().reshape(-1, width).to(torch.float64)
-        if name not in sums:
-            sums[name] = torch.zeros(width, width, dtype=torch.float64, device=x.device)
-        sums[name].addmm_(x.T, x)
-        rows[name] += x.shape[0]
-
-    return hook
 
 
 def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 import qlis
 import qlis.gptq
-from qlis.calibrate import Calibration
 from qlis.errors import ConfigError, InputError
-from qlis.gptq import input_covariances, quantize_with_error_feedback
+from qlis.gptq import quantize_with_error_feedback
 from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
 
 CONFIGS = [
@@ -172,46 +171,6 @@ def test_refuses_what_it_cannot_do(monkeypatch):
         quantize_with_error_feedback(weight, hessian, "affine", block_size=0)
     with pytest.raises(InputError, match="groups dividing"):
         quantize_with_error_feedback(weight, torch.stack([hessian] * 5), "affine")
-
-
-def hooks_left(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
-def test_input_covariances_match_the_inputs_by_hand():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    batches = [torch.randn(2, 7, 5), torch.randn(3, 5)]
-    calibration = Calibration(model, batches)
-    names = ["0.weight", "0.bias", "1.weight", "2.weight", "missing.weight"]
-    h = input_covariances(calibration, names)
-    assert sorted(h) == ["0.weight", "2.weight"] and hooks_left(model) == 0
-    with torch.no_grad():
-        x0 = torch.cat([b.reshape(-1, 5) for b in batches]).double()
-        x2 = torch.relu(model[0](x0.float())).double()
-    for name, x in (("0.weight", x0), ("2.weight", x2)):
-        assert h[name].dtype == torch.float32 and not h[name].is_inference()
-        torch.testing.assert_close(h[name], (x.T @ x / len(x)).float(), rtol=1e-5, atol=1e-6)
-
-
-def test_input_covariances_leave_no_hook_when_the_model_fails_and_skip_unused_layers():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
-    calls = []
-
-    def calib(m: torch.nn.Module) -> torch.Tensor:
-        calls.append(1)
-        if len(calls) > 1 and fail:
-            raise RuntimeError("boom")
-        return m[0](torch.ones(4, 3))  # the second layer never runs
-
-    fail = True
-    with pytest.raises(RuntimeError, match="boom"):
-        input_covariances(Calibration(model, calib), ["0.weight", "1.weight"])
-    assert hooks_left(model) == 0
-    fail = False
-    h = input_covariances(Calibration(model, calib), ["0.weight", "1.weight"])
-    assert list(h) == ["0.weight"] and torch.equal(h["0.weight"], torch.ones(3, 3))
-    assert hooks_left(model) == 0
 
 
 def test_docstring_examples():

@@ -1,0 +1,225 @@
+"""Sequential reconstruction: each layer kind's inputs as the rows its weight multiplies, layers
+fitted in forward order to the quantized model's inputs, bias correction, and per-layer notes
+for the layers calibration cannot shape."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qlis
+import qlis.layer_inputs
+from qlis import reconstruct as rec
+from qlis.layer_inputs import layer_inputs
+
+UNIFORM = {"id": "uniform", "rel_mse": 0.03}
+
+
+def all_rows(inputs, *args, **kwargs) -> list[torch.Tensor]:
+    chunks = list(inputs.chunks(args, kwargs))
+    return [torch.cat([chunk[g] for chunk in chunks]) for g in range(inputs.groups)]
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv1d(4, 6, 3, stride=2, padding=1),
+    nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=2, dilation=(2, 1), groups=2,
+              padding_mode="reflect"),
+    nn.Conv2d(6, 6, 3, padding="same", groups=6, bias=False),  # depthwise
+    nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=(0, 1, 1), padding_mode="circular"),
+], ids=["conv1d", "conv2d-grouped-dilated-reflect", "depthwise", "conv3d-circular"])
+def test_convolution_inputs_are_the_patches_their_weight_multiplies(conv):
+    torch.manual_seed(0)
+    x = torch.randn(3, conv.in_channels, *([9] * len(conv.kernel_size)))
+    inputs = layer_inputs(nn.Sequential(conv), "0.weight")
+    rows = all_rows(inputs, x)
+    assert len(rows) == conv.groups and inputs.bias == ("0.bias" if conv.bias is not None
+                                                       else None)
+    out = conv(x) - (0 if conv.bias is None else conv.bias.reshape(1, -1, *[1] *
+                                                                    len(conv.kernel_size)))
+    per_group = conv.out_channels // conv.groups
+    matrix = inputs.output_matrix(conv.weight)
+    for g, patches in enumerate(rows):
+        assert patches.shape[1] == inputs.width
+        w = matrix[g * per_group:(g + 1) * per_group]
+        expected = out[:, g * per_group:(g + 1) * per_group].movedim(1, -1).reshape(-1, per_group)
+        torch.testing.assert_close(patches @ w.T, expected, rtol=1e-4, atol=1e-5)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D as GPT-2 uses it: y = x @ W + b with W stored (in, out)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_linear_hf_conv1d_and_packed_attention_inputs():
+    torch.manual_seed(0)
+    conv1d = Conv1D(5, 3)
+    inputs = layer_inputs(nn.Sequential(conv1d), "0.weight")
+    x = torch.randn(2, 7, 3)
+    (rows,) = all_rows(inputs, x)
+    assert inputs.transposed and inputs.width == 3
+    torch.testing.assert_close(rows @ inputs.output_matrix(conv1d.weight).T + conv1d.bias,
+                               conv1d(x).reshape(-1, 5))
+    attention = nn.MultiheadAttention(8, 2)
+    holder = nn.Sequential(attention)
+    inputs = layer_inputs(holder, "0.in_proj_weight")
+    q, kv = torch.randn(4, 1, 8), torch.randn(6, 1, 8)
+    rows = all_rows(inputs, q, kv, value=kv)
+    assert inputs.groups == 3 and inputs.bias == "0.in_proj_bias"
+    assert [r.shape[0] for r in rows] == [4, 6, 6] and torch.equal(rows[0], q.reshape(4, 8))
+    assert layer_inputs(holder, "0.out_proj.weight").groups == 1  # a Linear, if ever called
+    assert layer_inputs(nn.Sequential(nn.Embedding(4, 3)), "0.weight") is None
+    assert layer_inputs(nn.Sequential(nn.Linear(2, 2)), "0.bias") is None
+    assert layer_inputs(nn.Sequential(nn.Linear(2, 2)), "9.weight") is None
+
+
+class Net(nn.Module):
+    """A conv stem (depthwise too), an MLP, an embedding and a layer nothing calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, groups=16, padding=1)
+        self.c3 = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        x = torch.relu(self.c3(x)).mean(dim=(2, 3))
+        return self.head(torch.relu(self.fc(x)))
+
+
+@pytest.fixture(scope="module")
+def net_and_batches():
+    torch.manual_seed(0)
+    return Net().eval(), [torch.randn(8, 3, 12, 12) for _ in range(3)]
+
+
+def output_rel_mse(model, result, batches) -> float:
+    copy = Net().eval()
+    copy.load_state_dict(result.state_dict())
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in batches])
+        out = torch.cat([copy(b) for b in batches])
+    return float((out - ref).square().sum() / ref.square().sum())
+
+
+def test_sequential_reconstruction_lowers_the_output_error_and_says_what_it_did(
+        net_and_batches):
+    model, batches = net_and_batches
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches)
+    fed = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
+                        error_feedback=True, bias_correction=False)
+    corrected = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
+                              error_feedback=True)
+    errors = [output_rel_mse(model, r, batches) for r in (plain, fed, corrected)]
+    assert errors[1] < 0.7 * errors[0] and errors[2] < errors[0]
+    assert corrected.distortion["output"]["rel_mse"] == pytest.approx(errors[2], rel=1e-3)
+    notes = {layer.name: layer.reconstruction for layer in corrected.layers}
+    assert notes == {"emb.weight": rec.NO_INPUTS, "unused.weight": rec.NOT_REACHED,
+                     **{f"{n}.weight": rec.BIAS_CORRECTED for n in ("c1", "c2", "c3", "fc",
+                                                                     "head")}}
+    assert {layer.reconstruction for layer in fed.layers} >= {rec.FED_BACK}
+    assert all(layer.reconstruction == "" for layer in plain.layers)
+    assert not torch.equal(corrected.tensors["fc.bias"], model.fc.bias)
+    assert torch.equal(fed.tensors["fc.bias"], model.fc.bias)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bias_correction_restores_each_layers_mean_output():
+    """One layer whose rounding shifts its mean output: corrected, the shift is gone."""
+    torch.manual_seed(1)
+    layer = nn.Sequential(nn.Linear(16, 8))
+    x = torch.randn(256, 16) + 3.0  # inputs far from zero mean: rounding shifts the mean
+    config = {"id": "uniform", "rel_mse": 0.2, "rounding": 0.3}
+    results = [qlis.compress(layer, "quant", quantizer=config, calib=[x], error_feedback=True,
+                             bias_correction=flag) for flag in (False, True)]
+    shifts = []
+    for result in results:
+        state = result.state_dict()
+        with torch.no_grad():
+            out = F.linear(x, state["0.weight"], state["0.bias"])
+            shifts.append(float((out - layer(x)).mean(dim=0).abs().max()))
+    assert shifts[1] < 1e-4 < shifts[0]
+
+
+class Shared(nn.Module):
+    """One Linear run twice per forward: its inputs come from both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+def test_a_layer_run_twice_per_forward_sees_both_calls():
+    torch.manual_seed(2)
+    model = Shared().eval()
+    batches = [torch.randn(32, 8) for _ in range(2)]
+    calibration = qlis.calibrate.Calibration(model, batches)
+    reachable = {n: layer_inputs(model, n) for n in ("a.weight", "b.weight")}
+    groups, moments, repeated = rec._order(calibration, reachable)
+    assert groups == [["a.weight"], ["b.weight"]] and repeated
+    assert moments["a.weight"].rows == [128]  # 2 calls x 2 batches x 32 rows
+    result = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches, error_feedback=True)
+    assert {layer.reconstruction for layer in result.layers} == {rec.BIAS_CORRECTED}
+
+
+def test_layers_reading_one_input_form_one_group_and_the_pass_stops_after_it():
+    torch.manual_seed(3)
+
+    class QKV(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.q(x) * self.k(x) + self.v(x))
+
+    model = QKV().eval()
+    calibration = qlis.calibrate.Calibration(model, [torch.randn(5, 6)])
+    names = ["q.weight", "k.weight", "v.weight", "out.weight"]
+    reachable = {n: layer_inputs(model, n) for n in names}
+    groups, _, repeated = rec._order(calibration, reachable)
+    assert groups == [names[:3], ["out.weight"]] and not repeated
+    calls = []
+    model.out.register_forward_pre_hook(lambda module, args: calls.append(1))
+    rec._group_pass(calibration, names[:3], reachable, {}, stop_early=True)
+    assert calls == []  # stopped once q, k and v had run
+    rec._group_pass(calibration, ["out.weight"], reachable, {}, stop_early=True)
+    assert calls == [1]
+
+
+def test_corrected_biases_and_notes_round_trip_through_the_archive(tmp_path, net_and_batches):
+    model, batches = net_and_batches
+    result = qlis.compress(model, calib=batches, error_feedback=True)
+    path = qlis.save(result, tmp_path / "net.qlis")
+    state = qlis.load(path)
+    for name, tensor in result.state_dict().items():
+        assert torch.equal(state[name], tensor)
+    with qlis.open(path) as archive:
+        assert archive.entry("c1.weight")["plan"]["reconstruction"] == rec.BIAS_CORRECTED
+        assert "reconstruction" not in archive.entry("c1.bias").get("plan", {})
+
+
+def test_docstring_examples():
+    result = doctest.testmod(qlis.layer_inputs, optionflags=doctest.ELLIPSIS)
+    assert result.attempted and result.failed == 0
