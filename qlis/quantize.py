@@ -464,6 +464,9 @@ def make_quantizer(bits: int, granularity: str = "tensor", method: str = "affine
 
 
 MAX_LEVELS = 1 << 16
+MAX_REL_MSE = 16.0
+"""rel_mse names a step by its high-rate error, sqrt(12 * rel_mse) * RMS; from 1 up (steps
+coarser than 3.5 x RMS) most weights round to 0, which is what the highest ratios need."""
 
 
 def code_dtype(n_levels: int) -> type:
@@ -481,7 +484,8 @@ class UniformQuantizer(Quantizer):
     within 0.25 bit of the best any scalar quantizer can do at the same error. ``step`` is
     the step itself (relative to nothing), or ``rel_mse`` asks for the step whose high-rate
     error ``step**2 / 12`` is that fraction of the layer's (or channel's) mean square.
-    ``rounding`` below 0.5 widens the zero bin (a dead zone) and lowers the rate.
+    ``rounding`` below 0.5 widens the zero bin (a dead zone) and lowers the rate. ``rel_mse``
+    may exceed 1 (up to MAX_REL_MSE): a step coarser than 3.5 RMS, a very low rate.
     Value of code ``c``: ``(c - offset) * step[row]``; 0 stays exactly 0.
 
     >>> q = UniformQuantizer(step=0.5).quantize(torch.tensor([-1.0, 0.0, 0.3, 2.0]))
@@ -502,8 +506,10 @@ class UniformQuantizer(Quantizer):
             raise ConfigError("uniform quantization takes exactly one of step= or rel_mse=")
         if step is not None and not (isinstance(step, int | float) and 0 < step < math.inf):
             raise ConfigError(f"step must be a positive finite number, got {step!r}")
-        if rel_mse is not None and not (isinstance(rel_mse, int | float) and 0 < rel_mse < 1):
-            raise ConfigError(f"rel_mse must be in (0, 1), got {rel_mse!r}")
+        if rel_mse is not None and not (
+            isinstance(rel_mse, int | float) and 0 < rel_mse <= MAX_REL_MSE
+        ):
+            raise ConfigError(f"rel_mse must be in (0, {MAX_REL_MSE}], got {rel_mse!r}")
         if not (isinstance(rounding, int | float) and 0 < rounding <= 0.5):
             raise ConfigError(f"rounding must be in (0, 0.5], got {rounding!r}")
         _check_granularity(granularity)

@@ -70,10 +70,15 @@ class _Candidate:
         return LayerConfig(pruner=self.pruner, quantizer=self.config)
 
 
+COARSEST_STEP = 8.0
+"""The coarsest step offered, relative to the RMS: under 0.01 bit per weight for Gaussian
+weights, so that size targets of 16-22x and beyond have candidates to choose from."""
+
+
 def _relative_steps(finest: float) -> np.ndarray:
-    """Steps as fractions of the RMS, half an octave apart, from 1.5 down to ``finest``."""
-    count = int(math.floor(2 * math.log2(1.5 / finest))) + 1
-    return 1.5 * 2.0 ** (-np.arange(count) / 2)
+    """Steps relative to the RMS, half an octave apart, from COARSEST_STEP to ``finest``."""
+    count = int(math.floor(2 * math.log2(COARSEST_STEP / finest))) + 1
+    return COARSEST_STEP * 2.0 ** (-np.arange(count) / 2)
 
 
 def _sample_index(numel: int, size: int, seed: int) -> torch.Tensor:
@@ -326,6 +331,14 @@ class RDPolicy(Policy):
 
     def review(self, result: CompressionResult) -> list[str]:
         found = []
+        wanted = self._target_bytes(result.original_bytes, result.numel)
+        if wanted is not None and result.estimated_bytes > wanted * 1.01:
+            reached = result.original_bytes / max(result.estimated_bytes, 1)
+            found.append(
+                f"the size target ({wanted:,.0f} bytes, {result.original_bytes / wanted:.1f}x) "
+                f"is out of reach: the smallest archive the candidates allow takes about "
+                f"{result.estimated_bytes:,} bytes ({reached:.1f}x)"
+            )
         output = result.distortion.get("output")
         if output is not None and self.max_distortion is None and self._size_target() is None:
             wanted = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
@@ -347,6 +360,16 @@ class RDPolicy(Policy):
                 return name
         return None
 
+    def _target_bytes(self, original_bytes: float, numel: int) -> float | None:
+        """The archive size the size target asks for (None: no size target)."""
+        if self.target_bits_per_weight is not None:
+            return self.target_bits_per_weight * numel / 8
+        if self.target_bytes is not None:
+            return float(self.target_bytes)
+        if self.target_ratio is not None:
+            return original_bytes / self.target_ratio
+        return None
+
     def _budget(self, context: PlanContext) -> float | None:
         """Bytes the selected layers may take, from the size target (None: no size target)."""
         state = context.state
@@ -356,13 +379,8 @@ class RDPolicy(Policy):
             for n, t in state.items() if n not in selected
         )
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
-        if self.target_bits_per_weight is not None:
-            total = self.target_bits_per_weight * sum(t.numel() for t in state.values()) / 8
-        elif self.target_bytes is not None:
-            total = float(self.target_bytes)
-        elif self.target_ratio is not None:
-            total = original / self.target_ratio
-        else:
+        total = self._target_bytes(original, sum(t.numel() for t in state.values()))
+        if total is None:
             return None
         if total <= fixed:
             raise ConfigError(

@@ -68,6 +68,21 @@ def test_ratio_and_bytes_targets(mlp):
     assert by_bytes.estimated_bytes <= 100_000 * 1.01
 
 
+@pytest.mark.parametrize("ratio", [12, 16, 22])
+def test_the_papers_ratios_are_reached_with_a_measured_quality(mlp, ratio, tmp_path):
+    """Steps coarser than the RMS reach 12-22x (real bytes) on a float32 model."""
+    result = qlis.compress(mlp, target_ratio=ratio)
+    path = qlis.save(result, tmp_path / "m.qlis")
+    assert result.original_bytes / path.stat().st_size >= ratio * 0.97
+    assert not result.warnings and 0 < result.distortion["weight_rel_mse"] < 1
+
+
+def test_a_size_target_beyond_reach_returns_the_smallest_and_says_what_was_reached(mlp):
+    with pytest.warns(qlis.QualityWarning, match=r"out of reach.*takes about [\d,]+ bytes"):
+        result = qlis.compress(mlp, target_ratio=200)
+    assert result.warnings and 100 < result.original_bytes / result.estimated_bytes < 200
+
+
 def test_rd_beats_the_paper_policy_at_equal_size(mlp, tmp_path):
     paper = qlis.compress(mlp, "laq")
     size = qlis.save(paper, tmp_path / "laq.qlis", codec="ans").stat().st_size
