@@ -7,8 +7,9 @@
 """
 
 from qlis.archive import Archive, load, open, save
-from qlis.compress import CompressionResult, LayerPlan, QualityWarning, compress
+from qlis.compress import CompressionResult, QualityWarning, compress
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
+from qlis.execute import LayerPlan
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import LevelsPolicy, Policy, make_policy, policy_names, register_policy
 from qlis.prune import FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner

@@ -28,8 +28,9 @@ from qlis.atomic import atomic_path
 from qlis.codecs import BitPack, Codec, Raw, get_codec
 from qlis.codecs.auto import Auto
 from qlis.codecs.sparse import Sparse
-from qlis.compress import CompressionResult, LayerPlan
+from qlis.compress import CompressionResult
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
+from qlis.execute import LayerPlan
 from qlis.format import (
     DEFAULT_MAX_DECODED_BYTES,
     DTYPES,

@@ -7,68 +7,35 @@ for everything stored losslessly), what was done to each layer, what it cost in 
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from qlis.calibrate import Calibration, CalibSpec
-from qlis.codecs import huffman_code_lengths
 from qlis.distortion import (
     HEADER_BYTES,
-    QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
-    coded_code_bytes,
-    param_bytes,
-    relative_mse,
 )
 from qlis.errors import ConfigError, InputError
-from qlis.gptq import quantize_with_error_feedback
+from qlis.execute import LayerPlan, StoredTensor, dequantized, execute_layer
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
-from qlis.prune import get_pruner
-from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.quantize import QuantizedTensor
 from qlis.reconstruct import reconstruct
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
 
-StoredTensor = torch.Tensor | QuantizedTensor
 DEFAULT_POLICY = "rd"
 
 
 class QualityWarning(UserWarning):
     """A compression result misses a target it was asked for (also in ``result.warnings``)."""
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What happened to one layer: its score, its strategies, and what they cost and saved.
-
-    ``kept`` counts the weights the pruner did not remove (zeros that were already in the
-    weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
-    entropy-coded size estimate of the layer as stored (codes + parameters + record);
-    ``reconstruction`` says how calibration shaped it ("" without error feedback).
-    """
-
-    name: str
-    numel: int
-    qlis: float | None
-    pruner: dict | None
-    quantizer: dict | None
-    k: float | None
-    bits: int | None
-    sparsity: float
-    rel_mse: float
-    kept: int
-    paper_bits: float
-    huffman_bits: float
-    coded_bytes: float
-    reconstruction: str = ""
 
 
 class CompressionResult:
@@ -196,72 +163,54 @@ class PlanPolicy(Policy):
         return Plan.coerce(self.plan or {})
 
 
-def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
-    """How many weights the pruner zeroed (zeros already in the weight are not counted)."""
-    return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
+class PlanExecutor:
+    """Executes plans as one ``compress`` call does: layer by layer, or reconstructed in
+    forward order on the calibration data (``calibration`` given). The last two results are
+    kept, so a plan a policy measured while choosing is not executed twice."""
 
+    def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
+                 calibration: Calibration | None, bias_correction: bool) -> None:
+        self.state = state
+        self.scores = scores
+        self.calibration = calibration
+        self.bias_correction = bias_correction
+        self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
 
-def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
-    return np.bincount(codes.reshape(-1), minlength=n_levels)
+    def _execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
+                 **how: Any) -> tuple[StoredTensor, LayerPlan]:
+        return execute_layer(name, weight, config, self.scores.get(name), **how)
 
-
-def _huffman_bits(counts: np.ndarray) -> float:
-    return float((counts * huffman_code_lengths(counts)).sum())
-
-
-def execute_layer(
-    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
-    hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
-) -> tuple[StoredTensor, LayerPlan]:
-    """Prune then quantize one layer as ``config`` says, and measure what that did.
-
-    With ``hessian`` (the layer's input covariance; per output group when 3-D) the rounding
-    feeds its error forward (GPTQ, qlis/gptq.py; ``transposed`` for a weight stored (in, out));
-    the stored format is the quantizer's own. ``reconstruction`` is recorded in the plan row."""
-    pruner = get_pruner(config.pruner) if config.pruner else None
-    pruned = pruner.prune(weight)[0] if pruner else weight
-    removed_mask = (pruned == 0) & (weight != 0) if pruner else None
-    removed = int(torch.count_nonzero(removed_mask)) if pruner else 0
-    kept = weight.numel() - removed
-    width = storage_bits(weight.dtype)
-    if config.quantizer is None:
-        stored: StoredTensor = pruned
-        approx = pruned
-        paper = huffman = float(kept * width)
-        coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
-        bits = None
-    else:
-        if hessian is not None:
-            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
-                                                  transposed=transposed)
+    def run(self, plan: Plan, progress: Callable[[int], None] | None = None,
+            ) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
+        """Every tensor as stored (the input's own where unchanged), and the plan rows."""
+        key = json.dumps(plan.to_json(), sort_keys=True)
+        if key in self._done:
+            stored, layers = self._done[key]
+            if progress is not None:
+                for layer in layers:
+                    progress(layer.numel)
+            return stored, layers
+        stored: dict[str, StoredTensor] = dict(self.state)
+        if self.calibration is not None:
+            done = reconstruct(self.calibration, plan, self.state, self._execute,
+                               self.bias_correction, progress)
+            stored.update(done.tensors)
+            stored.update(done.biases)
+            layers = [done.layers[name] for name in plan]
         else:
-            stored = get_quantizer(config.quantizer).quantize(pruned)
-        approx = stored.dequantize()
-        bits = config.bits or stored.code_bits
-        paper = float(kept * bits)
-        counts = _symbol_counts(stored.codes, stored.n_levels)
-        kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
-        if removed:
-            kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
-        huffman = _huffman_bits(kept_counts)
-        coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
-    plan = LayerPlan(
-        name=name,
-        numel=weight.numel(),
-        qlis=qlis,
-        pruner=config.pruner,
-        quantizer=config.quantizer,
-        k=config.k,
-        bits=bits,
-        sparsity=removed / max(weight.numel(), 1),
-        rel_mse=relative_mse(weight, approx),
-        kept=kept,
-        paper_bits=paper,
-        huffman_bits=huffman,
-        coded_bytes=coded,
-        reconstruction=reconstruction,
-    )
-    return stored, plan
+            layers = []
+            for name, config in plan.items():
+                stored[name], layer = self._execute(name, self.state[name], config)
+                layers.append(layer)
+                if progress is not None:
+                    progress(layer.numel)
+        self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
+        return stored, layers
+
+    def realize(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """The tensors that executing ``plan`` changes, as the model computes with them."""
+        stored, _ = self.run(plan)
+        return {name: dequantized(t) for name, t in stored.items() if t is not self.state[name]}
 
 
 def _select_config(select: SelectSpec) -> Any:
@@ -338,34 +287,19 @@ def compress(
         if not isinstance(model_or_state_dict, torch.nn.Module):
             raise InputError("calib= needs the model as an nn.Module (not a state dict)")
         calibration = Calibration(model_or_state_dict, calib)
+    executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
+                            calibration if error_feedback else None, bias_correction)
     context = PlanContext(
         state=state,
         report=report,
         model=model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None,
         calibration=calibration,
+        realize=executor.realize,
     )
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)
 
-    scores = {layer.name: layer.QLIS for layer in report.layers}
-
-    def execute(name: str, weight: torch.Tensor, config: LayerConfig,
-                **how: Any) -> tuple[StoredTensor, LayerPlan]:
-        return execute_layer(name, weight, config, scores.get(name), **how)
-
-    stored: dict[str, StoredTensor] = dict(state)
-    if error_feedback:
-        done = reconstruct(calibration, the_plan, state, execute, bias_correction, progress)
-        stored.update(done.tensors)
-        stored.update(done.biases)
-        layers = [done.layers[name] for name in the_plan]
-    else:
-        layers = []
-        for name, config in the_plan.items():
-            stored[name], layer_plan = execute(name, state[name], config)
-            layers.append(layer_plan)
-            if progress is not None:
-                progress(layer_plan.numel)
+    stored, layers = executor.run(the_plan, progress)
     distortion: dict[str, Any] = {
         "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
         "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
@@ -390,11 +324,7 @@ def compress(
         distortion=distortion,
     )
     if calibration is not None:
-        changed = {n: t for n, t in result.tensors.items() if t is not state[n]}
-        distortion["output"] = calibration.measure(
-            {name: t.dequantize() if isinstance(t, QuantizedTensor) else t
-             for name, t in changed.items()}
-        )
+        distortion["output"] = calibration.measure(executor.realize(the_plan))
         result.calibration_cost = {"passes": calibration.passes, "seconds": calibration.seconds}
     result.config = finite_json(result.config, "the compression config")
     result.warnings = plan_policy.review(result)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from qlis.errors import ConfigError
+from qlis.execute import pruned_count
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.prune import get_pruner
 from qlis.quantize import GRANULARITIES, quantizer_registry
@@ -48,13 +49,16 @@ Assignment = list[tuple[float, int | None]]
 @dataclass
 class PlanContext:
     """What a policy may look at: the tensors, their QLIS report, and (optionally) the module
-    with its calibration data. ``progress`` takes a number of parameters done."""
+    with its calibration data. ``progress`` takes a number of parameters done. ``realize``
+    executes a plan as the compression will (reconstructed, with error feedback) and returns
+    the tensors it changes, as the model computes with them."""
 
     state: dict[str, torch.Tensor]
     report: InspectionReport
     model: torch.nn.Module | None = None
     calibration: Calibration | None = None
     progress: Callable[[int], None] | None = None
+    realize: Callable[[Plan], dict[str, torch.Tensor]] | None = None
 
 
 class Policy(Strategy):
@@ -239,7 +243,6 @@ class LevelsPolicy(Policy):
 
     def _paper_bits(self, state: dict, report: InspectionReport) -> Callable[[Assignment], float]:
         """Paper bits of any assignment, from kept-weight counts measured once per (layer, k)."""
-        from qlis.compress import pruned_count
 
         kept = []
         for layer in report.layers:

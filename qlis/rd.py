@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size
+from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.distortion import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
@@ -38,6 +38,7 @@ from qlis.distortion import (
     entropy_of_counts,
 )
 from qlis.errors import ConfigError
+from qlis.execute import dequantized, execute_layer
 from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
@@ -408,8 +409,6 @@ class RDPolicy(Policy):
         self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
     ) -> list[np.ndarray]:
         """Output distortion (1 - cosine) of every candidate, from one probe pass per layer."""
-        from qlis.compress import execute_layer
-
         out = []
         for name, cands in zip(names, per_layer, strict=True):
             quantized = [c for c in cands if c.config is not None]
@@ -419,7 +418,7 @@ class RDPolicy(Policy):
             probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
                                                       - math.log(_PROBE_REL_MSE)))
             stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-            measured = context.calibration.measure({name: _dequantized(stored)})
+            measured = context.calibration.measure({name: dequantized(stored)})
             gain = measured["one_minus_cosine"] / layer.rel_mse if layer.rel_mse > 0 else 0.0
             out.append(np.array([max(gain, 0.0) * c.rel_mse for c in cands]))
         return out
@@ -429,25 +428,34 @@ def _allocate_for_cosine(
     context: PlanContext, curves: list[Curve], plan_of: Callable[[list[int]], Plan],
     min_cosine: float,
 ) -> list[int]:
-    """Meet ``min_cosine`` as measured: allocate on the additive model, run the model, and
-    tighten the model's target until the measured cosine holds (at most a few passes)."""
-    from qlis.compress import execute_layer
+    """Meet ``min_cosine`` as measured, with the fewest bytes found in a few passes.
 
+    Allocate on the additive model, execute the plan as the compression will (reconstructed
+    when it is: error feedback recovers much of what the model predicts), measure, and move
+    the model's target by the measured / predicted ratio (geometrically between the tightest
+    target that missed and the loosest that met, once both are known). The smallest
+    allocation that met the target is kept; a measure within 10% under the target ends it."""
     wanted = 1.0 - min_cosine
-    limit = wanted
+    realize = context.realize or (lambda plan: {
+        name: dequantized(execute_layer(name, context.state[name], config)[0])
+        for name, config in plan.items()})
+    limit, met, missed = wanted, None, None
+    best: tuple[float, list[int]] | None = None
     choice = allocate_for_distortion(curves, limit)
     for _ in range(_COSINE_PASSES):
-        replaced = {
-            name: _dequantized(execute_layer(name, context.state[name], config)[0])
-            for name, config in plan_of(choice).items() if config.quantizer is not None
-        }
-        measured = context.calibration.measure(replaced)["one_minus_cosine"]
+        measured = context.calibration.measure(realize(plan_of(choice)))["one_minus_cosine"]
         if measured <= wanted:
-            return choice
-        limit *= 0.9 * wanted / max(measured, 1e-300)
+            size = totals(curves, choice)[0]
+            if best is None or size < best[0]:
+                best = (size, choice)
+            if measured >= 0.9 * wanted:
+                break
+            met = limit if met is None else max(met, limit)
+        else:
+            missed = limit if missed is None else min(missed, limit)
+        if met is not None and missed is not None:
+            limit = math.sqrt(met * missed)
+        else:
+            limit *= 0.95 * wanted / max(measured, 1e-300)
         choice = allocate_for_distortion(curves, limit)
-    return choice
-
-
-def _dequantized(stored: Any) -> torch.Tensor:
-    return stored.dequantize() if hasattr(stored, "dequantize") else stored
+    return best[1] if best is not None else choice

@@ -28,17 +28,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qlis.calibrate import Calibration
+from qlis.execute import LayerPlan, StoredTensor, dequantized
 from qlis.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
 from qlis.plan import Plan
-
-if TYPE_CHECKING:
-    from qlis.compress import LayerPlan, StoredTensor
 
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
@@ -217,7 +214,7 @@ def reconstruct(
             hessian = moments[name].covariance() if config.quantizer is not None else None
             stored, layer = execute(name, state[name], config, hessian=hessian,
                                     transposed=inputs.transposed, reconstruction=FED_BACK)
-            approx = stored.dequantize() if hasattr(stored, "dequantize") else stored
+            approx = dequantized(stored)
             replacements[name] = approx
             bias = inputs.bias
             if bias_correction and bias in state and bias not in plan:

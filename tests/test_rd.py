@@ -8,6 +8,7 @@ from torch import nn
 
 import qlis
 from qlis import ConfigError
+from qlis.execute import execute_layer
 from qlis.rd import DEFAULT_MAX_DISTORTION
 
 
@@ -167,7 +168,6 @@ def test_calibration_input_errors(mlp):
 
 def test_candidate_estimates_match_the_executed_layer():
     """Every candidate family's sampled error and size agree with the real thing."""
-    from qlis.compress import execute_layer
     from qlis.rd import RDPolicy, _layer_candidates
 
     torch.manual_seed(3)

@@ -223,3 +223,17 @@ def test_corrected_biases_and_notes_round_trip_through_the_archive(tmp_path, net
 def test_docstring_examples():
     result = doctest.testmod(qlis.layer_inputs, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+def test_a_quality_target_is_met_with_fewer_bytes_when_reconstruction_recovers_error():
+    """min_cosine is re-measured on the reconstructed model, so the allocation can spend
+    fewer bytes than rounding alone needs for the same measured cosine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    mixing = torch.randn(128, 128) * torch.logspace(0, -2, 128)  # strongly correlated inputs
+    batches = [torch.randn(256, 128) @ mixing]
+    plain = qlis.compress(model, calib=batches, min_cosine=0.999)
+    fed = qlis.compress(model, calib=batches, min_cosine=0.999, error_feedback=True)
+    for result in (plain, fed):
+        assert result.distortion["output"]["cosine"] >= 0.999 and not result.warnings
+    assert fed.estimated_bytes < 0.95 * plain.estimated_bytes

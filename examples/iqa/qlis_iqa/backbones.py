@@ -19,6 +19,11 @@ import torch
 
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
 
+try:  # huggingface_hub >= 0.33 validates config fields strictly (an int for a float, say)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # older: configs are not strict dataclasses, nothing more to catch
+    StrictDataclassError = ValueError
+
 if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds, paths are checked first
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -179,7 +184,7 @@ def build_backbone(
         cfg = fam.config_cls.from_dict(settings)
         with _no_init_weights():
             model = fam.model_cls(cfg, **fam.model_kwargs)
-    except (ValueError, TypeError, KeyError, ImportError) as exc:
+    except (ValueError, TypeError, KeyError, ImportError, StrictDataclassError) as exc:
         raise IQAError(f"the stored {fam.name} backbone config cannot be built: {exc}") from None
     return model.eval()
 

@@ -1,0 +1,127 @@
+"""Executing one layer of a plan: prune, quantize (optionally with error feedback), measure.
+
+``execute_layer`` is what ``qlis.compress`` runs per layer and what policies run to probe a
+candidate, so a probe measures exactly what the result will hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qlis.codecs import huffman_code_lengths
+from qlis.distortion import (
+    QUANTIZED_RECORD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    coded_code_bytes,
+    param_bytes,
+    relative_mse,
+)
+from qlis.gptq import quantize_with_error_feedback
+from qlis.plan import LayerConfig
+from qlis.prune import get_pruner
+from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.tensors import storage_bits
+
+StoredTensor = torch.Tensor | QuantizedTensor
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happened to one layer: its score, its strategies, and what they cost and saved.
+
+    ``kept`` counts the weights the pruner did not remove (zeros that were already in the
+    weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
+    entropy-coded size estimate of the layer as stored (codes + parameters + record);
+    ``reconstruction`` says how calibration shaped it ("" without error feedback).
+    """
+
+    name: str
+    numel: int
+    qlis: float | None
+    pruner: dict | None
+    quantizer: dict | None
+    k: float | None
+    bits: int | None
+    sparsity: float
+    rel_mse: float
+    kept: int
+    paper_bits: float
+    huffman_bits: float
+    coded_bytes: float
+    reconstruction: str = ""
+
+
+def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
+    """How many weights the pruner zeroed (zeros already in the weight are not counted)."""
+    return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
+
+
+def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
+    return np.bincount(codes.reshape(-1), minlength=n_levels)
+
+
+def _huffman_bits(counts: np.ndarray) -> float:
+    return float((counts * huffman_code_lengths(counts)).sum())
+
+
+def execute_layer(
+    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
+    hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
+) -> tuple[StoredTensor, LayerPlan]:
+    """Prune then quantize one layer as ``config`` says, and measure what that did.
+
+    With ``hessian`` (the layer's input covariance; per output group when 3-D) the rounding
+    feeds its error forward (GPTQ, qlis/gptq.py; ``transposed`` for a weight stored (in, out));
+    the stored format is the quantizer's own. ``reconstruction`` is recorded in the plan row."""
+    pruner = get_pruner(config.pruner) if config.pruner else None
+    pruned = pruner.prune(weight)[0] if pruner else weight
+    removed_mask = (pruned == 0) & (weight != 0) if pruner else None
+    removed = int(torch.count_nonzero(removed_mask)) if pruner else 0
+    kept = weight.numel() - removed
+    width = storage_bits(weight.dtype)
+    if config.quantizer is None:
+        stored: StoredTensor = pruned
+        approx = pruned
+        paper = huffman = float(kept * width)
+        coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
+        bits = None
+    else:
+        if hessian is not None:
+            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
+                                                  transposed=transposed)
+        else:
+            stored = get_quantizer(config.quantizer).quantize(pruned)
+        approx = stored.dequantize()
+        bits = config.bits or stored.code_bits
+        paper = float(kept * bits)
+        counts = _symbol_counts(stored.codes, stored.n_levels)
+        kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
+        if removed:
+            kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
+        huffman = _huffman_bits(kept_counts)
+        coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
+    plan = LayerPlan(
+        name=name,
+        numel=weight.numel(),
+        qlis=qlis,
+        pruner=config.pruner,
+        quantizer=config.quantizer,
+        k=config.k,
+        bits=bits,
+        sparsity=removed / max(weight.numel(), 1),
+        rel_mse=relative_mse(weight, approx),
+        kept=kept,
+        paper_bits=paper,
+        huffman_bits=huffman,
+        coded_bytes=coded,
+        reconstruction=reconstruction,
+    )
+    return stored, plan
+
+
+def dequantized(stored: StoredTensor) -> torch.Tensor:
+    """The tensor a stored layer computes with."""
+    return stored.dequantize() if isinstance(stored, QuantizedTensor) else stored
