@@ -24,6 +24,8 @@ import torch
 from qlis.errors import ConfigError, InputError
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
+_MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError)
+"""What a model raises for inputs of the wrong shape, dtype or keywords."""
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -68,39 +70,74 @@ class Calibration:
         self.calib = calib
         self.passes = 0
         self.seconds = 0.0
-        self.reference = [_vectors(o) for o in self._run()]
+        self.calls: list[tuple[tuple, dict]] = []
+        handle = None
+        if callable(calib):  # record the model calls it makes, to replay them in `feed`
+            handle = model.register_forward_pre_hook(
+                lambda module, args, kwargs: self.calls.append((args, kwargs)), with_kwargs=True)
+        try:
+            self.reference = [_vectors(o) for o in self._run(checked=True)]
+        finally:
+            if handle is not None:
+                handle.remove()
         if not any(v.numel() for v in self.reference):
             raise InputError("the calibration outputs are empty")
+        for i, vectors in enumerate(self.reference):
+            if not bool(torch.isfinite(vectors).all()):
+                where = "the callable's output" if callable(calib) else f"batch {i}"
+                raise InputError(f"the model's output on the calibration data ({where}) holds "
+                                 "NaN or inf: calibrate on inputs the model computes finitely")
 
-    def _run(self, stop: type[Exception] | None = None) -> list[torch.Tensor]:
+    def _run(self, stop: type[Exception] | None = None, replay: bool = False,
+             checked: bool = False) -> list[torch.Tensor]:
         """Run every batch (or the callable once) and return the outputs; a batch that raises
-        ``stop`` (a hook that has seen what it needed) is cut short and gives no output."""
+        ``stop`` (a hook that has seen what it needed) is cut short and gives no output.
+        ``replay``: the model calls a callable made, one by one (each can stop alone).
+        ``checked``: a batch the model cannot take is an InputError that says which."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
             with torch.inference_mode():
-                for run in self._runs():
+                for i, run in enumerate(self._runs(replay)):
                     try:
                         outputs.append(first_tensor(run()))
                     except Exception as err:
-                        if stop is None or not isinstance(err, stop):
-                            raise
+                        if stop is not None and isinstance(err, stop):
+                            continue
+                        if checked and isinstance(err, _MISFIT_ERRORS):
+                            where = "the callable" if callable(self.calib) else f"batch {i}"
+                            raise InputError(
+                                f"the calibration data does not fit the model ({where}): "
+                                f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                            ) from None
+                        raise
         finally:
             self.model.train(was_training)
         self.passes += 1
         self.seconds += time.perf_counter() - start
         return outputs
 
-    def _runs(self) -> list[Callable[[], Any]]:
+    def _runs(self, replay: bool) -> list[Callable[[], Any]]:
+        if callable(self.calib) and replay and self.calls:
+            return [lambda call=call: self.model(*call[0], **call[1]) for call in self.calls]
         if callable(self.calib):
             return [lambda: self.calib(self.model)]
         return [lambda batch=batch: self._call(batch) for batch in self.calib]
 
+    @property
+    def forward_calls(self) -> int:
+        """How many times one `feed` calls the model (a callable that calls only parts of
+        the model counts once: it cannot be replayed call by call)."""
+        if callable(self.calib):
+            return len(self.calls) or 1
+        return len(self.calib)
+
     def feed(self, stop: type[Exception] | None = None) -> None:
-        """One pass for the hooks the caller placed on the model (outputs are dropped)."""
-        self._run(stop)
+        """One pass for the hooks the caller placed on the model (outputs are dropped); a
+        callable's model calls are replayed one by one, so ``stop`` ends only the current one."""
+        self._run(stop, replay=True)
 
     def _call(self, batch: Any) -> Any:
         if isinstance(batch, Mapping):

@@ -22,11 +22,11 @@ from qlis.distortion import (
     RECORD_OVERHEAD_BYTES,
 )
 from qlis.errors import ConfigError, InputError
-from qlis.execute import LayerPlan, StoredTensor, dequantized, execute_layer
+from qlis.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.quantize import QuantizedTensor
-from qlis.reconstruct import reconstruct
+from qlis.reconstruct import NOT_REACHED, reconstruct
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
@@ -207,10 +207,22 @@ class PlanExecutor:
         self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
         return stored, layers
 
-    def realize(self, plan: Plan) -> dict[str, torch.Tensor]:
-        """The tensors that executing ``plan`` changes, as the model computes with them."""
-        stored, _ = self.run(plan)
-        return {name: dequantized(t) for name, t in stored.items() if t is not self.state[name]}
+    def realize(self, plan: Plan) -> Realized:
+        """``plan`` executed: the tensors it changes, dequantized, and its layers' bytes."""
+        stored, layers = self.run(plan)
+        changed = {name: dequantized(t) for name, t in stored.items()
+                   if t is not self.state[name]}
+        return Realized(changed, sum(layer.coded_bytes for layer in layers))
+
+
+def _unreached(layers: list[LayerPlan]) -> list[str]:
+    """A warning naming the planned layers that calibration never ran (rounded data-free)."""
+    names = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [f"the calibration never ran {len(names)} planned layer(s): {shown}; they were "
+            "rounded data-free and their effect on the output was not measured"]
 
 
 def _select_config(select: SelectSpec) -> Any:
@@ -240,7 +252,7 @@ def compress(
     select: SelectSpec = None,
     inplace: bool = False,
     progress: Callable[[int], None] | None = None,
-    error_feedback: bool = False,
+    error_feedback: bool | None = None,
     bias_correction: bool = True,
     **options: Any,
 ) -> CompressionResult:
@@ -257,7 +269,8 @@ def compress(
     ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
     (configs applied to every layer) and ``target_ratio`` (the paper's CR).
 
-    ``error_feedback=True`` (needs ``calib``) reconstructs sequentially (qlis/reconstruct.py):
+    With ``calib``, the plan is executed by reconstruction unless ``error_feedback=False``
+    (``error_feedback=True`` without ``calib`` is refused): sequentially (qlis/reconstruct.py),
     layers in forward order, each rounded GPTQ-style on its quantizer's grid against the
     inputs the already-quantized model gives it (Linear, Conv1d/2d/3d incl. grouped and
     depthwise, Hugging Face Conv1D, attention's packed projections), and with
@@ -275,6 +288,7 @@ def compress(
     state = as_state_dict(model_or_state_dict)
     if error_feedback and calib is None:
         raise ConfigError("error_feedback needs calibration data: pass calib=")
+    error_feedback = calib is not None if error_feedback is None else bool(error_feedback)
     if plan is not None:
         if options or (policy != DEFAULT_POLICY and policy != "plan"):
             raise ConfigError("give either plan= or a policy with options, not both")
@@ -324,10 +338,10 @@ def compress(
         distortion=distortion,
     )
     if calibration is not None:
-        distortion["output"] = calibration.measure(executor.realize(the_plan))
+        distortion["output"] = calibration.measure(executor.realize(the_plan).tensors)
         result.calibration_cost = {"passes": calibration.passes, "seconds": calibration.seconds}
     result.config = finite_json(result.config, "the compression config")
-    result.warnings = plan_policy.review(result)
+    result.warnings = plan_policy.review(result) + _unreached(layers)
     for warning in result.warnings:
         warnings.warn(warning, QualityWarning, stacklevel=2)
     if inplace and isinstance(model_or_state_dict, torch.nn.Module):

@@ -122,6 +122,15 @@ def execute_layer(
     return stored, plan
 
 
+@dataclass(frozen=True)
+class Realized:
+    """A plan as executed: the tensors it changed, as the model computes with them, and the
+    coded bytes of its layers (what a size target counts, besides the fixed part)."""
+
+    tensors: dict[str, torch.Tensor]
+    layer_bytes: float
+
+
 def dequantized(stored: StoredTensor) -> torch.Tensor:
     """The tensor a stored layer computes with."""
     return stored.dequantize() if isinstance(stored, QuantizedTensor) else stored

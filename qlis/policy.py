@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qlis.errors import ConfigError
-from qlis.execute import pruned_count
+from qlis.execute import Realized, pruned_count
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.prune import get_pruner
 from qlis.quantize import GRANULARITIES, quantizer_registry
@@ -50,15 +50,15 @@ Assignment = list[tuple[float, int | None]]
 class PlanContext:
     """What a policy may look at: the tensors, their QLIS report, and (optionally) the module
     with its calibration data. ``progress`` takes a number of parameters done. ``realize``
-    executes a plan as the compression will (reconstructed, with error feedback) and returns
-    the tensors it changes, as the model computes with them."""
+    executes a plan as the compression will (reconstructed, with error feedback): the
+    tensors it changes, as the model computes with them, and its layers' coded bytes."""
 
     state: dict[str, torch.Tensor]
     report: InspectionReport
     model: torch.nn.Module | None = None
     calibration: Calibration | None = None
     progress: Callable[[int], None] | None = None
-    realize: Callable[[Plan], dict[str, torch.Tensor]] | None = None
+    realize: Callable[[Plan], Realized] | None = None
 
 
 class Policy(Strategy):

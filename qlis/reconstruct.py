@@ -133,8 +133,7 @@ def _order(
     finally:
         for handle in handles:
             handle.remove()
-    runs = 1 if callable(calibration.calib) else len(calibration.calib)
-    repeated = any(count > runs for count in calls.values())
+    repeated = any(count > calibration.forward_calls for count in calls.values())
     groups: list[list[str]] = []
     previous = None
     for name, key in first:

@@ -122,11 +122,13 @@ def test_sequential_reconstruction_lowers_the_output_error_and_says_what_it_did(
         net_and_batches):
     model, batches = net_and_batches
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches)
-    fed = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
-                        error_feedback=True, bias_correction=False)
-    corrected = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
-                              error_feedback=True)
+    plain = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
+                          error_feedback=False)
+    with pytest.warns(qlis.QualityWarning, match=r"never ran 1 planned layer\(s\): unused"):
+        fed = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches,
+                            bias_correction=False)
+    with pytest.warns(qlis.QualityWarning, match="never ran"):
+        corrected = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches)
     errors = [output_rel_mse(model, r, batches) for r in (plain, fed, corrected)]
     assert errors[1] < 0.7 * errors[0] and errors[2] < errors[0]
     assert corrected.distortion["output"]["rel_mse"] == pytest.approx(errors[2], rel=1e-3)
@@ -135,7 +137,8 @@ def test_sequential_reconstruction_lowers_the_output_error_and_says_what_it_did(
                      **{f"{n}.weight": rec.BIAS_CORRECTED for n in ("c1", "c2", "c3", "fc",
                                                                      "head")}}
     assert {layer.reconstruction for layer in fed.layers} >= {rec.FED_BACK}
-    assert all(layer.reconstruction == "" for layer in plain.layers)
+    assert all(layer.reconstruction == "" for layer in plain.layers) and not plain.warnings
+    assert corrected.config["error_feedback"] and not plain.config["error_feedback"]
     assert not torch.equal(corrected.tensors["fc.bias"], model.fc.bias)
     assert torch.equal(fed.tensors["fc.bias"], model.fc.bias)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -232,8 +235,37 @@ def test_a_quality_target_is_met_with_fewer_bytes_when_reconstruction_recovers_e
     model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).eval()
     mixing = torch.randn(128, 128) * torch.logspace(0, -2, 128)  # strongly correlated inputs
     batches = [torch.randn(256, 128) @ mixing]
-    plain = qlis.compress(model, calib=batches, min_cosine=0.999)
-    fed = qlis.compress(model, calib=batches, min_cosine=0.999, error_feedback=True)
+    plain = qlis.compress(model, calib=batches, min_cosine=0.999, error_feedback=False)
+    fed = qlis.compress(model, calib=batches, min_cosine=0.999)
     for result in (plain, fed):
         assert result.distortion["output"]["cosine"] >= 0.999 and not result.warnings
     assert fed.estimated_bytes < 0.95 * plain.estimated_bytes
+
+
+def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(qlis.InputError, match=r"does not fit the model \(batch 1\)"):
+        qlis.compress(model, calib=[torch.randn(2, 8), torch.randn(2, 5)])
+    with pytest.raises(qlis.InputError, match="does not fit the model"):
+        qlis.compress(model, calib=[{"nope": torch.randn(2, 8)}])
+    with pytest.raises(qlis.InputError, match="NaN or inf"):
+        qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
+
+
+def test_a_callables_model_calls_are_replayed_one_by_one():
+    """A callable that runs several batches still lets each pass stop early per call."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    batches = [torch.randn(5, 6) for _ in range(3)]
+    calibration = qlis.calibrate.Calibration(model, lambda m: torch.cat([m(b) for b in batches]))
+    assert calibration.forward_calls == 3
+    reachable = {n: layer_inputs(model, n) for n in ("0.weight", "2.weight")}
+    groups, moments, repeated = rec._order(calibration, reachable)
+    assert not repeated and moments["0.weight"].rows == [15]
+    early = rec._group_pass(calibration, ["0.weight"], reachable, {}, stop_early=True)
+    assert early["0.weight"].rows == [15]  # every call contributed, each stopped early
+    by_callable = qlis.compress(model, "quant", quantizer=UNIFORM,
+                                calib=lambda m: torch.cat([m(b) for b in batches]))
+    by_batches = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches)
+    for name, tensor in by_batches.state_dict().items():
+        assert torch.equal(by_callable.state_dict()[name], tensor)
