@@ -23,6 +23,7 @@ import torch
 
 import qlis
 from qlis.atomic import atomic_path
+from qlis.calib_files import check_calibration_path, read_calibration
 from qlis.compress import DEFAULT_POLICY, QualityWarning
 from qlis.console import (
     check_input,
@@ -38,6 +39,7 @@ from qlis.console import (
 )
 from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
+from qlis.hf_model import load_hf_model
 from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
 from qlis.policy import PAPER_POLICIES, policy_names
 from qlis.runtime import runtime_plan
@@ -105,7 +107,8 @@ def _set_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def _pack_policy(policy: str, given: dict, plan_file: Path | None) -> tuple[object, dict]:
+def _pack_policy(policy: str, given: dict, plan_file: Path | None,
+                 calibrated: bool = False) -> tuple[object, dict]:
     """The policy (or plan) and its options from the flags the user gave, checked before any
     model is loaded: an option that the policy would ignore or override is refused."""
     options = {key: value for key, value in given.items() if value is not None}
@@ -130,9 +133,11 @@ def _pack_policy(policy: str, given: dict, plan_file: Path | None) -> tuple[obje
         if key in options and policy not in quantizing:
             raise InputError(f"--{key} applies to policies that quantize by bits "
                              f"({', '.join(quantizing)}), not {policy!r}")
-    if "min_cosine" in options:
-        raise InputError("min_cosine needs calibration data, which qlis pack does not take: "
-                         "use qlis.compress(model, calib=..., min_cosine=...) in Python")
+    if "min_cosine" in options and not calibrated:
+        raise InputError("--min-cosine is measured on calibration data: pass --calib FILE")
+    if "max_distortion" in options and calibrated:
+        raise InputError("--max-distortion is a weight-error target; with --calib ask for "
+                         "--min-cosine (output quality) or a size")
     qlis.make_policy(policy, **options)  # unknown or bad options fail here, before the work
     return None, options
 
@@ -258,34 +263,53 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help="Any other policy option (JSON value), e.g. --set granularities=[\"channel\"].")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path),
               help="A JSON plan: layer name -> {pruner, quantizer} (instead of a policy).")
+@click.option("--calib", "calib_file", type=click.Path(path_type=Path),
+              help="Calibration data for a Hugging Face model folder: a .txt file of one "
+                   "example per line (tokenized by the folder's tokenizer), or .safetensors/.pt "
+                   "tensors of the model's keyword inputs (one example per row).")
+@click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16), default=128,
+              show_default=True, help="Calibration examples to use at most.")
+@click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096), default=16,
+              show_default=True, help="Calibration examples per forward pass.")
+@click.option("--min-cosine", type=click.FloatRange(min=0, max=1, max_open=True),
+              help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
-         quantizer_json, settings, plan_file, codec, force) -> None:
+         quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
+         min_cosine, codec, force) -> None:
     """Compress a model and write it as a .qlis archive.
 
     By default the rd policy keeps the model close to the original (weight error under
     1e-4 per layer on average); ask for a size with --target-bits-per-weight,
-    --target-bytes or --target-ratio.
+    --target-bytes or --target-ratio. With --calib (a Hugging Face model folder), layers
+    are reconstructed on the calibration data and the output quality is measured.
     """
     check_input(path)
     check_output(output, force, (".qlis",), inputs=[path])
     given = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
         "target_ratio": target_ratio, "max_distortion": max_distortion, "k": k, "bits": bits,
-        "granularity": granularity, "method": method,
+        "granularity": granularity, "method": method, "min_cosine": min_cosine,
         "pruner": _json_option(pruner_json, "--pruner"),
         "quantizer": _json_option(quantizer_json, "--quantizer"),
         **_set_options(settings),
     }
-    plan, options = _pack_policy(policy, given, plan_file)
-    state = load_state_dict(path)
+    plan, options = _pack_policy(policy, given, plan_file, calibrated=calib_file is not None)
+    calib = None
+    if calib_file is not None:
+        check_calibration_path(calib_file)
+        model = load_hf_model(path)
+        calib = read_calibration(calib_file, path, calib_examples, calib_batch_size)
+        state = model.state_dict()
+    else:
+        model = state = load_state_dict(path)
     total = sum(t.numel() for t in state.values())
     with _progress(total, "compressing") as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
-        result = qlis.compress(state, policy=policy, beta=beta, eps=eps, select=select or None,
-                               plan=plan, progress=progress, **options)
+        result = qlis.compress(model, policy=policy, beta=beta, eps=eps, select=select or None,
+                               plan=plan, progress=progress, calib=calib, **options)
     for warning in result.warnings:
         click.echo(f"qlis: warning: {warning}", err=True)
     source_bytes = model_file_bytes(path)
@@ -302,6 +326,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         f"policy {result.policy.strategy_id}"
     )
     click.echo(f"quality: {result.describe_quality()}")
+    if result.calibration_cost is not None:
+        click.echo(f"calibration: {sum(len(next(iter(b.values()))) for b in calib)} examples, "
+                   f"{result.calibration_cost['passes']} passes, "
+                   f"{result.calibration_cost['seconds']:.1f} s")
     click.echo(f"idealised paper ratios (no index or metadata cost, pruned zeros free): "
                f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
 

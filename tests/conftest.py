@@ -93,3 +93,4 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr(qlis.cli, "load_state_dict", refuse)
+    monkeypatch.setattr(qlis.cli, "load_hf_model", refuse)

@@ -1,0 +1,93 @@
+"""`qlis pack --calib`: a Hugging Face model folder calibrated on text or on input tensors,
+reconstructed, its output quality measured; bad calibration input is one line, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import one_line_error, run
+from safetensors.torch import save_file
+
+import qlis
+from qlis.cli import cli
+from qlis.hf_model import load_hf_model
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("a an the cat dog red blue big small photo of image painting sky sea tree house car "
+         "man woman girl boy city night day sun moon star art style bright").split()
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    """A tiny random-initialised BERT with its tokenizer, saved as Hugging Face does."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def user_error(*args: object) -> str:
+    return one_line_error(cli, "qlis: error:", *args)
+
+
+def test_pack_calibrated_on_text_measures_the_output(bert_folder, tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("\n".join(" ".join(WORDS[i:i + 6]) for i in range(20)) + "\n\n")
+    out = tmp_path / "bert.qlis"
+    result = run(cli, "pack", bert_folder, "-o", out, "--calib", text, "--min-cosine", "0.99",
+                 "--calib-batch-size", "8")
+    assert result.exit_code == 0, result.output
+    assert "output on the calibration data: cosine 0.99" in result.output
+    assert "calibration: 20 examples" in result.output
+    model = load_hf_model(bert_folder)
+    state = qlis.load(out)
+    assert set(state) == set(model.state_dict())
+    with qlis.open(out) as archive:
+        notes = {archive.entry(n)["plan"].get("reconstruction") for n in archive.names()
+                 if "plan" in archive.entry(n)}
+    assert any(note and note.startswith("error feedback") for note in notes)
+
+
+def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": torch.randint(5, 40, (12, 7)),
+               "attention_mask": torch.ones(12, 7, dtype=torch.int64)}, str(inputs))
+    out = tmp_path / "bert.qlis"
+    result = run(cli, "pack", bert_folder, "-o", out, "--calib", inputs,
+                 "--target-bits-per-weight", "12", "--calib-examples", "10")
+    assert result.exit_code == 0, result.output
+    assert "calibration: 10 examples" in result.output and "cosine" in result.output
+
+
+def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
+    state_file = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(state_file))
+    text = tmp_path / "ok.txt"
+    text.write_text("a red cat\n")
+    out = tmp_path / "x.qlis"
+    assert "config.json" in user_error("pack", state_file, "-o", out, "--calib", text)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "no example" in user_error("pack", bert_folder, "-o", out, "--calib", empty)
+    ragged = tmp_path / "ragged.safetensors"
+    save_file({"input_ids": torch.zeros(3, 4, dtype=torch.int64),
+               "attention_mask": torch.ones(2, 4, dtype=torch.int64)}, str(ragged))
+    assert "first dimension" in user_error("pack", bert_folder, "-o", out, "--calib", ragged)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"pixel_values": torch.zeros(2, 3)}, str(wrong))
+    assert "does not fit the model" in user_error("pack", bert_folder, "-o", out,
+                                                   "--calib", wrong)
+    binary = tmp_path / "bytes.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
+    assert "must be" in user_error("pack", bert_folder, "-o", out, "--calib", tmp_path / "c.csv")
+    assert not out.exists()
