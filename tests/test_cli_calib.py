@@ -16,8 +16,9 @@ from qlis.hf_model import load_hf_model
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = ("a an the cat dog red blue big small photo of image painting sky sea tree house car "
-         "man woman girl boy city night day sun moon star art style bright").split()
+WORDS = ["a", "an", "the", "cat", "dog", "red", "blue", "big", "small", "photo", "of", "image",
+         "painting", "sky", "sea", "tree", "house", "car", "man", "woman", "girl", "boy", "city",
+         "night", "day", "sun", "moon", "star", "art", "style", "bright"]
 
 
 @pytest.fixture(scope="module")
