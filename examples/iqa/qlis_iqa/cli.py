@@ -442,7 +442,9 @@ def _training_samples(meta, root, split_file, dataset):
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
 )
 @click.option("--rd-ratio", type=click.FloatRange(min=1), multiple=True,
-              help="Add an rd row at this real archive ratio (repeatable).")
+              default=(8.0, 12.0, 16.0, 22.0), show_default=True,
+              help="rd rows (calibrated and reconstructed) at these real archive ratios "
+                   "(repeatable; giving it replaces the default; --only to skip them).")
 @click.option("--rd-srcc-drop", type=click.FloatRange(0, 1, max_open=True), multiple=True,
               help="Add an rd row allowed to lose this much validation SRCC (repeatable).")
 @click.option("--calib-images", type=click.IntRange(min=3), default=32, show_default=True,
