@@ -14,6 +14,7 @@ compared as one vector per batch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,8 +47,9 @@ def first_tensor(output: Any) -> torch.Tensor:
     )
 
 
-def _vectors(output: torch.Tensor) -> torch.Tensor:
-    out = output.detach().double()
+def _vectors(output: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """The output as the vectors whose cosines are compared (float64)."""
+    out = (output.detach() if detach else output).double()
     if out.ndim >= 2 and out.shape[-1] > 1:
         return out.reshape(-1, out.shape[-1])
     return out.reshape(1, -1)
@@ -178,6 +180,63 @@ class Calibration:
     def measure(self, replacements: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE."""
         return self.compare(self.outputs_with(replacements))
+
+    def sensitivities(self, names: list[str], samples: int = 4, seed: int = 0,
+                      ) -> dict[str, float] | None:
+        """Per weight, the mean output 1 - cosine per unit of relative weight error, when
+        every weight of it takes independent noise (what rounding does at these rates).
+
+        For small noise of variance v per weight, 1 - cos(f, f + J e) averages
+        v ||P J||^2 / (2 ||f||^2) per output vector f (P: off the direction of f); with r a
+        random Gaussian vector per output, ||P J||^2 = E ||J^T P r||^2, the gradient of
+        r.P f: ``samples`` backward passes estimate it for every weight at once (Hutchinson),
+        where a probe per layer needs a forward pass each. None when the outputs carry no
+        gradient (a callable that computes them under no_grad): measure probes instead.
+        """
+        tensors = {name: self._tensor(name) for name in names}
+        if not all(t.is_leaf and t.is_floating_point() for t in tensors.values()):
+            return None
+        flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        totals = dict.fromkeys(names, 0.0)
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            for t in tensors.values():
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                for _ in range(samples):
+                    for i, run in enumerate(self._runs(replay=False)):
+                        output = first_tensor(run())
+                        if not output.requires_grad:
+                            return None
+                        f = _vectors(output, detach=False)
+                        reference = self.reference[i]
+                        norms = reference.norm(dim=1, keepdim=True)
+                        unit = reference / norms.clamp(min=1e-300)
+                        r = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+                        r = r - (r * unit).sum(dim=1, keepdim=True) * unit
+                        r = torch.where(norms > 0, r / (math.sqrt(2) * norms), 0.0)
+                        grads = torch.autograd.grad((f * r.to(f.device)).sum(),
+                                                    list(tensors.values()), allow_unused=True)
+                        for name, grad in zip(tensors, grads, strict=True):
+                            if grad is not None:
+                                totals[name] += float(grad.double().square().sum())
+        finally:
+            for p in self.model.parameters():
+                p.requires_grad_(flags.get(id(p), False))
+            for t in tensors.values():
+                if id(t) not in flags:
+                    t.requires_grad_(False)
+            self.model.train(was_training)
+            self.passes += samples
+            self.seconds += time.perf_counter() - start
+        count = sum(len(v) for v in self.reference)
+        return {name: totals[name] / samples / count
+                * float(t.detach().double().square().mean()) for name, t in tensors.items()}
 
     def compare(self, outputs: list[torch.Tensor]) -> dict[str, float]:
         cosines, error, energy = [], 0.0, 0.0

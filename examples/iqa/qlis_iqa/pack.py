@@ -37,8 +37,9 @@ class CentredScores:
     def images(self) -> int:
         return sum(len(b) for b in self.batches)
 
-    @torch.inference_mode()
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        """Differentiable (qlis runs it under inference mode, and with gradients to measure
+        each layer's sensitivity in a few backward passes)."""
         device = next(model.parameters()).device
         scores = torch.cat([model(b.to(device)).double().cpu() for b in self.batches])
         return scores - scores.mean()
