@@ -10,6 +10,7 @@ cosine similarities with the float32 model's.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import subprocess
 import sys
@@ -168,10 +169,12 @@ def tokenize(tokenizer: object, texts: list[str], batch: int = 64) -> list[dict[
     ]
 
 
-def embed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """L2-normalised mean-pooled sentence embeddings (sentence-transformers' pooling)."""
+def embed(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+          grad: bool = False) -> torch.Tensor:
+    """L2-normalised mean-pooled sentence embeddings (sentence-transformers' pooling);
+    ``grad=True`` leaves gradient tracking to the caller (qlis' calibration)."""
     out = []
-    with torch.inference_mode():
+    with contextlib.nullcontext() if grad else torch.inference_mode():
         for batch in batches:
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

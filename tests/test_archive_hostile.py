@@ -110,6 +110,9 @@ CASES = {
     "param dtype float64": lambda h: first_param(h).update(dtype="float64"),
     "plan a list": lambda h: quantized(h).update(plan=[0.5]),
     "plan bits a string": lambda h: quantized(h)["plan"].update(bits="4"),
+    "plan reconstruction a number": lambda h: quantized(h)["plan"].update(reconstruction=1),
+    "plan reconstruction too long": lambda h: quantized(h)["plan"].update(
+        reconstruction="x" * 201),
     "writer a string": lambda h: h.update(writer="qlis"),
     "compression a list": lambda h: h.update(compression=[1]),
     "summary nested": lambda h: h.update(summary={"cr": {"a": 1}}),
