@@ -44,9 +44,10 @@ def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
 
 
 def _blocks(matrix: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
-    """(row blocks, rows per block, column blocks, columns per block); edges padded with 0."""
+    """(row blocks, rows per block, column blocks, columns per block); edges padded with 0.
+    A block larger than the matrix is the whole matrix (no padding to its size)."""
     rows, cols = matrix.shape
-    br, bc = block_size
+    br, bc = min(block_size[0], max(rows, 1)), min(block_size[1], max(cols, 1))
     n_r, n_c = -(-rows // br), -(-cols // bc)
     pad_r, pad_c = n_r * br - rows, n_c * bc - cols
     if pad_r or pad_c:

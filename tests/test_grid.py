@@ -167,3 +167,15 @@ def test_a_third_party_quantizer_works_end_to_end(tmp_path, third_party):
 def test_docstring_examples():
     result = doctest.testmod(qlis.grid, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+def test_a_block_larger_than_the_matrix_allocates_nothing_more(monkeypatch):
+    """A crafted group size of 2**26 on a small tensor decodes without padding to it."""
+    q = get_quantizer({"id": "group", "bits": 4, "group_size": 1 << 26}).quantize(
+        torch.randn(3, 40))
+    assert q.params["scale"].shape == (3, 1)
+    padded = []
+    original = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad",
+                        lambda x, pad, *a, **k: padded.append(pad) or original(x, pad, *a, **k))
+    assert q.dequantize().shape == (3, 40) and not padded
