@@ -415,25 +415,30 @@ class RDPolicy(Policy):
         The gains come from a few backward passes (``Calibration.sensitivities``), or, when
         the outputs carry no gradient, from one probe pass per layer (measured on MiniLM:
         the two agree within 10-20% per layer; the backward passes took 4.3 s, the probes
-        9.8 s, and the gap grows with the number of layers)."""
+        9.8 s, and the gap grows with the number of layers). A layer that measures no gain
+        counts as a typical one (the median gain)."""
         calibration = context.calibration
         gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed)
-        out = []
-        for name, cands in zip(names, per_layer, strict=True):
-            quantized = [c for c in cands if c.config is not None]
-            if not quantized:
-                out.append(np.zeros(len(cands)))
-                continue
-            if gains is not None:
-                gain = gains[name]
-            else:
+        if gains is None:
+            gains = {}
+            for name, cands in zip(names, per_layer, strict=True):
+                quantized = [c for c in cands if c.config is not None]
+                if not quantized:
+                    continue
                 probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
                                                           - math.log(_PROBE_REL_MSE)))
                 stored, layer = execute_layer(name, context.state[name], probe.layer_config)
                 measured = calibration.measure({name: dequantized(stored)})
-                gain = measured["one_minus_cosine"] / layer.rel_mse if layer.rel_mse > 0 else 0
-            out.append(np.array([max(gain, 0.0) * c.rel_mse for c in cands]))
-        return out
+                gains[name] = (measured["one_minus_cosine"] / layer.rel_mse
+                               if layer.rel_mse > 0 else 0.0)
+        # a layer the calibration's outputs do not depend on (never run, or not on the path
+        # to the compared output) measures no gain: the data says nothing about it, so it
+        # counts as a typical layer (the median gain) rather than being rounded to nothing
+        measured = [g for g in gains.values() if g > 0]
+        typical = float(np.median(measured)) if measured else 1.0
+        return [np.array([(gains.get(name, 0.0) if gains.get(name, 0.0) > 0 else typical)
+                          * c.rel_mse for c in cands])
+                for name, cands in zip(names, per_layer, strict=True)]
 
 
 def _plain(context: PlanContext, plan: Plan) -> Realized:

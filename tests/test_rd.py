@@ -219,3 +219,25 @@ def test_extreme_weight_scales_are_measured_and_kept(scale):
     assert result.layers[0].quantizer is not None
     back, ref = result.state_dict()["w"] / scale, weight / scale
     assert float((back - ref).square().sum() / ref.square().sum()) == pytest.approx(error, rel=1e-3)
+
+
+def test_a_layer_the_calibration_output_does_not_depend_on_is_not_rounded_away():
+    """Calibration says nothing about a layer off the compared output's path: it counts as a
+    typical layer, not as one whose error costs nothing."""
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 256)  # not on the path of what calibration compares
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    model = Tower()
+    x = torch.randn(32, 64)
+    with pytest.warns(qlis.QualityWarning, match="never ran"):
+        result = qlis.compress(model, target_bits_per_weight=4, calib=lambda m: m.body(x))
+    errors = {layer.name: layer.rel_mse for layer in result.layers}
+    assert errors["head.weight"] < 0.2 and errors["head.weight"] < 10 * errors["body.weight"]
