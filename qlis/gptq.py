@@ -1,13 +1,13 @@
-"""GPTQ-style error feedback: round a Linear weight column by column, and push each column's
-rounding error onto the columns not yet rounded, so the layer's OUTPUT error on calibration
-inputs shrinks rather than its weight error (Frantar et al. 2022, "GPTQ").
+"""GPTQ-style error feedback: round a weight's matrix (outputs, inputs) column by column, and
+push each column's rounding error onto the columns not yet rounded, so the layer's OUTPUT
+error on calibration inputs shrinks rather than its weight error (Frantar et al. 2022, "GPTQ").
 
 The layer's output error on inputs X is ``||(W - W_hat) X^T||^2 = tr(E H E^T)`` with
 ``H = X^T X / n``, the layer's input covariance. Rounding column j leaves an error that the
 columns after j can cancel, along the Cholesky factor of ``H^-1``; GPTQ does that greedily,
-in lazy blocks. The grid (step, scale, zero point per tensor, row or group) is fixed first from
-the whole weight by the quantizer itself, so the result is stored, dequantized and archived
-exactly like that quantizer's own output; only the integer codes differ.
+in lazy blocks. The grid (qlis/grid.py: any quantizer's, affine or codebook) is fixed first
+from the whole weight by the quantizer itself, so the result is stored, dequantized and
+archived exactly like that quantizer's own output; only the integer codes differ.
 
 Exact zeros of the weight (pruned weights) stay exactly zero: their code is the code of 0 and
 their error is compensated by the other columns, as SparseGPT does. GPTQ zeroes the weights of
