@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -195,31 +195,34 @@ class CodebookGrid(Grid):
         return tuple(self.codebook.shape[:2])
 
     def encode(self, matrix: torch.Tensor) -> torch.Tensor:
-        if not matrix.numel():
-            return matrix.float()
-        x = _blocks(matrix.float(), self.block_size)
-        n_r, br, n_c, bc = x.shape
-        flat = x.permute(0, 2, 1, 3).reshape(n_r, n_c, br * bc)
         entries = torch.arange(self.codebook.shape[2])
         if self.exclusive_zero and self.zero_code is not None:
             entries = entries[entries != self.zero_code]
         table = self.codebook[:, :, entries]
-        midpoints = (table[..., 1:] + table[..., :-1]) / 2
-        codes = entries[torch.searchsorted(midpoints.contiguous(), flat.contiguous())].float()
-        if self.zero_code is not None:
-            codes = torch.where(flat == 0, float(self.zero_code), codes)
-        codes = codes.reshape(n_r, n_c, br, bc).permute(0, 2, 1, 3)
-        return _unblock(codes, tuple(matrix.shape))
+        midpoints = ((table[..., 1:] + table[..., :-1]) / 2).contiguous()
+
+        def nearest(flat: torch.Tensor) -> torch.Tensor:
+            codes = entries[torch.searchsorted(midpoints, flat.contiguous())].float()
+            if self.zero_code is not None:
+                codes = torch.where(flat == 0, float(self.zero_code), codes)
+            return codes
+
+        return self._per_block(matrix.float(), nearest)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        if not codes.numel():
-            return codes.float()
-        x = _blocks(codes.long(), self.block_size)
+        return self._per_block(codes.long(),
+                               lambda flat: torch.gather(self.codebook.float(), 2, flat)).float()
+
+    def _per_block(self, matrix: torch.Tensor,
+                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn`` on the matrix as (row blocks, column blocks, values of the block), the
+        layout of the codebook, and back to the matrix."""
+        if not matrix.numel():
+            return matrix.float()
+        x = _blocks(matrix, self.block_size)
         n_r, br, n_c, bc = x.shape
-        flat = x.permute(0, 2, 1, 3).reshape(n_r, n_c, br * bc)
-        values = torch.gather(self.codebook.float(), 2, flat)
-        values = values.reshape(n_r, n_c, br, bc).permute(0, 2, 1, 3)
-        return _unblock(values, tuple(codes.shape))
+        out = fn(x.permute(0, 2, 1, 3).reshape(n_r, n_c, br * bc))
+        return _unblock(out.reshape(n_r, n_c, br, bc).permute(0, 2, 1, 3), tuple(matrix.shape))
 
     def column(self, j: int) -> CodebookGrid:
         b = j // self.block_size[1]

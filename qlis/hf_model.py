@@ -72,8 +72,10 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
                              f"config asks for {list(expected[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    loaded = model.state_dict()
+    given = {loaded[n].data_ptr() for n in state}
     untied = [name for name in expected if name not in state
-              and not any(model.state_dict()[name] is model.state_dict()[n] for n in state)]
+              and loaded[name].data_ptr() not in given]
     if untied:
         raise InputError(f"{folder}: the weights lack {len(untied)} tensor(s) the model needs, "
                          f"e.g. {untied[0]!r}")

@@ -122,7 +122,7 @@ def _order(
 
     def on_call(name: str, args: tuple, kwargs: dict) -> None:
         calls[name] += 1
-        if name not in dict(first):
+        if calls[name] == 1:
             x = call_inputs(args, kwargs)
             key = (x.data_ptr(), tuple(x.shape)) if isinstance(x, torch.Tensor) else id(x)
             first.append((name, key))

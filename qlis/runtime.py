@@ -328,15 +328,19 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
     return rows
 
 
+def _packable(entry: dict) -> bool:
+    """A quantized, non-empty tensor whose quantizer describes its grid (from the header)."""
+    return ("quantizer" in entry and math.prod(entry["shape"]) > 0
+            and get_quantizer(entry["quantizer"]).has_grid())
+
+
 def _grid_of(archive, name: str) -> Grid | None:  # noqa: ANN001 - a qlis.Archive
-    """The grid of a quantized, non-empty tensor whose quantizer describes one (else None)."""
+    """The grid of a tensor that can run packed (its parameters read, not its codes)."""
     entry = archive.entry(name)
-    if "quantizer" not in entry or not math.prod(entry["shape"]):
+    if not _packable(entry):
         return None
-    quantizer = get_quantizer(entry["quantizer"])
-    if not quantizer.has_grid():
-        return None
-    return quantizer.grid(tuple(entry["shape"]), entry["n_levels"], archive.read_params(name))
+    return get_quantizer(entry["quantizer"]).grid(tuple(entry["shape"]), entry["n_levels"],
+                                                  archive.read_params(name))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -364,7 +368,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         weight = f"{name}.weight"
         if not name or not _replaceable(module) or weight not in persistent:
             continue
-        if _grid_of(archive, weight) is None:
+        if not _packable(archive.entry(weight)):
             continue
         q = archive.read_quantized(weight)
         bias = None
