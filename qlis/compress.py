@@ -23,6 +23,7 @@ from qlis.distortion import (
 )
 from qlis.errors import ConfigError, InputError
 from qlis.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
+from qlis.gptq import MAX_SWEEPS
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.quantize import QuantizedTensor
@@ -32,6 +33,7 @@ from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
 
 DEFAULT_POLICY = "rd"
+DEFAULT_ROUNDING_SWEEPS = 0
 
 
 class QualityWarning(UserWarning):
@@ -169,15 +171,19 @@ class PlanExecutor:
     kept, so a plan a policy measured while choosing is not executed twice."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
-                 calibration: Calibration | None, bias_correction: bool) -> None:
+                 calibration: Calibration | None, bias_correction: bool,
+                 rounding_sweeps: int = 0) -> None:
         self.state = state
         self.scores = scores
         self.calibration = calibration
         self.bias_correction = bias_correction
+        self.rounding_sweeps = rounding_sweeps
         self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
 
     def _execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
                  **how: Any) -> tuple[StoredTensor, LayerPlan]:
+        if how.get("hessian") is not None:
+            how["sweeps"] = self.rounding_sweeps
         return execute_layer(name, weight, config, self.scores.get(name), **how)
 
     def run(self, plan: Plan, progress: Callable[[int], None] | None = None,
@@ -212,7 +218,9 @@ class PlanExecutor:
         stored, layers = self.run(plan)
         changed = {name: dequantized(t) for name, t in stored.items()
                    if t is not self.state[name]}
-        return Realized(changed, sum(layer.coded_bytes for layer in layers))
+        return Realized(changed, sum(layer.coded_bytes for layer in layers),
+                        {layer.name: layer.feedback for layer in layers
+                         if layer.feedback is not None})
 
 
 def _unreached(layers: list[LayerPlan]) -> list[str]:
@@ -254,6 +262,7 @@ def compress(
     progress: Callable[[int], None] | None = None,
     error_feedback: bool | None = None,
     bias_correction: bool = True,
+    rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
     **options: Any,
 ) -> CompressionResult:
     """Compress the selected layers as a policy (or a hand-written ``plan``) says.
@@ -275,7 +284,9 @@ def compress(
     inputs the already-quantized model gives it (Linear, Conv1d/2d/3d incl. grouped and
     depthwise, Hugging Face Conv1D, attention's packed projections), and with
     ``bias_correction`` its bias shifted by the mean output error; other layers are rounded
-    data-free and ``LayerPlan.reconstruction`` says so.
+    data-free and ``LayerPlan.reconstruction`` says so. ``rounding_sweeps`` passes of learned
+    rounding (qlis/rounding.py) then re-choose each reconstructed layer's codes for its
+    output error and their coded length (0: GPTQ's codes as they are).
 
     A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
     parameters of each layer once it is done. Tensors kept as they are share memory with
@@ -289,6 +300,11 @@ def compress(
     if error_feedback and calib is None:
         raise ConfigError("error_feedback needs calibration data: pass calib=")
     error_feedback = calib is not None if error_feedback is None else bool(error_feedback)
+    if isinstance(rounding_sweeps, bool) or not isinstance(rounding_sweeps, int) or not (
+        0 <= rounding_sweeps <= MAX_SWEEPS
+    ):
+        raise ConfigError(f"rounding_sweeps must be an integer from 0 to {MAX_SWEEPS}, got "
+                          f"{rounding_sweeps!r}")
     if plan is not None:
         if options or (policy != DEFAULT_POLICY and policy != "plan"):
             raise ConfigError("give either plan= or a policy with options, not both")
@@ -302,7 +318,8 @@ def compress(
             raise InputError("calib= needs the model as an nn.Module (not a state dict)")
         calibration = Calibration(model_or_state_dict, calib)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
-                            calibration if error_feedback else None, bias_correction)
+                            calibration if error_feedback else None, bias_correction,
+                            rounding_sweeps)
     context = PlanContext(
         state=state,
         report=report,
@@ -333,6 +350,7 @@ def compress(
             "eps": eps,
             "select": _select_config(select),
             "error_feedback": error_feedback,
+            "rounding_sweeps": rounding_sweeps if error_feedback else 0,
             "plan": the_plan.to_json(),
         },
         distortion=distortion,

@@ -6,7 +6,7 @@ candidate, so a probe measures exactly what the result will hold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from qlis.distortion import (
     param_bytes,
     relative_mse,
 )
-from qlis.gptq import quantize_with_error_feedback
+from qlis.gptq import output_error, quantize_with_error_feedback
 from qlis.plan import LayerConfig
 from qlis.prune import get_pruner
 from qlis.quantize import QuantizedTensor, get_quantizer
@@ -35,7 +35,9 @@ class LayerPlan:
     ``kept`` counts the weights the pruner did not remove (zeros that were already in the
     weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
     entropy-coded size estimate of the layer as stored (codes + parameters + record);
-    ``reconstruction`` says how calibration shaped it ("" without error feedback).
+    ``reconstruction`` says how calibration shaped it ("" without error feedback);
+    ``feedback`` is the output error its error feedback left, relative to plain rounding's, on
+    the layer's calibration inputs (None where the layer was rounded plainly).
     """
 
     name: str
@@ -52,6 +54,7 @@ class LayerPlan:
     huffman_bits: float
     coded_bytes: float
     reconstruction: str = ""
+    feedback: float | None = None
 
 
 def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
@@ -70,18 +73,21 @@ def _huffman_bits(counts: np.ndarray) -> float:
 def execute_layer(
     name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
     hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
+    sweeps: int = 0,
 ) -> tuple[StoredTensor, LayerPlan]:
     """Prune then quantize one layer as ``config`` says, and measure what that did.
 
     With ``hessian`` (the layer's input covariance; per output group when 3-D) the rounding
-    feeds its error forward (GPTQ, qlis/gptq.py; ``transposed`` for a weight stored (in, out));
-    the stored format is the quantizer's own. ``reconstruction`` is recorded in the plan row."""
+    feeds its error forward (GPTQ, qlis/gptq.py; ``transposed`` for a weight stored (in, out)),
+    then ``sweeps`` passes of learned rounding refine the codes (qlis/rounding.py); the stored
+    format is the quantizer's own. ``reconstruction`` is recorded in the plan row."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
     removed_mask = (pruned == 0) & (weight != 0) if pruner else None
     removed = int(torch.count_nonzero(removed_mask)) if pruner else 0
     kept = weight.numel() - removed
     width = storage_bits(weight.dtype)
+    feedback = None
     if config.quantizer is None:
         stored: StoredTensor = pruned
         approx = pruned
@@ -91,10 +97,12 @@ def execute_layer(
     else:
         if hessian is not None:
             stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
-                                                  transposed=transposed)
+                                                  transposed=transposed, sweeps=sweeps)
         else:
             stored = get_quantizer(config.quantizer).quantize(pruned)
         approx = stored.dequantize()
+        if hessian is not None:
+            feedback = _feedback(weight, pruned, approx, config, hessian, transposed)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
         counts = _symbol_counts(stored.codes, stored.n_levels)
@@ -118,17 +126,28 @@ def execute_layer(
         huffman_bits=huffman,
         coded_bytes=coded,
         reconstruction=reconstruction,
+        feedback=feedback,
     )
     return stored, plan
+
+
+def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
+              config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float | None:
+    """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``)."""
+    plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
+    base = output_error(plain - weight, hessian, transposed)
+    return output_error(approx - weight, hessian, transposed) / base if base > 0 else None
 
 
 @dataclass(frozen=True)
 class Realized:
     """A plan as executed: the tensors it changed, as the model computes with them, and the
-    coded bytes of its layers (what a size target counts, besides the fixed part)."""
+    coded bytes of its layers (what a size target counts, besides the fixed part), and each
+    reconstructed layer's ``LayerPlan.feedback``."""
 
     tensors: dict[str, torch.Tensor]
     layer_bytes: float
+    feedback: dict[str, float] = field(default_factory=dict)
 
 
 def dequantized(stored: StoredTensor) -> torch.Tensor:

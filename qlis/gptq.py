@@ -25,14 +25,27 @@ import torch
 from qlis.errors import ConfigError, InputError
 from qlis.grid import Grid, matrix_shape
 from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.rounding import refine_codes
+
+MAX_SWEEPS = 64
+DEFAULT_DAMP = 0.1
+"""GPTQ's damping uses 0.01 with ~250k calibration tokens. With a few hundred (what qlis'
+users calibrate with), 0.1 keeps the fitted rounding from over-fitting the calibration
+inputs: measured on MiniLM with 60 prompts at 2.75 bits/weight, the held-out output error of
+the reconstructed layers drops from 0.0077 (0.01) to 0.0064 (0.1); 0.3 ties, 1.0 is worse."""
 
 
-def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, dead inputs set to 1."""
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64, dead inputs (zero diagonal) set to 1."""
     h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()
     dead = torch.nonzero(torch.diagonal(h) == 0).reshape(-1)
     h[dead, dead] = 1.0
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    return h
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped covariance's inverse (``h`` from ``_damped``)."""
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info):
         raise InputError(
@@ -72,18 +85,33 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size:
     if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hessian).all()):
         raise InputError("error feedback needs a finite weight and covariance (found inf or NaN)")
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < math.inf:
-        raise ConfigError(f"damp must be a finite number >= 0 (GPTQ uses 0.01), got {damp!r}")
+        raise ConfigError(f"damp must be a finite number >= 0 (GPTQ uses 0.01, qlis 0.1), "
+                          f"got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ConfigError(f"block_size must be a positive integer (128), got {block_size!r}")
+
+
+def output_error(difference: torch.Tensor, hessian: torch.Tensor,
+                 transposed: bool = False) -> float:
+    """``tr(E H E^T)``: the mean squared output error that a weight error ``difference`` (the
+    weight's shape) causes on inputs of covariance ``hessian`` (2-D, or per output group)."""
+    matrix = difference.detach().to(device="cpu", dtype=torch.float64).reshape(
+        matrix_shape(difference.shape))
+    if transposed:
+        matrix = matrix.T
+    h = (hessian if hessian.ndim == 3 else hessian[None]).to(device="cpu", dtype=torch.float64)
+    grouped = matrix.reshape(h.shape[0], -1, matrix.shape[1])
+    return float((torch.bmm(grouped, h) * grouped).sum())
 
 
 def quantize_with_error_feedback(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     config: dict[str, Any] | str,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     block_size: int = 128,
     transposed: bool = False,
+    sweeps: int = 0,
 ) -> QuantizedTensor:
     """Quantize a weight as ``config``'s quantizer does, with GPTQ's error feedback along
     ``hessian``, the covariance of the layer's inputs (e.g. from ``input_covariances``).
@@ -97,7 +125,8 @@ def quantize_with_error_feedback(
     weight by the quantizer, so the result has that quantizer's exact format (config, params,
     code dtype); only the codes differ (``Quantizer.with_codes``). ``damp`` adds that fraction
     of the mean diagonal to ``H``; ``block_size`` columns are updated together (lazy batch
-    updates).
+    updates). ``sweeps`` > 0 then refines the codes by that many passes of coordinate descent
+    on the output error plus the codes' coded length (learned rounding, qlis/rounding.py).
 
     >>> w = torch.tensor([[1.0, 0.9], [-0.4, 0.2]])
     >>> h = torch.tensor([[1.0, 0.9], [0.9, 1.0]])
@@ -110,6 +139,8 @@ def quantize_with_error_feedback(
         raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
                           "(Quantizer.grid), which error feedback needs")
     _check(weight, hessian, damp, block_size, transposed)
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or not 0 <= sweeps <= MAX_SWEEPS:
+        raise ConfigError(f"sweeps must be an integer from 0 to {MAX_SWEEPS}, got {sweeps!r}")
     reference = quantizer.quantize(weight)
     if weight.numel() == 0:
         return reference
@@ -118,9 +149,12 @@ def quantize_with_error_feedback(
         matrix_shape(weight.shape))
     if transposed:
         matrix, grid = matrix.T, grid.transposed()
-    covariances = hessian if hessian.ndim == 3 else hessian[None]
+    covariances = torch.stack([_damped(h, damp)
+                               for h in (hessian if hessian.ndim == 3 else hessian[None])])
     factors = torch.stack([_upper_inverse_factor(h, damp) for h in covariances])
     codes = _feed_back(matrix, grid, factors, block_size)
+    if sweeps:
+        codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)
     if transposed:
         codes = codes.T
     return quantizer.with_codes(reference, codes.reshape(weight.shape))

@@ -87,6 +87,11 @@ class Grid:
         """The same grid on the transposed matrix."""
         raise NotImplementedError
 
+    def neighbour(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The next code after each of ``codes`` in the direction of ``step`` (+1 up, -1
+        down, 0 stay) in value order; a code at the grid's edge stays."""
+        raise NotImplementedError
+
     def row_affine(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(scale, zero) per row, each (rows,), when value = (code - zero) * scale with one
         pair per whole row (what integer matmul kernels take); None otherwise."""
@@ -168,6 +173,10 @@ class AffineGrid(Grid):
         return dataclasses.replace(self, scale=self.scale.T, zero=self.zero.T,
                                    block_size=self.block_size[::-1])
 
+    def neighbour(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        moved = codes + step
+        return moved if self.top is None else moved.clamp_(0, self.top)
+
     def row_affine(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.scale.shape[1] != 1 or rows == 0:
             return None
@@ -232,3 +241,12 @@ class CodebookGrid(Grid):
     def transposed(self) -> CodebookGrid:
         return dataclasses.replace(self, codebook=self.codebook.transpose(0, 1),
                                    block_size=self.block_size[::-1])
+
+    def neighbour(self, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        moved = codes + step
+        if self.exclusive_zero and self.zero_code is not None:
+            moved = torch.where(moved == self.zero_code, moved + step, moved)
+        inside = (moved >= 0) & (moved < self.codebook.shape[2])
+        if self.exclusive_zero and self.zero_code is not None:
+            inside &= moved != self.zero_code
+        return torch.where(inside, moved, codes)
