@@ -71,14 +71,27 @@ class _Group(click.Group):
 
 
 @contextmanager
-def _progress(total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on a terminal (stderr); silent when piped."""
-    if not sys.stderr.isatty() or total <= 0:
+def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar of parameters on a terminal (stderr); silent when piped. ``total=None``
+    (calibrated compression: the number of passes is found as it goes) counts parameters
+    processed, with their rate and the time spent."""
+    if not sys.stderr.isatty() or (total is not None and total <= 0):
         yield None
         return
-    from rich.progress import Progress
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(transient=True) as bar:
+    columns = [TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed:,} parameters"), TimeElapsedColumn()]
+    if total is not None:
+        columns[2:2] = [TaskProgressColumn(), TimeRemainingColumn()]
+    with Progress(*columns, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -306,7 +319,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     else:
         model = state = load_state_dict(path)
     total = sum(t.numel() for t in state.values())
-    with _progress(total, "compressing") as progress, warnings.catch_warnings():
+    label = "compressing (calibrated passes)" if calib is not None else "compressing"
+    with _progress(None if calib is not None else total, label) as progress, \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
         result = qlis.compress(model, policy=policy, beta=beta, eps=eps, select=select or None,
                                plan=plan, progress=progress, calib=calib, **options)

@@ -168,16 +168,19 @@ class PlanPolicy(Policy):
 class PlanExecutor:
     """Executes plans as one ``compress`` call does: layer by layer, or reconstructed in
     forward order on the calibration data (``calibration`` given). The last two results are
-    kept, so a plan a policy measured while choosing is not executed twice."""
+    kept, so a plan a policy measured while choosing is not executed twice. ``progress`` gets
+    the parameter count of every layer executed, in every pass."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
                  calibration: Calibration | None, bias_correction: bool,
-                 rounding_sweeps: int = 0) -> None:
+                 rounding_sweeps: int = 0,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.state = state
         self.scores = scores
         self.calibration = calibration
         self.bias_correction = bias_correction
         self.rounding_sweeps = rounding_sweeps
+        self.progress = progress
         self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
 
     def _execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
@@ -186,20 +189,15 @@ class PlanExecutor:
             how["sweeps"] = self.rounding_sweeps
         return execute_layer(name, weight, config, self.scores.get(name), **how)
 
-    def run(self, plan: Plan, progress: Callable[[int], None] | None = None,
-            ) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
+    def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
         """Every tensor as stored (the input's own where unchanged), and the plan rows."""
         key = json.dumps(plan.to_json(), sort_keys=True)
         if key in self._done:
-            stored, layers = self._done[key]
-            if progress is not None:
-                for layer in layers:
-                    progress(layer.numel)
-            return stored, layers
+            return self._done[key]
         stored: dict[str, StoredTensor] = dict(self.state)
         if self.calibration is not None:
             done = reconstruct(self.calibration, plan, self.state, self._execute,
-                               self.bias_correction, progress)
+                               self.bias_correction, self.progress)
             stored.update(done.tensors)
             stored.update(done.biases)
             layers = [done.layers[name] for name in plan]
@@ -208,8 +206,8 @@ class PlanExecutor:
             for name, config in plan.items():
                 stored[name], layer = self._execute(name, self.state[name], config)
                 layers.append(layer)
-                if progress is not None:
-                    progress(layer.numel)
+                if self.progress is not None:
+                    self.progress(layer.numel)
         self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
         return stored, layers
 
@@ -289,8 +287,9 @@ def compress(
     output error and their coded length (0: GPTQ's codes as they are).
 
     A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
-    parameters of each layer once it is done. Tensors kept as they are share memory with
-    the input.
+    parameters of each layer once it is executed: once per layer without calibration; with
+    it, in every pass that the allocation executes (a few). Tensors kept as they are share
+    memory with the input.
 
     >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
     >>> result.layers[0].bits, result.policy.strategy_id
@@ -319,7 +318,7 @@ def compress(
         calibration = Calibration(model_or_state_dict, calib)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
-                            rounding_sweeps)
+                            rounding_sweeps, progress)
     context = PlanContext(
         state=state,
         report=report,
@@ -330,7 +329,7 @@ def compress(
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)
 
-    stored, layers = executor.run(the_plan, progress)
+    stored, layers = executor.run(the_plan)
     distortion: dict[str, Any] = {
         "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
         "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)

@@ -3,6 +3,7 @@ reconstructed, its output quality measured; bad calibration input is one line, e
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from cli_helpers import one_line_error, run
 from safetensors.torch import save_file
 
 import qlis
+import qlis.cli
 from qlis.cli import cli
 from qlis.hf_model import load_hf_model
 
@@ -92,3 +94,15 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
     assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
     assert "must be" in user_error("pack", bert_folder, "-o", out, "--calib", tmp_path / "c.csv")
     assert not out.exists()
+
+
+def test_the_progress_bar_draws_with_and_without_a_known_total(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for total in (None, 100):
+        with qlis.cli._progress(total, "compressing") as advance:
+            assert advance is not None
+            advance(60)
+            advance(60)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with qlis.cli._progress(100, "compressing") as advance:
+        assert advance is None

@@ -291,3 +291,16 @@ def test_gradient_sensitivities_agree_with_probe_passes():
     quiet = qlis.calibrate.Calibration(model, lambda m: m(torch.randn(8, 32)).detach())
     assert quiet.sensitivities(names) is None  # no gradient: rd measures probes instead
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_progress_counts_every_layer_executed_in_every_pass(net_and_batches):
+    model, batches = net_and_batches
+    planned = [0]
+    data_free = qlis.compress(model, progress=lambda n: planned.__setitem__(0, planned[0] + n))
+    assert planned[0] == sum(layer.numel for layer in data_free.layers)
+    counted = [0]
+    with pytest.warns(qlis.QualityWarning, match="never ran"):
+        calibrated = qlis.compress(model, calib=batches, target_bits_per_weight=12,
+                                   progress=lambda n: counted.__setitem__(0, counted[0] + n))
+    total = sum(layer.numel for layer in calibrated.layers)
+    assert counted[0] >= total and counted[0] % total == 0  # whole passes only
