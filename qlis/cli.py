@@ -39,6 +39,7 @@ from qlis.console import (
 )
 from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
+from qlis.gptq import MAX_SWEEPS
 from qlis.hf_model import load_hf_model
 from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
 from qlis.policy import PAPER_POLICIES, policy_names
@@ -284,6 +285,9 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               show_default=True, help="Calibration examples to use at most.")
 @click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096), default=16,
               show_default=True, help="Calibration examples per forward pass.")
+@click.option("--rounding-sweeps", type=click.IntRange(min=0, max=MAX_SWEEPS), default=0,
+              help="With --calib: passes of learned rounding after GPTQ (each layer's codes "
+                   "re-chosen for output error + coded length; slower).")
 @click.option("--min-cosine", type=click.FloatRange(min=0, max=1, max_open=True),
               help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
@@ -291,6 +295,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
          quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
+         rounding_sweeps,
          min_cosine, codec, force) -> None:
     """Compress a model and write it as a .qlis archive.
 
@@ -310,6 +315,11 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         **_set_options(settings),
     }
     plan, options = _pack_policy(policy, given, plan_file, calibrated=calib_file is not None)
+    if rounding_sweeps:
+        if calib_file is None:
+            raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
+                             "pass --calib FILE")
+        options["rounding_sweeps"] = rounding_sweeps
     calib = None
     if calib_file is not None:
         check_calibration_path(calib_file)

@@ -304,6 +304,9 @@ def compress(
     ):
         raise ConfigError(f"rounding_sweeps must be an integer from 0 to {MAX_SWEEPS}, got "
                           f"{rounding_sweeps!r}")
+    if rounding_sweeps and not error_feedback:
+        raise ConfigError("rounding_sweeps refines reconstructed layers: it needs calib= "
+                          "(and error_feedback not False)")
     if plan is not None:
         if options or (policy != DEFAULT_POLICY and policy != "plan"):
             raise ConfigError("give either plan= or a policy with options, not both")
@@ -349,7 +352,7 @@ def compress(
             "eps": eps,
             "select": _select_config(select),
             "error_feedback": error_feedback,
-            "rounding_sweeps": rounding_sweeps if error_feedback else 0,
+            "rounding_sweeps": rounding_sweeps,
             "plan": the_plan.to_json(),
         },
         distortion=distortion,

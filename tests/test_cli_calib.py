@@ -66,9 +66,12 @@ def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):
                "attention_mask": torch.ones(12, 7, dtype=torch.int64)}, str(inputs))
     out = tmp_path / "bert.qlis"
     result = run(cli, "pack", bert_folder, "-o", out, "--calib", inputs,
-                 "--target-bits-per-weight", "12", "--calib-examples", "10")
+                 "--target-bits-per-weight", "12", "--calib-examples", "10",
+                 "--rounding-sweeps", "1")
     assert result.exit_code == 0, result.output
     assert "calibration: 10 examples" in result.output and "cosine" in result.output
+    with qlis.open(out) as archive:
+        assert archive.compression["rounding_sweeps"] == 1
 
 
 def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
@@ -93,6 +96,7 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
     binary.write_bytes(b"\xff\xfe\x00")
     assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
     assert "must be" in user_error("pack", bert_folder, "-o", out, "--calib", tmp_path / "c.csv")
+    assert "pass --calib" in user_error("pack", bert_folder, "-o", out, "--rounding-sweeps", "2")
     assert not out.exists()
 
 

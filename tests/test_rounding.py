@@ -136,9 +136,10 @@ def test_compress_takes_rounding_sweeps_as_an_opt_in():
     for bad in (-1, True, 1.5, 10_000):
         with pytest.raises(ConfigError, match="rounding_sweeps"):
             qlis.compress(model, calib=batches, rounding_sweeps=bad)
-    data_free = qlis.compress(model, rounding_sweeps=2)
-    assert data_free.config["rounding_sweeps"] == 0
-    assert all(layer.feedback is None for layer in data_free.layers)
+    for data_free in ({}, {"calib": batches, "error_feedback": False}):
+        with pytest.raises(ConfigError, match="needs calib"):
+            qlis.compress(model, rounding_sweeps=2, **data_free)
+    assert all(layer.feedback is None for layer in qlis.compress(model).layers)
 
 
 def test_output_error_is_the_mean_squared_output_change():
