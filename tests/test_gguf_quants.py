@@ -1,6 +1,6 @@
 """The GGUF / torchao-style re-implementations the rate–distortion benchmark compares against
 (benchmarks/gguf_quants.py): byte sizes, llama.cpp's fallbacks, exactness on each format's own
-grid, hand-worked blocks and error bounds."""
+grid, hand-worked blocks, error bounds, and the importance-matrix paths."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "gguf_quants.py"
@@ -21,6 +21,7 @@ _SPEC.loader.exec_module(gq)
 F32 = np.float32
 K_TYPES = ["Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
 LEGACY = ["Q8_0", "Q5_1", "Q5_0", "Q4_0", "IQ4_NL"]
+WEIGHTED = sorted(n for n, t in gq.TYPES.items() if t.weighting is not None)  # all but Q8_0
 
 # block struct sizes from their fields (fp16 = 2 bytes), as in ggml-common.h
 STRUCT_BYTES = {
@@ -34,13 +35,15 @@ STRUCT_BYTES = {
     "Q4_K": 2 + 2 + 12 + 128,
     "Q3_K": 32 + 64 + 12 + 2,  # hmask, qs, 6-bit scales, d
     "Q2_K": 16 + 64 + 2 + 2,  # 4-bit scales/mins, qs, d, dmin
+    "IQ4_XS": 2 + 2 + 4 + 128,  # d, scales_h (2 bits x 8), scales_l (4 bits x 8), qs
 }
+SUPER_BLOCKS = {*K_TYPES, "IQ4_XS"}
 
 
 def test_block_sizes_are_the_struct_sizes() -> None:
     assert {n: t.block_bytes for n, t in gq.TYPES.items()} == STRUCT_BYTES
     assert {n: t.block for n, t in gq.TYPES.items()} == {
-        n: 256 if n.endswith("_K") else 32 for n in STRUCT_BYTES
+        n: 256 if n in SUPER_BLOCKS else 32 for n in STRUCT_BYTES
     }
 
 
@@ -49,13 +52,15 @@ def test_block_sizes_are_the_struct_sizes() -> None:
     rows=st.integers(1, 3),
     blocks=st.integers(1, 3),
     shape=st.sampled_from(["k", "legacy", "odd"]),
+    imatrix=st.booleans(),
 )
-def test_bytes_and_fallback_follow_the_row_length(name, rows, blocks, shape) -> None:
+def test_bytes_and_fallback_follow_the_row_length(name, rows, blocks, shape, imatrix) -> None:
     row = {"k": 256 * blocks, "legacy": 256 * blocks - 32 * blocks, "odd": 40 * blocks}[shape]
     if shape == "odd" and row % 32 == 0:
         row += 8
-    w = np.random.default_rng(0).normal(size=(rows, row)).astype(F32)
-    out = gq.gguf(w, name)
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(rows, row)).astype(F32)
+    out = gq.gguf(w, name, rng.gamma(0.5, size=row) if imatrix else None)
     if row % gq.TYPES[name].block == 0:
         expected = name
     elif name in gq.K_FALLBACK and row % 32 == 0:
@@ -73,6 +78,7 @@ def test_llama_cpp_fallback_table() -> None:
         "Q6_K": "Q8_0", "Q5_K": "Q5_1", "Q4_K": "Q5_0", "Q3_K": "IQ4_NL", "Q2_K": "IQ4_NL",
     }
     assert all(gq.row_type(k, 1536) == k for k in K_TYPES)
+    assert gq.row_type("IQ4_XS", 384) == "IQ4_NL" and gq.row_type("IQ4_XS", 512) == "IQ4_XS"
     assert gq.row_type("Q4_K", 100) == "F16" and gq.row_type("Q8_0", 48) == "F16"
     with pytest.raises(KeyError):
         gq.row_type("Q7_K", 256)
@@ -119,6 +125,12 @@ def _on_grid(name: str, rng: np.random.Generator, e: int) -> np.ndarray:
         idx = rng.integers(1, 16, 32)
         idx[rng.integers(32)] = 0
         return gq.KVALUES_IQ4NL[idx] * s
+    if name == "IQ4_XS":  # sub-block scales m * s, m in 1..32, the largest 32 (super-scale -s)
+        idx = rng.integers(1, 16, (8, 32))
+        idx[np.arange(8), rng.integers(32, size=8)] = 0
+        m = rng.integers(1, 33, 8)
+        m[rng.integers(8)] = 32
+        return gq.KVALUES_IQ4NL[idx] * (m[:, None] * s)
     if name in ("Q6_K", "Q3_K"):
         half = 32 if name == "Q6_K" else 4
         q = rng.integers(-half + 1, half, (16, 16))
@@ -187,3 +199,108 @@ def test_int8_per_channel_bytes_and_bound(seed) -> None:
     assert out.nbytes == w.size + 4 * 5
     step = np.abs(w).max(axis=1, keepdims=True) / 127.5
     assert np.all(np.abs(out.values - w) <= step / 2 * (1 + 1e-4))  # float32 rounding
+
+
+# ---------------------------------------------------------------- importance matrix
+
+
+def _heavy(rows: int, cols: int, seed: int = 3) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_t(5, (rows, cols)) * 0.02).astype(F32)
+
+
+def _weighted_error(values: np.ndarray, w: np.ndarray, columns: np.ndarray) -> float:
+    return float((columns * (values - w) ** 2).sum() / (columns * w**2).sum())
+
+
+def _row_errors(values: np.ndarray, x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return (weights * (values - x) ** 2).sum(axis=1)
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_uniform_imatrix_is_no_worse_than_the_plain_path(name) -> None:
+    # with every column equally important the impl paths minimise the same squared error as
+    # the plain ones, with weights sqrt(sigma2 + x**2) (or 1) and, for the K-quants, a finer
+    # scale search: at least as good, up to a rare unlucky block
+    for cols in (1536, 384):  # the type itself, and llama.cpp's fallback for 384-wide rows
+        w = _heavy(32, cols)
+        plain = gq.gguf(w, name)
+        uniform = gq.gguf(w, name, np.ones(cols))
+        assert uniform.kind == plain.kind and uniform.nbytes == plain.nbytes
+        ones = np.ones(cols)
+        assert _weighted_error(uniform.values, w, ones) <= 1.02 * _weighted_error(
+            plain.values, w, ones)
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_skewed_imatrix_protects_the_important_columns(name) -> None:
+    cols = 1536
+    w = _heavy(32, cols)
+    importance = np.ones(cols)
+    importance[np.random.default_rng(1).permutation(cols)[: cols // 8]] = 100.0
+    plain = _weighted_error(gq.gguf(w, name).values, w, importance)
+    guided = _weighted_error(gq.gguf(w, name, importance).values, w, importance)
+    assert guided < 0.9 * plain
+
+
+# Q3_K: a block whose sub-block scales are all equal ties the super-scale candidates (any
+# uniform level fits), and llama.cpp may keep one fp16 cannot store exactly; Q5_1: the impl
+# path clamps the min to <= 0, so a block above zero cannot come back (both checked against
+# the compiled C, which misses the same blocks)
+@given(name=st.sampled_from(sorted(set(WEIGHTED) - {"Q3_K", "Q5_1"})), seed=st.integers(0, 2**31),
+       e=st.integers(-12, -4))
+def test_values_on_the_format_grid_survive_the_imatrix_path(name, seed, e) -> None:
+    rng = np.random.default_rng(seed)
+    x = _on_grid(name, rng, e).astype(F32).reshape(1, -1)
+    imatrix = rng.gamma(1.0, size=x.shape[1]) + 0.1
+    np.testing.assert_array_equal(gq.gguf(x, name, imatrix).values, x)
+
+
+def test_imatrix_is_ignored_where_llama_cpp_ignores_it() -> None:
+    w = _heavy(4, 384)
+    skewed = np.random.default_rng(2).gamma(0.3, size=384)
+    for name in ("Q8_0", "Q6_K"):  # Q8_0 takes no weights; Q6_K falls back to Q8_0 here
+        np.testing.assert_array_equal(gq.gguf(w, name, skewed).values, gq.gguf(w, name).values)
+    odd = _heavy(2, 40)  # F16: no block type at all
+    np.testing.assert_array_equal(gq.gguf(odd, "Q4_K", np.ones(40)).values, gq.fp16(odd))
+    with pytest.raises(ValueError):
+        gq.gguf(w, "Q4_K", np.ones(383))
+
+
+@pytest.mark.parametrize("name", WEIGHTED)
+def test_imatrix_path_handles_zero_importance_and_zero_blocks(name) -> None:
+    w = _heavy(4, 512)
+    w[1] = 0
+    imatrix = np.ones(512)
+    imatrix[:64] = 0  # columns no calibration token ever activated
+    out = gq.gguf(w, name, imatrix).values
+    assert np.isfinite(out).all() and not out[1].any()
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31), nmax=st.sampled_from([3, 15, 31]))
+def test_make_qkx3_quants_never_loses_to_its_min_max_start(seed, nmax) -> None:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(3, (64, 32)) * rng.uniform(0.01, 1)).astype(F32)
+    x[0] = np.abs(x[0])  # a row with min > 0: the offset stays 0 as in the C code
+    weights = rng.gamma(0.5, size=x.shape).astype(F32)
+    scale, neg_min, levels = gq.make_qkx3_quants(x, weights, nmax, -0.9, 0.05, 36)
+    assert levels.min() >= 0 and levels.max() <= nmax and np.all(neg_min >= 0)
+    lo = np.minimum(x.min(axis=1), 0)[:, None]
+    step = (x.max(axis=1)[:, None] - lo) / nmax
+    start = np.clip(np.rint((x - lo) / step), 0, nmax) * step + lo
+    found = scale[:, None] * levels - neg_min[:, None]
+    assert np.all(_row_errors(found, x, weights)
+                  <= _row_errors(start, x, weights) * (1 + 1e-5) + 1e-12)
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 2**31), nmax=st.sampled_from([15, 63]))
+def test_make_qp_quants_improves_on_plain_rounding(seed, nmax) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(2.0, size=(64, 8)).astype(F32) * F32(rng.uniform(0.001, 1))
+    weights = rng.gamma(1.0, size=x.shape).astype(F32)
+    scale, levels = gq.make_qp_quants(x, nmax, weights)
+    assert levels.min() >= 0 and levels.max() <= nmax
+    step = x.max(axis=1, keepdims=True) / nmax
+    assert np.all(_row_errors(scale[:, None] * levels, x, weights)
+                  <= _row_errors(np.rint(x / step) * step, x, weights) * (1 + 1e-5))
