@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-output", choices=("score", "features"), default="score",
                         help="what calibration compares: centred scores (as qlis-iqa) or "
                              "the backbone's pooled features")
+    parser.add_argument("--sweep-ratios", type=float, nargs="*", default=[12.0],
+                        help="ratios that also get a row with learned rounding")
+    parser.add_argument("--rounding-sweeps", type=int, default=1,
+                        help="learned-rounding sweeps of those rows")
     parser.add_argument("--limit", type=int, default=1000,
                         help="images in all, a seeded choice (0: all 2,982)")
     parser.add_argument("--threads", type=int, default=2)
@@ -212,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         row(f"rd calibrated {ratio:g}x, rounding only", target_ratio=ratio, calib=calib,
             error_feedback=False)
         row(f"rd calibrated {ratio:g}x, reconstructed", target_ratio=ratio, calib=calib)
+        if ratio in args.sweep_ratios:
+            row(f"rd calibrated {ratio:g}x, reconstructed + learned rounding "
+                f"({args.rounding_sweeps} sweep{'s' if args.rounding_sweeps > 1 else ''})",
+                target_ratio=ratio, calib=calib, rounding_sweeps=args.rounding_sweeps)
     if args.paper:
         row("paper LAPQ (per-channel)", policy="lapq", granularity="channel")
     elapsed = time.perf_counter() - started
