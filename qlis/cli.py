@@ -10,7 +10,6 @@ import contextlib
 import csv
 import ctypes
 import io
-import json
 import sys
 import warnings
 from collections import Counter
@@ -42,6 +41,7 @@ from qlis.errors import InputError, QlisError
 from qlis.gptq import MAX_SWEEPS
 from qlis.hf_model import load_hf_model
 from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
+from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
 from qlis.policy import PAPER_POLICIES, policy_names
 from qlis.runtime import runtime_plan
 
@@ -97,26 +97,33 @@ def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None] |
         yield lambda n: bar.advance(task, n)
 
 
-def _json_option(text: str | None, what: str) -> object:
+def _json_option(text: str | None, what: str) -> dict | None:
+    """A strategy config given as JSON (``--quantizer``, ``--pruner``): an object, bounded."""
     if text is None:
         return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        example = '{"id": "group", "bits": 4}'
-        raise InputError(f"{what} must be JSON, e.g. '{example}'") from None
+    return parse_json_text(text, what, dict, example='{"id": "group", "bits": 4}')
+
+
+# Arguments that pack passes to compress itself, never policy options: the flag for each.
+_NOT_SETTABLE = {"policy": "--policy", "plan": "--plan", "beta": "--beta", "eps": "--eps",
+                 "select": "--select", "calib": "--calib", "progress": None}
 
 
 def _set_options(pairs: tuple[str, ...]) -> dict:
-    """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings."""
+    """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings (JSON
+    that breaks a limit, such as NaN or deep nesting, is refused rather than kept as text)."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise InputError(f"--set takes KEY=VALUE (a policy option), got {pair!r}")
+        if key in _NOT_SETTABLE:
+            flag = _NOT_SETTABLE[key]
+            raise InputError(f"--set {key}= is not a policy option"
+                             + (f"; give {flag} instead" if flag else ""))
         try:
-            options[key] = json.loads(value)
-        except ValueError:
+            options[key] = parse_json_text(value, f"--set {key}")
+        except JSONSyntaxError:
             options[key] = value
     return options
 
@@ -129,12 +136,7 @@ def _pack_policy(policy: str, given: dict, plan_file: Path | None,
     if plan_file is not None:
         if options or policy != DEFAULT_POLICY:
             raise InputError("--plan gives every layer's settings: drop --policy and its options")
-        check_input(plan_file, "file")
-        try:
-            plan = qlis.Plan.coerce(json.loads(plan_file.read_text(encoding="utf-8")))
-        except (ValueError, UnicodeDecodeError):
-            raise InputError(f"{plan_file}: not a JSON plan") from None
-        return plan, {}
+        return qlis.Plan.coerce(read_json_file(plan_file, "--plan", expected_type=dict)), {}
     only = {"k": ("prune",), "bits": ("quant",)}
     for key, policies in only.items():
         if key in options and policy not in policies:

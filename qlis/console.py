@@ -2,7 +2,8 @@
 
 Names from files are escaped before printing (a tensor name is data, not terminal control);
 sizes are shown in binary units and written as exact integers in JSON/CSV; tables show full
-names when piped and fold long names on a terminal; every output file passes one rule.
+names when piped and fold long names on a terminal; every output file passes one rule; a device
+is checked against this machine before any work.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qlis.errors import InputError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+_DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d{1,4}))?")
 
 
 def escape(text: str) -> str:
@@ -204,3 +209,43 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{path} exists and is not empty; pass --force to write into it")
     return path
+
+
+def _device_counts() -> dict[str, int]:
+    """How many devices of each type this machine can run on (cpu always; cuda, mps if there)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cpu": 1, "cuda": cuda, "mps": int(torch.backends.mps.is_available())}
+
+
+def available_devices() -> list[str]:
+    """The device names that `parse_device` accepts here, for messages and help."""
+    counts = _device_counts()
+    names = ["cpu"]
+    if counts["cuda"]:
+        names += ["cuda", *(f"cuda:{i}" for i in range(counts["cuda"]))]
+    if counts["mps"]:
+        names.append("mps")
+    return names
+
+
+def parse_device(text: str, what: str = "--device") -> torch.device:
+    """A torch device this machine has, from the option ``what``: ``cpu``, ``cuda``, ``cuda:N``
+    or ``mps``. Checked before any work, because torch's own failure comes once a model is
+    loaded, as a traceback; ``meta`` (tensors without data) and other names are refused too.
+
+    >>> parse_device("cpu")
+    device(type='cpu')
+    """
+    name = text.strip().lower()
+    match = _DEVICE.fullmatch(name)
+    if match is None:
+        reason = "meta tensors hold no data" if name == "meta" else "not a device name"
+    else:
+        kind, index = match.group(1), match.group(2)
+        count = _device_counts()[kind]
+        if count and (index is None or int(index) < count):
+            return torch.device(kind if index is None else f"{kind}:{int(index)}")
+        reason = (f"there is no {kind}:{int(index)} (this machine has {count})" if count
+                  else f"{kind} is not available on this machine")
+    raise InputError(f"{what} '{escape(text)}': {reason}; use one of "
+                     f"{', '.join(available_devices())}")

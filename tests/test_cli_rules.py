@@ -3,19 +3,26 @@ codec choice from the registry, escaped names, strict JSON, and what `info` and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import one_line_error as cli_error
 from cli_helpers import run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qlis
 import qlis.cli
 from qlis.cli import cli
 from qlis.console import codec_names
+from qlis.json_input import MAX_DEPTH, MAX_FILE_BYTES
 
 
 @pytest.fixture
@@ -145,3 +152,132 @@ def test_demo_refuses_a_missing_parent(tmp_path):
     assert "no such folder" in one_line_error("demo", "--model", "vit-tiny",
                                               "-o", tmp_path / "a" / "b")
     assert not (tmp_path / "a").exists()
+
+
+# JSON options (issue 15): a deep, non-finite, oversize or wrongly typed value, or a plan that is
+# no regular file, is one error line and exit code 2, before any model is loaded.
+deep_kinds = st.lists(st.sampled_from("ld"), min_size=MAX_DEPTH + 1, max_size=3000)
+not_objects = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+).filter(lambda value: not isinstance(value, dict))
+JSON_NAMES = {list: "an array", str: "a string", int: "an integer", bool: "a boolean",
+              type(None): "null"}
+NO_FIXTURE_RESET = settings(max_examples=40,
+                            suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def nested(kinds: list[str]) -> str:
+    """JSON nested one level per kind: a list ("l") or an object ("d")."""
+    return "".join("[" if k == "l" else '{"k": ' for k in kinds) + "0" + "".join(
+        "]" if k == "l" else "}" for k in reversed(kinds))
+
+
+def pack_refused(model: Path, output: Path, *args: object) -> str:
+    line = one_line_error("pack", model, "-o", output, *args)
+    assert not output.exists()
+    return line
+
+
+@NO_FIXTURE_RESET
+@given(kinds=deep_kinds,
+       option=st.sampled_from(["--quantizer", "--pruner", "--set granularities"]))
+def test_deep_json_options_are_one_error(model_pt, tmp_path, no_loading, kinds, option):
+    value = nested(kinds)
+    args = ["--set", f"granularities={value}"] if option.startswith("--set") else [option, value]
+    line = pack_refused(model_pt, tmp_path / "m.qlis", "--policy", "lapq", *args)
+    assert line.endswith(f"{option} nests deeper than {MAX_DEPTH} levels")
+
+
+@NO_FIXTURE_RESET
+@given(value=not_objects, option=st.sampled_from(["--quantizer", "--pruner"]))
+def test_a_config_option_must_be_an_object(model_pt, tmp_path, no_loading, value, option):
+    line = pack_refused(model_pt, tmp_path / "m.qlis", "--policy", "lapq", option,
+                        json.dumps(value))
+    assert line.endswith(f"{option} must be a JSON object, got {JSON_NAMES[type(value)]}")
+
+
+@NO_FIXTURE_RESET
+@given(constant=st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-2e308"]),
+       where=st.sampled_from(["--quantizer", "--set"]))
+def test_non_finite_numbers_are_refused(model_pt, tmp_path, no_loading, constant, where):
+    if where == "--set":
+        args = ["--set", f"max_distortion={constant}"]
+    else:
+        args = ["--policy", "lapq", "--quantizer", f'{{"id": "affine", "bits": {constant}}}']
+    line = pack_refused(model_pt, tmp_path / "m.qlis", *args)
+    assert ("not a finite number" in line or "out of range" in line) and constant in line
+
+
+@pytest.mark.parametrize("key, flag", [("policy", "--policy"), ("plan", "--plan"),
+                                       ("beta", "--beta"), ("select", "--select")])
+def test_set_refuses_what_pack_passes_itself(model_pt, tmp_path, no_loading, key, flag):
+    for value in ("", "quant", "[1]"):
+        line = pack_refused(model_pt, tmp_path / "m.qlis", "--set", f"{key}={value}")
+        assert line.endswith(f"--set {key}= is not a policy option; give {flag} instead")
+
+
+def within_5_s(call: Callable[[], str], fifo: Path) -> str:
+    """``call()`` in a thread: it must return within 5 s (a FIFO must not block the reader);
+    if it does not, the FIFO is opened for writing so that the thread ends, and the test fails."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as err:  # re-raised in the test's thread
+            outcome.append(err)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {fifo} did not return within 5 s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def plan_file(tmp_path: Path, kind: str) -> Path:
+    """A --plan that must be refused, and what the error says about it."""
+    path = tmp_path / f"{kind}.json"
+    if kind == "deep":
+        path.write_text(nested(["l", "d"] * 200))
+    elif kind == "array":
+        path.write_text('[{"a.weight": {"quantizer": {"id": "affine", "bits": 8}}}]')
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "nan":
+        path.write_text('{"a.weight": {"quantizer": {"id": "affine", "bits": NaN}}}')
+    elif kind == "oversize":  # sparse: no disk space used
+        with path.open("wb") as f:
+            f.truncate(MAX_FILE_BYTES + 1)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    return path
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("deep", "nests deeper than 64 levels"),
+    ("array", "must be a JSON object, got an array"),
+    ("binary", "is not UTF-8 text"),
+    ("nan", "NaN is not a finite number"),
+    ("oversize", "is larger than 16.00 MiB"),
+    ("folder", "is a folder; give a JSON file"),
+    pytest.param("fifo", "is not a regular file", marks=pytest.mark.skipif(
+        not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")),
+    pytest.param("device", "is not a regular file", marks=pytest.mark.skipif(
+        not os.path.exists("/dev/zero"), reason="no /dev/zero on this platform")),
+])
+def test_a_plan_that_is_not_a_bounded_json_object_is_one_error(model_pt, tmp_path, no_loading,
+                                                              kind, match):
+    path = plan_file(tmp_path, kind)
+    line = within_5_s(lambda: pack_refused(model_pt, tmp_path / "m.qlis", "--plan", path), path)
+    assert line.startswith(f"qlis: error: --plan {path}") and match in line

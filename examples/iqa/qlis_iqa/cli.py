@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from qlis import InputError, QlisError, QualityWarning
 from qlis.console import (
@@ -25,8 +26,10 @@ from qlis.console import (
     codec_names,
     escape,
     human_bytes,
+    parse_device,
     silence_broken_pipe,
 )
+from qlis.json_input import read_json_file
 from qlis.policy import policy_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -81,11 +84,18 @@ def _model_file(path: Path) -> Path:
     return check_input(file, "model file")
 
 
+def _check_split_file(split_file: Path) -> None:
+    """A split file is JSON read later by the data module: refuse one that is not a bounded,
+    regular JSON file holding an object now, before any work."""
+    read_json_file(split_file, "--split", expected_type=dict)
+
+
 def _check_eval_set(root: Path | None, split_file: Path | None) -> None:
     if root is not None:
         check_input(root, "dataset folder")
     if split_file is not None:
         check_input(split_file, "split file")
+        _check_split_file(split_file)
 
 
 def _metrics_line(metrics: dict[str, float], label: str) -> str:
@@ -114,7 +124,13 @@ force_option = click.option("--force", is_flag=True, help="Replace an existing o
 progress_option = click.option(
     "--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a tty)."
 )
-device_option = click.option("--device", default="cpu", show_default=True, help="torch device.")
+device_option = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=lambda _ctx, _param, text: parse_device(text),
+    help="cpu, cuda, cuda:N or mps (when this machine has it).",
+)
 workers_option = click.option(
     "--workers", default=0, show_default=True, type=click.IntRange(0), help="DataLoader workers."
 )
@@ -236,7 +252,7 @@ def train(
     seed: int,
     logistic: bool,
     cache_dir: Path | None,
-    device: str,
+    device: torch.device,
     workers: int,
     progress: bool | None,
     force: bool,
@@ -251,6 +267,8 @@ def train(
     check_output_dir(output, force)
     if split_file is not None and not split_file.exists() and not split_file.parent.is_dir():
         raise InputError(f"{split_file.parent}: no such folder (create it first)")
+    if split_file is not None and split_file.exists():
+        _check_split_file(split_file)
     _start_work()
     from qlis_iqa.train import TrainConfig, train_run
 
@@ -269,7 +287,7 @@ def train(
         split_seed=split_seed,
         feature_batch=batch_size,
         workers=workers,
-        device=device,
+        device=str(device),
         progress=_progress(progress),
         logistic=logistic,
         overwrite=force,
@@ -301,7 +319,7 @@ def evaluate(
     logistic: bool,
     batch_size: int,
     cache_dir: Path | None,
-    device: str,
+    device: torch.device,
     workers: int,
     progress: bool | None,
     runtime: str,
@@ -484,7 +502,7 @@ def sweep(
     logistic: bool,
     batch_size: int,
     cache_dir: Path | None,
-    device: str,
+    device: torch.device,
     workers: int,
     progress: bool | None,
     runtime: str,
@@ -570,7 +588,7 @@ def score(
     output: Path,
     recursive: bool,
     batch_size: int,
-    device: str,
+    device: torch.device,
     workers: int,
     progress: bool | None,
     runtime: str,
@@ -595,7 +613,7 @@ def score(
         batch_size,
         workers,
         recursive,
-        device,
+        str(device),
         _progress(progress),
         runtime,
         precision,

@@ -1,0 +1,165 @@
+"""JSON that users give, read with bounds: every entry point of both commands goes through here.
+
+Python's ``json`` recurses once per nesting level (a deep input is a RecursionError), takes NaN
+and Infinity, and ``Path.read_text`` reads whatever the path names (a huge file or /dev/zero
+exhausts memory, a FIFO blocks forever). Here each of those is one InputError that names the
+option and the problem, found before any work is done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from typing import Any
+
+from qlis.console import escape, human_bytes
+from qlis.errors import InputError
+
+MAX_DEPTH = 64  # a plan nests 4 levels; the limit is far below the interpreter's recursion limit
+MAX_TEXT_CHARS = 1 << 20  # an option's value (the command line itself holds a few MiB at most)
+MAX_FILE_BYTES = 1 << 24  # 16 MiB: a plan of 100,000 layers
+
+_FLOAT_DIGITS = 308  # the largest float is 1.8e308
+# A JSON string, possessive so that it is matched in one pass; an unterminated one runs to the end.
+_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_JSON_NAMES: dict[type, str] = {
+    dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+    float: "number", type(None): "null",
+}
+
+
+class JSONSyntaxError(InputError):
+    """Text that is not JSON at all (an option that also takes plain strings catches this one);
+    JSON that breaks a limit raises a plain InputError."""
+
+
+def _given(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words: "an array", "null"."""
+    name = _JSON_NAMES[type(value)]
+    return name if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _has_type(value: object, expected_type: type) -> bool:
+    """JSON's types are exact (true is no integer); a number may be written as an integer."""
+    return type(value) is expected_type or (expected_type is float and type(value) is int)
+
+
+def _check_depth(text: str, subject: str, max_depth: int) -> None:
+    """Refuse nesting deeper than ``max_depth`` without recursing: brackets inside strings are
+    removed, the rest counted in one loop that stops at the first level too deep."""
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > max_depth:
+            raise InputError(f"{subject} nests deeper than {max_depth} levels")
+
+
+def _refuse_constant(token: str) -> float:
+    raise ValueError(f"{token} is not a finite number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise ValueError(f"{token} is out of range (not a finite number)")
+    return value
+
+
+def _float_sized_int(token: str) -> int:
+    """An integer that a float can hold (one beyond that would be infinite as a number)."""
+    digits = len(token.lstrip("-"))
+    if digits > _FLOAT_DIGITS:
+        raise ValueError(f"an integer of {digits} digits is out of range (more than "
+                         f"{_FLOAT_DIGITS})")
+    return int(token)
+
+
+def _parse(text: str, subject: str, expected_type: type | None, max_depth: int,
+           example: str | None) -> Any:
+    _check_depth(text, subject, max_depth)
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                           parse_int=_float_sized_int)
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno} column {err.colno}" if "\n" in text else f"column {err.colno}"
+        hint = f", e.g. '{example}'" if example else ""
+        raise JSONSyntaxError(f"{subject} must be JSON ({err.msg}: {where}){hint}") from None
+    except ValueError as err:  # a number refused by a hook
+        raise InputError(f"{subject}: {err}") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{subject} holds a \\u escape that is not a character "
+                         "(a lone surrogate)") from None
+    if expected_type is not None and not _has_type(value, expected_type):
+        raise InputError(f"{subject} must be a JSON {_JSON_NAMES[expected_type]}, "
+                         f"got {_given(value)}")
+    return value
+
+
+def parse_json_text(text: str, what: str, expected_type: type | None = None, *,
+                    max_chars: int = MAX_TEXT_CHARS, max_depth: int = MAX_DEPTH,
+                    example: str | None = None) -> Any:
+    """The JSON value an option's text holds (``what`` names the option in every message).
+
+    Refused, as an InputError: text longer than ``max_chars``, nesting deeper than
+    ``max_depth``, NaN, Infinity and numbers beyond a float's range, and a value that is not of
+    ``expected_type``. Text that is not JSON at all is a JSONSyntaxError (``example`` is shown).
+    """
+    if len(text) > max_chars:
+        raise InputError(f"{what} is longer than {max_chars:,} characters")
+    return _parse(text, what, expected_type, max_depth, example)
+
+
+def _read_regular_file(path: str | os.PathLike, subject: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of a regular file. Anything else (a folder, FIFO, socket or device
+    such as /dev/zero) is refused from ``os.stat`` without being opened; the open itself cannot
+    block (O_NONBLOCK) and is checked again, in case the path was replaced in between."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{subject}: no such file") from None
+    except OSError as err:
+        raise InputError(f"{subject}: cannot be read ({err.strerror or err})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{subject} is a folder; give a JSON file")
+    not_regular = InputError(f"{subject} is not a regular file (a pipe, device or socket); "
+                             "give a JSON file")
+    too_large = InputError(f"{subject} is larger than {human_bytes(max_bytes)}, the most "
+                           "accepted; is it the right file?")
+    if not stat.S_ISREG(info.st_mode):
+        raise not_regular
+    if info.st_size > max_bytes:
+        raise too_large
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise InputError(f"{subject}: cannot be read ({err.strerror or err})") from None
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_regular
+        data = file.read(max_bytes + 1)  # bounded: a file can grow, or lie about its size (/proc)
+    if len(data) > max_bytes:
+        raise too_large
+    return data
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_FILE_BYTES,
+                   expected_type: type | None = None, *, max_depth: int = MAX_DEPTH) -> Any:
+    """The JSON value of the file ``path``, given as option ``what`` (named in every message).
+
+    Only a regular file of at most ``max_bytes`` is read, as strict UTF-8 (a byte order mark is
+    allowed); the value has the limits of `parse_json_text`.
+    """
+    subject = f"{what} {escape(os.fspath(path))}"
+    data = _read_regular_file(path, subject, max_bytes)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{subject} is not UTF-8 text (invalid byte at offset {err.start}); "
+                         "give a JSON file") from None
+    return _parse(text, subject, expected_type, max_depth, None)
