@@ -87,7 +87,7 @@ class Policy(Strategy):
         return finite_json(super().get_config(), f"policy {self.strategy_id!r} options")
 
 
-policy_registry: Registry[Policy] = Registry("policy", "qlis.policies")
+policy_registry: Registry[Policy] = Registry("policy", "qlis.policies", base=Policy)
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

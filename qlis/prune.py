@@ -27,7 +27,7 @@ class Pruner(Strategy):
         return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype)), mask
 
 
-pruner_registry: Registry[Pruner] = Registry("pruner", "qlis.pruners")
+pruner_registry: Registry[Pruner] = Registry("pruner", "qlis.pruners", base=Pruner)
 
 
 def register_pruner(cls: type[Pruner]) -> type[Pruner]:

@@ -1,29 +1,59 @@
 """Name -> class registries for strategies and codecs, open to third parties via entry points.
 
 A package adds a strategy either by calling ``registry.register`` at import time or by
-declaring an entry point in the registry's group (for example ``qlis.quantizers``), which is
-loaded the first time a name is looked up and not found.
+declaring an entry point in the registry's group (for example ``qlis.quantizers``).
+
+Entry points are other people's code, so they load lazily and fail alone: listing the names
+reads only the installed packages' metadata, and an entry point is imported the first time
+its name is looked up. One that cannot be imported, or does not give a subclass of the
+registry's base class, is a ConfigError for that name only; every other name and command
+keeps working. What qlis ignores (a package whose metadata cannot be read, an entry point
+hidden by a registered name or by another package's) is a `PluginWarning`.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from importlib.metadata import Distribution, EntryPoint, distributions
+from typing import Any, Generic, Literal, TypeVar
 
 from qlis.errors import ConfigError
 
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    """A mapping from a short id to a class, with lazy loading of entry points."""
+class PluginWarning(UserWarning):
+    """An entry point qlis ignores: unreadable, or hidden by a registered or earlier one."""
 
-    def __init__(self, kind: str, group: str) -> None:
+
+@dataclass
+class _Plugin:
+    """The entry points that declare one name (the first is used) and what loading it gave."""
+
+    entry_points: list[EntryPoint]
+    cls: type | None = None
+    error: str | None = None
+    warned: bool = False
+
+
+class Registry(Generic[T]):
+    """A mapping from a short id to a class, with lazy loading of entry points.
+
+    ``base`` is the class every entry point must give a subclass of, so that a plugin with
+    the wrong interface is refused by name when it loads, not deep inside a compression.
+    """
+
+    def __init__(self, kind: str, group: str, base: type[Any] = object) -> None:
         self.kind = kind
         self.group = group
+        self.base = base
         self._classes: dict[str, type[T]] = {}
-        self._entry_points_loaded = False
+        # False until the group is read; then its entry points by name. Setting it back to
+        # False reads them afresh.
+        self._entry_points_loaded: dict[str, _Plugin] | Literal[False] = False
 
     def register(self, name: str, cls: type[T] | None = None) -> Callable[[type[T]], type[T]]:
         """Register ``cls`` under ``name``; usable as a decorator (``@registry.register("x")``)."""
@@ -37,23 +67,123 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> type[T]:
-        """The class registered as ``name``; a ConfigError lists the known names otherwise."""
-        if name not in self._classes:
-            self._load_entry_points()
-        try:
+        """The class registered as ``name``, else the one its entry point gives.
+
+        A ConfigError names the package and entry point that cannot be loaded, or lists the
+        known names when nothing declares ``name``.
+        """
+        plugin = self._entry_points().get(name)
+        if name in self._classes:
+            if plugin is not None:
+                self._warn_once(plugin, f"{self.kind} {name!r} is registered by qlis or an "
+                                        f"imported module; ignoring "
+                                        f"{_describe_all(plugin.entry_points)}")
             return self._classes[name]
-        except KeyError:
-            known = ", ".join(sorted(self._classes)) or "none"
-            raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}") from None
+        if plugin is None:
+            known = ", ".join(self.names()) or "none"
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}")
+        if len(plugin.entry_points) > 1:
+            first, *others = plugin.entry_points
+            self._warn_once(plugin, f"{self.kind} {name!r} is declared more than once: using "
+                                    f"{_describe(first)}, ignoring {_describe_all(others)}")
+        return self._load(name, plugin)
 
     def names(self) -> list[str]:
-        """All registered names, entry points included."""
-        self._load_entry_points()
-        return sorted(self._classes)
+        """All registered names and entry-point names, without importing any entry point."""
+        return sorted({*self._classes, *self._entry_points()})
 
-    def _load_entry_points(self) -> None:
-        if self._entry_points_loaded:
-            return
-        self._entry_points_loaded = True
-        for ep in entry_points(group=self.group):
-            self._classes.setdefault(ep.name, ep.load())
+    def _entry_points(self) -> dict[str, _Plugin]:
+        if self._entry_points_loaded is False:
+            found: dict[str, _Plugin] = {}
+            for ep in entry_points(group=self.group):
+                found.setdefault(ep.name, _Plugin([])).entry_points.append(ep)
+            self._entry_points_loaded = found
+        return self._entry_points_loaded
+
+    def _load(self, name: str, plugin: _Plugin) -> type[T]:
+        """The class the first entry point gives: imported once, a failure kept and repeated."""
+        if plugin.cls is None and plugin.error is None:
+            ep = plugin.entry_points[0]
+            found = self._import(ep)
+            if isinstance(found, str):
+                plugin.error = f"{self.kind} {name!r}: cannot use {_describe(ep)}: {found}"
+            else:
+                plugin.cls = found
+        if plugin.error is not None:
+            raise ConfigError(plugin.error)
+        return plugin.cls
+
+    def _import(self, ep: EntryPoint) -> type[T] | str:
+        """The subclass of the registry's base that ``ep`` gives, or why it cannot be used."""
+        try:
+            obj = ep.load()
+        except Exception as err:  # any failure of third-party code, but not Ctrl-C
+            return f"importing it raised {_exception_text(err)}"
+        if not isinstance(obj, type):
+            return f"it gives {_qualname(obj)}, a {type(obj).__name__}, not a class"
+        if not issubclass(obj, self.base):
+            return f"{_qualname(obj)} is not a subclass of {_qualname(self.base)}"
+        return obj
+
+    def _warn_once(self, plugin: _Plugin, message: str) -> None:
+        if not plugin.warned:
+            plugin.warned = True
+            warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+def entry_points(*, group: str) -> list[EntryPoint]:
+    """The installed packages' entry points in ``group``, sorted by package name, so which of
+    two packages declaring a name wins does not depend on sys.path.
+
+    Unlike ``importlib.metadata.entry_points``, each package's metadata is read on its own:
+    one that cannot be read is a PluginWarning, and the other packages still count. A
+    package installed twice counts once, as the first on sys.path (the one Python imports).
+    """
+    found: list[tuple[str, EntryPoint]] = []
+    seen: set[str] = set()
+    for dist in distributions():
+        name = _package_name(dist)
+        key = re.sub(r"[-_.]+", "-", name).casefold()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            eps = list(dist.entry_points.select(group=group))
+        except Exception as err:  # a malformed entry_points.txt, for one
+            # The same text from the same line for every registry: Python shows it once.
+            warnings.warn(f"ignoring the entry points of package {name!r}: its metadata "
+                          f"cannot be read: {_exception_text(err)}", PluginWarning, stacklevel=2)
+        else:
+            found.extend((key, ep) for ep in eps)
+    return [ep for _, ep in sorted(found, key=lambda pair: pair[0])]
+
+
+def _package_name(dist: Distribution) -> str:
+    try:
+        return dist.name or "?"
+    except Exception:  # unreadable METADATA must not stop the other packages
+        return "?"
+
+
+def _describe(ep: EntryPoint) -> str:
+    # getattr: an entry point made by hand, or a stand-in with only name and load, is fine.
+    dist = getattr(ep, "dist", None)
+    package = f"package {_package_name(dist)!r}" if dist is not None else "an unknown package"
+    return f"entry point '{ep.name} = {getattr(ep, 'value', '?')}' of {package}"
+
+
+def _describe_all(eps: list[EntryPoint]) -> str:
+    return " and ".join(_describe(ep) for ep in eps)
+
+
+def _qualname(obj: object) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    module = getattr(obj, "__module__", None)
+    if module and name:
+        return f"{module}.{name}"
+    return name or repr(obj)
+
+
+def _exception_text(err: Exception) -> str:
+    """``Type: message`` on one line (the CLI prints an error as a single line)."""
+    return " ".join(f"{type(err).__name__}: {err}".split())

@@ -166,7 +166,9 @@ def test_non_finite_numbers_are_refused_wherever_they_are(value, bad):
     assert "not a finite number" in str(info.value) or "out of range" in str(info.value)
 
 
-@given(text=st.text(max_size=30).filter(lambda t: t.strip()[:1] not in set('[{"-0123456789tfnNI')))
+# a first character that no JSON value starts with (drawn, not filtered: no health-check risk)
+@given(text=st.builds(str.__add__, st.sampled_from("abcdeghjkmopqrsuvwxyz<>!?;:=()~'"),
+                      st.text(max_size=29)))
 def test_text_that_is_not_json_is_a_syntax_error(text):
     with pytest.raises(JSONSyntaxError, match="--set x must be JSON"):
         parse_json_text(text, "--set x")

@@ -65,7 +65,7 @@ class Codec:
         return hash(repr(self))
 
 
-codec_registry: Registry[Codec] = Registry("codec", "qlis.codecs")
+codec_registry: Registry[Codec] = Registry("codec", "qlis.codecs", base=Codec)
 
 C = TypeVar("C", bound=type[Codec])
 
