@@ -46,7 +46,7 @@ POLICIES = [
     ("laq", "laq", {}),
     ("lapq (tensor)", "lapq", {}),
     ("lapq (channel)", "lapq", {"granularity": "channel"}),
-    ("lapq target_ratio=12", "lapq", {"target_ratio": 12}),
+    ("lapq paper_cr=12", "lapq", {"paper_cr": 12}),
 ]
 
 

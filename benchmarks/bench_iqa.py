@@ -115,7 +115,7 @@ def bench_family(family: str, args: argparse.Namespace, out: Path) -> tuple[str,
     lapq_load, lapq_ips = _timed_scoring(packed.path, test_paths, args)
 
     only = args.only.get(family) if args.only else None
-    extra = extra_variants(args.per_channel, args.target_ratio)
+    extra = extra_variants(args.per_channel, args.paper_cr)
     variants = pick_variants(paper_variants() + extra, only)
     _log(f"[{family}] sweep: {len(variants)} variants on {len(names)} test images")
     start = time.perf_counter()
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--score-images", type=int, default=16)
     parser.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--target-ratio", type=float, action="append", default=[])
+    parser.add_argument("--paper-cr", type=float, action="append", default=[])
     parser.add_argument("--codec", default="huffman")
     parser.add_argument("--only", type=_only, help="Rows per family: 'clip=Baseline,LAPQ;dino=…'.")
     parser.add_argument("--device", default="cpu")

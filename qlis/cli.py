@@ -260,7 +260,9 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help="rd: archive bits per model element.")
 @click.option("--target-bytes", type=click.IntRange(min=1), help="rd: archive size in bytes.")
 @click.option("--target-ratio", type=click.FloatRange(min=1),
-              help="rd: original tensor bytes / archive bytes; lap/laq/lapq: the paper's CR.")
+              help="rd: original tensor bytes / archive bytes (real).")
+@click.option("--paper-cr", type=click.FloatRange(min=1),
+              help="The paper's policies: reach this idealised CR (budget mode).")
 @click.option("--max-distortion", type=click.FloatRange(min=0, min_open=True),
               help="rd: the layers' mean relative weight MSE (default 1e-4).")
 @_beta
@@ -294,7 +296,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio,
+def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio, paper_cr,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
          quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
          rounding_sweeps,
@@ -310,7 +312,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     check_output(output, force, (".qlis",), inputs=[path])
     given = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
-        "target_ratio": target_ratio, "max_distortion": max_distortion, "k": k, "bits": bits,
+        "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
+        "k": k, "bits": bits,
         "granularity": granularity, "method": method, "min_cosine": min_cosine,
         "pruner": _json_option(pruner_json, "--pruner"),
         "quantizer": _json_option(quantizer_json, "--quantizer"),

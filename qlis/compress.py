@@ -274,7 +274,7 @@ def compress(
     measured on the model's outputs. The paper's policies keep their names: ``"prune"``
     (``k``), ``"quant"`` (``bits``), ``"lap"``, ``"laq"``, ``"lapq"``, with ``k_levels``,
     ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
-    (configs applied to every layer) and ``target_ratio`` (the paper's CR).
+    (configs applied to every layer) and ``paper_cr`` (budget mode: the paper's idealised CR).
 
     With ``calib``, the plan is executed by reconstruction unless ``error_feedback=False``
     (``error_feedback=True`` without ``calib`` is refused): sequentially (qlis/reconstruct.py),

@@ -10,8 +10,9 @@ its QLIS rank, so a higher QLIS never gets fewer bits or a larger k. Two mapping
 
 - rank quantiles (default): the layers, ranked by QLIS, are cut into equal-size groups, one
   per level; the lowest-QLIS group gets the first (least precise) level.
-- budget (``target_ratio``): the same ranking, shifted towards the less precise levels just
-  enough that the paper's compression ratio reaches the target.
+- budget (``paper_cr``): the same ranking, shifted towards the less precise levels just
+  enough that the paper's idealised compression ratio (CR) reaches the target. (qlis' own
+  ``target_ratio`` is the real archive ratio, which policy ``rd`` reaches.)
 
 The rate–distortion policy ``rd`` lives in qlis/rd.py.
 """
@@ -122,7 +123,7 @@ class LevelsPolicy(Policy):
     bits_levels: tuple[int | None, ...] = (None,)
     granularity: str = "tensor"
     method: str = "affine"
-    target_ratio: float | None = None
+    paper_cr: float | None = None
     pruner: dict | None = None
     quantizer: dict | None = None
 
@@ -142,8 +143,11 @@ class LevelsPolicy(Policy):
             raise ConfigError(f"bits levels must go from fewest to most bits: {self.bits_levels}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}")
-        if self.target_ratio is not None and not 1.0 <= self.target_ratio < float("inf"):
-            raise ConfigError(f"target_ratio must be a finite number >= 1, got {self.target_ratio}")
+        if self.paper_cr is not None and (
+            isinstance(self.paper_cr, bool) or not isinstance(self.paper_cr, int | float)
+            or not 1.0 <= self.paper_cr < float("inf")
+        ):
+            raise ConfigError(f"paper_cr must be a finite number >= 1, got {self.paper_cr!r}")
         if self.pruner is not None:
             get_pruner(self.pruner)  # a bad config fails now, not after the scoring
         if self.quantizer is not None:
@@ -156,7 +160,14 @@ class LevelsPolicy(Policy):
 
     @classmethod
     def from_options(cls, **options: Any) -> LevelsPolicy:
-        """Options, with ``k``/``bits`` as shortcuts for a single uniform level (None: keep)."""
+        """Options, with ``k``/``bits`` as shortcuts for a single uniform level (None: keep).
+        ``target_ratio`` is refused by name: it means real archive bytes everywhere in qlis,
+        which the paper's levels cannot aim at (their budget is ``paper_cr``)."""
+        if options.get("target_ratio") is not None:
+            raise ConfigError(
+                "target_ratio is the real archive ratio, which policy 'rd' reaches; the paper's "
+                "policies aim at its idealised CR: pass paper_cr= (qlis pack --paper-cr)")
+        options.pop("target_ratio", None)
         k = options.pop("k", None)
         bits = options.pop("bits", None)
         if k is not None:
@@ -196,20 +207,20 @@ class LevelsPolicy(Policy):
         ``original_bits`` its uncompressed bits.
         """
         quantiles = _rank_quantiles(np.asarray(qlis, dtype=np.float64))
-        if self.target_ratio is None:
+        if self.paper_cr is None:
             return self._at(quantiles, 0.0)
         if paper_bits is None or original_bits is None:
             raise ConfigError("budget mode needs the model's bit costs")
 
         def reaches(shift: float) -> bool:
-            return original_bits / paper_bits(self._at(quantiles, shift)) >= self.target_ratio
+            return original_bits / paper_bits(self._at(quantiles, shift)) >= self.paper_cr
 
         if reaches(-1.0):
             return self._at(quantiles, -1.0)
         if not reaches(1.0):
             best = original_bits / paper_bits(self._at(quantiles, 1.0))
             raise ConfigError(
-                f"target_ratio {self.target_ratio} is out of reach for policy "
+                f"paper_cr {self.paper_cr} is out of reach for policy "
                 f"{self.strategy_id!r}: its least precise levels give a paper CR of {best:.2f}"
             )
         lo, hi = -1.0, 1.0
@@ -228,7 +239,7 @@ class LevelsPolicy(Policy):
 
     def make_plan(self, context: PlanContext) -> Plan:
         scores = np.array([layer.QLIS for layer in context.report.layers])
-        if self.target_ratio is None:
+        if self.paper_cr is None:
             assignment = self.assign(scores)
         else:
             state = context.state

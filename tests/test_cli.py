@@ -211,7 +211,7 @@ def test_bad_options_exit_2(runner, model_pt, tmp_path):
                                  "--codec", "zip"])
     assert result.exit_code == 2 and "'zip' is not one of" in result.stderr
     result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
-                                 "--policy", "lapq", "--target-ratio", "1000"])
+                                 "--policy", "lapq", "--paper-cr", "1000"])
     assert result.exit_code == 2 and "out of reach" in result.stderr
     assert not (tmp_path / "m.qlis").exists()
 

@@ -25,7 +25,7 @@ POLICIES = [
     ("lapq", {}),
     ("lapq", {"granularity": "channel"}),
     ("lapq", {"method": "kmeans"}),
-    ("lapq", {"target_ratio": 12}),
+    ("lapq", {"paper_cr": 12}),
 ]
 IDS = [f"{p}-{o}" for p, o in POLICIES]
 
@@ -124,18 +124,18 @@ def test_plan_follows_the_policy_and_the_scores(tiny_vit):
 
 
 def test_budget_mode_reaches_the_target_and_protects_the_top_layer(tiny_state):
-    result = qlis.compress(tiny_state, "lapq", target_ratio=12)
+    result = qlis.compress(tiny_state, "lapq", paper_cr=12)
     assert result.cr >= 12
     assert _independent_ratios(tiny_state, result)[0] >= 12
     top = max(result.layers, key=lambda p: p.qlis)
     assert all(top.bits >= p.bits and top.k <= p.k for p in result.layers)
     # a lower target is not met by throwing more away than the higher one does
-    easy = qlis.compress(tiny_state, "lapq", target_ratio=4)
+    easy = qlis.compress(tiny_state, "lapq", paper_cr=4)
     assert 4 <= easy.cr <= result.cr
 
 
 @pytest.mark.parametrize(
-    "policy, options", [("lapq", {"target_ratio": 1e6}), ("quant", {"bits": 8, "target_ratio": 5})]
+    "policy, options", [("lapq", {"paper_cr": 1e6}), ("quant", {"bits": 8, "paper_cr": 5})]
 )
 def test_unreachable_target(tiny_state, policy, options):
     with pytest.raises(ConfigError, match="out of reach"):

@@ -85,7 +85,7 @@ def budgets(draw):
 @given(budgets(), st.floats(1, 200))
 def test_budget_mode_reaches_the_target_or_refuses(budget, target):
     qlis, policy, paper_bits, original = budget
-    policy = make_policy(policy, target_ratio=target)
+    policy = make_policy(policy, paper_cr=target)
     least = [(policy.k_levels[0], policy.bits_levels[0])] * len(qlis)
     most = [(policy.k_levels[-1], policy.bits_levels[-1])] * len(qlis)
     if original / paper_bits(least) < target:
@@ -109,14 +109,14 @@ def test_budget_mode_spends_no_more_than_needed(budget):
     plain = policy.assign(np.array(qlis))
     target = original / paper_bits(plain)
     assume(target >= 1)
-    shifted = make_policy(policy, target_ratio=target).assign(np.array(qlis), paper_bits, original)
+    shifted = make_policy(policy, paper_cr=target).assign(np.array(qlis), paper_bits, original)
     assert original / paper_bits(shifted) >= target * (1 - 1e-12)
     assert paper_bits(shifted) >= paper_bits(plain) * (1 - 1e-12)
 
 
 def test_budget_mode_needs_costs():
     with pytest.raises(ConfigError, match="bit costs"):
-        make_policy("lapq", target_ratio=4).assign(np.array([0.1, 0.2]))
+        make_policy("lapq", paper_cr=4).assign(np.array([0.1, 0.2]))
 
 
 def test_presets():
@@ -126,7 +126,7 @@ def test_presets():
     assert make_policy("laq").bits_levels == PAPER_BITS_LEVELS == (1, 2, 4, 8)
     lapq = make_policy("lapq")
     assert (lapq.k_levels, lapq.bits_levels) == (PAPER_K_LEVELS, PAPER_BITS_LEVELS)
-    assert (lapq.granularity, lapq.method, lapq.target_ratio) == ("tensor", "affine", None)
+    assert (lapq.granularity, lapq.method, lapq.paper_cr) == ("tensor", "affine", None)
 
 
 def test_options():
@@ -137,8 +137,8 @@ def test_options():
     assert make_policy("quant", bits=None).bits_levels == (8,)  # None: keep the preset
     base = LevelsPolicy(k_levels=(1.0, 0.0), bits_levels=(2, 8))
     assert make_policy(base) is base
-    assert make_policy(base, target_ratio=5.0) == LevelsPolicy(
-        k_levels=(1.0, 0.0), bits_levels=(2, 8), target_ratio=5.0
+    assert make_policy(base, paper_cr=5.0) == LevelsPolicy(
+        k_levels=(1.0, 0.0), bits_levels=(2, 8), paper_cr=5.0
     )
     assert make_policy(base, bits=4).bits_levels == (4,)
 
@@ -168,10 +168,18 @@ def test_unknown_option(policy):
         ({"bits_levels": (8, 4)}, "fewest"),
         ({"bits_levels": (None, 8)}, "most precise"),
         ({"granularity": "row"}, "granularity"),
-        ({"target_ratio": 0.5}, "target_ratio"),
-        ({"target_ratio": float("nan")}, "target_ratio"),
+        ({"paper_cr": 0.5}, "paper_cr"),
+        ({"paper_cr": True}, "paper_cr"),
+        ({"paper_cr": float("nan")}, "paper_cr"),
     ],
 )
 def test_policy_validation(fields, match):
     with pytest.raises(ConfigError, match=match):
         LevelsPolicy(**fields)
+
+
+@pytest.mark.parametrize("policy", ["prune", "quant", "lap", "laq", "lapq"])
+def test_target_ratio_means_real_bytes_so_the_paper_policies_refuse_it(policy):
+    with pytest.raises(ConfigError, match="real archive ratio.*paper_cr"):
+        make_policy(policy, target_ratio=5)
+    assert make_policy(policy, paper_cr=5).paper_cr == 5

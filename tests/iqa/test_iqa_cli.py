@@ -93,7 +93,7 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
         "--only",
         "Baseline,Q 8-bit,LAPQ,rd [3x]",
         "--per-channel",
-        "--target-ratio",
+        "--paper-cr",
         "6",
         "--rd-ratio",
         "3",

@@ -52,21 +52,21 @@ TABLE_1 = [
 
 def test_variants() -> None:
     assert [v.name for v in paper_variants()] == TABLE_1
-    extra = extra_variants(per_channel=True, target_ratios=[20.0])
+    extra = extra_variants(per_channel=True, paper_crs=[20.0])
     assert [v.name for v in extra] == [
         "LAQ [channel]",
         "LAPQ [channel]",
         "LAPQ [budget 20x, channel]",
     ]
-    assert extra[-1].options == {"target_ratio": 20.0, "granularity": "channel"}
+    assert extra[-1].options == {"paper_cr": 20.0, "granularity": "channel"}
     assert [v.name for v in pick_variants(paper_variants(), "lapq, baseline")] == [
         "Baseline",
         "LAPQ",
     ]
     with pytest.raises(IQAError, match="unknown row"):
         pick_variants(paper_variants(), "LAPQ,foo")
-    with pytest.raises(IQAError, match="target-ratio"):
-        extra_variants(target_ratios=[0.5])
+    with pytest.raises(IQAError, match="paper-cr"):
+        extra_variants(paper_crs=[0.5])
 
 
 def _test_samples(run) -> list:
@@ -77,7 +77,7 @@ def _test_samples(run) -> list:
 
 def test_sweep_rows_columns_and_outputs(runs: dict, tmp_path: Path) -> None:
     run = runs["clip"]
-    variants = paper_variants() + extra_variants(per_channel=True, target_ratios=[8.0])
+    variants = paper_variants() + extra_variants(per_channel=True, paper_crs=[8.0])
     rows = run_sweep(
         run.model,
         _test_samples(run),

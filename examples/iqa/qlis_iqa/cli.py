@@ -363,7 +363,9 @@ def evaluate(
 @click.option("--bits", type=click.IntRange(1, 8), help="Bits (policy quant).")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]))
 @click.option("--target-ratio", type=click.FloatRange(min=1),
-              help="rd: real archive ratio; lap/laq/lapq: the paper CR to reach.")
+              help="rd: real archive ratio (original bytes / archive bytes).")
+@click.option("--paper-cr", type=click.FloatRange(min=1),
+              help="The paper's policies: reach this idealised CR (budget mode).")
 @click.option("--target-bits-per-weight", type=click.FloatRange(min=0, min_open=True),
               help="rd: archive bits per model element.")
 @click.option("--min-cosine", type=click.FloatRange(0, 1, max_open=True),
@@ -383,6 +385,7 @@ def compress(
     bits: int | None,
     granularity: str | None,
     target_ratio: float | None,
+    paper_cr: float | None,
     target_bits_per_weight: float | None,
     min_cosine: float | None,
     calib_images: int,
@@ -401,7 +404,8 @@ def compress(
     check_output(output, force, (".qlis",), inputs=[path])
     _check_eval_set(root, split_file)
     given = {"k": k, "bits": bits, "granularity": granularity, "target_ratio": target_ratio,
-             "target_bits_per_weight": target_bits_per_weight, "min_cosine": min_cosine}
+             "paper_cr": paper_cr, "target_bits_per_weight": target_bits_per_weight,
+             "min_cosine": min_cosine}
     options = {key: v for key, v in given.items() if v is not None}
     calibrated = policy == "rd" and calib_images > 0
     if min_cosine is not None and not calibrated:
@@ -454,7 +458,7 @@ def _training_samples(meta, root, split_file, dataset):
 @beta_option
 @click.option("--per-channel", is_flag=True, help="Add per-channel LAQ/LAPQ rows.")
 @click.option(
-    "--target-ratio",
+    "--paper-cr",
     type=click.FloatRange(min=1),
     multiple=True,
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
@@ -491,7 +495,7 @@ def sweep(
     split_file: Path | None,
     beta: float,
     per_channel: bool,
-    target_ratio: tuple[float, ...],
+    paper_cr: tuple[float, ...],
     rd_ratio: tuple[float, ...],
     rd_srcc_drop: tuple[float, ...],
     calib_images: int,
@@ -531,7 +535,7 @@ def sweep(
     )
 
     variants = pick_variants(
-        paper_variants() + extra_variants(per_channel, target_ratio)
+        paper_variants() + extra_variants(per_channel, paper_cr)
         + rd_variants(rd_ratio, rd_srcc_drop),
         only,
     )

@@ -78,7 +78,7 @@ def paper_variants() -> list[Variant]:
     ]
 
 
-def extra_variants(per_channel: bool = False, target_ratios: Sequence[float] = ()) -> list[Variant]:
+def extra_variants(per_channel: bool = False, paper_crs: Sequence[float] = ()) -> list[Variant]:
     """Rows beyond the paper: per-channel LAQ/LAPQ, and LAPQ in budget mode at given paper CRs."""
     rows = []
     if per_channel:
@@ -86,10 +86,10 @@ def extra_variants(per_channel: bool = False, target_ratios: Sequence[float] = (
             Variant("LAQ [channel]", "laq", {"granularity": "channel"}, kind="extra"),
             Variant("LAPQ [channel]", "lapq", {"granularity": "channel"}, kind="extra"),
         ]
-    for ratio in target_ratios:
+    for ratio in paper_crs:
         if not ratio >= 1.0:
-            raise IQAError(f"--target-ratio must be >= 1, got {ratio}")
-        opts: dict[str, Any] = {"target_ratio": float(ratio)}
+            raise IQAError(f"--paper-cr must be >= 1, got {ratio}")
+        opts: dict[str, Any] = {"paper_cr": float(ratio)}
         suffix = f"budget {ratio:g}x"
         if per_channel:
             opts["granularity"] = "channel"
