@@ -6,6 +6,8 @@ A pruner returns a keep-mask; ``prune`` applies it. The paper's LAP uses the sig
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qlis.errors import ConfigError
@@ -53,8 +55,8 @@ class SigmaPruner(Pruner):
     strategy_id = "sigma"
 
     def __init__(self, k: float = 1.0) -> None:
-        if not k >= 0:
-            raise ConfigError(f"pruning multiplier k must be >= 0, got {k}")
+        if isinstance(k, bool) or not isinstance(k, int | float) or not 0 <= k < math.inf:
+            raise ConfigError(f"pruning multiplier k must be a finite number >= 0, got {k!r}")
         self.k = float(k)
 
     def threshold(self, weight: torch.Tensor) -> float:

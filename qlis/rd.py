@@ -283,6 +283,10 @@ class RDPolicy(Policy):
             raise ConfigError(f"rounding must be in (0, 0.5], got {self.rounding!r}")
         if not (isinstance(self.finest_step, int | float) and 0 < self.finest_step < 1):
             raise ConfigError(f"finest_step must be in (0, 1), got {self.finest_step!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+            0 <= self.seed < 2**31
+        ):
+            raise ConfigError(f"seed must be an integer from 0 to 2**31 - 1, got {self.seed!r}")
         if isinstance(self.sample_size, bool) or not (
             isinstance(self.sample_size, int) and self.sample_size >= 1024
         ):

@@ -71,7 +71,7 @@ def test_constant_and_empty_layers():
     assert pruned.shape == (0, 4) and mask.shape == (0, 4)
 
 
-@pytest.mark.parametrize("k", [-0.5, float("nan")])
+@pytest.mark.parametrize("k", [-0.5, float("nan"), float("inf"), "a", None, True])
 def test_bad_k(k):
     with pytest.raises(ConfigError, match="k"):
         SigmaPruner(k)

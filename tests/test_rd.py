@@ -150,6 +150,9 @@ def test_calibration_with_a_callable_and_dict_batches():
         ({"group_sizes": [0]}, "group_sizes"),
         ({"group_sizes": [32], "group_bits": [1]}, "group_bits"),
         ({"bits": 4}, "unknown option"),
+        ({"seed": "x"}, "seed"),
+        ({"seed": 1e300}, "seed"),
+        ({"seed": True}, "seed"),
     ],
 )
 def test_bad_rd_options(mlp, options, match):
