@@ -48,6 +48,7 @@ from qlis.format import (
     parse_json,
     validate_header,
 )
+from qlis.grid import Grid
 from qlis.quantize import QuantizedTensor, get_quantizer
 from qlis.tensors import bit_patterns
 
@@ -111,6 +112,16 @@ def _codes(stored: QuantizedTensor, name: str) -> np.ndarray:
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= n_levels):
         raise InputError(f"{name}: a quantized code lies outside 0..{n_levels - 1}")
     return np.ascontiguousarray(codes, dtype=code_dtype(n_levels))
+
+
+def _check_params(stored: QuantizedTensor, name: str) -> None:
+    """Refuse parameters a reader would refuse (qlis never writes a file it would refuse);
+    after the header's checks, which vouch for the quantizer's config."""
+    try:
+        get_quantizer(stored.quantizer).check_params(stored.shape, stored.n_levels,
+                                                     stored.params)
+    except ArchiveError as err:
+        raise InputError(f"{name}: cannot write its quantizer parameters: {err}") from None
 
 
 def _encode_codes(codes: np.ndarray, n_levels: int, codec: str) -> tuple[Codec, bytes]:
@@ -270,6 +281,9 @@ def write_tensors(
         "tensors": entries,
     }
     raw_header = _header_bytes(header, writer.offset)
+    for name, stored in tensors.items():
+        if isinstance(stored, QuantizedTensor):
+            _check_params(stored, name)
     _write_atomically(path, raw_header, writer, overwrite)
     return path
 
@@ -459,31 +473,54 @@ class Archive:
         return DTYPES[self.entry(name)["dtype"]]
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
-        """The integer codes and parameters of a quantized tensor (None for a plain one)."""
-        entry = self.entry(name)
+        """The integer codes and checked parameters of a quantized tensor (None for a plain
+        one). The parameters are checked before the codes are decoded, and every code must lie
+        on the grid they describe."""
+        entry, params, _ = self._checked(name)
         if "quantizer" not in entry:
             return None
         shape, n_levels = entry["shape"], entry["n_levels"]
         codes = self._decode(entry, self._empty(name, math.prod(shape), code_dtype(n_levels)))
         if codes.size and int(codes.max()) >= n_levels:
-            raise self._fail(f"tensor {name!r}: a code exceeds the alphabet")
+            raise self._fail(f"tensor {name!r}: code {int(codes.max())} is outside the grid's "
+                             f"{n_levels} levels")
         return QuantizedTensor(
             codes=codes.reshape(shape),
             n_levels=n_levels,
             quantizer=entry["quantizer"],
-            params=self.read_params(name),
+            params=params,
             dtype=DTYPES[entry["dtype"]],
         )
 
     def read_params(self, name: str) -> dict[str, np.ndarray]:
-        """The quantizer parameters of a tensor (empty for a plain one), without its codes."""
+        """The quantizer parameters of a tensor (empty for a plain one), checked by its
+        quantizer (`Quantizer.check_params`), without its codes."""
+        return self._checked(name)[1]
+
+    def read_grid(self, name: str) -> Grid | None:
+        """The grid a quantized tensor's checked parameters describe, without its codes (None
+        for a plain tensor, a quantizer without a grid, or an empty tensor)."""
+        return self._checked(name)[2]
+
+    def _checked(self, name: str) -> tuple[dict, dict[str, np.ndarray], Grid | None]:
+        """A tensor's entry, parameters and grid: the one path by which parameters leave the
+        file, checked against the tensor's shape and n_levels before anything is built from
+        them (the records' sizes were bounded by the file when the header was read)."""
+        entry = self.entry(name)
         params = {}
-        for key, record in self.entry(name).get("params", {}).items():
+        for key, record in entry.get("params", {}).items():
             data = self._read_record(record, f"tensor {name!r} parameter {key!r}")
             params[key] = np.frombuffer(data, PARAM_DTYPES[record["dtype"]]).reshape(
                 record["shape"]
             ).astype(record["dtype"])
-        return params
+        if "quantizer" not in entry:
+            return entry, params, None
+        try:
+            grid = get_quantizer(entry["quantizer"]).check_params(
+                tuple(entry["shape"]), entry["n_levels"], params)
+        except ArchiveError as err:
+            raise self._fail(f"tensor {name!r}: {err}") from None
+        return entry, params, grid
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, dequantized, exactly as ``CompressionResult.state_dict()`` had it."""

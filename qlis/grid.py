@@ -79,6 +79,12 @@ class Grid:
     def n_blocks(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    @property
+    def levels(self) -> int | None:
+        """How many codes the grid decodes (0..levels-1); None when any integer decodes (an
+        unbounded grid). A reader refuses codes a grid cannot decode before decoding them."""
+        return None
+
     def column(self, j: int) -> Grid:
         """The grid of column ``j`` of the matrix, as a one-column matrix."""
         raise NotImplementedError
@@ -138,6 +144,10 @@ class AffineGrid(Grid):
     @property
     def n_blocks(self) -> tuple[int, int]:
         return tuple(self.scale.shape)
+
+    @property
+    def levels(self) -> int | None:
+        return None if self.top is None else self.top + 1
 
     def check(self, shape: tuple[int, int]) -> None:
         super().check(shape)
@@ -202,6 +212,10 @@ class CodebookGrid(Grid):
     @property
     def n_blocks(self) -> tuple[int, int]:
         return tuple(self.codebook.shape[:2])
+
+    @property
+    def levels(self) -> int:
+        return self.codebook.shape[2]
 
     def encode(self, matrix: torch.Tensor) -> torch.Tensor:
         entries = torch.arange(self.codebook.shape[2])

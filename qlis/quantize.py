@@ -24,6 +24,7 @@ from qlis.registry import Registry
 from qlis.strategy import Strategy
 
 GRANULARITIES = ("tensor", "channel")
+MAX_LEVELS = 1 << 16
 
 
 @dataclass
@@ -61,11 +62,55 @@ class QuantizedTensor:
         return torch.from_numpy(codes).reshape(matrix_shape(self.shape))
 
 
+@dataclass(frozen=True)
+class ParamSpec:
+    """What one stored quantizer parameter must be, so that a reader refuses a crafted one
+    before it builds anything from it: its dtype, its exact shape (derived from the tensor's
+    shape and the quantizer's config, hence bounded by the tensor) and the range of its
+    values, which are always finite."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    positive: bool = False  # every value > 0 (scales, steps)
+    minimum: float | None = None  # every value >= minimum
+    maximum: float | None = None  # every value <= maximum
+    integer: bool = False  # whole numbers (zero points, offsets)
+    ascending: bool = False  # sorted, lowest first (codebooks)
+
+    def check(self, key: str, value: object) -> None:
+        """Raise ArchiveError naming ``key`` unless ``value`` is such a parameter."""
+        where = f"parameter {key!r}"
+        array = np.asarray(value)
+        if array.dtype.name != self.dtype:
+            raise ArchiveError(f"{where} must be {self.dtype}, got {array.dtype.name}")
+        if array.shape != self.shape:
+            raise ArchiveError(
+                f"{where} must have shape {list(self.shape)}, got {list(array.shape)}"
+            )
+        flat = array.reshape(-1)
+        rules = [(flat, np.isfinite(flat), "must be finite")]  # (values, which pass, rule)
+        if self.positive:
+            rules.append((flat, flat > 0, "must be > 0"))
+        if self.minimum is not None:
+            rules.append((flat, flat >= self.minimum, f"must be >= {self.minimum:g}"))
+        if self.maximum is not None:
+            rules.append((flat, flat <= self.maximum, f"must be <= {self.maximum:g}"))
+        if self.integer:
+            rules.append((flat, np.floor(flat) == flat, "must hold whole numbers"))
+        if self.ascending:
+            rules.append((flat[1:], flat[1:] >= flat[:-1], "must be sorted, lowest first"))
+        for values, ok, rule in rules:
+            if not ok.all():
+                raise ArchiveError(f"{where} {rule}, found {float(values[~ok][0]):g}")
+
+
 class Quantizer(Strategy):
     """Maps a weight to a QuantizedTensor and describes the grid its codes live on.
 
     A subclass implements ``quantize`` and ``grid``; ``dequantize`` and ``with_codes``
-    follow from the grid (override ``with_codes`` for a grid without bounds).
+    follow from the grid (override ``with_codes`` for a grid without bounds). It states the
+    parameters it stores in ``param_specs`` and its alphabet in ``level_range``, so that
+    ``check_params`` can refuse what it would never have written.
     """
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
@@ -74,6 +119,58 @@ class Quantizer(Strategy):
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]) -> Grid:
         """The grid of a tensor of ``shape`` that this quantizer made with ``params``."""
         raise NotImplementedError
+
+    def level_range(self) -> tuple[int, int]:
+        """The fewest and the most code levels this quantizer gives a tensor (with its config);
+        a reader refuses any other ``n_levels``."""
+        return 1, MAX_LEVELS
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec] | None:
+        """Every parameter this quantizer stores for a tensor of ``shape`` with ``n_levels``
+        codes, by name; None where it does not say (a third-party quantizer may not): then
+        only the grid its parameters describe is checked."""
+        return None
+
+    def check_params(
+        self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]
+    ) -> Grid | None:
+        """Refuse parameters (read from a file) that this quantizer would not have written for
+        a tensor of ``shape`` with ``n_levels`` codes, before anything is built from them.
+
+        ``n_levels`` must lie in `level_range` and the parameters match `param_specs`
+        (present, nothing else, dtype, shape, finite, in range); then the grid they describe
+        must fit the tensor's matrix, decode every code below ``n_levels`` and be finite.
+        Raises ArchiveError naming the parameter; returns that grid (None for a quantizer
+        without one, or for an empty tensor, which has nothing to decode).
+        """
+        low, high = self.level_range()
+        if not low <= n_levels <= high:
+            allowed = str(low) if low == high else f"{low} to {high}"
+            raise ArchiveError(f"n_levels is {n_levels}; {self.strategy_id} codes with this "
+                               f"config have {allowed} levels")
+        specs = self.param_specs(shape, n_levels)
+        if specs is not None:
+            unknown = sorted(set(params) - set(specs))
+            if unknown:
+                raise ArchiveError(f"parameter {unknown[0]!r} is not one {self.strategy_id} "
+                                   f"stores ({', '.join(sorted(specs))})")
+            for key, spec in specs.items():
+                if key not in params:
+                    raise ArchiveError(f"parameter {key!r} is missing")
+                spec.check(key, params[key])
+        if not self.has_grid() or not math.prod(shape):
+            return None
+        try:  # a third-party grid may fail on its own terms; the built-ins' cannot here
+            grid = self.grid(shape, n_levels, params)
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
+            raise ArchiveError(f"the parameters do not describe a grid ({err})") from None
+        grid.check(matrix_shape(shape))
+        if grid.levels is not None and n_levels > grid.levels:
+            raise ArchiveError(f"{n_levels} code levels on a grid of {grid.levels}")
+        for key, tensor in grid.tensors().items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ArchiveError(f"the grid's {key} is not finite")
+        return grid
 
     @classmethod
     def config_for_bits(cls, bits: int, granularity: str = "tensor") -> dict[str, Any]:
@@ -156,6 +253,13 @@ def _row_layout(
     return (max(rows, 1), max(cols, 1)), (1, 1)
 
 
+def _param_rows(shape: tuple[int, ...], granularity: str) -> tuple[int]:
+    """The shape of a per-row parameter: one value per row of ``_rows``."""
+    if granularity == "channel" and len(shape) >= 1 and shape[0] > 0:
+        return (shape[0],)
+    return (1,)
+
+
 def _param(params: dict[str, np.ndarray], key: str, blocks: tuple[int, ...]) -> torch.Tensor:
     """A stored parameter in the grid's block layout (float16 or float32, as stored)."""
     if key not in params:
@@ -222,6 +326,15 @@ class AffineQuantizer(Quantizer):
             return BinaryQuantizer(granularity=granularity).get_config()
         return super().config_for_bits(bits, granularity)
 
+    def level_range(self) -> tuple[int, int]:
+        return 1 << self.bits, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``scale`` > 0 and whole ``zero_point`` in [0, n_levels - 1], one per row."""
+        rows = _param_rows(shape, self.granularity)
+        return {"scale": ParamSpec(rows, positive=True),
+                "zero_point": ParamSpec(rows, integer=True, minimum=0, maximum=n_levels - 1)}
+
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
         block, blocks = _row_layout(shape, self.granularity)
         return AffineGrid(block, _param(params, "scale", blocks),
@@ -263,6 +376,13 @@ class BinaryQuantizer(Quantizer):
             params=params,
             dtype=weight.dtype,
         )
+
+    def level_range(self) -> tuple[int, int]:
+        return 2, 3
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``alpha`` >= 0 (0 for an all-zero row), one per row."""
+        return {"alpha": ParamSpec(_param_rows(shape, self.granularity), minimum=0)}
 
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
         """Codebook {-alpha, +alpha}, or {-alpha, 0, +alpha} with 0 for exact zeros only."""
@@ -335,6 +455,14 @@ class KMeansQuantizer(Quantizer):
             params=params,
             dtype=weight.dtype,
         )
+
+    def level_range(self) -> tuple[int, int]:
+        return 1, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """A float32 ``codebook`` of ``n_levels`` entries, sorted (nearest-entry rounding
+        needs it)."""
+        return {"codebook": ParamSpec((n_levels,), ascending=True)}
 
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
         """One sorted codebook for the whole tensor; 0.0, when present, is the zero code."""
@@ -435,6 +563,20 @@ class GroupAffineQuantizer(Quantizer):
             dtype=weight.dtype,
         )
 
+    def level_range(self) -> tuple[int, int]:
+        return 1 << self.bits, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float16 ``scale`` > 0 and (asymmetric) whole ``zero_point`` in [0, n_levels - 1],
+        one per group: (rows, ceil(columns / group_size)), at most one per weight."""
+        rows, cols = matrix_shape(shape)
+        groups = (rows, -(-cols // self.group_size))
+        specs = {"scale": ParamSpec(groups, "float16", positive=True)}
+        if not self.symmetric:
+            specs["zero_point"] = ParamSpec(groups, "float16", integer=True, minimum=0,
+                                            maximum=n_levels - 1)
+        return specs
+
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
         """(code - zero_point) * scale per group of ``group_size`` along the matrix's rows."""
         rows, cols = matrix_shape(shape)
@@ -463,7 +605,6 @@ def make_quantizer(bits: int, granularity: str = "tensor", method: str = "affine
     return get_quantizer(quantizer_registry.get(method).config_for_bits(bits, granularity))
 
 
-MAX_LEVELS = 1 << 16
 MAX_REL_MSE = 16.0
 """rel_mse names a step by its high-rate error, sqrt(12 * rel_mse) * RMS; from 1 up (steps
 coarser than 3.5 x RMS) most weights round to 0, which is what the highest ratios need."""
@@ -536,6 +677,12 @@ class UniformQuantizer(Quantizer):
         levels = self.grid(tuple(weight.shape), 1, params).encode(_matrix(weight))
         q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
         return self.with_codes(q, levels.reshape(weight.shape))
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``step`` > 0 per row and one whole float32 ``offset`` (the code of 0.0,
+        which may lie outside the codes when every weight has one sign)."""
+        return {"step": ParamSpec(_param_rows(shape, self.granularity), positive=True),
+                "offset": ParamSpec((1,), integer=True)}
 
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
         """Unbounded: (code - offset) * step, one step per tensor or row, codes rebased to 0."""

@@ -303,9 +303,10 @@ def _replaceable(module: nn.Module) -> bool:
 def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (import cycle)
     """Per weight of the archive that could run packed: layer name, path and kernel.
 
-    Decided from the header and each weight's grid parameters, without decoding codes (a 2-D
-    quantized weight is taken for a Linear, a 4-D one for a Conv2d); loading into a model may
-    still keep a layer float when it is neither.
+    Decided from the header and each weight's grid (its parameters read and checked by
+    ``Archive.read_grid``), without decoding codes (a 2-D quantized weight is taken for a
+    Linear, a 4-D one for a Conv2d); loading into a model may still keep a layer float when it
+    is neither.
     """
     kernels = {"int8": "aten._weight_int8pack_mm (<= 8 rows), else F.linear on the "
                "dequantized weight", "dequant": "F.linear on the dequantized weight",
@@ -315,7 +316,7 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
         entry = archive.entry(name)
         if not name.endswith("weight") or len(entry["shape"]) not in (2, 4):
             continue
-        grid = _grid_of(archive, name)
+        grid = archive.read_grid(name)
         if grid is None:
             path = "float"
         else:
@@ -334,15 +335,6 @@ def _packable(entry: dict) -> bool:
             and get_quantizer(entry["quantizer"]).has_grid())
 
 
-def _grid_of(archive, name: str) -> Grid | None:  # noqa: ANN001 - a qlis.Archive
-    """The grid of a tensor that can run packed (its parameters read, not its codes)."""
-    entry = archive.entry(name)
-    if not _packable(entry):
-        return None
-    return get_quantizer(entry["quantizer"]).grid(tuple(entry["shape"]), entry["n_levels"],
-                                                  archive.read_params(name))
-
-
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -351,7 +343,8 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - qlis.Archive
     """Put the archive into ``model`` with quantized Linear/Conv2d layers kept packed.
 
-    Reads one tensor at a time; the model changes only after every tensor was read (on any
+    Reads one tensor at a time, its parameters checked before its codes are decoded
+    (``Archive.read_quantized``); the model changes only after every tensor was read (on any
     error it is untouched). Returns {layer: path} for the layers now low-bit.
     """
     persistent = model.state_dict()
