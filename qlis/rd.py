@@ -473,25 +473,32 @@ def _allocate_for_size(
     """Fit ``budget`` as executed, and spend it where reconstruction leaves the most output
     error. Reconstruction moves codes off the plain rounding the curves measured, which
     costs bytes at low rates (measured: +5-15%), and recovers a different share of each
-    layer's error; each pass executes the allocation, aims the next at the budget divided by
-    the executed / estimated ratio and on the curves scaled by the measured feedback, until
-    the allocation settles (a few passes). The last allocation that fitted is kept."""
+    layer's error. The first execution measures both: the curves are scaled by each layer's
+    feedback (which hardly changes with the step, so it is measured once) and every later
+    allocation aims at the budget divided by the last executed / estimated size ratio, until
+    the allocation settles and fits (usually the second execution; at most ``_SIZE_PASSES``).
+    The last allocation that fitted is kept."""
     choice = allocate_for_size(curves, budget)
     if context.calibration is None or context.realize is None:
         return choice
+    realized = context.realize(plan_of(choice))
+    aimed = _with_feedback(curves, names, realized.feedback)
     fitted = None
     for _ in range(_SIZE_PASSES):
-        realized = context.realize(plan_of(choice))
         executed = realized.layer_bytes
-        if executed <= budget * 1.005:
+        fits = executed <= budget * 1.005
+        if fits:
             fitted = choice
-        aimed = _with_feedback(curves, names, realized.feedback)
         ratio = executed / max(totals(curves, choice)[0], 1e-300)
         following = allocate_for_size(aimed, budget / max(ratio, 1e-300) * (
-            0.995 if executed > budget * 1.005 else 1.0))
+            1.0 if fits else 0.995))
         if following == choice:
             break
         choice = following
+        realized = context.realize(plan_of(choice))
+    else:
+        if realized.layer_bytes <= budget * 1.005:
+            fitted = choice
     return fitted if fitted is not None else choice
 
 

@@ -300,7 +300,7 @@ def test_progress_counts_every_layer_executed_in_every_pass(net_and_batches):
     assert planned[0] == sum(layer.numel for layer in data_free.layers)
     counted = [0]
     with pytest.warns(qlis.QualityWarning, match="never ran"):
-        calibrated = qlis.compress(model, calib=batches, target_bits_per_weight=12,
+        calibrated = qlis.compress(model, calib=batches, min_cosine=0.99,
                                    progress=lambda n: counted.__setitem__(0, counted[0] + n))
     total = sum(layer.numel for layer in calibrated.layers)
     assert counted[0] >= total and counted[0] % total == 0  # whole passes only
