@@ -34,6 +34,8 @@ from qlis.tensors import as_state_dict, storage_bits
 
 DEFAULT_POLICY = "rd"
 DEFAULT_ROUNDING_SWEEPS = 0
+"""Learned rounding is opt-in: on MiniLM at 2.75 bits/weight 2 sweeps raised the held-out
+cosine by 0.0008 for 3x the compression time (docs/method.md)."""
 
 
 class QualityWarning(UserWarning):
