@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-paper", dest="paper", action="store_false",
                         help="skip the paper's LAPQ row")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--section", default="bench_vision",
+                        help="the docs/benchmarks.md section to write (a run of other ratios "
+                             "or options can sit beside the default one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.root / "data.csv").exists():
@@ -227,14 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                       elapsed)
     print(markdown)
     if not args.no_write:
-        write_section("bench_vision", markdown)
+        write_section(args.section, markdown)
     return 0
 
 
 def render(table: list, float_srcc: float, n_train: int, n_test: int, args: argparse.Namespace,
            n_params: int, n_conv: int, elapsed: float) -> str:
     lines = [
-        "## A real conv backbone on AGIQA-3K at the paper's ratios (InceptionV3)",
+        "## A real conv backbone on AGIQA-3K at the paper's ratios (InceptionV3)"
+        + (f" ({args.section})" if args.section != "bench_vision" else ""),
         "",
         f"Machine: {machine()}. Command: `{command()}`; {elapsed / 60:.0f} min in all.",
         "",
