@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,7 @@ def table(
     index is in ``right`` are right-aligned (numbers).
     """
     from rich import box
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -97,6 +98,8 @@ def table(
     if terminal is None:
         terminal = sys.stdout.isatty()
     cells = [[escape(str(cell)) for cell in row] for row in rows]
+    if not terminal:  # rich's layout, written directly: linear in the rows (rich takes ~2 ms/row)
+        return _plain_table(headers, cells, right, cell_len)
     grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, safe_box=True)
     for i, header in enumerate(headers):
         grid.add_column(
@@ -107,17 +110,28 @@ def table(
         )
     for row in cells:
         grid.add_row(*(Text(cell) for cell in row))
-    if terminal:
-        width = width or shutil.get_terminal_size((80, 24)).columns
-    else:
-        widths = [len(h) for h in headers]
-        for row in cells:
-            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-        width = sum(widths) + 3 * len(widths) + 1
+    width = width or shutil.get_terminal_size((80, 24)).columns
     buffer = io.StringIO()
     Console(file=buffer, width=width, color_system=None, force_terminal=False,
             highlight=False, emoji=False, legacy_windows=False).print(grid)
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+def _plain_table(headers: Sequence[str], cells: list[list[str]], right: Collection[int],
+                 cell_len: Callable[[str], int]) -> str:
+    """Every cell in full: columns as wide as their widest cell, three spaces apart, a rule
+    under the headers (rich's SIMPLE_HEAD box without edges), trailing spaces dropped."""
+    widths = [cell_len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, cell_len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [" " * (w - cell_len(v)) + v if i in right else v + " " * (w - cell_len(v))
+                  for i, (v, w) in enumerate(zip(values, widths, strict=True))]
+        return "   ".join(padded).rstrip()
+
+    rule = "\u2500" * (sum(widths) + 3 * (len(widths) - 1))
+    return "\n".join([line([escape(h) for h in headers]), rule, *(line(r) for r in cells)])
 
 
 def strict_json(value: Any, **dumps: Any) -> str:
