@@ -4,6 +4,7 @@ for output files)."""
 from __future__ import annotations
 
 import doctest
+import io
 import json
 import os
 import re
@@ -11,6 +12,11 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 import qlis.console
 from qlis.console import check_output, check_output_dir, escape, human_bytes, strict_json, table
@@ -114,3 +120,31 @@ def test_check_output_dir(tmp_path):
     with pytest.raises(InputError, match=re.escape("not empty; pass --force")):
         check_output_dir(tmp_path / "full", False)
     check_output_dir(tmp_path / "full", True)
+
+
+def _rich_table(headers, rows, right):
+    """The oracle: rich's own rendering of the piped table (every cell in full)."""
+    cells = [[escape(str(c)) for c in row] for row in rows]
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, safe_box=True)
+    for i, header in enumerate(headers):
+        grid.add_column(header, justify="right" if i in right else "left", overflow="fold",
+                        no_wrap=True)
+    for row in cells:
+        grid.add_row(*(Text(c) for c in row))
+    widths = [cell_len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, cell_len(c)) for w, c in zip(widths, row, strict=True)]
+    buffer = io.StringIO()
+    Console(file=buffer, width=sum(widths) + 3 * len(widths) + 1, color_system=None,
+            force_terminal=False, highlight=False, emoji=False).print(grid)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+@given(
+    rows=st.lists(st.tuples(st.text(min_size=1, max_size=12), st.integers(0, 10**9),
+                            st.floats(allow_nan=False, width=32)), max_size=12),
+    right=st.sets(st.integers(0, 2)),
+)
+def test_piped_tables_are_rich_s_layout_written_directly(rows, right):
+    headers = ["layer", "params", "x"]
+    assert table(headers, rows, right=right, terminal=False) == _rich_table(headers, rows, right)
