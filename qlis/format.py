@@ -81,14 +81,16 @@ def aligned(n: int) -> int:
 # -- JSON: scanned before it is parsed --------------------------------------------------------
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
+def reject_constant(name: str) -> None:
+    """``json.loads``' parse_constant for every JSON qlis reads: NaN and Infinity are refused."""
+    raise ValueError(f"{name} is not a finite number")
 
 
-def _finite_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """``json.loads``' parse_float for every JSON qlis reads: 1e999 is refused, not inf."""
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
+        raise ValueError(f"number {text[:20]} is out of range (not a finite number)")
     return value
 
 
@@ -153,9 +155,9 @@ def parse_json(raw: bytes) -> object:
     try:
         return json.loads(
             raw,
-            parse_float=_finite_float,
+            parse_float=finite_float,
             parse_int=_small_int,
-            parse_constant=_reject_constant,
+            parse_constant=reject_constant,
             object_pairs_hook=_unique_keys,
         )
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError included

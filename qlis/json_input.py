@@ -9,7 +9,6 @@ option and the problem, found before any work is done.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
@@ -17,6 +16,7 @@ from typing import Any
 
 from qlis.console import escape, human_bytes
 from qlis.errors import InputError
+from qlis.format import finite_float, reject_constant
 
 MAX_DEPTH = 64  # a plan nests 4 levels; the limit is far below the interpreter's recursion limit
 MAX_TEXT_CHARS = 1 << 20  # an option's value (the command line itself holds a few MiB at most)
@@ -58,17 +58,6 @@ def _check_depth(text: str, subject: str, max_depth: int) -> None:
             raise InputError(f"{subject} nests deeper than {max_depth} levels")
 
 
-def _refuse_constant(token: str) -> float:
-    raise ValueError(f"{token} is not a finite number")
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):
-        raise ValueError(f"{token} is out of range (not a finite number)")
-    return value
-
-
 def _float_sized_int(token: str) -> int:
     """An integer that a float can hold (one beyond that would be infinite as a number)."""
     digits = len(token.lstrip("-"))
@@ -82,7 +71,7 @@ def _parse(text: str, subject: str, expected_type: type | None, max_depth: int,
            example: str | None) -> Any:
     _check_depth(text, subject, max_depth)
     try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+        value = json.loads(text, parse_constant=reject_constant, parse_float=finite_float,
                            parse_int=_float_sized_int)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno} column {err.colno}" if "\n" in text else f"column {err.colno}"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
 import click
+import pytest
 from click.testing import CliRunner, Result
 
 
@@ -17,3 +24,26 @@ def one_line_error(command: click.Command, prefix: str, *args: object) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix), result.stderr
     return lines[0]
+
+
+def within_5_s(call: Callable[[], str], fifo: Path) -> str:
+    """``call()`` in a thread: it must return within 5 s (a FIFO must not block the reader);
+    if it does not, the FIFO is opened for writing so that the thread ends, and the test fails."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as err:  # re-raised in the test's thread
+            outcome.append(err)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"reading {fifo} did not return within 5 s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]

@@ -3,18 +3,15 @@ codec choice from the registry, escaped names, strict JSON, and what `info` and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import one_line_error as cli_error
-from cli_helpers import run
+from cli_helpers import run, within_5_s
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -216,29 +213,6 @@ def test_set_refuses_what_pack_passes_itself(model_pt, tmp_path, no_loading, key
     for value in ("", "quant", "[1]"):
         line = pack_refused(model_pt, tmp_path / "m.qlis", "--set", f"{key}={value}")
         assert line.endswith(f"--set {key}= is not a policy option; give {flag} instead")
-
-
-def within_5_s(call: Callable[[], str], fifo: Path) -> str:
-    """``call()`` in a thread: it must return within 5 s (a FIFO must not block the reader);
-    if it does not, the FIFO is opened for writing so that the thread ends, and the test fails."""
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as err:  # re-raised in the test's thread
-            outcome.append(err)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(5)
-    if worker.is_alive():
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"reading {fifo} did not return within 5 s")
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
 
 
 def plan_file(tmp_path: Path, kind: str) -> Path:

@@ -52,3 +52,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, backbones: dict[str, Path]) -
         )
         for fam in ("clip", "dino")
     }
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A file standing for a model: the checks under test fail before it would be read."""
+    path = tmp_path / "run" / "model.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"checkpoint")
+    return path

@@ -5,16 +5,13 @@ qlis's JSON options (issue 15)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import string
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error, run
+from cli_helpers import one_line_error, run, within_5_s
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,38 +68,6 @@ def test_what_the_messages_say(monkeypatch):
     assert "\x1b" not in message("\x1b[2J")  # escaped, as every name shown
     machine(monkeypatch, cuda=0)
     assert "cuda is not available on this machine; use one of cpu" in message("cuda")
-
-
-def within_5_s(call: Callable[[], str], fifo: Path) -> str:
-    """``call()`` in a thread: it must return within 5 s (a FIFO must not block the reader);
-    if it does not, the FIFO is opened for writing so that the thread ends, and the test fails."""
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as err:  # re-raised in the test's thread
-            outcome.append(err)
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(5)
-    if worker.is_alive():
-        with contextlib.suppress(OSError):
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        pytest.fail(f"reading {fifo} did not return within 5 s")
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    """A file standing for a model: the device is refused before it would be read."""
-    path = tmp_path / "run" / "model.safetensors"
-    path.parent.mkdir()
-    path.write_bytes(b"checkpoint")
-    return path
 
 
 def commands(tmp_path: Path, model_file: Path, sample_root: Path) -> dict[str, tuple[list, Path]]:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from cli_helpers import one_line_error, run
 
 from qlis.console import codec_names
@@ -22,15 +21,6 @@ def invoke(*args: object):
 
 def refused(*args: object) -> str:
     return one_line_error(cli, "qlis-iqa: error: ", *args)
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    """A file standing for a model: every check below fails before it would be read."""
-    path = tmp_path / "run" / "model.safetensors"
-    path.parent.mkdir()
-    path.write_bytes(b"checkpoint")
-    return path
 
 
 def test_bad_paths_are_reported_before_transformers_is_imported(tmp_path: Path) -> None:
