@@ -10,6 +10,7 @@ from qlis.archive import Archive, load, open, save
 from qlis.compress import CompressionResult, QualityWarning, compress
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.execute import LayerPlan
+from qlis.pack import pack
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import LevelsPolicy, Policy, make_policy, policy_names, register_policy
 from qlis.prune import FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
@@ -60,6 +61,7 @@ __all__ = [
     "load",
     "make_policy",
     "open",
+    "pack",
     "policy_names",
     "register_policy",
     "register_pruner",

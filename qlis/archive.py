@@ -11,13 +11,17 @@ shared by threads.
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import math
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import google_crc32c
 import numpy as np
@@ -49,6 +53,7 @@ from qlis.format import (
     validate_header,
 )
 from qlis.grid import Grid
+from qlis.parallel import ordered_map
 from qlis.quantize import QuantizedTensor, get_quantizer
 from qlis.tensors import bit_patterns
 
@@ -79,21 +84,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
         raise InputError(f"tensors of dtype {dtype} cannot be stored in a .qlis archive") from None
 
 
-class _Writer:
-    """Collects encoded records and their header entries, then writes them atomically."""
-
-    def __init__(self) -> None:
-        self.records: list[bytes | memoryview] = []
-        self.offset = 0
-
-    def add(self, data: bytes | memoryview) -> dict:
-        entry = {"offset": self.offset, "length": len(data), "crc32c": _crc(data)}
-        self.records.append(data)
-        self.offset = aligned(self.offset + len(data))
-        return entry
-
-
-def _check_codec_name(codec: str) -> None:
+def check_codec_name(codec: str) -> None:
     """Refuse an unknown codec before any work is done."""
     if not isinstance(codec, str):
         raise ConfigError(f"codec must be a codec id (a string), got {codec!r}")
@@ -115,12 +106,12 @@ def _codes(stored: QuantizedTensor, name: str) -> np.ndarray:
 
 
 def _check_params(stored: QuantizedTensor, name: str) -> None:
-    """Refuse parameters a reader would refuse (qlis never writes a file it would refuse);
-    after the header's checks, which vouch for the quantizer's config."""
+    """Refuse a quantizer config or parameters a reader would refuse (qlis never writes a
+    file it would refuse)."""
     try:
         get_quantizer(stored.quantizer).check_params(stored.shape, stored.n_levels,
                                                      stored.params)
-    except ArchiveError as err:
+    except (ArchiveError, ConfigError) as err:
         raise InputError(f"{name}: cannot write its quantizer parameters: {err}") from None
 
 
@@ -143,16 +134,17 @@ def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes 
     return Raw(), memoryview(patterns).cast("B").toreadonly()  # raw stream, no copy
 
 
-def _param_entry(writer: _Writer, name: str, key: str, array: np.ndarray) -> dict:
+def _param_record(name: str, key: str, array: np.ndarray) -> tuple[dict, bytes]:
     values = np.asarray(array)
     dtype = values.dtype.name
     if dtype not in PARAM_DTYPES:
         raise InputError(f"{name}: parameter {key!r} is {dtype}; archives store float32/float16")
     data = np.ascontiguousarray(values, dtype=PARAM_DTYPES[dtype]).reshape(-1).tobytes()
-    return {"shape": list(values.shape), "dtype": dtype, **writer.add(data)}
+    return {"shape": list(values.shape), "dtype": dtype}, data
 
 
-def _plan_entry(plan: LayerPlan) -> dict:
+def plan_entry(plan: LayerPlan) -> dict:
+    """A layer's plan as its header entry records it."""
     return {
         "k": plan.k,
         "bits": plan.bits,
@@ -198,18 +190,150 @@ def save(
         result.tensors,
         codec=codec,
         metadata=metadata,
-        plans={layer.name: _plan_entry(layer) for layer in result.layers},
-        compression=result.config,
-        distortion=result.distortion,
-        summary={
+        plans={layer.name: plan_entry(layer) for layer in result.layers},
+        overwrite=overwrite,
+        progress=progress,
+        **result_header(result, source_bytes),
+    )
+
+
+def result_header(result: CompressionResult, source_bytes: int | None) -> dict[str, Any]:
+    """The header fields that describe a compression: its config, quality and sizes."""
+    return {
+        "compression": result.config,
+        "distortion": result.distortion,
+        "summary": {
             "original_bytes": result.original_bytes,
             "source_bytes": source_bytes,
             "cr": _finite_or_none(result.cr),
             "hcr": _finite_or_none(result.hcr),
         },
-        overwrite=overwrite,
-        progress=progress,
-    )
+    }
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor ready to be written: its header entry without record positions, and its
+    records (parameters in key order, then the data), each with its CRC-32C."""
+
+    entry: dict
+    records: list[tuple[str | None, bytes | memoryview, int]]  # (parameter key | None, data, crc)
+
+
+def encode_tensor(name: str, stored: Stored, codec: str = "ans",
+                  plan: dict | None = None) -> EncodedTensor:
+    """Encode one tensor as the archive stores it (thread-safe: pure work on its arguments).
+
+    A plain tensor with a ``plan`` is stored with the ``sparse`` codec when that is smaller (a
+    pruned layer), every other plain tensor as ``raw`` bytes."""
+    if not isinstance(name, str):
+        raise InputError(f"tensor names must be strings, got {name!r}")
+    if len(stored.shape) > MAX_DIMS:
+        raise InputError(f"{name}: {len(stored.shape)} dimensions; archives hold {MAX_DIMS}")
+    entry: dict[str, Any] = {"name": name, "shape": list(stored.shape)}
+    records: list[tuple[str | None, bytes | memoryview, int]] = []
+    if isinstance(stored, QuantizedTensor):
+        _check_params(stored, name)
+        codes = _codes(stored, name)
+        chosen, data = _encode_codes(codes, stored.n_levels, codec)
+        params = {}
+        for key, value in sorted(stored.params.items()):
+            params[key], raw = _param_record(name, key, value)
+            records.append((key, raw, _crc(raw)))
+        entry.update(dtype=_dtype_name(stored.dtype), quantizer=stored.quantizer,
+                     n_levels=stored.n_levels, params=params)
+    else:
+        chosen, data = _encode_plain(stored, try_sparse=plan is not None)
+        entry["dtype"] = _dtype_name(stored.dtype)
+    entry["codec"] = chosen.get_config()
+    if plan is not None:
+        entry["plan"] = plan
+    records.append((None, data, _crc(data)))
+    return EncodedTensor(entry, records)
+
+
+class ArchiveWriter:
+    """Writes an archive tensor by tensor: records go to an unnamed temporary file beside the
+    target as they come, so memory holds one tensor's records, not the archive's; `finish`
+    writes the header and the records under the target name, atomically. Leaving the
+    ``with`` block without `finish` (an error, an interrupt) leaves nothing behind."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        if not overwrite and (self.path.exists() or self.path.is_symlink()):
+            raise InputError(f"{self.path} exists; pass overwrite=True (CLI: --force) to "
+                             "replace it")
+        try:
+            self._spill = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 - __exit__
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot write beside it ({err.strerror or err})")\
+                from None
+        self._entries: list[dict] = []
+        self._offset = 0
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spill.close()
+
+    def _record(self, data: bytes | memoryview, crc: int) -> dict:
+        self._spill.write(b"\0" * (aligned(self._offset) - self._offset))
+        self._offset = aligned(self._offset)
+        entry = {"offset": self._offset, "length": len(data), "crc32c": crc}
+        self._spill.write(data)
+        self._offset += len(data)
+        return entry
+
+    def add(self, encoded: EncodedTensor) -> None:
+        """Append one encoded tensor (its records and its header entry)."""
+        entry = dict(encoded.entry)
+        params = {key: dict(value) for key, value in entry.get("params", {}).items()}
+        try:
+            for key, data, crc in encoded.records:
+                if key is None:
+                    entry["data"] = self._record(data, crc)
+                else:
+                    params[key].update(self._record(data, crc))
+        except OSError as err:
+            raise InputError(f"{self.path}: could not be written ({err.strerror or err}); "
+                             "free space or write elsewhere") from None
+        if params:
+            entry["params"] = params
+        if "plan" in entry:
+            entry["plan"] = entry.pop("plan")  # after "data", where the format puts it
+        self._entries.append(entry)
+
+    def finish(self, *, metadata: Mapping[str, str] | None = None,
+               compression: dict | None = None, distortion: dict | None = None,
+               summary: Mapping[str, Any] | None = None) -> Path:
+        """Write the header and the records as the archive, atomically."""
+        metadata = dict(metadata or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InputError("archive metadata must map strings to strings")
+        import qlis  # the package's version, read at write time
+
+        data_len = aligned(self._offset)
+        header = {
+            "format": "qlis",
+            "version": VERSION,
+            "writer": {"name": "qlis", "version": qlis.__version__},
+            "metadata": metadata,
+            "compression": compression,
+            "distortion": distortion,
+            "summary": dict(summary or {}),
+            "tensors": self._entries,
+        }
+        raw_header = _header_bytes(header, data_len)
+        try:
+            self._spill.write(b"\0" * (data_len - self._offset))
+            self._spill.flush()
+            _write_atomically(self.path, raw_header, self._spill, data_len, self.overwrite)
+        except OSError as err:
+            raise InputError(f"{self.path}: could not be written ({err.strerror or err}); "
+                             "free space or write elsewhere") from None
+        return self.path
 
 
 def write_tensors(
@@ -224,68 +348,23 @@ def write_tensors(
     summary: Mapping[str, Any] | None = None,
     overwrite: bool = True,
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> Path:
-    """Write quantized and plain tensors as an archive (what `save` does with a result).
-
-    A plain tensor named in ``plans`` is stored with the ``sparse`` codec when that is
-    smaller (a pruned layer), every other plain tensor as ``raw`` bytes.
-    """
-    path = Path(path)
-    if not overwrite and (path.exists() or path.is_symlink()):
-        raise InputError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    _check_codec_name(codec)
-    metadata = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise InputError("archive metadata must map strings to strings")
+    """Write quantized and plain tensors as an archive (what `save` does with a result),
+    encoding ``jobs`` tensors at a time (see `encode_tensor`)."""
+    check_codec_name(codec)
     plans = dict(plans or {})
-    writer = _Writer()
-    entries = []
-    for name, stored in tensors.items():
-        if not isinstance(name, str):
-            raise InputError(f"tensor names must be strings, got {name!r}")
-        if len(stored.shape) > MAX_DIMS:
-            raise InputError(f"{name}: {len(stored.shape)} dimensions; archives hold {MAX_DIMS}")
-        entry: dict[str, Any] = {"name": name, "shape": list(stored.shape)}
-        if isinstance(stored, QuantizedTensor):
-            codes = _codes(stored, name)
-            chosen, data = _encode_codes(codes, stored.n_levels, codec)
-            entry.update(
-                dtype=_dtype_name(stored.dtype),
-                quantizer=stored.quantizer,
-                n_levels=stored.n_levels,
-                params={
-                    key: _param_entry(writer, name, key, value)
-                    for key, value in sorted(stored.params.items())
-                },
-            )
-        else:
-            chosen, data = _encode_plain(stored, try_sparse=name in plans)
-            entry["dtype"] = _dtype_name(stored.dtype)
-        entry["codec"] = chosen.get_config()
-        entry["data"] = writer.add(data)
-        if name in plans:
-            entry["plan"] = plans[name]
-        entries.append(entry)
-        if progress is not None:
-            progress(math.prod(entry["shape"]))
-    import qlis  # the package's version, read at write time
 
-    header = {
-        "format": "qlis",
-        "version": VERSION,
-        "writer": {"name": "qlis", "version": qlis.__version__},
-        "metadata": metadata,
-        "compression": compression,
-        "distortion": distortion,
-        "summary": dict(summary or {}),
-        "tensors": entries,
-    }
-    raw_header = _header_bytes(header, writer.offset)
-    for name, stored in tensors.items():
-        if isinstance(stored, QuantizedTensor):
-            _check_params(stored, name)
-    _write_atomically(path, raw_header, writer, overwrite)
-    return path
+    def encode(item: tuple[str, Stored]) -> EncodedTensor:
+        return encode_tensor(item[0], item[1], codec, plans.get(item[0]))
+
+    with ArchiveWriter(path, overwrite=overwrite) as writer:
+        for encoded in ordered_map(encode, tensors.items(), jobs):
+            writer.add(encoded)
+            if progress is not None:
+                progress(math.prod(encoded.entry["shape"]))
+        return writer.finish(metadata=metadata, compression=compression,
+                             distortion=distortion, summary=summary)
 
 
 def _header_bytes(header: dict, data_len: int) -> bytes:
@@ -307,20 +386,35 @@ def _header_bytes(header: dict, data_len: int) -> bytes:
     return raw
 
 
-def _write_atomically(path: Path, header: bytes, writer: _Writer, overwrite: bool) -> None:
+def _write_atomically(path: Path, header: bytes, spill: IO[bytes], data_len: int,
+                      overwrite: bool) -> None:
     data_start = aligned(PREFIX.size + len(header))
-    prefix = PREFIX.pack(MAGIC, VERSION, _crc(header), len(header), writer.offset)
+    prefix = PREFIX.pack(MAGIC, VERSION, _crc(header), len(header), data_len)
     with atomic_path(path, overwrite=overwrite) as tmp, builtins.open(tmp, "wb") as f:
         f.write(prefix)
         f.write(header)
         f.write(b" " * (data_start - PREFIX.size - len(header)))
-        position = 0
-        for record in writer.records:
-            f.write(b"\0" * (aligned(position) - position))
-            position = aligned(position)
-            f.write(record)
-            position += len(record)
-        f.write(b"\0" * (writer.offset - position))
+        f.flush()
+        spill.seek(0)
+        _copy(spill, f, data_len)
+
+
+def _copy(source: IO[bytes], target: IO[bytes], length: int) -> None:
+    """``length`` bytes from one file's position to the other's, in the kernel where it can."""
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while copied < length:
+                done = os.copy_file_range(source.fileno(), target.fileno(), length - copied)
+                if done == 0:
+                    break
+                copied += done
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+    source.seek(copied)
+    target.seek(0, os.SEEK_END)
+    shutil.copyfileobj(source, target, 1 << 24)
 
 
 def _positional_reader(fd: int) -> Callable[[int, int], bytes]:

@@ -71,13 +71,17 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
+Bar = Callable[[int], None]
+
+
 @contextmanager
-def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar of parameters on a terminal (stderr); silent when piped. ``total=None``
-    (calibrated compression: the number of passes is found as it goes) counts parameters
-    processed, with their rate and the time spent."""
-    if not sys.stderr.isatty() or (total is not None and total <= 0):
-        yield None
+def _progress_bars() -> Iterator[Callable[..., Bar | None]]:
+    """Progress bars on a terminal (stderr), one per pass of a command, in one display; silent
+    when piped. ``add(label, total, unit)`` starts a bar and returns what advances it; a bar with
+    ``total=None`` (calibrated passes, whose number is found as they go) counts what was done,
+    with its rate and the time spent."""
+    if not sys.stderr.isatty():
+        yield lambda label, total, unit="parameters": None
         return
     from rich.progress import (
         BarColumn,
@@ -88,13 +92,22 @@ def _progress(total: int | None, label: str) -> Iterator[Callable[[int], None] |
         TimeRemainingColumn,
     )
 
-    columns = [TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed:,} parameters"), TimeElapsedColumn()]
-    if total is not None:
-        columns[2:2] = [TaskProgressColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
+    class _Remaining(TimeRemainingColumn):
+        def render(self, task):  # noqa: ANN001, ANN202 - rich's interface
+            return super().render(task) if task.total is not None else ""
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.completed:,} {task.fields[unit]}"), TimeElapsedColumn(),
+               _Remaining()]
+    with Progress(*columns, transient=True) as display:
+
+        def add(label: str, total: int | None, unit: str = "parameters") -> Bar | None:
+            if total is not None and total <= 0:
+                return None
+            task = display.add_task(label, total=total, unit=unit)
+            return lambda n: display.advance(task, n)
+
+        yield add
 
 
 def _json_option(text: str | None, what: str) -> dict | None:
@@ -199,6 +212,9 @@ _eps = click.option("--eps", type=click.FloatRange(min=0), default=1e-3, show_de
                     help="|w| below this counts as zero in the sparsity S.")
 _select = click.option("--select", "select", multiple=True, metavar="GLOB",
                        help="Layers: names matching GLOB (repeatable); default: float, ndim>=2.")
+_jobs = click.option("--jobs", "-j", type=click.IntRange(1, 1024),
+                     help="Threads that measure, quantize and encode tensors side by side "
+                          "(default: every core); the archive is the same bytes whatever N.")
 _codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
                       help="How quantized codes are stored; auto: the smallest per tensor.")
 
@@ -295,12 +311,12 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--min-cosine", type=click.FloatRange(min=0, max=1, max_open=True),
               help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
+@_jobs
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio, paper_cr,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
          quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
-         rounding_sweeps,
-         min_cosine, codec, force) -> None:
+         rounding_sweeps, min_cosine, codec, jobs, force) -> None:
     """Compress a model and write it as a .qlis archive.
 
     By default the rd policy keeps the model close to the original (weight error under
@@ -334,20 +350,20 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     else:
         model = state = load_state_dict(path)
     total = sum(t.numel() for t in state.values())
-    label = "compressing (calibrated passes)" if calib is not None else "compressing"
-    with _progress(None if calib is not None else total, label) as progress, \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
-        result = qlis.compress(model, policy=policy, beta=beta, eps=eps, select=select or None,
-                               plan=plan, progress=progress, calib=calib, **options)
-    for warning in result.warnings:
-        click.echo(f"qlis: warning: {warning}", err=True)
     source_bytes = model_file_bytes(path)
     metadata = {"source": path.name}
     metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
-    with _progress(total, "writing") as progress:
-        qlis.save(result, output, codec=codec, overwrite=force, source_bytes=source_bytes,
-                  progress=progress, metadata=metadata)
+    with _progress_bars() as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
+        options["planning_progress"] = bar(
+            "measuring" if calib is None else "compressing (calibrated passes)", None)
+        writing = bar("writing", total)
+        result = qlis.pack(model, output, policy=policy, beta=beta, eps=eps,
+                           select=select or None, plan=plan, calib=calib, codec=codec,
+                           metadata=metadata, source_bytes=source_bytes, overwrite=force,
+                           progress=writing, jobs=jobs, **options)
+    for warning in result.warnings:
+        click.echo(f"qlis: warning: {warning}", err=True)
     archive_bytes = output.stat().st_size
     click.echo(
         f"{escape(str(output))}: {human_bytes(archive_bytes)} from {human_bytes(source_bytes)}, "
@@ -376,7 +392,8 @@ def unpack(path, output, force) -> None:
     with qlis.open(path) as archive:
         rows = archive.tensor_info()
         total = sum(row["original_bytes"] for row in rows)
-        with _progress(len(rows), "unpacking") as progress:
+        with _progress_bars() as bar:
+            progress = bar("unpacking", len(rows), "tensors")
             if output.suffix == ".safetensors":
                 layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
                 source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()

@@ -24,6 +24,7 @@ from qlis.distortion import (
 from qlis.errors import ConfigError, InputError
 from qlis.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
 from qlis.gptq import MAX_SWEEPS
+from qlis.parallel import check_jobs, ordered_map
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.quantize import QuantizedTensor
@@ -57,7 +58,7 @@ class CompressionResult:
 
     def __init__(
         self,
-        tensors: dict[str, StoredTensor],
+        tensors: Mapping[str, StoredTensor],
         layers: list[LayerPlan],
         policy: Policy,
         report: InspectionReport | None,
@@ -75,8 +76,10 @@ class CompressionResult:
         self.warnings: list[str] = []
         self.calibration_cost: dict[str, float] | None = None
         planned = {layer.name for layer in layers}
-        fixed = [t for n, t in tensors.items() if n not in planned]
+        fixed = [tensors[n] for n in tensors if n not in planned]
         fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
+        self.numel = sum(t.numel() for t in fixed) + sum(p.numel for p in layers)
+        """Elements of all tensors (every parameter and buffer)."""
         self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
         self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
         layer_bytes = sum(p.coded_bytes for p in layers)
@@ -99,11 +102,6 @@ class CompressionResult:
     def original_bytes(self) -> int:
         """Bytes of all input tensors in their dtypes (the size of a bare safetensors file)."""
         return self.original_bits // 8
-
-    @property
-    def numel(self) -> int:
-        """Elements of all tensors (every parameter and buffer)."""
-        return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors the compressed model computes with (dequantized), for every input tensor."""
@@ -176,8 +174,10 @@ class PlanExecutor:
     def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
                  calibration: Calibration | None, bias_correction: bool,
                  rounding_sweeps: int = 0,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 jobs: int | None = None) -> None:
         self.state = state
+        self.jobs = jobs
         self.scores = scores
         self.calibration = calibration
         self.bias_correction = bias_correction
@@ -185,8 +185,10 @@ class PlanExecutor:
         self.progress = progress
         self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
 
-    def _execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
-                 **how: Any) -> tuple[StoredTensor, LayerPlan]:
+    def execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
+                **how: Any) -> tuple[StoredTensor, LayerPlan]:
+        """One layer as this compression executes it (data-free unless ``how`` has a
+        ``hessian``)."""
         if how.get("hessian") is not None:
             how["sweeps"] = self.rounding_sweeps
         return execute_layer(name, weight, config, self.scores.get(name), **how)
@@ -198,15 +200,18 @@ class PlanExecutor:
             return self._done[key]
         stored: dict[str, StoredTensor] = dict(self.state)
         if self.calibration is not None:
-            done = reconstruct(self.calibration, plan, self.state, self._execute,
+            done = reconstruct(self.calibration, plan, self.state, self.execute,
                                self.bias_correction, self.progress)
             stored.update(done.tensors)
             stored.update(done.biases)
             layers = [done.layers[name] for name in plan]
         else:
             layers = []
-            for name, config in plan.items():
-                stored[name], layer = self._execute(name, self.state[name], config)
+            names = list(plan)
+            executed = ordered_map(lambda n: self.execute(n, self.state[n], plan[n]), names,
+                                   self.jobs)
+            for name, (tensor, layer) in zip(names, executed, strict=True):
+                stored[name] = tensor
                 layers.append(layer)
                 if self.progress is not None:
                     self.progress(layer.numel)
@@ -263,6 +268,7 @@ def compress(
     error_feedback: bool | None = None,
     bias_correction: bool = True,
     rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
+    jobs: int | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Compress the selected layers as a policy (or a hand-written ``plan``) says.
@@ -291,13 +297,86 @@ def compress(
     A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
     parameters of each layer once it is executed: once per layer without calibration; with
     it, in every pass that the allocation executes (a few). Tensors kept as they are share
-    memory with the input.
+    memory with the input. ``jobs`` threads (default: every core) measure and quantize
+    layers side by side; the result is the same whatever their number (qlis/parallel.py).
 
     >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
     >>> result.layers[0].bits, result.policy.strategy_id
     (4, 'quant')
     """
+    planned = plan_compression(
+        model_or_state_dict, policy, beta, plan=plan, calib=calib, eps=eps, select=select,
+        progress=progress, error_feedback=error_feedback, bias_correction=bias_correction,
+        rounding_sweeps=rounding_sweeps, jobs=jobs, **options)
+    stored, layers = planned.executor.run(planned.plan)
+    result = planned.result(stored, layers)
+    if inplace and isinstance(model_or_state_dict, torch.nn.Module):
+        model_or_state_dict.load_state_dict(result.state_dict())
+    return result
+
+
+@dataclass
+class PlannedCompression:
+    """A compression planned but not yet executed: what ``compress`` and the streaming
+    ``qlis.pack`` share. Execute ``plan`` (``executor.run``, or layer by layer with
+    ``executor.execute``), then build the result with ``result``."""
+
+    state: Mapping[str, torch.Tensor]
+    policy: Policy
+    report: InspectionReport
+    executor: PlanExecutor
+    plan: Plan
+    calibration: Calibration | None
+    config: dict
+
+    def result(self, tensors: Mapping[str, StoredTensor], layers: list[LayerPlan],
+               ) -> CompressionResult:
+        """The result of the executed plan (quality measured, warnings raised)."""
+        distortion: dict[str, Any] = {
+            "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
+            "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
+            / max(sum(p.numel for p in layers), 1),
+            "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
+            "output": None,
+        }
+        result = CompressionResult(
+            tensors=tensors, layers=layers, policy=self.policy, report=self.report,
+            original_bits=sum(t.numel() * storage_bits(t.dtype) for t in self.state.values()),
+            config=self.config, distortion=distortion,
+        )
+        if self.calibration is not None:
+            distortion["output"] = self.calibration.measure(
+                self.executor.realize(self.plan).tensors)
+            result.calibration_cost = {"passes": self.calibration.passes,
+                                       "seconds": self.calibration.seconds}
+        result.warnings = self.policy.review(result) + _unreached(layers)
+        for warning in result.warnings:
+            warnings.warn(warning, QualityWarning, stacklevel=3)
+        return result
+
+
+def plan_compression(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    policy: str | Policy = DEFAULT_POLICY,
+    beta: float = 0.5,
+    *,
+    plan: Plan | Mapping | None = None,
+    calib: CalibSpec | None = None,
+    eps: float = 1e-3,
+    select: SelectSpec = None,
+    progress: Callable[[int], None] | None = None,
+    planning_progress: Callable[[int], None] | None = None,
+    error_feedback: bool | None = None,
+    bias_correction: bool = True,
+    rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
+    jobs: int | None = None,
+    **options: Any,
+) -> PlannedCompression:
+    """Validate ``compress``'s arguments, inspect the model and let the policy plan; nothing
+    is executed but what the policy measures while it plans. ``planning_progress`` gets the
+    parameters of each layer the policy has measured."""
     state = as_state_dict(model_or_state_dict)
+    jobs = check_jobs(jobs)
     if error_feedback and calib is None:
         raise ConfigError("error_feedback needs calibration data: pass calib=")
     error_feedback = calib is not None if error_feedback is None else bool(error_feedback)
@@ -315,7 +394,7 @@ def compress(
         plan_policy: Policy = PlanPolicy(plan=Plan.coerce(plan).to_json())
     else:
         plan_policy = make_policy(policy, **options)
-    report = inspect(state, beta=beta, eps=eps, select=select)
+    report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs)
     calibration = None
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):
@@ -323,49 +402,26 @@ def compress(
         calibration = Calibration(model_or_state_dict, calib)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
-                            rounding_sweeps, progress)
+                            rounding_sweeps, progress, jobs)
     context = PlanContext(
         state=state,
         report=report,
         model=model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None,
         calibration=calibration,
         realize=executor.realize,
+        progress=planning_progress,
+        jobs=jobs,
     )
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)
-
-    stored, layers = executor.run(the_plan)
-    distortion: dict[str, Any] = {
-        "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
-        "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
-        / max(sum(p.numel for p in layers), 1),
-        "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
-        "output": None,
-    }
-    result = CompressionResult(
-        tensors=stored,
-        layers=layers,
-        policy=plan_policy,
-        report=report,
-        original_bits=sum(t.numel() * storage_bits(t.dtype) for t in state.values()),
-        config={
-            "policy": plan_policy.get_config(),
-            "beta": beta,
-            "eps": eps,
-            "select": _select_config(select),
-            "error_feedback": error_feedback,
-            "rounding_sweeps": rounding_sweeps,
-            "plan": the_plan.to_json(),
-        },
-        distortion=distortion,
-    )
-    if calibration is not None:
-        distortion["output"] = calibration.measure(executor.realize(the_plan).tensors)
-        result.calibration_cost = {"passes": calibration.passes, "seconds": calibration.seconds}
-    result.config = finite_json(result.config, "the compression config")
-    result.warnings = plan_policy.review(result) + _unreached(layers)
-    for warning in result.warnings:
-        warnings.warn(warning, QualityWarning, stacklevel=2)
-    if inplace and isinstance(model_or_state_dict, torch.nn.Module):
-        model_or_state_dict.load_state_dict(result.state_dict())
-    return result
+    config = finite_json({
+        "policy": plan_policy.get_config(),
+        "beta": beta,
+        "eps": eps,
+        "select": _select_config(select),
+        "error_feedback": error_feedback,
+        "rounding_sweeps": rounding_sweeps,
+        "plan": the_plan.to_json(),
+    }, "the compression config")
+    return PlannedCompression(state, plan_policy, report, executor, the_plan, calibration,
+                              config)

@@ -126,6 +126,7 @@ def _plain_table(headers: Sequence[str], cells: list[list[str]], right: Collecti
         widths = [max(w, cell_len(c)) for w, c in zip(widths, row, strict=True)]
 
     def line(values: Sequence[str]) -> str:
+        values = [v.rstrip(" ") for v in values]  # rich measures trailing spaces, never draws them
         padded = [" " * (w - cell_len(v)) + v if i in right else v + " " * (w - cell_len(v))
                   for i, (v, w) in enumerate(zip(values, widths, strict=True))]
         return "   ".join(padded).rstrip()

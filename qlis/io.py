@@ -15,7 +15,7 @@ import pickle
 import stat
 import struct
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from qlis.atomic import atomic_path
 from qlis.errors import InputError
-from qlis.tensors import MAX_NDIM, bit_patterns, checked_state, tensor_label
+from qlis.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
@@ -149,26 +149,71 @@ def _check_bool(path: Path, name: str, raw: np.ndarray) -> None:
                          "than 0 and 1 (corrupt file)")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors mapped copy-on-write from the file: no second copy of the model in memory."""
-    data_start, specs = _safetensors_layout(path)
-    total = sum(size for *_, size in specs)
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(total,)) \
-        if total else None
-    state = {}
-    offset = 0
-    for name, dtype, shape, size in specs:
+_MAPPED_FROM_BYTES = 1 << 20  # smaller tensors are read into memory, larger ones mapped
+
+
+class MappedState(ValidatedState):
+    """The tensors of safetensors files, each read only when it is asked for.
+
+    The headers were validated when the files were opened (names, dtypes, shapes, sizes; bool
+    tensors' values are read then), so nothing here is checked again but a bool's values.
+    Each access returns a new tensor: a small one read into memory, a large one mapped
+    copy-on-write from the file (writes never reach it). A mapping lives as long as its
+    tensor, so a pass over the model that drops each tensor after use holds a few tensors,
+    not the model: memory independent of its size.
+    """
+
+    def __init__(self, specs: dict[str, tuple[Path, int, torch.dtype, list[int], int]]) -> None:
+        self._specs = specs  # name -> (file, absolute offset, dtype, shape, bytes)
+
+    @classmethod
+    def of_file(cls, path: Path) -> MappedState:
+        data_start, layout = _safetensors_layout(path)
+        specs, offset = {}, data_start
+        for name, dtype, shape, size in layout:
+            specs[name] = (path, offset, dtype, shape, size)
+            offset += size
+        state = cls(specs)
+        for name, dtype, *_ in layout:
+            if dtype == torch.bool:  # rare and small: a bad one is refused at once
+                state[name]
+        return state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, offset, dtype, shape, size = self._specs[name]
         if size == 0:
-            state[name] = torch.empty(shape, dtype=dtype)
-            continue
-        raw = data[offset:offset + size]
-        if (data_start + offset) % dtype.itemsize:
-            raw = raw.copy()  # unaligned in the file: an aligned copy of this tensor only
+            return torch.empty(shape, dtype=dtype)
+        if size < _MAPPED_FROM_BYTES or offset % dtype.itemsize:  # unaligned: a copy
+            tensor = torch.empty(shape, dtype=dtype)
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(memoryview(raw)) != size:
+                    raise InputError(f"{path}: the file ended early (changed while reading)")
+        else:
+            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(size,))
+            tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
         if dtype == torch.bool:
             _check_bool(path, name, raw)
-        state[name] = torch.from_numpy(raw).view(dtype).reshape(shape)
-        offset += size
-    return state
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """(dtype, shape) of a tensor, without reading it."""
+        _, _, dtype, shape, _ = self._specs[name]
+        return dtype, tuple(shape)
+
+    def merged(self, other: MappedState) -> MappedState:
+        """Both files' tensors (shards of one model, which the caller checked are disjoint)."""
+        return MappedState({**self._specs, **other._specs})
 
 
 def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -308,7 +353,7 @@ def _load_folder(path: Path) -> Mapping:
         if name.endswith(".index.json"):
             return _load_shards(file, path, roots)
         if name.endswith(".safetensors"):
-            return _load_safetensors(file)
+            return MappedState.of_file(file)
         return _load_torch(file)
     looked_for = ", ".join(_FOLDER_FILES)
     raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
@@ -329,19 +374,28 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> dict:
+def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> Mapping:
+    """Every shard the index names, each tensor checked to be where the index puts it."""
     weight_map = _weight_map(index)
-    state: dict = {}
+    state: Mapping = MappedState({})
     for shard in sorted(set(weight_map.values())):
         shard_path = _inside(roots, folder / shard, index)
         if not os.path.lexists(shard_path):
             raise InputError(f"{index}: shard {tensor_label(shard)} is missing")
-        part = (_load_safetensors(shard_path) if shard.endswith(".safetensors")
+        part = (MappedState.of_file(shard_path) if shard.endswith(".safetensors")
                 else _load_torch(shard_path))
-        twice = next((k for k in part if k in state), None)
-        if twice is not None:
-            raise InputError(f"{index}: tensor {tensor_label(str(twice))} is in two shards")
-        state.update(part)
+        for name in part:
+            if weight_map.get(name) != shard:
+                listed = weight_map.get(name)
+                raise InputError(
+                    f"{index}: tensor {tensor_label(str(name))} is in shard "
+                    f"{tensor_label(shard)}, but the index "
+                    + (f"puts it in {tensor_label(listed)}" if listed else "does not list it")
+                )
+        if isinstance(state, MappedState) and isinstance(part, MappedState):
+            state = state.merged(part)
+        else:  # .bin shards: loaded tensors
+            state = {**state, **part}
     absent = next((n for n in weight_map if n not in state), None)
     if absent is not None:
         raise InputError(
@@ -351,11 +405,13 @@ def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> dict:
     return state
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
     """The tensors of a model file or folder, loaded without executing any code.
 
     Only regular files and folders are read; tensors are validated as by
     `qlis.tensors.checked_state` (dense, a stored dtype, no unbounded repeated views).
+    Safetensors files (single or sharded) give a `MappedState`: each tensor is read when it
+    is used, so a pass over a model larger than memory holds one tensor at a time.
 
     >>> load_state_dict("missing.pt")
     Traceback (most recent call last):
@@ -369,13 +425,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif not stat.S_ISREG(mode):
         raise InputError(f"{path}: is {_file_kind(mode)}; give a model file or a model folder")
     elif path.suffix == ".safetensors":
-        state = _load_safetensors(path)
+        state = MappedState.of_file(path)
     elif path.suffix == ".qlis":
         raise InputError(f"{path}: is a qlis archive; use 'qlis unpack' or qlis.load()")
     else:
         state = _load_torch(path)
     if not state:
         raise InputError(f"{path}: holds no tensors")
+    if isinstance(state, MappedState):
+        return state
     return checked_state(state.items(), f"{path}: ")
 
 

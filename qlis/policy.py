@@ -20,7 +20,7 @@ The rate–distortion policy ``rd`` lives in qlis/rd.py.
 from __future__ import annotations
 
 import inspect as _inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,16 +50,18 @@ Assignment = list[tuple[float, int | None]]
 @dataclass
 class PlanContext:
     """What a policy may look at: the tensors, their QLIS report, and (optionally) the module
-    with its calibration data. ``progress`` takes a number of parameters done. ``realize``
-    executes a plan as the compression will (reconstructed, with error feedback): the
-    tensors it changes, as the model computes with them, and its layers' coded bytes."""
+    with its calibration data. ``progress`` takes the parameters of each layer the policy has
+    measured. ``realize`` executes a plan as the compression will (reconstructed, with error
+    feedback): the tensors it changes, as the model computes with them, and its layers' coded
+    bytes. ``jobs``: threads for per-layer work (qlis.parallel.ordered_map)."""
 
-    state: dict[str, torch.Tensor]
+    state: Mapping[str, torch.Tensor]
     report: InspectionReport
     model: torch.nn.Module | None = None
     calibration: Calibration | None = None
     progress: Callable[[int], None] | None = None
     realize: Callable[[Plan], Realized] | None = None
+    jobs: int | None = None
 
 
 class Policy(Strategy):

@@ -40,6 +40,7 @@ from qlis.distortion import (
 from qlis.errors import ConfigError
 from qlis.execute import Realized, dequantized, execute_layer
 from qlis.grid import round_with_offset
+from qlis.parallel import ordered_map
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
 from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer
@@ -310,11 +311,18 @@ class RDPolicy(Policy):
         state = context.state
         names = [layer.name for layer in context.report.layers]
         total_numel = sum(layer.numel for layer in context.report.layers)
+
+        def measure(index: int) -> list[_Candidate]:
+            return _layer_candidates(state[names[index]], self, self.seed + index)
+
         per_layer = []
-        for i, name in enumerate(names):
-            per_layer.append(_layer_candidates(state[name], self, self.seed + i))
+        for index, candidates in enumerate(ordered_map(measure, range(len(names)),
+                                                       context.jobs)):
+            per_layer.append(candidates)
+            if context.progress is not None:
+                context.progress(context.report.layers[index].numel)
         if context.calibration is None:
-            share = {n: state[n].numel() / total_numel for n in names}
+            share = {layer.name: layer.numel / total_numel for layer in context.report.layers}
             if self.weighting == "layers":
                 share = {n: 1 / len(names) for n in names}
             dist = [

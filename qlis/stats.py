@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from numba import njit
 
 from qlis.errors import InputError
+from qlis.parallel import ordered_map
 from qlis.select import SelectSpec, make_selector
 from qlis.tensors import as_state_dict, bit_patterns, smallest_at_least, storage_bits
 
@@ -179,8 +179,9 @@ def inspect(
     beta: float = 0.5,
     eps: float = 1e-3,
     select: SelectSpec = None,
+    jobs: int | None = None,
 ) -> InspectionReport:
-    """Score every selected layer with P, E, S, EWDS and QLIS.
+    """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time).
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -205,8 +206,7 @@ def inspect(
         except InputError as err:
             raise InputError(f"layer {name!r} {err}") from None
 
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        measures = list(pool.map(measure, names))
+    measures = list(ordered_map(measure, names, jobs))
 
     layers = []
     for name, (sigma, entropy, sparsity) in zip(names, measures, strict=True):

@@ -173,11 +173,23 @@ def _refuse_expansion(state: dict[str, torch.Tensor], described: int, held: int,
     )
 
 
-def as_state_dict(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict:
+class ValidatedState(Mapping[str, torch.Tensor]):
+    """Tensors validated as `checked_state` would (from a file's header) and read lazily,
+    on access: `as_state_dict` takes them as they are, without reading them all."""
+
+
+def as_state_dict(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+) -> Mapping[str, torch.Tensor]:
     """A plain name -> tensor dict (detached, CPU) from a module or a state dict.
 
     Validated as by `checked_state`: views from Python memory are accepted within its bound.
+    A `ValidatedState` is returned as it is.
     """
+    if isinstance(model_or_state_dict, ValidatedState):
+        if not model_or_state_dict:
+            raise InputError("the model has no tensors")
+        return model_or_state_dict
     if isinstance(model_or_state_dict, torch.nn.Module):
         items = model_or_state_dict.state_dict().items()
     elif isinstance(model_or_state_dict, Mapping):

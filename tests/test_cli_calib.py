@@ -100,13 +100,13 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
     assert not out.exists()
 
 
-def test_the_progress_bar_draws_with_and_without_a_known_total(monkeypatch, capsys):
+def test_progress_bars_draw_with_and_without_a_known_total(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    for total in (None, 100):
-        with qlis.cli._progress(total, "compressing") as advance:
-            assert advance is not None
-            advance(60)
+    with qlis.cli._progress_bars() as bar:
+        measuring, writing = bar("measuring", None), bar("writing", 100, "tensors")
+        assert bar("nothing to do", 0) is None
+        for advance in (measuring, writing, measuring, writing):
             advance(60)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    with qlis.cli._progress(100, "compressing") as advance:
-        assert advance is None
+    with qlis.cli._progress_bars() as bar:
+        assert bar("writing", 100) is None

@@ -274,12 +274,16 @@ def test_hostile_index_json_is_bounded(tmp_path, monkeypatch):
     refused(folder, "more than the 100 allowed")
 
 
-def test_a_tensor_in_two_shards_is_refused(tmp_path):
+def test_a_tensor_in_two_shards_or_another_than_the_index_says_is_refused(tmp_path):
     folder = sharded_folder(tmp_path)
     save_file({"w": torch.zeros(2)}, folder / "model-2.safetensors")
     weight_map = {"w": "model-1.safetensors", "v": "model-2.safetensors"}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    refused(folder, "'w' is in two shards")
+    refused(folder, "'w' is in shard 'model-2.safetensors'", "puts it in 'model-1.safetensors'")
+    save_file({"w": torch.zeros(2), "x": torch.zeros(1)}, folder / "model-1.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    refused(folder, "'x' is in shard 'model-1.safetensors'", "does not list it")
 
 
 # 6. Crafted safetensors headers
@@ -326,7 +330,7 @@ def test_deep_and_junk_headers_cost_nothing(tmp_path):
     refused(path, "not a readable safetensors file")
 
 
-def test_safetensors_are_mapped_once_and_unaligned_data_is_read_right(tmp_path):
+def test_safetensors_tensors_are_read_when_used_and_unaligned_data_is_read_right(tmp_path):
     header = {"u": entry("U8", [3], 0, 3), "f": entry("F32", [2], 3, 11),
               "h": entry("F16", [1], 11, 13), "z": entry("F64", [0, 5], 13, 13)}
     data = b"\x01\x02\x03" + struct.pack("<2f", 1.5, -2.0) + struct.pack("<e", 0.25)
@@ -340,9 +344,27 @@ def test_safetensors_are_mapped_once_and_unaligned_data_is_read_right(tmp_path):
     with safe_open(str(path), "pt") as f:
         expected = {n: f.get_tensor(n) for n in f.offset_keys()}
     assert all(torch.equal(state[n], expected[n]) for n in expected)
-    # one mapping, no copies: tensors lie in memory as they lie in the file
-    gap = state["b"].data_ptr() - state["a"].data_ptr()
-    assert abs(gap) == 256
+
+
+def _mapped(path: Path) -> int:
+    """How many mappings of ``path`` this process holds."""
+    return Path("/proc/self/maps").read_text().count(str(path.resolve()))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_a_large_tensor_is_mapped_while_it_lives_and_writes_never_reach_the_file(tmp_path):
+    path = tmp_path / "big.safetensors"
+    save_file({"small": torch.ones(4), "big": torch.arange(1 << 19, dtype=torch.float32)}, path)
+    before = path.read_bytes()
+    state = load_state_dict(path)
+    assert isinstance(state, qlis.io.MappedState) and _mapped(path) == 0
+    big = state["big"]
+    small = state["small"]  # read into memory: no mapping
+    assert _mapped(path) == 1 and small.tolist() == [1.0] * 4
+    big[:10] = -1  # copy-on-write: this tensor only
+    assert state["big"][:10].tolist() == list(range(10)) and path.read_bytes() == before
+    del big
+    assert _mapped(path) == 0  # released with its tensor: a pass holds what it uses
 
 
 def test_read_safetensors_into_fills_a_model_in_place(tmp_path):

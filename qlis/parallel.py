@@ -1,0 +1,89 @@
+"""Independent per-tensor work on every core, in order, with bounded memory.
+
+Tensors are independent in the data-free paths (inspect, rd's curves, quantize + encode), so
+they run on a pool of threads: torch, numpy and the numba codecs release the GIL. Results come
+back in input order with at most ``window`` items in flight, so a consumer that writes them
+one by one holds a bounded working set. While the pool runs, torch computes each op on one
+thread: a reduction's rounding depends on how many threads split it, so fixing that number
+makes every result the same bytes whatever ``jobs`` is.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+from qlis.errors import ConfigError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_lock = threading.Lock()
+_active = 0  # pools running now; torch's thread count is restored when the last one ends
+_saved_threads = 0
+
+
+def default_jobs() -> int:
+    """Every core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_jobs(jobs: int | None) -> int:
+    """``jobs`` as a worker count (None: every core), refused unless a positive integer."""
+    if jobs is None:
+        return default_jobs()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 1024:
+        raise ConfigError(f"jobs must be an integer from 1 to 1024, got {jobs!r}")
+    return jobs
+
+
+@contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """torch runs each op on one thread while any pool is running (see the module doc)."""
+    global _active, _saved_threads
+    with _lock:
+        if _active == 0:
+            _saved_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                torch.set_num_threads(_saved_threads)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = None,
+                window: int | None = None) -> Iterator[R]:
+    """``fn`` over ``items`` on ``jobs`` threads, yielding results in input order.
+
+    At most ``window`` (default: twice ``jobs``) items are submitted ahead of the one being
+    yielded. An exception from ``fn`` is raised here, at that item's turn, and nothing later
+    is started. The generator must be consumed or closed (a ``for`` loop or ``list``)."""
+    jobs = check_jobs(jobs)
+    window = max(1, window or 2 * jobs)
+    with _single_threaded_ops(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending: deque[Future[R]] = deque()
+        source = iter(items)
+        try:
+            for item in source:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
