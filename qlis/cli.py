@@ -32,6 +32,7 @@ from qlis.console import (
     describe_rel_mse,
     escape,
     human_bytes,
+    parse_size,
     silence_broken_pipe,
     strict_json,
     table,
@@ -40,7 +41,13 @@ from qlis.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
 from qlis.gptq import MAX_SWEEPS
 from qlis.hf_model import load_hf_model
-from qlis.io import load_state_dict, model_file_bytes, read_metadata, write_safetensors
+from qlis.io import (
+    load_state_dict,
+    model_file_bytes,
+    read_metadata,
+    write_safetensors,
+    write_sharded_safetensors,
+)
 from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
 from qlis.policy import PAPER_POLICIES, policy_names
 from qlis.runtime import runtime_plan
@@ -383,26 +390,40 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
-              help="OUT.safetensors or OUT.pt: the dequantized tensors.")
+              help="OUT.safetensors or OUT.pt: the dequantized tensors (with "
+                   "--max-shard-size: a folder).")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
+                   "index into the folder OUTPUT, as save_pretrained does.")
+@_jobs
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def unpack(path, output, force) -> None:
+def unpack(path, output, max_shard_size, jobs, force) -> None:
     """Write the dequantized tensors of an archive as .safetensors or .pt."""
     check_input(path, "file")
-    check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
+    if max_shard_size is not None:
+        max_bytes = parse_size(max_shard_size, "--max-shard-size")
+        check_output_dir(output, force)  # the input, a file, is refused as not a folder
+    else:
+        check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
     with qlis.open(path) as archive:
         rows = archive.tensor_info()
         total = sum(row["original_bytes"] for row in rows)
+        layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
+        source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
+                  if k.startswith(SOURCE_METADATA)} or None
         with _progress_bars() as bar:
             progress = bar("unpacking", len(rows), "tensors")
-            if output.suffix == ".safetensors":
-                layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
-                source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
-                          if k.startswith(SOURCE_METADATA)}
+            if max_shard_size is not None:
+                output.mkdir(exist_ok=True)
+                files = write_sharded_safetensors(output, layout, archive.read, max_bytes,
+                                                  progress, source, jobs)
+            elif output.suffix == ".safetensors":
                 write_safetensors(output, layout, archive.read, progress=progress,
-                                  metadata=source or None, overwrite=force)
+                                  metadata=source, overwrite=force, jobs=jobs)
             else:
                 _save_pt(archive.load(progress=progress), output, force)
-    click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}")
+    shards = f" in {len(files) - 1} shards" if max_shard_size is not None else ""
+    click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}{shards}")
 
 
 def _save_pt(state: dict, output: Path, force: bool) -> None:

@@ -213,6 +213,28 @@ def check_output(
     return path
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, what: str = "the size") -> int:
+    """Bytes from a size as Hugging Face writes it: ``5GB`` (10^9), ``500MiB`` (2^20), or a
+    plain number of bytes.
+
+    >>> parse_size("5GB"), parse_size("1.5 KiB"), parse_size("4096")
+    (5000000000, 1536, 4096)
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or len(match.group(1)) > 20:
+        raise InputError(f"{what} {text!r} is not a size (e.g. 5GB, 500MiB or a number of "
+                         "bytes)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise InputError(f"{what} {text!r} must be at least one byte")
+    return size
+
+
 def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     """The rule for an output folder: its parent must exist, and a folder that already holds
     files is written into only with ``force``."""

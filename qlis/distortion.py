@@ -27,20 +27,35 @@ TABLE_BYTES_PER_SYMBOL = 1.5
 
 
 def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||approx - reference||^2 / ||reference||^2`` in float64 (0 for an all-zero reference).
+    """``||approx - reference||^2 / ||reference||^2`` (0 for an all-zero reference).
+
+    The sums are torch's cascaded float32 sums (relative error ~1e-7, a third of float64's
+    time); tensors whose peak would over- or underflow their squares are scaled first.
 
     >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
     0.5
     """
     ref = reference.detach().reshape(-1).float()
     out = approx.detach().reshape(-1).float()
-    peak = float(ref.abs().max()) if ref.numel() else 0.0
-    if 0 < peak < math.inf and not 1e-15 < peak < 1e15:  # keep the squares within float32
+    peak = peak_abs(ref)
+    if 0 < peak < math.inf and not 1e-10 < peak < 1e10:  # keep the squares within float32
         ref, out = ref / peak, out / peak
-    energy = float(ref.square().sum(dtype=torch.float64))
+    energy = float(ref.square().sum())
     if energy == 0:
         return 0.0
-    return float((out - ref).square_().sum(dtype=torch.float64)) / energy
+    return float((out - ref).square_().sum()) / energy
+
+
+def peak_abs(tensor: torch.Tensor) -> float:
+    """The largest magnitude in ``tensor`` (0 when empty), from one min/max pass.
+
+    >>> peak_abs(torch.tensor([1.0, -3.0]))
+    3.0
+    """
+    if not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor.detach().reshape(-1))
+    return max(-float(low), float(high))
 
 
 def entropy_of_counts(counts: np.ndarray) -> float:

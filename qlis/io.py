@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from qlis.atomic import atomic_path
 from qlis.errors import InputError
+from qlis.parallel import ordered_map
 from qlis.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
@@ -531,11 +532,13 @@ def write_safetensors(
     progress: Callable[[int], None] | None = None,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = True,
+    jobs: int | None = 1,
 ) -> None:
     """Stream tensors into a .safetensors file, one at a time (atomically).
 
     ``layout`` lists (name, dtype name, shape) in file order; ``read(name)`` produces each
-    tensor when its turn comes, so memory holds one tensor rather than the whole model.
+    tensor when its turn comes (``jobs`` of them side by side, so ``read`` must be
+    thread-safe when ``jobs`` > 1), so memory holds a few tensors rather than the whole model.
     ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
     ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
     """
@@ -544,8 +547,8 @@ def write_safetensors(
         with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
-            for name, dtype, shape in layout:
-                tensor = read(name)
+            tensors = ordered_map(lambda entry: read(entry[0]), layout, jobs)
+            for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
                 if tensor.dtype != getattr(torch, dtype) or list(tensor.shape) != list(shape):
                     raise InputError(
                         f"tensor {tensor_label(name)} was read as {tensor.dtype} "
@@ -559,3 +562,64 @@ def write_safetensors(
             f"{path}: could not be written ({err.strerror or err}); free space or write "
             "elsewhere"
         ) from None
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _tensor_bytes(dtype: str, shape: list[int]) -> int:
+    return math.prod(shape) * getattr(torch, dtype).itemsize
+
+
+def split_into_shards(layout: list[tuple[str, str, list[int]]],
+                      max_shard_bytes: int) -> list[list[tuple[str, str, list[int]]]]:
+    """Consecutive runs of tensors of at most ``max_shard_bytes`` each (a larger tensor
+    alone), as Hugging Face's ``save_pretrained(max_shard_size=...)`` splits them.
+
+    >>> [len(s) for s in split_into_shards([("a", "float32", [4])] * 5, 32)]
+    [2, 2, 1]
+    """
+    shards: list[list[tuple[str, str, list[int]]]] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = _tensor_bytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def write_sharded_safetensors(
+    folder: str | Path,
+    layout: list[tuple[str, str, list[int]]],
+    read: Callable[[str], torch.Tensor],
+    max_shard_bytes: int,
+    progress: Callable[[int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    jobs: int | None = 1,
+) -> list[Path]:
+    """Tensors as Hugging Face shards in ``folder`` (an existing folder): files
+    ``model-00001-of-0000N.safetensors`` of at most ``max_shard_bytes`` each and the index
+    ``model.safetensors.index.json`` that ``transformers`` loads them by. Each file is written
+    atomically, the index last, so the folder names no shard that is not complete; files of
+    those names are replaced. Returns the files written, the index last."""
+    folder = Path(folder)
+    shards = split_into_shards(layout, max_shard_bytes)
+    weight_map, written = {}, []
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, shard, read, progress, metadata, jobs=jobs)
+        weight_map.update({entry[0]: name for entry in shard})
+        written.append(folder / name)
+    index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
+             "weight_map": weight_map}
+    try:
+        with atomic_path(folder / SHARD_INDEX) as tmp:
+            tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{folder / SHARD_INDEX}: could not be written "
+                         f"({err.strerror or err})") from None
+    return [*written, folder / SHARD_INDEX]

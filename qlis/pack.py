@@ -35,7 +35,7 @@ from qlis.compress import (
     plan_compression,
 )
 from qlis.execute import LayerPlan, StoredTensor
-from qlis.parallel import ordered_map
+from qlis.parallel import ordered_map, single_threaded_ops
 from qlis.policy import Policy
 
 Progress = Callable[[int], None]
@@ -53,7 +53,8 @@ class _Recomputed(Mapping[str, StoredTensor]):
         tensor = planned.state[name]
         if name not in planned.plan:
             return tensor
-        return planned.executor.execute(name, tensor, planned.plan[name])[0]
+        with single_threaded_ops():  # as pack executed it, whatever the caller's threads
+            return planned.executor.execute(name, tensor, planned.plan[name])[0]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._planned.state)

@@ -48,8 +48,9 @@ def check_jobs(jobs: int | None) -> int:
 
 
 @contextmanager
-def _single_threaded_ops() -> Iterator[None]:
-    """torch runs each op on one thread while any pool is running (see the module doc)."""
+def single_threaded_ops() -> Iterator[None]:
+    """torch runs each op on one thread inside (as in every pool: see the module doc); work
+    done here gives the same bytes as the pools' work."""
     global _active, _saved_threads
     with _lock:
         if _active == 0:
@@ -74,7 +75,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = Non
     is started. The generator must be consumed or closed (a ``for`` loop or ``list``)."""
     jobs = check_jobs(jobs)
     window = max(1, window or 2 * jobs)
-    with _single_threaded_ops(), ThreadPoolExecutor(max_workers=jobs) as pool:
+    with single_threaded_ops(), ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque[Future[R]] = deque()
         source = iter(items)
         try:

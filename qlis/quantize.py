@@ -665,9 +665,13 @@ class UniformQuantizer(Quantizer):
             return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
         if not rows.shape[1]:
             return torch.ones(rows.shape[0])
-        peak = rows.abs().amax(dim=1, keepdim=True)  # scaled first: no under/overflow
-        scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-        rms = (rows / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
+        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        peak = torch.maximum(-low, high)
+        if bool(((peak > 1e-10) & (peak < 1e10) | (peak == 0)).all()):
+            rms = rows.square().mean(dim=1).sqrt()  # squares within float32
+        else:  # scaled first: no under/overflow
+            scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+            rms = (rows / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
         step = math.sqrt(12.0 * self.rel_mse) * rms
         return torch.where(step > 0, step, torch.ones_like(step)).float()
 

@@ -36,6 +36,7 @@ from qlis.distortion import (
     RECORD_OVERHEAD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
     entropy_of_counts,
+    peak_abs,
 )
 from qlis.errors import ConfigError
 from qlis.execute import Realized, dequantized, execute_layer
@@ -172,12 +173,13 @@ def _layer_candidates(
     """The candidates of one layer, measured on a sample of its weights."""
     w = weight.detach().float()
     numel = w.numel()
-    peak = float(w.abs().max()) if numel else 0.0
-    if 0 < peak < math.inf and not 1e-15 < peak < 1e15:
-        w = w / peak  # every measure below is relative: keep squares within float32
+    peak = peak_abs(w)
+    if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
+        w = w / peak  # every measure below is relative: keep squares and sums within float32
+        peak = 1.0
     rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
-    energy = float(rows.square().sum(dtype=torch.float64)) if numel else 0.0
+    energy = float(rows.square().sum()) if numel else 0.0
     if numel == 0 or energy == 0:
         return [keep]
     index = _sample_index(numel, policy.sample_size, seed)
@@ -187,8 +189,8 @@ def _layer_candidates(
     if sample_energy == 0:
         return [keep]
     candidates = [keep]
-    widest = float(rows.abs().max()) / float(values.abs().max())  # full range / sample range
-    sigma = float(rows.std(correction=0))
+    widest = peak / peak_abs(values)  # full range / sample range
+    sigma = float(rows.std(correction=0)) if policy.prune_levels else 0.0
     for k in (0.0, *policy.prune_levels):
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)

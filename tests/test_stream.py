@@ -1,0 +1,508 @@
+"""Streaming pack: ``qlis.pack`` writes the bytes ``save(compress(...))`` writes, whatever
+``jobs`` is and whether the input is a dict, a mapped safetensors file or a sharded folder;
+``ordered_map`` keeps order, a bounded window and torch's thread count; ``ArchiveWriter``
+publishes atomically or leaves nothing behind; ``qlis pack --jobs``."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_helpers import run
+from safetensors.torch import save_file
+
+import qlis
+from qlis.archive import ArchiveWriter, encode_tensor, write_tensors
+from qlis.cli import cli
+from qlis.errors import ConfigError, InputError
+from qlis.io import MappedState, load_state_dict
+from qlis.parallel import check_jobs, default_jobs, ordered_map
+from qlis.quantize import QuantizedTensor, get_quantizer
+
+PLAN = {
+    "0.weight": {"quantizer": {"id": "affine", "bits": 4}},
+    "1.weight": {"pruner": {"id": "fraction", "fraction": 0.3},
+                 "quantizer": {"id": "kmeans", "bits": 3}},
+    "conv.weight": {"pruner": {"id": "sigma", "k": 1.0}},  # pruned, stored as floats
+    "embed.weight": {"quantizer": {"id": "uniform", "rel_mse": 1e-3}},
+}
+POLICIES = {
+    "rd": {},
+    "rd-3-bits": {"target_bits_per_weight": 3},
+    "lapq": {"policy": "lapq"},
+    "plan": {"plan": PLAN},
+}
+
+
+def make_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A few layers of several kinds and dtypes. ``embed.weight`` takes 2 MiB, so a MappedState
+    maps it from the file instead of reading it into memory."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    return {
+        "0.bias": randn(96, scale=0.01),
+        "0.weight": randn(96, 64, scale=0.05),
+        "1.bias": randn(32, scale=0.01),
+        "1.weight": randn(32, 96, scale=0.1),
+        "conv.weight": randn(8, 3, 3, 3, scale=0.2),
+        "embed.weight": randn(512, 1024, scale=0.02),
+        "half.weight": randn(24, 32, scale=0.05).half(),
+        "norm.weight": 1 + randn(32, scale=0.01),
+        "steps": torch.tensor([7, 11], dtype=torch.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return make_state()
+
+
+@pytest.fixture(scope="module")
+def model_file(state, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "m.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for the test; the previous one is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def bits(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bits(a) == bits(b)
+
+
+def same_quantized(a: QuantizedTensor, b: QuantizedTensor) -> bool:
+    return (
+        a.codes.dtype == b.codes.dtype and np.array_equal(a.codes, b.codes)
+        and a.n_levels == b.n_levels and a.quantizer == b.quantizer and a.dtype == b.dtype
+        and sorted(a.params) == sorted(b.params)
+        and all(np.asarray(a.params[k]).tobytes() == np.asarray(b.params[k]).tobytes()
+                for k in a.params)
+    )
+
+
+# -- pack == save(compress) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["dict", "mapped"])
+@pytest.mark.parametrize("options", POLICIES.values(), ids=POLICIES.keys())
+def test_pack_writes_the_bytes_of_save_compress(state, model_file, tmp_path, source, options):
+    given = state if source == "dict" else load_state_dict(model_file)
+    assert isinstance(given, dict if source == "dict" else MappedState)
+    expected = qlis.save(qlis.compress(given, **options), tmp_path / "saved.qlis").read_bytes()
+    done: list[int] = []
+    result = qlis.pack(given, tmp_path / "packed.qlis", progress=done.append, **options)
+    assert (tmp_path / "packed.qlis").read_bytes() == expected
+    assert len(done) == len(state)  # one call per tensor written, with its size
+    assert sum(done) == sum(t.numel() for t in state.values())
+    assert result.layers, "the policy planned no layer: nothing was compared"
+    if "plan" in options:
+        assert [layer.name for layer in result.layers] == list(PLAN)
+
+
+def test_a_mapped_file_packs_as_the_dict_it_was_saved_from(state, model_file, tmp_path):
+    mapped = load_state_dict(model_file)
+    assert sorted(mapped) == sorted(state)
+    state = {name: state[name] for name in mapped}  # the file's order: the same archive bytes
+    qlis.pack(state, tmp_path / "dict.qlis", target_bits_per_weight=3)
+    qlis.pack(mapped, tmp_path / "mapped.qlis", target_bits_per_weight=3)
+    assert (tmp_path / "dict.qlis").read_bytes() == (tmp_path / "mapped.qlis").read_bytes()
+
+
+@pytest.mark.parametrize("options", POLICIES.values(), ids=POLICIES.keys())
+def test_pack_bytes_do_not_depend_on_jobs(state, model_file, tmp_path, options):
+    mapped = load_state_dict(model_file)
+    archives = []
+    for jobs in (1, 2, 3):
+        path = tmp_path / f"jobs{jobs}.qlis"
+        qlis.pack(mapped, path, jobs=jobs, **options)
+        archives.append(path.read_bytes())
+    assert archives[0] == archives[1] == archives[2]
+    with qlis.open(tmp_path / "jobs1.qlis") as archive:
+        assert archive.names() == list(mapped)
+
+
+# -- pack's result ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", POLICIES.values(), ids=POLICIES.keys())
+def test_pack_result_is_compress_result_and_holds_the_archived_codes(
+        state, tmp_path, options, torch_threads):
+    # One torch thread in the caller too, so a layer recomputed here rounds its reductions as
+    # the pool did; the next test covers a caller with more threads.
+    torch_threads(1)
+    compressed = qlis.compress(state, **options)
+    path = tmp_path / "m.qlis"
+    result = qlis.pack(state, path, **options)
+    assert result.summary() == compressed.summary()
+    assert result.config == compressed.config
+    assert list(result.tensors) == list(state)
+    planned = [layer.name for layer in result.layers]
+    assert planned == [layer.name for layer in compressed.layers]
+    quantized = 0
+    with qlis.open(path) as archive:
+        for name in planned:
+            ours, archived = result.tensors[name], archive.read_quantized(name)
+            if isinstance(ours, QuantizedTensor):
+                quantized += 1
+                assert archived is not None, name
+                assert same_quantized(ours, archived), name
+                assert same_quantized(ours, compressed.tensors[name]), name
+            else:  # pruned only: stored as floats
+                assert archived is None, name
+                assert same_tensor(ours, archive.read(name)), name
+        for name in state:
+            if name not in planned:  # kept as they are
+                assert same_tensor(result.tensors[name], state[name]), name
+    assert quantized >= 2
+
+
+def _uniform_layers(count: int) -> dict[str, torch.Tensor]:
+    """Layers large enough (48K elements) that torch splits their reductions across threads."""
+    gen = torch.Generator().manual_seed(1)
+    return {f"{i}.weight": torch.randn(48, 1024, generator=gen) for i in range(count)}
+
+
+def test_pack_result_holds_the_archived_codes_whatever_the_callers_threads(
+        tmp_path, torch_threads):
+    state = _uniform_layers(24)
+    config = {"id": "uniform", "rel_mse": 1e-4}
+    plan = {name: {"quantizer": config} for name in state}
+    quantizer = get_quantizer(config)
+
+    def steps() -> list[bytes]:
+        return [quantizer.quantize(w).params["step"].tobytes() for w in state.values()]
+
+    torch_threads(1)
+    one_thread = steps()
+    torch_threads(4)
+    if steps() == one_thread:
+        pytest.skip("on this machine torch's reductions round alike on 1 and 4 threads")
+    path = tmp_path / "m.qlis"
+    result = qlis.pack(state, path, plan=plan, jobs=2)
+    with qlis.open(path) as archive:
+        differ = [name for name in state
+                  if not same_quantized(result.tensors[name], archive.read_quantized(name))]
+    assert differ == []
+
+
+# -- ordered_map ------------------------------------------------------------------------------
+
+
+def test_ordered_map_yields_in_input_order_when_later_items_finish_first():
+    n = 5
+    done = [threading.Event() for _ in range(n)]
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def fn(i: int) -> str:
+        if i + 1 < n:  # each item waits until the next one has finished
+            assert done[i + 1].wait(10), f"item {i + 1} never ran alongside item {i}"
+        with lock:
+            finished.append(i)
+        done[i].set()
+        return f"r{i}"
+
+    assert list(ordered_map(fn, range(n), jobs=n, window=n)) == [f"r{i}" for i in range(n)]
+    assert finished == list(reversed(range(n)))
+
+
+@pytest.mark.parametrize(("jobs", "window"), [(4, 3), (1, 2), (2, None)])
+def test_ordered_map_keeps_at_most_window_items_in_flight(jobs, window):
+    limit = window or 2 * jobs
+    n = 24
+    lock = threading.Lock()
+    pulled = 0
+    running = peak = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(n):
+            pulled += 1
+            yield i
+
+    def fn(i: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.001)
+        return -i
+
+    ahead = []
+    for k, value in enumerate(ordered_map(fn, items(), jobs=jobs, window=window)):
+        assert value == -k
+        ahead.append(pulled - k)  # taken from the input, not yet yielded (counting k)
+        with lock:
+            running -= 1
+        time.sleep(0.002)  # a slow consumer: an unbounded pool would run far ahead
+    assert max(ahead) == limit and min(ahead) >= 1
+    assert 1 <= peak <= limit
+
+
+def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_beyond():
+    lock = threading.Lock()
+    started: list[int] = []
+    k, window = 5, 3
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+        if i == k:
+            raise ValueError(f"item {i} failed")
+        time.sleep(0.02 if i < k else 0)  # earlier items finish after item k has failed
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match=f"item {k} failed"):
+        for value in ordered_map(fn, range(1000), jobs=4, window=window):
+            got.append(value)
+    assert got == list(range(k))
+    time.sleep(0.05)  # anything still being started would show up now
+    assert k in started and max(started) < k + window
+
+
+def test_ordered_map_runs_fn_on_one_torch_thread_and_restores_the_count(torch_threads):
+    torch_threads(3)
+    seen = list(ordered_map(lambda _: torch.get_num_threads(), range(8), jobs=3))
+    assert seen == [1] * 8
+    assert torch.get_num_threads() == 3
+
+    def fail_at_2(i: int) -> int:
+        if i == 2:
+            raise RuntimeError("boom")
+        return torch.get_num_threads()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(ordered_map(fail_at_2, range(8), jobs=2))
+    assert torch.get_num_threads() == 3
+
+    gen = ordered_map(lambda _: torch.get_num_threads(), range(8), jobs=2)
+    assert next(gen) == 1
+    gen.close()  # a consumer that stops early
+    assert torch.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("jobs", [0, -1, True, False, 1.5, "2", 1025])
+def test_check_jobs_refuses_what_is_not_a_worker_count(jobs, tmp_path):
+    with pytest.raises(ConfigError, match="jobs"):
+        check_jobs(jobs)
+    with pytest.raises(ConfigError, match="jobs"):
+        next(ordered_map(lambda i: i, [1, 2], jobs=jobs))
+    with pytest.raises(ConfigError, match="jobs"):
+        qlis.pack(make_state(), tmp_path / "m.qlis", jobs=jobs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_jobs_takes_positive_ints_and_none_as_every_core():
+    assert check_jobs(None) == default_jobs() >= 1
+    assert [check_jobs(j) for j in (1, 2, 7, 1024)] == [1, 2, 7, 1024]
+
+
+# -- ArchiveWriter ----------------------------------------------------------------------------
+
+
+def _tensors() -> dict[str, QuantizedTensor | torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 24, generator=gen)
+    return {
+        "q": get_quantizer({"id": "affine", "bits": 3}).quantize(weight),
+        "u": get_quantizer({"id": "uniform", "rel_mse": 1e-3}).quantize(weight * 2),
+        "f": torch.randn(17, generator=gen),
+        "h": torch.randn(3, 5, generator=gen).bfloat16(),
+        "i": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+    }
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_archive_writer_leaves_nothing_when_the_block_fails(tmp_path):
+    path = tmp_path / "m.qlis"
+    with pytest.raises(Interrupted), ArchiveWriter(path) as writer:
+        for name, tensor in _tensors().items():
+            writer.add(encode_tensor(name, tensor))
+        raise Interrupted
+    assert os.listdir(tmp_path) == []
+
+
+def test_archive_writer_keeps_the_old_file_when_the_block_fails(tmp_path):
+    path = tmp_path / "m.qlis"
+    path.write_bytes(b"the previous archive")
+    with pytest.raises(Interrupted), ArchiveWriter(path, overwrite=True) as writer:
+        writer.add(encode_tensor("f", _tensors()["f"]))
+        raise Interrupted
+    assert os.listdir(tmp_path) == ["m.qlis"]
+    assert path.read_bytes() == b"the previous archive"
+
+
+def test_pack_failing_midway_leaves_the_old_archive(state, tmp_path):
+    path = tmp_path / "m.qlis"
+    path.write_bytes(b"the previous archive")
+    plan = {"0.weight": {"quantizer": {"id": "affine", "bits": 4}},
+            "embed.weight": {"quantizer": {"id": "uniform", "step": 1e-9}}}  # too many levels
+    written: list[int] = []
+    with pytest.raises(ConfigError, match="levels"):
+        qlis.pack(state, path, plan=plan, jobs=2, progress=written.append)
+    assert written  # it failed while streaming, after some tensors were written
+    assert os.listdir(tmp_path) == ["m.qlis"]
+    assert path.read_bytes() == b"the previous archive"
+
+
+def test_archive_writer_finish_publishes_what_was_added(tmp_path):
+    tensors = _tensors()
+    path = tmp_path / "m.qlis"
+    with ArchiveWriter(path) as writer:
+        for name, tensor in tensors.items():
+            writer.add(encode_tensor(name, tensor, "huffman"))
+        assert not path.exists()  # nothing under the name before finish
+        assert writer.finish(metadata={"origin": "test"}) == path
+    assert os.listdir(tmp_path) == ["m.qlis"]
+    with qlis.open(path) as archive:
+        archive.verify()
+        assert archive.names() == list(tensors)
+        assert archive.metadata == {"origin": "test"}
+        for name, tensor in tensors.items():
+            if isinstance(tensor, QuantizedTensor):
+                assert same_quantized(archive.read_quantized(name), tensor), name
+                assert same_tensor(archive.read(name), tensor.dequantize()), name
+            else:
+                assert archive.read_quantized(name) is None
+                assert same_tensor(archive.read(name), tensor), name
+    write_tensors(tmp_path / "w.qlis", tensors, codec="huffman", metadata={"origin": "test"},
+                  jobs=2)
+    assert (tmp_path / "w.qlis").read_bytes() == path.read_bytes()
+
+
+def test_archive_writer_without_overwrite_refuses_an_existing_path(tmp_path):
+    path = tmp_path / "m.qlis"
+    path.write_bytes(b"keep")
+    with pytest.raises(InputError, match="exists"):
+        ArchiveWriter(path, overwrite=False)
+    assert path.read_bytes() == b"keep"
+
+
+def test_archive_writer_without_overwrite_keeps_a_file_that_appeared_meanwhile(tmp_path):
+    path = tmp_path / "m.qlis"
+    with ArchiveWriter(path, overwrite=False) as writer:
+        writer.add(encode_tensor("f", _tensors()["f"]))
+        path.write_bytes(b"someone else's")
+        with pytest.raises(InputError, match="appeared|exists"):
+            writer.finish()
+    assert os.listdir(tmp_path) == ["m.qlis"]
+    assert path.read_bytes() == b"someone else's"
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_cli_pack_bytes_do_not_depend_on_jobs(model_file, tmp_path):
+    archives = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}.qlis"
+        result = run(cli, "pack", model_file, "-o", out, "--jobs", jobs,
+                     "--target-bits-per-weight", 3)
+        assert result.exit_code == 0, result.output
+        archives.append(out.read_bytes())
+    assert archives[0] == archives[1]
+    with qlis.open(tmp_path / "j1.qlis") as archive:
+        assert archive.metadata["source"] == model_file.name
+        assert any(archive.read_quantized(name) is not None for name in archive.names())
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1", "1025", "x"])
+def test_cli_pack_refuses_a_bad_jobs_in_one_error_line(model_file, tmp_path, jobs):
+    out = tmp_path / "m.qlis"
+    result = run(cli, "pack", model_file, "-o", out, "--jobs", jobs, prog_name="qlis")
+    assert result.exit_code == 2
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "rror" in line]
+    assert len(errors) == 1 and "--jobs" in errors[0] and repr(jobs).strip("'") in errors[0]
+    assert not out.exists()
+
+
+# -- sharded folders --------------------------------------------------------------------------
+
+
+def test_a_sharded_folder_packs_as_one_file(state, tmp_path):
+    single = tmp_path / "single.safetensors"
+    save_file(state, str(single))
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    names = list(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2],  # interleaved: the shards'
+              "model-00002-of-00002.safetensors": names[1::2]}  # order is not the file's
+    weight_map = {}
+    for shard, members in shards.items():
+        save_file({n: state[n] for n in members}, str(folder / shard))
+        weight_map.update(dict.fromkeys(members, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    loaded = load_state_dict(folder)
+    assert isinstance(loaded, MappedState) and sorted(loaded) == sorted(state)
+    assert all(same_tensor(loaded[n], state[n]) for n in state)
+    for options in ({}, {"target_bits_per_weight": 3}, {"plan": PLAN}):
+        qlis.pack(load_state_dict(single), tmp_path / "single.qlis", **options)
+        qlis.pack(loaded, tmp_path / "sharded.qlis", jobs=2, **options)
+        one, two = qlis.load(tmp_path / "single.qlis"), qlis.load(tmp_path / "sharded.qlis")
+        assert sorted(one) == sorted(two) == sorted(state)
+        assert all(same_tensor(one[n], two[n]) for n in state), options
+        assert not all(same_tensor(one[n], state[n]) for n in state)  # it did compress
+
+
+# Sharded unpack
+
+
+def test_unpack_into_shards_gives_a_folder_that_transformers_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    archive, out = tmp_path / "bert.qlis", tmp_path / "unpacked"
+    packed = run(cli, "pack", tmp_path / "bert", "-o", archive, "--target-bits-per-weight", 4)
+    assert packed.exit_code == 0, packed.output
+    result = run(cli, "unpack", archive, "-o", out, "--max-shard-size", "20KB", "--jobs", 2)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and sorted(p.name for p in out.glob("*.safetensors")) == shards
+    sizes = [(out / s).stat().st_size for s in shards]
+    assert index["metadata"]["total_size"] <= sum(sizes)
+    (out / "config.json").write_text((tmp_path / "bert" / "config.json").read_text())
+    model = transformers.BertModel.from_pretrained(out)
+    expected = qlis.load(archive)
+    for name, tensor in model.state_dict().items():
+        if name in expected:
+            assert torch.equal(tensor, expected[name]), name
+    assert set(index["weight_map"]) == set(expected)
+
+
+@pytest.mark.parametrize("size", ["0", "five", "5XB", "-1GB", "1e400"])
+def test_unpack_refuses_a_shard_size_that_is_not_one(model_file, tmp_path, size):
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    result = run(cli, "unpack", archive, "-o", tmp_path / "out", "--max-shard-size", size)
+    assert result.exit_code == 2 and "--max-shard-size" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
