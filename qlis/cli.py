@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -23,6 +23,7 @@ import torch
 import qlis
 from qlis.atomic import atomic_path
 from qlis.calib_files import check_calibration_path, read_calibration
+from qlis.cluster import Cluster
 from qlis.compress import DEFAULT_POLICY, QualityWarning
 from qlis.console import (
     check_input,
@@ -82,12 +83,13 @@ Bar = Callable[[int], None]
 
 
 @contextmanager
-def _progress_bars() -> Iterator[Callable[..., Bar | None]]:
+def _progress_bars(quiet: bool = False) -> Iterator[Callable[..., Bar | None]]:
     """Progress bars on a terminal (stderr), one per pass of a command, in one display; silent
-    when piped. ``add(label, total, unit)`` starts a bar and returns what advances it; a bar with
+    when piped or ``quiet``. ``add(label, total, unit)`` starts a bar and returns what advances
+    it; a bar with
     ``total=None`` (calibrated passes, whose number is found as they go) counts what was done,
     with its rate and the time spent."""
-    if not sys.stderr.isatty():
+    if quiet or not sys.stderr.isatty():
         yield lambda label, total, unit="parameters": None
         return
     from rich.progress import (
@@ -222,6 +224,7 @@ _select = click.option("--select", "select", multiple=True, metavar="GLOB",
 _jobs = click.option("--jobs", "-j", type=click.IntRange(1, 1024),
                      help="Threads that measure, quantize and encode tensors side by side "
                           "(default: every core); the archive is the same bytes whatever N.")
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 _codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
                       help="How quantized codes are stored; auto: the smallest per tensor.")
 
@@ -319,11 +322,15 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
 @_jobs
+@click.option("--resume", is_flag=True,
+              help="Reuse the first pass that an interrupted pack of the same input with the "
+                   "same options saved beside OUTPUT (data-free, one process).")
+@_quiet
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio, paper_cr,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
          quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
-         rounding_sweeps, min_cosine, codec, jobs, force) -> None:
+         rounding_sweeps, min_cosine, codec, jobs, resume, quiet, force) -> None:
     """Compress a model and write it as a .qlis archive.
 
     By default the rd policy keeps the model close to the original (weight error under
@@ -360,7 +367,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     source_bytes = model_file_bytes(path)
     metadata = {"source": path.name}
     metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
-    with _progress_bars() as bar, warnings.catch_warnings():
+    cluster = Cluster.from_environment()  # under torchrun: rank 0 writes and reports
+    leader = cluster is None or cluster.leader
+    bars = _progress_bars(quiet) if leader else nullcontext(lambda *_: None)
+    with bars as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
         options["planning_progress"] = bar(
             "measuring" if calib is None else "compressing (calibrated passes)", None)
@@ -368,7 +378,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         result = qlis.pack(model, output, policy=policy, beta=beta, eps=eps,
                            select=select or None, plan=plan, calib=calib, codec=codec,
                            metadata=metadata, source_bytes=source_bytes, overwrite=force,
-                           progress=writing, jobs=jobs, **options)
+                           progress=writing, jobs=jobs, cluster=cluster, resume=resume,
+                           **options)
+    if not leader:
+        return
     for warning in result.warnings:
         click.echo(f"qlis: warning: {warning}", err=True)
     archive_bytes = output.stat().st_size
@@ -396,8 +409,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
               help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
                    "index into the folder OUTPUT, as save_pretrained does.")
 @_jobs
+@_quiet
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def unpack(path, output, max_shard_size, jobs, force) -> None:
+def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
     """Write the dequantized tensors of an archive as .safetensors or .pt."""
     check_input(path, "file")
     if max_shard_size is not None:
@@ -411,7 +425,7 @@ def unpack(path, output, max_shard_size, jobs, force) -> None:
         layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
         source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
                   if k.startswith(SOURCE_METADATA)} or None
-        with _progress_bars() as bar:
+        with _progress_bars(quiet) as bar:
             progress = bar("unpacking", len(rows), "tensors")
             if max_shard_size is not None:
                 output.mkdir(exist_ok=True)

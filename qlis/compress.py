@@ -17,11 +17,12 @@ from typing import Any, ClassVar
 import torch
 
 from qlis.calibrate import Calibration, CalibSpec
+from qlis.cluster import Cluster
 from qlis.distortion import (
     HEADER_BYTES,
     RECORD_OVERHEAD_BYTES,
 )
-from qlis.errors import ConfigError, InputError
+from qlis.errors import ClusterError, ConfigError, InputError
 from qlis.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
 from qlis.gptq import MAX_SWEEPS
 from qlis.parallel import check_jobs, ordered_map
@@ -29,6 +30,7 @@ from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.policy import PlanContext, Policy, make_policy, register_policy
 from qlis.quantize import QuantizedTensor
 from qlis.reconstruct import NOT_REACHED, reconstruct
+from qlis.resume import PassCache
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
@@ -370,11 +372,15 @@ def plan_compression(
     bias_correction: bool = True,
     rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
     jobs: int | None = None,
+    cluster: Cluster | None = None,
+    cache: PassCache | None = None,
     **options: Any,
 ) -> PlannedCompression:
     """Validate ``compress``'s arguments, inspect the model and let the policy plan; nothing
     is executed but what the policy measures while it plans. ``planning_progress`` gets the
-    parameters of each layer the policy has measured."""
+    parameters of each layer the policy has measured; in a ``cluster`` every rank plans the
+    same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
+    measured (qlis/resume.py)."""
     state = as_state_dict(model_or_state_dict)
     jobs = check_jobs(jobs)
     if error_feedback and calib is None:
@@ -394,7 +400,11 @@ def plan_compression(
         plan_policy: Policy = PlanPolicy(plan=Plan.coerce(plan).to_json())
     else:
         plan_policy = make_policy(policy, **options)
-    report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs)
+    if cluster is not None and calib is not None:
+        raise ClusterError("calibrated compression runs in one process for now; start it "
+                           "without torchrun")
+    report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs, cluster=cluster,
+                     cache=cache)
     calibration = None
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):
@@ -411,6 +421,8 @@ def plan_compression(
         realize=executor.realize,
         progress=planning_progress,
         jobs=jobs,
+        cluster=cluster,
+        cache=cache,
     )
     the_plan = plan_policy.make_plan(context)
     _check_plan(the_plan, state)

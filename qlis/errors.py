@@ -15,3 +15,7 @@ class ConfigError(QlisError):
 
 class ArchiveError(QlisError):
     """A `.qlis` archive (or an encoded record in it) is corrupt, truncated or unsupported."""
+
+
+class ClusterError(QlisError):
+    """The ranks of a distributed job (torchrun) could not work together."""

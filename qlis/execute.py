@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qlis.codecs import huffman_code_lengths
+from qlis.codecs import huffman_code_lengths, symbol_histogram
 from qlis.distortion import (
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
@@ -63,12 +63,9 @@ def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
 
 
 def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
-    """How often each code occurs (torch's bincount takes uint8/int16 codes as they are;
-    numpy's widens them to int64 first, 4x slower)."""
-    flat = np.ascontiguousarray(codes).reshape(-1)
-    if flat.dtype != np.uint8:
-        flat = flat.astype(np.int32)  # torch counts uint8 and signed types only
-    return torch.bincount(torch.from_numpy(flat), minlength=n_levels).numpy()
+    """How often each code occurs, for the ``n_levels`` codes (numpy's bincount would widen
+    the codes to int64 first: 8 bytes per weight)."""
+    return symbol_histogram(np.ascontiguousarray(codes).reshape(-1))[:n_levels]
 
 
 def _huffman_bits(counts: np.ndarray) -> float:

@@ -40,7 +40,8 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
     """sign(x) * floor(|x| + rounding): nearest at 0.5, a dead zone around 0 below it."""
-    return torch.copysign(scaled.abs().add_(rounding).floor_(), scaled)
+    magnitude = scaled.abs().add_(rounding).floor_()
+    return torch.copysign(magnitude, scaled, out=magnitude)
 
 
 def _blocks(matrix: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:

@@ -212,6 +212,10 @@ class MappedState(ValidatedState):
         _, _, dtype, shape, _ = self._specs[name]
         return dtype, tuple(shape)
 
+    def files(self) -> list[Path]:
+        """The files the tensors are read from, in order."""
+        return list(dict.fromkeys(spec[0] for spec in self._specs.values()))
+
     def merged(self, other: MappedState) -> MappedState:
         """Both files' tensors (shards of one model, which the caller checked are disjoint)."""
         return MappedState({**self._specs, **other._specs})

@@ -11,11 +11,16 @@ reconstruction runs the whole model, so pack then compresses and saves.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import struct
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 
 from qlis.archive import (
@@ -27,6 +32,7 @@ from qlis.archive import (
     result_header,
     save,
 )
+from qlis.cluster import Cluster
 from qlis.compress import (
     DEFAULT_POLICY,
     CompressionResult,
@@ -34,9 +40,13 @@ from qlis.compress import (
     compress,
     plan_compression,
 )
+from qlis.errors import ClusterError, QlisError
 from qlis.execute import LayerPlan, StoredTensor
-from qlis.parallel import ordered_map, single_threaded_ops
+from qlis.io import MappedState
+from qlis.parallel import IN_FLIGHT_ELEMENTS, ordered_map, single_threaded_ops
 from qlis.policy import Policy
+from qlis.resume import PassCache, input_fingerprint
+from qlis.tensors import as_state_dict, bit_patterns
 
 Progress = Callable[[int], None]
 
@@ -76,6 +86,8 @@ def pack(
     progress: Progress | None = None,
     planning_progress: Progress | None = None,
     jobs: int | None = None,
+    cluster: Cluster | None = None,
+    resume: bool = False,
     **options: Any,
 ) -> CompressionResult:
     """Compress as ``qlis.compress`` does (same options) and write the archive as
@@ -85,16 +97,38 @@ def pack(
     pass; with calibration data, of each layer executed in every calibrated pass),
     ``progress`` those of each tensor written (last pass). The result's tensors are
     computed again when read (``result.tensors[name]``), not kept.
+
+    In a torch.distributed job (``cluster``; by default the one this process belongs to,
+    see `Cluster.from_environment`) every rank calls ``pack`` with the same input and
+    options: each measures, quantizes and encodes the tensors it owns, rank 0 writes the
+    archive (the same bytes as one process), and every rank gets the result.
+
+    A data-free pack of a file (a `qlis.io.MappedState`) in one process saves its first
+    pass beside ``path`` until the archive is written; ``resume=True`` reuses what an
+    interrupted pack of the same files with the same options saved (qlis/resume.py).
     """
     check_codec_name(codec)
+    cluster = Cluster.from_environment() if cluster is None else cluster
     if options.get("calib") is not None:
+        if cluster is not None:
+            raise ClusterError("calibrated compression runs in one process for now; start "
+                               "it without torchrun")
         result = compress(model_or_state_dict, policy, beta, jobs=jobs,
                           progress=planning_progress, **options)
         save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
              source_bytes=source_bytes, progress=progress)
         return result
-    planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
-                               planning_progress=planning_progress, **options)
+    if cluster is not None:
+        cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),
+                      "input or options")
+    cache = None
+    if cluster is None and isinstance(model_or_state_dict, MappedState):
+        settings = {"policy": repr(policy), "beta": beta,
+                    **{k: v for k, v in options.items() if v is not None}}
+        cache = PassCache(path, input_fingerprint(model_or_state_dict.files(), settings),
+                          resume)
+    planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs, cluster=cluster,
+                               cache=cache, planning_progress=planning_progress, **options)
     state, plan = planned.state, planned.plan
 
     def work(name: str) -> tuple[EncodedTensor, LayerPlan | None]:
@@ -104,15 +138,123 @@ def pack(
         stored, layer = planned.executor.execute(name, tensor, plan[name])
         return encode_tensor(name, stored, codec, plan_entry(layer)), layer
 
+    names = list(state)
+    if cluster is not None and not cluster.leader:
+        return _follow(cluster, planned, names, work, jobs)
     layers: dict[str, LayerPlan] = {}
     with ArchiveWriter(path, overwrite=overwrite) as writer:
-        for encoded, layer in ordered_map(work, state, jobs):
+        for encoded, layer in _in_order(cluster, state, names, work, jobs):
             writer.add(encoded)
             if layer is not None:
                 layers[layer.name] = layer
             if progress is not None:
                 progress(math.prod(encoded.entry["shape"]))
         result = planned.result(_Recomputed(planned), [layers[name] for name in plan])
-        writer.finish(metadata=metadata, **result_header(result, source_bytes))
+        try:
+            writer.finish(metadata=metadata, **result_header(result, source_bytes))
+        except QlisError as err:
+            if cluster is not None:
+                cluster.all_gather_json({"error": str(err)})
+            raise
+    if cache is not None:
+        cache.discard()
+    if cluster is not None:
+        cluster.all_gather_json({"layers": [asdict(layer) for layer in result.layers]})
     return result
 
+
+def _in_order(cluster: Cluster | None, state: Mapping[str, torch.Tensor], names: list[str],
+              work: Callable[[str], tuple[EncodedTensor, LayerPlan | None]], jobs: int | None,
+              ) -> Iterator[tuple[EncodedTensor, LayerPlan | None]]:
+    """Every tensor encoded, in the model's order: all here, or in a cluster this rank's own
+    and the others' as they send them (each rank sends its own in the model's order)."""
+    if cluster is None:
+        sizes = {name: state[name].numel() for name in names}
+        yield from ordered_map(work, names, jobs, cost=sizes.__getitem__,
+                               budget=IN_FLIGHT_ELEMENTS)
+        return
+    sizes = {name: state[name].numel() for name in names}
+    owner = cluster.owners([sizes[name] for name in names])
+    mine = ordered_map(work, [n for n, r in zip(names, owner, strict=True) if r == 0], jobs,
+                       cost=sizes.__getitem__, budget=IN_FLIGHT_ELEMENTS)
+    for rank in owner:
+        yield next(mine) if rank == 0 else _unpacked(cluster.receive_bytes(rank), rank)
+
+
+def _follow(cluster: Cluster, planned: PlannedCompression, names: list[str],
+            work: Callable[[str], tuple[EncodedTensor, LayerPlan | None]], jobs: int | None,
+            ) -> CompressionResult:
+    """A rank other than 0: encode the tensors this rank owns and send them to rank 0, then
+    receive the layers of the whole model (or rank 0's error) and build the same result."""
+    sizes = {name: planned.state[name].numel() for name in names}
+    owner = cluster.owners([sizes[name] for name in names])
+    mine = [n for n, r in zip(names, owner, strict=True) if r == cluster.rank]
+    try:
+        for encoded, layer in ordered_map(work, mine, jobs, cost=sizes.__getitem__,
+                                          budget=IN_FLIGHT_ELEMENTS):
+            cluster.send_bytes(_packed(encoded, layer), 0)
+    except QlisError as err:
+        if not isinstance(err, ClusterError):
+            cluster.send_bytes(_packed_error(f"rank {cluster.rank}: {err}"), 0)
+        raise
+    shared = cluster.all_gather_json({})[0]
+    if "error" in shared:
+        raise ClusterError(f"rank 0 could not write the archive: {shared['error']}")
+    return planned.result(_Recomputed(planned), [LayerPlan(**row) for row in shared["layers"]])
+
+
+_LENGTH = struct.Struct("<Q")
+
+
+def _packed(encoded: EncodedTensor, layer: LayerPlan | None) -> bytes:
+    """One encoded tensor as a message: a JSON head (entry, record lengths and CRCs, plan
+    row), then the records' bytes."""
+    head = json.dumps({
+        "entry": encoded.entry,
+        "records": [[key, crc, len(data)] for key, data, crc in encoded.records],
+        "layer": asdict(layer) if layer is not None else None,
+    }).encode()
+    return b"".join([_LENGTH.pack(len(head)), head, *(bytes(d) for _, d, _ in encoded.records)])
+
+
+def _packed_error(message: str) -> bytes:
+    head = json.dumps({"error": message}).encode()
+    return _LENGTH.pack(len(head)) + head
+
+
+def _unpacked(message: bytes, rank: int) -> tuple[EncodedTensor, LayerPlan | None]:
+    """What `_packed` made, checked to add up (or the sender's error, raised)."""
+    try:
+        (length,) = _LENGTH.unpack_from(message)
+        head = json.loads(message[_LENGTH.size:_LENGTH.size + length])
+        if "error" in head:
+            raise ClusterError(head["error"])
+        offset, records = _LENGTH.size + length, []
+        for key, crc, size in head["records"]:
+            records.append((key, message[offset:offset + size], crc))
+            offset += size
+        layer = LayerPlan(**head["layer"]) if head["layer"] is not None else None
+        if offset != len(message) or not isinstance(head["entry"], dict):
+            raise ValueError("the records do not add up to the message")
+        return EncodedTensor(head["entry"], records), layer
+    except (ValueError, TypeError, KeyError, struct.error) as err:
+        raise ClusterError(f"rank {rank} sent a message that does not parse ({err})") from None
+
+
+def _fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], policy: object,
+                 beta: float, codec: str, options: Mapping[str, Any]) -> str:
+    """A digest of the input (names, dtypes, shapes, and the first and last 64 KiB of every
+    tensor) and the options, for the ranks to compare before they share work."""
+    state = as_state_dict(model)
+    digest = hashlib.sha256()
+    for name in state:
+        tensor = state[name]
+        raw = bit_patterns(tensor).reshape(-1).view(np.uint8)
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(raw[:_SAMPLED].tobytes() + raw[-_SAMPLED:].tobytes())
+    digest.update(json.dumps([repr(policy), beta, codec, sorted(options.items())],
+                             default=repr).encode())
+    return digest.hexdigest()
+
+
+_SAMPLED = 1 << 16

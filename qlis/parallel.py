@@ -10,6 +10,7 @@ makes every result the same bytes whatever ``jobs`` is.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import deque
@@ -24,6 +25,10 @@ from qlis.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+IN_FLIGHT_ELEMENTS = 1 << 27
+"""Elements of the tensors worked on at once (each takes a few float32 copies while it is
+quantized and measured): 128 M, so memory stays near a GB plus the largest tensor's."""
 
 _lock = threading.Lock()
 _active = 0  # pools running now; torch's thread count is restored when the last one ends
@@ -67,24 +72,34 @@ def single_threaded_ops() -> Iterator[None]:
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = None,
-                window: int | None = None) -> Iterator[R]:
+                window: int | None = None, cost: Callable[[T], float] | None = None,
+                budget: float = math.inf) -> Iterator[R]:
     """``fn`` over ``items`` on ``jobs`` threads, yielding results in input order.
 
     At most ``window`` (default: twice ``jobs``) items are submitted ahead of the one being
-    yielded. An exception from ``fn`` is raised here, at that item's turn, and nothing later
-    is started. The generator must be consumed or closed (a ``for`` loop or ``list``)."""
+    yielded, and, with ``cost``, no more than ``budget`` of cost at once (an item costlier
+    than the budget runs alone): large tensors are worked on one at a time, so memory is
+    bounded by the largest, not by ``jobs`` of them. An exception from ``fn`` is raised here,
+    at that item's turn, and nothing later is started. The generator must be consumed or
+    closed (a ``for`` loop or ``list``)."""
     jobs = check_jobs(jobs)
     window = max(1, window or 2 * jobs)
     with single_threaded_ops(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending: deque[Future[R]] = deque()
-        source = iter(items)
+        pending: deque[tuple[Future[R], float]] = deque()
+        in_flight = 0.0
         try:
-            for item in source:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
+            for item in items:
+                weight = cost(item) if cost is not None else 0.0
+                while pending and (len(pending) >= window or in_flight + weight > budget):
+                    future, done = pending.popleft()
+                    in_flight -= done
+                    yield future.result()
+                pending.append((pool.submit(fn, item), weight))
+                in_flight += weight
             while pending:
-                yield pending.popleft().result()
+                future, done = pending.popleft()
+                in_flight -= done
+                yield future.result()
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()

@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from qlis.cluster import Cluster
 from qlis.errors import ConfigError
 from qlis.execute import Realized, pruned_count
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.prune import get_pruner
 from qlis.quantize import GRANULARITIES, quantizer_registry
 from qlis.registry import Registry
+from qlis.resume import PassCache
 from qlis.strategy import Strategy
 from qlis.tensors import storage_bits
 
@@ -53,7 +55,8 @@ class PlanContext:
     with its calibration data. ``progress`` takes the parameters of each layer the policy has
     measured. ``realize`` executes a plan as the compression will (reconstructed, with error
     feedback): the tensors it changes, as the model computes with them, and its layers' coded
-    bytes. ``jobs``: threads for per-layer work (qlis.parallel.ordered_map)."""
+    bytes. ``jobs``: threads for per-layer work, ``cluster``: the ranks that share it,
+    ``cache``: results of an interrupted run to reuse (qlis.cluster.spread)."""
 
     state: Mapping[str, torch.Tensor]
     report: InspectionReport
@@ -62,6 +65,8 @@ class PlanContext:
     progress: Callable[[int], None] | None = None
     realize: Callable[[Plan], Realized] | None = None
     jobs: int | None = None
+    cluster: Cluster | None = None
+    cache: PassCache | None = None
 
 
 class Policy(Strategy):

@@ -708,7 +708,11 @@ class UniformQuantizer(Quantizer):
                 f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
             )
         offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
-        stored = (codes - low).to(torch.int32).numpy().astype(code_dtype(n_levels))
+        shifted = codes - low if codes.is_floating_point() else codes.to(torch.int32) - low
+        if n_levels <= 256:  # straight to uint8 (codes are whole numbers in 0..255)
+            stored = shifted.to(torch.uint8).numpy()
+        else:
+            stored = shifted.to(torch.int32).numpy().astype(code_dtype(n_levels))
         return QuantizedTensor(
             codes=stored.reshape(codes.shape),
             n_levels=n_levels,

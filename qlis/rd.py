@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
+from qlis.cluster import spread
 from qlis.distortion import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
@@ -41,7 +42,6 @@ from qlis.distortion import (
 from qlis.errors import ConfigError
 from qlis.execute import Realized, dequantized, execute_layer
 from qlis.grid import round_with_offset
-from qlis.parallel import ordered_map
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
 from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer
@@ -314,15 +314,18 @@ class RDPolicy(Policy):
         names = [layer.name for layer in context.report.layers]
         total_numel = sum(layer.numel for layer in context.report.layers)
 
+        progress = context.progress
+
         def measure(index: int) -> list[_Candidate]:
             return _layer_candidates(state[names[index]], self, self.seed + index)
 
-        per_layer = []
-        for index, candidates in enumerate(ordered_map(measure, range(len(names)),
-                                                       context.jobs)):
-            per_layer.append(candidates)
-            if context.progress is not None:
-                context.progress(context.report.layers[index].numel)
+        per_layer = spread(measure, range(len(names)),
+                           [layer.numel for layer in context.report.layers], context.jobs,
+                           context.cluster, to_json=lambda found: [asdict(c) for c in found],
+                           from_json=lambda found: [_Candidate(**c) for c in found],
+                           done=None if progress is None else (
+                               lambda i: progress(context.report.layers[i].numel)),
+                           cache=context.cache, key=f"rd {self.get_config()}")
         if context.calibration is None:
             share = {layer.name: layer.numel / total_numel for layer in context.report.layers}
             if self.weighting == "layers":

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from numba import njit
 
+from qlis.cluster import Cluster, spread
+from qlis.codecs import symbol_histogram
 from qlis.distortion import peak_abs
 from qlis.errors import InputError
-from qlis.parallel import ordered_map
+from qlis.resume import PassCache
 from qlis.select import SelectSpec, make_selector
 from qlis.tensors import as_state_dict, bit_patterns, smallest_at_least, storage_bits
 
@@ -79,7 +81,7 @@ def _scan(tensor: torch.Tensor, eps: float) -> tuple[float, float]:
         if patterns.dtype.itemsize == 8:  # float64: too wide for a table of counts
             values, counts = np.unique(patterns, return_counts=True)
         else:
-            counts = np.bincount(patterns.astype(np.int64, copy=False))
+            counts = symbol_histogram(patterns)  # no int64 copy of the patterns
             values = np.flatnonzero(counts)
             counts = counts[values]
         n_small = int(counts[(values & (sign_bit - 1)) < small_below].sum())
@@ -179,8 +181,11 @@ def inspect(
     eps: float = 1e-3,
     select: SelectSpec = None,
     jobs: int | None = None,
+    cluster: Cluster | None = None,
+    cache: PassCache | None = None,
 ) -> InspectionReport:
-    """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time).
+    """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time;
+    in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused).
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -205,7 +210,8 @@ def inspect(
         except InputError as err:
             raise InputError(f"layer {name!r} {err}") from None
 
-    measures = list(ordered_map(measure, names, jobs))
+    measures = spread(measure, names, [state[n].numel() for n in names], jobs, cluster,
+                      from_json=tuple, cache=cache, key=f"inspect {eps!r}")
 
     layers = []
     for name, (sigma, entropy, sparsity) in zip(names, measures, strict=True):

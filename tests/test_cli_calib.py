@@ -107,6 +107,8 @@ def test_progress_bars_draw_with_and_without_a_known_total(monkeypatch, capsys):
         assert bar("nothing to do", 0) is None
         for advance in (measuring, writing, measuring, writing):
             advance(60)
+    with qlis.cli._progress_bars(quiet=True) as bar:
+        assert bar("writing", 100) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     with qlis.cli._progress_bars() as bar:
         assert bar("writing", 100) is None

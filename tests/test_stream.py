@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from cli_helpers import run
 from safetensors.torch import save_file
 
 import qlis
+import qlis.rd
+import qlis.stats
 from qlis.archive import ArchiveWriter, encode_tensor, write_tensors
 from qlis.cli import cli
 from qlis.errors import ConfigError, InputError
@@ -506,3 +509,84 @@ def test_unpack_refuses_a_shard_size_that_is_not_one(model_file, tmp_path, size)
     result = run(cli, "unpack", archive, "-o", tmp_path / "out", "--max-shard-size", size)
     assert result.exit_code == 2 and "--max-shard-size" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
+
+
+# Resuming an interrupted pack
+
+
+def _interrupt_second_pass(monkeypatch):
+    def fail(*_args, **_kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(sys.modules["qlis.pack"], "encode_tensor", fail)
+
+
+def _count_measures(monkeypatch) -> list[str]:
+    """The layers whose statistics or rd curves are measured from now on."""
+    measured: list[str] = []
+    layer_measures, candidates = qlis.stats._layer_measures, qlis.rd._layer_candidates
+
+    def counted_measures(tensor, eps):
+        measured.append("inspect")
+        return layer_measures(tensor, eps)
+
+    def counted_candidates(weight, policy, seed):
+        measured.append("rd")
+        return candidates(weight, policy, seed)
+
+    monkeypatch.setattr(qlis.stats, "_layer_measures", counted_measures)
+    monkeypatch.setattr(qlis.rd, "_layer_candidates", counted_candidates)
+    return measured
+
+
+def test_an_interrupted_pack_resumes_from_its_first_pass(model_file, tmp_path, monkeypatch):
+    fresh, out = tmp_path / "fresh.qlis", tmp_path / "out.qlis"
+    qlis.pack(load_state_dict(model_file), fresh, target_bits_per_weight=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.qlis"]  # nothing left over
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        with pytest.raises(Interrupted):
+            qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3)
+    saved = tmp_path / ".out.qlis-pass1.json"
+    assert saved.is_file() and not out.exists()
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert measured == []  # every layer's statistics and curves came from the saved pass
+    assert out.read_bytes() == fresh.read_bytes() and not saved.exists()
+
+
+@pytest.mark.parametrize("change", ["options", "input", "garbled", "no-resume"])
+def test_a_saved_pass_that_does_not_match_is_measured_again(model_file, tmp_path, monkeypatch,
+                                                            change):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(model_file.read_bytes())
+    out = tmp_path / "out.qlis"
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        with pytest.raises(Interrupted):
+            qlis.pack(load_state_dict(model), out, target_bits_per_weight=3)
+    saved = tmp_path / ".out.qlis-pass1.json"
+    bits = 3.5 if change == "options" else 3
+    if change == "input":
+        os.utime(model, ns=(0, model.stat().st_mtime_ns + 10**9))
+    if change == "garbled":
+        saved.write_text('{"fingerprint": [1, 2], "results": ')
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model), out, target_bits_per_weight=bits,
+              resume=change != "no-resume")
+    assert "inspect" in measured and "rd" in measured
+    expected = tmp_path / "expected.qlis"
+    qlis.save(qlis.compress(load_state_dict(model), target_bits_per_weight=bits), expected)
+    assert out.read_bytes() == expected.read_bytes() and not saved.exists()
+
+
+def test_the_cli_resumes_an_interrupted_pack(model_file, tmp_path, monkeypatch):
+    out = tmp_path / "out.qlis"
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        interrupted = run(cli, "pack", model_file, "-o", out)
+        assert isinstance(interrupted.exception, Interrupted) and not out.exists()
+    measured = _count_measures(monkeypatch)
+    result = run(cli, "pack", model_file, "-o", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert measured == [] and "real ratio" in result.output

@@ -5,6 +5,7 @@ The archive stores each record's ``codec.get_config()`` and decodes with
 """
 
 from qlis.codecs._bounds import entropy_bits, huffman_code_lengths
+from qlis.codecs._common import symbol_histogram
 from qlis.codecs.ans import ANS
 from qlis.codecs.auto import Auto
 from qlis.codecs.base import Codec, codec_registry, get_codec, register_codec
@@ -14,6 +15,7 @@ from qlis.codecs.raw import Raw
 from qlis.codecs.sparse import Sparse
 
 __all__ = [
+    "symbol_histogram",
     "ANS",
     "Auto",
     "BitPack",

@@ -1,0 +1,442 @@
+"""Packing over the ranks of a torch.distributed job (`qlis.cluster`): the same archive bytes as
+one process, every rank refusing another input, a rank that dies ending the job without an
+archive, and the pieces (owners, spread, messages, fingerprints) without any process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import qlis
+from qlis.archive import encode_tensor, plan_entry
+from qlis.cluster import Cluster, spread
+from qlis.errors import ClusterError
+from qlis.pack import _fingerprint, _packed, _packed_error, _unpacked
+
+TIMEOUT_S = 120
+DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    """A few small layers (the same shapes for every seed): several tensors for each rank."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": torch.randn(128, 64, generator=gen),
+        "a.bias": torch.randn(128, generator=gen),
+        "b.weight": torch.randn(32, 128, generator=gen) * 0.1,
+        "c.weight": torch.randn(64, 32, generator=gen) * 0.05,
+    }
+
+
+def _model_file(path: Path, seed: int = 0) -> Path:
+    save_file(_state(seed), str(path), metadata={"format": "pt"})
+    return path
+
+
+def _env() -> dict[str, str]:
+    """This environment without any torch.distributed job in it (each test makes its own)."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+
+
+def _start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun(*args: object, cwd: Path) -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 ARGS`` on a port the rendezvous picks itself."""
+    return _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", *map(str, args)], cwd)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    """The exit code, stdout and stderr; the process killed (and the test failed) if it is
+    still running after TIMEOUT_S: a hang."""
+    try:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"still running after {TIMEOUT_S} s (hung?)\n{out}\n{err[-4000:]}")
+    return process.returncode, out, err
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+# --- the command under torchrun ------------------------------------------------------------
+
+
+POLICIES = {"default": [], "3-bits": ["--target-bits-per-weight", "3"]}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict[str, dict]:
+    """``qlis pack`` of one model for each of POLICIES, in one process (``python -m qlis``) and
+    under ``torchrun --nproc_per_node=2`` (``python -m qlis`` too, plus an exit handler
+    registered before qlis's own, so run after them, that reports whether the process group
+    is still up), all started at once."""
+    root = tmp_path_factory.mktemp("cluster_pack")
+    model = _model_file(root / "m.safetensors")
+    observed = root / "observed_qlis.py"
+    observed.write_text(textwrap.dedent("""
+        import atexit, os, runpy, sys
+        import torch.distributed as dist
+        atexit.register(lambda: os.write(2, (  # one write: the ranks share the pipe
+            f"GROUP-AT-EXIT rank {os.environ['RANK']}: {dist.is_initialized()}\\n").encode()))
+        runpy.run_module("qlis", run_name="__main__", alter_sys=True)  # = python -m qlis
+    """))
+    started = {}
+    for name, options in POLICIES.items():
+        out = {how: root / name / how / "m.qlis" for how in ("one", "two")}
+        for path in out.values():
+            path.parent.mkdir(parents=True)
+        started[name] = out, {
+            "one": _start([sys.executable, "-m", "qlis", "pack", str(model), "-o",
+                           str(out["one"]), *options], root),
+            "two": _torchrun(observed, "pack", model, "-o", out["two"], *options, cwd=root),
+        }
+    return {name: {how: (out[how], *_finish(process)) for how, process in processes.items()}
+            for name, (out, processes) in started.items()}
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_two_ranks_write_the_bytes_of_one_process_and_rank_0_alone_prints(packed, policy):
+    one, rc1, out1, err1 = packed[policy]["one"]
+    two, rc2, out2, err2 = packed[policy]["two"]
+    assert rc1 == 0, err1
+    assert two.exists(), err2[-4000:]
+    assert two.read_bytes() == one.read_bytes()
+    assert sorted(p.name for p in two.parent.iterdir()) == ["m.qlis"]  # no temporary left
+    # torchrun merges the ranks' stdout: rank 1 must add nothing to rank 0's report
+    assert out1.count("real ratio") == 1
+    assert out2.count("real ratio") == 1
+    assert out2.replace(str(two), "OUT") == out1.replace(str(one), "OUT")
+    with qlis.open(two) as archive:
+        assert len(archive.tensor_info()) == len(_state(0))
+    assert rc2 == 0, err2[-4000:]
+
+
+def test_ranks_leave_no_process_group_at_exit(packed):
+    for policy in POLICIES:
+        _, rc, _, err = packed[policy]["two"]
+        reports = sorted(line for line in err.splitlines() if line.startswith("GROUP-AT-EXIT"))
+        assert reports == ["GROUP-AT-EXIT rank 0: False", "GROUP-AT-EXIT rank 1: False"], err
+        assert rc == 0, err[-4000:]
+
+
+def test_every_rank_refuses_when_the_ranks_see_another_input(tmp_path):
+    files = [_model_file(tmp_path / f"m{rank}.safetensors", seed=rank) for rank in (0, 1)]
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m.qlis"
+    script = _script(tmp_path, """
+        import importlib, os, sys
+        from datetime import timedelta
+        import torch.distributed as dist
+        from qlis.errors import ClusterError
+        from qlis.io import load_state_dict
+        packing = importlib.import_module("qlis.pack")
+        rank = int(os.environ["RANK"])
+
+        def say(line):  # one write: the ranks share torchrun's stdout
+            os.write(1, (line + "\\n").encode())
+
+        try:
+            packing.pack(load_state_dict(sys.argv[1 + rank]), sys.argv[3])
+        except ClusterError as err:
+            say(f"CLUSTER-ERROR rank {rank}: {err}")
+            # the group still works: wait for the other rank's report before torchrun,
+            # seeing this rank exit, stops it
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+            sys.exit(3)
+        say(f"PACKED rank {rank}")
+    """)
+    rc, out_text, err = _finish(_torchrun(script, *files, out, cwd=tmp_path))
+    assert rc != 0, out_text
+    assert "PACKED" not in out_text
+    refusals = [line for line in out_text.splitlines() if line.startswith("CLUSTER-ERROR")]
+    assert sorted(line.split(":")[0] for line in refusals) == [
+        "CLUSTER-ERROR rank 0", "CLUSTER-ERROR rank 1"], out_text + err[-4000:]
+    assert all("another input" in line for line in refusals), refusals
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_rank_that_dies_mid_pack_ends_the_job_without_an_archive(tmp_path):
+    model = _model_file(tmp_path / "m.safetensors")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m.qlis"
+    # rank 1 has planned with rank 0 (the layers' measurements are shared) and encoded its
+    # first tensor; it dies where it would send it
+    script = _script(tmp_path, """
+        import importlib, os, sys
+        from qlis.errors import ClusterError
+        from qlis.io import load_state_dict
+        packing = importlib.import_module("qlis.pack")
+        rank = int(os.environ["RANK"])
+
+        def say(line):  # one write: the ranks share torchrun's stdout
+            os.write(1, (line + "\\n").encode())
+
+        if rank == 1:
+            def dying(*args, **kwargs):
+                say("DYING rank 1")
+                os._exit(1)
+            packing._packed = dying
+        try:
+            packing.pack(load_state_dict(sys.argv[1]), sys.argv[2])
+        except ClusterError as err:
+            say(f"CLUSTER-ERROR rank {rank}: {err}")
+            sys.exit(3)
+        say(f"PACKED rank {rank}")
+    """)
+    rc, out_text, err = _finish(_torchrun(script, model, out, cwd=tmp_path))  # or: hung
+    assert "DYING rank 1" in out_text, out_text + err[-4000:]  # the hook was reached
+    assert rc != 0
+    assert "PACKED" not in out_text
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no temporary file either
+
+
+def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = _script(tmp_path, """
+        from qlis.cluster import Cluster
+        from qlis.errors import ClusterError
+        try:
+            Cluster.from_environment(timeout_s=1)
+        except ClusterError as err:
+            print(f"CLUSTER-ERROR: {err}", flush=True)
+            raise SystemExit(3)
+        print("JOINED", flush=True)
+    """)
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.monotonic()
+    process = _start([sys.executable, str(script)], tmp_path, env)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("rank 0 still waited for rank 1 after 30 s with timeout_s=1")
+    assert time.monotonic() - start < 30
+    assert process.returncode == 3, out + err
+    assert out.startswith("CLUSTER-ERROR: could not join the other ranks"), out
+    assert "MASTER_ADDR" in out
+    assert "Traceback" not in err
+
+
+# --- in one process ------------------------------------------------------------------------
+
+
+def test_calibrated_pack_in_a_cluster_is_refused_before_any_exchange(tmp_path):
+    out = tmp_path / "m.qlis"
+    calib = [{"x": torch.zeros(2, 64)}]
+    # no process group exists: a collective here would fail with torch's error, not this one
+    with pytest.raises(ClusterError, match="calibrated"):
+        qlis.pack(_state(0), out, calib=calib, cluster=Cluster(rank=0, world=2))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_job_in_the_environment_is_no_cluster(monkeypatch):
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert Cluster.from_environment() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert Cluster.from_environment() is None
+
+
+@given(costs=st.lists(st.floats(0, 1e9, allow_nan=False), max_size=40),
+       world=st.integers(1, 5))
+def test_owners_assign_every_item_the_same_way_on_every_rank_and_balance(costs, world):
+    owner = Cluster(0, world).owners(costs)
+    assert len(owner) == len(costs)
+    assert all(0 <= rank < world for rank in owner)
+    for rank in range(world):  # each rank computes the owners itself: they must agree
+        assert Cluster(rank, world).owners(costs) == owner
+    loads = [sum(c for c, r in zip(costs, owner, strict=True) if r == rank)
+             for rank in range(world)]
+    assert max(loads) - min(loads) <= max(costs, default=0) * (1 + 1e-9)
+
+
+def test_owners_of_three_ranks_share_equal_costs():
+    owner = Cluster(0, 3).owners([5.0] * 9)
+    assert sorted(owner.count(rank) for rank in range(3)) == [3, 3, 3]
+
+
+@pytest.mark.parametrize("jobs", [None, 1, 3])
+def test_spread_without_a_cluster_is_a_map_that_reports_each_index(jobs):
+    items = list(range(11))
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def done(index: int) -> None:
+        with lock:
+            seen.append(index)
+
+    assert spread(lambda x: x * x + 1, items, [1.0] * len(items), jobs, None,
+                  done=done) == [x * x + 1 for x in items]
+    assert sorted(seen) == list(range(len(items)))
+
+
+def _thread_ranks(world: int) -> list[Cluster]:
+    """Ranks in threads of this process, exchanging through JSON text as the real ones do."""
+    board: list[str | None] = [None] * world
+    barrier = threading.Barrier(world, timeout=30)
+
+    class ThreadRank(Cluster):
+        def all_gather_json(self, value):
+            board[self.rank] = json.dumps(value)
+            barrier.wait()
+            seen = [json.loads(text) for text in board]
+            barrier.wait()
+            return seen
+
+    return [ThreadRank(rank, world) for rank in range(world)]
+
+
+def test_spread_over_ranks_gives_every_rank_all_results_each_computed_once():
+    items = list(range(13))
+    costs = [float((7 * i) % 5 + 1) for i in items]
+    ranks = _thread_ranks(3)
+    results: dict[int, list] = {}
+    computed: dict[int, list[int]] = {rank.rank: [] for rank in ranks}
+    errors: list[BaseException] = []
+
+    def run(rank: Cluster) -> None:
+        try:
+            results[rank.rank] = spread(lambda x: (x, x * x), items, costs, 2, rank,
+                                        to_json=list, from_json=tuple,
+                                        done=computed[rank.rank].append)
+        except BaseException as err:  # re-raised in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    expected = [(x, x * x) for x in items]
+    assert all(results[rank] == expected for rank in range(3))
+    owner = Cluster(0, 3).owners(costs)
+    for rank, indices in computed.items():
+        assert sorted(indices) == [i for i in items if owner[i] == rank]
+
+
+def test_spread_refuses_a_rank_that_returns_another_number_of_results():
+    class ShortRank(Cluster):
+        def all_gather_json(self, value):
+            return [value, []]  # rank 1 sends nothing for the items it owns
+
+    with pytest.raises(ClusterError, match="rank 1 returned another number"):
+        spread(lambda x: x, [1, 2, 3, 4], [1.0] * 4, 1, ShortRank(0, 2))
+
+
+@pytest.fixture(scope="module")
+def encoded_layer():
+    """A layer as rank 1 sends it: its quantized tensor encoded with its plan."""
+    state = {"w.weight": _state(0)["b.weight"], "w.bias": torch.randn(32)}
+    result = qlis.compress(state)
+    layer = result.layers[0]
+    return encode_tensor(layer.name, result.tensors[layer.name], "ans", plan_entry(layer)), layer
+
+
+def _records(encoded) -> list[tuple[str | None, bytes, int]]:
+    return [(key, bytes(data), crc) for key, data, crc in encoded.records]
+
+
+def test_a_packed_tensor_unpacks_to_the_same_entry_records_and_plan(encoded_layer):
+    encoded, layer = encoded_layer
+    assert len(encoded.records) > 1 and layer.quantizer is not None
+    got, got_layer = _unpacked(_packed(encoded, layer), 1)
+    assert got.entry == encoded.entry
+    assert _records(got) == _records(encoded)
+    assert got_layer == layer
+
+    plain = encode_tensor("w.bias", torch.linspace(-1, 1, 7))
+    got, got_layer = _unpacked(_packed(plain, None), 1)
+    assert got_layer is None
+    assert got.entry == plain.entry and _records(got) == _records(plain)
+
+
+def test_a_truncated_message_is_a_cluster_error_at_any_length(encoded_layer):
+    message = _packed(*encoded_layer)
+    for cut in range(len(message)):
+        with pytest.raises(ClusterError, match="rank 1 sent a message that does not parse"):
+            _unpacked(message[:cut], 1)
+    with pytest.raises(ClusterError, match="does not parse"):
+        _unpacked(message + b"\0", 1)  # trailing bytes: does not add up either
+
+
+def _message(head: object, tail: bytes = b"") -> bytes:
+    text = json.dumps(head).encode()
+    return len(text).to_bytes(8, "little") + text + tail
+
+
+@pytest.mark.parametrize("message", [
+    b"\xff" * 40,
+    _message([1, 2, 3]),
+    _message(7),
+    _message({"entry": {}, "records": [["x", 1]], "layer": None}, b"ab"),
+    _message({"entry": {}, "records": [], "layer": {"name": "w", "unknown": 1}}),
+    _message({"entry": {}, "layer": None}),
+    (1 << 40).to_bytes(8, "little") + b"{}",
+], ids=["bytes", "list-head", "number-head", "short-record", "bad-layer", "no-records",
+        "huge-length"])
+def test_a_garbled_message_is_a_cluster_error(message):
+    with pytest.raises(ClusterError, match="rank 2 sent a message that does not parse"):
+        _unpacked(message, 2)
+
+
+def test_a_message_without_an_entry_is_a_cluster_error():
+    with pytest.raises(ClusterError, match="does not parse"):
+        _unpacked(_message({"records": [], "layer": None}), 2)
+
+
+def test_a_rank_error_message_is_raised_with_its_text():
+    with pytest.raises(ClusterError, match=r"^rank 1: w\.weight: disk full on the moon$"):
+        _unpacked(_packed_error("rank 1: w.weight: disk full on the moon"), 1)
+
+
+def test_fingerprint_sees_the_input_and_the_options():
+    state = _state(0)
+    base = _fingerprint(state, "rd", 0.5, "ans", {})
+    assert _fingerprint(_state(0), "rd", 0.5, "ans", {}) == base  # deterministic
+    changed = dict(state, **{"c.weight": state["c.weight"].clone()})
+    changed["c.weight"][-1, -1] += 1.0
+    renamed = {("z" + k if k == "a.bias" else k): v for k, v in state.items()}
+    others = [
+        _fingerprint(_state(1), "rd", 0.5, "ans", {}),
+        _fingerprint(changed, "rd", 0.5, "ans", {}),
+        _fingerprint(renamed, "rd", 0.5, "ans", {}),
+        _fingerprint({k: v.double() for k, v in state.items()}, "rd", 0.5, "ans", {}),
+        _fingerprint(state, "lapq", 0.5, "ans", {}),
+        _fingerprint(state, "rd", 0.25, "ans", {}),
+        _fingerprint(state, "rd", 0.5, "raw", {}),
+        _fingerprint(state, "rd", 0.5, "ans", {"target_bits_per_weight": 3}),
+    ]
+    assert base not in others
+    assert len(set(others)) == len(others)
+
