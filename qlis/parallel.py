@@ -90,12 +90,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = Non
         try:
             for item in items:
                 weight = cost(item) if cost is not None else 0.0
-                while pending and (len(pending) >= window or in_flight + weight > budget):
+                while pending and in_flight + weight > budget:
                     future, done = pending.popleft()
                     in_flight -= done
                     yield future.result()
                 pending.append((pool.submit(fn, item), weight))
                 in_flight += weight
+                if len(pending) >= window:
+                    future, done = pending.popleft()
+                    in_flight -= done
+                    yield future.result()
             while pending:
                 future, done = pending.popleft()
                 in_flight -= done

@@ -590,3 +590,23 @@ def test_the_cli_resumes_an_interrupted_pack(model_file, tmp_path, monkeypatch):
     result = run(cli, "pack", model_file, "-o", out, "--resume")
     assert result.exit_code == 0, result.output
     assert measured == [] and "real ratio" in result.output
+
+
+def test_ordered_map_keeps_the_cost_in_flight_within_the_budget():
+    costs = [5, 1, 1, 9, 2, 2, 2, 8, 1, 1, 3, 3]
+    lock = threading.Lock()
+    running, peak = 0, 0
+
+    def fn(i: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += costs[i]
+            peak = max(peak, running)
+        time.sleep(0.002)
+        with lock:
+            running -= costs[i]
+        return i
+
+    out = list(ordered_map(fn, range(len(costs)), jobs=4, cost=costs.__getitem__, budget=6))
+    assert out == list(range(len(costs)))
+    assert 6 <= peak <= 9  # a costlier item runs alone; the rest share the budget
