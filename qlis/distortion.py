@@ -22,6 +22,9 @@ QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
+CHUNK_ELEMENTS = 1 << 24
+"""Errors of large tensors are summed this many elements at a time (bounded memory)."""
+
 TABLE_BYTES_PER_SYMBOL = 1.5
 """An entropy-coded stream lists its alphabet and a frequency per present symbol."""
 
@@ -35,15 +38,27 @@ def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
     0.5
     """
-    ref = reference.detach().reshape(-1).float()
-    out = approx.detach().reshape(-1).float()
+    ref, out = reference.detach().reshape(-1), approx.detach().reshape(-1)
     peak = peak_abs(ref)
-    if 0 < peak < math.inf and not 1e-10 < peak < 1e10:  # keep the squares within float32
-        ref, out = ref / peak, out / peak
-    energy = float(ref.square().sum())
-    if energy == 0:
-        return 0.0
-    return float((out - ref).square_().sum()) / energy
+    scale = peak if 0 < peak < math.inf and not 1e-10 < peak < 1e10 else 1.0  # squares fit
+    energy = error = 0.0
+    for start in range(0, ref.numel(), CHUNK_ELEMENTS):  # float32 copies of a chunk at a time
+        r = ref[start:start + CHUNK_ELEMENTS].float() / scale
+        o = out[start:start + CHUNK_ELEMENTS].float() / scale
+        energy += float(r.square().sum())
+        error += float(o.sub_(r).square_().sum())
+    return error / energy if energy else 0.0
+
+
+def sum_of_squares(tensor: torch.Tensor) -> float:
+    """``||tensor||^2`` from float32 copies of one chunk at a time (cascaded float32 sums).
+
+    >>> sum_of_squares(torch.tensor([3.0, -4.0]))
+    25.0
+    """
+    flat = tensor.detach().reshape(-1)
+    return sum(float(flat[c:c + CHUNK_ELEMENTS].float().square().sum())
+               for c in range(0, flat.numel(), CHUNK_ELEMENTS))
 
 
 def peak_abs(tensor: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -166,6 +166,14 @@ class AffineGrid(Grid):
         if self.top is not None:
             codes = codes.clamp_(0, self.top)
         return _unblock(codes, tuple(matrix.shape))
+
+    def rows(self, start: int, stop: int) -> AffineGrid:
+        """The grid of matrix rows ``start..stop`` (``start`` a multiple of the block rows),
+        to work on a large matrix a range of rows at a time."""
+        if self.scale.shape[0] == 1:  # one row of blocks: every range of rows shares it
+            return self
+        first, last = start // self.block_size[0], -(-stop // self.block_size[0])
+        return replace(self, scale=self.scale[first:last], zero=self.zero[first:last])
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         x = _blocks(codes.float(), self.block_size)

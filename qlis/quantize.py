@@ -202,7 +202,13 @@ class Quantizer(Strategy):
             return torch.zeros(q.shape, dtype=q.dtype)
         grid = self.grid(q.shape, q.n_levels, q.params)
         grid.check(shape)
-        return grid.decode(q.matrix_codes()).reshape(q.shape).to(q.dtype)
+        codes = q.matrix_codes()
+        if not isinstance(grid, AffineGrid) or codes.numel() <= CHUNK_ELEMENTS:
+            return grid.decode(codes).reshape(q.shape).to(q.dtype)
+        values = torch.empty(shape, dtype=q.dtype)  # a float32 copy of one chunk at a time
+        for a, b in _chunks(codes, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+            values[a:b] = grid.rows(a, b).decode(codes[a:b])
+        return values.reshape(q.shape)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
@@ -235,10 +241,38 @@ def _check_granularity(granularity: str) -> None:
 
 def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
     """float32 view as (groups, elements): one row per output channel, or a single row."""
-    w = weight.detach().float()
+    return _row_view(weight, granularity).float()
+
+
+def _row_view(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``_rows`` in the weight's own dtype (no copy)."""
+    w = weight.detach()
     if granularity == "channel" and w.ndim >= 1 and w.shape[0] > 0:
         return w.reshape(w.shape[0], -1)
     return w.reshape(1, -1)
+
+
+CHUNK_ELEMENTS = 1 << 24
+"""Large weights are quantized this many elements at a time (float32 copies of a chunk,
+never of the whole weight): a layer's working memory stays near its codes'."""
+
+
+def _chunks(rows: torch.Tensor, align: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of about CHUNK_ELEMENTS elements, starting at multiples of ``align`` (one
+    range for a small matrix)."""
+    align = max(1, min(align, rows.shape[0]))
+    per = max(align, CHUNK_ELEMENTS // max(rows.shape[1], 1) // align * align)
+    return [(r, min(r + per, rows.shape[0])) for r in range(0, max(rows.shape[0], 1), per)]
+
+
+def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's mean square (float32), from float32 copies of one chunk at a time; a single
+    row longer than a chunk is summed chunk by chunk in float64."""
+    if rows.shape[0] == 1 and rows.shape[1] > CHUNK_ELEMENTS:
+        total = sum(float(rows[:, c:c + CHUNK_ELEMENTS].float().square().sum())
+                    for c in range(0, rows.shape[1], CHUNK_ELEMENTS))
+        return torch.tensor([total / rows.shape[1]], dtype=torch.float32)
+    return torch.cat([rows[a:b].float().square().mean(dim=1) for a, b in _chunks(rows)])
 
 
 def _row_layout(
@@ -666,21 +700,43 @@ class UniformQuantizer(Quantizer):
         if not rows.shape[1]:
             return torch.ones(rows.shape[0])
         low, high = torch.aminmax(rows, dim=1, keepdim=True)
-        peak = torch.maximum(-low, high)
+        peak = torch.maximum(-low, high).float()
         if bool(((peak > 1e-10) & (peak < 1e10) | (peak == 0)).all()):
-            rms = rows.square().mean(dim=1).sqrt()  # squares within float32
+            rms = row_mean_squares(rows).sqrt()  # squares within float32
         else:  # scaled first: no under/overflow
             scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-            rms = (rows / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
+            rms = (rows.float() / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
         step = math.sqrt(12.0 * self.rel_mse) * rms
         return torch.where(step > 0, step, torch.ones_like(step)).float()
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
-        step = self.steps(_rows(weight, self.granularity))
+        step = self.steps(_row_view(weight, self.granularity))
         params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
-        levels = self.grid(tuple(weight.shape), 1, params).encode(_matrix(weight))
         q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
-        return self.with_codes(q, levels.reshape(weight.shape))
+        matrix = weight.detach().reshape(matrix_shape(weight.shape))
+        chunks = _chunks(matrix)
+        if len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel"):
+            levels = self.grid(tuple(weight.shape), 1, params).encode(matrix.float())
+            return self.with_codes(q, levels.reshape(weight.shape))
+        return self._quantize_in_chunks(q, matrix, chunks, tuple(weight.shape))
+
+    def _quantize_in_chunks(self, q: QuantizedTensor, matrix: torch.Tensor,
+                            chunks: list[tuple[int, int]], shape: tuple[int, ...],
+                            ) -> QuantizedTensor:
+        """``quantize`` of a large matrix, row range by row range: the same codes (rounding
+        is elementwise), the code range found first from each row's extremes (rounding is
+        monotonic), so memory holds the uint8/uint16 codes and one chunk's floats."""
+        whole = self.grid(shape, 1, q.params)
+        extremes = torch.stack(torch.aminmax(matrix, dim=1), dim=1).float()
+        ends = torch.aminmax(whole.encode(extremes))
+        probe = self.with_codes(q, torch.stack(ends))  # refuses non-finite or too many codes
+        low = int(ends[0])
+        codes = np.empty(matrix.shape, dtype=code_dtype(probe.n_levels))
+        for a, b in chunks:
+            levels = whole.rows(a, b).encode(matrix[a:b].float()).sub_(low)
+            codes[a:b] = levels.to(torch.int32).numpy()
+        return QuantizedTensor(codes.reshape(shape), probe.n_levels, q.quantizer,
+                               probe.params, q.dtype)
 
     def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
         """float32 ``step`` > 0 per row and one whole float32 ``offset`` (the code of 0.0,

@@ -38,13 +38,14 @@ from qlis.distortion import (
     TABLE_BYTES_PER_SYMBOL,
     entropy_of_counts,
     peak_abs,
+    sum_of_squares,
 )
 from qlis.errors import ConfigError
 from qlis.execute import Realized, dequantized, execute_layer
 from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
-from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer
+from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer, row_mean_squares
 from qlis.tensors import storage_bits
 
 if TYPE_CHECKING:
@@ -171,19 +172,21 @@ def _layer_candidates(
     weight: torch.Tensor, policy: RDPolicy, seed: int,
 ) -> list[_Candidate]:
     """The candidates of one layer, measured on a sample of its weights."""
-    w = weight.detach().float()
+    w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
-    if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
-        w = w / peak  # every measure below is relative: keep squares and sums within float32
-        peak = 1.0
+    if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
+        w = w.float()  # pruning and groups work on the whole layer in float32
+        if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
+            w = w / peak  # every measure below is relative: keep squares within float32
+            peak = 1.0
     rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
-    energy = float(rows.square().sum()) if numel else 0.0
+    energy = sum_of_squares(rows) if numel else 0.0
     if numel == 0 or energy == 0:
         return [keep]
     index = _sample_index(numel, policy.sample_size, seed)
-    values = rows.reshape(-1)[index]
+    values = rows.reshape(-1)[index].float()
     row_of = index // rows.shape[1]
     sample_energy = float(values.square().sum(dtype=torch.float64))
     if sample_energy == 0:
@@ -200,7 +203,7 @@ def _layer_candidates(
             continue
         for granularity in policy.granularities:
             if granularity == "channel":
-                rms = kept_rows.square().mean(dim=1).sqrt()
+                rms = row_mean_squares(kept_rows).sqrt()
                 rms = torch.where(rms > 0, rms, torch.ones_like(rms))[row_of]
                 n_params = rows.shape[0]
             else:

@@ -17,7 +17,7 @@ from numba import njit
 
 from qlis.cluster import Cluster, spread
 from qlis.codecs import symbol_histogram
-from qlis.distortion import peak_abs
+from qlis.distortion import CHUNK_ELEMENTS, peak_abs
 from qlis.errors import InputError
 from qlis.resume import PassCache
 from qlis.select import SelectSpec, make_selector
@@ -170,9 +170,21 @@ def _layer_measures(tensor: torch.Tensor, eps: float) -> tuple[float, float, flo
         return 0.0, 0.0, 0.0
     if not math.isfinite(peak_abs(flat)):  # min/max carry a NaN or an infinity
         raise InputError("contains NaN or Inf values")
-    sigma = float(flat.float().std(correction=0))
+    sigma = _sigma(flat)
     entropy, sparsity = _scan(flat, eps)
     return sigma, entropy, sparsity
+
+
+def _sigma(flat: torch.Tensor) -> float:
+    """Standard deviation (population); of a large tensor, from float32 copies of one chunk at
+    a time, in two passes (mean, then squared deviations) summed in float64."""
+    if flat.numel() <= CHUNK_ELEMENTS:
+        return float(flat.float().std(correction=0))
+    pieces = range(0, flat.numel(), CHUNK_ELEMENTS)
+    mean = sum(float(flat[c:c + CHUNK_ELEMENTS].float().sum()) for c in pieces) / flat.numel()
+    deviations = sum(float((flat[c:c + CHUNK_ELEMENTS].float() - mean).square_().sum())
+                  for c in pieces)
+    return math.sqrt(deviations / flat.numel())
 
 
 def inspect(

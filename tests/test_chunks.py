@@ -1,0 +1,77 @@
+"""Large tensors are worked on a chunk of rows at a time (bounded memory): the results are
+those of the whole tensor at once. CHUNK_ELEMENTS is made tiny here, so that small tensors
+take the chunked paths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import qlis.distortion
+import qlis.quantize
+import qlis.stats
+from qlis.quantize import UniformQuantizer, get_quantizer
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Chunks of 100 elements: every tensor below spans many of them."""
+    for module in (qlis.quantize, qlis.distortion, qlis.stats):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
+
+
+def _weight(dtype: torch.dtype, shape=(37, 23), seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * 0.05).to(dtype)
+
+
+@pytest.mark.parametrize("config", [
+    {"id": "uniform", "step": 0.01},
+    {"id": "uniform", "step": 0.004, "granularity": "channel"},
+    {"id": "uniform", "rel_mse": 1e-3, "granularity": "channel"},
+    {"id": "uniform", "rel_mse": 1e-2, "granularity": "channel", "rounding": 0.3},
+    {"id": "affine", "bits": 4, "granularity": "channel"},
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype, monkeypatch):
+    weight = _weight(dtype)
+    whole = get_quantizer(config).quantize(weight)
+    values = whole.dequantize()
+    for module in (qlis.quantize, qlis.distortion):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
+    chunked = get_quantizer(config).quantize(weight)
+    assert chunked.n_levels == whole.n_levels and chunked.codes.dtype == whole.codes.dtype
+    assert np.array_equal(chunked.codes, whole.codes)
+    assert all(np.array_equal(chunked.params[k], whole.params[k]) for k in whole.params)
+    assert torch.equal(chunked.dequantize(), values) and values.dtype == dtype
+
+
+def test_chunked_steps_of_one_long_row_agree_with_the_whole_row(monkeypatch):
+    row = _weight(torch.float32, (1, 5000))
+    whole = UniformQuantizer(rel_mse=1e-3).steps(row)
+    monkeypatch.setattr(qlis.quantize, "CHUNK_ELEMENTS", 100)
+    assert torch.allclose(UniformQuantizer(rel_mse=1e-3).steps(row), whole, rtol=1e-6)
+
+
+def test_chunked_quantize_refuses_what_the_whole_one_refuses(tiny_chunks):
+    weight = _weight(torch.float32)
+    with pytest.raises(qlis.ConfigError, match="levels"):
+        UniformQuantizer(step=1e-7).quantize(weight)
+    weight[3, 4] = math.nan
+    with pytest.raises(qlis.ConfigError, match="finite"):
+        UniformQuantizer(step=0.01).quantize(weight)
+
+
+def test_chunked_measures_agree_with_the_whole_tensor_s(tiny_chunks):
+    weight = _weight(torch.float16, (31, 41))
+    approx = (weight.float() + 0.001).half()
+    ref, out = weight.float(), approx.float()
+    expected = float((out - ref).square().sum() / ref.square().sum())
+    assert qlis.distortion.relative_mse(weight, approx) == pytest.approx(expected, rel=1e-5)
+    assert qlis.distortion.sum_of_squares(weight) == pytest.approx(
+        float(ref.square().sum()), rel=1e-5)
+    flat = (weight.float() + 3.0).reshape(-1)  # a mean far from 0: deviations, not squares
+    assert qlis.stats._sigma(flat) == pytest.approx(float(flat.std(correction=0)), rel=1e-5)
