@@ -22,8 +22,10 @@ QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
-CHUNK_ELEMENTS = 1 << 24
-"""Errors of large tensors are summed this many elements at a time (bounded memory)."""
+CHUNK_ELEMENTS = 1 << 22
+"""Large tensors are quantized, dequantized and measured this many elements at a time
+(float32 copies of a chunk, never of the whole tensor): a layer's working memory stays
+near its codes'."""
 
 TABLE_BYTES_PER_SYMBOL = 1.5
 """An entropy-coded stream lists its alphabet and a frequency per present symbol."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlis.distortion import CHUNK_ELEMENTS
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.grid import AffineGrid, CodebookGrid, Grid, matrix_shape
 from qlis.registry import Registry
@@ -252,9 +253,6 @@ def _row_view(weight: torch.Tensor, granularity: str) -> torch.Tensor:
     return w.reshape(1, -1)
 
 
-CHUNK_ELEMENTS = 1 << 24
-"""Large weights are quantized this many elements at a time (float32 copies of a chunk,
-never of the whole weight): a layer's working memory stays near its codes'."""
 
 
 def _chunks(rows: torch.Tensor, align: int = 1) -> list[tuple[int, int]]:
