@@ -86,9 +86,8 @@ Bar = Callable[[int], None]
 def _progress_bars(quiet: bool = False) -> Iterator[Callable[..., Bar | None]]:
     """Progress bars on a terminal (stderr), one per pass of a command, in one display; silent
     when piped or ``quiet``. ``add(label, total, unit)`` starts a bar and returns what advances
-    it; a bar with
-    ``total=None`` (calibrated passes, whose number is found as they go) counts what was done,
-    with its rate and the time spent."""
+    it; a bar with ``total=None`` (a pass whose length is found as it goes) counts what was
+    done, with its rate and the time spent."""
     if quiet or not sys.stderr.isatty():
         yield lambda label, total, unit="parameters": None
         return

@@ -207,11 +207,6 @@ class MappedState(ValidatedState):
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
-    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """(dtype, shape) of a tensor, without reading it."""
-        _, _, dtype, shape, _ = self._specs[name]
-        return dtype, tuple(shape)
-
     def files(self) -> list[Path]:
         """The files the tensors are read from, in order."""
         return list(dict.fromkeys(spec[0] for spec in self._specs.values()))

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import closing
 from dataclasses import asdict
 from typing import Any
 
@@ -49,6 +50,7 @@ from qlis.resume import PassCache, input_fingerprint
 from qlis.tensors import as_state_dict, bit_patterns
 
 Progress = Callable[[int], None]
+Encoded = tuple[EncodedTensor, LayerPlan | None]  # a tensor's records, and its plan row
 
 
 class _Recomputed(Mapping[str, StoredTensor]):
@@ -131,7 +133,7 @@ def pack(
                                cache=cache, planning_progress=planning_progress, **options)
     state, plan = planned.state, planned.plan
 
-    def work(name: str) -> tuple[EncodedTensor, LayerPlan | None]:
+    def work(name: str) -> Encoded:
         tensor = state[name]
         if name not in plan:
             return encode_tensor(name, tensor, codec), None
@@ -139,11 +141,16 @@ def pack(
         return encode_tensor(name, stored, codec, plan_entry(layer)), layer
 
     names = list(state)
+    sizes = {name: state[name].numel() for name in names}
+    owner = cluster.owners(list(sizes.values())) if cluster is not None else [0] * len(names)
+    rank = cluster.rank if cluster is not None else 0
+    mine = ordered_map(work, [n for n, r in zip(names, owner, strict=True) if r == rank], jobs,
+                       cost=sizes.__getitem__, budget=IN_FLIGHT_ELEMENTS)
     if cluster is not None and not cluster.leader:
-        return _follow(cluster, planned, names, work, jobs)
+        return _follow(cluster, planned, mine)
     layers: dict[str, LayerPlan] = {}
-    with ArchiveWriter(path, overwrite=overwrite) as writer:
-        for encoded, layer in _in_order(cluster, state, names, work, jobs):
+    with ArchiveWriter(path, overwrite=overwrite) as writer, closing(mine):
+        for encoded, layer in _in_order(cluster, owner, mine):
             writer.add(encoded)
             if layer is not None:
                 layers[layer.name] = layer
@@ -163,36 +170,22 @@ def pack(
     return result
 
 
-def _in_order(cluster: Cluster | None, state: Mapping[str, torch.Tensor], names: list[str],
-              work: Callable[[str], tuple[EncodedTensor, LayerPlan | None]], jobs: int | None,
-              ) -> Iterator[tuple[EncodedTensor, LayerPlan | None]]:
-    """Every tensor encoded, in the model's order: all here, or in a cluster this rank's own
-    and the others' as they send them (each rank sends its own in the model's order)."""
-    if cluster is None:
-        sizes = {name: state[name].numel() for name in names}
-        yield from ordered_map(work, names, jobs, cost=sizes.__getitem__,
-                               budget=IN_FLIGHT_ELEMENTS)
-        return
-    sizes = {name: state[name].numel() for name in names}
-    owner = cluster.owners([sizes[name] for name in names])
-    mine = ordered_map(work, [n for n, r in zip(names, owner, strict=True) if r == 0], jobs,
-                       cost=sizes.__getitem__, budget=IN_FLIGHT_ELEMENTS)
+def _in_order(cluster: Cluster | None, owner: list[int], mine: Iterator[Encoded],
+              ) -> Iterator[Encoded]:
+    """Every tensor encoded, in the model's order: this rank's own (``mine``, in order) and,
+    in a cluster, the others' as they send them (each rank sends its own in order)."""
     for rank in owner:
         yield next(mine) if rank == 0 else _unpacked(cluster.receive_bytes(rank), rank)
 
 
-def _follow(cluster: Cluster, planned: PlannedCompression, names: list[str],
-            work: Callable[[str], tuple[EncodedTensor, LayerPlan | None]], jobs: int | None,
-            ) -> CompressionResult:
-    """A rank other than 0: encode the tensors this rank owns and send them to rank 0, then
+def _follow(cluster: Cluster, planned: PlannedCompression,
+            mine: Generator[Encoded, None, None]) -> CompressionResult:
+    """A rank other than 0: send the tensors this rank encodes (``mine``) to rank 0, then
     receive the layers of the whole model (or rank 0's error) and build the same result."""
-    sizes = {name: planned.state[name].numel() for name in names}
-    owner = cluster.owners([sizes[name] for name in names])
-    mine = [n for n, r in zip(names, owner, strict=True) if r == cluster.rank]
     try:
-        for encoded, layer in ordered_map(work, mine, jobs, cost=sizes.__getitem__,
-                                          budget=IN_FLIGHT_ELEMENTS):
-            cluster.send_bytes(_packed(encoded, layer), 0)
+        with closing(mine):
+            for encoded, layer in mine:
+                cluster.send_bytes(_packed(encoded, layer), 0)
     except QlisError as err:
         if not isinstance(err, ClusterError):
             cluster.send_bytes(_packed_error(f"rank {cluster.rank}: {err}"), 0)
