@@ -22,7 +22,7 @@ QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 """Large tensors are quantized, dequantized and measured this many elements at a time
 (float32 copies of a chunk, never of the whole tensor): a layer's working memory stays
 near its codes'."""
