@@ -27,8 +27,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 IN_FLIGHT_ELEMENTS = 1 << 27
-"""Elements of the tensors worked on at once (each takes a few float32 copies while it is
-quantized and measured): 128 M, so memory stays near a GB plus the largest tensor's."""
+"""Elements of the tensors worked on at once (each holds its codes, its dequantized copy and
+its encoded records while it is worked on): 128 M, so memory stays near a GB plus the
+largest tensor's."""
 
 _lock = threading.Lock()
 _active = 0  # pools running now; torch's thread count is restored when the last one ends
