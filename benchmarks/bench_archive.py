@@ -12,32 +12,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from qlis.demo import vit_state_dict
-from report import command, machine, write_section
+from report import command, machine, run, write_section
 
 QLIS = [sys.executable, "-m", "qlis.cli"]
-
-
-def run(args: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of one command in a fresh process."""
-    code = (
-        "import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
-        "print(json.dumps([r.returncode, peak]))"
-    )
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         check=True)
-    seconds = time.perf_counter() - start
-    returncode, peak_kib = json.loads(out.stdout.strip().splitlines()[-1])
-    if returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr}")
-    return seconds, peak_kib * 1024
 
 
 def main() -> None:
@@ -56,9 +38,9 @@ def main() -> None:
         size = checkpoint.stat().st_size
         for codec in args.codecs.split(","):
             archive = folder / f"{codec}.qlis"
-            pack_s, pack_peak = run([*QLIS, "pack", str(checkpoint), "-o", str(archive),
+            pack_s, pack_peak, _ = run([*QLIS, "pack", str(checkpoint), "-o", str(archive),
                                      "--policy", args.policy, "--codec", codec, "--force"])
-            unpack_s, unpack_peak = run([*QLIS, "unpack", str(archive), "-o",
+            unpack_s, unpack_peak, _ = run([*QLIS, "unpack", str(archive), "-o",
                                          str(folder / "out.safetensors"), "--force"])
             info = json.loads(subprocess.run([*QLIS, "info", str(archive), "--format", "json"],
                                              capture_output=True, text=True, check=True).stdout)

@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from qlis.demo import vit_state_dict
 from qlis.io import write_safetensors
-from report import command, machine, write_section
+from report import command, machine, run, write_section
 
 QLIS = [sys.executable, "-m", "qlis.cli"]
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
@@ -37,30 +35,6 @@ FLOOR = (
     "save_file(load_file(sys.argv[1]), sys.argv[2])\n"
     "fd = os.open(sys.argv[2], os.O_RDONLY); os.fsync(fd); os.close(fd)\n"
 )
-
-
-def run(args: list[str], cgroup: Path | None = None) -> tuple[float, int, int]:
-    """(seconds, peak RSS in bytes, exit code) of one command in a fresh process, inside
-    ``cgroup`` (a v1 memory cgroup folder) when given."""
-    code = (
-        "import json, os, resource, subprocess, sys\n"
-        "group = os.environ.get('QLIS_BENCH_CGROUP')\n"
-        "pre = (lambda: open(group + '/cgroup.procs', 'w').write(str(os.getpid()))) "
-        "if group else None\n"
-        "r = subprocess.run(sys.argv[1:], preexec_fn=pre, capture_output=True, text=True)\n"
-        "sys.stderr.write(r.stderr)\n"
-        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(json.dumps([r.returncode, peak]))\n"
-    )
-    env = {"QLIS_BENCH_CGROUP": str(cgroup)} if cgroup else {}
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         env={**os.environ, **env})
-    seconds = time.perf_counter() - start
-    returncode, peak_kib = json.loads(out.stdout.strip().splitlines()[-1])
-    if returncode != 0 and cgroup is None:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr}")
-    return seconds, peak_kib * 1024, returncode
 
 
 def llm_layout(hidden: int, layers: int, intermediate: int, vocab: int,

@@ -94,8 +94,8 @@ class Cluster:
             if longest > _MAX_MESSAGE:
                 raise ClusterError(f"a rank sent {longest:,} bytes at once; refusing")
             padded = torch.zeros(longest, dtype=torch.uint8)
-            padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) \
-                if data else padded[:0]
+            if data:
+                padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
             dist.all_gather(gathered, padded)
         return [g[:int(n)].numpy().tobytes() for g, n in zip(gathered, sizes, strict=True)]
@@ -139,9 +139,8 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
     computes the items it owns, then all receive all results through JSON): the results in
     input order, the same on every rank; items of more than IN_FLIGHT_ELEMENTS (their
     ``costs``) together are not worked on at once. ``done`` gets the index of each item
-    computed here,
-    as it is. In one process, results saved in ``cache`` under ``key`` are used instead of
-    computed, and the computed ones are saved there."""
+    computed here, as it is. In one process, results saved in ``cache`` under ``key`` are
+    used instead of computed, and the computed ones are saved there."""
     if cache is not None and cluster is None:
         saved = cache.lookup(key, len(items), from_json)
         if saved is not None:
@@ -150,8 +149,8 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
         cache.store(key, [to_json(r) for r in results])
         return results
     owner = cluster.owners(costs) if cluster is not None else [0] * len(items)
-    rank = cluster.rank if cluster is not None else 0
-    mine = [i for i in range(len(items)) if owner[i] == rank]
+    here = cluster.rank if cluster is not None else 0
+    mine = [i for i in range(len(items)) if owner[i] == here]
     found = []
     computed = ordered_map(lambda i: fn(items[i]), mine, jobs, cost=costs.__getitem__,
                            budget=IN_FLIGHT_ELEMENTS)

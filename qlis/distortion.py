@@ -45,10 +45,12 @@ def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     scale = peak if 0 < peak < math.inf and not 1e-10 < peak < 1e10 else 1.0  # squares fit
     energy = error = 0.0
     for start in range(0, ref.numel(), CHUNK_ELEMENTS):  # float32 copies of a chunk at a time
-        r = ref[start:start + CHUNK_ELEMENTS].float() / scale
-        o = out[start:start + CHUNK_ELEMENTS].float() / scale
+        r = ref[start:start + CHUNK_ELEMENTS].float()
+        o = out[start:start + CHUNK_ELEMENTS].float()
+        if scale != 1.0:
+            r, o = r / scale, o / scale
         energy += float(r.square().sum())
-        error += float(o.sub_(r).square_().sum())
+        error += float((o - r).square_().sum())
     return error / energy if energy else 0.0
 
 

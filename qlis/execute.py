@@ -22,7 +22,7 @@ from qlis.distortion import (
 from qlis.gptq import output_error, quantize_with_error_feedback
 from qlis.plan import LayerConfig
 from qlis.prune import get_pruner
-from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.quantize import QuantizedTensor, code_dtype, get_quantizer
 from qlis.tensors import storage_bits
 
 StoredTensor = torch.Tensor | QuantizedTensor
@@ -64,8 +64,12 @@ def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
 
 def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
     """How often each code occurs, for the ``n_levels`` codes (numpy's bincount would widen
-    the codes to int64 first: 8 bytes per weight)."""
-    return symbol_histogram(np.ascontiguousarray(codes).reshape(-1))[:n_levels]
+    the codes to int64 first: 8 bytes per weight). Codes of another integer type (a
+    third-party quantizer's) are narrowed to the width the archive stores them in."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if flat.dtype != code_dtype(n_levels):
+        flat = flat.astype(code_dtype(n_levels))
+    return symbol_histogram(flat)[:n_levels]
 
 
 def _huffman_bits(counts: np.ndarray) -> float:

@@ -87,24 +87,23 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = Non
     window = max(1, window or 2 * jobs)
     with single_threaded_ops(), ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque[tuple[Future[R], float]] = deque()
-        in_flight = 0.0
+
+        def oldest() -> Future[R]:
+            return pending.popleft()[0]
+
+        def in_flight() -> float:
+            return sum(weight for _, weight in pending)
+
         try:
             for item in items:
                 weight = cost(item) if cost is not None else 0.0
-                while pending and in_flight + weight > budget:
-                    future, done = pending.popleft()
-                    in_flight -= done
-                    yield future.result()
+                while pending and in_flight() + weight > budget:
+                    yield oldest().result()
                 pending.append((pool.submit(fn, item), weight))
-                in_flight += weight
                 if len(pending) >= window:
-                    future, done = pending.popleft()
-                    in_flight -= done
-                    yield future.result()
+                    yield oldest().result()
             while pending:
-                future, done = pending.popleft()
-                in_flight -= done
-                yield future.result()
+                yield oldest().result()
         finally:
             for future, _ in pending:
                 future.cancel()
