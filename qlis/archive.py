@@ -45,6 +45,9 @@ from qlis.format import (
     PARAM_DTYPES,
     PREFIX,
     VERSION,
+    Record,
+    Summary,
+    TensorEntry,
     aligned,
     code_dtype,
     element_size,
@@ -202,12 +205,12 @@ def result_header(result: CompressionResult, source_bytes: int | None) -> dict[s
     return {
         "compression": result.config,
         "distortion": result.distortion,
-        "summary": {
-            "original_bytes": result.original_bytes,
-            "source_bytes": source_bytes,
-            "cr": _finite_or_none(result.cr),
-            "hcr": _finite_or_none(result.hcr),
-        },
+        "summary": Summary(
+            original_bytes=result.original_bytes,
+            source_bytes=source_bytes,
+            cr=_finite_or_none(result.cr),
+            hcr=_finite_or_none(result.hcr),
+        ).to_json(),
     }
 
 
@@ -515,16 +518,16 @@ class Archive:
         self.metadata: dict[str, str] = header.metadata
         self.compression: dict | None = header.compression
         self.distortion: dict | None = header.distortion
-        self.summary: dict = header.summary
+        self.summary: Summary = header.summary
         self.decoded_bytes: int = header.decoded_bytes
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _read_record(self, record: dict, where: str) -> bytes:
-        data = self._pread(record["length"], self._data_start + record["offset"])
-        if len(data) != record["length"]:
+    def _read_record(self, record: Record, where: str) -> bytes:
+        data = self._pread(record.length, self._data_start + record.offset)
+        if len(data) != record.length:
             raise self._fail(f"{where}: truncated record")
-        if _crc(data) != record["crc32c"]:
+        if _crc(data) != record.crc32c:
             raise self._fail(f"{where}: checksum mismatch (the file is corrupt)")
         return data
 
@@ -537,11 +540,11 @@ class Archive:
                 f"({numel * np.dtype(dtype).itemsize} bytes)"
             ) from None
 
-    def _decode(self, entry: dict, out: np.ndarray) -> np.ndarray:
-        name = entry["name"]
-        data = self._read_record(entry["data"], f"tensor {name!r}")
+    def _decode(self, entry: TensorEntry, out: np.ndarray) -> np.ndarray:
+        name = entry.name
+        data = self._read_record(entry.data, f"tensor {name!r}")
         try:
-            return get_codec(entry["codec"]).decode(data, out)
+            return get_codec(dict(entry.codec)).decode(data, out)
         except ArchiveError as err:
             raise self._fail(f"tensor {name!r}: {err}") from None
         except (ConfigError, TypeError, ValueError, KeyError, IndexError) as err:
@@ -551,8 +554,9 @@ class Archive:
         """Tensor names in stored order."""
         return list(self._entries)
 
-    def entry(self, name: str) -> dict:
-        """The header entry of one tensor (shape, dtype, codec, quantizer, records, plan)."""
+    def entry(self, name: str) -> TensorEntry:
+        """The validated header entry of one tensor (shape, dtype, codec, quantizer, records,
+        plan)."""
         try:
             return self._entries[name]
         except KeyError:
@@ -560,30 +564,30 @@ class Archive:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The declared shape of one tensor (no data is read)."""
-        return tuple(self.entry(name)["shape"])
+        return self.entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `read` returns for one tensor (no data is read)."""
-        return DTYPES[self.entry(name)["dtype"]]
+        return DTYPES[self.entry(name).dtype]
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
         """The integer codes and checked parameters of a quantized tensor (None for a plain
         one). The parameters are checked before the codes are decoded, and every code must lie
         on the grid they describe."""
         entry, params, _ = self._checked(name)
-        if "quantizer" not in entry:
+        if entry.quantizer is None:
             return None
-        shape, n_levels = entry["shape"], entry["n_levels"]
-        codes = self._decode(entry, self._empty(name, math.prod(shape), code_dtype(n_levels)))
+        shape, n_levels = entry.shape, entry.n_levels
+        codes = self._decode(entry, self._empty(name, entry.numel, code_dtype(n_levels)))
         if codes.size and int(codes.max()) >= n_levels:
             raise self._fail(f"tensor {name!r}: code {int(codes.max())} is outside the grid's "
                              f"{n_levels} levels")
         return QuantizedTensor(
             codes=codes.reshape(shape),
             n_levels=n_levels,
-            quantizer=entry["quantizer"],
+            quantizer=dict(entry.quantizer),
             params=params,
-            dtype=DTYPES[entry["dtype"]],
+            dtype=DTYPES[entry.dtype],
         )
 
     def read_params(self, name: str) -> dict[str, np.ndarray]:
@@ -596,22 +600,22 @@ class Archive:
         for a plain tensor, a quantizer without a grid, or an empty tensor)."""
         return self._checked(name)[2]
 
-    def _checked(self, name: str) -> tuple[dict, dict[str, np.ndarray], Grid | None]:
+    def _checked(self, name: str) -> tuple[TensorEntry, dict[str, np.ndarray], Grid | None]:
         """A tensor's entry, parameters and grid: the one path by which parameters leave the
         file, checked against the tensor's shape and n_levels before anything is built from
         them (the records' sizes were bounded by the file when the header was read)."""
         entry = self.entry(name)
         params = {}
-        for key, record in entry.get("params", {}).items():
-            data = self._read_record(record, f"tensor {name!r} parameter {key!r}")
-            params[key] = np.frombuffer(data, PARAM_DTYPES[record["dtype"]]).reshape(
-                record["shape"]
-            ).astype(record["dtype"])
-        if "quantizer" not in entry:
+        for key, param in entry.params.items():
+            data = self._read_record(param.record, f"tensor {name!r} parameter {key!r}")
+            params[key] = np.frombuffer(data, PARAM_DTYPES[param.dtype]).reshape(
+                param.shape
+            ).astype(param.dtype)
+        if entry.quantizer is None:
             return entry, params, None
         try:
-            grid = get_quantizer(entry["quantizer"]).check_params(
-                tuple(entry["shape"]), entry["n_levels"], params)
+            grid = get_quantizer(dict(entry.quantizer)).check_params(
+                entry.shape, entry.n_levels, params)
         except ArchiveError as err:
             raise self._fail(f"tensor {name!r}: {err}") from None
         return entry, params, grid
@@ -627,15 +631,15 @@ class Archive:
                 raise self._fail(f"tensor {name!r}: {err}") from None
             except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
                 raise self._fail(f"tensor {name!r}: inconsistent parameters ({err})") from None
-            if tuple(tensor.shape) != tuple(entry["shape"]) or tensor.dtype != quantized.dtype:
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != quantized.dtype:
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
             return tensor
-        dtype = DTYPES[entry["dtype"]]
-        size = element_size(entry["dtype"])
-        patterns = self._decode(entry, self._empty(name, math.prod(entry["shape"]), _PATTERN[size]))
+        dtype = DTYPES[entry.dtype]
+        size = element_size(entry.dtype)
+        patterns = self._decode(entry, self._empty(name, entry.numel, _PATTERN[size]))
         signed = torch.from_numpy(patterns.view(_SIGNED[size]))
         tensor = signed.to(torch.bool) if dtype == torch.bool else signed.view(dtype)
-        return tensor.reshape(entry["shape"])
+        return tensor.reshape(entry.shape)
 
     def load(self, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, dequantized, in stored order."""
@@ -657,26 +661,24 @@ class Archive:
         parameters), original bytes and stored bits per element."""
         rows = []
         for name, entry in self._entries.items():
-            stored = entry["data"]["length"] + sum(
-                p["length"] for p in entry.get("params", {}).values()
-            )
-            plan = entry.get("plan") or {}
-            quantizer = entry.get("quantizer")
+            stored = entry.stored_bytes
+            plan = entry.plan or {}
+            quantizer = entry.quantizer
             bits = plan.get("bits")
             if bits is None and quantizer is not None:
                 bits = quantizer.get("bits") if _is_size(quantizer.get("bits")) else None
-            numel = math.prod(entry["shape"])
+            numel = entry.numel
             rows.append(
                 {
                     "name": name,
-                    "shape": entry["shape"],
-                    "dtype": entry["dtype"],
+                    "shape": list(entry.shape),
+                    "dtype": entry.dtype,
                     "quantizer": quantizer["id"] if quantizer else None,
-                    "n_levels": entry.get("n_levels"),
+                    "n_levels": entry.n_levels,
                     "bits": bits,
                     "k": plan.get("k"),
-                    "codec": entry["codec"]["id"],
-                    "original_bytes": numel * element_size(entry["dtype"]),
+                    "codec": entry.codec["id"],
+                    "original_bytes": numel * element_size(entry.dtype),
                     "bytes": stored,
                     "bits_per_weight": 8 * stored / numel if numel else None,
                 }

@@ -505,7 +505,7 @@ def info(path, fmt, verify) -> None:
         writer, compression, distortion = archive.writer, archive.compression, archive.distortion
     archive_bytes = path.stat().st_size
     original = sum(r["original_bytes"] for r in rows)
-    source = summary.get("source_bytes")
+    source = summary.source_bytes
     totals = {
         "tensors": len(rows),
         "original_bytes": original,
@@ -513,8 +513,8 @@ def info(path, fmt, verify) -> None:
         "archive_bytes": archive_bytes,
         "real_ratio": original / archive_bytes,
         "real_ratio_vs_source_file": source / archive_bytes if source else None,
-        "paper_cr": summary.get("cr"),
-        "paper_hcr": summary.get("hcr"),
+        "paper_cr": summary.cr,
+        "paper_hcr": summary.hcr,
         "verified": verify,
     }
     if fmt == "json":
@@ -540,9 +540,11 @@ def info(path, fmt, verify) -> None:
     if source:
         click.echo(f"source file: {human_bytes(source)}   real ratio vs the file: "
                    f"{totals['real_ratio_vs_source_file']:.2f}x")
-    if totals["paper_cr"] is not None:
-        click.echo(f"paper ratios (idealised: pruned zeros count as free, no index or metadata "
-                   f"cost): CR {totals['paper_cr']:.2f}   HCR {totals['paper_hcr']:.2f}")
+    paper = [f"{name} {value:.2f}" for name, value in (("CR", summary.cr), ("HCR", summary.hcr))
+             if value is not None]
+    if paper:
+        click.echo("paper ratios (idealised: pruned zeros count as free, no index or metadata "
+                   "cost): " + "   ".join(paper))
     paths = Counter(row["path"] for row in runtime)
     if paths:
         click.echo("runtime (qlis.load(..., runtime=\"lowbit\"), docs/runtime.md): "

@@ -120,19 +120,24 @@ def table(
 def _plain_table(headers: Sequence[str], cells: list[list[str]], right: Collection[int],
                  cell_len: Callable[[str], int]) -> str:
     """Every cell in full: columns as wide as their widest cell, three spaces apart, a rule
-    under the headers (rich's SIMPLE_HEAD box without edges), trailing spaces dropped."""
-    widths = [cell_len(h) for h in headers]
-    for row in cells:
-        widths = [max(w, cell_len(c)) for w, c in zip(widths, row, strict=True)]
+    under the headers (rich's SIMPLE_HEAD box without edges), trailing spaces measured but
+    not drawn (as rich does). Columns are measured with `len` when all ASCII (nearly always;
+    fast on 100,000-row listings), else with rich's cell width."""
+    rows = [[escape(h) for h in headers], *cells]
+    columns = list(zip(*rows, strict=True))
+    measure = len if all(all(map(str.isascii, column)) for column in columns) else cell_len
+    widths = [max(map(measure, column)) for column in columns]
 
-    def line(values: Sequence[str]) -> str:
-        values = [v.rstrip(" ") for v in values]  # rich measures trailing spaces, never draws them
-        padded = [" " * (w - cell_len(v)) + v if i in right else v + " " * (w - cell_len(v))
-                  for i, (v, w) in enumerate(zip(values, widths, strict=True))]
-        return "   ".join(padded).rstrip()
+    def pad(i: int, value: str, width: int) -> str:
+        value = value.rstrip(" ")
+        space = " " * (width - measure(value))
+        return space + value if i in right else value + space
 
     rule = "\u2500" * (sum(widths) + 3 * (len(widths) - 1))
-    return "\n".join([line([escape(h) for h in headers]), rule, *(line(r) for r in cells)])
+    lines = ["   ".join(pad(i, v, w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+                         ).rstrip()
+             for row in rows]
+    return "\n".join([lines[0], rule, *lines[1:]])
 
 
 def strict_json(value: Any, **dumps: Any) -> str:

@@ -9,10 +9,15 @@ the same checks on what it is about to write, so qlis never writes a file it wou
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import struct
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -56,16 +61,27 @@ _TOP_KEYS = {
 }
 _ENTRY_KEYS = {"name", "shape", "dtype", "codec", "data", "plan"}
 _QUANTIZED_KEYS = _ENTRY_KEYS | {"quantizer", "n_levels", "params"}
+_ENTRY_REQUIRED = {"shape", "dtype", "codec", "data"}
+_QUANTIZED_REQUIRED = _ENTRY_REQUIRED | {"n_levels", "params"}
 _RECORD_KEYS = {"offset", "length", "crc32c"}
 _PARAM_KEYS = _RECORD_KEYS | {"shape", "dtype"}
 _PLAN_KEYS = {"k", "bits", "qlis", "pruner", "quantizer", "reconstruction"}
 _SCALAR = (type(None), bool, int, float, str)
+_NUMBER_OR_NONE = (type(None), int, float)
 _SCAN_CHUNK = 1 << 20
+# Where a number could be out of range (a run of over MAX_INT_DIGITS digits or a three-digit
+# exponent, looked for everywhere, strings included): only then is each number parsed by hand.
+_NUMBER_CHARS = bytes.maketrans(b"0123456789eE+-", b"0000000000ee++")
+_LARGE_NUMBERS = (b"0" * (MAX_INT_DIGITS + 1), b"e000", b"e+000")
+
+
+_ELEMENT_SIZES = {name: torch.empty((), dtype=dtype).element_size()
+                  for name, dtype in DTYPES.items()}
 
 
 def element_size(dtype_name: str) -> int:
     """Bytes per element of a stored dtype (bool: one byte)."""
-    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return _ELEMENT_SIZES[dtype_name]
 
 
 def code_dtype(n_levels: int) -> np.dtype:
@@ -100,16 +116,11 @@ def _small_int(text: str) -> int:
     return int(text)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("an object has a duplicate key")
-    return obj
-
-
-def scan_json(raw: bytes) -> None:
+def scan_json(raw: bytes) -> int:
     """Refuse, without parsing, a header that would be costly to parse: over the size cap,
     not ASCII, nested deeper than MAX_JSON_DEPTH or with more than MAX_JSON_ITEMS items.
+    Returns the number of colons outside strings: in valid JSON, the number of object
+    members, which `parse_json` compares with the keys it got to find repeated keys.
 
     One vectorised pass in 1 MiB chunks (a few tens of MB at most, whatever the header):
     quotes not escaped by an odd run of backslashes toggle "inside a string", and only the
@@ -119,7 +130,7 @@ def scan_json(raw: bytes) -> None:
         raise ArchiveError(f"header of {len(raw)} bytes: over the {MAX_HEADER_BYTES >> 20} MiB cap")
     if not raw.isascii():
         raise ArchiveError("corrupt header (not ASCII JSON)")
-    depth = items = 0
+    depth = items = members = 0
     in_string, backslashes = 0, 0  # carried from one chunk to the next
     for start in range(0, len(raw), _SCAN_CHUNK):
         chunk = np.frombuffer(raw, np.uint8, min(_SCAN_CHUNK, len(raw) - start), start)
@@ -136,7 +147,9 @@ def scan_json(raw: bytes) -> None:
         opens = outside & ((chunk == ord("[")) | (chunk == ord("{")))
         closes = outside & ((chunk == ord("]")) | (chunk == ord("}")))
         items += int(np.count_nonzero(opens))
-        items += int(np.count_nonzero(outside & ((chunk == ord(",")) | (chunk == ord(":")))))
+        colons = int(np.count_nonzero(outside & (chunk == ord(":"))))
+        members += colons
+        items += colons + int(np.count_nonzero(outside & (chunk == ord(","))))
         if items > MAX_JSON_ITEMS:
             raise ArchiveError(f"header has over {MAX_JSON_ITEMS} JSON items (the cap)")
         if opens.any() or closes.any():
@@ -147,21 +160,43 @@ def scan_json(raw: bytes) -> None:
         in_string = int(inside[-1])
         tail = int(last_other[-1])
         backslashes = backslashes + chunk.size if tail < 0 else chunk.size - 1 - tail
+    return members
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def parse_json(raw: bytes) -> object:
-    """The header's JSON after `scan_json`: finite numbers, 64-bit integers, unique keys."""
-    scan_json(raw)
+    """The header's JSON after `scan_json`: finite numbers, 64-bit integers, unique keys (a
+    repeated key leaves its object with fewer keys than the colons the scan counted)."""
+    members = scan_json(raw)
+    keys = 0
+
+    def count_keys(obj: dict) -> dict:
+        nonlocal keys
+        keys += len(obj)
+        return obj
+
+    numbers = raw.translate(_NUMBER_CHARS)
+    large = any(pattern in numbers for pattern in _LARGE_NUMBERS)
+    checked = {"parse_float": finite_float, "parse_int": _small_int} if large else {}
     try:
-        return json.loads(
-            raw,
-            parse_float=finite_float,
-            parse_int=_small_int,
-            parse_constant=reject_constant,
-            object_pairs_hook=_unique_keys,
-        )
+        with _no_cyclic_gc():  # a header is a tree: collecting while it is built finds nothing
+            parsed = json.loads(
+                raw, parse_constant=reject_constant, object_hook=count_keys, **checked)
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError included
         raise ArchiveError(f"corrupt header (not valid JSON: {str(err)[:120]})") from None
+    if keys != members:
+        raise ArchiveError("corrupt header (an object repeats a key)")
+    return parsed
 
 
 def non_finite_path(value: object, path: str = "header") -> str | None:
@@ -214,6 +249,10 @@ def _optional_number(value: object, where: str) -> None:
 
 def shape_numel(shape: object, where: str) -> int:
     """Element count of a declared shape: a list of at most MAX_DIMS non-negative integers."""
+    if type(shape) is list and len(shape) <= 4 and all(type(d) is int for d in shape):
+        bound = math.prod(max(d, 1) for d in shape)  # the common case, checked inline
+        if min(shape, default=0) >= 0 and bound <= MAX_ELEMENTS:
+            return math.prod(shape)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise _fail(where, f"shape must be a list of at most {MAX_DIMS} dimensions")
     bound = 1
@@ -234,49 +273,193 @@ def _flat_config(value: object, where: str) -> dict:
     return config
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Where one record lies in the data section (relative to its start), and its CRC-32C."""
+
+    offset: int
+    length: int
+    crc32c: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"offset": self.offset, "length": self.length, "crc32c": self.crc32c}
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRecord:
+    """A quantizer parameter's record, with the dtype and shape its bytes hold."""
+
+    record: Record
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, **self.record.to_json()}
+
+
+_NO_PARAMS: Mapping[str, ParamRecord] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One validated tensor entry: every reader (dequantizing loader, low-bit runtime, info)
+    consumes these, never the raw JSON, so nothing unchecked reaches an allocation."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: Mapping[str, Any]
+    data: Record
+    numel: int
+    quantizer: Mapping[str, Any] | None = None
+    n_levels: int | None = None
+    params: Mapping[str, ParamRecord] = field(default_factory=lambda: _NO_PARAMS)
+    plan: Mapping[str, Any] | None = None
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of its records in the file (codes or values, plus parameters)."""
+        if not self.params:
+            return self.data.length
+        return self.data.length + sum(p.record.length for p in self.params.values())
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes decoding it allocates: the values, plus codes and parameters if quantized."""
+        decoded = self.numel * element_size(self.dtype)
+        if self.n_levels is not None:
+            decoded += self.numel * code_dtype(self.n_levels).itemsize + sum(
+                p.record.length for p in self.params.values())
+        return decoded
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as the header stores it."""
+        entry: dict[str, Any] = {"name": self.name, "shape": list(self.shape),
+                                 "dtype": self.dtype}
+        if self.quantizer is not None:
+            entry.update(quantizer=dict(self.quantizer), n_levels=self.n_levels,
+                         params={k: p.to_json() for k, p in self.params.items()})
+        entry.update(codec=dict(self.codec), data=self.data.to_json())
+        if self.plan is not None:
+            entry["plan"] = dict(self.plan)
+        return entry
+
+
+def _size_or_none(value: object, where: str) -> int | None:
+    return None if value is None else _integer(value, where)
+
+
+def _ratio_or_none(value: object, where: str) -> float | None:
+    if value is not None and not (_is_number(value) and value >= 0):
+        raise _fail(where, f"must be a non-negative number or null, got {str(value)[:40]}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The header's ``summary``: every field optional (null or absent), stated once for the
+    writer (`to_json`) and the reader (`from_json`)."""
+
+    original_bytes: int | None = None
+    source_bytes: int | None = None
+    cr: float | None = None
+    hcr: float | None = None
+
+    @classmethod
+    def from_json(cls, value: object) -> Summary:
+        summary = _object({} if value is None else value, "header summary")
+        for key, item in summary.items():  # fields of later writers: numbers, ignored
+            _optional_number(item, f"header summary {key[:40]!r}")
+        return cls(
+            _size_or_none(summary.get("original_bytes"), "header summary original_bytes"),
+            _size_or_none(summary.get("source_bytes"), "header summary source_bytes"),
+            _ratio_or_none(summary.get("cr"), "header summary cr"),
+            _ratio_or_none(summary.get("hcr"), "header summary hcr"),
+        )
+
+    def to_json(self) -> dict[str, int | float | None]:
+        return {"original_bytes": self.original_bytes, "source_bytes": self.source_bytes,
+                "cr": self.cr, "hcr": self.hcr}
+
+
+DISTORTION_MEASURES = ("weight_rel_mse", "weight_rel_mse_max")
+
+
 @dataclass
 class Header:
-    """A validated header: tensor entries by name, the informative sections, the byte bound."""
+    """A validated header: tensor entries by name, the informative sections, the byte bound.
+    ``distortion``'s `DISTORTION_MEASURES` are non-negative numbers or null when present."""
 
-    entries: dict[str, dict]
+    entries: dict[str, TensorEntry]
     writer: dict
     metadata: dict[str, str]
     compression: dict | None
     distortion: dict | None
-    summary: dict
+    summary: Summary
     decoded_bytes: int
 
 
-def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_KEYS) -> dict:
+def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_KEYS) -> Record:
+    if type(value) is dict and value.keys() <= keys:  # the common case, checked inline
+        offset, length, crc = value.get("offset"), value.get("length"), value.get("crc32c")
+        if (type(offset) is int and type(length) is int and type(crc) is int
+                and offset >= 0 and not offset % ALIGN and length >= 0
+                and offset + length <= data_len and 0 <= crc <= 0xFFFFFFFF):
+            return Record(offset, length, crc)
     record = _object(value, where, keys)
     if not _RECORD_KEYS.issubset(record):
         raise _fail(where, "record needs offset, length and crc32c")
     offset = _integer(record["offset"], f"{where} offset")
     length = _integer(record["length"], f"{where} length")
-    _integer(record["crc32c"], f"{where} crc32c", 0, 0xFFFFFFFF)
+    crc = _integer(record["crc32c"], f"{where} crc32c", 0, 0xFFFFFFFF)
     if offset % ALIGN:
         raise _fail(where, f"record offset {offset} is not a multiple of {ALIGN}")
     if offset + length > data_len:
         raise _fail(where, "record lies outside the file")
-    return record
+    return Record(offset, length, crc)
 
 
-def _check_config_ids(entry: dict, where: str) -> None:
-    """Refuse codecs and quantizers this reader does not know (looked up, never executed)."""
-    codec = _flat_config(entry["codec"], f"{where} codec")
-    if codec["id"] == "auto":
-        raise _fail(where, "codec 'auto' cannot decode; the writer must record the codec it chose")
-    try:
-        get_codec(codec)
-        if "quantizer" in entry:
-            get_quantizer(_flat_config(entry["quantizer"], f"{where} quantizer"))
-    except QlisError as err:
-        raise _fail(where, str(err)) from None
-    except (TypeError, ValueError, KeyError, OverflowError) as err:
-        raise _fail(where, f"bad codec or quantizer parameters ({err})") from None
+def _shape(value: object, where: str) -> tuple[tuple[int, ...], int]:
+    numel = shape_numel(value, where)
+    return tuple(value), numel
 
 
-def _check_plan(plan: object, where: str) -> None:
+class _ConfigCheck:
+    """Codec and quantizer configs, looked up (never executed) once per distinct config:
+    archives repeat a handful of configs over thousands of tensors, and equal configs then
+    share one validated, read-only mapping."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, Mapping[str, Any]] = {}
+
+    def __call__(self, value: object, where: str, kind: str) -> Mapping[str, Any]:
+        key = None
+        if type(value) is dict:  # types in the key: True and 1 are equal, not the same config
+            key = (kind, tuple(value.items()), tuple(map(type, value.values())))
+            with contextlib.suppress(TypeError):  # a nested (unhashable) value: refused below
+                known = self._seen.get(key)
+                if known is not None:
+                    return known
+        config = _flat_config(value, f"{where} {kind}")
+        if kind == "codec" and config["id"] == "auto":
+            raise _fail(where, "codec 'auto' cannot decode; the writer must record the codec "
+                        "it chose")
+        try:
+            get_codec(config) if kind == "codec" else get_quantizer(config)
+        except QlisError as err:
+            raise _fail(where, str(err)) from None
+        except (TypeError, ValueError, KeyError, OverflowError) as err:
+            raise _fail(where, f"bad {kind} parameters ({err})") from None
+        self._seen[key] = MappingProxyType(dict(config))
+        return self._seen[key]
+
+
+def _check_plan(plan: object, where: str) -> dict:
+    if (type(plan) is dict and plan.keys() <= _PLAN_KEYS and "reconstruction" not in plan
+            and type(plan.get("k")) in _NUMBER_OR_NONE and type(plan.get("qlis")) in _NUMBER_OR_NONE
+            and plan.get("bits") is None and plan.get("pruner") is None
+            and plan.get("quantizer") is None):
+        return plan  # a plain layer's plan (the common case), checked inline
     plan = _object(plan, f"{where} plan", _PLAN_KEYS)
     for key in ("k", "qlis"):
         _optional_number(plan.get(key), f"{where} plan {key}")
@@ -289,80 +472,103 @@ def _check_plan(plan: object, where: str) -> None:
         isinstance(plan["reconstruction"], str) and len(plan["reconstruction"]) <= 200
     ):
         raise _fail(where, "plan reconstruction must be a short string")
+    return plan
 
 
-def _check_entry(entry: object, data_len: int, records: list) -> tuple[str, dict, int]:
-    """Validate one tensor entry; returns its name, the entry and its decoded byte count."""
+def _params(value: object, where: str, data_len: int) -> dict[str, ParamRecord]:
+    params = {}
+    for key, param in _object(value, f"{where} params").items():
+        there = f"{where} parameter {key[:80]!r}"
+        record = _record(param, there, data_len, _PARAM_KEYS)
+        dtype = param.get("dtype")
+        if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
+            raise _fail(there, f"dtype must be one of {sorted(PARAM_DTYPES)}")
+        shape, numel = _shape(param.get("shape"), there)
+        if numel * PARAM_DTYPES[dtype].itemsize != record.length:
+            raise _fail(there, "length does not match its shape and dtype")
+        params[key] = ParamRecord(record, dtype, shape)
+    return params
+
+
+def _check_entry(entry: object, data_len: int, configs: _ConfigCheck) -> TensorEntry:
+    """Validate one tensor entry into a `TensorEntry`."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise ArchiveError("corrupt header (tensor without a name)")
     name = entry["name"]
     where = f"tensor {name[:200]!r}"
     quantized = "quantizer" in entry
     _object(entry, where, _QUANTIZED_KEYS if quantized else _ENTRY_KEYS)
-    missing = sorted(k for k in ("shape", "dtype", "codec", "data") if k not in entry)
-    if quantized:
-        missing += sorted(k for k in ("n_levels", "params") if k not in entry)
-    if missing:
-        raise _fail(where, f"missing field {missing[0]!r}")
-    numel = shape_numel(entry["shape"], where)
+    required = _QUANTIZED_REQUIRED if quantized else _ENTRY_REQUIRED
+    if not entry.keys() >= required:
+        raise _fail(where, f"missing field {min(required - entry.keys())!r}")
+    shape, numel = _shape(entry["shape"], where)
     dtype = entry["dtype"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(where, f"unsupported dtype {str(dtype)[:40]!r}")
-    records.append((*_offset_length(_record(entry["data"], where, data_len)), where))
-    decoded = numel * element_size(dtype)
-    if quantized:
-        if dtype not in FLOAT_DTYPES:
-            raise _fail(where, f"a quantized tensor must have a floating dtype, not {dtype}")
-        n_levels = _integer(entry["n_levels"], f"{where} n_levels", 1, MAX_LEVELS)
-        decoded += numel * code_dtype(n_levels).itemsize
-        for key, param in _object(entry["params"], f"{where} params").items():
-            there = f"{where} parameter {key[:80]!r}"
-            record = _record(param, there, data_len, _PARAM_KEYS)
-            width = record.get("dtype")
-            width = PARAM_DTYPES.get(width) if isinstance(width, str) else None
-            if width is None:
-                raise _fail(there, f"dtype must be one of {sorted(PARAM_DTYPES)}")
-            if shape_numel(record.get("shape"), there) * width.itemsize != record["length"]:
-                raise _fail(there, "length does not match its shape and dtype")
-            records.append((*_offset_length(record), there))
-            decoded += record["length"]
-    if "plan" in entry:
-        _check_plan(entry["plan"], where)
-    _check_config_ids(entry, where)
-    return name, entry, decoded
+    data = _record(entry["data"], where, data_len)
+    plan = _check_plan(entry["plan"], where) if "plan" in entry else None
+    codec = configs(entry["codec"], where, "codec")
+    if not quantized:
+        return TensorEntry(name, shape, dtype, codec, data, numel, plan=plan)
+    if dtype not in FLOAT_DTYPES:
+        raise _fail(where, f"a quantized tensor must have a floating dtype, not {dtype}")
+    n_levels = _integer(entry["n_levels"], f"{where} n_levels", 1, MAX_LEVELS)
+    params = _params(entry["params"], where, data_len)
+    quantizer = configs(entry["quantizer"], where, "quantizer")
+    return TensorEntry(name, shape, dtype, codec, data, numel, quantizer, n_levels,
+                       params or _NO_PARAMS, plan)
 
 
-def _offset_length(record: dict) -> tuple[int, int]:
-    return record["offset"], record["length"]
+def _check_overlaps(entries: Collection[TensorEntry]) -> None:
+    """No two non-empty records share a byte (sorted by offset, each ends before the next)."""
+    records = [(e.data, e.name, None) for e in entries]
+    records += [(p.record, e.name, key) for e in entries if e.params
+                for key, p in e.params.items()]
+    starts = np.fromiter((r.offset for r, _, _ in records), np.int64, len(records))
+    lengths = np.fromiter((r.length for r, _, _ in records), np.int64, len(records))
+    used = np.flatnonzero(lengths)
+    order = used[np.argsort(starts[used], kind="stable")]
+    ends = np.maximum.accumulate(starts[order] + lengths[order])
+    clash = np.flatnonzero(starts[order][1:] < ends[:-1])
+    if clash.size:
+        def where(i: int) -> str:
+            _, name, key = records[order[i]]
+            return f"tensor {name[:200]!r}" + ("" if key is None else f" parameter {key[:80]!r}")
+
+        later = int(clash[0]) + 1
+        earlier = int(np.flatnonzero(ends[:later] > starts[order][later])[0])
+        raise _fail(where(later), f"record overlaps the record of {where(earlier)}")
 
 
-def _check_overlaps(records: list[tuple[int, int, str]]) -> None:
-    end, previous = 0, ""
-    for offset, length, where in sorted(r for r in records if r[1]):
-        if offset < end:
-            raise _fail(where, f"record overlaps the record of {previous}")
-        end, previous = offset + length, where
+def _check_distortion(value: object) -> dict | None:
+    if value is None:
+        return None
+    distortion = _object(value, "header distortion")
+    for key in DISTORTION_MEASURES:
+        measure = distortion.get(key)
+        if measure is not None and not (_is_number(measure) and measure >= 0):
+            raise _fail(f"header distortion {key}", "must be a non-negative number or null")
+    return distortion
 
 
-def _check_sections(header: dict) -> tuple[dict, dict[str, str], dict | None, dict | None, dict]:
+def _check_sections(header: dict) -> tuple[dict, dict[str, str], dict | None, dict | None,
+                                           Summary]:
     writer = _object(header.get("writer"), "header writer", {"name", "version"})
     if not all(isinstance(writer.get(k), str) for k in ("name", "version")):
         raise ArchiveError("header writer: needs string 'name' and 'version'")
     metadata = _object(header.get("metadata", {}), "header metadata")
     if not all(isinstance(v, str) for v in metadata.values()):
         raise ArchiveError("header metadata: values must be strings")
-    sections = []
-    for key in ("compression", "distortion"):
-        value = header.get(key)
-        sections.append(None if value is None else _object(value, f"header {key}"))
-    summary = _object(header.get("summary", {}), "header summary")
-    for key, value in summary.items():
-        _optional_number(value, f"header summary {key[:40]!r}")
-    return writer, metadata, sections[0], sections[1], summary
+    compression = header.get("compression")
+    if compression is not None:
+        _object(compression, "header compression")
+    distortion = _check_distortion(header.get("distortion"))
+    return writer, metadata, compression, distortion, Summary.from_json(header.get("summary"))
 
 
 def validate_header(header: object, data_len: int, max_decoded_bytes: int | None) -> Header:
-    """Check a parsed header against the version-2 schema and the decoded-size limit."""
+    """Check a parsed header against the version-2 schema and the decoded-size limit. The
+    tensor list is consumed: its JSON is released entry by entry as it becomes typed."""
     header = _object(header, "header", _TOP_KEYS)
     if header.get("format") != "qlis":
         raise ArchiveError("corrupt header (not a qlis header)")
@@ -372,16 +578,18 @@ def validate_header(header: object, data_len: int, max_decoded_bytes: int | None
     tensors = header.get("tensors")
     if not isinstance(tensors, list):
         raise ArchiveError("corrupt header (no tensor list)")
-    entries: dict[str, dict] = {}
-    records: list[tuple[int, int, str]] = []
+    entries: dict[str, TensorEntry] = {}
+    configs = _ConfigCheck()
     total = 0
-    for item in tensors:
-        name, entry, decoded = _check_entry(item, data_len, records)
-        if name in entries:
-            raise _fail(f"tensor {name[:200]!r}", "appears twice")
-        entries[name] = entry
-        total += decoded
-    _check_overlaps(records)
+    with _no_cyclic_gc():
+        for i, item in enumerate(tensors):
+            entry = _check_entry(item, data_len, configs)
+            tensors[i] = None
+            if entry.name in entries:
+                raise _fail(f"tensor {entry.name[:200]!r}", "appears twice")
+            entries[entry.name] = entry
+            total += entry.decoded_bytes
+    _check_overlaps(entries.values())
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise ArchiveError(
             f"the tensors would take {total / 2**30:.2f} GiB once decoded, over the limit of "

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlis.errors import ConfigError, InputError
+from qlis.format import TensorEntry
 from qlis.grid import Grid, matrix_shape
 from qlis.quantize import QuantizedTensor, get_quantizer
 
@@ -314,25 +315,26 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
     rows = []
     for name in archive.names():
         entry = archive.entry(name)
-        if not name.endswith("weight") or len(entry["shape"]) not in (2, 4):
+        if not name.endswith("weight") or len(entry.shape) not in (2, 4):
             continue
-        grid = archive.read_grid(name)
+        grid = None if entry.quantizer is None else archive.read_grid(name)
         if grid is None:
             path = "float"
         else:
-            path = choose_path(grid, entry["n_levels"], entry["shape"], entry["dtype"])
+            path = choose_path(grid, entry.n_levels, entry.shape, entry.dtype)
         kernel = kernels[path]
-        if len(entry["shape"]) == 4:
+        if len(entry.shape) == 4:
             kernel = "F.conv2d" + ("" if path == "float" else " on the dequantized weight")
         layer = name[: -len(".weight")] if name.endswith(".weight") else name
-        rows.append({"layer": layer, "shape": entry["shape"], "path": path, "kernel": kernel})
+        rows.append({"layer": layer, "shape": list(entry.shape), "path": path,
+                     "kernel": kernel})
     return rows
 
 
-def _packable(entry: dict) -> bool:
+def _packable(entry: TensorEntry) -> bool:
     """A quantized, non-empty tensor whose quantizer describes its grid (from the header)."""
-    return ("quantizer" in entry and math.prod(entry["shape"]) > 0
-            and get_quantizer(entry["quantizer"]).has_grid())
+    return (entry.quantizer is not None and entry.numel > 0
+            and get_quantizer(dict(entry.quantizer)).has_grid())
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -348,7 +350,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
     error it is untouched). Returns {layer: path} for the layers now low-bit.
     """
     persistent = model.state_dict()
-    if _replaceable(model) and "quantizer" in archive.entry("weight"):
+    if _replaceable(model) and archive.entry("weight").quantizer is not None:
         raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
     for name, buffer in model.named_buffers():
         if name not in persistent and buffer.is_meta:

@@ -262,7 +262,7 @@ def test_checksum_mismatch_names_the_tensor(tmp_path):
     path = qlis.save(result, tmp_path / "m.qlis", codec="bitpack")
     with qlis.open(path) as archive:
         entry = archive.entry("block.fc.weight")
-        start = archive._data_start + entry["data"]["offset"]
+        start = archive._data_start + entry.data.offset
     raw = bytearray(path.read_bytes())
     raw[start + 3] ^= 0xFF
     with pytest.raises(ArchiveError, match="block.fc.weight.*checksum"):
@@ -291,7 +291,7 @@ def test_the_codec_asked_for_is_the_codec_stored(tmp_path):
     for codec in ("ans", "huffman", "bitpack"):
         path = qlis.save(result, tmp_path / f"{codec}.qlis", codec=codec)
         with qlis.open(path) as archive:
-            assert archive.entry("w")["codec"]["id"] == codec
+            assert archive.entry("w").codec["id"] == codec
             assert same_bits(archive.read("w"), result.state_dict()["w"])
         sizes[codec] = path.stat().st_size
     assert sizes["ans"] * 100 < sizes["huffman"] < sizes["bitpack"]

@@ -15,10 +15,12 @@ import textwrap
 import google_crc32c
 import pytest
 import torch
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
+from qlis.cli import cli
 from qlis.errors import ArchiveError
 from qlis.format import ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
 
@@ -210,10 +212,9 @@ def _paths(node, prefix=()):
             yield from _paths(value, (*prefix, i))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=TMP_FIXTURE)
-@given(data=st.data())
-def test_mutated_headers_are_refused_or_read(tmp_path, base, data):
-    header = copy.deepcopy(base[0])
+def mutated(header: dict, data) -> dict:
+    """``header`` with one to three random edits anywhere (hypothesis draws them)."""
+    header = copy.deepcopy(header)
     for _ in range(data.draw(st.integers(1, 3))):
         places = list(_paths(header))
         container, key = data.draw(st.sampled_from(places))
@@ -229,7 +230,48 @@ def test_mutated_headers_are_refused_or_read(tmp_path, base, data):
         else:  # copy a sibling's value: a shared record, a duplicated entry
             source = data.draw(st.sampled_from(places))
             container[key] = copy.deepcopy(source[0][source[1]])
-    assert outcome(tmp_path, build(header, base[1])) in ("ok", "refused")
+    return header
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_mutated_headers_are_refused_or_read(tmp_path, base, data):
+    assert outcome(tmp_path, build(mutated(base[0], data), base[1])) in ("ok", "refused")
+
+
+def _some_of(keys: list[str], values) -> st.SearchStrategy[dict]:
+    """Objects holding any subset of ``keys`` (each value from ``values``), or anything."""
+    return st.fixed_dictionaries({}, optional={k: values for k in keys}) | json_values
+
+
+informative_sections = st.fixed_dictionaries({}, optional={
+    "summary": _some_of(["original_bytes", "source_bytes", "cr", "hcr", "x"], hostile_scalars),
+    "distortion": _some_of(["weight_rel_mse", "weight_rel_mse_max", "output"], json_values),
+    "compression": _some_of(["policy", "plan", "beta"], json_values),
+    "writer": _some_of(["name", "version"], hostile_scalars),
+    "metadata": json_values,
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_info_shows_or_refuses_every_mutated_header(tmp_path, base, data):
+    """`qlis info` reads every section a header may hold (summary, distortion, compression,
+    plans): whatever they hold, it prints or refuses in one line, and --verify agrees with
+    loading the file."""
+    header = mutated(base[0], data) if data.draw(st.booleans()) else copy.deepcopy(base[0])
+    header.update(data.draw(informative_sections))
+    raw = build(header, base[1])
+    path = tmp_path / "h.qlis"
+    path.write_bytes(raw)
+    loaded = outcome(tmp_path, raw)
+    for options in ([], ["--format", "json"], ["--verify"]):
+        result = CliRunner().invoke(cli, ["info", str(path), *options])
+        assert result.exit_code in (0, 2), (options, result.exception)
+        if result.exit_code == 2:
+            assert result.stderr.count("\n") == 1 and result.stderr.startswith("qlis: error:")
+        if options == ["--verify"]:
+            assert (result.exit_code == 0) == (loaded == "ok"), result.output
 
 
 def _record(draw, data: bytearray) -> dict:

@@ -55,8 +55,8 @@ def test_pack_calibrated_on_text_measures_the_output(bert_folder, tmp_path):
     state = qlis.load(out)
     assert set(state) == set(model.state_dict())
     with qlis.open(out) as archive:
-        notes = {archive.entry(n)["plan"].get("reconstruction") for n in archive.names()
-                 if "plan" in archive.entry(n)}
+        notes = {archive.entry(n).plan.get("reconstruction") for n in archive.names()
+                 if archive.entry(n).plan is not None}
     assert any(note and note.startswith("error feedback") for note in notes)
 
 

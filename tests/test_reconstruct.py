@@ -219,8 +219,8 @@ def test_corrected_biases_and_notes_round_trip_through_the_archive(tmp_path, net
     for name, tensor in result.state_dict().items():
         assert torch.equal(state[name], tensor)
     with qlis.open(path) as archive:
-        assert archive.entry("c1.weight")["plan"]["reconstruction"] == rec.BIAS_CORRECTED
-        assert "reconstruction" not in archive.entry("c1.bias").get("plan", {})
+        assert archive.entry("c1.weight").plan["reconstruction"] == rec.BIAS_CORRECTED
+        assert "reconstruction" not in (archive.entry("c1.bias").plan or {})
 
 
 def test_docstring_examples():

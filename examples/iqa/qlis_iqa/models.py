@@ -299,7 +299,7 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
         import qlis
 
         with qlis.open(path) as archive:
-            shapes = {n: tuple(archive.entry(n)["shape"]) for n in archive.names()}
+            shapes = {n: archive.entry(n).shape for n in archive.names()}
             return dict(archive.metadata), shapes
     from safetensors import SafetensorError, safe_open
 
