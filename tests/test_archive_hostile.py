@@ -95,6 +95,12 @@ CASES = {
     "Infinity summary": lambda h: json.dumps(h).replace('"cr": ', '"cr": Infinity, "y": ', 1)
     .encode(),
     "1e999": lambda h: json.dumps(h).replace('"qlis": ', '"qlis": 1e999, "z": ', 1).encode(),
+    "1E+999 in compression": lambda h: json.dumps(h).replace('"beta": ', '"beta": 1E+999, "z": ', 1)
+    .encode(),
+    "20-digit integer": lambda h: h.update(compression={"seed": 10**19}),
+    "duplicate key among colons in strings": lambda h: json.dumps(
+        dict(h, metadata={"a:b": "c:d", "e": "f"})).replace('"e": "f"', '"e": "f", "e": "g"')
+    .encode(),
     # entries missing fields
     **{
         f"missing {key}": (lambda field: lambda h: quantized(h).pop(field))(key)
