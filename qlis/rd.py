@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -74,6 +74,12 @@ class _Candidate:
     @property
     def layer_config(self) -> LayerConfig:
         return LayerConfig(pruner=self.pruner, quantizer=self.config)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON for the pass-1 cache and the ranks (configs are flat, never mutated:
+        `dataclasses.asdict`'s deep copies cost more than measuring a small layer)."""
+        return {"config": self.config, "size": self.size, "rel_mse": self.rel_mse,
+                "pruner": self.pruner}
 
 
 COARSEST_STEP = 8.0
@@ -324,7 +330,7 @@ class RDPolicy(Policy):
 
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
-                           context.cluster, to_json=lambda found: [asdict(c) for c in found],
+                           context.cluster, to_json=lambda found: [c.to_json() for c in found],
                            from_json=lambda found: [_Candidate(**c) for c in found],
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
