@@ -67,7 +67,6 @@ _RECORD_KEYS = {"offset", "length", "crc32c"}
 _PARAM_KEYS = _RECORD_KEYS | {"shape", "dtype"}
 _PLAN_KEYS = {"k", "bits", "qlis", "pruner", "quantizer", "reconstruction"}
 _SCALAR = (type(None), bool, int, float, str)
-_NUMBER_OR_NONE = (type(None), int, float)
 _SCAN_CHUNK = 1 << 20
 # Where a number could be out of range (a run of over MAX_INT_DIGITS digits or a three-digit
 # exponent, looked for everywhere, strings included): only then is each number parsed by hand.
@@ -249,10 +248,6 @@ def _optional_number(value: object, where: str) -> None:
 
 def shape_numel(shape: object, where: str) -> int:
     """Element count of a declared shape: a list of at most MAX_DIMS non-negative integers."""
-    if type(shape) is list and len(shape) <= 4 and all(type(d) is int for d in shape):
-        bound = math.prod(max(d, 1) for d in shape)  # the common case, checked inline
-        if min(shape, default=0) >= 0 and bound <= MAX_ELEMENTS:
-            return math.prod(shape)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise _fail(where, f"shape must be a list of at most {MAX_DIMS} dimensions")
     bound = 1
@@ -400,12 +395,6 @@ class Header:
 
 
 def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_KEYS) -> Record:
-    if type(value) is dict and value.keys() <= keys:  # the common case, checked inline
-        offset, length, crc = value.get("offset"), value.get("length"), value.get("crc32c")
-        if (type(offset) is int and type(length) is int and type(crc) is int
-                and offset >= 0 and not offset % ALIGN and length >= 0
-                and offset + length <= data_len and 0 <= crc <= 0xFFFFFFFF):
-            return Record(offset, length, crc)
     record = _object(value, where, keys)
     if not _RECORD_KEYS.issubset(record):
         raise _fail(where, "record needs offset, length and crc32c")
@@ -455,11 +444,6 @@ class _ConfigCheck:
 
 
 def _check_plan(plan: object, where: str) -> dict:
-    if (type(plan) is dict and plan.keys() <= _PLAN_KEYS and "reconstruction" not in plan
-            and type(plan.get("k")) in _NUMBER_OR_NONE and type(plan.get("qlis")) in _NUMBER_OR_NONE
-            and plan.get("bits") is None and plan.get("pruner") is None
-            and plan.get("quantizer") is None):
-        return plan  # a plain layer's plan (the common case), checked inline
     plan = _object(plan, f"{where} plan", _PLAN_KEYS)
     for key in ("k", "qlis"):
         _optional_number(plan.get(key), f"{where} plan {key}")
