@@ -284,7 +284,7 @@ class ArchiveWriter:
     def _record(self, data: bytes | memoryview, crc: int) -> dict:
         self._spill.write(b"\0" * (aligned(self._offset) - self._offset))
         self._offset = aligned(self._offset)
-        entry = {"offset": self._offset, "length": len(data), "crc32c": crc}
+        entry = Record(self._offset, len(data), crc).to_json()
         self._spill.write(data)
         self._offset += len(data)
         return entry

@@ -277,6 +277,7 @@ class Record:
     crc32c: int
 
     def to_json(self) -> dict[str, int]:
+        """The record as the header stores it (the writer's form)."""
         return {"offset": self.offset, "length": self.length, "crc32c": self.crc32c}
 
 
@@ -287,9 +288,6 @@ class ParamRecord:
     record: Record
     dtype: str
     shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype, **self.record.to_json()}
 
 
 _NO_PARAMS: Mapping[str, ParamRecord] = MappingProxyType({})
@@ -326,18 +324,6 @@ class TensorEntry:
             decoded += self.numel * code_dtype(self.n_levels).itemsize + sum(
                 p.record.length for p in self.params.values())
         return decoded
-
-    def to_json(self) -> dict[str, Any]:
-        """The entry as the header stores it."""
-        entry: dict[str, Any] = {"name": self.name, "shape": list(self.shape),
-                                 "dtype": self.dtype}
-        if self.quantizer is not None:
-            entry.update(quantizer=dict(self.quantizer), n_levels=self.n_levels,
-                         params={k: p.to_json() for k, p in self.params.items()})
-        entry.update(codec=dict(self.codec), data=self.data.to_json())
-        if self.plan is not None:
-            entry["plan"] = dict(self.plan)
-        return entry
 
 
 def _size_or_none(value: object, where: str) -> int | None:
@@ -422,7 +408,7 @@ class _ConfigCheck:
         self._seen: dict[tuple, Mapping[str, Any]] = {}
 
     def __call__(self, value: object, where: str, kind: str) -> Mapping[str, Any]:
-        key = None
+        key = None  # set below for every value `_flat_config` accepts (a dict)
         if type(value) is dict:  # types in the key: True and 1 are equal, not the same config
             key = (kind, tuple(value.items()), tuple(map(type, value.values())))
             with contextlib.suppress(TypeError):  # a nested (unhashable) value: refused below
