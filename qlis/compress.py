@@ -18,6 +18,7 @@ import torch
 
 from qlis.calibrate import Calibration, CalibSpec
 from qlis.cluster import Cluster
+from qlis.config import Param
 from qlis.distortion import (
     HEADER_BYTES,
     RECORD_OVERHEAD_BYTES,
@@ -157,10 +158,11 @@ class PlanPolicy(Policy):
     """A hand-written plan, as a policy: ``compress(model, plan=...)`` runs this."""
 
     strategy_id: ClassVar[str] = "plan"
+    params = {"plan": Param("config", optional=True)}
 
     plan: dict | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         Plan.coerce(self.plan or {})
 
     def make_plan(self, context: PlanContext) -> Plan:

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlis.errors import ConfigError
+from qlis.prune import get_pruner
 from qlis.quantize import get_quantizer
 
 
 def _check_config(config: object, kind: str, layer: str) -> dict | None:
-    """A strategy config: None, or a JSON object with a string ``id`` and finite JSON values."""
+    """A strategy config: None, or a JSON object with a string ``id`` and finite JSON values
+    that its registered class accepts (a bad plan fails when it is made, not mid-way)."""
     if config is None:
         return None
     if not isinstance(config, Mapping) or not isinstance(config.get("id"), str):
@@ -33,6 +35,10 @@ def _check_config(config: object, kind: str, layer: str) -> dict | None:
         text = json.dumps(dict(config), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"layer {layer!r}: the {kind} config is not plain JSON ({err})") from None
+    try:
+        (get_pruner if kind == "pruner" else get_quantizer)(config)
+    except ConfigError as err:
+        raise ConfigError(f"layer {layer!r}: {err}") from None
     return json.loads(text)
 
 

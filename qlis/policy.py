@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from qlis.cluster import Cluster
+from qlis.config import Param, check_options
 from qlis.errors import ConfigError
 from qlis.execute import Realized, pruned_count
 from qlis.plan import LayerConfig, Plan, finite_json
 from qlis.prune import get_pruner
-from qlis.quantize import GRANULARITIES, quantizer_registry
+from qlis.quantize import GRANULARITY, get_quantizer, quantizer_registry
 from qlis.registry import Registry
 from qlis.resume import PassCache
 from qlis.strategy import Strategy
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from qlis.stats import InspectionReport
 
 PAPER_K_LEVELS = (1.5, 1.0, 0.5, 0.25, 0.0)
+_SHORTCUT_K = Param("float", 0, optional=True)  # LevelsPolicy's k= and bits= shortcuts
+_SHORTCUT_BITS = Param("int", 1, 8, optional=True)
 PAPER_BITS_LEVELS = (1, 2, 4, 8)
 
 Assignment = list[tuple[float, int | None]]
@@ -70,7 +73,22 @@ class PlanContext:
 
 
 class Policy(Strategy):
-    """Base class: a config that produces a Plan. Subclasses implement ``make_plan``."""
+    """Base class: a config that produces a Plan. Subclasses implement ``make_plan``; a
+    dataclass policy declares its fields in ``params`` (checked on construction, then the
+    rules between them in ``check``)."""
+
+    config_kind = "policy"
+
+    def __post_init__(self) -> None:
+        if self.params:
+            current = {f.name: getattr(self, f.name) for f in fields(self)}
+            checked = check_options(self.params, current, f"policy {self.strategy_id!r}")
+            for name, value in checked.items():
+                object.__setattr__(self, name, value)  # the kept form (lists as tuples)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between options (each option alone was checked against ``params``)."""
 
     def make_plan(self, context: PlanContext) -> Plan:
         raise NotImplementedError
@@ -125,6 +143,15 @@ class LevelsPolicy(Policy):
     """
 
     strategy_id: ClassVar[str] = "levels"
+    params = {
+        "k_levels": Param("float", 0, sequence=True, non_empty=True),
+        "bits_levels": Param("int", 1, 8, sequence=True, non_empty=True, items_optional=True),
+        "granularity": GRANULARITY,
+        "method": Param("str"),
+        "paper_cr": Param("float", 1, optional=True),
+        "pruner": Param("config", optional=True),
+        "quantizer": Param("config", optional=True),
+    }
 
     k_levels: tuple[float, ...] = (0.0,)
     bits_levels: tuple[int | None, ...] = (None,)
@@ -134,33 +161,19 @@ class LevelsPolicy(Policy):
     pruner: dict | None = None
     quantizer: dict | None = None
 
-    def __post_init__(self) -> None:
-        if not self.k_levels or not self.bits_levels:
-            raise ConfigError("a policy needs at least one k level and one bits level")
-        if any(not (isinstance(k, int | float) and 0 <= k < float("inf")) for k in self.k_levels):
-            raise ConfigError(f"k levels must be finite numbers >= 0, got {self.k_levels}")
+    def check(self) -> None:
         if list(self.k_levels) != sorted(self.k_levels, reverse=True):
             raise ConfigError(f"k levels must run from largest to smallest: {self.k_levels}")
         bits = [b for b in self.bits_levels if b is not None]
-        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8 for b in bits):
-            raise ConfigError(f"bits must be whole numbers from 1 to 8, got {self.bits_levels}")
         if None in self.bits_levels and self.bits_levels[-1] is not None:
             raise ConfigError("'no quantization' (None) can only be the most precise bits level")
         if bits != sorted(bits):
             raise ConfigError(f"bits levels must go from fewest to most bits: {self.bits_levels}")
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be one of {GRANULARITIES}")
-        if self.paper_cr is not None and (
-            isinstance(self.paper_cr, bool) or not isinstance(self.paper_cr, int | float)
-            or not 1.0 <= self.paper_cr < float("inf")
-        ):
-            raise ConfigError(f"paper_cr must be a finite number >= 1, got {self.paper_cr!r}")
+        # a bad config fails now, not after the scoring; a bare id becomes its full config
         if self.pruner is not None:
-            get_pruner(self.pruner)  # a bad config fails now, not after the scoring
+            object.__setattr__(self, "pruner", get_pruner(self.pruner).get_config())
         if self.quantizer is not None:
-            quantizer_registry.get(_config_id(self.quantizer, "quantizer")).from_config(
-                self.quantizer
-            )
+            object.__setattr__(self, "quantizer", get_quantizer(self.quantizer).get_config())
         else:
             for b in bits:
                 self.level_quantizer(b)
@@ -175,19 +188,16 @@ class LevelsPolicy(Policy):
                 "target_ratio is the real archive ratio, which policy 'rd' reaches; the paper's "
                 "policies aim at its idealised CR: pass paper_cr= (qlis pack --paper-cr)")
         options.pop("target_ratio", None)
-        k = options.pop("k", None)
-        bits = options.pop("bits", None)
+        k = _SHORTCUT_K.check(options.pop("k", None), f"policy {cls.strategy_id!r}: k")
+        bits = _SHORTCUT_BITS.check(options.pop("bits", None), f"policy {cls.strategy_id!r}: bits")
         if k is not None:
             if options.get("pruner") is not None:
                 raise ConfigError("give either k (sigma pruning) or pruner=, not both")
-            options["k_levels"] = (float(k),)
+            options["k_levels"] = (k,)
         if bits is not None:
             if options.get("quantizer") is not None:
                 raise ConfigError("give either bits or quantizer=, not both")
             options["bits_levels"] = (bits,)
-        for key in ("k_levels", "bits_levels"):
-            if key in options:
-                options[key] = tuple(options[key])
         return super().from_options(**options)
 
     def level_quantizer(self, bits: int | None) -> dict | None:
@@ -284,12 +294,6 @@ class LevelsPolicy(Policy):
             )
 
         return paper_bits
-
-
-def _config_id(config: object, kind: str) -> str:
-    if not isinstance(config, dict) or not isinstance(config.get("id"), str):
-        raise ConfigError(f"{kind}= must be a config dict with an 'id', got {config!r}")
-    return config["id"]
 
 
 def _preset(policy_id: str, doc: str, **defaults: Any) -> type[LevelsPolicy]:

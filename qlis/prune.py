@@ -6,11 +6,9 @@ A pruner returns a keep-mask; ``prune`` applies it. The paper's LAP uses the sig
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from qlis.errors import ConfigError
+from qlis.config import Param, config_id
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 from qlis.tensors import smallest_at_least
@@ -18,6 +16,8 @@ from qlis.tensors import smallest_at_least
 
 class Pruner(Strategy):
     """Decides which weights to keep. Subclasses implement ``keep_mask``."""
+
+    config_kind = "pruner"
 
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """A bool tensor shaped like ``weight``: True where the weight is kept."""
@@ -40,8 +40,8 @@ def register_pruner(cls: type[Pruner]) -> type[Pruner]:
 
 def get_pruner(config: dict | str) -> Pruner:
     """A pruner from its config dict (or a bare id with default parameters)."""
-    config = {"id": config} if isinstance(config, str) else config
-    return pruner_registry.get(config["id"]).from_config(config)
+    name, options = config_id(config, "pruner")
+    return pruner_registry.get(name).from_config({"id": name, **options})
 
 
 @register_pruner
@@ -53,11 +53,10 @@ class SigmaPruner(Pruner):
     """
 
     strategy_id = "sigma"
+    params = {"k": Param("float", 0)}
 
     def __init__(self, k: float = 1.0) -> None:
-        if isinstance(k, bool) or not isinstance(k, int | float) or not 0 <= k < math.inf:
-            raise ConfigError(f"pruning multiplier k must be a finite number >= 0, got {k!r}")
-        self.k = float(k)
+        self.k = k
 
     def threshold(self, weight: torch.Tensor) -> float:
         if weight.numel() == 0:
@@ -79,11 +78,10 @@ class FractionPruner(Pruner):
     """
 
     strategy_id = "fraction"
+    params = {"fraction": Param("float", 0, 1)}
 
     def __init__(self, fraction: float = 0.5) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"fraction must be in [0, 1], got {fraction}")
-        self.fraction = float(fraction)
+        self.fraction = fraction
 
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
         n_prune = int(round(self.fraction * weight.numel()))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlis.config import Param, config_id
 from qlis.distortion import CHUNK_ELEMENTS
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.grid import AffineGrid, CodebookGrid, Grid, matrix_shape
@@ -25,6 +26,10 @@ from qlis.registry import Registry
 from qlis.strategy import Strategy
 
 GRANULARITIES = ("tensor", "channel")
+GRANULARITY = Param("str", choices=GRANULARITIES)
+SEED = Param("int", 0, (1 << 63) - 1)
+MAX_GROUP_SIZE = 1 << 31
+"""The largest group a group-wise quantizer takes (a group longer than its row is the row)."""
 MAX_LEVELS = 1 << 16
 
 
@@ -113,6 +118,8 @@ class Quantizer(Strategy):
     parameters it stores in ``param_specs`` and its alphabet in ``level_range``, so that
     ``check_params`` can refuse what it would never have written.
     """
+
+    config_kind = "quantizer"
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         raise NotImplementedError
@@ -231,13 +238,8 @@ def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
 
 def get_quantizer(config: dict | str) -> Quantizer:
     """A quantizer from its config dict (or a bare id with default parameters)."""
-    config = {"id": config} if isinstance(config, str) else config
-    return quantizer_registry.get(config["id"]).from_config(config)
-
-
-def _check_granularity(granularity: str) -> None:
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    name, options = config_id(config, "quantizer")
+    return quantizer_registry.get(name).from_config({"id": name, **options})
 
 
 def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -322,11 +324,9 @@ class AffineQuantizer(Quantizer):
     """
 
     strategy_id = "affine"
+    params = {"bits": Param("int", 2, 8), "granularity": GRANULARITY}
 
     def __init__(self, bits: int = 8, granularity: str = "tensor") -> None:
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ConfigError(f"affine quantization takes 2 to 8 bits (1 bit: binary), got {bits}")
-        _check_granularity(granularity)
         self.bits = bits
         self.granularity = granularity
 
@@ -385,9 +385,9 @@ class BinaryQuantizer(Quantizer):
     """
 
     strategy_id = "binary"
+    params = {"granularity": GRANULARITY}
 
     def __init__(self, granularity: str = "tensor") -> None:
-        _check_granularity(granularity)
         self.granularity = granularity
 
     @property
@@ -440,12 +440,12 @@ class KMeansQuantizer(Quantizer):
     """
 
     strategy_id = "kmeans"
+    params = {"bits": Param("int", 1, 8), "iterations": Param("int", 1, 10_000),
+              "sample_size": Param("int", 1, 1 << 30), "seed": SEED}
 
     def __init__(
         self, bits: int = 4, iterations: int = 20, sample_size: int = 1 << 18, seed: int = 0
     ) -> None:
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ConfigError(f"k-means quantization takes 1 to 8 bits, got {bits}")
         self.bits = bits
         self.iterations = iterations
         self.sample_size = sample_size
@@ -556,14 +556,10 @@ class GroupAffineQuantizer(Quantizer):
     """
 
     strategy_id = "group"
+    params = {"bits": Param("int", 2, 8), "group_size": Param("int", 1, MAX_GROUP_SIZE),
+              "symmetric": Param("bool")}
 
     def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ConfigError(f"group quantization takes 2 to 8 bits, got {bits!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ConfigError(f"group_size must be a positive integer (32-128), got {group_size!r}")
-        if not isinstance(symmetric, bool):
-            raise ConfigError(f"symmetric must be true or false, got {symmetric!r}")
         self.bits = bits
         self.group_size = group_size
         self.symmetric = symmetric
@@ -667,6 +663,10 @@ class UniformQuantizer(Quantizer):
     """
 
     strategy_id = "uniform"
+    params = {"step": Param("float", 0, low_open=True, optional=True),
+              "rel_mse": Param("float", 0, MAX_REL_MSE, low_open=True, optional=True),
+              "granularity": GRANULARITY,
+              "rounding": Param("float", 0, 0.5, low_open=True)}
 
     def __init__(
         self,
@@ -677,19 +677,10 @@ class UniformQuantizer(Quantizer):
     ) -> None:
         if (step is None) == (rel_mse is None):
             raise ConfigError("uniform quantization takes exactly one of step= or rel_mse=")
-        if step is not None and not (isinstance(step, int | float) and 0 < step < math.inf):
-            raise ConfigError(f"step must be a positive finite number, got {step!r}")
-        if rel_mse is not None and not (
-            isinstance(rel_mse, int | float) and 0 < rel_mse <= MAX_REL_MSE
-        ):
-            raise ConfigError(f"rel_mse must be in (0, {MAX_REL_MSE}], got {rel_mse!r}")
-        if not (isinstance(rounding, int | float) and 0 < rounding <= 0.5):
-            raise ConfigError(f"rounding must be in (0, 0.5], got {rounding!r}")
-        _check_granularity(granularity)
-        self.step = None if step is None else float(step)
-        self.rel_mse = None if rel_mse is None else float(rel_mse)
+        self.step = step
+        self.rel_mse = rel_mse
         self.granularity = granularity
-        self.rounding = float(rounding)
+        self.rounding = rounding
 
     def steps(self, rows: torch.Tensor) -> torch.Tensor:
         """The step of each row (float32): fixed, or from the row's mean square."""

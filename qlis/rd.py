@@ -31,6 +31,7 @@ import torch
 
 from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.cluster import spread
+from qlis.config import Param
 from qlis.distortion import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
@@ -45,7 +46,13 @@ from qlis.execute import Realized, dequantized, execute_layer
 from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
-from qlis.quantize import MAX_LEVELS, GroupAffineQuantizer, row_mean_squares
+from qlis.quantize import (
+    GRANULARITIES,
+    MAX_GROUP_SIZE,
+    MAX_LEVELS,
+    GroupAffineQuantizer,
+    row_mean_squares,
+)
 from qlis.tensors import storage_bits
 
 if TYPE_CHECKING:
@@ -81,6 +88,8 @@ class _Candidate:
         return {"config": self.config, "size": self.size, "rel_mse": self.rel_mse,
                 "pruner": self.pruner}
 
+
+_POSITIVE = Param("float", 0, low_open=True, optional=True)
 
 COARSEST_STEP = 8.0
 """The coarsest step offered, relative to the RMS: under 0.01 bit per weight for Gaussian
@@ -244,6 +253,22 @@ class RDPolicy(Policy):
     """
 
     strategy_id: ClassVar[str] = "rd"
+    params = {
+        "target_bits_per_weight": _POSITIVE,
+        "target_bytes": _POSITIVE,
+        "target_ratio": Param("float", 1, optional=True),
+        "max_distortion": _POSITIVE,
+        "min_cosine": Param("float", 0, 1, low_open=True, high_open=True, optional=True),
+        "granularities": Param("str", choices=GRANULARITIES, sequence=True, non_empty=True),
+        "prune_levels": Param("float", 0, 10, low_open=True, high_open=True, sequence=True),
+        "group_sizes": Param("int", 1, MAX_GROUP_SIZE, sequence=True),
+        "group_bits": Param("int", 2, 8, sequence=True),
+        "rounding": Param("float", 0, 0.5, low_open=True),
+        "weighting": Param("str", choices=("layers", "params")),
+        "finest_step": Param("float", 0, 1, low_open=True, high_open=True),
+        "sample_size": Param("int", 1024, 1 << 30),
+        "seed": Param("int", 0, 2**31 - 1),
+    }
 
     target_bits_per_weight: float | None = None
     target_bytes: int | None = None
@@ -260,49 +285,11 @@ class RDPolicy(Policy):
     sample_size: int = 1 << 16
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         targets = [n for n in ("target_bits_per_weight", "target_bytes", "target_ratio",
                                "max_distortion", "min_cosine") if getattr(self, n) is not None]
         if len(targets) > 1:
             raise ConfigError(f"give one target, not {', '.join(targets)}")
-        for name in targets:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                0 < value < math.inf
-            ):
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-        if self.min_cosine is not None and not self.min_cosine < 1:
-            raise ConfigError(f"min_cosine must be below 1, got {self.min_cosine}")
-        if self.target_ratio is not None and self.target_ratio < 1:
-            raise ConfigError(f"target_ratio must be >= 1, got {self.target_ratio}")
-        if not self.granularities or any(
-            g not in ("tensor", "channel") for g in self.granularities
-        ):
-            raise ConfigError(f"granularities must be 'tensor' and/or 'channel', "
-                              f"got {self.granularities!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k < 10
-               for k in self.prune_levels):
-            raise ConfigError(f"prune_levels are sigma multipliers in (0, 10), "
-                              f"got {self.prune_levels!r}")
-        if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in self.group_sizes):
-            raise ConfigError(f"group_sizes must be positive integers, got {self.group_sizes!r}")
-        if any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8
-               for b in self.group_bits):
-            raise ConfigError(f"group_bits must be integers from 2 to 8, got {self.group_bits!r}")
-        if self.weighting not in ("layers", "params"):
-            raise ConfigError(f"weighting must be 'layers' or 'params', got {self.weighting!r}")
-        if not (isinstance(self.rounding, int | float) and 0 < self.rounding <= 0.5):
-            raise ConfigError(f"rounding must be in (0, 0.5], got {self.rounding!r}")
-        if not (isinstance(self.finest_step, int | float) and 0 < self.finest_step < 1):
-            raise ConfigError(f"finest_step must be in (0, 1), got {self.finest_step!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
-            0 <= self.seed < 2**31
-        ):
-            raise ConfigError(f"seed must be an integer from 0 to 2**31 - 1, got {self.seed!r}")
-        if isinstance(self.sample_size, bool) or not (
-            isinstance(self.sample_size, int) and self.sample_size >= 1024
-        ):
-            raise ConfigError(f"sample_size must be an integer >= 1024, got {self.sample_size!r}")
 
     @classmethod
     def from_options(cls, **options: Any) -> RDPolicy:

@@ -7,15 +7,25 @@ round-trip them through plain JSON, so an archive can name the strategy that mad
 from __future__ import annotations
 
 import inspect as _inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from qlis.config import Param, checked_init, config_id
 from qlis.errors import ConfigError
 
 
 class Strategy:
-    """Base of Pruner and Quantizer: an id plus JSON-serialisable constructor parameters."""
+    """Base of Pruner, Quantizer and Policy: an id plus JSON-serialisable constructor
+    parameters, declared in ``params`` (`qlis.config.Param`), which every construction checks
+    (a subclass that declares no ``params`` checks its own)."""
 
     strategy_id: ClassVar[str] = ""
+    config_kind: ClassVar[str] = "strategy"  # "quantizer", "pruner", "policy": for messages
+    params: ClassVar[Mapping[str, Param]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        checked_init(cls, lambda: f"{cls.config_kind} {cls.strategy_id!r}")
 
     def get_config(self) -> dict[str, Any]:
         """The id and every constructor parameter, as plain JSON."""
@@ -30,10 +40,13 @@ class Strategy:
     @classmethod
     def from_config(cls, config: dict[str, Any]):
         """Rebuild the strategy from ``get_config()``'s output."""
-        params = {k: v for k, v in config.items() if k != "id"}
+        name, params = config_id(config, cls.config_kind)
+        if name != cls.strategy_id:
+            raise ConfigError(f"a config of {cls.config_kind} {name!r} given to "
+                              f"{cls.strategy_id!r}")
         try:
             return cls(**params)
-        except TypeError as err:
+        except TypeError as err:  # a class without declared params
             raise ConfigError(f"bad parameters for {cls.strategy_id!r}: {err}") from None
 
     def __repr__(self) -> str:

@@ -114,7 +114,7 @@ def test_builtin_pruners_are_registered_and_configs_round_trip():
 def test_unknown_pruner_and_bad_parameters():
     with pytest.raises(ConfigError, match="unknown pruner 'nope'.*sigma"):
         get_pruner("nope")
-    with pytest.raises(ConfigError, match="bad parameters for 'sigma'"):
+    with pytest.raises(ConfigError, match="unknown option 'kk' for pruner 'sigma'; known: k"):
         get_pruner({"id": "sigma", "kk": 1})
 
 

@@ -81,9 +81,9 @@ def test_other_dtypes_come_back_in_their_dtype(dtype):
     [
         ({}, "exactly one"),
         ({"step": 1.0, "rel_mse": 1e-3}, "exactly one"),
-        ({"step": 0.0}, "positive"),
-        ({"step": float("inf")}, "positive"),
-        ({"rel_mse": 16.5}, r"\(0, 16.0\]"),
+        ({"step": 0.0}, r"step must be a finite number in \(0, inf\)"),
+        ({"step": float("inf")}, r"step must be a finite number in \(0, inf\)"),
+        ({"rel_mse": 16.5}, r"\(0, 16\]"),
         ({"step": 1.0, "rounding": 0.0}, "rounding"),
         ({"step": 1.0, "granularity": "row"}, "granularity"),
     ],

@@ -143,7 +143,7 @@ def test_calibration_with_a_callable_and_dict_batches():
         ({"target_bits_per_weight": 4, "max_distortion": 1e-3}, "one target"),
         ({"min_cosine": 0.99}, "needs calibration"),
         ({"target_bits_per_weight": 0.01}, "out of reach|does not even hold"),
-        ({"target_ratio": float("inf")}, "positive finite"),
+        ({"target_ratio": float("inf")}, r"target_ratio must be a finite number in \[1, inf\)"),
         ({"granularities": ("row",)}, "granularities"),
         ({"rounding": 0.7}, "rounding"),
         ({"prune_levels": [-1]}, "prune_levels"),

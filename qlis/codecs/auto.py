@@ -6,6 +6,7 @@ import numpy as np
 
 from qlis.codecs._common import SYMBOL_DTYPES, check_input
 from qlis.codecs.base import Codec, get_codec, register_codec
+from qlis.config import Param
 from qlis.errors import ConfigError
 
 
@@ -25,17 +26,15 @@ class Auto(Codec):
     """
 
     codec_id = "auto"
+    params = {"candidates": Param("config", sequence=True, non_empty=True, optional=True),
+              "bits": Param("int", 1, 16, optional=True)}
 
     def __init__(self, candidates: list | None = None, bits: int | None = None) -> None:
         if candidates is not None:
-            if not isinstance(candidates, list | tuple) or not candidates:
-                raise ConfigError("auto needs a non-empty list of candidate codec configs")
             for candidate in candidates:
                 if get_codec(candidate).codec_id == self.codec_id:
                     raise ConfigError("auto cannot be a candidate of itself")
             candidates = list(candidates)
-        if bits is not None and (isinstance(bits, bool) or bits not in range(1, 17)):
-            raise ConfigError(f"auto's bits must be 1..16 or None, got {bits!r}")
         self.candidates = candidates
         self.bits = bits
 

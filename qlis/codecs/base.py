@@ -8,10 +8,12 @@ entry point in the ``qlis.codecs`` group.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from qlis.config import Param, checked_init, config_id
 from qlis.errors import ConfigError
 from qlis.registry import Registry
 
@@ -24,6 +26,11 @@ class Codec:
     """
 
     codec_id: ClassVar[str]
+    params: ClassVar[Mapping[str, Param]] = {}  # declared options, checked on construction
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        checked_init(cls, lambda: f"codec {cls.codec_id!r}")
 
     def encode(self, array: np.ndarray) -> bytes:
         """The byte stream of a 1-D array."""
@@ -45,8 +52,7 @@ class Codec:
     @classmethod
     def from_config(cls, config: dict) -> Codec:
         """The codec that ``config`` (as written by `get_config`) describes."""
-        params = dict(config)
-        codec_id = params.pop("id", cls.codec_id)
+        codec_id, params = config_id(config, "codec")
         if codec_id != cls.codec_id:
             raise ConfigError(f"config for codec {codec_id!r} given to {cls.codec_id!r}")
         try:
@@ -85,8 +91,5 @@ def get_codec(config: dict | str) -> Codec:
     >>> get_codec({"id": "bitpack", "bits": 4}).get_config()
     {'id': 'bitpack', 'bits': 4}
     """
-    if isinstance(config, str):
-        config = {"id": config}
-    if not isinstance(config, dict) or not isinstance(config.get("id"), str):
-        raise ConfigError(f"a codec config is a dict with a string 'id', got {config!r}")
-    return codec_registry.get(config["id"]).from_config(config)
+    codec_id, params = config_id(config, "codec")
+    return codec_registry.get(codec_id).from_config({"id": codec_id, **params})

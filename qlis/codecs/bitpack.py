@@ -16,6 +16,7 @@ from qlis.codecs._common import (
     write_varint,
 )
 from qlis.codecs.base import Codec, register_codec
+from qlis.config import Param
 from qlis.errors import ConfigError
 
 _WIDE = 0x80  # flag in the head byte: the elements are uint16
@@ -91,10 +92,9 @@ class BitPack(Codec):
     """
 
     codec_id = "bitpack"
+    params = {"bits": Param("int", 1, 16)}
 
     def __init__(self, bits: int = 8) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ConfigError(f"bitpack needs bits in 1..16, got {bits!r}")
         self.bits = bits
 
     def encode(self, array: np.ndarray) -> bytes:
