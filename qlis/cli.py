@@ -1,7 +1,7 @@
 """The ``qlis`` command: inspect, pack, unpack, info. Thin: parse, call the public API, print.
 
-Every user mistake (a QlisError, or a file that cannot be written) is one line on stderr and
-exit code 2.
+Every user mistake (a QlisError, a file that cannot be read or written, a bad option) is one
+line on stderr and exit code 2 (`qlis.console.CommandGroup`, shared with ``qlis-iqa``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from qlis.calib_files import check_calibration_path, read_calibration
 from qlis.cluster import Cluster
 from qlis.compress import DEFAULT_POLICY, QualityWarning
 from qlis.console import (
+    CommandGroup,
     check_input,
     check_output,
     check_output_dir,
@@ -34,7 +35,6 @@ from qlis.console import (
     escape,
     human_bytes,
     parse_size,
-    silence_broken_pipe,
     strict_json,
     table,
 )
@@ -59,24 +59,6 @@ POLICY_NAMES = policy_names()
 SOURCE_METADATA = "source_metadata."  # archive metadata carried from a safetensors source
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 CODECS = click.Choice(codec_names())
-
-
-class _Group(click.Group):
-    """Turns library errors into one stderr line and exit code 2 (never a traceback)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except QlisError as err:
-            click.echo(f"qlis: error: {err}", err=True)
-            ctx.exit(2)
-        except BrokenPipeError:
-            silence_broken_pipe()
-            ctx.exit(1)
-        except OSError as err:
-            where = f"{err.filename}: " if err.filename else ""
-            click.echo(f"qlis: error: {where}{err.strerror or err}", err=True)
-            ctx.exit(2)
 
 
 Bar = Callable[[int], None]
@@ -208,7 +190,7 @@ def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -
     plt.close(fig)
 
 
-@click.group(cls=_Group, context_settings=CONTEXT)
+@click.group(cls=CommandGroup, name="qlis", context_settings=CONTEXT)
 @click.version_option(qlis.__version__, prog_name="qlis")
 def cli() -> None:
     """qlis: layer-importance-guided pruning, quantization and compact archives."""

@@ -1,9 +1,11 @@
 """Output conventions shared by the `qlis` and `qlis-iqa` commands: one vocabulary for both.
 
-Names from files are escaped before printing (a tensor name is data, not terminal control);
-sizes are shown in binary units and written as exact integers in JSON/CSV; tables show full
-names when piped and fold long names on a terminal; every output file passes one rule; a device
-is checked against this machine before any work.
+Every user mistake (a QlisError, an OSError, a bad or missing option) is one line
+``PROG: error: ...`` and exit code 2 (`CommandGroup`); names from files are escaped before
+printing (a tensor name is data, not terminal control); sizes are shown in binary units and
+written as exact integers in JSON/CSV; tables show full names when piped and fold long names on
+a terminal; every output file passes one rule; a device is checked against this machine before
+any work.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
-from qlis.errors import InputError
+from qlis.errors import InputError, QlisError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d{1,4}))?")
@@ -158,6 +161,48 @@ def strict_json(value: Any, **dumps: Any) -> str:
         return v
 
     return json.dumps(clean(value), allow_nan=False, **dumps)
+
+
+class _UserError(click.ClickException):
+    exit_code = 2
+
+
+class CommandGroup(click.Group):
+    """The error policy of both commands: a user's mistake is one line ``PROG: error: ...``
+    on stderr and exit code 2, whether it comes from the library (a QlisError), the system (an
+    OSError, naming the file) or the command line itself (click's usage errors, which would
+    otherwise print four lines); a closed stdout ends the output quietly (exit code 1).
+    Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except QlisError as err:
+            raise _UserError(str(err)) from None
+        except BrokenPipeError:
+            silence_broken_pipe()
+            ctx.exit(1)
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            raise _UserError(f"{where}{err.strerror or err}") from None
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        prog = kwargs.get("prog_name") or self.name
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else prog
+            click.echo(f"{prog}: error: {err.format_message()} (see '{where} -h')", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            click.echo(f"{prog}: error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo(f"{prog}: interrupted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def silence_broken_pipe() -> None:

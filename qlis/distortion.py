@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from qlis.codecs import entropy_bits
+
 HEADER_BYTES = 1024
 """An archive's fixed cost: prefix, header skeleton, policy options and summary."""
 RECORD_OVERHEAD_BYTES = 176
@@ -77,16 +79,6 @@ def peak_abs(tensor: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def entropy_of_counts(counts: np.ndarray) -> float:
-    """Total Shannon information of symbols with these counts, in bits."""
-    counts = np.asarray(counts, dtype=np.float64)
-    counts = counts[counts > 0]
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    return float(-(counts * np.log2(counts / total)).sum())
-
-
 def coded_code_bytes(counts: np.ndarray) -> float:
     """Bytes an entropy coder needs for codes with these symbol counts: information +
     alphabet table.
@@ -95,7 +87,7 @@ def coded_code_bytes(counts: np.ndarray) -> float:
     True
     """
     present = int(np.count_nonzero(counts))
-    return entropy_of_counts(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
 
 
 def param_bytes(params: dict[str, np.ndarray]) -> int:

@@ -31,13 +31,13 @@ import torch
 
 from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.cluster import spread
+from qlis.codecs import entropy_bits
 from qlis.config import Param
 from qlis.distortion import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
-    entropy_of_counts,
     peak_abs,
     sum_of_squares,
 )
@@ -109,13 +109,13 @@ def _sample_index(numel: int, size: int, seed: int) -> torch.Tensor:
     return torch.randint(numel, (size,), generator=torch.Generator().manual_seed(seed))
 
 
-def _entropy_bits(counts: np.ndarray, n: int) -> float | None:
+def _bits_per_symbol(counts: np.ndarray, n: int) -> float | None:
     """Bits per symbol (Miller–Madow corrected), or None when the sample is too small to
     estimate it (fewer than 16 samples per present symbol)."""
     present = int(np.count_nonzero(counts))
     if present > n / 16:
         return None
-    return entropy_of_counts(counts) / n + (present - 1) / (2 * n * math.log(2))
+    return entropy_bits(counts) / n + (present - 1) / (2 * n * math.log(2))
 
 
 def _uniform_ladder(
@@ -138,13 +138,13 @@ def _uniform_ladder(
             break
         error = float((reference - levels * float(t) * rms).square_().sum(dtype=torch.float64))
         counts = torch.bincount((levels - low).long()).numpy()
-        bits = _entropy_bits(counts, values.numel())
+        bits = _bits_per_symbol(counts, values.numel())
         if bits is not None:
             reliable = (bits, float(t))
         elif reliable is not None:  # high rate: one more bit per halving of the step
             bits = reliable[0] + math.log2(reliable[1] / float(t))
         else:
-            bits = entropy_of_counts(counts) / values.numel()
+            bits = entropy_bits(counts) / values.numel()
         present = int(np.count_nonzero(counts))
         size = (numel * bits / 8 + TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 12
                 + QUANTIZED_RECORD_BYTES)
@@ -174,7 +174,7 @@ def _group_candidates(
             q = quantizer.quantize(sample)
             error = float((q.dequantize() - sample).square_().sum(dtype=torch.float64))
             counts = np.bincount(q.codes.reshape(-1), minlength=q.n_levels)
-            per_symbol = _entropy_bits(counts, q.codes.size) or bits
+            per_symbol = _bits_per_symbol(counts, q.codes.size) or bits
             size = (numel * min(per_symbol, bits) / 8 + 4 * n_groups
                     + TABLE_BYTES_PER_SYMBOL * int(np.count_nonzero(counts))
                     + QUANTIZED_RECORD_BYTES)

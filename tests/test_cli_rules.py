@@ -255,3 +255,21 @@ def test_a_plan_that_is_not_a_bounded_json_object_is_one_error(model_pt, tmp_pat
     path = plan_file(tmp_path, kind)
     line = within_5_s(lambda: pack_refused(model_pt, tmp_path / "m.qlis", "--plan", path), path)
     assert line.startswith(f"qlis: error: --plan {path}") and match in line
+
+
+OPTION_TOKENS = st.sampled_from(["--jobs", "-j", "--codec", "--max-shard-size", "--format",
+                                 "--policy", "--target-ratio", "--bits", "--bogus", "-x", "--"])
+VALUE_TOKENS = st.sampled_from(["0", "-1", "1e999", "nan", "abc", "", "zstd", "9" * 30, "-h2"])
+
+
+@NO_FIXTURE_RESET
+@given(command=st.sampled_from(["pack", "unpack", "info", "inspect", "nope"]),
+       tokens=st.lists(OPTION_TOKENS | VALUE_TOKENS, max_size=4))
+def test_command_line_mistakes_are_one_line(tmp_path, no_loading, command, tokens):
+    """click's own errors (a bad value, an unknown option or command, a missing argument)
+    follow the same rule as the library's: one line, exit code 2, a pointer to -h."""
+    result = invoke(command, *tokens)
+    assert result.exit_code in (0, 2), result.output
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr

@@ -108,3 +108,13 @@ def test_train_warns_when_the_stored_split_ignores_limit(tmp_path, model_file, s
     result = invoke(*args, "--force")
     assert "warning" not in result.stderr  # nothing asked that the stored split ignores
     assert model_file.read_bytes() == b"checkpoint"
+
+
+def test_command_line_mistakes_are_one_line():
+    """click's own errors follow the rule of library errors in qlis-iqa too."""
+    for args in (["nope"], ["evaluate", "--bogus"], ["compress"], ["score", "--batch-size", "x"]):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qlis-iqa: error:"), result.stderr
+        assert lines[0].endswith("-h')")

@@ -13,13 +13,13 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
 
 from qlis import InputError, QlisError, QualityWarning
 from qlis.console import (
+    CommandGroup,
     check_input,
     check_output,
     check_output_dir,
@@ -27,7 +27,6 @@ from qlis.console import (
     escape,
     human_bytes,
     parse_device,
-    silence_broken_pipe,
 )
 from qlis.json_input import read_json_file
 from qlis.policy import policy_names
@@ -35,30 +34,6 @@ from qlis.policy import policy_names
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
-
-
-class UserError(click.ClickException):
-    """A QlisError or OSError shown as `qlis-iqa: error: ...` with exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"qlis-iqa: error: {self.message}", err=True)
-
-
-class Group(click.Group):
-    """Turns errors a user can fix into one stderr line instead of a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except QlisError as exc:
-            raise UserError(str(exc)) from None
-        except BrokenPipeError:
-            silence_broken_pipe()
-            ctx.exit(1)
-        except OSError as exc:
-            raise UserError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
 
 
 def _err(message: str) -> None:
@@ -180,7 +155,7 @@ precision_option = click.option(
 )
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=CommandGroup, name="qlis-iqa", context_settings=CONTEXT)
 def cli() -> None:
     """Image-quality models (CLIPIQA, DINOIQA) on AGIQA-1K/3K, compressed with qlis."""
 
