@@ -26,8 +26,7 @@ from qlis.quantize import (
 )
 from qlis.rd import RDPolicy
 from qlis.stats import InspectionReport, LayerStats, inspect
-
-__version__ = "0.2.0"
+from qlis.version import __version__ as __version__
 
 __all__ = [
     "Archive",

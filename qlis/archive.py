@@ -21,18 +21,18 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import google_crc32c
 import numpy as np
 import torch
 
 from qlis import runtime as lowbit
+from qlis import version
 from qlis.atomic import atomic_path
 from qlis.codecs import BitPack, Codec, Raw, get_codec
 from qlis.codecs.auto import Auto
 from qlis.codecs.sparse import Sparse
-from qlis.compress import CompressionResult
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.execute import LayerPlan
 from qlis.format import (
@@ -158,12 +158,18 @@ def plan_entry(plan: LayerPlan) -> dict:
     }
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+class Savable(Protocol):
+    """What `save` writes: a compression result (`qlis.CompressionResult`), its tensors as
+    stored, its layers' plan rows and the header fields that describe it."""
+
+    tensors: Mapping[str, Stored]
+    layers: list[LayerPlan]
+
+    def header(self, source_bytes: int | None) -> dict[str, Any]: ...
 
 
 def save(
-    result: CompressionResult,
+    result: Savable,
     path: str | os.PathLike,
     codec: str = "ans",
     metadata: Mapping[str, str] | None = None,
@@ -196,22 +202,8 @@ def save(
         plans={layer.name: plan_entry(layer) for layer in result.layers},
         overwrite=overwrite,
         progress=progress,
-        **result_header(result, source_bytes),
+        **result.header(source_bytes),
     )
-
-
-def result_header(result: CompressionResult, source_bytes: int | None) -> dict[str, Any]:
-    """The header fields that describe a compression: its config, quality and sizes."""
-    return {
-        "compression": result.config,
-        "distortion": result.distortion,
-        "summary": Summary(
-            original_bytes=result.original_bytes,
-            source_bytes=source_bytes,
-            cr=_finite_or_none(result.cr),
-            hcr=_finite_or_none(result.hcr),
-        ).to_json(),
-    }
 
 
 @dataclass
@@ -315,13 +307,11 @@ class ArchiveWriter:
         metadata = dict(metadata or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
-        import qlis  # the package's version, read at write time
-
         data_len = aligned(self._offset)
         header = {
             "format": "qlis",
             "version": VERSION,
-            "writer": {"name": "qlis", "version": qlis.__version__},
+            "writer": {"name": "qlis", "version": version.__version__},
             "metadata": metadata,
             "compression": compression,
             "distortion": distortion,

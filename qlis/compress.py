@@ -7,30 +7,30 @@ for everything stored losslessly), what was done to each layer, what it cost in 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from qlis.calibrate import Calibration, CalibSpec
 from qlis.cluster import Cluster
-from qlis.config import Param
 from qlis.distortion import (
     HEADER_BYTES,
     RECORD_OVERHEAD_BYTES,
 )
 from qlis.errors import ClusterError, ConfigError, InputError
-from qlis.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
+from qlis.execute import LayerPlan, StoredTensor
+from qlis.format import Summary
 from qlis.gptq import MAX_SWEEPS
-from qlis.parallel import check_jobs, ordered_map
-from qlis.plan import LayerConfig, Plan, finite_json
-from qlis.policy import PlanContext, Policy, make_policy, register_policy
+from qlis.parallel import check_jobs
+from qlis.plan import Plan, finite_json
+from qlis.plan_executor import PlanExecutor
+from qlis.policy import PlanContext, PlanPolicy, Policy, make_policy
 from qlis.quantize import QuantizedTensor
-from qlis.reconstruct import NOT_REACHED, reconstruct
+from qlis.reconstruct import NOT_REACHED
 from qlis.resume import PassCache
 from qlis.select import SelectSpec
 from qlis.stats import InspectionReport, inspect
@@ -128,6 +128,21 @@ class CompressionResult:
             "output": self.distortion.get("output"),
         }
 
+    def header(self, source_bytes: int | None) -> dict[str, Any]:
+        """The archive header's fields that describe this compression (`qlis.save` writes
+        them): its config, its quality and its sizes (``source_bytes``: the file it came from,
+        if any)."""
+        return {
+            "compression": self.config,
+            "distortion": self.distortion,
+            "summary": Summary(
+                original_bytes=self.original_bytes,
+                source_bytes=source_bytes,
+                cr=_finite_or_none(self.cr),
+                hcr=_finite_or_none(self.hcr),
+            ).to_json(),
+        }
+
     def describe_quality(self) -> str:
         """One line on what the compression cost: the weight error, and the output error
         when calibration data was given."""
@@ -148,88 +163,12 @@ class CompressionResult:
         )
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _snr_db(rel_mse: float) -> float:
     return float("inf") if rel_mse <= 0 else -10 * math.log10(rel_mse)
-
-
-@register_policy
-@dataclass(frozen=True)
-class PlanPolicy(Policy):
-    """A hand-written plan, as a policy: ``compress(model, plan=...)`` runs this."""
-
-    strategy_id: ClassVar[str] = "plan"
-    params = {"plan": Param("config", optional=True)}
-
-    plan: dict | None = None
-
-    def check(self) -> None:
-        Plan.coerce(self.plan or {})
-
-    def make_plan(self, context: PlanContext) -> Plan:
-        return Plan.coerce(self.plan or {})
-
-
-class PlanExecutor:
-    """Executes plans as one ``compress`` call does: layer by layer, or reconstructed in
-    forward order on the calibration data (``calibration`` given). The last two results are
-    kept, so a plan a policy measured while choosing is not executed twice. ``progress`` gets
-    the parameter count of every layer executed, in every pass."""
-
-    def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
-                 calibration: Calibration | None, bias_correction: bool,
-                 rounding_sweeps: int = 0,
-                 progress: Callable[[int], None] | None = None,
-                 jobs: int | None = None) -> None:
-        self.state = state
-        self.jobs = jobs
-        self.scores = scores
-        self.calibration = calibration
-        self.bias_correction = bias_correction
-        self.rounding_sweeps = rounding_sweeps
-        self.progress = progress
-        self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
-
-    def execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
-                **how: Any) -> tuple[StoredTensor, LayerPlan]:
-        """One layer as this compression executes it (data-free unless ``how`` has a
-        ``hessian``)."""
-        if how.get("hessian") is not None:
-            how["sweeps"] = self.rounding_sweeps
-        return execute_layer(name, weight, config, self.scores.get(name), **how)
-
-    def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
-        """Every tensor as stored (the input's own where unchanged), and the plan rows."""
-        key = json.dumps(plan.to_json(), sort_keys=True)
-        if key in self._done:
-            return self._done[key]
-        stored: dict[str, StoredTensor] = dict(self.state)
-        if self.calibration is not None:
-            done = reconstruct(self.calibration, plan, self.state, self.execute,
-                               self.bias_correction, self.progress)
-            stored.update(done.tensors)
-            stored.update(done.biases)
-            layers = [done.layers[name] for name in plan]
-        else:
-            layers = []
-            names = list(plan)
-            executed = ordered_map(lambda n: self.execute(n, self.state[n], plan[n]), names,
-                                   self.jobs)
-            for name, (tensor, layer) in zip(names, executed, strict=True):
-                stored[name] = tensor
-                layers.append(layer)
-                if self.progress is not None:
-                    self.progress(layer.numel)
-        self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
-        return stored, layers
-
-    def realize(self, plan: Plan) -> Realized:
-        """``plan`` executed: the tensors it changes, dequantized, and its layers' bytes."""
-        stored, layers = self.run(plan)
-        changed = {name: dequantized(t) for name, t in stored.items()
-                   if t is not self.state[name]}
-        return Realized(changed, sum(layer.coded_bytes for layer in layers),
-                        {layer.name: layer.feedback for layer in layers
-                         if layer.feedback is not None})
 
 
 def _unreached(layers: list[LayerPlan]) -> list[str]:

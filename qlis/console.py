@@ -25,6 +25,7 @@ from typing import Any
 import click
 import torch
 
+from qlis.codecs import codec_registry
 from qlis.errors import InputError, QlisError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -214,8 +215,6 @@ def silence_broken_pipe() -> None:
 
 def codec_names() -> list[str]:
     """The ``--codec`` choices of both tools: every registered codec, and "auto"."""
-    from qlis.codecs import codec_registry
-
     return sorted({*codec_registry.names(), "auto"})
 
 

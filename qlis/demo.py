@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+import qlis
 from qlis.atomic import atomic_path
 from qlis.console import describe_rel_mse, human_bytes
 from qlis.tensors import same_bits
@@ -108,10 +110,6 @@ def run_demo(
     >>> figures["bit_exact"], figures["real_ratio"] > 1, figures["weight_rel_mse"] < 1e-3
     (True, True, True)
     """
-    from safetensors.torch import save_file
-
-    import qlis
-
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out_dir) if out_dir is not None else Path(scratch)
         folder.mkdir(exist_ok=True)

@@ -30,7 +30,6 @@ from qlis.archive import (
     check_codec_name,
     encode_tensor,
     plan_entry,
-    result_header,
     save,
 )
 from qlis.cluster import Cluster
@@ -158,7 +157,7 @@ def pack(
                 progress(math.prod(encoded.entry["shape"]))
         result = planned.result(_Recomputed(planned), [layers[name] for name in plan])
         try:
-            writer.finish(metadata=metadata, **result_header(result, source_bytes))
+            writer.finish(metadata=metadata, **result.header(source_bytes))
         except QlisError as err:
             if cluster is not None:
                 cluster.all_gather_json({"error": str(err)})

@@ -296,6 +296,23 @@ class LevelsPolicy(Policy):
         return paper_bits
 
 
+@register_policy
+@dataclass(frozen=True)
+class PlanPolicy(Policy):
+    """A hand-written plan, as a policy: ``compress(model, plan=...)`` runs this."""
+
+    strategy_id: ClassVar[str] = "plan"
+    params = {"plan": Param("config", optional=True)}
+
+    plan: dict | None = None
+
+    def check(self) -> None:
+        Plan.coerce(self.plan or {})
+
+    def make_plan(self, context: PlanContext) -> Plan:
+        return Plan.coerce(self.plan or {})
+
+
 def _preset(policy_id: str, doc: str, **defaults: Any) -> type[LevelsPolicy]:
     """A registered LevelsPolicy subclass whose level defaults are the paper's preset."""
     namespace: dict[str, Any] = {"__doc__": doc, "__annotations__": {}}

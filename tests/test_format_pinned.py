@@ -47,7 +47,7 @@ def test_committed_archives_decode_to_the_committed_tensors(name):
 def test_re_encoding_the_inputs_gives_the_same_bytes(tmp_path, monkeypatch, name):
     committed = (FOLDER / name).read_bytes()
     with qlis.open(FOLDER / name) as archive:
-        monkeypatch.setattr(qlis, "__version__", archive.writer["version"])
+        monkeypatch.setattr(qlis.version, "__version__", archive.writer["version"])
     tensors, options = archives(load_file(FOLDER / "inputs.safetensors"))[name]
     path = write_tensors(tmp_path / name, tensors, **options)
     assert path.read_bytes() == committed

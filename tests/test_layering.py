@@ -1,0 +1,72 @@
+"""The package's layering, read from its source: no import cycle, no late import of a qlis
+module (a cycle dodged inside a function), and the archive below the compression that
+writes it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import qlis
+
+ROOT = Path(qlis.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module's qlis imports at module level (TYPE_CHECKING blocks left out)."""
+    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qlis"):
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("qlis")}
+        graph[name] = (found & modules.keys()) - {"qlis", name}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for child in graph[todo.pop()] - seen:
+            seen.add(child)
+            todo.append(child)
+    return seen
+
+
+def test_no_module_imports_itself_through_others():
+    graph = _imports()
+    cycles = [name for name in graph if name in _reachable(graph, name)]
+    assert not cycles, f"import cycles through {cycles}"
+
+
+def test_no_qlis_module_is_imported_inside_a_function():
+    late = []
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        guarded = {id(n) for s in tree.body if _type_checking(s) for n in ast.walk(s)}
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if (any(n == "qlis" or n.startswith("qlis.") for n in names)
+                    and id(node) not in top and id(node) not in guarded):
+                late.append(f"{_module_name(path)}:{node.lineno}")
+    assert not late, f"late imports of qlis modules: {late}"
+
+
+def test_the_archive_does_not_depend_on_compression_or_policies():
+    below = _reachable(_imports(), "qlis.archive")
+    assert not below & {"qlis.compress", "qlis.policy", "qlis.rd", "qlis.pack"}, below
