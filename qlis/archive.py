@@ -33,6 +33,7 @@ from qlis.atomic import atomic_path
 from qlis.codecs import BitPack, Codec, Raw, get_codec
 from qlis.codecs.auto import Auto
 from qlis.codecs.sparse import Sparse
+from qlis.config import Param
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.execute import LayerPlan
 from qlis.format import (
@@ -61,6 +62,7 @@ from qlis.quantize import QuantizedTensor, get_quantizer
 from qlis.tensors import bit_patterns
 
 CRC_PIECE = 1 << 24
+_PATH = Param("path")
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _PATTERN = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -254,8 +256,8 @@ class ArchiveWriter:
     ``with`` block without `finish` (an error, an interrupt) leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
-        self.path = Path(path)
-        self.overwrite = overwrite
+        self.path = _PATH.check(path, "archive path")
+        self.overwrite = Param("bool").check(overwrite, "overwrite")
         if not overwrite and (self.path.exists() or self.path.is_symlink()):
             raise InputError(f"{self.path} exists; pass overwrite=True (CLI: --force) to "
                              "replace it")
@@ -304,6 +306,9 @@ class ArchiveWriter:
                compression: dict | None = None, distortion: dict | None = None,
                summary: Mapping[str, Any] | None = None) -> Path:
         """Write the header and the records as the archive, atomically."""
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InputError(f"archive metadata must map strings to strings, got "
+                             f"{type(metadata).__name__}")
         metadata = dict(metadata or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
@@ -458,7 +463,7 @@ class Archive:
             raise ConfigError(
                 f"max_decoded_bytes must be a non-negative int, got {max_decoded_bytes!r}"
             )
-        self.path = Path(path)
+        self.path = _PATH.check(path, "archive path")
         if not self.path.is_file():
             raise InputError(f"{self.path}: no such file")
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -737,6 +742,8 @@ def load(
     """
 
     lowbit.check_runtime(runtime)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model= takes an nn.Module to load into, got {type(model).__name__}")
     if runtime == "lowbit" and model is None:
         raise ConfigError('runtime="lowbit" loads into a model: pass model=')
     with Archive(path, max_decoded_bytes=max_decoded_bytes) as archive:

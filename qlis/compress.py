@@ -17,6 +17,7 @@ import torch
 
 from qlis.calibrate import Calibration, CalibSpec
 from qlis.cluster import Cluster
+from qlis.config import Param, check_options
 from qlis.distortion import (
     HEADER_BYTES,
     RECORD_OVERHEAD_BYTES,
@@ -33,8 +34,16 @@ from qlis.quantize import QuantizedTensor
 from qlis.reconstruct import NOT_REACHED
 from qlis.resume import PassCache
 from qlis.select import SelectSpec
-from qlis.stats import InspectionReport, inspect
+from qlis.stats import SCORE_PARAMS, InspectionReport, inspect
 from qlis.tensors import as_state_dict, storage_bits
+
+COMPRESS_PARAMS = {
+    **SCORE_PARAMS,
+    "error_feedback": Param("bool", optional=True),
+    "bias_correction": Param("bool"),
+    "rounding_sweeps": Param("int", 0, MAX_SWEEPS),
+}
+"""``compress``'s own options (the policy's are its ``params``)."""
 
 DEFAULT_POLICY = "rd"
 DEFAULT_ROUNDING_SWEEPS = 0
@@ -324,14 +333,13 @@ def plan_compression(
     measured (qlis/resume.py)."""
     state = as_state_dict(model_or_state_dict)
     jobs = check_jobs(jobs)
+    checked = check_options(COMPRESS_PARAMS, {
+        "beta": beta, "eps": eps, "error_feedback": error_feedback,
+        "bias_correction": bias_correction, "rounding_sweeps": rounding_sweeps}, "compress")
+    beta, eps, error_feedback, bias_correction, rounding_sweeps = checked.values()
     if error_feedback and calib is None:
         raise ConfigError("error_feedback needs calibration data: pass calib=")
-    error_feedback = calib is not None if error_feedback is None else bool(error_feedback)
-    if isinstance(rounding_sweeps, bool) or not isinstance(rounding_sweeps, int) or not (
-        0 <= rounding_sweeps <= MAX_SWEEPS
-    ):
-        raise ConfigError(f"rounding_sweeps must be an integer from 0 to {MAX_SWEEPS}, got "
-                          f"{rounding_sweeps!r}")
+    error_feedback = calib is not None if error_feedback is None else error_feedback
     if rounding_sweeps and not error_feedback:
         raise ConfigError("rounding_sweeps refines reconstructed layers: it needs calib= "
                           "(and error_feedback not False)")

@@ -14,19 +14,22 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from qlis.errors import ConfigError
 
-_KINDS = ("int", "float", "bool", "str", "config")
+_KINDS = ("int", "float", "bool", "str", "config", "path")
 
 
 @dataclass(frozen=True)
 class Param:
-    """One option: ``kind`` is "int", "float" (finite), "bool", "str" or "config" (a strategy
-    or codec config: an id or a JSON object, validated by whoever builds from it).
+    """One option: ``kind`` is "int", "float" (finite), "bool", "str", "config" (a strategy
+    or codec config: an id or a JSON object, validated by whoever builds from it) or "path"
+    (a str or os.PathLike, kept as a Path).
     ``low``/``high`` bound numbers (open with ``low_open``/``high_open``), ``choices`` lists
     the allowed values, ``optional`` allows None, ``sequence`` takes a list or tuple of such
     values (returned as a tuple; ``non_empty`` refuses an empty one, ``items_optional``
@@ -50,7 +53,8 @@ class Param:
     def describe(self) -> str:
         """What the option takes, in words (for error messages and docs)."""
         words = {"int": "an integer", "float": "a finite number", "bool": "true or false",
-                 "str": "a string", "config": "a config (an id or a JSON object)"}[self.kind]
+                 "str": "a string", "config": "a config (an id or a JSON object)",
+                 "path": "a file path"}[self.kind]
         if self.choices:
             words = "one of " + ", ".join(repr(c) for c in self.choices)
         elif self.low is not None or self.high is not None:
@@ -75,6 +79,10 @@ class Param:
         return self._scalar(value, value, name)
 
     def _scalar(self, value: Any, given: Any, name: str) -> Any:
+        if self.kind == "path":
+            if not isinstance(value, str | os.PathLike) or isinstance(os.fspath(value), bytes):
+                raise self._refuse(given, name)
+            return Path(value)
         if self.kind == "config":
             if isinstance(value, str):
                 return value

@@ -40,6 +40,7 @@ from qlis.compress import (
     compress,
     plan_compression,
 )
+from qlis.config import Param
 from qlis.errors import ClusterError, QlisError
 from qlis.execute import LayerPlan, StoredTensor
 from qlis.io import MappedState
@@ -109,6 +110,7 @@ def pack(
     interrupted pack of the same files with the same options saved (qlis/resume.py).
     """
     check_codec_name(codec)
+    resume = Param("bool").check(resume, "resume")
     cluster = Cluster.from_environment() if cluster is None else cluster
     if options.get("calib") is not None:
         if cluster is not None:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qlis.errors import ConfigError
+
 Selector = Callable[[str, torch.Tensor], bool]
 SelectSpec = Selector | str | Sequence[str] | None
 
@@ -34,7 +36,14 @@ def make_selector(select: SelectSpec = None) -> Selector:
         return default_select
     if callable(select):
         return select
-    patterns = [select] if isinstance(select, str) else list(select)
+    if isinstance(select, str):
+        patterns = [select]
+    elif isinstance(select, list | tuple) and all(isinstance(p, str) for p in select):
+        patterns = list(select)
+    else:
+        shown = repr(select)[:60]
+        raise ConfigError("select takes a glob pattern, a list of them or a callable(name, "
+                          f"tensor) -> bool, got {shown}")
 
     def by_pattern(name: str, tensor: torch.Tensor) -> bool:
         return tensor.is_floating_point() and any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -17,6 +17,7 @@ from numba import njit
 
 from qlis.cluster import Cluster, spread
 from qlis.codecs import symbol_histogram
+from qlis.config import Param, check_options
 from qlis.distortion import CHUNK_ELEMENTS, peak_abs
 from qlis.errors import InputError
 from qlis.resume import PassCache
@@ -156,11 +157,8 @@ class InspectionReport:
         raise KeyError(name)
 
 
-def _check_beta_eps(beta: float, eps: float) -> None:
-    if not 0.0 <= beta <= 1.0:
-        raise InputError(f"beta must be in [0, 1], got {beta}")
-    if not eps >= 0.0:
-        raise InputError(f"eps must be >= 0, got {eps}")
+SCORE_PARAMS = {"beta": Param("float", 0, 1), "eps": Param("float", 0)}
+"""The options of the QLIS score (β weighs E against S; ε is the small-weight threshold)."""
 
 
 def _layer_measures(tensor: torch.Tensor, eps: float) -> tuple[float, float, float]:
@@ -203,7 +201,8 @@ def inspect(
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
     (['weight'], 1.0)
     """
-    _check_beta_eps(beta, eps)
+    checked = check_options(SCORE_PARAMS, {"beta": beta, "eps": eps}, "inspect")
+    beta, eps = checked["beta"], checked["eps"]
     state = as_state_dict(model_or_state_dict)
     selector = make_selector(select)
     names = [name for name, t in state.items() if selector(name, t)]

@@ -3,6 +3,8 @@ through its config and refuses any bad value with a ConfigError, never another e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -112,3 +114,41 @@ def test_plan_entries_refuse_bad_values_with_a_config_error(data):
         qlis.compress(_tiny(), plan={"fc.weight": entry})
     except QlisError:
         return
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_compress_and_inspect_options_refuse_bad_values_with_a_config_error(data):
+    """compress's own options (beta, eps, select, error_feedback, bias_correction,
+    rounding_sweeps, jobs) and inspect's, whatever they hold."""
+    key = data.draw(st.sampled_from(["beta", "eps", "select", "error_feedback",
+                                     "bias_correction", "rounding_sweeps", "jobs"]))
+    value = data.draw(hostile)
+    calib = [torch.randn(2, 32)] if data.draw(st.booleans()) else None
+    with contextlib.suppress(QlisError):
+        qlis.compress(torch.nn.Linear(32, 16), **{key: value}, calib=calib)
+    if key in ("beta", "eps", "select", "jobs"):
+        with contextlib.suppress(QlisError):
+            qlis.inspect(torch.nn.Linear(32, 16), **{key: value})
+
+
+@pytest.mark.parametrize("call", [
+    lambda r, p: qlis.save(r, p, metadata=[1]),
+    lambda r, p: qlis.save(r, 5),
+    lambda r, p: qlis.save(r, p, overwrite="no"),
+    lambda r, p: qlis.save(r, p, codec={"id": "ans"}),
+    lambda r, p: qlis.save(r, p, source_bytes="x"),
+    lambda r, p: qlis.load(p, 5),
+    lambda r, p: qlis.load(p, max_decoded_bytes="x"),
+    lambda r, p: qlis.open(5),
+    lambda r, p: qlis.open(b"m.qlis"),
+    lambda r, p: qlis.pack(_tiny(), p, resume="x"),
+    lambda r, p: qlis.pack(_tiny(), p, jobs=-1),
+])
+def test_the_public_functions_refuse_arguments_of_the_wrong_kind(tmp_path, call):
+    result = qlis.compress(_tiny())
+    path = qlis.save(result, tmp_path / "m.qlis")
+    before = path.read_bytes()
+    with pytest.raises(QlisError):
+        call(result, path)
+    assert path.read_bytes() == before
