@@ -58,7 +58,7 @@ from qlis.format import (
 )
 from qlis.grid import Grid
 from qlis.parallel import ordered_map
-from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer
 from qlis.tensors import bit_patterns
 
 CRC_PIECE = 1 << 24
@@ -509,6 +509,7 @@ class Archive:
             raise ArchiveError("corrupt header (checksum mismatch)")
         header = validate_header(parse_json(raw_header), data_len, max_decoded_bytes)
         self._entries = header.entries
+        self._quantizers: dict[int, Quantizer] = {}
         self.writer: dict = header.writer
         self.metadata: dict[str, str] = header.metadata
         self.compression: dict | None = header.compression
@@ -556,6 +557,16 @@ class Archive:
             return self._entries[name]
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
+
+    def quantizer(self, name: str) -> Quantizer | None:
+        """The quantizer of a tensor (None for a plain one), built once per distinct config:
+        the header's validation shares one mapping between equal configs."""
+        config = self.entry(name).quantizer
+        if config is None:
+            return None
+        if id(config) not in self._quantizers:
+            self._quantizers[id(config)] = get_quantizer(dict(config))
+        return self._quantizers[id(config)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The declared shape of one tensor (no data is read)."""
@@ -609,7 +620,7 @@ class Archive:
         if entry.quantizer is None:
             return entry, params, None
         try:
-            grid = get_quantizer(dict(entry.quantizer)).check_params(
+            grid = self.quantizer(name).check_params(
                 entry.shape, entry.n_levels, params)
         except ArchiveError as err:
             raise self._fail(f"tensor {name!r}: {err}") from None
@@ -621,7 +632,7 @@ class Archive:
         quantized = self.read_quantized(name)
         if quantized is not None:
             try:
-                tensor = get_quantizer(quantized.quantizer).dequantize(quantized)
+                tensor = self.quantizer(name).dequantize(quantized)
             except QlisError as err:
                 raise self._fail(f"tensor {name!r}: {err}") from None
             except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:

@@ -59,9 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlis.errors import ConfigError, InputError
-from qlis.format import TensorEntry
 from qlis.grid import Grid, matrix_shape
-from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.quantize import QuantizedTensor
 
 RUNTIMES = ("float", "lowbit")
 KERNEL_MAX_ROWS = 8
@@ -331,10 +330,10 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
     return rows
 
 
-def _packable(entry: TensorEntry) -> bool:
+def _packable(archive, name: str) -> bool:  # noqa: ANN001 - a qlis.Archive
     """A quantized, non-empty tensor whose quantizer describes its grid (from the header)."""
-    return (entry.quantizer is not None and entry.numel > 0
-            and get_quantizer(dict(entry.quantizer)).has_grid())
+    quantizer = archive.quantizer(name)
+    return quantizer is not None and archive.entry(name).numel > 0 and quantizer.has_grid()
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -363,7 +362,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         weight = f"{name}.weight"
         if not name or not _replaceable(module) or weight not in persistent:
             continue
-        if not _packable(archive.entry(weight)):
+        if not _packable(archive, weight):
             continue
         q = archive.read_quantized(weight)
         bias = None
