@@ -25,6 +25,10 @@ import torch
 from qlis.errors import ConfigError, InputError
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
+HOLDOUT_EVERY = 4
+"""With at least this many batches, every fourth one is held out: reconstruction and the
+allocation's probes fit on the others, and the output quality that ``min_cosine`` aims at and
+the result reports is measured on the held-out ones, which no layer was fitted to."""
 _MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError)
 """What a model raises for inputs of the wrong shape, dtype or keywords."""
 
@@ -82,6 +86,12 @@ class Calibration:
         finally:
             if handle is not None:
                 handle.remove()
+        count = len(self.reference)
+        split = not callable(calib) and count >= HOLDOUT_EVERY
+        self.held_out = [i for i in range(count) if split and i % HOLDOUT_EVERY == 3]
+        """Batches measured, never fitted to (none with fewer than HOLDOUT_EVERY batches or
+        a callable: then quality is measured on the fitting batches, and says so)."""
+        self.fitting = [i for i in range(count) if i not in self.held_out]
         if not any(v.numel() for v in self.reference):
             raise InputError("the calibration outputs are empty")
         for i, vectors in enumerate(self.reference):
@@ -91,7 +101,7 @@ class Calibration:
                                  "NaN or inf: calibrate on inputs the model computes finitely")
 
     def _run(self, stop: type[Exception] | None = None, replay: bool = False,
-             checked: bool = False) -> list[torch.Tensor]:
+             checked: bool = False, batches: list[int] | None = None) -> list[torch.Tensor]:
         """Run every batch (or the callable once) and return the outputs; a batch that raises
         ``stop`` (a hook that has seen what it needed) is cut short and gives no output.
         ``replay``: the model calls a callable made, one by one (each can stop alone).
@@ -102,7 +112,7 @@ class Calibration:
         outputs = []
         try:
             with torch.inference_mode():
-                for i, run in enumerate(self._runs(replay)):
+                for i, run in enumerate(self._runs(replay, batches)):
                     try:
                         outputs.append(first_tensor(run()))
                     except Exception as err:
@@ -121,12 +131,15 @@ class Calibration:
         self.seconds += time.perf_counter() - start
         return outputs
 
-    def _runs(self, replay: bool) -> list[Callable[[], Any]]:
+    def _runs(self, replay: bool, batches: list[int] | None = None) -> list[Callable[[], Any]]:
+        """The model calls of one pass: every batch, or those of ``batches`` (a callable's
+        calls are not split)."""
         if callable(self.calib) and replay and self.calls:
             return [lambda call=call: self.model(*call[0], **call[1]) for call in self.calls]
         if callable(self.calib):
             return [lambda: self.calib(self.model)]
-        return [lambda batch=batch: self._call(batch) for batch in self.calib]
+        chosen = range(len(self.calib)) if batches is None else batches
+        return [lambda batch=self.calib[i]: self._call(batch) for i in chosen]
 
     @property
     def forward_calls(self) -> int:
@@ -134,12 +147,12 @@ class Calibration:
         the model counts once: it cannot be replayed call by call)."""
         if callable(self.calib):
             return len(self.calls) or 1
-        return len(self.calib)
+        return len(self.fitting)
 
     def feed(self, stop: type[Exception] | None = None) -> None:
         """One pass for the hooks the caller placed on the model (outputs are dropped); a
         callable's model calls are replayed one by one, so ``stop`` ends only the current one."""
-        self._run(stop, replay=True)
+        self._run(stop, replay=True, batches=self.fitting)
 
     def _call(self, batch: Any) -> Any:
         if isinstance(batch, Mapping):
@@ -148,10 +161,17 @@ class Calibration:
             return self.model(*batch)
         return self.model(batch)
 
-    def outputs_with(self, replacements: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The outputs with some state-dict entries replaced (the model is restored after)."""
+    def measured_batches(self, held_out: bool = True) -> list[int]:
+        """The batches quality is measured on: the held-out ones when there are (and
+        ``held_out``), else the fitting ones."""
+        return self.held_out if held_out and self.held_out else self.fitting
+
+    def outputs_with(self, replacements: Mapping[str, torch.Tensor],
+                     batches: list[int] | None = None) -> list[torch.Tensor]:
+        """The outputs with some state-dict entries replaced (the model is restored after),
+        on ``batches`` (default: every batch)."""
         with self.swapped(replacements):
-            return [_vectors(o) for o in self._run()]
+            return [_vectors(o) for o in self._run(batches=batches)]
 
     @contextmanager
     def swapped(self, replacements: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -177,9 +197,14 @@ class Calibration:
             raise InputError(f"the model has no tensor {name!r}")
         return tensor
 
-    def measure(self, replacements: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE."""
-        return self.compare(self.outputs_with(replacements))
+    def measure(self, replacements: Mapping[str, torch.Tensor],
+                held_out: bool = True) -> dict[str, Any]:
+        """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE, on
+        the held-out batches (``held_out``, when there are) or the fitting ones, and which."""
+        batches = self.measured_batches(held_out)
+        measured = self.compare(self.outputs_with(replacements, batches), batches)
+        return {**measured, "batches": len(batches),
+                "held_out": bool(held_out and self.held_out)}
 
     def sensitivities(self, names: list[str], samples: int = 4, seed: int = 0,
                       ) -> dict[str, float] | None:
@@ -209,7 +234,8 @@ class Calibration:
                 t.requires_grad_(True)
             with torch.enable_grad():
                 for _ in range(samples):
-                    for i, run in enumerate(self._runs(replay=False)):
+                    for i, run in zip(self.fitting, self._runs(False, self.fitting),
+                                      strict=True):
                         output = first_tensor(run())
                         if not output.requires_grad:
                             return None
@@ -234,13 +260,17 @@ class Calibration:
             self.model.train(was_training)
             self.passes += samples
             self.seconds += time.perf_counter() - start
-        count = sum(len(v) for v in self.reference)
+        count = sum(len(self.reference[i]) for i in self.fitting)
         return {name: totals[name] / samples / count
                 * float(t.detach().double().square().mean()) for name, t in tensors.items()}
 
-    def compare(self, outputs: list[torch.Tensor]) -> dict[str, float]:
+    def compare(self, outputs: list[torch.Tensor],
+                batches: list[int] | None = None) -> dict[str, float]:
+        """Distortion of ``outputs`` (of ``batches``; default every batch) from the original
+        model's."""
+        references = self.reference if batches is None else [self.reference[i] for i in batches]
         cosines, error, energy = [], 0.0, 0.0
-        for ref, out in zip(self.reference, outputs, strict=True):
+        for ref, out in zip(references, outputs, strict=True):
             dot = (ref * out).sum(dim=1)
             norms = ref.norm(dim=1) * out.norm(dim=1)
             cos = torch.where(norms > 0, dot / norms.clamp(min=1e-300),

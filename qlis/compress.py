@@ -160,7 +160,9 @@ class CompressionResult:
                 f"(SNR {_snr_db(mean):.1f} dB), worst layer {worst:.2e}")
         output = self.distortion.get("output")
         if output:
-            text += (f"; output on the calibration data: cosine {output['cosine']:.5f}, "
+            where = (f"{output['batches']} held-out calibration batches"
+                     if output.get("held_out") else "the calibration data")
+            text += (f"; output on {where}: cosine {output['cosine']:.5f}, "
                      f"relative MSE {output['rel_mse']:.2e}")
         return text
 

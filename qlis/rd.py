@@ -359,8 +359,9 @@ class RDPolicy(Policy):
         if output is not None and self.max_distortion is None and self._size_target() is None:
             wanted = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
             if output["cosine"] < wanted:
-                found.append(f"the output cosine {output['cosine']:.5f} misses the target "
-                             f"{wanted} even after {_COSINE_PASSES} passes")
+                where = "held-out" if output.get("held_out") else "calibration"
+                found.append(f"the output cosine {output['cosine']:.5f} on the {where} batches "
+                             f"misses the target {wanted} even after {_COSINE_PASSES} passes")
         elif output is None and self._size_target() is None:
             limit = self.max_distortion or DEFAULT_MAX_DISTORTION
             key = "weight_rel_mse" if self.weighting == "layers" else "weight_rel_mse_params"
@@ -442,7 +443,7 @@ class RDPolicy(Policy):
                 probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
                                                           - math.log(_PROBE_REL_MSE)))
                 stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-                measured = calibration.measure({name: dequantized(stored)})
+                measured = calibration.measure({name: dequantized(stored)}, held_out=False)
                 gains[name] = (measured["one_minus_cosine"] / layer.rel_mse
                                if layer.rel_mse > 0 else 0.0)
         # a layer the calibration's outputs do not depend on (never run, or not on the path
