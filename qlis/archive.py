@@ -465,7 +465,8 @@ class Archive:
             )
         self.path = _PATH.check(path, "archive path")
         if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
+            kind = "not a regular file" if self.path.exists() else "no such file"
+            raise InputError(f"{self.path}: {kind}")
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._pread = _positional_reader(self._fd)
         try:

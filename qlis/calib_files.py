@@ -57,7 +57,7 @@ def check_calibration_path(path: str | Path) -> Path:
     if path.suffix not in CALIB_SUFFIXES:
         raise InputError(f"{path}: calibration data must be {', '.join(CALIB_SUFFIXES)}")
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     return path
 
 
