@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import os
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +93,8 @@ class Param:
             return dict(value)
         if not _is_kind(value, self.kind):
             raise self._refuse(given, name)
-        if self.kind == "float":
-            value = float(value)
+        if self.kind in ("int", "float"):  # numpy scalars too, kept as plain JSON numbers
+            value = int(value) if self.kind == "int" else float(value)
         if self.choices and value not in self.choices:
             raise self._refuse(given, name)
         if not self._in_range(value):
@@ -106,9 +108,7 @@ class Param:
                                          and value == self.high)
 
     def _refuse(self, value: Any, name: str) -> ConfigError:
-        shown = repr(value)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        return ConfigError(f"{name} must be {self.describe()}, got {shown}")
+        return ConfigError(f"{name} must be {self.describe()}, got {shown(value)}")
 
 
 def _plural(words: str) -> str:
@@ -119,14 +119,25 @@ def _plural(words: str) -> str:
     return words
 
 
+def shown(value: Any) -> str:
+    """A value in a message: its repr, bounded in length and depth whatever it holds."""
+    return _SHOWN.repr(value)
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
 def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "int":
-        return type(value) is int
     if kind == "bool":
         return type(value) is bool
     if kind == "str":
         return isinstance(value, str)
-    if type(value) not in (int, float):  # bool is an int, and never a number here
+    if isinstance(value, bool):  # bool is an int in Python, and never a number here
+        return False
+    if kind == "int":
+        return isinstance(value, numbers.Integral)
+    if not isinstance(value, numbers.Real):
         return False
     try:
         return math.isfinite(value)
@@ -155,9 +166,8 @@ def config_id(config: object, kind: str) -> tuple[str, dict[str, Any]]:
     if isinstance(config, str):
         return config, {}
     if not isinstance(config, Mapping) or not isinstance(config.get("id"), str):
-        shown = repr(config)
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        raise ConfigError(f"a {kind} is a name or a config with a string 'id', got {shown}")
+        raise ConfigError(f"a {kind} is a name or a config with a string 'id', got "
+                          f"{shown(config)}")
     return config["id"], {k: v for k, v in config.items() if k != "id"}
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qlis.config import shown
 from qlis.errors import ConfigError
 from qlis.prune import get_pruner
 from qlis.quantize import get_quantizer
@@ -29,7 +30,7 @@ def _check_config(config: object, kind: str, layer: str) -> dict | None:
         return None
     if not isinstance(config, Mapping) or not isinstance(config.get("id"), str):
         raise ConfigError(
-            f"layer {layer!r}: the {kind} must be a dict with an 'id', got {config!r}"
+            f"layer {layer!r}: the {kind} must be a dict with an 'id', got {shown(config)}"
         )
     try:
         text = json.dumps(dict(config), allow_nan=False)
@@ -84,7 +85,7 @@ class Plan(Mapping[str, LayerConfig]):
         self._layers: dict[str, LayerConfig] = {}
         for name, config in layers.items():
             if not isinstance(name, str):
-                raise ConfigError(f"plan keys are layer names (strings), got {name!r}")
+                raise ConfigError(f"plan keys are layer names (strings), got {shown(name)}")
             self._layers[name] = _layer_config(name, config)
 
     @classmethod
@@ -113,7 +114,7 @@ def _layer_config(name: str, config: LayerConfig | Mapping) -> LayerConfig:
         config = config.to_json()
     if not isinstance(config, Mapping):
         raise ConfigError(
-            f"layer {name!r}: expected a dict with 'pruner'/'quantizer', got {config!r}"
+            f"layer {name!r}: expected a dict with 'pruner'/'quantizer', got {shown(config)}"
         )
     unknown = set(config) - {"pruner", "quantizer"}
     if unknown:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qlis.config import shown
 from qlis.errors import ConfigError
 
 Selector = Callable[[str, torch.Tensor], bool]
@@ -41,9 +42,8 @@ def make_selector(select: SelectSpec = None) -> Selector:
     elif isinstance(select, list | tuple) and all(isinstance(p, str) for p in select):
         patterns = list(select)
     else:
-        shown = repr(select)[:60]
         raise ConfigError("select takes a glob pattern, a list of them or a callable(name, "
-                          f"tensor) -> bool, got {shown}")
+                          f"tensor) -> bool, got {shown(select)}")
 
     def by_pattern(name: str, tensor: torch.Tensor) -> bool:
         return tensor.is_floating_point() and any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -152,3 +153,17 @@ def test_the_public_functions_refuse_arguments_of_the_wrong_kind(tmp_path, call)
     with pytest.raises(QlisError):
         call(result, path)
     assert path.read_bytes() == before
+
+
+def test_numpy_scalars_are_numbers_and_messages_stay_short():
+    assert qlis.AffineQuantizer(bits=np.int64(4)).get_config()["bits"] == 4
+    assert type(qlis.AffineQuantizer(bits=np.int64(4)).bits) is int
+    assert make_policy("rd", target_ratio=np.float32(8)).target_ratio == 8.0
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):  # a repr of this would recurse past Python's limit
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(QlisError) as refused:
+        qlis.AffineQuantizer(bits=deep)
+    assert len(str(refused.value)) < 200
