@@ -18,13 +18,9 @@ import torch
 from qlis.calibrate import Calibration, CalibSpec
 from qlis.cluster import Cluster
 from qlis.config import Param, check_options
-from qlis.distortion import (
-    HEADER_BYTES,
-    RECORD_OVERHEAD_BYTES,
-)
 from qlis.errors import ClusterError, ConfigError, InputError
 from qlis.execute import LayerPlan, StoredTensor
-from qlis.format import Summary
+from qlis.format import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Summary
 from qlis.gptq import MAX_SWEEPS
 from qlis.parallel import check_jobs
 from qlis.plan import Plan, finite_json

@@ -1,37 +1,22 @@
-"""What compression costs and saves, measured the same way everywhere.
+"""What compression costs in quality, measured the same way everywhere.
 
-- weight error: relative MSE of a layer, ``||w_hat - w||^2 / ||w||^2``;
-- coded size: the bytes an entropy coder needs for a layer's codes (the empirical entropy,
-  which the ``ans`` codec reaches within a fraction of a percent) plus the bytes of the
-  quantizer's parameters and a small per-record cost — real bytes, not the paper's CR;
+- weight error: relative MSE of a layer, ``||w_hat - w||^2 / ||w||^2``, in chunks;
 - output error (qlis/calibrate.py): 1 - cosine or relative MSE of the model's outputs.
+
+What it saves, the coded size of every part of an archive, is the size model of
+qlis/format.py.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-
-from qlis.codecs import entropy_bits
-
-HEADER_BYTES = 1024
-"""An archive's fixed cost: prefix, header skeleton, policy options and summary."""
-RECORD_OVERHEAD_BYTES = 176
-"""A tensor stored as it is: its JSON header entry and its record's 64-byte alignment."""
-QUANTIZED_RECORD_BYTES = 900
-"""A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
-in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
 CHUNK_ELEMENTS = 1 << 20
 """Large tensors are quantized, dequantized and measured this many elements at a time
 (float32 copies of a chunk, never of the whole tensor): a layer's working memory stays
 near its codes'."""
-
-TABLE_BYTES_PER_SYMBOL = 1.5
-"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
-
 
 def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """``||approx - reference||^2 / ||reference||^2`` (0 for an all-zero reference).
@@ -77,19 +62,3 @@ def peak_abs(tensor: torch.Tensor) -> float:
         return 0.0
     low, high = torch.aminmax(tensor.detach().reshape(-1))
     return max(-float(low), float(high))
-
-
-def coded_code_bytes(counts: np.ndarray) -> float:
-    """Bytes an entropy coder needs for codes with these symbol counts: information +
-    alphabet table.
-
-    >>> coded_code_bytes(np.array([1000])) < 10
-    True
-    """
-    present = int(np.count_nonzero(counts))
-    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
-
-
-def param_bytes(params: dict[str, np.ndarray]) -> int:
-    """Bytes of a quantizer's parameters as stored."""
-    return sum(int(np.asarray(v).nbytes) for v in params.values())

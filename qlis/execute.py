@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from qlis.codecs import huffman_code_lengths, symbol_histogram
-from qlis.distortion import (
+from qlis.distortion import relative_mse
+from qlis.format import (
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
     coded_code_bytes,
     param_bytes,
-    relative_mse,
 )
 from qlis.gptq import output_error, quantize_with_error_feedback
 from qlis.plan import LayerConfig

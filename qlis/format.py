@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qlis.codecs import get_codec
+from qlis.codecs import entropy_bits, get_codec
 from qlis.errors import ArchiveError, QlisError
 from qlis.quantize import get_quantizer
 
@@ -72,6 +72,37 @@ _SCAN_CHUNK = 1 << 20
 # exponent, looked for everywhere, strings included): only then is each number parsed by hand.
 _NUMBER_CHARS = bytes.maketrans(b"0123456789eE+-", b"0000000000ee++")
 _LARGE_NUMBERS = (b"0" * (MAX_INT_DIGITS + 1), b"e000", b"e+000")
+
+
+# -- the size model: what every part of an archive costs (compress, rd and execute estimate
+# archives with it before they are written) ----------------------------------------------
+
+HEADER_BYTES = 1024
+"""An archive's fixed cost: prefix, header skeleton, policy options and summary."""
+RECORD_OVERHEAD_BYTES = 176
+"""A tensor stored as it is: its JSON header entry and its record's 64-byte alignment."""
+QUANTIZED_RECORD_BYTES = 900
+"""A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
+in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
+
+TABLE_BYTES_PER_SYMBOL = 1.5
+"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
+
+
+def coded_code_bytes(counts: np.ndarray) -> float:
+    """Bytes an entropy coder needs for codes with these symbol counts: information +
+    alphabet table.
+
+    >>> coded_code_bytes(np.array([1000])) < 10
+    True
+    """
+    present = int(np.count_nonzero(counts))
+    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+
+
+def param_bytes(params: dict[str, np.ndarray]) -> int:
+    """Bytes of a quantizer's parameters as stored."""
+    return sum(int(np.asarray(v).nbytes) for v in params.values())
 
 
 _ELEMENT_SIZES = {name: torch.empty((), dtype=dtype).element_size()

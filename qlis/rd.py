@@ -33,16 +33,15 @@ from qlis.allocate import Curve, allocate_for_distortion, allocate_for_size, tot
 from qlis.cluster import spread
 from qlis.codecs import entropy_bits
 from qlis.config import Param
-from qlis.distortion import (
+from qlis.distortion import peak_abs, sum_of_squares
+from qlis.errors import ConfigError
+from qlis.execute import Realized, dequantized, execute_layer
+from qlis.format import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
-    peak_abs,
-    sum_of_squares,
 )
-from qlis.errors import ConfigError
-from qlis.execute import Realized, dequantized, execute_layer
 from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
