@@ -520,25 +520,29 @@ def _check_entry(entry: object, data_len: int, configs: _ConfigCheck) -> TensorE
                        params or _NO_PARAMS, plan)
 
 
-def _check_overlaps(entries: Collection[TensorEntry]) -> None:
-    """No two non-empty records share a byte (sorted by offset, each ends before the next)."""
-    records = [(e.data, e.name, None) for e in entries]
-    records += [(p.record, e.name, key) for e in entries if e.params
-                for key, p in e.params.items()]
-    starts = np.fromiter((r.offset for r, _, _ in records), np.int64, len(records))
-    lengths = np.fromiter((r.length for r, _, _ in records), np.int64, len(records))
-    used = np.flatnonzero(lengths)
-    order = used[np.argsort(starts[used], kind="stable")]
-    ends = np.maximum.accumulate(starts[order] + lengths[order])
-    clash = np.flatnonzero(starts[order][1:] < ends[:-1])
-    if clash.size:
-        def where(i: int) -> str:
-            _, name, key = records[order[i]]
-            return f"tensor {name[:200]!r}" + ("" if key is None else f" parameter {key[:80]!r}")
+def _records(entry: TensorEntry) -> list[tuple[Record, str]]:
+    """An entry's records with what an error calls them: the data, then each parameter."""
+    where = f"tensor {entry.name[:200]!r}"
+    return [(entry.data, where), *((p.record, f"{where} parameter {key[:80]!r}")
+                                   for key, p in entry.params.items())]
 
+
+def _check_overlaps(entries: Collection[TensorEntry], starts: list[int],
+                    lengths: list[int]) -> None:
+    """No two non-empty records share a byte (sorted by offset, each ends before the next).
+    ``starts`` and ``lengths`` list every record in `_records` order, entry by entry; the
+    names are looked up only to report a clash."""
+    start, length = np.array(starts, np.int64), np.array(lengths, np.int64)
+    used = np.flatnonzero(length)
+    order = used[np.argsort(start[used], kind="stable")]
+    ends = np.maximum.accumulate(start[order] + length[order])
+    clash = np.flatnonzero(start[order][1:] < ends[:-1])
+    if clash.size:
+        names = [where for entry in entries for _, where in _records(entry)]
         later = int(clash[0]) + 1
-        earlier = int(np.flatnonzero(ends[:later] > starts[order][later])[0])
-        raise _fail(where(later), f"record overlaps the record of {where(earlier)}")
+        earlier = int(np.flatnonzero(ends[:later] > start[order][later])[0])
+        raise _fail(names[order[later]], f"record overlaps the record of "
+                    f"{names[order[earlier]]}")
 
 
 def _check_distortion(value: object) -> dict | None:
@@ -582,6 +586,8 @@ def validate_header(header: object, data_len: int, max_decoded_bytes: int | None
     entries: dict[str, TensorEntry] = {}
     configs = _ConfigCheck()
     total = 0
+    starts: list[int] = []
+    lengths: list[int] = []
     with _no_cyclic_gc():
         for i, item in enumerate(tensors):
             entry = _check_entry(item, data_len, configs)
@@ -590,7 +596,12 @@ def validate_header(header: object, data_len: int, max_decoded_bytes: int | None
                 raise _fail(f"tensor {entry.name[:200]!r}", "appears twice")
             entries[entry.name] = entry
             total += entry.decoded_bytes
-    _check_overlaps(entries.values())
+            starts.append(entry.data.offset)
+            lengths.append(entry.data.length)
+            for param in entry.params.values():
+                starts.append(param.record.offset)
+                lengths.append(param.record.length)
+    _check_overlaps(entries.values(), starts, lengths)
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise ArchiveError(
             f"the tensors would take {total / 2**30:.2f} GiB once decoded, over the limit of "

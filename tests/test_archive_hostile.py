@@ -408,3 +408,12 @@ def test_the_pre_parse_scan_ignores_strings_and_chunk_edges(monkeypatch, value, 
     monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth)
     with pytest.raises(ArchiveError, match="nests"):
         fmt.scan_json(text)
+
+
+def test_an_overlap_names_both_records(tmp_path, base):
+    header = copy.deepcopy(base[0])
+    plain(header)["data"]["offset"] = quantized(header)["data"]["offset"]
+    path = tmp_path / "o.qlis"
+    path.write_bytes(build(header, base[1]))
+    with pytest.raises(ArchiveError, match=r"tensor '.*': record overlaps the record of tensor"):
+        qlis.open(path)
