@@ -168,6 +168,11 @@ class _UserError(click.ClickException):
     exit_code = 2
 
 
+def _one_line(err: click.ClickException) -> str:
+    """click's message on one line (it lists choices on lines of their own)."""
+    return " ".join(err.format_message().split())
+
+
 class CommandGroup(click.Group):
     """The error policy of both commands: a user's mistake is one line ``PROG: error: ...``
     on stderr and exit code 2, whether it comes from the library (a QlisError), the system (an
@@ -195,10 +200,10 @@ class CommandGroup(click.Group):
             result = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as err:
             where = err.ctx.command_path if err.ctx is not None else prog
-            click.echo(f"{prog}: error: {err.format_message()} (see '{where} -h')", err=True)
+            click.echo(f"{prog}: error: {_one_line(err)} (see '{where} -h')", err=True)
             sys.exit(2)
         except click.ClickException as err:
-            click.echo(f"{prog}: error: {err.format_message()}", err=True)
+            click.echo(f"{prog}: error: {_one_line(err)}", err=True)
             sys.exit(err.exit_code)
         except click.Abort:
             click.echo(f"{prog}: interrupted", err=True)

@@ -118,3 +118,10 @@ def test_command_line_mistakes_are_one_line():
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("qlis-iqa: error:"), result.stderr
         assert lines[0].endswith("-h')")
+
+
+def test_a_missing_choice_option_is_one_line_too():
+    result = invoke("train")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert "Choose from: clip, dino" in lines[0]
