@@ -73,13 +73,18 @@ def _has_op(name: str) -> bool:
 HAS_INT8_KERNEL = _has_op("_weight_int8pack_mm")
 
 
+def int8_possible(n_levels: int, shape: Iterable[int], dtype: str = "float32") -> bool:
+    """Whether a quantized weight could take the int8 path at all, from its header alone:
+    a 2-D float32 weight of 17..256 levels, on a machine with the kernel."""
+    return (len(tuple(shape)) == 2 and dtype == "float32" and HAS_INT8_KERNEL
+            and 16 < n_levels <= 256)
+
+
 def choose_path(grid: Grid, n_levels: int, shape: Iterable[int], dtype: str = "float32") -> str:
     """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` on ``grid`` takes:
     int8 for 17..256 levels on a grid with one (scale, zero) per row, else dequant."""
     shape = tuple(shape)
-    if len(shape) != 2 or dtype != "float32" or not HAS_INT8_KERNEL:
-        return "dequant"
-    if 16 < n_levels <= 256 and grid.row_affine(shape[0]) is not None:
+    if int8_possible(n_levels, shape, dtype) and grid.row_affine(shape[0]) is not None:
         return "int8"
     return "dequant"
 
@@ -303,10 +308,10 @@ def _replaceable(module: nn.Module) -> bool:
 def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (import cycle)
     """Per weight of the archive that could run packed: layer name, path and kernel.
 
-    Decided from the header and each weight's grid (its parameters read and checked by
-    ``Archive.read_grid``), without decoding codes (a 2-D quantized weight is taken for a
-    Linear, a 4-D one for a Conv2d); loading into a model may still keep a layer float when it
-    is neither.
+    Decided from the header, and from a weight's grid (its parameters read and checked by
+    ``Archive.read_grid``) only where the int8 path depends on it; no code is decoded (a 2-D
+    quantized weight is taken for a Linear, a 4-D one for a Conv2d); loading into a model may
+    still keep a layer float when it is neither.
     """
     kernels = {"int8": "aten._weight_int8pack_mm (<= 8 rows), else F.linear on the "
                "dequantized weight", "dequant": "F.linear on the dequantized weight",
@@ -316,11 +321,13 @@ def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (impor
         entry = archive.entry(name)
         if not name.endswith("weight") or len(entry.shape) not in (2, 4):
             continue
-        grid = None if entry.quantizer is None else archive.read_grid(name)
-        if grid is None:
+        quantizer = archive.quantizer(name)
+        if quantizer is None or entry.numel == 0 or not quantizer.has_grid():
             path = "float"
+        elif int8_possible(entry.n_levels, entry.shape, entry.dtype):
+            path = choose_path(archive.read_grid(name), entry.n_levels, entry.shape, entry.dtype)
         else:
-            path = choose_path(grid, entry.n_levels, entry.shape, entry.dtype)
+            path = "dequant"
         kernel = kernels[path]
         if len(entry.shape) == 4:
             kernel = "F.conv2d" + ("" if path == "float" else " on the dequantized weight")
