@@ -45,9 +45,9 @@ if TYPE_CHECKING:
     from qlis.stats import InspectionReport
 
 PAPER_K_LEVELS = (1.5, 1.0, 0.5, 0.25, 0.0)
+PAPER_BITS_LEVELS = (1, 2, 4, 8)
 _SHORTCUT_K = Param("float", 0, optional=True)  # LevelsPolicy's k= and bits= shortcuts
 _SHORTCUT_BITS = Param("int", 1, 8, optional=True)
-PAPER_BITS_LEVELS = (1, 2, 4, 8)
 
 Assignment = list[tuple[float, int | None]]
 
