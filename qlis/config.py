@@ -60,14 +60,18 @@ class Param:
         if self.choices:
             words = "one of " + ", ".join(repr(c) for c in self.choices)
         elif self.low is not None or self.high is not None:
-            low = "-inf" if self.low is None else f"{self.low:g}"
-            high = "inf" if self.high is None else f"{self.high:g}"
+            low = "-inf" if self.low is None else self._bound(self.low)
+            high = "inf" if self.high is None else self._bound(self.high)
             words += (f" in {'(' if self.low_open or self.low is None else '['}{low}, "
                       f"{high}{')' if self.high_open or self.high is None else ']'}")
         if self.sequence:
-            words = f"a {'non-empty ' if self.non_empty else ''}list of {_plural(words)}"
-            words += " (or null)" if self.items_optional else ""
+            items = (f"items each {words}" if self.choices else _plural(words)) + (
+                " (or null)" if self.items_optional else "")
+            words = f"a {'non-empty ' if self.non_empty else ''}list of {items}"
         return words + (" or null" if self.optional else "")
+
+    def _bound(self, bound: float) -> str:
+        return str(int(bound)) if self.kind == "int" else f"{bound:g}"
 
     def check(self, value: Any, name: str) -> Any:
         """``value`` as the class keeps it (floats as float, lists as tuples), or ConfigError."""

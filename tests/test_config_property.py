@@ -167,3 +167,15 @@ def test_numpy_scalars_are_numbers_and_messages_stay_short():
     with pytest.raises(QlisError) as refused:
         qlis.AffineQuantizer(bits=deep)
     assert len(str(refused.value)) < 200
+
+
+def test_messages_say_what_an_option_takes():
+    with pytest.raises(QlisError, match=r"policy 'rd': seed must be an integer in "
+                                        r"\[0, 2147483647\], got 1\.5"):
+        make_policy("rd", seed=1.5)
+    with pytest.raises(QlisError, match="granularities must be a non-empty list of items each "
+                                        "one of 'tensor', 'channel', got"):
+        make_policy("rd", granularities=[])
+    with pytest.raises(QlisError, match=r"bits_levels must be a non-empty list of integers in "
+                                        r"\[1, 8\] \(or null\), got \[9\]"):
+        make_policy("levels", bits_levels=[9])
