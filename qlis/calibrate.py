@@ -1,8 +1,10 @@
 """Calibration: run the model on a few of the user's inputs and measure output distortion.
 
 ``calib`` is either a sequence of input batches (a tensor, a tuple of positional arguments,
-or a dict of keyword arguments, e.g. a tokenizer's output) or a callable
-``calib(model) -> outputs``. The original model runs once; any set of replacement weights
+a dict of keyword arguments, e.g. a tokenizer's output, or a callable
+``batch(model) -> outputs`` that runs one batch its own way) or a callable
+``calib(model) -> outputs`` for all of them (which cannot be split into batches, so nothing
+is held out). The original model runs once; any set of replacement weights
 is then measured by swapping them into the module for one pass (and restoring it after), so
 the user's model is never left modified.
 
@@ -155,6 +157,8 @@ class Calibration:
         self._run(stop, replay=True, batches=self.fitting)
 
     def _call(self, batch: Any) -> Any:
+        if callable(batch):
+            return batch(self.model)
         if isinstance(batch, Mapping):
             return self.model(**batch)
         if isinstance(batch, tuple | list):

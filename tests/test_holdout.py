@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import qlis
+from qlis import reconstruct as rec
 from qlis.calibrate import HOLDOUT_EVERY, Calibration
 
 
@@ -62,3 +63,13 @@ def test_min_cosine_is_met_on_the_held_out_batches():
     output = result.distortion["output"]
     assert output["held_out"]
     assert output["cosine"] >= 0.999 or result.warnings
+
+
+def test_batches_given_as_callables_are_held_out_too():
+    """One callable per batch (a pooling, a loss of the user's choosing) can be split."""
+    model, batches = _model(), _batches(2 * HOLDOUT_EVERY)
+    calib = [lambda m, x=x: m(x).mean(dim=0, keepdim=True) for x in batches]
+    result = qlis.compress(model, calib=calib)
+    output = result.distortion["output"]
+    assert output["held_out"] and output["batches"] == 2
+    assert {layer.reconstruction for layer in result.layers} == {rec.BIAS_CORRECTED}
