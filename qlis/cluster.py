@@ -129,6 +129,14 @@ class Cluster:
                                "rank the same files and options")
 
 
+def share(cluster: Cluster | None, costs: Sequence[float]) -> tuple[list[int], list[int]]:
+    """The rank that owns each item (rank 0 for all without a cluster), and the indices of
+    the items this rank owns, in order."""
+    owner = cluster.owners(costs) if cluster is not None else [0] * len(costs)
+    here = cluster.rank if cluster is not None else 0
+    return owner, [i for i, rank in enumerate(owner) if rank == here]
+
+
 def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
            jobs: int | None, cluster: Cluster | None,
            to_json: Callable[[R], Any] = lambda r: r,
@@ -148,9 +156,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
         results = spread(fn, items, costs, jobs, None, done=done)
         cache.store(key, [to_json(r) for r in results])
         return results
-    owner = cluster.owners(costs) if cluster is not None else [0] * len(items)
-    here = cluster.rank if cluster is not None else 0
-    mine = [i for i in range(len(items)) if owner[i] == here]
+    owner, mine = share(cluster, costs)
     found = []
     computed = ordered_map(lambda i: fn(items[i]), mine, jobs, cost=costs.__getitem__,
                            budget=IN_FLIGHT_ELEMENTS)

@@ -32,7 +32,7 @@ from qlis.archive import (
     plan_entry,
     save,
 )
-from qlis.cluster import Cluster
+from qlis.cluster import Cluster, share
 from qlis.compress import (
     DEFAULT_POLICY,
     CompressionResult,
@@ -143,10 +143,9 @@ def pack(
 
     names = list(state)
     sizes = {name: state[name].numel() for name in names}
-    owner = cluster.owners(list(sizes.values())) if cluster is not None else [0] * len(names)
-    rank = cluster.rank if cluster is not None else 0
-    mine = ordered_map(work, [n for n, r in zip(names, owner, strict=True) if r == rank], jobs,
-                       cost=sizes.__getitem__, budget=IN_FLIGHT_ELEMENTS)
+    owner, owned = share(cluster, list(sizes.values()))
+    mine = ordered_map(work, [names[i] for i in owned], jobs, cost=sizes.__getitem__,
+                       budget=IN_FLIGHT_ELEMENTS)
     if cluster is not None and not cluster.leader:
         return _follow(cluster, planned, mine)
     layers: dict[str, LayerPlan] = {}

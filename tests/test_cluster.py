@@ -81,6 +81,23 @@ def _script(tmp_path: Path, body: str) -> Path:
     return path
 
 
+_RANK_PREAMBLE = """
+import importlib, os, sys
+from qlis.errors import ClusterError
+from qlis.io import load_state_dict
+packing = importlib.import_module("qlis.pack")  # the module (qlis.pack is the function)
+rank = int(os.environ["RANK"])
+
+def say(line):  # one write: the ranks share torchrun's stdout
+    os.write(1, (line + "\\n").encode())
+"""
+
+
+def _rank_script(tmp_path: Path, body: str) -> Path:
+    """A job script whose ranks know their ``rank``, ``packing`` and ``say``."""
+    return _script(tmp_path, _RANK_PREAMBLE + textwrap.dedent(body))
+
+
 # --- the command under torchrun ------------------------------------------------------------
 
 
@@ -146,17 +163,9 @@ def test_every_rank_refuses_when_the_ranks_see_another_input(tmp_path):
     files = [_model_file(tmp_path / f"m{rank}.safetensors", seed=rank) for rank in (0, 1)]
     (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "m.qlis"
-    script = _script(tmp_path, """
-        import importlib, os, sys
+    script = _rank_script(tmp_path, """
         from datetime import timedelta
         import torch.distributed as dist
-        from qlis.errors import ClusterError
-        from qlis.io import load_state_dict
-        packing = importlib.import_module("qlis.pack")
-        rank = int(os.environ["RANK"])
-
-        def say(line):  # one write: the ranks share torchrun's stdout
-            os.write(1, (line + "\\n").encode())
 
         try:
             packing.pack(load_state_dict(sys.argv[1 + rank]), sys.argv[3])
@@ -185,16 +194,7 @@ def test_a_rank_that_dies_mid_pack_ends_the_job_without_an_archive(tmp_path):
     out = tmp_path / "out" / "m.qlis"
     # rank 1 has planned with rank 0 (the layers' measurements are shared) and encoded its
     # first tensor; it dies where it would send it
-    script = _script(tmp_path, """
-        import importlib, os, sys
-        from qlis.errors import ClusterError
-        from qlis.io import load_state_dict
-        packing = importlib.import_module("qlis.pack")
-        rank = int(os.environ["RANK"])
-
-        def say(line):  # one write: the ranks share torchrun's stdout
-            os.write(1, (line + "\\n").encode())
-
+    script = _rank_script(tmp_path, """
         if rank == 1:
             def dying(*args, **kwargs):
                 say("DYING rank 1")
