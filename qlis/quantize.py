@@ -60,12 +60,14 @@ class QuantizedTensor:
         """The grid these codes live on (their quantizer's ``grid``)."""
         return get_quantizer(self.quantizer).grid(self.shape, self.n_levels, self.params)
 
-    def matrix_codes(self) -> torch.Tensor:
-        """The codes as a torch matrix of the grid's view (shape[0], prod(shape[1:]))."""
-        codes = np.ascontiguousarray(self.codes)
-        if codes.dtype == np.uint16:  # torch's uint16 supports few operations
+    def matrix_codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The codes of rows ``start..stop`` of the grid's view (shape[0], prod(shape[1:])) as
+        a torch matrix; uint16 codes are widened to int32 (torch's uint16 supports few
+        operations), so a large tensor's are read a range of rows at a time."""
+        codes = np.ascontiguousarray(self.codes).reshape(matrix_shape(self.shape))[start:stop]
+        if codes.dtype == np.uint16:
             codes = codes.astype(np.int32)
-        return torch.from_numpy(codes).reshape(matrix_shape(self.shape))
+        return torch.from_numpy(codes)
 
 
 @dataclass(frozen=True)
@@ -210,12 +212,11 @@ class Quantizer(Strategy):
             return torch.zeros(q.shape, dtype=q.dtype)
         grid = self.grid(q.shape, q.n_levels, q.params)
         grid.check(shape)
-        codes = q.matrix_codes()
-        if not isinstance(grid, AffineGrid) or codes.numel() <= CHUNK_ELEMENTS:
-            return grid.decode(codes).reshape(q.shape).to(q.dtype)
-        values = torch.empty(shape, dtype=q.dtype)  # a float32 copy of one chunk at a time
-        for a, b in _chunks(codes, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
-            values[a:b] = grid.rows(a, b).decode(codes[a:b])
+        if not isinstance(grid, AffineGrid) or math.prod(shape) <= CHUNK_ELEMENTS:
+            return grid.decode(q.matrix_codes()).reshape(q.shape).to(q.dtype)
+        values = torch.empty(shape, dtype=q.dtype)  # codes and float32 of one chunk at a time
+        for a, b in _chunks(shape, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+            values[a:b] = grid.rows(a, b).decode(q.matrix_codes(a, b))
         return values.reshape(q.shape)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
@@ -257,12 +258,13 @@ def _row_view(weight: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 
-def _chunks(rows: torch.Tensor, align: int = 1) -> list[tuple[int, int]]:
-    """Row ranges of about CHUNK_ELEMENTS elements, starting at multiples of ``align`` (one
-    range for a small matrix)."""
-    align = max(1, min(align, rows.shape[0]))
-    per = max(align, CHUNK_ELEMENTS // max(rows.shape[1], 1) // align * align)
-    return [(r, min(r + per, rows.shape[0])) for r in range(0, max(rows.shape[0], 1), per)]
+def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of a (rows, columns) matrix, about CHUNK_ELEMENTS elements each, starting
+    at multiples of ``align`` (one range for a small matrix)."""
+    n_rows, n_columns = shape
+    align = max(1, min(align, n_rows))
+    per = max(align, CHUNK_ELEMENTS // max(n_columns, 1) // align * align)
+    return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
 
 
 def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
@@ -272,7 +274,7 @@ def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
         total = sum(float(rows[:, c:c + CHUNK_ELEMENTS].float().square().sum())
                     for c in range(0, rows.shape[1], CHUNK_ELEMENTS))
         return torch.tensor([total / rows.shape[1]], dtype=torch.float32)
-    return torch.cat([rows[a:b].float().square().mean(dim=1) for a, b in _chunks(rows)])
+    return torch.cat([rows[a:b].float().square().mean(dim=1) for a, b in _chunks(rows.shape)])
 
 
 def _row_layout(
@@ -703,7 +705,7 @@ class UniformQuantizer(Quantizer):
         params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
         q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
         matrix = weight.detach().reshape(matrix_shape(weight.shape))
-        chunks = _chunks(matrix)
+        chunks = _chunks(matrix.shape)
         if len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel"):
             levels = self.grid(tuple(weight.shape), 1, params).encode(matrix.float())
             return self.with_codes(q, levels.reshape(weight.shape))

@@ -30,6 +30,7 @@ def _weight(dtype: torch.dtype, shape=(37, 23), seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("config", [
     {"id": "uniform", "step": 0.01},
+    {"id": "uniform", "step": 0.0002},  # over 256 levels: uint16 codes, widened per chunk
     {"id": "uniform", "step": 0.004, "granularity": "channel"},
     {"id": "uniform", "rel_mse": 1e-3, "granularity": "channel"},
     {"id": "uniform", "rel_mse": 1e-2, "granularity": "channel", "rounding": 0.3},
@@ -44,6 +45,7 @@ def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype,
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
     chunked = get_quantizer(config).quantize(weight)
     assert chunked.n_levels == whole.n_levels and chunked.codes.dtype == whole.codes.dtype
+    assert (whole.codes.dtype == np.uint16) == (config.get("step") == 0.0002)
     assert np.array_equal(chunked.codes, whole.codes)
     assert all(np.array_equal(chunked.params[k], whole.params[k]) for k in whole.params)
     assert torch.equal(chunked.dequantize(), values) and values.dtype == dtype
