@@ -37,6 +37,7 @@ from qlis.config import Param
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.execute import LayerPlan
 from qlis.format import (
+    ALIASES_VERSION,
     DEFAULT_MAX_DECODED_BYTES,
     DTYPES,
     MAGIC,
@@ -45,6 +46,7 @@ from qlis.format import (
     MAX_LEVELS,
     PARAM_DTYPES,
     PREFIX,
+    READABLE_VERSIONS,
     VERSION,
     Record,
     Summary,
@@ -304,8 +306,11 @@ class ArchiveWriter:
 
     def finish(self, *, metadata: Mapping[str, str] | None = None,
                compression: dict | None = None, distortion: dict | None = None,
-               summary: Mapping[str, Any] | None = None) -> Path:
-        """Write the header and the records as the archive, atomically."""
+               summary: Mapping[str, Any] | None = None,
+               aliases: Mapping[str, str] | None = None) -> Path:
+        """Write the header and the records as the archive, atomically. ``aliases`` names
+        tied tensors stored once (each further name -> the name it is stored under); the
+        header has the section only when there are some."""
         if metadata is not None and not isinstance(metadata, Mapping):
             raise InputError(f"archive metadata must map strings to strings, got "
                              f"{type(metadata).__name__}")
@@ -313,21 +318,24 @@ class ArchiveWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
         data_len = aligned(self._offset)
+        format_version = ALIASES_VERSION if aliases else VERSION  # the oldest that holds it
         header = {
             "format": "qlis",
-            "version": VERSION,
+            "version": format_version,
             "writer": {"name": "qlis", "version": version.__version__},
             "metadata": metadata,
             "compression": compression,
             "distortion": distortion,
             "summary": dict(summary or {}),
+            **({"aliases": dict(aliases)} if aliases else {}),
             "tensors": self._entries,
         }
         raw_header = _header_bytes(header, data_len)
         try:
             self._spill.write(b"\0" * (data_len - self._offset))
             self._spill.flush()
-            _write_atomically(self.path, raw_header, self._spill, data_len, self.overwrite)
+            _write_atomically(self.path, format_version, raw_header, self._spill, data_len,
+                              self.overwrite)
         except OSError as err:
             raise InputError(f"{self.path}: could not be written ({err.strerror or err}); "
                              "free space or write elsewhere") from None
@@ -344,6 +352,7 @@ def write_tensors(
     compression: dict | None = None,
     distortion: dict | None = None,
     summary: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, str] | None = None,
     overwrite: bool = True,
     progress: Progress | None = None,
     jobs: int | None = None,
@@ -362,7 +371,7 @@ def write_tensors(
             if progress is not None:
                 progress(math.prod(encoded.entry["shape"]))
         return writer.finish(metadata=metadata, compression=compression,
-                             distortion=distortion, summary=summary)
+                             distortion=distortion, summary=summary, aliases=aliases)
 
 
 def _header_bytes(header: dict, data_len: int) -> bytes:
@@ -378,16 +387,17 @@ def _header_bytes(header: dict, data_len: int) -> bytes:
     except (TypeError, ValueError) as err:
         raise InputError(f"cannot write the archive header: {err}") from None
     try:
-        validate_header(parse_json(raw), data_len, max_decoded_bytes=None)
+        validate_header(parse_json(raw), data_len, max_decoded_bytes=None,
+                        version=header["version"])
     except ArchiveError as err:
         raise InputError(f"cannot write this archive: {err}") from None
     return raw
 
 
-def _write_atomically(path: Path, header: bytes, spill: IO[bytes], data_len: int,
-                      overwrite: bool) -> None:
+def _write_atomically(path: Path, version: int, header: bytes, spill: IO[bytes],
+                      data_len: int, overwrite: bool) -> None:
     data_start = aligned(PREFIX.size + len(header))
-    prefix = PREFIX.pack(MAGIC, VERSION, _crc(header), len(header), data_len)
+    prefix = PREFIX.pack(MAGIC, version, _crc(header), len(header), data_len)
     with atomic_path(path, overwrite=overwrite) as tmp, builtins.open(tmp, "wb") as f:
         f.write(prefix)
         f.write(header)
@@ -487,11 +497,13 @@ class Archive:
         if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC):
             raise ArchiveError("not a qlis archive (bad magic bytes)")
         _, version, header_crc, header_len, data_len = PREFIX.unpack(prefix)
-        if version != VERSION:
-            newer = "a newer qlis: upgrade qlis" if version > VERSION else "an older qlis"
+        if version not in READABLE_VERSIONS:
+            newer = ("a newer qlis: upgrade qlis" if version > max(READABLE_VERSIONS)
+                     else "an older qlis")
             raise ArchiveError(
-                f"format version {version} is not supported (this reader reads version "
-                f"{VERSION}); it was written by {newer}, or re-create the archive"
+                f"format version {version} is not supported (this reader reads versions "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}); it was written by {newer}, "
+                "or re-create the archive"
             )
         if header_len > size - PREFIX.size:
             raise ArchiveError("truncated or corrupt (header length exceeds the file)")
@@ -508,8 +520,9 @@ class Archive:
         raw_header = self._pread(header_len, PREFIX.size)
         if len(raw_header) != header_len or _crc(raw_header) != header_crc:
             raise ArchiveError("corrupt header (checksum mismatch)")
-        header = validate_header(parse_json(raw_header), data_len, max_decoded_bytes)
+        header = validate_header(parse_json(raw_header), data_len, max_decoded_bytes, version)
         self._entries = header.entries
+        self.aliases: dict[str, str] = header.aliases
         self._quantizers: dict[int, Quantizer] = {}
         self.writer: dict = header.writer
         self.metadata: dict[str, str] = header.metadata
@@ -548,14 +561,14 @@ class Archive:
             raise self._fail(f"tensor {name!r}: cannot decode ({err})") from None
 
     def names(self) -> list[str]:
-        """Tensor names in stored order."""
-        return list(self._entries)
+        """Tensor names in stored order, then the further names of tied tensors (`aliases`)."""
+        return [*self._entries, *self.aliases]
 
     def entry(self, name: str) -> TensorEntry:
         """The validated header entry of one tensor (shape, dtype, codec, quantizer, records,
-        plan)."""
+        plan); an alias gives the entry of the tensor it names."""
         try:
-            return self._entries[name]
+            return self._entries[self.aliases.get(name, name)]
         except KeyError:
             raise InputError(f"{self.path}: no tensor named {name!r}") from None
 
@@ -649,13 +662,14 @@ class Archive:
         return tensor.reshape(entry.shape)
 
     def load(self, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, dequantized, in stored order."""
+        """Every tensor, dequantized, in stored order; a tied tensor's further names (`aliases`)
+        then share the one tensor, as in the model it came from."""
         state = {}
         for name in self._entries:
             state[name] = self.read(name)
             if progress is not None:
                 progress(state[name].numel())
-        return state
+        return {**state, **{alias: state[name] for alias, name in self.aliases.items()}}
 
     def verify(self) -> None:
         """Read and check every record; raises ArchiveError naming the first bad tensor."""
@@ -718,8 +732,10 @@ def open(  # noqa: A001 - the public name is qlis.open
 def _check_fits(archive: Archive, model: torch.nn.Module) -> None:
     """Names, shapes and dtypes of the archive against the model, before anything is loaded."""
     expected = model.state_dict()
-    missing = [n for n in expected if n not in archive.names()]
-    extra = [n for n in archive.names() if n not in expected]
+    names = archive.names()
+    known = set(names)
+    missing = [n for n in expected if n not in known]
+    extra = [n for n in names if n not in expected]
     problem = None
     if missing:
         problem = f"the model has {missing[0]!r}, the archive does not"

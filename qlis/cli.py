@@ -393,7 +393,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
 @_quiet
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
-    """Write the dequantized tensors of an archive as .safetensors or .pt."""
+    """Write the dequantized tensors of an archive as .safetensors or .pt (a tied tensor under
+    each of its names: copied in .safetensors, which cannot share, shared in .pt)."""
     check_input(path, "file")
     if max_shard_size is not None:
         max_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -401,9 +402,11 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
     else:
         check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
     with qlis.open(path) as archive:
-        rows = archive.tensor_info()
+        stored = {row["name"]: row for row in archive.tensor_info()}
+        rows = [stored[archive.entry(name).name] for name in archive.names()]  # tied: copies
         total = sum(row["original_bytes"] for row in rows)
-        layout = [(r["name"], r["dtype"], r["shape"]) for r in rows]
+        layout = [(name, r["dtype"], r["shape"]) for name, r in zip(archive.names(), rows,
+                                                                    strict=True)]
         source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
                   if k.startswith(SOURCE_METADATA)} or None
         with _progress_bars(quiet) as bar:
@@ -485,6 +488,7 @@ def info(path, fmt, verify) -> None:
         summary = archive.summary
         metadata = archive.metadata
         writer, compression, distortion = archive.writer, archive.compression, archive.distortion
+        aliases = archive.aliases
     archive_bytes = path.stat().st_size
     original = sum(r["original_bytes"] for r in rows)
     source = summary.source_bytes
@@ -502,7 +506,8 @@ def info(path, fmt, verify) -> None:
     if fmt == "json":
         click.echo(strict_json({"metadata": metadata, "writer": writer,
                                 "compression": compression, "distortion": distortion,
-                                "tensors": rows, "runtime": runtime, "totals": totals}))
+                                "tensors": rows, "aliases": aliases, "runtime": runtime,
+                                "totals": totals}))
         return
     lines = _section("metadata", metadata)
     if isinstance(writer, dict) and {"name", "version"} <= writer.keys():
@@ -515,6 +520,9 @@ def info(path, fmt, verify) -> None:
     click.echo("\n".join(lines) + "\n")
     headers = ("tensor", "shape", "dtype", "quantizer", "bits", "k", "codec", "size")
     click.echo(table(headers, [_info_row(r) for r in rows], right=(4, 5, 7)))
+    if aliases:
+        click.echo("tied tensors, stored once: " + ", ".join(
+            f"{escape(alias)} = {escape(name)}" for alias, name in aliases.items()))
     click.echo(
         f"\noriginal tensors: {human_bytes(original)}   archive: {human_bytes(archive_bytes)}"
         f"   real ratio: {totals['real_ratio']:.2f}x"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from qlis.reconstruct import NOT_REACHED
 from qlis.resume import PassCache
 from qlis.select import SelectSpec
 from qlis.stats import SCORE_PARAMS, InspectionReport, inspect
-from qlis.tensors import as_state_dict, storage_bits
+from qlis.tensors import as_state_dict, split_aliases, storage_bits
 
 COMPRESS_PARAMS = {
     **SCORE_PARAMS,
@@ -73,8 +73,11 @@ class CompressionResult:
         original_bits: int,
         config: dict,
         distortion: dict,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.tensors = tensors
+        self.aliases = dict(aliases or {})
+        """Names of tied tensors, stored once, and the name each is stored under."""
         self.layers = layers
         self.policy = policy
         self.report = report
@@ -112,11 +115,13 @@ class CompressionResult:
         return self.original_bits // 8
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors the compressed model computes with (dequantized), for every input tensor."""
-        return {
+        """The tensors the compressed model computes with (dequantized), for every input tensor
+        (a tied one under each of its names, one tensor)."""
+        state = {
             name: t.dequantize() if isinstance(t, QuantizedTensor) else t
             for name, t in self.tensors.items()
         }
+        return {**state, **{alias: state[name] for alias, name in self.aliases.items()}}
 
     def summary(self) -> dict:
         """Plain-JSON totals: policy, sizes, ratios and quality."""
@@ -146,6 +151,7 @@ class CompressionResult:
                 cr=_finite_or_none(self.cr),
                 hcr=_finite_or_none(self.hcr),
             ).to_json(),
+            "aliases": self.aliases,
         }
 
     def describe_quality(self) -> str:
@@ -278,6 +284,7 @@ class PlannedCompression:
     plan: Plan
     calibration: Calibration | None
     config: dict
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def result(self, tensors: Mapping[str, StoredTensor], layers: list[LayerPlan],
                ) -> CompressionResult:
@@ -292,7 +299,7 @@ class PlannedCompression:
         result = CompressionResult(
             tensors=tensors, layers=layers, policy=self.policy, report=self.report,
             original_bits=sum(t.numel() * storage_bits(t.dtype) for t in self.state.values()),
-            config=self.config, distortion=distortion,
+            config=self.config, distortion=distortion, aliases=self.aliases,
         )
         if self.calibration is not None:
             distortion["output"] = self.calibration.measure(
@@ -329,7 +336,7 @@ def plan_compression(
     parameters of each layer the policy has measured; in a ``cluster`` every rank plans the
     same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
     measured (qlis/resume.py)."""
-    state = as_state_dict(model_or_state_dict)
+    state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
     checked = check_options(COMPRESS_PARAMS, {
         "beta": beta, "eps": eps, "error_feedback": error_feedback,
@@ -383,4 +390,4 @@ def plan_compression(
         "plan": the_plan.to_json(),
     }, "the compression config")
     return PlannedCompression(state, plan_policy, report, executor, the_plan, calibration,
-                              config)
+                              config, aliases)

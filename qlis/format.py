@@ -28,7 +28,9 @@ from qlis.errors import ArchiveError, QlisError
 from qlis.quantize import get_quantizer
 
 MAGIC = b"\x89QLIS\r\n\x1a"
-VERSION = 2
+VERSION = 2  # what an archive is written as unless it needs a later version's feature
+ALIASES_VERSION = 3  # version 2 + the header's `aliases` (tied tensors stored once)
+READABLE_VERSIONS = (VERSION, ALIASES_VERSION)
 PREFIX = struct.Struct("<8sIIQQ")  # magic, version, header crc32c, header length, data length
 ALIGN = 64
 
@@ -57,7 +59,8 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PARAM_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 _TOP_KEYS = {
-    "format", "version", "writer", "metadata", "compression", "distortion", "summary", "tensors"
+    "format", "version", "writer", "metadata", "compression", "distortion", "summary",
+    "aliases", "tensors",
 }
 _ENTRY_KEYS = {"name", "shape", "dtype", "codec", "data", "plan"}
 _QUANTIZED_KEYS = _ENTRY_KEYS | {"quantizer", "n_levels", "params"}
@@ -400,7 +403,8 @@ DISTORTION_MEASURES = ("weight_rel_mse", "weight_rel_mse_max")
 @dataclass
 class Header:
     """A validated header: tensor entries by name, the informative sections, the byte bound.
-    ``distortion``'s `DISTORTION_MEASURES` are non-negative numbers or null when present."""
+    ``distortion``'s `DISTORTION_MEASURES` are non-negative numbers or null when present;
+    ``aliases`` maps each further name of a tied tensor to the entry it is stored as."""
 
     entries: dict[str, TensorEntry]
     writer: dict
@@ -409,6 +413,7 @@ class Header:
     distortion: dict | None
     summary: Summary
     decoded_bytes: int
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_KEYS) -> Record:
@@ -571,14 +576,33 @@ def _check_sections(header: dict) -> tuple[dict, dict[str, str], dict | None, di
     return writer, metadata, compression, distortion, Summary.from_json(header.get("summary"))
 
 
-def validate_header(header: object, data_len: int, max_decoded_bytes: int | None) -> Header:
-    """Check a parsed header against the version-2 schema and the decoded-size limit. The
-    tensor list is consumed: its JSON is released entry by entry as it becomes typed."""
+def _check_aliases(value: object, entries: Mapping[str, TensorEntry]) -> dict[str, str]:
+    """``aliases`` (optional): names of tied tensors stored once, each naming a stored tensor
+    and none a stored tensor itself (so an alias never leads to another alias)."""
+    aliases = _object(value, "header aliases")
+    for alias, name in aliases.items():
+        where = f"header alias {alias[:200]!r}"
+        if alias in entries:
+            raise _fail(where, "is also the name of a stored tensor")
+        if not isinstance(name, str) or name not in entries:
+            raise _fail(where, f"names no stored tensor ({str(name)[:200]!r})")
+    return aliases
+
+
+def validate_header(header: object, data_len: int, max_decoded_bytes: int | None,
+                    version: int = VERSION) -> Header:
+    """Check a parsed header against the schema of ``version`` (the file prefix's) and the
+    decoded-size limit. The tensor list is consumed: its JSON is released entry by entry as
+    it becomes typed."""
     header = _object(header, "header", _TOP_KEYS)
     if header.get("format") != "qlis":
         raise ArchiveError("corrupt header (not a qlis header)")
-    if header.get("version") != VERSION or not _is_int(header.get("version")):
-        raise ArchiveError(f"header version {str(header.get('version'))[:20]} is not {VERSION}")
+    if header.get("version") != version or not _is_int(header.get("version")):
+        raise ArchiveError(f"header version {str(header.get('version'))[:20]} is not the "
+                           f"file's version {version}")
+    if "aliases" in header and version < ALIASES_VERSION:
+        raise ArchiveError(f"header aliases: a version {version} header has none (they came "
+                           f"with version {ALIASES_VERSION})")
     writer, metadata, compression, distortion, summary = _check_sections(header)
     tensors = header.get("tensors")
     if not isinstance(tensors, list):
@@ -608,4 +632,5 @@ def validate_header(header: object, data_len: int, max_decoded_bytes: int | None
             f"{max_decoded_bytes / 2**30:.2f} GiB; if you trust this file, raise the limit "
             "(max_decoded_bytes=)"
         )
-    return Header(entries, writer, metadata, compression, distortion, summary, total)
+    aliases = _check_aliases(header.get("aliases", {}), entries)
+    return Header(entries, writer, metadata, compression, distortion, summary, total, aliases)

@@ -22,7 +22,13 @@ from qlis.distortion import CHUNK_ELEMENTS, peak_abs
 from qlis.errors import InputError
 from qlis.resume import PassCache
 from qlis.select import SelectSpec, make_selector
-from qlis.tensors import as_state_dict, bit_patterns, smallest_at_least, storage_bits
+from qlis.tensors import (
+    as_state_dict,
+    bit_patterns,
+    smallest_at_least,
+    split_aliases,
+    storage_bits,
+)
 
 RECORD_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 
@@ -195,7 +201,8 @@ def inspect(
     cache: PassCache | None = None,
 ) -> InspectionReport:
     """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time;
-    in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused).
+    in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused). A
+    tied tensor is one layer, under its first name (`qlis.tensors.split_aliases`).
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -203,7 +210,7 @@ def inspect(
     """
     checked = check_options(SCORE_PARAMS, {"beta": beta, "eps": eps}, "inspect")
     beta, eps = checked["beta"], checked["eps"]
-    state = as_state_dict(model_or_state_dict)
+    state = split_aliases(as_state_dict(model_or_state_dict))[0]
     selector = make_selector(select)
     names = [name for name, t in state.items() if selector(name, t)]
     if not names:

@@ -178,6 +178,36 @@ class ValidatedState(Mapping[str, torch.Tensor]):
     on access: `as_state_dict` takes them as they are, without reading them all."""
 
 
+def split_aliases(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors kept once: ``state`` without the names that repeat an earlier tensor (the
+    same storage, offset, shape, strides and dtype, as a language model's output projection
+    tied to its input embedding), and each such name's first name. Compressing a tied tensor
+    twice would store it twice and could round the two copies differently.
+
+    >>> shared = torch.ones(4, 2)
+    >>> split_aliases({"embed": shared, "head": shared, "bias": torch.zeros(4)})[1]
+    {'head': 'embed'}
+    """
+    if isinstance(state, ValidatedState):  # a file's tensors: read apart, never tied
+        return state, {}
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        if not tensor.numel():
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    if not aliases:
+        return state, {}
+    return {name: t for name, t in state.items() if name not in aliases}, aliases
+
+
 def as_state_dict(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
 ) -> Mapping[str, torch.Tensor]:

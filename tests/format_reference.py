@@ -1,12 +1,14 @@
 """Writes the pinned reference archives into tests/data/format/.
 
-Run ``python tests/format_reference.py`` (optionally with another folder).
+Run ``python tests/format_reference.py`` (optionally with another folder, and archive names
+to write only those from the committed inputs).
 
 In the manner of numcodecs' ``check_backwards_compatibility``: small archives that cover every
 codec, quantizer and stored dtype (plus an empty and a 0-d tensor), the inputs they were made
 from and the tensors they decode to, all committed. tests/test_format_pinned.py checks that
 this version decodes them to the committed tensors bit for bit and re-encodes the committed
-inputs to the very same bytes. Regenerate only with a format version bump (docs/format.md).
+inputs to the very same bytes. Regenerate only with a format version bump (docs/format.md):
+aliases.qlis pins version 3 (tied tensors), the others version 2.
 Inputs come from numpy's legacy seeded generator, whose stream numpy keeps stable.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import qlis
 from qlis.archive import write_tensors
@@ -80,24 +82,35 @@ def archives(inputs: dict[str, torch.Tensor]) -> dict[str, tuple[dict, dict]]:
     plan = {"k": 0.5, "bits": None, "qlis": 0.25, "pruner": {"id": "sigma", "k": 0.5},
             "quantizer": None}
     files["plain.qlis"] = (plain, {"plans": {"pruned": plan}, "summary": {"cr": 1.5}})
+    tied = {"weight": quantized["affine-channel"], "bf16": inputs["bf16"]}  # version 3
+    files["aliases.qlis"] = (tied, {"aliases": {"head.weight": "weight", "bf16.tied": "bf16"}})
     return files
 
 
-def write(folder: Path = FOLDER) -> list[Path]:
-    """Write inputs, archives and expected tensors into ``folder``; returns the files."""
+def write(folder: Path = FOLDER, only: list[str] | None = None) -> list[Path]:
+    """Write inputs, archives and expected tensors into ``folder`` (``only``: these archives,
+    from the committed inputs); returns the files."""
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = make_inputs()
-    written = [folder / "inputs.safetensors"]
-    save_file({k: v.contiguous() for k, v in inputs.items()}, written[0])
+    written = []
+    if only:
+        inputs = load_file(folder / "inputs.safetensors")
+    else:
+        inputs = make_inputs()
+        written.append(folder / "inputs.safetensors")
+        save_file({k: v.contiguous() for k, v in inputs.items()}, written[0])
     for name, (tensors, options) in archives(inputs).items():
+        if only and name not in only:
+            continue
         path = write_tensors(folder / name, tensors, **options)
         with qlis.open(path) as archive:
-            expected = {k: v.contiguous() for k, v in archive.load().items()}
+            # tied names share one tensor: a copy each, which safetensors can hold
+            expected = {k: v.contiguous().clone() for k, v in archive.load().items()}
         written += [path, folder / f"{Path(name).stem}.expected.safetensors"]
         save_file(expected, written[-1])
     return written
 
 
-if __name__ == "__main__":
-    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else FOLDER):
+if __name__ == "__main__":  # python tests/format_reference.py [FOLDER [ARCHIVE ...]]
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else FOLDER
+    for path in write(folder, sys.argv[2:]):
         print(f"{path}  {path.stat().st_size} bytes")

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import qlis
 from qlis.cli import cli
 from qlis.errors import ArchiveError
-from qlis.format import ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
+from qlis.format import ALIASES_VERSION, ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
 
 TMP_FIXTURE = [HealthCheck.function_scoped_fixture]
 LIMIT = 256 << 20  # decoded-bytes limit for generated files: keeps the fuzz light on memory
@@ -67,6 +67,10 @@ def outcome(tmp_path, data: bytes) -> str:
         return "refused"
     assert all(isinstance(t, torch.Tensor) for t in state.values())
     return "ok"
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**32
 
 
 def quantized(header: dict) -> dict:
@@ -179,7 +183,7 @@ def test_the_base_file_reads(tmp_path, base):
 
 
 def test_other_versions_are_refused_with_the_reason(tmp_path, base):
-    for version, word in ((1, "older"), (3, "newer")):
+    for version, word in ((1, "older"), (4, "newer")):
         path = tmp_path / "v.qlis"
         path.write_bytes(build(*base, version=version))
         with pytest.raises(ArchiveError, match=f"version {version}.*{word}"):
@@ -256,6 +260,9 @@ informative_sections = st.fixed_dictionaries({}, optional={
     "compression": _some_of(["policy", "plan", "beta"], json_values),
     "writer": _some_of(["name", "version"], hostile_scalars),
     "metadata": json_values,
+    "aliases": _some_of(["head.weight", "fc.weight", "x"],
+                        st.sampled_from(["fc.weight", "emb.weight", "steps", "nope"])
+                        | hostile_scalars),
 })
 
 
@@ -267,7 +274,10 @@ def test_info_shows_or_refuses_every_mutated_header(tmp_path, base, data):
     loading the file."""
     header = mutated(base[0], data) if data.draw(st.booleans()) else copy.deepcopy(base[0])
     header.update(data.draw(informative_sections))
-    raw = build(header, base[1])
+    if "aliases" in header and data.draw(st.booleans()):  # else refused: a version 2 file
+        header["version"] = ALIASES_VERSION
+    raw = build(header, base[1], header.get("version") if _is_int(header.get("version"))
+                else VERSION)
     path = tmp_path / "h.qlis"
     path.write_bytes(raw)
     loaded = outcome(tmp_path, raw)

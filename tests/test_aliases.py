@@ -1,0 +1,153 @@
+"""Tied tensors (one tensor under several state-dict names, as a language model's output
+projection tied to its input embedding) are compressed once, stored once, and loaded back
+tied: the float and the low-bit loaders compute with the same values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_helpers import run
+from safetensors.torch import load_file
+from test_archive_hostile import build, split
+from torch import nn
+
+import qlis
+from qlis.archive import Archive
+from qlis.cli import cli
+from qlis.errors import ArchiveError
+from qlis.format import ALIASES_VERSION, PREFIX, VERSION
+
+
+class TiedLM(nn.Module):
+    """An embedding, a hidden layer and an output projection sharing the embedding's weight."""
+
+    def __init__(self, vocab: int = 256, width: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(ids))))
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=["data-free", "calibrated"])
+def compressed(request):
+    model = TiedLM()
+    options = {"calib": [_ids(i) for i in range(4)]} if request.param == "calibrated" else {}
+    return model, qlis.compress(model, target_bits_per_weight=4, **options)
+
+
+def test_a_tied_tensor_is_planned_and_stored_once(tmp_path, compressed):
+    model, result = compressed
+    assert result.aliases == {"head.weight": "embed.weight"}
+    assert "head.weight" not in result.tensors
+    assert [layer.name for layer in result.layers].count("embed.weight") == 1
+    assert "head.weight" not in [layer.name for layer in result.layers]
+    state = result.state_dict()
+    assert state["head.weight"] is state["embed.weight"]
+    path = qlis.save(result, tmp_path / "m.qlis")
+    header, _ = split(path.read_bytes())
+    assert [e["name"] for e in header["tensors"]].count("embed.weight") == 1
+    assert header["aliases"] == {"head.weight": "embed.weight"}
+    assert header["version"] == ALIASES_VERSION == PREFIX.unpack_from(path.read_bytes())[1]
+    assert result.original_bytes == sum(
+        t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "head.weight")
+
+
+def test_inspect_scores_a_tied_tensor_once():
+    report = qlis.inspect(TiedLM())
+    assert [layer.name for layer in report.layers] == ["embed.weight", "hidden.weight"]
+    assert sum(layer.P for layer in report.layers) == pytest.approx(1.0)
+
+
+def test_tied_names_load_back_tied_and_both_loaders_agree(tmp_path, compressed):
+    _, result = compressed
+    path = qlis.save(result, tmp_path / "m.qlis")
+    state = qlis.load(path)
+    assert state["head.weight"] is state["embed.weight"]
+    with qlis.open(path) as archive:
+        assert archive.names() == [*result.tensors, "head.weight"]
+        assert archive.entry("head.weight").name == "embed.weight"
+    floating, lowbit = TiedLM(seed=1), TiedLM(seed=2)
+    qlis.load(path, model=floating)
+    qlis.load(path, model=lowbit, runtime="lowbit")
+    assert type(lowbit.head) is not nn.Linear  # the head runs on the packed codes
+    with torch.no_grad():
+        ids = _ids(9)
+        reference = TiedLM()
+        reference.load_state_dict(result.state_dict())
+        assert torch.equal(floating(ids), reference(ids))
+        assert torch.allclose(lowbit(ids), floating(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_the_tied_archive_is_smaller_than_the_untied_one(tmp_path):
+    tied = TiedLM()
+    untied = TiedLM()
+    untied.head.weight = nn.Parameter(untied.embed.weight.detach().clone())
+    sizes = {}
+    for label, model in (("tied", tied), ("untied", untied)):
+        result = qlis.compress(model, policy="quant", bits=8)
+        sizes[label] = qlis.save(result, tmp_path / f"{label}.qlis").stat().st_size
+    embedding = tied.embed.weight.numel()  # 8-bit codes: about a byte per weight
+    assert sizes["untied"] - sizes["tied"] > 0.9 * embedding
+
+
+def test_pack_streams_the_same_bytes_as_save(tmp_path):
+    model = TiedLM()
+    saved = qlis.save(qlis.compress(model), tmp_path / "saved.qlis")
+    packed = tmp_path / "packed.qlis"
+    qlis.pack(model, packed, jobs=2)
+    assert packed.read_bytes() == saved.read_bytes()
+
+
+def test_info_lists_the_tied_names(tmp_path):
+    path = qlis.save(qlis.compress(TiedLM()), tmp_path / "m.qlis")
+    table = run(cli, "info", path)
+    assert table.exit_code == 0 and "tied tensors, stored once: head.weight = embed.weight" \
+        in table.output
+    shown = json.loads(run(cli, "info", path, "--format", "json").output)
+    assert shown["aliases"] == {"head.weight": "embed.weight"}
+
+
+def test_unpack_writes_every_name(tmp_path):
+    path = qlis.save(qlis.compress(TiedLM()), tmp_path / "m.qlis")
+    result = run(cli, "unpack", path, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.output
+    state = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(state["head.weight"], state["embed.weight"])
+
+
+@pytest.mark.parametrize("aliases, message", [
+    ({"head.weight": "nope"}, "names no stored tensor"),
+    ({"head.weight": 3}, "names no stored tensor"),
+    ({"hidden.bias": "embed.weight"}, "is also the name of a stored tensor"),
+    ({"a": "head.weight", "head.weight": "embed.weight"}, "names no stored tensor"),
+    (["head.weight"], "not a JSON object"),
+])
+def test_crafted_aliases_are_refused(tmp_path, aliases, message):
+    path = qlis.save(qlis.compress(TiedLM()), tmp_path / "m.qlis")
+    header, data = split(path.read_bytes())
+    header["aliases"] = aliases
+    path.write_bytes(build(header, data, ALIASES_VERSION))
+    with pytest.raises(ArchiveError, match=message):
+        Archive(path)
+
+
+def test_a_version_2_file_has_no_aliases_and_one_without_ties_stays_version_2(tmp_path):
+    path = qlis.save(qlis.compress(TiedLM()), tmp_path / "m.qlis")
+    header, data = split(path.read_bytes())
+    header["version"] = VERSION
+    path.write_bytes(build(header, data, VERSION))
+    with pytest.raises(ArchiveError, match="a version 2 header has none"):
+        Archive(path)
+    untied = qlis.save(qlis.compress(torch.nn.Linear(8, 8)), tmp_path / "u.qlis")
+    assert PREFIX.unpack_from(untied.read_bytes())[1] == VERSION
