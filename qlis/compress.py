@@ -202,6 +202,18 @@ def _select_config(select: SelectSpec) -> Any:
     return [str(s) for s in select]
 
 
+def _first_names(plan: Plan, aliases: Mapping[str, str]) -> dict[str, dict]:
+    """A plan's layers with a tied tensor's other names replaced by its first (planned) one."""
+    layers: dict[str, dict] = {}
+    for name, config in plan.to_json().items():
+        first = aliases.get(name, name)
+        if first in layers:
+            raise ConfigError(f"the plan names the tied tensor {first!r} twice (also as "
+                              f"{name!r})")
+        layers[first] = config
+    return layers
+
+
 def _check_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> None:
     for name in plan:
         if name not in state:
@@ -351,7 +363,7 @@ def plan_compression(
     if plan is not None:
         if options or (policy != DEFAULT_POLICY and policy != "plan"):
             raise ConfigError("give either plan= or a policy with options, not both")
-        plan_policy: Policy = PlanPolicy(plan=Plan.coerce(plan).to_json())
+        plan_policy: Policy = PlanPolicy(plan=_first_names(Plan.coerce(plan), aliases))
     else:
         plan_policy = make_policy(policy, **options)
     if cluster is not None and calib is not None:

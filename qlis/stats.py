@@ -202,7 +202,8 @@ def inspect(
 ) -> InspectionReport:
     """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time;
     in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused). A
-    tied tensor is one layer, under its first name (`qlis.tensors.split_aliases`).
+    tied tensor is one layer, under its first name (`qlis.tensors.split_aliases`), selected
+    when any of its names is.
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -210,9 +211,13 @@ def inspect(
     """
     checked = check_options(SCORE_PARAMS, {"beta": beta, "eps": eps}, "inspect")
     beta, eps = checked["beta"], checked["eps"]
-    state = split_aliases(as_state_dict(model_or_state_dict))[0]
+    state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     selector = make_selector(select)
-    names = [name for name, t in state.items() if selector(name, t)]
+    also_named: dict[str, list[str]] = {}
+    for alias, name in aliases.items():
+        also_named.setdefault(name, []).append(alias)
+    names = [name for name, t in state.items()
+             if any(selector(n, t) for n in (name, *also_named.get(name, ())))]
     if not names:
         raise InputError(
             "no layer selected: the model has no floating-point tensor with 2 or more "

@@ -69,6 +69,17 @@ def test_inspect_scores_a_tied_tensor_once():
     assert sum(layer.P for layer in report.layers) == pytest.approx(1.0)
 
 
+def test_any_name_of_a_tied_tensor_selects_or_plans_it():
+    report = qlis.inspect(TiedLM(), select="head.*")
+    assert [layer.name for layer in report.layers] == ["embed.weight"]
+    config = {"quantizer": {"id": "affine", "bits": 6}}
+    result = qlis.compress(TiedLM(), plan={"head.weight": config})
+    assert [layer.name for layer in result.layers] == ["embed.weight"]
+    assert result.layers[0].quantizer["bits"] == 6
+    with pytest.raises(qlis.ConfigError, match="names the tied tensor 'embed.weight' twice"):
+        qlis.compress(TiedLM(), plan={"head.weight": config, "embed.weight": config})
+
+
 def test_tied_names_load_back_tied_and_both_loaders_agree(tmp_path, compressed):
     _, result = compressed
     path = qlis.save(result, tmp_path / "m.qlis")
