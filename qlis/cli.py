@@ -26,6 +26,7 @@ from qlis.calib_files import check_calibration_path, read_calibration
 from qlis.cluster import Cluster
 from qlis.compress import DEFAULT_POLICY, QualityWarning
 from qlis.console import (
+    PATH,
     CommandGroup,
     check_input,
     check_output,
@@ -211,13 +212,13 @@ _codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @_beta
 @_eps
 @_select
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
-@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of QLIS per layer.")
+@click.option("--plot", type=PATH, help="Write a PNG of QLIS per layer.")
 @click.option("--policy", type=click.Choice(PAPER_POLICIES), default="lapq", show_default=True,
               help="The paper policy whose per-layer plan the plot shows.")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
@@ -256,8 +257,8 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.argument("path", type=PATH)
+@click.option("-o", "--output", type=PATH, required=True,
               help="The .qlis archive to write.")
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
               show_default=True,
@@ -286,9 +287,9 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help='A quantizer config for every layer, e.g. \'{"id": "group", "bits": 4}\'.')
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Any other policy option (JSON value), e.g. --set granularities=[\"channel\"].")
-@click.option("--plan", "plan_file", type=click.Path(path_type=Path),
+@click.option("--plan", "plan_file", type=PATH,
               help="A JSON plan: layer name -> {pruner, quantizer} (instead of a policy).")
-@click.option("--calib", "calib_file", type=click.Path(path_type=Path),
+@click.option("--calib", "calib_file", type=PATH,
               help="Calibration data for a Hugging Face model folder: a .txt file of one "
                    "example per line (tokenized by the folder's tokenizer), or .safetensors/.pt "
                    "tensors of the model's keyword inputs (one example per row).")
@@ -382,8 +383,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.argument("path", type=PATH)
+@click.option("-o", "--output", type=PATH, required=True,
               help="OUT.safetensors or OUT.pt: the dequantized tensors (with "
                    "--max-shard-size: a folder).")
 @click.option("--max-shard-size", metavar="SIZE",
@@ -472,7 +473,7 @@ def _info_row(row: dict) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @click.option("--verify", is_flag=True, help="Also read and check every record.")
@@ -553,7 +554,7 @@ _RUNTIME_PATHS = {"int8": "int8 (packed int8 weights)",
 @click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
               show_default=True)
 @_codec
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path),
+@click.option("-o", "--output-dir", type=PATH,
               help="Keep the model file and the archive in this folder (default: temporary "
                    "files, deleted at the end).")
 @click.option("--force", is_flag=True, help="Replace the two files in --output-dir if they exist.")

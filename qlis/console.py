@@ -173,6 +173,21 @@ def _one_line(err: click.ClickException) -> str:
     return " ".join(err.format_message().split())
 
 
+class _PathParameter(click.Path):
+    """click's Path, refusing an empty string: pathlib reads '' as the current folder, so
+    ``qlis inspect ''`` would inspect whatever folder the shell is in."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> object:
+        if isinstance(value, str) and not value:
+            self.fail("an empty path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _PathParameter(path_type=Path)
+"""The type of every path argument and option of `qlis` and `qlis-iqa`."""
+
+
 class CommandGroup(click.Group):
     """The error policy of both commands: a user's mistake is one line ``PROG: error: ...``
     on stderr and exit code 2, whether it comes from the library (a QlisError), the system (an

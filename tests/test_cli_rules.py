@@ -273,3 +273,10 @@ def test_command_line_mistakes_are_one_line(tmp_path, no_loading, command, token
     if result.exit_code == 2:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("qlis: error:"), result.stderr
+
+
+@pytest.mark.parametrize("args", [["inspect", ""], ["pack", "", "-o", "m.qlis"], ["info", ""],
+                                  ["unpack", "m.qlis", "-o", ""],
+                                  ["pack", "m.pt", "-o", "m.qlis", "--plan", ""]])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(no_loading, args):
+    assert "an empty path" in one_line_error(*args)

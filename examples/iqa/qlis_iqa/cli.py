@@ -19,6 +19,7 @@ import torch
 
 from qlis import InputError, QlisError, QualityWarning
 from qlis.console import (
+    PATH,
     CommandGroup,
     check_input,
     check_output,
@@ -91,7 +92,7 @@ def _options(*decorators: Callable) -> Callable:
 
 def output_option(text: str, required: bool = True) -> Callable:
     """``-o/--output``, the one spelling of an output in both tools."""
-    return click.option("-o", "--output", type=click.Path(path_type=Path), required=required,
+    return click.option("-o", "--output", type=PATH, required=required,
                         help=text)
 
 
@@ -111,7 +112,7 @@ workers_option = click.option(
 )
 cache_option = click.option(
     "--cache-dir",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Feature cache folder (default: the run folder's cache/).",
 )
 batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
@@ -129,11 +130,11 @@ codec_option = click.option(
 )
 eval_set_options = _options(
     click.option("--dataset", type=DATASET, help="Default: the one the model was trained on."),
-    click.option("--root", type=click.Path(path_type=Path), help="Default: the training root."),
+    click.option("--root", type=PATH, help="Default: the training root."),
     click.option(
         "--split",
         "split_file",
-        type=click.Path(path_type=Path),
+        type=PATH,
         help="Default: the split file the model was trained with.",
     ),
 )
@@ -188,13 +189,13 @@ def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) 
 @cli.command()
 @click.option("--family", type=FAMILY, required=True)
 @click.option("--dataset", type=DATASET, default="agiqa-3k", show_default=True)
-@click.option("--root", type=click.Path(path_type=Path), required=True, help="Dataset folder.")
+@click.option("--root", type=PATH, required=True, help="Dataset folder.")
 @click.option("--weights", help="Backbone folder or hub id (HF cache); default: the paper's.")
 @output_option("The run folder (its parent must exist).")
 @click.option(
     "--split",
     "split_file",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Split file to reuse, or to create (default: OUTPUT/split.json).",
 )
 @click.option("--limit", type=click.IntRange(2), help="Use this many annotated images only.")
@@ -275,7 +276,7 @@ def train(
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
 @eval_set_options
 @output_option("Predictions CSV.", required=False)
 @logistic_option
@@ -329,7 +330,7 @@ def evaluate(
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
 @output_option("The .qlis archive to write.")
 @click.option("--policy", type=click.Choice(policy_names()), default="rd", show_default=True,
               help="rd: rate–distortion, calibrated on training images; lapq etc.: the paper's.")
@@ -427,7 +428,7 @@ def _training_samples(meta, root, split_file, dataset):
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=PATH)
 @output_option("The output folder (its parent must exist).")
 @eval_set_options
 @beta_option
@@ -546,11 +547,11 @@ def sweep(
 
 
 @cli.command()
-@click.argument("images_dir", type=click.Path(path_type=Path))
+@click.argument("images_dir", type=PATH)
 @click.option(
     "--model",
     "model_path",
-    type=click.Path(path_type=Path),
+    type=PATH,
     required=True,
     help=".qlis archive (or checkpoint / run folder).",
 )
