@@ -271,9 +271,12 @@ class Calibration:
     def compare(self, outputs: list[torch.Tensor],
                 batches: list[int] | None = None) -> dict[str, float]:
         """Distortion of ``outputs`` (of ``batches``; default every batch) from the original
-        model's."""
+        model's. Outputs holding NaN or inf (a model the quantization broke) count as cosine
+        0 where they are not finite, and make ``finite`` false and ``rel_mse`` None (JSON has
+        no NaN)."""
         references = self.reference if batches is None else [self.reference[i] for i in batches]
         cosines, error, energy = [], 0.0, 0.0
+        finite = all(bool(torch.isfinite(out).all()) for out in outputs)
         for ref, out in zip(references, outputs, strict=True):
             dot = (ref * out).sum(dim=1)
             norms = ref.norm(dim=1) * out.norm(dim=1)
@@ -286,5 +289,6 @@ class Calibration:
         return {
             "cosine": cosine,
             "one_minus_cosine": 1.0 - cosine,
-            "rel_mse": error / energy if energy > 0 else 0.0,
+            "rel_mse": None if not finite else error / energy if energy > 0 else 0.0,
+            "finite": finite,
         }

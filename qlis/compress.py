@@ -164,8 +164,10 @@ class CompressionResult:
         if output:
             where = (f"{output['batches']} held-out calibration batches"
                      if output.get("held_out") else "the calibration data")
-            text += (f"; output on {where}: cosine {output['cosine']:.5f}, "
-                     f"relative MSE {output['rel_mse']:.2e}")
+            rel_mse = output.get("rel_mse")
+            text += (f"; output on {where}: cosine {output['cosine']:.5f}, " + (
+                f"relative MSE {rel_mse:.2e}" if rel_mse is not None
+                else "NOT FINITE (the compressed model outputs NaN or inf)"))
         return text
 
     def __repr__(self) -> str:
@@ -192,6 +194,14 @@ def _unreached(layers: list[LayerPlan]) -> list[str]:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return [f"the calibration never ran {len(names)} planned layer(s): {shown}; they were "
             "rounded data-free and their effect on the output was not measured"]
+
+
+def _not_finite(output: dict | None) -> list[str]:
+    if output is None or output.get("finite", True):
+        return []
+    return ["the compressed model outputs NaN or inf on the calibration batches: it is not "
+            "usable (a layer rounded this coarsely breaks it, e.g. a weight-normalised weight "
+            "rounded to all zeros); ask for a larger size or a quality target"]
 
 
 def _select_config(select: SelectSpec) -> Any:
@@ -318,7 +328,8 @@ class PlannedCompression:
                 self.executor.realize(self.plan).tensors)
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
-        result.warnings = self.policy.review(result) + _unreached(layers)
+        result.warnings = (self.policy.review(result) + _unreached(layers)
+                           + _not_finite(distortion["output"]))
         for warning in result.warnings:
             warnings.warn(warning, QualityWarning, stacklevel=3)
         return result

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import qlis
@@ -73,3 +74,23 @@ def test_batches_given_as_callables_are_held_out_too():
     output = result.distortion["output"]
     assert output["held_out"] and output["batches"] == 2
     assert {layer.reconstruction for layer in result.layers} == {rec.BIAS_CORRECTED}
+
+
+def test_a_model_the_quantization_breaks_is_reported_not_finite_and_still_saves(tmp_path):
+    """A weight-normalised layer whose direction rounds to all zeros computes 0/0: the measure
+    says the outputs are not finite (cosine 0, no relative MSE), a warning says the result
+    is unusable, and the archive is still written (its header holds no NaN)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(
+        torch.nn.Linear(32, 8)))
+    direction = "0.parametrizations.weight.original1"
+    plan = {direction: {"quantizer": {"id": "uniform", "step": 100.0}}}
+    with pytest.warns(qlis.QualityWarning, match="outputs NaN or inf"):
+        result = qlis.compress(model, plan=plan, calib=_batches(HOLDOUT_EVERY))
+    output = result.distortion["output"]
+    assert output["finite"] is False and output["rel_mse"] is None and output["cosine"] == 0
+    assert "NOT FINITE" in result.describe_quality()
+    qlis.save(result, tmp_path / "m.qlis")
+    kept = qlis.compress(model, plan={direction: {"quantizer": {"id": "affine", "bits": 8}}},
+                         calib=_batches(HOLDOUT_EVERY))
+    assert kept.distortion["output"]["finite"] is True and kept.distortion["output"]["rel_mse"] >= 0
