@@ -6,7 +6,8 @@ Error feedback and bias correction need, per weight, the inputs X with ``output 
 Face's ``Conv1D`` (whose weight is stored (in, out): ``transposed``), the unfolded patches for
 ``nn.Conv1d/2d/3d`` (any padding mode, stride, dilation; grouped and depthwise convolutions
 give one set of rows per group of outputs), and the query / key / value inputs of the packed
-``in_proj_weight`` of ``nn.MultiheadAttention`` (three groups of outputs). Any other tensor
+``in_proj_weight`` of ``nn.MultiheadAttention`` (three groups of outputs) and the heads'
+outputs that its ``out_proj`` multiplies (recomputed: the module never calls it). Any other tensor
 (embeddings, a weight its module uses in a way not listed) has no ``LayerInputs`` and is
 quantized data-free.
 """
@@ -107,6 +108,40 @@ def _attention_rows(attention: nn.MultiheadAttention) -> Rows:
     return rows
 
 
+def _attention_output_rows(attention: nn.MultiheadAttention) -> Rows:
+    """The input of ``out_proj``: the heads' outputs side by side, which
+    nn.MultiheadAttention computes inside its functional forward and never passes to
+    out_proj's own forward. The same call again, with an identity output projection (and no
+    bias), returns exactly those rows, on either of its paths (fast or not)."""
+    projection = attention.out_proj
+
+    def rows(args: tuple, kwargs: dict) -> Iterator[list[torch.Tensor]]:
+        weight, bias = projection.weight, projection.bias
+        saved = weight.data, None if bias is None else bias.data
+        try:
+            weight.data = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+            if bias is not None:
+                bias.data = torch.zeros_like(bias.data)
+            with torch.no_grad():
+                heads = attention.forward(*args, **kwargs)[0]
+        finally:
+            weight.data = saved[0]
+            if bias is not None:
+                bias.data = saved[1]
+        yield [heads.detach().reshape(-1, attention.embed_dim)]
+
+    return rows
+
+
+def _out_projection_of(model: nn.Module, module_name: str) -> nn.MultiheadAttention | None:
+    """The nn.MultiheadAttention whose ``out_proj`` is ``module_name``, if it is one."""
+    parent_name, _, child = module_name.rpartition(".")
+    if child != "out_proj":
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent if isinstance(parent, nn.MultiheadAttention) else None
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's Conv1D (GPT-2 family): a Linear whose weight is stored (in, out)."""
     weight = getattr(module, "weight", None)
@@ -133,6 +168,10 @@ def layer_inputs(model: nn.Module, name: str) -> LayerInputs | None:
     def bias_name(attribute: str) -> str | None:
         return f"{prefix}{attribute}" if getattr(module, attribute, None) is not None else None
 
+    attention = _out_projection_of(model, module_name) if attr == "weight" else None
+    if attention is not None:
+        return LayerInputs(module_name.rpartition(".")[0], attention, 1, attention.embed_dim,
+                           bias_name("bias"), False, _attention_output_rows(attention))
     if attr == "weight" and isinstance(module, nn.Linear):
         return LayerInputs(module_name, module, 1, module.in_features, bias_name("bias"), False,
                            _linear_rows(module.in_features))

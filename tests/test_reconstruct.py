@@ -78,10 +78,40 @@ def test_linear_hf_conv1d_and_packed_attention_inputs():
     rows = all_rows(inputs, q, kv, value=kv)
     assert inputs.groups == 3 and inputs.bias == "0.in_proj_bias"
     assert [r.shape[0] for r in rows] == [4, 6, 6] and torch.equal(rows[0], q.reshape(4, 8))
-    assert layer_inputs(holder, "0.out_proj.weight").groups == 1  # a Linear, if ever called
+    assert layer_inputs(holder, "0.out_proj.weight").module is attention  # never called itself
     assert layer_inputs(nn.Sequential(nn.Embedding(4, 3)), "0.weight") is None
     assert layer_inputs(nn.Sequential(nn.Linear(2, 2)), "0.bias") is None
     assert layer_inputs(nn.Sequential(nn.Linear(2, 2)), "9.weight") is None
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_the_attention_output_projection_sees_the_heads_outputs(batch_first):
+    """nn.MultiheadAttention never calls its out_proj: the rows are recomputed, and out_proj
+    applied to them gives the module's output, on the slow path (masks, weights returned)
+    and on the fast one (inference, no weights returned)."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    inputs = layer_inputs(nn.Sequential(attention), "0.out_proj.weight")
+    assert inputs.bias == "0.out_proj.bias" and inputs.width == 8 and not inputs.transposed
+    weight, bias = attention.out_proj.weight.clone(), attention.out_proj.bias.clone()
+    x = torch.randn(3, 5, 8)
+    mask = torch.tensor([[False] * 4 + [True]] * 3) if batch_first else None
+    for kwargs in ({"need_weights": True}, {"need_weights": False, "key_padding_mask": mask}):
+        (rows,) = all_rows(inputs, x, x, x, **kwargs)
+        with torch.no_grad():
+            expected = attention(x, x, x, **kwargs)[0].reshape(-1, 8)
+            torch.testing.assert_close(attention.out_proj(rows), expected)
+    assert torch.equal(attention.out_proj.weight, weight)  # the identity was swapped back
+    assert torch.equal(attention.out_proj.bias, bias)
+
+
+def test_a_torch_transformer_layer_is_reconstructed_whole():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    result = qlis.compress(model.eval(), calib=[torch.randn(4, 6, 16) for _ in range(4)])
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes["layers.0.self_attn.out_proj.weight"].startswith("error feedback")
+    assert not result.warnings
 
 
 class Net(nn.Module):
