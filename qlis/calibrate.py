@@ -269,7 +269,7 @@ class Calibration:
                 * float(t.detach().double().square().mean()) for name, t in tensors.items()}
 
     def compare(self, outputs: list[torch.Tensor],
-                batches: list[int] | None = None) -> dict[str, float]:
+                batches: list[int] | None = None) -> dict[str, Any]:
         """Distortion of ``outputs`` (of ``batches``; default every batch) from the original
         model's. Outputs holding NaN or inf (a model the quantization broke) count as cosine
         0 where they are not finite, and make ``finite`` false and ``rel_mse`` None (JSON has

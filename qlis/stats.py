@@ -97,10 +97,10 @@ def _scan(tensor: torch.Tensor, eps: float) -> tuple[float, float]:
     return max(0.0, math.log2(n) - acc / n), n_small / n
 
 
-def entropy_bits(tensor: torch.Tensor) -> float:
+def value_entropy_bits(tensor: torch.Tensor) -> float:
     """Shannon entropy, in bits, of the distinct stored values of a floating ``tensor``.
 
-    >>> entropy_bits(torch.tensor([1.0, 1.0, 2.0, 3.0]))
+    >>> value_entropy_bits(torch.tensor([1.0, 1.0, 2.0, 3.0]))
     1.5
     """
     if tensor.numel() == 0:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import qlis
 from qlis.errors import InputError, QlisError
-from qlis.stats import RECORD_KEYS, entropy_bits
+from qlis.stats import RECORD_KEYS, value_entropy_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 dtypes = st.sampled_from(DTYPES)
@@ -44,7 +44,7 @@ def _close(a: float, b: float) -> bool:
 
 @given(weights())
 def test_entropy_is_exact_over_stored_bit_patterns(w):
-    h = entropy_bits(w)
+    h = value_entropy_bits(w)
     assert h == pytest.approx(ref.entropy(w), rel=1e-9, abs=1e-9)
     assert 0.0 <= h <= min(ref.width(w.dtype), math.log2(w.numel())) + 1e-9
 
@@ -57,12 +57,12 @@ def test_entropy_large_tensor_with_repeats(dtype):
     repeated = pool[torch.from_numpy(rng.integers(0, 5000, size=300_000))].to(dtype)
     distinct = torch.from_numpy(rng.standard_normal(200_000).astype(np.float32)).to(dtype)
     for w in (repeated, distinct):
-        assert entropy_bits(w) == pytest.approx(ref.entropy(w), rel=1e-9)
+        assert value_entropy_bits(w) == pytest.approx(ref.entropy(w), rel=1e-9)
 
 
 def test_entropy_counts_signed_zeros_as_distinct_patterns():
-    assert entropy_bits(torch.tensor([0.0, -0.0])) == 1.0
-    assert entropy_bits(torch.tensor([0.0, 0.0, 0.0])) == 0.0
+    assert value_entropy_bits(torch.tensor([0.0, -0.0])) == 1.0
+    assert value_entropy_bits(torch.tensor([0.0, 0.0, 0.0])) == 0.0
 
 
 @given(
