@@ -261,6 +261,23 @@ def test_ordered_map_keeps_at_most_window_items_in_flight(jobs, window):
     assert 1 <= peak <= limit
 
 
+def test_with_a_cost_budget_a_worker_runs_on_past_a_slow_oldest_item():
+    """The budget bounds memory, so the window is wide: while the oldest item (a large
+    tensor) runs, the other worker goes on through the small ones after it (a window of
+    twice the workers stopped it after three)."""
+    tenth_done = threading.Event()
+
+    def fn(i: int) -> int:
+        if i == 0:
+            assert tenth_done.wait(10), "the other worker stopped behind the oldest item"
+        if i == 10:
+            tenth_done.set()
+        return i
+
+    assert list(ordered_map(fn, range(12), jobs=2, cost=lambda _: 1.0, budget=100.0)) \
+        == list(range(12))
+
+
 def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_beyond():
     lock = threading.Lock()
     started: list[int] = []
