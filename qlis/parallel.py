@@ -88,7 +88,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = Non
     `COSTED_WINDOW` times ``jobs`` with it, where the budget bounds the memory: a short
     window leaves a worker idle whenever the oldest item is a large tensor and the few
     after it are done (ViT-L/14 pack, second pass on 2 threads: 3.9 s with a window of 4,
-    2.7-2.9 s with 64). An exception from ``fn`` is raised here, at that item's turn, and
+    2.5-2.8 s with 64). An exception from ``fn`` is raised here, at that item's turn, and
     nothing later is started. The generator must be consumed or closed (a ``for`` loop or
     ``list``)."""
     jobs = check_jobs(jobs)
