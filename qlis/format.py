@@ -2,9 +2,10 @@
 
 Everything a reader must check before it allocates or decodes anything lives here: the JSON
 header is scanned for size, nesting and item count before it is parsed, then validated
-against the version-2 schema, and the bytes the tensors will take once decoded are summed
-from the declared shapes and checked against a limit the caller can raise. The writer runs
-the same checks on what it is about to write, so qlis never writes a file it would refuse.
+against the schema of its version (2, or 3 with tied tensors), and the bytes the tensors
+will take once decoded are summed from the declared shapes and checked against a limit the
+caller can raise. The writer runs the same checks on what it is about to write, so qlis
+never writes a file it would refuse.
 """
 
 from __future__ import annotations
