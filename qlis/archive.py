@@ -61,7 +61,7 @@ from qlis.format import (
 from qlis.grid import Grid
 from qlis.parallel import ordered_map
 from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer
-from qlis.tensors import bit_patterns
+from qlis.tensors import bit_patterns, with_aliases
 
 CRC_PIECE = 1 << 24
 _PATH = Param("path")
@@ -669,7 +669,7 @@ class Archive:
             state[name] = self.read(name)
             if progress is not None:
                 progress(state[name].numel())
-        return {**state, **{alias: state[name] for alias, name in self.aliases.items()}}
+        return with_aliases(state, self.aliases)
 
     def verify(self) -> None:
         """Read and check every record; raises ArchiveError naming the first bad tensor."""

@@ -404,10 +404,10 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
         check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
     with qlis.open(path) as archive:
         stored = {row["name"]: row for row in archive.tensor_info()}
-        rows = [stored[archive.entry(name).name] for name in archive.names()]  # tied: copies
+        names = archive.names()  # tied tensors under each name: a copy each
+        rows = [stored[archive.entry(name).name] for name in names]
         total = sum(row["original_bytes"] for row in rows)
-        layout = [(name, r["dtype"], r["shape"]) for name, r in zip(archive.names(), rows,
-                                                                    strict=True)]
+        layout = [(name, r["dtype"], r["shape"]) for name, r in zip(names, rows, strict=True)]
         source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
                   if k.startswith(SOURCE_METADATA)} or None
         with _progress_bars(quiet) as bar:

@@ -31,7 +31,7 @@ from qlis.reconstruct import NOT_REACHED
 from qlis.resume import PassCache
 from qlis.select import SelectSpec
 from qlis.stats import SCORE_PARAMS, InspectionReport, inspect
-from qlis.tensors import as_state_dict, split_aliases, storage_bits
+from qlis.tensors import as_state_dict, split_aliases, storage_bits, with_aliases
 
 COMPRESS_PARAMS = {
     **SCORE_PARAMS,
@@ -121,7 +121,7 @@ class CompressionResult:
             name: t.dequantize() if isinstance(t, QuantizedTensor) else t
             for name, t in self.tensors.items()
         }
-        return {**state, **{alias: state[name] for alias, name in self.aliases.items()}}
+        return with_aliases(state, self.aliases)
 
     def summary(self) -> dict:
         """Plain-JSON totals: policy, sizes, ratios and quality."""

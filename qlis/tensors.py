@@ -208,6 +208,17 @@ def split_aliases(
     return {name: t for name, t in state.items() if name not in aliases}, aliases
 
 
+def with_aliases(state: dict[str, torch.Tensor],
+                 aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` with each tied name of `split_aliases` back, sharing its first name's tensor.
+
+    >>> shared = torch.ones(2)
+    >>> with_aliases({"embed": shared}, {"head": "embed"})["head"] is shared
+    True
+    """
+    return {**state, **{alias: state[name] for alias, name in aliases.items()}}
+
+
 def as_state_dict(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
 ) -> Mapping[str, torch.Tensor]:
