@@ -17,13 +17,11 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-import google_crc32c
 import numpy as np
 import torch
 
@@ -39,49 +37,39 @@ from qlis.execute import LayerPlan
 from qlis.format import (
     ALIASES_VERSION,
     DEFAULT_MAX_DECODED_BYTES,
-    DTYPES,
+    DTYPE_SIZES,
     MAGIC,
     MAX_DIMS,
-    MAX_HEADER_BYTES,
     MAX_LEVELS,
     PARAM_DTYPES,
     PREFIX,
-    READABLE_VERSIONS,
     VERSION,
     Record,
     Summary,
     TensorEntry,
     aligned,
     code_dtype,
+    crc32c,
     element_size,
     non_finite_path,
-    parse_json,
-    validate_header,
+    parse_header,
+    positional_reader,
+    read_header,
 )
 from qlis.grid import Grid
 from qlis.parallel import ordered_map
 from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer
 from qlis.tensors import bit_patterns, with_aliases
 
-CRC_PIECE = 1 << 24
 _PATH = Param("path")
 
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_SIZES}
+_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 _PATTERN = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 Progress = Callable[[int], None]
 Stored = QuantizedTensor | torch.Tensor
-
-
-def _crc(data: bytes | memoryview) -> int:
-    """CRC-32C; a memoryview is checksummed in 16 MiB pieces (the library takes bytes only)."""
-    if isinstance(data, bytes):
-        return google_crc32c.value(data)
-    crc = 0
-    for start in range(0, len(data), CRC_PIECE):
-        crc = google_crc32c.extend(crc, bytes(data[start : start + CRC_PIECE]))
-    return crc
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -238,7 +226,7 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
         params = {}
         for key, value in sorted(stored.params.items()):
             params[key], raw = _param_record(name, key, value)
-            records.append((key, raw, _crc(raw)))
+            records.append((key, raw, crc32c(raw)))
         entry.update(dtype=_dtype_name(stored.dtype), quantizer=stored.quantizer,
                      n_levels=stored.n_levels, params=params)
     else:
@@ -247,7 +235,7 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
     entry["codec"] = chosen.get_config()
     if plan is not None:
         entry["plan"] = plan
-    records.append((None, data, _crc(data)))
+    records.append((None, data, crc32c(data)))
     return EncodedTensor(entry, records)
 
 
@@ -387,8 +375,8 @@ def _header_bytes(header: dict, data_len: int) -> bytes:
     except (TypeError, ValueError) as err:
         raise InputError(f"cannot write the archive header: {err}") from None
     try:
-        validate_header(parse_json(raw), data_len, max_decoded_bytes=None,
-                        version=header["version"])
+        parse_header(raw, data_len, max_decoded_bytes=None, version=header["version"],
+                     lookup=build_config)
     except ArchiveError as err:
         raise InputError(f"cannot write this archive: {err}") from None
     return raw
@@ -397,7 +385,7 @@ def _header_bytes(header: dict, data_len: int) -> bytes:
 def _write_atomically(path: Path, version: int, header: bytes, spill: IO[bytes],
                       data_len: int, overwrite: bool) -> None:
     data_start = aligned(PREFIX.size + len(header))
-    prefix = PREFIX.pack(MAGIC, version, _crc(header), len(header), data_len)
+    prefix = PREFIX.pack(MAGIC, version, crc32c(header), len(header), data_len)
     with atomic_path(path, overwrite=overwrite) as tmp, builtins.open(tmp, "wb") as f:
         f.write(prefix)
         f.write(header)
@@ -425,29 +413,10 @@ def _copy(source: IO[bytes], target: IO[bytes], length: int) -> None:
     shutil.copyfileobj(source, target, 1 << 24)
 
 
-def _positional_reader(fd: int) -> Callable[[int, int], bytes]:
-    """pread where the system has it; elsewhere seek+read under a lock (thread-safe either way)."""
-    if hasattr(os, "pread"):
-
-        def pread(length: int, offset: int) -> bytes:
-            chunks, done = [], 0
-            while done < length:  # pread may return fewer bytes than asked
-                chunk = os.pread(fd, length - done, offset + done)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                done += len(chunk)
-            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-
-        return pread
-    lock = threading.Lock()
-
-    def locked_read(length: int, offset: int) -> bytes:
-        with lock:
-            os.lseek(fd, offset, os.SEEK_SET)
-            return os.read(fd, length)
-
-    return locked_read
+def build_config(kind: str, config: dict) -> Codec | Quantizer:
+    """The codec or quantizer a header's config names (the loaders' `ConfigLookup`: a config
+    qlis cannot build is refused when the archive is opened, not when a tensor is read)."""
+    return get_codec(config) if kind == "codec" else get_quantizer(config)
 
 
 class Archive:
@@ -478,7 +447,7 @@ class Archive:
             kind = "not a regular file" if self.path.exists() else "no such file"
             raise InputError(f"{self.path}: {kind}")
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._pread = _positional_reader(self._fd)
+        self._pread = positional_reader(self._fd)
         try:
             self._read_header(max_decoded_bytes)
         except ArchiveError as err:
@@ -493,34 +462,8 @@ class Archive:
 
     def _read_header(self, max_decoded_bytes: int) -> None:
         size = os.fstat(self._fd).st_size
-        prefix = self._pread(PREFIX.size, 0)
-        if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC):
-            raise ArchiveError("not a qlis archive (bad magic bytes)")
-        _, version, header_crc, header_len, data_len = PREFIX.unpack(prefix)
-        if version not in READABLE_VERSIONS:
-            newer = ("a newer qlis: upgrade qlis" if version > max(READABLE_VERSIONS)
-                     else "an older qlis")
-            raise ArchiveError(
-                f"format version {version} is not supported (this reader reads versions "
-                f"{' and '.join(map(str, READABLE_VERSIONS))}); it was written by {newer}, "
-                "or re-create the archive"
-            )
-        if header_len > size - PREFIX.size:
-            raise ArchiveError("truncated or corrupt (header length exceeds the file)")
-        self._data_start = aligned(PREFIX.size + header_len)
-        if self._data_start + data_len != size:
-            raise ArchiveError(
-                f"truncated or corrupt: {size} bytes on disk, the header announces "
-                f"{self._data_start + data_len}"
-            )
-        if header_len > MAX_HEADER_BYTES:
-            raise ArchiveError(
-                f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MiB cap"
-            )
-        raw_header = self._pread(header_len, PREFIX.size)
-        if len(raw_header) != header_len or _crc(raw_header) != header_crc:
-            raise ArchiveError("corrupt header (checksum mismatch)")
-        header = validate_header(parse_json(raw_header), data_len, max_decoded_bytes, version)
+        header, self._data_start = read_header(self._pread, size, max_decoded_bytes,
+                                               build_config)
         self._entries = header.entries
         self.aliases: dict[str, str] = header.aliases
         self._quantizers: dict[int, Quantizer] = {}
@@ -537,7 +480,7 @@ class Archive:
         data = self._pread(record.length, self._data_start + record.offset)
         if len(data) != record.length:
             raise self._fail(f"{where}: truncated record")
-        if _crc(data) != record.crc32c:
+        if crc32c(data) != record.crc32c:
             raise self._fail(f"{where}: checksum mismatch (the file is corrupt)")
         return data
 
@@ -588,7 +531,7 @@ class Archive:
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `read` returns for one tensor (no data is read)."""
-        return DTYPES[self.entry(name).dtype]
+        return TORCH_DTYPES[self.entry(name).dtype]
 
     def read_quantized(self, name: str) -> QuantizedTensor | None:
         """The integer codes and checked parameters of a quantized tensor (None for a plain
@@ -607,7 +550,7 @@ class Archive:
             n_levels=n_levels,
             quantizer=dict(entry.quantizer),
             params=params,
-            dtype=DTYPES[entry.dtype],
+            dtype=TORCH_DTYPES[entry.dtype],
         )
 
     def read_params(self, name: str) -> dict[str, np.ndarray]:
@@ -654,7 +597,7 @@ class Archive:
             if tuple(tensor.shape) != entry.shape or tensor.dtype != quantized.dtype:
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
             return tensor
-        dtype = DTYPES[entry.dtype]
+        dtype = TORCH_DTYPES[entry.dtype]
         size = element_size(entry.dtype)
         patterns = self._decode(entry, self._empty(name, entry.numel, _PATTERN[size]))
         signed = torch.from_numpy(patterns.view(_SIGNED[size]))

@@ -20,7 +20,7 @@ from qlis.cluster import Cluster
 from qlis.config import Param, check_options
 from qlis.errors import ClusterError, ConfigError, InputError
 from qlis.execute import LayerPlan, StoredTensor
-from qlis.format import HEADER_BYTES, RECORD_OVERHEAD_BYTES, Summary
+from qlis.format import Summary
 from qlis.gptq import MAX_SWEEPS
 from qlis.parallel import check_jobs
 from qlis.plan import Plan, finite_json
@@ -30,6 +30,7 @@ from qlis.quantize import QuantizedTensor
 from qlis.reconstruct import NOT_REACHED
 from qlis.resume import PassCache
 from qlis.select import SelectSpec
+from qlis.sizes import HEADER_BYTES, RECORD_OVERHEAD_BYTES
 from qlis.stats import SCORE_PARAMS, InspectionReport, inspect
 from qlis.tensors import as_state_dict, split_aliases, storage_bits, with_aliases
 

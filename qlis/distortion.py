@@ -4,7 +4,7 @@
 - output error (qlis/calibrate.py): 1 - cosine or relative MSE of the model's outputs.
 
 What it saves, the coded size of every part of an archive, is the size model of
-qlis/format.py.
+qlis/sizes.py.
 """
 
 from __future__ import annotations

@@ -13,16 +13,16 @@ import torch
 
 from qlis.codecs import huffman_code_lengths, symbol_histogram
 from qlis.distortion import relative_mse
-from qlis.format import (
+from qlis.gptq import output_error, quantize_with_error_feedback
+from qlis.plan import LayerConfig
+from qlis.prune import get_pruner
+from qlis.quantize import QuantizedTensor, code_dtype, get_quantizer
+from qlis.sizes import (
     QUANTIZED_RECORD_BYTES,
     RECORD_OVERHEAD_BYTES,
     coded_code_bytes,
     param_bytes,
 )
-from qlis.gptq import output_error, quantize_with_error_feedback
-from qlis.plan import LayerConfig
-from qlis.prune import get_pruner
-from qlis.quantize import QuantizedTensor, code_dtype, get_quantizer
 from qlis.tensors import storage_bits
 
 StoredTensor = torch.Tensor | QuantizedTensor

@@ -14,19 +14,20 @@ import contextlib
 import gc
 import json
 import math
+import os
+import re
 import struct
-from collections.abc import Collection, Iterator, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import google_crc32c
 import numpy as np
-import torch
 
-from qlis.codecs import entropy_bits, get_codec
 from qlis.errors import ArchiveError, QlisError
-from qlis.quantize import get_quantizer
 
 MAGIC = b"\x89QLIS\r\n\x1a"
 VERSION = 2  # what an archive is written as unless it needs a later version's feature
@@ -43,18 +44,11 @@ MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 53  # product of the dimensions, zeros counted as ones
 MAX_LEVELS = 1 << 16
 DEFAULT_MAX_DECODED_BYTES = 64 << 30
+CRC_PIECE = 1 << 24
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+DTYPE_SIZES: dict[str, int] = {  # the stored dtypes, by name, with their bytes per element
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8,
+    "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1, "bool": 1,
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PARAM_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
@@ -78,44 +72,9 @@ _NUMBER_CHARS = bytes.maketrans(b"0123456789eE+-", b"0000000000ee++")
 _LARGE_NUMBERS = (b"0" * (MAX_INT_DIGITS + 1), b"e000", b"e+000")
 
 
-# -- the size model: what every part of an archive costs (compress, rd and execute estimate
-# archives with it before they are written) ----------------------------------------------
-
-HEADER_BYTES = 1024
-"""An archive's fixed cost: prefix, header skeleton, policy options and summary."""
-RECORD_OVERHEAD_BYTES = 176
-"""A tensor stored as it is: its JSON header entry and its record's 64-byte alignment."""
-QUANTIZED_RECORD_BYTES = 900
-"""A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
-in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
-
-TABLE_BYTES_PER_SYMBOL = 1.5
-"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
-
-
-def coded_code_bytes(counts: np.ndarray) -> float:
-    """Bytes an entropy coder needs for codes with these symbol counts: information +
-    alphabet table.
-
-    >>> coded_code_bytes(np.array([1000])) < 10
-    True
-    """
-    present = int(np.count_nonzero(counts))
-    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
-
-
-def param_bytes(params: dict[str, np.ndarray]) -> int:
-    """Bytes of a quantizer's parameters as stored."""
-    return sum(int(np.asarray(v).nbytes) for v in params.values())
-
-
-_ELEMENT_SIZES = {name: torch.empty((), dtype=dtype).element_size()
-                  for name, dtype in DTYPES.items()}
-
-
 def element_size(dtype_name: str) -> int:
     """Bytes per element of a stored dtype (bool: one byte)."""
-    return _ELEMENT_SIZES[dtype_name]
+    return DTYPE_SIZES[dtype_name]
 
 
 def code_dtype(n_levels: int) -> np.dtype:
@@ -206,31 +165,6 @@ def _no_cyclic_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def parse_json(raw: bytes) -> object:
-    """The header's JSON after `scan_json`: finite numbers, 64-bit integers, unique keys (a
-    repeated key leaves its object with fewer keys than the colons the scan counted)."""
-    members = scan_json(raw)
-    keys = 0
-
-    def count_keys(obj: dict) -> dict:
-        nonlocal keys
-        keys += len(obj)
-        return obj
-
-    numbers = raw.translate(_NUMBER_CHARS)
-    large = any(pattern in numbers for pattern in _LARGE_NUMBERS)
-    checked = {"parse_float": finite_float, "parse_int": _small_int} if large else {}
-    try:
-        with _no_cyclic_gc():  # a header is a tree: collecting while it is built finds nothing
-            parsed = json.loads(
-                raw, parse_constant=reject_constant, object_hook=count_keys, **checked)
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError included
-        raise ArchiveError(f"corrupt header (not valid JSON: {str(err)[:120]})") from None
-    if keys != members:
-        raise ArchiveError("corrupt header (an object repeats a key)")
-    return parsed
 
 
 def non_finite_path(value: object, path: str = "header") -> str | None:
@@ -436,12 +370,20 @@ def _shape(value: object, where: str) -> tuple[tuple[int, ...], int]:
     return tuple(value), numel
 
 
+ConfigLookup = Callable[[str, dict], object]
+"""Builds a codec (kind "codec") or a quantizer (kind "quantizer") from its config, raising a
+QlisError for one it does not know or refuses. The loaders pass qlis' registries; a reader of
+the header alone (`qlis info`) passes none and checks the configs' form only, so that it
+needs neither torch nor the codecs' kernels."""
+
+
 class _ConfigCheck:
     """Codec and quantizer configs, looked up (never executed) once per distinct config:
     archives repeat a handful of configs over thousands of tensors, and equal configs then
     share one validated, read-only mapping."""
 
-    def __init__(self) -> None:
+    def __init__(self, lookup: ConfigLookup | None) -> None:
+        self._lookup = lookup
         self._seen: dict[tuple, Mapping[str, Any]] = {}
 
     def __call__(self, value: object, where: str, kind: str) -> Mapping[str, Any]:
@@ -456,12 +398,13 @@ class _ConfigCheck:
         if kind == "codec" and config["id"] == "auto":
             raise _fail(where, "codec 'auto' cannot decode; the writer must record the codec "
                         "it chose")
-        try:
-            get_codec(config) if kind == "codec" else get_quantizer(config)
-        except QlisError as err:
-            raise _fail(where, str(err)) from None
-        except (TypeError, ValueError, KeyError, OverflowError) as err:
-            raise _fail(where, f"bad {kind} parameters ({err})") from None
+        if self._lookup is not None:
+            try:
+                self._lookup(kind, config)
+            except QlisError as err:
+                raise _fail(where, str(err)) from None
+            except (TypeError, ValueError, KeyError, OverflowError) as err:
+                raise _fail(where, f"bad {kind} parameters ({err})") from None
         self._seen[key] = MappingProxyType(dict(config))
         return self._seen[key]
 
@@ -510,7 +453,7 @@ def _check_entry(entry: object, data_len: int, configs: _ConfigCheck) -> TensorE
         raise _fail(where, f"missing field {min(required - entry.keys())!r}")
     shape, numel = _shape(entry["shape"], where)
     dtype = entry["dtype"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise _fail(where, f"unsupported dtype {str(dtype)[:40]!r}")
     data = _record(entry["data"], where, data_len)
     plan = _check_plan(entry["plan"], where) if "plan" in entry else None
@@ -590,12 +533,120 @@ def _check_aliases(value: object, entries: Mapping[str, TensorEntry]) -> dict[st
     return aliases
 
 
-def validate_header(header: object, data_len: int, max_decoded_bytes: int | None,
-                    version: int = VERSION) -> Header:
-    """Check a parsed header against the schema of ``version`` (the file prefix's) and the
-    decoded-size limit. The tensor list is consumed: its JSON is released entry by entry as
-    it becomes typed."""
-    header = _object(header, "header", _TOP_KEYS)
+class _Entries:
+    """The tensor list, validated entry by entry as it is parsed (its JSON is never held
+    whole): the typed entries, their decoded size and where their records lie."""
+
+    def __init__(self, data_len: int, lookup: ConfigLookup | None) -> None:
+        self.data_len = data_len
+        self.configs = _ConfigCheck(lookup)
+        self.entries: dict[str, TensorEntry] = {}
+        self.decoded_bytes = 0
+        self.starts: list[int] = []
+        self.lengths: list[int] = []
+
+    def add(self, item: object) -> None:
+        entry = _check_entry(item, self.data_len, self.configs)
+        if entry.name in self.entries:
+            raise _fail(f"tensor {entry.name[:200]!r}", "appears twice")
+        self.entries[entry.name] = entry
+        self.decoded_bytes += entry.decoded_bytes
+        self.starts.append(entry.data.offset)
+        self.lengths.append(entry.data.length)
+        for param in entry.params.values():
+            self.starts.append(param.record.offset)
+            self.lengths.append(param.record.length)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_STREAMED = object()  # the value `_parse_top` keeps for a tensor list it gave to `_Entries`
+
+
+def _parse_top(text: str, decoder: json.JSONDecoder, entries: _Entries) -> dict:
+    """The header's top-level object, member by member; the members of its "tensors" list go
+    to ``entries`` one at a time. Raises ValueError where the JSON is not valid."""
+    skip, decode = _WHITESPACE.match, decoder.raw_decode
+    at = skip(text, 0).end()
+    if text[at:at + 1] != "{":
+        decoder.decode(text)  # the JSON error, if it is not JSON at all
+        raise _fail("header", "not a JSON object")
+    sections: dict[str, object] = {}
+    at = skip(text, at + 1).end()
+    while text[at:at + 1] != "}":
+        key, at = decode(text, at)
+        at = skip(text, at).end()
+        if not isinstance(key, str) or text[at:at + 1] != ":":
+            raise ValueError(f"expecting a key and ':' at character {at}")
+        if key not in _TOP_KEYS:
+            raise _fail("header", f"unknown field {key[:40]!r}")
+        if key in sections:
+            raise ArchiveError("corrupt header (an object repeats a key)")
+        at = skip(text, at + 1).end()
+        if key == "tensors" and text[at:at + 1] == "[":
+            sections[key], at = _STREAMED, _parse_list(text, at, decoder, entries.add)
+        else:
+            sections[key], at = decode(text, at)
+        at = skip(text, at).end()
+        if text[at:at + 1] == ",":
+            at = skip(text, at + 1).end()
+        elif text[at:at + 1] != "}":
+            raise ValueError(f"expecting ',' or '}}' at character {at}")
+    if skip(text, at + 1).end() != len(text):
+        raise ValueError(f"extra data after the header at character {at + 1}")
+    return sections
+
+
+def _parse_list(text: str, at: int, decoder: json.JSONDecoder,
+                each: Callable[[object], None]) -> int:
+    """Parse the JSON list that starts at ``at``, giving each item to ``each`` as soon as it
+    is parsed; returns where the list ends."""
+    skip, decode = _WHITESPACE.match, decoder.raw_decode
+    at = skip(text, at + 1).end()
+    if text[at:at + 1] == "]":
+        return at + 1
+    while True:
+        item, at = decode(text, at)
+        each(item)
+        at = skip(text, at).end()
+        if text[at:at + 1] == "]":
+            return at + 1
+        if text[at:at + 1] != ",":
+            raise ValueError(f"expecting ',' or ']' at character {at}")
+        at = skip(text, at + 1).end()
+
+
+def parse_header(raw: bytes, data_len: int, max_decoded_bytes: int | None,
+                 version: int = VERSION, lookup: ConfigLookup | None = None) -> Header:
+    """Check a header's bytes (`scan_json` first) against the schema of ``version`` (the
+    file prefix's) and the decoded-size limit, building typed entries as the tensor list is
+    parsed: memory stays near the header's own size, however many tensors it lists.
+    ``lookup`` also checks every codec and quantizer config against what qlis can build."""
+    members = scan_json(raw)
+    keys = 0
+
+    def count_keys(obj: dict) -> dict:
+        nonlocal keys
+        keys += len(obj)
+        return obj
+
+    numbers = raw.translate(_NUMBER_CHARS)
+    large = any(pattern in numbers for pattern in _LARGE_NUMBERS)
+    checked = {"parse_float": finite_float, "parse_int": _small_int} if large else {}
+    decoder = json.JSONDecoder(parse_constant=reject_constant, object_hook=count_keys,
+                               **checked)
+    entries = _Entries(data_len, lookup)
+    try:
+        with _no_cyclic_gc():  # a header is a tree: collecting while it is built finds nothing
+            header = _parse_top(raw.decode("ascii"), decoder, entries)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError included
+        raise ArchiveError(f"corrupt header (not valid JSON: {str(err)[:120]})") from None
+    if keys + len(header) != members:
+        raise ArchiveError("corrupt header (an object repeats a key)")
+    return _validate_sections(header, entries, max_decoded_bytes, version)
+
+
+def _validate_sections(header: dict, entries: _Entries, max_decoded_bytes: int | None,
+                       version: int) -> Header:
     if header.get("format") != "qlis":
         raise ArchiveError("corrupt header (not a qlis header)")
     if header.get("version") != version or not _is_int(header.get("version")):
@@ -605,33 +656,86 @@ def validate_header(header: object, data_len: int, max_decoded_bytes: int | None
         raise ArchiveError(f"header aliases: a version {version} header has none (they came "
                            f"with version {ALIASES_VERSION})")
     writer, metadata, compression, distortion, summary = _check_sections(header)
-    tensors = header.get("tensors")
-    if not isinstance(tensors, list):
+    if header.get("tensors") is not _STREAMED:
         raise ArchiveError("corrupt header (no tensor list)")
-    entries: dict[str, TensorEntry] = {}
-    configs = _ConfigCheck()
-    total = 0
-    starts: list[int] = []
-    lengths: list[int] = []
-    with _no_cyclic_gc():
-        for i, item in enumerate(tensors):
-            entry = _check_entry(item, data_len, configs)
-            tensors[i] = None
-            if entry.name in entries:
-                raise _fail(f"tensor {entry.name[:200]!r}", "appears twice")
-            entries[entry.name] = entry
-            total += entry.decoded_bytes
-            starts.append(entry.data.offset)
-            lengths.append(entry.data.length)
-            for param in entry.params.values():
-                starts.append(param.record.offset)
-                lengths.append(param.record.length)
-    _check_overlaps(entries.values(), starts, lengths)
+    _check_overlaps(entries.entries.values(), entries.starts, entries.lengths)
+    total = entries.decoded_bytes
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise ArchiveError(
             f"the tensors would take {total / 2**30:.2f} GiB once decoded, over the limit of "
             f"{max_decoded_bytes / 2**30:.2f} GiB; if you trust this file, raise the limit "
             "(max_decoded_bytes=)"
         )
-    aliases = _check_aliases(header.get("aliases", {}), entries)
-    return Header(entries, writer, metadata, compression, distortion, summary, total, aliases)
+    aliases = _check_aliases(header.get("aliases", {}), entries.entries)
+    return Header(entries.entries, writer, metadata, compression, distortion, summary, total,
+                  aliases)
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """CRC-32C; a memoryview is checksummed in 16 MiB pieces (the library takes bytes only)."""
+    if isinstance(data, bytes):
+        return google_crc32c.value(data)
+    crc = 0
+    for start in range(0, len(data), CRC_PIECE):
+        crc = google_crc32c.extend(crc, bytes(data[start : start + CRC_PIECE]))
+    return crc
+
+
+def positional_reader(fd: int) -> Callable[[int, int], bytes]:
+    """pread where the system has it; elsewhere seek+read under a lock (thread-safe either way)."""
+    if hasattr(os, "pread"):
+
+        def pread(length: int, offset: int) -> bytes:
+            chunks, done = [], 0
+            while done < length:  # pread may return fewer bytes than asked
+                chunk = os.pread(fd, length - done, offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+        return pread
+    lock = threading.Lock()
+
+    def locked_read(length: int, offset: int) -> bytes:
+        with lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, length)
+
+    return locked_read
+
+
+def read_header(pread: Callable[[int, int], bytes], size: int, max_decoded_bytes: int | None,
+                lookup: ConfigLookup | None = None) -> tuple[Header, int]:
+    """The validated header of a file of ``size`` bytes read through ``pread(length, offset)``,
+    and where its data section starts: the prefix is checked against the file's size and the
+    header against its checksum before the header is parsed (`parse_header`)."""
+    prefix = pread(PREFIX.size, 0)
+    if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC):
+        raise ArchiveError("not a qlis archive (bad magic bytes)")
+    _, version, header_crc, header_len, data_len = PREFIX.unpack(prefix)
+    if version not in READABLE_VERSIONS:
+        newer = ("a newer qlis: upgrade qlis" if version > max(READABLE_VERSIONS)
+                 else "an older qlis")
+        raise ArchiveError(
+            f"format version {version} is not supported (this reader reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}); it was written by {newer}, "
+            "or re-create the archive"
+        )
+    if header_len > size - PREFIX.size:
+        raise ArchiveError("truncated or corrupt (header length exceeds the file)")
+    data_start = aligned(PREFIX.size + header_len)
+    if data_start + data_len != size:
+        raise ArchiveError(
+            f"truncated or corrupt: {size} bytes on disk, the header announces "
+            f"{data_start + data_len}"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise ArchiveError(
+            f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES >> 20} MiB cap"
+        )
+    raw = pread(header_len, PREFIX.size)
+    if len(raw) != header_len or crc32c(raw) != header_crc:
+        raise ArchiveError("corrupt header (checksum mismatch)")
+    return parse_header(raw, data_len, max_decoded_bytes, version, lookup), data_start

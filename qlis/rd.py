@@ -36,12 +36,6 @@ from qlis.config import Param
 from qlis.distortion import peak_abs, sum_of_squares
 from qlis.errors import ConfigError
 from qlis.execute import Realized, dequantized, execute_layer
-from qlis.format import (
-    HEADER_BYTES,
-    QUANTIZED_RECORD_BYTES,
-    RECORD_OVERHEAD_BYTES,
-    TABLE_BYTES_PER_SYMBOL,
-)
 from qlis.grid import round_with_offset
 from qlis.plan import LayerConfig, Plan
 from qlis.policy import PlanContext, Policy, register_policy
@@ -51,6 +45,12 @@ from qlis.quantize import (
     MAX_LEVELS,
     GroupAffineQuantizer,
     row_mean_squares,
+)
+from qlis.sizes import (
+    HEADER_BYTES,
+    QUANTIZED_RECORD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    TABLE_BYTES_PER_SYMBOL,
 )
 from qlis.tensors import storage_bits
 
