@@ -4,66 +4,61 @@
 >>> report = qlis.inspect(torch.nn.Linear(8, 8))
 >>> result = qlis.compress(torch.nn.Linear(8, 8))  # rate–distortion, safe default
 >>> paper = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
+
+The public names load on first use (PEP 562), so that what needs no torch (reading an
+archive's header: ``qlis info``, ``qlis.format``) starts without importing it.
 """
 
-from qlis.archive import Archive, load, open, save
-from qlis.compress import CompressionResult, QualityWarning, compress
-from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
-from qlis.execute import LayerPlan
-from qlis.pack import pack
-from qlis.plan import LayerConfig, Plan
-from qlis.policy import LevelsPolicy, Policy, make_policy, policy_names, register_policy
-from qlis.prune import FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
-from qlis.quantize import (
-    AffineQuantizer,
-    BinaryQuantizer,
-    KMeansQuantizer,
-    QuantizedTensor,
-    Quantizer,
-    UniformQuantizer,
-    get_quantizer,
-    register_quantizer,
-)
-from qlis.rd import RDPolicy
-from qlis.stats import InspectionReport, LayerStats, inspect
+import importlib
+import sys
+import types
+
+from qlis.errors import ArchiveError as ArchiveError
+from qlis.errors import ConfigError as ConfigError
+from qlis.errors import InputError as InputError
+from qlis.errors import QlisError as QlisError
 from qlis.version import __version__ as __version__
 
-__all__ = [
-    "Archive",
-    "AffineQuantizer",
-    "ArchiveError",
-    "BinaryQuantizer",
-    "CompressionResult",
-    "ConfigError",
-    "FractionPruner",
-    "InputError",
-    "InspectionReport",
-    "KMeansQuantizer",
-    "LayerConfig",
-    "LayerPlan",
-    "LevelsPolicy",
-    "Plan",
-    "LayerStats",
-    "Policy",
-    "Pruner",
-    "QlisError",
-    "QualityWarning",
-    "QuantizedTensor",
-    "Quantizer",
-    "RDPolicy",
-    "UniformQuantizer",
-    "SigmaPruner",
-    "compress",
-    "get_pruner",
-    "get_quantizer",
-    "inspect",
-    "load",
-    "make_policy",
-    "open",
-    "pack",
-    "policy_names",
-    "register_policy",
-    "register_pruner",
-    "register_quantizer",
-    "save",
-]
+_PUBLIC = {  # name -> the module that defines it
+    **dict.fromkeys(("Archive", "load", "open", "save"), "qlis.archive"),
+    **dict.fromkeys(("CompressionResult", "QualityWarning", "compress"), "qlis.compress"),
+    "LayerPlan": "qlis.execute",
+    "pack": "qlis.pack",
+    **dict.fromkeys(("LayerConfig", "Plan"), "qlis.plan"),
+    **dict.fromkeys(("LevelsPolicy", "Policy", "make_policy", "policy_names",
+                     "register_policy"), "qlis.policy"),
+    **dict.fromkeys(("FractionPruner", "Pruner", "SigmaPruner", "get_pruner",
+                     "register_pruner"), "qlis.prune"),
+    **dict.fromkeys(("AffineQuantizer", "BinaryQuantizer", "KMeansQuantizer",
+                     "QuantizedTensor", "Quantizer", "UniformQuantizer", "get_quantizer",
+                     "register_quantizer"), "qlis.quantize"),
+    "RDPolicy": "qlis.rd",
+    **dict.fromkeys(("InspectionReport", "LayerStats", "inspect"), "qlis.stats"),
+}
+
+__all__ = sorted([*_PUBLIC, "ArchiveError", "ConfigError", "InputError", "QlisError"])
+
+
+class _Package(types.ModuleType):
+    """The ``qlis`` module: a public name is imported from its module when first asked for,
+    and a submodule never hides the function it shares a name with (``qlis.compress`` and
+    ``qlis.pack`` stay the functions once their modules are imported)."""
+
+    def __getattr__(self, name: str) -> object:
+        module = _PUBLIC.get(name)
+        if module is None:
+            raise AttributeError(f"module 'qlis' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *_PUBLIC})
+
+
+sys.modules[__name__].__class__ = _Package

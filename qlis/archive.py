@@ -50,6 +50,7 @@ from qlis.format import (
     aligned,
     code_dtype,
     crc32c,
+    describe_entries,
     element_size,
     non_finite_path,
     parse_header,
@@ -620,34 +621,8 @@ class Archive:
             self.read(name)
 
     def tensor_info(self) -> list[dict]:
-        """Per tensor, for a gguf-dump-style listing: name, shape, dtype, quantizer id, levels,
-        bits and k (from the plan; None where not planned), codec id, stored bytes (record +
-        parameters), original bytes and stored bits per element."""
-        rows = []
-        for name, entry in self._entries.items():
-            stored = entry.stored_bytes
-            plan = entry.plan or {}
-            quantizer = entry.quantizer
-            bits = plan.get("bits")
-            if bits is None and quantizer is not None:
-                bits = quantizer.get("bits") if _is_size(quantizer.get("bits")) else None
-            numel = entry.numel
-            rows.append(
-                {
-                    "name": name,
-                    "shape": list(entry.shape),
-                    "dtype": entry.dtype,
-                    "quantizer": quantizer["id"] if quantizer else None,
-                    "n_levels": entry.n_levels,
-                    "bits": bits,
-                    "k": plan.get("k"),
-                    "codec": entry.codec["id"],
-                    "original_bytes": numel * element_size(entry.dtype),
-                    "bytes": stored,
-                    "bits_per_weight": 8 * stored / numel if numel else None,
-                }
-            )
-        return rows
+        """Per tensor, for a gguf-dump-style listing (see `format.describe_entries`)."""
+        return list(describe_entries(self._entries))
 
     def close(self) -> None:
         if self._fd >= 0:

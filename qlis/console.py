@@ -11,25 +11,24 @@ any work.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import itertools
 import json
 import math
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
-from qlis.codecs import codec_registry
 from qlis.errors import InputError, QlisError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-_DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d{1,4}))?")
 
 
 def escape(text: str) -> str:
@@ -77,7 +76,20 @@ def describe_rel_mse(rel_mse: float) -> str:
             f"the error holds {100 * rel_mse:.3g}% of the weights' energy)")
 
 
-def table(
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], **layout: Any) -> str:
+    """`table_lines` as one string."""
+    return "\n".join(table_lines(headers, rows, **layout))
+
+
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]], **layout: Any) -> None:
+    """`table_lines` written to stdout a few thousand lines at a time: a listing of 100,000
+    tensors never exists as one string."""
+    lines = iter(table_lines(headers, rows, **layout))
+    while batch := list(itertools.islice(lines, 4096)):
+        click.echo("\n".join(batch))
+
+
+def table_lines(
     headers: Sequence[str],
     rows: Iterable[Sequence[object]],
     *,
@@ -85,25 +97,24 @@ def table(
     fold: int = 0,
     terminal: bool | None = None,
     width: int | None = None,
-) -> str:
-    """Render rows as a text table (rich), cells escaped.
+) -> Iterable[str]:
+    """Rows as the lines of a text table (rich's layout), cells escaped.
 
     Piped (``terminal`` False; default: whether stdout is a terminal) every cell is shown in
     full, however wide. On a terminal the table fits ``width`` (default: the terminal's) and
     column ``fold`` (the names) wraps onto further lines instead of being cut. Columns whose
     index is in ``right`` are right-aligned (numbers).
     """
+    if terminal is None:
+        terminal = sys.stdout.isatty()
+    columns = _columns(headers, rows)
+    if not terminal:  # rich's layout, written directly: linear in the rows (rich takes ~2 ms/row)
+        return _plain_table(columns, right)
     from rich import box
-    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    if terminal is None:
-        terminal = sys.stdout.isatty()
-    cells = [[escape(str(cell)) for cell in row] for row in rows]
-    if not terminal:  # rich's layout, written directly: linear in the rows (rich takes ~2 ms/row)
-        return _plain_table(headers, cells, right, cell_len)
     grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, safe_box=True)
     for i, header in enumerate(headers):
         grid.add_column(
@@ -112,36 +123,53 @@ def table(
             overflow="fold",
             no_wrap=not terminal or i != fold,
         )
-    for row in cells:
+    for row in itertools.islice(zip(*columns, strict=True), 1, None):
         grid.add_row(*(Text(cell) for cell in row))
     width = width or shutil.get_terminal_size((80, 24)).columns
     buffer = io.StringIO()
     Console(file=buffer, width=width, color_system=None, force_terminal=False,
             highlight=False, emoji=False, legacy_windows=False).print(grid)
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+    return [line.rstrip() for line in buffer.getvalue().splitlines()]
 
 
-def _plain_table(headers: Sequence[str], cells: list[list[str]], right: Collection[int],
-                 cell_len: Callable[[str], int]) -> str:
+def _columns(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[list[str]]:
+    """The table's columns, each its header then its cells, as escaped text; a column with
+    nothing to escape (nearly always) is kept as it is, after one test of all its text."""
+    columns = [[header] for header in headers]
+    for column, cells in zip(columns, zip(*rows, strict=True), strict=False):  # no rows: headers
+        column.extend(map(str, cells))
+    return [c if " ".join(c).isprintable() else list(map(escape, c)) for c in columns]
+
+
+def _plain_table(columns: list[list[str]], right: Collection[int]) -> Iterator[str]:
     """Every cell in full: columns as wide as their widest cell, three spaces apart, a rule
     under the headers (rich's SIMPLE_HEAD box without edges), trailing spaces measured but
-    not drawn (as rich does). Columns are measured with `len` when all ASCII (nearly always;
-    fast on 100,000-row listings), else with rich's cell width."""
-    rows = [[escape(h) for h in headers], *cells]
-    columns = list(zip(*rows, strict=True))
-    measure = len if all(all(map(str.isascii, column)) for column in columns) else cell_len
-    widths = [max(map(measure, column)) for column in columns]
+    not drawn (as rich does). All-ASCII columns (nearly always) are padded by str.ljust/rjust,
+    column by column (fast on 100,000-row listings); others are measured in terminal cells."""
+    padded, widths = [], []
+    for i, column in enumerate(columns):
+        ascii_only = "".join(column).isascii()
+        width = max(map(len if ascii_only else _cells, column))
+        values = [value.rstrip(" ") for value in column]
+        if ascii_only:
+            pad = str.rjust if i in right else str.ljust
+            padded.append([pad(value, width) for value in values])
+        else:
+            spaces = [" " * (width - _cells(value)) for value in values]
+            padded.append([s + v if i in right else v + s
+                           for v, s in zip(values, spaces, strict=True)])
+        widths.append(width)
+    lines = ("   ".join(row).rstrip() for row in zip(*padded, strict=True))
+    yield next(lines)
+    yield "\u2500" * (sum(widths) + 3 * (len(widths) - 1))
+    yield from lines
 
-    def pad(i: int, value: str, width: int) -> str:
-        value = value.rstrip(" ")
-        space = " " * (width - measure(value))
-        return space + value if i in right else value + space
 
-    rule = "\u2500" * (sum(widths) + 3 * (len(widths) - 1))
-    lines = ["   ".join(pad(i, v, w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
-                         ).rstrip()
-             for row in rows]
-    return "\n".join([lines[0], rule, *lines[1:]])
+def _cells(text: str) -> int:
+    """Terminal cells ``text`` takes (wide and combining characters: rich's measure)."""
+    from rich.cells import cell_len
+
+    return cell_len(text)
 
 
 def strict_json(value: Any, **dumps: Any) -> str:
@@ -226,16 +254,36 @@ class CommandGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+class LazyCommandGroup(CommandGroup):
+    """A `CommandGroup` whose commands are imported when first used: ``lazy`` maps each
+    command name to "module:attribute", so that a command that needs little (``qlis info``)
+    does not wait for the others' imports (torch). `load` is the same lookup, for the parts
+    of a light command that need a heavy module only on request."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in self._lazy if n not in self.commands)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self._lazy and name not in self.commands:
+            self.add_command(self.load(self._lazy[name]), name)
+        return super().get_command(ctx, name)
+
+    @staticmethod
+    def load(target: str) -> Any:
+        """The object ``target`` ("module:attribute") names, its module imported if need be."""
+        module, _, attribute = target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
 def silence_broken_pipe() -> None:
     """After the reader of stdout went away (``| head``): drop the rest of the output quietly,
     as other command-line tools do, instead of reporting an error."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def codec_names() -> list[str]:
-    """The ``--codec`` choices of both tools: every registered codec, and "auto"."""
-    return sorted({*codec_registry.names(), "auto"})
 
 
 def check_input(path: str | os.PathLike, what: str = "file or folder") -> Path:
@@ -315,43 +363,3 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{path} exists and is not empty; pass --force to write into it")
     return path
-
-
-def _device_counts() -> dict[str, int]:
-    """How many devices of each type this machine can run on (cpu always; cuda, mps if there)."""
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"cpu": 1, "cuda": cuda, "mps": int(torch.backends.mps.is_available())}
-
-
-def available_devices() -> list[str]:
-    """The device names that `parse_device` accepts here, for messages and help."""
-    counts = _device_counts()
-    names = ["cpu"]
-    if counts["cuda"]:
-        names += ["cuda", *(f"cuda:{i}" for i in range(counts["cuda"]))]
-    if counts["mps"]:
-        names.append("mps")
-    return names
-
-
-def parse_device(text: str, what: str = "--device") -> torch.device:
-    """A torch device this machine has, from the option ``what``: ``cpu``, ``cuda``, ``cuda:N``
-    or ``mps``. Checked before any work, because torch's own failure comes once a model is
-    loaded, as a traceback; ``meta`` (tensors without data) and other names are refused too.
-
-    >>> parse_device("cpu")
-    device(type='cpu')
-    """
-    name = text.strip().lower()
-    match = _DEVICE.fullmatch(name)
-    if match is None:
-        reason = "meta tensors hold no data" if name == "meta" else "not a device name"
-    else:
-        kind, index = match.group(1), match.group(2)
-        count = _device_counts()[kind]
-        if count and (index is None or int(index) < count):
-            return torch.device(kind if index is None else f"{kind}:{int(index)}")
-        reason = (f"there is no {kind}:{int(index)} (this machine has {count})" if count
-                  else f"{kind} is not available on this machine")
-    raise InputError(f"{what} '{escape(text)}': {reason}; use one of "
-                     f"{', '.join(available_devices())}")

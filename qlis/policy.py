@@ -113,7 +113,8 @@ class Policy(Strategy):
         return finite_json(super().get_config(), f"policy {self.strategy_id!r} options")
 
 
-policy_registry: Registry[Policy] = Registry("policy", "qlis.policies", base=Policy)
+policy_registry: Registry[Policy] = Registry("policy", "qlis.policies", base=Policy,
+                                            builtins=("qlis.rd",))
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:

@@ -13,6 +13,7 @@ hidden by a registered name or by another package's) is a `PluginWarning`.
 
 from __future__ import annotations
 
+import importlib
 import re
 import warnings
 from collections.abc import Callable
@@ -44,12 +45,17 @@ class Registry(Generic[T]):
 
     ``base`` is the class every entry point must give a subclass of, so that a plugin with
     the wrong interface is refused by name when it loads, not deep inside a compression.
+    ``builtins`` names qlis' own modules that register classes here from outside the
+    registry's module (which cannot import them: they import it); they are imported at the
+    first lookup, as the entry points are.
     """
 
-    def __init__(self, kind: str, group: str, base: type[Any] = object) -> None:
+    def __init__(self, kind: str, group: str, base: type[Any] = object,
+                 builtins: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self.group = group
         self.base = base
+        self._builtins = builtins
         self._classes: dict[str, type[T]] = {}
         # False until the group is read; then its entry points by name. Setting it back to
         # False reads them afresh.
@@ -72,6 +78,7 @@ class Registry(Generic[T]):
         A ConfigError names the package and entry point that cannot be loaded, or lists the
         known names when nothing declares ``name``.
         """
+        self._import_builtins()
         plugin = self._entry_points().get(name)
         if name in self._classes:
             if plugin is not None:
@@ -90,7 +97,13 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """All registered names and entry-point names, without importing any entry point."""
+        self._import_builtins()
         return sorted({*self._classes, *self._entry_points()})
+
+    def _import_builtins(self) -> None:
+        builtins, self._builtins = self._builtins, ()
+        for module in builtins:
+            importlib.import_module(module)
 
     def _entry_points(self) -> dict[str, _Plugin]:
         if self._entry_points_loaded is False:

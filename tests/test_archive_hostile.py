@@ -16,7 +16,7 @@ import google_crc32c
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import qlis
@@ -398,6 +398,12 @@ def test_costly_headers_are_refused_before_parsing(tmp_path, case):
     assert extra_kib < 200 * 1024, out  # far below what parsing them would take
 
 
+def _reference_members(value) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(map(_reference_members, value.values()))
+    return sum(map(_reference_members, value)) if isinstance(value, list) else 0
+
+
 def _reference_depth(value) -> int:
     if isinstance(value, dict | list):
         children = value.values() if isinstance(value, dict) else value
@@ -418,6 +424,24 @@ def test_the_pre_parse_scan_ignores_strings_and_chunk_edges(monkeypatch, value, 
     monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth)
     with pytest.raises(ArchiveError, match="nests"):
         fmt.scan_json(text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(value=json_values, chunk=st.integers(1, 9))
+def test_both_scans_agree_on_headers_without_backslashes(monkeypatch, value, chunk):
+    """The fast scan (no backslash: quotes alternate) counts what the escape-aware one does."""
+    import qlis.format as fmt
+
+    text = json.dumps([value, "[[{:,", "]]}"]).encode()
+    assume(b"\\" not in text)
+    monkeypatch.setattr(fmt, "_SCAN_CHUNK", chunk)
+    depth = _reference_depth(value)
+    monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth + 1)
+    assert fmt._scan_plain(text) == fmt._scan_escaped(text) == _reference_members(value)
+    monkeypatch.setattr(fmt, "MAX_JSON_DEPTH", depth)
+    for scan in (fmt._scan_plain, fmt._scan_escaped):
+        with pytest.raises(ArchiveError, match="nests"):
+            scan(text)
 
 
 def test_an_overlap_names_both_records(tmp_path, base):

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import qlis
-from qlis.cli import INSPECT_KEYS, cli
+from qlis.cli import cli
+from qlis.cli_model import INSPECT_KEYS
 from qlis.tensors import same_bits
 
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 import qlis
 import qlis.cli
+from qlis.choices import codec_names
 from qlis.cli import cli
-from qlis.console import codec_names
 from qlis.json_input import MAX_DEPTH, MAX_FILE_BYTES
 
 

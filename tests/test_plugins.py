@@ -19,9 +19,9 @@ from cli_helpers import one_line_error, run
 from safetensors.torch import save_file
 
 import qlis.registry
+from qlis.choices import codec_names
 from qlis.cli import cli
 from qlis.codecs import codec_registry
-from qlis.console import codec_names
 from qlis.errors import ConfigError
 from qlis.policy import policy_names, policy_registry
 from qlis.prune import pruner_registry

@@ -18,16 +18,15 @@ import click
 import torch
 
 from qlis import InputError, QlisError, QualityWarning
+from qlis.choices import codec_names, parse_device
 from qlis.console import (
     PATH,
     CommandGroup,
     check_input,
     check_output,
     check_output_dir,
-    codec_names,
     escape,
     human_bytes,
-    parse_device,
 )
 from qlis.json_input import read_json_file
 from qlis.policy import policy_names
