@@ -19,7 +19,14 @@ from qlis.console import (
     human_bytes,
     strict_json,
 )
-from qlis.format import describe_entries, element_size, no_cyclic_gc, read_header_file
+from qlis.format import (
+    TensorEntry,
+    describe_entries,
+    element_size,
+    no_cyclic_gc,
+    planned_bits,
+    read_header_file,
+)
 
 VERIFY = "qlis.cli_model:verified_runtime"
 """Reads and checks every record of an archive; returns how each layer would run packed."""
@@ -49,16 +56,16 @@ def _section(title: str, values: dict | None) -> list[str]:
     return [f"{title}:"] + [f"  {escape(k)} = {_setting(v)}" for k, v in _flat(values).items()]
 
 
-def _info_row(row: dict) -> tuple[str, ...]:
-    def text(value: object) -> str:
-        return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+def _text(value: object) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
-    quantizer = row.get("quantizer")
-    if isinstance(quantizer, dict):
-        quantizer = quantizer.get("id")
-    return (row["name"], "x".join(map(str, row["shape"])) or "scalar", row["dtype"],
-            text(quantizer), text(row.get("bits")), text(row.get("k")), text(row.get("codec")),
-            human_bytes(row["bytes"]))
+
+def _info_row(entry: TensorEntry) -> tuple[str, ...]:
+    """A tensor's line: what `describe_entries` says, as text."""
+    return (entry.name, "x".join(map(str, entry.shape)) or "scalar", entry.dtype,
+            _text(entry.quantizer and entry.quantizer["id"]), _text(planned_bits(entry)),
+            _text((entry.plan or {}).get("k")), _text(entry.codec["id"]),
+            human_bytes(entry.stored_bytes))
 
 
 @click.command()
@@ -116,7 +123,7 @@ def _info(ctx: click.Context, path: Path, fmt: str, verify: bool) -> None:
         lines.append(f"distortion: {describe_rel_mse(distortion['weight_rel_mse'])}")
     click.echo("\n".join(lines) + "\n")
     headers = ("tensor", "shape", "dtype", "quantizer", "bits", "k", "codec", "size")
-    echo_table(headers, map(_info_row, describe_entries(entries)), right=(4, 5, 7))
+    echo_table(headers, map(_info_row, entries.values()), right=(4, 5, 7))
     if aliases:
         click.echo("tied tensors, stored once: " + ", ".join(
             f"{escape(alias)} = {escape(name)}" for alias, name in aliases.items()))

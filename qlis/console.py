@@ -52,6 +52,8 @@ def human_bytes(n: float) -> str:
     >>> human_bytes(512), human_bytes(1536), human_bytes(3 * 2**30)
     ('512 B', '1.50 KiB', '3.00 GiB')
     """
+    if type(n) is int and -1024 < n < 1024:  # most tensors of a long listing: one test
+        return f"{n} B"
     value, unit = float(n), 0
     while round(abs(value), 2) >= 1024 and unit < len(_UNITS) - 1:
         value /= 1024
@@ -150,16 +152,17 @@ def _plain_table(columns: list[list[str]], right: Collection[int]) -> Iterator[s
     for i, column in enumerate(columns):
         ascii_only = "".join(column).isascii()
         width = max(map(len if ascii_only else _cells, column))
-        values = [value.rstrip(" ") for value in column]
+        values = [value.rstrip(" ") for value in column] if " \n" in "\n".join(
+            [*column, ""]) else column  # trailing spaces are rare: one test for the column
         if ascii_only:
             pad = str.rjust if i in right else str.ljust
-            padded.append([pad(value, width) for value in values])
+            padded.append(list(map(pad, values, itertools.repeat(width))))
         else:
             spaces = [" " * (width - _cells(value)) for value in values]
             padded.append([s + v if i in right else v + s
                            for v, s in zip(values, spaces, strict=True)])
         widths.append(width)
-    lines = ("   ".join(row).rstrip() for row in zip(*padded, strict=True))
+    lines = map(str.rstrip, map("   ".join, zip(*padded, strict=True)))
     yield next(lines)
     yield "\u2500" * (sum(widths) + 3 * (len(widths) - 1))
     yield from lines
@@ -189,7 +192,10 @@ def strict_json(value: Any, **dumps: Any) -> str:
             return [clean(x) for x in v]
         return v
 
-    return json.dumps(clean(value), allow_nan=False, **dumps)
+    try:  # nearly always nothing to replace: one pass, no copy
+        return json.dumps(value, allow_nan=False, **dumps)
+    except ValueError:
+        return json.dumps(clean(value), allow_nan=False, **dumps)
 
 
 class _UserError(click.ClickException):

@@ -6,6 +6,9 @@ against the schema of its version (2, or 3 with tied tensors), and the bytes the
 will take once decoded are summed from the declared shapes and checked against a limit the
 caller can raise. The writer runs the same checks on what it is about to write, so qlis
 never writes a file it would refuse.
+
+It imports neither torch nor the codecs: the loaders pass a `ConfigLookup` that builds each
+codec and quantizer config, a listing (``qlis info``) checks their form only.
 """
 
 from __future__ import annotations
@@ -410,11 +413,6 @@ def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_K
     return Record(offset, length, crc)
 
 
-def _shape(value: object, where: str) -> tuple[tuple[int, ...], int]:
-    numel = shape_numel(value, where)
-    return tuple(value), numel
-
-
 ConfigLookup = Callable[[str, dict], object]
 """Builds a codec (kind "codec") or a quantizer (kind "quantizer") from its config, raising a
 QlisError for one it does not know or refuses. The loaders pass qlis' registries; a reader of
@@ -480,39 +478,47 @@ def _params(value: object, where: str, data_len: int) -> dict[str, ParamRecord]:
         dtype = param.get("dtype")
         if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
             raise _fail(there, f"dtype must be one of {sorted(PARAM_DTYPES)}")
-        shape, numel = _shape(param.get("shape"), there)
-        if numel * PARAM_DTYPES[dtype].itemsize != record.length:
+        shape = param.get("shape")
+        if shape_numel(shape, there) * PARAM_DTYPES[dtype].itemsize != record.length:
             raise _fail(there, "length does not match its shape and dtype")
-        params[key] = ParamRecord(record, dtype, shape)
+        params[key] = ParamRecord(record, dtype, tuple(shape))
     return params
 
 
 def _check_entry(entry: object, data_len: int, configs: _ConfigCheck) -> TensorEntry:
-    """Validate one tensor entry into a `TensorEntry`."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+    """Validate one tensor entry into a `TensorEntry` (a hundred thousand of them in a large
+    header: the common case is tested first and with few calls, the messages built only for
+    what fails)."""
+    if type(entry) is not dict or type(name := entry.get("name")) is not str:
         raise ArchiveError("corrupt header (tensor without a name)")
-    name = entry["name"]
     where = f"tensor {name[:200]!r}"
     quantized = "quantizer" in entry
-    _object(entry, where, _QUANTIZED_KEYS if quantized else _ENTRY_KEYS)
-    required = _QUANTIZED_REQUIRED if quantized else _ENTRY_REQUIRED
-    if not entry.keys() >= required:
+    if quantized:
+        keys, required = _QUANTIZED_KEYS, _QUANTIZED_REQUIRED
+    else:
+        keys, required = _ENTRY_KEYS, _ENTRY_REQUIRED
+    if not keys.issuperset(entry):
+        raise _fail(where, f"unknown field {sorted(set(entry) - keys)[0]!r}")
+    if not required.issubset(entry):
         raise _fail(where, f"missing field {min(required - entry.keys())!r}")
-    shape, numel = _shape(entry["shape"], where)
+    shape = entry["shape"]
+    numel = shape_numel(shape, where)
     dtype = entry["dtype"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if type(dtype) is not str or dtype not in DTYPE_SIZES:
         raise _fail(where, f"unsupported dtype {str(dtype)[:40]!r}")
     data = _record(entry["data"], where, data_len)
     plan = _check_plan(entry["plan"], where) if "plan" in entry else None
     codec = configs(entry["codec"], where, "codec")
     if not quantized:
-        return TensorEntry(name, shape, dtype, codec, data, numel, plan=plan)
+        return TensorEntry(name, tuple(shape), dtype, codec, data, numel, plan=plan)
     if dtype not in FLOAT_DTYPES:
         raise _fail(where, f"a quantized tensor must have a floating dtype, not {dtype}")
-    n_levels = _integer(entry["n_levels"], f"{where} n_levels", 1, MAX_LEVELS)
+    n_levels = entry["n_levels"]
+    if type(n_levels) is not int or not 1 <= n_levels <= MAX_LEVELS:
+        _integer(n_levels, f"{where} n_levels", 1, MAX_LEVELS)  # raises, naming the bounds
     params = _params(entry["params"], where, data_len)
     quantizer = configs(entry["quantizer"], where, "quantizer")
-    return TensorEntry(name, shape, dtype, codec, data, numel, quantizer, n_levels,
+    return TensorEntry(name, tuple(shape), dtype, codec, data, numel, quantizer, n_levels,
                        params or _NO_PARAMS, plan)
 
 
@@ -768,6 +774,15 @@ def read_header_file(path: os.PathLike, max_decoded_bytes: int | None = None) ->
         os.close(fd)
 
 
+def planned_bits(entry: TensorEntry) -> int | None:
+    """An entry's bits: its plan's, else its quantizer's ``bits`` option; None if neither."""
+    bits = (entry.plan or {}).get("bits")
+    if bits is None and entry.quantizer is not None:
+        bits = entry.quantizer.get("bits")
+        bits = bits if _is_int(bits) and bits >= 0 else None
+    return bits
+
+
 def describe_entries(entries: Mapping[str, TensorEntry]) -> Iterator[dict]:
     """Per tensor, for a gguf-dump-style listing: name, shape, dtype, quantizer id, levels,
     bits and k (from the plan; None where not planned), codec id, stored bytes (record +
@@ -775,21 +790,15 @@ def describe_entries(entries: Mapping[str, TensorEntry]) -> Iterator[dict]:
     need not hold them all."""
     for name, entry in entries.items():
         stored = entry.stored_bytes
-        plan = entry.plan or {}
-        quantizer = entry.quantizer
-        bits = plan.get("bits")
-        if bits is None and quantizer is not None:
-            bits = quantizer.get("bits")
-            bits = bits if _is_int(bits) and bits >= 0 else None
         numel = entry.numel
         yield {
             "name": name,
             "shape": list(entry.shape),
             "dtype": entry.dtype,
-            "quantizer": quantizer["id"] if quantizer else None,
+            "quantizer": entry.quantizer["id"] if entry.quantizer else None,
             "n_levels": entry.n_levels,
-            "bits": bits,
-            "k": plan.get("k"),
+            "bits": planned_bits(entry),
+            "k": (entry.plan or {}).get("k"),
             "codec": entry.codec["id"],
             "original_bytes": numel * element_size(entry.dtype),
             "bytes": stored,

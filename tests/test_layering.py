@@ -5,7 +5,11 @@ writes it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 import qlis
 
@@ -70,3 +74,18 @@ def test_no_qlis_module_is_imported_inside_a_function():
 def test_the_archive_does_not_depend_on_compression_or_policies():
     below = _reachable(_imports(), "qlis.archive")
     assert not below & {"qlis.compress", "qlis.policy", "qlis.rd", "qlis.pack"}, below
+
+
+def test_qlis_info_reads_a_header_without_torch(tmp_path):
+    """``qlis info`` (the header alone) must not wait for torch or the codecs' kernels: the
+    command table imports only what the command asks for."""
+    path = tmp_path / "m.qlis"
+    qlis.save(qlis.compress(torch.nn.Linear(8, 8), policy="quant", bits=4), path)
+    script = ("import sys; from qlis.cli import cli\n"
+              f"cli.main(['info', {str(path)!r}], standalone_mode=False)\n"
+              "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "real ratio" in done.stdout
+    assert done.stdout.rstrip().endswith("[]"), done.stdout
