@@ -16,10 +16,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from qlis.demo import vit_state_dict
+from qlis.cli.demo import vit_state_dict
 from report import command, machine, run, write_section
 
-QLIS = [sys.executable, "-m", "qlis.cli"]
+QLIS = [sys.executable, "-m", "qlis.cli.main"]
 
 
 def main() -> None:

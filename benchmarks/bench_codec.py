@@ -33,7 +33,7 @@ import torch
 import zstandard
 from dahuffman import HuffmanCodec
 
-from qlis.codecs import ANS, BitPack, Codec, Huffman, entropy_bits, huffman_code_lengths
+from qlis.archive.codecs import ANS, BitPack, Codec, Huffman, entropy_bits, huffman_code_lengths
 from report import write_section
 
 BITS = (1, 2, 4, 8)
@@ -85,7 +85,7 @@ def trained_like_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[
 def quantize_codes(weight: np.ndarray, bits: int, granularity: str) -> np.ndarray:
     """uint8 codes of uniform min-max quantization (1 bit: sign), via qlis when available."""
     try:
-        from qlis.quantize import make_quantizer
+        from qlis.quantize.quantizers import make_quantizer
     except ImportError:
         rows = weight.reshape(weight.shape[0], -1) if granularity == "channel" else weight[None]
         rows = rows.reshape(rows.shape[0], -1)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from qlis.archive import write_tensors
-from qlis.quantize import AffineQuantizer
+from qlis.archive.file import write_tensors
+from qlis.quantize.quantizers import AffineQuantizer
 from report import command, machine, run, write_section
 
 GOAL_SECONDS, GOAL_BYTES = 2.0, 200 * 2**20
@@ -37,7 +37,7 @@ def many_tensors(n: int) -> dict:
 
 
 def qlis_command(*args: str) -> list[str]:
-    return [PYTHON, "-c", "from qlis.cli import main; main()", *args]
+    return [PYTHON, "-c", "from qlis.cli.main import main; main()", *args]
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
         write_tensors(archive, many_tensors(args.tensors))
         size = archive.stat().st_size
         commands = {
-            STARTUP: [PYTHON, "-c", "import qlis.cli"],
+            STARTUP: [PYTHON, "-c", "import qlis.cli.main"],
             "`qlis info`": qlis_command("info", str(archive)),
             "`qlis info --format json`": qlis_command("info", str(archive), "--format", "json"),
             "`qlis.open` (the loaders' open: torch, configs built; in Python)": [
@@ -75,7 +75,7 @@ def main() -> None:
         "",
         f"Archive: {args.tensors:,} tensors ({size / 2**20:.1f} MiB; a quarter of them 4-bit "
         "affine 4x8 weights with per-row scale and zero point, the rest float vectors), "
-        "written by `qlis.archive.write_tensors`.",
+        "written by `qlis.archive.file.write_tensors`.",
         "",
         "| command | seconds | beyond start-up | peak RSS (MiB) |",
         "|---|---:|---:|---:|",

@@ -2,7 +2,7 @@
 the same run), and calibrated on a ViT-B/16-shaped vision transformer.
 
 Data-free: state dicts with ViT-B/16 (85.8M) and ViT-L/14 (303.3M) tensor shapes, RANDOM-
-INITIALISED heavy-tailed weights (qlis.demo). Calibrated: a transformers ViTModel with the
+INITIALISED heavy-tailed weights (qlis.cli.demo). Calibrated: a transformers ViTModel with the
 ViT-B/16 configuration (the DINO backbone's), RANDOM-INITIALISED, calibrated on a few
 224x224 images of random pixels — the cost of calibration does not depend on what the
 images show. Timings only: no quality number here comes from a trained model.
@@ -21,7 +21,7 @@ import time
 import torch
 
 import qlis
-from qlis.demo import vit_state_dict
+from qlis.cli.demo import vit_state_dict
 from report import command, machine, write_section
 
 GOAL_FREE = 10.0  # M parameters/s, data-free rd

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlis.demo import vit_state_dict
-from qlis.io import write_safetensors
+from qlis.cli.demo import vit_state_dict
+from qlis.models.checkpoints import write_safetensors
 from report import command, machine, run, write_section
 
-QLIS = [sys.executable, "-m", "qlis.cli"]
+QLIS = [sys.executable, "-m", "qlis.cli.main"]
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 FLOOR = (
     "import os, sys\n"

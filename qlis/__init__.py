@@ -6,7 +6,7 @@
 >>> paper = qlis.compress(torch.nn.Linear(8, 8), policy="lapq", beta=0.5)
 
 The public names load on first use (PEP 562), so that what needs no torch (reading an
-archive's header: ``qlis info``, ``qlis.format``) starts without importing it.
+archive's header: ``qlis info``, ``qlis.archive.format``) starts without importing it.
 """
 
 import importlib
@@ -20,20 +20,20 @@ from qlis.errors import QlisError as QlisError
 from qlis.version import __version__ as __version__
 
 _PUBLIC = {  # name -> the module that defines it
-    **dict.fromkeys(("Archive", "load", "open", "save"), "qlis.archive"),
-    **dict.fromkeys(("CompressionResult", "QualityWarning", "compress"), "qlis.compress"),
-    "LayerPlan": "qlis.execute",
-    "pack": "qlis.pack",
-    **dict.fromkeys(("LayerConfig", "Plan"), "qlis.plan"),
+    **dict.fromkeys(("Archive", "load", "open", "save"), "qlis.archive.file"),
+    **dict.fromkeys(("CompressionResult", "QualityWarning", "compress"), "qlis.plan.compress"),
+    "LayerPlan": "qlis.plan.execute",
+    "pack": "qlis.archive.pack",
+    **dict.fromkeys(("LayerConfig", "Plan"), "qlis.plan.plans"),
     **dict.fromkeys(("LevelsPolicy", "Policy", "make_policy", "policy_names",
-                     "register_policy"), "qlis.policy"),
+                     "register_policy"), "qlis.plan.policy"),
     **dict.fromkeys(("FractionPruner", "Pruner", "SigmaPruner", "get_pruner",
-                     "register_pruner"), "qlis.prune"),
+                     "register_pruner"), "qlis.quantize.pruners"),
     **dict.fromkeys(("AffineQuantizer", "BinaryQuantizer", "KMeansQuantizer",
                      "QuantizedTensor", "Quantizer", "UniformQuantizer", "get_quantizer",
-                     "register_quantizer"), "qlis.quantize"),
-    "RDPolicy": "qlis.rd",
-    **dict.fromkeys(("InspectionReport", "LayerStats", "inspect"), "qlis.stats"),
+                     "register_quantizer"), "qlis.quantize.quantizers"),
+    "RDPolicy": "qlis.plan.rd",
+    **dict.fromkeys(("InspectionReport", "LayerStats", "inspect"), "qlis.measure.stats"),
 }
 
 __all__ = sorted([*_PUBLIC, "ArchiveError", "ConfigError", "InputError", "QlisError"])

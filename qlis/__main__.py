@@ -1,5 +1,5 @@
 """``python -m qlis``: the ``qlis`` command (also how ``torchrun -m qlis pack ...`` starts it)."""
 
-from qlis.cli import main
+from qlis.cli.main import main
 
 main()

@@ -14,9 +14,9 @@ import re
 import stat
 from typing import Any
 
-from qlis.console import escape, human_bytes
+from qlis.archive.format import finite_float, reject_constant
+from qlis.cli.console import escape, human_bytes
 from qlis.errors import InputError
-from qlis.format import finite_float, reject_constant
 
 MAX_DEPTH = 64  # a plan nests 4 levels; the limit is far below the interpreter's recursion limit
 MAX_TEXT_CHARS = 1 << 20  # an option's value (the command line itself holds a few MiB at most)

@@ -87,10 +87,10 @@ def tiny_state(tiny_vit: TinyViT) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def no_loading(monkeypatch):
     """Loading a model fails the test: the errors checked must come before any work."""
-    import qlis.cli_model
+    import qlis.cli.model_commands
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(qlis.cli_model, "load_state_dict", refuse)
-    monkeypatch.setattr(qlis.cli_model, "load_hf_model", refuse)
+    monkeypatch.setattr(qlis.cli.model_commands, "load_state_dict", refuse)
+    monkeypatch.setattr(qlis.cli.model_commands, "load_hf_model", refuse)

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qlis
-from qlis.archive import write_tensors
-from qlis.quantize import quantizer_registry
+from qlis.archive.file import write_tensors
+from qlis.quantize.quantizers import quantizer_registry
 
 FOLDER = Path(__file__).parent / "data" / "format"
 QUANTIZED_CODECS = ("raw", "bitpack", "huffman", "ans")

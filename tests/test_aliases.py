@@ -14,10 +14,10 @@ from test_archive_hostile import build, split
 from torch import nn
 
 import qlis
-from qlis.archive import Archive
-from qlis.cli import cli
+from qlis.archive.file import Archive
+from qlis.archive.format import ALIASES_VERSION, PREFIX, VERSION
+from qlis.cli.main import cli
 from qlis.errors import ArchiveError
-from qlis.format import ALIASES_VERSION, PREFIX, VERSION
 
 
 class TiedLM(nn.Module):

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qlis.allocate import (
+from qlis.plan.allocate import (
     Curve,
     allocate_for_distortion,
     allocate_for_size,

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
+from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
 from qlis.errors import ArchiveError, InputError
-from qlis.format import ALIGN, MAGIC, PREFIX, VERSION
-from qlis.tensors import same_bits
+from qlis.models.tensors import same_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 POLICIES = [("prune", {"k": 0.5}), ("quant", {"bits": 4}), ("quant", {"bits": 1}), ("lap", {}),
@@ -129,7 +129,7 @@ def test_interrupted_write_leaves_no_partial_archive(tmp_path, monkeypatch):
     target = tmp_path / "m.qlis"
     target.write_bytes(b"old archive")
     result = qlis.compress(small_model_state(), policy="quant", bits=8)
-    import qlis.atomic as atomic_module
+    import qlis.archive.atomic as atomic_module
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -404,7 +404,7 @@ class _Lookup(qlis.Quantizer):
 
 @pytest.mark.parametrize("codec", ["raw", "bitpack", "huffman", "ans", "auto"])
 def test_large_alphabets_use_uint16_codes_and_float16_params(tmp_path, codec):
-    from qlis.archive import write_tensors
+    from qlis.archive.file import write_tensors
 
     qlis.register_quantizer(_Lookup)
     weight = torch.arange(1000, dtype=torch.float32).reshape(40, 25) - 500
@@ -422,7 +422,7 @@ def test_large_alphabets_use_uint16_codes_and_float16_params(tmp_path, codec):
 
 
 def test_params_of_other_dtypes_are_refused(tmp_path):
-    from qlis.archive import write_tensors
+    from qlis.archive.file import write_tensors
 
     q = qlis.AffineQuantizer(bits=4).quantize(torch.randn(4, 4))
     q.params["scale"] = q.params["scale"].astype(np.float64)

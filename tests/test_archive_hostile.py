@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import qlis
-from qlis.cli import cli
+from qlis.archive.format import ALIASES_VERSION, ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
+from qlis.cli.main import cli
 from qlis.errors import ArchiveError
-from qlis.format import ALIASES_VERSION, ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
 
 TMP_FIXTURE = [HealthCheck.function_scoped_fixture]
 LIMIT = 256 << 20  # decoded-bytes limit for generated files: keeps the fuzz light on memory
@@ -358,7 +358,7 @@ PEAK_SCRIPT = textwrap.dedent(
     """
     import resource, sys, time
     import google_crc32c, qlis
-    from qlis.format import ALIGN, MAGIC, PREFIX, VERSION
+    from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
     body = {body}
     pad = -(-(PREFIX.size + len(body)) // ALIGN) * ALIGN - PREFIX.size - len(body)
     path = sys.argv[1]
@@ -414,7 +414,7 @@ def _reference_depth(value) -> int:
 @settings(max_examples=200, deadline=None, suppress_health_check=TMP_FIXTURE)
 @given(value=json_values, chunk=st.integers(1, 9))
 def test_the_pre_parse_scan_ignores_strings_and_chunk_edges(monkeypatch, value, chunk):
-    import qlis.format as fmt
+    import qlis.archive.format as fmt
 
     monkeypatch.setattr(fmt, "_SCAN_CHUNK", chunk)
     depth = _reference_depth(value)
@@ -430,7 +430,7 @@ def test_the_pre_parse_scan_ignores_strings_and_chunk_edges(monkeypatch, value, 
 @given(value=json_values, chunk=st.integers(1, 9))
 def test_both_scans_agree_on_headers_without_backslashes(monkeypatch, value, chunk):
     """The fast scan (no backslash: quotes alternate) counts what the escape-aware one does."""
-    import qlis.format as fmt
+    import qlis.archive.format as fmt
 
     text = json.dumps([value, "[[{:,", "]]}"]).encode()
     assume(b"\\" not in text)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from qlis.atomic import STALE_SECONDS, atomic_path
+from qlis.archive.atomic import STALE_SECONDS, atomic_path
 from qlis.errors import InputError
 
 

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import qlis.distortion
-import qlis.quantize
-import qlis.stats
-from qlis.quantize import UniformQuantizer, get_quantizer
+import qlis.measure.distortion
+import qlis.measure.stats
+import qlis.quantize.quantizers
+from qlis.quantize.quantizers import UniformQuantizer, get_quantizer
 
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Chunks of 100 elements: every tensor below spans many of them."""
-    for module in (qlis.quantize, qlis.distortion, qlis.stats):
+    for module in (qlis.quantize.quantizers, qlis.measure.distortion, qlis.measure.stats):
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
 
 
@@ -41,7 +41,7 @@ def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype,
     weight = _weight(dtype)
     whole = get_quantizer(config).quantize(weight)
     values = whole.dequantize()
-    for module in (qlis.quantize, qlis.distortion):
+    for module in (qlis.quantize.quantizers, qlis.measure.distortion):
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
     chunked = get_quantizer(config).quantize(weight)
     assert chunked.n_levels == whole.n_levels and chunked.codes.dtype == whole.codes.dtype
@@ -54,7 +54,7 @@ def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype,
 def test_chunked_steps_of_one_long_row_agree_with_the_whole_row(monkeypatch):
     row = _weight(torch.float32, (1, 5000))
     whole = UniformQuantizer(rel_mse=1e-3).steps(row)
-    monkeypatch.setattr(qlis.quantize, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(qlis.quantize.quantizers, "CHUNK_ELEMENTS", 100)
     assert torch.allclose(UniformQuantizer(rel_mse=1e-3).steps(row), whole, rtol=1e-6)
 
 
@@ -72,8 +72,8 @@ def test_chunked_measures_agree_with_the_whole_tensor_s(tiny_chunks):
     approx = (weight.float() + 0.001).half()
     ref, out = weight.float(), approx.float()
     expected = float((out - ref).square().sum() / ref.square().sum())
-    assert qlis.distortion.relative_mse(weight, approx) == pytest.approx(expected, rel=1e-5)
-    assert qlis.distortion.sum_of_squares(weight) == pytest.approx(
+    assert qlis.measure.distortion.relative_mse(weight, approx) == pytest.approx(expected, rel=1e-5)
+    assert qlis.measure.distortion.sum_of_squares(weight) == pytest.approx(
         float(ref.square().sum()), rel=1e-5)
     flat = (weight.float() + 3.0).reshape(-1)  # a mean far from 0: deviations, not squares
-    assert qlis.stats._sigma(flat) == pytest.approx(float(flat.std(correction=0)), rel=1e-5)
+    assert qlis.measure.stats._sigma(flat) == pytest.approx(float(flat.std(correction=0)), rel=1e-5)

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import qlis
-from qlis.cli import cli
-from qlis.cli_model import INSPECT_KEYS
-from qlis.tensors import same_bits
+from qlis.cli.main import cli
+from qlis.cli.model_commands import INSPECT_KEYS
+from qlis.models.tensors import same_bits
 
 
 def make_state(seed: int = 0) -> dict[str, torch.Tensor]:

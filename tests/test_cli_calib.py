@@ -12,9 +12,9 @@ from cli_helpers import one_line_error, run
 from safetensors.torch import save_file
 
 import qlis
-import qlis.cli_model
-from qlis.cli import cli
-from qlis.hf_model import load_hf_model
+import qlis.cli.model_commands
+from qlis.cli.main import cli
+from qlis.models.hf_model import load_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,13 +102,13 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
 
 def test_progress_bars_draw_with_and_without_a_known_total(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    with qlis.cli_model._progress_bars() as bar:
+    with qlis.cli.model_commands._progress_bars() as bar:
         measuring, writing = bar("measuring", None), bar("writing", 100, "tensors")
         assert bar("nothing to do", 0) is None
         for advance in (measuring, writing, measuring, writing):
             advance(60)
-    with qlis.cli_model._progress_bars(quiet=True) as bar:
+    with qlis.cli.model_commands._progress_bars(quiet=True) as bar:
         assert bar("writing", 100) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    with qlis.cli_model._progress_bars() as bar:
+    with qlis.cli.model_commands._progress_bars() as bar:
         assert bar("writing", 100) is None

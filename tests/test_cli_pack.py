@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlis
-from qlis.cli import cli
-from qlis.rd import DEFAULT_MAX_DISTORTION
+from qlis.cli.main import cli
+from qlis.plan.rd import DEFAULT_MAX_DISTORTION
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Packing over the ranks of a torch.distributed job (`qlis.cluster`): the same archive bytes as
-one process, every rank refusing another input, a rank that dies ending the job without an
+"""Packing over the ranks of a torch.distributed job (`qlis.workers.cluster`): the same archive
+bytes as one process, every rank refusing another input, a rank that dies ending the job without an
 archive, and the pieces (owners, spread, messages, fingerprints) without any process group."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import qlis
-from qlis.archive import encode_tensor, plan_entry
-from qlis.cluster import Cluster, spread
+from qlis.archive.file import encode_tensor, plan_entry
+from qlis.archive.pack import _fingerprint, _packed, _packed_error, _unpacked
 from qlis.errors import ClusterError
-from qlis.pack import _fingerprint, _packed, _packed_error, _unpacked
+from qlis.workers.cluster import Cluster, spread
 
 TIMEOUT_S = 120
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -84,8 +84,8 @@ def _script(tmp_path: Path, body: str) -> Path:
 _RANK_PREAMBLE = """
 import importlib, os, sys
 from qlis.errors import ClusterError
-from qlis.io import load_state_dict
-packing = importlib.import_module("qlis.pack")  # the module (qlis.pack is the function)
+from qlis.models.checkpoints import load_state_dict
+packing = importlib.import_module("qlis.archive.pack")  # the module (qlis.pack is the function)
 rank = int(os.environ["RANK"])
 
 def say(line):  # one write: the ranks share torchrun's stdout
@@ -220,7 +220,7 @@ def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     script = _script(tmp_path, """
-        from qlis.cluster import Cluster
+        from qlis.workers.cluster import Cluster
         from qlis.errors import ClusterError
         try:
             Cluster.from_environment(timeout_s=1)

@@ -10,7 +10,7 @@ from dahuffman import HuffmanCodec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlis.codecs import (
+from qlis.archive.codecs import (
     ANS,
     Auto,
     BitPack,
@@ -24,9 +24,9 @@ from qlis.codecs import (
     huffman_code_lengths,
     register_codec,
 )
-from qlis.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
-from qlis.codecs.ans import _encoder_table
-from qlis.codecs.huffman import _package_merge, canonical_codes, code_lengths
+from qlis.archive.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
+from qlis.archive.codecs.ans import _encoder_table
+from qlis.archive.codecs.huffman import _package_merge, canonical_codes, code_lengths
 from qlis.errors import ArchiveError, ConfigError
 
 ALL_IDS = {"ans", "auto", "bitpack", "huffman", "raw", "sparse"}

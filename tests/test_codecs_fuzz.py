@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlis.codecs import ANS, BitPack, Codec, Huffman, Raw, Sparse
-from qlis.codecs._common import WIDE_TAG
+from qlis.archive.codecs import ANS, BitPack, Codec, Huffman, Raw, Sparse
+from qlis.archive.codecs._common import WIDE_TAG
 from qlis.errors import ArchiveError
 
 

@@ -9,7 +9,7 @@ import torch
 
 import qlis
 from qlis import CompressionResult, ConfigError, InputError, QlisError, QuantizedTensor
-from qlis.quantize import Quantizer, quantizer_registry, register_quantizer
+from qlis.quantize.quantizers import Quantizer, quantizer_registry, register_quantizer
 
 POLICIES = [
     ("prune", {"k": 1.5}),

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qlis
-from qlis.codecs import codec_registry, get_codec
+from qlis.archive.codecs import codec_registry, get_codec
 from qlis.errors import QlisError
-from qlis.policy import make_policy, policy_registry
-from qlis.prune import get_pruner, pruner_registry
-from qlis.quantize import get_quantizer, quantizer_registry
+from qlis.plan.policy import make_policy, policy_registry
+from qlis.quantize.pruners import get_pruner, pruner_registry
+from qlis.quantize.quantizers import get_quantizer, quantizer_registry
 
 hostile = st.recursive(
     st.one_of(

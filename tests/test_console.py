@@ -1,4 +1,4 @@
-"""qlis.console: the output conventions both CLIs share (escaping, sizes, tables, the one rule
+"""qlis.cli.console: the output conventions both CLIs share (escaping, sizes, tables, the one rule
 for output files)."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-import qlis.console
-from qlis.console import check_output, check_output_dir, escape, human_bytes, strict_json, table
+import qlis.cli.console
+from qlis.cli.console import check_output, check_output_dir, escape, human_bytes, strict_json, table
 from qlis.errors import InputError
 
 
 def test_docstring_examples():
-    assert doctest.testmod(qlis.console, verbose=False).failed == 0
+    assert doctest.testmod(qlis.cli.console, verbose=False).failed == 0
 
 
 @given(st.text())

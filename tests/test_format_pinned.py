@@ -12,8 +12,8 @@ from format_reference import FOLDER, archives, available_quantizers
 from safetensors.torch import load_file
 
 import qlis
-from qlis.archive import write_tensors
-from qlis.tensors import same_bits
+from qlis.archive.file import write_tensors
+from qlis.models.tensors import same_bits
 
 FILES = sorted(p.name for p in FOLDER.glob("*.qlis"))
 

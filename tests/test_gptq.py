@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qlis
-import qlis.gptq
+import qlis.quantize.gptq
 from qlis.errors import ConfigError, InputError
-from qlis.gptq import quantize_with_error_feedback
-from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
+from qlis.quantize.gptq import quantize_with_error_feedback
+from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
 
 CONFIGS = [
     {"id": "uniform", "step": 0.5},
@@ -174,5 +174,5 @@ def test_refuses_what_it_cannot_do(monkeypatch):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(qlis.gptq, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(qlis.quantize.gptq, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qlis
-import qlis.grid
-from qlis import runtime
-from qlis.grid import AffineGrid, CodebookGrid, matrix_shape
-from qlis.quantize import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
+import qlis.quantize.grid
+from qlis.quantize.grid import AffineGrid, CodebookGrid, matrix_shape
+from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
+from qlis.runtime import lowbit as runtime
 
 BUILTIN = [
     {"id": "affine", "bits": 3}, {"id": "affine", "bits": 5, "granularity": "channel"},
@@ -165,7 +165,7 @@ def test_a_third_party_quantizer_works_end_to_end(tmp_path, third_party):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(qlis.grid, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(qlis.quantize.grid, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import qlis
-from qlis import reconstruct as rec
-from qlis.calibrate import HOLDOUT_EVERY, Calibration
+from qlis.measure.calibrate import HOLDOUT_EVERY, Calibration
+from qlis.quantize import reconstruct as rec
 
 
 def _model() -> torch.nn.Module:

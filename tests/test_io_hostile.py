@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import qlis.io
-import qlis.tensors
+import qlis.models.checkpoints
+import qlis.models.tensors
 from qlis.errors import InputError
-from qlis.io import load_state_dict, read_metadata, write_safetensors
-from qlis.tensors import _may_overlap, as_state_dict, checked_state
+from qlis.models.checkpoints import load_state_dict, read_metadata, write_safetensors
+from qlis.models.tensors import _may_overlap, as_state_dict, checked_state
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_small_expanded_buffers_and_tied_weights_are_kept(tmp_path):
 
 
 def test_many_names_on_one_storage_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr(qlis.tensors, "VIEW_SLACK_BYTES", 0)
+    monkeypatch.setattr(qlis.models.tensors, "VIEW_SLACK_BYTES", 0)
     w = torch.randn(64, 16)
     path = tmp_path / "aliases.pt"
     torch.save({f"layer{i}": w for i in range(3)}, path)
@@ -131,7 +131,7 @@ def test_recursion_inside_torch_load_is_an_input_error(tmp_path, monkeypatch):
     def recursing(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(qlis.io.torch, "load", recursing)
+    monkeypatch.setattr(qlis.models.checkpoints.torch, "load", recursing)
     refused(tmp_path / "m.pt", "nested too deeply")
 
 
@@ -269,7 +269,7 @@ def test_hostile_index_json_is_bounded(tmp_path, monkeypatch):
     refused(folder, "not valid JSON")
     index.write_bytes(b'{"weight_map": \xff}')
     refused(folder, "not valid JSON")
-    monkeypatch.setattr(qlis.io, "_MAX_INDEX_BYTES", 100)
+    monkeypatch.setattr(qlis.models.checkpoints, "_MAX_INDEX_BYTES", 100)
     index.write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}, "pad": "x" * 200}))
     refused(folder, "more than the 100 allowed")
 
@@ -357,7 +357,7 @@ def test_a_large_tensor_is_mapped_while_it_lives_and_writes_never_reach_the_file
     save_file({"small": torch.ones(4), "big": torch.arange(1 << 19, dtype=torch.float32)}, path)
     before = path.read_bytes()
     state = load_state_dict(path)
-    assert isinstance(state, qlis.io.MappedState) and _mapped(path) == 0
+    assert isinstance(state, qlis.models.checkpoints.MappedState) and _mapped(path) == 0
     big = state["big"]
     small = state["small"]  # read into memory: no mapping
     assert _mapped(path) == 1 and small.tolist() == [1.0] * 4
@@ -378,7 +378,7 @@ def test_read_safetensors_into_fills_a_model_in_place(tmp_path):
     model = {name: torch.zeros_like(t) for name, t in state.items()}
     model["half"] = torch.zeros(7)  # float32 in the model, float16 in the file
     pointers = {name: t.data_ptr() for name, t in model.items()}
-    qlis.io.read_safetensors_into(path, model)
+    qlis.models.checkpoints.read_safetensors_into(path, model)
     for name, tensor in state.items():
         assert torch.equal(model[name], tensor.to(model[name].dtype)), name
         assert model[name].data_ptr() == pointers[name]  # no new tensors: the model's own
@@ -397,7 +397,7 @@ def test_read_safetensors_into_refuses_a_model_it_does_not_fit_before_reading(
     model = {"w": torch.zeros(5, 3), "v": torch.zeros(2)}
     change(model)
     with pytest.raises(InputError, match=words):
-        qlis.io.read_safetensors_into(path, model)
+        qlis.models.checkpoints.read_safetensors_into(path, model)
     assert all(not t.any() for t in model.values())  # nothing was read
 
 
@@ -406,11 +406,11 @@ def test_read_safetensors_into_refuses_corrupt_files(tmp_path):
     save_file({"w": torch.randn(4)}, path)
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(InputError, match="not a readable safetensors file"):
-        qlis.io.read_safetensors_into(path, {"w": torch.zeros(4)})
+        qlis.models.checkpoints.read_safetensors_into(path, {"w": torch.zeros(4)})
     header = {"m": entry("BOOL", [2], 0, 2)}
     path.write_bytes(safetensors_bytes(header, b"\x01\x07"))
     with pytest.raises(InputError, match="bool tensor"):
-        qlis.io.read_safetensors_into(path, {"m": torch.zeros(2, dtype=torch.bool)})
+        qlis.models.checkpoints.read_safetensors_into(path, {"m": torch.zeros(2, dtype=torch.bool)})
 
 
 @given(
@@ -519,7 +519,7 @@ def test_write_safetensors_on_a_real_full_device(tmp_path, monkeypatch):
         return real_open("/dev/full", mode, *args, **kwargs) if "w" in mode else real_open(
             file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(qlis.io, "open", full_open, raising=False)
+    monkeypatch.setattr(qlis.models.checkpoints, "open", full_open, raising=False)
     out = tmp_path / "out.safetensors"
     with pytest.raises(InputError, match="No space left on device"):
         write_safetensors(out, [("w", "float32", [2**16])], lambda _: torch.ones(2**16))
@@ -562,7 +562,7 @@ def test_as_state_dict_keeps_views_and_tied_weights_without_copies():
 def test_the_cli_gives_one_line_for_each_class(tmp_path):
     from click.testing import CliRunner
 
-    from qlis.cli import cli
+    from qlis.cli.main import cli
 
     files = {}
     files["expand"] = tmp_path / "expand.pt"

@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qlis
-from qlis.archive import write_tensors
-from qlis.cli import cli
-from qlis.codecs import get_codec
+from qlis.archive.codecs import get_codec
+from qlis.archive.file import write_tensors
+from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
+from qlis.cli.main import cli
 from qlis.errors import ArchiveError
-from qlis.format import ALIGN, MAGIC, PREFIX, VERSION
-from qlis.quantize import get_quantizer
-from qlis.tensors import same_bits
+from qlis.models.tensors import same_bits
+from qlis.quantize.quantizers import get_quantizer
 
 NAME = "fc.weight"
 MEMORY_BOUND = 50 << 20  # bytes a refused tiny file may add to the process's peak

@@ -13,10 +13,10 @@ import torch
 
 import qlis
 from qlis import ConfigError, LayerConfig, Plan, QuantizedTensor
-from qlis.plan import finite_json
-from qlis.policy import PlanContext, Policy, make_policy, policy_registry, register_policy
-from qlis.prune import Pruner, pruner_registry, register_pruner
-from qlis.quantize import Quantizer, quantizer_registry, register_quantizer
+from qlis.plan.plans import finite_json
+from qlis.plan.policy import PlanContext, Policy, make_policy, policy_registry, register_policy
+from qlis.quantize.pruners import Pruner, pruner_registry, register_pruner
+from qlis.quantize.quantizers import Quantizer, quantizer_registry, register_quantizer
 
 
 @pytest.fixture

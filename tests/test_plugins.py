@@ -19,17 +19,18 @@ from cli_helpers import one_line_error, run
 from safetensors.torch import save_file
 
 import qlis.registry
-from qlis.choices import codec_names
-from qlis.cli import cli
-from qlis.codecs import codec_registry
+from qlis.archive.codecs import codec_registry
+from qlis.cli.choices import codec_names
+from qlis.cli.main import cli
 from qlis.errors import ConfigError
-from qlis.policy import policy_names, policy_registry
-from qlis.prune import pruner_registry
-from qlis.quantize import AffineQuantizer, Quantizer, quantizer_registry
+from qlis.plan.policy import policy_names, policy_registry
+from qlis.quantize.pruners import pruner_registry
+from qlis.quantize.quantizers import AffineQuantizer, Quantizer, quantizer_registry
 from qlis.registry import PluginWarning, Registry
 
 GROUP = "qlis.quantizers"
-GOOD = "from qlis.quantize import Quantizer\n\nclass Good(Quantizer):\n    strategy_id = 'good'\n"
+GOOD = ("from qlis.quantize.quantizers import Quantizer\n\nclass Good(Quantizer):\n"
+        "    strategy_id = 'good'\n")
 _unique = itertools.count()
 
 
@@ -96,7 +97,7 @@ BROKEN = {
     "a-function": ("def Thing():\n    pass\n", ":Thing", "a function, not a class"),
     "a-module": ("X = 1\n", "", "a module, not a class"),
     "wrong-base": ("class Thing:\n    pass\n", ":Thing",
-                   "not a subclass of qlis.quantize.Quantizer"),
+                   "not a subclass of qlis.quantize.quantizers.Quantizer"),
 }
 
 
@@ -201,14 +202,14 @@ def test_an_unknown_name_lists_the_plugins_without_importing_them(plugins, regis
 def everything_broken(plugins):
     """A broken entry point in every group."""
     raising = plugins.module("raise ImportError('needs libfoo')")
-    for group in ("qlis.quantizers", "qlis.pruners", "qlis.policies", "qlis.codecs"):
+    for group in ("qlis.quantizers", "qlis.pruners", "qlis.policies", "qlis.archive.codecs"):
         plugins.package(f"broken-{group.split('.')[1]}", {"broken": f"{raising}:Thing"}, group)
     return plugins
 
 
 def test_the_cli_choices_and_help_work_with_broken_plugins(everything_broken):
     everything_broken.raw_package("garbled", "[qlis.policies]\nno-equals-sign\n")
-    # What qlis/cli.py computes at import time for its --policy and --codec choices.
+    # What qlis/cli/main.py computes at import time for its --policy and --codec choices.
     assert "broken" in policy_names() and "rd" in policy_names()
     assert "broken" in codec_names() and "auto" in codec_names()
     for args in (["--help"], ["pack", "--help"]):

@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from qlis import ConfigError, LevelsPolicy, make_policy
-from qlis.policy import PAPER_BITS_LEVELS, PAPER_K_LEVELS
+from qlis.plan.policy import PAPER_BITS_LEVELS, PAPER_K_LEVELS
 
 scores = st.lists(
     st.floats(0, 1, allow_nan=False) | st.sampled_from([0.25, 0.5, 0.75]), min_size=1, max_size=60

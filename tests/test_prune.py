@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import qlis.registry
 from qlis import ConfigError, FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
-from qlis.prune import pruner_registry
+from qlis.quantize.pruners import pruner_registry
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -22,7 +22,7 @@ from qlis import (
     get_quantizer,
     register_quantizer,
 )
-from qlis.quantize import make_quantizer, quantizer_registry
+from qlis.quantize.quantizers import make_quantizer, quantizer_registry
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

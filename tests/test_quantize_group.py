@@ -11,7 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlis.errors import ArchiveError, ConfigError, InputError
-from qlis.quantize import AffineQuantizer, GroupAffineQuantizer, QuantizedTensor, get_quantizer
+from qlis.quantize.quantizers import (
+    AffineQuantizer,
+    GroupAffineQuantizer,
+    QuantizedTensor,
+    get_quantizer,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

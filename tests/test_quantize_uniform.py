@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qlis import ConfigError, UniformQuantizer
-from qlis.quantize import MAX_LEVELS, get_quantizer
+from qlis.quantize.quantizers import MAX_LEVELS, get_quantizer
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 

@@ -8,8 +8,8 @@ from torch import nn
 
 import qlis
 from qlis import ConfigError
-from qlis.execute import execute_layer
-from qlis.rd import DEFAULT_MAX_DISTORTION
+from qlis.plan.execute import execute_layer
+from qlis.plan.rd import DEFAULT_MAX_DISTORTION
 
 
 class TwoPaths(nn.Module):
@@ -171,7 +171,7 @@ def test_calibration_input_errors(mlp):
 
 def test_candidate_estimates_match_the_executed_layer():
     """Every candidate family's sampled error and size agree with the real thing."""
-    from qlis.rd import RDPolicy, _layer_candidates
+    from qlis.plan.rd import RDPolicy, _layer_candidates
 
     torch.manual_seed(3)
     weight = torch.distributions.StudentT(4).sample((384, 512))  # larger than the sample

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qlis
-import qlis.layer_inputs
-from qlis import reconstruct as rec
-from qlis.layer_inputs import layer_inputs
+import qlis.measure.layer_inputs
+from qlis.measure.layer_inputs import layer_inputs
+from qlis.quantize import reconstruct as rec
 
 UNIFORM = {"id": "uniform", "rel_mse": 0.03}
 
@@ -206,7 +206,7 @@ def test_a_layer_run_twice_per_forward_sees_both_calls():
     torch.manual_seed(2)
     model = Shared().eval()
     batches = [torch.randn(32, 8) for _ in range(2)]
-    calibration = qlis.calibrate.Calibration(model, batches)
+    calibration = qlis.measure.calibrate.Calibration(model, batches)
     reachable = {n: layer_inputs(model, n) for n in ("a.weight", "b.weight")}
     groups, moments, repeated = rec._order(calibration, reachable)
     assert groups == [["a.weight"], ["b.weight"]] and repeated
@@ -228,7 +228,7 @@ def test_layers_reading_one_input_form_one_group_and_the_pass_stops_after_it():
             return self.out(self.q(x) * self.k(x) + self.v(x))
 
     model = QKV().eval()
-    calibration = qlis.calibrate.Calibration(model, [torch.randn(5, 6)])
+    calibration = qlis.measure.calibrate.Calibration(model, [torch.randn(5, 6)])
     names = ["q.weight", "k.weight", "v.weight", "out.weight"]
     reachable = {n: layer_inputs(model, n) for n in names}
     groups, _, repeated = rec._order(calibration, reachable)
@@ -254,7 +254,7 @@ def test_corrected_biases_and_notes_round_trip_through_the_archive(tmp_path, net
 
 
 def test_docstring_examples():
-    result = doctest.testmod(qlis.layer_inputs, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(qlis.measure.layer_inputs, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
 
 
@@ -287,7 +287,8 @@ def test_a_callables_model_calls_are_replayed_one_by_one():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
     batches = [torch.randn(5, 6) for _ in range(3)]
-    calibration = qlis.calibrate.Calibration(model, lambda m: torch.cat([m(b) for b in batches]))
+    calibration = qlis.measure.calibrate.Calibration(
+        model, lambda m: torch.cat([m(b) for b in batches]))
     assert calibration.forward_calls == 3
     reachable = {n: layer_inputs(model, n) for n in ("0.weight", "2.weight")}
     groups, moments, repeated = rec._order(calibration, reachable)
@@ -306,7 +307,7 @@ def test_gradient_sensitivities_agree_with_probe_passes():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 16)).eval()
-    calibration = qlis.calibrate.Calibration(model, [torch.randn(64, 32) for _ in range(2)])
+    calibration = qlis.measure.calibrate.Calibration(model, [torch.randn(64, 32) for _ in range(2)])
     names = ["0.weight", "2.weight", "4.weight"]
     flags = [p.requires_grad for p in model.parameters()]
     gains = calibration.sensitivities(names, samples=16)
@@ -318,7 +319,7 @@ def test_gradient_sensitivities_agree_with_probe_passes():
         probe = calibration.measure({name: weight + noise})["one_minus_cosine"]
         rel = float(noise.square().sum() / weight.square().sum())
         assert gains[name] == pytest.approx(probe / rel, rel=0.35)
-    quiet = qlis.calibrate.Calibration(model, lambda m: m(torch.randn(8, 32)).detach())
+    quiet = qlis.measure.calibrate.Calibration(model, lambda m: m(torch.randn(8, 32)).detach())
     assert quiet.sensitivities(names) is None  # no gradient: rd measures probes instead
     assert [p.requires_grad for p in model.parameters()] == flags
 

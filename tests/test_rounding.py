@@ -1,5 +1,5 @@
-"""Learned rounding (qlis/rounding.py): coordinate descent never raises its objective, lowers
-the output error GPTQ leaves, keeps every code on the quantizer's grid, and is an opt-in of
+"""Learned rounding (qlis/quantize/rounding.py): coordinate descent never raises its objective,
+lowers the output error GPTQ leaves, keeps every code on the quantizer's grid, and is an opt-in of
 ``qlis.compress``; grids step to their neighbouring codes in value order."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from torch import nn
 
 import qlis
 from qlis.errors import ConfigError
-from qlis.gptq import output_error, quantize_with_error_feedback
-from qlis.grid import AffineGrid, CodebookGrid
-from qlis.quantize import get_quantizer
-from qlis.rounding import refine_codes
+from qlis.quantize.gptq import output_error, quantize_with_error_feedback
+from qlis.quantize.grid import AffineGrid, CodebookGrid
+from qlis.quantize.quantizers import get_quantizer
+from qlis.quantize.rounding import refine_codes
 
 CONFIGS = [
     {"id": "uniform", "step": 0.6},

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qlis
-from qlis import runtime
 from qlis.errors import ConfigError, InputError
+from qlis.runtime import lowbit as runtime
 
 
 class Toy(nn.Module):

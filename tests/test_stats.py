@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import qlis
 from qlis.errors import InputError, QlisError
-from qlis.stats import RECORD_KEYS, value_entropy_bits
+from qlis.measure.stats import RECORD_KEYS, value_entropy_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 dtypes = st.sampled_from(DTYPES)

@@ -19,14 +19,14 @@ from cli_helpers import run
 from safetensors.torch import save_file
 
 import qlis
-import qlis.rd
-import qlis.stats
-from qlis.archive import ArchiveWriter, encode_tensor, write_tensors
-from qlis.cli import cli
+import qlis.measure.stats
+import qlis.plan.rd
+from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
+from qlis.cli.main import cli
 from qlis.errors import ConfigError, InputError
-from qlis.io import MappedState, load_state_dict
-from qlis.parallel import check_jobs, default_jobs, ordered_map
-from qlis.quantize import QuantizedTensor, get_quantizer
+from qlis.models.checkpoints import MappedState, load_state_dict
+from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
+from qlis.workers.threads import check_jobs, default_jobs, ordered_map
 
 PLAN = {
     "0.weight": {"quantizer": {"id": "affine", "bits": 4}},
@@ -535,13 +535,13 @@ def _interrupt_second_pass(monkeypatch):
     def fail(*_args, **_kwargs):
         raise Interrupted
 
-    monkeypatch.setattr(sys.modules["qlis.pack"], "encode_tensor", fail)
+    monkeypatch.setattr(sys.modules["qlis.archive.pack"], "encode_tensor", fail)
 
 
 def _count_measures(monkeypatch) -> list[str]:
     """The layers whose statistics or rd curves are measured from now on."""
     measured: list[str] = []
-    layer_measures, candidates = qlis.stats._layer_measures, qlis.rd._layer_candidates
+    layer_measures, candidates = qlis.measure.stats._layer_measures, qlis.plan.rd._layer_candidates
 
     def counted_measures(tensor, eps):
         measured.append("inspect")
@@ -551,8 +551,8 @@ def _count_measures(monkeypatch) -> list[str]:
         measured.append("rd")
         return candidates(weight, policy, seed)
 
-    monkeypatch.setattr(qlis.stats, "_layer_measures", counted_measures)
-    monkeypatch.setattr(qlis.rd, "_layer_candidates", counted_candidates)
+    monkeypatch.setattr(qlis.measure.stats, "_layer_measures", counted_measures)
+    monkeypatch.setattr(qlis.plan.rd, "_layer_candidates", counted_candidates)
     return measured
 
 

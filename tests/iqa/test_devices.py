@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis_iqa.score
-from qlis.choices import available_devices, parse_device
+from qlis.cli.choices import available_devices, parse_device
 from qlis.errors import InputError
 from qlis_iqa.cli import cli
 

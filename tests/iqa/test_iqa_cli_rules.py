@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cli_helpers import one_line_error, run
 
-from qlis.choices import codec_names
+from qlis.cli.choices import codec_names
 from qlis_iqa.cli import cli
 from qlis_iqa.data import load_dataset, make_split
 

@@ -3,7 +3,7 @@
 Thin: every command checks its paths and options first (before transformers is imported or a
 model is loaded), then calls the package and prints. A user mistake (bad path, an output that
 exists, wrong columns, missing weights) is one line on stderr and exit code 2, never a traceback.
-Outputs follow qlis's rule (`qlis.console.check_output`): never replaced without --force,
+Outputs follow qlis's rule (`qlis.cli.console.check_output`): never replaced without --force,
 never a missing parent folder created, never one of the inputs.
 """
 
@@ -18,8 +18,8 @@ import click
 import torch
 
 from qlis import InputError, QlisError, QualityWarning
-from qlis.choices import codec_names, parse_device
-from qlis.console import (
+from qlis.cli.choices import codec_names, parse_device
+from qlis.cli.console import (
     PATH,
     CommandGroup,
     check_input,
@@ -29,7 +29,7 @@ from qlis.console import (
     human_bytes,
 )
 from qlis.json_input import read_json_file
-from qlis.policy import policy_names
+from qlis.plan.policy import policy_names
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 FAMILY = click.Choice(["clip", "dino"])

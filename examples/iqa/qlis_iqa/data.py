@@ -16,7 +16,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.errors import IQAError
 
 DATASETS = ("agiqa-3k", "agiqa-1k")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL, build_backbone, get_family, is_random_init
 from qlis_iqa.errors import IQAError
 from qlis_iqa.preprocess import Preprocess, for_family
@@ -324,7 +324,7 @@ def load_model(
     The stored description is validated (schema.py) and checked against the file's declared
     tensor shapes before the model is built or any tensor is read. ``runtime="lowbit"`` (an
     archive only) keeps the compressed layers packed in memory and computes from them
-    (qlis/runtime.py, docs/runtime.md). ``precision`` is what inference computes in
+    (qlis/runtime/lowbit.py, docs/runtime.md). ``precision`` is what inference computes in
     (`IQAModel.set_precision`).
     """
     if runtime not in ("float", "lowbit"):
@@ -346,7 +346,7 @@ def load_model(
         load_state(model, qlis.load(path), str(path))
         return model.set_precision(precision), metadata
     from qlis.errors import QlisError
-    from qlis.io import read_safetensors_into
+    from qlis.models.checkpoints import read_safetensors_into
 
     try:  # straight into the model's memory: the weights are never held twice
         read_safetensors_into(path, model.state_dict())

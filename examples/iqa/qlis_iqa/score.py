@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import image_loader
 from qlis_iqa.models import IQAModel, load_model

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qlis import QlisError
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError

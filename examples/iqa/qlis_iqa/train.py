@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from qlis.atomic import atomic_path
+from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import load_backbone, weights_label
 from qlis_iqa.data import Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError

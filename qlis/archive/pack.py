@@ -1,0 +1,253 @@
+"""``qlis.pack``: compress a model straight into a .qlis archive, tensor by tensor.
+
+``save(compress(...))`` holds every layer's codes and the archive's records in memory. pack
+plans the same way (the policy measures each layer: rd's curves come from samples), then
+quantizes, encodes and writes the tensors in a second pass, ``jobs`` at a time, in the
+model's order: memory holds the tensors in flight and their records, whatever the model's
+size (with a `qlis.models.checkpoints.MappedState` input, tensors are read as they are
+used). The archive is the bytes ``save(compress(...))`` writes, whatever ``jobs`` is. With
+calibration data the reconstruction runs the whole model, so pack then compresses and saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import closing
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlis.archive.file import (
+    ArchiveWriter,
+    EncodedTensor,
+    check_codec_name,
+    encode_tensor,
+    plan_entry,
+    save,
+)
+from qlis.archive.resume import PassCache, input_fingerprint
+from qlis.config import Param
+from qlis.errors import ClusterError, QlisError
+from qlis.models.checkpoints import MappedState
+from qlis.models.tensors import as_state_dict, bit_patterns
+from qlis.plan.compress import (
+    DEFAULT_POLICY,
+    CompressionResult,
+    PlannedCompression,
+    compress,
+    plan_compression,
+)
+from qlis.plan.execute import LayerPlan, StoredTensor
+from qlis.plan.policy import Policy
+from qlis.workers.cluster import Cluster, share
+from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map, single_threaded_ops
+
+Progress = Callable[[int], None]
+Encoded = tuple[EncodedTensor, LayerPlan | None]  # a tensor's records, and its plan row
+
+
+class _Recomputed(Mapping[str, StoredTensor]):
+    """A streamed result's tensors: the input's where unchanged, a planned layer executed
+    again when asked for (execution is deterministic: the same codes as in the archive)."""
+
+    def __init__(self, planned: PlannedCompression) -> None:
+        self._planned = planned
+
+    def __getitem__(self, name: str) -> StoredTensor:
+        planned = self._planned
+        tensor = planned.state[name]
+        if name not in planned.plan:
+            return tensor
+        with single_threaded_ops():  # as pack executed it, whatever the caller's threads
+            return planned.executor.execute(name, tensor, planned.plan[name])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._planned.state)
+
+    def __len__(self) -> int:
+        return len(self._planned.state)
+
+
+def pack(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    policy: str | Policy = DEFAULT_POLICY,
+    beta: float = 0.5,
+    *,
+    codec: str = "ans",
+    metadata: Mapping[str, str] | None = None,
+    source_bytes: int | None = None,
+    overwrite: bool = True,
+    progress: Progress | None = None,
+    planning_progress: Progress | None = None,
+    jobs: int | None = None,
+    cluster: Cluster | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> CompressionResult:
+    """Compress as ``qlis.compress`` does (same options) and write the archive as
+    ``qlis.save`` does (``codec``, ``metadata``, ``source_bytes``, ``overwrite``), streaming.
+
+    ``planning_progress`` gets the parameters of each layer the policy has measured (first
+    pass; with calibration data, of each layer executed in every calibrated pass),
+    ``progress`` those of each tensor written (last pass). The result's tensors are
+    computed again when read (``result.tensors[name]``), not kept.
+
+    In a torch.distributed job (``cluster``; by default the one this process belongs to,
+    see `Cluster.from_environment`) every rank calls ``pack`` with the same input and
+    options: each measures, quantizes and encodes the tensors it owns, rank 0 writes the
+    archive (the same bytes as one process), and every rank gets the result.
+
+    A data-free pack of a file (a `qlis.models.checkpoints.MappedState`) in one process saves
+    its first pass beside ``path`` until the archive is written; ``resume=True`` reuses what an
+    interrupted pack of the same files with the same options saved (qlis/archive/resume.py).
+    """
+    check_codec_name(codec)
+    resume = Param("bool").check(resume, "resume")
+    cluster = Cluster.from_environment() if cluster is None else cluster
+    if options.get("calib") is not None:
+        if cluster is not None:
+            raise ClusterError("calibrated compression runs in one process for now; start "
+                               "it without torchrun")
+        result = compress(model_or_state_dict, policy, beta, jobs=jobs,
+                          progress=planning_progress, **options)
+        save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
+             source_bytes=source_bytes, progress=progress)
+        return result
+    if cluster is not None:
+        cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),
+                      "input or options")
+    cache = None
+    if cluster is None and isinstance(model_or_state_dict, MappedState):
+        settings = {"policy": repr(policy), "beta": beta,
+                    **{k: v for k, v in options.items() if v is not None}}
+        cache = PassCache(path, input_fingerprint(model_or_state_dict.files(), settings),
+                          resume)
+    planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs, cluster=cluster,
+                               cache=cache, planning_progress=planning_progress, **options)
+    state, plan = planned.state, planned.plan
+
+    def work(name: str) -> Encoded:
+        tensor = state[name]
+        if name not in plan:
+            return encode_tensor(name, tensor, codec), None
+        stored, layer = planned.executor.execute(name, tensor, plan[name])
+        return encode_tensor(name, stored, codec, plan_entry(layer)), layer
+
+    names = list(state)
+    sizes = {name: state[name].numel() for name in names}
+    owner, owned = share(cluster, list(sizes.values()))
+    mine = ordered_map(work, [names[i] for i in owned], jobs, cost=sizes.__getitem__,
+                       budget=IN_FLIGHT_ELEMENTS)
+    if cluster is not None and not cluster.leader:
+        return _follow(cluster, planned, mine)
+    layers: dict[str, LayerPlan] = {}
+    with ArchiveWriter(path, overwrite=overwrite) as writer, closing(mine):
+        for encoded, layer in _in_order(cluster, owner, mine):
+            writer.add(encoded)
+            if layer is not None:
+                layers[layer.name] = layer
+            if progress is not None:
+                progress(math.prod(encoded.entry["shape"]))
+        result = planned.result(_Recomputed(planned), [layers[name] for name in plan])
+        try:
+            writer.finish(metadata=metadata, **result.header(source_bytes))
+        except QlisError as err:
+            if cluster is not None:
+                cluster.all_gather_json({"error": str(err)})
+            raise
+    if cache is not None:
+        cache.discard()
+    if cluster is not None:
+        cluster.all_gather_json({"layers": [asdict(layer) for layer in result.layers]})
+    return result
+
+
+def _in_order(cluster: Cluster | None, owner: list[int], mine: Iterator[Encoded],
+              ) -> Iterator[Encoded]:
+    """Every tensor encoded, in the model's order: this rank's own (``mine``, in order) and,
+    in a cluster, the others' as they send them (each rank sends its own in order)."""
+    for rank in owner:
+        yield next(mine) if rank == 0 else _unpacked(cluster.receive_bytes(rank), rank)
+
+
+def _follow(cluster: Cluster, planned: PlannedCompression,
+            mine: Generator[Encoded, None, None]) -> CompressionResult:
+    """A rank other than 0: send the tensors this rank encodes (``mine``) to rank 0, then
+    receive the layers of the whole model (or rank 0's error) and build the same result."""
+    try:
+        with closing(mine):
+            for encoded, layer in mine:
+                cluster.send_bytes(_packed(encoded, layer), 0)
+    except QlisError as err:
+        if not isinstance(err, ClusterError):
+            cluster.send_bytes(_packed_error(f"rank {cluster.rank}: {err}"), 0)
+        raise
+    shared = cluster.all_gather_json({})[0]
+    if "error" in shared:
+        raise ClusterError(f"rank 0 could not write the archive: {shared['error']}")
+    return planned.result(_Recomputed(planned), [LayerPlan(**row) for row in shared["layers"]])
+
+
+_LENGTH = struct.Struct("<Q")
+
+
+def _packed(encoded: EncodedTensor, layer: LayerPlan | None) -> bytes:
+    """One encoded tensor as a message: a JSON head (entry, record lengths and CRCs, plan
+    row), then the records' bytes."""
+    head = json.dumps({
+        "entry": encoded.entry,
+        "records": [[key, crc, len(data)] for key, data, crc in encoded.records],
+        "layer": asdict(layer) if layer is not None else None,
+    }).encode()
+    return b"".join([_LENGTH.pack(len(head)), head, *(bytes(d) for _, d, _ in encoded.records)])
+
+
+def _packed_error(message: str) -> bytes:
+    head = json.dumps({"error": message}).encode()
+    return _LENGTH.pack(len(head)) + head
+
+
+def _unpacked(message: bytes, rank: int) -> tuple[EncodedTensor, LayerPlan | None]:
+    """What `_packed` made, checked to add up (or the sender's error, raised)."""
+    try:
+        (length,) = _LENGTH.unpack_from(message)
+        head = json.loads(message[_LENGTH.size:_LENGTH.size + length])
+        if "error" in head:
+            raise ClusterError(head["error"])
+        offset, records = _LENGTH.size + length, []
+        for key, crc, size in head["records"]:
+            records.append((key, message[offset:offset + size], crc))
+            offset += size
+        layer = LayerPlan(**head["layer"]) if head["layer"] is not None else None
+        if offset != len(message) or not isinstance(head["entry"], dict):
+            raise ValueError("the records do not add up to the message")
+        return EncodedTensor(head["entry"], records), layer
+    except (ValueError, TypeError, KeyError, struct.error) as err:
+        raise ClusterError(f"rank {rank} sent a message that does not parse ({err})") from None
+
+
+def _fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], policy: object,
+                 beta: float, codec: str, options: Mapping[str, Any]) -> str:
+    """A digest of the input (names, dtypes, shapes, and the first and last 64 KiB of every
+    tensor) and the options, for the ranks to compare before they share work."""
+    state = as_state_dict(model)
+    digest = hashlib.sha256()
+    for name in state:
+        tensor = state[name]
+        raw = bit_patterns(tensor).reshape(-1).view(np.uint8)
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(raw[:_SAMPLED].tobytes() + raw[-_SAMPLED:].tobytes())
+    digest.update(json.dumps([repr(policy), beta, codec, sorted(options.items())],
+                             default=repr).encode())
+    return digest.hexdigest()
+
+
+_SAMPLED = 1 << 16

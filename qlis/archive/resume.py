@@ -1,0 +1,83 @@
+"""What a pack's first pass measured, kept beside the output so an interrupted pack resumes.
+
+The first pass (every layer's statistics and rd's rate-distortion curves) is about half of a
+data-free pack. After it, `PassCache` writes its results next to the output
+(``.NAME.qlis-pass1.json``, atomically); ``qlis pack --resume`` reads them back instead of
+measuring again, when they were made from the same input files (sizes and modification
+times) with the same options, and removes the file once the archive is written. A cache that
+does not match, or does not parse, is ignored and measured again: it is never trusted
+further than the checks below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from qlis.archive.atomic import atomic_path
+from qlis.errors import InputError
+from qlis.json_input import read_json_file
+
+MAX_CACHE_BYTES = 1 << 28
+"""256 MiB: the first pass of a model with a million layers."""
+
+
+class PassCache:
+    """First-pass results under keys (``"inspect"``, ``"rd"``), tied to a ``fingerprint`` of
+    the input files and options; ``resume=False`` starts afresh (and overwrites)."""
+
+    def __init__(self, output: str | os.PathLike, fingerprint: str, resume: bool) -> None:
+        output = Path(output)
+        self.path = output.with_name(f".{output.name}-pass1.json")
+        self.fingerprint = fingerprint
+        self.results: dict[str, list] = {}
+        if resume and self.path.is_file():
+            self.results = self._read()
+
+    def _read(self) -> dict[str, list]:
+        try:
+            saved = read_json_file(self.path, "the saved first pass", MAX_CACHE_BYTES, dict)
+        except InputError:
+            return {}
+        results = saved.get("results")
+        if saved.get("fingerprint") != self.fingerprint or not isinstance(results, dict):
+            return {}
+        return {k: v for k, v in results.items() if isinstance(v, list)}
+
+    def lookup(self, key: str, count: int, from_json: Callable[[Any], Any]) -> list | None:
+        """The ``count`` results saved under ``key``, decoded; None if absent or unusable."""
+        saved = self.results.get(key)
+        if saved is None or len(saved) != count:
+            return None
+        try:
+            return [from_json(value) for value in saved]
+        except (TypeError, ValueError, KeyError):
+            return None
+
+    def store(self, key: str, results: list) -> None:
+        """Save ``results`` (plain JSON) under ``key``, with everything saved before."""
+        self.results[key] = results
+        document = {"fingerprint": self.fingerprint, "results": self.results}
+        try:
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(document, allow_nan=False), encoding="ascii")
+        except (OSError, ValueError):  # the cache only saves time: never fail for it
+            self.results.pop(key, None)
+
+    def discard(self) -> None:
+        """Remove the saved pass (the archive is written: nothing is left to resume)."""
+        self.path.unlink(missing_ok=True)
+
+
+def input_fingerprint(files: list[Path], options: Mapping[str, Any]) -> str:
+    """A digest of the input files (path, size, modification time) and the options."""
+    digest = hashlib.sha256()
+    for file in files:
+        info = file.stat()
+        digest.update(json.dumps([str(file.resolve()), info.st_size, info.st_mtime_ns]).encode())
+    digest.update(json.dumps(sorted(options.items()), default=repr).encode())
+    return digest.hexdigest()

@@ -1,0 +1,152 @@
+"""``qlis info``: what an archive holds, from its validated header alone, so that it starts
+without torch and answers in about a second for a header of 100,000 tensors. ``--verify``
+reads every record through the archive reader (torch), loaded by name from the command table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from qlis.archive.format import (
+    TensorEntry,
+    describe_entries,
+    element_size,
+    no_cyclic_gc,
+    planned_bits,
+    read_header_file,
+)
+from qlis.cli.console import (
+    PATH,
+    check_input,
+    describe_rel_mse,
+    echo_table,
+    escape,
+    human_bytes,
+    strict_json,
+)
+
+VERIFY = "qlis.cli.model_commands:verified_runtime"
+"""Reads and checks every record of an archive; returns how each layer would run packed."""
+
+
+def _setting(value: object) -> str:
+    """A header value on one line: plain for scalars, compact JSON otherwise."""
+    if isinstance(value, str):
+        return escape(value)
+    return escape(strict_json(value, separators=(", ", ": ")))
+
+
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings as dotted keys (``policy.bits_levels``), one per line in `info`."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _section(title: str, values: dict | None) -> list[str]:
+    if not values:
+        return [f"{title}: none recorded"]
+    return [f"{title}:"] + [f"  {escape(k)} = {_setting(v)}" for k, v in _flat(values).items()]
+
+
+def _text(value: object) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _info_row(entry: TensorEntry) -> tuple[str, ...]:
+    """A tensor's line: what `describe_entries` says, as text."""
+    return (entry.name, "x".join(map(str, entry.shape)) or "scalar", entry.dtype,
+            _text(entry.quantizer and entry.quantizer["id"]), _text(planned_bits(entry)),
+            _text((entry.plan or {}).get("k")), _text(entry.codec["id"]),
+            human_bytes(entry.stored_bytes))
+
+
+@click.command()
+@click.argument("path", type=PATH)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--verify", is_flag=True,
+              help="Also read and check every record, and say how each layer would run with "
+                   "the low-bit runtime (reads the whole file; loads torch).")
+@click.pass_context
+def info(ctx: click.Context, path: Path, fmt: str, verify: bool) -> None:
+    """What an archive holds: metadata, writer and compression settings, then per tensor the
+    quantizer, bits, k, codec and size, then the totals. Reads the header only, unless
+    --verify."""
+    with no_cyclic_gc():
+        _info(ctx, path, fmt, verify)
+
+
+def _info(ctx: click.Context, path: Path, fmt: str, verify: bool) -> None:
+    header = read_header_file(check_input(path, "file"))
+    entries = header.entries
+    runtime = None
+    if verify:  # torch and the codecs' kernels, through the command table (qlis.cli.main)
+        runtime = ctx.find_root().command.load(VERIFY)(path)
+    summary, metadata, aliases = header.summary, header.metadata, header.aliases
+    writer, compression, distortion = header.writer, header.compression, header.distortion
+    archive_bytes = path.stat().st_size
+    original = sum(entry.numel * element_size(entry.dtype) for entry in entries.values())
+    source = summary.source_bytes
+    totals = {
+        "tensors": len(entries),
+        "original_bytes": original,
+        "source_file_bytes": source,
+        "archive_bytes": archive_bytes,
+        "real_ratio": original / archive_bytes,
+        "real_ratio_vs_source_file": source / archive_bytes if source else None,
+        "paper_cr": summary.cr,
+        "paper_hcr": summary.hcr,
+        "verified": verify,
+    }
+    if fmt == "json":
+        click.echo(strict_json({"metadata": metadata, "writer": writer,
+                                "compression": compression, "distortion": distortion,
+                                "tensors": list(describe_entries(entries)), "aliases": aliases,
+                                "runtime": runtime,
+                                "totals": totals}))
+        return
+    lines = _section("metadata", metadata)
+    if isinstance(writer, dict) and {"name", "version"} <= writer.keys():
+        writer = f"{writer['name']} {writer['version']}"
+    lines.append(f"writer: {_setting(writer) if writer else 'not recorded'}")
+    settings = {k: v for k, v in (compression or {}).items() if k != "plan"}
+    lines += _section("compression", settings)
+    if isinstance(distortion, dict) and distortion.get("weight_rel_mse") is not None:
+        lines.append(f"distortion: {describe_rel_mse(distortion['weight_rel_mse'])}")
+    click.echo("\n".join(lines) + "\n")
+    headers = ("tensor", "shape", "dtype", "quantizer", "bits", "k", "codec", "size")
+    echo_table(headers, map(_info_row, entries.values()), right=(4, 5, 7))
+    if aliases:
+        click.echo("tied tensors, stored once: " + ", ".join(
+            f"{escape(alias)} = {escape(name)}" for alias, name in aliases.items()))
+    click.echo(
+        f"\noriginal tensors: {human_bytes(original)}   archive: {human_bytes(archive_bytes)}"
+        f"   real ratio: {totals['real_ratio']:.2f}x"
+    )
+    if source:
+        click.echo(f"source file: {human_bytes(source)}   real ratio vs the file: "
+                   f"{totals['real_ratio_vs_source_file']:.2f}x")
+    paper = [f"{name} {value:.2f}" for name, value in (("CR", summary.cr), ("HCR", summary.hcr))
+             if value is not None]
+    if paper:
+        click.echo("paper ratios (idealised: pruned zeros count as free, no index or metadata "
+                   "cost): " + "   ".join(paper))
+    paths = Counter(row["path"] for row in runtime or ())
+    if paths:
+        click.echo("runtime (qlis.load(..., runtime=\"lowbit\"), docs/runtime.md): "
+                   + ", ".join(f"{n} layers {_RUNTIME_PATHS[p]}" for p, n in sorted(paths.items())))
+    if verify:
+        click.echo("all records verified")
+
+
+_RUNTIME_PATHS = {"int8": "int8 (packed int8 weights)",
+                  "dequant": "dequant (codes packed, dequantized per call)",
+                  "float": "float (not quantized)"}

@@ -1,0 +1,451 @@
+"""The ``qlis`` commands that work on models: inspect, pack, unpack, demo (and what ``qlis
+info --verify`` reads). Thin: parse, call the public API, print. They load torch, so the
+command table (qlis.cli.main) imports this module only when one of them runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import click
+import torch
+
+import qlis
+from qlis.archive.atomic import atomic_path
+from qlis.cli.choices import codec_names
+from qlis.cli.console import (
+    PATH,
+    check_input,
+    check_output,
+    check_output_dir,
+    escape,
+    human_bytes,
+    parse_size,
+    strict_json,
+    table,
+)
+from qlis.cli.demo import VIT_SHAPES, run_demo
+from qlis.errors import InputError, QlisError
+from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
+from qlis.models.calib_files import check_calibration_path, read_calibration
+from qlis.models.checkpoints import (
+    load_state_dict,
+    model_file_bytes,
+    read_metadata,
+    write_safetensors,
+    write_sharded_safetensors,
+)
+from qlis.models.hf_model import load_hf_model
+from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
+from qlis.plan.policy import PAPER_POLICIES, policy_names
+from qlis.quantize.gptq import MAX_SWEEPS
+from qlis.runtime.lowbit import runtime_plan
+from qlis.workers.cluster import Cluster
+
+INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
+POLICY_NAMES = policy_names()
+SOURCE_METADATA = "source_metadata."  # archive metadata carried from a safetensors source
+CODECS = click.Choice(codec_names())
+
+
+Bar = Callable[[int], None]
+
+
+@contextmanager
+def _progress_bars(quiet: bool = False) -> Iterator[Callable[..., Bar | None]]:
+    """Progress bars on a terminal (stderr), one per pass of a command, in one display; silent
+    when piped or ``quiet``. ``add(label, total, unit)`` starts a bar and returns what advances
+    it; a bar with ``total=None`` (a pass whose length is found as it goes) counts what was
+    done, with its rate and the time spent."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda label, total, unit="parameters": None
+        return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class _Remaining(TimeRemainingColumn):
+        def render(self, task):  # noqa: ANN001, ANN202 - rich's interface
+            return super().render(task) if task.total is not None else ""
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.completed:,} {task.fields[unit]}"), TimeElapsedColumn(),
+               _Remaining()]
+    with Progress(*columns, transient=True) as display:
+
+        def add(label: str, total: int | None, unit: str = "parameters") -> Bar | None:
+            if total is not None and total <= 0:
+                return None
+            task = display.add_task(label, total=total, unit=unit)
+            return lambda n: display.advance(task, n)
+
+        yield add
+
+
+def _json_option(text: str | None, what: str) -> dict | None:
+    """A strategy config given as JSON (``--quantizer``, ``--pruner``): an object, bounded."""
+    if text is None:
+        return None
+    return parse_json_text(text, what, dict, example='{"id": "group", "bits": 4}')
+
+
+# Arguments that pack passes to compress itself, never policy options: the flag for each.
+_NOT_SETTABLE = {"policy": "--policy", "plan": "--plan", "beta": "--beta", "eps": "--eps",
+                 "select": "--select", "calib": "--calib", "progress": None}
+
+
+def _set_options(pairs: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs; values are JSON when they parse as JSON, else strings (JSON
+    that breaks a limit, such as NaN or deep nesting, is refused rather than kept as text)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError(f"--set takes KEY=VALUE (a policy option), got {pair!r}")
+        if key in _NOT_SETTABLE:
+            flag = _NOT_SETTABLE[key]
+            raise InputError(f"--set {key}= is not a policy option"
+                             + (f"; give {flag} instead" if flag else ""))
+        try:
+            options[key] = parse_json_text(value, f"--set {key}")
+        except JSONSyntaxError:
+            options[key] = value
+    return options
+
+
+def _pack_policy(policy: str, given: dict, plan_file: Path | None,
+                 calibrated: bool = False) -> tuple[object, dict]:
+    """The policy (or plan) and its options from the flags the user gave, checked before any
+    model is loaded: an option that the policy would ignore or override is refused."""
+    options = {key: value for key, value in given.items() if value is not None}
+    if plan_file is not None:
+        if options or policy != DEFAULT_POLICY:
+            raise InputError("--plan gives every layer's settings: drop --policy and its options")
+        return qlis.Plan.coerce(read_json_file(plan_file, "--plan", expected_type=dict)), {}
+    only = {"k": ("prune",), "bits": ("quant",)}
+    for key, policies in only.items():
+        if key in options and policy not in policies:
+            raise InputError(
+                f"--{key} applies to --policy {' or '.join(policies)}; policy {policy!r} sets it "
+                f"per layer (use --set {key}_levels=[...] to change its levels)"
+            )
+    quantizing = ("quant", "laq", "lapq", "levels")
+    for key in ("granularity", "method", "quantizer"):
+        if key in options and policy not in quantizing:
+            raise InputError(f"--{key} applies to policies that quantize by bits "
+                             f"({', '.join(quantizing)}), not {policy!r}")
+    if "min_cosine" in options and not calibrated:
+        raise InputError("--min-cosine is measured on calibration data: pass --calib FILE")
+    if "max_distortion" in options and calibrated:
+        raise InputError("--max-distortion is a weight-error target; with --calib ask for "
+                         "--min-cosine (output quality) or a size")
+    qlis.make_policy(policy, **options)  # unknown or bad options fail here, before the work
+    return None, options
+
+
+def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'qlis[plot]'") from None
+    scores = [layer.QLIS for layer in report.layers]
+    plan = qlis.make_policy(policy).assign(scores)
+    labels = [
+        "/".join(p for p in (f"k{k:g}" if k else "", f"{b}b" if b else "") if p) or "fp"
+        for k, b in plan
+    ]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(scores)), 4.5))
+    bars = ax.bar(range(len(scores)), scores, color="tab:blue")
+    for bar, label in zip(bars, labels, strict=True):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(range(len(scores)), [escape(layer.name) for layer in report.layers], rotation=90,
+                  fontsize=6)
+    ax.set_ylabel("QLIS")
+    ax.set_title(f"QLIS per layer (beta={report.beta}) and the {policy} plan (k / bits)")
+    fig.tight_layout()
+    with atomic_path(path, overwrite=force) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+_beta = click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                     help="Weight of the parameter share P in QLIS.")
+_eps = click.option("--eps", type=click.FloatRange(min=0), default=1e-3, show_default=True,
+                    help="|w| below this counts as zero in the sparsity S.")
+_select = click.option("--select", "select", multiple=True, metavar="GLOB",
+                       help="Layers: names matching GLOB (repeatable); default: float, ndim>=2.")
+_jobs = click.option("--jobs", "-j", type=click.IntRange(1, 1024),
+                     help="Threads that measure, quantize and encode tensors side by side "
+                          "(default: every core); the archive is the same bytes whatever N.")
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+_codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
+                      help="How quantized codes are stored; auto: the smallest per tensor.")
+
+
+@click.command()
+@click.argument("path", type=PATH)
+@_beta
+@_eps
+@_select
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--plot", type=PATH, help="Write a PNG of QLIS per layer.")
+@click.option("--policy", type=click.Choice(PAPER_POLICIES), default="lapq", show_default=True,
+              help="The paper policy whose per-layer plan the plot shows.")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
+def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
+    """Per-layer importance report of a model (.pt/.pth, .safetensors, or a HF folder)."""
+    check_input(path)
+    if plot:
+        check_output(plot, force, (".png",), inputs=[path])
+    report = qlis.inspect(load_state_dict(path), beta=beta, eps=eps, select=select or None)
+    records = report.records()
+    if fmt == "json":
+        click.echo(strict_json(records))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=INSPECT_KEYS, lineterminator="\n")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        rows = [
+            (r["name"], f"{r['numel']:,}", f"{r['P']:.4f}", f"{r['E']:.3f}", f"{r['S']:.3f}",
+             f"{r['EWDS']:.3f}", f"{r['QLIS']:.4f}")
+            for r in records
+        ]
+        headers = ("layer", "params", "P", "E", "S", "EWDS", "QLIS")
+        click.echo(table(headers, rows, right=range(1, len(headers))))
+        t = report.totals
+        click.echo(
+            f"{t['layers']} layers, {t['layer_params']:,} of {t['total_params']:,} parameters; "
+            f"QLIS {t['min_QLIS']:.4f}..{t['max_QLIS']:.4f} (beta={beta}, eps={eps})"
+        )
+    if plot:
+        _plot(report, policy, plot, force)
+        click.echo(f"plot written to {plot}", err=True)
+
+
+@click.command()
+@click.argument("path", type=PATH)
+@click.option("-o", "--output", type=PATH, required=True,
+              help="The .qlis archive to write.")
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
+              show_default=True,
+              help="rd: rate–distortion (quality or size target); prune/quant/lap/laq/lapq: "
+                   "the paper's.")
+@click.option("--target-bits-per-weight", type=click.FloatRange(min=0, min_open=True),
+              help="rd: archive bits per model element.")
+@click.option("--target-bytes", type=click.IntRange(min=1), help="rd: archive size in bytes.")
+@click.option("--target-ratio", type=click.FloatRange(min=1),
+              help="rd: original tensor bytes / archive bytes (real).")
+@click.option("--paper-cr", type=click.FloatRange(min=1),
+              help="The paper's policies: reach this idealised CR (budget mode).")
+@click.option("--max-distortion", type=click.FloatRange(min=0, min_open=True),
+              help="rd: the layers' mean relative weight MSE (default 1e-4).")
+@_beta
+@_eps
+@_select
+@click.option("--k", type=click.FloatRange(min=0, max=1e6), help="Uniform k (policy prune).")
+@click.option("--bits", type=click.IntRange(1, 8), help="Uniform bits (policy quant).")
+@click.option("--granularity", type=click.Choice(["tensor", "channel"]),
+              help="Per-tensor (the paper) or per-channel scales [quant, laq, lapq].")
+@click.option("--method", help="Quantizer id used for each bits level [quant, laq, lapq].")
+@click.option("--pruner", "pruner_json", metavar="JSON",
+              help='A pruner config for every layer, e.g. \'{"id": "fraction", "fraction": 0.3}\'.')
+@click.option("--quantizer", "quantizer_json", metavar="JSON",
+              help='A quantizer config for every layer, e.g. \'{"id": "group", "bits": 4}\'.')
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Any other policy option (JSON value), e.g. --set granularities=[\"channel\"].")
+@click.option("--plan", "plan_file", type=PATH,
+              help="A JSON plan: layer name -> {pruner, quantizer} (instead of a policy).")
+@click.option("--calib", "calib_file", type=PATH,
+              help="Calibration data for a Hugging Face model folder: a .txt file of one "
+                   "example per line (tokenized by the folder's tokenizer), or .safetensors/.pt "
+                   "tensors of the model's keyword inputs (one example per row).")
+@click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16), default=128,
+              show_default=True, help="Calibration examples to use at most.")
+@click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096), default=16,
+              show_default=True, help="Calibration examples per forward pass.")
+@click.option("--rounding-sweeps", type=click.IntRange(min=0, max=MAX_SWEEPS), default=0,
+              help="With --calib: passes of learned rounding after GPTQ (each layer's codes "
+                   "re-chosen for output error + coded length; slower).")
+@click.option("--min-cosine", type=click.FloatRange(min=0, max=1, max_open=True),
+              help="rd with --calib: the least mean output cosine to the original model.")
+@_codec
+@_jobs
+@click.option("--resume", is_flag=True,
+              help="Reuse the first pass that an interrupted pack of the same input with the "
+                   "same options saved beside OUTPUT (data-free, one process).")
+@_quiet
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio, paper_cr,
+         max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
+         quantizer_json, settings, plan_file, calib_file, calib_examples, calib_batch_size,
+         rounding_sweeps, min_cosine, codec, jobs, resume, quiet, force) -> None:
+    """Compress a model and write it as a .qlis archive.
+
+    By default the rd policy keeps the model close to the original (weight error under
+    1e-4 per layer on average); ask for a size with --target-bits-per-weight,
+    --target-bytes or --target-ratio. With --calib (a Hugging Face model folder), layers
+    are reconstructed on the calibration data and the output quality is measured.
+    """
+    check_input(path)
+    check_output(output, force, (".qlis",), inputs=[path])
+    given = {
+        "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
+        "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
+        "k": k, "bits": bits,
+        "granularity": granularity, "method": method, "min_cosine": min_cosine,
+        "pruner": _json_option(pruner_json, "--pruner"),
+        "quantizer": _json_option(quantizer_json, "--quantizer"),
+        **_set_options(settings),
+    }
+    plan, options = _pack_policy(policy, given, plan_file, calibrated=calib_file is not None)
+    if rounding_sweeps:
+        if calib_file is None:
+            raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
+                             "pass --calib FILE")
+        options["rounding_sweeps"] = rounding_sweeps
+    calib = None
+    if calib_file is not None:
+        check_calibration_path(calib_file)
+        model = load_hf_model(path)
+        calib = read_calibration(calib_file, path, calib_examples, calib_batch_size)
+        state = model.state_dict()
+    else:
+        model = state = load_state_dict(path)
+    total = sum(t.numel() for t in state.values())
+    source_bytes = model_file_bytes(path)
+    metadata = {"source": path.name}
+    metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
+    cluster = Cluster.from_environment()  # under torchrun: rank 0 writes and reports
+    leader = cluster is None or cluster.leader
+    bars = _progress_bars(quiet) if leader else nullcontext(lambda *_: None)
+    with bars as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
+        options["planning_progress"] = bar(
+            "measuring" if calib is None else "compressing (calibrated passes)", None)
+        writing = bar("writing", total)
+        result = qlis.pack(model, output, policy=policy, beta=beta, eps=eps,
+                           select=select or None, plan=plan, calib=calib, codec=codec,
+                           metadata=metadata, source_bytes=source_bytes, overwrite=force,
+                           progress=writing, jobs=jobs, cluster=cluster, resume=resume,
+                           **options)
+    if not leader:
+        return
+    for warning in result.warnings:
+        click.echo(f"qlis: warning: {warning}", err=True)
+    archive_bytes = output.stat().st_size
+    click.echo(
+        f"{escape(str(output))}: {human_bytes(archive_bytes)} from {human_bytes(source_bytes)}, "
+        f"real ratio {source_bytes / archive_bytes:.2f}x "
+        f"({8 * archive_bytes / max(result.numel, 1):.2f} bits per element); "
+        f"policy {result.policy.strategy_id}"
+    )
+    click.echo(f"quality: {result.describe_quality()}")
+    if result.calibration_cost is not None:
+        click.echo(f"calibration: {sum(len(next(iter(b.values()))) for b in calib)} examples, "
+                   f"{result.calibration_cost['passes']} passes, "
+                   f"{result.calibration_cost['seconds']:.1f} s")
+    click.echo(f"idealised paper ratios (no index or metadata cost, pruned zeros free): "
+               f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
+
+
+@click.command()
+@click.argument("path", type=PATH)
+@click.option("-o", "--output", type=PATH, required=True,
+              help="OUT.safetensors or OUT.pt: the dequantized tensors (with "
+                   "--max-shard-size: a folder).")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
+                   "index into the folder OUTPUT, as save_pretrained does.")
+@_jobs
+@_quiet
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
+    """Write the dequantized tensors of an archive as .safetensors or .pt (a tied tensor under
+    each of its names: copied in .safetensors, which cannot share, shared in .pt)."""
+    check_input(path, "file")
+    if max_shard_size is not None:
+        max_bytes = parse_size(max_shard_size, "--max-shard-size")
+        check_output_dir(output, force)  # the input, a file, is refused as not a folder
+    else:
+        check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
+    with qlis.open(path) as archive:
+        stored = {row["name"]: row for row in archive.tensor_info()}
+        names = archive.names()  # tied tensors under each name: a copy each
+        rows = [stored[archive.entry(name).name] for name in names]
+        total = sum(row["original_bytes"] for row in rows)
+        layout = [(name, r["dtype"], r["shape"]) for name, r in zip(names, rows, strict=True)]
+        source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
+                  if k.startswith(SOURCE_METADATA)} or None
+        with _progress_bars(quiet) as bar:
+            progress = bar("unpacking", len(rows), "tensors")
+            if max_shard_size is not None:
+                output.mkdir(exist_ok=True)
+                files = write_sharded_safetensors(output, layout, archive.read, max_bytes,
+                                                  progress, source, jobs)
+            elif output.suffix == ".safetensors":
+                write_safetensors(output, layout, archive.read, progress=progress,
+                                  metadata=source, overwrite=force, jobs=jobs)
+            else:
+                _save_pt(archive.load(progress=progress), output, force)
+    shards = f" in {len(files) - 1} shards" if max_shard_size is not None else ""
+    click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}{shards}")
+
+
+def _save_pt(state: dict, output: Path, force: bool) -> None:
+    """torch.save, atomically; its write failures (a RuntimeError from the zip writer, e.g. a
+    full disk) become one line, and nothing is left behind."""
+    try:
+        with atomic_path(output, overwrite=force) as tmp:
+            torch.save(state, tmp)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+        raise InputError(f"{output}: could not be written ({reason}); is the disk full?") from None
+
+
+@click.command()
+@click.option("--model", type=click.Choice(list(VIT_SHAPES)), default="vit-b16", show_default=True)
+@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
+              show_default=True)
+@_codec
+@click.option("-o", "--output-dir", type=PATH,
+              help="Keep the model file and the archive in this folder (default: temporary "
+                   "files, deleted at the end).")
+@click.option("--force", is_flag=True, help="Replace the two files in --output-dir if they exist.")
+def demo(model, policy, codec, output_dir, force) -> None:
+    """The embedded default job: inspect, compress, pack, read back and verify a local ViT."""
+    if output_dir is not None:
+        check_output_dir(output_dir, force=True)
+        if output_dir.is_dir():
+            for suffix in (".safetensors", ".qlis"):
+                check_output(output_dir / f"{model}{suffix}", force)
+    figures = run_demo(model, policy=policy, codec=codec, out_dir=output_dir, echo=click.echo)
+    if not figures["bit_exact"]:
+        raise QlisError("the archive did not read back bit-exact")
+
+
+def verified_runtime(path: Path) -> list[dict]:
+    """Read and check every record of the archive at ``path``; per weight that could run
+    packed, how it would (`qlis.runtime.lowbit.runtime_plan`)."""
+    with qlis.open(path) as archive:
+        archive.verify()
+        return runtime_plan(archive)

@@ -1,0 +1,71 @@
+"""Calibration data from files, for ``qlis pack --calib``: input batches or text.
+
+- ``.safetensors`` / ``.pt``: named tensors, the model's keyword inputs (``input_ids``,
+  ``attention_mask``; ``pixel_values``), one example per row of the first dimension, read by
+  qlis' own loader (no pickle, validated);
+- ``.txt``: one example per line, tokenized by the model folder's tokenizer (as llama.cpp's
+  imatrix tool takes text).
+
+At most ``examples`` examples are used, in ``batch_size`` batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlis.errors import InputError
+from qlis.models.checkpoints import load_state_dict
+from qlis.models.hf_model import load_tokenizer, tokenized_batches
+
+MAX_TEXT_BYTES = 64 << 20
+CALIB_SUFFIXES = (".txt", ".safetensors", ".pt", ".pth")
+
+
+def _text_lines(path: Path, examples: int) -> list[str]:
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise InputError(f"{path}: a calibration text file over {MAX_TEXT_BYTES >> 20} MiB; "
+                         "a few hundred lines are enough")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path}: no example (one per line) in the calibration text")
+    return lines[:examples]
+
+
+def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str, Any]]:
+    inputs = load_state_dict(path)
+    rows = {name: (t.shape[0] if t.ndim else None) for name, t in inputs.items()}
+    if any(n is None for n in rows.values()) or len(set(rows.values())) != 1:
+        raise InputError(f"{path}: calibration tensors must share their first dimension "
+                         f"(one example per row); got {dict(sorted(rows.items()))}")
+    count = min(next(iter(rows.values())), examples)
+    if count == 0:
+        raise InputError(f"{path}: the calibration tensors hold no example")
+    return [{name: t[start:min(start + batch_size, count)] for name, t in inputs.items()}
+            for start in range(0, count, batch_size)]
+
+
+def check_calibration_path(path: str | Path) -> Path:
+    """``path`` if it names a calibration file of a known kind (checked before any work)."""
+    path = Path(path)
+    if path.suffix not in CALIB_SUFFIXES:
+        raise InputError(f"{path}: calibration data must be {', '.join(CALIB_SUFFIXES)}")
+    if not path.is_file():
+        raise InputError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    return path
+
+
+def read_calibration(path: str | Path, model_folder: str | Path, examples: int = 128,
+                     batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``."""
+    path = check_calibration_path(path)
+    if path.suffix == ".txt":
+        lines = _text_lines(path, examples)
+        return tokenized_batches(load_tokenizer(model_folder), lines, batch_size)
+    return _tensor_batches(path, examples, batch_size)

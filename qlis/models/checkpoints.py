@@ -1,0 +1,624 @@
+"""Model files: reading .pt/.pth/.bin (state dicts, never unpickled code), .safetensors and
+Hugging Face model folders (single or sharded); streaming a .safetensors file out.
+
+Everything read is treated as hostile: only regular files are opened (a FIFO or device
+would block or never end), a folder's files must resolve inside it, JSON is size- and
+depth-bounded, and every tensor is validated (`qlis.models.tensors.checked_state`) before use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import stat
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from qlis.archive.atomic import atomic_path
+from qlis.errors import InputError
+from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
+from qlis.workers.threads import ordered_map
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
+_MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
+_FOLDER_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_MAX_INDEX_BYTES = 16 << 20  # a shard index of ~100,000 tensors is about 10 MB
+_MAX_JSON_CONTAINERS = 100_000
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
+_MAX_ELEMENTS = 2**63 - 1  # torch computes strides in int64
+
+_SAFETENSORS_DTYPES = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
+    "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL",
+}
+_FROM_SAFETENSORS = {v: getattr(torch, k) for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
+            from None
+
+
+def _require_regular(path: Path) -> int:
+    """The size of a regular file; anything else is refused before it is opened."""
+    info = _stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(
+            f"{path}: is {_file_kind(info.st_mode)}; give a model file or a model folder"
+        )
+    return info.st_size
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """A whole small file, opened non-blocking and checked regular (a FIFO cannot hang us)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
+            from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path}: is {_file_kind(info.st_mode)}; expected a file")
+        if info.st_size > limit:
+            raise InputError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} allowed")
+        return f.read(limit + 1)
+
+
+def _parse_json(data: bytes, path: Path) -> object:
+    """JSON with bounded cost: the size is capped by the caller, containers and depth here."""
+    if data.count(b"[") + data.count(b"{") > _MAX_JSON_CONTAINERS:
+        raise InputError(f"{path}: more than {_MAX_JSON_CONTAINERS:,} JSON arrays and objects")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply") from None
+    except ValueError as err:  # also UnicodeDecodeError and over-long integers
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def _tensor_spec(path: Path, name: str, dtype_code: str, shape: list[int]) -> tuple:
+    """(torch dtype, shape, bytes) of a safetensors entry, validated without allocating."""
+    label = tensor_label(name)
+    dtype = _FROM_SAFETENSORS.get(dtype_code)
+    if dtype is None:
+        raise InputError(
+            f"{path}: tensor {label} has dtype {dtype_code}, which qlis does not store "
+            f"(it stores {', '.join(_FROM_SAFETENSORS)}); convert it first"
+        )
+    if len(shape) > MAX_NDIM:
+        raise InputError(f"{path}: tensor {label} has {len(shape)} dimensions (at most {MAX_NDIM})")
+    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
+        raise InputError(f"{path}: tensor {label} has an impossible shape {shape}")
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]]]:
+    """(where the data starts, [(name, dtype, shape, bytes)] in file order), validated.
+
+    The header is read through the safetensors library (which bounds its size and depth and
+    checks that the tensors tile the data exactly); offsets follow from the tensors in offset
+    order, so no JSON is parsed here.
+    """
+    file_size = _require_regular(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = [(n, f.get_slice(n).get_dtype(), f.get_slice(n).get_shape())
+                       for n in f.offset_keys()]
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+    except (SafetensorError, OSError, ValueError, struct.error) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+    specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]
+    data_start = 8 + header_len
+    if data_start + sum(size for *_, size in specs) != file_size:
+        raise InputError(f"{path}: tensor data does not match the file size (corrupt file)")
+    return data_start, specs
+
+
+def _check_bool(path: Path, name: str, raw: np.ndarray) -> None:
+    if raw.size and raw.max() > 1:
+        raise InputError(f"{path}: bool tensor {tensor_label(name)} holds values other "
+                         "than 0 and 1 (corrupt file)")
+
+
+_MAPPED_FROM_BYTES = 1 << 20  # smaller tensors are read into memory, larger ones mapped
+
+
+class MappedState(ValidatedState):
+    """The tensors of safetensors files, each read only when it is asked for.
+
+    The headers were validated when the files were opened (names, dtypes, shapes, sizes; bool
+    tensors' values are read then), so nothing here is checked again but a bool's values.
+    Each access returns a new tensor: a small one read into memory, a large one mapped
+    copy-on-write from the file (writes never reach it). A mapping lives as long as its
+    tensor, so a pass over the model that drops each tensor after use holds a few tensors,
+    not the model: memory independent of its size.
+    """
+
+    def __init__(self, specs: dict[str, tuple[Path, int, torch.dtype, list[int], int]]) -> None:
+        self._specs = specs  # name -> (file, absolute offset, dtype, shape, bytes)
+
+    @classmethod
+    def of_file(cls, path: Path) -> MappedState:
+        data_start, layout = _safetensors_layout(path)
+        specs, offset = {}, data_start
+        for name, dtype, shape, size in layout:
+            specs[name] = (path, offset, dtype, shape, size)
+            offset += size
+        state = cls(specs)
+        for name, dtype, *_ in layout:
+            if dtype == torch.bool:  # rare and small: a bad one is refused at once
+                state[name]
+        return state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, offset, dtype, shape, size = self._specs[name]
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        if size < _MAPPED_FROM_BYTES or offset % dtype.itemsize:  # unaligned: a copy
+            tensor = torch.empty(shape, dtype=dtype)
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(memoryview(raw)) != size:
+                    raise InputError(f"{path}: the file ended early (changed while reading)")
+        else:
+            raw = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(size,))
+            tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
+        if dtype == torch.bool:
+            _check_bool(path, name, raw)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def files(self) -> list[Path]:
+        """The files the tensors are read from, in order."""
+        return list(dict.fromkeys(spec[0] for spec in self._specs.values()))
+
+    def merged(self, other: MappedState) -> MappedState:
+        """Both files' tensors (shards of one model, which the caller checked are disjoint)."""
+        return MappedState({**self._specs, **other._specs})
+
+
+def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Read a safetensors file straight into ``tensors`` (a model's state dict: the same
+    names and shapes, contiguous, on the CPU), one plain read per tensor; a tensor stored in
+    another dtype is read whole, then converted as ``load_state_dict`` would.
+
+    Unlike a loaded-then-copied state dict, the weights are never in memory twice, and unlike
+    mapped tensors the model owns aligned memory that no later change to the file can reach.
+    Names, dtypes and shapes are checked before anything is read; a file that turns out
+    corrupt while reading (truncated, a bool that is not 0 or 1) leaves ``tensors`` partly
+    overwritten, so read into a model that is being built.
+    """
+    path = Path(path)
+    data_start, specs = _safetensors_layout(path)
+    names = [name for name, *_ in specs]
+    if set(names) != set(tensors):
+        missing = sorted(set(tensors) - set(names))
+        extra = sorted(set(names) - set(tensors))
+        raise InputError(f"{path}: its tensors are not the model's ({len(missing)} missing, "
+                         f"{len(extra)} unexpected; first: {tensor_label((missing or extra)[0])})")
+    for name, _, shape, _ in specs:
+        target = tensors[name]
+        if list(target.shape) != list(shape):
+            raise InputError(f"{path}: tensor {tensor_label(name)} has shape {list(shape)}, "
+                             f"the model's {list(target.shape)}")
+        if not target.is_contiguous() or target.device.type != "cpu":
+            raise InputError(f"tensor {tensor_label(name)} of the model is not contiguous "
+                             "CPU memory; read the file with load_state_dict instead")
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        for name, dtype, shape, size in specs:
+            if size == 0:
+                continue
+            target = tensors[name].detach()
+            stored = target if target.dtype == dtype else torch.empty(shape, dtype=dtype)
+            raw = stored.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(raw)) != size:
+                raise InputError(f"{path}: the file ended early (truncated while reading)")
+            if dtype == torch.bool:
+                _check_bool(path, name, raw)
+            if stored is not target:
+                target.copy_(stored)
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load, memory-mapped when the file is a zip checkpoint (no second copy in memory).
+
+    Warnings are silenced: a checkpoint we refuse (e.g. of quantized tensors) must give one
+    clear line, not torch's deprecation notices.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def _load_torch(path: Path) -> Mapping:
+    _require_regular(path)
+    try:
+        obj = _torch_load(path)
+    except pickle.UnpicklingError:
+        raise InputError(
+            f"{path}: the file holds pickled Python objects that would run code when loaded "
+            "(for example a whole nn.Module); save model.state_dict() instead"
+        ) from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a checkpoint") from None
+    except MemoryError:
+        raise InputError(f"{path}: does not fit in memory") from None
+    except Exception as err:  # torch.load raises many types on non-checkpoints
+        detail = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else ""
+        raise InputError(
+            f"{path}: not a PyTorch checkpoint" + (f" ({detail})" if detail else "")
+        ) from None
+    return _tensor_mapping(obj, path)
+
+
+def _describe_keys(obj: Mapping) -> str:
+    keys = [k if isinstance(k, str) else type(k).__name__ for k in list(obj)[:8]]
+    return ", ".join(tensor_label(k) for k in keys)
+
+
+def _tensor_mapping(obj: object, path: Path) -> Mapping:
+    """The state dict inside a loaded checkpoint, also one nested under 'state_dict' & co.
+
+    Searched iteratively and at most _MAX_NESTING levels deep.
+    """
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for _ in range(_MAX_NESTING):
+        if not obj:
+            raise InputError(f"{path}: holds an empty state dict")
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            raise InputError(f"{path}: no state dict found (keys: {_describe_keys(obj)})")
+        obj = nested
+    raise InputError(f"{path}: the state dict is nested more than {_MAX_NESTING} levels deep")
+
+
+def _folder_roots(folder: Path) -> tuple[Path, ...]:
+    """Where a folder's files may resolve: inside it, or, for a Hugging Face cache snapshot
+    (…/snapshots/<revision>), in the blobs folder its links point to."""
+    root = folder.resolve()
+    if root.parent.name == "snapshots":
+        return root, root.parent.parent / "blobs"
+    return (root,)
+
+
+def _inside(roots: tuple[Path, ...], candidate: Path, named_by: Path) -> Path:
+    """``candidate`` resolved, refused if it escapes the folder (``..``, absolute, symlink)."""
+    try:
+        resolved = candidate.resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a symlink loop
+        raise InputError(f"{named_by}: cannot resolve {candidate} ({err})") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise InputError(
+            f"{named_by}: {candidate} resolves to {resolved}, outside the model folder; "
+            "refusing to read it"
+        )
+    return resolved
+
+
+def _load_folder(path: Path) -> Mapping:
+    roots = _folder_roots(path)
+    for name in _FOLDER_FILES:
+        candidate = path / name
+        if not os.path.lexists(candidate):
+            continue
+        file = _inside(roots, candidate, path)
+        if name.endswith(".index.json"):
+            return _load_shards(file, path, roots)
+        if name.endswith(".safetensors"):
+            return MappedState.of_file(file)
+        return _load_torch(file)
+    looked_for = ", ".join(_FOLDER_FILES)
+    raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, validated (strings only)."""
+    parsed = _parse_json(_read_small(index, _MAX_INDEX_BYTES), index)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: not a shard index (no 'weight_map' object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise InputError(
+                f"{index}: the shard of tensor {tensor_label(name)} is a "
+                f"{type(shard).__name__}, not a file name"
+            )
+    return weight_map
+
+
+def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> Mapping:
+    """Every shard the index names, each tensor checked to be where the index puts it."""
+    weight_map = _weight_map(index)
+    state: Mapping = MappedState({})
+    for shard in sorted(set(weight_map.values())):
+        shard_path = _inside(roots, folder / shard, index)
+        if not os.path.lexists(shard_path):
+            raise InputError(f"{index}: shard {tensor_label(shard)} is missing")
+        part = (MappedState.of_file(shard_path) if shard.endswith(".safetensors")
+                else _load_torch(shard_path))
+        for name in part:
+            if weight_map.get(name) != shard:
+                listed = weight_map.get(name)
+                raise InputError(
+                    f"{index}: tensor {tensor_label(str(name))} is in shard "
+                    f"{tensor_label(shard)}, but the index "
+                    + (f"puts it in {tensor_label(listed)}" if listed else "does not list it")
+                )
+        if isinstance(state, MappedState) and isinstance(part, MappedState):
+            state = state.merged(part)
+        else:  # .bin shards: loaded tensors
+            state = {**state, **part}
+    absent = next((n for n in weight_map if n not in state), None)
+    if absent is not None:
+        raise InputError(
+            f"{index}: lists tensor {tensor_label(absent)} in shard "
+            f"{tensor_label(weight_map[absent])}, which does not hold it"
+        )
+    return state
+
+
+def load_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a model file or folder, loaded without executing any code.
+
+    Only regular files and folders are read; tensors are validated as by
+    `qlis.models.tensors.checked_state` (dense, a stored dtype, no unbounded repeated views).
+    Safetensors files (single or sharded) give a `MappedState`: each tensor is read when it
+    is used, so a pass over a model larger than memory holds one tensor at a time.
+
+    >>> load_state_dict("missing.pt")
+    Traceback (most recent call last):
+    ...
+    qlis.errors.InputError: missing.pt: no such file or folder
+    """
+    path = Path(path)
+    mode = _stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        state = _load_folder(path)
+    elif not stat.S_ISREG(mode):
+        raise InputError(f"{path}: is {_file_kind(mode)}; give a model file or a model folder")
+    elif path.suffix == ".safetensors":
+        state = MappedState.of_file(path)
+    elif path.suffix == ".qlis":
+        raise InputError(f"{path}: is a qlis archive; use 'qlis unpack' or qlis.load()")
+    else:
+        state = _load_torch(path)
+    if not state:
+        raise InputError(f"{path}: holds no tensors")
+    if isinstance(state, MappedState):
+        return state
+    return checked_state(state.items(), f"{path}: ")
+
+
+def read_metadata(path: str | Path) -> dict[str, str] | None:
+    """The safetensors ``__metadata__`` of a model (e.g. ``{"format": "pt"}``), or None.
+
+    For a sharded folder: the entries every shard agrees on. A .pt checkpoint has none.
+    """
+    path = Path(path)
+    if stat.S_ISDIR(_stat(path).st_mode):
+        roots = _folder_roots(path)
+        if os.path.lexists(path / "model.safetensors"):
+            files = [_inside(roots, path / "model.safetensors", path)]
+        elif os.path.lexists(path / "model.safetensors.index.json"):
+            index = _inside(roots, path / "model.safetensors.index.json", path)
+            shards = sorted(set(_weight_map(index).values()))
+            files = [_inside(roots, path / shard, index) for shard in shards]
+        else:
+            return None
+    elif path.suffix == ".safetensors":
+        files = [path]
+    else:
+        return None
+    common: dict[str, str] | None = None
+    for file in files:
+        _require_regular(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise InputError(f"{file}: not a readable safetensors file ({err})") from None
+        common = metadata if common is None else {
+            k: v for k, v in common.items() if metadata.get(k) == v
+        }
+    return common or None
+
+
+def model_file_bytes(path: str | Path) -> int:
+    """Bytes on disk of a model file, or of every file of a model folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _check_text(text: object, what: str) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"{what} is a {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{what} {tensor_label(text)} is not valid Unicode text (a lone surrogate), "
+            "which safetensors cannot store; write a .pt file instead"
+        ) from None
+    return text
+
+
+def _safetensors_header(
+    layout: list[tuple[str, str, list[int]]], metadata: Mapping[str, str] | None
+) -> bytes:
+    """The encoded, padded header of `write_safetensors`, refusing what safetensors cannot
+    represent (a tensor named __metadata__, names that are not UTF-8 text, other dtypes)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {
+            _check_text(k, "a metadata key"): _check_text(v, f"metadata {tensor_label(str(k))}")
+            for k, v in metadata.items()
+        }
+    offset = 0
+    for name, dtype, shape in layout:
+        _check_text(name, "the tensor name")
+        if name == "__metadata__" or name in header:
+            what = "is reserved by safetensors" if name == "__metadata__" else "appears twice"
+            raise InputError(f"tensor name {tensor_label(name)} {what}; write a .pt file instead")
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise InputError(f"tensor {tensor_label(name)} has dtype {dtype}, which this "
+                             "writer does not support")
+        size = math.prod(shape) * getattr(torch, dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > _MAX_SAFETENSORS_HEADER:
+        raise InputError(f"the safetensors header would take {len(encoded):,} bytes, more than "
+                         f"safetensors reads ({_MAX_SAFETENSORS_HEADER:,}); write a .pt file")
+    return encoded
+
+
+def write_safetensors(
+    path: str | Path,
+    layout: list[tuple[str, str, list[int]]],
+    read: Callable[[str], torch.Tensor],
+    progress: Callable[[int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
+    jobs: int | None = 1,
+) -> None:
+    """Stream tensors into a .safetensors file, one at a time (atomically).
+
+    ``layout`` lists (name, dtype name, shape) in file order; ``read(name)`` produces each
+    tensor when its turn comes (``jobs`` of them side by side, so ``read`` must be
+    thread-safe when ``jobs`` > 1), so memory holds a few tensors rather than the whole model.
+    ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
+    ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
+    """
+    encoded = _safetensors_header(layout, metadata)
+    try:
+        with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            tensors = ordered_map(lambda entry: read(entry[0]), layout, jobs)
+            for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
+                if tensor.dtype != getattr(torch, dtype) or list(tensor.shape) != list(shape):
+                    raise InputError(
+                        f"tensor {tensor_label(name)} was read as {tensor.dtype} "
+                        f"{list(tensor.shape)}, not the {dtype} {list(shape)} announced"
+                    )
+                f.write(bit_patterns(tensor).data)
+                if progress is not None:
+                    progress(1)
+    except OSError as err:  # a full disk (ENOSPC), a quota, a read-only file system
+        raise InputError(
+            f"{path}: could not be written ({err.strerror or err}); free space or write "
+            "elsewhere"
+        ) from None
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _tensor_bytes(dtype: str, shape: list[int]) -> int:
+    return math.prod(shape) * getattr(torch, dtype).itemsize
+
+
+def split_into_shards(layout: list[tuple[str, str, list[int]]],
+                      max_shard_bytes: int) -> list[list[tuple[str, str, list[int]]]]:
+    """Consecutive runs of tensors of at most ``max_shard_bytes`` each (a larger tensor
+    alone), as Hugging Face's ``save_pretrained(max_shard_size=...)`` splits them.
+
+    >>> [len(s) for s in split_into_shards([("a", "float32", [4])] * 5, 32)]
+    [2, 2, 1]
+    """
+    shards: list[list[tuple[str, str, list[int]]]] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = _tensor_bytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def write_sharded_safetensors(
+    folder: str | Path,
+    layout: list[tuple[str, str, list[int]]],
+    read: Callable[[str], torch.Tensor],
+    max_shard_bytes: int,
+    progress: Callable[[int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    jobs: int | None = 1,
+) -> list[Path]:
+    """Tensors as Hugging Face shards in ``folder`` (an existing folder): files
+    ``model-00001-of-0000N.safetensors`` of at most ``max_shard_bytes`` each and the index
+    ``model.safetensors.index.json`` that ``transformers`` loads them by. Each file is written
+    atomically, the index last, so the folder names no shard that is not complete; files of
+    those names are replaced. Returns the files written, the index last."""
+    folder = Path(folder)
+    shards = split_into_shards(layout, max_shard_bytes)
+    weight_map, written = {}, []
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, shard, read, progress, metadata, jobs=jobs)
+        weight_map.update({entry[0]: name for entry in shard})
+        written.append(folder / name)
+    index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
+             "weight_map": weight_map}
+    try:
+        with atomic_path(folder / SHARD_INDEX) as tmp:
+            tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n",
+                           encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"{folder / SHARD_INDEX}: could not be written "
+                         f"({err.strerror or err})") from None
+    return [*written, folder / SHARD_INDEX]

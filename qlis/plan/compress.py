@@ -1,0 +1,418 @@
+"""``qlis.compress``: ask a policy for a Plan, execute it through the registries, measure it.
+
+The result keeps what the archive needs (integer codes and their parameters, float tensors
+for everything stored losslessly), what was done to each layer, what it cost in quality
+(weight error always; output error when calibration data was given) and its sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qlis.archive.format import Summary
+from qlis.archive.resume import PassCache
+from qlis.config import Param, check_options
+from qlis.errors import ClusterError, ConfigError, InputError
+from qlis.measure.calibrate import Calibration, CalibSpec
+from qlis.measure.select import SelectSpec
+from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
+from qlis.models.tensors import as_state_dict, split_aliases, storage_bits, with_aliases
+from qlis.plan.execute import LayerPlan, StoredTensor
+from qlis.plan.plan_executor import PlanExecutor
+from qlis.plan.plans import Plan, finite_json
+from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
+from qlis.plan.sizes import HEADER_BYTES, RECORD_OVERHEAD_BYTES
+from qlis.quantize.gptq import MAX_SWEEPS
+from qlis.quantize.quantizers import QuantizedTensor
+from qlis.quantize.reconstruct import NOT_REACHED
+from qlis.workers.cluster import Cluster
+from qlis.workers.threads import check_jobs
+
+COMPRESS_PARAMS = {
+    **SCORE_PARAMS,
+    "error_feedback": Param("bool", optional=True),
+    "bias_correction": Param("bool"),
+    "rounding_sweeps": Param("int", 0, MAX_SWEEPS),
+}
+"""``compress``'s own options (the policy's are its ``params``)."""
+
+DEFAULT_POLICY = "rd"
+DEFAULT_ROUNDING_SWEEPS = 0
+"""Learned rounding is opt-in: on MiniLM at 2.75 bits/weight 2 sweeps raised the held-out
+cosine by 0.0008 for 3x the compression time (docs/method.md)."""
+
+
+class QualityWarning(UserWarning):
+    """A compression result misses a target it was asked for (also in ``result.warnings``)."""
+
+
+class CompressionResult:
+    """The outcome of ``qlis.compress``.
+
+    ``tensors`` holds, for every tensor of the input in its order, either a QuantizedTensor
+    (codes + parameters) or a float tensor kept as it is. ``cr``/``hcr`` are the paper's
+    idealised ratios (no index or metadata cost); ``estimated_bytes`` is the real archive
+    size to expect with an entropy coder; ``distortion`` says what it cost in quality:
+    ``weight_rel_mse`` (the layers' relative MSE, each layer counting equally),
+    ``weight_rel_mse_params`` (weighted by parameters), ``weight_rel_mse_max``, and
+    ``output`` (cosine and relative MSE of the outputs) when calibration data was given,
+    with ``calibration_cost`` (passes over the calibration data, seconds).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, StoredTensor],
+        layers: list[LayerPlan],
+        policy: Policy,
+        report: InspectionReport | None,
+        original_bits: int,
+        config: dict,
+        distortion: dict,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        self.tensors = tensors
+        self.aliases = dict(aliases or {})
+        """Names of tied tensors, stored once, and the name each is stored under."""
+        self.layers = layers
+        self.policy = policy
+        self.report = report
+        self.original_bits = original_bits
+        self.config = config
+        self.distortion = distortion
+        self.warnings: list[str] = []
+        self.calibration_cost: dict[str, float] | None = None
+        planned = {layer.name for layer in layers}
+        fixed = [tensors[n] for n in tensors if n not in planned]
+        fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
+        self.numel = sum(t.numel() for t in fixed) + sum(p.numel for p in layers)
+        """Elements of all tensors (every parameter and buffer)."""
+        self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
+        self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
+        layer_bytes = sum(p.coded_bytes for p in layers)
+        fixed_bytes = HEADER_BYTES + fixed_bits / 8 + RECORD_OVERHEAD_BYTES * len(fixed)
+        self.estimated_bytes = int(fixed_bytes + layer_bytes)
+
+    @property
+    def cr(self) -> float:
+        """Paper CR: original bits / (b_l bits per weight the pruner kept; the rest in full).
+
+        Only zeros the pruner made are free; zeros already in the weights are counted."""
+        return self.original_bits / self.paper_bits if self.paper_bits else float("inf")
+
+    @property
+    def hcr(self) -> float:
+        """Paper HCR: as ``cr`` but quantized layers counted at their Huffman-coded bits."""
+        return self.original_bits / self.huffman_bits if self.huffman_bits else float("inf")
+
+    @property
+    def original_bytes(self) -> int:
+        """Bytes of all input tensors in their dtypes (the size of a bare safetensors file)."""
+        return self.original_bits // 8
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors the compressed model computes with (dequantized), for every input tensor
+        (a tied one under each of its names, one tensor)."""
+        state = {
+            name: t.dequantize() if isinstance(t, QuantizedTensor) else t
+            for name, t in self.tensors.items()
+        }
+        return with_aliases(state, self.aliases)
+
+    def summary(self) -> dict:
+        """Plain-JSON totals: policy, sizes, ratios and quality."""
+        return {
+            "policy": self.policy.strategy_id,
+            "layers": len(self.layers),
+            "tensors": len(self.tensors),
+            "original_bytes": self.original_bytes,
+            "estimated_bytes": self.estimated_bytes,
+            "estimated_bits_per_weight": 8 * self.estimated_bytes / max(self.numel, 1),
+            "cr": self.cr,
+            "hcr": self.hcr,
+            **{f"distortion_{k}": v for k, v in self.distortion.items() if k != "output"},
+            "output": self.distortion.get("output"),
+        }
+
+    def header(self, source_bytes: int | None) -> dict[str, Any]:
+        """The archive header's fields that describe this compression (`qlis.save` writes
+        them): its config, its quality and its sizes (``source_bytes``: the file it came from,
+        if any)."""
+        return {
+            "compression": self.config,
+            "distortion": self.distortion,
+            "summary": Summary(
+                original_bytes=self.original_bytes,
+                source_bytes=source_bytes,
+                cr=_finite_or_none(self.cr),
+                hcr=_finite_or_none(self.hcr),
+            ).to_json(),
+            "aliases": self.aliases,
+        }
+
+    def describe_quality(self) -> str:
+        """One line on what the compression cost: the weight error, and the output error
+        when calibration data was given."""
+        mean, worst = self.distortion["weight_rel_mse"], self.distortion["weight_rel_mse_max"]
+        text = (f"weight error: relative MSE {mean:.2e} per layer on average "
+                f"(SNR {_snr_db(mean):.1f} dB), worst layer {worst:.2e}")
+        output = self.distortion.get("output")
+        if output:
+            where = (f"{output['batches']} held-out calibration batches"
+                     if output.get("held_out") else "the calibration data")
+            rel_mse = output.get("rel_mse")
+            text += (f"; output on {where}: cosine {output['cosine']:.5f}, " + (
+                f"relative MSE {rel_mse:.2e}" if rel_mse is not None
+                else "NOT FINITE (the compressed model outputs NaN or inf)"))
+        return text
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressionResult(policy={self.policy.strategy_id!r}, layers={len(self.layers)}, "
+            f"estimated_bytes={self.estimated_bytes}, "
+            f"weight_rel_mse={self.distortion['weight_rel_mse']:.3g})"
+        )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _snr_db(rel_mse: float) -> float:
+    return float("inf") if rel_mse <= 0 else -10 * math.log10(rel_mse)
+
+
+def _unreached(layers: list[LayerPlan]) -> list[str]:
+    """A warning naming the planned layers that calibration never ran (rounded data-free)."""
+    names = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [f"the calibration never ran {len(names)} planned layer(s): {shown}; they were "
+            "rounded data-free and their effect on the output was not measured"]
+
+
+def _not_finite(output: dict | None) -> list[str]:
+    if output is None or output.get("finite", True):
+        return []
+    return ["the compressed model outputs NaN or inf on the calibration batches: it is not "
+            "usable (a layer rounded this coarsely breaks it, e.g. a weight-normalised weight "
+            "rounded to all zeros); ask for a larger size or a quality target"]
+
+
+def _select_config(select: SelectSpec) -> Any:
+    if select is None or isinstance(select, str):
+        return select
+    if callable(select):
+        return f"<function {getattr(select, '__qualname__', type(select).__name__)}>"
+    return [str(s) for s in select]
+
+
+def _first_names(plan: Plan, aliases: Mapping[str, str]) -> dict[str, dict]:
+    """A plan's layers with a tied tensor's other names replaced by its first (planned) one."""
+    layers: dict[str, dict] = {}
+    for name, config in plan.to_json().items():
+        first = aliases.get(name, name)
+        if first in layers:
+            raise ConfigError(f"the plan names the tied tensor {first!r} twice (also as "
+                              f"{name!r})")
+        layers[first] = config
+    return layers
+
+
+def _check_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> None:
+    for name in plan:
+        if name not in state:
+            raise ConfigError(f"the plan names {name!r}, which the model does not have")
+        if not state[name].is_floating_point():
+            raise ConfigError(f"the plan names {name!r}, which is not a floating-point tensor")
+
+
+def compress(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    policy: str | Policy = DEFAULT_POLICY,
+    beta: float = 0.5,
+    *,
+    plan: Plan | Mapping | None = None,
+    calib: CalibSpec | None = None,
+    eps: float = 1e-3,
+    select: SelectSpec = None,
+    inplace: bool = False,
+    progress: Callable[[int], None] | None = None,
+    error_feedback: bool | None = None,
+    bias_correction: bool = True,
+    rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
+    jobs: int | None = None,
+    **options: Any,
+) -> CompressionResult:
+    """Compress the selected layers as a policy (or a hand-written ``plan``) says.
+
+    The default policy ``"rd"`` allocates, per layer, the entropy-coded quantizer step that
+    keeps quality: with no option it aims at a conservative weight error (docs/method.md);
+    ``target_bits_per_weight=``, ``target_bytes=``, ``target_ratio=`` (real archive bytes)
+    ask for a size, ``max_distortion=`` (weight error) or ``min_cosine=`` (output, needs
+    ``calib``) for a quality. ``calib`` is a few input batches (tensors, tuples or dicts of
+    keyword arguments) or a callable ``calib(model) -> outputs``; with it, distortion is
+    measured on the model's outputs. The paper's policies keep their names: ``"prune"``
+    (``k``), ``"quant"`` (``bits``), ``"lap"``, ``"laq"``, ``"lapq"``, with ``k_levels``,
+    ``bits_levels``, ``granularity``, ``method`` (quantizer id), ``pruner=``/``quantizer=``
+    (configs applied to every layer) and ``paper_cr`` (budget mode: the paper's idealised CR).
+
+    With ``calib``, the plan is executed by reconstruction unless ``error_feedback=False``
+    (``error_feedback=True`` without ``calib`` is refused): sequentially
+    (qlis/quantize/reconstruct.py), layers in forward order, each rounded GPTQ-style on its
+    quantizer's grid against the inputs the already-quantized model gives it (Linear,
+    Conv1d/2d/3d incl. grouped and depthwise, Hugging Face Conv1D, attention's packed
+    projections), and with ``bias_correction`` its bias shifted by the mean output error;
+    other layers are rounded
+    data-free and ``LayerPlan.reconstruction`` says so. ``rounding_sweeps`` passes of learned
+    rounding (qlis/quantize/rounding.py) then re-choose each reconstructed layer's codes for its
+    output error and their coded length (0: GPTQ's codes as they are).
+
+    A module is left untouched unless ``inplace=True``. ``progress`` gets the number of
+    parameters of each layer once it is executed: once per layer without calibration; with
+    it, in every pass that the allocation executes (a few). Tensors kept as they are share
+    memory with the input. ``jobs`` threads (default: every core) measure and quantize
+    layers side by side; the result is the same whatever their number (qlis/workers/threads.py).
+
+    >>> result = compress(torch.nn.Linear(64, 64), policy="quant", bits=4)
+    >>> result.layers[0].bits, result.policy.strategy_id
+    (4, 'quant')
+    """
+    planned = plan_compression(
+        model_or_state_dict, policy, beta, plan=plan, calib=calib, eps=eps, select=select,
+        progress=progress, error_feedback=error_feedback, bias_correction=bias_correction,
+        rounding_sweeps=rounding_sweeps, jobs=jobs, **options)
+    stored, layers = planned.executor.run(planned.plan)
+    result = planned.result(stored, layers)
+    if inplace and isinstance(model_or_state_dict, torch.nn.Module):
+        model_or_state_dict.load_state_dict(result.state_dict())
+    return result
+
+
+@dataclass
+class PlannedCompression:
+    """A compression planned but not yet executed: what ``compress`` and the streaming
+    ``qlis.pack`` share. Execute ``plan`` (``executor.run``, or layer by layer with
+    ``executor.execute``), then build the result with ``result``."""
+
+    state: Mapping[str, torch.Tensor]
+    policy: Policy
+    report: InspectionReport
+    executor: PlanExecutor
+    plan: Plan
+    calibration: Calibration | None
+    config: dict
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def result(self, tensors: Mapping[str, StoredTensor], layers: list[LayerPlan],
+               ) -> CompressionResult:
+        """The result of the executed plan (quality measured, warnings raised)."""
+        distortion: dict[str, Any] = {
+            "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
+            "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
+            / max(sum(p.numel for p in layers), 1),
+            "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
+            "output": None,
+        }
+        result = CompressionResult(
+            tensors=tensors, layers=layers, policy=self.policy, report=self.report,
+            original_bits=sum(t.numel() * storage_bits(t.dtype) for t in self.state.values()),
+            config=self.config, distortion=distortion, aliases=self.aliases,
+        )
+        if self.calibration is not None:
+            distortion["output"] = self.calibration.measure(
+                self.executor.realize(self.plan).tensors)
+            result.calibration_cost = {"passes": self.calibration.passes,
+                                       "seconds": self.calibration.seconds}
+        result.warnings = (self.policy.review(result) + _unreached(layers)
+                           + _not_finite(distortion["output"]))
+        for warning in result.warnings:
+            warnings.warn(warning, QualityWarning, stacklevel=3)
+        return result
+
+
+def plan_compression(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    policy: str | Policy = DEFAULT_POLICY,
+    beta: float = 0.5,
+    *,
+    plan: Plan | Mapping | None = None,
+    calib: CalibSpec | None = None,
+    eps: float = 1e-3,
+    select: SelectSpec = None,
+    progress: Callable[[int], None] | None = None,
+    planning_progress: Callable[[int], None] | None = None,
+    error_feedback: bool | None = None,
+    bias_correction: bool = True,
+    rounding_sweeps: int = DEFAULT_ROUNDING_SWEEPS,
+    jobs: int | None = None,
+    cluster: Cluster | None = None,
+    cache: PassCache | None = None,
+    **options: Any,
+) -> PlannedCompression:
+    """Validate ``compress``'s arguments, inspect the model and let the policy plan; nothing
+    is executed but what the policy measures while it plans. ``planning_progress`` gets the
+    parameters of each layer the policy has measured; in a ``cluster`` every rank plans the
+    same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
+    measured (qlis/archive/resume.py)."""
+    state, aliases = split_aliases(as_state_dict(model_or_state_dict))
+    jobs = check_jobs(jobs)
+    checked = check_options(COMPRESS_PARAMS, {
+        "beta": beta, "eps": eps, "error_feedback": error_feedback,
+        "bias_correction": bias_correction, "rounding_sweeps": rounding_sweeps}, "compress")
+    beta, eps, error_feedback, bias_correction, rounding_sweeps = checked.values()
+    if error_feedback and calib is None:
+        raise ConfigError("error_feedback needs calibration data: pass calib=")
+    error_feedback = calib is not None if error_feedback is None else error_feedback
+    if rounding_sweeps and not error_feedback:
+        raise ConfigError("rounding_sweeps refines reconstructed layers: it needs calib= "
+                          "(and error_feedback not False)")
+    if plan is not None:
+        if options or (policy != DEFAULT_POLICY and policy != "plan"):
+            raise ConfigError("give either plan= or a policy with options, not both")
+        plan_policy: Policy = PlanPolicy(plan=_first_names(Plan.coerce(plan), aliases))
+    else:
+        plan_policy = make_policy(policy, **options)
+    if cluster is not None and calib is not None:
+        raise ClusterError("calibrated compression runs in one process for now; start it "
+                           "without torchrun")
+    report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs, cluster=cluster,
+                     cache=cache)
+    calibration = None
+    if calib is not None:
+        if not isinstance(model_or_state_dict, torch.nn.Module):
+            raise InputError("calib= needs the model as an nn.Module (not a state dict)")
+        calibration = Calibration(model_or_state_dict, calib)
+    executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
+                            calibration if error_feedback else None, bias_correction,
+                            rounding_sweeps, progress, jobs)
+    context = PlanContext(
+        state=state,
+        report=report,
+        model=model_or_state_dict if isinstance(model_or_state_dict, torch.nn.Module) else None,
+        calibration=calibration,
+        realize=executor.realize,
+        progress=planning_progress,
+        jobs=jobs,
+        cluster=cluster,
+        cache=cache,
+    )
+    the_plan = plan_policy.make_plan(context)
+    _check_plan(the_plan, state)
+    config = finite_json({
+        "policy": plan_policy.get_config(),
+        "beta": beta,
+        "eps": eps,
+        "select": _select_config(select),
+        "error_feedback": error_feedback,
+        "rounding_sweeps": rounding_sweeps,
+        "plan": the_plan.to_json(),
+    }, "the compression config")
+    return PlannedCompression(state, plan_policy, report, executor, the_plan, calibration,
+                              config, aliases)

@@ -1,0 +1,162 @@
+"""Executing one layer of a plan: prune, quantize (optionally with error feedback), measure.
+
+``execute_layer`` is what ``qlis.compress`` runs per layer and what policies run to probe a
+candidate, so a probe measures exactly what the result will hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qlis.archive.codecs import huffman_code_lengths, symbol_histogram
+from qlis.measure.distortion import relative_mse
+from qlis.models.tensors import storage_bits
+from qlis.plan.plans import LayerConfig
+from qlis.plan.sizes import (
+    QUANTIZED_RECORD_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    coded_code_bytes,
+    param_bytes,
+)
+from qlis.quantize.gptq import output_error, quantize_with_error_feedback
+from qlis.quantize.pruners import get_pruner
+from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
+
+StoredTensor = torch.Tensor | QuantizedTensor
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happened to one layer: its score, its strategies, and what they cost and saved.
+
+    ``kept`` counts the weights the pruner did not remove (zeros that were already in the
+    weight count as kept: the paper's ratios give nothing for them); ``coded_bytes`` is the
+    entropy-coded size estimate of the layer as stored (codes + parameters + record);
+    ``reconstruction`` says how calibration shaped it ("" without error feedback);
+    ``feedback`` is the output error its error feedback left, relative to plain rounding's, on
+    the layer's calibration inputs (None where the layer was rounded plainly).
+    """
+
+    name: str
+    numel: int
+    qlis: float | None
+    pruner: dict | None
+    quantizer: dict | None
+    k: float | None
+    bits: int | None
+    sparsity: float
+    rel_mse: float
+    kept: int
+    paper_bits: float
+    huffman_bits: float
+    coded_bytes: float
+    reconstruction: str = ""
+    feedback: float | None = None
+
+
+def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
+    """How many weights the pruner zeroed (zeros already in the weight are not counted)."""
+    return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
+
+
+def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
+    """How often each code occurs, for the ``n_levels`` codes (numpy's bincount would widen
+    the codes to int64 first: 8 bytes per weight). Codes of another integer type (a
+    third-party quantizer's) are narrowed to the width the archive stores them in."""
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if flat.dtype != code_dtype(n_levels):
+        flat = flat.astype(code_dtype(n_levels))
+    return symbol_histogram(flat)[:n_levels]
+
+
+def _huffman_bits(counts: np.ndarray) -> float:
+    return float((counts * huffman_code_lengths(counts)).sum())
+
+
+def execute_layer(
+    name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
+    hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
+    sweeps: int = 0,
+) -> tuple[StoredTensor, LayerPlan]:
+    """Prune then quantize one layer as ``config`` says, and measure what that did.
+
+    With ``hessian`` (the layer's input covariance; per output group when 3-D) the rounding
+    feeds its error forward (GPTQ, qlis/quantize/gptq.py; ``transposed`` for a weight stored
+    (in, out)), then ``sweeps`` passes of learned rounding refine the codes
+    (qlis/quantize/rounding.py); the stored format is the quantizer's own.
+    ``reconstruction`` is recorded in the plan row."""
+    pruner = get_pruner(config.pruner) if config.pruner else None
+    pruned = pruner.prune(weight)[0] if pruner else weight
+    removed_mask = (pruned == 0) & (weight != 0) if pruner else None
+    removed = int(torch.count_nonzero(removed_mask)) if pruner else 0
+    kept = weight.numel() - removed
+    width = storage_bits(weight.dtype)
+    feedback = None
+    if config.quantizer is None:
+        stored: StoredTensor = pruned
+        approx = pruned
+        paper = huffman = float(kept * width)
+        coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
+        bits = None
+    else:
+        if hessian is not None:
+            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
+                                                  transposed=transposed, sweeps=sweeps)
+        else:
+            stored = get_quantizer(config.quantizer).quantize(pruned)
+        approx = stored.dequantize()
+        if hessian is not None:
+            feedback = _feedback(weight, pruned, approx, config, hessian, transposed)
+        bits = config.bits or stored.code_bits
+        paper = float(kept * bits)
+        counts = _symbol_counts(stored.codes, stored.n_levels)
+        kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
+        if removed:
+            kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
+        huffman = _huffman_bits(kept_counts)
+        coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
+    plan = LayerPlan(
+        name=name,
+        numel=weight.numel(),
+        qlis=qlis,
+        pruner=config.pruner,
+        quantizer=config.quantizer,
+        k=config.k,
+        bits=bits,
+        sparsity=removed / max(weight.numel(), 1),
+        rel_mse=relative_mse(weight, approx),
+        kept=kept,
+        paper_bits=paper,
+        huffman_bits=huffman,
+        coded_bytes=coded,
+        reconstruction=reconstruction,
+        feedback=feedback,
+    )
+    return stored, plan
+
+
+def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
+              config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float | None:
+    """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``)."""
+    plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
+    base = output_error(plain - weight, hessian, transposed)
+    return output_error(approx - weight, hessian, transposed) / base if base > 0 else None
+
+
+@dataclass(frozen=True)
+class Realized:
+    """A plan as executed: the tensors it changed, as the model computes with them, and the
+    coded bytes of its layers (what a size target counts, besides the fixed part), and each
+    reconstructed layer's ``LayerPlan.feedback``."""
+
+    tensors: dict[str, torch.Tensor]
+    layer_bytes: float
+    feedback: dict[str, float] = field(default_factory=dict)
+
+
+def dequantized(stored: StoredTensor) -> torch.Tensor:
+    """The tensor a stored layer computes with."""
+    return stored.dequantize() if isinstance(stored, QuantizedTensor) else stored

@@ -1,0 +1,80 @@
+"""`PlanExecutor`: how one compression executes plans, layer by layer (on every core) or
+reconstructed in forward order on the calibration data, remembering its last results so that
+a plan a policy measured while choosing is not executed twice."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from qlis.measure.calibrate import Calibration
+from qlis.plan.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
+from qlis.plan.plans import LayerConfig, Plan
+from qlis.quantize.reconstruct import reconstruct
+from qlis.workers.threads import ordered_map
+
+
+class PlanExecutor:
+    """Executes plans as one ``compress`` call does: layer by layer, or reconstructed in
+    forward order on the calibration data (``calibration`` given). The last two results are
+    kept, so a plan a policy measured while choosing is not executed twice. ``progress`` gets
+    the parameter count of every layer executed, in every pass."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
+                 calibration: Calibration | None, bias_correction: bool,
+                 rounding_sweeps: int = 0,
+                 progress: Callable[[int], None] | None = None,
+                 jobs: int | None = None) -> None:
+        self.state = state
+        self.jobs = jobs
+        self.scores = scores
+        self.calibration = calibration
+        self.bias_correction = bias_correction
+        self.rounding_sweeps = rounding_sweeps
+        self.progress = progress
+        self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
+
+    def execute(self, name: str, weight: torch.Tensor, config: LayerConfig,
+                **how: Any) -> tuple[StoredTensor, LayerPlan]:
+        """One layer as this compression executes it (data-free unless ``how`` has a
+        ``hessian``)."""
+        if how.get("hessian") is not None:
+            how["sweeps"] = self.rounding_sweeps
+        return execute_layer(name, weight, config, self.scores.get(name), **how)
+
+    def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
+        """Every tensor as stored (the input's own where unchanged), and the plan rows."""
+        key = json.dumps(plan.to_json(), sort_keys=True)
+        if key in self._done:
+            return self._done[key]
+        stored: dict[str, StoredTensor] = dict(self.state)
+        if self.calibration is not None:
+            done = reconstruct(self.calibration, plan, self.state, self.execute,
+                               self.bias_correction, self.progress)
+            stored.update(done.tensors)
+            stored.update(done.biases)
+            layers = [done.layers[name] for name in plan]
+        else:
+            layers = []
+            names = list(plan)
+            executed = ordered_map(lambda n: self.execute(n, self.state[n], plan[n]), names,
+                                   self.jobs)
+            for name, (tensor, layer) in zip(names, executed, strict=True):
+                stored[name] = tensor
+                layers.append(layer)
+                if self.progress is not None:
+                    self.progress(layer.numel)
+        self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
+        return stored, layers
+
+    def realize(self, plan: Plan) -> Realized:
+        """``plan`` executed: the tensors it changes, dequantized, and its layers' bytes."""
+        stored, layers = self.run(plan)
+        changed = {name: dequantized(t) for name, t in stored.items()
+                   if t is not self.state[name]}
+        return Realized(changed, sum(layer.coded_bytes for layer in layers),
+                        {layer.name: layer.feedback for layer in layers
+                         if layer.feedback is not None})

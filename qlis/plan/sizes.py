@@ -1,0 +1,35 @@
+"""The size model: what every part of a ``.qlis`` archive costs, so that compress, rd and the
+plan executor estimate an archive before it is written, from one set of figures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qlis.archive.codecs import entropy_bits
+
+HEADER_BYTES = 1024
+"""An archive's fixed cost: prefix, header skeleton, policy options and summary."""
+RECORD_OVERHEAD_BYTES = 176
+"""A tensor stored as it is: its JSON header entry and its record's 64-byte alignment."""
+QUANTIZED_RECORD_BYTES = 900
+"""A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
+in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
+
+TABLE_BYTES_PER_SYMBOL = 1.5
+"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
+
+
+def coded_code_bytes(counts: np.ndarray) -> float:
+    """Bytes an entropy coder needs for codes with these symbol counts: information +
+    alphabet table.
+
+    >>> coded_code_bytes(np.array([1000])) < 10
+    True
+    """
+    present = int(np.count_nonzero(counts))
+    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+
+
+def param_bytes(params: dict[str, np.ndarray]) -> int:
+    """Bytes of a quantizer's parameters as stored."""
+    return sum(int(np.asarray(v).nbytes) for v in params.values())

@@ -1,0 +1,199 @@
+"""GPTQ-style error feedback: round a weight's matrix (outputs, inputs) column by column, and
+push each column's rounding error onto the columns not yet rounded, so the layer's OUTPUT
+error on calibration inputs shrinks rather than its weight error (Frantar et al. 2022, "GPTQ").
+
+The layer's output error on inputs X is ``||(W - W_hat) X^T||^2 = tr(E H E^T)`` with
+``H = X^T X / n``, the layer's input covariance. Rounding column j leaves an error that the
+columns after j can cancel, along the Cholesky factor of ``H^-1``; GPTQ does that greedily,
+in lazy blocks. The grid (qlis/quantize/grid.py: any quantizer's, affine or codebook) is fixed first
+from the whole weight by the quantizer itself, so the result is stored, dequantized and
+archived exactly like that quantizer's own output; only the integer codes differ.
+
+Exact zeros of the weight (pruned weights) stay exactly zero: their code is the code of 0 and
+their error is compensated by the other columns, as SparseGPT does. GPTQ zeroes the weights of
+dead inputs (a zero diagonal of ``H``); here they are rounded as the quantizer would, since the
+calibration data says nothing about them and other inputs may not leave them at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from qlis.errors import ConfigError, InputError
+from qlis.quantize.grid import Grid, matrix_shape
+from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
+from qlis.quantize.rounding import refine_codes
+
+MAX_SWEEPS = 64
+DEFAULT_DAMP = 0.1
+"""GPTQ's damping uses 0.01 with ~250k calibration tokens. With a few hundred (what qlis'
+users calibrate with), 0.1 keeps the fitted rounding from over-fitting the calibration
+inputs: measured on MiniLM with 60 prompts at 2.75 bits/weight, the held-out output error of
+the reconstructed layers drops from 0.0077 (0.01) to 0.0064 (0.1); 0.3 ties, 1.0 is worse."""
+
+
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64, dead inputs (zero diagonal) set to 1."""
+    h = hessian.detach().to(device="cpu", dtype=torch.float64).clone()
+    dead = torch.nonzero(torch.diagonal(h) == 0).reshape(-1)
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    return h
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped covariance's inverse (``h`` from ``_damped``)."""
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise InputError(
+            "the input covariance is not positive definite even after damping; pass a "
+            f"larger damp= (now {damp}) or more calibration data"
+        )
+    # cholesky_solve against I: measured ~40x faster than cholesky_inverse on CPU (1536 wide)
+    inverse = torch.cholesky_solve(torch.eye(len(h), dtype=h.dtype), lower)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if int(info):
+        raise InputError(f"the damped input covariance is too ill-conditioned; raise damp= "
+                         f"(now {damp})")
+    return upper.float()
+
+
+def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int,
+           transposed: bool) -> None:
+    if weight.ndim < 2 or not weight.is_floating_point():
+        raise InputError(
+            f"error feedback takes a floating-point weight of 2 or more dimensions, got a "
+            f"{weight.dtype} tensor of shape {list(weight.shape)}"
+        )
+    rows, width = matrix_shape(weight.shape)
+    if transposed:
+        if weight.ndim != 2:
+            raise InputError("only a 2-D weight stored (in, out) can be transposed")
+        rows, width = width, rows
+    groups = hessian.shape[0] if hessian.ndim == 3 else 1
+    if hessian.ndim not in (2, 3) or tuple(hessian.shape[-2:]) != (width, width) or (
+        rows % groups
+    ):
+        raise InputError(
+            f"the input covariance must be ({width}, {width}), or (groups, {width}, {width}) "
+            f"with groups dividing {rows} outputs, for a weight of shape "
+            f"{list(weight.shape)}; got {list(hessian.shape)}"
+        )
+    if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hessian).all()):
+        raise InputError("error feedback needs a finite weight and covariance (found inf or NaN)")
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < math.inf:
+        raise ConfigError(f"damp must be a finite number >= 0 (GPTQ uses 0.01, qlis 0.1), "
+                          f"got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ConfigError(f"block_size must be a positive integer (128), got {block_size!r}")
+
+
+def output_error(difference: torch.Tensor, hessian: torch.Tensor,
+                 transposed: bool = False) -> float:
+    """``tr(E H E^T)``: the mean squared output error that a weight error ``difference`` (the
+    weight's shape) causes on inputs of covariance ``hessian`` (2-D, or per output group)."""
+    matrix = difference.detach().to(device="cpu", dtype=torch.float64).reshape(
+        matrix_shape(difference.shape))
+    if transposed:
+        matrix = matrix.T
+    h = (hessian if hessian.ndim == 3 else hessian[None]).to(device="cpu", dtype=torch.float64)
+    grouped = matrix.reshape(h.shape[0], -1, matrix.shape[1])
+    return float((torch.bmm(grouped, h) * grouped).sum())
+
+
+def quantize_with_error_feedback(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: dict[str, Any] | str,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = 128,
+    transposed: bool = False,
+    sweeps: int = 0,
+) -> QuantizedTensor:
+    """Quantize a weight as ``config``'s quantizer does, with GPTQ's error feedback along
+    ``hessian``, the covariance of the layer's inputs (e.g. from ``input_covariances``).
+
+    The weight is seen as its matrix (outputs, inputs): ``(out, in)`` for a Linear,
+    ``(out, in / groups * kernel)`` for a convolution (its inputs unfolded), ``(in, out)``
+    with ``transposed=True`` for Hugging Face's Conv1D. ``hessian`` is (inputs, inputs), or
+    (groups, inputs, inputs) when the outputs split into equal groups that see different
+    inputs (grouped and depthwise convolutions, separate q/k/v inputs of packed attention).
+    Any quantizer that describes its grid works: the grid is fixed first from the whole
+    weight by the quantizer, so the result has that quantizer's exact format (config, params,
+    code dtype); only the codes differ (``Quantizer.with_codes``). ``damp`` adds that fraction
+    of the mean diagonal to ``H``; ``block_size`` columns are updated together (lazy batch
+    updates). ``sweeps`` > 0 then refines the codes by that many passes of coordinate descent
+    on the output error plus the codes' coded length (learned rounding, qlis/quantize/rounding.py).
+
+    >>> w = torch.tensor([[1.0, 0.9], [-0.4, 0.2]])
+    >>> h = torch.tensor([[1.0, 0.9], [0.9, 1.0]])
+    >>> q = quantize_with_error_feedback(w, h, {"id": "uniform", "step": 0.5})
+    >>> q.dequantize().tolist()
+    [[1.0, 1.0], [-0.5, 0.5]]
+    """
+    quantizer = get_quantizer(config)
+    if not quantizer.has_grid():
+        raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
+                          "(Quantizer.grid), which error feedback needs")
+    _check(weight, hessian, damp, block_size, transposed)
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or not 0 <= sweeps <= MAX_SWEEPS:
+        raise ConfigError(f"sweeps must be an integer from 0 to {MAX_SWEEPS}, got {sweeps!r}")
+    reference = quantizer.quantize(weight)
+    if weight.numel() == 0:
+        return reference
+    grid = quantizer.grid(reference.shape, reference.n_levels, reference.params)
+    matrix = weight.detach().to(device="cpu", dtype=torch.float32).reshape(
+        matrix_shape(weight.shape))
+    if transposed:
+        matrix, grid = matrix.T, grid.transposed()
+    covariances = torch.stack([_damped(h, damp)
+                               for h in (hessian if hessian.ndim == 3 else hessian[None])])
+    factors = torch.stack([_upper_inverse_factor(h, damp) for h in covariances])
+    codes = _feed_back(matrix, grid, factors, block_size)
+    if sweeps:
+        codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)
+    if transposed:
+        codes = codes.T
+    return quantizer.with_codes(reference, codes.reshape(weight.shape))
+
+
+def _feed_back(
+    matrix: torch.Tensor, grid: Grid, factors: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes, as float32 (outputs,
+    inputs). ``factors`` (groups, inputs, inputs): one upper inverse factor per output group."""
+    groups = factors.shape[0]
+    work = matrix.T.contiguous()  # (inputs, outputs): one column of the matrix per row
+    keep_zero = work == 0
+    width, outputs = work.shape
+    per_group = outputs // groups
+    columns = [grid.column(j) for j in range(width)]
+    codes = torch.empty_like(work)
+    for start in range(0, width, block_size):
+        stop = min(start + block_size, width)
+        block = work[start:stop].clone()
+        errors = torch.empty_like(block)
+        inner = factors[:, start:stop, start:stop]
+        for i in range(stop - start):
+            j = start + i
+            column = torch.where(keep_zero[j], 0.0, block[i])[:, None]
+            code = columns[j].encode(column)
+            codes[j] = code[:, 0]
+            error = (block[i] - columns[j].decode(code)[:, 0]).reshape(groups, per_group)
+            error = error / inner[:, i, i, None]
+            errors[i] = error.reshape(-1)
+            if groups == 1:
+                block[i + 1:].addr_(inner[0, i, i + 1:], errors[i], alpha=-1.0)
+            else:
+                later = block[i + 1:].reshape(-1, groups, per_group)
+                later.sub_(inner[:, i, i + 1:].T[:, :, None] * error[None])
+        rest = factors[:, start:stop, stop:]
+        if groups == 1:
+            work[stop:].addmm_(rest[0].T, errors, alpha=-1.0)
+        else:
+            update = torch.einsum("gbk,bgr->kgr", rest, errors.reshape(-1, groups, per_group))
+            work[stop:].sub_(update.reshape(width - stop, outputs))
+    return codes.T

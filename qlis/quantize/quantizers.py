@@ -1,0 +1,769 @@
+"""Quantizers: a weight tensor -> small integer codes plus the parameters to dequantize them.
+
+Every quantizer keeps an exact zero exactly zero (so LAPQ's pruned weights survive), returns
+its codes as a uint8 (or uint16) numpy array (what the archive's codecs store) and describes
+its grid as data (qlis/quantize/grid.py): how a value rounds to a code and what each code is worth.
+Dequantization, error feedback, reconstruction and the low-bit runtime use only that grid, so
+the archive reproduces ``CompressionResult.state_dict()`` to the bit, and a third-party
+quantizer that implements ``quantize`` and ``grid`` works everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect as _inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qlis.config import Param, config_id
+from qlis.errors import ArchiveError, ConfigError, InputError
+from qlis.measure.distortion import CHUNK_ELEMENTS
+from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape
+from qlis.registry import Registry
+from qlis.strategy import Strategy
+
+GRANULARITIES = ("tensor", "channel")
+GRANULARITY = Param("str", choices=GRANULARITIES)
+SEED = Param("int", 0, (1 << 63) - 1)
+MAX_GROUP_SIZE = 1 << 31
+"""The largest group a group-wise quantizer takes (a group longer than its row is the row)."""
+MAX_LEVELS = 1 << 16
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes (uint8, shaped like the weight), alphabet size, and dequantization params."""
+
+    codes: np.ndarray
+    n_levels: int
+    quantizer: dict
+    params: dict[str, np.ndarray]
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits a fixed-width code needs (the alphabet rounded up to a power of two)."""
+        return max(1, math.ceil(math.log2(max(self.n_levels, 2))))
+
+    def dequantize(self) -> torch.Tensor:
+        return get_quantizer(self.quantizer).dequantize(self)
+
+    @property
+    def grid(self) -> Grid:
+        """The grid these codes live on (their quantizer's ``grid``)."""
+        return get_quantizer(self.quantizer).grid(self.shape, self.n_levels, self.params)
+
+    def matrix_codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The codes of rows ``start..stop`` of the grid's view (shape[0], prod(shape[1:])) as
+        a torch matrix; uint16 codes are widened to int32 (torch's uint16 supports few
+        operations), so a large tensor's are read a range of rows at a time."""
+        codes = np.ascontiguousarray(self.codes).reshape(matrix_shape(self.shape))[start:stop]
+        if codes.dtype == np.uint16:
+            codes = codes.astype(np.int32)
+        return torch.from_numpy(codes)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """What one stored quantizer parameter must be, so that a reader refuses a crafted one
+    before it builds anything from it: its dtype, its exact shape (derived from the tensor's
+    shape and the quantizer's config, hence bounded by the tensor) and the range of its
+    values, which are always finite."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    positive: bool = False  # every value > 0 (scales, steps)
+    minimum: float | None = None  # every value >= minimum
+    maximum: float | None = None  # every value <= maximum
+    integer: bool = False  # whole numbers (zero points, offsets)
+    ascending: bool = False  # sorted, lowest first (codebooks)
+
+    def check(self, key: str, value: object) -> None:
+        """Raise ArchiveError naming ``key`` unless ``value`` is such a parameter."""
+        where = f"parameter {key!r}"
+        array = np.asarray(value)
+        if array.dtype.name != self.dtype:
+            raise ArchiveError(f"{where} must be {self.dtype}, got {array.dtype.name}")
+        if array.shape != self.shape:
+            raise ArchiveError(
+                f"{where} must have shape {list(self.shape)}, got {list(array.shape)}"
+            )
+        flat = array.reshape(-1)
+        rules = [(flat, np.isfinite(flat), "must be finite")]  # (values, which pass, rule)
+        if self.positive:
+            rules.append((flat, flat > 0, "must be > 0"))
+        if self.minimum is not None:
+            rules.append((flat, flat >= self.minimum, f"must be >= {self.minimum:g}"))
+        if self.maximum is not None:
+            rules.append((flat, flat <= self.maximum, f"must be <= {self.maximum:g}"))
+        if self.integer:
+            rules.append((flat, np.floor(flat) == flat, "must hold whole numbers"))
+        if self.ascending:
+            rules.append((flat[1:], flat[1:] >= flat[:-1], "must be sorted, lowest first"))
+        for values, ok, rule in rules:
+            if not ok.all():
+                raise ArchiveError(f"{where} {rule}, found {float(values[~ok][0]):g}")
+
+
+class Quantizer(Strategy):
+    """Maps a weight to a QuantizedTensor and describes the grid its codes live on.
+
+    A subclass implements ``quantize`` and ``grid``; ``dequantize`` and ``with_codes``
+    follow from the grid (override ``with_codes`` for a grid without bounds). It states the
+    parameters it stores in ``param_specs`` and its alphabet in ``level_range``, so that
+    ``check_params`` can refuse what it would never have written.
+    """
+
+    config_kind = "quantizer"
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        raise NotImplementedError
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]) -> Grid:
+        """The grid of a tensor of ``shape`` that this quantizer made with ``params``."""
+        raise NotImplementedError
+
+    def level_range(self) -> tuple[int, int]:
+        """The fewest and the most code levels this quantizer gives a tensor (with its config);
+        a reader refuses any other ``n_levels``."""
+        return 1, MAX_LEVELS
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec] | None:
+        """Every parameter this quantizer stores for a tensor of ``shape`` with ``n_levels``
+        codes, by name; None where it does not say (a third-party quantizer may not): then
+        only the grid its parameters describe is checked."""
+        return None
+
+    def check_params(
+        self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]
+    ) -> Grid | None:
+        """Refuse parameters (read from a file) that this quantizer would not have written for
+        a tensor of ``shape`` with ``n_levels`` codes, before anything is built from them.
+
+        ``n_levels`` must lie in `level_range` and the parameters match `param_specs`
+        (present, nothing else, dtype, shape, finite, in range); then the grid they describe
+        must fit the tensor's matrix, decode every code below ``n_levels`` and be finite.
+        Raises ArchiveError naming the parameter; returns that grid (None for a quantizer
+        without one, or for an empty tensor, which has nothing to decode).
+        """
+        low, high = self.level_range()
+        if not low <= n_levels <= high:
+            allowed = str(low) if low == high else f"{low} to {high}"
+            raise ArchiveError(f"n_levels is {n_levels}; {self.strategy_id} codes with this "
+                               f"config have {allowed} levels")
+        specs = self.param_specs(shape, n_levels)
+        if specs is not None:
+            unknown = sorted(set(params) - set(specs))
+            if unknown:
+                raise ArchiveError(f"parameter {unknown[0]!r} is not one {self.strategy_id} "
+                                   f"stores ({', '.join(sorted(specs))})")
+            for key, spec in specs.items():
+                if key not in params:
+                    raise ArchiveError(f"parameter {key!r} is missing")
+                spec.check(key, params[key])
+        if not self.has_grid() or not math.prod(shape):
+            return None
+        try:  # a third-party grid may fail on its own terms; the built-ins' cannot here
+            grid = self.grid(shape, n_levels, params)
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
+            raise ArchiveError(f"the parameters do not describe a grid ({err})") from None
+        grid.check(matrix_shape(shape))
+        if grid.levels is not None and n_levels > grid.levels:
+            raise ArchiveError(f"{n_levels} code levels on a grid of {grid.levels}")
+        for key, tensor in grid.tensors().items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise ArchiveError(f"the grid's {key} is not finite")
+        return grid
+
+    @classmethod
+    def config_for_bits(cls, bits: int, granularity: str = "tensor") -> dict[str, Any]:
+        """The config a paper policy uses for a level of ``bits`` (and ``granularity``)."""
+        accepts = _inspect.signature(cls).parameters
+        if "bits" not in accepts:
+            raise ConfigError(
+                f"quantizer {cls.strategy_id!r} has no 'bits' parameter: pass it as "
+                f"quantizer={{'id': {cls.strategy_id!r}, ...}} instead of method="
+            )
+        config: dict[str, Any] = {"id": cls.strategy_id, "bits": bits}
+        if "granularity" in accepts:
+            config["granularity"] = granularity
+        elif granularity != "tensor":
+            raise ConfigError(f"quantizer {cls.strategy_id!r} has no granularity option")
+        cls.from_config(config)
+        return config
+
+    @classmethod
+    def has_grid(cls) -> bool:
+        """Whether the quantizer describes its grid (what error feedback and the low-bit
+        runtime need; a quantizer without one only quantizes and dequantizes)."""
+        return cls.grid is not Quantizer.grid
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """The values of ``q``'s codes on its grid, in its dtype."""
+        shape = matrix_shape(q.shape)
+        if not math.prod(q.shape):
+            return torch.zeros(q.shape, dtype=q.dtype)
+        grid = self.grid(q.shape, q.n_levels, q.params)
+        grid.check(shape)
+        if not isinstance(grid, AffineGrid) or math.prod(shape) <= CHUNK_ELEMENTS:
+            return grid.decode(q.matrix_codes()).reshape(q.shape).to(q.dtype)
+        values = torch.empty(shape, dtype=q.dtype)  # codes and float32 of one chunk at a time
+        for a, b in _chunks(shape, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+            values[a:b] = grid.rows(a, b).decode(q.matrix_codes(a, b))
+        return values.reshape(q.shape)
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
+        """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
+        if codes.numel() and not (float(codes.min()) >= 0 and float(codes.max()) < q.n_levels):
+            raise ConfigError(f"codes outside the grid's {q.n_levels} levels")
+        stored = codes.to(torch.int32).numpy().astype(code_dtype(q.n_levels))
+        return QuantizedTensor(stored.reshape(q.shape), q.n_levels, q.quantizer, q.params,
+                               q.dtype)
+
+
+quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers")
+
+
+def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
+    """Register a Quantizer subclass under its ``strategy_id`` (usable as a decorator)."""
+    quantizer_registry.register(cls.strategy_id, cls)
+    return cls
+
+
+def get_quantizer(config: dict | str) -> Quantizer:
+    """A quantizer from its config dict (or a bare id with default parameters)."""
+    name, options = config_id(config, "quantizer")
+    return quantizer_registry.get(name).from_config({"id": name, **options})
+
+
+def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """float32 view as (groups, elements): one row per output channel, or a single row."""
+    return _row_view(weight, granularity).float()
+
+
+def _row_view(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``_rows`` in the weight's own dtype (no copy)."""
+    w = weight.detach()
+    if granularity == "channel" and w.ndim >= 1 and w.shape[0] > 0:
+        return w.reshape(w.shape[0], -1)
+    return w.reshape(1, -1)
+
+
+
+
+def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
+    """Row ranges of a (rows, columns) matrix, about CHUNK_ELEMENTS elements each, starting
+    at multiples of ``align`` (one range for a small matrix)."""
+    n_rows, n_columns = shape
+    align = max(1, min(align, n_rows))
+    per = max(align, CHUNK_ELEMENTS // max(n_columns, 1) // align * align)
+    return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
+
+
+def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's mean square (float32), from float32 copies of one chunk at a time; a single
+    row longer than a chunk is summed chunk by chunk in float64."""
+    if rows.shape[0] == 1 and rows.shape[1] > CHUNK_ELEMENTS:
+        total = sum(float(rows[:, c:c + CHUNK_ELEMENTS].float().square().sum())
+                    for c in range(0, rows.shape[1], CHUNK_ELEMENTS))
+        return torch.tensor([total / rows.shape[1]], dtype=torch.float32)
+    return torch.cat([rows[a:b].float().square().mean(dim=1) for a, b in _chunks(rows.shape)])
+
+
+def _row_layout(
+    shape: tuple[int, ...], granularity: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(block size, blocks) on the matrix view of one parameter per row of ``_rows``."""
+    rows, cols = matrix_shape(shape)
+    if granularity == "channel" and len(shape) >= 2 and rows > 0:
+        return (1, max(cols, 1)), (rows, 1)
+    if granularity == "channel" and len(shape) == 1 and cols > 0:  # one row per element
+        return (1, 1), (1, cols)
+    return (max(rows, 1), max(cols, 1)), (1, 1)
+
+
+def _param_rows(shape: tuple[int, ...], granularity: str) -> tuple[int]:
+    """The shape of a per-row parameter: one value per row of ``_rows``."""
+    if granularity == "channel" and len(shape) >= 1 and shape[0] > 0:
+        return (shape[0],)
+    return (1,)
+
+
+def _param(params: dict[str, np.ndarray], key: str, blocks: tuple[int, ...]) -> torch.Tensor:
+    """A stored parameter in the grid's block layout (float16 or float32, as stored)."""
+    if key not in params:
+        raise ArchiveError(f"the quantizer's parameters lack {key!r}")
+    array = np.asarray(params[key])
+    if array.dtype not in (np.float16, np.float32):  # float16 stays: converting it is exact
+        array = array.astype(np.float32)
+    if array.size != math.prod(blocks):
+        raise ArchiveError(f"parameter {key!r} holds {array.size} values, its grid needs "
+                          f"{math.prod(blocks)}")
+    return torch.tensor(array.reshape(blocks))
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().reshape(matrix_shape(weight.shape))
+
+
+@register_quantizer
+class AffineQuantizer(Quantizer):
+    """Uniform affine min-max quantization to ``bits`` (2-8), per tensor or per output channel.
+
+    The range is widened to include 0 and the zero point is an integer code, so 0 maps to 0
+    exactly; every value in range is within scale/2 of its dequantized value.
+
+    >>> q = AffineQuantizer(bits=2).quantize(torch.tensor([-1.0, 0.0, 2.0]))
+    >>> q.codes.tolist(), q.dequantize().tolist()
+    ([0, 1, 3], [-1.0, 0.0, 2.0])
+    """
+
+    strategy_id = "affine"
+    params = {"bits": Param("int", 2, 8), "granularity": GRANULARITY}
+
+    def __init__(self, bits: int = 8, granularity: str = "tensor") -> None:
+        self.bits = bits
+        self.granularity = granularity
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows = _rows(weight, self.granularity)
+        top = (1 << self.bits) - 1
+        if rows.numel():
+            lo = rows.amin(dim=1).clamp(max=0.0)
+            hi = rows.amax(dim=1).clamp(min=0.0)
+        else:
+            lo = hi = torch.zeros(rows.shape[0])
+        scale = (hi - lo) / top
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero_point = torch.round(-lo / scale).clamp(0, top)
+        params = {"scale": scale.numpy(), "zero_point": zero_point.numpy()}
+        grid = self.grid(tuple(weight.shape), top + 1, params)
+        return QuantizedTensor(
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=top + 1,
+            quantizer=self.get_config(),
+            params=params,
+            dtype=weight.dtype,
+        )
+
+    @classmethod
+    def config_for_bits(cls, bits: int, granularity: str = "tensor") -> dict[str, Any]:
+        """The paper's rule: 1 bit is binarization, more bits affine min-max."""
+        if bits == 1:
+            return BinaryQuantizer(granularity=granularity).get_config()
+        return super().config_for_bits(bits, granularity)
+
+    def level_range(self) -> tuple[int, int]:
+        return 1 << self.bits, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``scale`` > 0 and whole ``zero_point`` in [0, n_levels - 1], one per row."""
+        rows = _param_rows(shape, self.granularity)
+        return {"scale": ParamSpec(rows, positive=True),
+                "zero_point": ParamSpec(rows, integer=True, minimum=0, maximum=n_levels - 1)}
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        block, blocks = _row_layout(shape, self.granularity)
+        return AffineGrid(block, _param(params, "scale", blocks),
+                          _param(params, "zero_point", blocks), top=n_levels - 1)
+
+
+@register_quantizer
+class BinaryQuantizer(Quantizer):
+    """1 bit: sign(w) * mean|w| (per tensor or channel); zeros stay zero as a third symbol.
+
+    alpha is the mean magnitude of the non-zero weights, the least-squares scale for those
+    signs. Without zeros the codes are {0: -alpha, 1: +alpha}; with zeros {0: -a, 1: 0, 2: +a}.
+
+    >>> BinaryQuantizer().quantize(torch.tensor([-1.0, 3.0])).dequantize().tolist()
+    [-2.0, 2.0]
+    """
+
+    strategy_id = "binary"
+    params = {"granularity": GRANULARITY}
+
+    def __init__(self, granularity: str = "tensor") -> None:
+        self.granularity = granularity
+
+    @property
+    def bits(self) -> int:
+        return 1
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows = _rows(weight, self.granularity)
+        nonzero = rows != 0
+        alpha = rows.abs().sum(dim=1) / nonzero.sum(dim=1).clamp(min=1)
+        n_levels = 3 if bool((~nonzero).any()) else 2
+        params = {"alpha": alpha.numpy()}
+        grid = self.grid(tuple(weight.shape), n_levels, params)
+        return QuantizedTensor(
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=n_levels,
+            quantizer=self.get_config(),
+            params=params,
+            dtype=weight.dtype,
+        )
+
+    def level_range(self) -> tuple[int, int]:
+        return 2, 3
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``alpha`` >= 0 (0 for an all-zero row), one per row."""
+        return {"alpha": ParamSpec(_param_rows(shape, self.granularity), minimum=0)}
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
+        """Codebook {-alpha, +alpha}, or {-alpha, 0, +alpha} with 0 for exact zeros only."""
+        if n_levels not in (2, 3):
+            raise ArchiveError(f"binary codes have 2 or 3 levels, got {n_levels}")
+        block, blocks = _row_layout(shape, self.granularity)
+        alpha = _param(params, "alpha", blocks).float()[..., None]
+        entries = [-alpha, alpha] if n_levels == 2 else [-alpha, torch.zeros_like(alpha), alpha]
+        return CodebookGrid(block, torch.cat(entries, dim=2),
+                            zero_code=1 if n_levels == 3 else None, exclusive_zero=True)
+
+
+@register_quantizer
+class KMeansQuantizer(Quantizer):
+    """Weight sharing (Deep Compression): a 2**bits-entry codebook fitted by 1-D k-means.
+
+    When the weight holds exact zeros one entry is reserved for 0.0. The codebook is fitted on
+    at most ``sample_size`` values (seeded), then every weight takes its nearest entry.
+
+    >>> q = KMeansQuantizer(bits=1).quantize(torch.tensor([1.0, 1.1, 5.0, 5.2]))
+    >>> [round(v, 2) for v in q.dequantize().tolist()]
+    [1.05, 1.05, 5.1, 5.1]
+    """
+
+    strategy_id = "kmeans"
+    params = {"bits": Param("int", 1, 8), "iterations": Param("int", 1, 10_000),
+              "sample_size": Param("int", 1, 1 << 30), "seed": SEED}
+
+    def __init__(
+        self, bits: int = 4, iterations: int = 20, sample_size: int = 1 << 18, seed: int = 0
+    ) -> None:
+        self.bits = bits
+        self.iterations = iterations
+        self.sample_size = sample_size
+        self.seed = seed
+
+    def _fit(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        if values.numel() > self.sample_size:
+            gen = torch.Generator().manual_seed(self.seed)
+            values = values[torch.randint(values.numel(), (self.sample_size,), generator=gen)]
+        distinct = torch.unique(values)
+        if distinct.numel() <= k:
+            return distinct
+        centroids = torch.quantile(values, (torch.arange(k) + 0.5) / k).unique()
+        for _ in range(self.iterations):
+            assign = _nearest(values, centroids)
+            sums = torch.bincount(assign, weights=values, minlength=centroids.numel())
+            counts = torch.bincount(assign, minlength=centroids.numel())
+            updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+            updated, _ = updated.sort()
+            if torch.equal(updated, centroids):
+                break
+            centroids = updated
+        return centroids
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        flat = weight.detach().float().reshape(-1)
+        nonzero = flat[flat != 0]
+        has_zeros = nonzero.numel() < flat.numel()
+        k = (1 << self.bits) - int(has_zeros)
+        centroids = self._fit(nonzero, k) if k > 0 and nonzero.numel() else torch.zeros(0)
+        if has_zeros or centroids.numel() == 0:
+            centroids = torch.cat([centroids, torch.zeros(1)]).unique()
+        params = {"codebook": centroids.numpy()}
+        grid = self.grid(tuple(weight.shape), centroids.numel(), params)
+        return QuantizedTensor(
+            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=centroids.numel(),
+            quantizer=self.get_config(),
+            params=params,
+            dtype=weight.dtype,
+        )
+
+    def level_range(self) -> tuple[int, int]:
+        return 1, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """A float32 ``codebook`` of ``n_levels`` entries, sorted (nearest-entry rounding
+        needs it)."""
+        return {"codebook": ParamSpec((n_levels,), ascending=True)}
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
+        """One sorted codebook for the whole tensor; 0.0, when present, is the zero code."""
+        rows, cols = matrix_shape(shape)
+        codebook = _param(params, "codebook", (1, 1, n_levels)).float()
+        zeros = torch.nonzero(codebook.reshape(-1) == 0).reshape(-1)
+        return CodebookGrid((max(rows, 1), max(cols, 1)), codebook,
+                            zero_code=int(zeros[0]) if zeros.numel() else None)
+
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _float16_scale(scale: torch.Tensor) -> np.ndarray:
+    """The smallest float16 >= each positive float32 scale, within the float16 range.
+
+    Rounding up keeps the group's range inside the grid; a scale under the smallest float16
+    becomes that subnormal (2**-24), one over 65504 becomes 65504 (the extremes then clamp).
+    """
+    wanted = np.minimum(scale.numpy(), np.float32(_FLOAT16_MAX))
+    half = wanted.astype(np.float16)
+    low = half.astype(np.float32) < wanted
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    return half
+
+
+def _group_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(shape[0], prod(shape[1:])) view; a 0-d or 1-D tensor is one row."""
+    if tensor.ndim >= 2:
+        return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
+    return tensor.reshape(1, -1)
+
+
+def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(rows, groups, group_size), the last group of each row padded with zeros."""
+    n_groups = -(-rows.shape[1] // group_size)
+    pad = n_groups * group_size - rows.shape[1]
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], n_groups, group_size)
+
+
+@register_quantizer
+class GroupAffineQuantizer(Quantizer):
+    """Group-wise affine quantization (the torchao int4 / GGUF-block family): one float16
+    scale (and zero point) per ``group_size`` consecutive weights along the input dimension.
+
+    The weight is viewed as (shape[0], prod(shape[1:])); a row not divisible by
+    ``group_size`` ends with a shorter group. 32, 64 and 128 are the usual group sizes.
+    Asymmetric: min-max with 0 exactly representable, the zero point an integer code.
+    Symmetric: codes centred on ``2**(bits-1)``, scale ``max|w| / (2**(bits-1) - 1)``.
+    The scale is computed in float32 and rounded up to float16, and the codes are derived
+    from that float16 scale, so ``(code - zero_point) * scale`` in float32 (then cast to the
+    weight's dtype) is what a reader anywhere computes; 0 stays exactly 0.
+
+    >>> q = GroupAffineQuantizer(bits=2, group_size=2).quantize(torch.tensor([-1.0, 2, 0, 3]))
+    >>> q.codes.tolist(), q.params["scale"].tolist(), q.dequantize().tolist()
+    ([0, 3, 0, 3], [[1.0, 1.0]], [-1.0, 2.0, 0.0, 3.0])
+    """
+
+    strategy_id = "group"
+    params = {"bits": Param("int", 2, 8), "group_size": Param("int", 1, MAX_GROUP_SIZE),
+              "symmetric": Param("bool")}
+
+    def __init__(self, bits: int = 4, group_size: int = 128, symmetric: bool = False) -> None:
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows = _group_rows(weight.detach().float())
+        groups = _grouped(rows, self.group_size)
+        top = (1 << self.bits) - 1
+        centre = 1 << (self.bits - 1)
+        if self.symmetric:
+            scale = groups.abs().amax(dim=2) / (centre - 1)
+        else:
+            lo = groups.amin(dim=2).clamp(max=0.0)
+            scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / top
+        if not bool(torch.isfinite(scale).all()):
+            raise InputError("group quantization needs finite weights (found inf or NaN)")
+        half = _float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        params = {"scale": half}
+        if not self.symmetric:
+            step = torch.from_numpy(half.astype(np.float32))
+            zero_point = torch.round((0.0 - lo) / step).clamp(0, top)  # never -0.0
+            params["zero_point"] = zero_point.numpy().astype(np.float16)
+        grid = self.grid(tuple(weight.shape), top + 1, params)
+        return QuantizedTensor(
+            codes=grid.encode(rows).to(torch.uint8).reshape(weight.shape).numpy(),
+            n_levels=top + 1,
+            quantizer=self.get_config(),
+            params=params,
+            dtype=weight.dtype,
+        )
+
+    def level_range(self) -> tuple[int, int]:
+        return 1 << self.bits, 1 << self.bits
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float16 ``scale`` > 0 and (asymmetric) whole ``zero_point`` in [0, n_levels - 1],
+        one per group: (rows, ceil(columns / group_size)), at most one per weight."""
+        rows, cols = matrix_shape(shape)
+        groups = (rows, -(-cols // self.group_size))
+        specs = {"scale": ParamSpec(groups, "float16", positive=True)}
+        if not self.symmetric:
+            specs["zero_point"] = ParamSpec(groups, "float16", integer=True, minimum=0,
+                                            maximum=n_levels - 1)
+        return specs
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        """(code - zero_point) * scale per group of ``group_size`` along the matrix's rows."""
+        rows, cols = matrix_shape(shape)
+        blocks = (rows, -(-cols // self.group_size))
+        scale = _param(params, "scale", blocks)
+        if self.symmetric:
+            zero = torch.full_like(scale, float(1 << (self.bits - 1)))
+        else:
+            zero = _param(params, "zero_point", blocks)
+        return AffineGrid((1, self.group_size), scale, zero, top=n_levels - 1)
+
+
+def _nearest(values: torch.Tensor, sorted_centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for each value (centroids sorted ascending)."""
+    midpoints = (sorted_centroids[1:] + sorted_centroids[:-1]) / 2
+    return torch.bucketize(values, midpoints)
+
+
+def make_quantizer(bits: int, granularity: str = "tensor", method: str = "affine") -> Quantizer:
+    """The quantizer a policy uses for ``bits``: ``method``'s, at that many bits (the paper's
+    binarization at 1 bit for "affine").
+
+    >>> make_quantizer(1), make_quantizer(4, "channel")
+    (BinaryQuantizer(granularity='tensor'), AffineQuantizer(bits=4, granularity='channel'))
+    """
+    return get_quantizer(quantizer_registry.get(method).config_for_bits(bits, granularity))
+
+
+MAX_REL_MSE = 16.0
+"""rel_mse names a step by its high-rate error, sqrt(12 * rel_mse) * RMS; from 1 up (steps
+coarser than 3.5 x RMS) most weights round to 0, which is what the highest ratios need."""
+
+
+def code_dtype(n_levels: int) -> type:
+    """The narrowest unsigned numpy dtype that holds codes ``< n_levels`` (uint8 or uint16)."""
+    if n_levels > MAX_LEVELS:
+        raise ConfigError(f"{n_levels} code levels exceed the limit of {MAX_LEVELS}")
+    return np.uint8 if n_levels <= 256 else np.uint16
+
+
+@register_quantizer
+class UniformQuantizer(Quantizer):
+    """Entropy-coded uniform quantization: a fixed step, integer codes of any range.
+
+    The scalar rate–distortion frontier: with an entropy coder behind it a uniform step is
+    within 0.25 bit of the best any scalar quantizer can do at the same error. ``step`` is
+    the step itself (relative to nothing), or ``rel_mse`` asks for the step whose high-rate
+    error ``step**2 / 12`` is that fraction of the layer's (or channel's) mean square.
+    ``rounding`` below 0.5 widens the zero bin (a dead zone) and lowers the rate. ``rel_mse``
+    may exceed 1 (up to MAX_REL_MSE): a step coarser than 3.5 RMS, a very low rate.
+    Value of code ``c``: ``(c - offset) * step[row]``; 0 stays exactly 0.
+
+    >>> q = UniformQuantizer(step=0.5).quantize(torch.tensor([-1.0, 0.0, 0.3, 2.0]))
+    >>> q.codes.tolist(), q.dequantize().tolist()
+    ([0, 2, 3, 6], [-1.0, 0.0, 0.5, 2.0])
+    """
+
+    strategy_id = "uniform"
+    params = {"step": Param("float", 0, low_open=True, optional=True),
+              "rel_mse": Param("float", 0, MAX_REL_MSE, low_open=True, optional=True),
+              "granularity": GRANULARITY,
+              "rounding": Param("float", 0, 0.5, low_open=True)}
+
+    def __init__(
+        self,
+        step: float | None = None,
+        rel_mse: float | None = None,
+        granularity: str = "tensor",
+        rounding: float = 0.5,
+    ) -> None:
+        if (step is None) == (rel_mse is None):
+            raise ConfigError("uniform quantization takes exactly one of step= or rel_mse=")
+        self.step = step
+        self.rel_mse = rel_mse
+        self.granularity = granularity
+        self.rounding = rounding
+
+    def steps(self, rows: torch.Tensor) -> torch.Tensor:
+        """The step of each row (float32): fixed, or from the row's mean square."""
+        if self.step is not None:
+            return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
+        if not rows.shape[1]:
+            return torch.ones(rows.shape[0])
+        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        peak = torch.maximum(-low, high).float()
+        if bool(((peak > 1e-10) & (peak < 1e10) | (peak == 0)).all()):
+            rms = row_mean_squares(rows).sqrt()  # squares within float32
+        else:  # scaled first: no under/overflow
+            scale = torch.where(peak > 0, peak, torch.ones_like(peak))
+            rms = (rows.float() / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
+        step = math.sqrt(12.0 * self.rel_mse) * rms
+        return torch.where(step > 0, step, torch.ones_like(step)).float()
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        step = self.steps(_row_view(weight, self.granularity))
+        params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
+        q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
+        matrix = weight.detach().reshape(matrix_shape(weight.shape))
+        chunks = _chunks(matrix.shape)
+        if len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel"):
+            levels = self.grid(tuple(weight.shape), 1, params).encode(matrix.float())
+            return self.with_codes(q, levels.reshape(weight.shape))
+        return self._quantize_in_chunks(q, matrix, chunks, tuple(weight.shape))
+
+    def _quantize_in_chunks(self, q: QuantizedTensor, matrix: torch.Tensor,
+                            chunks: list[tuple[int, int]], shape: tuple[int, ...],
+                            ) -> QuantizedTensor:
+        """``quantize`` of a large matrix, row range by row range: the same codes (rounding
+        is elementwise), the code range found first from each row's extremes (rounding is
+        monotonic), so memory holds the uint8/uint16 codes and one chunk's floats."""
+        whole = self.grid(shape, 1, q.params)
+        extremes = torch.stack(torch.aminmax(matrix, dim=1), dim=1).float()
+        ends = torch.aminmax(whole.encode(extremes))
+        probe = self.with_codes(q, torch.stack(ends))  # refuses non-finite or too many codes
+        low = int(ends[0])
+        codes = np.empty(matrix.shape, dtype=code_dtype(probe.n_levels))
+        for a, b in chunks:
+            levels = whole.rows(a, b).encode(matrix[a:b].float()).sub_(low)
+            codes[a:b] = levels.to(torch.int32).numpy()
+        return QuantizedTensor(codes.reshape(shape), probe.n_levels, q.quantizer,
+                               probe.params, q.dtype)
+
+    def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
+        """float32 ``step`` > 0 per row and one whole float32 ``offset`` (the code of 0.0,
+        which may lie outside the codes when every weight has one sign)."""
+        return {"step": ParamSpec(_param_rows(shape, self.granularity), positive=True),
+                "offset": ParamSpec((1,), integer=True)}
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
+        """Unbounded: (code - offset) * step, one step per tensor or row, codes rebased to 0."""
+        block, blocks = _row_layout(shape, self.granularity)
+        step = _param(params, "step", blocks)
+        offset = _param(params, "offset", (1,))
+        return AffineGrid(block, step, offset.expand_as(step).clone(), rounding=self.rounding)
+
+    def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
+        """Codes of any range: shifted so the lowest is 0, the offset moved with them."""
+        low, high = (float(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
+        if not math.isfinite(low) or not math.isfinite(high):
+            raise ConfigError("uniform quantization needs finite weights")
+        low, high = int(low), int(high)
+        n_levels = high - low + 1
+        if n_levels > MAX_LEVELS:
+            raise ConfigError(
+                f"a step this small needs {n_levels} levels for this layer's range "
+                f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
+            )
+        offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
+        shifted = codes - low if codes.is_floating_point() else codes.to(torch.int32) - low
+        if n_levels <= 256:  # straight to uint8 (codes are whole numbers in 0..255)
+            stored = shifted.to(torch.uint8).numpy()
+        else:
+            stored = shifted.to(torch.int32).numpy().astype(code_dtype(n_levels))
+        return QuantizedTensor(
+            codes=stored.reshape(codes.shape),
+            n_levels=n_levels,
+            quantizer=q.quantizer,
+            params={"step": q.params["step"], "offset": np.array([offset], dtype=np.float32)},
+            dtype=q.dtype,
+        )

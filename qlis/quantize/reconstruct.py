@@ -1,0 +1,235 @@
+"""Sequential reconstruction: quantize the planned layers in forward order, each fitted to the
+inputs that the already-quantized model gives it, then correct its bias.
+
+Plain rounding (and error feedback against the float model's inputs) lets every layer's
+error add to the next layers' inputs unseen. Here (as GPTQ and its successors do):
+
+1. One pass of the float model finds the order in which the planned layers run, which of
+   them calibration reaches (qlis/measure/layer_inputs.py says how each layer kind sees its inputs),
+   and the float model's mean input of each layer.
+2. In that order, a group of layers (consecutive layers that read the same input tensor, as
+   attention's q/k/v projections or an Inception block's first convolutions) gets one pass
+   of the model *with every earlier layer already quantized*; hooks accumulate each layer's
+   input covariance ``H`` and mean input. The pass stops as soon as the group has run (when
+   no planned layer runs twice per forward), so memory is one forward pass, whatever the
+   model's depth, and the passes cost about half a forward each.
+3. Each layer of the group is pruned and quantized by its plan with GPTQ's error feedback
+   along ``H`` (qlis/quantize/gptq.py, on the quantizer's own grid), and its bias (when it has one
+   and it is stored in float) takes the mean output shift, so that the layer's mean output
+   on the quantized model's inputs is the float layer's on the float inputs (Nagel et al.,
+   2019, bias correction): ``b' = b + W mu - W_hat mu_hat``.
+
+Layers that calibration never reaches, and weights of kinds without ``LayerInputs``
+(embeddings), are rounded data-free; every layer's ``LayerPlan.reconstruction`` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlis.measure.calibrate import Calibration
+from qlis.measure.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
+from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
+from qlis.plan.plans import Plan
+
+FED_BACK = "error feedback"
+BIAS_CORRECTED = "error feedback + bias correction"
+NOT_REACHED = "data-free: calibration never reached this layer"
+NO_INPUTS = "data-free: no error feedback for this kind of tensor"
+
+
+class _GroupDone(Exception):
+    """Raised by a hook once every layer of the current group has run: the pass stops."""
+
+
+@dataclass
+class _Moments:
+    """Sum of X^T X, sum of X and row count, per output group (float64)."""
+
+    sums: torch.Tensor
+    totals: torch.Tensor
+    rows: list[int]
+
+    @classmethod
+    def empty(cls, inputs: LayerInputs, with_covariance: bool) -> _Moments:
+        width, groups = inputs.width, inputs.groups
+        sums = torch.zeros(groups, width, width, dtype=torch.float64) if with_covariance else (
+            torch.zeros(groups, 0, 0, dtype=torch.float64))
+        return cls(sums, torch.zeros(groups, width, dtype=torch.float64), [0] * groups)
+
+    def add(self, chunk: list[torch.Tensor]) -> None:
+        for g, rows in enumerate(chunk):
+            rows = rows.to(device="cpu")
+            if self.sums.shape[1]:
+                accumulate(rows, self.sums[g], self.totals[g])
+            else:
+                self.totals[g].add_(rows.to(torch.float64).sum(dim=0))
+            self.rows[g] += rows.shape[0]
+
+    def covariance(self) -> torch.Tensor:
+        """(groups, width, width) float32, or (width, width) for one group."""
+        counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
+        h = (self.sums / counts[:, None, None]).float()
+        return h[0] if h.shape[0] == 1 else h
+
+    def mean(self) -> torch.Tensor:
+        counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
+        return self.totals / counts[:, None]
+
+
+@dataclass
+class Reconstruction:
+    """What sequential reconstruction made: per planned layer its stored tensor and plan row,
+    and the corrected biases (state-dict name -> float tensor)."""
+
+    tensors: dict[str, StoredTensor]
+    layers: dict[str, LayerPlan]
+    biases: dict[str, torch.Tensor]
+
+
+def _hooked(
+    watched: Mapping[str, LayerInputs], moments: dict[str, _Moments],
+    on_call: Callable[[str, tuple, dict], None] | None = None,
+) -> list:
+    """Pre-hooks that add each watched weight's input rows to its moments."""
+    handles = []
+    for name, inputs in watched.items():
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, name: str = name,
+                 inputs: LayerInputs = inputs) -> None:
+            if on_call is not None:
+                on_call(name, args, kwargs)
+            for chunk in inputs.chunks(args, kwargs):
+                moments[name].add(chunk)
+
+        handles.append(inputs.module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def _order(
+    calibration: Calibration, reachable: Mapping[str, LayerInputs]
+) -> tuple[list[list[str]], dict[str, _Moments], bool]:
+    """One pass of the float model: the groups of layers in forward order, every reached
+    layer's float mean input, and whether a planned layer runs more than once per forward."""
+    moments = {name: _Moments.empty(inputs, False) for name, inputs in reachable.items()}
+    first: list[tuple[str, object]] = []
+    calls: dict[str, int] = dict.fromkeys(reachable, 0)
+
+    def on_call(name: str, args: tuple, kwargs: dict) -> None:
+        calls[name] += 1
+        if calls[name] == 1:
+            x = call_inputs(args, kwargs)
+            key = (x.data_ptr(), tuple(x.shape)) if isinstance(x, torch.Tensor) else id(x)
+            first.append((name, key))
+
+    handles = _hooked(reachable, moments, on_call)
+    try:
+        calibration.feed()
+    finally:
+        for handle in handles:
+            handle.remove()
+    repeated = any(count > calibration.forward_calls for count in calls.values())
+    groups: list[list[str]] = []
+    previous = None
+    for name, key in first:
+        if groups and key == previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = key
+    return groups, {n: moments[n] for n, _ in first}, repeated
+
+
+def _group_pass(
+    calibration: Calibration, group: list[str], reachable: Mapping[str, LayerInputs],
+    replacements: Mapping[str, torch.Tensor], stop_early: bool,
+) -> dict[str, _Moments]:
+    """Input moments of the group's layers, with the earlier layers quantized."""
+    watched = {name: reachable[name] for name in group}
+    moments = {name: _Moments.empty(inputs, True) for name, inputs in watched.items()}
+    seen: set[str] = set()
+
+    def on_call(name: str, args: tuple, kwargs: dict) -> None:
+        seen.add(name)
+
+    handles = _hooked(watched, moments, on_call)
+    if stop_early:
+        last = watched[group[-1]].module
+
+        def done(module: nn.Module, args: tuple, output: object) -> None:
+            if seen == set(group):
+                seen.clear()
+                raise _GroupDone
+
+        handles.append(last.register_forward_hook(done))
+    try:
+        with calibration.swapped(replacements):
+            calibration.feed(stop=_GroupDone if stop_early else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return moments
+
+
+def _corrected_bias(
+    bias: torch.Tensor, inputs: LayerInputs, weight: torch.Tensor, approx: torch.Tensor,
+    float_mean: torch.Tensor, quantized_mean: torch.Tensor,
+) -> torch.Tensor:
+    """b + W mu - W_hat mu_hat, per output (each output group with its own means)."""
+    groups = inputs.groups
+    w = inputs.output_matrix(weight).double().reshape(groups, -1, inputs.width)
+    w_hat = inputs.output_matrix(approx).double().reshape(groups, -1, inputs.width)
+    shift = (w @ float_mean[..., None] - w_hat @ quantized_mean[..., None]).reshape(-1)
+    return (bias.double() + shift.to(bias.device)).to(bias.dtype)
+
+
+def reconstruct(
+    calibration: Calibration,
+    plan: Plan,
+    state: Mapping[str, torch.Tensor],
+    execute: Callable[..., tuple[StoredTensor, LayerPlan]],
+    bias_correction: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Reconstruction:
+    """Quantize ``plan``'s layers sequentially (module doc). ``execute(name, weight, config,
+    hessian=..., transposed=..., reconstruction=...)`` prunes and quantizes one layer (the
+    caller's ``execute_layer``); ``progress`` gets each finished layer's parameter count."""
+    model = calibration.model
+    kinds = {name: layer_inputs(model, name) for name in plan}
+    reachable = {name: inputs for name, inputs in kinds.items() if inputs is not None}
+    groups, float_moments, repeated = _order(calibration, reachable)
+    result = Reconstruction({}, {}, {})
+    replacements: dict[str, torch.Tensor] = {}
+    for group in groups:
+        moments = _group_pass(calibration, group, reachable, replacements, not repeated)
+        for name in group:
+            inputs = reachable[name]
+            config = plan[name]
+            hessian = moments[name].covariance() if config.quantizer is not None else None
+            stored, layer = execute(name, state[name], config, hessian=hessian,
+                                    transposed=inputs.transposed, reconstruction=FED_BACK)
+            approx = dequantized(stored)
+            replacements[name] = approx
+            bias = inputs.bias
+            if bias_correction and bias in state and bias not in plan:
+                corrected = _corrected_bias(state[bias], inputs, state[name], approx,
+                                            float_moments[name].mean(),
+                                            moments[name].mean())
+                result.biases[bias] = replacements[bias] = corrected
+                layer = dataclasses.replace(layer, reconstruction=BIAS_CORRECTED)
+            result.tensors[name], result.layers[name] = stored, layer
+            if progress is not None:
+                progress(layer.numel)
+    for name in plan:
+        if name not in result.layers:
+            note = NO_INPUTS if kinds[name] is None else NOT_REACHED
+            result.tensors[name], result.layers[name] = execute(
+                name, state[name], plan[name], reconstruction=note)
+            if progress is not None:
+                progress(result.layers[name].numel)
+    return result

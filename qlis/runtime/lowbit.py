@@ -1,0 +1,391 @@
+"""Run compressed: put an archive's quantized layers into a model as low-bit modules.
+
+``qlis.load(path, model=m, runtime="lowbit")`` reads the archive one tensor at a time and
+replaces every quantized ``nn.Linear`` / ``nn.Conv2d`` of ``m`` by a module that keeps the
+integer codes in memory (the bits their levels need: 1 byte on the int8 path) and computes
+from them; the float32 weight is never built for the whole model. ``m`` may be built on the
+meta device (``with torch.device("meta"): m = Model()``): then nothing but the packed model is
+allocated.
+
+Path per layer (``runtime_plan`` lists them without decoding any code). The path follows the
+weight's grid (qlis/quantize/grid.py), never its quantizer's id, so a third-party quantizer that
+describes its grid runs packed too:
+
+=================================================  ===========  ================================
+grid of the weight                                 path         held in memory per weight
+=================================================  ===========  ================================
+Linear: one (scale, zero) per row, 17..256 levels  ``int8``     1 byte (int8 code - 128) + a
+(8-bit affine per tensor or channel, uniform)                   float32 scale and zero per row
+Linear: any other grid (group-wise, codebooks,     ``dequant``  ceil(log2(levels)) bits (bit
+<= 16 or > 256 levels, third-party grids); every                planes, `pack_codes`); the
+quantized Conv2d                                                grid's tensors as buffers
+plain (pruned only, or never quantized), a         ``float``    the float tensor, as today
+quantizer without a grid, and quantized tensors
+of other modules (embeddings)
+=================================================  ===========  ================================
+
+Forward: ``int8`` calls torch's int8 weight-only CPU kernel (``aten._weight_int8pack_mm``)
+for inputs of at most ``kernel_max_rows`` rows; for larger inputs (one image is already
+197 tokens) it dequantizes the weight on the fly and calls ``F.linear``, which is many times
+faster on CPU for many rows. ``dequant`` decodes the codes on the grid at every call, caching
+nothing (torch ops, in place, on the module's device).
+Exactness: the dequantize branch equals ``F.linear(x, archive_weight, bias)`` to the bit;
+the kernel branch equals it to float32 rounding.
+
+Lower-precision compute: every path honours ``torch.autocast``. Under
+``torch.autocast("cpu", dtype=torch.bfloat16)`` the weight is dequantized in float32 (the
+archive's exact values), then ``F.linear`` / ``F.conv2d`` round it and the input to bfloat16
+as they do for a float model: the output equals the dequantized float model's under the same
+autocast, to the bit (the int8 kernel branch steps aside). On a CPU with AVX512-BF16 or AMX
+this runs ViT-sized matmuls several times faster than float32 (docs/runtime.md).
+
+torch's int4 group-wise CPU kernel (``aten._weight_int4pack_mm_for_cpu``) maps exactly onto
+qlis' group codes (kernel zero = (8 - zero_point) * scale) but is 30-60x slower than F.linear
+for ViT-sized inputs here, and its packed layout is block-permuted by output size, so 4-bit
+group layers keep two codes per byte in qlis' own layout on the ``dequant`` path
+(docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlis.errors import ConfigError, InputError
+from qlis.quantize.grid import Grid, matrix_shape
+from qlis.quantize.quantizers import QuantizedTensor
+
+RUNTIMES = ("float", "lowbit")
+KERNEL_MAX_ROWS = 8
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+HAS_INT8_KERNEL = _has_op("_weight_int8pack_mm")
+
+
+def int8_possible(n_levels: int, shape: Iterable[int], dtype: str = "float32") -> bool:
+    """Whether a quantized weight could take the int8 path at all, from its header alone:
+    a 2-D float32 weight of 17..256 levels, on a machine with the kernel."""
+    return (len(tuple(shape)) == 2 and dtype == "float32" and HAS_INT8_KERNEL
+            and 16 < n_levels <= 256)
+
+
+def choose_path(grid: Grid, n_levels: int, shape: Iterable[int], dtype: str = "float32") -> str:
+    """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` on ``grid`` takes:
+    int8 for 17..256 levels on a grid with one (scale, zero) per row, else dequant."""
+    shape = tuple(shape)
+    if int8_possible(n_levels, shape, dtype) and grid.row_affine(shape[0]) is not None:
+        return "int8"
+    return "dequant"
+
+
+# -- bit packing for the dequantize path -------------------------------------------------------
+
+
+def _pack_width(n_levels: int) -> int:
+    """Bits per code: the fewest that hold ``n_levels`` codes (1..16)."""
+    return max(1, (n_levels - 1).bit_length())
+
+
+def _planes(width: int) -> list[tuple[int, int]]:
+    """(plane width, shift) per bit plane of a code, least significant first: the binary
+    digits of ``width`` (11 bits = an 8-, a 2- and a 1-bit plane)."""
+    planes, shift = [], 0
+    for plane in (8, 4, 2, 1):
+        if width & plane:
+            planes.append((plane, shift))
+            shift += plane
+    return planes
+
+
+def _pack_plane(values: np.ndarray, width: int) -> np.ndarray:
+    """uint8 values below 2**width (width 1, 2, 4 or 8), 8 // width per byte, little end first."""
+    if width == 8:
+        return values
+    per_byte = 8 // width
+    padded = np.zeros(-(-values.size // per_byte) * per_byte, dtype=np.uint8)
+    padded[: values.size] = values
+    lanes = padded.reshape(-1, per_byte) << (np.arange(per_byte, dtype=np.uint8) * width)
+    return np.bitwise_or.reduce(lanes, axis=1).astype(np.uint8)
+
+
+def _unpack_plane(packed: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    if width == 8:
+        return packed
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+    values = packed[:, None] >> shifts
+    return values.bitwise_and_((1 << width) - 1).reshape(-1)[:numel]
+
+
+def pack_codes(codes: np.ndarray, n_levels: int) -> torch.Tensor:
+    """Flat codes in exactly ``_pack_width(n_levels)`` bits each, as uint8 bit planes.
+
+    16-bit codes stay int16 and 8-bit codes uint8; any other width is split into planes of
+    8, 4, 2 and 1 bits (its binary digits), each stored 8 // plane codes per byte, one plane
+    after the other: a 300-level uniform layer takes 9 bits per weight, not 16, and unpacking
+    stays a few whole-array shifts (no code straddles a byte).
+    """
+    width = _pack_width(n_levels)
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    if width == 16:
+        return torch.from_numpy(flat.astype(np.uint16).view(np.int16).copy())
+    parts = [_pack_plane(((flat >> shift) & ((1 << plane) - 1)).astype(np.uint8), plane)
+             for plane, shift in _planes(width)]
+    return torch.from_numpy(np.concatenate(parts))  # a copy: never the caller's array
+
+
+def unpack_codes(packed: torch.Tensor, n_levels: int, numel: int) -> torch.Tensor:
+    """The inverse of `pack_codes`, on the packed codes' device (torch ops only): flat codes
+    as uint8 up to 256 levels, int16 up to 2**15, int32 beyond."""
+    width = _pack_width(n_levels)
+    if width == 16:
+        return packed.to(torch.int32) & 0xFFFF  # the int16 holds uint16 bit patterns
+    dtype = torch.uint8 if width <= 8 else torch.int16
+    codes, start = None, 0
+    for plane, shift in _planes(width):
+        size = -(-numel * plane // 8)
+        values = _unpack_plane(packed[start : start + size], plane, numel)
+        start += size
+        if codes is None:  # the least significant plane: shift 0 (a view of the buffer only
+            codes = values.to(dtype)  # when it is the only plane, never written to)
+        else:  # a fresh tensor of this plane's codes (a view only for the 8-bit plane,
+            codes |= values.to(dtype).bitwise_left_shift_(shift)  # and then a copy: int16)
+    return codes
+
+
+# -- the low-bit modules -----------------------------------------------------------------------
+
+
+class _LowBit(nn.Module):
+    """What every low-bit layer shares: its bias, and its dequantized weight on demand
+    (``dequantized_weight()``), so a user can always compare with the float layer."""
+
+    path = ""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, bias: torch.Tensor | None):
+        super().__init__()
+        self.shape = shape
+        self.weight_dtype = dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, built at each access (for code that reads ``.weight.dtype``,
+        as Hugging Face's CLIP embedding does); forward never uses it."""
+        return self.dequantized_weight()
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.shape)}, path={self.path}, bias={self.bias is not None}"
+
+
+class DequantLinear(_LowBit):
+    """Any quantizer that describes its grid: codes packed at their bit width, the grid's
+    tensors kept as buffers, and the weight decoded from them at every call (torch ops on the
+    module's device, bit-exact with the quantizer's own dequantization)."""
+
+    path = "dequant"
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(q.shape, q.dtype, bias)
+        self.n_levels = q.n_levels
+        self.register_buffer("codes", pack_codes(q.codes, q.n_levels))
+        self.grid = q.grid
+        self.grid.check(matrix_shape(q.shape))
+        self.grid_fields = sorted(self.grid.tensors())
+        for key, tensor in self.grid.tensors().items():
+            self.register_buffer(f"grid_{key}", tensor.contiguous())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
+        grid = self.grid.replace(**{key: getattr(self, f"grid_{key}") for key in self.grid_fields})
+        values = grid.decode(codes.reshape(matrix_shape(self.shape)))
+        return values.reshape(self.shape).to(self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+
+class DequantConv2d(DequantLinear):
+    """A Conv2d whose weight is dequantized at every call (bit-exact with the archive)."""
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> None:
+        super().__init__(q, bias)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class Int8Linear(_LowBit):
+    """8-bit row-affine codes as int8 (code - 128); torch's int8 weight-only kernel."""
+
+    path = "int8"
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(q.shape, q.dtype, bias)
+        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8))
+        self.register_buffer("weight_int8", (codes.to(torch.int16) - 128).to(torch.int8))
+        scale, zero = q.grid.row_affine(q.shape[0])
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero", zero.float())
+        self.kernel_max_rows = KERNEL_MAX_ROWS
+
+    def dequantized_weight(self) -> torch.Tensor:
+        # (code - 128) + (128 - zero) is the archive's integer code - zero, exactly
+        weight = self.weight_int8.float()  # one allocation, then in place
+        return weight.add_((128.0 - self.zero)[:, None]).mul_(self.scale[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
+                or torch.is_autocast_enabled(x.device.type)):
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        out = out + flat.sum(dim=1, keepdim=True) * ((128.0 - self.zero) * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Module) -> _LowBit:
+    """The low-bit replacement of a Linear or Conv2d whose weight the archive holds as ``q``."""
+    if isinstance(module, nn.Conv2d):
+        return DequantConv2d(q, bias, module)
+    path = choose_path(q.grid, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
+    if path == "int8":
+        return Int8Linear(q, bias)
+    return DequantLinear(q, bias)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _find_malloc_trim():  # noqa: ANN202 - a ctypes function or None
+    """glibc's malloc_trim, where the C library has it (Linux with glibc), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Decoding a layer leaves megabytes of freed temporaries between the packed buffers that
+    stay; glibc keeps them resident (measured: 1.06 GB resident after loading a 294 MB int8
+    ViT-L, 0.59 GB after trimming), so the loader trims after each layer.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _replaceable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.padding_mode == "zeros"
+    return type(module) is nn.Linear
+
+
+def runtime_plan(archive) -> list[dict]:  # noqa: ANN001 - a qlis.Archive (import cycle)
+    """Per weight of the archive that could run packed: layer name, path and kernel.
+
+    Decided from the header, and from a weight's grid (its parameters read and checked by
+    ``Archive.read_grid``) only where the int8 path depends on it; no code is decoded (a 2-D
+    quantized weight is taken for a Linear, a 4-D one for a Conv2d); loading into a model may
+    still keep a layer float when it is neither.
+    """
+    kernels = {"int8": "aten._weight_int8pack_mm (<= 8 rows), else F.linear on the "
+               "dequantized weight", "dequant": "F.linear on the dequantized weight",
+               "float": "F.linear"}
+    rows = []
+    for name in archive.names():
+        entry = archive.entry(name)
+        if not name.endswith("weight") or len(entry.shape) not in (2, 4):
+            continue
+        quantizer = archive.quantizer(name)
+        if quantizer is None or entry.numel == 0 or not quantizer.has_grid():
+            path = "float"
+        elif int8_possible(entry.n_levels, entry.shape, entry.dtype):
+            path = choose_path(archive.read_grid(name), entry.n_levels, entry.shape, entry.dtype)
+        else:
+            path = "dequant"
+        kernel = kernels[path]
+        if len(entry.shape) == 4:
+            kernel = "F.conv2d" + ("" if path == "float" else " on the dequantized weight")
+        layer = name[: -len(".weight")] if name.endswith(".weight") else name
+        rows.append({"layer": layer, "shape": list(entry.shape), "path": path,
+                     "kernel": kernel})
+    return rows
+
+
+def _packable(archive, name: str) -> bool:  # noqa: ANN001 - a qlis.Archive
+    """A quantized, non-empty tensor whose quantizer describes its grid (from the header)."""
+    quantizer = archive.quantizer(name)
+    return quantizer is not None and archive.entry(name).numel > 0 and quantizer.has_grid()
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - qlis.Archive
+    """Put the archive into ``model`` with quantized Linear/Conv2d layers kept packed.
+
+    Reads one tensor at a time, its parameters checked before its codes are decoded
+    (``Archive.read_quantized``); the model changes only after every tensor was read (on any
+    error it is untouched). Returns {layer: path} for the layers now low-bit.
+    """
+    persistent = model.state_dict()
+    if _replaceable(model) and archive.entry("weight").quantizer is not None:
+        raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
+    for name, buffer in model.named_buffers():
+        if name not in persistent and buffer.is_meta:
+            raise InputError(
+                f"{name!r} is a non-persistent buffer on the meta device and no archive holds "
+                "it; build that part of the model on the CPU (or pass a model built on the CPU)"
+            )
+    replacements: dict[str, _LowBit] = {}
+    for name, module in model.named_modules():
+        weight = f"{name}.weight"
+        if not name or not _replaceable(module) or weight not in persistent:
+            continue
+        if not _packable(archive, weight):
+            continue
+        q = archive.read_quantized(weight)
+        bias = None
+        if module.bias is not None:
+            bias = archive.read(f"{name}.bias")
+        replacements[name] = lowbit_module(q, bias, module)
+        del q, bias
+        release_free_memory()
+    covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
+    rest = {name: archive.read(name) for name in persistent if name not in covered}
+    for name, new in replacements.items():
+        setattr(*_parent(model, name), new)
+    model.load_state_dict(rest, strict=False, assign=True)
+    return {name: module.path for name, module in replacements.items()}
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")

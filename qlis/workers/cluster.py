@@ -1,0 +1,199 @@
+"""Several processes, or machines, as one compression: the ranks of a torch.distributed job.
+
+Under ``torchrun`` (or inside a process group the caller initialised) the data-free pipeline
+splits its per-layer work over the ranks: each rank measures, quantizes and encodes the
+layers it owns (owners balanced by parameter count), the ranks exchange what they found, and
+rank 0 writes the archive. Everything exchanged is plain JSON or raw bytes in uint8 tensors
+(never pickle), and every rank computes exactly what one process would, so the archive is
+the same bytes whatever the number of ranks. A rank that cannot be reached, stops, or sees
+another input ends the job with a `ClusterError` on every rank that is still there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import heapq
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from qlis.archive.resume import PassCache
+from qlis.errors import ClusterError
+from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_TIMEOUT_S = 600
+"""How long a rank waits for the others (rendezvous, or a rank's share of a pass)."""
+_MAX_MESSAGE = 1 << 31  # one exchanged JSON document or record: refused beyond 2 GiB
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in a torch.distributed job: its ``rank`` among ``world`` ranks."""
+
+    rank: int
+    world: int
+
+    @classmethod
+    def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> Cluster | None:
+        """The job this process belongs to: an initialised process group, or the one that
+        ``torchrun``'s environment (WORLD_SIZE > 1) describes, joined over gloo; None for a
+        single process."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+            return None
+        if not dist.is_available():
+            raise ClusterError("WORLD_SIZE asks for several ranks, but this torch has no "
+                               "torch.distributed")
+        try:
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as err:
+            raise ClusterError(f"could not join the other ranks ({_first_line(err)}); check "
+                               "MASTER_ADDR, MASTER_PORT and that every rank was started"
+                               ) from None
+        atexit.register(_leave)  # a group left standing can abort the process at exit
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that writes files and prints."""
+        return self.rank == 0
+
+    def owners(self, costs: Sequence[float]) -> list[int]:
+        """The rank that owns each item: the costliest first, each to the least-loaded rank
+        (ties to the lowest rank), the same on every rank."""
+        loads = [(0.0, r) for r in range(self.world)]
+        owner = [0] * len(costs)
+        for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            load, rank = heapq.heappop(loads)
+            owner[index] = rank
+            heapq.heappush(loads, (load + costs[index], rank))
+        return owner
+
+    def all_gather_json(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (plain JSON), in rank order."""
+        return [json.loads(data) for data in self.all_gather_bytes(
+            json.dumps(value, allow_nan=True).encode())]
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order."""
+        with _reporting("exchanging results"):
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64))
+            longest = max(int(s) for s in sizes)
+            if longest > _MAX_MESSAGE:
+                raise ClusterError(f"a rank sent {longest:,} bytes at once; refusing")
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            if data:
+                padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+            dist.all_gather(gathered, padded)
+        return [g[:int(n)].numpy().tobytes() for g, n in zip(gathered, sizes, strict=True)]
+
+    def send_bytes(self, data: bytes, to: int) -> None:
+        """``data`` to rank ``to`` (which calls `receive_bytes`)."""
+        with _reporting(f"sending to rank {to}"):
+            dist.send(torch.tensor([len(data)], dtype=torch.int64), to)
+            if data:
+                dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), to)
+
+    def receive_bytes(self, source: int) -> bytes:
+        """What rank ``source`` sent with `send_bytes`."""
+        with _reporting(f"waiting for rank {source}"):
+            size = torch.zeros(1, dtype=torch.int64)
+            dist.recv(size, source)
+            if not 0 <= int(size) <= _MAX_MESSAGE:
+                raise ClusterError(f"rank {source} announced {int(size):,} bytes; refusing")
+            data = torch.empty(int(size), dtype=torch.uint8)
+            if int(size):
+                dist.recv(data, source)
+        return data.numpy().tobytes()
+
+    def agree(self, fingerprint: Any, what: str) -> None:
+        """Refuse to go on unless every rank has the same ``fingerprint`` (plain JSON) of
+        ``what`` (e.g. its input and options)."""
+        seen = self.all_gather_json(fingerprint)
+        differ = [r for r, f in enumerate(seen) if f != seen[0]]
+        if differ:
+            raise ClusterError(f"rank {differ[0]} sees another {what} than rank 0; give every "
+                               "rank the same files and options")
+
+
+def share(cluster: Cluster | None, costs: Sequence[float]) -> tuple[list[int], list[int]]:
+    """The rank that owns each item (rank 0 for all without a cluster), and the indices of
+    the items this rank owns, in order."""
+    owner = cluster.owners(costs) if cluster is not None else [0] * len(costs)
+    here = cluster.rank if cluster is not None else 0
+    return owner, [i for i, rank in enumerate(owner) if rank == here]
+
+
+def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
+           jobs: int | None, cluster: Cluster | None,
+           to_json: Callable[[R], Any] = lambda r: r,
+           from_json: Callable[[Any], R] = lambda j: j,
+           done: Callable[[int], None] | None = None,
+           cache: PassCache | None = None, key: str = "") -> list[R]:
+    """``fn`` over ``items`` on ``jobs`` threads and, in a cluster, over the ranks (each
+    computes the items it owns, then all receive all results through JSON): the results in
+    input order, the same on every rank; items of more than IN_FLIGHT_ELEMENTS (their
+    ``costs``) together are not worked on at once. ``done`` gets the index of each item
+    computed here, as it is. In one process, results saved in ``cache`` under ``key`` are
+    used instead of computed, and the computed ones are saved there."""
+    if cache is not None and cluster is None:
+        saved = cache.lookup(key, len(items), from_json)
+        if saved is not None:
+            return saved
+        results = spread(fn, items, costs, jobs, None, done=done)
+        cache.store(key, [to_json(r) for r in results])
+        return results
+    owner, mine = share(cluster, costs)
+    found = []
+    computed = ordered_map(lambda i: fn(items[i]), mine, jobs, cost=costs.__getitem__,
+                           budget=IN_FLIGHT_ELEMENTS)
+    for index, result in zip(mine, computed, strict=True):
+        found.append(result)
+        if done is not None:
+            done(index)
+    if cluster is None:
+        return found
+    results: list[Any] = [None] * len(items)
+    for rank, shared in enumerate(cluster.all_gather_json([to_json(r) for r in found])):
+        owned = [i for i in range(len(items)) if owner[i] == rank]
+        if not isinstance(shared, list) or len(shared) != len(owned):
+            raise ClusterError(f"rank {rank} returned another number of results than the "
+                               f"{len(owned)} items it owns")
+        for index, value in zip(owned, shared, strict=True):
+            results[index] = value
+    return [from_json(r) for r in results]
+
+
+@contextmanager
+def _reporting(doing: str) -> Iterator[None]:
+    """A failed collective (a rank that stopped, a timeout) becomes one ClusterError."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as err:  # ValueError: no process group at all
+        raise ClusterError(f"the distributed job failed while {doing}: {_first_line(err)} "
+                           "(did a rank stop?)") from None
+
+
+def _leave() -> None:
+    """Destroy the process group this process joined (gloo's threads end cleanly)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
