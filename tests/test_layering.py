@@ -90,3 +90,17 @@ def test_qlis_info_reads_a_header_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "real ratio" in done.stdout
     assert done.stdout.rstrip().endswith("[]"), done.stdout
+
+
+def test_every_stage_package_states_its_contract_and_imports_nothing():
+    """The layout by stage: each package's ``__init__`` says what belongs there, and imports
+    none of its modules (importing one module of a stage must not load the others, nor torch)."""
+    packages = [p for p in ROOT.rglob("__init__.py") if p.parent != ROOT]
+    assert len(packages) >= 8
+    for init in packages:
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init} states no contract"
+        imports = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+                   and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+        if init.parent.name != "codecs":  # the codecs register themselves on import
+            assert not imports, f"{init} imports {ast.unparse(imports[0])}"
