@@ -202,7 +202,7 @@ def test_an_unknown_name_lists_the_plugins_without_importing_them(plugins, regis
 def everything_broken(plugins):
     """A broken entry point in every group."""
     raising = plugins.module("raise ImportError('needs libfoo')")
-    for group in ("qlis.quantizers", "qlis.pruners", "qlis.policies", "qlis.archive.codecs"):
+    for group in ("qlis.quantizers", "qlis.pruners", "qlis.policies", "qlis.codecs"):
         plugins.package(f"broken-{group.split('.')[1]}", {"broken": f"{raising}:Thing"}, group)
     return plugins
 
@@ -225,3 +225,12 @@ def test_a_command_asking_for_a_broken_plugin_is_one_error_line(everything_broke
                           "--policy", "quant", "--quantizer", '{"id": "broken"}')
     assert "'broken-quantizers'" in line and "ImportError: needs libfoo" in line
     assert not (tmp_path / "out.qlis").exists()
+
+
+def test_the_entry_point_groups_are_the_documented_ones():
+    """Third-party packages declare plugins under these names (README, docs/codecs.md): they
+    are an interface, whatever module the registries live in."""
+    groups = {r.kind: r.group for r in (quantizer_registry, pruner_registry, policy_registry,
+                                        codec_registry)}
+    assert groups == {"quantizer": "qlis.quantizers", "pruner": "qlis.pruners",
+                      "policy": "qlis.policies", "codec": "qlis.codecs"}

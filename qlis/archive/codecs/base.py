@@ -71,7 +71,7 @@ class Codec:
         return hash(repr(self))
 
 
-codec_registry: Registry[Codec] = Registry("codec", "qlis.archive.codecs", base=Codec)
+codec_registry: Registry[Codec] = Registry("codec", "qlis.codecs", base=Codec)
 
 C = TypeVar("C", bound=type[Codec])
 
