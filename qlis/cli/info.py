@@ -1,6 +1,6 @@
 """``qlis info``: what an archive holds, from its validated header alone, so that it starts
-without torch and answers in about a second for a header of 100,000 tensors. ``--verify``
-reads every record through the archive reader (torch), loaded by name from the command table.
+without torch and answers in under two seconds for a header of 100,000 tensors. ``--verify``
+reads every record through the archive reader (torch), loaded by name as the commands are.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from qlis.archive.format import (
 )
 from qlis.cli.console import (
     PATH,
+    LazyCommandGroup,
     check_input,
     describe_rel_mse,
     echo_table,
@@ -75,21 +76,20 @@ def _info_row(entry: TensorEntry) -> tuple[str, ...]:
 @click.option("--verify", is_flag=True,
               help="Also read and check every record, and say how each layer would run with "
                    "the low-bit runtime (reads the whole file; loads torch).")
-@click.pass_context
-def info(ctx: click.Context, path: Path, fmt: str, verify: bool) -> None:
+def info(path: Path, fmt: str, verify: bool) -> None:
     """What an archive holds: metadata, writer and compression settings, then per tensor the
     quantizer, bits, k, codec and size, then the totals. Reads the header only, unless
     --verify."""
     with no_cyclic_gc():
-        _info(ctx, path, fmt, verify)
+        _info(path, fmt, verify)
 
 
-def _info(ctx: click.Context, path: Path, fmt: str, verify: bool) -> None:
+def _info(path: Path, fmt: str, verify: bool) -> None:
     header = read_header_file(check_input(path, "file"))
     entries = header.entries
     runtime = None
-    if verify:  # torch and the codecs' kernels, through the command table (qlis.cli.main)
-        runtime = ctx.find_root().command.load(VERIFY)(path)
+    if verify:  # torch and the codecs' kernels: loaded by name, as the commands are
+        runtime = LazyCommandGroup.load(VERIFY)(path)
     summary, metadata, aliases = header.summary, header.metadata, header.aliases
     writer, compression, distortion = header.writer, header.compression, header.distortion
     archive_bytes = path.stat().st_size
