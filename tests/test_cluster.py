@@ -82,10 +82,10 @@ def _script(tmp_path: Path, body: str) -> Path:
 
 
 _RANK_PREAMBLE = """
-import importlib, os, sys
+import os, sys
+from qlis.archive import pack as packing
 from qlis.errors import ClusterError
 from qlis.models.checkpoints import load_state_dict
-packing = importlib.import_module("qlis.archive.pack")  # the module (qlis.pack is the function)
 rank = int(os.environ["RANK"])
 
 def say(line):  # one write: the ranks share torchrun's stdout
