@@ -20,7 +20,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import qlis
-from qlis.archive.format import ALIASES_VERSION, ALIGN, MAGIC, MAX_DIMS, PREFIX, VERSION
+from qlis.archive.format import (
+    ALIASES_VERSION,
+    ALIGN,
+    MAGIC,
+    MAX_DIMS,
+    PREFIX,
+    VERSION,
+    read_header_file,
+)
 from qlis.cli.main import cli
 from qlis.errors import ArchiveError
 
@@ -442,6 +450,47 @@ def test_both_scans_agree_on_headers_without_backslashes(monkeypatch, value, chu
     for scan in (fmt._scan_plain, fmt._scan_escaped):
         with pytest.raises(ArchiveError, match="nests"):
             scan(text)
+
+
+def _dumps_repeating(value, target) -> str:
+    """``value`` as JSON, with the object ``target`` (found by identity) repeating its first
+    key and value: parsed, it is the same object, so only the repeat can be refused."""
+    if isinstance(value, dict):
+        pairs = [f"{json.dumps(k)}: {_dumps_repeating(v, target)}" for k, v in value.items()]
+        if value is target:
+            pairs.append(pairs[0])
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_dumps_repeating(v, target) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _objects(value):
+    if isinstance(value, dict):
+        yield value
+        for v in value.values():
+            yield from _objects(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _objects(v)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=TMP_FIXTURE)
+@given(data=st.data())
+def test_a_repeated_key_anywhere_is_refused_by_every_reader(tmp_path, base, data):
+    """Any object of the header (an entry, a record, a config, a plan, a section) that repeats
+    a key: refused by the loaders and by the header-only reader of ``qlis info`` alike."""
+    header = copy.deepcopy(base[0])
+    header["compression"] = {"policy": "lapq", "options": {"beta": 0.5, "grid": {"a": [1]}}}
+    objects = [o for o in _objects(header) if o]
+    target = data.draw(st.sampled_from(objects))
+    path = tmp_path / "r.qlis"
+    path.write_bytes(build(_dumps_repeating(header, None).encode(), base[1]))
+    read_header_file(path)  # the same header, written the same way, without the repeat
+    path.write_bytes(build(_dumps_repeating(header, target).encode(), base[1]))
+    for read in (read_header_file, qlis.open):
+        with pytest.raises(ArchiveError, match="repeats a key"):
+            read(path)
 
 
 def test_an_overlap_names_both_records(tmp_path, base):

@@ -597,9 +597,11 @@ class _Entries:
         self.decoded_bytes = 0
         self.starts: list[int] = []
         self.lengths: list[int] = []
+        self.members = 0  # the keys of every object in the list, against repeated keys
 
     def add(self, item: object) -> None:
         entry = _check_entry(item, self.data_len, self.configs)
+        self.members += _entry_members(item)
         if entry.name in self.entries:
             raise _fail(f"tensor {entry.name[:200]!r}", "appears twice")
         self.entries[entry.name] = entry
@@ -609,6 +611,29 @@ class _Entries:
         for param in entry.params.values():
             self.starts.append(param.record.offset)
             self.lengths.append(param.record.length)
+
+
+def _entry_members(entry: dict) -> int:
+    """The keys of a validated entry's objects: the entry, its record and configs (flat),
+    its parameter records, and its plan's objects, however nested."""
+    count = len(entry) + len(entry["data"]) + len(entry["codec"])
+    if "quantizer" in entry:
+        params = entry["params"]
+        count += len(entry["quantizer"]) + len(params) + sum(map(len, params.values()))
+    return count + _members(entry.get("plan"))
+
+
+def _members(value: object) -> int:
+    """The keys of every object in plain JSON data."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            count += len(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return count
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -678,25 +703,17 @@ def parse_header(raw: bytes, data_len: int, max_decoded_bytes: int | None,
     parsed: memory stays near the header's own size, however many tensors it lists.
     ``lookup`` also checks every codec and quantizer config against what qlis can build."""
     members = scan_json(raw)
-    keys = 0
-
-    def count_keys(obj: dict) -> dict:
-        nonlocal keys
-        keys += len(obj)
-        return obj
-
     numbers = raw.translate(_NUMBER_CHARS)
     large = any(pattern in numbers for pattern in _LARGE_NUMBERS)
     checked = {"parse_float": finite_float, "parse_int": _small_int} if large else {}
-    decoder = json.JSONDecoder(parse_constant=reject_constant, object_hook=count_keys,
-                               **checked)
+    decoder = json.JSONDecoder(parse_constant=reject_constant, **checked)
     entries = _Entries(data_len, lookup)
     try:
         with no_cyclic_gc():  # a header is a tree: collecting while it is built finds nothing
             header = _parse_top(raw.decode("ascii"), decoder, entries)
     except (ValueError, RecursionError) as err:  # JSONDecodeError included
         raise ArchiveError(f"corrupt header (not valid JSON: {str(err)[:120]})") from None
-    if keys + len(header) != members:
+    if entries.members + sum(map(_members, header.values())) + len(header) != members:
         raise ArchiveError("corrupt header (an object repeats a key)")
     return _validate_sections(header, entries, max_decoded_bytes, version)
 
