@@ -10,7 +10,7 @@ import os
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from rich import box
 from rich.cells import cell_len
@@ -19,7 +19,16 @@ from rich.table import Table
 from rich.text import Text
 
 import qlis.cli.console
-from qlis.cli.console import check_output, check_output_dir, escape, human_bytes, strict_json, table
+from qlis.cli import console
+from qlis.cli.console import (
+    check_output,
+    check_output_dir,
+    echo_json_with_list,
+    escape,
+    human_bytes,
+    strict_json,
+    table,
+)
 from qlis.errors import InputError
 
 
@@ -148,3 +157,25 @@ def _rich_table(headers, rows, right):
 def test_piped_tables_are_rich_s_layout_written_directly(rows, right):
     headers = ["layer", "params", "x"]
     assert table(headers, rows, right=right, terminal=False) == _rich_table(headers, rows, right)
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+json_rows = st.dictionaries(st.text(max_size=5), json_scalars, max_size=3)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.dictionaries(st.text(max_size=5), json_scalars, min_size=1, max_size=3),
+       rows=st.lists(json_rows, max_size=12), batch=st.integers(1, 5),
+       after=st.dictionaries(st.text(max_size=5), json_scalars, min_size=1, max_size=3))
+def test_a_streamed_listing_is_the_json_of_the_whole(monkeypatch, capsys, before, rows, batch,
+                                                      after):
+    """`echo_json_with_list` writes, batch by batch, exactly what one `strict_json` call
+    would write for the whole document (NaN and infinities as null included)."""
+    key = "tensors"
+    before = {k: v for k, v in before.items() if k != key}
+    after = {k: v for k, v in after.items() if k not in before and k != key}
+    assume(before and after)
+    monkeypatch.setattr(console, "_BATCH", batch)
+    capsys.readouterr()
+    echo_json_with_list(before, key, iter(rows), after)
+    assert capsys.readouterr().out == strict_json({**before, key: rows, **after}) + "\n"

@@ -83,12 +83,29 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], **layout: An
     return "\n".join(table_lines(headers, rows, **layout))
 
 
+_BATCH = 4096  # lines or list items written per call by the echo_* functions
+
+
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]], **layout: Any) -> None:
     """`table_lines` written to stdout a few thousand lines at a time: a listing of 100,000
     tensors never exists as one string."""
     lines = iter(table_lines(headers, rows, **layout))
-    while batch := list(itertools.islice(lines, 4096)):
+    while batch := list(itertools.islice(lines, _BATCH)):
         click.echo("\n".join(batch))
+
+
+def echo_json_with_list(before: Mapping[str, Any], key: str, items: Iterable[Any],
+                        after: Mapping[str, Any]) -> None:
+    """``{**before, key: [*items], **after}`` as `strict_json` writes it, to stdout, the list
+    encoded a few thousand items at a time: a long listing never exists as one string or
+    one list. ``before`` and ``after`` are not empty."""
+    items = iter(items)
+    click.echo(f"{strict_json(before)[:-1]}, {json.dumps(key)}: [", nl=False)
+    separator = ""
+    while batch := list(itertools.islice(items, _BATCH)):
+        click.echo(separator + strict_json(batch)[1:-1], nl=False)
+        separator = ", "
+    click.echo(f"], {strict_json(after)[1:]}")
 
 
 def table_lines(

@@ -23,6 +23,7 @@ from qlis.cli.console import (
     LazyCommandGroup,
     check_input,
     describe_rel_mse,
+    echo_json_with_list,
     echo_table,
     escape,
     human_bytes,
@@ -107,11 +108,10 @@ def _info(path: Path, fmt: str, verify: bool) -> None:
         "verified": verify,
     }
     if fmt == "json":
-        click.echo(strict_json({"metadata": metadata, "writer": writer,
-                                "compression": compression, "distortion": distortion,
-                                "tensors": list(describe_entries(entries)), "aliases": aliases,
-                                "runtime": runtime,
-                                "totals": totals}))
+        echo_json_with_list({"metadata": metadata, "writer": writer,
+                             "compression": compression, "distortion": distortion},
+                            "tensors", describe_entries(entries),
+                            {"aliases": aliases, "runtime": runtime, "totals": totals})
         return
     lines = _section("metadata", metadata)
     if isinstance(writer, dict) and {"name", "version"} <= writer.keys():
