@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
-import qlis.cli.main
 from qlis.cli.choices import codec_names
 from qlis.cli.main import cli
 from qlis.json_input import MAX_DEPTH, MAX_FILE_BYTES

@@ -209,7 +209,7 @@ def everything_broken(plugins):
 
 def test_the_cli_choices_and_help_work_with_broken_plugins(everything_broken):
     everything_broken.raw_package("garbled", "[qlis.policies]\nno-equals-sign\n")
-    # What qlis/cli/main.py computes at import time for its --policy and --codec choices.
+    # What qlis/cli/model_commands.py computes at import time for its --policy and --codec choices.
     assert "broken" in policy_names() and "rd" in policy_names()
     assert "broken" in codec_names() and "auto" in codec_names()
     for args in (["--help"], ["pack", "--help"]):
