@@ -10,8 +10,6 @@ archive's header: ``qlis info``, ``qlis.archive.format``) starts without importi
 """
 
 import importlib
-import sys
-import types
 
 from qlis.errors import ArchiveError as ArchiveError
 from qlis.errors import ConfigError as ConfigError
@@ -39,26 +37,15 @@ _PUBLIC = {  # name -> the module that defines it
 __all__ = sorted([*_PUBLIC, "ArchiveError", "ConfigError", "InputError", "QlisError"])
 
 
-class _Package(types.ModuleType):
-    """The ``qlis`` module: a public name is imported from its module when first asked for,
-    and a submodule never hides the function it shares a name with (``qlis.compress`` and
-    ``qlis.pack`` stay the functions once their modules are imported)."""
-
-    def __getattr__(self, name: str) -> object:
-        module = _PUBLIC.get(name)
-        if module is None:
-            raise AttributeError(f"module 'qlis' has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        super().__setattr__(name, value)
-        return value
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *_PUBLIC})
+def __getattr__(name: str) -> object:
+    """A public name, imported from its module the first time it is asked for (PEP 562)."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qlis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})
