@@ -279,3 +279,16 @@ def test_command_line_mistakes_are_one_line(tmp_path, no_loading, command, token
                                   ["pack", "m.pt", "-o", "m.qlis", "--plan", ""]])
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(no_loading, args):
     assert "an empty path" in one_line_error(*args)
+
+
+def test_the_help_lists_the_commands_alike_before_and_after_they_are_loaded():
+    """The command table imports each command when first used; `qlis -h` must not change
+    (order included) once some have been."""
+    first = run(cli, "--help")
+    run(cli, "info", "--help")
+    second = run(cli, "--help")
+    assert first.exit_code == second.exit_code == 0
+    assert first.stdout == second.stdout
+    listed = [line.split()[0] for line in first.stdout.split("Commands:")[1].splitlines()
+              if line.strip()]
+    assert listed == ["inspect", "pack", "unpack", "info", "demo"]

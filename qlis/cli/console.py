@@ -300,7 +300,9 @@ class LazyCommandGroup(CommandGroup):
         self._lazy = dict(lazy)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in self._lazy if n not in self.commands)]
+        """The table's commands in its order, then any added directly (sorted), whether
+        loaded yet or not."""
+        return [*self._lazy, *(n for n in super().list_commands(ctx) if n not in self._lazy)]
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self._lazy and name not in self.commands:
