@@ -79,10 +79,13 @@ def element_size(dtype_name: str) -> int:
     return DTYPE_SIZES[dtype_name]
 
 
+_CODE_DTYPES = (np.dtype(np.uint8), np.dtype("<u2"))
+
+
 def code_dtype(n_levels: int) -> np.dtype:
     """The width of quantized codes, derived from the alphabet: uint8 up to 256 levels, else
     uint16 (up to 65536)."""
-    return np.dtype(np.uint8) if n_levels <= 256 else np.dtype("<u2")
+    return _CODE_DTYPES[n_levels > 256]
 
 
 def aligned(n: int) -> int:
@@ -334,8 +337,7 @@ class TensorEntry(NamedTuple):
         """Bytes decoding it allocates: the values, plus codes and parameters if quantized."""
         decoded = self.numel * element_size(self.dtype)
         if self.n_levels is not None:
-            code_bytes = 1 if self.n_levels <= 256 else 2  # `code_dtype`'s width
-            decoded += self.numel * code_bytes + sum(
+            decoded += self.numel * code_dtype(self.n_levels).itemsize + sum(
                 p.record.length for p in self.params.values())
         return decoded
 
@@ -498,8 +500,7 @@ def _check_entry(entry: object, data_len: int, configs: _ConfigCheck) -> TensorE
         keys, required = _QUANTIZED_KEYS, _QUANTIZED_REQUIRED
     else:
         keys, required = _ENTRY_KEYS, _ENTRY_REQUIRED
-    if not keys.issuperset(entry):
-        raise _fail(where, f"unknown field {sorted(set(entry) - keys)[0]!r}")
+    _object(entry, where, keys)
     if not required.issubset(entry):
         raise _fail(where, f"missing field {min(required - entry.keys())!r}")
     shape = entry["shape"]
