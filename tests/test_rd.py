@@ -8,6 +8,7 @@ from torch import nn
 
 import qlis
 from qlis import ConfigError
+from qlis.measure import stats
 from qlis.plan.execute import execute_layer
 from qlis.plan.rd import DEFAULT_MAX_DISTORTION
 
@@ -30,6 +31,17 @@ class TwoPaths(nn.Module):
 def mlp() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+
+
+def test_rd_does_not_measure_the_scores_it_does_not_rank_by(mlp, monkeypatch):
+    def no_entropy(*_):
+        raise AssertionError("rd measured the value entropy")
+
+    monkeypatch.setattr(stats, "_scan", no_entropy)
+    result = qlis.compress(mlp, "rd")
+    assert all(p.qlis is None for p in result.layers) and result.report.totals["mean_QLIS"] is None
+    with pytest.raises(AssertionError, match="value entropy"):
+        qlis.compress(mlp, "lapq")  # the paper's policies rank by QLIS
 
 
 @pytest.mark.parametrize("model", ["tiny_vit", "mlp"])

@@ -8,7 +8,7 @@ that scoring a 300M-parameter model takes seconds.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -110,7 +110,8 @@ def value_entropy_bits(tensor: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """The statistics of one selected layer; ``as_dict`` gives the machine-readable record."""
+    """The statistics of one selected layer; ``as_dict`` gives the machine-readable record.
+    E, S, EWDS and QLIS are None in a report made without scores (``inspect(score=False)``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -118,10 +119,10 @@ class LayerStats:
     dtype: str
     sigma: float
     P: float
-    E: float
-    S: float
-    EWDS: float
-    QLIS: float
+    E: float | None
+    S: float | None
+    EWDS: float | None
+    QLIS: float | None
 
     def as_dict(self) -> dict:
         record = asdict(self)
@@ -142,15 +143,20 @@ class InspectionReport:
 
     @property
     def totals(self) -> dict:
-        qlis_values = [layer.QLIS for layer in self.layers]
+        scores = [layer.QLIS for layer in self.layers]
+        scored = None not in scores  # a report made with score=False has none
+
+        def total(reduce: Callable[[list[float]], float]) -> float | None:
+            return float(reduce(scores)) if scored else None
+
         return {
             "layers": len(self.layers),
             "layer_params": self.layer_params,
             "total_params": self.total_params,
             "unselected_tensors": len(self.unselected),
-            "mean_QLIS": float(np.mean(qlis_values)),
-            "min_QLIS": float(np.min(qlis_values)),
-            "max_QLIS": float(np.max(qlis_values)),
+            "mean_QLIS": total(np.mean),
+            "min_QLIS": total(np.min),
+            "max_QLIS": total(np.max),
         }
 
     def records(self) -> list[dict]:
@@ -167,14 +173,17 @@ SCORE_PARAMS = {"beta": Param("float", 0, 1), "eps": Param("float", 0)}
 """The options of the QLIS score (β weighs E against S; ε is the small-weight threshold)."""
 
 
-def _layer_measures(tensor: torch.Tensor, eps: float) -> tuple[float, float, float]:
-    """(sigma, H in bits, S) of one layer."""
+def _layer_measures(tensor: torch.Tensor, eps: float,
+                    score: bool) -> tuple[float, float | None, float | None]:
+    """(sigma, H in bits, S) of one layer; H and S only with ``score``."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0 if score else None, 0.0 if score else None
     if not math.isfinite(peak_abs(flat)):  # min/max carry a NaN or an infinity
         raise InputError("contains NaN or Inf values")
     sigma = _sigma(flat)
+    if not score:
+        return sigma, None, None
     entropy, sparsity = _scan(flat, eps)
     return sigma, entropy, sparsity
 
@@ -199,11 +208,13 @@ def inspect(
     jobs: int | None = None,
     cluster: Cluster | None = None,
     cache: PassCache | None = None,
+    score: bool = True,
 ) -> InspectionReport:
     """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time;
     in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused). A
     tied tensor is one layer, under its first name (`qlis.models.tensors.split_aliases`), selected
-    when any of its names is.
+    when any of its names is. ``score=False`` measures sigma and checks the values are finite,
+    but leaves E, S, EWDS and QLIS out (None).
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -229,19 +240,23 @@ def inspect(
 
     def measure(name: str) -> tuple[float, float, float]:
         try:
-            return _layer_measures(state[name], eps)
+            return _layer_measures(state[name], eps, score)
         except InputError as err:
             raise InputError(f"layer {name!r} {err}") from None
 
     measures = spread(measure, names, [state[n].numel() for n in names], jobs, cluster,
-                      from_json=tuple, cache=cache, key=f"inspect {eps!r}")
+                      from_json=tuple, cache=cache,
+                      key=f"inspect {eps!r}" if score else "inspect unscored")
 
     layers = []
     for name, (sigma, entropy, sparsity) in zip(names, measures, strict=True):
         tensor = state[name]
         share = tensor.numel() / layer_params
-        e = entropy / storage_bits(tensor.dtype)
-        ewds = e * (1.0 - sparsity)
+        e = ewds = qlis_score = None
+        if score:
+            e = entropy / storage_bits(tensor.dtype)
+            ewds = e * (1.0 - sparsity)
+            qlis_score = beta * share + (1.0 - beta) * (1.0 - ewds)
         layers.append(
             LayerStats(
                 name=name,
@@ -253,7 +268,7 @@ def inspect(
                 E=e,
                 S=sparsity,
                 EWDS=ewds,
-                QLIS=beta * share + (1.0 - beta) * (1.0 - ewds),
+                QLIS=qlis_score,
             )
         )
     selected = set(names)

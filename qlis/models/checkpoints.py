@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from qlis.archive.atomic import atomic_path
 from qlis.errors import InputError
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
-from qlis.workers.threads import ordered_map
+from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
@@ -546,7 +546,12 @@ def write_safetensors(
         with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
-            tensors = ordered_map(lambda entry: read(entry[0]), layout, jobs)
+            # read ahead by elements, not by a count of tensors: the writer then never waits
+            # for a large tensor that a short window would have started late (ViT-L/14
+            # unpack on 2 cores: 4.4-4.8 s with 4 tensors ahead, 3.1-3.4 s)
+            tensors = ordered_map(lambda entry: read(entry[0]), layout, jobs,
+                                  cost=lambda entry: math.prod(entry[2]),
+                                  budget=IN_FLIGHT_ELEMENTS)
             for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
                 if tensor.dtype != getattr(torch, dtype) or list(tensor.shape) != list(shape):
                     raise InputError(

@@ -383,7 +383,7 @@ def plan_compression(
         raise ClusterError("calibrated compression runs in one process for now; start it "
                            "without torchrun")
     report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs, cluster=cluster,
-                     cache=cache)
+                     cache=cache, score=plan_policy.ranks_by_score)
     calibration = None
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):

@@ -252,6 +252,7 @@ class RDPolicy(Policy):
     """
 
     strategy_id: ClassVar[str] = "rd"
+    ranks_by_score: ClassVar[bool] = False
     params = {
         "target_bits_per_weight": _POSITIVE,
         "target_bytes": _POSITIVE,

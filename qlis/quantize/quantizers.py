@@ -267,6 +267,12 @@ def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
     return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
 
 
+def _row_extremes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (min, max) as columns; ``amin``/``amax`` apart: torch's ``aminmax`` along a
+    dimension runs 20-40 times slower (torch 2.13, CPU)."""
+    return rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+
+
 def row_mean_squares(rows: torch.Tensor) -> torch.Tensor:
     """Each row's mean square (float32), from float32 copies of one chunk at a time; a single
     row longer than a chunk is summed chunk by chunk in float64."""
@@ -690,7 +696,7 @@ class UniformQuantizer(Quantizer):
             return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
         if not rows.shape[1]:
             return torch.ones(rows.shape[0])
-        low, high = torch.aminmax(rows, dim=1, keepdim=True)
+        low, high = _row_extremes(rows)
         peak = torch.maximum(-low, high).float()
         if bool(((peak > 1e-10) & (peak < 1e10) | (peak == 0)).all()):
             rms = row_mean_squares(rows).sqrt()  # squares within float32
@@ -718,7 +724,7 @@ class UniformQuantizer(Quantizer):
         is elementwise), the code range found first from each row's extremes (rounding is
         monotonic), so memory holds the uint8/uint16 codes and one chunk's floats."""
         whole = self.grid(shape, 1, q.params)
-        extremes = torch.stack(torch.aminmax(matrix, dim=1), dim=1).float()
+        extremes = torch.cat(_row_extremes(matrix), dim=1).float()
         ends = torch.aminmax(whole.encode(extremes))
         probe = self.with_codes(q, torch.stack(ends))  # refuses non-finite or too many codes
         low = int(ends[0])
