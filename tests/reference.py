@@ -96,3 +96,19 @@ def huffman_bits(counts) -> int:
 def student_t(shape, df: float, scale: float, rng: np.random.Generator) -> torch.Tensor:
     """Heavy-tailed float32 weights: Student-t samples (``df`` degrees of freedom) * ``scale``."""
     return torch.from_numpy((rng.standard_t(df, size=shape) * scale).astype(np.float32))
+
+
+def normalized_frequencies(counts: np.ndarray, scale: int) -> np.ndarray:
+    """The rANS table rule, as plainly as it reads: round the scaled counts (at least 1),
+    then move one unit at a time to the symbol where it gains the most bits (or loses the
+    fewest), the lowest symbol first among equals."""
+    total = 1 << scale
+    freqs = [max(1, int(c * total / counts.sum() + 0.5)) for c in counts]
+    while sum(freqs) != total:
+        step = 1 if sum(freqs) < total else -1
+        movable = [i for i in range(len(freqs)) if step > 0 or freqs[i] > 1]
+        best = max(movable, key=lambda i: (counts[i] * np.log2((freqs[i] + step) / freqs[i]),
+                                           -i))
+        freqs[best] += step
+    return np.array(freqs, dtype=np.int64)
+

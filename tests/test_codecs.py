@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import reference
 from dahuffman import HuffmanCodec
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +26,7 @@ from qlis.archive.codecs import (
     register_codec,
 )
 from qlis.archive.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
-from qlis.archive.codecs.ans import _encoder_table
+from qlis.archive.codecs.ans import _encoder_table, _normalize
 from qlis.archive.codecs.huffman import _package_merge, canonical_codes, code_lengths
 from qlis.errors import ArchiveError, ConfigError
 
@@ -312,6 +313,15 @@ def test_huffman_caps_long_codes_on_large_16_bit_alphabets() -> None:
     data = roundtrip(Huffman(), codes)
     header = 2 + 3 + 3 + 3 * np.count_nonzero(counts) + np.count_nonzero(counts) // 2 + 1
     assert 8 * len(data) <= np.dot(counts, optimal) * 1.001 + 8 * header
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=300).filter(any), st.data())
+def test_ans_frequency_table_follows_its_rule(counts: list[int], data: st.DataObject) -> None:
+    array = np.array(counts, dtype=np.int64)
+    scale = data.draw(st.integers(max(1, (len(counts) - 1).bit_length()), 16))
+    expected = reference.normalized_frequencies(array, scale)
+    assert np.array_equal(_normalize(array, scale), expected)
 
 
 def test_ans_reciprocals_divide_exactly() -> None:

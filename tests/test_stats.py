@@ -193,9 +193,9 @@ def test_non_finite_weights_name_the_layer(bad):
 
 def test_an_unscored_report_has_the_same_layers_and_no_scores(tiny_state):
     scored, unscored = qlis.inspect(tiny_state), qlis.inspect(tiny_state, score=False)
-    assert [(a.name, a.numel, a.P, a.sigma) for a in scored.layers] == [
-        (b.name, b.numel, b.P, b.sigma) for b in unscored.layers]
-    assert all(b.E is b.S is b.EWDS is b.QLIS is None for b in unscored.layers)
+    assert [(a.name, a.shape, a.numel, a.dtype, a.P) for a in scored.layers] == [
+        (b.name, b.shape, b.numel, b.dtype, b.P) for b in unscored.layers]
+    assert all(b.sigma is b.E is b.S is b.EWDS is b.QLIS is None for b in unscored.layers)
     assert unscored.totals["mean_QLIS"] is None
     assert {k: v for k, v in unscored.totals.items() if not k.endswith("QLIS")} == {
         k: v for k, v in scored.totals.items() if not k.endswith("QLIS")}

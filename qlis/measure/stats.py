@@ -111,13 +111,14 @@ def value_entropy_bits(tensor: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class LayerStats:
     """The statistics of one selected layer; ``as_dict`` gives the machine-readable record.
-    E, S, EWDS and QLIS are None in a report made without scores (``inspect(score=False)``)."""
+    Only name, shape, numel, dtype and P are set in a report made without scores
+    (``inspect(score=False)``); the measures are None."""
 
     name: str
     shape: tuple[int, ...]
     numel: int
     dtype: str
-    sigma: float
+    sigma: float | None
     P: float
     E: float | None
     S: float | None
@@ -174,18 +175,18 @@ SCORE_PARAMS = {"beta": Param("float", 0, 1), "eps": Param("float", 0)}
 
 
 def _layer_measures(tensor: torch.Tensor, eps: float,
-                    score: bool) -> tuple[float, float | None, float | None]:
-    """(sigma, H in bits, S) of one layer; H and S only with ``score``."""
+                    score: bool) -> tuple[float, float, float] | tuple[None, None, None]:
+    """(sigma, H in bits, S) of one layer; without ``score``, only the check that its values
+    are finite."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return 0.0, 0.0 if score else None, 0.0 if score else None
-    if not math.isfinite(peak_abs(flat)):  # min/max carry a NaN or an infinity
+    if flat.numel() and not math.isfinite(peak_abs(flat)):  # a NaN or an infinity
         raise InputError("contains NaN or Inf values")
-    sigma = _sigma(flat)
     if not score:
-        return sigma, None, None
+        return None, None, None
+    if flat.numel() == 0:
+        return 0.0, 0.0, 0.0
     entropy, sparsity = _scan(flat, eps)
-    return sigma, entropy, sparsity
+    return _sigma(flat), entropy, sparsity
 
 
 def _sigma(flat: torch.Tensor) -> float:
@@ -213,8 +214,8 @@ def inspect(
     """Score every selected layer with P, E, S, EWDS and QLIS (``jobs`` layers at a time;
     in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused). A
     tied tensor is one layer, under its first name (`qlis.models.tensors.split_aliases`), selected
-    when any of its names is. ``score=False`` measures sigma and checks the values are finite,
-    but leaves E, S, EWDS and QLIS out (None).
+    when any of its names is. ``score=False`` only checks that the values are finite and
+    leaves the measures (sigma, E, S, EWDS, QLIS) out, as None.
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)

@@ -11,7 +11,7 @@ quality target takes the first point of the path that meets it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +56,9 @@ def lower_hull(curve: Curve) -> list[int]:
     return hull
 
 
-def greedy_path(curves: Sequence[Curve]) -> list[list[int]]:
-    """Allocations (candidate index per layer) from the smallest to the most precise, one
-    hull step at a time, steepest distortion decrease per byte first."""
+def _greedy_moves(curves: Sequence[Curve]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The path's first allocation and its moves (layer, candidate), one hull step each,
+    steepest distortion decrease per byte first."""
     hulls = [lower_hull(c) for c in curves]
     steps = []
     for layer, (curve, hull) in enumerate(zip(curves, hulls, strict=True)):
@@ -68,12 +68,16 @@ def greedy_path(curves: Sequence[Curve]) -> list[list[int]]:
             cost = float(curve.sizes[b] - curve.sizes[a])
             steps.append((-gain / cost, layer, j))
     steps.sort()
-    position = [0] * len(curves)
-    current = [hull[0] for hull in hulls]
+    return [hull[0] for hull in hulls], [(layer, hulls[layer][j]) for _, layer, j in steps]
+
+
+def greedy_path(curves: Sequence[Curve]) -> list[list[int]]:
+    """Allocations (candidate index per layer) from the smallest to the most precise, one
+    hull step at a time, steepest distortion decrease per byte first."""
+    current, moves = _greedy_moves(curves)
     path = [list(current)]
-    for _, layer, j in steps:
-        position[layer] = j
-        current[layer] = hulls[layer][j]
+    for layer, candidate in moves:
+        current[layer] = candidate
         path.append(list(current))
     return path
 
@@ -85,14 +89,55 @@ def totals(curves: Sequence[Curve], choice: Sequence[int]) -> tuple[float, float
     return size, dist
 
 
+class _Path:
+    """The greedy path without its copies: point ``k`` is the first allocation after ``k``
+    moves. Along the path sizes strictly grow and distortions strictly fall (hull steps), so
+    a target splits it in two; running totals find the split in one pass, and `totals` then
+    settles it exactly (their sums round alike to the last bit only in layer order)."""
+
+    def __init__(self, curves: Sequence[Curve]) -> None:
+        self.curves = curves
+        self.start, self.moves = _greedy_moves(curves)
+        size, dist = totals(curves, self.start)
+        before = list(self.start)
+        size_steps, dist_steps = [size], [dist]
+        for layer, candidate in self.moves:
+            curve, old = curves[layer], before[layer]
+            size_steps.append(float(curve.sizes[candidate] - curve.sizes[old]))
+            dist_steps.append(float(curve.distortions[candidate] - curve.distortions[old]))
+            before[layer] = candidate
+        self.sizes, self.distortions = np.cumsum(size_steps), np.cumsum(dist_steps)
+
+    def __len__(self) -> int:
+        return len(self.moves) + 1
+
+    def point(self, k: int) -> list[int]:
+        choice = list(self.start)
+        for layer, candidate in self.moves[:k]:
+            choice[layer] = candidate
+        return choice
+
+    def first(self, meets: Callable[[float, float], bool], estimate: int) -> int | None:
+        """The first point that ``meets`` its exact totals (a property that holds from some
+        point on), searched from ``estimate`` outwards; None when no point does."""
+        k = min(max(estimate, 0), len(self) - 1)
+        while k > 0 and meets(*totals(self.curves, self.point(k - 1))):
+            k -= 1
+        while k < len(self) and not meets(*totals(self.curves, self.point(k))):
+            k += 1
+        return k if k < len(self) else None
+
+
 def allocate_for_size(curves: Sequence[Curve], budget: float) -> list[int]:
     """The least total distortion whose total size is within ``budget`` (see module doc);
     the smallest allocation when none fits (the caller says the target was missed)."""
-    path = greedy_path(curves)
-    fitting = [p for p in path if totals(curves, p)[0] <= budget]
-    if not fitting:
-        return list(path[0])
-    choice = list(fitting[-1])
+    path = _Path(curves)
+    too_big = path.first(lambda size, _: size > budget,
+                         int(np.searchsorted(path.sizes, budget, side="right")))
+    last_fitting = (len(path) if too_big is None else too_big) - 1
+    if last_fitting < 0:
+        return path.point(0)
+    choice = path.point(last_fitting)
     size = totals(curves, choice)[0]
     while True:  # spend the rest of the budget on the best single upgrades that still fit
         best = None
@@ -115,8 +160,8 @@ def allocate_for_size(curves: Sequence[Curve], budget: float) -> list[int]:
 def allocate_for_distortion(curves: Sequence[Curve], max_distortion: float) -> list[int]:
     """The smallest point of the greedy path whose total distortion is <= ``max_distortion``
     (the most precise allocation when none reaches it)."""
-    path = greedy_path(curves)
-    for point in path:
-        if totals(curves, point)[1] <= max_distortion:
-            return point
-    return path[-1]
+    path = _Path(curves)
+    meets = path.distortions <= max_distortion
+    estimate = int(np.argmax(meets)) if meets.any() else len(path) - 1
+    meeting = path.first(lambda _, dist: dist <= max_distortion, estimate)
+    return path.point(len(path) - 1 if meeting is None else meeting)

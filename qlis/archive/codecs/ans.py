@@ -31,31 +31,58 @@ _SCALE_TOLERANCE = 2e-4  # a smaller table may cost at most this fraction more
 
 
 @njit(cache=True, nogil=True)
+def _sift_down(keys: np.ndarray, index: np.ndarray, size: int, at: int) -> None:
+    # A binary min-heap of (key, index) pairs, ordered by key, then index.
+    while True:
+        child = 2 * at + 1
+        if child >= size:
+            return
+        if child + 1 < size and (keys[child + 1] < keys[child] or (
+                keys[child + 1] == keys[child] and index[child + 1] < index[child])):
+            child += 1
+        if keys[child] < keys[at] or (keys[child] == keys[at] and index[child] < index[at]):
+            keys[at], keys[child] = keys[child], keys[at]
+            index[at], index[child] = index[child], index[at]
+            at = child
+        else:
+            return
+
+
+@njit(cache=True, nogil=True)
 def _normalize(counts: np.ndarray, scale: int) -> np.ndarray:
     # Frequencies summing to 2**scale, each >= 1, close to minimal cross-entropy: round the
-    # scaled counts, then move single units where they cost (or save) the most bits.
+    # scaled counts, then move single units where they cost (or save) the most bits, the
+    # lowest symbol first among equals. The moves all go one way (up while the sum is short,
+    # down while it is over), so a heap of each symbol's next move finds them in log time.
     total_freq = 1 << scale
     total = counts.sum()
     freqs = np.empty(counts.size, dtype=np.int64)
     for i in range(counts.size):
         freqs[i] = max(1, int(counts[i] * total_freq / total + 0.5))
     diff = total_freq - freqs.sum()
+    if diff == 0:
+        return freqs
+    step = 1 if diff > 0 else -1
+    keys = np.empty(counts.size, dtype=np.float64)  # minus the gain of the symbol's move
+    index = np.empty(counts.size, dtype=np.int64)
+    size = 0
+    for i in range(counts.size):
+        if step > 0 or freqs[i] > 1:
+            keys[size] = -(counts[i] * np.log2((freqs[i] + step) / freqs[i]))
+            index[size] = i
+            size += 1
+    for at in range(size // 2 - 1, -1, -1):
+        _sift_down(keys, index, size, at)
     while diff != 0:
-        best = -1
-        best_gain = -np.inf
-        for i in range(counts.size):
-            if diff > 0:
-                gain = counts[i] * np.log2((freqs[i] + 1) / freqs[i])
-            elif freqs[i] > 1:
-                gain = counts[i] * np.log2((freqs[i] - 1) / freqs[i])
-            else:
-                continue
-            if gain > best_gain:
-                best_gain = gain
-                best = i
-        step = 1 if diff > 0 else -1
+        best = index[0]
         freqs[best] += step
         diff -= step
+        if step > 0 or freqs[best] > 1:  # its next move replaces the one just made
+            keys[0] = -(counts[best] * np.log2((freqs[best] + step) / freqs[best]))
+        else:  # at 1 it cannot go lower
+            size -= 1
+            keys[0], index[0] = keys[size], index[size]
+        _sift_down(keys, index, size, 0)
     return freqs
 
 
