@@ -3,7 +3,8 @@
 Issue 16's goals, measured side by side in one run (each command in its own process, so its
 peak RSS is its own):
 - ViT-L/14-shaped checkpoint (float32, 1.16 GiB): default `qlis pack` <= 2.0x the safetensors
-  load + save + fsync floor, `qlis unpack` <= 1.3x; `--jobs 2` against `--jobs 1`.
+  load + save + fsync floor, `qlis unpack` <= 1.3x; `--jobs 2` against `--jobs 1`, for the
+  whole command and for the `qlis.pack` call alone.
 - A 2.4 B-parameter float16 checkpoint (4.7 GB, LLM-shaped): peak RSS of `qlis pack` <=
   1.0 GB + 2x its largest tensor, and it completes inside a 1.5 GiB memory cgroup.
 - A 7B-shaped float16 checkpoint (13.5 GB; `--skip-7b` leaves it out): time and memory.
@@ -53,6 +54,26 @@ def parallel_ceiling(tasks: int = 8, size: int = 1 << 22, rounds: int = 3) -> fl
             return time.perf_counter() - start
 
     return min(seconds(1) for _ in range(rounds)) / min(seconds(2) for _ in range(rounds))
+
+
+PACK_CALL = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "import qlis\n"
+    "from qlis.models.checkpoints import load_state_dict\n"
+    "state = load_state_dict(Path(sys.argv[1]))\n"
+    "start = time.perf_counter()\n"
+    "qlis.pack(state, sys.argv[2], jobs=int(sys.argv[3]))\n"
+    "print(time.perf_counter() - start)\n"
+)
+
+
+def pack_call_seconds(checkpoint: Path, archive: Path, jobs: int) -> float:
+    """The ``qlis.pack`` call alone (file mapped, not yet read; start-up and imports left
+    out), in a fresh process: the pipeline's own throughput."""
+    out = subprocess.run([sys.executable, "-c", PACK_CALL, str(checkpoint), str(archive),
+                          str(jobs)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def llm_layout(hidden: int, layers: int, intermediate: int, vocab: int,
@@ -123,6 +144,7 @@ def main() -> None:
         folder = Path(tmp)
         vit = folder / "vit-l14.safetensors"
         state = vit_state_dict("vit-l14")
+        params = sum(t.numel() for t in state.values())
         write_safetensors(vit, [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
                                 for n, t in state.items()], state.__getitem__)
         del state
@@ -141,11 +163,14 @@ def main() -> None:
         }
         times: dict[str, list[float]] = {k: [] for k in steps}
         peaks: dict[str, int] = {}
+        calls: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(args.rounds):  # rounds interleaved: the machine's drift hits all alike
             for name, cmd in steps.items():
                 seconds, peak, _ = run(cmd)
                 times[name].append(seconds)
                 peaks[name] = max(peaks.get(name, 0), peak)
+            for jobs in calls:
+                calls[jobs].append(pack_call_seconds(vit, archive, jobs))
         size, rel_mse = archive_quality(archive)
         floor = min(times[next(iter(steps))])
         ceiling = parallel_ceiling()
@@ -176,6 +201,11 @@ def main() -> None:
             f"faster (goal 1.7x with 2 workers: {'met' if pack_jobs >= 1.7 else 'NOT met'}); "
             f"this machine's own ceiling, independent numpy sorts on 2 threads against 1 in "
             f"the same run: {ceiling:.2f}x.",
+            f"- The `qlis.pack` call alone (in its own process, start-up and imports left "
+            f"out): {min(calls[1]):.1f} s with 1 worker, {min(calls[2]):.1f} s with 2: "
+            f"{params / min(calls[1]) / 1e6:.0f} and {params / min(calls[2]) / 1e6:.0f} M "
+            f"parameters/s, {min(calls[1]) / min(calls[2]):.2f}x (goal 1.7x: "
+            f"{'met' if min(calls[1]) / min(calls[2]) >= 1.7 else 'NOT met'}).",
             "",
         ]
         vit.unlink()
