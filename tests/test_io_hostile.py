@@ -474,6 +474,23 @@ def test_write_safetensors_carries_metadata(tmp_path):
     assert read_metadata(folder) == {"format": "pt"}  # what every shard agrees on
 
 
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_write_safetensors_places_every_tensor_despite_short_writes(tmp_path, monkeypatch, jobs):
+    """Threads write each tensor at its offset; a write the kernel cuts short is resumed."""
+    state = {"e": torch.zeros(0, 3), "w": torch.randn(5, 7), "s": torch.tensor(2.5),
+             "h": torch.randn(9).half(), "b": torch.arange(6)}
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, data[:5], offset))
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, layout_of(state), state.__getitem__, jobs=jobs)
+    monkeypatch.undo()
+    reference = tmp_path / "reference.safetensors"
+    save_file(state, reference)
+    with safe_open(str(out), "pt") as f:
+        assert all(torch.equal(f.get_tensor(n), state[n]) for n in state)
+    assert out.stat().st_size == reference.stat().st_size
+
+
 @pytest.mark.parametrize(
     "name, metadata, words",
     [
