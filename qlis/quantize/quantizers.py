@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numba import njit
 
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
@@ -653,6 +654,21 @@ def code_dtype(n_levels: int) -> type:
     return np.uint8 if n_levels <= 256 else np.uint16
 
 
+@njit(cache=True, nogil=True)
+def _write_uniform_codes(matrix: np.ndarray, step: np.ndarray, zero: np.ndarray,
+                         rounding: np.float32, low: np.float32, out: np.ndarray) -> None:
+    # out = the uniform grid's code of each value, less ``low``: sign(q) * floor(|q| +
+    # rounding) + zero with q = value / step (one step, or one per row), in float32 as
+    # AffineGrid.encode computes it, but in one pass and straight into the stored codes.
+    one = step.size == 1
+    for r in range(matrix.shape[0]):
+        s = step[0] if one else step[r]
+        z = zero[0] if one else zero[r]
+        for c in range(matrix.shape[1]):
+            q = matrix[r, c] / s
+            out[r, c] = int(np.copysign(np.floor(np.abs(q) + rounding), q) + z - low)
+
+
 @register_quantizer
 class UniformQuantizer(Quantizer):
     """Entropy-coded uniform quantization: a fixed step, integer codes of any range.
@@ -730,8 +746,10 @@ class UniformQuantizer(Quantizer):
         low = int(ends[0])
         codes = np.empty(matrix.shape, dtype=code_dtype(probe.n_levels))
         for a, b in chunks:
-            levels = whole.rows(a, b).encode(matrix[a:b].float()).sub_(low)
-            codes[a:b] = levels.to(torch.int32).numpy()
+            rows = whole.rows(a, b)  # one step for the tensor, or one per row
+            _write_uniform_codes(matrix[a:b].float().contiguous().numpy(),
+                                 rows.scale.reshape(-1).numpy(), rows.zero.reshape(-1).numpy(),
+                                 np.float32(self.rounding), np.float32(low), codes[a:b])
         return QuantizedTensor(codes.reshape(shape), probe.n_levels, q.quantizer,
                                probe.params, q.dtype)
 
