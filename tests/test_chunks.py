@@ -13,6 +13,8 @@ import torch
 import qlis.measure.distortion
 import qlis.measure.stats
 import qlis.quantize.quantizers
+from qlis.plan.execute import execute_layer
+from qlis.plan.plans import LayerConfig
 from qlis.quantize.quantizers import UniformQuantizer, get_quantizer
 
 
@@ -77,3 +79,22 @@ def test_chunked_measures_agree_with_the_whole_tensor_s(tiny_chunks):
         float(ref.square().sum()), rel=1e-5)
     flat = (weight.float() + 3.0).reshape(-1)  # a mean far from 0: deviations, not squares
     assert qlis.measure.stats._sigma(flat) == pytest.approx(float(flat.std(correction=0)), rel=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    {"id": "uniform", "rel_mse": 1e-3},
+    {"id": "uniform", "rel_mse": 1e-2, "granularity": "channel"},
+    {"id": "affine", "bits": 3, "granularity": "channel"},
+    {"id": "kmeans", "bits": 2},
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_s_error_measured_by_row_ranges_is_that_of_its_whole_dequantized_copy(
+        tiny_chunks, config, dtype):
+    weight = _weight(dtype, (53, 29))
+    stored, plan = execute_layer("w", weight, LayerConfig(quantizer=config))
+    assert len(list(get_quantizer(config).dequantized_rows(stored))) > (config["id"] != "kmeans")
+    whole = stored.dequantize()
+    ref, out = weight.double(), whole.double()
+    assert whole.dtype == dtype
+    assert plan.rel_mse == pytest.approx(float((out - ref).square().sum() / ref.square().sum()),
+                                         rel=1e-12)

@@ -31,13 +31,9 @@ def _squares(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
     return energy, error
 
 
-def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||approx - reference||^2 / ||reference||^2`` (0 for an all-zero reference), from
-    float32 copies of one chunk at a time, in one compiled pass each, summed in float64.
-
-    >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
-    0.5
-    """
+def squared_sums(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """(``||reference||^2``, ``||approx - reference||^2``) from float32 copies of one chunk at
+    a time, in one compiled pass each, summed in float64."""
     ref, out = reference.detach().reshape(-1), approx.detach().reshape(-1)
     energy = error = 0.0
     for start in range(0, ref.numel(), CHUNK_ELEMENTS):
@@ -46,6 +42,17 @@ def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
             out[start:start + CHUNK_ELEMENTS].float().contiguous().numpy())
         energy += chunk_energy
         error += chunk_error
+    return energy, error
+
+
+def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||approx - reference||^2 / ||reference||^2`` (0 for an all-zero reference; see
+    `squared_sums`).
+
+    >>> relative_mse(torch.tensor([1.0, -1.0]), torch.tensor([1.0, 0.0]))
+    0.5
+    """
+    energy, error = squared_sums(reference, approx)
     return error / energy if energy else 0.0
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qlis.archive.codecs import huffman_code_lengths, symbol_histogram
-from qlis.measure.distortion import relative_mse
+from qlis.measure.distortion import relative_mse, squared_sums
 from qlis.models.tensors import storage_bits
 from qlis.plan.plans import LayerConfig
 from qlis.plan.sizes import (
@@ -22,6 +22,7 @@ from qlis.plan.sizes import (
     param_bytes,
 )
 from qlis.quantize.gptq import output_error, quantize_with_error_feedback
+from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
 
@@ -97,7 +98,7 @@ def execute_layer(
     feedback = None
     if config.quantizer is None:
         stored: StoredTensor = pruned
-        approx = pruned
+        rel_mse = relative_mse(weight, pruned)
         paper = huffman = float(kept * width)
         coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
         bits = None
@@ -105,11 +106,12 @@ def execute_layer(
         if hessian is not None:
             stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
                                                   transposed=transposed, sweeps=sweeps)
+            approx = stored.dequantize()
+            feedback = _feedback(weight, pruned, approx, config, hessian, transposed)
+            rel_mse = relative_mse(weight, approx)
         else:
             stored = get_quantizer(config.quantizer).quantize(pruned)
-        approx = stored.dequantize()
-        if hessian is not None:
-            feedback = _feedback(weight, pruned, approx, config, hessian, transposed)
+            rel_mse = _relative_error(weight, stored)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
         counts = _symbol_counts(stored.codes, stored.n_levels)
@@ -127,7 +129,7 @@ def execute_layer(
         k=config.k,
         bits=bits,
         sparsity=removed / max(weight.numel(), 1),
-        rel_mse=relative_mse(weight, approx),
+        rel_mse=rel_mse,
         kept=kept,
         paper_bits=paper,
         huffman_bits=huffman,
@@ -136,6 +138,18 @@ def execute_layer(
         feedback=feedback,
     )
     return stored, plan
+
+
+def _relative_error(weight: torch.Tensor, stored: QuantizedTensor) -> float:
+    """``relative_mse(weight, stored.dequantize())``, a range of rows at a time: no float
+    copy of the whole layer."""
+    rows = weight.detach().reshape(matrix_shape(weight.shape))
+    energy = error = 0.0
+    for a, b, values in get_quantizer(stored.quantizer).dequantized_rows(stored):
+        chunk_energy, chunk_error = squared_sums(rows[a:b], values)
+        energy += chunk_energy
+        error += chunk_error
+    return error / energy if energy else 0.0
 
 
 def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,17 +209,38 @@ class Quantizer(Strategy):
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         """The values of ``q``'s codes on its grid, in its dtype."""
+        if not self.has_grid():
+            raise NotImplementedError(f"{type(self).__name__} implements neither grid nor "
+                                      "dequantize")
         shape = matrix_shape(q.shape)
         if not math.prod(q.shape):
             return torch.zeros(q.shape, dtype=q.dtype)
+        values = None
+        for a, b, rows in self.dequantized_rows(q):
+            if (a, b) == (0, shape[0]):
+                return rows.reshape(q.shape)
+            if values is None:  # codes and float32 of one chunk at a time
+                values = torch.empty(shape, dtype=q.dtype)
+            values[a:b] = rows
+        return values.reshape(q.shape)
+
+    def dequantized_rows(self, q: QuantizedTensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``dequantize`` a range of rows of the matrix view at a time: (start, stop, their
+        values in ``q``'s dtype), so that a large layer can be measured without a float copy
+        of all of it (an affine grid's codes go a chunk at a time; other grids at once)."""
+        shape = matrix_shape(q.shape)
+        if not math.prod(q.shape):
+            return
+        if not self.has_grid():  # a quantizer with only its own dequantize
+            yield 0, shape[0], self.dequantize(q).reshape(shape)
+            return
         grid = self.grid(q.shape, q.n_levels, q.params)
         grid.check(shape)
         if not isinstance(grid, AffineGrid) or math.prod(shape) <= CHUNK_ELEMENTS:
-            return grid.decode(q.matrix_codes()).reshape(q.shape).to(q.dtype)
-        values = torch.empty(shape, dtype=q.dtype)  # codes and float32 of one chunk at a time
+            yield 0, shape[0], grid.decode(q.matrix_codes()).to(q.dtype)
+            return
         for a, b in _chunks(shape, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
-            values[a:b] = grid.rows(a, b).decode(q.matrix_codes(a, b))
-        return values.reshape(q.shape)
+            yield a, b, grid.rows(a, b).decode(q.matrix_codes(a, b)).to(q.dtype)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
