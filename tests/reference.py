@@ -111,4 +111,3 @@ def normalized_frequencies(counts: np.ndarray, scale: int) -> np.ndarray:
                                            -i))
         freqs[best] += step
     return np.array(freqs, dtype=np.int64)
-

@@ -239,7 +239,7 @@ def inspect(
     if layer_params == 0:
         raise InputError("the selected layers are all empty")
 
-    def measure(name: str) -> tuple[float, float, float]:
+    def measure(name: str) -> tuple[float, float, float] | tuple[None, None, None]:
         try:
             return _layer_measures(state[name], eps, score)
         except InputError as err:
