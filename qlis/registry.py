@@ -152,9 +152,12 @@ def entry_points(*, group: str) -> list[EntryPoint]:
     one that cannot be read is a PluginWarning, and the other packages still count. A
     package installed twice counts once, as the first on sys.path (the one Python imports).
     """
+    dists = list(distributions())
+    if not any(_may_declare(dist, group) for dist in dists):
+        return []  # the common case, settled without reading any package's METADATA
     found: list[tuple[str, EntryPoint]] = []
     seen: set[str] = set()
-    for dist in distributions():
+    for dist in dists:
         name = _package_name(dist)
         key = re.sub(r"[-_.]+", "-", name).casefold()
         if key in seen:
@@ -169,6 +172,15 @@ def entry_points(*, group: str) -> list[EntryPoint]:
         else:
             found.extend((key, ep) for ep in eps)
     return [ep for _, ep in sorted(found, key=lambda pair: pair[0])]
+
+
+def _may_declare(dist: Distribution, group: str) -> bool:
+    """Whether ``dist`` declares entry points in ``group``, or cannot say (then the full scan
+    warns about it): entry_points.txt alone, a tenth of the time of reading every name."""
+    try:
+        return bool(dist.entry_points.select(group=group))
+    except Exception:  # a malformed entry_points.txt: the scan that names the package says so
+        return True
 
 
 def _package_name(dist: Distribution) -> str:

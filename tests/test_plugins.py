@@ -190,6 +190,18 @@ def test_unreadable_metadata_is_one_warning_and_the_other_packages_still_count(
     assert registry.get("good").__name__ == "Good"
 
 
+def test_without_a_package_declaring_the_group_no_package_name_is_read(plugins, registry,
+                                                                        monkeypatch):
+    plugins.package("other", {"thing": "somewhere:Thing"}, group="another.group")
+    read, name = [], PathDistribution.name
+    counted = property(lambda dist: read.append(dist) or name.fget(dist))
+    monkeypatch.setattr(PathDistribution, "name", counted)
+    assert registry.names() == ["builtin"] and read == []
+    plugins.package("goodpkg", {"good": f"{plugins.module(GOOD)}:Good"})
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert registry.names() == ["builtin", "good"] and len(read) == 2  # now: every name
+
+
 def test_an_unknown_name_lists_the_plugins_without_importing_them(plugins, registry):
     broken = plugins.module("raise RuntimeError('boom')")
     plugins.package("brokenpkg", {"broken": f"{broken}:Thing"})
