@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.measure.distortion import CHUNK_ELEMENTS
@@ -669,11 +670,12 @@ MAX_REL_MSE = 16.0
 coarser than 3.5 x RMS) most weights round to 0, which is what the highest ratios need."""
 
 
-def code_dtype(n_levels: int) -> type:
-    """The narrowest unsigned numpy dtype that holds codes ``< n_levels`` (uint8 or uint16)."""
+def code_dtype(n_levels: int) -> np.dtype:
+    """The archive's width for codes ``< n_levels`` (uint8 or uint16, see
+    `qlis.archive.format.code_dtype`), refusing an alphabet beyond MAX_LEVELS."""
     if n_levels > MAX_LEVELS:
         raise ConfigError(f"{n_levels} code levels exceed the limit of {MAX_LEVELS}")
-    return np.uint8 if n_levels <= 256 else np.uint16
+    return stored_code_dtype(n_levels)
 
 
 @njit(cache=True, nogil=True)
