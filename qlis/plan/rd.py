@@ -45,6 +45,7 @@ from qlis.plan.sizes import (
     RECORD_OVERHEAD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
 )
+from qlis.quantize.grid import rounded_level
 from qlis.quantize.quantizers import (
     GRANULARITIES,
     MAX_GROUP_SIZE,
@@ -120,12 +121,10 @@ def _bits_per_symbol(counts: np.ndarray, n: int) -> float | None:
 @njit(cache=True, nogil=True)
 def _round_to_steps(scaled: np.ndarray, step: np.float32, rounding: np.float32,
                     levels: np.ndarray) -> tuple[int, int]:
-    # levels = sign(x) * floor(|x / step| + rounding) in float32, as quantize/grid.py
-    # rounds; returns the lowest and highest level.
+    # levels = the grid's rounding of x / step; returns the lowest and highest level.
     low, high = 0, 0
     for i in range(scaled.size):
-        q = scaled[i] / step
-        level = int(np.copysign(np.floor(np.abs(q) + rounding), q))
+        level = int(rounded_level(scaled[i] / step, rounding))
         levels[i] = level
         if i == 0 or level < low:
             low = level

@@ -24,7 +24,7 @@ from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.measure.distortion import CHUNK_ELEMENTS
-from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape
+from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape, rounded_level
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 
@@ -681,16 +681,15 @@ def code_dtype(n_levels: int) -> np.dtype:
 @njit(cache=True, nogil=True)
 def _write_uniform_codes(matrix: np.ndarray, step: np.ndarray, zero: np.ndarray,
                          rounding: np.float32, low: np.float32, out: np.ndarray) -> None:
-    # out = the uniform grid's code of each value, less ``low``: sign(q) * floor(|q| +
-    # rounding) + zero with q = value / step (one step, or one per row), in float32 as
-    # AffineGrid.encode computes it, but in one pass and straight into the stored codes.
+    # out = the uniform grid's code of each value, less ``low``: the rounded value / step
+    # (one step, or one per row) + zero, in float32 as AffineGrid.encode computes it, but in
+    # one pass and straight into the stored codes.
     one = step.size == 1
     for r in range(matrix.shape[0]):
         s = step[0] if one else step[r]
         z = zero[0] if one else zero[r]
         for c in range(matrix.shape[1]):
-            q = matrix[r, c] / s
-            out[r, c] = int(np.copysign(np.floor(np.abs(q) + rounding), q) + z - low)
+            out[r, c] = int(rounded_level(matrix[r, c] / s, rounding) + z - low)
 
 
 @register_quantizer
