@@ -112,3 +112,21 @@ def test_progress_bars_draw_with_and_without_a_known_total(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     with qlis.cli.model_commands._progress_bars() as bar:
         assert bar("writing", 100) is None
+
+
+def test_a_folder_loads_as_transformers_loads_it_without_random_weights_first(
+        bert_folder, monkeypatch):
+    """The module is built with no weight filled (the folder's replace them at once) and
+    computes what transformers' own loading gives, buffers included."""
+    filled = []
+    monkeypatch.setattr(torch.nn.init, "normal_",
+                        lambda tensor, *args, **kwargs: filled.append(tensor) or tensor)
+    model = load_hf_model(bert_folder)
+    assert filled == []
+    monkeypatch.undo()
+    reference = transformers.BertModel.from_pretrained(bert_folder).eval()
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0], [2, 12, 3, 0, 0, 0]])
+    mask = (ids > 0).long()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                           reference(input_ids=ids, attention_mask=mask).last_hidden_state)

@@ -5,6 +5,7 @@ for the layers calibration cannot shape."""
 from __future__ import annotations
 
 import doctest
+import functools
 
 import pytest
 import torch
@@ -208,7 +209,7 @@ def test_a_layer_run_twice_per_forward_sees_both_calls():
     batches = [torch.randn(32, 8) for _ in range(2)]
     calibration = qlis.measure.calibrate.Calibration(model, batches)
     reachable = {n: layer_inputs(model, n) for n in ("a.weight", "b.weight")}
-    groups, moments, repeated = rec._order(calibration, reachable)
+    groups, moments, repeated, _ = rec._order(calibration, reachable, None)
     assert groups == [["a.weight"], ["b.weight"]] and repeated
     assert moments["a.weight"].rows == [128]  # 2 calls x 2 batches x 32 rows
     result = qlis.compress(model, "quant", quantizer=UNIFORM, calib=batches, error_feedback=True)
@@ -231,13 +232,14 @@ def test_layers_reading_one_input_form_one_group_and_the_pass_stops_after_it():
     calibration = qlis.measure.calibrate.Calibration(model, [torch.randn(5, 6)])
     names = ["q.weight", "k.weight", "v.weight", "out.weight"]
     reachable = {n: layer_inputs(model, n) for n in names}
-    groups, _, repeated = rec._order(calibration, reachable)
+    groups, _, repeated, _ = rec._order(calibration, reachable, None)
     assert groups == [names[:3], ["out.weight"]] and not repeated
     calls = []
     model.out.register_forward_pre_hook(lambda module, args: calls.append(1))
-    rec._group_pass(calibration, names[:3], reachable, {}, stop_early=True)
+    whole_model = functools.partial(rec._model_pass, calibration, {})
+    rec._group_moments(names[:3], reachable, True, whole_model)
     assert calls == []  # stopped once q, k and v had run
-    rec._group_pass(calibration, ["out.weight"], reachable, {}, stop_early=True)
+    rec._group_moments(["out.weight"], reachable, True, whole_model)
     assert calls == [1]
 
 
@@ -291,9 +293,10 @@ def test_a_callables_model_calls_are_replayed_one_by_one():
         model, lambda m: torch.cat([m(b) for b in batches]))
     assert calibration.forward_calls == 3
     reachable = {n: layer_inputs(model, n) for n in ("0.weight", "2.weight")}
-    groups, moments, repeated = rec._order(calibration, reachable)
+    groups, moments, repeated, _ = rec._order(calibration, reachable, None)
     assert not repeated and moments["0.weight"].rows == [15]
-    early = rec._group_pass(calibration, ["0.weight"], reachable, {}, stop_early=True)
+    early = rec._group_moments(["0.weight"], reachable, True,
+                               functools.partial(rec._model_pass, calibration, {}))
     assert early["0.weight"].rows == [15]  # every call contributed, each stopped early
     by_callable = qlis.compress(model, "quant", quantizer=UNIFORM,
                                 calib=lambda m: torch.cat([m(b) for b in batches]))
@@ -310,8 +313,11 @@ def test_gradient_sensitivities_agree_with_probe_passes():
     calibration = qlis.measure.calibrate.Calibration(model, [torch.randn(64, 32) for _ in range(2)])
     names = ["0.weight", "2.weight", "4.weight"]
     flags = [p.requires_grad for p in model.parameters()]
+    marker = torch.ones(64, 64)
+    model[2].weight.grad = marker  # the user's own gradient, left as it was
     gains = calibration.sensitivities(names, samples=16)
     assert [p.requires_grad for p in model.parameters()] == flags
+    assert model[2].weight.grad is marker and model[0].weight.grad is None
     for name in names:
         weight = model.state_dict()[name]
         noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))

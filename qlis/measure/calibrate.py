@@ -25,8 +25,14 @@ from typing import Any
 import torch
 
 from qlis.errors import ConfigError, InputError
+from qlis.measure.layer_inputs import layer_inputs
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
+Replacement = torch.Tensor | Callable[[], torch.Tensor]
+"""A tensor a calibration pass computes with instead of the model's own, or how to make it."""
+EAGER_BYTES = 256 << 20
+"""Replacements made when asked total at most this much float32 before they are made layer by
+layer instead (`Calibration.swapped`)."""
 HOLDOUT_EVERY = 4
 """With at least this many batches, every fourth one is held out: reconstruction and the
 allocation's probes fit on the others, and the output quality that ``min_cosine`` aims at and
@@ -51,6 +57,27 @@ def first_tensor(output: Any) -> torch.Tensor:
         f"the model returned a {type(output).__name__} without a tensor; pass "
         "calib=callable(model) -> tensor to say which output to compare"
     )
+
+
+def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
+                     make: Callable[[], torch.Tensor]) -> list:
+    """Hooks that give ``tensor`` the value ``make()`` while ``module`` runs."""
+    own = tensor.data
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        tensor.data = make().to(dtype=tensor.dtype, device=tensor.device).reshape(tensor.shape)
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        tensor.data = own
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+def _take_gradient(tensor: torch.Tensor, name: str, totals: dict[str, float]) -> None:
+    """Add a weight's squared gradient to its total as soon as backward has made it, and
+    free it: a backward pass holds one weight's gradient, not the model's."""
+    totals[name] += float(tensor.grad.double().square().sum())
+    tensor.grad = None
 
 
 def _vectors(output: torch.Tensor, detach: bool = True) -> torch.Tensor:
@@ -108,15 +135,24 @@ class Calibration:
         ``stop`` (a hook that has seen what it needed) is cut short and gives no output.
         ``replay``: the model calls a callable made, one by one (each can stop alone).
         ``checked``: a batch the model cannot take is an InputError that says which."""
+        return [first_tensor(output) for output in
+                self.run_calls(self._runs(replay, batches), stop=stop, checked=checked)]
+
+    def run_calls(self, runs: Sequence[Callable[[], Any]],
+                  replacements: Mapping[str, Replacement] | None = None,
+                  stop: type[Exception] | None = None, checked: bool = False) -> list[Any]:
+        """Call each of ``runs`` (calls of the model or of its parts) in eval and inference
+        mode, with ``replacements`` swapped in, and return their outputs (counted as one
+        pass); a call that raises ``stop`` is cut short and gives no output."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
-            with torch.inference_mode():
-                for i, run in enumerate(self._runs(replay, batches)):
+            with torch.inference_mode(), self.swapped(replacements or {}):
+                for i, run in enumerate(runs):
                     try:
-                        outputs.append(first_tensor(run()))
+                        outputs.append(run())
                     except Exception as err:
                         if stop is not None and isinstance(err, stop):
                             continue
@@ -170,23 +206,44 @@ class Calibration:
         ``held_out``), else the fitting ones."""
         return self.held_out if held_out and self.held_out else self.fitting
 
-    def outputs_with(self, replacements: Mapping[str, torch.Tensor],
+    def outputs_with(self, replacements: Mapping[str, Replacement],
                      batches: list[int] | None = None) -> list[torch.Tensor]:
         """The outputs with some state-dict entries replaced (the model is restored after),
         on ``batches`` (default: every batch)."""
-        with self.swapped(replacements):
-            return [_vectors(o) for o in self._run(batches=batches)]
+        return [_vectors(first_tensor(output)) for output in
+                self.run_calls(self._runs(False, batches), replacements)]
 
     @contextmanager
-    def swapped(self, replacements: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Within the block, the model computes with some state-dict entries replaced."""
+    def swapped(self, replacements: Mapping[str, Replacement]) -> Iterator[None]:
+        """Within the block, the model computes with some state-dict entries replaced.
+
+        A replacement is a tensor, or a callable that makes one (a layer dequantized when
+        asked). Callables are made up front while they total at most ``EAGER_BYTES``;
+        beyond, each is made when the module that multiplies by it runs and dropped when it
+        returns (`LayerInputs.module`), so that a pass holds one layer's float copy, not the
+        model's (tensors no layer kind names are still made up front)."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
+        lazy = {name: value for name, value in replacements.items()
+                if not isinstance(value, torch.Tensor)}
+        lazy_bytes = sum(targets[name].numel() * 4 for name in lazy)
+        on_call = {}
+        if lazy_bytes > EAGER_BYTES:
+            on_call = {name: inputs.module for name in lazy
+                       if (inputs := layer_inputs(self.model, name)) is not None}
+        handles = []
         try:
             for name, t in targets.items():
-                t.data = replacements[name].to(dtype=t.dtype, device=t.device).reshape(t.shape)
+                if name in on_call:
+                    handles += _swapped_on_call(on_call[name], t, lazy[name])
+                    continue
+                value = replacements[name]
+                value = value if isinstance(value, torch.Tensor) else value()
+                t.data = value.to(dtype=t.dtype, device=t.device).reshape(t.shape)
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for name, t in targets.items():
                 t.data = saved[name]
 
@@ -201,7 +258,7 @@ class Calibration:
             raise InputError(f"the model has no tensor {name!r}")
         return tensor
 
-    def measure(self, replacements: Mapping[str, torch.Tensor],
+    def measure(self, replacements: Mapping[str, Replacement],
                 held_out: bool = True) -> dict[str, Any]:
         """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE, on
         the held-out batches (``held_out``, when there are) or the fitting ones, and which."""
@@ -226,6 +283,8 @@ class Calibration:
         if not all(t.is_leaf and t.is_floating_point() for t in tensors.values()):
             return None
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        grads = {name: t.grad for name, t in tensors.items()}
+        handles = []
         totals = dict.fromkeys(names, 0.0)
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
@@ -234,8 +293,11 @@ class Calibration:
         try:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for t in tensors.values():
+            for name, t in tensors.items():
                 t.requires_grad_(True)
+                t.grad = None  # the user's own gradients are put back after
+                handles.append(t.register_post_accumulate_grad_hook(
+                    lambda t, name=name: _take_gradient(t, name, totals)))
             with torch.enable_grad():
                 for _ in range(samples):
                     for i, run in zip(self.fitting, self._runs(False, self.fitting),
@@ -250,12 +312,12 @@ class Calibration:
                         r = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
                         r = r - (r * unit).sum(dim=1, keepdim=True) * unit
                         r = torch.where(norms > 0, r / (math.sqrt(2) * norms), 0.0)
-                        grads = torch.autograd.grad((f * r.to(f.device)).sum(),
-                                                    list(tensors.values()), allow_unused=True)
-                        for name, grad in zip(tensors, grads, strict=True):
-                            if grad is not None:
-                                totals[name] += float(grad.double().square().sum())
+                        (f * r.to(f.device)).sum().backward()
         finally:
+            for handle in handles:
+                handle.remove()
+            for name, t in tensors.items():
+                t.grad = grads[name]
             for p in self.model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
             for t in tensors.values():

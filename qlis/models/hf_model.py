@@ -10,6 +10,7 @@ validated) and assigned to it. Nothing is downloaded and no remote code runs.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,20 @@ def _quietly() -> contextlib.ExitStack:
     return stack
 
 
+def _without_initialising() -> contextlib.AbstractContextManager:
+    """Build the module without filling its weights with random values: the folder's replace
+    them at once, and filling them would hold the whole model in memory once more (the
+    folder's are mapped from its files, read as they are used)."""
+    for where in ("initialization", "modeling_utils"):  # transformers 5, then 4
+        try:
+            module = importlib.import_module(f"transformers.{where}")
+        except ImportError:
+            continue
+        if callable(getattr(module, "no_init_weights", None)):
+            return module.no_init_weights()
+    return contextlib.nullcontext()
+
+
 def load_hf_model(folder: str | Path) -> torch.nn.Module:
     """The model of a Hugging Face folder (config.json + weights), in eval mode."""
     folder = Path(folder)
@@ -55,8 +70,9 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
             cls = getattr(transformers, names[0], None) if names else None
             if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
                 cls = transformers.AutoModel
-            model = (cls.from_config(config) if cls is transformers.AutoModel
-                     else cls(config))
+            with _without_initialising():
+                model = (cls.from_config(config) if cls is transformers.AutoModel
+                         else cls(config))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise InputError(f"{folder}: transformers cannot build this model from its "
                          f"config.json ({str(err).splitlines()[0][:300]})") from None

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from qlis.archive.codecs import huffman_code_lengths, symbol_histogram
+from qlis.measure.calibrate import Replacement
 from qlis.measure.distortion import relative_mse, squared_sums
 from qlis.models.tensors import storage_bits
 from qlis.plan.plans import LayerConfig
@@ -166,7 +167,7 @@ class Realized:
     coded bytes of its layers (what a size target counts, besides the fixed part), and each
     reconstructed layer's ``LayerPlan.feedback``."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, Replacement]
     layer_bytes: float
     feedback: dict[str, float] = field(default_factory=dict)
 

@@ -25,14 +25,17 @@ Layers that calibration never reaches, and weights of kinds without ``LayerInput
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qlis.measure.calibrate import Calibration
+from qlis.measure.blocks import Blocks, CachedInputs, ChainCheck, find_blocks
+from qlis.measure.calibrate import Calibration, Replacement
 from qlis.measure.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
 from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
 from qlis.plan.plans import Plan
@@ -112,44 +115,74 @@ def _hooked(
 
 
 def _order(
-    calibration: Calibration, reachable: Mapping[str, LayerInputs]
-) -> tuple[list[list[str]], dict[str, _Moments], bool]:
+    calibration: Calibration, reachable: Mapping[str, LayerInputs], blocks: Blocks | None,
+) -> tuple[list[list[str]], dict[str, _Moments], bool, bool]:
     """One pass of the float model: the groups of layers in forward order, every reached
-    layer's float mean input, and whether a planned layer runs more than once per forward."""
+    layer's float mean input, whether a planned layer runs more than once per forward, and
+    whether ``blocks`` form a chain (qlis/measure/blocks.py)."""
     moments = {name: _Moments.empty(inputs, False) for name, inputs in reachable.items()}
-    first: list[tuple[str, object]] = []
     calls: dict[str, int] = dict.fromkeys(reachable, 0)
+    groups: list[list[str]] = []
+    last_input: list[object] = [None]  # kept alive, so no later tensor can take its address
 
     def on_call(name: str, args: tuple, kwargs: dict) -> None:
         calls[name] += 1
         if calls[name] == 1:
-            x = call_inputs(args, kwargs)
-            key = (x.data_ptr(), tuple(x.shape)) if isinstance(x, torch.Tensor) else id(x)
-            first.append((name, key))
+            x, previous = call_inputs(args, kwargs), last_input[0]
+            same = x is previous or (
+                isinstance(x, torch.Tensor) and isinstance(previous, torch.Tensor)
+                and x.data_ptr() == previous.data_ptr() and x.shape == previous.shape)
+            if groups and same:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last_input[0] = x
 
+    check = ChainCheck(blocks) if blocks is not None else None
     handles = _hooked(reachable, moments, on_call)
     try:
-        calibration.feed()
+        with check.watching() if check is not None else contextlib.nullcontext():
+            calibration.feed()
     finally:
         for handle in handles:
             handle.remove()
     repeated = any(count > calibration.forward_calls for count in calls.values())
-    groups: list[list[str]] = []
-    previous = None
-    for name, key in first:
-        if groups and key == previous:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-        previous = key
-    return groups, {n: moments[n] for n, _ in first}, repeated
+    chained = (check is not None and check.chained
+               and check.runs == calibration.forward_calls)
+    return groups, {n: moments[n] for group in groups for n in group}, repeated, chained
 
 
-def _group_pass(
-    calibration: Calibration, group: list[str], reachable: Mapping[str, LayerInputs],
-    replacements: Mapping[str, torch.Tensor], stop_early: bool,
+def _chain_positions(groups: list[list[str]], blocks: Blocks) -> list[int | None] | None:
+    """Per group, the block that holds it (None before or after the chain), or None when
+    the groups do not run block after block (a group across blocks, a layer between)."""
+    positions: list[int | None] = []
+    for group in groups:
+        held = {blocks.index_of(name) for name in group}
+        if len(held) != 1:
+            return None
+        positions.append(held.pop())
+    inside = [i for i, p in enumerate(positions) if p is not None]
+    if not inside:
+        return None
+    chain = positions[inside[0]:inside[-1] + 1]
+    if None in chain or chain != sorted(chain):
+        return None
+    return positions
+
+
+def _model_pass(calibration: Calibration, replacements: Mapping[str, Replacement],
+                stop: type[Exception] | None) -> None:
+    """One pass of the whole model with ``replacements`` (for the caller's hooks)."""
+    with calibration.swapped(replacements):
+        calibration.feed(stop=stop)
+
+
+def _group_moments(
+    group: list[str], reachable: Mapping[str, LayerInputs], stop_early: bool,
+    run: Callable[[type[Exception] | None], None],
 ) -> dict[str, _Moments]:
-    """Input moments of the group's layers, with the earlier layers quantized."""
+    """Input moments of the group's layers over ``run(stop)``, one pass (of the model or of
+    the block that holds them) that may end once the group has run."""
     watched = {name: reachable[name] for name in group}
     moments = {name: _Moments.empty(inputs, True) for name, inputs in watched.items()}
     seen: set[str] = set()
@@ -168,8 +201,7 @@ def _group_pass(
 
         handles.append(last.register_forward_hook(done))
     try:
-        with calibration.swapped(replacements):
-            calibration.feed(stop=_GroupDone if stop_early else None)
+        run(_GroupDone if stop_early else None)
     finally:
         for handle in handles:
             handle.remove()
@@ -198,15 +230,43 @@ def reconstruct(
 ) -> Reconstruction:
     """Quantize ``plan``'s layers sequentially (module doc). ``execute(name, weight, config,
     hessian=..., transposed=..., reconstruction=...)`` prunes and quantizes one layer (the
-    caller's ``execute_layer``); ``progress`` gets each finished layer's parameter count."""
+    caller's ``execute_layer``); ``progress`` gets each finished layer's parameter count.
+
+    Where the model's blocks form a chain (qlis/measure/blocks.py), the groups inside it are
+    measured on the blocks' cached inputs, one block at a time, and a finished block's layers
+    are kept only as stored (dequantized again when a later pass needs them): the same
+    moments as passes of the whole model, at the cost of one block per pass."""
     model = calibration.model
     kinds = {name: layer_inputs(model, name) for name in plan}
     reachable = {name: inputs for name, inputs in kinds.items() if inputs is not None}
-    groups, float_moments, repeated = _order(calibration, reachable)
+    blocks = find_blocks(model)
+    groups, float_moments, repeated, chained = _order(calibration, reachable, blocks)
+    positions: list[int | None] = [None] * len(groups)
+    if blocks is not None and chained and not repeated:
+        positions = _chain_positions(groups, blocks) or positions
     result = Reconstruction({}, {}, {})
-    replacements: dict[str, torch.Tensor] = {}
-    for group in groups:
-        moments = _group_pass(calibration, group, reachable, replacements, not repeated)
+    replacements: dict[str, Replacement] = {}
+    cached: CachedInputs | None = None
+    at = 0  # the block whose inputs ``cached`` holds
+
+    def of_block(index: int) -> dict[str, Replacement]:
+        return {n: v for n, v in replacements.items() if blocks.index_of(n) == index}
+
+    for group, position in zip(groups, positions, strict=True):
+        if position is None:
+            cached = None  # past the chain: whole passes, finished blocks made when they run
+            run = functools.partial(_model_pass, calibration, replacements)
+        else:
+            if cached is None:
+                cached = CachedInputs(calibration, blocks, replacements)
+            while at < position:
+                cached.advance(blocks.modules[at], of_block(at))
+                for name in of_block(at):
+                    if name in result.tensors:
+                        replacements[name] = functools.partial(dequantized, result.tensors[name])
+                at += 1
+            run = functools.partial(cached.run, blocks.modules[position], of_block(position))
+        moments = _group_moments(group, reachable, not repeated, run)
         for name in group:
             inputs = reachable[name]
             config = plan[name]

@@ -1,0 +1,180 @@
+"""A model's chain of blocks: found and verified on the float model's pass, run block by block
+on cached inputs with the same result as passes of the whole model, and quantized layers made
+one at a time when a pass would otherwise hold them all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qlis
+from qlis.measure import blocks as blocks_module
+from qlis.measure import calibrate
+from qlis.measure.blocks import ChainCheck, find_blocks
+from qlis.measure.layer_inputs import layer_inputs
+from qlis.quantize import reconstruct as rec
+
+UNIFORM = {"id": "uniform", "rel_mse": 0.03}
+
+
+class Block(nn.Module):
+    """A pre-norm residual block whose attention-like mixing reads a mask argument."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        scores = (self.q(h) @ self.k(h).transpose(1, 2)) * scale + mask
+        x = x + scores.softmax(-1) @ self.v(h)
+        return x + self.down(torch.relu(self.up(x))), scores
+
+
+class Chain(nn.Module):
+    """Embedding, a chain of blocks, a head: the shape of a transformer encoder."""
+
+    def __init__(self, width: int = 16, depth: int = 4, skip: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.inp = nn.Linear(width, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+        self.skip = skip
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.inp(self.embed(ids))
+        bias = (1.0 - mask[:, None, :].float()) * -1e4
+        first = x
+        for i, layer in enumerate(self.layers):
+            x = layer(first if self.skip and i == 2 else x, bias, scale=0.25)[0]
+        return self.head(x[:, 0])
+
+
+def batches(count: int = 5) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [{"ids": torch.randint(0, 50, (3, 7), generator=generator),
+             "mask": torch.ones(3, 7, dtype=torch.long)} for _ in range(count)]
+
+
+def chained(model: nn.Module, calib: list) -> bool:
+    calibration = calibrate.Calibration(model, calib)
+    check = ChainCheck(find_blocks(model))
+    with check.watching():
+        calibration.feed()
+    return check.chained and check.runs == calibration.forward_calls
+
+
+def test_the_heaviest_module_list_is_the_chain_of_blocks():
+    found = find_blocks(Chain())
+    assert found.names == ("layers.0", "layers.1", "layers.2", "layers.3")
+    assert found.index_of("layers.2.q.weight") == 2 and found.index_of("head.weight") is None
+    assert find_blocks(nn.Linear(3, 3)) is None
+    sequential = find_blocks(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)))
+    assert sequential.names == ("0", "1", "2")
+
+
+def test_groups_are_layers_reading_one_live_tensor_not_a_reused_address():
+    """The embedding's output is freed before the first block's norm output takes its
+    memory: the input layer and the block's q/k/v are two groups, not one."""
+    model, calib = Chain().eval(), batches(2)
+    reachable = {n: layer_inputs(model, n) for n, p in model.named_parameters()
+                 if n.endswith("weight") and layer_inputs(model, n) is not None}
+    for _ in range(3):
+        groups = rec._order(calibrate.Calibration(model, calib), reachable, None)[0]
+        assert groups[:2] == [["inp.weight"], ["layers.0.q.weight", "layers.0.k.weight",
+                                               "layers.0.v.weight"]]
+
+
+def test_a_chain_is_told_from_blocks_that_are_not_one():
+    calib = batches(2)
+    assert chained(Chain().eval(), calib)
+    assert not chained(Chain(skip=True).eval(), calib)  # block 2 reads the embedding
+
+    class Twice(Chain):  # the first block runs twice per forward
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = self.inp(self.embed(ids))
+            bias = torch.zeros(ids.shape[0], ids.shape[1], ids.shape[1])
+            x = self.layers[0](x, bias)[0]
+            for layer in self.layers:
+                x = layer(x, bias)[0]
+            return self.head(x[:, 0])
+
+    class Masks(Chain):  # every block gets another mask
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x = self.inp(self.embed(ids))
+            for i, layer in enumerate(self.layers):
+                x = layer(x, torch.full((ids.shape[0], ids.shape[1], ids.shape[1]), -i))[0]
+            return self.head(x[:, 0])
+
+    assert not chained(Twice().eval(), calib)
+    assert not chained(Masks().eval(), calib)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["chain", "not-a-chain"])
+def test_block_by_block_reconstruction_gives_the_bytes_of_whole_model_passes(
+        monkeypatch, skip):
+    torch.manual_seed(0)
+    model, calib = Chain(skip=skip).eval(), batches(6)
+    runs = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda module, args: runs.append(1))
+    by_blocks = qlis.compress(model, "quant", bits=3, calib=calib)
+    block_runs = len(runs)
+    monkeypatch.setattr(rec, "find_blocks", lambda model: None)
+    runs.clear()
+    whole = qlis.compress(model, "quant", bits=3, calib=calib)
+    mine, theirs = by_blocks.state_dict(), whole.state_dict()
+    assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
+    assert by_blocks.distortion["output"] == whole.distortion["output"]
+    if not skip:  # each block ran for its own groups and to pass its outputs on
+        assert block_runs < 0.75 * len(runs)
+
+
+def test_finished_quantized_layers_are_made_one_at_a_time_past_the_budget(monkeypatch):
+    torch.manual_seed(1)
+    model, calib = Chain().eval(), batches(4)
+    names = [n for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
+    planned = qlis.compress(model, "quant", bits=3, calib=calib)
+    realized = {n: t for n, t in planned.state_dict().items() if n in names}
+    measurement = calibrate.Calibration(model, calib)
+    eager = measurement.outputs_with(realized)
+    own = {n: p.data for n, p in model.named_parameters()}
+    most = []
+
+    def count(module: nn.Module, args: tuple) -> None:
+        most.append(sum(not p.data.equal(own[n]) for n, p in model.named_parameters()
+                        if n in names))
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(count)
+    monkeypatch.setattr(calibrate, "EAGER_BYTES", 0)
+    lazy = measurement.outputs_with({n: (lambda t=t: t) for n, t in realized.items()})
+    assert all(torch.equal(a, b) for a, b in zip(eager, lazy, strict=True))
+    assert most and max(most) <= 1  # at most one replaced layer made at any call
+    assert all(p.data_ptr() == own[n].data_ptr() for n, p in model.named_parameters())
+
+
+def test_a_hugging_face_encoder_runs_block_by_block(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64)
+    model = transformers.BertModel(config).eval()
+    generator = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, 60, (2, 9), generator=generator),
+              "attention_mask": torch.tensor([[1] * 9, [1] * 6 + [0] * 3])} for _ in range(4)]
+    assert find_blocks(model).names[0] == "encoder.layer.0"
+    assert chained(model, calib)
+    cached = []
+    monkeypatch.setattr(rec, "CachedInputs",
+                        lambda *args: cached.append(blocks_module.CachedInputs(*args))
+                        or cached[-1])
+    result = qlis.compress(model, "quant", bits=4, calib=calib)
+    assert len(cached) == 1 and len(cached[0].calls) == 3  # the fitting batches
+    assert result.distortion["output"]["cosine"] > 0.9
