@@ -18,6 +18,7 @@ calibration data says nothing about them and other inputs may not leave them at 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,6 +45,21 @@ def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
+def _each_group(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tensor,
+                ) -> torch.Tensor:
+    """``fn`` of each (width, width) matrix of ``stacked``, stacked, without holding the
+    results twice (a list and its stack): one group's is a view of its only result."""
+    if stacked.shape[0] == 1:
+        return fn(stacked[0])[None]
+    first = fn(stacked[0])
+    out = torch.empty((stacked.shape[0], *first.shape), dtype=first.dtype)
+    out[0] = first
+    del first
+    for g in range(1, stacked.shape[0]):
+        out[g] = fn(stacked[g])
+    return out
+
+
 def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the damped covariance's inverse (``h`` from ``_damped``)."""
     lower, info = torch.linalg.cholesky_ex(h)
@@ -54,7 +70,9 @@ def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
         )
     # cholesky_solve against I: measured ~40x faster than cholesky_inverse on CPU (1536 wide)
     inverse = torch.cholesky_solve(torch.eye(len(h), dtype=h.dtype), lower)
+    del lower  # width^2 float64 each: hold at most three at once
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if int(info):
         raise InputError(f"the damped input covariance is too ill-conditioned; raise damp= "
                          f"(now {damp})")
@@ -149,9 +167,11 @@ def quantize_with_error_feedback(
         matrix_shape(weight.shape))
     if transposed:
         matrix, grid = matrix.T, grid.transposed()
-    covariances = torch.stack([_damped(h, damp)
-                               for h in (hessian if hessian.ndim == 3 else hessian[None])])
-    factors = torch.stack([_upper_inverse_factor(h, damp) for h in covariances])
+    covariances = _each_group(lambda h: _damped(h, damp),
+                              hessian if hessian.ndim == 3 else hessian[None])
+    factors = _each_group(lambda h: _upper_inverse_factor(h, damp), covariances)
+    if not sweeps:
+        del covariances  # only learned rounding needs them
     codes = _feed_back(matrix, grid, factors, block_size)
     if sweeps:
         codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)

@@ -74,10 +74,12 @@ class _Moments:
                 self.totals[g].add_(rows.to(torch.float64).sum(dim=0))
             self.rows[g] += rows.shape[0]
 
-    def covariance(self) -> torch.Tensor:
-        """(groups, width, width) float32, or (width, width) for one group."""
+    def take_covariance(self) -> torch.Tensor:
+        """(groups, width, width) float32, or (width, width) for one group; the sums are
+        released (width^2 float64 per group: the largest buffers of a wide layer's pass)."""
         counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
-        h = (self.sums / counts[:, None, None]).float()
+        h = self.sums.div_(counts[:, None, None]).float()
+        self.sums = self.sums.new_zeros(self.sums.shape[0], 0, 0)
         return h[0] if h.shape[0] == 1 else h
 
     def mean(self) -> torch.Tensor:
@@ -270,7 +272,7 @@ def reconstruct(
         for name in group:
             inputs = reachable[name]
             config = plan[name]
-            hessian = moments[name].covariance() if config.quantizer is not None else None
+            hessian = moments[name].take_covariance() if config.quantizer is not None else None
             stored, layer = execute(name, state[name], config, hessian=hessian,
                                     transposed=inputs.transposed, reconstruction=FED_BACK)
             approx = dequantized(stored)
