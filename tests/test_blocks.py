@@ -178,3 +178,23 @@ def test_a_hugging_face_encoder_runs_block_by_block(monkeypatch):
     result = qlis.compress(model, "quant", bits=4, calib=calib)
     assert len(cached) == 1 and len(cached[0].calls) == 3  # the fitting batches
     assert result.distortion["output"]["cosine"] > 0.9
+
+
+def test_a_tied_weight_is_replaced_for_every_module_that_holds_it(monkeypatch):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids))
+
+    torch.manual_seed(2)
+    model = Tied().eval()
+    measurement = calibrate.Calibration(model, [torch.randint(0, 20, (2, 5))])
+    replaced = torch.randn(20, 8)
+    eager = measurement.outputs_with({"head.weight": replaced})
+    monkeypatch.setattr(calibrate, "EAGER_BYTES", 0)
+    lazy = measurement.outputs_with({"head.weight": lambda: replaced})
+    assert torch.equal(eager[0], lazy[0])

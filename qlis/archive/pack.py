@@ -6,7 +6,9 @@ quantizes, encodes and writes the tensors in a second pass, ``jobs`` at a time, 
 model's order: memory holds the tensors in flight and their records, whatever the model's
 size (with a `qlis.models.checkpoints.MappedState` input, tensors are read as they are
 used). The archive is the bytes ``save(compress(...))`` writes, whatever ``jobs`` is. With
-calibration data the reconstruction runs the whole model, so pack then compresses and saves.
+calibration data the reconstruction runs the whole model, so pack then compresses and saves,
+each finished layer's codes waiting in an unlinked file beside the archive, not in memory
+(qlis/plan/spill.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import struct
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,11 +44,11 @@ from qlis.plan.compress import (
     DEFAULT_POLICY,
     CompressionResult,
     PlannedCompression,
-    compress,
     plan_compression,
 )
 from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.policy import Policy
+from qlis.plan.spill import CodeSpill
 from qlis.workers.cluster import Cluster, share
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map, single_threaded_ops
 
@@ -116,8 +119,10 @@ def pack(
         if cluster is not None:
             raise ClusterError("calibrated compression runs in one process for now; start "
                                "it without torchrun")
-        result = compress(model_or_state_dict, policy, beta, jobs=jobs,
-                          progress=planning_progress, **options)
+        planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
+                                   progress=planning_progress,
+                                   spill=CodeSpill(Path(path).parent), **options)
+        result = planned.result(*planned.executor.run(planned.plan))
         save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
              source_bytes=source_bytes, progress=progress)
         return result

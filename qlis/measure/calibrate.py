@@ -59,6 +59,15 @@ def first_tensor(output: Any) -> torch.Tensor:
     )
 
 
+def _shared_tensors(model: torch.nn.Module) -> set[int]:
+    """Ids of the tensors that more than one module holds (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        (shared if id(tensor) in seen else seen).add(id(tensor))
+    return shared
+
+
 def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
                      make: Callable[[], torch.Tensor]) -> list:
     """Hooks that give ``tensor`` the value ``make()`` while ``module`` runs."""
@@ -221,7 +230,8 @@ class Calibration:
         asked). Callables are made up front while they total at most ``EAGER_BYTES``;
         beyond, each is made when the module that multiplies by it runs and dropped when it
         returns (`LayerInputs.module`), so that a pass holds one layer's float copy, not the
-        model's (tensors no layer kind names are still made up front)."""
+        model's (tensors no layer kind names, and tensors two modules share, such as tied
+        embeddings, are still made up front)."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
         lazy = {name: value for name, value in replacements.items()
@@ -229,8 +239,10 @@ class Calibration:
         lazy_bytes = sum(targets[name].numel() * 4 for name in lazy)
         on_call = {}
         if lazy_bytes > EAGER_BYTES:
+            shared = _shared_tensors(self.model)
             on_call = {name: inputs.module for name in lazy
-                       if (inputs := layer_inputs(self.model, name)) is not None}
+                       if (inputs := layer_inputs(self.model, name)) is not None
+                       and id(targets[name]) not in shared}
         handles = []
         try:
             for name, t in targets.items():

@@ -28,6 +28,7 @@ from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
 from qlis.plan.sizes import HEADER_BYTES, RECORD_OVERHEAD_BYTES
+from qlis.plan.spill import CodeSpill
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import NOT_REACHED
@@ -354,13 +355,15 @@ def plan_compression(
     jobs: int | None = None,
     cluster: Cluster | None = None,
     cache: PassCache | None = None,
+    spill: CodeSpill | None = None,
     **options: Any,
 ) -> PlannedCompression:
     """Validate ``compress``'s arguments, inspect the model and let the policy plan; nothing
     is executed but what the policy measures while it plans. ``planning_progress`` gets the
     parameters of each layer the policy has measured; in a ``cluster`` every rank plans the
     same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
-    measured (qlis/archive/resume.py)."""
+    measured (qlis/archive/resume.py); ``spill`` keeps executed layers' codes out of memory
+    (qlis/plan/spill.py)."""
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
     checked = check_options(COMPRESS_PARAMS, {
@@ -391,7 +394,7 @@ def plan_compression(
         calibration = Calibration(model_or_state_dict, calib)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
-                            rounding_sweeps, progress, jobs)
+                            rounding_sweeps, progress, jobs, spill)
     context = PlanContext(
         state=state,
         report=report,

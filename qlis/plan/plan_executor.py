@@ -14,6 +14,7 @@ import torch
 from qlis.measure.calibrate import Calibration
 from qlis.plan.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
 from qlis.plan.plans import LayerConfig, Plan
+from qlis.plan.spill import CodeSpill
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import reconstruct
 from qlis.workers.threads import ordered_map
@@ -23,14 +24,16 @@ class PlanExecutor:
     """Executes plans as one ``compress`` call does: layer by layer, or reconstructed in
     forward order on the calibration data (``calibration`` given). The last two results are
     kept, so a plan a policy measured while choosing is not executed twice. ``progress`` gets
-    the parameter count of every layer executed, in every pass."""
+    the parameter count of every layer executed, in every pass; with a ``spill``, each
+    executed layer's codes wait in its file, not in memory (qlis/plan/spill.py)."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
                  calibration: Calibration | None, bias_correction: bool,
                  rounding_sweeps: int = 0,
                  progress: Callable[[int], None] | None = None,
-                 jobs: int | None = None) -> None:
+                 jobs: int | None = None, spill: CodeSpill | None = None) -> None:
         self.state = state
+        self.spill = spill
         self.jobs = jobs
         self.scores = scores
         self.calibration = calibration
@@ -45,7 +48,8 @@ class PlanExecutor:
         ``hessian``)."""
         if how.get("hessian") is not None:
             how["sweeps"] = self.rounding_sweeps
-        return execute_layer(name, weight, config, self.scores.get(name), **how)
+        stored, layer = execute_layer(name, weight, config, self.scores.get(name), **how)
+        return (stored if self.spill is None else self.spill.keep(stored)), layer
 
     def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
         """Every tensor as stored (the input's own where unchanged), and the plan rows."""

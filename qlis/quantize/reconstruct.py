@@ -12,7 +12,10 @@ error add to the next layers' inputs unseen. Here (as GPTQ and its successors do
    of the model *with every earlier layer already quantized*; hooks accumulate each layer's
    input covariance ``H`` and mean input. The pass stops as soon as the group has run (when
    no planned layer runs twice per forward), so memory is one forward pass, whatever the
-   model's depth, and the passes cost about half a forward each.
+   model's depth. When the model's blocks form a chain (qlis/measure/blocks.py), the first
+   block's inputs are cached once and a group inside the chain gets a pass of its own block
+   alone, on the inputs the quantized blocks before it made: a pass costs one block, not
+   half the model, and each finished block is kept only as stored.
 3. Each layer of the group is pruned and quantized by its plan with GPTQ's error feedback
    along ``H`` (qlis/quantize/gptq.py, on the quantizer's own grid), and its bias (when it has one
    and it is stored in float) takes the mean output shift, so that the layer's mean output
@@ -39,6 +42,7 @@ from qlis.measure.calibrate import Calibration, Replacement
 from qlis.measure.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
 from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
 from qlis.plan.plans import Plan
+from qlis.workers.memory import release_freed_memory
 
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
@@ -267,6 +271,7 @@ def reconstruct(
                     if name in result.tensors:
                         replacements[name] = functools.partial(dequantized, result.tensors[name])
                 at += 1
+                release_freed_memory()
             run = functools.partial(cached.run, blocks.modules[position], of_block(position))
         moments = _group_moments(group, reachable, not repeated, run)
         for name in group:
@@ -285,6 +290,7 @@ def reconstruct(
                 result.biases[bias] = replacements[bias] = corrected
                 layer = dataclasses.replace(layer, reconstruction=BIAS_CORRECTED)
             result.tensors[name], result.layers[name] = stored, layer
+            release_freed_memory()
             if progress is not None:
                 progress(layer.numel)
     for name in plan:

@@ -1,0 +1,30 @@
+"""Freed memory given back to the system between the long steps of a calibrated run.
+
+glibc keeps freed heap memory for reuse. Reconstruction frees buffers of every size after each
+layer (covariances, GPTQ's factors, a block's activations), and the heap keeps what later
+layers cannot reuse: measured on a 6-block BERT-shaped calibrated pack, the process ended
+holding 250 MB it had freed, and returning it after each layer and block lowered the peak from
+1302 to 1171 MiB at no measurable cost (65 s and 62 s). Elsewhere than glibc, nothing is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+
+
+def _malloc_trim() -> object:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            return ctypes.CDLL("libc.so.6").malloc_trim
+    return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Ask the C allocator to return its free pages to the system (glibc's malloc_trim)."""
+    if _TRIM is not None:
+        _TRIM(0)
