@@ -12,7 +12,7 @@ the float model's own pass; a model that is not one keeps the forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,14 +186,13 @@ class CachedInputs:
             stop: type[Exception] | None = None) -> None:
         """One pass of ``block`` alone on the cached inputs (for the caller's hooks); a call
         that raises ``stop`` is cut short."""
-        self.calibration.run_calls(
-            [lambda call=call: block(*call.args, **call.kwargs) for call in self.calls],
-            replacements, stop)
+        self.calibration.run_calls(self._calls_of(block), replacements, stop)
 
     def advance(self, block: nn.Module, replacements: Mapping[str, Replacement]) -> None:
         """Replace the cached inputs by ``block``'s outputs: the next block's inputs."""
-        outputs = self.calibration.run_calls(
-            [lambda call=call: block(*call.args, **call.kwargs) for call in self.calls],
-            replacements)
+        outputs = self.calibration.run_calls(self._calls_of(block), replacements)
         self.calls = [call.with_hidden(first_tensor(output))
                       for call, output in zip(self.calls, outputs, strict=True)]
+
+    def _calls_of(self, block: nn.Module) -> list[Callable[[], Any]]:
+        return [lambda call=call: block(*call.args, **call.kwargs) for call in self.calls]

@@ -6,6 +6,8 @@ more than it can hold. `CodeSpill` writes each finished layer's codes once to an
 file beside the archive and maps them back copy-on-write: the kernel can drop those pages and
 read them again when the codes are dequantized or encoded, as it does the input's weights.
 Nothing stays on disk: the file has no name, and its space is freed with the last mapping.
+It grows by each execution's codes (rd's calibrated allocation executes its plan a few times),
+so a pack needs that much free space beside the archive until it ends.
 """
 
 from __future__ import annotations
