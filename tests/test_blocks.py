@@ -35,14 +35,24 @@ class Block(nn.Module):
         return x + self.down(torch.relu(self.up(x))), scores
 
 
+class InPlaceBlock(Block):
+    """A block that changes its input in place before using it."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *, scale: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x.mul_(1.5), mask, scale=scale)
+
+
 class Chain(nn.Module):
     """Embedding, a chain of blocks, a head: the shape of a transformer encoder."""
 
-    def __init__(self, width: int = 16, depth: int = 4, skip: bool = False) -> None:
+    def __init__(self, width: int = 16, depth: int = 4, skip: bool = False,
+                 in_place: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(50, width)
         self.inp = nn.Linear(width, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.layers = nn.ModuleList((InPlaceBlock if in_place else Block)(width)
+                                    for _ in range(depth))
         self.head = nn.Linear(width, 3)
         self.skip = skip
 
@@ -115,11 +125,12 @@ def test_a_chain_is_told_from_blocks_that_are_not_one():
     assert not chained(Masks().eval(), calib)
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["chain", "not-a-chain"])
+@pytest.mark.parametrize(("skip", "in_place"), [(False, False), (True, False), (False, True)],
+                         ids=["chain", "not-a-chain", "blocks-change-their-input"])
 def test_block_by_block_reconstruction_gives_the_bytes_of_whole_model_passes(
-        monkeypatch, skip):
+        monkeypatch, skip, in_place):
     torch.manual_seed(0)
-    model, calib = Chain(skip=skip).eval(), batches(6)
+    model, calib = Chain(skip=skip, in_place=in_place).eval(), batches(6)
     runs = []
     for layer in model.layers:
         layer.register_forward_pre_hook(lambda module, args: runs.append(1))

@@ -195,4 +195,7 @@ class CachedInputs:
                       for call, output in zip(self.calls, outputs, strict=True)]
 
     def _calls_of(self, block: nn.Module) -> list[Callable[[], Any]]:
-        return [lambda call=call: block(*call.args, **call.kwargs) for call in self.calls]
+        """Calls of ``block`` on the cached inputs, each on a copy of its hidden state: a
+        block that changes its input in place must not change the cache."""
+        return [lambda call=call: block(*(fresh := call.with_hidden(call.hidden.clone())).args,
+                                        **fresh.kwargs) for call in self.calls]
