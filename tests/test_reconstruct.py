@@ -5,7 +5,6 @@ for the layers calibration cannot shape."""
 from __future__ import annotations
 
 import doctest
-import functools
 
 import pytest
 import torch
@@ -236,7 +235,7 @@ def test_layers_reading_one_input_form_one_group_and_the_pass_stops_after_it():
     assert groups == [names[:3], ["out.weight"]] and not repeated
     calls = []
     model.out.register_forward_pre_hook(lambda module, args: calls.append(1))
-    whole_model = functools.partial(rec._model_pass, calibration, {})
+    whole_model = calibration.feed
     rec._group_moments(names[:3], reachable, True, whole_model)
     assert calls == []  # stopped once q, k and v had run
     rec._group_moments(["out.weight"], reachable, True, whole_model)
@@ -296,7 +295,7 @@ def test_a_callables_model_calls_are_replayed_one_by_one():
     groups, moments, repeated, _ = rec._order(calibration, reachable, None)
     assert not repeated and moments["0.weight"].rows == [15]
     early = rec._group_moments(["0.weight"], reachable, True,
-                               functools.partial(rec._model_pass, calibration, {}))
+                               calibration.feed)
     assert early["0.weight"].rows == [15]  # every call contributed, each stopped early
     by_callable = qlis.compress(model, "quant", quantizer=UNIFORM,
                                 calib=lambda m: torch.cat([m(b) for b in batches]))

@@ -177,8 +177,7 @@ class CachedInputs:
 
         handle = blocks.modules[0].register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            with calibration.swapped(replacements):
-                calibration.feed(stop=_Captured)
+            calibration.feed(_Captured, replacements)
         finally:
             handle.remove()
 

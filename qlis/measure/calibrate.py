@@ -120,7 +120,8 @@ class Calibration:
             handle = model.register_forward_pre_hook(
                 lambda module, args, kwargs: self.calls.append((args, kwargs)), with_kwargs=True)
         try:
-            self.reference = [_vectors(o) for o in self._run(checked=True)]
+            self.reference = [_vectors(first_tensor(output)) for output in
+                              self.run_calls(self._runs(False), checked=True)]
         finally:
             if handle is not None:
                 handle.remove()
@@ -138,21 +139,14 @@ class Calibration:
                 raise InputError(f"the model's output on the calibration data ({where}) holds "
                                  "NaN or inf: calibrate on inputs the model computes finitely")
 
-    def _run(self, stop: type[Exception] | None = None, replay: bool = False,
-             checked: bool = False, batches: list[int] | None = None) -> list[torch.Tensor]:
-        """Run every batch (or the callable once) and return the outputs; a batch that raises
-        ``stop`` (a hook that has seen what it needed) is cut short and gives no output.
-        ``replay``: the model calls a callable made, one by one (each can stop alone).
-        ``checked``: a batch the model cannot take is an InputError that says which."""
-        return [first_tensor(output) for output in
-                self.run_calls(self._runs(replay, batches), stop=stop, checked=checked)]
-
     def run_calls(self, runs: Sequence[Callable[[], Any]],
                   replacements: Mapping[str, Replacement] | None = None,
                   stop: type[Exception] | None = None, checked: bool = False) -> list[Any]:
         """Call each of ``runs`` (calls of the model or of its parts) in eval and inference
         mode, with ``replacements`` swapped in, and return their outputs (counted as one
-        pass); a call that raises ``stop`` is cut short and gives no output."""
+        pass); a call that raises ``stop`` (a hook that has seen what it needed) is cut short
+        and gives no output. ``checked``: a batch the model cannot take is an InputError that
+        says which."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
@@ -196,10 +190,12 @@ class Calibration:
             return len(self.calls) or 1
         return len(self.fitting)
 
-    def feed(self, stop: type[Exception] | None = None) -> None:
-        """One pass for the hooks the caller placed on the model (outputs are dropped); a
-        callable's model calls are replayed one by one, so ``stop`` ends only the current one."""
-        self._run(stop, replay=True, batches=self.fitting)
+    def feed(self, stop: type[Exception] | None = None,
+             replacements: Mapping[str, Replacement] | None = None) -> None:
+        """One pass over the fitting batches for the hooks the caller placed on the model,
+        with ``replacements`` swapped in (outputs are dropped); a callable's model calls are
+        replayed one by one, so ``stop`` ends only the current one."""
+        self.run_calls(self._runs(True, self.fitting), replacements, stop)
 
     def _call(self, batch: Any) -> Any:
         if callable(batch):

@@ -176,13 +176,6 @@ def _chain_positions(groups: list[list[str]], blocks: Blocks) -> list[int | None
     return positions
 
 
-def _model_pass(calibration: Calibration, replacements: Mapping[str, Replacement],
-                stop: type[Exception] | None) -> None:
-    """One pass of the whole model with ``replacements`` (for the caller's hooks)."""
-    with calibration.swapped(replacements):
-        calibration.feed(stop=stop)
-
-
 def _group_moments(
     group: list[str], reachable: Mapping[str, LayerInputs], stop_early: bool,
     run: Callable[[type[Exception] | None], None],
@@ -261,15 +254,15 @@ def reconstruct(
     for group, position in zip(groups, positions, strict=True):
         if position is None:
             cached = None  # past the chain: whole passes, finished blocks made when they run
-            run = functools.partial(_model_pass, calibration, replacements)
+            run = functools.partial(calibration.feed, replacements=replacements)
         else:
             if cached is None:
                 cached = CachedInputs(calibration, blocks, replacements)
             while at < position:
-                cached.advance(blocks.modules[at], of_block(at))
-                for name in of_block(at):
-                    if name in result.tensors:
-                        replacements[name] = functools.partial(dequantized, result.tensors[name])
+                finished = of_block(at)
+                cached.advance(blocks.modules[at], finished)
+                for name in finished.keys() & result.tensors.keys():
+                    replacements[name] = functools.partial(dequantized, result.tensors[name])
                 at += 1
                 release_freed_memory()
             run = functools.partial(cached.run, blocks.modules[position], of_block(position))
