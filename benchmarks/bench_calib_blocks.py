@@ -31,10 +31,12 @@ SEQUENCE = 128
 BATCH = 8
 
 
-def sampled(args: list[str]) -> tuple[float, int, int, str]:
+def sampled(args: list[str], env: dict[str, str] | None = None,
+            ) -> tuple[float, int, int, str]:
     """(seconds, peak anonymous bytes, peak resident bytes, stdout) of a command."""
     start = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
     peak_anon = peak_rss = 0
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:

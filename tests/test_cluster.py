@@ -246,17 +246,95 @@ def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):
     assert "Traceback" not in err
 
 
+# --- calibrated, under torchrun ------------------------------------------------------------
+
+_CALIBRATED_JOB = """
+import hashlib, os, sys
+import torch
+from torch import nn
+import qlis
+from qlis.errors import QlisError
+
+torch.set_num_threads(1)  # as torchrun starts each rank
+torch.manual_seed(0)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(24, 48), nn.Linear(48, 24)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+model = nn.Sequential(nn.Linear(16, 24), nn.Sequential(*[Block() for _ in range(3)]),
+                      nn.Linear(24, 6)).eval()
+gen = torch.Generator().manual_seed(1)
+calib = [torch.randn(20, 16, generator=gen) for _ in range(8)]
+if sys.argv[2] == "misfit":
+    calib[5] = torch.randn(20, 15, generator=gen)  # a batch of the second rank's share
+options = ({"policy": "quant", "bits": 3} if sys.argv[2] == "quant"
+           else {"target_bits_per_weight": 4.0})
+rank = os.environ.get("RANK", "-")
+try:
+    result = qlis.pack(model, sys.argv[1], calib=calib, **options)
+except QlisError as err:
+    os.write(1, f"ERROR rank {rank}: {type(err).__name__}: {err}\\n".encode())
+    raise SystemExit(3)
+os.write(1, f"PACKED rank {rank} {result.distortion['output']['cosine']!r}\\n".encode())
+"""
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict[str, dict]:
+    """A calibrated ``qlis.pack`` (rd with a size target, and plain 3-bit quantization) in
+    one process and under ``torchrun --nproc_per_node=2``, and one whose calibration holds a
+    batch the model cannot take, all started at once."""
+    root = tmp_path_factory.mktemp("cluster_calib")
+    job = root / "job.py"
+    job.write_text(_CALIBRATED_JOB)
+    started = {}
+    for name in ("rd", "quant", "misfit"):
+        hows = ("one", "two") if name != "misfit" else ("two",)
+        out = {how: root / name / how / "m.qlis" for how in hows}
+        for path in out.values():
+            path.parent.mkdir(parents=True)
+        started[name] = out, {how: (_start([sys.executable, str(job), str(out[how]), name],
+                                           root) if how == "one"
+                                    else _torchrun(job, out[how], name, cwd=root))
+                              for how in hows}
+    return {name: {how: (out[how], *_finish(process)) for how, process in processes.items()}
+            for name, (out, processes) in started.items()}
+
+
+@pytest.mark.parametrize("policy", ["rd", "quant"])
+def test_two_ranks_calibrate_to_the_bytes_of_one_process(calibrated, policy):
+    one, rc1, out1, err1 = calibrated[policy]["one"]
+    two, rc2, out2, err2 = calibrated[policy]["two"]
+    assert rc1 == 0 and rc2 == 0, err1[-3000:] + err2[-3000:]
+    assert two.read_bytes() == one.read_bytes()
+    assert sorted(p.name for p in two.parent.iterdir()) == ["m.qlis"]  # no spill file left
+    cosine = out1.split()[-1]  # the quality every rank measured: one process's, to the bit
+    assert sorted(out2.splitlines()) == [f"PACKED rank 0 {cosine}", f"PACKED rank 1 {cosine}"]
+    with qlis.open(two) as archive:
+        assert archive.entry("1.0.up.weight").plan["reconstruction"] == (
+            "error feedback + bias correction")
+
+
+def test_a_batch_one_rank_cannot_run_stops_every_rank_with_its_message(calibrated):
+    out, rc, text, err = calibrated["misfit"]["two"]
+    assert rc != 0
+    lines = sorted(line for line in text.splitlines() if line.startswith("ERROR"))
+    assert len(lines) == 2, text + err[-3000:]
+    assert lines[0].startswith("ERROR rank 0: ClusterError: rank 1: the calibration data "
+                               "does not fit the model (batch 5)")
+    assert lines[1].startswith("ERROR rank 1: InputError: the calibration data does not fit "
+                               "the model (batch 5)")
+    assert list(out.parent.iterdir()) == []
+
+
 # --- in one process ------------------------------------------------------------------------
-
-
-def test_calibrated_pack_in_a_cluster_is_refused_before_any_exchange(tmp_path):
-    out = tmp_path / "m.qlis"
-    calib = [{"x": torch.zeros(2, 64)}]
-    # no process group exists: a collective here would fail with torch's error, not this one
-    with pytest.raises(ClusterError, match="calibrated"):
-        qlis.pack(_state(0), out, calib=calib, cluster=Cluster(rank=0, world=2))
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_job_in_the_environment_is_no_cluster(monkeypatch):
@@ -436,7 +514,9 @@ def test_fingerprint_sees_the_input_and_the_options():
         _fingerprint(state, "rd", 0.25, "ans", {}),
         _fingerprint(state, "rd", 0.5, "raw", {}),
         _fingerprint(state, "rd", 0.5, "ans", {"target_bits_per_weight": 3}),
+        _fingerprint(state, "rd", 0.5, "ans", {"calib": [{"x": torch.ones(2, 3)}]}),
+        _fingerprint(state, "rd", 0.5, "ans", {"calib": [{"x": torch.zeros(2, 3)}]}),
     ]
-    assert base not in others
+    assert base not in others and others[-1] != others[-2]
     assert len(set(others)) == len(others)
 

@@ -231,14 +231,14 @@ def test_layers_reading_one_input_form_one_group_and_the_pass_stops_after_it():
     calibration = qlis.measure.calibrate.Calibration(model, [torch.randn(5, 6)])
     names = ["q.weight", "k.weight", "v.weight", "out.weight"]
     reachable = {n: layer_inputs(model, n) for n in names}
-    groups, _, repeated, _ = rec._order(calibration, reachable, None)
+    groups, floats, repeated, _ = rec._order(calibration, reachable, None)
     assert groups == [names[:3], ["out.weight"]] and not repeated
     calls = []
     model.out.register_forward_pre_hook(lambda module, args: calls.append(1))
     whole_model = calibration.feed
-    rec._group_moments(names[:3], reachable, True, whole_model)
+    rec._group_moments(calibration, names[:3], reachable, floats, True, whole_model)
     assert calls == []  # stopped once q, k and v had run
-    rec._group_moments(["out.weight"], reachable, True, whole_model)
+    rec._group_moments(calibration, ["out.weight"], reachable, floats, True, whole_model)
     assert calls == [1]
 
 
@@ -294,7 +294,7 @@ def test_a_callables_model_calls_are_replayed_one_by_one():
     reachable = {n: layer_inputs(model, n) for n in ("0.weight", "2.weight")}
     groups, moments, repeated, _ = rec._order(calibration, reachable, None)
     assert not repeated and moments["0.weight"].rows == [15]
-    early = rec._group_moments(["0.weight"], reachable, True,
+    early = rec._group_moments(calibration, ["0.weight"], reachable, moments, True,
                                calibration.feed)
     assert early["0.weight"].rows == [15]  # every call contributed, each stopped early
     by_callable = qlis.compress(model, "quant", quantizer=UNIFORM,

@@ -115,20 +115,18 @@ def pack(
     check_codec_name(codec)
     resume = Param("bool").check(resume, "resume")
     cluster = Cluster.from_environment() if cluster is None else cluster
-    if options.get("calib") is not None:
-        if cluster is not None:
-            raise ClusterError("calibrated compression runs in one process for now; start "
-                               "it without torchrun")
-        planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
-                                   progress=planning_progress,
-                                   spill=CodeSpill(Path(path).parent), **options)
-        result = planned.result(*planned.executor.run(planned.plan))
-        save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
-             source_bytes=source_bytes, progress=progress)
-        return result
     if cluster is not None:
         cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),
                       "input or options")
+    if options.get("calib") is not None:
+        planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
+                                   progress=planning_progress, cluster=cluster,
+                                   spill=CodeSpill(Path(path).parent), **options)
+        result = planned.result(*planned.executor.run(planned.plan))
+        if cluster is None or cluster.leader:
+            save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
+                 source_bytes=source_bytes, progress=progress)
+        return result
     cache = None
     if cluster is None and isinstance(model_or_state_dict, MappedState):
         settings = {"policy": repr(policy), "beta": beta,
@@ -250,9 +248,30 @@ def _fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], policy: ob
         raw = bit_patterns(tensor).reshape(-1).view(np.uint8)
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
         digest.update(raw[:_SAMPLED].tobytes() + raw[-_SAMPLED:].tobytes())
-    digest.update(json.dumps([repr(policy), beta, codec, sorted(options.items())],
-                             default=repr).encode())
+    calib = options.get("calib")
+    if calib is not None and not callable(calib):
+        for batch in calib:
+            _digest_batch(digest, batch)
+    settings = sorted((k, v) for k, v in options.items() if k != "calib")
+    digest.update(json.dumps([repr(policy), beta, codec, settings], default=repr).encode())
     return digest.hexdigest()
+
+
+def _digest_batch(digest: Any, batch: Any) -> None:
+    """Add a calibration batch (tensors in tuples, lists and dicts) to ``digest``, all of
+    its bytes: ranks that calibrate on other data would each fit the layers to their own."""
+    if isinstance(batch, torch.Tensor):
+        digest.update(json.dumps([str(batch.dtype), list(batch.shape)]).encode())
+        digest.update(bit_patterns(batch.cpu()).reshape(-1).view(np.uint8).tobytes())
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            digest.update(repr(key).encode())
+            _digest_batch(digest, value)
+    elif isinstance(batch, tuple | list):
+        for value in batch:
+            _digest_batch(digest, value)
+    else:
+        digest.update(repr(batch).encode())
 
 
 _SAMPLED = 1 << 16

@@ -12,7 +12,7 @@ the float model's own pass; a model that is not one keeps the forward passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qlis.errors import InputError
-from qlis.measure.calibrate import Calibration, Replacement, first_tensor
+from qlis.measure.calibrate import Calibration, Replacement, Run, first_tensor
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,13 @@ class CachedInputs:
                  replacements: Mapping[str, Replacement]) -> None:
         """The first block's inputs, from a pass of the model with ``replacements``."""
         self.calibration = calibration
-        self.calls: list[_Call] = []
+        self.calls: list[tuple[int, _Call]] = []
+        """Each fitting batch's key and the first block's call on it."""
 
         def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
             call = _Call.of(args, kwargs)
             if call is not None:
-                self.calls.append(call)
+                self.calls.append((calibration.batch, call))
             raise _Captured
 
         handle = blocks.modules[0].register_forward_pre_hook(keep, with_kwargs=True)
@@ -190,11 +191,12 @@ class CachedInputs:
     def advance(self, block: nn.Module, replacements: Mapping[str, Replacement]) -> None:
         """Replace the cached inputs by ``block``'s outputs: the next block's inputs."""
         outputs = self.calibration.run_calls(self._calls_of(block), replacements)
-        self.calls = [call.with_hidden(first_tensor(output))
-                      for call, output in zip(self.calls, outputs, strict=True)]
+        self.calls = [(key, call.with_hidden(first_tensor(output)))
+                      for (key, call), output in zip(self.calls, outputs, strict=True)]
 
-    def _calls_of(self, block: nn.Module) -> list[Callable[[], Any]]:
+    def _calls_of(self, block: nn.Module) -> list[Run]:
         """Calls of ``block`` on the cached inputs, each on a copy of its hidden state: a
         block that changes its input in place must not change the cache."""
-        return [lambda call=call: block(*(fresh := call.with_hidden(call.hidden.clone())).args,
-                                        **fresh.kwargs) for call in self.calls]
+        return [(key, lambda call=call: block(
+            *(fresh := call.with_hidden(call.hidden.clone())).args, **fresh.kwargs))
+            for key, call in self.calls]

@@ -25,9 +25,13 @@ from typing import Any
 import torch
 
 from qlis.errors import ConfigError, InputError
+from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.layer_inputs import layer_inputs
+from qlis.workers.cluster import Cluster, share_of, together
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
+Run = tuple[int, Callable[[], Any]]
+"""One model call of a pass: its key (the batch's index) and how to make it."""
 Replacement = torch.Tensor | Callable[[], torch.Tensor]
 """A tensor a calibration pass computes with instead of the model's own, or how to make it."""
 EAGER_BYTES = 256 << 20
@@ -82,10 +86,10 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
-def _take_gradient(tensor: torch.Tensor, name: str, totals: dict[str, float]) -> None:
+def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> None:
     """Add a weight's squared gradient to its total as soon as backward has made it, and
     free it: a backward pass holds one weight's gradient, not the model's."""
-    totals[name] += float(tensor.grad.double().square().sum())
+    totals[index] += tensor.grad.double().square().sum()
     tensor.grad = None
 
 
@@ -98,9 +102,15 @@ def _vectors(output: torch.Tensor, detach: bool = True) -> torch.Tensor:
 
 
 class Calibration:
-    """Reference outputs of ``model`` on ``calib``, and the distortion of any weight swap."""
+    """Reference outputs of ``model`` on ``calib``, and the distortion of any weight swap.
 
-    def __init__(self, model: torch.nn.Module, calib: CalibSpec) -> None:
+    In a ``cluster`` (qlis/workers/cluster.py) each rank runs its share of the batches (a
+    contiguous run of the fitting batches and of the held-out ones) and every measure adds
+    the ranks' parts in the batches' order (qlis/measure/batch_sums.py): the same bits as one
+    process."""
+
+    def __init__(self, model: torch.nn.Module, calib: CalibSpec,
+                 cluster: Cluster | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise InputError("calibration needs the model as an nn.Module")
         if not callable(calib):
@@ -110,50 +120,73 @@ class Calibration:
                 )
             if len(calib) == 0:
                 raise ConfigError("calib= is an empty list of batches")
+        elif cluster is not None:
+            raise ConfigError("a callable calib= runs the model its own way and cannot be "
+                              "split over ranks: pass a list of input batches")
         self.model = model
         self.calib = calib
+        self.cluster = cluster
         self.passes = 0
         self.seconds = 0.0
+        self.batch = 0
+        """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.calls: list[tuple[tuple, dict]] = []
-        handle = None
-        if callable(calib):  # record the model calls it makes, to replay them in `feed`
-            handle = model.register_forward_pre_hook(
-                lambda module, args, kwargs: self.calls.append((args, kwargs)), with_kwargs=True)
-        try:
-            self.reference = [_vectors(first_tensor(output)) for output in
-                              self.run_calls(self._runs(False), checked=True)]
-        finally:
-            if handle is not None:
-                handle.remove()
-        count = len(self.reference)
+        count = 1 if callable(calib) else len(calib)
         split = not callable(calib) and count >= HOLDOUT_EVERY
         self.held_out = [i for i in range(count) if split and i % HOLDOUT_EVERY == 3]
         """Batches measured, never fitted to (none with fewer than HOLDOUT_EVERY batches or
         a callable: then quality is measured on the fitting batches, and says so)."""
         self.fitting = [i for i in range(count) if i not in self.held_out]
-        if not any(v.numel() for v in self.reference):
+        world = cluster.world if cluster is not None else 1
+        if len(self.fitting) < world:
+            raise ConfigError(f"{len(self.fitting)} calibration batches to fit on for {world} "
+                              "ranks: give each rank at least one (more, smaller batches)")
+        self.local = set(share_of(self.fitting, cluster) + share_of(self.held_out, cluster))
+        """The batches this rank runs (all of them in one process)."""
+        with together(cluster):
+            self.reference = self._references()
+        values = sum(v.numel() for v in self.reference.values())
+        if not (sum(cluster.all_gather_json(values)) if cluster is not None else values):
             raise InputError("the calibration outputs are empty")
-        for i, vectors in enumerate(self.reference):
+
+    def _references(self) -> dict[int, torch.Tensor]:
+        """The original model's output vectors on this rank's batches, checked."""
+        handle = None
+        if callable(self.calib):  # record the model calls it makes, to replay them in `feed`
+            handle = self.model.register_forward_pre_hook(
+                lambda module, args, kwargs: self.calls.append((args, kwargs)),
+                with_kwargs=True)
+        runs = self._runs(False)
+        try:
+            outputs = self.run_calls(runs, checked=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        reference = {key: _vectors(first_tensor(output))
+                     for (key, _), output in zip(runs, outputs, strict=True)}
+        for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
-                where = "the callable's output" if callable(calib) else f"batch {i}"
+                where = "the callable's output" if callable(self.calib) else f"batch {i}"
                 raise InputError(f"the model's output on the calibration data ({where}) holds "
                                  "NaN or inf: calibrate on inputs the model computes finitely")
+        return reference
 
-    def run_calls(self, runs: Sequence[Callable[[], Any]],
+    def run_calls(self, runs: Sequence[Run],
                   replacements: Mapping[str, Replacement] | None = None,
                   stop: type[Exception] | None = None, checked: bool = False) -> list[Any]:
-        """Call each of ``runs`` (calls of the model or of its parts) in eval and inference
-        mode, with ``replacements`` swapped in, and return their outputs (counted as one
-        pass); a call that raises ``stop`` (a hook that has seen what it needed) is cut short
-        and gives no output. ``checked``: a batch the model cannot take is an InputError that
-        says which."""
+        """Make each of ``runs`` (calls of the model or of its parts, keyed by batch) in eval
+        and inference mode, with ``replacements`` swapped in, and return their outputs
+        (counted as one pass); a call that raises ``stop`` (a hook that has seen what it
+        needed) is cut short and gives no output. ``checked``: a batch the model cannot take
+        is an InputError that says which."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
             with torch.inference_mode(), self.swapped(replacements or {}):
-                for i, run in enumerate(runs):
+                for i, run in runs:
+                    self.batch = i
                     try:
                         outputs.append(run())
                     except Exception as err:
@@ -172,23 +205,25 @@ class Calibration:
         self.seconds += time.perf_counter() - start
         return outputs
 
-    def _runs(self, replay: bool, batches: list[int] | None = None) -> list[Callable[[], Any]]:
-        """The model calls of one pass: every batch, or those of ``batches`` (a callable's
-        calls are not split)."""
+    def _runs(self, replay: bool, batches: list[int] | None = None) -> list[Run]:
+        """The model calls of one pass on this rank's batches: all of them, or those of
+        ``batches`` (a callable's calls are not split: keyed by their order)."""
         if callable(self.calib) and replay and self.calls:
-            return [lambda call=call: self.model(*call[0], **call[1]) for call in self.calls]
+            return [(k, lambda call=call: self.model(*call[0], **call[1]))
+                    for k, call in enumerate(self.calls)]
         if callable(self.calib):
-            return [lambda: self.calib(self.model)]
+            return [(0, lambda: self.calib(self.model))]
         chosen = range(len(self.calib)) if batches is None else batches
-        return [lambda batch=self.calib[i]: self._call(batch) for i in chosen]
+        return [(i, lambda batch=self.calib[i]: self._call(batch))
+                for i in chosen if i in self.local]
 
     @property
     def forward_calls(self) -> int:
-        """How many times one `feed` calls the model (a callable that calls only parts of
-        the model counts once: it cannot be replayed call by call)."""
+        """How many times one `feed` calls the model on this rank (a callable that calls only
+        parts of the model counts once: it cannot be replayed call by call)."""
         if callable(self.calib):
             return len(self.calls) or 1
-        return len(self.fitting)
+        return len(self.local.intersection(self.fitting))
 
     def feed(self, stop: type[Exception] | None = None,
              replacements: Mapping[str, Replacement] | None = None) -> None:
@@ -212,11 +247,12 @@ class Calibration:
         return self.held_out if held_out and self.held_out else self.fitting
 
     def outputs_with(self, replacements: Mapping[str, Replacement],
-                     batches: list[int] | None = None) -> list[torch.Tensor]:
-        """The outputs with some state-dict entries replaced (the model is restored after),
-        on ``batches`` (default: every batch)."""
-        return [_vectors(first_tensor(output)) for output in
-                self.run_calls(self._runs(False, batches), replacements)]
+                     batches: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """The output vectors with some state-dict entries replaced (the model is restored
+        after), on this rank's ``batches`` (default: every batch), by batch."""
+        runs = self._runs(False, batches)
+        return {key: _vectors(first_tensor(output)) for (key, _), output in
+                zip(runs, self.run_calls(runs, replacements), strict=True)}
 
     @contextmanager
     def swapped(self, replacements: Mapping[str, Replacement]) -> Iterator[None]:
@@ -271,7 +307,7 @@ class Calibration:
         """Output distortion with ``replacements``: mean cosine, 1 - cosine, relative MSE, on
         the held-out batches (``held_out``, when there are) or the fitting ones, and which."""
         batches = self.measured_batches(held_out)
-        measured = self.compare(self.outputs_with(replacements, batches), batches)
+        measured = self.compare(self.outputs_with(replacements, batches))
         return {**measured, "batches": len(batches),
                 "held_out": bool(held_out and self.held_out)}
 
@@ -293,34 +329,41 @@ class Calibration:
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
         grads = {name: t.grad for name, t in tensors.items()}
         handles = []
-        totals = dict.fromkeys(names, 0.0)
-        generator = torch.Generator().manual_seed(seed)
+        # per batch (over the samples), each weight's squared gradients; the last entry
+        # counts the batch's output vectors
+        batch_totals = torch.zeros(len(names) + 1, dtype=torch.float64)
+        totals = OrderedSum((len(names) + 1,), self.cluster is not None)
+        runs = self._runs(False, self.fitting)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for name, t in tensors.items():
+            for index, t in enumerate(tensors.values()):
                 t.requires_grad_(True)
                 t.grad = None  # the user's own gradients are put back after
                 handles.append(t.register_post_accumulate_grad_hook(
-                    lambda t, name=name: _take_gradient(t, name, totals)))
+                    lambda t, index=index: _take_gradient(t, index, batch_totals)))
             with torch.enable_grad():
-                for _ in range(samples):
-                    for i, run in zip(self.fitting, self._runs(False, self.fitting),
-                                      strict=True):
+                for i, run in runs:
+                    batch_totals.zero_()
+                    reference = self.reference[i]
+                    batch_totals[-1] = len(reference)
+                    norms = reference.norm(dim=1, keepdim=True)
+                    unit = reference / norms.clamp(min=1e-300)
+                    for sample in range(samples):  # noise of its own per batch and sample
                         output = first_tensor(run())
                         if not output.requires_grad:
                             return None
                         f = _vectors(output, detach=False)
-                        reference = self.reference[i]
-                        norms = reference.norm(dim=1, keepdim=True)
-                        unit = reference / norms.clamp(min=1e-300)
+                        generator = torch.Generator().manual_seed(
+                            hash((seed, sample, i)) & (2**63 - 1))
                         r = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
                         r = r - (r * unit).sum(dim=1, keepdim=True) * unit
                         r = torch.where(norms > 0, r / (math.sqrt(2) * norms), 0.0)
                         (f * r.to(f.device)).sum().backward()
+                    totals.add((i,), batch_totals)
         finally:
             for handle in handles:
                 handle.remove()
@@ -334,28 +377,33 @@ class Calibration:
             self.model.train(was_training)
             self.passes += samples
             self.seconds += time.perf_counter() - start
-        count = sum(len(self.reference[i]) for i in self.fitting)
-        return {name: totals[name] / samples / count
-                * float(t.detach().double().square().mean()) for name, t in tensors.items()}
+        gather_totals(self.cluster, [totals])
+        *squared, count = totals.total().tolist()
+        return {name: squared[index] / samples / count
+                * float(t.detach().double().square().mean())
+                for index, (name, t) in enumerate(tensors.items())}
 
-    def compare(self, outputs: list[torch.Tensor],
-                batches: list[int] | None = None) -> dict[str, Any]:
-        """Distortion of ``outputs`` (of ``batches``; default every batch) from the original
-        model's. Outputs holding NaN or inf (a model the quantization broke) count as cosine
-        0 where they are not finite, and make ``finite`` false and ``rel_mse`` None (JSON has
-        no NaN)."""
-        references = self.reference if batches is None else [self.reference[i] for i in batches]
-        cosines, error, energy = [], 0.0, 0.0
-        finite = all(bool(torch.isfinite(out).all()) for out in outputs)
-        for ref, out in zip(references, outputs, strict=True):
+    def compare(self, outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+        """Distortion of ``outputs`` (output vectors by batch: this rank's) from the original
+        model's, over every rank's. Outputs holding NaN or inf (a model the quantization
+        broke) count as cosine 0 where they are not finite, and make ``finite`` false and
+        ``rel_mse`` None (JSON has no NaN)."""
+        # per batch: cosines summed, vectors, squared error, energy, non-finite outputs
+        totals = OrderedSum((5,), self.cluster is not None)
+        for key, out in outputs.items():
+            ref = self.reference[key]
             dot = (ref * out).sum(dim=1)
             norms = ref.norm(dim=1) * out.norm(dim=1)
             cos = torch.where(norms > 0, dot / norms.clamp(min=1e-300),
                               (ref.norm(dim=1) == out.norm(dim=1)).double())
-            cosines.append(cos)
-            error += float((out - ref).square().sum())
-            energy += float(ref.square().sum())
-        cosine = float(torch.cat(cosines).mean())
+            totals.add((key,), torch.stack([
+                cos.sum(), torch.tensor(float(len(cos)), dtype=torch.float64),
+                (out - ref).square().sum(), ref.square().sum(),
+                (~torch.isfinite(out)).sum().double()]))
+        gather_totals(self.cluster, [totals])
+        cosine_sum, count, error, energy, not_finite = totals.total().tolist()
+        finite = not_finite == 0
+        cosine = cosine_sum / max(count, 1.0)
         return {
             "cosine": cosine,
             "one_minus_cosine": 1.0 - cosine,

@@ -18,7 +18,7 @@ import torch
 from qlis.archive.format import Summary
 from qlis.archive.resume import PassCache
 from qlis.config import Param, check_options
-from qlis.errors import ClusterError, ConfigError, InputError
+from qlis.errors import ConfigError, InputError
 from qlis.measure.calibrate import Calibration, CalibSpec
 from qlis.measure.select import SelectSpec
 from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
@@ -382,16 +382,13 @@ def plan_compression(
         plan_policy: Policy = PlanPolicy(plan=_first_names(Plan.coerce(plan), aliases))
     else:
         plan_policy = make_policy(policy, **options)
-    if cluster is not None and calib is not None:
-        raise ClusterError("calibrated compression runs in one process for now; start it "
-                           "without torchrun")
     report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs, cluster=cluster,
                      cache=cache, score=plan_policy.ranks_by_score)
     calibration = None
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):
             raise InputError("calib= needs the model as an nn.Module (not a state dict)")
-        calibration = Calibration(model_or_state_dict, calib)
+        calibration = Calibration(model_or_state_dict, calib, cluster)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
                             rounding_sweeps, progress, jobs, spill)

@@ -49,7 +49,11 @@ class PlanExecutor:
         if how.get("hessian") is not None:
             how["sweeps"] = self.rounding_sweeps
         stored, layer = execute_layer(name, weight, config, self.scores.get(name), **how)
-        return (stored if self.spill is None else self.spill.keep(stored)), layer
+        return self._keep(stored), layer
+
+    def _keep(self, stored: StoredTensor) -> StoredTensor:
+        """A layer another rank executed, kept as this rank's own are."""
+        return stored if self.spill is None else self.spill.keep(stored)
 
     def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
         """Every tensor as stored (the input's own where unchanged), and the plan rows."""
@@ -59,7 +63,7 @@ class PlanExecutor:
         stored: dict[str, StoredTensor] = dict(self.state)
         if self.calibration is not None:
             done = reconstruct(self.calibration, plan, self.state, self.execute,
-                               self.bias_correction, self.progress)
+                               self.bias_correction, self.progress, self._keep)
             stored.update(done.tensors)
             stored.update(done.biases)
             layers = [done.layers[name] for name in plan]

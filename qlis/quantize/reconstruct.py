@@ -31,17 +31,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qlis.errors import InputError, QlisError
+from qlis.measure.batch_sums import FixedPointSum, OrderedSum, gather_totals
 from qlis.measure.blocks import Blocks, CachedInputs, ChainCheck, find_blocks
 from qlis.measure.calibrate import Calibration, Replacement
 from qlis.measure.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
 from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
+from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.plan.plans import Plan
+from qlis.workers.cluster import Cluster
 from qlis.workers.memory import release_freed_memory
 
 FED_BACK = "error feedback"
@@ -56,39 +60,86 @@ class _GroupDone(Exception):
 
 @dataclass
 class _Moments:
-    """Sum of X^T X, sum of X and row count, per output group (float64)."""
+    """One layer's input moments over a pass, per output group: the sum of X^T X (exact on
+    a grid: `FixedPointSum`; None in the float pass, which needs only means), the sum of X
+    (added call by call in the pass's order: `OrderedSum`), the row count, and the largest
+    trace of one call's X^T X and the number of calls (what sizes the next passes' grids).
+    In a job, each rank's moments are its batches' until `_combined` adds every rank's."""
 
-    sums: torch.Tensor
-    totals: torch.Tensor
+    covariance: FixedPointSum | None
+    totals: OrderedSum
     rows: list[int]
+    largest_trace: float = 0.0
+    terms: int = 0
+    _key: tuple[int, int] = (-1, -1)
 
     @classmethod
-    def empty(cls, inputs: LayerInputs, with_covariance: bool) -> _Moments:
+    def empty(cls, inputs: LayerInputs, distributed: bool,
+              grid: tuple[float, int] | None = None) -> _Moments:
+        """Empty moments; ``grid``: (largest trace, calls) the covariance's grid is sized
+        for (None: no covariance)."""
         width, groups = inputs.width, inputs.groups
-        sums = torch.zeros(groups, width, width, dtype=torch.float64) if with_covariance else (
-            torch.zeros(groups, 0, 0, dtype=torch.float64))
-        return cls(sums, torch.zeros(groups, width, dtype=torch.float64), [0] * groups)
+        covariance = None if grid is None else FixedPointSum((groups, width, width), *grid)
+        return cls(covariance, OrderedSum((groups, width), distributed), [0] * groups)
 
-    def add(self, chunk: list[torch.Tensor]) -> None:
-        for g, rows in enumerate(chunk):
-            rows = rows.to(device="cpu")
-            if self.sums.shape[1]:
-                accumulate(rows, self.sums[g], self.totals[g])
-            else:
-                self.totals[g].add_(rows.to(torch.float64).sum(dim=0))
-            self.rows[g] += rows.shape[0]
+    def add_call(self, batch: int, chunks: Iterator[list[torch.Tensor]]) -> None:
+        """Add the input rows of one call of the layer's module on ``batch``."""
+        self._key = (batch, self._key[1] + 1 if self._key[0] == batch else 0)
+        covariance = self.covariance
+        squares = sums = None
+        for chunk in chunks:
+            if sums is None:
+                groups, width = len(chunk), chunk[0].shape[-1]
+                sums = torch.zeros(groups, width, dtype=torch.float64)
+                squares = (torch.zeros(groups, width, width, dtype=torch.float64)
+                           if covariance is not None else torch.zeros(groups, width,
+                                                                      dtype=torch.float64))
+            for g, rows in enumerate(chunk):
+                rows = rows.to(device="cpu")
+                if covariance is not None:
+                    accumulate(rows, squares[g], sums[g])
+                else:
+                    wide = rows.to(torch.float64)
+                    sums[g] += wide.sum(dim=0)
+                    squares[g] += wide.square().sum(dim=0)
+                self.rows[g] += rows.shape[0]
+        if sums is None:
+            return
+        diagonal = squares.diagonal(dim1=1, dim2=2) if covariance is not None else squares
+        trace = float(diagonal.sum(dim=1).max())
+        self.largest_trace = max(self.largest_trace, trace)
+        self.terms += 1
+        self.totals.add(self._key, sums)
+        if covariance is not None:
+            covariance.add(squares, trace)
 
     def take_covariance(self) -> torch.Tensor:
         """(groups, width, width) float32, or (width, width) for one group; the sums are
-        released (width^2 float64 per group: the largest buffers of a wide layer's pass)."""
+        released (width^2 per group: the largest buffers of a wide layer's pass)."""
         counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
-        h = self.sums.div_(counts[:, None, None]).float()
-        self.sums = self.sums.new_zeros(self.sums.shape[0], 0, 0)
+        h = self.covariance.take().div_(counts[:, None, None]).float()
         return h[0] if h.shape[0] == 1 else h
 
     def mean(self) -> torch.Tensor:
         counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
-        return self.totals / counts[:, None]
+        return self.totals.total() / counts[:, None]
+
+
+def _combined(cluster: Cluster | None, moments: Mapping[str, _Moments]) -> float:
+    """Add every rank's moments (sums of X, rows, calls; the largest trace) into each rank's
+    (in one process: as they are); the largest trace a covariance grid refused (0: none)."""
+    gather_totals(cluster, [m.totals for m in moments.values()])
+    found = [[m.rows, m.largest_trace, m.terms,
+              m.covariance.overflow if m.covariance is not None else 0.0]
+             for m in moments.values()]
+    if cluster is not None:
+        seen = cluster.all_gather_json(found)
+        found = [[[sum(rows) for rows in zip(*(r[i][0] for r in seen), strict=True)],
+                  max(r[i][1] for r in seen), sum(r[i][2] for r in seen),
+                  max(r[i][3] for r in seen)] for i in range(len(found))]
+    for m, (rows, largest, terms, _) in zip(moments.values(), found, strict=True):
+        m.rows, m.largest_trace, m.terms = rows, largest, terms
+    return max((overflow for *_, overflow in found), default=0.0)
 
 
 @dataclass
@@ -102,8 +153,8 @@ class Reconstruction:
 
 
 def _hooked(
-    watched: Mapping[str, LayerInputs], moments: dict[str, _Moments],
-    on_call: Callable[[str, tuple, dict], None] | None = None,
+    calibration: Calibration, watched: Mapping[str, LayerInputs],
+    moments: dict[str, _Moments], on_call: Callable[[str, tuple, dict], None] | None = None,
 ) -> list:
     """Pre-hooks that add each watched weight's input rows to its moments."""
     handles = []
@@ -113,8 +164,7 @@ def _hooked(
                  inputs: LayerInputs = inputs) -> None:
             if on_call is not None:
                 on_call(name, args, kwargs)
-            for chunk in inputs.chunks(args, kwargs):
-                moments[name].add(chunk)
+            moments[name].add_call(calibration.batch, inputs.chunks(args, kwargs))
 
         handles.append(inputs.module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
@@ -126,7 +176,9 @@ def _order(
     """One pass of the float model: the groups of layers in forward order, every reached
     layer's float mean input, whether a planned layer runs more than once per forward, and
     whether ``blocks`` form a chain (qlis/measure/blocks.py)."""
-    moments = {name: _Moments.empty(inputs, False) for name, inputs in reachable.items()}
+    cluster = calibration.cluster
+    moments = {name: _Moments.empty(inputs, cluster is not None)
+               for name, inputs in reachable.items()}
     calls: dict[str, int] = dict.fromkeys(reachable, 0)
     groups: list[list[str]] = []
     last_input: list[object] = [None]  # kept alive, so no later tensor can take its address
@@ -145,7 +197,7 @@ def _order(
             last_input[0] = x
 
     check = ChainCheck(blocks) if blocks is not None else None
-    handles = _hooked(reachable, moments, on_call)
+    handles = _hooked(calibration, reachable, moments, on_call)
     try:
         with check.watching() if check is not None else contextlib.nullcontext():
             calibration.feed()
@@ -155,7 +207,11 @@ def _order(
     repeated = any(count > calibration.forward_calls for count in calls.values())
     chained = (check is not None and check.chained
                and check.runs == calibration.forward_calls)
-    return groups, {n: moments[n] for group in groups for n in group}, repeated, chained
+    if cluster is not None:
+        cluster.agree([groups, repeated, chained], "order of layers on its calibration batches")
+    reached = {n: moments[n] for group in groups for n in group}
+    _combined(cluster, reached)
+    return groups, reached, repeated, chained
 
 
 def _chain_positions(groups: list[list[str]], blocks: Blocks) -> list[int | None] | None:
@@ -177,19 +233,41 @@ def _chain_positions(groups: list[list[str]], blocks: Blocks) -> list[int | None
 
 
 def _group_moments(
-    group: list[str], reachable: Mapping[str, LayerInputs], stop_early: bool,
+    calibration: Calibration, group: list[str], reachable: Mapping[str, LayerInputs],
+    float_moments: Mapping[str, _Moments], stop_early: bool,
     run: Callable[[type[Exception] | None], None],
 ) -> dict[str, _Moments]:
     """Input moments of the group's layers over ``run(stop)``, one pass (of the model or of
-    the block that holds them) that may end once the group has run."""
+    the block that holds them) that may end once the group has run, every rank's added. A
+    covariance grid sized by the float model that a quantized input outgrows (inputs 256x
+    larger in norm) is sized again by what was seen, and the pass made again."""
     watched = {name: reachable[name] for name in group}
-    moments = {name: _Moments.empty(inputs, True) for name, inputs in watched.items()}
+    grids = {name: (float_moments[name].largest_trace, float_moments[name].terms)
+             for name in group}
+    for _ in range(2):
+        moments = _one_pass(calibration, watched, grids, stop_early, run)
+        if not _combined(calibration.cluster, moments):
+            return moments
+        grids = {name: (m.largest_trace, m.terms) for name, m in moments.items()}
+    raise InputError(f"the inputs of {group[0]} are not finite once the layers before it are "
+                     "quantized; calibrate with error_feedback=False, or keep more bits")
+
+
+def _one_pass(
+    calibration: Calibration, watched: Mapping[str, LayerInputs],
+    grids: Mapping[str, tuple[float, int]], stop_early: bool,
+    run: Callable[[type[Exception] | None], None],
+) -> dict[str, _Moments]:
+    """This rank's moments of the ``watched`` layers over ``run(stop)``."""
+    group = list(watched)
+    moments = {name: _Moments.empty(inputs, calibration.cluster is not None, grids[name])
+               for name, inputs in watched.items()}
     seen: set[str] = set()
 
     def on_call(name: str, args: tuple, kwargs: dict) -> None:
         seen.add(name)
 
-    handles = _hooked(watched, moments, on_call)
+    handles = _hooked(calibration, watched, moments, on_call)
     if stop_early:
         last = watched[group[-1]].module
 
@@ -205,6 +283,42 @@ def _group_moments(
         for handle in handles:
             handle.remove()
     return moments
+
+
+def _fitted(
+    cluster: Cluster | None, group: list[str], moments: Mapping[str, _Moments],
+    state: Mapping[str, torch.Tensor],
+    fit: Callable[[str, _Moments], tuple[StoredTensor, LayerPlan, torch.Tensor | None]],
+    keep: Callable[[StoredTensor], StoredTensor],
+) -> list[tuple[str, tuple[StoredTensor, LayerPlan, torch.Tensor | None]]]:
+    """Each layer of ``group`` fitted (``fit``) by the rank that owns it, and every fitted
+    layer on every rank. Every message is exchanged before any error is raised, so that no
+    rank waits for one that stopped."""
+    if cluster is None:
+        return [(name, fit(name, moments[name])) for name in group]
+    owners = cluster.owners([float(state[name].numel()) for name in group])
+    for name, owner in zip(group, owners, strict=True):
+        cluster.sum_onto(moments[name].covariance.sums, owner)
+        if owner != cluster.rank:
+            moments[name].covariance = None  # another rank's scratch now
+    messages, failure = {}, None
+    for name, owner in zip(group, owners, strict=True):
+        if owner == cluster.rank and failure is None:
+            try:
+                messages[name] = layer_message(*fit(name, moments[name]))
+            except QlisError as err:
+                failure, messages[name] = err, error_message(str(err))
+        elif owner == cluster.rank:
+            messages[name] = error_message(f"stopped by {failure}")
+    received = [(name, cluster.broadcast_bytes(messages.get(name), owner))
+                for name, owner in zip(group, owners, strict=True)]
+    if failure is not None:
+        raise failure
+    fitted = []
+    for (name, data), owner in zip(received, owners, strict=True):
+        stored, layer, bias = read_layer_message(data, owner)
+        fitted.append((name, (keep(stored) if owner != cluster.rank else stored, layer, bias)))
+    return fitted
 
 
 def _corrected_bias(
@@ -226,10 +340,17 @@ def reconstruct(
     execute: Callable[..., tuple[StoredTensor, LayerPlan]],
     bias_correction: bool = True,
     progress: Callable[[int], None] | None = None,
+    keep: Callable[[StoredTensor], StoredTensor] = lambda stored: stored,
 ) -> Reconstruction:
     """Quantize ``plan``'s layers sequentially (module doc). ``execute(name, weight, config,
     hessian=..., transposed=..., reconstruction=...)`` prunes and quantizes one layer (the
     caller's ``execute_layer``); ``progress`` gets each finished layer's parameter count.
+
+    In a job (the calibration's ``cluster``), each rank runs its calibration batches, each
+    layer's moments are added onto the rank that owns it (owners balanced by parameters),
+    which quantizes it and sends it to the others (``keep``: what a rank does with a layer it
+    received, as ``execute`` does with its own): every rank ends with the result one process
+    makes, to the bit.
 
     Where the model's blocks form a chain (qlis/measure/blocks.py), the groups inside it are
     measured on the blocks' cached inputs, one block at a time, and a finished block's layers
@@ -247,6 +368,19 @@ def reconstruct(
     replacements: dict[str, Replacement] = {}
     cached: CachedInputs | None = None
     at = 0  # the block whose inputs ``cached`` holds
+
+    def fit(name: str, moments: _Moments) -> tuple[StoredTensor, LayerPlan, torch.Tensor | None]:
+        """One layer quantized on its moments, and its corrected bias (None: none)."""
+        inputs, config = reachable[name], plan[name]
+        hessian = moments.take_covariance() if config.quantizer is not None else None
+        stored, layer = execute(name, state[name], config, hessian=hessian,
+                                transposed=inputs.transposed, reconstruction=FED_BACK)
+        if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
+            return stored, layer, None
+        corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
+                                    dequantized(stored), float_moments[name].mean(),
+                                    moments.mean())
+        return stored, dataclasses.replace(layer, reconstruction=BIAS_CORRECTED), corrected
 
     def of_block(index: int) -> dict[str, Replacement]:
         return {n: v for n, v in replacements.items() if blocks.index_of(n) == index}
@@ -266,22 +400,14 @@ def reconstruct(
                 at += 1
                 release_freed_memory()
             run = functools.partial(cached.run, blocks.modules[position], of_block(position))
-        moments = _group_moments(group, reachable, not repeated, run)
-        for name in group:
-            inputs = reachable[name]
-            config = plan[name]
-            hessian = moments[name].take_covariance() if config.quantizer is not None else None
-            stored, layer = execute(name, state[name], config, hessian=hessian,
-                                    transposed=inputs.transposed, reconstruction=FED_BACK)
-            approx = dequantized(stored)
-            replacements[name] = approx
-            bias = inputs.bias
-            if bias_correction and bias in state and bias not in plan:
-                corrected = _corrected_bias(state[bias], inputs, state[name], approx,
-                                            float_moments[name].mean(),
-                                            moments[name].mean())
-                result.biases[bias] = replacements[bias] = corrected
-                layer = dataclasses.replace(layer, reconstruction=BIAS_CORRECTED)
+        moments = _group_moments(calibration, group, reachable, float_moments, not repeated,
+                                 run)
+        for name, (stored, layer, corrected) in _fitted(calibration.cluster, group, moments,
+                                                         state, fit, keep):
+            replacements[name] = dequantized(stored)
+            if corrected is not None:
+                result.biases[reachable[name].bias] = corrected
+                replacements[reachable[name].bias] = corrected
             result.tensors[name], result.layers[name] = stored, layer
             release_freed_memory()
             if progress is not None:

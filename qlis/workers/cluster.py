@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from qlis.archive.resume import PassCache
-from qlis.errors import ClusterError
+from qlis.errors import ClusterError, QlisError
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
 
 T = TypeVar("T")
@@ -119,6 +119,24 @@ class Cluster:
                 dist.recv(data, source)
         return data.numpy().tobytes()
 
+    def broadcast_bytes(self, data: bytes | None, source: int) -> bytes:
+        """Rank ``source``'s ``data`` on every rank (the others pass None)."""
+        with _reporting(f"waiting for rank {source}"):
+            size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+            dist.broadcast(size, source)
+            if not 0 <= int(size) <= _MAX_MESSAGE:
+                raise ClusterError(f"rank {source} announced {int(size):,} bytes; refusing")
+            buffer = (torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                      if data else torch.empty(int(size), dtype=torch.uint8))
+            if int(size):
+                dist.broadcast(buffer, source)
+        return data if data is not None else buffer.numpy().tobytes()
+
+    def sum_onto(self, tensor: torch.Tensor, owner: int) -> None:
+        """Add every rank's ``tensor`` (int64: exact in any order) into rank ``owner``'s."""
+        with _reporting(f"adding sums onto rank {owner}"):
+            dist.reduce(tensor, owner, op=dist.ReduceOp.SUM)
+
     def agree(self, fingerprint: Any, what: str) -> None:
         """Refuse to go on unless every rank has the same ``fingerprint`` (plain JSON) of
         ``what`` (e.g. its input and options)."""
@@ -175,6 +193,32 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
         for index, value in zip(owned, shared, strict=True):
             results[index] = value
     return [from_json(r) for r in results]
+
+
+@contextmanager
+def together(cluster: Cluster | None) -> Iterator[None]:
+    """Work that fails on every rank if it fails on one: a QlisError inside is raised here,
+    and every other rank raises a ClusterError that quotes it. Nothing inside may exchange
+    (each rank makes one exchange at the end)."""
+    try:
+        yield
+    except QlisError as err:
+        if cluster is not None and not isinstance(err, ClusterError):
+            cluster.all_gather_json({"error": str(err)})
+        raise
+    if cluster is not None:
+        for rank, seen in enumerate(cluster.all_gather_json({})):
+            if isinstance(seen, dict) and "error" in seen:
+                raise ClusterError(f"rank {rank}: {seen['error']}")
+
+
+def share_of(items: Sequence[T], cluster: Cluster | None) -> list[T]:
+    """This rank's contiguous part of ``items`` (all of them in one process): the ranks'
+    parts differ in length by one at most."""
+    if cluster is None:
+        return list(items)
+    start, stop = (len(items) * r // cluster.world for r in (cluster.rank, cluster.rank + 1))
+    return list(items[start:stop])
 
 
 @contextmanager

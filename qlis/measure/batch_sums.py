@@ -1,0 +1,140 @@
+"""Sums over calibration batches that are the same bits however the batches are split over
+the ranks of a job (qlis/workers/cluster.py), so that N ranks write the archive one process
+writes.
+
+Floating-point addition is not associative: a sum split over ranks, and its parts added in
+another order, rounds differently. Two remedies, by size:
+
+- `OrderedSum` (vectors and scalars: mean inputs, cosines, gradient totals): each term is
+  keyed by where it comes in one process's pass (batch, then call), and the terms are added
+  in that order. One process adds them as they come, which is that order; ranks gather every
+  term (`gather_totals`) and add them in it.
+- `FixedPointSum` (input covariances: width^2 per layer, too large to gather per batch): each
+  term is rounded to integers on a grid 2^-46 of the largest sum the terms can make, far
+  finer than the float32 the covariance is used in, and integers add exactly in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import torch
+
+from qlis.errors import ClusterError
+from qlis.workers.cluster import Cluster
+
+Key = tuple[int, ...]
+HEADROOM_BITS = 16
+"""How much larger than the float model's largest term a term may be (2^16: a layer's
+inputs 256x larger in norm) before the grid is too coarse and the pass is measured again."""
+_SUM_BITS = 62  # the largest integer sum: int64 with a bit to spare
+_CHUNK = 1 << 20  # entries converted at once
+
+
+class OrderedSum:
+    """A float64 sum of keyed terms, added in key order (module doc). ``distributed``: the
+    terms are kept until `gather_totals` adds every rank's; otherwise they must come in key
+    order and are added as they come."""
+
+    def __init__(self, shape: tuple[int, ...], distributed: bool = False) -> None:
+        self.shape = shape
+        self.distributed = distributed
+        self.terms: dict[Key, torch.Tensor] = {}
+        self._total = torch.zeros(shape, dtype=torch.float64)
+        self._last: Key | None = None
+
+    def add(self, key: Key, value: torch.Tensor) -> None:
+        if self._last is not None and key <= self._last:
+            raise RuntimeError(f"term {key} after {self._last}: terms must come in key order")
+        self._last = key
+        if self.distributed:
+            self.terms[key] = value.to(torch.float64).reshape(self.shape).clone()
+        else:
+            self._total += value.to(torch.float64).reshape(self.shape)
+
+    def total(self) -> torch.Tensor:
+        """The sum (in a job: after `gather_totals`)."""
+        return self._total
+
+
+def gather_totals(cluster: Cluster | None, sums: list[OrderedSum]) -> None:
+    """Complete ``sums`` (the same list, in the same order, on every rank) with every rank's
+    terms, added in key order; one exchange for them all. Without a cluster: nothing to do."""
+    if cluster is None:
+        return
+    head, blobs = [], []
+    for index, ordered in enumerate(sums):
+        for key, value in ordered.terms.items():
+            head.append([index, list(key)])
+            blobs.append(value.numpy().tobytes())
+    encoded = json.dumps(head).encode()
+    message = b"".join([struct.pack("<Q", len(encoded)), encoded, *blobs])
+    found: list[list[tuple[Key, torch.Tensor]]] = [[] for _ in sums]
+    for rank, data in enumerate(cluster.all_gather_bytes(message)):
+        for index, key, value in _terms(data, sums, rank):
+            found[index].append((key, value))
+    for ordered, terms in zip(sums, found, strict=True):
+        terms.sort(key=lambda term: term[0])
+        if any(a[0] == b[0] for a, b in zip(terms, terms[1:], strict=False)):
+            raise ClusterError("two ranks measured the same calibration batch")
+        total = torch.zeros(ordered.shape, dtype=torch.float64)
+        for _, value in terms:
+            total += value
+        ordered._total, ordered.terms = total, {}
+
+
+def _terms(data: bytes, sums: list[OrderedSum], rank: int,
+           ) -> list[tuple[int, Key, torch.Tensor]]:
+    """The (sum index, key, value) terms of one rank's message, checked to add up."""
+    try:
+        (length,) = struct.unpack_from("<Q", data)
+        head = json.loads(data[8:8 + length])
+        offset, terms = 8 + length, []
+        for index, key in head:
+            shape = sums[index].shape
+            size = math.prod(shape) * 8
+            value = np.frombuffer(data, dtype=np.float64, count=size // 8, offset=offset)
+            terms.append((index, tuple(int(k) for k in key),
+                          torch.from_numpy(value.copy()).reshape(shape)))
+            offset += size
+        if offset != len(data):
+            raise ValueError("the terms do not add up to the message")
+        return terms
+    except (ValueError, TypeError, IndexError, struct.error) as err:
+        raise ClusterError(f"rank {rank} sent sums that do not parse ({err})") from None
+
+
+class FixedPointSum:
+    """A sum of symmetric positive semi-definite float64 matrices (a layer's X^T X per call)
+    on an integer grid, exact in any order (module doc).
+
+    ``largest_trace`` and ``terms`` come from the float model's pass: the largest trace of one
+    term and how many terms a pass adds. Every entry of such a matrix is at most its trace, so
+    a grid on which ``terms`` traces ``2^HEADROOM_BITS`` times larger still fit in int64
+    holds every partial sum exactly. A term beyond that is not added: ``overflow`` keeps the
+    largest such trace, and the caller measures again with it."""
+
+    def __init__(self, shape: tuple[int, ...], largest_trace: float, terms: int) -> None:
+        self.allowed = min(max(largest_trace, 1e-280), 1e280) * 2.0 ** HEADROOM_BITS
+        self.exponent = math.ceil(math.log2(self.allowed * max(terms, 1))) - _SUM_BITS
+        self.sums: torch.Tensor | None = torch.zeros(shape, dtype=torch.int64)
+        self.overflow = 0.0
+
+    def add(self, term: torch.Tensor, trace: float) -> None:
+        """Add one term (float64) whose trace (the largest of its blocks) is ``trace``."""
+        if not trace <= self.allowed:  # NaN too
+            self.overflow = max(self.overflow, trace if math.isfinite(trace) else math.inf)
+            return
+        scale = math.ldexp(1.0, -self.exponent)  # a power of two: scaling is exact
+        flat, sums = term.reshape(-1), self.sums.reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):  # bounded temporaries
+            sums[start:start + _CHUNK] += (flat[start:start + _CHUNK] * scale).round_().long()
+
+    def take(self) -> torch.Tensor:
+        """The sum (float64); the integers are released."""
+        total = self.sums.to(torch.float64).mul_(math.ldexp(1.0, self.exponent))
+        self.sums = None
+        return total

@@ -1,0 +1,222 @@
+"""Sums over calibration batches that are the same bits however the batches are split over
+ranks (`qlis.measure.batch_sums`), the layer messages ranks exchange, and the pieces of a
+calibrated job that need no process group."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qlis
+from qlis.errors import ClusterError, ConfigError
+from qlis.measure import batch_sums
+from qlis.measure.batch_sums import FixedPointSum, OrderedSum, gather_totals
+from qlis.measure.calibrate import Calibration
+from qlis.plan.layer_message import error_message, layer_message, read_layer_message
+from qlis.quantize import gptq
+from qlis.quantize import reconstruct as rec
+from qlis.workers.cluster import Cluster
+
+
+def _terms(seed: int, count: int, width: int = 6) -> list[torch.Tensor]:
+    """X^T X of random rows of very different scales: float sums of these depend on order."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        x = torch.randn(5, width, generator=gen, dtype=torch.float64) * 10.0 ** (i % 7 - 3)
+        out.append(x.T @ x)
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), count=st.integers(1, 12), data=st.data())
+def test_a_fixed_point_sum_is_the_same_bits_in_any_order_and_split(seed, count, data):
+    terms = _terms(seed, count)
+    largest = max(float(t.diagonal().sum()) for t in terms)
+    whole = FixedPointSum((6, 6), largest, count)
+    for term in terms:
+        whole.add(term, float(term.diagonal().sum()))
+    order = data.draw(st.permutations(range(count)))
+    cut = data.draw(st.integers(0, count))
+    parts = [FixedPointSum((6, 6), largest, count) for _ in range(2)]
+    for position, index in enumerate(order):
+        parts[position >= cut].add(terms[index], float(terms[index].diagonal().sum()))
+    parts[0].sums += parts[1].sums  # what the ranks' integer reduction does
+    exact = whole.take()
+    assert torch.equal(parts[0].take(), exact)
+    assert torch.allclose(exact, torch.stack(terms).sum(dim=0), rtol=1e-9, atol=1e-12 * largest)
+
+
+def test_a_term_beyond_the_grid_is_not_added_and_says_how_large_it_was():
+    terms = _terms(0, 3)
+    traces = [float(t.diagonal().sum()) for t in terms]
+    grid = FixedPointSum((6, 6), min(traces), 3)
+    big = terms[0] * 2.0 ** (batch_sums.HEADROOM_BITS + 1)
+    grid.add(big, traces[0] * 2.0 ** (batch_sums.HEADROOM_BITS + 1))
+    grid.add(terms[1], float("nan"))
+    assert grid.overflow == float("inf")
+    assert torch.equal(grid.take(), torch.zeros(6, 6, dtype=torch.float64))
+
+
+def _thread_ranks(world: int) -> list[Cluster]:
+    """Ranks in threads of this process that exchange bytes as the real ones do."""
+    board: list[bytes | None] = [None] * world
+    barrier = threading.Barrier(world, timeout=30)
+
+    class ThreadRank(Cluster):
+        def all_gather_bytes(self, data: bytes) -> list[bytes]:
+            board[self.rank] = data
+            barrier.wait()
+            seen = list(board)
+            barrier.wait()
+            return seen
+
+    return [ThreadRank(rank, world) for rank in range(world)]
+
+
+def _on_ranks(world: int, work) -> list:
+    results: list = [None] * world
+    errors: list[BaseException] = []
+
+    def run(rank: Cluster) -> None:
+        try:
+            results[rank.rank] = work(rank)
+        except BaseException as err:  # re-raised in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in _thread_ranks(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ordered_sums_over_ranks_are_the_bits_of_one_process(world):
+    gen = torch.Generator().manual_seed(world)
+    values = [torch.randn(4, generator=gen, dtype=torch.float64) * 10.0 ** (i % 9 - 4)
+              for i in range(11)]
+    one = OrderedSum((4,))
+    for i, value in enumerate(values):
+        one.add((i,), value)
+    assert not torch.equal(one.total(), sum(reversed(values)))  # the order matters here
+
+    def rank_part(rank: Cluster) -> torch.Tensor:
+        mine = OrderedSum((4,), distributed=True)
+        for i in range(rank.rank, len(values), rank.world):  # any split: keys say the order
+            mine.add((i,), values[i])
+        gather_totals(rank, [mine])
+        return mine.total()
+
+    assert all(torch.equal(total, one.total()) for total in _on_ranks(world, rank_part))
+
+
+def test_ordered_sums_refuse_terms_out_of_order_and_a_batch_two_ranks_measured():
+    ordered = OrderedSum((1,))
+    ordered.add((2, 0), torch.ones(1))
+    with pytest.raises(RuntimeError, match="key order"):
+        ordered.add((1, 5), torch.ones(1))
+
+    def same_batch(rank: Cluster) -> None:
+        mine = OrderedSum((1,), distributed=True)
+        mine.add((0,), torch.ones(1))
+        gather_totals(rank, [mine])
+
+    with pytest.raises(ClusterError, match="the same calibration batch"):
+        _on_ranks(2, same_batch)
+
+
+def test_garbled_sums_from_a_rank_are_a_cluster_error():
+    class Garbling(Cluster):
+        def all_gather_bytes(self, data: bytes) -> list[bytes]:
+            return [data, data[:-3]]
+
+    mine = OrderedSum((2,), distributed=True)
+    mine.add((0,), torch.ones(2))
+    with pytest.raises(ClusterError, match="rank 1 sent sums that do not parse"):
+        gather_totals(Garbling(0, 2), [mine])
+
+
+def _quantized_layer():
+    model = nn.Sequential(nn.Linear(12, 8))
+    result = qlis.compress(model, "quant", bits=3)
+    layer = result.layers[0]
+    return result.tensors[layer.name], layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_message_round_trips_quantized_and_float_layers_with_their_bias(dtype):
+    stored, layer = _quantized_layer()
+    bias = torch.randn(8).to(dtype)
+    got, got_layer, got_bias = read_layer_message(layer_message(stored, layer, bias), 1)
+    assert got_layer == layer and torch.equal(got_bias, bias) and got_bias.dtype == dtype
+    assert got.quantizer == stored.quantizer and got.n_levels == stored.n_levels
+    assert (got.codes == stored.codes).all() and got.codes.dtype == stored.codes.dtype
+    assert torch.equal(got.dequantize(), stored.dequantize())
+    plain = torch.randn(3, 4).to(dtype)
+    got, _, none = read_layer_message(layer_message(plain, layer, None), 1)
+    assert torch.equal(got, plain) and got.dtype == dtype and none is None
+
+
+def test_a_cut_or_garbled_layer_message_is_a_cluster_error_and_an_error_is_raised():
+    stored, layer = _quantized_layer()
+    message = layer_message(stored, layer, torch.zeros(8))
+    for cut in range(0, len(message), 7):
+        with pytest.raises(ClusterError, match="rank 1 sent a layer that does not parse"):
+            read_layer_message(message[:cut], 1)
+    with pytest.raises(ClusterError, match="does not parse"):
+        read_layer_message(message + b"\0", 1)
+    with pytest.raises(ClusterError, match="^rank 3: the covariance is not positive$"):
+        read_layer_message(error_message("the covariance is not positive"), 3)
+
+
+def test_a_callable_or_too_few_batches_cannot_be_split_over_ranks():
+    model = nn.Sequential(nn.Linear(4, 2))
+    # refused before any exchange: no process group exists here
+    with pytest.raises(ConfigError, match="cannot be split over ranks"):
+        Calibration(model, lambda m: m(torch.ones(2, 4)), cluster=Cluster(0, 2))
+    with pytest.raises(ConfigError, match="1 calibration batches to fit on for 2 ranks"):
+        Calibration(model, [torch.ones(2, 4)], cluster=Cluster(0, 2))
+
+
+def test_the_inverse_factor_is_the_same_bits_on_one_thread_and_on_two():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 300, generator=gen, dtype=torch.float64)
+    h = x.T @ x / 2000 + 0.1 * torch.eye(300, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gptq._upper_inverse_factor(h, 0.1)
+        torch.set_num_threads(2)
+        two = gptq._upper_inverse_factor(h, 0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_a_grid_the_quantized_inputs_outgrow_is_sized_again_and_the_pass_made_again(
+        monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4)).eval()
+    batches = [torch.randn(8, 16) for _ in range(4)]
+    passes = []
+    one_pass = rec._one_pass
+    monkeypatch.setattr(rec, "_one_pass", lambda *a: passes.append(1) or one_pass(*a))
+    plain = qlis.compress(model, "quant", bits=2, calib=batches)
+    groups = len(passes)
+    passes.clear()
+    monkeypatch.setattr(batch_sums, "HEADROOM_BITS", 0)  # no room above the float inputs
+    tight = qlis.compress(model, "quant", bits=2, calib=batches)
+    assert len(passes) > groups  # some group's inputs outgrew the float model's
+    assert {layer.reconstruction for layer in tight.layers} == {rec.BIAS_CORRECTED}
+    cosines = [r.distortion["output"]["cosine"] for r in (plain, tight)]
+    assert cosines[1] == pytest.approx(cosines[0], abs=1e-6)
