@@ -4,6 +4,7 @@ calibrated job that need no process group."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -17,8 +18,8 @@ from qlis.errors import ClusterError, ConfigError
 from qlis.measure import batch_sums
 from qlis.measure.batch_sums import FixedPointSum, OrderedSum, gather_totals
 from qlis.measure.calibrate import Calibration
+from qlis.models.tensors import same_bits
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
-from qlis.quantize import gptq
 from qlis.quantize import reconstruct as rec
 from qlis.workers.cluster import Cluster
 
@@ -134,10 +135,24 @@ def test_ordered_sums_refuse_terms_out_of_order_and_a_batch_two_ranks_measured()
         _on_ranks(2, same_batch)
 
 
-def test_garbled_sums_from_a_rank_are_a_cluster_error():
+def _sums_message(head: object, tail: bytes = b"") -> bytes:
+    text = json.dumps(head).encode()
+    return len(text).to_bytes(8, "little") + text + tail
+
+
+@pytest.mark.parametrize("garble", [
+    lambda data: data[:-3],
+    lambda data: data + b"\0",
+    lambda data: _sums_message([[1, [0]]], bytes(16)),
+    lambda data: _sums_message([[-1, [0]]], bytes(16)),
+    lambda data: _sums_message([[0, ["x"]]], bytes(16)),
+    lambda data: _sums_message({"a": 1}),
+    lambda data: b"\xff" * 12,
+], ids=["cut", "trailing", "no-such-sum", "negative-sum", "text-key", "dict-head", "bytes"])
+def test_garbled_sums_from_a_rank_are_a_cluster_error(garble):
     class Garbling(Cluster):
         def all_gather_bytes(self, data: bytes) -> list[bytes]:
-            return [data, data[:-3]]
+            return [data, garble(data)]
 
     mine = OrderedSum((2,), distributed=True)
     mine.add((0,), torch.ones(2))
@@ -187,19 +202,25 @@ def test_a_callable_or_too_few_batches_cannot_be_split_over_ranks():
         Calibration(model, [torch.ones(2, 4)], cluster=Cluster(0, 2))
 
 
-def test_the_inverse_factor_is_the_same_bits_on_one_thread_and_on_two():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 300, generator=gen, dtype=torch.float64)
-    h = x.T @ x / 2000 + 0.1 * torch.eye(300, dtype=torch.float64)
+def test_a_calibrated_compression_is_the_same_bits_on_one_thread_and_on_two():
+    """torchrun starts each rank on one thread; one process uses every core. Layers wide
+    enough that torch splits their sums (and LAPACK its factorizations) over two threads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
+    batches = [torch.randn(128, 256) for _ in range(4)]
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = gptq._upper_inverse_factor(h, 0.1)
-        torch.set_num_threads(2)
-        two = gptq._upper_inverse_factor(h, 0.1)
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(qlis.compress(model, calib=batches, target_bits_per_weight=3.0))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    one, two = results
+    assert one.layers == two.layers  # the measures (weight error, feedback) too
+    assert one.distortion["output"] == two.distortion["output"]
+    for name, tensor in one.state_dict().items():
+        assert same_bits(tensor, two.state_dict()[name]), name
 
 
 def test_a_grid_the_quantized_inputs_outgrow_is_sized_again_and_the_pass_made_again(

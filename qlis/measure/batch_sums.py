@@ -94,10 +94,13 @@ def _terms(data: bytes, sums: list[OrderedSum], rank: int,
         head = json.loads(data[8:8 + length])
         offset, terms = 8 + length, []
         for index, key in head:
+            if not (isinstance(index, int) and 0 <= index < len(sums)
+                    and all(isinstance(k, int) for k in key)):
+                raise ValueError(f"a term of sum {index!r} keyed {key!r}")
             shape = sums[index].shape
             size = math.prod(shape) * 8
             value = np.frombuffer(data, dtype=np.float64, count=size // 8, offset=offset)
-            terms.append((index, tuple(int(k) for k in key),
+            terms.append((index, tuple(key),
                           torch.from_numpy(value.copy()).reshape(shape)))
             offset += size
         if offset != len(data):

@@ -26,6 +26,7 @@ import torch
 
 from qlis.errors import ConfigError, InputError
 from qlis.measure.batch_sums import OrderedSum, gather_totals
+from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.workers.cluster import Cluster, share_of, together
 
@@ -88,8 +89,9 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
 
 def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> None:
     """Add a weight's squared gradient to its total as soon as backward has made it, and
-    free it: a backward pass holds one weight's gradient, not the model's."""
-    totals[index] += tensor.grad.double().square().sum()
+    free it: a backward pass holds one weight's gradient, not the model's. Summed in one
+    compiled pass: torch's sum of a large tensor rounds by its thread count."""
+    totals[index] += squared_sums(tensor.grad, tensor.grad)[0]
     tensor.grad = None
 
 
@@ -380,7 +382,7 @@ class Calibration:
         gather_totals(self.cluster, [totals])
         *squared, count = totals.total().tolist()
         return {name: squared[index] / samples / count
-                * float(t.detach().double().square().mean())
+                * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}
 
     def compare(self, outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:
@@ -396,10 +398,10 @@ class Calibration:
             norms = ref.norm(dim=1) * out.norm(dim=1)
             cos = torch.where(norms > 0, dot / norms.clamp(min=1e-300),
                               (ref.norm(dim=1) == out.norm(dim=1)).double())
-            totals.add((key,), torch.stack([
-                cos.sum(), torch.tensor(float(len(cos)), dtype=torch.float64),
-                (out - ref).square().sum(), ref.square().sum(),
-                (~torch.isfinite(out)).sum().double()]))
+            energy, error = squared_sums(ref, out)
+            totals.add((key,), torch.tensor([
+                math.fsum(cos.tolist()), float(len(cos)), error, energy,
+                float((~torch.isfinite(out)).sum())], dtype=torch.float64))
         gather_totals(self.cluster, [totals])
         cosine_sum, count, error, energy, not_finite = totals.total().tolist()
         finite = not_finite == 0

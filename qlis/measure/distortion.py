@@ -32,14 +32,16 @@ def _squares(reference: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
 
 
 def squared_sums(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
-    """(``||reference||^2``, ``||approx - reference||^2``) from float32 copies of one chunk at
-    a time, in one compiled pass each, summed in float64."""
+    """(``||reference||^2``, ``||approx - reference||^2``) from float32 copies (float64
+    tensors as they are) of one chunk at a time, in one compiled pass each, summed in float64:
+    the same bits whatever torch's thread count (its sums of large tensors round by it)."""
     ref, out = reference.detach().reshape(-1), approx.detach().reshape(-1)
+    wide = torch.float64 if ref.dtype == out.dtype == torch.float64 else torch.float32
     energy = error = 0.0
     for start in range(0, ref.numel(), CHUNK_ELEMENTS):
         chunk_energy, chunk_error = _squares(
-            ref[start:start + CHUNK_ELEMENTS].float().contiguous().numpy(),
-            out[start:start + CHUNK_ELEMENTS].float().contiguous().numpy())
+            ref[start:start + CHUNK_ELEMENTS].to(wide).contiguous().numpy(),
+            out[start:start + CHUNK_ELEMENTS].to(wide).contiguous().numpy())
         energy += chunk_energy
         error += chunk_error
     return energy, error

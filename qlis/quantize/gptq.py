@@ -27,7 +27,6 @@ from qlis.errors import ConfigError, InputError
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
 from qlis.quantize.rounding import refine_codes
-from qlis.workers.threads import single_threaded_ops
 
 MAX_SWEEPS = 64
 DEFAULT_DAMP = 0.1
@@ -62,16 +61,7 @@ def _each_group(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tenso
 
 
 def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped covariance's inverse (``h`` from ``_damped``).
-
-    On one thread: LAPACK's factorizations round differently on 1 and 2 threads (measured),
-    and the ranks of a job (which torchrun starts with one thread each) must quantize as one
-    process does."""
-    with single_threaded_ops():
-        return _factor(h, damp)
-
-
-def _factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped covariance's inverse (``h`` from ``_damped``)."""
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info):
         raise InputError(

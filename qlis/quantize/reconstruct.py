@@ -47,6 +47,7 @@ from qlis.plan.layer_message import error_message, layer_message, read_layer_mes
 from qlis.plan.plans import Plan
 from qlis.workers.cluster import Cluster
 from qlis.workers.memory import release_freed_memory
+from qlis.workers.threads import single_threaded_ops
 
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
@@ -370,7 +371,14 @@ def reconstruct(
     at = 0  # the block whose inputs ``cached`` holds
 
     def fit(name: str, moments: _Moments) -> tuple[StoredTensor, LayerPlan, torch.Tensor | None]:
-        """One layer quantized on its moments, and its corrected bias (None: none)."""
+        """One layer quantized on its moments, and its corrected bias (None: none), on one
+        thread (`single_threaded_ops`): torch's reductions round by the number of threads
+        that split them, and the layer must be the same bits in any process of any job."""
+        with single_threaded_ops():
+            return fit_alone(name, moments)
+
+    def fit_alone(name: str, moments: _Moments,
+                  ) -> tuple[StoredTensor, LayerPlan, torch.Tensor | None]:
         inputs, config = reachable[name], plan[name]
         hessian = moments.take_covariance() if config.quantizer is not None else None
         stored, layer = execute(name, state[name], config, hessian=hessian,
