@@ -22,6 +22,11 @@ error add to the next layers' inputs unseen. Here (as GPTQ and its successors do
    on the quantized model's inputs is the float layer's on the float inputs (Nagel et al.,
    2019, bias correction): ``b' = b + W mu - W_hat mu_hat``.
 
+Every sum over calibration batches is the same bits however the batches are split
+(qlis/measure/batch_sums.py), so the ranks of a torch.distributed job can share them: each
+runs its batches, a layer's moments are added onto the rank that quantizes it, and the
+layer is sent to the others (`reconstruct`).
+
 Layers that calibration never reaches, and weights of kinds without ``LayerInputs``
 (embeddings), are rounded data-free; every layer's ``LayerPlan.reconstruction`` says which.
 """
@@ -374,20 +379,16 @@ def reconstruct(
         """One layer quantized on its moments, and its corrected bias (None: none), on one
         thread (`single_threaded_ops`): torch's reductions round by the number of threads
         that split them, and the layer must be the same bits in any process of any job."""
-        with single_threaded_ops():
-            return fit_alone(name, moments)
-
-    def fit_alone(name: str, moments: _Moments,
-                  ) -> tuple[StoredTensor, LayerPlan, torch.Tensor | None]:
         inputs, config = reachable[name], plan[name]
-        hessian = moments.take_covariance() if config.quantizer is not None else None
-        stored, layer = execute(name, state[name], config, hessian=hessian,
-                                transposed=inputs.transposed, reconstruction=FED_BACK)
-        if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
-            return stored, layer, None
-        corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
-                                    dequantized(stored), float_moments[name].mean(),
-                                    moments.mean())
+        with single_threaded_ops():
+            hessian = moments.take_covariance() if config.quantizer is not None else None
+            stored, layer = execute(name, state[name], config, hessian=hessian,
+                                    transposed=inputs.transposed, reconstruction=FED_BACK)
+            if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
+                return stored, layer, None
+            corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
+                                        dequantized(stored), float_moments[name].mean(),
+                                        moments.mean())
         return stored, dataclasses.replace(layer, reconstruction=BIAS_CORRECTED), corrected
 
     def of_block(index: int) -> dict[str, Replacement]:
