@@ -277,6 +277,14 @@ if sys.argv[2] == "misfit":
 options = ({"policy": "quant", "bits": 3} if sys.argv[2] == "quant"
            else {"target_bits_per_weight": 4.0})
 rank = os.environ.get("RANK", "-")
+if sys.argv[2] == "dies" and rank == "1":
+    from qlis.quantize import reconstruct
+
+    def dying(*args, **kwargs):  # after the float pass and the first group's pass
+        os.write(1, b"DYING rank 1\\n")
+        os._exit(1)
+
+    reconstruct._fitted = dying
 try:
     result = qlis.pack(model, sys.argv[1], calib=calib, **options)
 except QlisError as err:
@@ -289,14 +297,14 @@ os.write(1, f"PACKED rank {rank} {result.distortion['output']['cosine']!r}\\n".e
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> dict[str, dict]:
     """A calibrated ``qlis.pack`` (rd with a size target, and plain 3-bit quantization) in
-    one process and under ``torchrun --nproc_per_node=2``, and one whose calibration holds a
-    batch the model cannot take, all started at once."""
+    one process and under ``torchrun --nproc_per_node=2``, one whose calibration holds a
+    batch the model cannot take and one whose rank 1 dies mid-way, all started at once."""
     root = tmp_path_factory.mktemp("cluster_calib")
     job = root / "job.py"
     job.write_text(_CALIBRATED_JOB)
     started = {}
-    for name in ("rd", "quant", "misfit"):
-        hows = ("one", "two") if name != "misfit" else ("two",)
+    for name in ("rd", "quant", "misfit", "dies"):
+        hows = ("one", "two") if name in ("rd", "quant") else ("two",)
         out = {how: root / name / how / "m.qlis" for how in hows}
         for path in out.values():
             path.parent.mkdir(parents=True)
@@ -331,6 +339,14 @@ def test_a_batch_one_rank_cannot_run_stops_every_rank_with_its_message(calibrate
                                "does not fit the model (batch 5)")
     assert lines[1].startswith("ERROR rank 1: InputError: the calibration data does not fit "
                                "the model (batch 5)")
+    assert list(out.parent.iterdir()) == []
+
+
+def test_a_rank_that_dies_mid_calibration_ends_the_job_without_an_archive(calibrated):
+    out, rc, text, err = calibrated["dies"]["two"]
+    assert "DYING rank 1" in text, text + err[-3000:]  # the hook was reached
+    assert rc != 0 and "PACKED" not in text
+    assert "ERROR rank 0: ClusterError: the distributed job failed" in text, text
     assert list(out.parent.iterdir()) == []
 
 
