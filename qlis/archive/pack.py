@@ -105,8 +105,10 @@ def pack(
 
     In a torch.distributed job (``cluster``; by default the one this process belongs to,
     see `Cluster.from_environment`) every rank calls ``pack`` with the same input and
-    options: each measures, quantizes and encodes the tensors it owns, rank 0 writes the
-    archive (the same bytes as one process), and every rank gets the result.
+    options: each measures, quantizes and encodes the tensors it owns (with ``calib``: runs
+    its share of the batches and fits the layers it owns, qlis/quantize/reconstruct.py),
+    rank 0 writes the archive (the same bytes as one process), and every rank gets the
+    result.
 
     A data-free pack of a file (a `qlis.models.checkpoints.MappedState`) in one process saves
     its first pass beside ``path`` until the archive is written; ``resume=True`` reuses what an

@@ -3,10 +3,13 @@
 Under ``torchrun`` (or inside a process group the caller initialised) the data-free pipeline
 splits its per-layer work over the ranks: each rank measures, quantizes and encodes the
 layers it owns (owners balanced by parameter count), the ranks exchange what they found, and
-rank 0 writes the archive. Everything exchanged is plain JSON or raw bytes in uint8 tensors
-(never pickle), and every rank computes exactly what one process would, so the archive is
-the same bytes whatever the number of ranks. A rank that cannot be reached, stops, or sees
-another input ends the job with a `ClusterError` on every rank that is still there.
+rank 0 writes the archive. A calibrated compression splits the calibration batches instead
+(`share_of`), adds the ranks' sums onto each layer's owner (qlis/measure/batch_sums.py) and
+broadcasts the layer it fits (qlis/quantize/reconstruct.py). Everything exchanged is plain
+JSON or raw bytes in uint8 tensors (never pickle), and every rank computes exactly what one
+process would, so the archive is the same bytes whatever the number of ranks. A rank that
+cannot be reached, stops, or sees another input ends the job with a `ClusterError` on every
+rank that is still there.
 """
 
 from __future__ import annotations
