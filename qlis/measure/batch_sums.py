@@ -29,7 +29,8 @@ from qlis.workers.cluster import Cluster
 Key = tuple[int, ...]
 HEADROOM_BITS = 16
 """How much larger than the float model's largest term a term may be (2^16: a layer's
-inputs 256x larger in norm) before the grid is too coarse and the pass is measured again."""
+inputs 256x larger in norm) before the grid's integers could overflow, and the pass is
+measured again on a grid sized by what was seen."""
 _SUM_BITS = 62  # the largest integer sum: int64 with a bit to spare
 _CHUNK = 1 << 20  # entries converted at once
 
