@@ -202,12 +202,27 @@ def test_a_callable_or_too_few_batches_cannot_be_split_over_ranks():
         Calibration(model, [torch.ones(2, 4)], cluster=Cluster(0, 2))
 
 
-def test_a_calibrated_compression_is_the_same_bits_on_one_thread_and_on_two():
+def _wide_mlp() -> tuple[nn.Module, list[torch.Tensor]]:
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
+    return model, [torch.randn(128, 256) for _ in range(4)]
+
+
+def _small_convnet() -> tuple[nn.Module, list[torch.Tensor]]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),  # depthwise
+        nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, 8))
+    return model, [torch.randn(8, 3, 48, 48) for _ in range(4)]
+
+
+@pytest.mark.parametrize("make", [_wide_mlp, _small_convnet], ids=["mlp", "convnet"])
+def test_a_calibrated_compression_is_the_same_bits_on_one_thread_and_on_two(make):
     """torchrun starts each rank on one thread; one process uses every core. Layers wide
     enough that torch splits their sums (and LAPACK its factorizations) over two threads."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
-    batches = [torch.randn(128, 256) for _ in range(4)]
+    model, batches = make()
+    model.eval()
     threads = torch.get_num_threads()
     results = []
     try:
