@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---|---:|---:|---:|",
         *free_rows,
         "",
-        "Calibrated rd: one reference pass, one probe pass per layer, then the allocation "
-        f"(`calib=[{{'pixel_values': {args.images} images}}]`):",
+        "Calibrated rd: the reference pass, rd's gradient passes, then the allocation, whose "
+        "every execution reconstructs the layers (GPTQ on every reached layer, block by "
+        f"block) (`calib=[{{'pixel_values': {args.images} images}}]`):",
         "",
         "| model | M params | images | target | seconds | layers | output cosine |",
         "|---|---|---:|---|---:|---:|---:|",
