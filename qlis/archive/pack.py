@@ -49,7 +49,7 @@ from qlis.plan.compress import (
 from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.policy import Policy
 from qlis.plan.spill import CodeSpill
-from qlis.workers.cluster import Cluster, share
+from qlis.workers.cluster import Cluster, framed, share, unframed
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map, single_threaded_ops
 
 Progress = Callable[[int], None]
@@ -201,33 +201,27 @@ def _follow(cluster: Cluster, planned: PlannedCompression,
     return planned.result(_Recomputed(planned), [LayerPlan(**row) for row in shared["layers"]])
 
 
-_LENGTH = struct.Struct("<Q")
-
-
 def _packed(encoded: EncodedTensor, layer: LayerPlan | None) -> bytes:
     """One encoded tensor as a message: a JSON head (entry, record lengths and CRCs, plan
     row), then the records' bytes."""
-    head = json.dumps({
+    return framed({
         "entry": encoded.entry,
         "records": [[key, crc, len(data)] for key, data, crc in encoded.records],
         "layer": asdict(layer) if layer is not None else None,
-    }).encode()
-    return b"".join([_LENGTH.pack(len(head)), head, *(bytes(d) for _, d, _ in encoded.records)])
+    }, (bytes(d) for _, d, _ in encoded.records))
 
 
 def _packed_error(message: str) -> bytes:
-    head = json.dumps({"error": message}).encode()
-    return _LENGTH.pack(len(head)) + head
+    return framed({"error": message})
 
 
 def _unpacked(message: bytes, rank: int) -> tuple[EncodedTensor, LayerPlan | None]:
     """What `_packed` made, checked to add up (or the sender's error, raised)."""
     try:
-        (length,) = _LENGTH.unpack_from(message)
-        head = json.loads(message[_LENGTH.size:_LENGTH.size + length])
+        head, offset = unframed(message)
         if "error" in head:
             raise ClusterError(head["error"])
-        offset, records = _LENGTH.size + length, []
+        records = []
         for key, crc, size in head["records"]:
             records.append((key, message[offset:offset + size], crc))
             offset += size

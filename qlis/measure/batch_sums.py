@@ -16,7 +16,6 @@ another order, rounds differently. Two remedies, by size:
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from qlis.errors import ClusterError
-from qlis.workers.cluster import Cluster
+from qlis.workers.cluster import Cluster, framed, unframed
 
 Key = tuple[int, ...]
 HEADROOM_BITS = 16
@@ -71,8 +70,7 @@ def gather_totals(cluster: Cluster | None, sums: list[OrderedSum]) -> None:
         for key, value in ordered.terms.items():
             head.append([index, list(key)])
             blobs.append(value.numpy().tobytes())
-    encoded = json.dumps(head).encode()
-    message = b"".join([struct.pack("<Q", len(encoded)), encoded, *blobs])
+    message = framed(head, blobs)
     found: list[list[tuple[Key, torch.Tensor]]] = [[] for _ in sums]
     for rank, data in enumerate(cluster.all_gather_bytes(message)):
         for index, key, value in _terms(data, sums, rank):
@@ -91,9 +89,8 @@ def _terms(data: bytes, sums: list[OrderedSum], rank: int,
            ) -> list[tuple[int, Key, torch.Tensor]]:
     """The (sum index, key, value) terms of one rank's message, checked to add up."""
     try:
-        (length,) = struct.unpack_from("<Q", data)
-        head = json.loads(data[8:8 + length])
-        offset, terms = 8 + length, []
+        head, offset = unframed(data)
+        terms = []
         for index, key in head:
             if not (isinstance(index, int) and 0 <= index < len(sums)
                     and all(isinstance(k, int) for k in key)):

@@ -8,7 +8,6 @@ array is read, and the arrays must fill the message exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import asdict
@@ -21,8 +20,8 @@ from qlis.errors import ClusterError
 from qlis.models.tensors import bit_patterns
 from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.quantize.quantizers import QuantizedTensor
+from qlis.workers.cluster import framed, unframed
 
-_LENGTH = struct.Struct("<Q")
 _ARRAY_DTYPES = {"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
                  "float16", "float32", "float64"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
@@ -50,26 +49,24 @@ def layer_message(stored: StoredTensor, layer: LayerPlan, bias: torch.Tensor | N
             "params": {key: array(value) for key, value in stored.params.items()}}
     else:
         kind = {"tensor": tensor(stored)}
-    head = json.dumps({"layer": asdict(layer), "stored": kind,
-                       "bias": tensor(bias) if bias is not None else None}).encode()
-    return b"".join([_LENGTH.pack(len(head)), head, *(a.tobytes() for a in arrays)])
+    head = {"layer": asdict(layer), "stored": kind,
+            "bias": tensor(bias) if bias is not None else None}
+    return framed(head, (a.tobytes() for a in arrays))
 
 
 def error_message(text: str) -> bytes:
     """The error that kept a rank from executing its layer."""
-    head = json.dumps({"error": text}).encode()
-    return _LENGTH.pack(len(head)) + head
+    return framed({"error": text})
 
 
 def read_layer_message(data: bytes, rank: int,
                        ) -> tuple[StoredTensor, LayerPlan, torch.Tensor | None]:
     """What `layer_message` made (or the sender's error, raised as a ClusterError)."""
     try:
-        (length,) = _LENGTH.unpack_from(data)
-        head = json.loads(data[_LENGTH.size:_LENGTH.size + length])
+        head, offset = unframed(data)
         if "error" in head:
             raise ClusterError(f"rank {rank}: {head['error']}")
-        reader = _Arrays(data, _LENGTH.size + length)
+        reader = _Arrays(data, offset)
         kind = head["stored"]
         if "quantized" in kind:
             stored: StoredTensor = QuantizedTensor(

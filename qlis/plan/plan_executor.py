@@ -52,7 +52,8 @@ class PlanExecutor:
         return self._keep(stored), layer
 
     def _keep(self, stored: StoredTensor) -> StoredTensor:
-        """A layer another rank executed, kept as this rank's own are."""
+        """A layer as this compression keeps it (its codes in the spill, when there is one),
+        whichever rank executed it."""
         return stored if self.spill is None else self.spill.keep(stored)
 
     def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:

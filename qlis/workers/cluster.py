@@ -19,7 +19,8 @@ import datetime
 import heapq
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,6 +38,24 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT_S = 600
 """How long a rank waits for the others (rendezvous, or a rank's share of a pass)."""
 _MAX_MESSAGE = 1 << 31  # one exchanged JSON document or record: refused beyond 2 GiB
+_HEAD_LENGTH = struct.Struct("<Q")
+
+
+def framed(head: Any, payload: Iterable[bytes | memoryview] = ()) -> bytes:
+    """A message of the ranks' own: the length of a JSON ``head``, the head, then raw
+    ``payload`` bytes whose layout the head gives."""
+    text = json.dumps(head).encode()
+    return b"".join([_HEAD_LENGTH.pack(len(text)), text, *payload])
+
+
+def unframed(message: bytes) -> tuple[Any, int]:
+    """The head of a `framed` message and where its payload starts. A message too short for
+    its head raises ValueError or struct.error: the caller names the rank that sent it."""
+    (length,) = _HEAD_LENGTH.unpack_from(message)
+    start = _HEAD_LENGTH.size + length
+    if start > len(message):
+        raise ValueError("the head runs past the message")
+    return json.loads(message[_HEAD_LENGTH.size:start]), start
 
 
 @dataclass(frozen=True)
