@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_limits
 
 import qlis
 import qlis.quantize.gptq
@@ -171,6 +172,20 @@ def test_refuses_what_it_cannot_do(monkeypatch):
         quantize_with_error_feedback(weight, hessian, "affine", block_size=0)
     with pytest.raises(InputError, match="groups dividing"):
         quantize_with_error_feedback(weight, torch.stack([hessian] * 5), "affine")
+
+
+def test_the_inverse_factor_is_the_same_bits_whatever_threads_the_blas_has():
+    """OpenBLAS factorizes a wide matrix to other bits on two threads than on one (this one:
+    a few entries of the float32 factor); the fit holds it to one, so a rank of a job (one
+    thread) and one process agree."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1600, 1536, generator=gen) @ torch.randn(1536, 1536, generator=gen)
+    hessian = x.T @ x / len(x)
+    factors = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            factors.append(qlis.quantize.gptq._upper_inverse_factor(hessian, 0.001))
+    assert torch.equal(*factors)
 
 
 def test_docstring_examples():

@@ -17,6 +17,7 @@ import pytest
 import torch
 from cli_helpers import run
 from safetensors.torch import save_file
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import qlis
 import qlis.measure.stats
@@ -300,10 +301,17 @@ def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_bey
     assert k in started and max(started) < k + window
 
 
+def _blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 def test_ordered_map_runs_fn_on_one_torch_thread_and_restores_the_count(torch_threads):
     torch_threads(3)
-    seen = list(ordered_map(lambda _: torch.get_num_threads(), range(8), jobs=3))
-    assert seen == [1] * 8
+    with threadpool_limits(limits=2, user_api="blas"):
+        seen = list(ordered_map(lambda _: (torch.get_num_threads(), _blas_threads()),
+                                range(8), jobs=3))
+        assert _blas_threads() and _blas_threads() == [2] * len(_blas_threads())
+    assert seen == [(1, [1] * len(_blas_threads()))] * 8  # numpy's and scipy's BLAS too
     assert torch.get_num_threads() == 3
 
     def fail_at_2(i: int) -> int:

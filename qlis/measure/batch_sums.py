@@ -135,7 +135,14 @@ class FixedPointSum:
             sums[start:start + _CHUNK] += (flat[start:start + _CHUNK] * scale).round_().long()
 
     def take(self) -> torch.Tensor:
-        """The sum (float64); the integers are released."""
-        total = self.sums.to(torch.float64).mul_(math.ldexp(1.0, self.exponent))
+        """The sum (float64), converted a chunk at a time into the integers' own buffer,
+        which it then holds: no second width^2 buffer."""
+        integers = self.sums.reshape(-1).numpy()
+        values = integers.view(np.float64)
+        scale = math.ldexp(1.0, self.exponent)
+        for start in range(0, integers.size, _CHUNK):
+            part = slice(start, start + _CHUNK)
+            values[part] = integers[part] * scale
+        total = torch.from_numpy(values).reshape(self.sums.shape)
         self.sums = None
         return total

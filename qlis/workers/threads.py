@@ -5,7 +5,8 @@ they run on a pool of threads: torch, numpy and the numba codecs release the GIL
 back in input order with at most ``window`` items in flight, so a consumer that writes them
 one by one holds a bounded working set. While the pool runs, torch computes each op on one
 thread: a reduction's rounding depends on how many threads split it, so fixing that number
-makes every result the same bytes whatever ``jobs`` is.
+makes every result the same bytes whatever ``jobs`` is. The BLAS that numpy and scipy load
+(OpenBLAS) is held to one thread there too: its factorizations also round by thread count.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from threadpoolctl import ThreadpoolController
 
 from qlis.errors import ConfigError
 
@@ -38,6 +40,7 @@ bounds the bookkeeping of many tiny ones)."""
 _lock = threading.Lock()
 _active = 0  # pools running now; torch's thread count is restored when the last one ends
 _saved_threads = 0
+_blas_limit: Any = None  # what restores the BLAS libraries' threads
 
 
 def default_jobs() -> int:
@@ -59,13 +62,15 @@ def check_jobs(jobs: int | None) -> int:
 
 @contextmanager
 def single_threaded_ops() -> Iterator[None]:
-    """torch runs each op on one thread inside (as in every pool: see the module doc); work
-    done here gives the same bytes as the pools' work."""
-    global _active, _saved_threads
+    """torch and the loaded BLAS libraries run each op on one thread inside (as in every
+    pool: see the module doc); work done here gives the same bytes as the pools' work."""
+    global _active, _saved_threads, _blas_limit
     with _lock:
         if _active == 0:
             _saved_threads = torch.get_num_threads()
             torch.set_num_threads(1)
+            # selected first: a limit on every library would restore torch's OpenMP too
+            _blas_limit = ThreadpoolController().select(user_api="blas").limit(limits=1)
         _active += 1
     try:
         yield
@@ -74,6 +79,8 @@ def single_threaded_ops() -> Iterator[None]:
             _active -= 1
             if _active == 0:
                 torch.set_num_threads(_saved_threads)
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = None,
