@@ -174,6 +174,43 @@ def test_refuses_what_it_cannot_do(monkeypatch):
         quantize_with_error_feedback(weight, torch.stack([hessian] * 5), "affine")
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("case", ["plain", "dead input", "groups", "transposed", "undamped"])
+def test_the_output_error_it_reports_is_the_one_its_result_leaves(config, case):
+    weight, _, hessian = correlated_layer(seed=3)
+    damp = 0.0 if case == "undamped" else 0.1
+    if case == "dead input":
+        hessian[5, :] = hessian[:, 5] = 0.0
+    if case == "groups":
+        hessian = torch.stack([hessian, 2.0 * hessian, hessian + torch.eye(40)])
+    if case == "transposed":
+        weight = weight.T.contiguous()
+    fed = qlis.quantize.gptq.fit_with_error_feedback(
+        weight, hessian, config, damp=damp, block_size=16, transposed=case == "transposed")
+    direct = qlis.quantize.gptq.output_error(fed.quantized.dequantize() - weight, hessian,
+                                             transposed=case == "transposed")
+    assert fed.output_error == pytest.approx(direct, rel=1e-5)
+    assert torch.equal(fed.quantized.dequantize(), quantize_with_error_feedback(
+        weight, hessian, config, damp=damp, block_size=16,
+        transposed=case == "transposed").dequantize())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_callers_weight_is_left_as_it_was(transposed):
+    weight, _, hessian = correlated_layer(width=40)
+    if transposed:
+        weight = weight.T.contiguous()  # stored (in, out), as Hugging Face's Conv1D
+    before = weight.clone()
+    quantize_with_error_feedback(weight, hessian, "affine", block_size=16, transposed=transposed)
+    assert torch.equal(weight, before)
+
+
+def test_after_learned_rounding_no_output_error_is_claimed():
+    weight, _, hessian = correlated_layer()
+    fed = qlis.quantize.gptq.fit_with_error_feedback(weight, hessian, "affine", sweeps=1)
+    assert fed.output_error is None
+
+
 def test_the_inverse_factor_is_the_same_bits_whatever_threads_the_blas_has():
     """OpenBLAS factorizes a wide matrix to other bits on two threads than on one (this one:
     a few entries of the float32 factor); the fit holds it to one, so a rank of a job (one

@@ -22,7 +22,7 @@ from qlis.plan.sizes import (
     coded_code_bytes,
     param_bytes,
 )
-from qlis.quantize.gptq import output_error, quantize_with_error_feedback
+from qlis.quantize.gptq import fit_with_error_feedback, output_error
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
@@ -105,10 +105,12 @@ def execute_layer(
         bits = None
     else:
         if hessian is not None:
-            stored = quantize_with_error_feedback(pruned, hessian, config.quantizer,
-                                                  transposed=transposed, sweeps=sweeps)
+            fed = fit_with_error_feedback(pruned, hessian, config.quantizer,
+                                          transposed=transposed, sweeps=sweeps)
+            stored = fed.quantized
             approx = stored.dequantize()
-            feedback = _feedback(weight, pruned, approx, config, hessian, transposed)
+            left = fed.output_error if pruner is None else None  # its error is from pruned
+            feedback = _feedback(weight, pruned, approx, config, hessian, transposed, left)
             rel_mse = relative_mse(weight, approx)
         else:
             stored = get_quantizer(config.quantizer).quantize(pruned)
@@ -154,11 +156,15 @@ def _relative_error(weight: torch.Tensor, stored: QuantizedTensor) -> float:
 
 
 def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
-              config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float | None:
-    """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``)."""
+              config: LayerConfig, hessian: torch.Tensor, transposed: bool,
+              left: float | None) -> float | None:
+    """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``);
+    ``left``: the fed-back weight's, where error feedback measured it."""
     plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
     base = output_error(plain - weight, hessian, transposed)
-    return output_error(approx - weight, hessian, transposed) / base if base > 0 else None
+    if left is None:
+        left = output_error(approx - weight, hessian, transposed)
+    return left / base if base > 0 else None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -154,6 +155,16 @@ def output_error(difference: torch.Tensor, hessian: torch.Tensor,
     return total
 
 
+@dataclass(frozen=True)
+class FedBack:
+    """A weight quantized with error feedback, and the mean squared output error it leaves on
+    the calibration inputs, ``tr(E H E^T)`` (None after learned rounding, which moves codes
+    after the column loop that measures it)."""
+
+    quantized: QuantizedTensor
+    output_error: float | None
+
+
 def quantize_with_error_feedback(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -184,6 +195,24 @@ def quantize_with_error_feedback(
     >>> q.dequantize().tolist()
     [[1.0, 1.0], [-0.5, 0.5]]
     """
+    return fit_with_error_feedback(weight, hessian, config, damp, block_size, transposed,
+                                   sweeps).quantized
+
+
+def fit_with_error_feedback(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: dict[str, Any] | str,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = 128,
+    transposed: bool = False,
+    sweeps: int = 0,
+) -> FedBack:
+    """`quantize_with_error_feedback`, and the output error the result leaves, which the
+    column loop gives almost for free: its scaled errors d (each column's rounding error
+    over its factor's diagonal) make the weight error E = d U, so ``tr(E H' E^T) = |d|^2``
+    for the damped H' = (U^T U)^-1, and ``tr(E H E^T)`` is that less the damping's share.
+    Measuring it by products with ``H`` instead cost a quarter of a calibrated rd run."""
     quantizer = get_quantizer(config)
     if not quantizer.has_grid():
         raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
@@ -193,7 +222,7 @@ def quantize_with_error_feedback(
         raise ConfigError(f"sweeps must be an integer from 0 to {MAX_SWEEPS}, got {sweeps!r}")
     reference = quantizer.quantize(weight)
     if weight.numel() == 0:
-        return reference
+        return FedBack(reference, 0.0)
     grid = quantizer.grid(reference.shape, reference.n_levels, reference.params)
     matrix = weight.detach().to(device="cpu", dtype=torch.float32).reshape(
         matrix_shape(weight.shape))
@@ -201,38 +230,51 @@ def quantize_with_error_feedback(
         matrix, grid = matrix.T, grid.transposed()
     per_group = hessian if hessian.ndim == 3 else hessian[None]
     factors = _each_group(lambda h: _upper_inverse_factor(h, damp), per_group)
-    codes = _feed_back(matrix, grid, factors, block_size)
+    codes, scaled, column_errors = _feed_back(matrix, grid, factors, block_size)
+    error: float | None = None
     if sweeps:
         covariances = _each_group(lambda h: _damped(h, damp), per_group)
         codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)
+    else:
+        damping = torch.stack([dead.double() + shift
+                               for dead, shift in (_damping(h, damp) for h in per_group)])
+        error = max(0.0, scaled - float((damping * column_errors).sum()))
     if transposed:
         codes = codes.T
-    return quantizer.with_codes(reference, codes.reshape(weight.shape))
+    return FedBack(quantizer.with_codes(reference, codes.reshape(weight.shape)), error)
 
 
 def _feed_back(
     matrix: torch.Tensor, grid: Grid, factors: torch.Tensor, block_size: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float, torch.Tensor]:
     """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes, as float32 (outputs,
-    inputs). ``factors`` (groups, inputs, inputs): one upper inverse factor per output group."""
+    inputs); the sum of the squared scaled errors |d|^2; and each output group's squared
+    weight error per input column (groups, inputs), float64. ``factors`` (groups, inputs,
+    inputs): one upper inverse factor per output group."""
     groups = factors.shape[0]
-    work = matrix.T.contiguous()  # (inputs, outputs): one column of the matrix per row
+    # (inputs, outputs): one column of the matrix per row; a copy even where the transpose is
+    # contiguous already (a weight stored (in, out)), so the caller's weight is never touched
+    work = matrix.T.clone(memory_format=torch.contiguous_format)
     keep_zero = work == 0
     width, outputs = work.shape
     per_group = outputs // groups
     columns = [grid.column(j) for j in range(width)]
     codes = torch.empty_like(work)
+    scaled = 0.0
+    column_errors = torch.empty(groups, width, dtype=torch.float64)
     for start in range(0, width, block_size):
         stop = min(start + block_size, width)
         block = work[start:stop].clone()
         errors = torch.empty_like(block)
+        values = torch.empty_like(block)
         inner = factors[:, start:stop, start:stop]
         for i in range(stop - start):
             j = start + i
             column = torch.where(keep_zero[j], 0.0, block[i])[:, None]
             code = columns[j].encode(column)
             codes[j] = code[:, 0]
-            error = (block[i] - columns[j].decode(code)[:, 0]).reshape(groups, per_group)
+            values[i] = columns[j].decode(code)[:, 0]
+            error = (block[i] - values[i]).reshape(groups, per_group)
             error = error / inner[:, i, i, None]
             errors[i] = error.reshape(-1)
             if groups == 1:
@@ -240,10 +282,13 @@ def _feed_back(
             else:
                 later = block[i + 1:].reshape(-1, groups, per_group)
                 later.sub_(inner[:, i, i + 1:].T[:, :, None] * error[None])
+        scaled += float(errors.double().square().sum())
+        weight_error = (matrix.T[start:stop] - values).double().square()
+        column_errors[:, start:stop] = weight_error.reshape(-1, groups, per_group).sum(2).T
         rest = factors[:, start:stop, stop:]
         if groups == 1:
             work[stop:].addmm_(rest[0].T, errors, alpha=-1.0)
         else:
             update = torch.einsum("gbk,bgr->kgr", rest, errors.reshape(-1, groups, per_group))
             work[stop:].sub_(update.reshape(width - stop, outputs))
-    return codes.T
+    return codes.T, scaled, column_errors
