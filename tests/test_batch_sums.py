@@ -24,44 +24,59 @@ from qlis.quantize import reconstruct as rec
 from qlis.workers.cluster import Cluster
 
 
-def _terms(seed: int, count: int, width: int = 6) -> list[torch.Tensor]:
-    """X^T X of random rows of very different scales: float sums of these depend on order."""
+def _parts(seed: int, count: int, width: int = 6) -> list[torch.Tensor]:
+    """Parts of input rows of very different scales: float sums of their X^T X depend on the
+    order they are added in."""
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(count):
-        x = torch.randn(5, width, generator=gen, dtype=torch.float64) * 10.0 ** (i % 7 - 3)
-        out.append(x.T @ x)
-    return out
+    return [torch.randn(5, width, generator=gen, dtype=torch.float64) * 10.0 ** (i % 7 - 3)
+            for i in range(count)]
+
+
+def _trace(rows: torch.Tensor) -> float:
+    return float(rows.square().sum())
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 1000), count=st.integers(1, 12), data=st.data())
 def test_a_fixed_point_sum_is_the_same_bits_in_any_order_and_split(seed, count, data):
-    terms = _terms(seed, count)
-    largest = max(float(t.diagonal().sum()) for t in terms)
-    whole = FixedPointSum((6, 6), largest, count)
-    for term in terms:
-        whole.add(term, float(term.diagonal().sum()))
+    parts = _parts(seed, count)
+    largest = max(_trace(rows) for rows in parts)
+    whole = FixedPointSum((1, 6, 6), largest, count)
+    for rows in parts:
+        whole.add_gram(0, rows, _trace(rows))
     order = data.draw(st.permutations(range(count)))
     cut = data.draw(st.integers(0, count))
-    parts = [FixedPointSum((6, 6), largest, count) for _ in range(2)]
+    ranks = [FixedPointSum((1, 6, 6), largest, count) for _ in range(2)]
     for position, index in enumerate(order):
-        parts[position >= cut].add(terms[index], float(terms[index].diagonal().sum()))
-    parts[0].sums += parts[1].sums  # what the ranks' integer reduction does
+        ranks[position >= cut].add_gram(0, parts[index], _trace(parts[index]))
+    ranks[0].sums += ranks[1].sums  # what the ranks' integer reduction does
     exact = whole.take()
-    assert torch.equal(parts[0].take(), exact)
-    assert torch.allclose(exact, torch.stack(terms).sum(dim=0), rtol=1e-9, atol=1e-12 * largest)
+    assert torch.equal(ranks[0].take(), exact)
+    float_sum = torch.stack([rows.T @ rows for rows in parts]).sum(dim=0)
+    assert torch.allclose(exact[0], float_sum, rtol=1e-9, atol=1e-12 * largest)
+    assert torch.equal(exact[0], exact[0].T)  # mirrored from the upper triangle
+
+
+def test_a_wide_sum_is_added_a_band_at_a_time_and_mirrored(monkeypatch):
+    monkeypatch.setattr(batch_sums, "_CHUNK", 3 * 10)  # bands of 3 rows of a width of 10
+    rows = _parts(1, 1, width=10)[0]
+    grid = FixedPointSum((2, 10, 10), _trace(rows), 1)
+    grid.add_gram(1, rows, _trace(rows))
+    total = grid.take()
+    assert torch.equal(total[0], torch.zeros(10, 10, dtype=torch.float64))
+    assert torch.allclose(total[1], rows.T @ rows, rtol=1e-12)
+    assert torch.equal(total[1], total[1].T)
 
 
 def test_a_term_beyond_the_grid_is_not_added_and_says_how_large_it_was():
-    terms = _terms(0, 3)
-    traces = [float(t.diagonal().sum()) for t in terms]
-    grid = FixedPointSum((6, 6), min(traces), 3)
-    big = terms[0] * 2.0 ** (batch_sums.HEADROOM_BITS + 1)
-    grid.add(big, traces[0] * 2.0 ** (batch_sums.HEADROOM_BITS + 1))
-    grid.add(terms[1], float("nan"))
+    parts = _parts(0, 3)
+    traces = [_trace(rows) for rows in parts]
+    grid = FixedPointSum((1, 6, 6), min(traces), 3)
+    big = parts[0] * 2.0 ** (batch_sums.HEADROOM_BITS / 2 + 1)
+    grid.add_gram(0, big, _trace(big))
+    grid.add_gram(0, parts[1], float("nan"))
     assert grid.overflow == float("inf")
-    assert torch.equal(grid.take(), torch.zeros(6, 6, dtype=torch.float64))
+    assert torch.equal(grid.take(), torch.zeros(1, 6, 6, dtype=torch.float64))
 
 
 def _thread_ranks(world: int) -> list[Cluster]:

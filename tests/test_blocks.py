@@ -172,6 +172,26 @@ def test_finished_quantized_layers_are_made_one_at_a_time_past_the_budget(monkey
     assert all(p.data_ptr() == own[n].data_ptr() for n, p in model.named_parameters())
 
 
+def test_a_pass_after_the_chain_holds_one_blocks_float_copies():
+    """The head's pass runs every finished block; their layers are made as each module runs
+    (the last block's are still held), not all at once, however small the model is."""
+    torch.manual_seed(3)
+    model, calib = Chain(depth=4).eval(), batches(4)
+    own = {n: p.data for n, p in model.named_parameters()}
+    held: list[set[int]] = []
+
+    def at_head(module: nn.Module, args: tuple) -> None:
+        held.append({int(n.split(".")[1]) for n, p in model.named_parameters()
+                     if n.startswith("layers.") and p.ndim == 2  # weights (biases are small)
+                     and p.data.data_ptr() != own[n].data_ptr()})
+
+    model.head.register_forward_pre_hook(at_head)
+    qlis.compress(model, "quant", bits=4, calib=calib)
+    # the head's reconstruction pass holds the last block's layers only (the final measure,
+    # a pass like any other caller's, makes them all up front)
+    assert {3} in held and {0, 1, 2, 3} in held
+
+
 def test_a_hugging_face_encoder_runs_block_by_block(monkeypatch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(2)

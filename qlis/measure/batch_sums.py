@@ -109,14 +109,15 @@ def _terms(data: bytes, sums: list[OrderedSum], rank: int,
 
 
 class FixedPointSum:
-    """A sum of symmetric positive semi-definite float64 matrices (a layer's X^T X per call)
-    on an integer grid, exact in any order (module doc).
+    """Sums of X^T X over parts of input rows, one (width, width) sum per output group, on an
+    integer grid: exact in any order (module doc).
 
     ``largest_trace`` and ``terms`` come from the float model's pass: the largest trace of one
     term and how many terms a pass adds. Every entry of such a matrix is at most its trace, so
     a grid on which ``terms`` traces ``2^HEADROOM_BITS`` times larger still fit in int64
     holds every partial sum exactly. A term beyond that is not added: ``overflow`` keeps the
-    largest such trace, and the caller measures again with it."""
+    largest such trace, and the caller measures again with it. Only the upper triangle is
+    summed, a band of rows at a time, so no float64 term is ever width^2; `take` mirrors it."""
 
     def __init__(self, shape: tuple[int, ...], largest_trace: float, terms: int) -> None:
         self.allowed = min(max(largest_trace, 1e-280), 1e280) * 2.0 ** HEADROOM_BITS
@@ -124,19 +125,28 @@ class FixedPointSum:
         self.sums: torch.Tensor | None = torch.zeros(shape, dtype=torch.int64)
         self.overflow = 0.0
 
-    def add(self, term: torch.Tensor, trace: float) -> None:
-        """Add one term (float64) whose trace (the largest of its blocks) is ``trace``."""
+    def add_gram(self, group: int, rows: torch.Tensor, trace: float) -> None:
+        """Add X^T X of ``rows`` (float64, (n, width)) to ``group``'s sum; ``trace`` is its
+        trace, the rows' sum of squares."""
         if not trace <= self.allowed:  # NaN too
             self.overflow = max(self.overflow, trace if math.isfinite(trace) else math.inf)
             return
         scale = math.ldexp(1.0, -self.exponent)  # a power of two: scaling is exact
-        flat, sums = term.reshape(-1), self.sums.reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK):  # bounded temporaries
-            sums[start:start + _CHUNK] += (flat[start:start + _CHUNK] * scale).round_().long()
+        sums, width = self.sums[group], rows.shape[1]
+        band = max(1, _CHUNK // width)
+        for start in range(0, width, band):
+            stop = min(start + band, width)
+            product = rows[:, start:stop].T @ rows[:, start:]
+            sums[start:stop, start:] += product.mul_(scale).round_().long()
 
     def take(self) -> torch.Tensor:
-        """The sum (float64), converted a chunk at a time into the integers' own buffer,
-        which it then holds: no second width^2 buffer."""
+        """The sums (float64), mirrored from their upper triangles and converted a chunk at a
+        time into the integers' own buffer, which they then hold: no second width^2 buffer."""
+        width = self.sums.shape[-1]
+        band = max(1, _CHUNK // width)
+        for sums in self.sums.reshape(-1, width, width):
+            for start in range(band, width, band):
+                sums[start:start + band, :start] = sums[:start, start:start + band].T
         integers = self.sums.reshape(-1).numpy()
         values = integers.view(np.float64)
         scale = math.ldexp(1.0, self.exponent)

@@ -175,18 +175,19 @@ class Calibration:
 
     def run_calls(self, runs: Sequence[Run],
                   replacements: Mapping[str, Replacement] | None = None,
-                  stop: type[Exception] | None = None, checked: bool = False) -> list[Any]:
+                  stop: type[Exception] | None = None, checked: bool = False,
+                  eager_bytes: int | None = None) -> list[Any]:
         """Make each of ``runs`` (calls of the model or of its parts, keyed by batch) in eval
-        and inference mode, with ``replacements`` swapped in, and return their outputs
-        (counted as one pass); a call that raises ``stop`` (a hook that has seen what it
-        needed) is cut short and gives no output. ``checked``: a batch the model cannot take
-        is an InputError that says which."""
+        and inference mode, with ``replacements`` swapped in (`swapped`), and return their
+        outputs (counted as one pass); a call that raises ``stop`` (a hook that has seen what
+        it needed) is cut short and gives no output. ``checked``: a batch the model cannot
+        take is an InputError that says which."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
-            with torch.inference_mode(), self.swapped(replacements or {}):
+            with torch.inference_mode(), self.swapped(replacements or {}, eager_bytes):
                 for i, run in runs:
                     self.batch = i
                     try:
@@ -228,11 +229,13 @@ class Calibration:
         return len(self.local.intersection(self.fitting))
 
     def feed(self, stop: type[Exception] | None = None,
-             replacements: Mapping[str, Replacement] | None = None) -> None:
+             replacements: Mapping[str, Replacement] | None = None,
+             eager_bytes: int | None = None) -> None:
         """One pass over the fitting batches for the hooks the caller placed on the model,
         with ``replacements`` swapped in (outputs are dropped); a callable's model calls are
         replayed one by one, so ``stop`` ends only the current one."""
-        self.run_calls(self._runs(True, self.fitting), replacements, stop)
+        self.run_calls(self._runs(True, self.fitting), replacements, stop,
+                       eager_bytes=eager_bytes)
 
     def _call(self, batch: Any) -> Any:
         if callable(batch):
@@ -257,22 +260,23 @@ class Calibration:
                 zip(runs, self.run_calls(runs, replacements), strict=True)}
 
     @contextmanager
-    def swapped(self, replacements: Mapping[str, Replacement]) -> Iterator[None]:
+    def swapped(self, replacements: Mapping[str, Replacement],
+                eager_bytes: int | None = None) -> Iterator[None]:
         """Within the block, the model computes with some state-dict entries replaced.
 
         A replacement is a tensor, or a callable that makes one (a layer dequantized when
-        asked). Callables are made up front while they total at most ``EAGER_BYTES``;
-        beyond, each is made when the module that multiplies by it runs and dropped when it
-        returns (`LayerInputs.module`), so that a pass holds one layer's float copy, not the
-        model's (tensors no layer kind names, and tensors two modules share, such as tied
-        embeddings, are still made up front)."""
+        asked). Callables are made up front while they total at most ``eager_bytes`` (None:
+        `EAGER_BYTES`); beyond, each is made when the module that multiplies by it runs and
+        dropped when it returns (`LayerInputs.module`), so that a pass holds one layer's float
+        copy, not the model's (tensors no layer kind names, and tensors two modules share,
+        such as tied embeddings, are still made up front)."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
         lazy = {name: value for name, value in replacements.items()
                 if not isinstance(value, torch.Tensor)}
         lazy_bytes = sum(targets[name].numel() * 4 for name in lazy)
         on_call = {}
-        if lazy_bytes > EAGER_BYTES:
+        if lazy_bytes > (EAGER_BYTES if eager_bytes is None else eager_bytes):
             shared = _shared_tensors(self.model)
             on_call = {name: inputs.module for name in lazy
                        if (inputs := layer_inputs(self.model, name)) is not None

@@ -25,6 +25,9 @@ from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PATCH_ROWS = 1 << 14  # unfold at most this many output positions at once (bounded memory)
+PART_ELEMENTS = 1 << 22
+"""Input rows are widened to float64 this many elements at a time (32 MiB) to be measured:
+each part is one term of a layer's exact covariance sum (qlis/measure/batch_sums.py)."""
 
 
 @dataclass(frozen=True)
@@ -190,12 +193,11 @@ def layer_inputs(model: nn.Module, name: str) -> LayerInputs | None:
     return None
 
 
-def accumulate(rows: torch.Tensor, sums: torch.Tensor, means: torch.Tensor) -> None:
-    """Add ``rows``' X^T X and column sums (float64) in chunks of bounded memory."""
-    for start in range(0, rows.shape[0], _PATCH_ROWS):
-        chunk = rows[start : start + _PATCH_ROWS].to(torch.float64)
-        sums.addmm_(chunk.T, chunk)
-        means.add_(chunk.sum(dim=0))
+def float64_parts(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``rows`` (n, width) in float64, at most `PART_ELEMENTS` at a time (bounded copies)."""
+    step = max(1, PART_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        yield rows[start : start + step].to(device="cpu", dtype=torch.float64)
 
 
 def call_inputs(args: tuple, kwargs: dict) -> Any:

@@ -34,6 +34,7 @@ from qlis.workers.threads import single_threaded_ops
 
 MAX_SWEEPS = 64
 _ERROR_COLUMNS = 512  # columns of H widened to float64 at once by output_error
+_REVERSE_CHUNK = 1 << 20
 DEFAULT_DAMP = 0.1
 """GPTQ's damping uses 0.01 with ~250k calibration tokens. With a few hundred (what qlis'
 users calibrate with), 0.1 keeps the fitted rounding from over-fitting the calibration
@@ -75,13 +76,14 @@ def _each_group(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tenso
 
 
 def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U (float32) of the damped covariance's inverse, H^-1 = U^T U.
+    """Upper Cholesky factor U (float64) of the damped covariance's inverse, H^-1 = U^T U.
 
     With J the reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so U = J L^-1 J: one
     Cholesky factorization of H in reversed order and one triangular inverse, both by LAPACK
-    in place in one float64 buffer (potrf, trtri: n^3 / 3 flops each). Memory is that buffer
-    beside the float32 input and result: width 4096, 128 MiB where factorizing and inverting
-    out of place held four such buffers; 0.7 s on one thread where that took 2.9 s."""
+    in place in one float64 buffer (potrf, trtri: n^3 / 3 flops each), which is then
+    reversed in place and returned. Memory is that buffer beside the input: width 4096,
+    128 MiB where factorizing and inverting out of place held four such buffers and a float32
+    copy; 0.7 s on one thread where that took 2.9 s."""
     width = hessian.shape[-1]
     dead, shift = _damping(hessian, damp)
     source = hessian.detach().to(device="cpu")
@@ -101,9 +103,18 @@ def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
             "the input covariance is not positive definite even after damping; pass a "
             f"larger damp= (now {damp}) or more calibration data"
         )
-    factor = torch.empty((width, width), dtype=torch.float32)
-    factor.numpy()[...] = lower[::-1, ::-1]
-    return factor
+    _reverse_in_place(lower.reshape(-1, order="F"))  # element (i, j) <- (n-1-i, n-1-j)
+    return torch.from_numpy(lower)
+
+
+def _reverse_in_place(flat: np.ndarray) -> None:
+    """Reverse a 1-D view in place, a bounded chunk at a time."""
+    size = flat.size
+    for start in range(0, size // 2, _REVERSE_CHUNK):
+        stop = min(start + _REVERSE_CHUNK, size // 2)
+        low = flat[start:stop].copy()
+        flat[start:stop] = flat[size - stop:size - start][::-1]
+        flat[size - stop:size - start] = low[::-1]
 
 
 def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int,
@@ -175,7 +186,7 @@ def quantize_with_error_feedback(
     sweeps: int = 0,
 ) -> QuantizedTensor:
     """Quantize a weight as ``config``'s quantizer does, with GPTQ's error feedback along
-    ``hessian``, the covariance of the layer's inputs (e.g. from ``input_covariances``).
+    ``hessian``, the covariance of the layer's inputs (as reconstruction measures it).
 
     The weight is seen as its matrix (outputs, inputs): ``(out, in)`` for a Linear,
     ``(out, in / groups * kernel)`` for a convolution (its inputs unfolded), ``(in, out)``
@@ -250,7 +261,8 @@ def _feed_back(
     """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes, as float32 (outputs,
     inputs); the sum of the squared scaled errors |d|^2; and each output group's squared
     weight error per input column (groups, inputs), float64. ``factors`` (groups, inputs,
-    inputs): one upper inverse factor per output group."""
+    inputs), float64: one upper inverse factor per output group, used in float32 a block of
+    rows at a time."""
     groups = factors.shape[0]
     # (inputs, outputs): one column of the matrix per row; a copy even where the transpose is
     # contiguous already (a weight stored (in, out)), so the caller's weight is never touched
@@ -267,7 +279,8 @@ def _feed_back(
         block = work[start:stop].clone()
         errors = torch.empty_like(block)
         values = torch.empty_like(block)
-        inner = factors[:, start:stop, start:stop]
+        slab = factors[:, start:stop].float()  # the factors' rows of this block, float32
+        inner = slab[:, :, start:stop]
         for i in range(stop - start):
             j = start + i
             column = torch.where(keep_zero[j], 0.0, block[i])[:, None]
@@ -285,7 +298,7 @@ def _feed_back(
         scaled += float(errors.double().square().sum())
         weight_error = (matrix.T[start:stop] - values).double().square()
         column_errors[:, start:stop] = weight_error.reshape(-1, groups, per_group).sum(2).T
-        rest = factors[:, start:stop, stop:]
+        rest = slab[:, :, stop:]
         if groups == 1:
             work[stop:].addmm_(rest[0].T, errors, alpha=-1.0)
         else:

@@ -15,7 +15,9 @@ error add to the next layers' inputs unseen. Here (as GPTQ and its successors do
    model's depth. When the model's blocks form a chain (qlis/measure/blocks.py), the first
    block's inputs are cached once and a group inside the chain gets a pass of its own block
    alone, on the inputs the quantized blocks before it made: a pass costs one block, not
-   half the model, and each finished block is kept only as stored.
+   half the model, and each finished block is kept only as stored. A whole pass after the
+   chain (a pooler, a head) makes each finished layer when its module runs, once they total
+   more than one block: it holds one block's float copies, not the model's.
 3. Each layer of the group is pruned and quantized by its plan with GPTQ's error feedback
    along ``H`` (qlis/quantize/gptq.py, on the quantizer's own grid), and its bias (when it has one
    and it is stored in float) takes the mean output shift, so that the layer's mean output
@@ -45,8 +47,9 @@ from torch import nn
 from qlis.errors import InputError, QlisError
 from qlis.measure.batch_sums import FixedPointSum, OrderedSum, gather_totals
 from qlis.measure.blocks import Blocks, CachedInputs, ChainCheck, find_blocks
-from qlis.measure.calibrate import Calibration, Replacement
-from qlis.measure.layer_inputs import LayerInputs, accumulate, call_inputs, layer_inputs
+from qlis.measure.calibrate import EAGER_BYTES, Calibration, Replacement
+from qlis.measure.distortion import squared_sums
+from qlis.measure.layer_inputs import LayerInputs, call_inputs, float64_parts, layer_inputs
 from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.plan.plans import Plan
@@ -69,7 +72,7 @@ class _Moments:
     """One layer's input moments over a pass, per output group: the sum of X^T X (exact on
     a grid: `FixedPointSum`; None in the float pass, which needs only means), the sum of X
     (added call by call in the pass's order: `OrderedSum`), the row count, and the largest
-    trace of one call's X^T X and the number of calls (what sizes the next passes' grids).
+    trace of one term's X^T X and the number of terms (what sizes the next passes' grids).
     In a job, each rank's moments are its batches' until `_combined` adds every rank's."""
 
     covariance: FixedPointSum | None
@@ -89,35 +92,24 @@ class _Moments:
         return cls(covariance, OrderedSum((groups, width), distributed), [0] * groups)
 
     def add_call(self, batch: int, chunks: Iterator[list[torch.Tensor]]) -> None:
-        """Add the input rows of one call of the layer's module on ``batch``."""
+        """Add the input rows of one call of the layer's module on ``batch``: each float64
+        part of a group's rows (`float64_parts`) is one term of the covariance."""
         self._key = (batch, self._key[1] + 1 if self._key[0] == batch else 0)
-        covariance = self.covariance
-        squares = sums = None
+        sums = None
         for chunk in chunks:
             if sums is None:
-                groups, width = len(chunk), chunk[0].shape[-1]
-                sums = torch.zeros(groups, width, dtype=torch.float64)
-                squares = (torch.zeros(groups, width, width, dtype=torch.float64)
-                           if covariance is not None else torch.zeros(groups, width,
-                                                                      dtype=torch.float64))
+                sums = torch.zeros(len(chunk), chunk[0].shape[-1], dtype=torch.float64)
             for g, rows in enumerate(chunk):
-                rows = rows.to(device="cpu")
-                if covariance is not None:
-                    accumulate(rows, squares[g], sums[g])
-                else:
-                    wide = rows.to(torch.float64)
-                    sums[g] += wide.sum(dim=0)
-                    squares[g] += wide.square().sum(dim=0)
+                for part in float64_parts(rows):
+                    sums[g] += part.sum(dim=0)
+                    trace = squared_sums(part, part)[0]  # the same bits on any thread count
+                    self.largest_trace = max(self.largest_trace, trace)
+                    self.terms += 1
+                    if self.covariance is not None:
+                        self.covariance.add_gram(g, part, trace)
                 self.rows[g] += rows.shape[0]
-        if sums is None:
-            return
-        diagonal = squares.diagonal(dim1=1, dim2=2) if covariance is not None else squares
-        trace = float(diagonal.sum(dim=1).max())
-        self.largest_trace = max(self.largest_trace, trace)
-        self.terms += 1
-        self.totals.add(self._key, sums)
-        if covariance is not None:
-            covariance.add(squares, trace)
+        if sums is not None:
+            self.totals.add(self._key, sums)
 
     def take_covariance(self) -> torch.Tensor:
         """(groups, width, width) float32, or (width, width) for one group; the sums are
@@ -394,10 +386,15 @@ def reconstruct(
     def of_block(index: int) -> dict[str, Replacement]:
         return {n: v for n, v in replacements.items() if blocks.index_of(n) == index}
 
+    eager = EAGER_BYTES
+    if any(p is not None for p in positions):  # whole passes hold one block's float copies
+        eager = max(sum(p.numel() for p in module.parameters()) * 4
+                    for module in blocks.modules)
     for group, position in zip(groups, positions, strict=True):
         if position is None:
             cached = None  # past the chain: whole passes, finished blocks made when they run
-            run = functools.partial(calibration.feed, replacements=replacements)
+            run = functools.partial(calibration.feed, replacements=replacements,
+                                    eager_bytes=eager)
         else:
             if cached is None:
                 cached = CachedInputs(calibration, blocks, replacements)
