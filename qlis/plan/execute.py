@@ -109,7 +109,7 @@ def execute_layer(
                                           transposed=transposed, sweeps=sweeps)
             stored = fed.quantized
             approx = stored.dequantize()
-            left = fed.output_error if pruner is None else None  # its error is from pruned
+            left = fed.output_error if pruner is None else None  # measured from the pruned
             feedback = _feedback(weight, pruned, approx, config, hessian, transposed, left)
             rel_mse = relative_mse(weight, approx)
         else:

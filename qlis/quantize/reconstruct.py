@@ -387,8 +387,8 @@ def reconstruct(
         return {n: v for n, v in replacements.items() if blocks.index_of(n) == index}
 
     eager = EAGER_BYTES
-    if any(p is not None for p in positions):  # whole passes hold one block's float copies
-        eager = max(sum(p.numel() for p in module.parameters()) * 4
+    if any(position is not None for position in positions):  # then whole passes hold one
+        eager = max(sum(param.numel() for param in module.parameters()) * 4  # block's floats
                     for module in blocks.modules)
     for group, position in zip(groups, positions, strict=True):
         if position is None:
