@@ -84,6 +84,18 @@ def test_linear_hf_conv1d_and_packed_attention_inputs():
     assert layer_inputs(nn.Sequential(nn.Linear(2, 2)), "9.weight") is None
 
 
+def test_a_model_of_wide_conv1d_layers_is_left_as_it_was():
+    """Conv1D weights are stored (in, out); GPTQ once wrote its updates into them when they
+    were wider than one of its blocks (128 inputs)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(Conv1D(8, 160), nn.GELU(), Conv1D(160, 8))  # 160 inputs first
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    calib = [torch.randn(32, 160) for _ in range(4)]
+    result = qlis.compress(model, "quant", bits=3, calib=calib)
+    assert result.layers[0].reconstruction.startswith("error feedback")
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_the_attention_output_projection_sees_the_heads_outputs(batch_first):
     """nn.MultiheadAttention never calls its out_proj: the rows are recomputed, and out_proj
