@@ -212,9 +212,8 @@ def test_after_learned_rounding_no_output_error_is_claimed():
 
 
 def test_the_inverse_factor_is_the_same_bits_whatever_threads_the_blas_has():
-    """OpenBLAS factorizes a wide matrix to other bits on two threads than on one (this one:
-    a few entries of the float32 factor); the fit holds it to one, so a rank of a job (one
-    thread) and one process agree."""
+    """OpenBLAS factorizes a wide matrix to other bits on two threads than on one; the fit
+    holds it to one, so a rank of a job (one thread) and one process agree."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1600, 1536, generator=gen) @ torch.randn(1536, 1536, generator=gen)
     hessian = x.T @ x / len(x)
