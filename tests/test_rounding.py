@@ -150,3 +150,5 @@ def test_output_error_is_the_mean_squared_output_change():
     assert output_error(difference, x.T @ x / 50) == pytest.approx(direct, rel=1e-6)
     assert output_error(difference.T, x.T @ x / 50, transposed=True) == pytest.approx(
         direct, rel=1e-6)
+    assert output_error(difference, x.T @ x / 50, dtype=torch.float32) == pytest.approx(
+        direct, rel=1e-5)

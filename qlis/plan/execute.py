@@ -161,7 +161,7 @@ def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
     """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``);
     ``left``: the fed-back weight's, where error feedback measured it."""
     plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
-    base = output_error(plain - weight, hessian, transposed)
+    base = output_error(plain - weight, hessian, transposed, dtype=torch.float32)  # a ratio
     if left is None:
         left = output_error(approx - weight, hessian, transposed)
     return left / base if base > 0 else None

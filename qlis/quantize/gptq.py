@@ -150,11 +150,12 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size:
 
 
 def output_error(difference: torch.Tensor, hessian: torch.Tensor,
-                 transposed: bool = False) -> float:
+                 transposed: bool = False, dtype: torch.dtype = torch.float64) -> float:
     """``tr(E H E^T)``: the mean squared output error that a weight error ``difference`` (the
     weight's shape) causes on inputs of covariance ``hessian`` (2-D, or per output group).
-    ``H`` is widened to float64 `_ERROR_COLUMNS` columns at a time, not whole."""
-    matrix = difference.detach().to(device="cpu", dtype=torch.float64).reshape(
+    The products are made in ``dtype`` (float32: half the time, to about 1e-6), `_ERROR_COLUMNS`
+    columns of ``H`` at a time, and added in float64."""
+    matrix = difference.detach().to(device="cpu", dtype=dtype).reshape(
         matrix_shape(difference.shape))
     if transposed:
         matrix = matrix.T
@@ -162,9 +163,9 @@ def output_error(difference: torch.Tensor, hessian: torch.Tensor,
     grouped = matrix.reshape(h.shape[0], -1, matrix.shape[1])
     total = 0.0
     for start in range(0, h.shape[-1], _ERROR_COLUMNS):
-        columns = h[:, :, start:start + _ERROR_COLUMNS].to(torch.float64)
-        total += float((torch.bmm(grouped, columns)
-                        * grouped[:, :, start:start + _ERROR_COLUMNS]).sum())
+        columns = h[:, :, start:start + _ERROR_COLUMNS].to(dtype)
+        products = torch.bmm(grouped, columns) * grouped[:, :, start:start + _ERROR_COLUMNS]
+        total += float(products.sum(dtype=torch.float64))
     return total
 
 
