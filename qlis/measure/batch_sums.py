@@ -133,7 +133,7 @@ class FixedPointSum:
             return
         scale = math.ldexp(1.0, -self.exponent)  # a power of two: scaling is exact
         sums, width = self.sums[group], rows.shape[1]
-        band = max(1, _CHUNK // width)
+        band = _band(width)
         for start in range(0, width, band):
             stop = min(start + band, width)
             product = rows[:, start:stop].T @ rows[:, start:]
@@ -143,7 +143,7 @@ class FixedPointSum:
         """The sums (float64), mirrored from their upper triangles and converted a chunk at a
         time into the integers' own buffer, which they then hold: no second width^2 buffer."""
         width = self.sums.shape[-1]
-        band = max(1, _CHUNK // width)
+        band = _band(width)
         for sums in self.sums.reshape(-1, width, width):
             for start in range(band, width, band):
                 sums[start:start + band, :start] = sums[:start, start:start + band].T
@@ -156,3 +156,8 @@ class FixedPointSum:
         total = torch.from_numpy(values).reshape(self.sums.shape)
         self.sums = None
         return total
+
+
+def _band(width: int) -> int:
+    """Rows of a (width, width) sum worked on at once: `_CHUNK` entries."""
+    return max(1, _CHUNK // width)

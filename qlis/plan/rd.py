@@ -531,20 +531,19 @@ def _allocate_for_size(
     realized = context.realize(plan_of(choice))
     aimed = _with_feedback(curves, names, realized.feedback)
     fitted = None
-    aimed_at = False  # whether ``choice`` was allocated on the feedback-scaled curves
-    for _ in range(_SIZE_PASSES):
+    for attempt in range(_SIZE_PASSES):  # from the second on, aimed with the feedback
         executed = realized.layer_bytes
         fits = executed <= budget * 1.005
         if fits:
             fitted = choice
-            if aimed_at and executed >= budget * (1.0 - _SIZE_SLACK):
+            if attempt and executed >= budget * (1.0 - _SIZE_SLACK):
                 break
         ratio = executed / max(totals(curves, choice)[0], 1e-300)
         following = allocate_for_size(aimed, budget / max(ratio, 1e-300) * (
             1.0 if fits else 0.995))
         if following == choice:
             break
-        choice, aimed_at = following, True
+        choice = following
         realized = context.realize(plan_of(choice))
     else:
         if realized.layer_bytes <= budget * 1.005:
