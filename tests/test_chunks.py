@@ -98,3 +98,22 @@ def test_a_layer_s_error_measured_by_row_ranges_is_that_of_its_whole_dequantized
     assert whole.dtype == dtype
     assert plan.rel_mse == pytest.approx(float((out - ref).square().sum() / ref.square().sum()),
                                          rel=1e-12)
+
+
+@pytest.mark.parametrize("config", [
+    {"step": 0.0002},  # uint16 codes
+    {"rel_mse": 1e-2, "granularity": "channel", "rounding": 0.3},
+    {"rel_mse": 4.0},  # coarser than the weights: most codes are 0
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uniform_error_measured_while_rounding_is_that_of_its_codes(tiny_chunks, config, dtype):
+    weight = _weight(dtype, (53, 29))
+    quantizer = UniformQuantizer(**config)
+    measured, error = quantizer.quantize_measured(weight)
+    plain = quantizer.quantize(weight)
+    assert np.array_equal(measured.codes, plain.codes) and measured.n_levels == plain.n_levels
+    assert error == pytest.approx(quantizer.relative_error(weight, plain), rel=1e-12)
+    ref, out = weight.double(), plain.dequantize().double()
+    assert error == pytest.approx(float((out - ref).square().sum() / ref.square().sum()),
+                                  rel=1e-12)
+    assert quantizer.quantize_measured(torch.zeros(53, 29, dtype=dtype))[1] == 0.0

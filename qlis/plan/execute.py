@@ -13,7 +13,7 @@ import torch
 
 from qlis.archive.codecs import huffman_code_lengths, symbol_histogram
 from qlis.measure.calibrate import Replacement
-from qlis.measure.distortion import relative_mse, squared_sums
+from qlis.measure.distortion import relative_mse
 from qlis.models.tensors import storage_bits
 from qlis.plan.plans import LayerConfig
 from qlis.plan.sizes import (
@@ -23,7 +23,6 @@ from qlis.plan.sizes import (
     param_bytes,
 )
 from qlis.quantize.gptq import fit_with_error_feedback, output_error
-from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
 
@@ -112,9 +111,12 @@ def execute_layer(
             left = fed.output_error if pruner is None else None  # measured from the pruned
             feedback = _feedback(weight, pruned, approx, config, hessian, transposed, left)
             rel_mse = relative_mse(weight, approx)
+        elif pruner is None:
+            stored, rel_mse = get_quantizer(config.quantizer).quantize_measured(weight)
         else:
-            stored = get_quantizer(config.quantizer).quantize(pruned)
-            rel_mse = _relative_error(weight, stored)
+            quantizer = get_quantizer(config.quantizer)
+            stored = quantizer.quantize(pruned)
+            rel_mse = quantizer.relative_error(weight, stored)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
         counts = _symbol_counts(stored.codes, stored.n_levels)
@@ -141,18 +143,6 @@ def execute_layer(
         feedback=feedback,
     )
     return stored, plan
-
-
-def _relative_error(weight: torch.Tensor, stored: QuantizedTensor) -> float:
-    """``relative_mse(weight, stored.dequantize())``, a range of rows at a time: no float
-    copy of the whole layer."""
-    rows = weight.detach().reshape(matrix_shape(weight.shape))
-    energy = error = 0.0
-    for a, b, values in get_quantizer(stored.quantizer).dequantized_rows(stored):
-        chunk_energy, chunk_error = squared_sums(rows[a:b], values)
-        energy += chunk_energy
-        error += chunk_error
-    return error / energy if energy else 0.0
 
 
 def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
