@@ -175,6 +175,16 @@ def config_id(config: object, kind: str) -> tuple[str, dict[str, Any]]:
     return config["id"], {k: v for k, v in config.items() if k != "id"}
 
 
+@functools.cache
+def init_parameters(cls: type) -> tuple[str, ...]:
+    """The parameters of ``cls.__init__`` that a config records (not self, ``*args`` or
+    ``**kwargs``): read once per class, since `inspect.signature` costs more than building
+    the config (a data-free pack asks for hundreds)."""
+    params = inspect.signature(cls.__init__).parameters
+    return tuple(name for name, param in params.items() if name != "self"
+                 and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD))
+
+
 def checked_init(cls: type, what: Callable[[], str]) -> None:
     """Make ``cls.__init__`` check its arguments against ``cls.params`` first, so direct
     construction and `from_config` refuse the same values the same way. Every parameter of

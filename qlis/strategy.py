@@ -6,11 +6,10 @@ round-trip them through plain JSON, so an archive can name the strategy that mad
 
 from __future__ import annotations
 
-import inspect as _inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from qlis.config import Param, checked_init, config_id
+from qlis.config import Param, checked_init, config_id, init_parameters
 from qlis.errors import ConfigError
 
 
@@ -29,12 +28,7 @@ class Strategy:
 
     def get_config(self) -> dict[str, Any]:
         """The id and every constructor parameter, as plain JSON."""
-        params = _inspect.signature(type(self).__init__).parameters
-        config = {
-            name: getattr(self, name)
-            for name, param in params.items()
-            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
-        }
+        config = {name: getattr(self, name) for name in init_parameters(type(self))}
         return {"id": self.strategy_id, **config}
 
     @classmethod

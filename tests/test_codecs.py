@@ -23,6 +23,7 @@ from qlis.archive.codecs import (
     entropy_bits,
     get_codec,
     huffman_code_lengths,
+    optimal_huffman_bits,
     register_codec,
 )
 from qlis.archive.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
@@ -80,6 +81,14 @@ def varint_size(n: int) -> int:
 
 
 # -- size bounds --------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 10**9), max_size=300))
+def test_optimal_huffman_bits_are_those_of_the_built_code(counts: list[int]) -> None:
+    counts_arr = np.array(counts, dtype=np.int64)
+    expected = int(np.dot(counts_arr, huffman_code_lengths(counts_arr))) if counts else 0
+    assert optimal_huffman_bits(counts_arr) == expected
 
 
 @settings(max_examples=60, deadline=None)

@@ -635,3 +635,20 @@ def test_ordered_map_keeps_the_cost_in_flight_within_the_budget():
     out = list(ordered_map(fn, range(len(costs)), jobs=4, cost=costs.__getitem__, budget=6))
     assert out == list(range(len(costs)))
     assert peak == 9  # the costliest item ran alone; the others shared a budget of 6
+
+
+def test_a_mapped_tensor_is_copy_on_write_and_a_file_cut_after_opening_is_refused(
+        state, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    before = path.read_bytes()
+    mapped = load_state_dict(path)
+    embed = mapped["embed.weight"]  # 2 MiB: mapped from the file, not read
+    assert same_tensor(embed, state["embed.weight"])
+    embed.add_(1.0)
+    assert path.read_bytes() == before and same_tensor(mapped["embed.weight"],
+                                                       state["embed.weight"])
+    with path.open("r+b") as f:
+        f.truncate(len(before) - 4096)
+    with pytest.raises(qlis.InputError, match="ended early"):
+        mapped["embed.weight"]

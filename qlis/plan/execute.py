@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qlis.archive.codecs import huffman_code_lengths, symbol_histogram
+from qlis.archive.codecs import optimal_huffman_bits, symbol_histogram
 from qlis.measure.calibrate import Replacement
 from qlis.measure.distortion import relative_mse
 from qlis.models.tensors import storage_bits
@@ -73,10 +73,6 @@ def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
     return symbol_histogram(flat)[:n_levels]
 
 
-def _huffman_bits(counts: np.ndarray) -> float:
-    return float((counts * huffman_code_lengths(counts)).sum())
-
-
 def execute_layer(
     name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
     hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
@@ -123,7 +119,7 @@ def execute_layer(
         kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
         if removed:
             kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
-        huffman = _huffman_bits(kept_counts)
+        huffman = float(optimal_huffman_bits(kept_counts))
         coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
     plan = LayerPlan(
         name=name,

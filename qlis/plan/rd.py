@@ -113,13 +113,13 @@ def _sample_index(numel: int, size: int, seed: int) -> torch.Tensor:
     return torch.randint(numel, (size,), generator=torch.Generator().manual_seed(seed))
 
 
-def _bits_per_symbol(counts: np.ndarray, n: int) -> float | None:
-    """Bits per symbol (Miller–Madow corrected), or None when the sample is too small to
-    estimate it (fewer than 16 samples per present symbol)."""
-    present = int(np.count_nonzero(counts))
+def _bits_per_symbol(present: int, entropy: float, n: int) -> float | None:
+    """Bits per symbol (Miller–Madow corrected) of a sample of ``n`` symbols, ``present`` of
+    them distinct, whose counts' Shannon bound is ``entropy`` bits; None when the sample is
+    too small to estimate it (fewer than 16 samples per present symbol)."""
     if present > n / 16:
         return None
-    return entropy_bits(counts) / n + (present - 1) / (2 * n * math.log(2))
+    return entropy / n + (present - 1) / (2 * n * math.log(2))
 
 
 @njit(cache=True, nogil=True)
@@ -138,17 +138,23 @@ def _round_to_steps(scaled: np.ndarray, step: np.float32, rounding: np.float32,
 
 
 @njit(cache=True, nogil=True)
-def _error_and_counts(levels: np.ndarray, low: int, high: int, step: np.float32,
-                      rms: np.ndarray, reference: np.ndarray) -> tuple[float, np.ndarray]:
-    # The squared error of the levels' values (float32 terms, summed in float64) and how
-    # often each level occurs, lowest first.
+def _error_and_entropy(levels: np.ndarray, low: int, high: int, step: np.float32,
+                       rms: np.ndarray, reference: np.ndarray) -> tuple[float, int, float]:
+    # The squared error of the levels' values (float32 terms, summed in float64), how many
+    # levels occur, and the Shannon bound of their counts in bits (`entropy_bits`).
     counts = np.zeros(high - low + 1, dtype=np.int64)
     error = 0.0
     for i in range(levels.size):
         counts[levels[i] - low] += 1
         difference = reference[i] - np.float32(levels[i]) * step * rms[i]
         error += np.float64(difference * difference)
-    return error, counts
+    present, entropy = 0, 0.0
+    log_total = np.log2(np.float64(levels.size))
+    for count in counts:
+        if count:
+            present += 1
+            entropy += count * (log_total - np.log2(np.float64(count)))
+    return error, present, entropy
 
 
 def _uniform_ladder(
@@ -172,16 +178,15 @@ def _uniform_ladder(
         low, high = _round_to_steps(scaled, step, np.float32(rounding), levels)
         if (high - low + 1) * max(1.0, widest) > MAX_LEVELS:
             break
-        error, counts = _error_and_counts(levels, low, high, step, rms_values,
-                                          reference_values)
-        bits = _bits_per_symbol(counts, values.numel())
+        error, present, entropy = _error_and_entropy(levels, low, high, step, rms_values,
+                                                     reference_values)
+        bits = _bits_per_symbol(present, entropy, values.numel())
         if bits is not None:
             reliable = (bits, float(t))
         elif reliable is not None:  # high rate: one more bit per halving of the step
             bits = reliable[0] + math.log2(reliable[1] / float(t))
         else:
-            bits = entropy_bits(counts) / values.numel()
-        present = int(np.count_nonzero(counts))
+            bits = entropy / values.numel()
         size = (numel * bits / 8 + TABLE_BYTES_PER_SYMBOL * present + 4 * n_params + 12
                 + QUANTIZED_RECORD_BYTES)
         config = {"id": "uniform", "rel_mse": float(t) ** 2 / 12,
@@ -210,9 +215,10 @@ def _group_candidates(
             q = quantizer.quantize(sample)
             error = float((q.dequantize() - sample).square_().sum(dtype=torch.float64))
             counts = np.bincount(q.codes.reshape(-1), minlength=q.n_levels)
-            per_symbol = _bits_per_symbol(counts, q.codes.size) or bits
+            present = int(np.count_nonzero(counts))
+            per_symbol = _bits_per_symbol(present, entropy_bits(counts), q.codes.size) or bits
             size = (numel * min(per_symbol, bits) / 8 + 4 * n_groups
-                    + TABLE_BYTES_PER_SYMBOL * int(np.count_nonzero(counts))
+                    + TABLE_BYTES_PER_SYMBOL * present
                     + QUANTIZED_RECORD_BYTES)
             found.append(_Candidate(quantizer.get_config(), size,
                                     error / sample.numel() / mean_square))

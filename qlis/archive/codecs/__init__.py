@@ -4,7 +4,11 @@ The archive stores each record's ``codec.get_config()`` and decodes with
 ``get_codec(config).decode(data, out)``; docs/codecs.md specifies every byte stream.
 """
 
-from qlis.archive.codecs._bounds import entropy_bits, huffman_code_lengths
+from qlis.archive.codecs._bounds import (
+    entropy_bits,
+    huffman_code_lengths,
+    optimal_huffman_bits,
+)
 from qlis.archive.codecs._common import symbol_histogram
 from qlis.archive.codecs.ans import ANS
 from qlis.archive.codecs.auto import Auto
@@ -27,5 +31,6 @@ __all__ = [
     "entropy_bits",
     "get_codec",
     "huffman_code_lengths",
+    "optimal_huffman_bits",
     "register_codec",
 ]

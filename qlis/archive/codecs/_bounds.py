@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+from numba import njit
 
 
 def entropy_bits(counts: np.ndarray) -> float:
@@ -58,3 +59,42 @@ def huffman_code_lengths(counts: np.ndarray) -> np.ndarray:
         depth[node] = depth[parent[node]] + 1
     lengths[present] = depth[:k]
     return lengths
+
+
+def optimal_huffman_bits(counts: np.ndarray) -> int:
+    """``sum(counts * huffman_code_lengths(counts))`` without building the code: the sum of
+    the weights that Huffman's merges create (every merge adds one bit to each symbol below
+    it), in a compiled pass over the sorted counts. What the paper's HCR counts per layer.
+
+    >>> optimal_huffman_bits(np.array([5, 1, 1, 0]))
+    9
+    """
+    c = np.asarray(counts).ravel()
+    if c.size and (c.min() < 0):
+        raise ValueError("symbol counts must be non-negative")
+    present = np.sort(c[c > 0].astype(np.int64))
+    if present.size <= 1:  # a lone symbol: one bit each
+        return int(present.sum())
+    return int(_merged_weights(present))
+
+
+@njit(cache=True, nogil=True)
+def _merged_weights(ascending: np.ndarray) -> int:
+    # Huffman's merges in linear time (van Leeuwen): merged weights come out in ascending
+    # order, so two queues (the leaves, the merged) replace the heap.
+    k = ascending.size
+    merged = np.empty(k - 1, dtype=np.int64)
+    leaf = head = 0
+    total = 0
+    for tail in range(k - 1):
+        pair = 0
+        for _ in range(2):
+            if head == tail or (leaf < k and ascending[leaf] <= merged[head]):
+                pair += ascending[leaf]
+                leaf += 1
+            else:
+                pair += merged[head]
+                head += 1
+        merged[tail] = pair
+        total += pair
+    return total

@@ -178,19 +178,26 @@ def _encoder_table(present: np.ndarray, freqs: np.ndarray, scale: int) -> np.nda
     With f in [2, 2**16) and s = ceil(log2 f), m = ceil(2**(63 + s) / f) < 2**64 gives
     x // f = mulhi(x, m) >> (s - 1) exactly for every x < 2**63. For f = 1, m = 2**64 - 1
     gives x - 1, and the bias absorbs the difference (the encoded state is still x * 2**scale
-    + start).
+    + start). Whole arrays in uint64: m = (2**63 // f) * 2**s + ceil((2**63 % f) * 2**s / f),
+    each part within 64 bits.
     """
+    f = freqs.astype(np.uint64)
+    start = np.cumsum(f) - f
+    total = np.uint64(1 << scale)
+    s = np.zeros(f.size, dtype=np.uint64)
+    wide = f > 1
+    s[wide] = np.floor(np.log2(f[wide] - 1.0)).astype(np.uint64) + np.uint64(1)  # bit_length
+    half = np.uint64(1 << 63)
+    spill = (half % f) << s  # < f * 2**s <= 2**32
+    reciprocal = ((half // f) << s) + spill // f + (spill % f != 0)
     table = np.zeros((int(present[-1]) + 1, 5), dtype=np.uint64)
-    total = 1 << scale
-    start = 0
-    for symbol, f in zip(present.tolist(), freqs.tolist(), strict=True):
-        if f == 1:
-            reciprocal, shift, bias = (1 << 64) - 1, 0, start + total - 1
-        else:
-            s = (f - 1).bit_length()
-            reciprocal, shift, bias = -(-(1 << (63 + s)) // f), s - 1, start
-        table[symbol] = (f << (63 - scale), reciprocal, shift, bias, total - f)
-        start += f
+    table[present] = np.stack([
+        f << np.uint64(63 - scale),
+        np.where(wide, reciprocal, np.uint64(2**64 - 1)),
+        np.where(wide, s - np.uint64(1), np.uint64(0)),
+        np.where(wide, start, start + total - np.uint64(1)),
+        total - f,
+    ], axis=1)
     return table
 
 
@@ -236,7 +243,7 @@ class ANS(Codec):
         if pos < 0:
             raise AssertionError("internal error: the rANS output bound was exceeded")
         stream += np.array(states, dtype="<u8").tobytes()
-        return bytes(stream) + words[pos:].tobytes()
+        return b"".join((stream, words[pos:]))  # one copy of the words
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         out = check_out(out, self.codec_id)

@@ -7,13 +7,12 @@ entry point in the ``qlis.archive.codecs`` group.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from qlis.config import Param, checked_init, config_id
+from qlis.config import Param, checked_init, config_id, init_parameters
 from qlis.errors import ConfigError
 from qlis.registry import Registry
 
@@ -42,11 +41,9 @@ class Codec:
 
     def get_config(self) -> dict:
         """Plain-JSON parameters with ``"id"``: the ``__init__`` arguments, read back."""
-        params = inspect.signature(type(self).__init__).parameters
         config: dict[str, Any] = {"id": self.codec_id}
-        for name, param in params.items():
-            if name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                config[name] = getattr(self, name)
+        for name in init_parameters(type(self)):
+            config[name] = getattr(self, name)
         return config
 
     @classmethod
