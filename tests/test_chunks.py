@@ -102,12 +102,14 @@ def test_a_layer_s_error_measured_by_row_ranges_is_that_of_its_whole_dequantized
 
 @pytest.mark.parametrize("config", [
     {"step": 0.0002},  # uint16 codes
+    {"step": 1e-5},  # float16 rounds the smallest values to its subnormals
     {"rel_mse": 1e-2, "granularity": "channel", "rounding": 0.3},
     {"rel_mse": 4.0},  # coarser than the weights: most codes are 0
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_uniform_error_measured_while_rounding_is_that_of_its_codes(tiny_chunks, config, dtype):
     weight = _weight(dtype, (53, 29))
+    weight[0, :4] = torch.tensor([3e-6, -5e-7, 6.1e-5, 1e-8])  # float16's subnormals
     quantizer = UniformQuantizer(**config)
     measured, error = quantizer.quantize_measured(weight)
     plain = quantizer.quantize(weight)
@@ -117,3 +119,11 @@ def test_uniform_error_measured_while_rounding_is_that_of_its_codes(tiny_chunks,
     assert error == pytest.approx(float((out - ref).square().sum() / ref.square().sum()),
                                   rel=1e-12)
     assert quantizer.quantize_measured(torch.zeros(53, 29, dtype=dtype))[1] == 0.0
+
+
+def test_float16_error_measured_while_rounding_counts_values_that_overflow_it(tiny_chunks):
+    weight = torch.full((40, 30), 60000.0, dtype=torch.float16)
+    weight[::2] = -60000.0  # a step of 70000 decodes the top codes to +-70000: inf in float16
+    measured, error = UniformQuantizer(step=70000.0).quantize_measured(weight)
+    assert math.isinf(error) and torch.isinf(measured.dequantize()).all()
+    assert math.isinf(UniformQuantizer(step=70000.0).relative_error(weight, measured))

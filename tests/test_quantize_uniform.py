@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qlis import ConfigError, UniformQuantizer
-from qlis.quantize.quantizers import MAX_LEVELS, get_quantizer
+from qlis.quantize.quantizers import _NARROWED, MAX_LEVELS, _narrow, get_quantizer
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -91,3 +91,22 @@ def test_other_dtypes_come_back_in_their_dtype(dtype):
 def test_bad_parameters(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         UniformQuantizer(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_compiled_narrowing_rounds_as_torch_does(dtype):
+    # the measured error of a float16/bfloat16 layer needs its decoded values exactly as
+    # dequantize rounds them: every magnitude (float16's subnormals and overflow too) and the
+    # ties halfway between neighbours of the narrow dtype
+    rng = np.random.default_rng(0)
+    spread = [rng.standard_normal(20000).astype(np.float32) * scale
+              for scale in (1e-9, 1e-7, 3e-5, 1e-2, 1.0, 3e4, 7e4, 1e30)]
+    patterns = rng.integers(0, 0x7F00 if dtype == torch.bfloat16 else 0x7BFF, 20000)
+    narrow = torch.from_numpy(patterns.astype(np.int16)).view(dtype)
+    above = torch.nextafter(narrow, torch.tensor(float("inf"), dtype=dtype))
+    ties = ((narrow.double() + above.double()) / 2).float().numpy()
+    values = np.concatenate([*spread, ties, -ties, narrow.float().numpy()])
+    rounded = values.copy()
+    _narrow(rounded, _NARROWED[dtype])
+    expected = torch.from_numpy(values).to(dtype).float().numpy()
+    assert np.array_equal(rounded.view(np.uint32), expected.view(np.uint32))

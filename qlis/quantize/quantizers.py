@@ -696,26 +696,59 @@ def code_dtype(n_levels: int) -> np.dtype:
     return stored_code_dtype(n_levels)
 
 
+_NARROWED = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+"""The dtypes whose values `_narrow` rounds to (0: float32 itself)."""
+
+
+@njit(cache=True, nogil=True)
+def _narrow(values: np.ndarray, kind: int) -> None:
+    # Each float32 value (in place) -> its float16 (kind 1) or bfloat16 (kind 2) rounding,
+    # to nearest, ties to even, as torch's .to() rounds (float16: subnormals and overflow too).
+    bits = values.view(np.uint32)
+    for i in range(values.size):
+        if kind == 2:
+            b = bits[i]
+            bits[i] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
+                       ) & np.uint32(0xFFFF0000)
+        elif kind == 1:
+            v = values[i]
+            if abs(v) >= np.float32(65520.0):  # halfway past the largest float16, 65504
+                values[i] = np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+            elif abs(v) < np.float32(6.103515625e-05):  # float16 subnormals: steps of 2**-24
+                values[i] = np.rint(v * np.float32(16777216.0)) / np.float32(16777216.0)
+            else:
+                b = bits[i]
+                bits[i] = (b + np.uint32(0x0FFF) + ((b >> np.uint32(13)) & np.uint32(1))
+                           ) & np.uint32(0xFFFFE000)
+
+
 @njit(cache=True, nogil=True)
 def _write_uniform_codes(matrix: np.ndarray, step: np.ndarray, zero: np.ndarray,
                          rounding: np.float32, low: np.float32, out: np.ndarray,
-                         sums: np.ndarray) -> None:
+                         narrow: int, sums: np.ndarray) -> None:
     # out = the uniform grid's code of each value, less ``low``: the rounded value / step
     # (one step, or one per row) + zero, in float32 as AffineGrid.encode computes it, but in
-    # one pass and straight into the stored codes. sums += (sum of value**2, sum of
-    # (level * step - value)**2) in float64: the value a code decodes to is level * step in
-    # float32 (code - offset gives the level back exactly), as AffineGrid.decode computes it.
+    # one pass and straight into the stored codes. With ``narrow`` >= 0, sums += (sum of
+    # value**2, sum of (decoded - value)**2) in float64, where a code decodes to level * step
+    # in float32 (code - offset gives the level back exactly), as AffineGrid.decode computes
+    # it, rounded to the weight's dtype (`_narrow`) as dequantize does.
     one = step.size == 1
     energy, error = 0.0, 0.0
+    decoded = np.empty(matrix.shape[1], dtype=np.float32)
     for r in range(matrix.shape[0]):
         s = step[0] if one else step[r]
         z = zero[0] if one else zero[r]
         for c in range(matrix.shape[1]):
-            value = matrix[r, c]
-            level = rounded_level(value / s, rounding)
+            level = rounded_level(matrix[r, c] / s, rounding)
             out[r, c] = int(level + z - low)
-            reference = np.float64(value)
-            difference = np.float64(np.float32(level * s)) - reference
+            decoded[c] = level * s
+        if narrow < 0:
+            continue
+        if narrow:
+            _narrow(decoded, narrow)
+        for c in range(matrix.shape[1]):
+            reference = np.float64(matrix[r, c])
+            difference = np.float64(decoded[c]) - reference
             energy += reference * reference
             error += difference * difference
     sums[0] += energy
@@ -776,21 +809,23 @@ class UniformQuantizer(Quantizer):
         return torch.where(step > 0, step, torch.ones_like(step)).float()
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
-        return self._round(weight, np.zeros(2))[0]
+        return self._round(weight, None)[0]
 
     def quantize_measured(self, weight: torch.Tensor) -> tuple[QuantizedTensor, float]:
         """Measured while rounding where the codes are written a range of rows at a time
-        (a large float32 layer; other dtypes round their values to the dtype first): the
-        same error, summed in another order."""
+        (a large float32, float16 or bfloat16 layer): the same error, summed in another
+        order."""
         sums = np.zeros(2)
         q, measured = self._round(weight, sums)
-        if not measured or weight.dtype != torch.float32:
+        if not measured:
             return q, self.relative_error(weight, q)
         return q, sums[1] / sums[0] if sums[0] else 0.0
 
-    def _round(self, weight: torch.Tensor, sums: np.ndarray) -> tuple[QuantizedTensor, bool]:
-        """The codes, and whether ``sums`` got the weight's energy and squared error (a
-        large matrix, rounded a range of rows at a time; a small one at once, unmeasured)."""
+    def _round(self, weight: torch.Tensor, sums: np.ndarray | None,
+               ) -> tuple[QuantizedTensor, bool]:
+        """The codes, and whether ``sums`` (when given) got the weight's energy and squared
+        error: a large matrix of a dtype in _NARROWED, rounded a range of rows at a time (a
+        small one is rounded at once, unmeasured)."""
         step = self.steps(_row_view(weight, self.granularity))
         params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
         q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
@@ -799,15 +834,19 @@ class UniformQuantizer(Quantizer):
         if len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel"):
             levels = self.grid(tuple(weight.shape), 1, params).encode(matrix.float())
             return self.with_codes(q, levels.reshape(weight.shape)), False
-        return self._quantize_in_chunks(q, matrix, chunks, tuple(weight.shape), sums), True
+        narrow = _NARROWED.get(weight.dtype, -1) if sums is not None else -1
+        q = self._quantize_in_chunks(q, matrix, chunks, tuple(weight.shape), narrow,
+                                     np.zeros(2) if sums is None else sums)
+        return q, narrow >= 0
 
     def _quantize_in_chunks(self, q: QuantizedTensor, matrix: torch.Tensor,
                             chunks: list[tuple[int, int]], shape: tuple[int, ...],
-                            sums: np.ndarray) -> QuantizedTensor:
+                            narrow: int, sums: np.ndarray) -> QuantizedTensor:
         """``quantize`` of a large matrix, row range by row range: the same codes (rounding
         is elementwise), the code range found first from each row's extremes (rounding is
         monotonic), so memory holds the uint8/uint16 codes and one chunk's floats; ``sums``
-        gets the layer's energy and squared error."""
+        gets the layer's energy and squared error unless ``narrow`` is -1 (see
+        `_write_uniform_codes`)."""
         whole = self.grid(shape, 1, q.params)
         extremes = torch.cat(_row_extremes(matrix), dim=1).float()
         ends = torch.aminmax(whole.encode(extremes))
@@ -818,7 +857,8 @@ class UniformQuantizer(Quantizer):
             rows = whole.rows(a, b)  # one step for the tensor, or one per row
             _write_uniform_codes(matrix[a:b].float().contiguous().numpy(),
                                  rows.scale.reshape(-1).numpy(), rows.zero.reshape(-1).numpy(),
-                                 np.float32(self.rounding), np.float32(low), codes[a:b], sums)
+                                 np.float32(self.rounding), np.float32(low), codes[a:b],
+                                 narrow, sums)
         return QuantizedTensor(codes.reshape(shape), probe.n_levels, q.quantizer,
                                probe.params, q.dtype)
 
