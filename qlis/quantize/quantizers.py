@@ -733,16 +733,18 @@ def _write_uniform_codes(matrix: np.ndarray, step: np.ndarray, zero: np.ndarray,
     # in float32 (code - offset gives the level back exactly), as AffineGrid.decode computes
     # it, rounded to the weight's dtype (`_narrow`) as dequantize does.
     one = step.size == 1
+    measure = narrow >= 0
     energy, error = 0.0, 0.0
-    decoded = np.empty(matrix.shape[1], dtype=np.float32)
+    decoded = np.empty(matrix.shape[1] if measure else 0, dtype=np.float32)
     for r in range(matrix.shape[0]):
         s = step[0] if one else step[r]
         z = zero[0] if one else zero[r]
         for c in range(matrix.shape[1]):
             level = rounded_level(matrix[r, c] / s, rounding)
             out[r, c] = int(level + z - low)
-            decoded[c] = level * s
-        if narrow < 0:
+            if measure:
+                decoded[c] = level * s
+        if not measure:
             continue
         if narrow:
             _narrow(decoded, narrow)
