@@ -37,6 +37,8 @@ def _weight(dtype: torch.dtype, shape=(37, 23), seed: int = 0) -> torch.Tensor:
     {"id": "uniform", "rel_mse": 1e-3, "granularity": "channel"},
     {"id": "uniform", "rel_mse": 1e-2, "granularity": "channel", "rounding": 0.3},
     {"id": "affine", "bits": 4, "granularity": "channel"},
+    {"id": "affine", "bits": 3},
+    {"id": "group", "bits": 3, "group_size": 8},
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype, monkeypatch):

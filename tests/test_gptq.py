@@ -193,6 +193,29 @@ def test_the_output_error_it_reports_is_the_one_its_result_leaves(config, case):
     assert torch.equal(fed.quantized.dequantize(), quantize_with_error_feedback(
         weight, hessian, config, damp=damp, block_size=16,
         transposed=case == "transposed").dequantize())
+    scratch = hessian.clone()
+    in_place = qlis.quantize.gptq.fit_with_error_feedback(
+        weight, scratch, config, damp=damp, block_size=16, transposed=case == "transposed",
+        overwrite_hessian=True)
+    assert torch.equal(in_place.quantized.dequantize(), fed.quantized.dequantize())
+    assert in_place.output_error == fed.output_error
+    assert not torch.equal(scratch, hessian)  # its buffer held the factor
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(groups):
+    _, _, hessian = correlated_layer(seed=4, width=40)
+    hessian[7, :] = hessian[:, 7] = 0.0  # a dead input
+    stacked = torch.stack([hessian * (g + 1) for g in range(groups)])
+    before = stacked.clone()
+    factors = qlis.quantize.gptq._inverse_factors(stacked, 0.1, overwrite=True)
+    assert factors.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    for h, u in zip(before.double(), factors.double(), strict=True):
+        damped = h.clone()
+        damped[7, 7] = 1.0
+        damped += 0.1 * float(damped.diagonal().mean()) * torch.eye(40, dtype=torch.float64)
+        assert torch.equal(u, u.triu())
+        assert torch.allclose(u.T @ u, torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -116,13 +117,21 @@ class FixedPointSum:
     term and how many terms a pass adds. Every entry of such a matrix is at most its trace, so
     a grid on which ``terms`` traces ``2^HEADROOM_BITS`` times larger still fit in int64
     holds every partial sum exactly. A term beyond that is not added: ``overflow`` keeps the
-    largest such trace, and the caller measures again with it. Only the upper triangle is
-    summed, a band of rows at a time, so no float64 term is ever width^2; `take` mirrors it."""
+    largest such trace, and the caller measures again with it.
+
+    Only the upper triangle is held, in ``bands`` of rows (band ``k``: rows ``start:stop``,
+    columns ``start:``, for every group): half the integers of the full sums, no float64
+    term of width^2 while adding, and `take` frees each band as it converts it."""
 
     def __init__(self, shape: tuple[int, ...], largest_trace: float, terms: int) -> None:
         self.allowed = min(max(largest_trace, 1e-280), 1e280) * 2.0 ** HEADROOM_BITS
         self.exponent = math.ceil(math.log2(self.allowed * max(terms, 1))) - _SUM_BITS
-        self.sums: torch.Tensor | None = torch.zeros(shape, dtype=torch.int64)
+        self.shape = shape
+        groups, width = shape[0], shape[-1]
+        band = _band(width)
+        self.bands: list[torch.Tensor] | None = [
+            torch.zeros(groups, min(band, width - start), width - start, dtype=torch.int64)
+            for start in range(0, width, band)]
         self.overflow = 0.0
 
     def add_gram(self, group: int, rows: torch.Tensor, trace: float) -> None:
@@ -132,29 +141,38 @@ class FixedPointSum:
             self.overflow = max(self.overflow, trace if math.isfinite(trace) else math.inf)
             return
         scale = math.ldexp(1.0, -self.exponent)  # a power of two: scaling is exact
-        sums, width = self.sums[group], rows.shape[1]
-        band = _band(width)
-        for start in range(0, width, band):
-            stop = min(start + band, width)
+        start = 0
+        for band in self.bands:
+            stop = start + band.shape[1]
             product = rows[:, start:stop].T @ rows[:, start:]
-            sums[start:stop, start:] += product.mul_(scale).round_().long()
+            band[group] += product.mul_(scale).round_().long()
+            start = stop
 
-    def take(self) -> torch.Tensor:
-        """The sums (float64), mirrored from their upper triangles and converted a chunk at a
-        time into the integers' own buffer, which they then hold: no second width^2 buffer."""
-        width = self.sums.shape[-1]
-        band = _band(width)
-        for sums in self.sums.reshape(-1, width, width):
-            for start in range(band, width, band):
-                sums[start:start + band, :start] = sums[:start, start:start + band].T
-        integers = self.sums.reshape(-1).numpy()
-        values = integers.view(np.float64)
+    def reduce_onto(self, cluster: Cluster, owner: int) -> None:
+        """Add every rank's sums into rank ``owner``'s (integers: exact in any order)."""
+        for band in self.bands:
+            cluster.sum_onto(band, owner)
+
+    def take(self, rows: Sequence[int]) -> torch.Tensor:
+        """The sums over ``rows`` (each group's row count, at least 1), float32 (groups,
+        width, width): each band is converted (through float64, as the sums are) into the
+        upper triangle and freed, then the lower triangle is mirrored from it, so that no
+        moment holds more than the integers' half and the float32 result."""
+        groups, width = self.shape[0], self.shape[-1]
+        counts = torch.tensor(rows, dtype=torch.float64)[:, None, None]
         scale = math.ldexp(1.0, self.exponent)
-        for start in range(0, integers.size, _CHUNK):
-            part = slice(start, start + _CHUNK)
-            values[part] = integers[part] * scale
-        total = torch.from_numpy(values).reshape(self.sums.shape)
-        self.sums = None
+        total = torch.empty(groups, width, width, dtype=torch.float32)
+        start = 0
+        while self.bands:
+            band = self.bands.pop(0)
+            stop = start + band.shape[1]
+            total[:, start:stop, start:] = band.double().mul_(scale).div_(counts)
+            del band
+            start = stop
+        self.bands = None
+        step = _band(width)
+        for start in range(step, width, step):
+            total[:, start:start + step, :start] = total[:, :start, start:start + step].mT
         return total
 
 

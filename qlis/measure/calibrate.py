@@ -95,9 +95,12 @@ def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> No
     tensor.grad = None
 
 
-def _vectors(output: torch.Tensor, detach: bool = True) -> torch.Tensor:
-    """The output as the vectors whose cosines are compared (float64)."""
-    out = (output.detach() if detach else output).double()
+def _vectors(output: torch.Tensor, detach: bool = True, widen: bool = True) -> torch.Tensor:
+    """The output as the vectors whose cosines are compared: float64, or (``widen`` False) a
+    copy in its own floating dtype, which widens to the same float64 when compared (the
+    float model's references, kept in half the memory of float64)."""
+    out = output.detach() if detach else output
+    out = out.double() if widen or not out.is_floating_point() else out.clone()
     if out.ndim >= 2 and out.shape[-1] > 1:
         return out.reshape(-1, out.shape[-1])
     return out.reshape(1, -1)
@@ -164,7 +167,7 @@ class Calibration:
         finally:
             if handle is not None:
                 handle.remove()
-        reference = {key: _vectors(first_tensor(output))
+        reference = {key: _vectors(first_tensor(output), widen=False)
                      for (key, _), output in zip(runs, outputs, strict=True)}
         for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
@@ -354,7 +357,7 @@ class Calibration:
             with torch.enable_grad():
                 for i, run in runs:
                     batch_totals.zero_()
-                    reference = self.reference[i]
+                    reference = self.reference[i].double()
                     batch_totals[-1] = len(reference)
                     norms = reference.norm(dim=1, keepdim=True)
                     unit = reference / norms.clamp(min=1e-300)
@@ -397,7 +400,7 @@ class Calibration:
         # per batch: cosines summed, vectors, squared error, energy, non-finite outputs
         totals = OrderedSum((5,), self.cluster is not None)
         for key, out in outputs.items():
-            ref = self.reference[key]
+            ref = self.reference[key].double()
             dot = (ref * out).sum(dim=1)
             norms = ref.norm(dim=1) * out.norm(dim=1)
             cos = torch.where(norms > 0, dot / norms.clamp(min=1e-300),

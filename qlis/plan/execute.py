@@ -76,7 +76,7 @@ def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
 def execute_layer(
     name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
     hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
-    sweeps: int = 0,
+    sweeps: int = 0, overwrite_hessian: bool = False,
 ) -> tuple[StoredTensor, LayerPlan]:
     """Prune then quantize one layer as ``config`` says, and measure what that did.
 
@@ -84,7 +84,8 @@ def execute_layer(
     feeds its error forward (GPTQ, qlis/quantize/gptq.py; ``transposed`` for a weight stored
     (in, out)), then ``sweeps`` passes of learned rounding refine the codes
     (qlis/quantize/rounding.py); the stored format is the quantizer's own.
-    ``reconstruction`` is recorded in the plan row."""
+    ``overwrite_hessian``: the fit may use ``hessian``'s buffer for its factor (its values
+    are then lost). ``reconstruction`` is recorded in the plan row."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
     removed_mask = (pruned == 0) & (weight != 0) if pruner else None
@@ -100,12 +101,18 @@ def execute_layer(
         bits = None
     else:
         if hessian is not None:
+            plain = _plain_output_error(weight, pruned, config, hessian, transposed)
+            # the fit measures what it leaves, except from a pruned weight or after learned
+            # rounding: then the covariance is needed after the fit and must not be its buffer
+            measures = pruner is None and not sweeps
             fed = fit_with_error_feedback(pruned, hessian, config.quantizer,
-                                          transposed=transposed, sweeps=sweeps)
+                                          transposed=transposed, sweeps=sweeps,
+                                          overwrite_hessian=overwrite_hessian and measures)
             stored = fed.quantized
             approx = stored.dequantize()
-            left = fed.output_error if pruner is None else None  # measured from the pruned
-            feedback = _feedback(weight, pruned, approx, config, hessian, transposed, left)
+            left = fed.output_error if measures else output_error(approx - weight, hessian,
+                                                                  transposed)
+            feedback = left / plain if plain > 0 else None
             rel_mse = relative_mse(weight, approx)
         elif pruner is None:
             stored, rel_mse = get_quantizer(config.quantizer).quantize_measured(weight)
@@ -141,16 +148,12 @@ def execute_layer(
     return stored, plan
 
 
-def _feedback(weight: torch.Tensor, pruned: torch.Tensor, approx: torch.Tensor,
-              config: LayerConfig, hessian: torch.Tensor, transposed: bool,
-              left: float | None) -> float | None:
-    """Output error of the fed-back weight over plain rounding's (see ``LayerPlan``);
-    ``left``: the fed-back weight's, where error feedback measured it."""
+def _plain_output_error(weight: torch.Tensor, pruned: torch.Tensor, config: LayerConfig,
+                        hessian: torch.Tensor, transposed: bool) -> float:
+    """The output error of plain rounding, what ``LayerPlan.feedback`` compares the fed-back
+    weight's with (float32 products: it is a ratio)."""
     plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
-    base = output_error(plain - weight, hessian, transposed, dtype=torch.float32)  # a ratio
-    if left is None:
-        left = output_error(approx - weight, hessian, transposed)
-    return left / base if base > 0 else None
+    return output_error(plain - weight, hessian, transposed, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

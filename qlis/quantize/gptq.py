@@ -75,38 +75,56 @@ def _each_group(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tenso
     return out
 
 
-def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U (float64) of the damped covariance's inverse, H^-1 = U^T U.
+def _upper_inverse_factor(hessian: torch.Tensor, damp: float,
+                          overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor U (float32) of the damped covariance's inverse, H^-1 = U^T U.
 
     With J the reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so U = J L^-1 J: one
     Cholesky factorization of H in reversed order and one triangular inverse, both by LAPACK
-    in place in one float64 buffer (potrf, trtri: n^3 / 3 flops each), which is then
-    reversed in place and returned. Memory is that buffer beside the input: width 4096,
-    128 MiB where factorizing and inverting out of place held four such buffers and a float32
-    copy (a torch Cholesky and triangular solve against the identity: 2.9 s on one thread,
-    where this takes 1.5 s or less)."""
+    in place in one float32 buffer (potrf, trtri: n^3 / 3 flops each). Reversing a square
+    matrix's memory reverses both its orders, so J H J and then U are made in place too.
+    ``overwrite``: that buffer is ``hessian``'s own where it is a contiguous float32 matrix
+    (the caller's H is then gone), else a float32 copy. Width 4096: 64 MiB in all, where a
+    float64 factor beside a float32 covariance held 192. float32 is what the column loop
+    uses the factor in; with qlis' damping (0.1 of the mean diagonal) the covariance's
+    condition is far inside float32's reach."""
     width = hessian.shape[-1]
     dead, shift = _damping(hessian, damp)
-    source = hessian.detach().to(device="cpu")
-    if source.dtype not in (torch.float32, torch.float64):
-        source = source.double()
-    work = np.empty((width, width), dtype=np.float64, order="F")
-    work[...] = source.numpy()[::-1, ::-1]  # J H J, widened without a temporary copy
-    diagonal = np.arange(width)
-    work[diagonal, diagonal] = np.where(dead.numpy()[::-1], 1.0, work[diagonal, diagonal])
-    work[diagonal, diagonal] += shift
+    source = hessian.detach()
+    if not (overwrite and source.device.type == "cpu" and source.dtype == torch.float32
+            and source.is_contiguous()):
+        source = source.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+    work = source.numpy()
+    flat = work.reshape(-1)  # a view: the buffer in memory order
+    _reverse_in_place(flat)  # J H J
+    diagonal = flat[:: width + 1]  # reversed too, as J H J's diagonal is
+    diagonal[dead.numpy()[::-1]] = 1.0
+    diagonal += np.float32(shift)
     with single_threaded_ops():  # LAPACK's results vary with its thread count
-        lower, info = lapack.dpotrf(work, lower=1, overwrite_a=1, clean=1)
+        # J H J is symmetric, so its memory read in Fortran order is J H J as well
+        lower, info = lapack.spotrf(work.T, lower=1, overwrite_a=1, clean=1)
         if info == 0:
-            lower, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
+            lower, info = lapack.strtri(lower, lower=1, overwrite_c=1)
     if info:
         raise InputError(
             "the input covariance is not positive definite even after damping; pass a "
             f"larger damp= (now {damp}) or more calibration data"
         )
-    lower = np.asfortranarray(lower)  # (as LAPACK returns it) so that its ravel is a view
-    _reverse_in_place(lower.ravel(order="F"))  # element (i, j) <- (n-1-i, n-1-j)
-    return torch.from_numpy(lower)
+    if not np.shares_memory(lower, work):  # LAPACK worked on a copy after all
+        work.T[...] = lower
+    _reverse_in_place(flat)  # L^-1 in Fortran order, reversed: U in Fortran order
+    return source.mT
+
+
+def _inverse_factors(per_group: torch.Tensor, damp: float, overwrite: bool) -> torch.Tensor:
+    """`_upper_inverse_factor` of each (width, width) covariance of ``per_group``, stacked:
+    in ``per_group``'s own buffer when ``overwrite`` allows it (no second stack)."""
+    if not (overwrite and per_group.device.type == "cpu" and per_group.dtype == torch.float32
+            and per_group.is_contiguous()):
+        per_group = per_group.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    for hessian in per_group.detach():
+        _upper_inverse_factor(hessian, damp, overwrite=True)
+    return per_group.detach().mT
 
 
 def _reverse_in_place(flat: np.ndarray) -> None:
@@ -140,13 +158,20 @@ def _check(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size:
             f"with groups dividing {rows} outputs, for a weight of shape "
             f"{list(weight.shape)}; got {list(hessian.shape)}"
         )
-    if not bool(torch.isfinite(weight).all()) or not bool(torch.isfinite(hessian).all()):
+    if not (_finite(weight) and _finite(hessian)):
         raise InputError("error feedback needs a finite weight and covariance (found inf or NaN)")
     if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 <= damp < math.inf:
         raise ConfigError(f"damp must be a finite number >= 0 (GPTQ uses 0.01, qlis 0.1), "
                           f"got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ConfigError(f"block_size must be a positive integer (128), got {block_size!r}")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No inf or NaN in ``tensor``: its extremes are finite (max and min propagate NaN), with
+    no elementwise temporary (a wide covariance's would be width^2)."""
+    return tensor.numel() == 0 or bool(torch.isfinite(torch.stack([tensor.max(),
+                                                                  tensor.min()])).all())
 
 
 def output_error(difference: torch.Tensor, hessian: torch.Tensor,
@@ -221,12 +246,16 @@ def fit_with_error_feedback(
     block_size: int = 128,
     transposed: bool = False,
     sweeps: int = 0,
+    overwrite_hessian: bool = False,
 ) -> FedBack:
     """`quantize_with_error_feedback`, and the output error the result leaves, which the
     column loop gives almost for free: its scaled errors d (each column's rounding error
     over its factor's diagonal) make the weight error E = d U, so ``tr(E H' E^T) = |d|^2``
     for the damped H' = (U^T U)^-1, and ``tr(E H E^T)`` is that less the damping's share.
-    Measuring it by products with ``H`` instead cost a quarter of a calibrated rd run."""
+    Measuring it by products with ``H`` instead cost a quarter of a calibrated rd run.
+
+    ``overwrite_hessian``: a contiguous float32 ``hessian`` becomes the factor's buffer (its
+    values are lost), so that a wide layer's fit holds one width^2 buffer, not two."""
     quantizer = get_quantizer(config)
     if not quantizer.has_grid():
         raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
@@ -243,15 +272,17 @@ def fit_with_error_feedback(
     if transposed:
         matrix, grid = matrix.T, grid.transposed()
     per_group = hessian if hessian.ndim == 3 else hessian[None]
-    factors = _each_group(lambda h: _upper_inverse_factor(h, damp), per_group)
+    # what the covariance says beyond the factor, taken before the factor may overwrite it
+    covariances = _each_group(lambda h: _damped(h, damp), per_group) if sweeps else None
+    damping = torch.stack([dead.double() + shift
+                           for dead, shift in (_damping(h, damp) for h in per_group)])
+    factors = _inverse_factors(per_group, damp, overwrite_hessian)
     codes, scaled, column_errors = _feed_back(matrix, grid, factors, block_size)
+    del factors
     error: float | None = None
-    if sweeps:
-        covariances = _each_group(lambda h: _damped(h, damp), per_group)
+    if covariances is not None:
         codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)
     else:
-        damping = torch.stack([dead.double() + shift
-                               for dead, shift in (_damping(h, damp) for h in per_group)])
         error = max(0.0, scaled - float((damping * column_errors).sum()))
     if transposed:
         codes = codes.T

@@ -309,6 +309,19 @@ def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
     return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
 
 
+def _encoded(grid: Grid, matrix: torch.Tensor) -> np.ndarray:
+    """``grid.encode(matrix)`` as uint8 codes; an affine grid's a chunk of rows at a time,
+    so that a large layer's rounding holds float32 temporaries of one chunk, not of every
+    weight (other grids encode at once)."""
+    if not isinstance(grid, AffineGrid) or matrix.numel() <= CHUNK_ELEMENTS:
+        return grid.encode(matrix).to(torch.uint8).numpy()
+    codes = np.empty(tuple(matrix.shape), dtype=np.uint8)
+    for a, b in _chunks(tuple(matrix.shape),
+                        grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+        codes[a:b] = grid.rows(a, b).encode(matrix[a:b]).to(torch.uint8).numpy()
+    return codes
+
+
 def _row_extremes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's (min, max) as columns; ``amin``/``amax`` apart: torch's ``aminmax`` along a
     dimension runs 20-40 times slower (torch 2.13, CPU)."""
@@ -394,7 +407,7 @@ class AffineQuantizer(Quantizer):
         params = {"scale": scale.numpy(), "zero_point": zero_point.numpy()}
         grid = self.grid(tuple(weight.shape), top + 1, params)
         return QuantizedTensor(
-            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=_encoded(grid, _matrix(weight)).reshape(weight.shape),
             n_levels=top + 1,
             quantizer=self.get_config(),
             params=params,
@@ -452,7 +465,7 @@ class BinaryQuantizer(Quantizer):
         params = {"alpha": alpha.numpy()}
         grid = self.grid(tuple(weight.shape), n_levels, params)
         return QuantizedTensor(
-            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=_encoded(grid, _matrix(weight)).reshape(weight.shape),
             n_levels=n_levels,
             quantizer=self.get_config(),
             params=params,
@@ -531,7 +544,7 @@ class KMeansQuantizer(Quantizer):
         params = {"codebook": centroids.numpy()}
         grid = self.grid(tuple(weight.shape), centroids.numel(), params)
         return QuantizedTensor(
-            codes=grid.encode(_matrix(weight)).to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=_encoded(grid, _matrix(weight)).reshape(weight.shape),
             n_levels=centroids.numel(),
             quantizer=self.get_config(),
             params=params,
@@ -634,7 +647,7 @@ class GroupAffineQuantizer(Quantizer):
             params["zero_point"] = zero_point.numpy().astype(np.float16)
         grid = self.grid(tuple(weight.shape), top + 1, params)
         return QuantizedTensor(
-            codes=grid.encode(rows).to(torch.uint8).reshape(weight.shape).numpy(),
+            codes=_encoded(grid, rows).reshape(weight.shape),
             n_levels=top + 1,
             quantizer=self.get_config(),
             params=params,

@@ -57,6 +57,7 @@ from qlis.workers.cluster import Cluster
 from qlis.workers.memory import release_freed_memory
 from qlis.workers.threads import single_threaded_ops
 
+_BIAS_BAND = 1 << 18  # weights widened to float64 at once by a bias correction
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
 NOT_REACHED = "data-free: calibration never reached this layer"
@@ -114,8 +115,7 @@ class _Moments:
     def take_covariance(self) -> torch.Tensor:
         """(groups, width, width) float32, or (width, width) for one group; the sums are
         released (width^2 per group: the largest buffers of a wide layer's pass)."""
-        counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
-        h = self.covariance.take().div_(counts[:, None, None]).float()
+        h = self.covariance.take([max(n, 1) for n in self.rows])
         return h[0] if h.shape[0] == 1 else h
 
     def mean(self) -> torch.Tensor:
@@ -296,7 +296,7 @@ def _fitted(
         return [(name, fit(name, moments[name])) for name in group]
     owners = cluster.owners([float(state[name].numel()) for name in group])
     for name, owner in zip(group, owners, strict=True):
-        cluster.sum_onto(moments[name].covariance.sums, owner)
+        moments[name].covariance.reduce_onto(cluster, owner)
         if owner != cluster.rank:
             moments[name].covariance = None  # another rank's scratch now
     messages, failure = {}, None
@@ -323,12 +323,18 @@ def _corrected_bias(
     bias: torch.Tensor, inputs: LayerInputs, weight: torch.Tensor, approx: torch.Tensor,
     float_mean: torch.Tensor, quantized_mean: torch.Tensor,
 ) -> torch.Tensor:
-    """b + W mu - W_hat mu_hat, per output (each output group with its own means)."""
+    """b + W mu - W_hat mu_hat, per output (each output group with its own means), in
+    float64 a band of outputs at a time (no float64 copy of a wide weight)."""
     groups = inputs.groups
-    w = inputs.output_matrix(weight).double().reshape(groups, -1, inputs.width)
-    w_hat = inputs.output_matrix(approx).double().reshape(groups, -1, inputs.width)
-    shift = (w @ float_mean[..., None] - w_hat @ quantized_mean[..., None]).reshape(-1)
-    return (bias.double() + shift.to(bias.device)).to(bias.dtype)
+    w = inputs.output_matrix(weight).reshape(groups, -1, inputs.width)
+    w_hat = inputs.output_matrix(approx).reshape(groups, -1, inputs.width)
+    shift = torch.empty(w.shape[:2], dtype=torch.float64)
+    band = max(1, _BIAS_BAND // inputs.width)
+    for start in range(0, w.shape[1], band):
+        rows = slice(start, start + band)
+        shift[:, rows] = (w[:, rows].double() @ float_mean[..., None]
+                          - w_hat[:, rows].double() @ quantized_mean[..., None])[..., 0]
+    return (bias.double() + shift.reshape(-1).to(bias.device)).to(bias.dtype)
 
 
 def reconstruct(
@@ -341,8 +347,9 @@ def reconstruct(
     keep: Callable[[StoredTensor], StoredTensor] = lambda stored: stored,
 ) -> Reconstruction:
     """Quantize ``plan``'s layers sequentially (module doc). ``execute(name, weight, config,
-    hessian=..., transposed=..., reconstruction=...)`` prunes and quantizes one layer (the
-    caller's ``execute_layer``); ``progress`` gets each finished layer's parameter count.
+    hessian=..., transposed=..., reconstruction=..., overwrite_hessian=True)`` prunes and
+    quantizes one layer (the caller's ``execute_layer``; the covariance is its to overwrite);
+    ``progress`` gets each finished layer's parameter count.
 
     In a job (the calibration's ``cluster``), each rank runs its calibration batches, each
     layer's moments are added onto the rank that owns it (owners balanced by parameters),
@@ -375,7 +382,8 @@ def reconstruct(
         with single_threaded_ops():
             hessian = moments.take_covariance() if config.quantizer is not None else None
             stored, layer = execute(name, state[name], config, hessian=hessian,
-                                    transposed=inputs.transposed, reconstruction=FED_BACK)
+                                    transposed=inputs.transposed, reconstruction=FED_BACK,
+                                    overwrite_hessian=True)
             if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
                 return stored, layer, None
             corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
