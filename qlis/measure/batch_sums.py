@@ -25,6 +25,7 @@ import torch
 
 from qlis.errors import ClusterError
 from qlis.workers.cluster import Cluster, framed, unframed
+from qlis.workers.memory import release_freed_memory
 
 Key = tuple[int, ...]
 HEADROOM_BITS = 16
@@ -168,6 +169,7 @@ class FixedPointSum:
             stop = start + band.shape[1]
             total[:, start:stop, start:] = band.double().mul_(scale).div_(counts)
             del band
+            release_freed_memory()  # a band below glibc's mmap threshold sits in the heap
             start = stop
         self.bands = None
         step = _band(width)

@@ -73,6 +73,18 @@ def _shared_tensors(model: torch.nn.Module) -> set[int]:
     return shared
 
 
+def _calling_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The module whose call multiplies by (or looks up in) weight ``name``: a layer kind's
+    (qlis/measure/layer_inputs.py) or an embedding's own table; None when no call is known
+    to be the tensor's only use."""
+    inputs = layer_inputs(model, name)
+    if inputs is not None:
+        return inputs.module
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return module if isinstance(module, torch.nn.Embedding) and attr == "weight" else None
+
+
 def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
                      make: Callable[[], torch.Tensor]) -> list:
     """Hooks that give ``tensor`` the value ``make()`` while ``module`` runs."""
@@ -270,9 +282,10 @@ class Calibration:
         A replacement is a tensor, or a callable that makes one (a layer dequantized when
         asked). Callables are made up front while they total at most ``eager_bytes`` (None:
         `EAGER_BYTES`); beyond, each is made when the module that multiplies by it runs and
-        dropped when it returns (`LayerInputs.module`), so that a pass holds one layer's float
-        copy, not the model's (tensors no layer kind names, and tensors two modules share,
-        such as tied embeddings, are still made up front)."""
+        dropped when it returns (`LayerInputs.module`, or the embedding whose table it is),
+        so that a pass holds one layer's float copy, not the model's (other tensors no layer
+        kind names, and tensors two modules share, such as tied embeddings, are still made
+        up front)."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
         lazy = {name: value for name, value in replacements.items()
@@ -281,8 +294,8 @@ class Calibration:
         on_call = {}
         if lazy_bytes > (EAGER_BYTES if eager_bytes is None else eager_bytes):
             shared = _shared_tensors(self.model)
-            on_call = {name: inputs.module for name in lazy
-                       if (inputs := layer_inputs(self.model, name)) is not None
+            on_call = {name: module for name in lazy
+                       if (module := _calling_module(self.model, name)) is not None
                        and id(targets[name]) not in shared}
         handles = []
         try:
