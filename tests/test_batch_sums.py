@@ -276,3 +276,9 @@ def test_a_grid_the_quantized_inputs_outgrow_is_sized_again_and_the_pass_made_ag
     assert {layer.reconstruction for layer in tight.layers} == {rec.BIAS_CORRECTED}
     cosines = [r.distortion["output"]["cosine"] for r in (plain, tight)]
     assert cosines[1] == pytest.approx(cosines[0], abs=1e-6)
+
+
+def test_a_sum_of_no_inputs_is_empty():
+    grid = FixedPointSum((2, 0, 0), 0.0, 0)
+    assert grid.bands == []
+    assert grid.take([1, 1]).shape == (2, 0, 0)

@@ -352,3 +352,23 @@ def test_progress_counts_every_layer_executed_in_every_pass(net_and_batches):
                                    progress=lambda n: counted.__setitem__(0, counted[0] + n))
     total = sum(layer.numel for layer in calibrated.layers)
     assert counted[0] >= total and counted[0] % total == 0  # whole passes only
+
+
+def test_layers_of_no_inputs_or_no_outputs_are_left_to_data_free_rounding():
+    class Empty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+            self.no_inputs, self.no_outputs = nn.Linear(0, 8), nn.Linear(8, 0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x) + self.no_inputs(x[:, :0])
+            return self.b(torch.cat([h, self.no_outputs(x)], dim=-1))
+
+    torch.manual_seed(0)
+    result = qlis.compress(Empty(), "quant", bits=4,
+                           calib=[torch.randn(16, 8) for _ in range(3)])
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes["no_inputs.weight"] == notes["no_outputs.weight"] == rec.NO_INPUTS
+    assert notes["a.weight"] == notes["b.weight"] == rec.BIAS_CORRECTED
+    assert result.distortion["output"]["cosine"] > 0.9

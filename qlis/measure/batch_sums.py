@@ -180,4 +180,4 @@ class FixedPointSum:
 
 def _band(width: int) -> int:
     """Rows of a (width, width) sum worked on at once: `_CHUNK` entries."""
-    return max(1, _CHUNK // width)
+    return max(1, _CHUNK // max(width, 1))

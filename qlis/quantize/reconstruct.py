@@ -362,7 +362,8 @@ def reconstruct(
     are kept only as stored (dequantized again when a later pass needs them): the same
     moments as passes of the whole model, at the cost of one block per pass."""
     model = calibration.model
-    kinds = {name: layer_inputs(model, name) for name in plan}
+    # a weight of no elements (no inputs or no outputs) has nothing to fit
+    kinds = {name: layer_inputs(model, name) if state[name].numel() else None for name in plan}
     reachable = {name: inputs for name, inputs in kinds.items() if inputs is not None}
     blocks = find_blocks(model)
     groups, float_moments, repeated, chained = _order(calibration, reachable, blocks)
