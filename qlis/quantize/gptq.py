@@ -75,26 +75,21 @@ def _each_group(fn: Callable[[torch.Tensor], torch.Tensor], stacked: torch.Tenso
     return out
 
 
-def _upper_inverse_factor(hessian: torch.Tensor, damp: float,
-                          overwrite: bool = False) -> torch.Tensor:
-    """Upper Cholesky factor U (float32) of the damped covariance's inverse, H^-1 = U^T U.
+def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U (float32) of the damped covariance's inverse, H^-1 = U^T U,
+    made in ``hessian``'s own buffer (a contiguous float32 matrix on the CPU), whose values
+    are then gone.
 
     With J the reversal, J H J = L L^T gives H = (J L J)(J L J)^T, so U = J L^-1 J: one
     Cholesky factorization of H in reversed order and one triangular inverse, both by LAPACK
     in place in one float32 buffer (potrf, trtri: n^3 / 3 flops each). Reversing a square
     matrix's memory reverses both its orders, so J H J and then U are made in place too.
-    ``overwrite``: that buffer is ``hessian``'s own where it is a contiguous float32 matrix
-    (the caller's H is then gone), else a float32 copy. Width 4096: 64 MiB in all, where a
-    float64 factor beside a float32 covariance held 192. float32 is what the column loop
-    uses the factor in; with qlis' damping (0.1 of the mean diagonal) the covariance's
-    condition is far inside float32's reach."""
+    Width 4096: 64 MiB in all, where a float64 factor beside a float32 covariance held 192.
+    float32 is what the column loop uses the factor in; with qlis' damping (0.1 of the mean
+    diagonal) the covariance's condition is far inside float32's reach."""
     width = hessian.shape[-1]
     dead, shift = _damping(hessian, damp)
-    source = hessian.detach()
-    if not (overwrite and source.device.type == "cpu" and source.dtype == torch.float32
-            and source.is_contiguous()):
-        source = source.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
-    work = source.numpy()
+    work = hessian.numpy()
     flat = work.reshape(-1)  # a view: the buffer in memory order
     _reverse_in_place(flat)  # J H J
     diagonal = flat[:: width + 1]  # reversed too, as J H J's diagonal is
@@ -113,7 +108,7 @@ def _upper_inverse_factor(hessian: torch.Tensor, damp: float,
     if not np.shares_memory(lower, work):  # LAPACK worked on a copy after all
         work.T[...] = lower
     _reverse_in_place(flat)  # L^-1 in Fortran order, reversed: U in Fortran order
-    return source.mT
+    return hessian.mT
 
 
 def _inverse_factors(per_group: torch.Tensor, damp: float, overwrite: bool) -> torch.Tensor:
@@ -121,10 +116,12 @@ def _inverse_factors(per_group: torch.Tensor, damp: float, overwrite: bool) -> t
     in ``per_group``'s own buffer when ``overwrite`` allows it (no second stack)."""
     if not (overwrite and per_group.device.type == "cpu" and per_group.dtype == torch.float32
             and per_group.is_contiguous()):
-        per_group = per_group.detach().to(device="cpu", dtype=torch.float32, copy=True)
-    for hessian in per_group.detach():
-        _upper_inverse_factor(hessian, damp, overwrite=True)
-    return per_group.detach().mT
+        per_group = per_group.to(device="cpu", dtype=torch.float32, copy=True,
+                                 memory_format=torch.contiguous_format)
+    per_group = per_group.detach()
+    for hessian in per_group:
+        _upper_inverse_factor(hessian, damp)
+    return per_group.mT
 
 
 def _reverse_in_place(flat: np.ndarray) -> None:

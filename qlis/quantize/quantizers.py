@@ -258,7 +258,7 @@ class Quantizer(Strategy):
         if not isinstance(grid, AffineGrid) or math.prod(shape) <= CHUNK_ELEMENTS:
             yield 0, shape[0], grid.decode(q.matrix_codes()).to(q.dtype)
             return
-        for a, b in _chunks(shape, grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+        for a, b in _grid_chunks(grid, shape):
             yield a, b, grid.rows(a, b).decode(q.matrix_codes(a, b)).to(q.dtype)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
@@ -309,6 +309,12 @@ def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
     return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
 
 
+def _grid_chunks(grid: AffineGrid, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """`_chunks` of a matrix on ``grid``: row ranges that start on its blocks' rows (any row
+    where one row of blocks spans the matrix), so `AffineGrid.rows` can take each."""
+    return _chunks(shape, grid.block_size[0] if grid.scale.shape[0] > 1 else 1)
+
+
 def _encoded(grid: Grid, matrix: torch.Tensor) -> np.ndarray:
     """``grid.encode(matrix)`` as uint8 codes; an affine grid's a chunk of rows at a time,
     so that a large layer's rounding holds float32 temporaries of one chunk, not of every
@@ -316,8 +322,7 @@ def _encoded(grid: Grid, matrix: torch.Tensor) -> np.ndarray:
     if not isinstance(grid, AffineGrid) or matrix.numel() <= CHUNK_ELEMENTS:
         return grid.encode(matrix).to(torch.uint8).numpy()
     codes = np.empty(tuple(matrix.shape), dtype=np.uint8)
-    for a, b in _chunks(tuple(matrix.shape),
-                        grid.block_size[0] if grid.scale.shape[0] > 1 else 1):
+    for a, b in _grid_chunks(grid, tuple(matrix.shape)):
         codes[a:b] = grid.rows(a, b).encode(matrix[a:b]).to(torch.uint8).numpy()
     return codes
 
