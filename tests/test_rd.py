@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,8 +12,9 @@ from torch import nn
 import qlis
 from qlis import ConfigError
 from qlis.measure import stats
-from qlis.plan.execute import execute_layer
-from qlis.plan.rd import DEFAULT_MAX_DISTORTION
+from qlis.plan.allocate import Curve, allocate_for_distortion, totals
+from qlis.plan.execute import Realized, execute_layer
+from qlis.plan.rd import _COSINE_PASSES, DEFAULT_MAX_DISTORTION, _allocate_for_cosine
 
 
 class TwoPaths(nn.Module):
@@ -124,6 +128,53 @@ def test_calibration_meets_min_cosine_as_measured():
     with torch.no_grad():
         again = [model(x) for x in calib]
     assert all(torch.equal(a, b) for a, b in zip(reference, again, strict=True))  # untouched
+
+
+def _cosine_search(truth, stderr: float = 0.0):
+    """`_allocate_for_cosine` on 8 layers of a fine step ladder (sizes 1-8 bits, error
+    halving per half bit), whose 'measured' output error is ``truth`` of the additive
+    model's: (choice, its size, the executions it made, the sizes on the greedy path)."""
+    ladder = np.arange(2, 17) / 2
+    curves = [Curve(1000.0 * ladder * (1 + layer / 8), (1 + layer) * 1e-3 * 4.0 ** -ladder)
+              for layer in range(8)]
+    executions = []
+
+    def realize(choice):
+        executions.append(list(choice))
+        return Realized({"choice": list(choice)}, totals(curves, choice)[0])
+
+    def measure(tensors):
+        distortion = totals(curves, tensors["choice"])[1]
+        return {"one_minus_cosine": truth(distortion), "cosine_stderr": stderr}
+
+    context = types.SimpleNamespace(realize=realize,
+                                    calibration=types.SimpleNamespace(measure=measure))
+    choice = _allocate_for_cosine(context, curves, [str(i) for i in range(8)], list, 0.99)
+    return choice, totals(curves, choice)[0], executions, curves
+
+
+@pytest.mark.parametrize("truth", [lambda d: 3 * d ** 0.8, lambda d: 0.2 * d ** 0.9,
+                                   lambda d: 40 * d ** 1.3])
+def test_min_cosine_search_finds_a_small_allocation_that_meets_it(truth):
+    """The additive model mispredicts by a factor that changes with the size (as
+    reconstruction makes it do): the search meets the target, in at most _COSINE_PASSES
+    executions, within 6% of the smallest allocation on the model's path that meets it."""
+    choice, size, executions, curves = _cosine_search(truth)
+    assert truth(totals(curves, choice)[1]) <= 0.01
+    assert len(executions) <= _COSINE_PASSES and choice in executions
+    accepted, refused = 0.0, 1.0  # the largest model distortion the truth accepts
+    for _ in range(60):
+        middle = (accepted + refused) / 2
+        accepted, refused = (middle, refused) if truth(middle) <= 0.01 else (accepted, middle)
+    smallest = totals(curves, allocate_for_distortion(curves, accepted))[0]
+    assert size <= 1.06 * smallest
+
+
+def test_min_cosine_search_counts_the_measure_standard_error():
+    exact = _cosine_search(lambda d: 3 * d ** 0.8)[1]
+    choice, size, _, curves = _cosine_search(lambda d: 3 * d ** 0.8, stderr=0.002)
+    assert 3 * totals(curves, choice)[1] ** 0.8 + 0.002 <= 0.01
+    assert size > exact
 
 
 def test_calibration_beats_data_free_at_equal_size():

@@ -409,9 +409,12 @@ class Calibration:
         """Distortion of ``outputs`` (output vectors by batch: this rank's) from the original
         model's, over every rank's. Outputs holding NaN or inf (a model the quantization
         broke) count as cosine 0 where they are not finite, and make ``finite`` false and
-        ``rel_mse`` None (JSON has no NaN)."""
-        # per batch: cosines summed, vectors, squared error, energy, non-finite outputs
-        totals = OrderedSum((5,), self.cluster is not None)
+        ``rel_mse`` None (JSON has no NaN). ``cosine_stderr`` is the standard error of the
+        mean cosine over the output vectors: how far another sample of the same data may
+        measure it."""
+        # per batch: cosines summed, vectors, squared error, energy, non-finite outputs,
+        # squared cosines summed
+        totals = OrderedSum((6,), self.cluster is not None)
         for key, out in outputs.items():
             ref = self.reference[key].double()
             dot = (ref * out).sum(dim=1)
@@ -421,14 +424,17 @@ class Calibration:
             energy, error = squared_sums(ref, out)
             totals.add((key,), torch.tensor([
                 math.fsum(cos.tolist()), float(len(cos)), error, energy,
-                float((~torch.isfinite(out)).sum())], dtype=torch.float64))
+                float((~torch.isfinite(out)).sum()), math.fsum(cos.square().tolist())],
+                dtype=torch.float64))
         gather_totals(self.cluster, [totals])
-        cosine_sum, count, error, energy, not_finite = totals.total().tolist()
+        cosine_sum, count, error, energy, not_finite, square_sum = totals.total().tolist()
         finite = not_finite == 0
         cosine = cosine_sum / max(count, 1.0)
+        spread = max(square_sum - count * cosine * cosine, 0.0) / max(count - 1.0, 1.0)
         return {
             "cosine": cosine,
             "one_minus_cosine": 1.0 - cosine,
+            "cosine_stderr": math.sqrt(spread / max(count, 1.0)),
             "rel_mse": None if not finite else error / energy if energy > 0 else 0.0,
             "finite": finite,
         }

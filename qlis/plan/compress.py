@@ -158,7 +158,7 @@ class CompressionResult:
 
     def describe_quality(self) -> str:
         """One line on what the compression cost: the weight error, and the output error
-        when calibration data was given."""
+        when calibration data was given (the mean cosine ± its standard error)."""
         mean, worst = self.distortion["weight_rel_mse"], self.distortion["weight_rel_mse_max"]
         text = (f"weight error: relative MSE {mean:.2e} per layer on average "
                 f"(SNR {_snr_db(mean):.1f} dB), worst layer {worst:.2e}")
@@ -167,7 +167,9 @@ class CompressionResult:
             where = (f"{output['batches']} held-out calibration batches"
                      if output.get("held_out") else "the calibration data")
             rel_mse = output.get("rel_mse")
-            text += (f"; output on {where}: cosine {output['cosine']:.5f}, " + (
+            stderr = output.get("cosine_stderr")  # absent from older archives
+            spread = f" ± {stderr:.5f}" if stderr is not None else ""
+            text += (f"; output on {where}: cosine {output['cosine']:.5f}{spread}, " + (
                 f"relative MSE {rel_mse:.2e}" if rel_mse is not None
                 else "NOT FINITE (the compressed model outputs NaN or inf)"))
         return text
