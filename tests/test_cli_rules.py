@@ -38,6 +38,20 @@ def one_line_error(*args: object) -> str:
     return cli_error(cli, "qlis: error:", *args)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("args", [["info"], ["info", "--verify"], ["unpack", "-o", "m.pt"]])
+def test_an_archive_that_is_not_a_regular_file_is_refused_by_name(tmp_path, args):
+    """A FIFO must not block the reader (nothing writes to it), a folder must be named."""
+    fifo = tmp_path / "fifo.qlis"
+    os.mkfifo(fifo)
+    command, *options = args
+    line = within_5_s(lambda: one_line_error(command, fifo, *options), fifo)
+    assert str(fifo) in line and "not a regular file" in line
+    folder = tmp_path / "folder.qlis"
+    folder.mkdir()
+    assert str(folder) in one_line_error(command, folder, *options)
+
+
 def test_dash_h_is_help():
     for args in ([], ["pack"], ["info"]):
         result = invoke(*args, "-h")

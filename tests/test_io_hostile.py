@@ -200,6 +200,11 @@ def test_fifos_devices_and_sockets_are_refused_without_blocking(tmp_path):
     refused(folder, "FIFO")
 
 
+def test_a_shard_index_that_is_a_folder_is_named(tmp_path):
+    (tmp_path / "model.safetensors.index.json").mkdir()
+    refused(tmp_path, "model.safetensors.index.json", "a folder")
+
+
 # 5. Hugging Face folders that escape their folder
 
 

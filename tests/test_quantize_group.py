@@ -121,6 +121,18 @@ def test_shapes_and_group_tails(shape: tuple[int, ...], symmetric: bool) -> None
         assert torch.allclose(out, weight, atol=float(q.params["scale"].max()) / 2 + 1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_group_longer_than_the_row_is_the_row(symmetric: bool) -> None:
+    """group_size up to its 2**31 limit on a small layer: the row's own group, the same
+    codes and scales, without padding every row to the group size."""
+    weight = torch.randn(6, 40)
+    whole_row = GroupAffineQuantizer(bits=3, group_size=40, symmetric=symmetric).quantize(weight)
+    longest = GroupAffineQuantizer(bits=3, group_size=2**31, symmetric=symmetric).quantize(weight)
+    assert np.array_equal(longest.codes, whole_row.codes)
+    assert all(np.array_equal(longest.params[k], whole_row.params[k]) for k in whole_row.params)
+    assert torch.equal(longest.dequantize(), whole_row.dequantize())
+
+
 def test_symmetric_codes_are_centred_and_scale_rounds_up_to_float16() -> None:
     weight = torch.tensor([[-3.0, 0.0, 1.0, 3.0, 0.1, -0.2]])
     q = GroupAffineQuantizer(bits=4, group_size=4, symmetric=True).quantize(weight)

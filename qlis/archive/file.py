@@ -49,6 +49,7 @@ from qlis.archive.format import (
     describe_entries,
     element_size,
     non_finite_path,
+    open_regular_file,
     parse_header,
     positional_reader,
     read_header,
@@ -444,10 +445,7 @@ class Archive:
                 f"max_decoded_bytes must be a non-negative int, got {max_decoded_bytes!r}"
             )
         self.path = _PATH.check(path, "archive path")
-        if not self.path.is_file():
-            kind = "not a regular file" if self.path.exists() else "no such file"
-            raise InputError(f"{self.path}: {kind}")
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._fd = open_regular_file(self.path)
         self._pread = positional_reader(self._fd)
         try:
             self._read_header(max_decoded_bytes)

@@ -49,6 +49,8 @@ _FROM_SAFETENSORS = {v: getattr(torch, k) for k, v in _SAFETENSORS_DTYPES.items(
 
 
 def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
     if stat.S_ISFIFO(mode):
         return "a FIFO (named pipe)"
     if stat.S_ISSOCK(mode):
@@ -85,12 +87,16 @@ def _read_small(path: Path, limit: int) -> bytes:
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
             from None
-    with os.fdopen(fd, "rb") as f:
+    try:  # checked before a file object exists: a folder's descriptor cannot make one
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputError(f"{path}: is {_file_kind(info.st_mode)}; expected a file")
         if info.st_size > limit:
             raise InputError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} allowed")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         return f.read(limit + 1)
 
 

@@ -96,6 +96,10 @@ class _Candidate:
 
 _POSITIVE = Param("float", 0, low_open=True, optional=True)
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_SMALLEST_PEAK = 1e-30
+"""A layer peaking below this is kept as it is: its finest steps (1e-3 of an RMS that may be
+1e-3 of the peak) would fall under float32's smallest normal number (1.2e-38)."""
 COARSEST_STEP = 8.0
 """The coarsest step offered, relative to the RMS: under 0.01 bit per weight for Gaussian
 weights, so that size targets of 16-22x and beyond have candidates to choose from."""
@@ -233,13 +237,17 @@ def _layer_candidates(
     w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
-    if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
-        w = w.float()  # pruning and groups work on the whole layer in float32
-        if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
-            w = w / peak  # every measure below is relative: keep squares within float32
-            peak = 1.0
-    rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
+    if peak and not _SMALLEST_PEAK < peak < _FLOAT32_MAX / COARSEST_STEP:
+        return [keep]  # float64 whose steps float32 (the grids' steps) cannot hold
+    if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
+        if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
+            # every measure below is relative: keep squares within float32, dividing in
+            # the weight's own dtype (float64's extremes are inf or 0 in float32)
+            w = w / peak
+            peak = 1.0
+        w = w.float()  # pruning and groups work on the whole layer in float32
+    rows = w.reshape(w.shape[0], -1) if w.ndim >= 1 and numel else w.reshape(1, -1)
     energy = sum_of_squares(rows) if numel else 0.0
     if numel == 0 or energy == 0:
         return [keep]

@@ -23,7 +23,7 @@ from numba import njit
 from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
-from qlis.measure.distortion import CHUNK_ELEMENTS, squared_sums
+from qlis.measure.distortion import CHUNK_ELEMENTS, relative_scale, squared_sums
 from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape, rounded_level
 from qlis.registry import Registry
 from qlis.strategy import Strategy
@@ -140,9 +140,10 @@ class Quantizer(Strategy):
         """``||w_hat - w||^2 / ||w||^2`` of ``q``'s values (0 for an all-zero weight),
         dequantized a range of rows at a time: no float copy of the whole layer."""
         rows = weight.detach().reshape(matrix_shape(weight.shape))
+        scale = relative_scale(rows)
         energy = error = 0.0
         for a, b, values in self.dequantized_rows(q):
-            chunk_energy, chunk_error = squared_sums(rows[a:b], values)
+            chunk_energy, chunk_error = squared_sums(rows[a:b], values, scale)
             energy += chunk_energy
             error += chunk_error
         return error / energy if energy else 0.0
@@ -598,6 +599,9 @@ def _group_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
     """(rows, groups, group_size), the last group of each row padded with zeros."""
+    # a group past the row's end is the row: its zero padding changes no scale (0 is
+    # always on the grid), and a group size of 2**31 must not pad every row to it
+    group_size = min(group_size, max(rows.shape[1], 1))
     n_groups = -(-rows.shape[1] // group_size)
     pad = n_groups * group_size - rows.shape[1]
     if pad:
@@ -899,7 +903,8 @@ class UniformQuantizer(Quantizer):
         """Codes of any range: shifted so the lowest is 0, the offset moved with them."""
         low, high = (float(v) for v in torch.aminmax(codes)) if codes.numel() else (0, 0)
         if not math.isfinite(low) or not math.isfinite(high):
-            raise ConfigError("uniform quantization needs finite weights")
+            raise ConfigError("uniform quantization needs finite weights and steps within "
+                              "float32's range (|w| < 3.4e38)")
         low, high = int(low), int(high)
         n_levels = high - low + 1
         if n_levels > MAX_LEVELS:
