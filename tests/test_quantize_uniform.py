@@ -110,3 +110,12 @@ def test_the_compiled_narrowing_rounds_as_torch_does(dtype):
     _narrow(rounded, _NARROWED[dtype])
     expected = torch.from_numpy(values).to(dtype).float().numpy()
     assert np.array_equal(rounded.view(np.uint32), expected.view(np.uint32))
+
+
+def test_the_error_of_float64_extremes_is_measured():
+    """1e-300 rounded with float32 steps is all zeros: measured as relative error 1, where
+    its squares (1e-600) measured none."""
+    for tiny in (1e-300, 1e-310):
+        weight = torch.randn(16, 16, dtype=torch.float64) * tiny
+        q, error = UniformQuantizer(rel_mse=1e-3).quantize_measured(weight)
+        assert not q.dequantize().any() and error == 1.0

@@ -177,17 +177,19 @@ def test_min_cosine_search_counts_the_measure_standard_error():
     assert size > exact
 
 
-def test_float64_weights_beyond_float32_are_kept_and_tiny_ones_quantized():
+def test_float64_weights_beyond_float32_are_kept_and_small_ones_quantized():
     """rd measures candidates in float32 after dividing by the peak in the weight's own
     dtype; a weight whose steps float32 cannot hold (they would be inf, or 0) is kept."""
     torch.manual_seed(0)
     state = {"huge": torch.randn(32, 32, dtype=torch.float64) * 1e300,
              "tiny": torch.randn(32, 32, dtype=torch.float64) * 1e-300,
+             "subnormal": torch.randn(32, 32, dtype=torch.float64) * 1e-310,
              "small": torch.randn(32, 32, dtype=torch.float64) * 1e-20,
              "plain": torch.randn(32, 32)}
     result = qlis.compress(state)
     quantizers = {layer.name: layer.quantizer for layer in result.layers}
     assert quantizers["huge"] is None and quantizers["tiny"] is None
+    assert quantizers["subnormal"] is None
     assert quantizers["small"] is not None
     restored = result.state_dict()
     assert torch.equal(restored["huge"], state["huge"])

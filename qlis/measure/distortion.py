@@ -21,42 +21,49 @@ CHUNK_ELEMENTS = 1 << 20
 near its codes'."""
 
 @njit(cache=True, nogil=True)
-def _squares(reference: np.ndarray, approx: np.ndarray, scale: float) -> tuple[float, float]:
-    # (sum of (scale * reference)**2, sum of (scale * (approx - reference))**2) in float64,
-    # in one pass: the squares of float32 values neither overflow nor underflow there.
+def _squares(reference: np.ndarray, approx: np.ndarray, unit: float) -> tuple[float, float]:
+    # (sum of (reference / unit)**2, sum of ((approx - reference) / unit)**2) in float64, in
+    # one pass: the squares of float32 values neither overflow nor underflow there.
     energy, error = 0.0, 0.0
+    if unit == 1.0:  # no division: the usual case, at full speed
+        for i in range(reference.size):
+            r = np.float64(reference[i])
+            d = np.float64(approx[i]) - r
+            energy += r * r
+            error += d * d
+        return energy, error
     for i in range(reference.size):
-        r = np.float64(reference[i]) * scale
-        d = np.float64(approx[i]) * scale - r
+        r = np.float64(reference[i]) / unit
+        d = np.float64(approx[i]) / unit - r
         energy += r * r
         error += d * d
     return energy, error
 
 
-def squared_sums(reference: torch.Tensor, approx: torch.Tensor, scale: float = 1.0,
+def squared_sums(reference: torch.Tensor, approx: torch.Tensor, unit: float = 1.0,
                  ) -> tuple[float, float]:
-    """(``||scale * reference||^2``, ``||scale * (approx - reference)||^2``) from float32
+    """(``||reference / unit||^2``, ``||(approx - reference) / unit||^2``) from float32
     copies (float64 tensors as they are) of one chunk at a time, in one compiled pass each,
     summed in float64: the same bits whatever torch's thread count (its sums of large tensors
-    round by it). ``scale`` (see `relative_scale`) keeps float64's extremes' squares finite."""
+    round by it). ``unit`` (see `relative_unit`) keeps float64's extremes' squares finite."""
     ref, out = reference.detach().reshape(-1), approx.detach().reshape(-1)
     wide = torch.float64 if ref.dtype == out.dtype == torch.float64 else torch.float32
     energy = error = 0.0
     for start in range(0, ref.numel(), CHUNK_ELEMENTS):
         chunk_energy, chunk_error = _squares(
             ref[start:start + CHUNK_ELEMENTS].to(wide).contiguous().numpy(),
-            out[start:start + CHUNK_ELEMENTS].to(wide).contiguous().numpy(), scale)
+            out[start:start + CHUNK_ELEMENTS].to(wide).contiguous().numpy(), unit)
         energy += chunk_energy
         error += chunk_error
     return energy, error
 
 
-def relative_scale(reference: torch.Tensor) -> float:
-    """What a relative measure multiplies ``reference`` by before squaring: 1, or 1 / its
-    peak for float64 values whose squares would overflow or underflow float64 (1e-300
-    squared is 0: such a layer rounded to zeros measured no error)."""
+def relative_unit(reference: torch.Tensor) -> float:
+    """What a relative measure divides ``reference`` by before squaring: 1, or its peak for
+    float64 values whose squares would overflow or underflow float64 (1e-300 squared is 0:
+    such a layer rounded to zeros measured no error; the inverse of a subnormal peak is inf)."""
     peak = peak_abs(reference)
-    return 1.0 if peak == 0 or 1e-140 < peak < 1e140 or not math.isfinite(peak) else 1 / peak
+    return 1.0 if peak == 0 or 1e-140 < peak < 1e140 or not math.isfinite(peak) else peak
 
 
 def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -69,7 +76,7 @@ def relative_mse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     >>> relative_mse(tiny, torch.zeros_like(tiny))
     1.0
     """
-    energy, error = squared_sums(reference, approx, relative_scale(reference))
+    energy, error = squared_sums(reference, approx, relative_unit(reference))
     return error / energy if energy else 0.0
 
 

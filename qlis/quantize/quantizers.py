@@ -23,7 +23,7 @@ from numba import njit
 from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
-from qlis.measure.distortion import CHUNK_ELEMENTS, relative_scale, squared_sums
+from qlis.measure.distortion import CHUNK_ELEMENTS, relative_unit, squared_sums
 from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape, rounded_level
 from qlis.registry import Registry
 from qlis.strategy import Strategy
@@ -140,10 +140,10 @@ class Quantizer(Strategy):
         """``||w_hat - w||^2 / ||w||^2`` of ``q``'s values (0 for an all-zero weight),
         dequantized a range of rows at a time: no float copy of the whole layer."""
         rows = weight.detach().reshape(matrix_shape(weight.shape))
-        scale = relative_scale(rows)
+        unit = relative_unit(rows)
         energy = error = 0.0
         for a, b, values in self.dequantized_rows(q):
-            chunk_energy, chunk_error = squared_sums(rows[a:b], values, scale)
+            chunk_energy, chunk_error = squared_sums(rows[a:b], values, unit)
             energy += chunk_energy
             error += chunk_error
         return error / energy if energy else 0.0
