@@ -61,7 +61,10 @@ def squared_sums(reference: torch.Tensor, approx: torch.Tensor, unit: float = 1.
 def relative_unit(reference: torch.Tensor) -> float:
     """What a relative measure divides ``reference`` by before squaring: 1, or its peak for
     float64 values whose squares would overflow or underflow float64 (1e-300 squared is 0:
-    such a layer rounded to zeros measured no error; the inverse of a subnormal peak is inf)."""
+    such a layer rounded to zeros measured no error; the inverse of a subnormal peak is inf).
+    Narrower dtypes' squares always fit: they cost no extra pass."""
+    if reference.dtype != torch.float64:
+        return 1.0
     peak = peak_abs(reference)
     return 1.0 if peak == 0 or 1e-140 < peak < 1e140 or not math.isfinite(peak) else peak
 
