@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
+import qlis.archive.file
 from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
 from qlis.errors import ArchiveError, InputError
 from qlis.models.tensors import same_bits
@@ -428,3 +429,20 @@ def test_params_of_other_dtypes_are_refused(tmp_path):
     q.params["scale"] = q.params["scale"].astype(np.float64)
     with pytest.raises(InputError, match="float64"):
         write_tensors(tmp_path / "m.qlis", {"w": q})
+
+
+def test_a_tensor_larger_than_the_free_memory_is_refused_before_it_is_decoded(tmp_path,
+                                                                             monkeypatch):
+    """Linux promises memory it may not have: an archive whose tensor (codes, then its
+    float32 values) needs more than MemAvailable is one error naming it, not an OOM kill."""
+    result = qlis.compress({"w": torch.randn(64, 64), "b": torch.randn(64)}, "quant", bits=4)
+    path = qlis.save(result, tmp_path / "m.qlis")
+    monkeypatch.setattr(qlis.archive.file, "_ASK_FROM_BYTES", 1024)
+    needs = 64 * 64 * (1 + 4)  # uint8 codes, then the float32 tensor
+    monkeypatch.setattr(qlis.archive.file, "available_memory", lambda: needs - 1)
+    with qlis.open(path) as archive:
+        with pytest.raises(InputError, match=f"tensor 'w' needs {needs:,} bytes"):
+            archive.read("w")
+        assert archive.read("b").shape == (64,)  # smaller tensors still read
+    monkeypatch.setattr(qlis.archive.file, "available_memory", lambda: needs)
+    assert torch.equal(qlis.load(path)["w"], result.state_dict()["w"])

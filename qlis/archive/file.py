@@ -61,6 +61,7 @@ from qlis.plan.execute import LayerPlan
 from qlis.quantize.grid import Grid
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.runtime import lowbit
+from qlis.workers.memory import available_memory
 from qlis.workers.threads import ordered_map
 
 _PATH = Param("path")
@@ -72,6 +73,8 @@ _SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 Progress = Callable[[int], None]
 Stored = QuantizedTensor | torch.Tensor
+
+_ASK_FROM_BYTES = 1 << 26  # a decode needing this much first asks what is free
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -483,13 +486,21 @@ class Archive:
             raise self._fail(f"{where}: checksum mismatch (the file is corrupt)")
         return data
 
-    def _empty(self, name: str, numel: int, dtype: np.dtype) -> np.ndarray:
+    def _empty(self, name: str, numel: int, dtype: np.dtype, then: int = 0) -> np.ndarray:
+        """The buffer a tensor's record decodes into, once the memory it and the ``then``
+        bytes that reading it goes on to need (its dequantized values) are free to take
+        (asked of the system from _ASK_FROM_BYTES on: reading /proc per small tensor would
+        cost more than the tensor)."""
+        needed = numel * np.dtype(dtype).itemsize + then
+        free = available_memory() if needed >= _ASK_FROM_BYTES else None
+        if free is not None and needed > free:
+            raise InputError(f"{self.path}: tensor {name!r} needs {needed:,} bytes to decode, "
+                             f"more than the {free:,} this machine has free")
         try:
             return np.empty(numel, dtype=dtype)
         except MemoryError:
             raise InputError(
-                f"{self.path}: not enough memory to decode tensor {name!r} "
-                f"({numel * np.dtype(dtype).itemsize} bytes)"
+                f"{self.path}: not enough memory to decode tensor {name!r} ({needed:,} bytes)"
             ) from None
 
     def _decode(self, entry: TensorEntry, out: np.ndarray) -> np.ndarray:
@@ -532,15 +543,16 @@ class Archive:
         """The dtype `read` returns for one tensor (no data is read)."""
         return TORCH_DTYPES[self.entry(name).dtype]
 
-    def read_quantized(self, name: str) -> QuantizedTensor | None:
+    def read_quantized(self, name: str, then: int = 0) -> QuantizedTensor | None:
         """The integer codes and checked parameters of a quantized tensor (None for a plain
         one). The parameters are checked before the codes are decoded, and every code must lie
-        on the grid they describe."""
+        on the grid they describe. ``then``: the bytes the caller goes on to allocate from
+        them (its dequantized values), asked for with the codes' (`_empty`)."""
         entry, params, _ = self._checked(name)
         if entry.quantizer is None:
             return None
         shape, n_levels = entry.shape, entry.n_levels
-        codes = self._decode(entry, self._empty(name, entry.numel, code_dtype(n_levels)))
+        codes = self._decode(entry, self._empty(name, entry.numel, code_dtype(n_levels), then))
         if codes.size and int(codes.max()) >= n_levels:
             raise self._fail(f"tensor {name!r}: code {int(codes.max())} is outside the grid's "
                              f"{n_levels} levels")
@@ -585,7 +597,7 @@ class Archive:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, dequantized, exactly as ``CompressionResult.state_dict()`` had it."""
         entry = self.entry(name)
-        quantized = self.read_quantized(name)
+        quantized = self.read_quantized(name, then=entry.numel * element_size(entry.dtype))
         if quantized is not None:
             try:
                 tensor = self.quantizer(name).dequantize(quantized)
