@@ -603,3 +603,16 @@ def test_the_cli_gives_one_line_for_each_class(tmp_path):
             assert result.exit_code == 2 and len(lines) == 1, (kind, result.stderr)
             assert "Warning" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o.qlis").exists()
+
+
+def test_a_damaged_pt_record_is_refused_not_loaded(tmp_path):
+    """torch.load never checks a zip checkpoint's CRC-32s: a flipped byte in a tensor's
+    record would be packed silently."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.full((256,), 1.5)}, path)
+    assert torch.equal(load_state_dict(path)["w"], torch.full((256,), 1.5))
+    data = bytearray(path.read_bytes())
+    at = data.find(np.float32(1.5).tobytes() * 4)
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    refused(path, "damaged", "CRC-32")

@@ -16,6 +16,7 @@ import pickle
 import stat
 import struct
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -298,8 +299,31 @@ def _torch_load(path: Path) -> object:
             return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
+def _check_zip_records(path: Path) -> None:
+    """Every stored record of a zip checkpoint read once against its CRC-32, which
+    torch.load never checks: a damaged .pt otherwise loads (and packs) its damaged weights
+    silently. One more read of the file (the page cache then serves torch.load's). Compressed
+    records are left to torch.load, which refuses them, and so is a file that is no zip (a
+    legacy pickle checkpoint)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    try:
+        with archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    continue
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        raise InputError(f"{path}: damaged ({err}); the file is corrupt") from None
+
+
 def _load_torch(path: Path) -> Mapping:
     _require_regular(path)
+    _check_zip_records(path)
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError:
