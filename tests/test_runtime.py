@@ -229,3 +229,20 @@ def test_meta_buffer_not_in_the_archive_is_refused_before_any_change(tmp_path):
     with pytest.raises(InputError, match="non-persistent"):
         qlis.load(path, model=low, runtime="lowbit")
     assert type(low.fc1) is nn.Linear
+
+
+@pytest.mark.parametrize("quantizer", [
+    qlis.AffineQuantizer(bits=3), qlis.UniformQuantizer(rel_mse=0.3, granularity="channel"),
+    qlis.get_quantizer({"id": "group", "bits": 2, "group_size": 16})])
+def test_float16_weights_near_its_largest_value_dequantize_finite(quantizer):
+    """A coarse grid's top code lies past 65504: the cast to float16 saturates (as the
+    archive format says) in the quantizer and in the low-bit runtime alike, where a plain
+    cast made inf weights of finite ones."""
+    torch.manual_seed(0)
+    weight = ((torch.rand(32, 64) * 2 - 1) * 65000).half()
+    weight[0, 0] = 65504
+    q = quantizer.quantize(weight)
+    values = q.dequantize()
+    assert values.dtype == torch.float16 and bool(torch.isfinite(values).all())
+    assert float((values.float() - weight.float()).norm() / weight.float().norm()) < 0.6
+    assert torch.equal(runtime.DequantLinear(q, None).dequantized_weight(), values)

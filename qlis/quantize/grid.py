@@ -40,6 +40,16 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     return 1, math.prod(shape)
 
 
+def in_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Decoded float32 ``values`` (clamped in place) cast to a tensor's ``dtype``, saturating
+    (docs/format.md): a grid's top code may lie past a narrow dtype's range (float16 weights
+    near 65504 rounded to a coarse step), which a plain cast makes inf."""
+    if dtype.is_floating_point and torch.finfo(dtype).max < torch.finfo(values.dtype).max:
+        limit = torch.finfo(dtype).max
+        values = values.clamp_(-limit, limit)
+    return values.to(dtype)
+
+
 def round_with_offset(scaled: torch.Tensor, rounding: float) -> torch.Tensor:
     """sign(x) * floor(|x| + rounding): nearest at 0.5, a dead zone around 0 below it."""
     magnitude = scaled.abs().add_(rounding).floor_()

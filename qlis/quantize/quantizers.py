@@ -24,7 +24,14 @@ from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.measure.distortion import CHUNK_ELEMENTS, relative_unit, squared_sums
-from qlis.quantize.grid import AffineGrid, CodebookGrid, Grid, matrix_shape, rounded_level
+from qlis.quantize.grid import (
+    AffineGrid,
+    CodebookGrid,
+    Grid,
+    in_dtype,
+    matrix_shape,
+    rounded_level,
+)
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 
@@ -257,10 +264,10 @@ class Quantizer(Strategy):
         grid = self.grid(q.shape, q.n_levels, q.params)
         grid.check(shape)
         if not isinstance(grid, AffineGrid) or math.prod(shape) <= CHUNK_ELEMENTS:
-            yield 0, shape[0], grid.decode(q.matrix_codes()).to(q.dtype)
+            yield 0, shape[0], in_dtype(grid.decode(q.matrix_codes()), q.dtype)
             return
         for a, b in _grid_chunks(grid, shape):
-            yield a, b, grid.rows(a, b).decode(q.matrix_codes(a, b)).to(q.dtype)
+            yield a, b, in_dtype(grid.rows(a, b).decode(q.matrix_codes(a, b)), q.dtype)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
@@ -619,8 +626,8 @@ class GroupAffineQuantizer(Quantizer):
     Asymmetric: min-max with 0 exactly representable, the zero point an integer code.
     Symmetric: codes centred on ``2**(bits-1)``, scale ``max|w| / (2**(bits-1) - 1)``.
     The scale is computed in float32 and rounded up to float16, and the codes are derived
-    from that float16 scale, so ``(code - zero_point) * scale`` in float32 (then cast to the
-    weight's dtype) is what a reader anywhere computes; 0 stays exactly 0.
+    from that float16 scale, so ``(code - zero_point) * scale`` in float32 (then cast,
+    saturating, to the weight's dtype) is what a reader anywhere computes; 0 stays exactly 0.
 
     >>> q = GroupAffineQuantizer(bits=2, group_size=2).quantize(torch.tensor([-1.0, 2, 0, 3]))
     >>> q.codes.tolist(), q.params["scale"].tolist(), q.dequantize().tolist()

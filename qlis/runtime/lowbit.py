@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlis.errors import ConfigError, InputError
-from qlis.quantize.grid import Grid, matrix_shape
+from qlis.quantize.grid import Grid, in_dtype, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
 
 RUNTIMES = ("float", "lowbit")
@@ -212,7 +212,7 @@ class DequantLinear(_LowBit):
         codes = unpack_codes(self.codes, self.n_levels, math.prod(self.shape))
         grid = self.grid.replace(**{key: getattr(self, f"grid_{key}") for key in self.grid_fields})
         values = grid.decode(codes.reshape(matrix_shape(self.shape)))
-        return values.reshape(self.shape).to(self.weight_dtype)
+        return in_dtype(values.reshape(self.shape), self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(), self.bias)
