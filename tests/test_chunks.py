@@ -123,9 +123,15 @@ def test_uniform_error_measured_while_rounding_is_that_of_its_codes(tiny_chunks,
     assert quantizer.quantize_measured(torch.zeros(53, 29, dtype=dtype))[1] == 0.0
 
 
-def test_float16_error_measured_while_rounding_counts_values_that_overflow_it(tiny_chunks):
-    weight = torch.full((40, 30), 60000.0, dtype=torch.float16)
-    weight[::2] = -60000.0  # a step of 70000 decodes the top codes to +-70000: inf in float16
-    measured, error = UniformQuantizer(step=70000.0).quantize_measured(weight)
-    assert math.isinf(error) and torch.isinf(measured.dequantize()).all()
-    assert math.isinf(UniformQuantizer(step=70000.0).relative_error(weight, measured))
+@pytest.mark.parametrize("dtype, value, step", [(torch.float16, 60000.0, 70000.0),
+                                                (torch.bfloat16, 3e38, 3.4e38)])
+def test_error_measured_while_rounding_saturates_as_dequantize(tiny_chunks, dtype, value, step):
+    """A step that decodes the top codes past the dtype's range (+-70000 in float16): the
+    values saturate at its largest finite one, in the measure as in dequantize."""
+    weight = torch.full((40, 30), value, dtype=dtype)
+    weight[::2] = -value
+    measured, error = UniformQuantizer(step=step).quantize_measured(weight)
+    values = measured.dequantize()
+    assert torch.equal(values.abs(), torch.full_like(values, torch.finfo(dtype).max))
+    expected = UniformQuantizer(step=step).relative_error(weight, measured)
+    assert math.isfinite(error) and error == pytest.approx(expected, rel=1e-12)

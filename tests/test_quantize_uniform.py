@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qlis import ConfigError, UniformQuantizer
+from qlis.quantize.grid import in_dtype
 from qlis.quantize.quantizers import _NARROWED, MAX_LEVELS, _narrow, get_quantizer
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -96,8 +97,8 @@ def test_bad_parameters(kwargs, match):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_the_compiled_narrowing_rounds_as_torch_does(dtype):
     # the measured error of a float16/bfloat16 layer needs its decoded values exactly as
-    # dequantize rounds them: every magnitude (float16's subnormals and overflow too) and the
-    # ties halfway between neighbours of the narrow dtype
+    # dequantize rounds them (`in_dtype`): every magnitude (float16's subnormals, and past
+    # the largest value, saturating) and the ties halfway between neighbours of the dtype
     rng = np.random.default_rng(0)
     spread = [rng.standard_normal(20000).astype(np.float32) * scale
               for scale in (1e-9, 1e-7, 3e-5, 1e-2, 1.0, 3e4, 7e4, 1e30)]
@@ -108,7 +109,7 @@ def test_the_compiled_narrowing_rounds_as_torch_does(dtype):
     values = np.concatenate([*spread, ties, -ties, narrow.float().numpy()])
     rounded = values.copy()
     _narrow(rounded, _NARROWED[dtype])
-    expected = torch.from_numpy(values).to(dtype).float().numpy()
+    expected = in_dtype(torch.from_numpy(values.copy()), dtype).float().numpy()
     assert np.array_equal(rounded.view(np.uint32), expected.view(np.uint32))
 
 

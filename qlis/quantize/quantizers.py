@@ -725,6 +725,7 @@ def code_dtype(n_levels: int) -> np.dtype:
     return stored_code_dtype(n_levels)
 
 
+_BFLOAT16_MAX = np.float32(torch.finfo(torch.bfloat16).max)
 _NARROWED = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 """The dtypes whose values `_narrow` rounds to (0: float32 itself)."""
 
@@ -732,17 +733,21 @@ _NARROWED = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 @njit(cache=True, nogil=True)
 def _narrow(values: np.ndarray, kind: int) -> None:
     # Each float32 value (in place) -> its float16 (kind 1) or bfloat16 (kind 2) rounding,
-    # to nearest, ties to even, as torch's .to() rounds (float16: subnormals and overflow too).
+    # to nearest, ties to even, as torch's .to() rounds (float16: subnormals too), saturating
+    # at the largest finite value as `in_dtype` does.
     bits = values.view(np.uint32)
     for i in range(values.size):
         if kind == 2:
+            v = values[i]
+            if abs(v) > _BFLOAT16_MAX:
+                values[i] = _BFLOAT16_MAX if v > 0 else -_BFLOAT16_MAX
             b = bits[i]
             bits[i] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))
                        ) & np.uint32(0xFFFF0000)
         elif kind == 1:
             v = values[i]
-            if abs(v) >= np.float32(65520.0):  # halfway past the largest float16, 65504
-                values[i] = np.float32(np.inf) if v > 0 else np.float32(-np.inf)
+            if abs(v) >= np.float32(65504.0):  # the largest float16
+                values[i] = np.float32(65504.0) if v > 0 else np.float32(-65504.0)
             elif abs(v) < np.float32(6.103515625e-05):  # float16 subnormals: steps of 2**-24
                 values[i] = np.rint(v * np.float32(16777216.0)) / np.float32(16777216.0)
             else:
