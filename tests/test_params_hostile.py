@@ -257,7 +257,8 @@ MUTATIONS: dict[str, dict[str, Mutation]] = {
         "inf": _at(float("inf"), -1),
         "-inf": _at(float("-inf")),
     },
-    "scale": {"zero": _at(0.0, -1), "negative": _negated},
+    "scale": {"zero": _at(0.0, -1), "negative": _negated,
+              "finite, but its top code's value is not": _at(1e38, -1)},
     "zero": {
         "beyond the top code": lambda c, key: _at(_top(c) + 1)(c, key),
         "below code 0": _at(-1.0, -1),

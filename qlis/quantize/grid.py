@@ -104,6 +104,12 @@ class Grid:
         unbounded grid). A reader refuses codes a grid cannot decode before decoding them."""
         return None
 
+    def peak(self, n_levels: int) -> float | None:
+        """The largest magnitude that a code below ``n_levels`` decodes to, worked out in
+        float64 (a reader refuses a grid whose values float32 cannot hold: forged parameters,
+        each finite, whose products are not); None when the grid cannot say."""
+        return None
+
     def column(self, j: int) -> Grid:
         """The grid of column ``j`` of the matrix, as a one-column matrix."""
         raise NotImplementedError
@@ -167,6 +173,13 @@ class AffineGrid(Grid):
     @property
     def levels(self) -> int | None:
         return None if self.top is None else self.top + 1
+
+    def peak(self, n_levels: int) -> float | None:
+        if not self.scale.numel():
+            return 0.0
+        zero = self.zero.double()
+        reach = torch.maximum(zero.abs(), (n_levels - 1 - zero).abs())
+        return float((reach * self.scale.double().abs()).max())
 
     def check(self, shape: tuple[int, int]) -> None:
         super().check(shape)
@@ -243,6 +256,11 @@ class CodebookGrid(Grid):
     @property
     def levels(self) -> int:
         return self.codebook.shape[2]
+
+    def peak(self, n_levels: int) -> float | None:
+        if not self.codebook.numel():
+            return 0.0
+        return float(self.codebook[..., :n_levels].double().abs().max())
 
     def encode(self, matrix: torch.Tensor) -> torch.Tensor:
         entries = torch.arange(self.codebook.shape[2])

@@ -41,6 +41,7 @@ SEED = Param("int", 0, (1 << 63) - 1)
 MAX_GROUP_SIZE = 1 << 31
 """The largest group a group-wise quantizer takes (a group longer than its row is the row)."""
 MAX_LEVELS = 1 << 16
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -209,6 +210,11 @@ class Quantizer(Strategy):
         for key, tensor in grid.tensors().items():
             if not bool(torch.isfinite(tensor).all()):
                 raise ArchiveError(f"the grid's {key} is not finite")
+        peak = grid.peak(n_levels)
+        if peak is not None and not peak <= _FLOAT32_MAX:
+            stored = ", ".join(map(repr, sorted(params)))
+            raise ArchiveError(f"the parameters ({stored}) decode codes to values up to "
+                               f"{peak:.3g}, beyond float32's range")
         return grid
 
     @classmethod
