@@ -331,7 +331,9 @@ def check_input(path: str | os.PathLike, what: str = "file or folder") -> Path:
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one existing file (through a symlink or hard link too): how
+    an output is compared with the inputs."""
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -355,7 +357,7 @@ def check_output(
     if suffixes and path.suffix.lower() not in suffixes:
         raise InputError(f"{path}: the output must end in {' or '.join(sorted(suffixes))}")
     for source in inputs:
-        if _same_file(path, Path(source)):
+        if same_file(path, source):
             raise InputError(f"{path} is one of the inputs; write the output somewhere else")
     parent = path.parent
     if not parent.is_dir():

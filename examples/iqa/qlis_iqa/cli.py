@@ -9,10 +9,12 @@ never a missing parent folder created, never one of the inputs.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -27,13 +29,29 @@ from qlis.cli.console import (
     check_output_dir,
     escape,
     human_bytes,
+    same_file,
 )
 from qlis.json_input import read_json_file
 from qlis.plan.policy import policy_names
+from qlis_iqa.data import dataset_paths
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
+MAX_WORKERS = 64  # each worker is a process holding a model's preprocessing: more only thrash
+SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed takes without overflowing
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing NaN and infinities: NaN passes every comparison of a range
+    (``--lr nan`` would train a NaN model) and an unbounded range takes inf."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
 
 
 def _err(message: str) -> None:
@@ -73,6 +91,36 @@ def _check_eval_set(root: Path | None, split_file: Path | None) -> None:
         _check_split_file(split_file)
 
 
+def _refuse_inputs(outputs: Iterable[Path], files: Iterable[Path], trees: Iterable[Path] = (),
+                   folders: Iterable[Path] = ()) -> None:
+    """--force replaces an output, never an input. Refused, by resolved path: an output that is
+    one of the input `files` (through a link too), is or lies in one of the input `trees` (a
+    dataset's images: nothing is written among them), or is one of the input `folders` (a
+    backbone's weights, whose model.safetensors a run folder would replace)."""
+    trees, existing = list(trees), [f for f in files if f.exists()]
+    input_folders = [f.resolve() for f in [*trees, *folders] if f.is_dir()]
+    resolved_trees = [(f, f.resolve()) for f in trees if f.is_dir()]
+    for output in outputs:
+        for file in existing:
+            if same_file(output, file):
+                raise InputError(f"{output} is one of the inputs ({file}); write the output "
+                                 "somewhere else")
+        target = output.resolve()
+        if target in input_folders:
+            raise InputError(f"{output} is an input folder of this command; write the output "
+                             "somewhere else")
+        for tree, where in resolved_trees:
+            if where in target.parents:
+                raise InputError(f"{output} is inside {tree}, an input folder of this command; "
+                                 "write the output somewhere else")
+
+
+def _dataset_inputs(name: str, root: Path, split_file: Path | None) -> tuple[list[Path], Path]:
+    """A dataset's input files (annotations, the split file) and its images folder."""
+    annotations, images = dataset_paths(name, root)
+    return annotations + ([split_file] if split_file else []), images
+
+
 def _metrics_line(metrics: dict[str, float], label: str) -> str:
     parts = [f"{k.upper().replace('_', ' ')} {v:.4f}" for k, v in metrics.items()]
     return "  ".join(parts) + f"  [{label}]"
@@ -107,7 +155,11 @@ device_option = click.option(
     help="cpu, cuda, cuda:N or mps (when this machine has it).",
 )
 workers_option = click.option(
-    "--workers", default=0, show_default=True, type=click.IntRange(0), help="DataLoader workers."
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, MAX_WORKERS),
+    help=f"DataLoader worker processes (at most {MAX_WORKERS}; 0: read images in this one).",
 )
 cache_option = click.option(
     "--cache-dir",
@@ -118,7 +170,7 @@ batch_option = click.option("--batch-size", default=16, show_default=True, type=
 logistic_option = click.option(
     "--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit."
 )
-beta_option = click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+beta_option = click.option("--beta", type=FiniteFloatRange(0, 1), default=0.5, show_default=True,
                            help="Weight of the parameter share P in QLIS.")
 codec_option = click.option(
     "--codec",
@@ -169,7 +221,7 @@ def cli() -> None:
     show_default=True,
     help="'full' = the paper's ViT-L/14 (clip) or ViT-B/16 (dino) shape.",
 )
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @output_option("The backbone folder to write.")
 @force_option
 def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) -> None:
@@ -198,14 +250,17 @@ def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) 
     help="Split file to reuse, or to create (default: OUTPUT/split.json).",
 )
 @click.option("--limit", type=click.IntRange(2), help="Use this many annotated images only.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="Share of the images in the test split of a new split.  [default: 0.2]")
 @click.option("--split-seed", type=int, help="Seed of a new split.  [default: 0]")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
 @batch_option
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--weight-decay", default=1e-5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True,
+              type=FiniteFloatRange(0, 1, min_open=True), help="Adam's learning rate, in (0, 1].")
+@click.option("--weight-decay", default=1e-5, show_default=True, type=FiniteFloatRange(0, 1),
+              help="Adam's L2 penalty, in [0, 1].")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the head's "
+              "initialisation and of the batch order.")
 @logistic_option
 @cache_option
 @runtime_options
@@ -240,6 +295,9 @@ def train(
     """
     check_input(root, "dataset folder")
     check_output_dir(output, force)
+    inputs, images = _dataset_inputs(dataset, root, split_file)
+    weights_folder = [Path(weights)] if weights else []
+    _refuse_inputs([output], inputs, [images], weights_folder)
     if split_file is not None and not split_file.exists() and not split_file.parent.is_dir():
         raise InputError(f"{split_file.parent}: no such folder (create it first)")
     if split_file is not None and split_file.exists():
@@ -316,6 +374,9 @@ def evaluate(
 
     iqa, meta = load_model(path, runtime, precision)
     es = eval_set_for(meta, root, split_file, dataset)
+    if output:
+        inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
+        _refuse_inputs([output], inputs, [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     cache = FeatureCache(cache_dir or path.parent / "cache")
     preds = predict_samples(
@@ -334,16 +395,16 @@ def evaluate(
 @click.option("--policy", type=click.Choice(policy_names()), default="rd", show_default=True,
               help="rd: rate–distortion, calibrated on training images; lapq etc.: the paper's.")
 @beta_option
-@click.option("--k", type=click.FloatRange(min=0), help="Pruning level (policy prune).")
+@click.option("--k", type=FiniteFloatRange(min=0), help="Pruning level (policy prune).")
 @click.option("--bits", type=click.IntRange(1, 8), help="Bits (policy quant).")
 @click.option("--granularity", type=click.Choice(["tensor", "channel"]))
-@click.option("--target-ratio", type=click.FloatRange(min=1),
+@click.option("--target-ratio", type=FiniteFloatRange(min=1),
               help="rd: real archive ratio (original bytes / archive bytes).")
-@click.option("--paper-cr", type=click.FloatRange(min=1),
+@click.option("--paper-cr", type=FiniteFloatRange(min=1),
               help="The paper's policies: reach this idealised CR (budget mode).")
-@click.option("--target-bits-per-weight", type=click.FloatRange(min=0, min_open=True),
+@click.option("--target-bits-per-weight", type=FiniteFloatRange(min=0, min_open=True),
               help="rd: archive bits per model element.")
-@click.option("--min-cosine", type=click.FloatRange(0, 1, max_open=True),
+@click.option("--min-cosine", type=FiniteFloatRange(0, 1, max_open=True),
               help="rd: the least cosine (= Pearson correlation) of the calibration scores to "
                    "the original model's (default 0.999).")
 @click.option("--calib-images", type=click.IntRange(min=0), default=32, show_default=True,
@@ -376,7 +437,7 @@ def compress(
     default policy rd, the model is calibrated on a few images of its training split.
     """
     path = _model_file(model)
-    check_output(output, force, (".qlis",), inputs=[path])
+    check_output(output, force, (".qlis",), inputs=[path, *([split_file] if split_file else [])])
     _check_eval_set(root, split_file)
     given = {"k": k, "bits": bits, "granularity": granularity, "target_ratio": target_ratio,
              "paper_cr": paper_cr, "target_bits_per_weight": target_bits_per_weight,
@@ -434,15 +495,15 @@ def _training_samples(meta, root, split_file, dataset):
 @click.option("--per-channel", is_flag=True, help="Add per-channel LAQ/LAPQ rows.")
 @click.option(
     "--paper-cr",
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     multiple=True,
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
 )
-@click.option("--rd-ratio", type=click.FloatRange(min=1), multiple=True,
+@click.option("--rd-ratio", type=FiniteFloatRange(min=1), multiple=True,
               default=(8.0, 12.0, 16.0, 22.0), show_default=True,
               help="rd rows (calibrated and reconstructed) at these real archive ratios "
                    "(repeatable; giving it replaces the default; --only to skip them).")
-@click.option("--rd-srcc-drop", type=click.FloatRange(0, 1, max_open=True), multiple=True,
+@click.option("--rd-srcc-drop", type=FiniteFloatRange(0, 1, max_open=True), multiple=True,
               help="Add an rd row allowed to lose this much validation SRCC (repeatable).")
 @click.option("--calib-images", type=click.IntRange(min=3), default=32, show_default=True,
               help="rd rows: training images to calibrate on.")
@@ -501,6 +562,7 @@ def sweep(
     from qlis_iqa.models import load_model
     from qlis_iqa.sweep import (
         extra_variants,
+        output_files,
         paper_variants,
         pick_variants,
         rd_data,
@@ -516,6 +578,8 @@ def sweep(
     )
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
+    inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
+    _refuse_inputs([output, *output_files(output, variants, archives)], [path, *inputs], [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     rd = None
     if any(v.kind == "rd" for v in variants):

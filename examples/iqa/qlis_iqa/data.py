@@ -3,6 +3,11 @@
 A loader reads the scores, checks which images exist, and keeps the rest: rows whose image is
 missing are reported (count and first names) and skipped. Unreadable images are found when
 they are decoded (see features.py) and skipped the same way, before any training starts.
+The annotation file is user data: it is read bounded (a regular file of at most
+MAX_ANNOTATION_BYTES, strict UTF-8), and a score that is not a finite number or an image name
+that leaves the images folder is an IQAError naming the row. A name annotated twice with
+different scores is ambiguous (the official AGIQA-1K sheet has one): its rows are reported and
+skipped, like a missing image.
 The split is drawn once from the annotated names with a fixed seed and written to a JSON file,
 so every run and every compressed variant is evaluated on the same test images.
 """
@@ -11,15 +16,26 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from qlis.archive.atomic import atomic_path
+from qlis.archive.format import open_regular_file
+from qlis.cli.console import escape, human_bytes
+from qlis.json_input import read_json_file
 from qlis_iqa.errors import IQAError
 
 DATASETS = ("agiqa-3k", "agiqa-1k")
+ANNOTATIONS = {"agiqa-3k": ("data.csv",), "agiqa-1k": ("AIGC_MOS_Zscore.xlsx", "AIGC_all.csv")}
+IMAGES = {"agiqa-3k": "images", "agiqa-1k": "file"}
+MAX_ANNOTATION_BYTES = 1 << 26  # 64 MiB: AGIQA-3K's data.csv (prompts included) is 435 KiB
+MAX_SPLIT_BYTES = 1 << 26  # a split of a million names
 
 
 @dataclass(frozen=True)
@@ -33,42 +49,84 @@ class Sample:
 
 @dataclass
 class IQADataset:
-    """The annotated images of a dataset whose file exists, and the names whose image does not."""
+    """The annotated images of a dataset whose file exists, the names whose image does not, and
+    the names left out because they are annotated twice with different scores."""
 
     name: str
     root: Path
     samples: list[Sample]
     missing: list[str] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
 
     def by_name(self) -> dict[str, Sample]:
         return {s.name: s for s in self.samples}
 
     def missing_report(self) -> str:
-        """'' or one line: how many annotated rows have no image, and the first few names."""
-        if not self.missing:
-            return ""
-        return (
-            f"{self.name}: {len(self.missing)} annotated image(s) missing, skipped "
-            f"(first: {', '.join(self.missing[:5])})"
-        )
+        """'' or a line per problem: annotated rows without an image, names annotated twice."""
+        lines = []
+        if self.missing:
+            lines.append(
+                f"{self.name}: {len(self.missing)} annotated image(s) missing, skipped "
+                f"(first: {escape(', '.join(self.missing[:5]))})"
+            )
+        if self.ambiguous:
+            lines.append(
+                f"{self.name}: {len(self.ambiguous)} image(s) annotated twice with different "
+                f"scores, skipped (first: {'; '.join(self.ambiguous[:3])})"
+            )
+        return "\n".join(lines)
 
 
-def _build(name: str, root: Path, images: Path, rows: list[tuple[str, float]]) -> IQADataset:
+class Row(NamedTuple):
+    """One annotation: its line in the file (1 = the header), image name and score."""
+
+    line: int
+    name: str
+    mos: float
+
+
+def dataset_paths(name: str, root: str | Path) -> tuple[list[Path], Path]:
+    """The annotation file(s) a dataset may be read from and its images folder: the inputs
+    that no output of qlis-iqa may replace or write into."""
+    if name not in DATASETS:
+        raise IQAError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}")
+    root = Path(root)
+    return [root / f for f in ANNOTATIONS[name]], root / IMAGES[name]
+
+
+def _unique(path: Path, rows: Iterable[Row]) -> tuple[list[Row], list[str]]:
+    """Rows with one score per name, and a description of each name scored differently twice
+    (all its rows are left out: which score is right cannot be told)."""
+    first: dict[str, Row] = {}
+    conflicts: dict[str, list[int]] = {}
+    for row in rows:
+        seen = first.setdefault(row.name, row)
+        if seen is not row and seen.mos != row.mos:
+            conflicts.setdefault(row.name, [seen.line]).append(row.line)
+    described = [
+        f"{n!r} in rows {' and '.join(map(str, lines))} of {escape(str(path))}"
+        for n, lines in conflicts.items()
+    ]
+    return [r for r in first.values() if r.name not in conflicts], described
+
+
+def _build(name: str, root: Path, images: Path, path: Path, rows: list[Row]) -> IQADataset:
     if not rows:
         raise IQAError(f"{name}: the annotation file under {root} has no rows")
+    unique, ambiguous = _unique(path, rows)
     samples, missing = [], []
-    for img, mos in rows:
-        path = images / img
-        if path.is_file():
-            samples.append(Sample(img, path, mos))
+    for row in unique:
+        file = images / row.name
+        if file.is_file():
+            samples.append(Sample(row.name, file, row.mos))
         else:
-            missing.append(img)
+            missing.append(row.name)
     if not samples:
         raise IQAError(
             f"{name}: none of the {len(rows)} annotated images is in {images} "
-            f"(first expected: {rows[0][0]}); point --root at the folder that holds them"
+            f"(first expected: {escape(rows[0].name)}); point --root at the folder that holds them"
         )
-    return IQADataset(name, root, samples, missing)
+    return IQADataset(name, root, samples, missing, ambiguous)
 
 
 def _check_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> None:
@@ -76,33 +134,80 @@ def _check_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> No
     if absent:
         raise IQAError(
             f"{path}: expected column(s) {', '.join(needed)}, missing {', '.join(absent)} "
-            f"(found: {', '.join(map(str, header))})"
+            f"(found: {escape(', '.join(map(str, header)))})"
         )
 
 
-def _float(path: Path, line: int, value: object) -> float:
+def _score(path: Path, line: int, value: object) -> float:
+    """A finite score: NaN or infinity would train a NaN model and give NaN correlations."""
     try:
-        return float(value)  # type: ignore[arg-type]
+        score = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise IQAError(f"{path}, row {line}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise IQAError(f"{path}, row {line}: score {value!r} is not a finite number")
+    return score
 
 
-def _read_csv(path: Path, name_col: str, score_col: str) -> list[tuple[str, float]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+def _row(path: Path, line: int, name: str, score: object) -> Row:
+    """The row, if its image name stays in the images folder: an absolute name or one with a
+    '..' part would read an image from elsewhere (a test image could be trained on)."""
+    parts = Path(name)
+    if parts.anchor or ".." in parts.parts:
+        raise IQAError(
+            f"{path}, row {line}: image name {name!r} leaves the images folder; "
+            "names are relative to it"
+        )
+    return Row(line, name, _score(path, line, score))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """An annotation file's bytes: a regular file (a FIFO must not block, a device such as
+    /dev/zero must not fill memory) of at most MAX_ANNOTATION_BYTES."""
+    fd = open_regular_file(path)
+    with open(fd, "rb") as f:
+        data = f.read(MAX_ANNOTATION_BYTES + 1)  # bounded even if the file grows meanwhile
+    if len(data) > MAX_ANNOTATION_BYTES:
+        raise IQAError(
+            f"{path} is larger than {human_bytes(MAX_ANNOTATION_BYTES)}, the most accepted for "
+            "an annotation file; is it the right file?"
+        )
+    return data
+
+
+def _read_text(path: Path) -> str:
+    """The annotation file as strict UTF-8 text (a byte order mark is allowed)."""
+    data = _read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise IQAError(
+            f"{path}, row {line}: not UTF-8 text (invalid byte at offset {err.start}); "
+            "save the annotation file as UTF-8"
+        ) from None
+
+
+def _read_csv(path: Path, name_col: str, score_col: str) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         _check_columns(path, list(reader.fieldnames or []), (name_col, score_col))
         return [
-            (row[name_col].strip(), _float(path, i, row[score_col]))
-            for i, row in enumerate(reader, start=2)
+            _row(path, reader.line_num, row[name_col].strip(), row[score_col])
+            for row in reader
             if row[name_col] and row[name_col].strip()
         ]
+    except csv.Error as err:  # e.g. a field over csv.field_size_limit() characters
+        line = reader.reader.line_num  # the DictReader's count stops at the last good row
+        raise IQAError(f"{path}, row {line}: not readable as CSV ({err})") from None
 
 
-def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[tuple[str, float]]:
+def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     import openpyxl
 
     try:
-        book = openpyxl.load_workbook(path, read_only=True, data_only=True)
+        book = openpyxl.load_workbook(io.BytesIO(_read_bytes(path)), read_only=True,
+                                      data_only=True)
     except Exception as exc:  # openpyxl raises many types for a bad file
         raise IQAError(f"{path}: not a readable .xlsx file ({exc})") from None
     rows = list(book.worksheets[0].iter_rows(values_only=True))
@@ -113,7 +218,7 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[tuple[str, flo
     _check_columns(path, header, (name_col, score_col))
     i_name, i_score = header.index(name_col), header.index(score_col)
     return [
-        (str(r[i_name]).strip(), _float(path, line, r[i_score]))
+        _row(path, line, str(r[i_name]).strip(), r[i_score])
         for line, r in enumerate(rows[1:], start=2)
         if r[i_name] is not None and str(r[i_name]).strip()
     ]
@@ -121,12 +226,11 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[tuple[str, flo
 
 def load_agiqa3k(root: str | Path, images: str | Path | None = None) -> IQADataset:
     """AGIQA-3K: `ROOT/data.csv` (columns name, mos_quality) and images in `ROOT/images`."""
-    root = Path(root)
-    ann = root / "data.csv"
-    if not ann.is_file():
+    (ann,), default_images = dataset_paths("agiqa-3k", root)
+    if not ann.exists():
         raise IQAError(f"AGIQA-3K: {ann} not found; --root must hold data.csv and images/")
     rows = _read_csv(ann, "name", "mos_quality")
-    return _build("agiqa-3k", root, Path(images) if images else root / "images", rows)
+    return _build("agiqa-3k", Path(root), Path(images or default_images), ann, rows)
 
 
 def load_agiqa1k(root: str | Path, images: str | Path | None = None) -> IQADataset:
@@ -134,18 +238,17 @@ def load_agiqa1k(root: str | Path, images: str | Path | None = None) -> IQADatas
 
     The official z-scored MOS sheet is preferred when both annotation files are present.
     """
-    root = Path(root)
-    xlsx, csv_path = root / "AIGC_MOS_Zscore.xlsx", root / "AIGC_all.csv"
-    if xlsx.is_file():
-        rows = _read_xlsx(xlsx, "Image", "MOS")
-    elif csv_path.is_file():
-        rows = _read_csv(csv_path, "Image", "Score")
+    (xlsx, csv_path), default_images = dataset_paths("agiqa-1k", root)
+    if xlsx.exists():
+        ann, rows = xlsx, _read_xlsx(xlsx, "Image", "MOS")
+    elif csv_path.exists():
+        ann, rows = csv_path, _read_csv(csv_path, "Image", "Score")
     else:
         raise IQAError(
             f"AGIQA-1K: neither {xlsx.name} nor {csv_path.name} in {root}; --root must hold "
             "one of them and the unzipped images in file/"
         )
-    return _build("agiqa-1k", root, Path(images) if images else root / "file", rows)
+    return _build("agiqa-1k", Path(root), Path(images or default_images), ann, rows)
 
 
 def load_dataset(name: str, root: str | Path, images: str | Path | None = None) -> IQADataset:
@@ -184,9 +287,10 @@ class Split:
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
-        path = Path(path)
+        """The split file at `path`, read bounded (it may be named by a checkpoint's metadata:
+        a FIFO or /dev/zero there must not block or fill memory)."""
+        d = read_json_file(path, "split file", MAX_SPLIT_BYTES, dict)
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
             return cls(
                 dataset=str(d["dataset"]),
                 seed=int(d["seed"]),
@@ -195,8 +299,6 @@ class Split:
                 train=[str(n) for n in d["train"]],
                 test=[str(n) for n in d["test"]],
             )
-        except FileNotFoundError:
-            raise IQAError(f"split file {path} not found") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise IQAError(f"{path}: not a qlis-iqa split file ({exc})") from None
 

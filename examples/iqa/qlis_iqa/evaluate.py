@@ -126,6 +126,7 @@ class EvalSet:
 
     dataset: IQADataset
     split: Split
+    split_file: Path
     samples: list[Sample]
     absent: list[str]
 
@@ -155,4 +156,4 @@ def eval_set_for(
     samples, absent = split_samples(ds, split.test)
     if not samples:
         raise IQAError(f"none of the {len(split.test)} test images of {split_path} is in {root}")
-    return EvalSet(ds, split, samples, absent)
+    return EvalSet(ds, split, Path(split_path), samples, absent)

@@ -49,6 +49,7 @@ from qlis_iqa.pack import CentredScores, calibration, compress_model, write_arch
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
 PAPER_BITS = (1, 2, 4, 8)
 COSINE_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+OUTPUT_NAMES = {"markdown": "sweep.md", "csv": "sweep.csv", "plot": "sweep.png"}
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,8 @@ def rd_variants(
     """Rows of policy "rd": at real archive ratios, and at allowed SRCC drops (validation)."""
     rows = []
     for ratio in target_ratios:
-        if not ratio >= 1.0:
-            raise IQAError(f"an rd target ratio must be >= 1, got {ratio}")
+        if not (ratio >= 1.0 and math.isfinite(ratio)):
+            raise IQAError(f"an rd target ratio must be a finite number >= 1, got {ratio}")
         rows.append(Variant(f"rd [{ratio:g}x]", "rd", {"target_ratio": float(ratio)}, kind="rd"))
     for drop in srcc_drops:
         if not 0.0 <= drop < 1.0:
@@ -147,14 +148,19 @@ def rd_data(
 
 
 def pick_variants(variants: list[Variant], only: str | None) -> list[Variant]:
-    """Keep the rows named in `only` (comma-separated, case-insensitive); all when None."""
-    if not only:
+    """Keep the rows named in `only` (comma-separated, case-insensitive); all when None.
+
+    A selection that names no row (``--only ","``) is refused: it would write empty tables.
+    """
+    if only is None:
         return variants
     wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
     known = {v.name.lower() for v in variants}
     unknown = [w for w in wanted if w not in known]
+    rows = ", ".join(v.name for v in variants)
+    if not wanted:
+        raise IQAError(f"--only {only!r} names no row; rows: {rows}")
     if unknown:
-        rows = ", ".join(v.name for v in variants)
         raise IQAError(f"--only: unknown row(s) {', '.join(unknown)}; rows: {rows}")
     return [v for v in variants if v.name.lower() in wanted]
 
@@ -263,7 +269,7 @@ def run_sweep(
             sparsity, bits = _plan_stats(result)
             size = 0
             if archives:
-                path = out / "archives" / f"{_slug(v.name)}.qlis"
+                path = archive_path(out, v)
                 extra = {KEY + "variant": v.name, **passthrough}
                 size = write_archive(model, result, path, codec, extra, overwrite=True).file_bytes
                 if runtime == "lowbit":
@@ -369,6 +375,11 @@ def _fit_text(fit: LogisticFit | None) -> str:
     if fit is None:
         return ""
     return f"degenerate: {fit.reason}" if fit.degenerate else "ok"
+
+
+def archive_path(out_dir: Path, variant: Variant) -> Path:
+    """Where a sweep into OUT_DIR writes a variant's archive."""
+    return out_dir / "archives" / f"{_slug(variant.name)}.qlis"
 
 
 def _slug(name: str) -> str:
@@ -521,16 +532,26 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str) -> Path:
     return Path(path)
 
 
+def output_files(out_dir: str | Path, variants: Sequence[Variant],
+                 archives: bool = True) -> list[Path]:
+    """Every file a sweep of `variants` writes in OUT_DIR: none of them may be an input."""
+    out = Path(out_dir)
+    files = [out / name for name in OUTPUT_NAMES.values()]
+    if archives:
+        files += [archive_path(out, v) for v in variants if v.policy is not None]
+    return files
+
+
 def write_outputs(
     rows: Sequence[SweepRow], out_dir: str | Path, title: str, logistic: bool = False
 ) -> dict[str, Path]:
     """sweep.md, sweep.csv and sweep.png in OUT_DIR."""
     out = make_folder(out_dir)
-    md = out / "sweep.md"
+    md = out / OUTPUT_NAMES["markdown"]
     with atomic_path(md) as tmp:
         tmp.write_text(markdown_table(rows, title, logistic), encoding="utf-8")
     return {
         "markdown": md,
-        "csv": write_csv(rows, out / "sweep.csv"),
-        "plot": plot(rows, out / "sweep.png", title),
+        "csv": write_csv(rows, out / OUTPUT_NAMES["csv"]),
+        "plot": plot(rows, out / OUTPUT_NAMES["plot"], title),
     }

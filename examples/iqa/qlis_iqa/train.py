@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from qlis.archive.atomic import atomic_path
+from qlis.cli.console import same_file
 from qlis_iqa.backbones import load_backbone, weights_label
 from qlis_iqa.data import Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError
@@ -82,6 +87,11 @@ def fit(
                 count += len(x)
                 bar.update(1)
             losses.append(total / count)
+            if not math.isfinite(losses[-1]):
+                raise IQAError(
+                    f"training diverged: the mean loss of epoch {epoch + 1} is {losses[-1]}; "
+                    f"lower the learning rate (lr {config.lr:g}) or check the scores"
+                )
             bar.set_postfix(epoch=epoch + 1, mse=f"{losses[-1]:.4f}")
     model.eval()
     return losses
@@ -110,6 +120,33 @@ def _check_reused_split(
         "drop those options to reuse it, or train into a new run folder (or --split NEW.json) "
         "to draw a new split"
     )
+
+
+def _top_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (or `path` itself) that does not exist yet: what making
+    it creates. None when it exists."""
+    made = None
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            return made
+        made = folder
+    return made
+
+
+@contextmanager
+def _removed_on_failure(created: list[Path]) -> Iterator[None]:
+    """Remove the paths this run creates (listed before it creates them) if it fails: a
+    half-made run folder (split.json, cache/) would block the corrected rerun. Nothing that
+    existed before the run is touched."""
+    try:
+        yield
+    except BaseException:
+        for path in reversed(created):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        raise
 
 
 @dataclass
@@ -171,10 +208,10 @@ def train_run(
     if not out.is_dir() and not out.parent.is_dir():
         raise IQAError(f"{out.parent}: no such folder (create it first)")
     ds = load_dataset(dataset, root)
-    if ds.missing:
-        log(ds.missing_report())
+    if report := ds.missing_report():
+        log(report)
     split_path = Path(split_file) if split_file else out / "split.json"
-    new_split = not split_path.is_file()
+    new_split = not (split_path.exists() or split_path.is_symlink())
     if new_split:
         names = [s.name for s in ds.samples] + ds.missing
         split = make_split(
@@ -190,89 +227,99 @@ def train_run(
             raise IQAError(f"split {split_path} is for {split.dataset}, not {ds.name}")
         asked = {"limit": limit, "test_fraction": test_fraction, "split_seed": split_seed}
         _check_reused_split(split, split_path, asked, split_conflict, log)
+        written = [checkpoint, *(out / n for n in ("predictions_test.csv", "metrics.json",
+                                                  "train_log.csv"))]
+        if any(same_file(split_path, w) for w in written):
+            raise IQAError(f"{split_path} is one of the files this run writes; the split file "
+                           "must be somewhere else")
     train_samples, train_absent = split_samples(ds, split.train)
     test_samples, test_absent = split_samples(ds, split.test)
 
     backbone = load_backbone(family, weights)
     label = weights_label(backbone, weights)
-    out.mkdir(exist_ok=True)
-    if new_split:
-        split.save(split_path)
-    torch.manual_seed(config.seed)
-    model = make_model(family, backbone, head_hidden).to(device)
-    log(f"{model.family}: {label}; {len(train_samples)} train / {len(test_samples)} test images")
-    cache = FeatureCache(cache_dir or out / "cache")
-    fingerprint = model.fingerprint()
+    cache_root = Path(cache_dir or out / "cache")
+    created = [p for p in (_top_missing(out), split_path if new_split else None,
+                           _top_missing(cache_root)) if p is not None]
+    with _removed_on_failure(created):
+        out.mkdir(exist_ok=True)
+        if new_split:
+            split.save(split_path)
+        torch.manual_seed(config.seed)
+        model = make_model(family, backbone, head_hidden).to(device)
+        log(f"{model.family}: {label}; {len(train_samples)} train / {len(test_samples)} test "
+            "images")
+        cache = FeatureCache(cache_root)
+        fingerprint = model.fingerprint()
 
-    start = time.perf_counter()
-    train_feats = sample_features(
-        model,
-        train_samples,
-        cache,
-        feature_batch,
-        workers,
-        progress,
-        "features (train)",
-        fingerprint,
-    )
-    if train_feats.skipped:
-        log(skipped_report("train", train_feats.skipped))
-    feature_seconds = time.perf_counter() - start
-    targets = torch.tensor([s.mos for s in train_feats.samples], dtype=torch.float32)
-    start = time.perf_counter()
-    losses = fit(model, train_feats.values, targets, config, progress)
-    train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        train_feats = sample_features(
+            model,
+            train_samples,
+            cache,
+            feature_batch,
+            workers,
+            progress,
+            "features (train)",
+            fingerprint,
+        )
+        if train_feats.skipped:
+            log(skipped_report("train", train_feats.skipped))
+        feature_seconds = time.perf_counter() - start
+        targets = torch.tensor([s.mos for s in train_feats.samples], dtype=torch.float32)
+        start = time.perf_counter()
+        losses = fit(model, train_feats.values, targets, config, progress)
+        train_seconds = time.perf_counter() - start
 
-    preds = predict_samples(
-        model,
-        test_samples,
-        cache,
-        feature_batch,
-        workers,
-        progress,
-        "features (test)",
-        fingerprint,
-    )
-    if preds.skipped:
-        log(skipped_report("test", preds.skipped))
-    metrics = preds.metrics(logistic)
+        preds = predict_samples(
+            model,
+            test_samples,
+            cache,
+            feature_batch,
+            workers,
+            progress,
+            "features (test)",
+            fingerprint,
+        )
+        if preds.skipped:
+            log(skipped_report("test", preds.skipped))
+        metrics = preds.metrics(logistic)
 
-    extra = {
-        KEY + "dataset": ds.name,
-        KEY + "dataset_root": str(Path(root).resolve()),
-        KEY + "split_file": str(split_path.resolve()),
-        KEY + "split_sha256": split.digest(),
-        KEY + "weights": str(weights) if weights else backbone.config.name_or_path,
-        KEY + "train_config": json.dumps(asdict(config), sort_keys=True),
-        KEY + "test_metrics": json.dumps(metrics, sort_keys=True),
-    }
-    save_checkpoint(model, checkpoint, extra, overwrite=overwrite)
-    preds.write_csv(out / "predictions_test.csv", label)
-    with (
-        atomic_path(out / "train_log.csv") as tmp,
-        tmp.open("w", newline="", encoding="utf-8") as f,
-    ):
-        w = csv.writer(f)
-        w.writerow(["epoch", "train_mse", "backbone"])
-        w.writerows([i + 1, f"{loss:.6f}", label] for i, loss in enumerate(losses))
-    summary = {
-        "family": family,
-        "dataset": ds.name,
-        "backbone": label,
-        "train_images": len(train_feats.samples),
-        "test_images": len(preds.names),
-        "skipped": len(train_absent)
-        + len(test_absent)
-        + len(train_feats.skipped)
-        + len(preds.skipped),
-        "features_computed": train_feats.computed,
-        "features_cached": train_feats.cached,
-        "feature_seconds": feature_seconds,
-        "train_seconds": train_seconds,
-        "config": asdict(config),
-        "test": metrics,
-        "final_train_mse": losses[-1],
-    }
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    return TrainResult(model, checkpoint, split_path, preds, metrics, losses, label)
+        extra = {
+            KEY + "dataset": ds.name,
+            KEY + "dataset_root": str(Path(root).resolve()),
+            KEY + "split_file": str(split_path.resolve()),
+            KEY + "split_sha256": split.digest(),
+            KEY + "weights": str(weights) if weights else backbone.config.name_or_path,
+            KEY + "train_config": json.dumps(asdict(config), sort_keys=True),
+            KEY + "test_metrics": json.dumps(metrics, sort_keys=True),
+        }
+        save_checkpoint(model, checkpoint, extra, overwrite=overwrite)
+        preds.write_csv(out / "predictions_test.csv", label)
+        with (
+            atomic_path(out / "train_log.csv") as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as f,
+        ):
+            w = csv.writer(f)
+            w.writerow(["epoch", "train_mse", "backbone"])
+            w.writerows([i + 1, f"{loss:.6f}", label] for i, loss in enumerate(losses))
+        summary = {
+            "family": family,
+            "dataset": ds.name,
+            "backbone": label,
+            "train_images": len(train_feats.samples),
+            "test_images": len(preds.names),
+            "skipped": len(train_absent)
+            + len(test_absent)
+            + len(train_feats.skipped)
+            + len(preds.skipped),
+            "features_computed": train_feats.computed,
+            "features_cached": train_feats.cached,
+            "feature_seconds": feature_seconds,
+            "train_seconds": train_seconds,
+            "config": asdict(config),
+            "test": metrics,
+            "final_train_mse": losses[-1],
+        }
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        return TrainResult(model, checkpoint, split_path, preds, metrics, losses, label)

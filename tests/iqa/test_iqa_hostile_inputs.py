@@ -1,0 +1,192 @@
+"""Hostile user inputs of qlis-iqa: annotation files, split files, options and outputs.
+
+An annotation or split file is read bounded (no FIFO blocks, no device fills memory), its rows
+checked (finite scores, names inside the images folder, one score per name); options are
+range-checked by their types; no output may be an input, even with --force; a failed training
+run leaves nothing it made behind. Each case is one clear error, never a traceback or a hang.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_helpers import one_line_error, within_5_s
+from iqa_helpers import make_agiqa3k
+
+from qlis import QlisError
+from qlis_iqa import data as data_module
+from qlis_iqa.cli import MAX_WORKERS, cli
+from qlis_iqa.data import Split, load_agiqa3k, make_split
+from qlis_iqa.errors import IQAError
+from qlis_iqa.evaluate import eval_set_for
+from qlis_iqa.sweep import paper_variants, pick_variants, rd_variants
+from qlis_iqa.train import TrainConfig, train_run
+
+
+def refused(*args: object) -> str:
+    return one_line_error(cli, "qlis-iqa: error: ", *args)
+
+
+def _annotate(root: Path, rows: list[tuple[str, str]]) -> Path:
+    """An AGIQA-3K folder (two real images) whose data.csv holds `rows` (name, score) after
+    its own two."""
+    make_agiqa3k(root, 2)
+    with (root / "data.csv").open("a", newline="") as f:
+        csv.writer(f).writerows([name, "a prompt", score, "0.5"] for name, score in rows)
+    return root
+
+
+def test_annotation_files_that_are_not_utf8_csv(tmp_path: Path) -> None:
+    root = _annotate(tmp_path / "d", [])
+    with (root / "data.csv").open("ab") as f:
+        f.write(b"caf\xe9.jpg,1.0\n")
+    with pytest.raises(IQAError, match=r"row 4: not UTF-8 text"):
+        load_agiqa3k(root)
+    (root / "data.csv").write_bytes(os.urandom(4096))
+    with pytest.raises(IQAError, match="not UTF-8 text"):
+        load_agiqa3k(root)
+    _annotate(tmp_path / "long", [("a" * 200_000, "1.0")])
+    with pytest.raises(IQAError, match=r"row 4: not readable as CSV \(field larger"):
+        load_agiqa3k(tmp_path / "long")
+
+
+def test_annotation_files_are_read_bounded(tmp_path: Path, monkeypatch) -> None:
+    root = make_agiqa3k(tmp_path / "d", 2)
+    monkeypatch.setattr(data_module, "MAX_ANNOTATION_BYTES", 64)
+    with pytest.raises(IQAError, match="larger than 64 B"):
+        load_agiqa3k(root)
+    monkeypatch.undo()
+    (root / "data.csv").unlink()
+    (root / "data.csv").symlink_to("/dev/zero")
+    with pytest.raises(QlisError, match="not a regular file"):
+        load_agiqa3k(root)
+    (root / "data.csv").unlink()
+    os.mkfifo(root / "data.csv")
+
+    def read() -> str:
+        with pytest.raises(QlisError, match="not a regular file") as err:
+            load_agiqa3k(root)
+        return str(err.value)
+
+    within_5_s(read, root / "data.csv")
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-Infinity"])
+def test_scores_must_be_finite(tmp_path: Path, score: str) -> None:
+    root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", score)])
+    with pytest.raises(IQAError, match=rf"row 4: score '{score}' is not a finite number"):
+        load_agiqa3k(root)
+
+
+@pytest.mark.parametrize("name", ["../data.csv", "/etc/hostname", "sub/../../x.jpg"])
+def test_image_names_must_stay_in_the_images_folder(tmp_path: Path, name: str) -> None:
+    root = _annotate(tmp_path, [(name, "1.0")])
+    with pytest.raises(IQAError, match="row 4: image name .* leaves the images folder"):
+        load_agiqa3k(root)
+
+
+def test_names_scored_twice_differently_are_skipped_and_reported(tmp_path: Path) -> None:
+    root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", "4.5"), ("sd1.5_normal_001.jpg", "2.5")])
+    ds = load_agiqa3k(root)
+    assert [s.name for s in ds.samples] == ["sd1.5_normal_001.jpg"]  # same score twice: kept
+    report = ds.missing_report()
+    assert "1 image(s) annotated twice with different scores" in report
+    assert "'sd1.5_normal_000.jpg' in rows 2 and 4" in report
+
+
+def test_split_files_are_read_bounded(tmp_path: Path, runs: dict) -> None:
+    with pytest.raises(QlisError, match="not a regular file"):
+        Split.load("/dev/zero")
+    fifo = tmp_path / "split.json"
+    os.mkfifo(fifo)
+    meta = {"qlis_iqa.dataset": "agiqa-3k", "qlis_iqa.dataset_root": str(tmp_path),
+            "qlis_iqa.split_file": str(fifo)}
+
+    def read() -> str:
+        with pytest.raises(QlisError, match="not a regular file") as err:
+            eval_set_for(meta)
+        return str(err.value)
+
+    within_5_s(read, fifo)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--lr", "nan"), ("--lr", "-1"), ("--lr", "1e300"), ("--lr", "inf"),
+     ("--weight-decay", "nan"), ("--weight-decay", "-5"), ("--seed", str(10**23)),
+     ("--workers", "100000"), ("--test-fraction", "nan")],
+)
+def test_train_options_are_range_checked(tmp_path: Path, option: str, value: str) -> None:
+    line = refused("train", "--family", "clip", "--root", tmp_path, "-o", tmp_path / "r",
+                   option, value)
+    assert f"Invalid value for '{option}'" in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["evaluate", "m.safetensors", "--workers", "100000"],
+     ["score", ".", "--model", "m", "-o", "s.csv", "--workers", str(MAX_WORKERS + 1)],
+     ["sweep", "m", "-o", "s", "--rd-ratio", "inf"],
+     ["sweep", "m", "-o", "s", "--workers", "100000"],
+     ["compress", "m", "-o", "m.qlis", "--target-ratio", "nan"],
+     ["compress", "m", "-o", "m.qlis", "--beta", "nan"]],
+)
+def test_other_options_are_range_checked(args: list[str]) -> None:
+    assert "Invalid value for" in refused(*args)
+
+
+def test_sweep_selection_and_ratios() -> None:
+    with pytest.raises(IQAError, match="names no row"):
+        pick_variants(paper_variants(), ",")
+    with pytest.raises(IQAError, match="finite number >= 1"):
+        rd_variants([float("inf")])
+
+
+def test_no_input_is_an_output(tmp_path: Path, runs: dict, sample_root: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    annotations = (root / "data.csv").read_bytes()
+    model = runs["clip"].checkpoint
+    line = refused("evaluate", model, "--root", root, "-o", root / "data.csv", "--force")
+    assert "data.csv is one of the inputs" in line
+    line = refused("sweep", model, "--root", root, "-o", root / "images" / "sw", "--only",
+                   "Baseline")
+    assert "is inside" in line and not (root / "images" / "sw").exists()
+    assert (root / "data.csv").read_bytes() == annotations
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"keep")
+    for output in (weights, root / "images"):
+        line = refused("train", "--family", "clip", "--root", root, "--weights", weights,
+                       "-o", output, "--force")
+        assert f"{output} is an input folder" in line
+    assert (weights / "model.safetensors").read_bytes() == b"keep"
+    assert sorted(p.name for p in weights.iterdir()) == ["model.safetensors"]
+
+
+def test_a_failed_run_leaves_nothing_it_made(tmp_path: Path, backbones: dict) -> None:
+    root = make_agiqa3k(tmp_path / "d", 6)
+    scores = [[n, "1e30"] for n in sorted(p.name for p in (root / "images").iterdir())]
+    with (root / "data.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["name", "mos_quality"], *scores])
+    config = TrainConfig(epochs=1, batch_size=2)
+    with pytest.raises(IQAError, match="training diverged"):
+        train_run("clip", "agiqa-3k", root, tmp_path / "run", backbones["clip"], config=config,
+                  test_fraction=0.5, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    make_split("agiqa-3k", [s[0] for s in scores], test_fraction=0.5).save(kept / "old.json")
+    with pytest.raises(IQAError, match="training diverged"):
+        train_run("clip", "agiqa-3k", root, kept, backbones["clip"], config=config,
+                  test_fraction=0.5, log=lambda m: None)
+    with pytest.raises(IQAError, match="training diverged"):
+        train_run("clip", "agiqa-3k", root, kept, backbones["clip"], config=config,
+                  split_file=kept / "old.json", log=lambda m: None)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "old.json"]
