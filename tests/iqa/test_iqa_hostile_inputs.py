@@ -118,7 +118,8 @@ def test_split_files_are_read_bounded(tmp_path: Path, runs: dict) -> None:
     ("option", "value"),
     [("--lr", "nan"), ("--lr", "-1"), ("--lr", "1e300"), ("--lr", "inf"),
      ("--weight-decay", "nan"), ("--weight-decay", "-5"), ("--seed", str(10**23)),
-     ("--workers", "100000"), ("--test-fraction", "nan")],
+     ("--workers", "100000"), ("--test-fraction", "nan"), ("--epochs", str(10**9)),
+     ("--split-seed", "-1")],
 )
 def test_train_options_are_range_checked(tmp_path: Path, option: str, value: str) -> None:
     line = refused("train", "--family", "clip", "--root", tmp_path, "-o", tmp_path / "r",

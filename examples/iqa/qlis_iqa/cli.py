@@ -39,6 +39,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
 MAX_WORKERS = 64  # each worker is a process holding a model's preprocessing: more only thrash
+MAX_EPOCHS = 100_000  # a head trains in seconds per thousand epochs; more is a typo, not a run
 SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed takes without overflowing
 
 
@@ -252,8 +253,9 @@ def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) 
 @click.option("--limit", type=click.IntRange(2), help="Use this many annotated images only.")
 @click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True),
               help="Share of the images in the test split of a new split.  [default: 0.2]")
-@click.option("--split-seed", type=int, help="Seed of a new split.  [default: 0]")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--split-seed", type=SEED, help="Seed of a new split.  [default: 0]")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(1, MAX_EPOCHS),
+              help=f"Passes over the training features (at most {MAX_EPOCHS:,}).")
 @batch_option
 @click.option("--lr", default=1e-4, show_default=True,
               type=FiniteFloatRange(0, 1, min_open=True), help="Adam's learning rate, in (0, 1].")
