@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from iqa_helpers import make_agiqa3k
 from qlis import QlisError
 from qlis_iqa import data as data_module
 from qlis_iqa.cli import MAX_WORKERS, cli
-from qlis_iqa.data import Split, load_agiqa3k, make_split
+from qlis_iqa.data import Split, load_agiqa1k, load_agiqa3k, make_split
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import eval_set_for
 from qlis_iqa.sweep import paper_variants, pick_variants, rd_variants
@@ -52,6 +53,23 @@ def test_annotation_files_that_are_not_utf8_csv(tmp_path: Path) -> None:
     _annotate(tmp_path / "long", [("a" * 200_000, "1.0")])
     with pytest.raises(IQAError, match=r"row 4: not readable as CSV \(field larger"):
         load_agiqa3k(tmp_path / "long")
+
+
+def test_an_annotation_sheet_that_unpacks_past_the_bound_is_refused(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """A zip bomb: a few KiB of .xlsx whose sheet inflates to megabytes (gigabytes in the wild)
+    is refused from its declared sizes, before openpyxl inflates anything."""
+    root = tmp_path / "d"
+    root.mkdir()
+    with zipfile.ZipFile(root / "AIGC_MOS_Zscore.xlsx", "w", zipfile.ZIP_DEFLATED) as sheet:
+        sheet.writestr("xl/worksheets/sheet1.xml", b"0" * (2 << 20))
+    assert (root / "AIGC_MOS_Zscore.xlsx").stat().st_size < 64 << 10
+    monkeypatch.setattr(data_module, "MAX_XLSX_UNPACKED_BYTES", 1 << 20)
+    with pytest.raises(IQAError, match="unpacks to 2.00 MiB, more than the 1.00 MiB"):
+        load_agiqa1k(root)
+    (root / "AIGC_MOS_Zscore.xlsx").write_bytes(b"PK not a zip")
+    with pytest.raises(IQAError, match="not a readable .xlsx"):
+        load_agiqa1k(root)
 
 
 def test_annotation_files_are_read_bounded(tmp_path: Path, monkeypatch) -> None:

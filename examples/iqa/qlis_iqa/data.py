@@ -20,6 +20,7 @@ import io
 import json
 import math
 import random
+import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ DATASETS = ("agiqa-3k", "agiqa-1k")
 ANNOTATIONS = {"agiqa-3k": ("data.csv",), "agiqa-1k": ("AIGC_MOS_Zscore.xlsx", "AIGC_all.csv")}
 IMAGES = {"agiqa-3k": "images", "agiqa-1k": "file"}
 MAX_ANNOTATION_BYTES = 1 << 26  # 64 MiB: AGIQA-3K's data.csv (prompts included) is 435 KiB
+MAX_XLSX_UNPACKED_BYTES = 1 << 28  # AGIQA-1K's sheet unpacks to 346 KiB
 MAX_SPLIT_BYTES = 1 << 26  # a split of a million names
 
 
@@ -202,12 +204,27 @@ def _read_csv(path: Path, name_col: str, score_col: str) -> list[Row]:
         raise IQAError(f"{path}, row {line}: not readable as CSV ({err})") from None
 
 
+def _unpacked_size(path: Path, packed: bytes) -> int:
+    """The bytes an .xlsx (a zip) declares its members to unpack to: Python's zip reader never
+    inflates a member past its declared size, so this bounds what openpyxl can allocate (a
+    zip bomb of a few KiB otherwise inflates to gigabytes)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(packed)) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise IQAError(f"{path}: not a readable .xlsx file ({exc})") from None
+
+
 def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     import openpyxl
 
+    packed = _read_bytes(path)
+    unpacked = _unpacked_size(path, packed)
+    if unpacked > MAX_XLSX_UNPACKED_BYTES:
+        raise IQAError(f"{path} unpacks to {human_bytes(unpacked)}, more than the "
+                       f"{human_bytes(MAX_XLSX_UNPACKED_BYTES)} accepted for an annotation sheet")
     try:
-        book = openpyxl.load_workbook(io.BytesIO(_read_bytes(path)), read_only=True,
-                                      data_only=True)
+        book = openpyxl.load_workbook(io.BytesIO(packed), read_only=True, data_only=True)
     except Exception as exc:  # openpyxl raises many types for a bad file
         raise IQAError(f"{path}: not a readable .xlsx file ({exc})") from None
     rows = list(book.worksheets[0].iter_rows(values_only=True))
