@@ -23,7 +23,7 @@ from qlis_iqa import data as data_module
 from qlis_iqa.cli import MAX_WORKERS, cli
 from qlis_iqa.data import Split, load_agiqa1k, load_agiqa3k, make_split
 from qlis_iqa.errors import IQAError
-from qlis_iqa.evaluate import eval_set_for
+from qlis_iqa.evaluate import eval_set_for, skipped_report
 from qlis_iqa.sweep import paper_variants, pick_variants, rd_variants
 from qlis_iqa.train import TrainConfig, train_run
 
@@ -209,3 +209,9 @@ def test_a_failed_run_leaves_nothing_it_made(tmp_path: Path, backbones: dict) ->
         train_run("clip", "agiqa-3k", root, kept, backbones["clip"], config=config,
                   split_file=kept / "old.json", log=lambda m: None)
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "old.json"]
+
+
+def test_skipped_names_cannot_drive_the_terminal() -> None:
+    """Names come from the user's files (a split file, data.csv): printed escaped."""
+    line = skipped_report("test", [("a\x1b]52;c;aGk=\x07.png", "missing")])
+    assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line

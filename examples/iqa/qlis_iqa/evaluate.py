@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from qlis.archive.atomic import atomic_path
+from qlis.cli.console import escape
 from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features
@@ -24,7 +25,7 @@ def skipped_report(what: str, items: Sequence[tuple[str, str]]) -> str:
     """'' or one line: how many images were skipped and the first few, with why."""
     if not items:
         return ""
-    first = "; ".join(f"{name}: {why}" for name, why in items[:3])
+    first = escape("; ".join(f"{name}: {why}" for name, why in items[:3]))
     return f"{what}: {len(items)} image(s) skipped (first: {first})"
 
 
