@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import qlis
 import qlis.cli.model_commands
 from qlis.cli.main import cli
-from qlis.models.hf_model import load_hf_model
+from qlis.models.hf_model import load_hf_model, max_input_length
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,3 +130,27 @@ def test_a_folder_loads_as_transformers_loads_it_without_random_weights_first(
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state,
                            reference(input_ids=ids, attention_mask=mask).last_hidden_state)
+
+
+def test_text_longer_than_the_models_positions_is_cut_to_them(bert_folder, tmp_path):
+    """The tiny BERT's tokenizer declares no length; its config allows 64 positions: a line
+    of 300 words calibrates on its first 64 tokens instead of failing in the model."""
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(WORDS * 10) + "\na red cat\n")
+    out = tmp_path / "bert.qlis"
+    result = run(cli, "pack", bert_folder, "-o", out, "--calib", text,
+                 "--target-bits-per-weight", "6")
+    assert result.exit_code == 0, result.output
+    assert "calibration: 2 examples" in result.output
+
+
+def test_the_longest_input_is_read_from_the_models_position_table():
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=48))
+    roberta = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=48, pad_token_id=1))
+    assert max_input_length(bert) == 48
+    assert max_input_length(roberta) == 46  # positions count from padding_idx + 1
+    assert max_input_length(torch.nn.Linear(2, 2)) is None

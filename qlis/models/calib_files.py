@@ -62,10 +62,12 @@ def check_calibration_path(path: str | Path) -> Path:
 
 
 def read_calibration(path: str | Path, model_folder: str | Path, examples: int = 128,
-                     batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
-    """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``."""
+                     batch_size: int = 16, max_length: int | None = None,
+                     ) -> list[dict[str, torch.Tensor]]:
+    """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``; text
+    examples are cut to ``max_length`` tokens (see `max_input_length`)."""
     path = check_calibration_path(path)
     if path.suffix == ".txt":
         lines = _text_lines(path, examples)
-        return tokenized_batches(load_tokenizer(model_folder), lines, batch_size)
+        return tokenized_batches(load_tokenizer(model_folder), lines, batch_size, max_length)
     return _tensor_batches(path, examples, batch_size)

@@ -110,10 +110,30 @@ def load_tokenizer(folder: str | Path) -> Any:
                          f"({str(err).splitlines()[0][:300]})") from None
 
 
+def max_input_length(model: torch.nn.Module) -> int | None:
+    """The longest input a Hugging Face model's position table takes (its config's
+    ``max_position_embeddings`` or ``n_positions``), None when it does not say. RoBERTa-style
+    tables count positions from their padding index + 1, so those positions are not usable.
+    Tokenizers saved without ``model_max_length`` say nothing of it."""
+    config = getattr(model, "config", None)
+    positions = (getattr(config, "max_position_embeddings", None)
+                 or getattr(config, "n_positions", None))
+    if type(positions) is not int or positions < 1:
+        return None
+    base = getattr(model, "base_model", model)
+    table = getattr(getattr(base, "embeddings", None), "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None:
+        positions -= table.padding_idx + 1
+    return max(positions, 1)
+
+
 def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
-                      ) -> list[dict[str, torch.Tensor]]:
-    """Text examples as keyword batches, padded and truncated to the model's length."""
-    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+                      max_length: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Text examples as keyword batches, padded and truncated to the model's length (the
+    tokenizer's ``model_max_length``, ``max_length`` (`max_input_length`) and 512, the
+    least)."""
+    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512,
+                max_length or 512)
     if getattr(tokenizer, "pad_token", None) is None:  # GPT-2 style: pad with end-of-text
         if getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
