@@ -177,6 +177,18 @@ def test_min_cosine_search_counts_the_measure_standard_error():
     assert size > exact
 
 
+def test_min_cosine_search_survives_an_execution_that_measures_no_error():
+    """A plan that leaves every layer the calibration reaches as it was measures exactly 0
+    (a shared module, a layer the output never depends on): the search interpolated toward
+    log(0) and raised ZeroDivisionError; it now meets the target."""
+    def truth(distortion: float) -> float:
+        return 0.0 if distortion < 3e-3 else 3 * distortion ** 0.8
+
+    choice, _, executions, curves = _cosine_search(truth)
+    assert truth(totals(curves, choice)[1]) <= 0.01
+    assert len(executions) <= _COSINE_PASSES
+
+
 def test_float64_weights_beyond_float32_are_kept_and_small_ones_quantized():
     """rd measures candidates in float32 after dividing by the peak in the weight's own
     dtype; a weight whose steps float32 cannot hold (they would be inf, or 0) is kept."""

@@ -621,12 +621,14 @@ def _bracketed(curves: list[Curve], met: list[tuple[float, float]],
                ) -> list[int] | None:
     """The allocation whose executed size is interpolated (log output error linear in size)
     between the largest execution that missed and the smallest that met, where ``aim``
-    falls; None until there are both, or when they do not bracket it (measures are noisy)."""
+    falls; None until there are both, when they do not bracket it (measures are noisy), or
+    when the one that met measured no error at all (a plan that left every layer the
+    calibration reaches as it was), which has no logarithm to interpolate to."""
     if not met or not missed:
         return None
     low = max(missed)
     high = min(met)
-    if not (low[0] < high[0] and low[1] > aim > high[1]):
+    if not (low[0] < high[0] and low[1] > aim > high[1] > 0.0):
         return None
     share = math.log(low[1] / aim) / math.log(low[1] / high[1])
     return allocate_for_size(curves, (low[0] + share * (high[0] - low[0])) / executed_ratio)
