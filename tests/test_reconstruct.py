@@ -341,6 +341,20 @@ def test_gradient_sensitivities_agree_with_probe_passes():
     assert [p.requires_grad for p in model.parameters()] == flags
 
 
+def test_sparse_embedding_gradients_give_the_dense_gains():
+    """An ``nn.Embedding(sparse=True)`` makes sparse gradients, which the gains' squared sums
+    could not reshape (RuntimeError); they count as the dense gradient does, a row looked
+    up twice summed first."""
+    gains = []
+    for sparse in (False, True):
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Embedding(20, 8, sparse=sparse), nn.Linear(8, 4)).eval()
+        ids = [torch.tensor([[1, 1, 3], [4, 1, 7]]), torch.tensor([[2, 3, 3]])]
+        calibration = qlis.measure.calibrate.Calibration(model, ids)
+        gains.append(calibration.sensitivities(["0.weight", "1.weight"]))
+    assert gains[1] == pytest.approx(gains[0], rel=1e-9)
+
+
 def test_progress_counts_every_layer_executed_in_every_pass(net_and_batches):
     model, batches = net_and_batches
     planned = [0]

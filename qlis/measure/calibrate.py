@@ -102,8 +102,13 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
 def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> None:
     """Add a weight's squared gradient to its total as soon as backward has made it, and
     free it: a backward pass holds one weight's gradient, not the model's. Summed in one
-    compiled pass: torch's sum of a large tensor rounds by its thread count."""
-    totals[index] += squared_sums(tensor.grad, tensor.grad)[0]
+    compiled pass: torch's sum of a large tensor rounds by its thread count. A sparse
+    gradient (``nn.Embedding(sparse=True)``) counts its coalesced values: the rows it leaves
+    out are zeros, and a row looked up twice is summed before it is squared."""
+    grad = tensor.grad
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    totals[index] += squared_sums(grad, grad)[0]
     tensor.grad = None
 
 
