@@ -148,6 +148,23 @@ def test_module_is_untouched_by_default(tiny_vit, tiny_state):
         assert torch.equal(tensor, tiny_state[name])
 
 
+def test_calibration_leaves_a_max_norm_embedding_untouched():
+    """``nn.Embedding(max_norm=...)`` rescales the rows it looks up in place: the calibration
+    passes rescaled the user's table (and quantized the rescaled rows). The model is now
+    left as it was and the table is rounded from the user's weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 8, max_norm=1.0),
+                                torch.nn.Linear(8, 8))
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    ids = [torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(i))
+           for i in range(2)]
+    calibrated = qlis.compress(model, "quant", bits=8, calib=ids)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name])
+    data_free = qlis.compress(state, "quant", bits=8)
+    assert torch.equal(calibrated.state_dict()["0.weight"], data_free.state_dict()["0.weight"])
+
+
 def test_inplace_loads_the_dequantized_weights(tiny_vit, tiny_state):
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     before = tiny_vit(images)

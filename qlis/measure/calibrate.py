@@ -99,6 +99,27 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
+@contextmanager
+def _renormed_copies(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, the tables of the model's embeddings with ``max_norm`` are copies of
+    what they hold now (the model's own, or a replacement swapped in). Such an embedding
+    rescales, in place, each row it looks up whose norm is over ``max_norm``: a pass computes
+    what the user's call computes, yet leaves the model's weights (and the result's tensors
+    swapped in) as they were; the reference pass had rescaled the user's weights before
+    they were quantized."""
+    tables = [module.weight for module in model.modules()
+              if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag)
+              and module.max_norm is not None]
+    saved = [table.data for table in tables]
+    try:
+        for table in tables:
+            table.data = table.data.clone()
+        yield
+    finally:
+        for table, data in zip(tables, saved, strict=True):
+            table.data = data
+
+
 def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> None:
     """Add a weight's squared gradient to its total as soon as backward has made it, and
     free it: a backward pass holds one weight's gradient, not the model's. Summed in one
@@ -207,7 +228,8 @@ class Calibration:
         self.model.eval()
         outputs = []
         try:
-            with torch.inference_mode(), self.swapped(replacements or {}, eager_bytes):
+            with (torch.inference_mode(), self.swapped(replacements or {}, eager_bytes),
+                  _renormed_copies(self.model)):
                 for i, run in runs:
                     self.batch = i
                     try:
@@ -372,7 +394,7 @@ class Calibration:
                 t.grad = None  # the user's own gradients are put back after
                 handles.append(t.register_post_accumulate_grad_hook(
                     lambda t, index=index: _take_gradient(t, index, batch_totals)))
-            with torch.enable_grad():
+            with torch.enable_grad(), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()
                     reference = self.reference[i].double()
