@@ -209,6 +209,29 @@ def test_pruned_layers_stay_float(tmp_path):
         assert {row["path"] for row in runtime.runtime_plan(archive)} == {"float"}
 
 
+def test_hooks_on_a_packed_layer_still_run(tmp_path):
+    """A forward hook on a Linear/Conv2d (the user's, or a library's) was dropped with the
+    module it was on: the low-bit model computed something else. The hooks move to the
+    packed layer, with the layer's training flag, and their handles still remove them."""
+    torch.manual_seed(0)
+    path = tmp_path / "toy.qlis"
+    qlis.save(qlis.compress(Toy().eval(), "quant", bits=8), path)
+    models = []
+    for runtime_name in ("float", "lowbit"):
+        model = Toy().eval()
+        handle = model.fc2.register_forward_hook(lambda module, args, out: 2 * out)
+        model.patch.register_forward_pre_hook(lambda module, args: (args[0].flip(-1),))
+        qlis.load(path, model=model, runtime=runtime_name)
+        models.append((model, handle))
+    (reference, _), (low, handle) = models
+    assert isinstance(low.fc2, runtime._LowBit) and not low.fc2.training
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(low(x), reference(x))
+        handle.remove()
+        assert not torch.equal(low(x), reference(x))
+
+
 def test_bad_runtime_and_missing_model_are_user_errors(tmp_path):
     path, _, _ = archive_of(tmp_path, {"id": "kmeans", "bits": 2})
     with pytest.raises(ConfigError, match="runtime"):

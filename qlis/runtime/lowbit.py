@@ -343,6 +343,22 @@ def _packable(archive, name: str) -> bool:  # noqa: ANN001 - a qlis.Archive
     return quantizer is not None and archive.entry(name).numel > 0 and quantizer.has_grid()
 
 
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+"""nn.Module's records of the hooks its calls run (torch's own attribute names)."""
+
+
+def _take_over(old: nn.Module, new: _LowBit) -> _LowBit:
+    """``new`` with the replaced layer's call hooks and training flag: a hook the user (or a
+    library) placed on the layer still runs, and its handle still removes it (the same
+    dicts); the model computes what it did, with the layer packed."""
+    for attr in _CALL_HOOKS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    return new.train(old.training)
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
@@ -375,7 +391,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         bias = None
         if module.bias is not None:
             bias = archive.read(f"{name}.bias")
-        replacements[name] = lowbit_module(q, bias, module)
+        replacements[name] = _take_over(module, lowbit_module(q, bias, module))
         del q, bias
         release_free_memory()
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
