@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import qlis
-from qlis import ConfigError
+from qlis import ConfigError, InputError
 from qlis.measure import stats
 from qlis.plan.allocate import Curve, allocate_for_distortion, totals
 from qlis.plan.execute import Realized, execute_layer
@@ -262,6 +262,16 @@ def test_calibration_input_errors(mlp):
         qlis.compress(mlp, calib=torch.randn(2, 256))
     with pytest.raises(ConfigError, match="empty"):
         qlis.compress(mlp, calib=[])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+def test_a_torchscript_model_is_compressed_data_free_and_refused_calibration(mlp):
+    """Calibrating a torch.jit.script model raised torch's RuntimeError (get_submodule is not
+    supported on ScriptModules) mid-way; it is now one InputError up front."""
+    scripted = torch.jit.script(mlp)
+    assert qlis.compress(scripted).layers
+    with pytest.raises(InputError, match="TorchScript"):
+        qlis.compress(scripted, calib=[torch.randn(2, 256)], target_ratio=4)
 
 
 def test_candidate_estimates_match_the_executed_layer():

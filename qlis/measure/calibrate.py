@@ -156,6 +156,12 @@ class Calibration:
                  cluster: Cluster | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise InputError("calibration needs the model as an nn.Module")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise InputError(
+                "calibration hooks the model's layers and swaps their weights, which a "
+                "TorchScript module (torch.jit.script or trace) does not allow: pass the "
+                "nn.Module it was made from, or compress without calib="
+            )
         if not callable(calib):
             if isinstance(calib, torch.Tensor | Mapping) or not isinstance(calib, Sequence):
                 raise ConfigError(
