@@ -101,6 +101,9 @@ CASES = {
     "25-digit offset": lambda h: quantized(h)["data"].update(offset=10**25),
     "negative offset": lambda h: quantized(h)["data"].update(offset=-64),
     "crc over 32 bits": lambda h: quantized(h)["data"].update(crc32c=1 << 40),
+    "crc a string with a newline and an escape": lambda h: quantized(h)["data"].update(
+        crc32c="\n\x1b[2J"),
+    "summary ratio a string with a newline": lambda h: h["summary"].update(cr="1\n2"),
     "float length": lambda h: quantized(h)["data"].update(length=3.0),
     "bool length": lambda h: quantized(h)["data"].update(length=True),
     "NaN in plan": lambda h: json.dumps(h).replace('"k": ', '"k": NaN, "x": ', 1).encode(),

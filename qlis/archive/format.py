@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import google_crc32c
 import numpy as np
 
+from qlis.config import shown
 from qlis.errors import ArchiveError, InputError, QlisError
 
 MAGIC = b"\x89QLIS\r\n\x1a"
@@ -253,7 +254,7 @@ _MAX_INT64 = (1 << 63) - 1
 
 def _integer(value: object, where: str, low: int = 0, high: int = _MAX_INT64) -> int:
     if not _is_int(value) or not low <= value <= high:
-        raise _fail(where, f"must be an integer in [{low}, {high}], got {str(value)[:40]}")
+        raise _fail(where, f"must be an integer in [{low}, {high}], got {shown(value)}")
     return value
 
 
@@ -349,7 +350,7 @@ def _size_or_none(value: object, where: str) -> int | None:
 
 def _ratio_or_none(value: object, where: str) -> float | None:
     if value is not None and not (_is_number(value) and value >= 0):
-        raise _fail(where, f"must be a non-negative number or null, got {str(value)[:40]}")
+        raise _fail(where, f"must be a non-negative number or null, got {shown(value)}")
     return value
 
 
