@@ -14,7 +14,12 @@ from qlis import ConfigError, InputError
 from qlis.measure import stats
 from qlis.plan.allocate import Curve, allocate_for_distortion, totals
 from qlis.plan.execute import Realized, execute_layer
-from qlis.plan.rd import _COSINE_PASSES, DEFAULT_MAX_DISTORTION, _allocate_for_cosine
+from qlis.plan.rd import (
+    _COSINE_PASSES,
+    DEFAULT_MAX_DISTORTION,
+    _allocate_for_cosine,
+    renormalized,
+)
 
 
 class TwoPaths(nn.Module):
@@ -349,3 +354,38 @@ def test_a_layer_the_calibration_output_does_not_depend_on_is_not_rounded_away()
         result = qlis.compress(model, target_bits_per_weight=4, calib=lambda m: m.body(x))
     errors = {layer.name: layer.rel_mse for layer in result.layers}
     assert errors["head.weight"] < 0.2 and errors["head.weight"] < 10 * errors["body.weight"]
+
+
+NORMALIZED_LAYERS = {
+    "weight_norm": lambda: nn.utils.parametrizations.weight_norm(nn.Linear(64, 128)),
+    "weight_norm (old API)": lambda: nn.utils.weight_norm(nn.Linear(64, 128)),
+    "spectral_norm": lambda: nn.utils.parametrizations.spectral_norm(nn.Linear(64, 128)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NORMALIZED_LAYERS))
+def test_a_normalized_weight_keeps_every_row_at_the_papers_ratios(kind):
+    """A layer that divides its weight by the weight's norm gives NaN outputs from a row of
+    zeros; rd's coarse steps round a small layer's rows to zeros at 16x (an ordinary layer
+    may lose them: its outputs are zeros)."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(NORMALIZED_LAYERS[kind](), nn.ReLU(), nn.Linear(128, 64))
+
+    result = qlis.compress(make(), target_ratio=16)
+    names = [n for n in result.state_dict() if renormalized(n)]
+    assert len(names) == 1
+    direction = result.state_dict()[names[0]]
+    assert bool(direction.reshape(direction.shape[0], -1).abs().amax(dim=1).gt(0).all())
+    model = make()
+    model.load_state_dict(result.state_dict())
+    assert bool(torch.isfinite(model(torch.randn(4, 64))).all())
+
+
+def test_renormalized_names():
+    assert all(map(renormalized, ["0.weight_v", "conv.weight_orig", "weight_v",
+                                  "0.parametrizations.weight.original1",
+                                  "0.parametrizations.weight.original"]))
+    assert not any(map(renormalized, ["0.parametrizations.weight.original0", "0.weight_g",
+                                      "0.parametrizations.weight.0._v", "attn.in_proj_v",
+                                      "fc.weight"]))

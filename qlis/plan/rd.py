@@ -22,6 +22,7 @@ qlis/plan/allocate.py then picks one candidate per layer to meet a size or a qua
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -111,6 +112,26 @@ def _relative_steps(finest: float) -> np.ndarray:
     return COARSEST_STEP * 2.0 ** (-np.arange(count) / 2)
 
 
+_RENORMALIZED = re.compile(r"((^|\.)weight_(v|orig)|\.parametrizations\.[^.]+\.original1?)$")
+
+
+def renormalized(name: str) -> bool:
+    """Whether ``name`` is a tensor its module divides by its own norm before use: the
+    direction of weight normalization (``weight_v``; ``parametrizations.weight.original1``)
+    and the weight of spectral normalization (``weight_orig``; ``...original``). Rounded to
+    zeros, a row of it makes the layer's output NaN where an ordinary weight gives zeros."""
+    return bool(_RENORMALIZED.search(name))
+
+
+def _vanishing_limit(rows: torch.Tensor, scale: torch.Tensor, rounding: float) -> float:
+    """The relative step (step / ``scale``, per row) below which every row keeps a code
+    other than the zero code: a row rounds to zeros only once the step exceeds its peak /
+    (1 - rounding). Rows that are zeros already are left out (they stay zeros)."""
+    peaks = rows.abs().amax(dim=1)
+    alive = peaks > 0
+    return float((peaks[alive] / scale[alive]).min()) / (1.0 - rounding) * 0.999
+
+
 def _sample_index(numel: int, size: int, seed: int) -> torch.Tensor:
     """Every index of a small layer; a seeded sample (with replacement) of a large one."""
     if numel <= size:
@@ -165,7 +186,7 @@ def _error_and_entropy(levels: np.ndarray, low: int, high: int, step: np.float32
 def _uniform_ladder(
     values: torch.Tensor, rms: torch.Tensor, n_params: int, numel: int, widest: float,
     granularity: str, rounding: float, finest: float, pruner: dict | None,
-    reference: torch.Tensor, mean_square: float,
+    reference: torch.Tensor, mean_square: float, coarsest: float = math.inf,
 ) -> list[_Candidate]:
     """Uniform steps half an octave apart on one (possibly pruned) sample of a layer.
 
@@ -179,6 +200,8 @@ def _uniform_ladder(
     found = []
     reliable = None
     for t in _relative_steps(finest):
+        if t >= coarsest:
+            continue
         step = np.float32(t)
         low, high = _round_to_steps(scaled, step, np.float32(rounding), levels)
         if (high - low + 1) * max(1.0, widest) > MAX_LEVELS:
@@ -231,9 +254,10 @@ def _group_candidates(
 
 
 def _layer_candidates(
-    weight: torch.Tensor, policy: RDPolicy, seed: int,
+    weight: torch.Tensor, policy: RDPolicy, seed: int, keep_rows: bool = False,
 ) -> list[_Candidate]:
-    """The candidates of one layer, measured on a sample of its weights."""
+    """The candidates of one layer, measured on a sample of its weights. ``keep_rows``
+    (a `renormalized` tensor): only candidates that leave no row of it all zeros."""
     w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
@@ -260,7 +284,7 @@ def _layer_candidates(
     candidates = [keep]
     widest = peak / peak_abs(values)  # full range / sample range
     sigma = float(rows.std(correction=0)) if policy.prune_levels else 0.0
-    for k in (0.0, *policy.prune_levels):
+    for k in (0.0, *(() if keep_rows else policy.prune_levels)):
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)
         pruner = None if k == 0 else {"id": "sigma", "k": float(k)}
@@ -269,15 +293,19 @@ def _layer_candidates(
             continue
         for granularity in policy.granularities:
             if granularity == "channel":
-                rms = row_mean_squares(kept_rows).sqrt()
-                rms = torch.where(rms > 0, rms, torch.ones_like(rms))[row_of]
+                row_rms = row_mean_squares(kept_rows).sqrt()
+                row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
+                rms = row_rms[row_of]
                 n_params = rows.shape[0]
             else:
-                rms = torch.full_like(values, math.sqrt(kept_energy / numel))
+                row_rms = torch.full((rows.shape[0],), math.sqrt(kept_energy / numel))
+                rms = torch.full_like(values, row_rms[0])
                 n_params = 1
+            coarsest = (_vanishing_limit(rows, row_rms, policy.rounding) if keep_rows
+                        else math.inf)
             candidates += _uniform_ladder(
                 kept_values, rms, n_params, numel, widest, granularity, policy.rounding,
-                policy.finest_step, pruner, values, energy / numel,
+                policy.finest_step, pruner, values, energy / numel, coarsest,
             )
     if policy.group_sizes:
         candidates += _group_candidates(rows, numel, policy.sample_size, seed,
@@ -365,7 +393,8 @@ class RDPolicy(Policy):
         progress = context.progress
 
         def measure(index: int) -> list[_Candidate]:
-            return _layer_candidates(state[names[index]], self, self.seed + index)
+            return _layer_candidates(state[names[index]], self, self.seed + index,
+                                     keep_rows=renormalized(names[index]))
 
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
