@@ -555,9 +555,9 @@ def _count_measures(monkeypatch) -> list[str]:
         measured.append("inspect")
         return layer_measures(tensor, eps, score)
 
-    def counted_candidates(weight, policy, seed):
+    def counted_candidates(weight, policy, seed, **options):
         measured.append("rd")
-        return candidates(weight, policy, seed)
+        return candidates(weight, policy, seed, **options)
 
     monkeypatch.setattr(qlis.measure.stats, "_layer_measures", counted_measures)
     monkeypatch.setattr(qlis.plan.rd, "_layer_candidates", counted_candidates)
