@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -389,3 +390,18 @@ def test_renormalized_names():
     assert not any(map(renormalized, ["0.parametrizations.weight.original0", "0.weight_g",
                                       "0.parametrizations.weight.0._v", "attn.in_proj_v",
                                       "fc.weight"]))
+
+
+def test_zero_layers_count_at_their_coded_size(tmp_path):
+    """Zero-initialised layers (adapters, zero-init projections) code to almost nothing: a size
+    target is met without a warning, and the estimate is the archive's size."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[1].weight.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qlis.QualityWarning)
+        result = qlis.compress(model, target_ratio=8)
+    path = qlis.save(result, tmp_path / "zeros.qlis")
+    assert path.stat().st_size < result.original_bytes / 8
+    assert abs(result.estimated_bytes - path.stat().st_size) < 0.5 * path.stat().st_size

@@ -18,8 +18,8 @@ from qlis.models.tensors import storage_bits
 from qlis.plan.plans import LayerConfig
 from qlis.plan.sizes import (
     QUANTIZED_RECORD_BYTES,
-    RECORD_OVERHEAD_BYTES,
     coded_code_bytes,
+    kept_bytes,
     param_bytes,
 )
 from qlis.quantize.gptq import fit_with_error_feedback, output_error
@@ -97,7 +97,7 @@ def execute_layer(
         stored: StoredTensor = pruned
         rel_mse = relative_mse(weight, pruned)
         paper = huffman = float(kept * width)
-        coded = weight.numel() * width / 8 + RECORD_OVERHEAD_BYTES
+        coded = kept_bytes(pruned)
         bits = None
     else:
         if hessian is not None:

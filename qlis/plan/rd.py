@@ -43,8 +43,8 @@ from qlis.plan.policy import PlanContext, Policy, register_policy
 from qlis.plan.sizes import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
-    RECORD_OVERHEAD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
+    kept_bytes,
 )
 from qlis.quantize.grid import rounded_level
 from qlis.quantize.quantizers import (
@@ -261,7 +261,7 @@ def _layer_candidates(
     w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
-    keep = _Candidate(None, numel * storage_bits(weight.dtype) / 8 + RECORD_OVERHEAD_BYTES, 0.0)
+    keep = _Candidate(None, kept_bytes(w), 0.0)
     if peak and not _SMALLEST_PEAK < peak < _FLOAT32_MAX / COARSEST_STEP:
         return [keep]  # float64 whose steps float32 (the grids' steps) cannot hold
     if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
@@ -472,10 +472,7 @@ class RDPolicy(Policy):
         """Bytes the selected layers may take, from the size target (None: no size target)."""
         state = context.state
         selected = {layer.name for layer in context.report.layers}
-        fixed = HEADER_BYTES + sum(
-            t.numel() * storage_bits(t.dtype) / 8 + RECORD_OVERHEAD_BYTES
-            for n, t in state.items() if n not in selected
-        )
+        fixed = HEADER_BYTES + sum(kept_bytes(t) for n, t in state.items() if n not in selected)
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
         total = self._target_bytes(original, sum(t.numel() for t in state.values()))
         if total is None:

@@ -4,8 +4,10 @@ plan executor estimate an archive before it is written, from one set of figures.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from qlis.archive.codecs import entropy_bits
+from qlis.models.tensors import storage_bits
 
 HEADER_BYTES = 1024
 """An archive's fixed cost: prefix, header skeleton, policy options and summary."""
@@ -33,3 +35,17 @@ def coded_code_bytes(counts: np.ndarray) -> float:
 def param_bytes(params: dict[str, np.ndarray]) -> int:
     """Bytes of a quantizer's parameters as stored."""
     return sum(int(np.asarray(v).nbytes) for v in params.values())
+
+
+def kept_bytes(tensor: torch.Tensor) -> float:
+    """Bytes of a tensor stored as it is: its bit patterns entropy-coded, counted raw (the
+    patterns of real values rarely repeat), except all zeros (a zero-initialised layer or
+    bias), which code to one symbol: counting those raw made a size target look out of reach
+    by the whole layer.
+
+    >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 176
+    True
+    """
+    if tensor.numel() and not bool(tensor.any()):
+        return coded_code_bytes(np.array([tensor.numel()])) + RECORD_OVERHEAD_BYTES
+    return tensor.numel() * storage_bits(tensor.dtype) / 8 + RECORD_OVERHEAD_BYTES
