@@ -117,8 +117,14 @@ def predict_samples(
     if not sf.samples:
         raise IQAError(f"{desc}: no readable image among {len(samples)} ({sf.skipped[0][1]})")
     pred = predict_features(model, sf.values).numpy().astype(np.float64)
-    mos = np.array([s.mos for s in sf.samples], dtype=np.float64)
-    return Predictions([s.name for s in sf.samples], mos, pred, sf.skipped)
+    finite = np.isfinite(pred)  # an overflow inside the model is no score, not a NaN metric
+    skipped = sf.skipped + [(s.name, f"the model's score is {p}")
+                            for s, p, ok in zip(sf.samples, pred, finite, strict=True) if not ok]
+    if not finite.any():
+        raise IQAError(f"{desc}: the model gave no finite score on {len(sf.samples)} image(s)")
+    good = [s for s, ok in zip(sf.samples, finite, strict=True) if ok]
+    mos = np.array([s.mos for s in good], dtype=np.float64)
+    return Predictions([s.name for s in good], mos, pred[finite], skipped)
 
 
 @dataclass

@@ -342,17 +342,28 @@ def load_model(
 
         if runtime == "lowbit":
             qlis.load(path, model=model, runtime="lowbit")
-            return model.set_precision(precision), metadata
-        load_state(model, qlis.load(path), str(path))
-        return model.set_precision(precision), metadata
-    from qlis.errors import QlisError
-    from qlis.models.checkpoints import read_safetensors_into
+        else:
+            load_state(model, qlis.load(path), str(path))
+    else:
+        from qlis.errors import QlisError
+        from qlis.models.checkpoints import read_safetensors_into
 
-    try:  # straight into the model's memory: the weights are never held twice
-        read_safetensors_into(path, model.state_dict())
-    except QlisError as exc:
-        raise IQAError(f"{path} does not load: {exc}") from None
+        try:  # straight into the model's memory: the weights are never held twice
+            read_safetensors_into(path, model.state_dict())
+        except QlisError as exc:
+            raise IQAError(f"{path} does not load: {exc}") from None
+    check_finite(model, str(path))
     return model.set_precision(precision), metadata
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model holding NaN or infinite values: every score it gives would be NaN, and
+    NaN correlations would be printed as if they were results."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise IQAError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values "
+                       f"(first: {bad[0][:80]!r}); refused")
 
 
 def load_state(model: IQAModel, state: dict[str, torch.Tensor], source: str = "state") -> None:

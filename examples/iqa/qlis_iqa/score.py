@@ -8,6 +8,7 @@ never fatal.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,11 @@ def score_images(
             if pixels is not None:
                 with model.inference_context():
                     values = model(pixels.to(device)).float().cpu().tolist()
-                out.scores.update(zip(idx, values, strict=True))
+                for i, value in zip(idx, values, strict=True):
+                    if math.isfinite(value):
+                        out.scores[i] = value
+                    else:  # an overflow inside the model: no score, never "nan" as one
+                        out.errors[i] = f"{out.paths[i]}: the model's score is {value}"
             bar.update(len(idx) + len(errors))
     return out
 

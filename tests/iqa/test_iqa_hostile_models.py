@@ -1,0 +1,63 @@
+"""Hostile models and backbone folders of qlis-iqa: weights that are not finite, stored
+preprocessing that divides pixels into infinities, backbone configs that would allocate without
+bound. Each is one clear error (or an image reported unscored), never a NaN score or metric
+printed as a result, nor a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from iqa_helpers import write_image
+
+from qlis_iqa.backbones import random_backbone
+from qlis_iqa.data import Sample
+from qlis_iqa.errors import IQAError
+from qlis_iqa.evaluate import predict_samples
+from qlis_iqa.models import load_model, make_model, save_checkpoint
+from qlis_iqa.score import score_images
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    return make_model("clip", random_backbone("clip", "tiny", seed=2))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_checkpoints_with_non_finite_weights_are_refused(
+    tiny_model: torch.nn.Module, tmp_path: Path, value: float
+) -> None:
+    with torch.no_grad():
+        tiny_model.head[2].weight[0, 0] = value
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(IQAError, match=r"1 tensor\(s\) hold NaN or infinite values.*head.2"):
+        load_model(path)
+
+
+def _overflowing(model: torch.nn.Module) -> torch.nn.Module:
+    """Finite weights whose product overflows float32: every score is infinite or NaN."""
+    with torch.no_grad():
+        model.head[2].weight.fill_(3e38)
+    return model
+
+
+def test_non_finite_scores_are_reported_not_written(tiny_model: torch.nn.Module,
+                                                    tmp_path: Path) -> None:
+    path = write_image(tmp_path / "a.png", 0)
+    scores = score_images(_overflowing(tiny_model), [path])
+    assert scores.scores == {}
+    assert "the model's score is" in scores.errors[0]
+
+
+def test_non_finite_predictions_are_skipped_not_correlated(tiny_model: torch.nn.Module,
+                                                           tmp_path: Path) -> None:
+    samples = [Sample(f"{i}.png", write_image(tmp_path / f"{i}.png", i), float(i))
+               for i in range(3)]
+    good = predict_samples(tiny_model, samples, None)
+    assert np.isfinite(good.pred).all() and not good.skipped
+    with pytest.raises(IQAError, match="no finite score"):
+        predict_samples(_overflowing(tiny_model), samples, None)
