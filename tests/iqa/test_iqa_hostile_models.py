@@ -6,6 +6,7 @@ printed as a result, nor a traceback.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import predict_samples
 from qlis_iqa.models import load_model, make_model, save_checkpoint
+from qlis_iqa.preprocess import Preprocess
 from qlis_iqa.score import score_images
 
 
@@ -36,6 +38,13 @@ def test_checkpoints_with_non_finite_weights_are_refused(
     path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     with pytest.raises(IQAError, match=r"1 tensor\(s\) hold NaN or infinite values.*head.2"):
         load_model(path)
+
+
+def test_stored_preprocessing_std_is_bounded_below() -> None:
+    text = json.dumps({"size": 28, "mode": "square", "resample": "bilinear",
+                       "mean": [0, 0, 0], "std": [1e-300, 1, 1]})
+    with pytest.raises(IQAError, match="std must be at least"):
+        Preprocess.from_json(text)
 
 
 def _overflowing(model: torch.nn.Module) -> torch.nn.Module:

@@ -35,6 +35,7 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 MODES = ("shortest-crop", "square")
 MIN_SIZE, MAX_SIZE = 16, 1024
 MAX_IMAGE_PIXELS = 8192 * 8192  # decoded size bound, checked on the header before decoding
+MIN_STD = 1e-3  # pixels in [0, 1] over a smaller std: scores far off, or infinite
 MAX_ASPECT = 32  # longest / shortest side accepted by the shortest-side resize
 
 
@@ -68,8 +69,8 @@ class Preprocess:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != 3 or not all(number(v) and abs(v) <= 1e3 for v in values):
                 raise IQAError(f"preprocessing {name} must be 3 finite numbers, got {values!r}")
-        if not all(v > 0 for v in self.std):
-            raise IQAError(f"preprocessing std must be positive, got {self.std!r}")
+        if not all(v >= MIN_STD for v in self.std):  # 1e-300 divides pixels into infinities
+            raise IQAError(f"preprocessing std must be at least {MIN_STD}, got {self.std!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -11,7 +11,8 @@ qlis_iqa.format        "1" (absent: "1")
 qlis_iqa.family        "clip" or "dino"
 qlis_iqa.head_hidden   integer 1..8192 (absent: 256)
 qlis_iqa.preprocess    see `qlis_iqa.preprocess.Preprocess` (size 16..1024, known resample,
-                       3 finite means, 3 stds > 0); its size must equal the backbone's image size
+                       3 finite means, 3 stds >= 1e-3); its size must equal the backbone's
+                       image size
 backbone config        JSON object of at most 64 KiB with, per family, the keys of ARCH_KEYS:
                        hidden_size 8..8192 (a multiple of num_attention_heads 1..128),
                        intermediate_size 8..32768, num_hidden_layers 1..64, image_size 16..1024,
