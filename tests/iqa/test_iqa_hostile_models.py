@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 from iqa_helpers import write_image
 
-from qlis_iqa.backbones import random_backbone
+from qlis_iqa.backbones import load_backbone, random_backbone
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import predict_samples
@@ -70,3 +71,25 @@ def test_non_finite_predictions_are_skipped_not_correlated(tiny_model: torch.nn.
     assert np.isfinite(good.pred).all() and not good.skipped
     with pytest.raises(IQAError, match="no finite score"):
         predict_samples(_overflowing(tiny_model), samples, None)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_size": 10**9}, "hidden_size = 1000000000 is out of bounds"),
+        ({"num_hidden_layers": "two"}, "cannot be used: .*num_hidden_layers"),
+        ({"num_hidden_layers": 64, "hidden_size": 2048, "intermediate_size": 8192},
+         r"builds 3,\d{3},\d{3},\d{3} parameters"),
+        ({"hidden_size": 64}, "do not fit its config.json"),
+        (None, "cannot be used: .*must be a mapping"),
+    ],
+)
+def test_weights_folders_with_hostile_configs_are_refused(
+    backbones: dict[str, Path], tmp_path: Path, changes: dict | None, message: str
+) -> None:
+    folder = shutil.copytree(backbones["clip"], tmp_path / "w")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps([config] if changes is None
+                                                   else {**config, **changes}))
+    with pytest.raises(IQAError, match=message):
+        load_backbone("clip", folder)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
+from qlis_iqa.families import RANDOM_INIT_FLAG, RANDOM_LABEL, Family, get_family
+from qlis_iqa.schema import MAX_PARAMETERS, parse_config
 
 try:  # huggingface_hub >= 0.33 validates config fields strictly (an int for a float, say)
     from huggingface_hub.errors import StrictDataclassError
@@ -26,9 +27,6 @@ except ImportError:  # older: configs are not strict dataclasses, nothing more t
 
 if TYPE_CHECKING:  # transformers is imported lazily: it costs seconds, paths are checked first
     from transformers import PretrainedConfig, PreTrainedModel
-
-RANDOM_INIT_FLAG = "qlis_random_init"
-RANDOM_LABEL = "random-initialised backbone"
 
 
 def _no_init_weights() -> AbstractContextManager:
@@ -40,106 +38,7 @@ def _no_init_weights() -> AbstractContextManager:
     return no_init_weights()
 
 
-@dataclass(frozen=True)
-class Family:
-    """A backbone family of the paper: its transformers classes (by name), checkpoint, shapes."""
-
-    name: str
-    title: str
-    hub_id: str
-    model_type: str  # the config's `model_type`
-    model_class: str  # a class of `transformers`, imported when first needed
-    config_class: str
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    full_config: dict[str, Any] = field(default_factory=dict)
-    tiny_config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def repo_name(self) -> str:
-        return self.hub_id.split("/")[-1]
-
-    @property
-    def model_cls(self) -> type[PreTrainedModel]:
-        import transformers
-
-        return getattr(transformers, self.model_class)
-
-    @property
-    def config_cls(self) -> type[PretrainedConfig]:
-        import transformers
-
-        return getattr(transformers, self.config_class)
-
-
-FAMILIES: dict[str, Family] = {
-    "clip": Family(
-        name="clip",
-        title="CLIPIQA (CLIP ViT-L/14)",
-        hub_id="openai/clip-vit-large-patch14",
-        model_type="clip_vision_model",
-        model_class="CLIPVisionModelWithProjection",
-        config_class="CLIPVisionConfig",
-        full_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        ),
-        tiny_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        ),
-    ),
-    "dino": Family(
-        name="dino",
-        title="DINOIQA (DINO ViT-B/16)",
-        hub_id="facebook/dino-vitb16",
-        model_type="vit",
-        model_class="ViTModel",
-        config_class="ViTConfig",
-        model_kwargs={"add_pooling_layer": False},
-        full_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=16,
-            hidden_act="gelu",
-            layer_norm_eps=1e-12,
-            qkv_bias=True,
-        ),
-        tiny_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-        ),
-    ),
-}
-
 SIZES = ("tiny", "full")
-
-
-def get_family(name: str) -> Family:
-    """Look a family up by name ('clip' or 'dino')."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise IQAError(f"unknown model family {name!r}; use one of {sorted(FAMILIES)}") from None
 
 
 def is_random_init(config: PretrainedConfig) -> bool:
@@ -215,14 +114,45 @@ def _download_hint(fam: Family) -> str:
     )
 
 
+def _checked_config(fam: Family, source: str, cache_dir: Path | None) -> PretrainedConfig:
+    """The config.json of a backbone to load, held to the bounds of a stored description
+    (`schema.parse_config`) and at most MAX_PARAMETERS: transformers allocates what a config
+    says (hidden_size=10**9, or 64 layers beside 2 layers of weights) and raises tracebacks
+    on wrong types."""
+    try:
+        config = fam.config_cls.from_pretrained(
+            source, local_files_only=True, cache_dir=cache_dir
+        )
+        parse_config(fam.name, config.to_json_string())
+        with torch.device("meta"):
+            skeleton = fam.model_cls(config, **fam.model_kwargs)
+    except IQAError as exc:
+        raise IQAError(f"the {fam.name} backbone config in {source} is refused: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__  # one line
+        raise IQAError(f"the {fam.name} backbone config in {source} cannot be used: "
+                       f"{text[:200]}") from None
+    n_params = sum(p.numel() for p in skeleton.parameters())
+    if n_params > MAX_PARAMETERS:
+        raise IQAError(f"the {fam.name} backbone config in {source} builds {n_params:,} "
+                       f"parameters (at most {MAX_PARAMETERS:,}); refused")
+    return config
+
+
 def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTrainedModel:
-    model, info = fam.model_cls.from_pretrained(
-        source,
-        local_files_only=True,
-        cache_dir=cache_dir,
-        output_loading_info=True,
-        **fam.model_kwargs,
-    )
+    config = _checked_config(fam, source, cache_dir)
+    try:
+        model, info = fam.model_cls.from_pretrained(
+            source,
+            config=config,
+            local_files_only=True,
+            cache_dir=cache_dir,
+            output_loading_info=True,
+            **fam.model_kwargs,
+        )
+    except RuntimeError:  # transformers' report of the shapes is logged, which is silenced
+        raise IQAError(f"the weights in {source} do not fit its config.json: tensors of other "
+                       "shapes than the config's") from None
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise IQAError(

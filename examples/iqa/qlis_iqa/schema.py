@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from qlis_iqa.backbones import RANDOM_INIT_FLAG, get_family
 from qlis_iqa.errors import IQAError
+from qlis_iqa.families import RANDOM_INIT_FLAG, get_family
 from qlis_iqa.preprocess import Preprocess
 
 FORMAT_VERSION = "1"
