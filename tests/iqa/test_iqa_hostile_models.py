@@ -19,7 +19,7 @@ from iqa_helpers import write_image
 from qlis_iqa.backbones import load_backbone, random_backbone
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
-from qlis_iqa.evaluate import predict_samples
+from qlis_iqa.evaluate import Predictions, predict_samples
 from qlis_iqa.models import load_model, make_model, save_checkpoint
 from qlis_iqa.preprocess import Preprocess
 from qlis_iqa.score import score_images
@@ -93,3 +93,14 @@ def test_weights_folders_with_hostile_configs_are_refused(
                                                    else {**config, **changes}))
     with pytest.raises(IQAError, match=message):
         load_backbone("clip", folder)
+
+
+def test_undefined_metrics_say_why() -> None:
+    mos = np.array([1.0, 2.0, 3.0])
+    constant = Predictions(["a", "b", "c"], mos, np.full(3, 2.5))
+    assert constant.undefined(constant.metrics()) == (
+        "SRCC, KRCC, PLCC undefined (nan): the model gives all 3 images the same score")
+    same_mos = Predictions(["a", "b", "c"], np.full(3, 2.0), mos)
+    assert same_mos.undefined(same_mos.metrics()).endswith("all 3 images have the same MOS")
+    fine = Predictions(["a", "b", "c"], mos, mos)
+    assert fine.undefined(fine.metrics()) == ""

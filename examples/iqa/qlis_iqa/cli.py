@@ -332,6 +332,8 @@ def train(
     click.echo(f"checkpoint: {escape(str(run.checkpoint))}")
     n = len(run.predictions.names)
     click.echo(f"test ({n} images): {_metrics_line(run.metrics, run.label)}")
+    if note := run.predictions.undefined(run.metrics):
+        _err(f"qlis-iqa: warning: {note}")
 
 
 @cli.command()
@@ -389,6 +391,8 @@ def evaluate(
         preds.write_csv(output, iqa.label)
     metrics = preds.metrics(logistic)
     click.echo(f"test ({len(preds.names)} images): {_metrics_line(metrics, iqa.label)}")
+    if note := preds.undefined(metrics):
+        _err(f"qlis-iqa: warning: {note}")
 
 
 @cli.command()

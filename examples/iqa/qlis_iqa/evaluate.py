@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,21 @@ class Predictions:
 
     def metrics(self, logistic: bool = False) -> dict[str, float]:
         return correlations(self.pred, self.mos, logistic=logistic)
+
+    def undefined(self, metrics: dict[str, float]) -> str:
+        """Why some of `metrics` are NaN ("" when none is): a correlation of constant scores is
+        undefined, and a bare "nan" beside the others would read as a result."""
+        names = [k.upper().replace("_", " ") for k, v in metrics.items() if math.isnan(v)]
+        if not names:
+            return ""
+        n = len(self.pred)
+        if np.ptp(self.pred) == 0:
+            why = f"the model gives all {n} images the same score"
+        elif np.ptp(self.mos) == 0:
+            why = f"all {n} images have the same MOS"
+        else:
+            why = "the logistic fit is degenerate (a step function)"
+        return f"{', '.join(names)} undefined (nan): {why}"
 
     def write_csv(self, path: str | Path, label: str) -> Path:
         """name, mos, prediction, backbone label — one row per scored image."""
