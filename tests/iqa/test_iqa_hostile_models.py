@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Predictions, predict_samples
 from qlis_iqa.models import load_model, make_model, save_checkpoint
 from qlis_iqa.preprocess import Preprocess
-from qlis_iqa.score import score_images
+from qlis_iqa.score import list_images, score_images
 
 
 @pytest.fixture
@@ -104,3 +105,25 @@ def test_undefined_metrics_say_why() -> None:
     assert same_mos.undefined(same_mos.metrics()).endswith("all 3 images have the same MOS")
     fine = Predictions(["a", "b", "c"], mos, mos)
     assert fine.undefined(fine.metrics()) == ""
+
+
+def test_fifos_devices_and_dangling_links_are_unreadable_images(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    write_image(folder / "a.png", 0)
+    os.mkfifo(folder / "fifo.png")  # PIL would wait on it forever
+    (folder / "zero.png").symlink_to("/dev/zero")  # and read this without end
+    (folder / "gone.png").symlink_to(tmp_path / "absent.png")
+    (folder / "text.jpg").write_text("hello")
+    paths = list_images(folder)
+    assert [p.name for p in paths] == ["a.png", "fifo.png", "gone.png", "text.jpg", "zero.png"]
+    scores = score_images(tiny_model, paths)
+    assert list(scores.scores) == [0]
+    assert scores.errors == {
+        1: f"{paths[1]}: unreadable (not a regular file)",
+        2: f"{paths[2]}: missing",
+        3: f"{paths[3]}: unreadable (not an image format PIL knows)",
+        4: f"{paths[4]}: unreadable (not a regular file)",
+    }

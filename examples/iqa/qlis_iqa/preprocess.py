@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -123,11 +126,28 @@ def for_family(family: str, size: int) -> Preprocess:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, turning every failure into an ImageReadError."""
+    """Open and fully decode an image, turning every failure into an ImageReadError.
+
+    Only a regular file is read: opened without blocking and checked on its descriptor, since
+    PIL would wait forever on a FIFO and read /dev/zero without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # open() itself blocks on a FIFO
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ImageReadError(f"{path}: unreadable (not a regular file)")
+            return _decode(path, f)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: missing") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def _decode(path: str | Path, f: BinaryIO) -> Image.Image:
+    """Decode an opened image file, its size checked on the header first."""
     try:
         with warnings.catch_warnings():  # PIL warns from 89 M pixels; we refuse above 67 M
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(f)
         with im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS or min(w, h) < 1:
@@ -136,7 +156,11 @@ def read_image(path: str | Path) -> Image.Image:
                 )
             im.load()
             return im.copy()
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: missing") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its text names the file object, not the file
+        raise ImageReadError(f"{path}: unreadable (not an image format PIL knows)") from None
+    except Image.DecompressionBombError:  # PIL's own bound, at twice its warning's
+        raise ImageReadError(
+            f"{path}: unreadable (more than {MAX_IMAGE_PIXELS:,} pixels are never decoded)"
+        ) from None
+    except (OSError, ValueError) as exc:
         raise ImageReadError(f"{path}: unreadable ({exc})") from None

@@ -25,13 +25,16 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".
 
 
 def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """Image files of a folder (by suffix), sorted; an empty or absent folder is an error."""
+    """Image files of a folder (by suffix), sorted; an empty or absent folder is an error.
+
+    Every entry with an image suffix but a folder is listed: a FIFO, a device or a dangling
+    link named *.png is reported unreadable by `score_images`, not silently left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise IQAError(f"{folder}: no such folder of images")
     pattern = "**/*" if recursive else "*"
     paths = sorted(
-        p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
     )
     if not paths:
         raise IQAError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
