@@ -18,7 +18,7 @@ import torch
 from iqa_helpers import write_image
 
 from qlis_iqa.backbones import load_backbone, random_backbone
-from qlis_iqa.data import Sample
+from qlis_iqa.data import Sample, Split
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Predictions, predict_samples
 from qlis_iqa.models import load_model, make_model, save_checkpoint
@@ -127,3 +127,28 @@ def test_fifos_devices_and_dangling_links_are_unreadable_images(
         3: f"{paths[3]}: unreadable (not an image format PIL knows)",
         4: f"{paths[4]}: unreadable (not a regular file)",
     }
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train": ["a.jpg", "b.jpg"], "test": ["b.jpg", "c.jpg"]}, r"1 name\(s\) in both"),
+        ({"test": ["c.jpg", "c.jpg"]}, "a name appears twice in test"),
+        ({"train": "abc"}, "lists of image names"),
+        ({"test": {"c.jpg": 1}}, "lists of image names"),
+        ({"test_fraction": 1.5}, "test_fraction"),
+        ({"limit": -5}, "limit"),
+        ({"seed": "0"}, "seed"),
+        ({"dataset": ["agiqa-3k"]}, "dataset"),
+    ],
+)
+def test_split_files_are_checked_by_type_and_consistency(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    split = {"dataset": "agiqa-3k", "seed": 0, "test_fraction": 0.5, "limit": None,
+             "train": ["a.jpg", "b.jpg"], "test": ["c.jpg"]}
+    Split(**split).save(tmp_path / "good.json")
+    assert Split.load(tmp_path / "good.json") == Split(**split)
+    (tmp_path / "bad.json").write_text(json.dumps({**split, **changes}))
+    with pytest.raises(IQAError, match=f"not a usable qlis-iqa split file .*{message}"):
+        Split.load(tmp_path / "bad.json")

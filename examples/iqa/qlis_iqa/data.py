@@ -307,17 +307,45 @@ class Split:
         """The split file at `path`, read bounded (it may be named by a checkpoint's metadata:
         a FIFO or /dev/zero there must not block or fill memory)."""
         d = read_json_file(path, "split file", MAX_SPLIT_BYTES, dict)
-        try:
-            return cls(
-                dataset=str(d["dataset"]),
-                seed=int(d["seed"]),
-                test_fraction=float(d["test_fraction"]),
-                limit=None if d.get("limit") is None else int(d["limit"]),
-                train=[str(n) for n in d["train"]],
-                test=[str(n) for n in d["test"]],
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise IQAError(f"{path}: not a qlis-iqa split file ({exc})") from None
+        missing = [k for k in ("dataset", "seed", "test_fraction", "train", "test") if k not in d]
+        if missing:
+            raise IQAError(f"{path}: not a qlis-iqa split file (no {', '.join(missing)})")
+        problem = _split_problem(d)
+        if problem:
+            raise IQAError(f"{path}: not a usable qlis-iqa split file ({problem})")
+        return cls(d["dataset"], d["seed"], float(d["test_fraction"]), d.get("limit"),
+                   d["train"], d["test"])
+
+
+def _split_problem(d: dict) -> str:
+    """What is wrong with a split file's fields ("" if nothing): checked by type, because a
+    string 'abc' iterates as three names, and consistency, because a name in both lists (or
+    twice in test) would evaluate on training images or weigh one image many times."""
+
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def names(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+    fraction = d["test_fraction"]
+    if not isinstance(d["dataset"], str):
+        return "dataset is not a string"
+    if not (integer(d["seed"]) and 0 <= d["seed"] < 2**63):
+        return "seed is not an integer in [0, 2^63)"
+    if not (integer(fraction) or isinstance(fraction, float)) or not 0 < fraction < 1:
+        return "test_fraction is not a number in (0, 1)"
+    if d.get("limit") is not None and not (integer(d["limit"]) and d["limit"] >= 2):
+        return "limit is not null or an integer of at least 2"
+    if not (names(d["train"]) and names(d["test"])):
+        return "train and test must be lists of image names"
+    for key in ("train", "test"):
+        if len(set(d[key])) != len(d[key]):
+            return f"a name appears twice in {key}"
+    both = sorted(set(d["train"]) & set(d["test"]))
+    if both:
+        return f"{len(both)} name(s) in both train and test (first: {both[0][:80]!r})"
+    return ""
 
 
 def make_split(
