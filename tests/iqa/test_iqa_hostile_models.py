@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error
 from iqa_helpers import write_image
 
 from qlis_iqa.backbones import load_backbone, random_backbone
+from qlis_iqa.cli import cli
 from qlis_iqa.data import Sample, Split
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Predictions, predict_samples
@@ -152,3 +154,27 @@ def test_split_files_are_checked_by_type_and_consistency(
     (tmp_path / "bad.json").write_text(json.dumps({**split, **changes}))
     with pytest.raises(IQAError, match=f"not a usable qlis-iqa split file .*{message}"):
         Split.load(tmp_path / "bad.json")
+
+
+def test_the_feature_cache_is_never_written_among_the_inputs(
+    tmp_path: Path, runs: dict, sample_root: Path
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    images = sorted(p.name for p in (root / "images").iterdir())
+    model = runs["clip"].checkpoint
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (root / "images", "is an input folder"),
+        (root / "images" / "cache", "is inside"),
+        (tmp_path / "file", "exists and is not a folder"),
+        (tmp_path / "a" / "b" / "cache", "no such folder (create it first)"),
+    ]
+    for cache, message in cases:
+        for command in (["evaluate", model, "--root", root],
+                        ["sweep", model, "--root", root, "-o", tmp_path / "sw", "--only",
+                         "Baseline"]):
+            assert message in one_line_error(cli, "qlis-iqa: error: ", *command,
+                                             "--cache-dir", cache)
+    assert sorted(p.name for p in (root / "images").iterdir()) == images
+    assert not (tmp_path / "a").exists() and not (tmp_path / "sw").exists()

@@ -92,6 +92,19 @@ def _check_eval_set(root: Path | None, split_file: Path | None) -> None:
         _check_split_file(split_file)
 
 
+def _check_cache_dir(cache_dir: Path | None, output_dir: Path | None = None) -> None:
+    """--cache-dir is reused as it is (its entries accumulate, so no --force), but like any
+    output it is never a file, and its missing parent folder is never created (unless it is
+    `output_dir`, the folder this command makes)."""
+    if cache_dir is None:
+        return
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"--cache-dir {cache_dir} exists and is not a folder")
+    made = output_dir is not None and cache_dir.parent.resolve() == output_dir.resolve()
+    if not cache_dir.parent.is_dir() and not made:
+        raise InputError(f"{cache_dir.parent}: no such folder (create it first)")
+
+
 def _refuse_inputs(outputs: Iterable[Path], files: Iterable[Path], trees: Iterable[Path] = (),
                    folders: Iterable[Path] = ()) -> None:
     """--force replaces an output, never an input. Refused, by resolved path: an output that is
@@ -297,9 +310,11 @@ def train(
     """
     check_input(root, "dataset folder")
     check_output_dir(output, force)
+    _check_cache_dir(cache_dir, output)
     inputs, images = _dataset_inputs(dataset, root, split_file)
     weights_folder = [Path(weights)] if weights else []
-    _refuse_inputs([output], inputs, [images], weights_folder)
+    _refuse_inputs([output, *([cache_dir] if cache_dir else [])], inputs, [images],
+                   weights_folder)
     if split_file is not None and not split_file.exists() and not split_file.parent.is_dir():
         raise InputError(f"{split_file.parent}: no such folder (create it first)")
     if split_file is not None and split_file.exists():
@@ -371,6 +386,7 @@ def evaluate(
     _check_eval_set(root, split_file)
     if output:
         check_output(output, force, (".csv",), inputs=[path])
+    _check_cache_dir(cache_dir)
     _start_work()
     from qlis_iqa.evaluate import eval_set_for, predict_samples, skipped_report
     from qlis_iqa.features import FeatureCache
@@ -378,9 +394,10 @@ def evaluate(
 
     iqa, meta = load_model(path, runtime, precision)
     es = eval_set_for(meta, root, split_file, dataset)
-    if output:
+    written = [p for p in (output, cache_dir) if p is not None]
+    if written:
         inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
-        _refuse_inputs([output], inputs, [images])
+        _refuse_inputs(written, inputs, [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     cache = FeatureCache(cache_dir or path.parent / "cache")
     preds = predict_samples(
@@ -561,6 +578,7 @@ def sweep(
     path = _model_file(model)
     _check_eval_set(root, split_file)
     check_output_dir(output, force)
+    _check_cache_dir(cache_dir, output)
     _start_work()
     from qlis_iqa.data import split_samples
     from qlis_iqa.evaluate import eval_set_for, skipped_report
@@ -585,7 +603,8 @@ def sweep(
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
-    _refuse_inputs([output, *output_files(output, variants, archives)], [path, *inputs], [images])
+    written = [output, *output_files(output, variants, archives)]
+    _refuse_inputs([*written, *([cache_dir] if cache_dir else [])], [path, *inputs], [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     rd = None
     if any(v.kind == "rd" for v in variants):
