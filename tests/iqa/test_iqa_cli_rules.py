@@ -125,3 +125,14 @@ def test_a_missing_choice_option_is_one_line_too():
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
     assert "Choose from: clip, dino" in lines[0]
+
+
+def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qlis_iqa.cli", "score", str(tmp_path / "absent"),
+         "--model", str(tmp_path / "m.qlis"), "-o", str(tmp_path / "s.csv")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"qlis-iqa: error: {tmp_path / 'absent'}: no such folder of images"]

@@ -697,3 +697,7 @@ def score(
 def main() -> None:
     """Console entry point."""
     cli(prog_name="qlis-iqa")
+
+
+if __name__ == "__main__":  # `python -m qlis_iqa.cli` ran nothing and exited 0 without this
+    main()
