@@ -3,17 +3,21 @@ reconstructed, its output quality measured; bad calibration input is one line, e
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from cli_helpers import one_line_error, run
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import qlis
 import qlis.cli.model_commands
 from qlis.cli.main import cli
+from qlis.errors import InputError
+from qlis.models import hf_model
 from qlis.models.hf_model import load_hf_model, max_input_length
 
 transformers = pytest.importorskip("transformers")
@@ -154,3 +158,60 @@ def test_the_longest_input_is_read_from_the_models_position_table():
     assert max_input_length(bert) == 48
     assert max_input_length(roberta) == 46  # positions count from padding_idx + 1
     assert max_input_length(torch.nn.Linear(2, 2)) is None
+
+
+def _edited_copy(folder: Path, tmp_path: Path, **config: object) -> Path:
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    entries = json.loads((copy / "config.json").read_text())
+    entries.update(config)
+    (copy / "config.json").write_text(json.dumps(entries))
+    return copy
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("num_hidden_layers", 10**6), ("hidden_size", 10**9), ("max_position_embeddings", 10**9),
+    ("hidden_size", "32"), ("hidden_size", 32.5), ("intermediate_size", -1),
+])
+def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
+        bert_folder, tmp_path, key, value):
+    """num_hidden_layers=10**6 built modules for minutes past 9 GB and hidden_size=10**9
+    asked torch for 160 GB (a traceback); a size of the wrong type was transformers'
+    traceback. Each is one line now, the key named, before anything is built."""
+    folder = _edited_copy(bert_folder, tmp_path, **{key: value})
+    text = tmp_path / "ok.txt"
+    text.write_text("a red cat\n")
+    message = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", text)
+    assert f"'{key}' is" in message and "the weights hold 39 tensors" in message
+    assert not (tmp_path / "x.qlis").exists()
+
+
+def test_a_config_transformers_cannot_build_or_weights_of_the_wrong_kind_are_one_line(
+        bert_folder, tmp_path):
+    """Zero attention heads was a ZeroDivisionError inside transformers and an int32 weight
+    torch's RuntimeError from load_state_dict, both tracebacks."""
+    text = tmp_path / "ok.txt"
+    text.write_text("a red cat\n")
+    zero_heads = _edited_copy(bert_folder, tmp_path / "a", num_attention_heads=0)
+    assert "cannot build this model" in user_error("pack", zero_heads, "-o", tmp_path / "x.qlis",
+                                                   "--calib", text)
+    ints = _edited_copy(bert_folder, tmp_path / "b")
+    state = load_file(ints / "model.safetensors")
+    state["pooler.dense.weight"] = state["pooler.dense.weight"].to(torch.int32)
+    save_file(state, ints / "model.safetensors")
+    message = user_error("pack", ints, "-o", tmp_path / "x.qlis", "--calib", text)
+    assert "'pooler.dense.weight' is torch.int32, where BertModel holds torch.float32" in message
+
+
+def test_a_module_larger_than_its_weights_is_refused_before_it_is_built(
+        bert_folder, tmp_path, monkeypatch):
+    """Sizes within the weights' element count can still describe a module many times the
+    weights (a vocabulary whose table the folder lacks): measured on the meta device, refused
+    before memory is taken."""
+    monkeypatch.setattr(hf_model, "_BUFFER_SLACK_ELEMENTS", 0)
+    folder = _edited_copy(bert_folder, tmp_path, vocab_size=20_000)
+    state = load_file(folder / "model.safetensors")
+    del state["embeddings.word_embeddings.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(InputError, match="a BertModel of 660,448 elements, its weights hold 20,"):
+        load_hf_model(folder)

@@ -406,6 +406,19 @@ def _load_folder(path: Path) -> Mapping:
     raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
 
 
+_MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
+
+
+def read_config(folder: str | Path) -> dict:
+    """A model folder's ``config.json`` as a JSON object, read with bounds (a regular file of
+    at most 1 MiB, bounded nesting) before transformers parses it without any."""
+    path = Path(folder) / "config.json"
+    parsed = _parse_json(_read_small(path, _MAX_CONFIG_BYTES), path)
+    if not isinstance(parsed, dict):
+        raise InputError(f"{path}: holds a JSON {type(parsed).__name__}, not an object")
+    return parsed
+
+
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor -> shard map, validated (strings only)."""
     parsed = _parse_json(_read_small(index, _MAX_INDEX_BYTES), index)

@@ -12,15 +12,36 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qlis.errors import InputError
-from qlis.models.checkpoints import load_state_dict
+from qlis.models.checkpoints import load_state_dict, read_config
+from qlis.models.tensors import tensor_label
 
 _MAX_EXAMPLE_CHARS = 20_000
+# config.json entries that size the module transformers builds. Each must be an integer that
+# the folder's weights can justify: a width at most their element count, a layer count at most
+# their tensor count. Unchecked, hidden_size=10**9 allocates terabytes and
+# num_hidden_layers=10**6 builds modules for hours, all before a weight is compared.
+_LAYER_KEYS = frozenset({
+    "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
+    "decoder_layers", "num_decoder_layers",
+})
+_WIDTH_KEYS = frozenset({
+    "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings", "n_positions",
+    "n_ctx", "n_embd", "n_inner", "num_attention_heads", "n_head", "n_heads", "num_heads",
+    "num_key_value_heads", "head_dim", "d_model", "d_ff", "d_kv", "ffn_dim", "encoder_ffn_dim",
+    "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads", "type_vocab_size",
+    "embedding_size", "dim", "hidden_dim",
+})
+# The module built may hold at most twice the folder's elements (float16 weights, a float32
+# module) plus this slack for buffers that are not saved (position ids, rotary tables).
+_BUFFER_SLACK_ELEMENTS = 1 << 24
 
 
 def _transformers() -> Any:
@@ -55,46 +76,103 @@ def _without_initialising() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _check_config_sizes(folder: Path, config: dict, tensors: int, elements: int) -> None:
+    """Refuse a config.json whose sizes the weights cannot justify (see _WIDTH_KEYS), in
+    nested configs too (text_config, vision_config), before transformers builds anything."""
+    pending = [config]
+    while pending:
+        entries = pending.pop()
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                pending.append(value)
+                continue
+            limit = tensors if key in _LAYER_KEYS else elements if key in _WIDTH_KEYS else None
+            if limit is None or value is None:
+                continue
+            if type(value) is not int or not 0 <= value <= limit:
+                shown = repr(value) if type(value) is int else type(value).__name__
+                raise InputError(
+                    f"{folder / 'config.json'}: {tensor_label(key)} is {shown[:40]}; it must be "
+                    f"an integer from 0 to {limit:,} (the weights hold {tensors:,} tensors of "
+                    f"{elements:,} elements)"
+                )
+
+
+def _check_skeleton(folder: Path, skeleton: torch.nn.Module,
+                    state: Mapping[str, torch.Tensor], elements: int) -> None:
+    """The module that the config describes, built on the meta device (no memory), against the
+    weights: their names, shapes and kinds, and its size bounded by theirs, all before the
+    module is built for real."""
+    expected = skeleton.state_dict()
+    name = type(skeleton).__name__
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise InputError(f"{folder}: the weights hold {len(unexpected)} tensor(s) that "
+                         f"{name} does not have, e.g. {tensor_label(unexpected[0])}")
+    for key, tensor in state.items():
+        wanted = expected[key]
+        if tuple(tensor.shape) != tuple(wanted.shape):
+            raise InputError(f"{folder}: tensor {tensor_label(key)} has shape "
+                             f"{list(tensor.shape)}, the config asks for {list(wanted.shape)}")
+        if tensor.is_floating_point() != wanted.is_floating_point():
+            raise InputError(f"{folder}: tensor {tensor_label(key)} is {tensor.dtype}, where "
+                             f"{name} holds {wanted.dtype}")
+    held = {id(t): t.numel() for t in (*skeleton.parameters(), *skeleton.buffers())}
+    if sum(held.values()) > 2 * elements + _BUFFER_SLACK_ELEMENTS:
+        raise InputError(f"{folder}: its config.json describes a {name} of "
+                         f"{sum(held.values()):,} elements, its weights hold {elements:,}")
+
+
+def _builder(folder: Path, transformers: Any) -> Callable[[], torch.nn.Module]:
+    """What builds the folder's module from its config.json (weights left unfilled)."""
+    with _quietly():
+        config = transformers.AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModel
+
+    def build() -> torch.nn.Module:
+        with _quietly(), _without_initialising():
+            return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+
+    return build
+
+
 def load_hf_model(folder: str | Path) -> torch.nn.Module:
-    """The model of a Hugging Face folder (config.json + weights), in eval mode."""
+    """The model of a Hugging Face folder (config.json + weights), in eval mode.
+
+    The weights are read first and bound what the config may build: its sizes are checked
+    against them, then the module is built on the meta device and compared with them, and
+    only then built in memory."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: calibration needs a model that can run: a Hugging Face "
                          "model folder with a config.json (a bare state dict cannot run)")
     transformers = _transformers()
-    try:
-        with _quietly():
-            config = transformers.AutoConfig.from_pretrained(
-                folder, local_files_only=True, trust_remote_code=False)
-            names = getattr(config, "architectures", None) or []
-            cls = getattr(transformers, names[0], None) if names else None
-            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-                cls = transformers.AutoModel
-            with _without_initialising():
-                model = (cls.from_config(config) if cls is transformers.AutoModel
-                         else cls(config))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise InputError(f"{folder}: transformers cannot build this model from its "
-                         f"config.json ({str(err).splitlines()[0][:300]})") from None
     state = load_state_dict(folder)
-    expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise InputError(f"{folder}: the weights hold {len(unexpected)} tensor(s) that "
-                         f"{type(model).__name__} does not have, e.g. {unexpected[0]!r}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise InputError(f"{folder}: tensor {name!r} has shape {list(tensor.shape)}, the "
-                             f"config asks for {list(expected[name].shape)}")
+    elements = sum(math.prod(tensor.shape) for tensor in state.values())
+    _check_config_sizes(folder, read_config(folder), len(state), elements)
+    try:  # transformers' own checks raise anything (ZeroDivisionError for zero heads)
+        build = _builder(folder, transformers)
+        with torch.device("meta"):
+            skeleton = build()
+    except Exception as err:  # noqa: BLE001 - a hostile config.json, not a bug of ours
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise InputError(f"{folder}: transformers cannot build this model from its "
+                         f"config.json ({detail})") from None
+    _check_skeleton(folder, skeleton, state, elements)
+    model = build()
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     loaded = model.state_dict()
     given = {loaded[n].data_ptr() for n in state}
-    untied = [name for name in expected if name not in state
+    untied = [name for name in loaded if name not in state
               and loaded[name].data_ptr() not in given]
     if untied:
         raise InputError(f"{folder}: the weights lack {len(untied)} tensor(s) the model needs, "
-                         f"e.g. {untied[0]!r}")
+                         f"e.g. {tensor_label(untied[0])}")
     return model.eval()
 
 
