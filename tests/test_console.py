@@ -97,6 +97,11 @@ def test_check_output_suffix_parent_and_force(tmp_path):
     with pytest.raises(InputError, match="no such folder"):
         check_output(tmp_path / "absent" / "x.qlis", True, (".qlis",))
     assert not (tmp_path / "absent").exists()
+    (tmp_path / "model.pt").write_bytes(b"model")  # was reported as "no such folder"
+    with pytest.raises(InputError, match="model.pt: is not a folder"):
+        check_output(tmp_path / "model.pt" / "x.qlis", True, (".qlis",))
+    with pytest.raises(InputError, match="model.pt: is not a folder"):
+        check_output_dir(tmp_path / "model.pt" / "shards", True)
     existing = tmp_path / "x.qlis"
     existing.write_bytes(b"keep")
     with pytest.raises(InputError, match="--force"):

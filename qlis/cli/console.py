@@ -340,6 +340,14 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def _no_folder(parent: Path) -> InputError:
+    """Why an output's parent cannot hold it: absent, or a file in the folder's place (``-o
+    model.pt/out.qlis`` is not "no such folder")."""
+    if parent.exists() or parent.is_symlink():
+        return InputError(f"{parent}: is not a folder")
+    return InputError(f"{parent}: no such folder (create it first)")
+
+
 def check_output(
     path: str | os.PathLike,
     force: bool,
@@ -361,7 +369,7 @@ def check_output(
             raise InputError(f"{path} is one of the inputs; write the output somewhere else")
     parent = path.parent
     if not parent.is_dir():
-        raise InputError(f"{parent}: no such folder (create it first)")
+        raise _no_folder(parent)
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name")
     if (path.exists() or path.is_symlink()) and not force:
@@ -398,7 +406,7 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
     if not path.parent.is_dir():
-        raise InputError(f"{path.parent}: no such folder (create it first)")
+        raise _no_folder(path.parent)
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{path} exists and is not empty; pass --force to write into it")
     return path
