@@ -291,6 +291,18 @@ def test_a_tensor_in_two_shards_or_another_than_the_index_says_is_refused(tmp_pa
     refused(folder, "'x' is in shard 'model-1.safetensors'", "does not list it")
 
 
+def test_a_bin_shard_in_a_safetensors_index_is_read_for_its_metadata_too(tmp_path):
+    """load_state_dict reads a .bin shard that the index names; read_metadata (which pack
+    calls next) parsed it as safetensors and refused the folder ("header too large")."""
+    folder = sharded_folder(tmp_path)
+    save_file({"w": torch.ones(2)}, folder / "model-1.safetensors", metadata={"format": "pt"})
+    torch.save({"v": torch.zeros(2)}, folder / "model-2.bin")
+    weight_map = {"w": "model-1.safetensors", "v": "model-2.bin"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert set(load_state_dict(folder)) == {"w", "v"}
+    assert read_metadata(folder) == {"format": "pt"}
+
+
 # 6. Crafted safetensors headers
 
 

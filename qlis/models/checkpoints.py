@@ -500,7 +500,8 @@ def load_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
 def read_metadata(path: str | Path) -> dict[str, str] | None:
     """The safetensors ``__metadata__`` of a model (e.g. ``{"format": "pt"}``), or None.
 
-    For a sharded folder: the entries every shard agrees on. A .pt checkpoint has none.
+    For a sharded folder: the entries every .safetensors shard agrees on (`load_state_dict`
+    also reads .bin shards an index names, which have none). A .pt checkpoint has none.
     """
     path = Path(path)
     if stat.S_ISDIR(_stat(path).st_mode):
@@ -509,8 +510,9 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
             files = [_inside(roots, path / "model.safetensors", path)]
         elif os.path.lexists(path / "model.safetensors.index.json"):
             index = _inside(roots, path / "model.safetensors.index.json", path)
-            shards = sorted(set(_weight_map(index).values()))
-            files = [_inside(roots, path / shard, index) for shard in shards]
+            shards = sorted(set(_weight_map(index).values()))  # .bin shards have none
+            files = [_inside(roots, path / shard, index) for shard in shards
+                     if shard.endswith(".safetensors")]
         else:
             return None
     elif path.suffix == ".safetensors":
