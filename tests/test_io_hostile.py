@@ -628,3 +628,15 @@ def test_a_damaged_pt_record_is_refused_not_loaded(tmp_path):
     data[at] ^= 0x40
     path.write_bytes(bytes(data))
     refused(path, "damaged", "CRC-32")
+
+
+def test_a_pt_record_size_past_the_end_is_named(tmp_path):
+    """A zip record whose central-directory size runs past the file raised a bare EOFError:
+    the message read 'damaged ()'."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.full((256,), 1.5)}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02", data.find(b"data/0") - 200)
+    struct.pack_into("<II", data, at + 20, 0xFFFFFFF0, 0xFFFFFFF0)
+    path.write_bytes(bytes(data))
+    assert "()" not in refused(path, "damaged (")

@@ -318,7 +318,8 @@ def _check_zip_records(path: Path) -> None:
                     while record.read(1 << 24):
                         pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
-        raise InputError(f"{path}: damaged ({err}); the file is corrupt") from None
+        raise InputError(f"{path}: damaged ({str(err) or type(err).__name__}); the file is "
+                         "corrupt") from None
 
 
 def _load_torch(path: Path) -> Mapping:
