@@ -170,7 +170,7 @@ def _edited_copy(folder: Path, tmp_path: Path, **config: object) -> Path:
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("num_hidden_layers", 10**6), ("hidden_size", 10**9), ("max_position_embeddings", 10**9),
+    ("num_hidden_layers", 10**6), ("hidden_size", 10**9),
     ("hidden_size", "32"), ("hidden_size", 32.5), ("intermediate_size", -1),
 ])
 def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
@@ -188,13 +188,17 @@ def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
 
 def test_a_config_transformers_cannot_build_or_weights_of_the_wrong_kind_are_one_line(
         bert_folder, tmp_path):
-    """Zero attention heads was a ZeroDivisionError inside transformers and an int32 weight
-    torch's RuntimeError from load_state_dict, both tracebacks."""
+    """Zero attention heads was a ZeroDivisionError inside transformers, 10**9 positions a
+    128 GB allocation and an int32 weight torch's RuntimeError from load_state_dict, all
+    tracebacks; the positions are now compared on the meta device, nothing allocated."""
     text = tmp_path / "ok.txt"
     text.write_text("a red cat\n")
     zero_heads = _edited_copy(bert_folder, tmp_path / "a", num_attention_heads=0)
     assert "cannot build this model" in user_error("pack", zero_heads, "-o", tmp_path / "x.qlis",
                                                    "--calib", text)
+    positions = _edited_copy(bert_folder, tmp_path / "p", max_position_embeddings=10**9)
+    assert "[1000000000, 32]" in user_error("pack", positions, "-o", tmp_path / "x.qlis",
+                                            "--calib", text)
     ints = _edited_copy(bert_folder, tmp_path / "b")
     state = load_file(ints / "model.safetensors")
     state["pooler.dense.weight"] = state["pooler.dense.weight"].to(torch.int32)

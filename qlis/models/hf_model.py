@@ -27,14 +27,15 @@ _MAX_EXAMPLE_CHARS = 20_000
 # config.json entries that size the module transformers builds. Each must be an integer that
 # the folder's weights can justify: a width at most their element count, a layer count at most
 # their tensor count. Unchecked, hidden_size=10**9 allocates terabytes and
-# num_hidden_layers=10**6 builds modules for hours, all before a weight is compared.
+# num_hidden_layers=10**6 builds modules for hours, all before a weight is compared. Position
+# counts are left to _check_skeleton: a rotary model's need not be within its weights.
 _LAYER_KEYS = frozenset({
     "num_hidden_layers", "n_layer", "n_layers", "num_layers", "encoder_layers",
     "decoder_layers", "num_decoder_layers",
 })
 _WIDTH_KEYS = frozenset({
-    "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings", "n_positions",
-    "n_ctx", "n_embd", "n_inner", "num_attention_heads", "n_head", "n_heads", "num_heads",
+    "hidden_size", "intermediate_size", "vocab_size", "n_embd", "n_inner",
+    "num_attention_heads", "n_head", "n_heads", "num_heads",
     "num_key_value_heads", "head_dim", "d_model", "d_ff", "d_kv", "ffn_dim", "encoder_ffn_dim",
     "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads", "type_vocab_size",
     "embedding_size", "dim", "hidden_dim",
