@@ -412,8 +412,10 @@ _MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
 
 def read_config(folder: str | Path) -> dict:
     """A model folder's ``config.json`` as a JSON object, read with bounds (a regular file of
-    at most 1 MiB, bounded nesting) before transformers parses it without any."""
+    at most 1 MiB, bounded nesting) before transformers parses it without any; like the
+    weights, it must lie in the folder (a link out of it is refused)."""
     path = Path(folder) / "config.json"
+    _inside(_folder_roots(Path(folder)), path, path)
     parsed = _parse_json(_read_small(path, _MAX_CONFIG_BYTES), path)
     if not isinstance(parsed, dict):
         raise InputError(f"{path}: holds a JSON {type(parsed).__name__}, not an object")
