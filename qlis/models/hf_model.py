@@ -118,10 +118,11 @@ def _check_skeleton(folder: Path, skeleton: torch.nn.Module,
         if tensor.is_floating_point() != wanted.is_floating_point():
             raise InputError(f"{folder}: tensor {tensor_label(key)} is {tensor.dtype}, where "
                              f"{name} holds {wanted.dtype}")
-    held = {id(t): t.numel() for t in (*skeleton.parameters(), *skeleton.buffers())}
-    if sum(held.values()) > 2 * elements + _BUFFER_SLACK_ELEMENTS:
-        raise InputError(f"{folder}: its config.json describes a {name} of "
-                         f"{sum(held.values()):,} elements, its weights hold {elements:,}")
+    held = sum({id(t): t.numel() for t in (*skeleton.parameters(), *skeleton.buffers())}
+               .values())
+    if held > 2 * elements + _BUFFER_SLACK_ELEMENTS:
+        raise InputError(f"{folder}: its config.json describes a {name} of {held:,} elements, "
+                         f"its weights hold {elements:,}")
 
 
 def _builder(folder: Path, transformers: Any) -> Callable[[], torch.nn.Module]:

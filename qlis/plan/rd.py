@@ -123,11 +123,11 @@ def renormalized(name: str) -> bool:
     return bool(_RENORMALIZED.search(name))
 
 
-def _vanishing_limit(rows: torch.Tensor, scale: torch.Tensor, rounding: float) -> float:
+def _vanishing_limit(peaks: torch.Tensor, scale: torch.Tensor, rounding: float) -> float:
     """The relative step (step / ``scale``, per row) below which every row keeps a code
-    other than the zero code: a row rounds to zeros only once the step exceeds its peak /
-    (1 - rounding). Rows that are zeros already are left out (they stay zeros)."""
-    peaks = rows.abs().amax(dim=1)
+    other than the zero code: a row rounds to zeros only once the step exceeds its peak
+    (``peaks``, per row) / (1 - rounding). Rows that are zeros already are left out (they
+    stay zeros)."""
     alive = peaks > 0
     return float((peaks[alive] / scale[alive]).min()) / (1.0 - rounding) * 0.999
 
@@ -261,7 +261,7 @@ def _layer_candidates(
     w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
-    keep = _Candidate(None, kept_bytes(w), 0.0)
+    keep = _Candidate(None, kept_bytes(w, zeros=peak == 0), 0.0)
     if peak and not _SMALLEST_PEAK < peak < _FLOAT32_MAX / COARSEST_STEP:
         return [keep]  # float64 whose steps float32 (the grids' steps) cannot hold
     if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
@@ -284,6 +284,7 @@ def _layer_candidates(
     candidates = [keep]
     widest = peak / peak_abs(values)  # full range / sample range
     sigma = float(rows.std(correction=0)) if policy.prune_levels else 0.0
+    row_peaks = rows.abs().amax(dim=1) if keep_rows else None
     for k in (0.0, *(() if keep_rows else policy.prune_levels)):
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)
@@ -301,7 +302,7 @@ def _layer_candidates(
                 row_rms = torch.full((rows.shape[0],), math.sqrt(kept_energy / numel))
                 rms = torch.full_like(values, row_rms[0])
                 n_params = 1
-            coarsest = (_vanishing_limit(rows, row_rms, policy.rounding) if keep_rows
+            coarsest = (_vanishing_limit(row_peaks, row_rms, policy.rounding) if keep_rows
                         else math.inf)
             candidates += _uniform_ladder(
                 kept_values, rms, n_params, numel, widest, granularity, policy.rounding,

@@ -37,15 +37,17 @@ def param_bytes(params: dict[str, np.ndarray]) -> int:
     return sum(int(np.asarray(v).nbytes) for v in params.values())
 
 
-def kept_bytes(tensor: torch.Tensor) -> float:
+def kept_bytes(tensor: torch.Tensor, zeros: bool | None = None) -> float:
     """Bytes of a tensor stored as it is: its bit patterns entropy-coded, counted raw (the
     patterns of real values rarely repeat), except all zeros (a zero-initialised layer or
     bias), which code to one symbol: counting those raw made a size target look out of reach
-    by the whole layer.
+    by the whole layer. ``zeros``: whether it is all zeros, when the caller knows (None: look).
 
     >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 176
     True
     """
-    if tensor.numel() and not bool(tensor.any()):
+    if zeros is None:
+        zeros = not bool(tensor.any())
+    if tensor.numel() and zeros:
         return coded_code_bytes(np.array([tensor.numel()])) + RECORD_OVERHEAD_BYTES
     return tensor.numel() * storage_bits(tensor.dtype) / 8 + RECORD_OVERHEAD_BYTES
