@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from typing import Any
 
 from qlis.archive.format import finite_float, reject_constant
-from qlis.cli.console import escape, human_bytes
+from qlis.cli.console import escape
 from qlis.errors import InputError
+from qlis.regular_files import read_small_file
 
 MAX_DEPTH = 64  # a plan nests 4 levels; the limit is far below the interpreter's recursion limit
 MAX_TEXT_CHARS = 1 << 20  # an option's value (the command line itself holds a few MiB at most)
@@ -104,39 +104,6 @@ def parse_json_text(text: str, what: str, expected_type: type | None = None, *,
     return _parse(text, what, expected_type, max_depth, example)
 
 
-def _read_regular_file(path: str | os.PathLike, subject: str, max_bytes: int) -> bytes:
-    """At most ``max_bytes`` of a regular file. Anything else (a folder, FIFO, socket or device
-    such as /dev/zero) is refused from ``os.stat`` without being opened; the open itself cannot
-    block (O_NONBLOCK) and is checked again, in case the path was replaced in between."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(f"{subject}: no such file") from None
-    except OSError as err:
-        raise InputError(f"{subject}: cannot be read ({err.strerror or err})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError(f"{subject} is a folder; give a JSON file")
-    not_regular = InputError(f"{subject} is not a regular file (a pipe, device or socket); "
-                             "give a JSON file")
-    too_large = InputError(f"{subject} is larger than {human_bytes(max_bytes)}, the most "
-                           "accepted; is it the right file?")
-    if not stat.S_ISREG(info.st_mode):
-        raise not_regular
-    if info.st_size > max_bytes:
-        raise too_large
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError as err:
-        raise InputError(f"{subject}: cannot be read ({err.strerror or err})") from None
-    with open(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise not_regular
-        data = file.read(max_bytes + 1)  # bounded: a file can grow, or lie about its size (/proc)
-    if len(data) > max_bytes:
-        raise too_large
-    return data
-
-
 def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_FILE_BYTES,
                    expected_type: type | None = None, *, max_depth: int = MAX_DEPTH) -> Any:
     """The JSON value of the file ``path``, given as option ``what`` (named in every message).
@@ -145,7 +112,7 @@ def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_FILE
     allowed); the value has the limits of `parse_json_text`.
     """
     subject = f"{what} {escape(os.fspath(path))}"
-    data = _read_regular_file(path, subject, max_bytes)
+    data = read_small_file(path, max_bytes, subject, "a JSON file")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

@@ -276,7 +276,7 @@ def test_hostile_index_json_is_bounded(tmp_path, monkeypatch):
     refused(folder, "not valid JSON")
     monkeypatch.setattr(qlis.models.checkpoints, "_MAX_INDEX_BYTES", 100)
     index.write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}, "pad": "x" * 200}))
-    refused(folder, "more than the 100 allowed")
+    refused(folder, "is larger than 100 B, the most accepted for a JSON file")
 
 
 def test_a_tensor_in_two_shards_or_another_than_the_index_says_is_refused(tmp_path):

@@ -49,7 +49,6 @@ from qlis.archive.format import (
     describe_entries,
     element_size,
     non_finite_path,
-    open_regular_file,
     parse_header,
     positional_reader,
     read_header,
@@ -60,6 +59,7 @@ from qlis.models.tensors import bit_patterns, with_aliases
 from qlis.plan.execute import LayerPlan
 from qlis.quantize.grid import Grid
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
+from qlis.regular_files import open_regular_file
 from qlis.runtime import lowbit
 from qlis.workers.memory import available_memory
 from qlis.workers.threads import ordered_map
@@ -448,7 +448,7 @@ class Archive:
                 f"max_decoded_bytes must be a non-negative int, got {max_decoded_bytes!r}"
             )
         self.path = _PATH.check(path, "archive path")
-        self._fd = open_regular_file(self.path)
+        self._fd = open_regular_file(self.path, expected="a .qlis archive")
         self._pread = positional_reader(self._fd)
         try:
             self._read_header(max_decoded_bytes)

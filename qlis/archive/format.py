@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -31,7 +30,8 @@ import google_crc32c
 import numpy as np
 
 from qlis.config import shown
-from qlis.errors import ArchiveError, InputError, QlisError
+from qlis.errors import ArchiveError, QlisError
+from qlis.regular_files import open_regular_file
 
 MAGIC = b"\x89QLIS\r\n\x1a"
 VERSION = 2  # what an archive is written as unless it needs a later version's feature
@@ -783,26 +783,10 @@ def positional_reader(fd: int) -> Callable[[int, int], bytes]:
     return locked_read
 
 
-def open_regular_file(path: os.PathLike) -> int:
-    """A read-only descriptor of the regular file at ``path``: opened non-blocking and
-    checked after opening, so that a FIFO (or a folder or device) put there is refused
-    instead of blocking the reader forever or failing deep in a read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InputError(f"{path}: not a regular file (a folder, pipe, device or socket)")
-    return fd
-
-
 def read_header_file(path: os.PathLike, max_decoded_bytes: int | None = None) -> Header:
     """The validated header of the archive at ``path``, its configs checked for form only (no
     codec or quantizer is built, no record read): what ``qlis info`` shows, without torch."""
-    fd = open_regular_file(path)
+    fd = open_regular_file(path, expected="a .qlis archive")
     try:
         return read_header(positional_reader(fd), os.fstat(fd).st_size, max_decoded_bytes)[0]
     except ArchiveError as err:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from qlis.archive.atomic import atomic_path
 from qlis.errors import InputError
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
+from qlis.regular_files import file_kind, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
@@ -49,18 +50,6 @@ _SAFETENSORS_DTYPES = {
 _FROM_SAFETENSORS = {v: getattr(torch, k) for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def _file_kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
 def _stat(path: Path) -> os.stat_result:
     try:
         return os.stat(path)
@@ -76,29 +65,9 @@ def _require_regular(path: Path) -> int:
     info = _stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise InputError(
-            f"{path}: is {_file_kind(info.st_mode)}; give a model file or a model folder"
+            f"{path}: is {file_kind(info.st_mode)}; give a model file or a model folder"
         )
     return info.st_size
-
-
-def _read_small(path: Path, limit: int) -> bytes:
-    """A whole small file, opened non-blocking and checked regular (a FIFO cannot hang us)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})")\
-            from None
-    try:  # checked before a file object exists: a folder's descriptor cannot make one
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path}: is {_file_kind(info.st_mode)}; expected a file")
-        if info.st_size > limit:
-            raise InputError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} allowed")
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as f:
-        return f.read(limit + 1)
 
 
 def _parse_json(data: bytes, path: Path) -> object:
@@ -416,7 +385,7 @@ def read_config(folder: str | Path) -> dict:
     weights, it must lie in the folder (a link out of it is refused)."""
     path = Path(folder) / "config.json"
     _inside(_folder_roots(Path(folder)), path, path)
-    parsed = _parse_json(_read_small(path, _MAX_CONFIG_BYTES), path)
+    parsed = _parse_json(read_small_file(path, _MAX_CONFIG_BYTES, expected="a JSON file"), path)
     if not isinstance(parsed, dict):
         raise InputError(f"{path}: holds a JSON {type(parsed).__name__}, not an object")
     return parsed
@@ -424,7 +393,7 @@ def read_config(folder: str | Path) -> dict:
 
 def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor -> shard map, validated (strings only)."""
-    parsed = _parse_json(_read_small(index, _MAX_INDEX_BYTES), index)
+    parsed = _parse_json(read_small_file(index, _MAX_INDEX_BYTES, expected="a JSON file"), index)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict):
         raise InputError(f"{index}: not a shard index (no 'weight_map' object)")
@@ -486,7 +455,7 @@ def load_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
     if stat.S_ISDIR(mode):
         state = _load_folder(path)
     elif not stat.S_ISREG(mode):
-        raise InputError(f"{path}: is {_file_kind(mode)}; give a model file or a model folder")
+        raise InputError(f"{path}: is {file_kind(mode)}; give a model file or a model folder")
     elif path.suffix == ".safetensors":
         state = MappedState.of_file(path)
     elif path.suffix == ".qlis":

@@ -75,7 +75,7 @@ def test_an_annotation_sheet_that_unpacks_past_the_bound_is_refused(tmp_path: Pa
 def test_annotation_files_are_read_bounded(tmp_path: Path, monkeypatch) -> None:
     root = make_agiqa3k(tmp_path / "d", 2)
     monkeypatch.setattr(data_module, "MAX_ANNOTATION_BYTES", 64)
-    with pytest.raises(IQAError, match="larger than 64 B"):
+    with pytest.raises(QlisError, match="larger than 64 B"):
         load_agiqa3k(root)
     monkeypatch.undo()
     (root / "data.csv").unlink()

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from qlis.archive.atomic import atomic_path
-from qlis.archive.format import open_regular_file
 from qlis.cli.console import escape, human_bytes
 from qlis.json_input import read_json_file
+from qlis.regular_files import read_small_file
 from qlis_iqa.errors import IQAError
 
 DATASETS = ("agiqa-3k", "agiqa-1k")
@@ -163,23 +163,9 @@ def _row(path: Path, line: int, name: str, score: object) -> Row:
     return Row(line, name, _score(path, line, score))
 
 
-def _read_bytes(path: Path) -> bytes:
-    """An annotation file's bytes: a regular file (a FIFO must not block, a device such as
-    /dev/zero must not fill memory) of at most MAX_ANNOTATION_BYTES."""
-    fd = open_regular_file(path)
-    with open(fd, "rb") as f:
-        data = f.read(MAX_ANNOTATION_BYTES + 1)  # bounded even if the file grows meanwhile
-    if len(data) > MAX_ANNOTATION_BYTES:
-        raise IQAError(
-            f"{path} is larger than {human_bytes(MAX_ANNOTATION_BYTES)}, the most accepted for "
-            "an annotation file; is it the right file?"
-        )
-    return data
-
-
 def _read_text(path: Path) -> str:
     """The annotation file as strict UTF-8 text (a byte order mark is allowed)."""
-    data = _read_bytes(path)
+    data = read_small_file(path, MAX_ANNOTATION_BYTES, expected="an annotation file")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -218,7 +204,7 @@ def _unpacked_size(path: Path, packed: bytes) -> int:
 def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     import openpyxl
 
-    packed = _read_bytes(path)
+    packed = read_small_file(path, MAX_ANNOTATION_BYTES, expected="an annotation file")
     unpacked = _unpacked_size(path, packed)
     if unpacked > MAX_XLSX_UNPACKED_BYTES:
         raise IQAError(f"{path} unpacks to {human_bytes(unpacked)}, more than the "
