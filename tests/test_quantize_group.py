@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qlis
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.quantize.quantizers import (
     AffineQuantizer,
@@ -145,19 +146,98 @@ def test_symmetric_codes_are_centred_and_scale_rounds_up_to_float16() -> None:
 
 
 def test_float16_range_guards() -> None:
+    """A tensor of ordinary scales keeps float16 ones, its all-zero group too; a tiny group in
+    it may round to a coarser float16 (the subnormal 2**-24), never below its own scale."""
     weight = torch.zeros(4, 8)
     weight[1] = 1e-12  # scale under the smallest float16 subnormal
-    weight[2] = 1e9  # scale over 65504
+    weight[2] = 3.0
     weight[3, 0] = -2.0
     for symmetric in (False, True):
         q = GroupAffineQuantizer(bits=2, group_size=8, symmetric=symmetric).quantize(weight)
+        assert q.params["scale"].dtype == np.float16
         scale = q.params["scale"].astype(np.float32)[:, 0]
         assert scale[0] == 1.0  # all zeros
         assert scale[1] == np.float32(2.0**-24)
-        assert scale[2] == np.float32(65504.0)
         out = q.dequantize()
         assert torch.isfinite(out).all() and torch.all(out[0] == 0)
-        assert torch.all(out[1] >= 0) and torch.all(out[2] > 0)
+        assert torch.all(out[1] >= 0) and torch.allclose(out[2], weight[2])
+
+
+SCALE_CASES = [(bits, symmetric, magnitude) for bits in (2, 4, 8) for symmetric in (False, True)
+               for magnitude in (1e6, 1e8, 1e-9, 1e-7) if magnitude != 1e6 or bits < 8]
+
+
+@pytest.mark.parametrize("bits, symmetric, magnitude", SCALE_CASES)
+def test_scales_float16_cannot_hold_are_stored_in_float32(bits, symmetric, magnitude) -> None:
+    """Scales over 65504 saturated in float16, so the groups' largest weights clipped (a
+    weight of 1e6 came back as 458528 at 4 bits); a tensor whose scales all lie under
+    float16's normal range rounded to its subnormal steps (weights near 1e-9 all to 0).
+    Both now store float32 scales: every weight within half its group's step."""
+    gen = torch.Generator().manual_seed(bits)
+    weight = torch.randn(6, 40, generator=gen) * magnitude
+    weight[0, :8] = 0.0  # a group of zeros among them
+    quantizer = GroupAffineQuantizer(bits=bits, group_size=8, symmetric=symmetric)
+    q = quantizer.quantize(weight)
+    assert q.params["scale"].dtype == np.float32
+    assert quantizer.scale_dtype(weight) == "float32"
+    scale = per_element(q, quantizer, "scale")
+    out = q.dequantize().numpy()
+    w = weight.numpy()
+    assert np.all(np.abs(out - w) <= scale / 2 * (1 + 1e-5))
+    assert np.all(out[0, :8] == 0)
+    assert np.array_equal(reference_dequantize(q, quantizer), out)
+    assert quantizer.check_params(q.shape, q.n_levels, q.params) is not None
+    relative = float(np.square(out - w).sum() / np.square(w).sum())
+    normal = quantizer.quantize(weight / magnitude)  # the same tensor at an ordinary scale
+    assert normal.params["scale"].dtype == np.float16
+    expected = quantizer.relative_error(weight / magnitude, normal)
+    assert relative == pytest.approx(expected, rel=0.05, abs=1e-6)
+
+
+def test_float32_scales_only_where_float16_cannot_hold_them() -> None:
+    """A reader refuses float32 scales qlis would have stored in float16, and accepts them
+    where some scale lies outside float16's normal range."""
+    quantizer = GroupAffineQuantizer(bits=4, group_size=8)
+    q = quantizer.quantize(torch.randn(4, 16))
+    widened = {**q.params, "scale": q.params["scale"].astype(np.float32)}
+    with pytest.raises(ArchiveError, match="'scale' is float32"):
+        quantizer.check_params(q.shape, q.n_levels, widened)
+    huge = quantizer.quantize(torch.randn(4, 16) * 1e7)
+    assert quantizer.check_params(huge.shape, huge.n_levels, huge.params) is not None
+    with np.errstate(over="ignore"):
+        narrowed = {**huge.params, "scale": huge.params["scale"].astype(np.float16)}
+    with pytest.raises(ArchiveError, match="'scale' must be finite"):  # inf in float16
+        quantizer.check_params(huge.shape, huge.n_levels, narrowed)
+
+
+@pytest.mark.parametrize("magnitude", [1e8, 1e-9])
+def test_float32_scales_round_trip_through_the_archive_and_the_lowbit_runtime(
+        tmp_path, magnitude) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)).eval()
+    with torch.no_grad():
+        for module in model:
+            module.weight.mul_(magnitude)
+    config = {"id": "group", "bits": 4, "group_size": 16}
+    result = qlis.compress(model, "quant", quantizer=config)
+    state = result.state_dict()
+    path = qlis.save(result, tmp_path / "m.qlis")
+    with qlis.open(path) as archive:
+        assert archive.read_params("0.weight")["scale"].dtype == np.float32
+    loaded = qlis.load(path)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in state.items())
+    weight = model[0].weight.detach()
+    error = float((state["0.weight"] - weight).square().sum() / weight.square().sum())
+    assert error < 0.02  # 4 bits: no clipping, no group rounded away
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)).eval()
+    qlis.load(path, model=reference)
+    with torch.device("meta"):
+        low = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)).eval()
+    qlis.load(path, model=low, runtime="lowbit")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(low(x), reference(x))
+        assert torch.equal(low[0].dequantized_weight(), state["0.weight"])
 
 
 def test_groups_beat_per_tensor_affine_on_heavy_tails() -> None:

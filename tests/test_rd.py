@@ -301,6 +301,35 @@ def test_candidate_estimates_match_the_executed_layer():
     assert checked > 20
 
 
+@pytest.mark.parametrize("scale", [1e7, 1e-7, 1e-12, "near 65504 at 4 bits"])
+def test_group_candidates_of_layers_beyond_float16_scales_match_the_executed_layer(scale):
+    """Group scales float16 cannot hold are stored in float32 (2 more bytes a group): the
+    candidates' sizes count them, and their errors are those of the layer at an ordinary
+    scale (float16 clipped a layer of 1e7 and rounded one of 1e-7 away)."""
+    from qlis.plan.rd import RDPolicy, _layer_candidates
+    from qlis.quantize.quantizers import GroupAffineQuantizer
+
+    torch.manual_seed(3)
+    weight = torch.distributions.StudentT(4).sample((96, 256))
+    if isinstance(scale, str):  # the largest 4-bit scale is 65504 / 1.5 times the peak's
+        scale = 65504 * 15 / 1.5 / float(weight.abs().max())
+    wide = {bits: GroupAffineQuantizer(bits=bits, group_size=64).scale_dtype(weight * scale)
+            == "float32" for bits in (4, 8)}
+    policy = RDPolicy(group_sizes=(64,), group_bits=(4, 8))
+    ordinary = {c.config["bits"]: c for c in _layer_candidates(weight, policy, seed=0)
+                if c.config and c.config["id"] == "group"}
+    scaled = [c for c in _layer_candidates(weight * scale, policy, seed=0)
+              if c.config and c.config["id"] == "group"]
+    assert len(scaled) == len(ordinary) == 2
+    for c in scaled:
+        assert c.rel_mse == pytest.approx(ordinary[c.config["bits"]].rel_mse, rel=0.05)
+        _, layer = execute_layer("w", weight * scale, c.layer_config)
+        assert layer.rel_mse == pytest.approx(c.rel_mse, rel=0.1)
+        assert layer.coded_bytes == pytest.approx(c.size, rel=0.05)
+        extra = 2 * 96 * 4 if wide[c.config["bits"]] else 0  # bytes of the wider scales
+        assert c.size - ordinary[c.config["bits"]].size == pytest.approx(extra, abs=200)
+
+
 def test_prune_and_group_candidates_round_trip_through_the_archive(mlp, tmp_path):
     result = qlis.compress(mlp, target_bits_per_weight=3, prune_levels=[0.25, 0.5],
                            group_sizes=[32], granularities=["tensor", "channel"])

@@ -52,6 +52,7 @@ from qlis.quantize.quantizers import (
     MAX_GROUP_SIZE,
     MAX_LEVELS,
     GroupAffineQuantizer,
+    group_scale_dtype,
     row_mean_squares,
 )
 from qlis.workers.cluster import spread
@@ -223,11 +224,32 @@ def _uniform_ladder(
     return found
 
 
+def _group_param_bytes(quantizer: GroupAffineQuantizer, rows: torch.Tensor,
+                       peak: float) -> int:
+    """Bytes per group of the parameters ``quantizer`` stores for a layer: its scale (float16,
+    or float32 where float16 cannot hold the layer's scales, `group_scale_dtype`) and,
+    asymmetric, a float16 zero point. ``peak`` is the layer's largest magnitude: its largest
+    scale lies within a factor of 2 of peak / top (asymmetric: a group spans up to twice the
+    peak), which decides all but the layers near float16's limits; those ``rows`` (then the
+    layer's own, not divided by its peak) are measured."""
+    if quantizer.symmetric:
+        levels = (1 << (quantizer.bits - 1)) - 1
+        low, high = peak / levels, peak / levels
+    else:
+        levels = (1 << quantizer.bits) - 1
+        low, high = peak / levels, 2 * peak / levels
+    dtype = group_scale_dtype(low * (1 - 1e-6))
+    if dtype != group_scale_dtype(high * (1 + 1e-6)):
+        dtype = quantizer.scale_dtype(rows)
+    return (4 if dtype == "float32" else 2) + (0 if quantizer.symmetric else 2)
+
+
 def _group_candidates(
     rows: torch.Tensor, numel: int, sample_size: int, seed: int, group_sizes: tuple[int, ...],
-    group_bits: tuple[int, ...],
+    group_bits: tuple[int, ...], peak: float,
 ) -> list[_Candidate]:
-    """Group-wise affine candidates, measured on whole sampled rows (groups stay intact)."""
+    """Group-wise affine candidates, measured on whole sampled rows (groups stay intact);
+    ``peak`` is the layer's largest magnitude (``rows`` may be divided by it)."""
 
     n_rows = max(1, min(rows.shape[0], sample_size // max(rows.shape[1], 1)))
     pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:n_rows]
@@ -245,7 +267,8 @@ def _group_candidates(
             counts = np.bincount(q.codes.reshape(-1), minlength=q.n_levels)
             present = int(np.count_nonzero(counts))
             per_symbol = _bits_per_symbol(present, entropy_bits(counts), q.codes.size) or bits
-            size = (numel * min(per_symbol, bits) / 8 + 4 * n_groups
+            param_bytes = _group_param_bytes(quantizer, rows, peak)
+            size = (numel * min(per_symbol, bits) / 8 + param_bytes * n_groups
                     + TABLE_BYTES_PER_SYMBOL * present
                     + QUANTIZED_RECORD_BYTES)
             found.append(_Candidate(quantizer.get_config(), size,
@@ -264,6 +287,7 @@ def _layer_candidates(
     keep = _Candidate(None, kept_bytes(w, zeros=peak == 0), 0.0)
     if peak and not _SMALLEST_PEAK < peak < _FLOAT32_MAX / COARSEST_STEP:
         return [keep]  # float64 whose steps float32 (the grids' steps) cannot hold
+    layer_peak = peak
     if policy.prune_levels or policy.group_sizes or not (peak == 0 or 1e-10 < peak < 1e10):
         if 0 < peak < math.inf and not 1e-10 < peak < 1e10:
             # every measure below is relative: keep squares within float32, dividing in
@@ -310,7 +334,7 @@ def _layer_candidates(
             )
     if policy.group_sizes:
         candidates += _group_candidates(rows, numel, policy.sample_size, seed,
-                                        policy.group_sizes, policy.group_bits)
+                                        policy.group_sizes, policy.group_bits, layer_peak)
     return candidates
 
 

@@ -89,7 +89,7 @@ class ParamSpec:
     values, which are always finite."""
 
     shape: tuple[int, ...]
-    dtype: str = "float32"
+    dtype: str | tuple[str, ...] = "float32"  # or the dtypes it may have
     positive: bool = False  # every value > 0 (scales, steps)
     minimum: float | None = None  # every value >= minimum
     maximum: float | None = None  # every value <= maximum
@@ -100,8 +100,10 @@ class ParamSpec:
         """Raise ArchiveError naming ``key`` unless ``value`` is such a parameter."""
         where = f"parameter {key!r}"
         array = np.asarray(value)
-        if array.dtype.name != self.dtype:
-            raise ArchiveError(f"{where} must be {self.dtype}, got {array.dtype.name}")
+        allowed = (self.dtype,) if isinstance(self.dtype, str) else self.dtype
+        if array.dtype.name not in allowed:
+            raise ArchiveError(f"{where} must be {' or '.join(allowed)}, "
+                               f"got {array.dtype.name}")
         if array.shape != self.shape:
             raise ArchiveError(
                 f"{where} must have shape {list(self.shape)}, got {list(array.shape)}"
@@ -588,15 +590,37 @@ class KMeansQuantizer(Quantizer):
 
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+_FLOAT16_TINY = float(np.finfo(np.float16).tiny)  # the smallest normal float16, 2**-14
+SCALE_DTYPES = ("float16", "float32")
+"""The dtypes a group-wise quantizer stores its scales in (`group_scale_dtype`)."""
 
 
-def _float16_scale(scale: torch.Tensor) -> np.ndarray:
-    """The smallest float16 >= each positive float32 scale, within the float16 range.
+def group_scale_dtype(largest: float) -> str:
+    """The dtype of a tensor's group scales, from the largest (of a group not all zeros):
+    float16 when it lies in float16's normal range [2**-14, 65504], else float32.
 
-    Rounding up keeps the group's range inside the grid; a scale under the smallest float16
-    becomes that subnormal (2**-24), one over 65504 becomes 65504 (the extremes then clamp).
+    float16 rounds a scale up by at most 2**-10 of itself, or 2**-24 below its normal range,
+    so with the largest scale normal every scale is within 2**-10 of the tensor's coarsest
+    step: no group is worse off than that one. A larger scale would saturate at 65504 (the
+    group's extremes clip: |w| over about 65504 * 7 at 4 bits), and a tensor whose scales
+    all lie below 2**-14 would be rounded far coarser than its own range (weights near
+    1e-9 all round to 0): float32 holds both, exactly as computed.
+
+    >>> group_scale_dtype(0.01), group_scale_dtype(1e5), group_scale_dtype(1e-9)
+    ('float16', 'float32', 'float32')
     """
-    wanted = np.minimum(scale.numpy(), np.float32(_FLOAT16_MAX))
+    return "float16" if largest == 0 or _FLOAT16_TINY <= largest <= _FLOAT16_MAX else "float32"
+
+
+def _group_scale(scale: torch.Tensor) -> np.ndarray:
+    """Each float32 scale as stored: where `group_scale_dtype` of the largest positive one is
+    float16, the smallest float16 >= it (rounding up keeps the group's range inside the
+    grid; one under the smallest float16 becomes that subnormal, 2**-24); else as it is.
+    A scale of 0 (a group of zeros) becomes 1."""
+    largest = float(scale.max()) if scale.numel() else 0.0
+    wanted = torch.where(scale > 0, scale, torch.ones_like(scale)).numpy()
+    if group_scale_dtype(largest) == "float32":
+        return wanted.astype(np.float32)
     half = wanted.astype(np.float16)
     low = half.astype(np.float32) < wanted
     half[low] = np.nextafter(half[low], np.float16(np.inf))
@@ -625,14 +649,15 @@ def _grouped(rows: torch.Tensor, group_size: int) -> torch.Tensor:
 @register_quantizer
 class GroupAffineQuantizer(Quantizer):
     """Group-wise affine quantization (the torchao int4 / GGUF-block family): one float16
-    scale (and zero point) per ``group_size`` consecutive weights along the input dimension.
+    scale (and zero point) per ``group_size`` consecutive weights along the input dimension
+    (float32 scales for a tensor whose largest scale float16 cannot hold, `group_scale_dtype`).
 
     The weight is viewed as (shape[0], prod(shape[1:])); a row not divisible by
     ``group_size`` ends with a shorter group. 32, 64 and 128 are the usual group sizes.
     Asymmetric: min-max with 0 exactly representable, the zero point an integer code.
     Symmetric: codes centred on ``2**(bits-1)``, scale ``max|w| / (2**(bits-1) - 1)``.
     The scale is computed in float32 and rounded up to float16, and the codes are derived
-    from that float16 scale, so ``(code - zero_point) * scale`` in float32 (then cast,
+    from that stored scale, so ``(code - zero_point) * scale`` in float32 (then cast,
     saturating, to the weight's dtype) is what a reader anywhere computes; 0 stays exactly 0.
 
     >>> q = GroupAffineQuantizer(bits=2, group_size=2).quantize(torch.tensor([-1.0, 2, 0, 3]))
@@ -649,22 +674,33 @@ class GroupAffineQuantizer(Quantizer):
         self.group_size = group_size
         self.symmetric = symmetric
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+    def _scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weight's float32 rows, each group's float32 scale (0 for a group of zeros)
+        and lowest value, widened to 0 (asymmetric; else 0)."""
         rows = _group_rows(weight.detach().float())
         groups = _grouped(rows, self.group_size)
-        top = (1 << self.bits) - 1
-        centre = 1 << (self.bits - 1)
         if self.symmetric:
-            scale = groups.abs().amax(dim=2) / (centre - 1)
+            lo = torch.zeros(())
+            scale = groups.abs().amax(dim=2) / ((1 << (self.bits - 1)) - 1)
         else:
             lo = groups.amin(dim=2).clamp(max=0.0)
-            scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / top
+            scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / ((1 << self.bits) - 1)
         if not bool(torch.isfinite(scale).all()):
             raise InputError("group quantization needs finite weights (found inf or NaN)")
-        half = _float16_scale(torch.where(scale > 0, scale, torch.ones_like(scale)))
-        params = {"scale": half}
+        return rows, scale, lo
+
+    def scale_dtype(self, weight: torch.Tensor) -> str:
+        """The dtype `quantize` stores ``weight``'s scales in (`group_scale_dtype`)."""
+        scale = self._scales(weight)[1]
+        return group_scale_dtype(float(scale.max()) if scale.numel() else 0.0)
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        rows, scale, lo = self._scales(weight)
+        top = (1 << self.bits) - 1
+        stored = _group_scale(scale)
+        params = {"scale": stored}
         if not self.symmetric:
-            step = torch.from_numpy(half.astype(np.float32))
+            step = torch.from_numpy(stored.astype(np.float32))
             zero_point = torch.round((0.0 - lo) / step).clamp(0, top)  # never -0.0
             params["zero_point"] = zero_point.numpy().astype(np.float16)
         grid = self.grid(tuple(weight.shape), top + 1, params)
@@ -680,15 +716,29 @@ class GroupAffineQuantizer(Quantizer):
         return 1 << self.bits, 1 << self.bits
 
     def param_specs(self, shape: tuple[int, ...], n_levels: int) -> dict[str, ParamSpec]:
-        """float16 ``scale`` > 0 and (asymmetric) whole ``zero_point`` in [0, n_levels - 1],
-        one per group: (rows, ceil(columns / group_size)), at most one per weight."""
+        """float16 (or float32, `group_scale_dtype`) ``scale`` > 0 and (asymmetric) whole
+        float16 ``zero_point`` in [0, n_levels - 1], one per group: (rows, ceil(columns /
+        group_size)), at most one per weight."""
         rows, cols = matrix_shape(shape)
         groups = (rows, -(-cols // self.group_size))
-        specs = {"scale": ParamSpec(groups, "float16", positive=True)}
+        specs = {"scale": ParamSpec(groups, SCALE_DTYPES, positive=True)}
         if not self.symmetric:
             specs["zero_point"] = ParamSpec(groups, "float16", integer=True, minimum=0,
                                             maximum=n_levels - 1)
         return specs
+
+    def check_params(self, shape: tuple[int, ...], n_levels: int,
+                     params: dict[str, np.ndarray]) -> AffineGrid | None:
+        """`Quantizer.check_params`, and float32 scales only where float16 could not hold
+        them all: some scale lies outside float16's normal range (what `quantize` writes
+        them for; a group of zeros may hold any scale, 1 as written)."""
+        grid = super().check_params(shape, n_levels, params)
+        scale = np.asarray(params["scale"])
+        if scale.dtype == np.float32 and scale.size and bool(
+                ((scale >= _FLOAT16_TINY) & (scale <= _FLOAT16_MAX)).all()):
+            raise ArchiveError("parameter 'scale' is float32, but every scale lies in "
+                               "float16's normal range (qlis stores float16 then)")
+        return grid
 
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
         """(code - zero_point) * scale per group of ``group_size`` along the matrix's rows."""
