@@ -386,6 +386,56 @@ def test_a_layer_the_calibration_output_does_not_depend_on_is_not_rounded_away()
     assert errors["head.weight"] < 0.2 and errors["head.weight"] < 10 * errors["body.weight"]
 
 
+class Unreached(nn.Module):
+    """Two layers on the output's path, one never called, one whose output is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.unused = nn.Linear(256, 256)
+        self.dead = nn.Linear(64, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.dead(x)
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_layers_a_cosine_target_cannot_see_take_the_data_free_default(error_feedback):
+    """min_cosine measures the output, which does not see a layer off its path: the passes
+    that correct the allocation by it let such a layer round as coarsely as they liked (to
+    all zeros when calibration reached no layer). It now gets rd's data-free default, and a
+    warning names it, with or without reconstruction."""
+    calib = [torch.randn(32, 64) for _ in range(2)]
+    with pytest.warns(qlis.QualityWarning) as caught:
+        result = qlis.compress(Unreached(), calib=calib, min_cosine=0.99,
+                               error_feedback=error_feedback)
+    errors = {layer.name: layer.rel_mse for layer in result.layers}
+    off = ("unused.weight", "dead.weight")
+    assert (errors["unused.weight"] + errors["dead.weight"]) / 2 <= DEFAULT_MAX_DISTORTION
+    assert all(errors[n] > errors[off[0]] for n in ("a.weight", "b.weight"))
+    assert result.distortion["output"]["cosine"] >= 0.99
+    named = " ".join(str(w.message) for w in caught)
+    assert all(n in named for n in off) and "a.weight" not in named
+
+    with pytest.warns(qlis.QualityWarning, match="a.weight"):  # calibration reaches none
+        nothing = qlis.compress(Unreached(), calib=lambda m: m.b.bias * 0 + 1, min_cosine=0.99,
+                                error_feedback=error_feedback)
+    assert max(layer.rel_mse for layer in nothing.layers) <= 2 * DEFAULT_MAX_DISTORTION
+
+
+def test_a_size_target_counts_unreached_layers_as_typical_and_names_them():
+    calib = [torch.randn(32, 64) for _ in range(2)]
+    with pytest.warns(qlis.QualityWarning) as caught:
+        result = qlis.compress(Unreached(), calib=calib, target_ratio=8, error_feedback=False)
+    errors = {layer.name: layer.rel_mse for layer in result.layers}
+    assert errors["unused.weight"] < 0.1 and errors["dead.weight"] < 0.1
+    named = " ".join(str(w.message) for w in caught)
+    assert "unused.weight" in named and "dead.weight" in named and "a.weight" not in named
+
+
 NORMALIZED_LAYERS = {
     "weight_norm": lambda: nn.utils.parametrizations.weight_norm(nn.Linear(64, 128)),
     "weight_norm (old API)": lambda: nn.utils.weight_norm(nn.Linear(64, 128)),

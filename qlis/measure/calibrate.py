@@ -177,6 +177,9 @@ class Calibration:
         self.cluster = cluster
         self.passes = 0
         self.seconds = 0.0
+        self.unreached: set[str] = set()
+        """Weights whose effect on the outputs a policy measured as none (never run, or off
+        the path to the compared outputs): the compression names them in its warnings."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.calls: list[tuple[tuple, dict]] = []

@@ -190,14 +190,23 @@ def _snr_db(rel_mse: float) -> float:
     return float("inf") if rel_mse <= 0 else -10 * math.log10(rel_mse)
 
 
-def _unreached(layers: list[LayerPlan]) -> list[str]:
-    """A warning naming the planned layers that calibration never ran (rounded data-free)."""
-    names = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
-    if not names:
-        return []
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return [f"the calibration never ran {len(names)} planned layer(s): {shown}; they were "
-            "rounded data-free and their effect on the output was not measured"]
+def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) -> list[str]:
+    """Warnings naming the planned layers that calibration never ran, and those a policy
+    found the calibration's outputs do not depend on (``Calibration.unreached``): both
+    were rounded data-free."""
+    never_ran = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
+    off_path = [] if calibration is None else [
+        layer.name for layer in layers
+        if layer.name in calibration.unreached and layer.name not in never_ran]
+    found = []
+    for names, what in ((never_ran, "the calibration never ran"),
+                        (off_path, "the calibration's outputs do not depend on")):
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more"
+                                            if len(names) > 5 else "")
+            found.append(f"{what} {len(names)} planned layer(s): {shown}; they were "
+                         "rounded data-free and their effect on the output was not measured")
+    return found
 
 
 def _not_finite(output: dict | None) -> list[str]:
@@ -333,7 +342,7 @@ class PlannedCompression:
                 self.executor.realize(self.plan).tensors)
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
-        result.warnings = (self.policy.review(result) + _unreached(layers)
+        result.warnings = (self.policy.review(result) + _unreached(layers, self.calibration)
                            + _not_finite(distortion["output"]))
         for warning in result.warnings:
             warnings.warn(warning, QualityWarning, stacklevel=3)

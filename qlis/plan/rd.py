@@ -428,6 +428,7 @@ class RDPolicy(Policy):
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
                            cache=context.cache, key=f"rd {self.get_config()}")
+        unreached: list[int] = []
         if context.calibration is None:
             share = {layer.name: layer.numel / total_numel for layer in context.report.layers}
             if self.weighting == "layers":
@@ -437,7 +438,7 @@ class RDPolicy(Policy):
                 for n, cands in zip(names, per_layer, strict=True)
             ]
         else:
-            dist = self._output_distortions(context, names, per_layer)
+            dist, unreached = self._output_distortions(context, names, per_layer)
         curves = [
             Curve(np.array([c.size for c in cands]), d)
             for cands, d in zip(per_layer, dist, strict=True)
@@ -449,7 +450,7 @@ class RDPolicy(Policy):
                 for name, cands, i in zip(names, per_layer, choice, strict=True)
             })
 
-        return plan_of(self._allocate(context, curves, names, plan_of))
+        return plan_of(self._allocate(context, curves, names, plan_of, per_layer, unreached))
 
     def review(self, result: CompressionResult) -> list[str]:
         found = []
@@ -511,14 +512,33 @@ class RDPolicy(Policy):
 
     def _allocate(
         self, context: PlanContext, curves: list[Curve], names: list[str],
-        plan_of: Callable[[list[int]], Plan],
+        plan_of: Callable[[list[int]], Plan], per_layer: list[list[_Candidate]],
+        unreached: list[int],
     ) -> list[int]:
+        """The candidate of each layer. ``unreached``: the layers calibration measured no
+        gain for; under a size target they count as typical layers (`_output_distortions`),
+        the budget bounding them; under a cosine target, whose measures cannot see them,
+        they take rd's data-free default (`_data_free_choice`) and the rest meet the target."""
         budget = self._budget(context)
         if budget is not None:
             return _allocate_for_size(context, curves, names, plan_of, budget)
         if context.calibration is not None and self.max_distortion is None:
             min_cosine = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
-            return _allocate_for_cosine(context, curves, names, plan_of, min_cosine)
+            numels = [layer.numel for layer in context.report.layers]
+            fixed = _data_free_choice(per_layer, unreached, numels if self.weighting == "params"
+                                      else None)
+            if len(fixed) == len(names):
+                return [fixed[i] for i in range(len(names))]
+
+            def expanded(choice: list[int]) -> list[int]:
+                return [fixed.get(i, c) for i, c in enumerate(choice)]
+
+            # a fixed layer is a curve of one point: its bytes counted, no output error
+            pinned = [Curve(c.sizes[[fixed[i]]], np.zeros(1)) if i in fixed else c
+                      for i, c in enumerate(curves)]
+            return expanded(_allocate_for_cosine(context, pinned, names,
+                                                 lambda choice: plan_of(expanded(choice)),
+                                                 min_cosine))
         if context.calibration is not None:
             raise ConfigError("max_distortion is a weight-error target: with calib= ask for "
                               "min_cosine (output quality) or a size target")
@@ -527,14 +547,15 @@ class RDPolicy(Policy):
 
     def _output_distortions(
         self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
-    ) -> list[np.ndarray]:
+    ) -> tuple[list[np.ndarray], list[int]]:
         """Output distortion (1 - cosine) of every candidate: each layer's gain (output
         distortion per unit of relative weight error) times the candidate's weight error.
         The gains come from a few backward passes (``Calibration.sensitivities``), or, when
         the outputs carry no gradient, from one probe pass per layer (measured on MiniLM:
         the two agree within 10-20% per layer; the backward passes took 4.3 s, the probes
         9.8 s, and the gap grows with the number of layers). A layer that measures no gain
-        counts as a typical one (the median gain)."""
+        counts as a typical one (the median gain); the indices of those that had something
+        to round come second (recorded in ``calibration.unreached`` for the warnings)."""
         calibration = context.calibration
         gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed)
         if gains is None:
@@ -546,17 +567,38 @@ class RDPolicy(Policy):
                 probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
                                                           - math.log(_PROBE_REL_MSE)))
                 stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-                measured = calibration.measure({name: dequantized(stored)}, held_out=False)
-                gains[name] = (measured["one_minus_cosine"] / layer.rel_mse
-                               if layer.rel_mse > 0 else 0.0)
+                if layer.rel_mse > 0:  # else the probe changed nothing: no gain measured
+                    measured = calibration.measure({name: dequantized(stored)}, held_out=False)
+                    gains[name] = measured["one_minus_cosine"] / layer.rel_mse
         # a layer the calibration's outputs do not depend on (never run, or not on the path
         # to the compared output) measures no gain: the data says nothing about it, so it
         # counts as a typical layer (the median gain) rather than being rounded to nothing
+        # (a cosine target gives it rd's data-free default instead: `_allocate`)
         measured = [g for g in gains.values() if g > 0]
         typical = float(np.median(measured)) if measured else 1.0
+        unreached = [i for i, (name, cands) in enumerate(zip(names, per_layer, strict=True))
+                     if name in gains and not gains[name] > 0
+                     and any(c.config is not None and c.rel_mse > 0 for c in cands)]
+        calibration.unreached.update(names[i] for i in unreached)
         return [np.array([(gains.get(name, 0.0) if gains.get(name, 0.0) > 0 else typical)
                           * c.rel_mse for c in cands])
-                for name, cands in zip(names, per_layer, strict=True)]
+                for name, cands in zip(names, per_layer, strict=True)], unreached
+
+
+def _data_free_choice(per_layer: list[list[_Candidate]], indices: list[int],
+                      numels: list[int] | None = None) -> dict[int, int]:
+    """The candidate rd takes data-free, at its default quality, for each layer at
+    ``indices`` (by index): the smallest allocation whose mean relative weight MSE over them
+    (weighted by ``numels`` when given: ``weighting="params"``) is within
+    DEFAULT_MAX_DISTORTION, as a pack without calibration data would choose."""
+    if not indices:
+        return {}
+    weights = [numels[i] if numels is not None else 1 for i in indices]
+    curves = [Curve(np.array([c.size for c in per_layer[i]]),
+                    np.array([c.rel_mse * w / sum(weights) for c in per_layer[i]]))
+              for i, w in zip(indices, weights, strict=True)]
+    choice = allocate_for_distortion(curves, DEFAULT_MAX_DISTORTION * _SAMPLING_MARGIN)
+    return dict(zip(indices, choice, strict=True))
 
 
 def _plain(context: PlanContext, plan: Plan) -> Realized:
