@@ -3,6 +3,8 @@ codec choice from the registry, escaped names, strict JSON, and what `info` and 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -117,6 +119,19 @@ def test_names_are_escaped_in_inspect_and_info(tmp_path):
               metadata={"note": "a\x1b[2Jb"})
     out = invoke("info", archive).stdout
     assert "\x1b" not in out and shown in out and "a\\x1b[2Jb" in out
+
+
+def test_inspect_csv_and_json_keep_hostile_names_on_one_row(tmp_path):
+    path = tmp_path / "hostile.pt"
+    torch.save({HOSTILE: torch.randn(16, 8), 'a\rb,c"d': torch.randn(8, 8)}, path)
+    out = invoke("inspect", path, "--format", "csv").stdout
+    assert not any(c in out for c in "\x1b\x07\r")
+    lines = out.splitlines()
+    assert len(lines) == 3  # the header and one line per tensor
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {r["name"] for r in rows} == {"evil\\x1b]52;c;cHduZWQ=\\x07\\nname", 'a\\rb,c"d'}
+    records = json.loads(invoke("inspect", path, "--format", "json").stdout)  # escaped by JSON
+    assert {r["name"] for r in records} == {HOSTILE, 'a\rb,c"d'}
 
 
 def test_info_reads_like_gguf_dump_and_labels_the_paper_ratios(model_pt, tmp_path):

@@ -218,11 +218,14 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
     if fmt == "json":
         click.echo(strict_json(records))
     elif fmt == "csv":
+        # Names escaped as the table shows them: one row per line, no terminal control codes;
+        # commas and quotes left to the csv module's quoting.
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=INSPECT_KEYS, lineterminator="\n")
         writer.writeheader()
         for r in records:
-            writer.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
+            writer.writerow({**r, "name": escape(r["name"]),
+                             "shape": "x".join(map(str, r["shape"]))})
         click.echo(buffer.getvalue(), nl=False)
     else:
         rows = [
