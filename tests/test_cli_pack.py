@@ -154,3 +154,35 @@ def test_unpack_to_pt_on_a_failing_disk_is_one_line(model_file, tmp_path, monkey
     assert "could not be written" in line
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_folders_source_size_counts_only_the_weights_read(model_file, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(model_file.read_bytes())
+    (folder / "tokenizer.json").write_bytes(b"t" * 2_000_000)  # never compressed
+    (folder / "README.md").write_text("a model card\n" * 1000)
+    torch.save({"a.weight": torch.zeros(512, 512)}, folder / "pytorch_model.bin")  # not read
+    out = tmp_path / "m.qlis"
+    result = invoke("pack", folder, "-o", out)
+    assert result.exit_code == 0, result.output
+    with qlis.open(out) as archive:
+        assert archive.summary.source_bytes == model_file.stat().st_size
+    shown = model_file.stat().st_size / out.stat().st_size
+    assert f"real ratio {shown:.2f}x" in result.stdout
+
+    sharded = tmp_path / "sharded"  # the shards the index names, not the index
+    sharded.mkdir()
+    with safe_open(str(model_file), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open
+    names = sorted(state)
+    save_file({names[0]: state[names[0]]}, sharded / "model-00001-of-00002.safetensors")
+    save_file({n: state[n] for n in names[1:]}, sharded / "model-00002-of-00002.safetensors")
+    weight_map = {n: f"model-0000{1 if i == 0 else 2}-of-00002.safetensors"
+                  for i, n in enumerate(names)}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "tokenizer.json").write_bytes(b"t" * 2_000_000)
+    assert invoke("pack", sharded, "-o", out, "--force").exit_code == 0
+    shards = sum(p.stat().st_size for p in sharded.glob("model-*.safetensors"))
+    with qlis.open(out) as archive:
+        assert archive.summary.source_bytes == shards

@@ -360,20 +360,26 @@ def _inside(roots: tuple[Path, ...], candidate: Path, named_by: Path) -> Path:
     return resolved
 
 
-def _load_folder(path: Path) -> Mapping:
-    roots = _folder_roots(path)
+def _folder_model_file(path: Path, roots: tuple[Path, ...]) -> tuple[str, Path]:
+    """The file of a model folder that `load_state_dict` starts from (a checkpoint or a
+    shard index: the first of `_FOLDER_FILES` present): its name, which says its kind (a
+    Hugging Face cache blob's resolved name does not), and its path resolved in the folder."""
     for name in _FOLDER_FILES:
         candidate = path / name
-        if not os.path.lexists(candidate):
-            continue
-        file = _inside(roots, candidate, path)
-        if name.endswith(".index.json"):
-            return _load_shards(file, path, roots)
-        if name.endswith(".safetensors"):
-            return MappedState.of_file(file)
-        return _load_torch(file)
+        if os.path.lexists(candidate):
+            return name, _inside(roots, candidate, path)
     looked_for = ", ".join(_FOLDER_FILES)
     raise InputError(f"{path}: a folder without a model file (looked for {looked_for})")
+
+
+def _load_folder(path: Path) -> Mapping:
+    roots = _folder_roots(path)
+    name, file = _folder_model_file(path, roots)
+    if name.endswith(".index.json"):
+        return _load_shards(file, path, roots)
+    if name.endswith(".safetensors"):
+        return MappedState.of_file(file)
+    return _load_torch(file)
 
 
 _MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
@@ -505,12 +511,25 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
     return common or None
 
 
-def model_file_bytes(path: str | Path) -> int:
-    """Bytes on disk of a model file, or of every file of a model folder."""
+def weight_files(path: str | Path) -> list[Path]:
+    """The files whose tensors `load_state_dict` reads for ``path``: the file itself, or in
+    a folder its one checkpoint or the shards its index names (not the index, tokenizer,
+    README or other checkpoints beside them)."""
     path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    if not stat.S_ISDIR(_stat(path).st_mode):
+        return [path]
+    roots = _folder_roots(path)
+    name, file = _folder_model_file(path, roots)
+    if not name.endswith(".index.json"):
+        return [file]
+    return [_inside(roots, path / shard, file)
+            for shard in sorted(set(_weight_map(file).values()))]
+
+
+def model_file_bytes(path: str | Path) -> int:
+    """Bytes on disk of the weight files a model is read from (`weight_files`): what a real
+    ratio compares the archive with, so files that were never compressed do not inflate it."""
+    return sum(_stat(file).st_size for file in weight_files(path))
 
 
 def _check_text(text: object, what: str) -> str:
