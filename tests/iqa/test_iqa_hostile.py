@@ -23,6 +23,7 @@ from iqa_helpers import write_image
 from PIL import Image
 
 import qlis
+from qlis_iqa import features as features_module
 from qlis_iqa import preprocess as preprocess_module
 from qlis_iqa.backbones import random_backbone
 from qlis_iqa.errors import IQAError
@@ -217,6 +218,15 @@ def test_scoring_goes_on_past_image_bombs(tiny: dict, tmp_path: Path) -> None:
     assert sorted(scores.scores) == [0, 1]
     assert "thin.png" in scores.errors[2] and "aspect ratio" in scores.errors[2]
     assert "unreadable" in scores.errors[3]
+
+
+def test_features_cached_by_an_older_decoding_are_not_served(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    model = make_model("dino", random_backbone("dino", "tiny"))
+    cache = FeatureCache(tmp_path / "cache")
+    current = cache.folder(model)
+    monkeypatch.setattr(features_module, "DECODING", features_module.DECODING - 1)
+    assert cache.folder(model) != current  # e.g. 16-bit PNGs once read clipped
 
 
 def test_damaged_cache_entries_are_recomputed(tmp_path: Path) -> None:

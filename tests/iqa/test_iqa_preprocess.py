@@ -18,6 +18,7 @@ from qlis_iqa.preprocess import (
     Preprocess,
     for_family,
     read_image,
+    to_rgb,
 )
 
 
@@ -54,3 +55,22 @@ def test_config_round_trip_and_errors(tmp_path: Path) -> None:
         read_image(tmp_path / "none.jpg")
     gray = Image.fromarray(np.full((20, 30), 128, dtype=np.uint8))
     assert for_family("dino", 16)(gray).shape == (3, 16, 16)  # converted to RGB
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (40, 48)).astype(np.uint16)
+    grey = np.rint(deep / 257).astype(np.uint8)  # the same picture in 8 bits
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # a 16-bit grey PNG
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    opened = read_image(tmp_path / "deep.png")
+    assert opened.mode.startswith("I;16") or opened.mode == "I"
+    preprocess = for_family("dino", 32)
+    expected = preprocess(read_image(tmp_path / "grey.png"))
+    one_level = 1 / 255 / min(IMAGENET_STD)  # a rounding step, normalised
+    for image in (opened, Image.fromarray(deep.astype(np.int32), "I"),
+                  Image.fromarray((deep / 65535).astype(np.float32), "F")):
+        ours = preprocess(image)
+        torch.testing.assert_close(ours, expected, atol=one_level, rtol=0)
+    assert to_rgb(Image.fromarray(np.array([[-5, 70000]], np.int32), "I")).getpixel((0, 0)) == (
+        0, 0, 0)  # beyond 16 bits: the 32-bit range, negatives at black

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qlis_iqa.models import IQAModel
-from qlis_iqa.preprocess import ImageReadError, Preprocess, read_image
+from qlis_iqa.preprocess import DECODING, ImageReadError, Preprocess, read_image
 
 
 def file_digest(path: Path) -> str:
@@ -43,7 +43,7 @@ class FeatureCache:
     def folder(self, model: IQAModel, fingerprint: str | None = None) -> Path:
         """The folder of this model's frozen part and preprocessing (with an info.json)."""
         fingerprint = fingerprint or model.fingerprint()
-        pre = hashlib.sha256(model.preprocess.to_json().encode()).hexdigest()
+        pre = hashlib.sha256(f"{DECODING}{model.preprocess.to_json()}".encode()).hexdigest()
         folder = self.root / f"{model.family}-{fingerprint[:24]}-{pre[:12]}"
         info = folder / "info.json"
         if not info.exists():

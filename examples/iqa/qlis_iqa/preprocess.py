@@ -95,7 +95,7 @@ class Preprocess:
             raise IQAError(f"stored preprocessing config cannot be read: {exc}") from None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         resample = _RESAMPLE[self.resample]
         if self.mode == "square":
             image = image.resize((self.size, self.size), resample)
@@ -114,6 +114,31 @@ class Preprocess:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
+
+
+_INT16_MAX, _INT32_MAX = 65535, 2**31 - 1
+DECODING = 2  # how a file becomes pixels (2: high-bit-depth grey scaled, see to_rgb); a change
+# is part of the feature-cache key, so features cached by the old decoding are never served
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. PIL's own conversion clips high-bit-depth grey modes to 0..255 (a
+    16-bit PNG comes out nearly all white, a float one black), so they are scaled by their
+    range first: I;16 by 65535; I by 65535 when its values fit in 16 bits (how PIL holds
+    16-bit PNG, PGM and TIFF data), else by 2^31-1; F by 1 (float images' 0..1)."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        top = _INT16_MAX
+    elif mode not in ("I", "F"):
+        return image.convert("RGB")  # 8-bit modes (16-bit RGB PNGs PIL reads as 8-bit RGB)
+    values = np.asarray(image, dtype=np.float64)
+    if mode == "F":
+        top = 1.0
+        values = np.nan_to_num(values, nan=0.0)
+    elif mode == "I":
+        top = _INT16_MAX if values.size and values.max() <= _INT16_MAX else _INT32_MAX
+    grey = np.rint(np.clip(values / top, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def for_family(family: str, size: int) -> Preprocess:
