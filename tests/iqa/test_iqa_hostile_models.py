@@ -17,6 +17,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error
 from iqa_helpers import write_image
+from safetensors.torch import load_file
 
 from qlis_iqa.backbones import load_backbone, random_backbone
 from qlis_iqa.cli import cli
@@ -96,6 +97,29 @@ def test_weights_folders_with_hostile_configs_are_refused(
                                                    else {**config, **changes}))
     with pytest.raises(IQAError, match=message):
         load_backbone("clip", folder)
+
+
+def test_a_pickled_backbone_is_refused_and_never_unpickled(
+    backbones: dict[str, Path], sample_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    folder = shutil.copytree(backbones["dino"], tmp_path / "w")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    cache = tmp_path / "hub" / "models--facebook--dino-vitb16"  # the same in a HF cache
+    shutil.copytree(folder, cache / "snapshots" / "0123abc")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0123abc")
+
+    def no_unpickling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for weights in (folder, tmp_path / "hub"):
+        with pytest.raises(IQAError, match="holds only pytorch_model.bin, a pickle"):
+            load_backbone("dino", weights)
+    line = one_line_error(cli, "qlis-iqa: error:", "train", "--family", "dino", "--root",
+                          sample_root, "--weights", folder, "-o", tmp_path / "run")
+    assert f"{folder} holds only pytorch_model.bin" in line
 
 
 def test_undefined_metrics_say_why() -> None:

@@ -139,6 +139,24 @@ def _checked_config(fam: Family, source: str, cache_dir: Path | None) -> Pretrai
     return config
 
 
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _pickle_only(folder: Path) -> str | None:
+    """The pickled checkpoint a backbone folder holds instead of safetensors, if so: it is
+    never loaded, since unpickling a downloaded file can run code."""
+    if any((folder / name).exists() for name in _SAFETENSORS):
+        return None
+    return next((name for name in _PICKLED if (folder / name).exists()), None)
+
+
+def _pickle_refused(where: Path, name: str) -> str:
+    return (f"{where} holds only {name}, a pickle, which qlis-iqa never loads (it can run "
+            "code); convert it to model.safetensors where you trust it (from_pretrained, "
+            "then save_pretrained) or download the safetensors weights")
+
+
 def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTrainedModel:
     config = _checked_config(fam, source, cache_dir)
     try:
@@ -147,6 +165,7 @@ def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTra
             config=config,
             local_files_only=True,
             cache_dir=cache_dir,
+            use_safetensors=True,  # unset, transformers unpickles a pytorch_model.bin
             output_loading_info=True,
             **fam.model_kwargs,
         )
@@ -179,6 +198,8 @@ def load_backbone(
             raise IQAError(f"--weights {folder} is a file; give the folder that holds config.json")
         for cand in _candidate_folders(fam, folder):
             if (cand / "config.json").is_file():
+                if pickled := _pickle_only(cand):
+                    raise IQAError(_pickle_refused(cand, pickled))
                 try:
                     return _from_pretrained(fam, str(cand), None)
                 except OSError as exc:
@@ -195,6 +216,9 @@ def load_backbone(
     try:
         return _from_pretrained(fam, hub_id, hub_cache)
     except OSError:
+        for snapshot in sorted(repo_dir.glob("snapshots/*")):  # a cache of .bin weights
+            if pickled := _pickle_only(snapshot):
+                raise IQAError(_pickle_refused(snapshot, pickled)) from None
         state = "incomplete" if repo_dir.exists() else "absent"
         looked.append(f"{repo_dir} ({state})")
     raise WeightsNotFoundError(
