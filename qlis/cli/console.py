@@ -227,6 +227,33 @@ def strict_json(value: Any, **dumps: Any) -> str:
         return json.dumps(clean(value), allow_nan=False, **dumps)
 
 
+def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),
+             help_hint: str = "") -> str:
+    """A library message as a command-line user reads it: each Python keyword in ``names``
+    written as its flag (``target_ratio=`` as ``--target-ratio``). A name of several words
+    is replaced wherever it stands; a one-word name (``k``, ``bits``: also plain words) only
+    where its flag is in ``given``. The library's list of known keywords, which the command
+    does not all take, gives way to ``help_hint``, and a hint for `qlis pack` is dropped.
+
+    >>> as_flags("give one target, not target_bits_per_weight, target_ratio",
+    ...          ["target_ratio", "target_bits_per_weight", "bits"])
+    'give one target, not --target-bits-per-weight, --target-ratio'
+    >>> as_flags("unknown option(s) bits for policy 'rd'; known: max_distortion", ["bits"],
+    ...          given=["bits"], help_hint="see 'qlis-iqa compress -h'")
+    "unknown option(s) --bits for policy 'rd'; see 'qlis-iqa compress -h'"
+    >>> as_flags("pass paper_cr= (qlis pack --paper-cr)", ["paper_cr"])
+    'pass --paper-cr'
+    """
+    head, listed, _ = message.partition("; known: ")
+    message = head + (f"; {help_hint}" if listed and help_hint else "")
+    message = re.sub(r" \(qlis pack [^)]*\)", "", message)
+    words = [n for n in names if "_" in n or n in given]
+    if not words:
+        return message
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
+    return re.sub(pattern + r")\b=?", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 class _UserError(click.ClickException):
     exit_code = 2
 

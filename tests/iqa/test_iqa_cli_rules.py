@@ -11,8 +11,10 @@ from pathlib import Path
 from cli_helpers import one_line_error, run
 
 from qlis.cli.choices import codec_names
+from qlis_iqa.backbones import random_backbone
 from qlis_iqa.cli import cli
 from qlis_iqa.data import load_dataset, make_split
+from qlis_iqa.models import make_model, save_checkpoint
 
 
 def invoke(*args: object):
@@ -136,3 +138,27 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"qlis-iqa: error: {tmp_path / 'absent'}: no such folder of images"]
+
+
+def test_compress_option_errors_name_the_flags(tmp_path, model_file) -> None:
+    out = tmp_path / "x.qlis"
+    cases = {  # checked before the model (a stand-in here) is read
+        ("--target-ratio", "4", "--target-bits-per-weight", "3"):
+            "give one target, not --target-bits-per-weight, --target-ratio",
+        ("--policy", "quant", "--target-ratio", "2"): "pass --paper-cr",
+        ("--policy", "rd", "--paper-cr", "5"): "unknown option(s) --paper-cr for policy 'rd'; "
+                                               "see 'qlis-iqa compress -h'",
+        ("--policy", "rd", "--bits", "4"): "unknown option(s) --bits for policy 'rd'",
+    }
+    for args, message in cases.items():
+        line = refused("compress", model_file, "-o", out, *args)
+        assert message in line, line
+        assert "_" not in line.split(": error: ", 1)[1] and "qlis pack" not in line, line
+
+
+def test_compress_errors_raised_while_packing_name_the_flags(tmp_path) -> None:
+    model = save_checkpoint(make_model("dino", random_backbone("dino", "tiny")),
+                            tmp_path / "m.safetensors")
+    line = refused("compress", model, "-o", tmp_path / "x.qlis", "--policy", "quant",
+                   "--bits", "2", "--paper-cr", "1000")
+    assert "--paper-cr 1000.0 is out of reach for policy 'quant'" in line, line

@@ -12,18 +12,20 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from qlis import InputError, QlisError, QualityWarning
+from qlis import ConfigError, InputError, QlisError, QualityWarning
 from qlis.cli.choices import codec_names, parse_device
 from qlis.cli.console import (
     PATH,
     CommandGroup,
+    as_flags,
     check_input,
     check_output,
     check_output_dir,
@@ -32,7 +34,7 @@ from qlis.cli.console import (
     same_file,
 )
 from qlis.json_input import read_json_file
-from qlis.plan.policy import policy_names
+from qlis.plan.policy import make_policy, policy_names
 from qlis_iqa.data import dataset_paths
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -469,6 +471,8 @@ def compress(
     calibrated = policy == "rd" and calib_images > 0
     if min_cosine is not None and not calibrated:
         raise QlisError("--min-cosine needs --policy rd and --calib-images > 0")
+    with _as_flags(given, options):  # options the policy refuses: before the model loads
+        make_policy(policy, **options)
     _start_work()
     from qlis_iqa.models import load_model
     from qlis_iqa.pack import calibration, pack
@@ -480,8 +484,9 @@ def compress(
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
     with warnings.catch_warnings():  # printed below, once, as a qlis-iqa line
         warnings.simplefilter("ignore", QualityWarning)
-        packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
-                      **options)
+        with _as_flags(given, options):
+            packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
+                          **options)
     for warning in packed.result.warnings:
         _err(f"qlis-iqa: warning: {warning}")
     click.echo(
@@ -495,6 +500,17 @@ def compress(
     click.echo(f"quality: {packed.result.describe_quality()}")
     click.echo(f"idealised paper ratios (pruned zeros count as free): CR {packed.result.cr:.2f}, "
                f"HCR {packed.result.hcr:.2f}")
+
+
+@contextmanager
+def _as_flags(names: Iterable[str], given: Collection[str]) -> Iterator[None]:
+    """The library's option errors in the words of this command: its flags, not the Python
+    keywords (``--target-ratio``, not ``target_ratio=``)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(as_flags(str(err), names, given, "see 'qlis-iqa compress -h' for "
+                                   "the options of each policy")) from None
 
 
 def _training_samples(meta, root, split_file, dataset):
