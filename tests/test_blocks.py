@@ -232,3 +232,25 @@ def test_a_tied_weight_is_replaced_for_every_module_that_holds_it(monkeypatch):
     monkeypatch.setattr(calibrate, "EAGER_BYTES", 0)
     lazy = measurement.outputs_with({"head.weight": lambda: replaced})
     assert torch.equal(eager[0], lazy[0])
+
+
+def test_a_decoders_key_value_cache_starts_empty_in_every_block_replay(monkeypatch):
+    # a causal LM hands each layer the model call's KV cache, which every attention call
+    # appends to: replays shared it, and a padded batch's keys outgrew its mask (a crash)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    calib = [{"input_ids": torch.randint(0, 64, (2, 6), generator=generator),
+              "attention_mask": mask} for _ in range(2)]
+    assert chained(model, calib)
+    by_blocks = qlis.compress(model, "quant", bits=4, calib=calib)
+    monkeypatch.setattr(rec, "find_blocks", lambda model: None)
+    whole = qlis.compress(model, "quant", bits=4, calib=calib)
+    mine, theirs = by_blocks.state_dict(), whole.state_dict()
+    assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
+    assert by_blocks.distortion["output"]["cosine"] > 0.9

@@ -12,6 +12,7 @@ the float model's own pass; a model that is not one keeps the forward passes.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,24 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+_SHARED = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.dtype,
+           torch.device, nn.Module)
+
+
+def _fresh(value: Any) -> Any:
+    """``value`` for one more call of a block: a copy when a call may change it (a key/value
+    cache that each attention call appends to), so that every replay starts from the state
+    the first block was given, not from what earlier replays left in it. Tensors (the
+    block's inputs, cloned where it matters), plain values and modules are shared."""
+    if isinstance(value, _SHARED):
+        return value
+    if type(value) in (tuple, list):
+        return type(value)(_fresh(item) for item in value)
+    if type(value) is dict:
+        return {key: _fresh(item) for key, item in value.items()}
+    return copy.deepcopy(value)
+
+
 @dataclass
 class _Call:
     """One block call: its arguments and where the hidden state (the chained tensor) is."""
@@ -93,6 +112,16 @@ class _Call:
         if self.hidden_at == 0:
             return _Call((hidden, *self.args[1:]), self.kwargs, 0)
         return _Call(self.args, {**self.kwargs, self.hidden_at: hidden}, self.hidden_at)
+
+    def fresh(self) -> _Call:
+        """This call with a copy of its hidden state and of any state a block may change
+        (`_fresh`): a block that changes its inputs in place must not change the cache."""
+        hidden = self.hidden.clone()
+        args = tuple(hidden if i == 0 and self.hidden_at == 0 else _fresh(value)
+                     for i, value in enumerate(self.args))
+        kwargs = {key: hidden if key == self.hidden_at else _fresh(value)
+                  for key, value in self.kwargs.items()}
+        return _Call(args, kwargs, self.hidden_at)
 
     def same_context(self, other: _Call) -> bool:
         """The arguments besides the hidden state are the same as ``other``'s."""
@@ -195,8 +224,7 @@ class CachedInputs:
                       for (key, call), output in zip(self.calls, outputs, strict=True)]
 
     def _calls_of(self, block: nn.Module) -> list[Run]:
-        """Calls of ``block`` on the cached inputs, each on a copy of its hidden state: a
-        block that changes its input in place must not change the cache."""
-        return [(key, lambda call=call: block(
-            *(fresh := call.with_hidden(call.hidden.clone())).args, **fresh.kwargs))
-            for key, call in self.calls]
+        """Calls of ``block`` on the cached inputs, each on fresh copies of them
+        (`_Call.fresh`)."""
+        return [(key, lambda call=call: block(*(fresh := call.fresh()).args, **fresh.kwargs))
+                for key, call in self.calls]
