@@ -386,3 +386,16 @@ def test_layers_of_no_inputs_or_no_outputs_are_left_to_data_free_rounding():
     assert notes["no_inputs.weight"] == notes["no_outputs.weight"] == rec.NO_INPUTS
     assert notes["a.weight"] == notes["b.weight"] == rec.BIAS_CORRECTED
     assert result.distortion["output"]["cosine"] > 0.9
+
+
+def test_a_model_given_too_few_inputs_is_told_so_not_a_traceback():
+    # CLIP needs pixel_values beside the text; missing, it reads None.shape (AttributeError)
+    transformers = pytest.importorskip("transformers")
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 16, "patch_size": 8}
+    text = {**vision, "vocab_size": 40, "max_position_embeddings": 16, "bos_token_id": 1,
+            "eos_token_id": 2, "pad_token_id": 0}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    model = transformers.CLIPModel(config).eval()
+    with pytest.raises(qlis.InputError, match=r"does not fit the model \(batch 0\): Attrib"):
+        qlis.compress(model, calib=[{"input_ids": torch.randint(0, 40, (2, 5))}])

@@ -42,8 +42,9 @@ HOLDOUT_EVERY = 4
 """With at least this many batches, every fourth one is held out: reconstruction and the
 allocation's probes fit on the others, and the output quality that ``min_cosine`` aims at and
 the result reports is measured on the held-out ones, which no layer was fitted to."""
-_MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError)
-"""What a model raises for inputs of the wrong shape, dtype or keywords."""
+_MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
+"""What a model raises for inputs of the wrong shape, dtype or keywords (AttributeError: an
+input it needs left out, read as None: CLIP's pixel_values given text alone)."""
 
 
 def first_tensor(output: Any) -> torch.Tensor:
