@@ -27,7 +27,7 @@ from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
-from qlis.plan.sizes import HEADER_BYTES, kept_bytes
+from qlis.plan.sizes import HEADER_BYTES, unplanned_bytes
 from qlis.plan.spill import CodeSpill
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.quantize.quantizers import QuantizedTensor
@@ -96,7 +96,7 @@ class CompressionResult:
         self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
         self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
         layer_bytes = sum(p.coded_bytes for p in layers)
-        fixed_bytes = HEADER_BYTES + sum(kept_bytes(t) for t in fixed)
+        fixed_bytes = HEADER_BYTES + sum(unplanned_bytes(t) for t in fixed)
         self.estimated_bytes = int(fixed_bytes + layer_bytes)
 
     @property

@@ -45,6 +45,7 @@ from qlis.plan.sizes import (
     QUANTIZED_RECORD_BYTES,
     TABLE_BYTES_PER_SYMBOL,
     kept_bytes,
+    unplanned_bytes,
 )
 from qlis.quantize.grid import rounded_level
 from qlis.quantize.quantizers import (
@@ -498,7 +499,8 @@ class RDPolicy(Policy):
         """Bytes the selected layers may take, from the size target (None: no size target)."""
         state = context.state
         selected = {layer.name for layer in context.report.layers}
-        fixed = HEADER_BYTES + sum(kept_bytes(t) for n, t in state.items() if n not in selected)
+        fixed = HEADER_BYTES + sum(unplanned_bytes(t) for n, t in state.items()
+                                   if n not in selected)
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
         total = self._target_bytes(original, sum(t.numel() for t in state.values()))
         if total is None:
