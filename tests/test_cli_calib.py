@@ -233,3 +233,28 @@ def test_a_config_linked_from_outside_the_folder_is_refused(bert_folder, tmp_pat
     text.write_text("a red cat\n")
     line = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", text)
     assert "outside the model folder" in line
+
+
+def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_path):
+    # T5 cannot run on input_ids alone: text calibration ended in "does not fit the model"
+    folder = tmp_path / "tiny-t5"
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("a photo of a cat\nthe red car at night\na big tree\n")
+    ids = torch.tensor([[2, 7, 9, 3]])
+    fed = hf_model.with_decoder_inputs(model, [{"input_ids": ids}])[0]["decoder_input_ids"]
+    assert fed.tolist() == [[0, 2, 7, 9]]  # the text shifted right after the start token
+    result = run(cli, "pack", folder, "-o", tmp_path / "t5.qlis", "--calib", text,
+                 "--policy", "quant", "--bits", "4", "-q")
+    assert result.exit_code == 0, result.output
+    assert "output on the calibration data: cosine" in result.output
+    with qlis.open(tmp_path / "t5.qlis") as archive:  # the decoder was fitted on the text
+        entry = archive.entry("decoder.block.0.layer.1.EncDecAttention.q.weight")
+    assert entry.plan["reconstruction"] == "error feedback"

@@ -41,7 +41,7 @@ from qlis.models.checkpoints import (
     write_safetensors,
     write_sharded_safetensors,
 )
-from qlis.models.hf_model import load_hf_model, max_input_length
+from qlis.models.hf_model import load_hf_model, max_input_length, with_decoder_inputs
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
 from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
@@ -330,8 +330,8 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     if calib_file is not None:
         check_calibration_path(calib_file)
         model = load_hf_model(path)
-        calib = read_calibration(calib_file, path, calib_examples, calib_batch_size,
-                                 max_input_length(model))
+        calib = with_decoder_inputs(model, read_calibration(
+            calib_file, path, calib_examples, calib_batch_size, max_input_length(model)))
         state = model.state_dict()
     else:
         model = state = load_state_dict(path)

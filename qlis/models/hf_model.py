@@ -227,3 +227,20 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
                             max_length=limit)
         batches.append(dict(encoded))
     return batches
+
+
+def with_decoder_inputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                        ) -> list[dict[str, torch.Tensor]]:
+    """Batches for an encoder-decoder model (T5, Whisper's text side) that give only
+    ``input_ids``, with the decoder fed that text shifted right, as in training (the model's
+    own ``prepare_decoder_input_ids_from_labels``): without decoder inputs T5 cannot run, and
+    its decoder weights would get no calibration. Other models' batches are returned as
+    they are."""
+    config = getattr(model, "config", None)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not (getattr(config, "is_encoder_decoder", False) and callable(prepare)):
+        return batches
+    given = ("decoder_input_ids", "decoder_inputs_embeds")
+    return [{**batch, "decoder_input_ids": prepare(labels=batch["input_ids"])}
+            if "input_ids" in batch and not any(k in batch for k in given) else batch
+            for batch in batches]
