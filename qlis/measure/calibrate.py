@@ -10,8 +10,10 @@ the user's model is never left modified.
 
 Outputs: a tensor, or the first tensor of a tuple / dict / ``ModelOutput`` (for Hugging
 Face models, ``last_hidden_state`` or ``logits``). Cosine is measured per vector along the
-last dimension (per token, per embedding); outputs of width 1 (a score per input) are
-compared as one vector per batch.
+last dimension (per token, per embedding); a feature map (4 or more dimensions: examples,
+channels, then space) as one vector per example, since its last dimension is a row of pixels
+(rows that are zero in both would count as perfect); outputs of width 1 (a score per input)
+are compared as one vector per batch.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def _vectors(output: torch.Tensor, detach: bool = True, widen: bool = True) -> t
     float model's references, kept in half the memory of float64)."""
     out = output.detach() if detach else output
     out = out.double() if widen or not out.is_floating_point() else out.clone()
+    if out.ndim >= 4:  # a feature map: one vector per example
+        return out.reshape(out.shape[0], math.prod(out.shape[1:]))
     if out.ndim >= 2 and out.shape[-1] > 1:
         return out.reshape(-1, out.shape[-1])
     return out.reshape(1, -1)

@@ -1,0 +1,57 @@
+"""What the output cosine compares: vectors along the last dimension (a token's, an
+embedding's), and a feature map (examples, channels, space) one example at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from qlis.measure.calibrate import Calibration
+
+
+class MaskedConv(torch.nn.Module):
+    """A conv feature map whose odd pixel rows are always zero (a padded or masked map)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("mask", (torch.arange(6) % 2 == 0).float()[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * self.mask
+
+
+def mean_cosine(reference: torch.Tensor, output: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(reference.double(), output.double(),
+                                                       dim=1).mean())
+
+
+def test_a_feature_map_is_compared_one_example_at_a_time():
+    model = MaskedConv().eval()
+    batches = [torch.randn(5, 3, 6, 7) for _ in range(2)]
+    noisy = model.conv.weight + 0.5 * torch.randn_like(model.conv.weight)
+    measured = Calibration(model, batches).measure({"conv.weight": noisy})
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in batches])
+        model.conv.weight.data, own = noisy, model.conv.weight.data
+        output = torch.cat([model(b) for b in batches])
+        model.conv.weight.data = own
+    per_example = mean_cosine(reference.flatten(1), output.flatten(1))
+    rows = reference.reshape(-1, 7).double(), output.reshape(-1, 7).double()
+    zero = rows[0].norm(dim=1) == 0
+    per_pixel_row = float(torch.where(zero, 1.0, torch.nn.functional.cosine_similarity(
+        *rows, dim=1)).mean())  # zero rows in both counted as perfect, half of them here
+    assert abs(measured["cosine"] - per_example) < 1e-9
+    assert per_pixel_row > per_example + 0.1
+
+
+def test_token_vectors_are_compared_along_the_last_dimension():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    batches = [torch.randn(2, 5, 8) for _ in range(2)]
+    noisy = model[0].weight + 0.3 * torch.randn_like(model[0].weight)
+    measured = Calibration(model, batches).measure({"0.weight": noisy})
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in batches]).reshape(-1, 8)
+        output = torch.cat([b @ noisy.T + model[0].bias for b in batches]).reshape(-1, 8)
+    assert abs(measured["cosine"] - mean_cosine(reference, output)) < 1e-9
