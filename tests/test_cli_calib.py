@@ -258,3 +258,38 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
     with qlis.open(tmp_path / "t5.qlis") as archive:  # the decoder was fitted on the text
         entry = archive.entry("decoder.block.0.layer.1.EncDecAttention.q.weight")
     assert entry.plan["reconstruction"] == "error feedback"
+
+
+def test_a_family_whose_files_use_older_names_is_calibrated_under_the_modules(tmp_path):
+    """transformers 5 loads ViT's checkpoint key attention.attention.query as the module's
+    attention.q_proj (and writes the old key back when it saves)."""
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, image_size=8, patch_size=4)
+    folder = tmp_path / "vit"
+    model = transformers.ViTModel(config)
+    model.save_pretrained(folder)
+    module_names = set(model.state_dict())
+    if set(load_file(str(folder / "model.safetensors"))) == module_names:
+        pytest.skip("this transformers saves ViT under its module's names")
+    inputs = tmp_path / "pixels.safetensors"
+    save_file({"pixel_values": torch.randn(4, 3, 8, 8)}, str(inputs))
+    out = tmp_path / "vit.qlis"
+    result = run(cli, "pack", folder, "-o", out, "--calib", inputs)
+    assert result.exit_code == 0, result.output
+    with qlis.open(out) as archive:
+        assert set(archive.names()) == module_names
+
+
+def test_a_tensor_transformers_splits_as_it_loads_is_refused_for_calibration(tmp_path):
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32,
+                                       image_size=8, patch_size=4, use_swiglu_ffn=True)
+    folder = tmp_path / "dinov2"
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    if not any("weights_in" in key for key in load_file(str(folder / "model.safetensors"))):
+        pytest.skip("this transformers saves DINOv2's SwiGLU under its module's names")
+    inputs = tmp_path / "pixels.safetensors"
+    save_file({"pixel_values": torch.randn(4, 3, 8, 8)}, str(inputs))
+    message = user_error("pack", folder, "-o", tmp_path / "d.qlis", "--calib", inputs)
+    assert "transformers merges or splits tensor" in message and "without --calib" in message
+    assert run(cli, "pack", folder, "-o", tmp_path / "d.qlis").exit_code == 0  # data-free

@@ -99,6 +99,47 @@ def _check_config_sizes(folder: Path, config: dict, tensors: int, elements: int)
                 )
 
 
+def _conversions() -> tuple[Any, Any] | None:
+    """transformers' modules that rename checkpoint keys as it loads them (5 and later), or
+    None where it renames none (4)."""
+    try:
+        return (importlib.import_module("transformers.conversion_mapping"),
+                importlib.import_module("transformers.core_model_loading"))
+    except ImportError:
+        return None
+
+
+def _as_module_names(folder: Path, skeleton: torch.nn.Module,
+                     state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The folder's tensors under the names its module holds them by. transformers 5 renames
+    some families' checkpoint keys as it loads them, and its save_pretrained writes the old
+    ones back (ViT's and DINOv2's ``attention.attention.query`` is ``attention.q_proj`` in the
+    module); a tensor it would merge with others or split as it loads is refused, since the
+    module would run on something other than the folder's tensors."""
+    modules = _conversions()
+    if modules is None:
+        return dict(state)
+    conversion, loading = modules
+    try:
+        transforms = conversion.get_model_conversion_mapping(skeleton)
+    except Exception:  # noqa: BLE001 - a model transformers keeps no mapping for
+        return dict(state)
+    renamings = [t for t in transforms if not isinstance(t, loading.WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, loading.WeightConverter)]
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        name, converted = loading.rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise InputError(f"{folder}: transformers merges or splits tensor "
+                             f"{tensor_label(key)} as it loads this model, which calibration "
+                             "cannot follow; pack this folder without --calib")
+        if name in renamed:
+            raise InputError(f"{folder}: tensors {tensor_label(key)} and another both load "
+                             f"as {tensor_label(name)}")
+        renamed[name] = tensor
+    return renamed
+
+
 def _check_skeleton(folder: Path, skeleton: torch.nn.Module,
                     state: Mapping[str, torch.Tensor], elements: int) -> None:
     """The module that the config describes, built on the meta device (no memory), against the
@@ -147,7 +188,9 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
 
     The weights are read first and bound what the config may build: its sizes are checked
     against them, then the module is built on the meta device and compared with them, and
-    only then built in memory."""
+    only then built in memory. Its state dict (and so an archive packed from it) names the
+    tensors as the module does, which for some families is not as their files do
+    (`_as_module_names`)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: calibration needs a model that can run: a Hugging Face "
@@ -164,6 +207,7 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
         detail = (str(err).splitlines() or [type(err).__name__])[0][:300]
         raise InputError(f"{folder}: transformers cannot build this model from its "
                          f"config.json ({detail})") from None
+    state = _as_module_names(folder, skeleton, state)
     _check_skeleton(folder, skeleton, state, elements)
     model = build()
     model.load_state_dict(state, strict=False, assign=True)
