@@ -260,15 +260,20 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
     assert entry.plan["reconstruction"] == "error feedback"
 
 
-def test_a_family_whose_files_use_older_names_is_calibrated_under_the_modules(tmp_path):
-    """transformers 5 loads ViT's checkpoint key attention.attention.query as the module's
-    attention.q_proj (and writes the old key back when it saves)."""
+def vit_folder(tmp_path: Path) -> tuple[Path, set[str]]:
+    """A tiny ViT folder (no tokenizer) and its module's tensor names."""
     config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=32, image_size=8, patch_size=4)
     folder = tmp_path / "vit"
     model = transformers.ViTModel(config)
     model.save_pretrained(folder)
-    module_names = set(model.state_dict())
+    return folder, set(model.state_dict())
+
+
+def test_a_family_whose_files_use_older_names_is_calibrated_under_the_modules(tmp_path):
+    """transformers 5 loads ViT's checkpoint key attention.attention.query as the module's
+    attention.q_proj (and writes the old key back when it saves)."""
+    folder, module_names = vit_folder(tmp_path)
     if set(load_file(str(folder / "model.safetensors"))) == module_names:
         pytest.skip("this transformers saves ViT under its module's names")
     inputs = tmp_path / "pixels.safetensors"
@@ -293,3 +298,11 @@ def test_a_tensor_transformers_splits_as_it_loads_is_refused_for_calibration(tmp
     message = user_error("pack", folder, "-o", tmp_path / "d.qlis", "--calib", inputs)
     assert "transformers merges or splits tensor" in message and "without --calib" in message
     assert run(cli, "pack", folder, "-o", tmp_path / "d.qlis").exit_code == 0  # data-free
+
+
+def test_text_calibration_of_a_model_without_a_tokenizer_points_to_tensors(tmp_path):
+    folder, _ = vit_folder(tmp_path)
+    text = tmp_path / "prompts.txt"
+    text.write_text("a photo of a cat\n")
+    message = user_error("pack", folder, "-o", tmp_path / "v.qlis", "--calib", text)
+    assert "no usable tokenizer" in message and "as tensors instead (a .safetensors" in message

@@ -231,7 +231,9 @@ def load_tokenizer(folder: str | Path) -> Any:
                 Path(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise InputError(f"{folder}: no usable tokenizer for text calibration "
-                         f"({str(err).splitlines()[0][:300]})") from None
+                         f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); give "
+                         "the model's inputs as tensors instead (a .safetensors file of "
+                         "keyword inputs, e.g. pixel_values)") from None
 
 
 def max_input_length(model: torch.nn.Module) -> int | None:
