@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,39 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path) -> None:
         torch.testing.assert_close(ours, expected, atol=one_level, rtol=0)
     assert to_rgb(Image.fromarray(np.array([[-5, 70000]], np.int32), "I")).getpixel((0, 0)) == (
         0, 0, 0)  # beyond 16 bits: the 32-bit range, negatives at black
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (6, 2), (0, 0, 255))
+    stored.putpixel((0, 0), (255, 0, 0))  # red at the stored top left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    stored.save(tmp_path / "turned.png", exif=exif)
+    shown = read_image(tmp_path / "turned.png")
+    assert shown.size == (2, 6)
+    assert shown.convert("RGB").getpixel((1, 0)) == (255, 0, 0)  # now at the top right
+    data = (tmp_path / "turned.png").read_bytes()
+    at = data.index(b"eXIf") - 4
+    (length,) = struct.unpack(">I", data[at : at + 4])
+    body = b"MM\xa3*" + b"\0" * (length - 4)  # not a TIFF header: PIL raises SyntaxError
+    chunk = b"eXIf" + body
+    crc = struct.pack(">I", zlib.crc32(chunk))
+    damaged = data[: at + 4] + chunk + crc + data[at + 12 + length :]
+    (tmp_path / "damaged.png").write_bytes(damaged)
+    assert read_image(tmp_path / "damaged.png").size == (6, 2)  # read as stored
+
+
+def test_transparency_is_composited_onto_white(tmp_path: Path) -> None:
+    white, red = (255, 255, 255), (255, 0, 0)
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))  # invisible red, then half-visible red
+    rgba.putpixel((1, 0), (255, 0, 0, 128))
+    assert to_rgb(rgba).getpixel((0, 0)) == white
+    assert to_rgb(rgba).getpixel((1, 0)) == (255, 127, 127)
+    assert to_rgb(Image.new("LA", (1, 1), (0, 0))).getpixel((0, 0)) == white
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, *red])
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    opened = to_rgb(read_image(tmp_path / "p.png"))
+    assert (opened.getpixel((0, 0)), opened.getpixel((1, 0))) == (white, red)
+    assert to_rgb(Image.new("RGB", (1, 1), red)).getpixel((0, 0)) == red  # opaque: unchanged

@@ -10,6 +10,11 @@ Images are untrusted too: a file whose header announces more than MAX_IMAGE_PIXE
 before it is decoded, and the CLIP resize refuses an aspect ratio above MAX_ASPECT (a 1x100000
 PNG of 370 bytes would otherwise be resized to 22.4M x 224 pixels). Both are reported as
 unreadable images, never fatal.
+
+An image is read as it is shown, as transformers' own `load_image` and `convert_to_rgb` do: its
+EXIF orientation is applied (a phone photo stored sideways is scored upright) and transparency
+is composited onto white (the colour hidden under a transparent pixel is never seen). Only the
+first frame of an animation is read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import math
 import os
 import stat
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from qlis_iqa.errors import IQAError
 
@@ -117,16 +123,33 @@ class Preprocess:
 
 
 _INT16_MAX, _INT32_MAX = 65535, 2**31 - 1
-DECODING = 2  # how a file becomes pixels (2: high-bit-depth grey scaled, see to_rgb); a change
-# is part of the feature-cache key, so features cached by the old decoding are never served
+DECODING = 3  # how a file becomes pixels (2: high-bit-depth grey scaled, see to_rgb; 3: EXIF
+# orientation applied, transparency onto white); a change is part of the feature-cache key, so
+# features cached by the old decoding are never served
+WHITE = (255, 255, 255, 255)
+_ORIENTATION = {  # EXIF orientation -> the transpose that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """An 8-bit RGB image. PIL's own conversion clips high-bit-depth grey modes to 0..255 (a
     16-bit PNG comes out nearly all white, a float one black), so they are scaled by their
     range first: I;16 by 65535; I by 65535 when its values fit in 16 bits (how PIL holds
-    16-bit PNG, PGM and TIFF data), else by 2^31-1; F by 1 (float images' 0..1)."""
+    16-bit PNG, PGM and TIFF data), else by 2^31-1; F by 1 (float images' 0..1). Transparency
+    (an alpha band, or a palette's or colour's tRNS) is composited onto white: PIL's conversion
+    drops it, showing whatever colour the transparent pixels happen to hold."""
     mode = image.mode
+    deep = mode in ("I", "F") or mode.startswith("I;16")
+    if not deep and ({"A", "a"} & set(image.getbands()) or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
     if mode.startswith("I;16"):
         top = _INT16_MAX
     elif mode not in ("I", "F"):
@@ -167,20 +190,34 @@ def read_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"{path}: unreadable ({exc.strerror or exc})") from None
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """A copy of the image turned by its EXIF orientation, as viewers show it. A damaged EXIF
+    block (PIL's parser raises SyntaxError on a bad header, others on worse) or an orientation
+    that is no EXIF value counts as none: the image is shown as stored."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+    except (SyntaxError, OSError, ValueError, TypeError, LookupError, struct.error):
+        orientation = None
+    if isinstance(orientation, int) and orientation in _ORIENTATION:
+        return image.transpose(_ORIENTATION[orientation])
+    return image.copy()
+
+
 def _decode(path: str | Path, f: BinaryIO) -> Image.Image:
     """Decode an opened image file, its size checked on the header first."""
     try:
-        with warnings.catch_warnings():  # PIL warns from 89 M pixels; we refuse above 67 M
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # PIL warns from 89 M pixels (we refuse above 67 M) and
+            warnings.simplefilter("ignore")  # on damaged EXIF: the image is decoded or reported
             im = Image.open(f)
-        with im:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS or min(w, h) < 1:
-                raise ImageReadError(
-                    f"{path}: unreadable ({w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} are decoded)"
-                )
-            im.load()
-            return im.copy()
+            with im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS or min(w, h) < 1:
+                    raise ImageReadError(
+                        f"{path}: unreadable ({w}x{h} pixels; at most {MAX_IMAGE_PIXELS:,} "
+                        "are decoded)"
+                    )
+                im.load()
+                return upright(im)
     except UnidentifiedImageError:  # its text names the file object, not the file
         raise ImageReadError(f"{path}: unreadable (not an image format PIL knows)") from None
     except Image.DecompressionBombError:  # PIL's own bound, at twice its warning's
