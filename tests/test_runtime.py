@@ -108,6 +108,26 @@ def test_dequantized_weight_is_the_archive_weight(tmp_path, name):
             assert torch.equal(getattr(low, layer).weight, expected)  # code reading .weight
 
 
+@pytest.mark.parametrize("name", ["affine8-channel", "group4", "kmeans3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_converted_lowbit_model_computes_as_the_converted_float_model(tmp_path, name, dtype):
+    """``.to(dtype)`` builds the weight in that dtype, as it converts a float layer's weight,
+    and leaves the codes and grid exact: converting back restores the float32 model."""
+    _, reference, low = archive_of(tmp_path, QUANTIZERS[name][0])
+    layers = ("patch", "fc1", "fc2", "head")
+    weights = {layer: getattr(low, layer).weight for layer in layers}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        exact = low(x)
+        # not torch.equal: float64 F.linear's sums vary with the weight's address here
+        torch.testing.assert_close(low.to(dtype)(x.to(dtype)), reference.to(dtype)(x.to(dtype)))
+        assert low.fc1.weight.dtype == dtype
+        low.float()  # the float layer's weight stays rounded; the codes lost nothing
+        assert all(torch.equal(getattr(low, layer).weight, weights[layer]) for layer in layers)
+        if dtype == torch.float64:  # nothing else was rounded either: the same model
+            torch.testing.assert_close(low(x), exact, rtol=0, atol=0)
+
+
 def test_int8_kernel_branch_handles_an_uncentred_zero_point():
     """Codes far from 128 and zero points far from 128: the correction term carries them."""
     weight = torch.rand(32, 48) * 3 + 1  # all positive: zero point 0, codes 0..255

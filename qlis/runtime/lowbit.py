@@ -181,6 +181,26 @@ class _LowBit(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """``.half()``, ``.to(torch.bfloat16)``, ``.double()`` set the dtype the weight is built
+        in (and convert the bias), as they do a float layer's weight; the buffers (codes, and
+        the grid's scales, zeros, codebooks) keep the archive's exact values and follow the
+        device only. Converted with the rest, the weight came out float32 against a float16
+        input (an error), and a round trip through float16 rounded every scale."""
+        buffers = {id(t) for t in self._buffers.values() if t is not None}
+        anchor = next(t for t in self._buffers.values() if t is not None)
+        target = fn(anchor.new_empty(0, dtype=self.weight_dtype))
+        if target.dtype.is_floating_point:
+            self.weight_dtype = target.dtype
+
+        def keep_values(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in buffers:
+                return fn(t)
+            moved = fn(t.detach().reshape(-1)[:0])  # where and as what fn would put it
+            return fn(t) if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(keep_values, recurse)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight, built at each access (for code that reads ``.weight.dtype``,
@@ -248,12 +268,13 @@ class Int8Linear(_LowBit):
     def dequantized_weight(self) -> torch.Tensor:
         # (code - 128) + (128 - zero) is the archive's integer code - zero, exactly
         weight = self.weight_int8.float()  # one allocation, then in place
-        return weight.add_((128.0 - self.zero)[:, None]).mul_(self.scale[:, None])
+        weight = weight.add_((128.0 - self.zero)[:, None]).mul_(self.scale[:, None])
+        return weight.to(self.weight_dtype)  # float32 unless the module was converted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
-                or torch.is_autocast_enabled(x.device.type)):
+                or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)):
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
