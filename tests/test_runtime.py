@@ -128,6 +128,19 @@ def test_a_converted_lowbit_model_computes_as_the_converted_float_model(tmp_path
             torch.testing.assert_close(low(x), exact, rtol=0, atol=0)
 
 
+def test_backward_through_the_int8_kernel_branch_reaches_the_input(tmp_path):
+    """A few rows take torch's int8 kernel, which has no derivative: with an input that needs
+    a gradient the layer dequantizes instead, and the gradient is the float model's."""
+    _, reference, low = archive_of(tmp_path, QUANTIZERS["affine8-channel"][0])
+    grads = []
+    for model in (reference, low):
+        tokens = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+        tokens.requires_grad_(True)
+        model.fc1(tokens).square().sum().backward()
+        grads.append(tokens.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
 def test_int8_kernel_branch_handles_an_uncentred_zero_point():
     """Codes far from 128 and zero points far from 128: the correction term carries them."""
     weight = torch.rand(32, 48) * 3 + 1  # all positive: zero point 0, codes 0..255

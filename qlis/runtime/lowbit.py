@@ -274,7 +274,8 @@ class Int8Linear(_LowBit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
-                or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)):
+                or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
+                or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
