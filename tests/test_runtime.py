@@ -287,6 +287,52 @@ def test_meta_buffer_not_in_the_archive_is_refused_before_any_change(tmp_path):
     assert type(low.fc1) is nn.Linear
 
 
+class Tied(nn.Module):
+    """A language model in miniature: the output layer shares the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 32)
+        self.mid = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 16, bias=False)
+        self.out.weight = self.embed.weight
+        self.head = nn.Embedding(16, 32)  # a tie of two float layers
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mid(self.embed(ids)))
+
+
+def test_a_meta_model_takes_the_archive_in_the_float_runtime_too(tmp_path):
+    """torch cannot copy into a meta tensor (it warns and does nothing): the model stayed on
+    the meta device while qlis.load returned as if it had loaded. Assigned tensors come in
+    one Parameter per name: tied weights are tied again."""
+    path, reference, _ = archive_of(tmp_path, {"id": "kmeans", "bits": 2})
+    with torch.device("meta"):
+        model = Toy().eval()
+    qlis.load(path, model=model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    qlis.save(qlis.compress(Tied(), "quant", quantizer={"id": "affine", "bits": 4}),
+              tmp_path / "tied.qlis")
+    with torch.device("meta"):
+        tied = Tied()
+    qlis.load(tmp_path / "tied.qlis", model=tied)
+    assert tied.out.weight is tied.embed.weight and not tied.out.weight.is_meta
+    assert tied.head.weight is tied.embed.weight
+    with torch.device("meta"):
+        tied = Tied()
+    qlis.load(tmp_path / "tied.qlis", model=tied, runtime="lowbit")  # the float tie stays
+    assert tied.head.weight is tied.embed.weight and tied.out.path == "dequant"
+    with torch.device("meta"):
+        model = Toy()
+    model.register_buffer("positions", torch.empty(4, device="meta"), persistent=False)
+    with pytest.raises(InputError, match="non-persistent"):
+        qlis.load(path, model=model)
+    assert model.fc1.weight.is_meta  # refused before any change
+
+
 @pytest.mark.parametrize("quantizer", [
     qlis.AffineQuantizer(bits=3), qlis.UniformQuantizer(rel_mse=0.3, granularity="channel"),
     qlis.get_quantizer({"id": "group", "bits": 2, "group_size": 16})])

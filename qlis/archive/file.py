@@ -692,7 +692,8 @@ def load(
     """All tensors of an archive; with ``model``, also load them into it (strictly).
 
     The model is checked against the archive's names, shapes and dtypes first, and every
-    tensor is decoded before any parameter changes: on any error the model is untouched.
+    tensor is decoded before any parameter changes: on any error the model is untouched. A
+    model on the meta device (``with torch.device("meta")``) takes the archive's tensors.
     ``runtime="lowbit"`` (needs ``model``, which may live on the meta device) keeps quantized
     Linear/Conv2d layers packed in memory and returns the model's new state (qlis.runtime.lowbit).
     """
@@ -708,10 +709,18 @@ def load(
         if runtime == "lowbit":
             lowbit.load_lowbit(archive, model)
             return model.state_dict()
+        if model is not None:
+            lowbit.check_meta_buffers(model, model.state_dict())
         state = archive.load()
     if model is not None:
+        # a meta tensor cannot be copied into (torch only warns, and the model stayed on the
+        # meta device): the archive's tensors take its place, ties kept (aliases share one)
+        on_meta = any(t.is_meta for t in model.state_dict().values())
+        ties = lowbit.tied_names(model)
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=on_meta)
         except RuntimeError as err:
             raise InputError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from None
+        if on_meta:
+            lowbit.retie(model, ties)
     return state

@@ -396,12 +396,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
     persistent = model.state_dict()
     if _replaceable(model) and archive.entry("weight").quantizer is not None:
         raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
-    for name, buffer in model.named_buffers():
-        if name not in persistent and buffer.is_meta:
-            raise InputError(
-                f"{name!r} is a non-persistent buffer on the meta device and no archive holds "
-                "it; build that part of the model on the CPU (or pass a model built on the CPU)"
-            )
+    check_meta_buffers(model, persistent)
     replacements: dict[str, _LowBit] = {}
     for name, module in model.named_modules():
         weight = f"{name}.weight"
@@ -418,10 +413,46 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         release_free_memory()
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
     rest = {name: archive.read(name) for name in persistent if name not in covered}
+    ties = tied_names(model)
     for name, new in replacements.items():
         setattr(*_parent(model, name), new)
     model.load_state_dict(rest, strict=False, assign=True)
+    retie(model, ties)
     return {name: module.path for name, module in replacements.items()}
+
+
+def check_meta_buffers(model: nn.Module, persistent: dict[str, torch.Tensor]) -> None:
+    """Refuse a model left unusable after loading: no archive holds a non-persistent buffer,
+    so one on the meta device would stay there (the first call fails far from the cause)."""
+    for name, buffer in model.named_buffers():
+        if name not in persistent and buffer.is_meta:
+            raise InputError(
+                f"{name!r} is a non-persistent buffer on the meta device and no archive holds "
+                "it; build that part of the model on the CPU (or pass a model built on the CPU)"
+            )
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter or buffer (tied weights), in groups of two or more."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, groups: list[list[str]]) -> None:
+    """Tie again what `load_state_dict(assign=True)` untied (it wraps each name in its own
+    Parameter): every name of a group that is still a parameter or buffer takes the first's."""
+    for names in groups:
+        slots = []
+        for name in names:
+            module, attr = _parent(model, name)
+            for table in (module._parameters, module._buffers):
+                if attr in table:
+                    slots.append((table, attr))
+        for table, attr in slots[1:]:
+            table[attr] = slots[0][0][slots[0][1]]
 
 
 def check_runtime(runtime: str) -> None:
