@@ -143,15 +143,18 @@ def test_fifos_devices_and_dangling_links_are_unreadable_images(
     (folder / "zero.png").symlink_to("/dev/zero")  # and read this without end
     (folder / "gone.png").symlink_to(tmp_path / "absent.png")
     (folder / "text.jpg").write_text("hello")
+    (folder / "empty.png").write_bytes(b"")
     paths = list_images(folder)
-    assert [p.name for p in paths] == ["a.png", "fifo.png", "gone.png", "text.jpg", "zero.png"]
+    assert [p.name for p in paths] == ["a.png", "empty.png", "fifo.png", "gone.png", "text.jpg",
+                                       "zero.png"]
     scores = score_images(tiny_model, paths)
     assert list(scores.scores) == [0]
     assert scores.errors == {
-        1: f"{paths[1]}: unreadable (not a regular file)",
-        2: f"{paths[2]}: missing",
-        3: f"{paths[3]}: unreadable (not an image format PIL knows)",
-        4: f"{paths[4]}: unreadable (not a regular file)",
+        1: f"{paths[1]}: unreadable (an empty file)",
+        2: f"{paths[2]}: unreadable (not a regular file)",
+        3: f"{paths[3]}: missing",
+        4: f"{paths[4]}: unreadable (not an image format PIL knows)",
+        5: f"{paths[5]}: unreadable (not a regular file)",
     }
 
 

@@ -19,6 +19,7 @@ first frame of an animation is read.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -219,7 +220,10 @@ def _decode(path: str | Path, f: BinaryIO) -> Image.Image:
                 im.load()
                 return upright(im)
     except UnidentifiedImageError:  # its text names the file object, not the file
-        raise ImageReadError(f"{path}: unreadable (not an image format PIL knows)") from None
+        empty = f.seek(0, io.SEEK_END) == 0
+        raise ImageReadError(f"{path}: unreadable ("
+                             f"{'an empty file' if empty else 'not an image format PIL knows'})"
+                             ) from None
     except Image.DecompressionBombError:  # PIL's own bound, at twice its warning's
         raise ImageReadError(
             f"{path}: unreadable (more than {MAX_IMAGE_PIXELS:,} pixels are never decoded)"
