@@ -24,6 +24,7 @@ from qlis_iqa.cli import cli
 from qlis_iqa.data import Sample, Split
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Predictions, predict_samples
+from qlis_iqa.features import FeatureCache, extract_features
 from qlis_iqa.models import load_model, make_model, save_checkpoint
 from qlis_iqa.preprocess import Preprocess
 from qlis_iqa.score import list_images, score_images
@@ -156,6 +157,23 @@ def test_fifos_devices_and_dangling_links_are_unreadable_images(
         4: f"{paths[4]}: unreadable (not an image format PIL knows)",
         5: f"{paths[5]}: unreadable (not a regular file)",
     }
+
+
+def test_cached_feature_keys_do_not_wait_on_fifos_or_read_devices(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """With a feature cache each image is hashed first: that read must refuse a FIFO (whose
+    open waits for a writer) and /dev/zero (which never ends) as decoding does."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    write_image(folder / "a.png", 0)
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    paths = [folder / "a.png", folder / "fifo.png", folder / "zero.png"]
+    features = extract_features(tiny_model, paths, cache=FeatureCache(tmp_path / "cache"))
+    assert features.index == [0]
+    assert dict(features.bad) == {1: f"{paths[1]}: unreadable (not a regular file)",
+                                  2: f"{paths[2]}: unreadable (not a regular file)"}
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qlis_iqa.models import IQAModel
-from qlis_iqa.preprocess import DECODING, ImageReadError, Preprocess, read_image
+from qlis_iqa.preprocess import (
+    DECODING,
+    ImageReadError,
+    Preprocess,
+    open_image_file,
+    read_image,
+)
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (the image part of a cache key)."""
+    """SHA-256 of a file's bytes (the image part of a cache key), read as an image is read
+    (`open_image_file`: a FIFO or /dev/zero in an image folder is reported, not waited on)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_image_file(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -176,8 +183,8 @@ def extract_features(
             continue
         try:
             keys[i] = file_digest(p)
-        except OSError as exc:
-            bad[i] = f"{p}: {'missing' if isinstance(exc, FileNotFoundError) else exc}"
+        except ImageReadError as exc:
+            bad[i] = str(exc)
             continue
         hit = FeatureCache.get(folder, keys[i], shape)
         if hit is None:

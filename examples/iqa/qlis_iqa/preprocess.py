@@ -26,6 +26,8 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -174,21 +176,27 @@ def for_family(family: str, size: int) -> Preprocess:
     raise IQAError(f"unknown model family {family!r}")
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image, turning every failure into an ImageReadError.
-
-    Only a regular file is read: opened without blocking and checked on its descriptor, since
-    PIL would wait forever on a FIFO and read /dev/zero without end."""
+@contextmanager
+def open_image_file(path: str | Path) -> Iterator[BinaryIO]:
+    """An image file opened for reading, every failure an ImageReadError. Only a regular file
+    is read: opened without blocking and checked on its descriptor, since a FIFO would wait
+    forever for a writer and /dev/zero never ends."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # open() itself blocks on a FIFO
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise ImageReadError(f"{path}: unreadable (not a regular file)")
-            return _decode(path, f)
+            yield f
     except FileNotFoundError:
         raise ImageReadError(f"{path}: missing") from None
     except OSError as exc:
         raise ImageReadError(f"{path}: unreadable ({exc.strerror or exc})") from None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, turning every failure into an ImageReadError."""
+    with open_image_file(path) as f:
+        return _decode(path, f)
 
 
 def upright(image: Image.Image) -> Image.Image:
