@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import qlis
 import qlis.cli.model_commands
+import qlis.models.calib_files
 from qlis.cli.main import cli
 from qlis.errors import InputError
 from qlis.models import hf_model
@@ -78,7 +79,7 @@ def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):
         assert archive.compression["rounding_sweeps"] == 1
 
 
-def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
+def test_bad_calibration_input_is_one_line(bert_folder, tmp_path, monkeypatch):
     state_file = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(4, 4)}, str(state_file))
     text = tmp_path / "ok.txt"
@@ -99,6 +100,10 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path):
     binary = tmp_path / "bytes.txt"
     binary.write_bytes(b"\xff\xfe\x00")
     assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
+    monkeypatch.setattr(qlis.models.calib_files, "MAX_TEXT_BYTES", 4)
+    assert "larger than 4 B, the most accepted for a calibration text file" in user_error(
+        "pack", bert_folder, "-o", out, "--calib", text)
+    monkeypatch.undo()
     assert "must be" in user_error("pack", bert_folder, "-o", out, "--calib", tmp_path / "c.csv")
     assert "pass --calib" in user_error("pack", bert_folder, "-o", out, "--rounding-sweeps", "2")
     assert not out.exists()

@@ -19,17 +19,17 @@ import torch
 from qlis.errors import InputError
 from qlis.models.checkpoints import load_state_dict
 from qlis.models.hf_model import load_tokenizer, tokenized_batches
+from qlis.regular_files import read_small_file
 
 MAX_TEXT_BYTES = 64 << 20
 CALIB_SUFFIXES = (".txt", ".safetensors", ".pt", ".pth")
 
 
 def _text_lines(path: Path, examples: int) -> list[str]:
-    if path.stat().st_size > MAX_TEXT_BYTES:
-        raise InputError(f"{path}: a calibration text file over {MAX_TEXT_BYTES >> 20} MiB; "
-                         "a few hundred lines are enough")
+    data = read_small_file(path, MAX_TEXT_BYTES, expected="a calibration text file (a few "
+                           "hundred lines are enough)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
