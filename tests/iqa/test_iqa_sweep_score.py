@@ -295,3 +295,42 @@ def test_rd_rows_beside_the_paper_rows(runs: dict, tmp_path: Path) -> None:
     assert "SRCC vs real archive ratio" in md and "| rd | rd [4x] |" in md
     with pytest.raises(IQAError, match="SRCC-drop"):
         run_sweep(run.model, [], tmp_path, rd_variants(srcc_drops=[0.1]), None, archives=False)
+
+
+def test_sweep_says_why_a_row_has_no_correlation_and_logs_quality_warnings(
+    runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant whose model scores every test image alike has SRCC "—" in the table: the log
+    says why beside the row; qlis' quality warnings are log lines, not Python warnings."""
+    import warnings
+
+    from qlis_iqa import sweep as sweep_module
+    from qlis_iqa.sweep import Variant
+
+    run = runs["clip"]
+    real = sweep_module.compress_model
+
+    def noisy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        warnings.warn(qlis.QualityWarning("the size target is out of reach"), stacklevel=1)
+        result.warnings.append("the size target is out of reach")
+        return result
+
+    monkeypatch.setattr(sweep_module, "compress_model", noisy)
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qlis.QualityWarning)  # none may escape
+        rows = run_sweep(
+            run.model,
+            _test_samples(run),
+            tmp_path,
+            [Variant("all pruned", "prune", {"k": 1e6})],
+            FeatureCache(run.checkpoint.parent / "cache"),
+            archives=False,
+            logistic=True,
+            log=messages.append,
+        )
+    assert math.isnan(rows[0].srcc)
+    assert "all pruned: warning: the size target is out of reach" in messages
+    assert any(m.startswith("all pruned: SRCC, KRCC, PLCC") and "same score" in m
+               for m in messages), messages

@@ -23,12 +23,13 @@ import csv
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlis import QlisError
+from qlis import QlisError, QualityWarning
 from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Sample
@@ -258,12 +259,16 @@ def run_sweep(
         else:
             calib = rd.calib if v.policy == "rd" and rd is not None else None
             try:
-                if v.srcc_drop is not None and search is not None:
-                    options["min_cosine"], note = search.min_cosine_for(v.srcc_drop)
-                result = compress_model(model, v.policy, beta, calib, **options)
+                with warnings.catch_warnings():  # the result's warnings: one line each, below
+                    warnings.simplefilter("ignore", QualityWarning)
+                    if v.srcc_drop is not None and search is not None:
+                        options["min_cosine"], note = search.min_cosine_for(v.srcc_drop)
+                    result = compress_model(model, v.policy, beta, calib, **options)
             except QlisError as exc:  # e.g. a size target this model cannot reach
                 log(f"{v.name}: skipped ({exc})")
                 continue
+            for warning in result.warnings:
+                log(f"{v.name}: warning: {warning}")
             candidate = _with_state(model, metadata, result, v.name)
             cr, hcr = float(result.cr), float(result.hcr)
             sparsity, bits = _plan_stats(result)
@@ -282,6 +287,9 @@ def run_sweep(
             log(skipped_report("test", preds.skipped))
         m = preds.metrics()
         fit = logistic_fit(preds.pred, preds.mos) if logistic else None
+        why = preds.undefined({**m, **({"plcc_logistic": fit.plcc} if fit else {})})
+        if why:  # the table shows "—": say why, beside the row
+            log(f"{v.name}: {why}")
         rows.append(
             SweepRow(
                 variant=v.name,
