@@ -334,3 +334,19 @@ def test_sweep_says_why_a_row_has_no_correlation_and_logs_quality_warnings(
     assert "all pruned: warning: the size target is out of reach" in messages
     assert any(m.startswith("all pruned: SRCC, KRCC, PLCC") and "same score" in m
                for m in messages), messages
+
+
+def test_constant_output_flags_a_compression_that_scores_every_image_alike(
+    runs: dict, tmp_path: Path
+) -> None:
+    """`compress` warns when its calibrated result gives every calibration image the same score
+    (qlis then reads cosine 0, which is no correlation): `constant_output` finds it."""
+    from qlis_iqa.pack import compress_model, constant_output
+
+    run = runs["clip"]
+    calib = calibration(run.model, _train_samples(run), images=4, batch_size=2)
+    flat = compress_model(run.model, "prune", calib=calib, k=1e6)  # every weight pruned
+    assert constant_output(flat)
+    kept = compress_model(run.model, "quant", calib=calib, bits=8)
+    assert not constant_output(kept)
+    assert not constant_output(compress_model(run.model, "quant", bits=8))  # data-free

@@ -475,7 +475,7 @@ def compress(
         make_policy(policy, **options)
     _start_work()
     from qlis_iqa.models import load_model
-    from qlis_iqa.pack import calibration, pack
+    from qlis_iqa.pack import calibration, constant_output, pack
 
     iqa, meta = load_model(path)
     calib = None
@@ -489,6 +489,11 @@ def compress(
                           **options)
     for warning in packed.result.warnings:
         _err(f"qlis-iqa: warning: {warning}")
+    if calib is not None and constant_output(packed.result):
+        _err(f"qlis-iqa: warning: the compressed model gives all {calib.images} calibration "
+             "images the same score: the correlation of its scores to the original model's is "
+             "undefined (its output cosine reads 0); it cannot rank images: ask for a larger "
+             "size (--target-ratio) or a quality target (--min-cosine)")
     click.echo(
         f"{escape(str(output))}: {human_bytes(packed.file_bytes)}, real ratio "
         f"{packed.real_ratio:.2f}x; policy {policy}"

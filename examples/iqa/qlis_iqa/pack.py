@@ -45,6 +45,14 @@ class CentredScores:
         return scores - scores.mean()
 
 
+def constant_output(result: Any) -> bool:
+    """Whether a compression calibrated on `CentredScores` gives every calibration image the
+    same score: its centred scores are all zero, which qlis measures as cosine 0 and relative
+    MSE exactly 1 (a correlation with a constant is undefined, not 0)."""
+    output = (getattr(result, "distortion", None) or {}).get("output") or {}
+    return output.get("cosine") == 0.0 and output.get("rel_mse") == 1.0
+
+
 def calibration(
     model: IQAModel,
     samples: Sequence[Sample],
