@@ -136,3 +136,22 @@ def test_a_missing_parent_is_refused_before_any_work(
             "clip", "agiqa-3k", sample_root, tmp_path / "no" / "run", weights=backbones["clip"]
         )
     assert not (tmp_path / "no").exists()
+
+
+def test_a_test_split_too_small_to_correlate_is_refused_before_training(
+    tmp_path: Path, backbones: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 images at 20 % test leave 1 test image: refused before the backbone loads (not after
+    the whole training), and nothing is left under the run folder's name."""
+    import qlis_iqa.train as train_module
+
+    root = make_agiqa3k(tmp_path / "data", 3)
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(train_module, "load_backbone", no_backbone)
+    with pytest.raises(IQAError, match="test split has 1 image.*at least 2"):
+        train_run("clip", "agiqa-3k", root, tmp_path / "run", weights=backbones["clip"],
+                  config=TrainConfig(epochs=1), log=lambda m: None)
+    assert not (tmp_path / "run").exists()

@@ -234,6 +234,10 @@ def train_run(
                            "must be somewhere else")
     train_samples, train_absent = split_samples(ds, split.train)
     test_samples, test_absent = split_samples(ds, split.test)
+    if len(test_samples) < 2:  # before the backbone loads and the model trains, not after
+        raise IQAError(
+            f"the test split has {len(test_samples)} image(s) on disk; its correlations need at "
+            "least 2: raise --limit or --test-fraction (or give a --split with more test images)")
 
     backbone = load_backbone(family, weights)
     label = weights_label(backbone, weights)
