@@ -112,3 +112,18 @@ def test_split_is_fixed_and_round_trips(tmp_path: Path) -> None:
 def test_real_agiqa3k_has_all_images() -> None:
     ds = load_agiqa3k(SHARED_3K)
     assert len(ds.samples) == 2982 and not ds.missing
+
+
+def test_a_root_of_the_other_dataset_names_the_dataset_option(tmp_path: Path) -> None:
+    """AGIQA-1K's annotations under --root without --dataset agiqa-1k (and the reverse): the
+    error says which --dataset the folder is for."""
+    one_k = tmp_path / "1k"
+    one_k.mkdir()
+    (one_k / "AIGC_all.csv").write_text("Image,Score\na.jpg,1.0\n")
+    with pytest.raises(IQAError, match="holds AIGC_all.csv.*--dataset agiqa-1k"):
+        load_agiqa3k(one_k)
+    three_k = make_agiqa3k(tmp_path / "3k", 2)
+    with pytest.raises(IQAError, match="holds data.csv.*--dataset agiqa-3k"):
+        load_agiqa1k(three_k)
+    with pytest.raises(IQAError, match=r"images/$"):  # no hint where there is nothing to name
+        load_agiqa3k(tmp_path)

@@ -231,7 +231,10 @@ def load_agiqa3k(root: str | Path, images: str | Path | None = None) -> IQADatas
     """AGIQA-3K: `ROOT/data.csv` (columns name, mos_quality) and images in `ROOT/images`."""
     (ann,), default_images = dataset_paths("agiqa-3k", root)
     if not ann.exists():
-        raise IQAError(f"AGIQA-3K: {ann} not found; --root must hold data.csv and images/")
+        other = [n for n in ("AIGC_MOS_Zscore.xlsx", "AIGC_all.csv") if (Path(root) / n).exists()]
+        hint = (f" ({root} holds {other[0]}, AGIQA-1K's annotations: pass --dataset agiqa-1k)"
+                if other else "")
+        raise IQAError(f"AGIQA-3K: {ann} not found; --root must hold data.csv and images/{hint}")
     rows = _read_csv(ann, "name", "mos_quality")
     return _build("agiqa-3k", Path(root), Path(images or default_images), ann, rows)
 
@@ -247,9 +250,11 @@ def load_agiqa1k(root: str | Path, images: str | Path | None = None) -> IQADatas
     elif csv_path.exists():
         ann, rows = csv_path, _read_csv(csv_path, "Image", "Score")
     else:
+        hint = (f" ({root} holds data.csv, AGIQA-3K's annotations: pass --dataset agiqa-3k)"
+                if (Path(root) / "data.csv").exists() else "")
         raise IQAError(
             f"AGIQA-1K: neither {xlsx.name} nor {csv_path.name} in {root}; --root must hold "
-            "one of them and the unzipped images in file/"
+            f"one of them and the unzipped images in file/{hint}"
         )
     return _build("agiqa-1k", Path(root), Path(images or default_images), ann, rows)
 
