@@ -104,3 +104,27 @@ def test_a_full_disk_leaves_nothing_behind(tmp_path):
     )
     assert out.stdout.strip() == f"OSError {errno.EFBIG}", out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_folder_is_named_by_the_target_not_the_temporary(
+    tmp_path, monkeypatch
+) -> None:
+    """A folder where no file may be created (read-only, immutable): the error names the path
+    the caller gave, not the hidden temporary file beside it."""
+    import errno
+    import os as _os
+
+    import pytest
+
+    from qlis import InputError
+    from qlis.archive import atomic
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(atomic.os, "open", refuse)
+    target = tmp_path / "out.csv"
+    with pytest.raises(InputError) as err, atomic.atomic_path(target):
+        pass
+    assert str(err.value) == f"{target}: cannot write beside it (Operation not permitted)"
+    assert ".qlis-tmp" not in str(err.value) and _os.listdir(tmp_path) == []

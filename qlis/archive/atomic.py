@@ -74,6 +74,8 @@ def _create_temporary(path: Path) -> Path:
             fd = os.open(tmp, _CREATE, 0o666)
         except FileExistsError:
             continue
+        except OSError as err:  # name the target the user gave, not our temporary name
+            raise InputError(f"{path}: cannot write beside it ({err.strerror or err})") from None
         os.close(fd)
         return tmp
     raise InputError(f"{path.parent}: cannot create a temporary file")
