@@ -350,3 +350,14 @@ def test_constant_output_flags_a_compression_that_scores_every_image_alike(
     kept = compress_model(run.model, "quant", calib=calib, bits=8)
     assert not constant_output(kept)
     assert not constant_output(compress_model(run.model, "quant", bits=8))  # data-free
+
+
+def test_quality_search_with_an_undefined_baseline_says_so() -> None:
+    """Validation images that all have the same MOS: the baseline SRCC is nan, so no drop can be
+    measured; the search takes the ladder's top at no compression cost and says why (not
+    'not met', which reads as a measured failure)."""
+    search = _FakeSearch(0)
+    search.baseline = math.nan
+    chosen, note = search.min_cosine_for(0.05)
+    assert chosen == COSINE_LADDER[-1] and search.calls == []
+    assert "undefined" in note and "cannot be measured" in note and "not met" not in note

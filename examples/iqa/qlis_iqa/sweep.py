@@ -351,6 +351,12 @@ class _QualitySearch:
     def min_cosine_for(self, drop: float) -> tuple[float, str]:
         """The chosen min_cosine, and a note saying how it was chosen."""
         floor = self.baseline - drop
+        top = len(COSINE_LADDER) - 1
+        if math.isnan(self.baseline):  # no drop can be measured from an undefined SRCC
+            return COSINE_LADDER[top], (
+                f"the uncompressed model's validation SRCC is undefined on "
+                f"{len(self.rd.validation)} training images (their MOS or its scores are all "
+                f"equal): drop {drop:g} cannot be measured; the top of the ladder was used")
 
         def ok(i: int) -> bool:
             value = self._validation_srcc(i)
