@@ -155,3 +155,29 @@ def test_a_test_split_too_small_to_correlate_is_refused_before_training(
         train_run("clip", "agiqa-3k", root, tmp_path / "run", weights=backbones["clip"],
                   config=TrainConfig(epochs=1), log=lambda m: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_undefined_test_metrics_are_written_as_strict_json(
+    tmp_path: Path, backbones: dict
+) -> None:
+    """Test images that all have the same MOS: SRCC etc. are undefined. metrics.json and the
+    checkpoint header hold null (not the bare NaN that strict JSON readers refuse), and
+    metrics.json says why."""
+    root = make_agiqa3k(tmp_path / "data", 8)
+    with (root / "data.csv").open("w", newline="") as f:
+        names = sorted(p.name for p in (root / "images").iterdir())
+        csv.writer(f).writerows([["name", "mos_quality"], *[[n, "2.5"] for n in names]])
+    run = train_run("clip", "agiqa-3k", root, tmp_path / "run", weights=backbones["clip"],
+                    config=TrainConfig(epochs=1), test_fraction=0.5, log=lambda m: None)
+
+    def strict(text: str) -> dict:
+        def refuse(constant: str) -> None:
+            raise ValueError(constant)
+
+        return json.loads(text, parse_constant=refuse)
+
+    summary = strict((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["test"] == {"srcc": None, "krcc": None, "plcc": None}
+    assert "same MOS" in summary["test_undefined"]
+    _, meta = load_model(run.checkpoint)
+    assert strict(meta["qlis_iqa.test_metrics"])["srcc"] is None

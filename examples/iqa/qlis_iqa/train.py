@@ -287,6 +287,9 @@ def train_run(
         if preds.skipped:
             log(skipped_report("test", preds.skipped))
         metrics = preds.metrics(logistic)
+        # JSON has no NaN: an undefined correlation is written null, and why beside it
+        stored = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
+        undefined = preds.undefined(metrics)
 
         extra = {
             KEY + "dataset": ds.name,
@@ -295,7 +298,7 @@ def train_run(
             KEY + "split_sha256": split.digest(),
             KEY + "weights": str(weights) if weights else backbone.config.name_or_path,
             KEY + "train_config": json.dumps(asdict(config), sort_keys=True),
-            KEY + "test_metrics": json.dumps(metrics, sort_keys=True),
+            KEY + "test_metrics": json.dumps(stored, sort_keys=True, allow_nan=False),
         }
         save_checkpoint(model, checkpoint, extra, overwrite=overwrite)
         preds.write_csv(out / "predictions_test.csv", label)
@@ -321,9 +324,11 @@ def train_run(
             "feature_seconds": feature_seconds,
             "train_seconds": train_seconds,
             "config": asdict(config),
-            "test": metrics,
+            "test": stored,
+            **({"test_undefined": undefined} if undefined else {}),
             "final_train_mse": losses[-1],
         }
         with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n",
+                           encoding="utf-8")
         return TrainResult(model, checkpoint, split_path, preds, metrics, losses, label)
