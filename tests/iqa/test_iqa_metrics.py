@@ -104,3 +104,15 @@ def test_logistic_fit_is_a_number_only_when_sound(pm: tuple[list[float], list[fl
     if not fit.degenerate:
         assert -1.0 <= fit.plcc <= 1.0 + 1e-9
         assert fit.params[3] >= MIN_SLOPE_SCALE * np.std(p)
+
+
+def test_an_undefined_logistic_plcc_gives_the_fits_own_reason() -> None:
+    """Two test images: the 4-parameter fit is refused for too few points; the warning says
+    that, not the generic 'a step function'."""
+    from qlis_iqa.evaluate import Predictions
+
+    preds = Predictions(["a", "b"], np.array([3.0, 5.0]), np.array([4.5, 4.3]))
+    metrics = preds.metrics(logistic=True)
+    note = preds.undefined(metrics)
+    assert note.startswith("PLCC LOGISTIC undefined (nan)")
+    assert "2 points are too few for 4 parameters" in note and "step" not in note

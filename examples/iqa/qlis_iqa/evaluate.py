@@ -16,7 +16,7 @@ from qlis.cli.console import escape
 from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features
-from qlis_iqa.metrics import correlations
+from qlis_iqa.metrics import correlations, logistic_fit
 from qlis_iqa.models import KEY, IQAModel
 
 Log = Callable[[str], None]
@@ -53,8 +53,9 @@ class Predictions:
             why = f"the model gives all {n} images the same score"
         elif np.ptp(self.mos) == 0:
             why = f"all {n} images have the same MOS"
-        else:
-            why = "the logistic fit is degenerate (a step function)"
+        else:  # the fit's own reason (too few points, a step function, a failed fit...)
+            reason = logistic_fit(self.pred, self.mos).reason or "a step function"
+            why = f"the logistic fit is degenerate ({reason})"
         return f"{', '.join(names)} undefined (nan): {why}"
 
     def write_csv(self, path: str | Path, label: str) -> Path:
