@@ -55,3 +55,16 @@ def test_token_vectors_are_compared_along_the_last_dimension():
         reference = torch.cat([model(b) for b in batches]).reshape(-1, 8)
         output = torch.cat([b @ noisy.T + model[0].bias for b in batches]).reshape(-1, 8)
     assert abs(measured["cosine"] - mean_cosine(reference, output)) < 1e-9
+
+
+def test_a_single_output_vector_claims_no_standard_error():
+    """A score per input over one batch is one vector: its cosine has no measurable spread,
+    so none is reported (it was 0: a precision the measure does not have)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 1)).eval()
+    batch = torch.randn(5, 6)
+    noisy = model[0].weight + 0.3 * torch.randn_like(model[0].weight)
+    one = Calibration(model, [batch]).measure({"0.weight": noisy})
+    assert one["cosine_stderr"] is None and one["cosine"] < 1.0
+    two = Calibration(model, [batch, batch + 1]).measure({"0.weight": noisy})
+    assert two["cosine_stderr"] is not None and two["cosine_stderr"] >= 0.0

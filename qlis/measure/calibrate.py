@@ -452,7 +452,7 @@ class Calibration:
         broke) count as cosine 0 where they are not finite, and make ``finite`` false and
         ``rel_mse`` None (JSON has no NaN). ``cosine_stderr`` is the standard error of the
         mean cosine over the output vectors: how far another sample of the same data may
-        measure it."""
+        measure it (None from a single vector, whose spread says nothing)."""
         # per batch: cosines summed, vectors, squared error, energy, non-finite outputs,
         # squared cosines summed
         totals = OrderedSum((6,), self.cluster is not None)
@@ -475,7 +475,7 @@ class Calibration:
         return {
             "cosine": cosine,
             "one_minus_cosine": 1.0 - cosine,
-            "cosine_stderr": math.sqrt(spread / max(count, 1.0)),
+            "cosine_stderr": math.sqrt(spread / count) if count >= 2 else None,
             "rel_mse": None if not finite else error / energy if energy > 0 else 0.0,
             "finite": finite,
         }

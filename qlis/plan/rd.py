@@ -689,7 +689,7 @@ def _allocate_for_cosine(
     for _ in range(_COSINE_PASSES):
         realized = realize(plan_of(choice))
         quality = context.calibration.measure(realized.tensors)
-        measured = quality["one_minus_cosine"] + quality["cosine_stderr"]
+        measured = quality["one_minus_cosine"] + (quality["cosine_stderr"] or 0.0)
         size = realized.layer_bytes
         aimed = _with_feedback(curves, names, realized.feedback)
         if measured <= wanted:
