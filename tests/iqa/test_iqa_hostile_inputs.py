@@ -215,3 +215,19 @@ def test_skipped_names_cannot_drive_the_terminal() -> None:
     """Names come from the user's files (a split file, data.csv): printed escaped."""
     line = skipped_report("test", [("a\x1b]52;c;aGk=\x07.png", "missing")])
     assert "\x1b" not in line and "\x07" not in line and "\\x1b" in line
+
+
+def test_calibration_without_its_training_images_names_them(tmp_path: Path, runs: dict,
+                                                            sample_root: Path) -> None:
+    """compress calibrates on the training images: their absence is what it reports, also
+    when every test image is there."""
+    run = runs["dino"]
+    split = Split.load(run.split_file)
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    for name in split.train:
+        (root / "images" / name).unlink()
+    line = refused("compress", run.checkpoint, "--root", root, "--calib-images", "2",
+                   "-o", tmp_path / "m.qlis")
+    assert f"none of the {len(split.train)} training images" in line
+    assert "--calib-images 0" in line and not (tmp_path / "m.qlis").exists()

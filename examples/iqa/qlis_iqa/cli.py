@@ -521,13 +521,14 @@ def _as_flags(names: Iterable[str], given: Collection[str]) -> Iterator[None]:
 def _training_samples(meta, root, split_file, dataset):
     """The training-split images of the data set a model was trained on (for calibration)."""
     from qlis_iqa.data import split_samples
-    from qlis_iqa.evaluate import eval_set_for
+    from qlis_iqa.evaluate import recorded_split
 
-    es = eval_set_for(meta, root, split_file, dataset)
-    samples = split_samples(es.dataset, es.split.train)[0]
+    ds, split, split_path = recorded_split(meta, root, split_file, dataset)
+    samples = split_samples(ds, split.train)[0]
     if not samples:
-        raise QlisError("no training image is available for calibration; pass --root, or "
-                        "--calib-images 0 for a data-free compression")
+        raise QlisError(f"none of the {len(split.train)} training images of {split_path} is "
+                        f"in {ds.root} for calibration; pass --root, or --calib-images 0 for a "
+                        "data-free compression")
     return samples
 
 

@@ -155,13 +155,14 @@ class EvalSet:
     absent: list[str]
 
 
-def eval_set_for(
+def recorded_split(
     metadata: dict[str, str],
     root: str | Path | None = None,
     split_path: str | Path | None = None,
     dataset: str | None = None,
-) -> EvalSet:
-    """The test split a checkpoint/archive was trained with; arguments override what it recorded."""
+) -> tuple[IQADataset, Split, Path]:
+    """The data set and split a checkpoint/archive was trained with, and the split's file;
+    arguments override what it recorded."""
     split_given = split_path is not None
     dataset = dataset or metadata.get(KEY + "dataset")
     root = root or metadata.get(KEY + "dataset_root")
@@ -176,8 +177,19 @@ def eval_set_for(
     recorded = metadata.get(KEY + "split_sha256")
     if recorded and recorded != split.digest() and not split_given:
         raise IQAError(f"split {split_path} changed since the model was trained")
-    ds = load_dataset(dataset, root)
+    return load_dataset(dataset, root), split, Path(split_path)
+
+
+def eval_set_for(
+    metadata: dict[str, str],
+    root: str | Path | None = None,
+    split_path: str | Path | None = None,
+    dataset: str | None = None,
+) -> EvalSet:
+    """The test split a checkpoint/archive was trained with (see `recorded_split`)."""
+    ds, split, split_file = recorded_split(metadata, root, split_path, dataset)
     samples, absent = split_samples(ds, split.test)
     if not samples:
-        raise IQAError(f"none of the {len(split.test)} test images of {split_path} is in {root}")
-    return EvalSet(ds, split, Path(split_path), samples, absent)
+        raise IQAError(f"none of the {len(split.test)} test images of {split_file} is in "
+                       f"{ds.root}")
+    return EvalSet(ds, split, split_file, samples, absent)
