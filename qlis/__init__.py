@@ -31,6 +31,7 @@ _PUBLIC = {  # name -> the module that defines it
                      "QuantizedTensor", "Quantizer", "UniformQuantizer", "get_quantizer",
                      "register_quantizer"), "qlis.quantize.quantizers"),
     "RDPolicy": "qlis.plan.rd",
+    "synthetic_calibration": "qlis.models.synthetic_inputs",
     **dict.fromkeys(("InspectionReport", "LayerStats", "inspect"), "qlis.measure.stats"),
 }
 

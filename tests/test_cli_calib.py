@@ -37,9 +37,9 @@ def bert_folder(tmp_path_factory) -> Path:
                                      num_attention_heads=2, intermediate_size=64,
                                      max_position_embeddings=64)
     transformers.BertModel(config).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(
+        folder)
     return folder
 
 
@@ -248,9 +248,9 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
                                    num_heads=2, decoder_start_token_id=0, pad_token_id=0)
     model = transformers.T5ForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(
+        folder)
     text = tmp_path / "calib.txt"
     text.write_text("a photo of a cat\nthe red car at night\na big tree\n")
     ids = torch.tensor([[2, 7, 9, 3]])
@@ -311,3 +311,17 @@ def test_text_calibration_of_a_model_without_a_tokenizer_points_to_tensors(tmp_p
     text.write_text("a photo of a cat\n")
     message = user_error("pack", folder, "-o", tmp_path / "v.qlis", "--calib", text)
     assert "no usable tokenizer" in message and "as tensors instead (a .safetensors" in message
+
+
+def test_text_calibration_of_a_text_model_without_tokenizer_files_is_refused(bert_folder,
+                                                                             tmp_path):
+    # transformers builds a BERT tokenizer from config.json alone: every word its [UNK]
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bert_folder / name, folder / name)
+    text = tmp_path / "prompts.txt"
+    text.write_text("a photo of a cat\n")
+    message = user_error("pack", folder, "-o", tmp_path / "b.qlis", "--calib", text)
+    assert "no tokenizer files" in message and "as tensors instead" in message
+    assert not (tmp_path / "b.qlis").exists()

@@ -33,6 +33,7 @@ from qlis.cli.console import (
 from qlis.cli.demo import VIT_SHAPES, run_demo
 from qlis.errors import InputError, QlisError
 from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
+from qlis.models.calib_files import DEFAULT_EXAMPLES as FILE_EXAMPLES
 from qlis.models.calib_files import check_calibration_path, read_calibration
 from qlis.models.checkpoints import (
     load_state_dict,
@@ -41,7 +42,14 @@ from qlis.models.checkpoints import (
     write_safetensors,
     write_sharded_safetensors,
 )
-from qlis.models.hf_model import load_hf_model, max_input_length, with_decoder_inputs
+from qlis.models.hf_model import (
+    load_hf_model,
+    load_tokenizer,
+    max_input_length,
+    with_decoder_inputs,
+)
+from qlis.models.synthetic_inputs import DEFAULT_EXAMPLES as SYNTHETIC_EXAMPLES
+from qlis.models.synthetic_inputs import SYNTHETIC, synthetic_calibration
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
 from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
@@ -280,10 +288,13 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
               help="A JSON plan: layer name -> {pruner, quantizer} (instead of a policy).")
 @click.option("--calib", "calib_file", type=PATH,
               help="Calibration data for a Hugging Face model folder: a .txt file of one "
-                   "example per line (tokenized by the folder's tokenizer), or .safetensors/.pt "
-                   "tensors of the model's keyword inputs (one example per row).")
-@click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16), default=128,
-              show_default=True, help="Calibration examples to use at most.")
+                   "example per line (tokenized by the folder's tokenizer), .safetensors/.pt "
+                   "tensors of the model's keyword inputs (one example per row), or "
+                   f"'{SYNTHETIC}': random token sequences from a text model's vocabulary, "
+                   "when there is no data (the quality is then measured on them).")
+@click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16),
+              help=f"Calibration examples to use at most [default: {FILE_EXAMPLES}; "
+                   f"{SYNTHETIC_EXAMPLES} synthetic ones].")
 @click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096), default=16,
               show_default=True, help="Calibration examples per forward pass.")
 @click.option("--rounding-sweeps", type=click.IntRange(min=0, max=MAX_SWEEPS), default=0,
@@ -327,11 +338,16 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
                              "pass --calib FILE")
         options["rounding_sweeps"] = rounding_sweeps
     calib = None
+    synthetic = calib_file is not None and str(calib_file) == SYNTHETIC
     if calib_file is not None:
-        check_calibration_path(calib_file)
+        if not synthetic:
+            check_calibration_path(calib_file)
         model = load_hf_model(path)
-        calib = with_decoder_inputs(model, read_calibration(
-            calib_file, path, calib_examples, calib_batch_size, max_input_length(model)))
+        calib = (_synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
+                                    calib_batch_size)
+                 if synthetic else with_decoder_inputs(model, read_calibration(
+                     calib_file, path, calib_examples or FILE_EXAMPLES, calib_batch_size,
+                     max_input_length(model))))
         state = model.state_dict()
     else:
         model = state = load_state_dict(path)
@@ -365,11 +381,25 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     )
     click.echo(f"quality: {result.describe_quality()}")
     if result.calibration_cost is not None:
-        click.echo(f"calibration: {sum(len(next(iter(b.values()))) for b in calib)} examples, "
+        kind = "synthetic (random tokens: the quality above is theirs, not your data's) " \
+            if synthetic else ""
+        click.echo(f"calibration: {sum(len(next(iter(b.values()))) for b in calib)} {kind}"
+                   "examples, "
                    f"{result.calibration_cost['passes']} passes, "
                    f"{result.calibration_cost['seconds']:.1f} s")
     click.echo(f"idealised paper ratios (no index or metadata cost, pruned zeros free): "
                f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
+
+
+def _synthetic_batches(model: torch.nn.Module, folder: Path, examples: int,
+                       batch_size: int) -> list[dict]:
+    """`synthetic_calibration` for a model folder, framed by its tokenizer where it has one
+    (a folder of weights alone gets bare token sequences)."""
+    try:
+        tokenizer = load_tokenizer(folder)
+    except InputError:
+        tokenizer = None
+    return synthetic_calibration(model, tokenizer, examples, batch_size)
 
 
 @click.command()

@@ -22,6 +22,7 @@ from qlis.models.hf_model import load_tokenizer, tokenized_batches
 from qlis.regular_files import read_small_file
 
 MAX_TEXT_BYTES = 64 << 20
+DEFAULT_EXAMPLES = 128
 CALIB_SUFFIXES = (".txt", ".safetensors", ".pt", ".pth")
 
 
@@ -61,7 +62,8 @@ def check_calibration_path(path: str | Path) -> Path:
     return path
 
 
-def read_calibration(path: str | Path, model_folder: str | Path, examples: int = 128,
+def read_calibration(path: str | Path, model_folder: str | Path,
+                     examples: int = DEFAULT_EXAMPLES,
                      batch_size: int = 16, max_length: int | None = None,
                      ) -> list[dict[str, torch.Tensor]]:
     """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``; text

@@ -225,15 +225,23 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
 def load_tokenizer(folder: str | Path) -> Any:
     """The folder's tokenizer (tokenizer.json / vocab files), offline."""
     transformers = _transformers()
+    advice = ("give the model's inputs as tensors instead (a .safetensors file of keyword "
+              "inputs, e.g. pixel_values)")
     try:
         with _quietly():
-            return transformers.AutoTokenizer.from_pretrained(
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
                 Path(folder), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise InputError(f"{folder}: no usable tokenizer for text calibration "
-                         f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); give "
-                         "the model's inputs as tensors instead (a .safetensors file of "
-                         "keyword inputs, e.g. pixel_values)") from None
+                         f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); "
+                         f"{advice}") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        # transformers builds a tokenizer from config.json alone, which reads every word as
+        # its unknown token
+        raise InputError(f"{folder}: no tokenizer files (the tokenizer transformers builds "
+                         f"without them knows only its {len(tokenizer)} special tokens); "
+                         f"{advice}")
+    return tokenizer
 
 
 def max_input_length(model: torch.nn.Module) -> int | None:

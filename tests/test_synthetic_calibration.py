@@ -1,0 +1,144 @@
+"""Synthetic calibration: random token sequences from a text model's vocabulary, framed as its
+tokenizer frames a text, for `qlis.compress(calib=...)` and `qlis pack --calib synthetic`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import one_line_error, run
+
+import qlis
+from qlis.cli.main import cli
+from qlis.errors import InputError
+from qlis.models.hf_model import load_hf_model, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["a", "cat", "dog", "red", "blue", "photo", "of", "the", "sky", "sea", "tree", "house"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    """A tiny random-initialised BERT with its tokenizer, saved as Hugging Face does."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32,
+                                     num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=24)
+    transformers.BertModel(config).save_pretrained(folder)
+    vocabulary = {token: i for i, token in enumerate([*SPECIALS, *WORDS])}
+    transformers.BertTokenizerFast(vocab=vocabulary).save_pretrained(folder)
+    return folder
+
+
+def test_tokens_are_drawn_from_the_vocabulary_and_framed_as_the_tokenizer_frames_text(
+        bert_folder):
+    model, tokenizer = load_hf_model(bert_folder), load_tokenizer(bert_folder)
+    batches = qlis.synthetic_calibration(model, tokenizer, examples=10, batch_size=4, length=6)
+    assert [len(b["input_ids"]) for b in batches] == [4, 4, 2]
+    assert set(batches[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape == (10, 8)
+    assert (ids[:, 0] == tokenizer.cls_token_id).all()
+    assert (ids[:, -1] == tokenizer.sep_token_id).all()
+    inner = ids[:, 1:-1]
+    assert inner.min() >= len(SPECIALS) and inner.max() < len(SPECIALS) + len(WORDS)
+    assert len(inner.unique()) > len(WORDS) // 2  # drawn across the vocabulary
+    for b in batches:
+        assert (b["attention_mask"] == 1).all() and (b["token_type_ids"] == 0).all()
+        model(**b)  # the model runs on them
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_others(bert_folder):
+    model = load_hf_model(bert_folder)
+    first = qlis.synthetic_calibration(model, examples=8, length=5)
+    again = qlis.synthetic_calibration(model, examples=8, length=5)
+    other = qlis.synthetic_calibration(model, examples=8, length=5, seed=1)
+    assert torch.equal(first[0]["input_ids"], again[0]["input_ids"])
+    assert not torch.equal(first[0]["input_ids"], other[0]["input_ids"])
+
+
+def test_without_a_tokenizer_sequences_are_bare_and_leave_out_the_configs_special_ids(
+        bert_folder):
+    model = load_hf_model(bert_folder)
+    model.config.pad_token_id = 0
+    model.config.bos_token_id = 7  # a word of the vocabulary, made special by the config
+    ids = qlis.synthetic_calibration(model, examples=64, length=8)[0]["input_ids"]
+    assert ids.shape == (8, 8)
+    drawn = set(torch.cat([b["input_ids"] for b in qlis.synthetic_calibration(
+        model, examples=64, length=8)]).unique().tolist())
+    assert 0 not in drawn and 7 not in drawn and 1 in drawn
+
+
+def test_sequences_are_cut_to_the_models_positions(bert_folder):
+    model, tokenizer = load_hf_model(bert_folder), load_tokenizer(bert_folder)
+    batch = qlis.synthetic_calibration(model, tokenizer, examples=2, length=1000)[0]
+    assert batch["input_ids"].shape == (2, 24)
+    model(**batch)
+
+
+def test_an_encoder_decoder_gets_decoder_inputs():
+    config = transformers.T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(config)
+    batch = qlis.synthetic_calibration(model, examples=3, length=5)[0]
+    assert batch["decoder_input_ids"].shape == (3, 5)
+    assert (batch["decoder_input_ids"][:, 0] == 0).all()
+    assert torch.equal(batch["decoder_input_ids"][:, 1:], batch["input_ids"][:, :-1])
+    model(**batch)
+
+
+@pytest.mark.parametrize("model", [torch.nn.Linear(4, 4), transformers.ViTModel(
+    transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=8, image_size=8, patch_size=4))])
+def test_a_model_that_takes_no_token_ids_is_refused(model):
+    with pytest.raises(InputError, match="does not take"):
+        qlis.synthetic_calibration(model)
+
+
+@pytest.mark.parametrize("kwargs", [{"examples": 0}, {"length": True}, {"batch_size": 1.5},
+                                    {"seed": -1}])
+def test_bad_sizes_are_refused(bert_folder, kwargs):
+    with pytest.raises(InputError, match="must be an integer"):
+        qlis.synthetic_calibration(load_hf_model(bert_folder), **kwargs)
+
+
+def test_pack_calibrates_on_synthetic_tokens_and_says_so(bert_folder, tmp_path):
+    out = tmp_path / "bert.qlis"
+    result = run(cli, "pack", bert_folder, "-o", out, "--calib", "synthetic",
+                 "--target-bits-per-weight", "6", "--calib-examples", "24",
+                 "--calib-batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert "calibration: 24 synthetic (random tokens" in result.output
+    assert "cosine" in result.output
+    with qlis.open(out) as archive:
+        notes = {archive.entry(n).plan.get("reconstruction") for n in archive.names()
+                 if archive.entry(n).plan is not None}
+    assert any(note and note.startswith("error feedback") for note in notes)
+
+
+def test_pack_of_a_folder_without_a_tokenizer_calibrates_on_bare_tokens(bert_folder, tmp_path):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(bert_folder / name, folder / name)
+    result = run(cli, "pack", folder, "-o", tmp_path / "b.qlis", "--calib", "synthetic",
+                 "--calib-examples", "8")
+    assert result.exit_code == 0, result.output
+    assert "calibration: 8 synthetic" in result.output
+
+
+def test_pack_of_a_model_without_token_inputs_is_one_line(tmp_path):
+    folder = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        image_size=8, patch_size=4)).save_pretrained(folder)
+    message = one_line_error(cli, "qlis: error:", "pack", folder, "-o", tmp_path / "v.qlis",
+                             "--calib", "synthetic")
+    assert "synthetic calibration makes token ids" in message
+    assert not (tmp_path / "v.qlis").exists()
