@@ -142,3 +142,19 @@ def test_pack_of_a_model_without_token_inputs_is_one_line(tmp_path):
                              "--calib", "synthetic")
     assert "synthetic calibration makes token ids" in message
     assert not (tmp_path / "v.qlis").exists()
+
+
+def test_ids_stay_within_the_rows_of_the_input_embedding(bert_folder):
+    model = load_hf_model(bert_folder)
+    model.config.vocab_size = 1 << 40  # a config that claims more than the table holds
+    ids = torch.cat([b["input_ids"] for b in qlis.synthetic_calibration(model, examples=32)])
+    assert ids.max() < model.get_input_embeddings().num_embeddings
+
+
+def test_a_vocabulary_nothing_bounds_is_refused_before_any_allocation():
+    class Claims(torch.nn.Module):
+        main_input_name = "input_ids"
+        config = transformers.PretrainedConfig(vocab_size=1 << 40)
+
+    with pytest.raises(InputError, match="claims a vocabulary"):
+        qlis.synthetic_calibration(Claims())

@@ -23,12 +23,15 @@ SYNTHETIC = "synthetic"
 """What ``qlis pack --calib`` takes, instead of a file, for synthetic calibration."""
 DEFAULT_EXAMPLES = 192
 DEFAULT_LENGTH = 32
+MAX_VOCABULARY = 1 << 24  # far beyond any tokenizer's; bounds the pool of ids
 _SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
                  "cls_token_id", "mask_token_id", "unk_token_id", "decoder_start_token_id")
 _PROBE_TEXT = "a"
 
 
 def _vocabulary_size(model: torch.nn.Module) -> int:
+    """The ids the model can look up: its config's vocabulary, within its input embedding's
+    rows where it exposes them."""
     config = getattr(model, "config", None)
     size = getattr(config, "vocab_size", None)
     if getattr(model, "main_input_name", None) != "input_ids" or type(size) is not int \
@@ -37,6 +40,15 @@ def _vocabulary_size(model: torch.nn.Module) -> int:
             f"synthetic calibration makes token ids, which this {type(model).__name__} does "
             "not take (it needs a Hugging Face text model: main input 'input_ids' and a "
             "config with vocab_size); give calibration batches of its own inputs")
+    try:
+        table = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        table = None
+    if isinstance(table, torch.nn.Embedding):
+        size = min(size, table.num_embeddings)
+    if size > MAX_VOCABULARY:
+        raise InputError(f"the model's config claims a vocabulary of {size} tokens and no "
+                         "input embedding says otherwise; give calibration batches instead")
     return size
 
 
@@ -94,7 +106,9 @@ def synthetic_calibration(
     limit = max_input_length(model)
     if limit is not None:
         length = min(length, limit - len(prefix) - len(suffix))
-    pool = torch.tensor(sorted(set(range(size)) - specials), dtype=torch.long)
+    usable = torch.ones(size, dtype=torch.bool)
+    usable[[i for i in specials if 0 <= i < size]] = False
+    pool = usable.nonzero()[:, 0]
     if length < 1 or pool.numel() == 0:
         raise InputError("the model's vocabulary and input length leave no room for "
                          "synthetic tokens; give calibration batches instead")
