@@ -325,3 +325,22 @@ def test_text_calibration_of_a_text_model_without_tokenizer_files_is_refused(ber
     message = user_error("pack", folder, "-o", tmp_path / "b.qlis", "--calib", text)
     assert "no tokenizer files" in message and "as tensors instead" in message
     assert not (tmp_path / "b.qlis").exists()
+
+
+def test_a_buffer_the_module_recomputes_is_left_out_as_transformers_leaves_it(
+        bert_folder, tmp_path):
+    # checkpoints written before transformers 4.31 (all-MiniLM-L6-v2) hold BERT's
+    # position_ids, a buffer the module now makes and does not save: calibration refused them
+    folder = _edited_copy(bert_folder, tmp_path / "old")
+    state = load_file(folder / "model.safetensors")
+    state["embeddings.position_ids"] = torch.arange(64)[None]
+    save_file(state, folder / "model.safetensors")
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red cat\nthe blue sky\n")
+    assert "embeddings.position_ids" not in load_hf_model(folder).state_dict()
+    result = run(cli, "pack", folder, "-o", tmp_path / "b.qlis", "--calib", text)
+    assert result.exit_code == 0, result.output
+    state["unknown.weight"] = torch.ones(2)  # any other tensor is still refused
+    save_file(state, folder / "model.safetensors")
+    assert "'unknown.weight'" in user_error("pack", folder, "-o", tmp_path / "c.qlis",
+                                            "--calib", text)

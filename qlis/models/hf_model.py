@@ -140,6 +140,16 @@ def _as_module_names(folder: Path, skeleton: torch.nn.Module,
     return renamed
 
 
+def _without_recomputed_buffers(skeleton: torch.nn.Module,
+                                state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The folder's tensors less those that name a buffer the module makes for itself and
+    does not save (BERT's ``embeddings.position_ids``, which checkpoints written before
+    transformers 4.31 hold): transformers leaves them out as it loads, and so does qlis."""
+    saved = skeleton.state_dict()
+    recomputed = {name for name, _ in skeleton.named_buffers() if name not in saved}
+    return {name: tensor for name, tensor in state.items() if name not in recomputed}
+
+
 def _check_skeleton(folder: Path, skeleton: torch.nn.Module,
                     state: Mapping[str, torch.Tensor], elements: int) -> None:
     """The module that the config describes, built on the meta device (no memory), against the
@@ -207,7 +217,7 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
         detail = (str(err).splitlines() or [type(err).__name__])[0][:300]
         raise InputError(f"{folder}: transformers cannot build this model from its "
                          f"config.json ({detail})") from None
-    state = _as_module_names(folder, skeleton, state)
+    state = _without_recomputed_buffers(skeleton, _as_module_names(folder, skeleton, state))
     _check_skeleton(folder, skeleton, state, elements)
     model = build()
     model.load_state_dict(state, strict=False, assign=True)
