@@ -48,6 +48,8 @@ from qlis.models.hf_model import (
     max_input_length,
     with_decoder_inputs,
 )
+from qlis.models.sentence_pooling import describe as describe_pooling
+from qlis.models.sentence_pooling import sentence_embedding_batches
 from qlis.models.synthetic_inputs import DEFAULT_EXAMPLES as SYNTHETIC_EXAMPLES
 from qlis.models.synthetic_inputs import SYNTHETIC, synthetic_calibration
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
@@ -337,17 +339,19 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
             raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
                              "pass --calib FILE")
         options["rounding_sweeps"] = rounding_sweeps
-    calib = None
+    calib = pooling = None
     synthetic = calib_file is not None and str(calib_file) == SYNTHETIC
     if calib_file is not None:
         if not synthetic:
             check_calibration_path(calib_file)
         model = load_hf_model(path)
-        calib = (_synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
-                                    calib_batch_size)
-                 if synthetic else with_decoder_inputs(model, read_calibration(
-                     calib_file, path, calib_examples or FILE_EXAMPLES, calib_batch_size,
-                     max_input_length(model))))
+        batches = (_synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
+                                      calib_batch_size)
+                   if synthetic else with_decoder_inputs(model, read_calibration(
+                       calib_file, path, calib_examples or FILE_EXAMPLES, calib_batch_size,
+                       max_input_length(model))))
+        examples = sum(len(next(iter(batch.values()))) for batch in batches)
+        calib, pooling = sentence_embedding_batches(path, batches)
         state = model.state_dict()
     else:
         model = state = load_state_dict(path)
@@ -383,8 +387,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     if result.calibration_cost is not None:
         kind = "synthetic (random tokens: the quality above is theirs, not your data's) " \
             if synthetic else ""
-        click.echo(f"calibration: {sum(len(next(iter(b.values()))) for b in calib)} {kind}"
-                   "examples, "
+        compared = (f"compared as sentence embeddings ({describe_pooling(pooling)} pooling, "
+                    "as the folder's modules.json says), " if pooling else "")
+        click.echo(f"calibration: {examples} {kind}examples, {compared}"
                    f"{result.calibration_cost['passes']} passes, "
                    f"{result.calibration_cost['seconds']:.1f} s")
     click.echo(f"idealised paper ratios (no index or metadata cost, pruned zeros free): "
