@@ -186,3 +186,14 @@ def test_a_folders_source_size_counts_only_the_weights_read(model_file, tmp_path
     shards = sum(p.stat().st_size for p in sharded.glob("model-*.safetensors"))
     with qlis.open(out) as archive:
         assert archive.summary.source_bytes == shards
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--target-bits-per-weight", "4", "--target-ratio", "8"],
+     "give one target, not --target-bits-per-weight, --target-ratio"),
+    (["--policy", "lapq", "--target-ratio", "8"], "pass --paper-cr"),
+])
+def test_option_errors_name_the_commands_flags(model_file, tmp_path, args, expected):
+    # the library's messages name its keywords (target_ratio=); a command user typed flags
+    message = user_error("pack", model_file, "-o", tmp_path / "m.qlis", *args)
+    assert expected in message and "target_ratio" not in message

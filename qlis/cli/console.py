@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from qlis.errors import InputError, QlisError
+from qlis.errors import ConfigError, InputError, QlisError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -225,6 +225,17 @@ def strict_json(value: Any, **dumps: Any) -> str:
         return json.dumps(value, allow_nan=False, **dumps)
     except ValueError:
         return json.dumps(clean(value), allow_nan=False, **dumps)
+
+
+@contextlib.contextmanager
+def errors_as_flags(names: Iterable[str], given: Collection[str] = (),
+                    help_hint: str = "") -> Iterator[None]:
+    """The library's option errors raised inside, in a command's words: its flags, not the
+    Python keywords (`as_flags`)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(as_flags(str(err), names, given, help_hint)) from None
 
 
 def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),

@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import click
@@ -24,6 +25,7 @@ from qlis.cli.console import (
     check_input,
     check_output,
     check_output_dir,
+    errors_as_flags,
     escape,
     human_bytes,
     parse_size,
@@ -324,16 +326,22 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     """
     check_input(path)
     check_output(output, force, (".qlis",), inputs=[path])
-    given = {
+    flags = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
         "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
         "k": k, "bits": bits,
         "granularity": granularity, "method": method, "min_cosine": min_cosine,
         "pruner": _json_option(pruner_json, "--pruner"),
         "quantizer": _json_option(quantizer_json, "--quantizer"),
-        **_set_options(settings),
     }
-    plan, options = _pack_policy(policy, given, plan_file, calibrated=calib_file is not None)
+    given = {**flags, **_set_options(settings)}
+    # the library's messages name its keywords; here they are this command's flags
+    in_flags = partial(errors_as_flags, flags,
+                       [key for key, value in flags.items() if value is not None],
+                       "see 'qlis pack -h'")
+    with in_flags():
+        plan, options = _pack_policy(policy, given, plan_file,
+                                     calibrated=calib_file is not None)
     if rounding_sweeps:
         if calib_file is None:
             raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
@@ -367,11 +375,12 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         options["planning_progress"] = bar(
             "measuring" if calib is None else "compressing (calibrated passes)", None)
         writing = bar("writing", total)
-        result = qlis.pack(model, output, policy=policy, beta=beta, eps=eps,
-                           select=select or None, plan=plan, calib=calib, codec=codec,
-                           metadata=metadata, source_bytes=source_bytes, overwrite=force,
-                           progress=writing, jobs=jobs, cluster=cluster, resume=resume,
-                           **options)
+        with in_flags():
+            result = qlis.pack(model, output, policy=policy, beta=beta, eps=eps,
+                               select=select or None, plan=plan, calib=calib, codec=codec,
+                               metadata=metadata, source_bytes=source_bytes, overwrite=force,
+                               progress=writing, jobs=jobs, cluster=cluster, resume=resume,
+                               **options)
     if not leader:
         return
     for warning in result.warnings:

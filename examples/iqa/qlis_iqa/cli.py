@@ -12,23 +12,23 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from qlis import ConfigError, InputError, QlisError, QualityWarning
+from qlis import InputError, QlisError, QualityWarning
 from qlis.cli.choices import codec_names, parse_device
 from qlis.cli.console import (
     PATH,
     CommandGroup,
-    as_flags,
     check_input,
     check_output,
     check_output_dir,
+    errors_as_flags,
     escape,
     human_bytes,
     same_file,
@@ -507,15 +507,11 @@ def compress(
                f"HCR {packed.result.hcr:.2f}")
 
 
-@contextmanager
-def _as_flags(names: Iterable[str], given: Collection[str]) -> Iterator[None]:
+def _as_flags(names: Iterable[str], given: Collection[str]) -> AbstractContextManager:
     """The library's option errors in the words of this command: its flags, not the Python
     keywords (``--target-ratio``, not ``target_ratio=``)."""
-    try:
-        yield
-    except ConfigError as err:
-        raise ConfigError(as_flags(str(err), names, given, "see 'qlis-iqa compress -h' for "
-                                   "the options of each policy")) from None
+    return errors_as_flags(names, given, "see 'qlis-iqa compress -h' for the options of each "
+                           "policy")
 
 
 def _training_samples(meta, root, split_file, dataset):
