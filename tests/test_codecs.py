@@ -26,7 +26,14 @@ from qlis.archive.codecs import (
     optimal_huffman_bits,
     register_codec,
 )
-from qlis.archive.codecs._common import WIDE_TAG, Reader, read_runs, write_runs
+from qlis.archive.codecs._common import (
+    WIDE_TAG,
+    Reader,
+    read_runs,
+    read_symbol_head,
+    read_varints,
+    write_runs,
+)
 from qlis.archive.codecs.ans import _encoder_table, _normalize
 from qlis.archive.codecs.huffman import _package_merge, canonical_codes, code_lengths
 from qlis.errors import ArchiveError, ConfigError
@@ -309,6 +316,25 @@ def test_ans_within_1_percent_of_entropy_on_16_bit_laplacian_codes() -> None:
     assert 150 <= np.count_nonzero(counts) <= 300
     data = roundtrip(ANS(), codes)
     assert 8 * len(data) <= entropy_bits(counts) * 1.01
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 7, 8, 13])
+def test_ans_checks_every_state_where_decoding_ends(n: int) -> None:
+    """A stream decodes only if each of its four states ends where the encoder began,
+    whichever state the last symbol came from (one with no symbol at all included)."""
+    symbols = np.arange(n, dtype=np.uint8) % 2
+    data = ANS().encode(symbols)
+    out = np.empty(n, dtype=np.uint8)
+    reader = Reader(np.frombuffer(data, dtype=np.uint8), "ans")
+    present = read_symbol_head(reader, out)
+    scale = reader.u8()
+    read_varints(reader, present.size - 1, limit=(1 << scale) - 1)
+    assert np.array_equal(ANS().decode(data, out), symbols)
+    for lane in range(4):
+        forged = bytearray(data)
+        forged[reader.pos + 8 * lane + 5] ^= 1  # bit 40 of that state: above every slot
+        with pytest.raises(ArchiveError):
+            ANS().decode(bytes(forged), out)
 
 
 def test_huffman_caps_long_codes_on_large_16_bit_alphabets() -> None:
