@@ -164,6 +164,32 @@ def test_a_third_party_quantizer_works_end_to_end(tmp_path, third_party):
         assert {row["path"] for row in runtime.runtime_plan(archive)} == {"dequant"}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 23), st.integers(0, 37), st.integers(1, 40), st.integers(1, 40),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       st.sampled_from([torch.uint8, torch.int16, torch.int32, torch.int64]),
+       st.booleans(), st.booleans(), st.integers(-30, 10), st.integers(0, 2**31 - 1))
+def test_affine_decode_of_integer_codes_is_that_of_float_codes(
+        rows, cols, br, bc, param_dtype, code_dtype, one_row_of_blocks, transposed, exponent,
+        seed):
+    """Integer codes decode in a compiled pass; float codes in torch's steps. Both give the
+    same bits: every block size and edge, parameters broadcast over the rows, float16 and
+    bfloat16 parameters, codes far from the zero point, strided codes, empty matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = (1 if one_row_of_blocks else -(-rows // min(br, max(rows, 1))),
+              -(-cols // min(bc, max(cols, 1))))
+    scale = (torch.randn(blocks, generator=gen) * 2.0**exponent).to(param_dtype)
+    zero = torch.randint(-300, 70000, blocks, generator=gen).float().to(param_dtype)
+    top = 255 if code_dtype == torch.uint8 else 32767
+    shape = (cols, rows) if transposed else (rows, cols)
+    codes = torch.randint(0, top + 1, shape, generator=gen).to(code_dtype)
+    codes = codes.T if transposed else codes
+    grid = AffineGrid((br, bc), scale, zero)
+    ours, torchs = grid.decode(codes), grid.decode(codes.float())
+    assert ours.dtype == torchs.dtype == torch.float32 and ours.shape == torchs.shape
+    assert torch.equal(ours.contiguous().view(torch.int32), torchs.contiguous().view(torch.int32))
+
+
 def test_docstring_examples():
     result = doctest.testmod(qlis.quantize.grid, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
