@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import qlis
 import qlis.archive.file
+import qlis.quantize.quantizers
 from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
 from qlis.errors import ArchiveError, InputError
 from qlis.models.tensors import same_bits
@@ -82,6 +83,48 @@ def test_round_trip_any_dtype_and_shape(tmp_path, state, policy, codec):
     result = qlis.compress(state, policy=name, **options)
     path = qlis.save(result, tmp_path / "h.qlis", codec=codec)
     assert_same_state(qlis.load(path), result.state_dict())
+
+
+AFFINE = [("quant", {"bits": 4}),
+          ("quant", {"quantizer": {"id": "group", "bits": 4, "group_size": 4}}),
+          ("quant", {"quantizer": {"id": "uniform", "rel_mse": 1e-3, "granularity": "channel"}})]
+
+
+@pytest.mark.parametrize("policy,options", [*POLICIES, *AFFINE[1:]])
+def test_pieces_are_the_tensor_a_range_of_rows_at_a_time(tmp_path, monkeypatch, policy,
+                                                         options):
+    """read_pieces, joined, is read: in several pieces where an affine grid's rows are
+    chunked (chunks made small here), in one otherwise, none for an empty quantized one."""
+    monkeypatch.setattr(qlis.quantize.quantizers, "CHUNK_ELEMENTS", 100)
+    state = {**small_model_state(), "empty": torch.zeros(0, 5),
+             "wide.weight": torch.randn(48, 20).half()}
+    path = qlis.save(qlis.compress(state, policy=policy, **options), tmp_path / "m.qlis")
+    counts = {}
+    with qlis.open(path) as archive:
+        for name in archive.names():
+            pieces = list(archive.read_pieces(name))
+            whole = archive.read(name)
+            counts[name] = len(pieces)
+            assert all(p.dim() == 1 and p.dtype == whole.dtype for p in pieces), name
+            joined = torch.cat(pieces) if pieces else torch.empty(0, dtype=whole.dtype)
+            assert same_bits(joined, whole.reshape(-1)), name
+    assert counts["steps"] == 1
+    if (policy, options) in AFFINE:
+        assert counts["embed.weight"] > 1 and counts["empty"] == 0  # 640 elements in 100s
+
+
+def test_pieces_from_a_quantizer_that_skips_rows_are_refused(tmp_path, monkeypatch):
+    path = qlis.save(qlis.compress({"w": torch.randn(8, 4)}, "quant", bits=4),
+                     tmp_path / "m.qlis")
+
+    def skipping(self, q):
+        yield 0, 2, torch.zeros(2, 4)
+        yield 3, 8, torch.zeros(5, 4)
+
+    monkeypatch.setattr(qlis.quantize.quantizers.Quantizer, "dequantized_rows", skipping)
+    with qlis.open(path) as archive, pytest.raises(ArchiveError, match="'w': the quantizer "
+                                                   "returned the wrong rows"):
+        list(archive.read_pieces("w"))
 
 
 def test_lazy_reads_and_load_into_model(tmp_path):

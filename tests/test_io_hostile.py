@@ -508,6 +508,33 @@ def test_write_safetensors_places_every_tensor_despite_short_writes(tmp_path, mo
     assert out.stat().st_size == reference.stat().st_size
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_write_safetensors_takes_a_tensor_in_pieces(tmp_path, jobs):
+    """A tensor given as consecutive flat pieces lands as the whole tensor would; pieces that
+    add up to fewer or more values than announced, or of another dtype, are refused and
+    leave nothing."""
+    state = {"w": torch.randn(6, 5), "e": torch.zeros(0, 2), "h": torch.randn(7).half()}
+
+    def pieces(name: str):
+        flat = state[name].reshape(-1)
+        return (flat[i : i + 4] for i in range(0, flat.numel(), 4))
+
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, layout_of(state), pieces, jobs=jobs)
+    reference = tmp_path / "reference.safetensors"
+    write_safetensors(reference, layout_of(state), state.__getitem__)
+    assert out.read_bytes() == reference.read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for supplied, words in [([torch.ones(4), torch.ones(5)], "fewer values"),
+                         ([torch.ones(4), torch.ones(7)], "read as more values"),
+                         ([torch.ones(10, dtype=torch.float64)], "torch.float64 values")]:
+        with pytest.raises(InputError, match=words):
+            write_safetensors(bad / "o.safetensors", [("w", "float32", [2, 5])],
+                              lambda _, supplied=supplied: iter(supplied), jobs=jobs)
+        assert list(bad.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "name, metadata, words",
     [

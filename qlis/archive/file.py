@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -57,7 +57,7 @@ from qlis.config import Param
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.models.tensors import bit_patterns, with_aliases
 from qlis.plan.execute import LayerPlan
-from qlis.quantize.grid import Grid
+from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.regular_files import open_regular_file
 from qlis.runtime import lowbit
@@ -608,12 +608,45 @@ class Archive:
             if tuple(tensor.shape) != entry.shape or tensor.dtype != quantized.dtype:
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
             return tensor
+        return self._read_plain(entry)
+
+    def _read_plain(self, entry: TensorEntry) -> torch.Tensor:
         dtype = TORCH_DTYPES[entry.dtype]
         size = element_size(entry.dtype)
-        patterns = self._decode(entry, self._empty(name, entry.numel, _PATTERN[size]))
+        patterns = self._decode(entry, self._empty(entry.name, entry.numel, _PATTERN[size]))
         signed = torch.from_numpy(patterns.view(_SIGNED[size]))
         tensor = signed.to(torch.bool) if dtype == torch.bool else signed.view(dtype)
         return tensor.reshape(entry.shape)
+
+    def read_pieces(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor's values as `read` gives them, flat and in order, a piece at a time: a
+        large quantized tensor a range of rows at a time (`Quantizer.dequantized_rows`, of
+        which ``dequantize`` is made), other tensors in one piece. A writer that streams the
+        pieces out never holds the tensor's dequantized copy (`write_safetensors`)."""
+        entry = self.entry(name)
+        quantized = self.read_quantized(name, then=entry.numel * element_size(entry.dtype))
+        if quantized is None:
+            yield self._read_plain(entry).reshape(-1)
+            return
+        width = matrix_shape(entry.shape)[1]
+        rows = self.quantizer(name).dequantized_rows(quantized)
+        done = 0
+        while True:
+            try:
+                start, stop, values = next(rows)
+            except StopIteration:
+                break
+            except QlisError as err:
+                raise self._fail(f"tensor {name!r}: {err}") from None
+            except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
+                raise self._fail(f"tensor {name!r}: inconsistent parameters ({err})") from None
+            if (start != done or tuple(values.shape) != (stop - start, width)
+                    or values.dtype != quantized.dtype):
+                raise self._fail(f"tensor {name!r}: the quantizer returned the wrong rows")
+            done = stop
+            yield values.reshape(-1)
+        if done != (matrix_shape(entry.shape)[0] if entry.numel else 0):
+            raise self._fail(f"tensor {name!r}: the quantizer returned the wrong rows")
 
     def load(self, progress: Progress | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, dequantized, in stored order; a tied tensor's further names (`aliases`)

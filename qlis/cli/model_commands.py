@@ -448,10 +448,10 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
             progress = bar("unpacking", len(rows), "tensors")
             if max_shard_size is not None:
                 output.mkdir(exist_ok=True)
-                files = write_sharded_safetensors(output, layout, archive.read, max_bytes,
+                files = write_sharded_safetensors(output, layout, archive.read_pieces, max_bytes,
                                                   progress, source, jobs)
             elif output.suffix == ".safetensors":
-                write_safetensors(output, layout, archive.read, progress=progress,
+                write_safetensors(output, layout, archive.read_pieces, progress=progress,
                                   metadata=source, overwrite=force, jobs=jobs)
             else:
                 _save_pt(archive.load(progress=progress), output, force)

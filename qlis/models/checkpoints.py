@@ -17,7 +17,7 @@ import stat
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -585,10 +585,15 @@ def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
+Read = Callable[[str], torch.Tensor | Iterable[torch.Tensor]]
+"""What the safetensors writers take: a tensor by name, or its values flat and in order as
+consecutive pieces (`qlis.archive.file.Archive.read_pieces`), never whole in memory."""
+
+
 def write_safetensors(
     path: str | Path,
     layout: list[tuple[str, str, list[int]]],
-    read: Callable[[str], torch.Tensor],
+    read: Read,
     progress: Callable[[int], None] | None = None,
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = True,
@@ -597,10 +602,11 @@ def write_safetensors(
     """Stream tensors into a .safetensors file, one at a time (atomically).
 
     ``layout`` lists (name, dtype name, shape) in file order; ``read(name)`` produces each
-    tensor when its turn comes (``jobs`` of them side by side, so ``read`` must be
-    thread-safe when ``jobs`` > 1), so memory holds a few tensors rather than the whole model.
-    Each tensor is written at its place in the file by the thread that read it: the header
-    fixes every offset, and the threads' writes to the page cache overlap the others' reads.
+    tensor, or its pieces (`Read`), when its turn comes (``jobs`` of them side by side, so
+    ``read`` must be thread-safe when ``jobs`` > 1), so memory holds a few tensors rather
+    than the whole model. Each tensor is written at its place in the file by the thread that
+    read it: the header fixes every offset, and the threads' writes to the page cache overlap
+    the others' reads.
     ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
     ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
     """
@@ -609,13 +615,20 @@ def write_safetensors(
 
     def write(index: int) -> None:
         name, dtype, shape = layout[index]
-        tensor = read(name)
-        if tensor.dtype != getattr(torch, dtype) or list(tensor.shape) != list(shape):
-            raise InputError(
-                f"tensor {tensor_label(name)} was read as {tensor.dtype} "
-                f"{list(tensor.shape)}, not the {dtype} {list(shape)} announced"
-            )
-        _write_at(fd, bit_patterns(tensor).reshape(-1).view(np.uint8), int(starts[index]))
+        got = read(name)
+        whole = isinstance(got, torch.Tensor)
+        offset, end = int(starts[index]), int(starts[index + 1])
+        for piece in (got,) if whole else got:
+            if piece.dtype != getattr(torch, dtype) or (whole and list(piece.shape) != list(shape)):
+                raise _misread(name, dtype, shape, f"{piece.dtype} {list(piece.shape)}"
+                               if whole else f"{piece.dtype} values")
+            data = bit_patterns(piece).reshape(-1).view(np.uint8)
+            if offset + data.size > end:
+                raise _misread(name, dtype, shape, "more values")
+            _write_at(fd, data, offset)
+            offset += data.size
+        if offset != end:
+            raise _misread(name, dtype, shape, "fewer values")
 
     try:
         with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
@@ -633,6 +646,11 @@ def write_safetensors(
             f"{path}: could not be written ({err.strerror or err}); free space or write "
             "elsewhere"
         ) from None
+
+
+def _misread(name: str, dtype: str, shape: list[int], what: str) -> InputError:
+    return InputError(f"tensor {tensor_label(name)} was read as {what}, not the {dtype} "
+                      f"{list(shape)} announced")
 
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -665,7 +683,7 @@ def split_into_shards(layout: list[tuple[str, str, list[int]]],
 def write_sharded_safetensors(
     folder: str | Path,
     layout: list[tuple[str, str, list[int]]],
-    read: Callable[[str], torch.Tensor],
+    read: Read,
     max_shard_bytes: int,
     progress: Callable[[int], None] | None = None,
     metadata: Mapping[str, str] | None = None,
