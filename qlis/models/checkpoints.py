@@ -29,6 +29,7 @@ from qlis.errors import InputError
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 from qlis.regular_files import file_kind, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
+from qlis.write_behind import WriteBehind
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
@@ -577,14 +578,6 @@ def _safetensors_header(
     return encoded
 
 
-def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
-    """All bytes of ``data`` (uint8) at ``offset``: a positional write, so threads share the
-    file without a lock."""
-    while data.size:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done
-
-
 Read = Callable[[str], torch.Tensor | Iterable[torch.Tensor]]
 """What the safetensors writers take: a tensor by name, or its values flat and in order as
 consecutive pieces (`qlis.archive.file.Archive.read_pieces`), never whole in memory."""
@@ -605,8 +598,9 @@ def write_safetensors(
     tensor, or its pieces (`Read`), when its turn comes (``jobs`` of them side by side, so
     ``read`` must be thread-safe when ``jobs`` > 1), so memory holds a few tensors rather
     than the whole model. Each tensor is written at its place in the file by the thread that
-    read it: the header fixes every offset, and the threads' writes to the page cache overlap
-    the others' reads.
+    read it: the header fixes every offset, and the threads' writes overlap the others'
+    reads. The file goes to the disk as it is written and leaves the page cache behind
+    (`WriteBehind`): the final fsync has little left to wait for.
     ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
     ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
     """
@@ -625,7 +619,7 @@ def write_safetensors(
             data = bit_patterns(piece).reshape(-1).view(np.uint8)
             if offset + data.size > end:
                 raise _misread(name, dtype, shape, "more values")
-            _write_at(fd, data, offset)
+            out.write(data, offset)
             offset += data.size
         if offset != end:
             raise _misread(name, dtype, shape, "fewer values")
@@ -635,7 +629,7 @@ def write_safetensors(
             f.write(struct.pack("<Q", len(encoded)))
             f.write(encoded)
             f.flush()
-            fd = f.fileno()
+            out = WriteBehind(f.fileno())
             for _ in ordered_map(write, range(len(layout)), jobs,
                                  cost=lambda i: math.prod(layout[i][2]),
                                  budget=IN_FLIGHT_ELEMENTS):

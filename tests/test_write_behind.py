@@ -1,0 +1,73 @@
+"""Write-behind: every byte lands at its offset (from several threads, through short writes),
+each range is sent to the disk as soon as it is written and leaves the page cache once a
+window's worth has been written after it; advice the system refuses changes nothing."""
+
+from __future__ import annotations
+
+import errno
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import qlis.write_behind
+from qlis.write_behind import WriteBehind
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+
+
+def chunks(count: int, size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(count)
+    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
+
+
+def test_ranges_are_written_back_at_once_and_dropped_a_window_later(tmp_path, monkeypatch):
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice:
+                        advised.append((offset, length, advice)))
+    data = chunks(10, 100)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        out = WriteBehind(f.fileno(), window=250)
+        for i, chunk in enumerate(data):
+            out.write(chunk, 100 * i)
+        out.write(np.empty(0, dtype=np.uint8), 1000)  # nothing to write: no advice
+    assert path.read_bytes() == b"".join(c.tobytes() for c in data)
+    assert {advice for _, _, advice in advised} == {os.POSIX_FADV_DONTNEED}
+    # each write is advised at once (written back); the window holds two of them, so from
+    # the third on each also drops the one two back
+    expected = []
+    for i in range(10):
+        expected += [(100 * i, 100)] + ([(100 * (i - 2), 100)] if i >= 2 else [])
+    assert [(offset, length) for offset, length, _ in advised] == expected
+
+
+def test_threads_and_short_writes_put_every_byte_in_place(tmp_path, monkeypatch):
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, data[:7], offset))
+    data = chunks(40, 50)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        out = WriteBehind(f.fileno(), window=120)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: out.write(data[i], 50 * i), reversed(range(40))))
+    assert path.read_bytes() == b"".join(c.tobytes() for c in data)
+
+
+def test_refused_advice_changes_nothing(tmp_path, monkeypatch):
+    def refuse(*args: object) -> None:
+        raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    data = chunks(5, 30)
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        out = WriteBehind(f.fileno(), window=40)
+        for i, chunk in enumerate(data):
+            out.write(chunk, 30 * i)
+    assert path.read_bytes() == b"".join(c.tobytes() for c in data)
+
+
+def test_the_window_default_is_a_bounded_slice_of_memory():
+    assert 1 << 20 <= qlis.write_behind.WINDOW_BYTES <= 1 << 28
