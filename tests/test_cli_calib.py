@@ -14,7 +14,7 @@ from cli_helpers import one_line_error, run
 from safetensors.torch import load_file, save_file
 
 import qlis
-import qlis.cli.model_commands
+import qlis.cli.progress
 import qlis.models.calib_files
 from qlis.cli.main import cli
 from qlis.errors import InputError
@@ -111,15 +111,15 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path, monkeypatch):
 
 def test_progress_bars_draw_with_and_without_a_known_total(monkeypatch, capsys):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    with qlis.cli.model_commands._progress_bars() as bar:
+    with qlis.cli.progress.progress_bars() as bar:
         measuring, writing = bar("measuring", None), bar("writing", 100, "tensors")
         assert bar("nothing to do", 0) is None
         for advance in (measuring, writing, measuring, writing):
             advance(60)
-    with qlis.cli.model_commands._progress_bars(quiet=True) as bar:
+    with qlis.cli.progress.progress_bars(quiet=True) as bar:
         assert bar("writing", 100) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    with qlis.cli.model_commands._progress_bars() as bar:
+    with qlis.cli.progress.progress_bars() as bar:
         assert bar("writing", 100) is None
 
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -56,13 +56,15 @@ from qlis.archive.format import (
 from qlis.config import Param
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
 from qlis.models.tensors import bit_patterns, with_aliases
-from qlis.plan.execute import LayerPlan
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.regular_files import open_regular_file
 from qlis.runtime import lowbit
 from qlis.workers.memory import available_memory
 from qlis.workers.threads import ordered_map
+
+if TYPE_CHECKING:
+    from qlis.plan.execute import LayerPlan
 
 _PATH = Param("path")
 

@@ -3,7 +3,8 @@
 Every user mistake (a QlisError, a file that cannot be read or written, a bad option) is one
 line on stderr and exit code 2 (`qlis.cli.console.CommandGroup`, shared with ``qlis-iqa``). The
 commands are imported when they run (`qlis.cli.console.LazyCommandGroup`): ``qlis info`` reads a
-header without torch, the commands that work on models (qlis.cli.model_commands) load it.
+header without torch, the commands that work on models (qlis.cli.model_commands,
+qlis.cli.unpack) load it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 COMMANDS = {
     "inspect": "qlis.cli.model_commands:inspect",
     "pack": "qlis.cli.model_commands:pack",
-    "unpack": "qlis.cli.model_commands:unpack",
+    "unpack": "qlis.cli.unpack:unpack",
     "info": "qlis.cli.info:info",
     "demo": "qlis.cli.model_commands:demo",
 }

@@ -1,16 +1,15 @@
-"""The ``qlis`` commands that work on models: inspect, pack, unpack, demo (and what ``qlis
-info --verify`` reads). Thin: parse, call the public API, print. They load torch, so the
-command table (qlis.cli.main) imports this module only when one of them runs.
+"""The ``qlis`` commands that work on models: inspect, pack, demo (and what ``qlis info
+--verify`` reads; ``qlis unpack`` is qlis.cli.unpack). Thin: parse, call the public API,
+print. They load torch, so the command table (qlis.cli.main) imports this module only when
+one of them runs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -28,22 +27,17 @@ from qlis.cli.console import (
     errors_as_flags,
     escape,
     human_bytes,
-    parse_size,
     strict_json,
     table,
 )
 from qlis.cli.demo import VIT_SHAPES, run_demo
+from qlis.cli.progress import QUIET, progress_bars
+from qlis.cli.unpack import SOURCE_METADATA
 from qlis.errors import InputError, QlisError
 from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
 from qlis.models.calib_files import DEFAULT_EXAMPLES as FILE_EXAMPLES
 from qlis.models.calib_files import check_calibration_path, read_calibration
-from qlis.models.checkpoints import (
-    load_state_dict,
-    model_file_bytes,
-    read_metadata,
-    write_safetensors,
-    write_sharded_safetensors,
-)
+from qlis.models.checkpoints import load_state_dict, model_file_bytes, read_metadata
 from qlis.models.hf_model import (
     load_hf_model,
     load_tokenizer,
@@ -62,47 +56,7 @@ from qlis.workers.cluster import Cluster
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 POLICY_NAMES = policy_names()
-SOURCE_METADATA = "source_metadata."  # archive metadata carried from a safetensors source
 CODECS = click.Choice(codec_names())
-
-
-Bar = Callable[[int], None]
-
-
-@contextmanager
-def _progress_bars(quiet: bool = False) -> Iterator[Callable[..., Bar | None]]:
-    """Progress bars on a terminal (stderr), one per pass of a command, in one display; silent
-    when piped or ``quiet``. ``add(label, total, unit)`` starts a bar and returns what advances
-    it; a bar with ``total=None`` (a pass whose length is found as it goes) counts what was
-    done, with its rate and the time spent."""
-    if quiet or not sys.stderr.isatty():
-        yield lambda label, total, unit="parameters": None
-        return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    class _Remaining(TimeRemainingColumn):
-        def render(self, task):  # noqa: ANN001, ANN202 - rich's interface
-            return super().render(task) if task.total is not None else ""
-
-    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-               TextColumn("{task.completed:,} {task.fields[unit]}"), TimeElapsedColumn(),
-               _Remaining()]
-    with Progress(*columns, transient=True) as display:
-
-        def add(label: str, total: int | None, unit: str = "parameters") -> Bar | None:
-            if total is not None and total <= 0:
-                return None
-            task = display.add_task(label, total=total, unit=unit)
-            return lambda n: display.advance(task, n)
-
-        yield add
 
 
 def _json_option(text: str | None, what: str) -> dict | None:
@@ -204,7 +158,6 @@ _select = click.option("--select", "select", multiple=True, metavar="GLOB",
 _jobs = click.option("--jobs", "-j", type=click.IntRange(1, 1024),
                      help="Threads that measure, quantize and encode tensors side by side "
                           "(default: every core); the archive is the same bytes whatever N.")
-_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 _codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
                       help="How quantized codes are stored; auto: the smallest per tensor.")
 
@@ -311,7 +264,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--resume", is_flag=True,
               help="Reuse the first pass that an interrupted pack of the same input with the "
                    "same options saved beside OUTPUT (data-free, one process).")
-@_quiet
+@QUIET
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def pack(path, output, policy, target_bits_per_weight, target_bytes, target_ratio, paper_cr,
          max_distortion, beta, eps, select, k, bits, granularity, method, pruner_json,
@@ -369,7 +322,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
     cluster = Cluster.from_environment()  # under torchrun: rank 0 writes and reports
     leader = cluster is None or cluster.leader
-    bars = _progress_bars(quiet) if leader else nullcontext(lambda *_: None)
+    bars = progress_bars(quiet) if leader else nullcontext(lambda *_: None)
     with bars as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", QualityWarning)  # printed below, once, as a qlis line
         options["planning_progress"] = bar(
@@ -414,60 +367,6 @@ def _synthetic_batches(model: torch.nn.Module, folder: Path, examples: int,
     except InputError:
         tokenizer = None
     return synthetic_calibration(model, tokenizer, examples, batch_size)
-
-
-@click.command()
-@click.argument("path", type=PATH)
-@click.option("-o", "--output", type=PATH, required=True,
-              help="OUT.safetensors or OUT.pt: the dequantized tensors (with "
-                   "--max-shard-size: a folder).")
-@click.option("--max-shard-size", metavar="SIZE",
-              help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
-                   "index into the folder OUTPUT, as save_pretrained does.")
-@_jobs
-@_quiet
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
-    """Write the dequantized tensors of an archive as .safetensors or .pt (a tied tensor under
-    each of its names: copied in .safetensors, which cannot share, shared in .pt)."""
-    check_input(path, "file")
-    if max_shard_size is not None:
-        max_bytes = parse_size(max_shard_size, "--max-shard-size")
-        check_output_dir(output, force)  # the input, a file, is refused as not a folder
-    else:
-        check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
-    with qlis.open(path) as archive:
-        stored = {row["name"]: row for row in archive.tensor_info()}
-        names = archive.names()  # tied tensors under each name: a copy each
-        rows = [stored[archive.entry(name).name] for name in names]
-        total = sum(row["original_bytes"] for row in rows)
-        layout = [(name, r["dtype"], r["shape"]) for name, r in zip(names, rows, strict=True)]
-        source = {k.removeprefix(SOURCE_METADATA): v for k, v in archive.metadata.items()
-                  if k.startswith(SOURCE_METADATA)} or None
-        with _progress_bars(quiet) as bar:
-            progress = bar("unpacking", len(rows), "tensors")
-            if max_shard_size is not None:
-                output.mkdir(exist_ok=True)
-                files = write_sharded_safetensors(output, layout, archive.read_pieces, max_bytes,
-                                                  progress, source, jobs)
-            elif output.suffix == ".safetensors":
-                write_safetensors(output, layout, archive.read_pieces, progress=progress,
-                                  metadata=source, overwrite=force, jobs=jobs)
-            else:
-                _save_pt(archive.load(progress=progress), output, force)
-    shards = f" in {len(files) - 1} shards" if max_shard_size is not None else ""
-    click.echo(f"{escape(str(output))}: {len(rows)} tensors, {human_bytes(total)}{shards}")
-
-
-def _save_pt(state: dict, output: Path, force: bool) -> None:
-    """torch.save, atomically; its write failures (a RuntimeError from the zip writer, e.g. a
-    full disk) become one line, and nothing is left behind."""
-    try:
-        with atomic_path(output, overwrite=force) as tmp:
-            torch.save(state, tmp)
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
-        raise InputError(f"{output}: could not be written ({reason}); is the disk full?") from None
 
 
 @click.command()
