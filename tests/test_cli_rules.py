@@ -4,6 +4,7 @@ codec choice from the registry, escaped names, strict JSON, and what `info` and 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qlis
+import qlis.cli.main
 from qlis.cli.choices import codec_names
 from qlis.cli.main import cli
 from qlis.json_input import MAX_DEPTH, MAX_FILE_BYTES
@@ -52,6 +54,28 @@ def test_an_archive_that_is_not_a_regular_file_is_refused_by_name(tmp_path, args
     folder = tmp_path / "folder.qlis"
     folder.mkdir()
     assert str(folder) in one_line_error(command, folder, *options)
+
+
+def test_start_up_pauses_the_collector_and_the_command_runs_with_it(tmp_path, monkeypatch):
+    """main pauses Python's cyclic collector while the command's imports load; the command
+    runs with it back, start-up's objects frozen once; a caller of `cli` (this runner) keeps
+    its collector as it is."""
+    path = qlis.save(qlis.compress({"w": torch.randn(8, 8)}, "quant", bits=4),
+                     tmp_path / "m.qlis")
+    seen, frozen = [], []
+    monkeypatch.setattr(qlis.cli.main, "cli", lambda **_: seen.append(gc.isenabled()))
+    monkeypatch.setattr(qlis.cli.main, "_return_freed_buffers_to_the_os", lambda: None)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    try:
+        qlis.cli.main.main()
+        assert seen == [False] and not gc.isenabled()
+        monkeypatch.undo()
+        monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+        assert invoke("info", path).exit_code == 0
+        assert gc.isenabled() and frozen == [True]
+        assert invoke("info", path).exit_code == 0 and frozen == [True]
+    finally:
+        gc.enable()
 
 
 def test_dash_h_is_help():
