@@ -128,9 +128,11 @@ def test_pack_of_a_folder_without_a_tokenizer_calibrates_on_bare_tokens(bert_fol
     for name in ("config.json", "model.safetensors"):
         shutil.copy(bert_folder / name, folder / name)
     result = run(cli, "pack", folder, "-o", tmp_path / "b.qlis", "--calib", "synthetic",
-                 "--calib-examples", "8")
+                 "--calib-examples", "32")
     assert result.exit_code == 0, result.output
-    assert "calibration: 8 synthetic" in result.output
+    assert "calibration: 32 synthetic" in result.output
+    # in synthetic batches of 8 by default (as measured): four, the fourth held out
+    assert "on 1 held-out calibration batches" in result.output
 
 
 def test_pack_of_a_model_without_token_inputs_is_one_line(tmp_path):

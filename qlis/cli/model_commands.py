@@ -35,6 +35,7 @@ from qlis.cli.progress import QUIET, progress_bars
 from qlis.cli.unpack import SOURCE_METADATA
 from qlis.errors import InputError, QlisError
 from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
+from qlis.models.calib_files import DEFAULT_BATCH as FILE_BATCH
 from qlis.models.calib_files import DEFAULT_EXAMPLES as FILE_EXAMPLES
 from qlis.models.calib_files import check_calibration_path, read_calibration
 from qlis.models.checkpoints import load_state_dict, model_file_bytes, read_metadata
@@ -46,6 +47,7 @@ from qlis.models.hf_model import (
 )
 from qlis.models.sentence_pooling import describe as describe_pooling
 from qlis.models.sentence_pooling import sentence_embedding_batches
+from qlis.models.synthetic_inputs import DEFAULT_BATCH as SYNTHETIC_BATCH
 from qlis.models.synthetic_inputs import DEFAULT_EXAMPLES as SYNTHETIC_EXAMPLES
 from qlis.models.synthetic_inputs import SYNTHETIC, synthetic_calibration
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
@@ -252,8 +254,9 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16),
               help=f"Calibration examples to use at most [default: {FILE_EXAMPLES}; "
                    f"{SYNTHETIC_EXAMPLES} synthetic ones].")
-@click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096), default=16,
-              show_default=True, help="Calibration examples per forward pass.")
+@click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096),
+              help=f"Calibration examples per forward pass [default: {FILE_BATCH}; "
+                   f"{SYNTHETIC_BATCH} synthetic ones].")
 @click.option("--rounding-sweeps", type=click.IntRange(min=0, max=MAX_SWEEPS), default=0,
               help="With --calib: passes of learned rounding after GPTQ (each layer's codes "
                    "re-chosen for output error + coded length; slower).")
@@ -307,10 +310,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
             check_calibration_path(calib_file)
         model = load_hf_model(path)
         batches = (_synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
-                                      calib_batch_size)
+                                      calib_batch_size or SYNTHETIC_BATCH)
                    if synthetic else with_decoder_inputs(model, read_calibration(
-                       calib_file, path, calib_examples or FILE_EXAMPLES, calib_batch_size,
-                       max_input_length(model))))
+                       calib_file, path, calib_examples or FILE_EXAMPLES,
+                       calib_batch_size or FILE_BATCH, max_input_length(model))))
         examples = sum(len(next(iter(batch.values()))) for batch in batches)
         calib, pooling = sentence_embedding_batches(path, batches)
         state = model.state_dict()

@@ -23,6 +23,7 @@ from qlis.regular_files import read_small_file
 
 MAX_TEXT_BYTES = 64 << 20
 DEFAULT_EXAMPLES = 128
+DEFAULT_BATCH = 16
 CALIB_SUFFIXES = (".txt", ".safetensors", ".pt", ".pth")
 
 
@@ -64,7 +65,7 @@ def check_calibration_path(path: str | Path) -> Path:
 
 def read_calibration(path: str | Path, model_folder: str | Path,
                      examples: int = DEFAULT_EXAMPLES,
-                     batch_size: int = 16, max_length: int | None = None,
+                     batch_size: int = DEFAULT_BATCH, max_length: int | None = None,
                      ) -> list[dict[str, torch.Tensor]]:
     """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``; text
     examples are cut to ``max_length`` tokens (see `max_input_length`)."""

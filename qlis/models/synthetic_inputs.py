@@ -22,6 +22,7 @@ from qlis.models.hf_model import max_input_length, with_decoder_inputs
 SYNTHETIC = "synthetic"
 """What ``qlis pack --calib`` takes, instead of a file, for synthetic calibration."""
 DEFAULT_EXAMPLES = 192
+DEFAULT_BATCH = 8
 DEFAULT_LENGTH = 32
 MAX_VOCABULARY = 1 << 24  # far beyond any tokenizer's; bounds the pool of ids
 _SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
@@ -79,7 +80,7 @@ def synthetic_calibration(
     model: torch.nn.Module,
     tokenizer: Any = None,
     examples: int = DEFAULT_EXAMPLES,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     length: int = DEFAULT_LENGTH,
     seed: int = 0,
 ) -> list[dict[str, torch.Tensor]]:
