@@ -160,3 +160,14 @@ def test_a_vocabulary_nothing_bounds_is_refused_before_any_allocation():
 
     with pytest.raises(InputError, match="claims a vocabulary"):
         qlis.synthetic_calibration(Claims())
+
+
+def test_a_causal_language_model_is_calibrated_on_its_own_vocabulary():
+    config = transformers.GPT2Config(vocab_size=48, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, bos_token_id=47, eos_token_id=47)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    batches = qlis.synthetic_calibration(model, examples=8, batch_size=4, length=40)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    assert ids.shape == (8, 16) and ids.max() < 47  # cut to its positions; no end-of-text
+    result = qlis.compress(model, "quant", bits=6, calib=batches)
+    assert result.distortion["output"]["cosine"] > 0.5
