@@ -12,6 +12,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+import qlis
+
 
 def run(command: click.Command, *args: object, prog_name: str | None = None) -> Result:
     return CliRunner().invoke(command, [str(a) for a in args], prog_name=prog_name)
@@ -47,3 +49,10 @@ def within_5_s(call: Callable[[], str], fifo: Path) -> str:
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+def reconstruction_notes(path: Path) -> set[str | None]:
+    """What each planned layer of an archive says of its reconstruction (None: nothing)."""
+    with qlis.open(path) as archive:
+        return {archive.entry(n).plan.get("reconstruction") for n in archive.names()
+                if archive.entry(n).plan is not None}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error, run
+from cli_helpers import one_line_error, reconstruction_notes, run
 from safetensors.torch import load_file, save_file
 
 import qlis
@@ -59,10 +59,7 @@ def test_pack_calibrated_on_text_measures_the_output(bert_folder, tmp_path):
     model = load_hf_model(bert_folder)
     state = qlis.load(out)
     assert set(state) == set(model.state_dict())
-    with qlis.open(out) as archive:
-        notes = {archive.entry(n).plan.get("reconstruction") for n in archive.names()
-                 if archive.entry(n).plan is not None}
-    assert any(note and note.startswith("error feedback") for note in notes)
+    assert any(note and note.startswith("error feedback") for note in reconstruction_notes(out))
 
 
 def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error, run
+from cli_helpers import one_line_error, reconstruction_notes, run
 
 import qlis
 from qlis.cli.main import cli
@@ -116,10 +116,7 @@ def test_pack_calibrates_on_synthetic_tokens_and_says_so(bert_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "calibration: 24 synthetic (random tokens" in result.output
     assert "cosine" in result.output
-    with qlis.open(out) as archive:
-        notes = {archive.entry(n).plan.get("reconstruction") for n in archive.names()
-                 if archive.entry(n).plan is not None}
-    assert any(note and note.startswith("error feedback") for note in notes)
+    assert any(note and note.startswith("error feedback") for note in reconstruction_notes(out))
 
 
 def test_pack_of_a_folder_without_a_tokenizer_calibrates_on_bare_tokens(bert_folder, tmp_path):
