@@ -197,3 +197,15 @@ def test_option_errors_name_the_commands_flags(model_file, tmp_path, args, expec
     # the library's messages name its keywords (target_ratio=); a command user typed flags
     message = user_error("pack", model_file, "-o", tmp_path / "m.qlis", *args)
     assert expected in message and "target_ratio" not in message
+
+
+def test_an_interrupted_pack_says_so_and_exits_as_shells_expect(model_file, tmp_path,
+                                                                 monkeypatch):
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qlis, "pack", interrupt)
+    result = invoke("pack", model_file, "-o", tmp_path / "m.qlis")
+    assert result.exit_code == 130  # 128 + SIGINT
+    assert result.output.strip().endswith("qlis: interrupted")
+    assert "Traceback" not in result.output and not (tmp_path / "m.qlis").exists()

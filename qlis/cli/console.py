@@ -28,6 +28,9 @@ import click
 
 from qlis.errors import ConfigError, InputError, QlisError
 
+INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C: 128 + SIGINT, as shells report it."""
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
@@ -321,9 +324,9 @@ class CommandGroup(click.Group):
         except click.ClickException as err:
             click.echo(f"{prog}: error: {_one_line(err)}", err=True)
             sys.exit(err.exit_code)
-        except click.Abort:
+        except click.Abort:  # Ctrl-C (or end of input at a prompt)
             click.echo(f"{prog}: interrupted", err=True)
-            sys.exit(1)
+            sys.exit(INTERRUPTED)
         sys.exit(result if isinstance(result, int) else 0)
 
 
