@@ -134,3 +134,11 @@ def test_a_broken_modules_listing_is_one_line(tmp_path):
     message = one_line_error(cli, "qlis: error:", "pack", folder, "-o", tmp_path / "x.qlis",
                              "--calib", text)
     assert "config.json" in message
+
+
+def test_pooled_batches_keep_the_mark_of_synthetic_ones(tmp_path):
+    folder = st_folder(tmp_path, mean_tokens=True)
+    model = transformers.BertModel.from_pretrained(folder)
+    made_up = qlis.synthetic_calibration(model, examples=2, length=4)[0]
+    assert PooledBatch(made_up, ("mean_tokens",)).synthetic is True
+    assert PooledBatch(dict(made_up), ("mean_tokens",)).synthetic is False

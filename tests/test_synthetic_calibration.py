@@ -114,8 +114,9 @@ def test_pack_calibrates_on_synthetic_tokens_and_says_so(bert_folder, tmp_path):
                  "--target-bits-per-weight", "6", "--calib-examples", "24",
                  "--calib-batch-size", "4")
     assert result.exit_code == 0, result.output
-    assert "calibration: 24 synthetic (random tokens" in result.output
-    assert "cosine" in result.output
+    assert "calibration: 24 synthetic examples" in result.output
+    assert "held-out calibration batches (synthetic: random tokens, not your data): cosine" \
+        in result.output
     assert any(note and note.startswith("error feedback") for note in reconstruction_notes(out))
 
 
@@ -168,3 +169,15 @@ def test_a_causal_language_model_is_calibrated_on_its_own_vocabulary():
     assert ids.shape == (8, 16) and ids.max() < 47  # cut to its positions; no end-of-text
     result = qlis.compress(model, "quant", bits=6, calib=batches)
     assert result.distortion["output"]["cosine"] > 0.5
+
+
+def test_a_result_calibrated_on_synthetic_batches_says_its_quality_is_theirs(bert_folder):
+    model, tokenizer = load_hf_model(bert_folder), load_tokenizer(bert_folder)
+    synthetic = qlis.synthetic_calibration(model, tokenizer, examples=16, batch_size=4)
+    result = qlis.compress(model, "quant", bits=6, calib=synthetic)
+    assert result.distortion["output"]["synthetic"] is True
+    assert "(synthetic: random tokens, not your data)" in result.describe_quality()
+    real = [dict(batch) for batch in synthetic]  # the same inputs, not marked as made up
+    plain = qlis.compress(model, "quant", bits=6, calib=real)
+    assert "synthetic" not in plain.distortion["output"]
+    assert "synthetic" not in plain.describe_quality()

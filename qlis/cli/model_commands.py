@@ -350,8 +350,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     )
     click.echo(f"quality: {result.describe_quality()}")
     if result.calibration_cost is not None:
-        kind = "synthetic (random tokens: the quality above is theirs, not your data's) " \
-            if synthetic else ""
+        kind = "synthetic " if synthetic else ""
         compared = (f"compared as sentence embeddings ({describe_pooling(pooling)} pooling, "
                     "as the folder's modules.json says), " if pooling else "")
         click.echo(f"calibration: {examples} {kind}examples, {compared}"

@@ -179,6 +179,10 @@ class Calibration:
                               "split over ranks: pass a list of input batches")
         self.model = model
         self.calib = calib
+        # batches that say they were made up (`synthetic_calibration`'s, and what wraps
+        # them): the quality measured on them is not the user's data's
+        self.synthetic = not callable(calib) and all(
+            getattr(batch, "synthetic", False) is True for batch in calib)
         self.cluster = cluster
         self.passes = 0
         self.seconds = 0.0

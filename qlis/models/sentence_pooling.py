@@ -81,6 +81,7 @@ class PooledBatch:
     def __init__(self, batch: dict[str, torch.Tensor], modes: tuple[str, ...]) -> None:
         self.batch = batch
         self.modes = modes
+        self.synthetic = getattr(batch, "synthetic", False)  # made up (synthetic_calibration)
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         hidden = first_tensor(model(**self.batch))

@@ -30,6 +30,13 @@ _SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
 _PROBE_TEXT = "a"
 
 
+class SyntheticBatch(dict):
+    """One batch of keyword inputs that `synthetic_calibration` made up: a compression
+    calibrated on such batches says that its measured output quality is theirs."""
+
+    synthetic = True
+
+
 def _vocabulary_size(model: torch.nn.Module) -> int:
     """The ids the model can look up: its config's vocabulary, within its input embedding's
     rows where it exposes them."""
@@ -83,7 +90,7 @@ def synthetic_calibration(
     batch_size: int = DEFAULT_BATCH,
     length: int = DEFAULT_LENGTH,
     seed: int = 0,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[SyntheticBatch]:
     """Calibration batches for ``qlis.compress(model, calib=...)`` without data: ``examples``
     sequences of ``length`` tokens drawn uniformly (seeded: the same batches every time) from
     ``model``'s vocabulary, its special tokens left out, framed as ``tokenizer`` frames a
@@ -127,4 +134,4 @@ def synthetic_calibration(
         if "token_type_ids" in keys:
             batch["token_type_ids"] = torch.zeros_like(ids)
         batches.append(batch)
-    return with_decoder_inputs(model, batches)
+    return [SyntheticBatch(batch) for batch in with_decoder_inputs(model, batches)]

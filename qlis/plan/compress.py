@@ -166,6 +166,8 @@ class CompressionResult:
         if output:
             where = (f"{output['batches']} held-out calibration batches"
                      if output.get("held_out") else "the calibration data")
+            if output.get("synthetic"):
+                where += " (synthetic: random tokens, not your data)"
             rel_mse = output.get("rel_mse")
             stderr = output.get("cosine_stderr")  # absent from older archives
             spread = f" ± {stderr:.5f}" if stderr is not None else ""
@@ -340,6 +342,8 @@ class PlannedCompression:
         if self.calibration is not None:
             distortion["output"] = self.calibration.measure(
                 self.executor.realize(self.plan).tensors)
+            if self.calibration.synthetic:
+                distortion["output"]["synthetic"] = True
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
         result.warnings = (self.policy.review(result) + _unreached(layers, self.calibration)
