@@ -120,14 +120,13 @@ def synthetic_calibration(
     if length < 1 or pool.numel() == 0:
         raise InputError("the model's vocabulary and input length leave no room for "
                          "synthetic tokens; give calibration batches instead")
+    head, tail = (torch.tensor(ids, dtype=torch.long) for ids in (prefix, suffix))
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in range(0, examples, batch_size):
         rows = min(batch_size, examples - start)
         drawn = pool[torch.randint(pool.numel(), (rows, length), generator=generator)]
-        ids = torch.cat([torch.tensor([prefix] * rows, dtype=torch.long).reshape(rows, -1),
-                         drawn,
-                         torch.tensor([suffix] * rows, dtype=torch.long).reshape(rows, -1)], 1)
+        ids = torch.cat([head.expand(rows, -1), drawn, tail.expand(rows, -1)], 1)
         batch = {"input_ids": ids}
         if "attention_mask" in keys:
             batch["attention_mask"] = torch.ones_like(ids)
