@@ -104,6 +104,40 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
+def new_temporary(path: Path, overwrite: bool = True) -> Path:
+    """A new empty temporary file beside ``path`` (refused when ``path`` exists and not
+    ``overwrite``), for `publish` to make it ``path``; the folder's stale ones removed."""
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise InputError(f"{path} exists; pass --force (overwrite=True) to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{parent}: no such folder")
+    clean_stale(parent)
+    return _create_temporary(path)
+
+
+def publish(tmp: Path, path: Path, overwrite: bool = True) -> None:
+    """Make the written temporary ``tmp`` (from `new_temporary`) ``path``, durably: its data
+    and then its name reach the disk. Where that fails, ``tmp`` is removed."""
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path, overwrite)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return  # folders cannot be opened on some systems; the rename is done
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes ``path`` durably.
@@ -116,28 +150,10 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     'done'
     """
     path = Path(path)
-    if not overwrite and (path.exists() or path.is_symlink()):
-        raise InputError(f"{path} exists; pass --force (overwrite=True) to replace it")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{parent}: no such folder")
-    clean_stale(parent)
-    tmp = _create_temporary(path)
+    tmp = new_temporary(path, overwrite)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish(tmp, path, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:
-        dir_fd = os.open(parent, os.O_RDONLY)
-    except OSError:
-        return  # folders cannot be opened on some systems; the rename is done
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    publish(tmp, path, overwrite)
