@@ -120,14 +120,15 @@ def _check_params(stored: QuantizedTensor, name: str) -> None:
         raise InputError(f"{name}: cannot write its quantizer parameters: {err}") from None
 
 
-def _encode_codes(codes: np.ndarray, n_levels: int, codec: str) -> tuple[Codec, bytes]:
+def _encode_codes(codes: np.ndarray, n_levels: int, codec: str,
+                  ) -> tuple[Codec, bytes | memoryview]:
     """Encode with exactly the codec asked for ("auto": the smallest; it says which)."""
     if codec == "auto":
         return Auto().select(codes)
     chosen = BitPack(bits=max(1, (n_levels - 1).bit_length())) if codec == "bitpack" else (
         get_codec(codec)
     )
-    return chosen, chosen.encode(codes)
+    return chosen, chosen.encode_view(codes)
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:

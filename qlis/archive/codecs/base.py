@@ -35,6 +35,11 @@ class Codec:
         """The byte stream of a 1-D array."""
         raise NotImplementedError
 
+    def encode_view(self, array: np.ndarray) -> bytes | memoryview:
+        """``encode``'s stream, or a read-only view of the same bytes in a buffer of the
+        codec's own: what the archive writer takes, without a copy into ``bytes``."""
+        return self.encode(array)
+
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` from ``buf`` and return it."""
         raise NotImplementedError
