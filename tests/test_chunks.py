@@ -15,7 +15,8 @@ import qlis.measure.stats
 import qlis.quantize.quantizers
 from qlis.plan.execute import execute_layer
 from qlis.plan.plans import LayerConfig
-from qlis.quantize.quantizers import UniformQuantizer, get_quantizer
+from qlis.quantize.grid import matrix_shape
+from qlis.quantize.quantizers import UniformQuantizer, _row_extremes, _row_view, get_quantizer
 
 
 @pytest.fixture
@@ -53,6 +54,17 @@ def test_chunked_quantize_and_dequantize_equal_the_whole_tensor_s(config, dtype,
     assert np.array_equal(chunked.codes, whole.codes)
     assert all(np.array_equal(chunked.params[k], whole.params[k]) for k in whole.params)
     assert torch.equal(chunked.dequantize(), values) and values.dtype == dtype
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_steps_from_the_matrix_rows_extremes_equal_those_found_alone(granularity, dtype):
+    weight = _weight(dtype, (37, 3, 7))
+    weight[5, 1, 2] = 40.0  # one row's peak far from the others'
+    quantizer = UniformQuantizer(rel_mse=1e-3, granularity=granularity)
+    rows = _row_view(weight, granularity)
+    extremes = _row_extremes(weight.reshape(matrix_shape(weight.shape)))
+    assert torch.equal(quantizer.steps(rows, extremes), quantizer.steps(rows))
 
 
 def test_chunked_steps_of_one_long_row_agree_with_the_whole_row(monkeypatch):

@@ -884,13 +884,21 @@ class UniformQuantizer(Quantizer):
         self.granularity = granularity
         self.rounding = rounding
 
-    def steps(self, rows: torch.Tensor) -> torch.Tensor:
-        """The step of each row (float32): fixed, or from the row's mean square."""
+    def steps(self, rows: torch.Tensor,
+              extremes: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The step of each row (float32): fixed, or from the row's mean square.
+        ``extremes``: each row's (min, max) as columns where the caller has them, or those
+        of the matrix whose rows ``rows`` flattens into one (a pass over the weight less)."""
         if self.step is not None:
             return torch.full((rows.shape[0],), self.step, dtype=torch.float32)
         if not rows.shape[1]:
             return torch.ones(rows.shape[0])
-        low, high = _row_extremes(rows)
+        if extremes is None:
+            low, high = _row_extremes(rows)
+        elif extremes[0].shape[0] == rows.shape[0]:
+            low, high = extremes
+        else:
+            low, high = extremes[0].amin().reshape(1, 1), extremes[1].amax().reshape(1, 1)
         peak = torch.maximum(-low, high).float()
         if bool(((peak > 1e-10) & (peak < 1e10) | (peak == 0)).all()):
             rms = row_mean_squares(rows).sqrt()  # squares within float32
@@ -918,30 +926,32 @@ class UniformQuantizer(Quantizer):
         """The codes, and whether ``sums`` (when given) got the weight's energy and squared
         error: a large matrix of a dtype in _NARROWED, rounded a range of rows at a time (a
         small one is rounded at once, unmeasured)."""
-        step = self.steps(_row_view(weight, self.granularity))
-        params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
-        q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
         matrix = weight.detach().reshape(matrix_shape(weight.shape))
         chunks = _chunks(matrix.shape)
-        if len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel"):
+        at_once = len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel")
+        extremes = None if at_once else _row_extremes(matrix)  # found once for both uses
+        step = self.steps(_row_view(weight, self.granularity), extremes)
+        params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
+        q = QuantizedTensor(np.zeros(0, np.uint8), 1, self.get_config(), params, weight.dtype)
+        if at_once:
             levels = self.grid(tuple(weight.shape), 1, params).encode(matrix.float())
             return self.with_codes(q, levels.reshape(weight.shape)), False
         narrow = _NARROWED.get(weight.dtype, -1) if sums is not None else -1
-        q = self._quantize_in_chunks(q, matrix, chunks, tuple(weight.shape), narrow,
+        q = self._quantize_in_chunks(q, matrix, extremes, chunks, tuple(weight.shape), narrow,
                                      np.zeros(2) if sums is None else sums)
         return q, narrow >= 0
 
     def _quantize_in_chunks(self, q: QuantizedTensor, matrix: torch.Tensor,
+                            extremes: tuple[torch.Tensor, torch.Tensor],
                             chunks: list[tuple[int, int]], shape: tuple[int, ...],
                             narrow: int, sums: np.ndarray) -> QuantizedTensor:
         """``quantize`` of a large matrix, row range by row range: the same codes (rounding
-        is elementwise), the code range found first from each row's extremes (rounding is
+        is elementwise), the code range found first from each row's ``extremes`` (rounding is
         monotonic), so memory holds the uint8/uint16 codes and one chunk's floats; ``sums``
         gets the layer's energy and squared error unless ``narrow`` is -1 (see
         `_write_uniform_codes`)."""
         whole = self.grid(shape, 1, q.params)
-        extremes = torch.cat(_row_extremes(matrix), dim=1).float()
-        ends = torch.aminmax(whole.encode(extremes))
+        ends = torch.aminmax(whole.encode(torch.cat(extremes, dim=1).float()))
         probe = self.with_codes(q, torch.stack(ends))  # refuses non-finite or too many codes
         low = int(ends[0])
         codes = np.empty(matrix.shape, dtype=code_dtype(probe.n_levels))
