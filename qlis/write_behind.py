@@ -26,6 +26,14 @@ when they are dropped; a range still being written back stays cached, harmlessly
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
+def write_at(fd: int, data: np.ndarray | memoryview, offset: int) -> None:
+    """All of ``data`` (bytes) at ``offset``, resuming a write the kernel cuts short: a
+    positional write, so threads share the file without a lock."""
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
 class WriteBehind:
     """Positional writes to ``fd`` (a regular file opened for writing), safe from several
     threads at once; each range is written back as soon as it is written and dropped from the
@@ -39,16 +47,14 @@ class WriteBehind:
         self._cached_bytes = 0
 
     def write(self, data: np.ndarray, offset: int) -> None:
-        """All of ``data`` (uint8) at ``offset``, resuming a write the kernel cuts short."""
-        start, length = offset, data.size
-        while data.size:
-            done = os.pwrite(self._fd, data, offset)
-            data, offset = data[done:], offset + done
+        """All of ``data`` (uint8) at ``offset`` (`write_at`)."""
+        length = data.size
+        write_at(self._fd, data, offset)
         if _DONTNEED is None or not length:
             return
-        self._advise(start, length)  # dirty pages: starts writing them back, drops none
+        self._advise(offset, length)  # dirty pages: starts writing them back, drops none
         with self._lock:
-            self._cached.append((start, length))
+            self._cached.append((offset, length))
             self._cached_bytes += length
             old = []
             while self._cached_bytes > self._window:

@@ -22,17 +22,25 @@ def chunks(count: int, size: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
 
 
+def written_in_order(path, data: list[np.ndarray], window: int):
+    """``data`` written one chunk after the other through a `WriteBehind`, then an empty
+    write past the end (nothing to write: no advice)."""
+    with open(path, "wb") as f:
+        out = WriteBehind(f.fileno(), window=window)
+        offset = 0
+        for chunk in data:
+            out.write(chunk, offset)
+            offset += chunk.size
+        out.write(np.empty(0, dtype=np.uint8), offset)
+    return path
+
+
 def test_ranges_are_written_back_at_once_and_dropped_a_window_later(tmp_path, monkeypatch):
     advised = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice:
                         advised.append((offset, length, advice)))
     data = chunks(10, 100)
-    path = tmp_path / "out.bin"
-    with open(path, "wb") as f:
-        out = WriteBehind(f.fileno(), window=250)
-        for i, chunk in enumerate(data):
-            out.write(chunk, 100 * i)
-        out.write(np.empty(0, dtype=np.uint8), 1000)  # nothing to write: no advice
+    path = written_in_order(tmp_path / "out.bin", data, window=250)
     assert path.read_bytes() == b"".join(c.tobytes() for c in data)
     assert {advice for _, _, advice in advised} == {os.POSIX_FADV_DONTNEED}
     # each write is advised at once (written back); the window holds two of them, so from
@@ -61,11 +69,7 @@ def test_refused_advice_changes_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fadvise", refuse)
     data = chunks(5, 30)
-    path = tmp_path / "out.bin"
-    with open(path, "wb") as f:
-        out = WriteBehind(f.fileno(), window=40)
-        for i, chunk in enumerate(data):
-            out.write(chunk, 30 * i)
+    path = written_in_order(tmp_path / "out.bin", data, window=40)
     assert path.read_bytes() == b"".join(c.tobytes() for c in data)
 
 

@@ -16,6 +16,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from qlis.write_behind import write_at
+
 ROOM_BLOCK = 4096
 """Rooms of a multiple of this can be inserted on the usual file systems (4 KiB blocks)."""
 
@@ -65,12 +67,7 @@ def _move_up(fd: int, room: int, size: int) -> None:
     end = size
     while end > 0:
         start = max(0, end - _CHUNK)
-        data = _read_exactly(fd, end - start, start)
-        view = memoryview(data)
-        offset = start + room
-        while view:
-            done = os.pwrite(fd, view, offset)
-            view, offset = view[done:], offset + done
+        write_at(fd, memoryview(_read_exactly(fd, end - start, start)), start + room)
         end = start
 
 
