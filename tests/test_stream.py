@@ -279,6 +279,32 @@ def test_with_a_cost_budget_a_worker_runs_on_past_a_slow_oldest_item():
         == list(range(12))
 
 
+def test_a_large_item_starts_before_the_smaller_ones_ahead_of_it_and_one_at_a_time():
+    """Items costlier than half the budget start as soon as they are in the window, one at a
+    time and in their order, and the others stay within the budget: on one thread the start
+    order shows it, and what is started and not yet yielded never costs more than the budget
+    plus the largest item."""
+    costs = {i: 10.0 for i in range(12)} | {3: 70.0, 8: 60.0}
+    lock = threading.Lock()
+    started: list[int] = []
+
+    def fn(i: int) -> int:
+        with lock:
+            started.append(i)
+        return -i
+
+    held = []
+    for k, value in enumerate(ordered_map(fn, range(12), jobs=1, cost=costs.__getitem__,
+                                          budget=100.0)):
+        assert value == -k
+        with lock:
+            held.append(sum(costs[i] for i in started if i >= k))
+    assert started[0] == 3  # before items 0-2, ahead of it in the input
+    assert started.index(8) > started.index(3) + 1 and started.index(8) > started.index(11)
+    assert sorted(started) == list(range(12))
+    assert max(held) <= 100.0 + 70.0
+
+
 def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_beyond():
     lock = threading.Lock()
     started: list[int] = []
@@ -619,22 +645,33 @@ def test_the_cli_resumes_an_interrupted_pack(model_file, tmp_path, monkeypatch):
 
 def test_ordered_map_keeps_the_cost_in_flight_within_the_budget():
     costs = [5, 1, 1, 9, 2, 2, 2, 8, 1, 1, 3, 3]
+    budget = 6
     lock = threading.Lock()
-    running, peak = 0, 0
+    running: list[int] = []
+    seen: list[list[int]] = []
+
+    beside = threading.Event()
 
     def fn(i: int) -> int:
-        nonlocal running, peak
         with lock:
-            running += costs[i]
-            peak = max(peak, running)
+            running.append(i)
+            seen.append(list(running))
+        if costs[i] <= budget / 2:
+            beside.set()
+        if i == 0:  # the first large item: a small one starts while it runs
+            assert beside.wait(10), "no small item ran beside the large one"
         time.sleep(0.002)
         with lock:
-            running -= costs[i]
+            running.remove(i)
         return i
 
-    out = list(ordered_map(fn, range(len(costs)), jobs=4, cost=costs.__getitem__, budget=6))
+    out = list(ordered_map(fn, range(len(costs)), jobs=4, cost=costs.__getitem__,
+                           budget=budget))
     assert out == list(range(len(costs)))
-    assert peak == 9  # the costliest item ran alone; the others shared a budget of 6
+    large = [[i for i in at_once if costs[i] > budget / 2] for at_once in seen]
+    small = [sum(costs[i] for i in at_once if costs[i] <= budget / 2) for at_once in seen]
+    assert max(map(len, large)) == 1  # the large items (5, 9, 8) one at a time
+    assert max(small) <= budget
 
 
 def test_a_mapped_tensor_is_copy_on_write_and_a_file_cut_after_opening_is_refused(
