@@ -48,8 +48,6 @@ group layers keep two codes per byte in qlis' own layout on the ``dequant`` path
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from collections.abc import Iterable
 
@@ -61,6 +59,7 @@ from torch import nn
 from qlis.errors import ConfigError, InputError
 from qlis.quantize.grid import Grid, in_dtype, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
+from qlis.workers.memory import release_freed_memory
 
 RUNTIMES = ("float", "lowbit")
 KERNEL_MAX_ROWS = 8
@@ -298,29 +297,6 @@ def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Modu
 # -- loading -----------------------------------------------------------------------------------
 
 
-def _find_malloc_trim():  # noqa: ANN202 - a ctypes function or None
-    """glibc's malloc_trim, where the C library has it (Linux with glibc), else None."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
-
-    Decoding a layer leaves megabytes of freed temporaries between the packed buffers that
-    stay; glibc keeps them resident (measured: 1.06 GB resident after loading a 294 MB int8
-    ViT-L, 0.59 GB after trimming), so the loader trims after each layer.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def _replaceable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.padding_mode == "zeros"
@@ -410,7 +386,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
             bias = archive.read(f"{name}.bias")
         replacements[name] = _take_over(module, lowbit_module(q, bias, module))
         del q, bias
-        release_free_memory()
+        release_freed_memory()  # the freed temporaries of the layer's decode
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
     rest = {name: archive.read(name) for name in persistent if name not in covered}
     ties = tied_names(model)
