@@ -4,6 +4,8 @@ one at a time when a pass would otherwise hold them all."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -192,6 +194,31 @@ def test_a_pass_after_the_chain_holds_one_blocks_float_copies():
     # the head's reconstruction pass holds the last block's layers only (the final measure,
     # a pass like any other caller's, makes them all up front)
     assert {3} in held and {0, 1, 2, 3} in held
+
+
+def test_a_finished_blocks_quantized_layers_are_let_go_before_the_next_block(monkeypatch):
+    """Past a block, its quantized layers are made again when a pass needs them: while a
+    block runs for its own fit, the float copies alive are its own (and the layer before the
+    chain's), never also the previous block's."""
+    torch.manual_seed(4)
+    model, calib = Chain(depth=3).eval(), batches(4)
+    made: list[weakref.ref] = []
+    real = rec.dequantized
+
+    def tracked(stored: object) -> torch.Tensor:
+        tensor = real(stored)
+        made.append(weakref.ref(tensor))
+        return tensor
+
+    alive: list[int] = []
+    monkeypatch.setattr(rec, "dequantized", tracked)
+    for layer in model.layers:
+        layer.register_forward_pre_hook(
+            lambda module, args: alive.append(sum(ref() is not None for ref in made)))
+    qlis.compress(model, "quant", bits=4, calib=calib)
+    per_block = sum(p.ndim == 2 for p in model.layers[0].parameters())
+    assert max(alive) >= per_block  # the last block's layers, made for the final measure
+    assert max(alive) <= per_block + 1  # and the layer before the chain
 
 
 def test_a_hugging_face_encoder_runs_block_by_block(monkeypatch):

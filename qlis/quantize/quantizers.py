@@ -281,7 +281,11 @@ class Quantizer(Strategy):
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
         if codes.numel() and not (float(codes.min()) >= 0 and float(codes.max()) < q.n_levels):
             raise ConfigError(f"codes outside the grid's {q.n_levels} levels")
-        stored = codes.to(torch.int32).numpy().astype(code_dtype(q.n_levels))
+        width = code_dtype(q.n_levels)
+        if width == np.uint8:  # straight there: no int32 copy of a wide layer's codes
+            stored = codes.to(torch.uint8).numpy()
+        else:
+            stored = codes.to(torch.int32).numpy().astype(width)
         return QuantizedTensor(stored.reshape(q.shape), q.n_levels, q.quantizer, q.params,
                                q.dtype)
 

@@ -408,9 +408,10 @@ def reconstruct(
             if cached is None:
                 cached = CachedInputs(calibration, blocks, replacements)
             while at < position:
-                finished = of_block(at)
-                cached.advance(blocks.modules[at], finished)
-                for name in finished.keys() & result.tensors.keys():
+                cached.advance(blocks.modules[at], of_block(at))
+                # no name may hold the finished block's dequantized layers past this point:
+                # they would stay beside the next block's (48 MiB a block at width 1024)
+                for name in of_block(at).keys() & result.tensors.keys():
                     replacements[name] = functools.partial(dequantized, result.tensors[name])
                 at += 1
                 release_freed_memory()
