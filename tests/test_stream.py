@@ -649,7 +649,6 @@ def test_ordered_map_keeps_the_cost_in_flight_within_the_budget():
     lock = threading.Lock()
     running: list[int] = []
     seen: list[list[int]] = []
-
     beside = threading.Event()
 
     def fn(i: int) -> int:

@@ -96,13 +96,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], jobs: int | None = Non
     started as soon as it is in the window, before the smaller ones ahead of it, and its
     result waits for its turn: it runs beside them instead of alone (a 2.4 B checkpoint's
     output layer, last in its order, ran alone for the last 4 s of a 13 s pass on 2
-    threads). The default window is twice
-    ``jobs`` without ``cost``, and `COSTED_WINDOW` times ``jobs`` with it, where the budget
-    bounds the memory: a short window leaves a worker idle whenever the oldest item is a
-    large tensor and the few after it are done (ViT-L/14 pack, second pass on 2 threads:
-    3.9 s with a window of 4, 2.5-2.8 s with 64). An exception from ``fn`` is raised here,
-    at that item's turn, and nothing more is started. The generator must be consumed or
-    closed (a ``for`` loop or ``list``)."""
+    threads). The default window is twice ``jobs`` without ``cost``, and `COSTED_WINDOW`
+    times ``jobs`` with it, where the budget bounds the memory: a short window leaves a
+    worker idle whenever the oldest item is a large tensor and the few after it are done
+    (ViT-L/14 pack, second pass on 2 threads: 3.9 s with a window of 4, 2.5-2.8 s with 64).
+    An exception from ``fn`` is raised here, at that item's turn, and nothing more is
+    started. The generator must be consumed or closed (a ``for`` loop or ``list``)."""
     jobs = check_jobs(jobs)
     window = max(1, window or (COSTED_WINDOW if cost is not None else 2) * jobs)
     source = iter(items)
