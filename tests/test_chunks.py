@@ -129,6 +129,7 @@ def test_uniform_error_measured_while_rounding_is_that_of_its_codes(tiny_chunks,
     plain = quantizer.quantize(weight)
     assert np.array_equal(measured.codes, plain.codes) and measured.n_levels == plain.n_levels
     assert error == pytest.approx(quantizer.relative_error(weight, plain), rel=1e-12)
+    assert type(error) is float  # as the small layers' (a plan's JSON holds it)
     ref, out = weight.double(), plain.dequantize().double()
     assert error == pytest.approx(float((out - ref).square().sum() / ref.square().sum()),
                                   rel=1e-12)

@@ -923,7 +923,7 @@ class UniformQuantizer(Quantizer):
         q, measured = self._round(weight, sums)
         if not measured:
             return q, self.relative_error(weight, q)
-        return q, sums[1] / sums[0] if sums[0] else 0.0
+        return q, float(sums[1] / sums[0]) if sums[0] else 0.0
 
     def _round(self, weight: torch.Tensor, sums: np.ndarray | None,
                ) -> tuple[QuantizedTensor, bool]:
