@@ -185,10 +185,10 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
            cache: PassCache | None = None, key: str = "") -> list[R]:
     """``fn`` over ``items`` on ``jobs`` threads and, in a cluster, over the ranks (each
     computes the items it owns, then all receive all results through JSON): the results in
-    input order, the same on every rank; items of more than IN_FLIGHT_ELEMENTS (their
-    ``costs``) together are not worked on at once. ``done`` gets the index of each item
-    computed here, as it is. In one process, results saved in ``cache`` under ``key`` are
-    used instead of computed, and the computed ones are saved there."""
+    input order, the same on every rank; the items worked on at once cost (``costs``) at
+    most IN_FLIGHT_ELEMENTS besides one large item (`ordered_map`). ``done`` gets the index
+    of each item computed here, as it is. In one process, results saved in ``cache`` under
+    ``key`` are used instead of computed, and the computed ones are saved there."""
     if cache is not None and cluster is None:
         saved = cache.lookup(key, len(items), from_json)
         if saved is not None:

@@ -31,8 +31,8 @@ R = TypeVar("R")
 
 IN_FLIGHT_ELEMENTS = 1 << 27
 """Elements of the tensors worked on at once (each holds its codes, its dequantized copy and
-its encoded records while it is worked on): 128 M, so memory stays near a GB plus the
-largest tensor's."""
+its encoded records while it is worked on), besides one large tensor (`ordered_map`): 128 M,
+so memory stays near a GB plus the largest tensor's."""
 
 COSTED_WINDOW = 32
 """Items submitted ahead per thread when a cost budget bounds their memory (a count still
