@@ -305,6 +305,21 @@ def test_a_large_item_starts_before_the_smaller_ones_ahead_of_it_and_one_at_a_ti
     assert max(held) <= 100.0 + 70.0
 
 
+def test_a_large_item_started_early_that_fails_raises_at_its_own_turn():
+    costs = {i: 1.0 for i in range(10)} | {6: 80.0}
+
+    def fn(i: int) -> int:
+        if i == 6:
+            raise ValueError("the large item failed")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="the large item failed"):
+        for value in ordered_map(fn, range(10), jobs=2, cost=costs.__getitem__, budget=100.0):
+            got.append(value)
+    assert got == list(range(6))  # everything before it, in order
+
+
 def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_beyond():
     lock = threading.Lock()
     started: list[int] = []
