@@ -20,6 +20,7 @@ from qlis.cli.main import cli
 from qlis.errors import InputError
 from qlis.models import hf_model
 from qlis.models.hf_model import load_hf_model, max_input_length
+from qlis.workers import memory
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,6 +75,25 @@ def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):
     assert "calibration: 10 examples" in result.output and "cosine" in result.output
     with qlis.open(out) as archive:
         assert archive.compression["rounding_sweeps"] == 1
+
+
+def test_only_the_data_free_streaming_commands_keep_freed_memory(bert_folder, tmp_path,
+                                                                  monkeypatch):
+    """The allocator setting that speeds a streaming pack or unpack raises a calibrated run's
+    held memory (workers/memory.py): the calibrated pack leaves it alone."""
+    settings: list[tuple[int, int]] = []
+    monkeypatch.setattr(memory, "_MALLOPT", lambda option, value: settings.append((option, value)))
+    kept = [(-3, memory.KEPT_MMAP_THRESHOLD), (-1, memory.KEPT_TRIM_THRESHOLD)]
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": torch.randint(5, 40, (8, 7))}, str(inputs))
+    calibrated = run(cli, "pack", bert_folder, "-o", tmp_path / "c.qlis", "--calib", inputs)
+    assert calibrated.exit_code == 0, calibrated.output
+    assert settings == []
+    out = tmp_path / "bert.qlis"
+    assert run(cli, "pack", bert_folder, "-o", out).exit_code == 0
+    assert settings == kept
+    assert run(cli, "unpack", out, "-o", tmp_path / "back.safetensors").exit_code == 0
+    assert settings == kept * 2
 
 
 def test_bad_calibration_input_is_one_line(bert_folder, tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.runtime.lowbit import runtime_plan
 from qlis.workers.cluster import Cluster
+from qlis.workers.memory import keep_freed_memory_for_reuse
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 POLICY_NAMES = policy_names()
@@ -318,6 +319,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         calib, pooling = sentence_embedding_batches(path, batches)
         state = model.state_dict()
     else:
+        keep_freed_memory_for_reuse()  # the streaming pack: see its doc
         model = state = load_state_dict(path)
     total = sum(t.numel() for t in state.values())
     source_bytes = model_file_bytes(path)

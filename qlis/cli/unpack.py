@@ -25,6 +25,7 @@ from qlis.cli.console import (
 from qlis.cli.progress import QUIET, progress_bars
 from qlis.errors import InputError
 from qlis.models.checkpoints import write_safetensors, write_sharded_safetensors
+from qlis.workers.memory import keep_freed_memory_for_reuse
 
 SOURCE_METADATA = "source_metadata."
 """The prefix of the archive metadata that `qlis pack` carries from a safetensors source, and
@@ -53,6 +54,7 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
         check_output_dir(output, force)  # the input, a file, is refused as not a folder
     else:
         check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])
+    keep_freed_memory_for_reuse()  # a tensor at a time, thousands of times: see its doc
     with qlis.open(path) as archive:
         stored = {row["name"]: row for row in archive.tensor_info()}
         names = archive.names()  # tied tensors under each name: a copy each

@@ -21,20 +21,44 @@ import ctypes
 import sys
 
 
-def _malloc_trim() -> object:
+def _glibc(name: str) -> object:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            return ctypes.CDLL("libc.so.6").malloc_trim
+            return getattr(ctypes.CDLL("libc.so.6"), name)
     return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+KEPT_MMAP_THRESHOLD = 32 << 20
+"""Allocations below this come from the heap when `keep_freed_memory_for_reuse` is in force
+(glibc's largest: HEAP_MAX_SIZE / 2 on 64-bit)."""
+KEPT_TRIM_THRESHOLD = 1 << 30
 
 
 def release_freed_memory() -> None:
     """Ask the C allocator to return its free pages to the system (glibc's malloc_trim)."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Make glibc keep freed memory for the next allocations, for the rest of the process:
+    allocations up to 32 MiB come from the heap, and its top is given back only past 1 GiB
+    free (`release_freed_memory` still gives it back when asked). A streaming pack or unpack
+    frees and makes buffers of a few MB per tensor, thousands of times; by default glibc maps
+    each one above its threshold and unmaps it when freed (page faults, and with several
+    threads every unmap interrupts the others' cores) and trims the heap's top as it shrinks.
+    Measured (`qlis pack`, 2 cores): a 2.4 B float16 checkpoint 19.2 -> 15.3 s with 2 workers,
+    30.1 -> 24.5 s with one, peak RSS 1.137 -> 1.146 GB; ViT-L/14 4.95 -> 4.04 s (+17 MB); the
+    unpack of ViT-L/14 3.31 -> 3.13 s. Not for the calibrated paths: held memory there grows
+    (a 6-block calibrated pack's peak 568 -> 616 MiB) and their goal is memory. The setting
+    belongs to the process, so only the commands, which own theirs, make it. Elsewhere than
+    glibc, nothing is done."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
+        _MALLOPT(_M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
 
 
 def available_memory() -> int | None:
