@@ -281,13 +281,8 @@ class Quantizer(Strategy):
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
         if codes.numel() and not (float(codes.min()) >= 0 and float(codes.max()) < q.n_levels):
             raise ConfigError(f"codes outside the grid's {q.n_levels} levels")
-        width = code_dtype(q.n_levels)
-        if width == np.uint8:  # straight there: no int32 copy of a wide layer's codes
-            stored = codes.to(torch.uint8).numpy()
-        else:
-            stored = codes.to(torch.int32).numpy().astype(width)
-        return QuantizedTensor(stored.reshape(q.shape), q.n_levels, q.quantizer, q.params,
-                               q.dtype)
+        return QuantizedTensor(stored_codes(codes, q.n_levels).reshape(q.shape), q.n_levels,
+                               q.quantizer, q.params, q.dtype)
 
 
 quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers")
@@ -777,6 +772,16 @@ MAX_REL_MSE = 16.0
 coarser than 3.5 x RMS) most weights round to 0, which is what the highest ratios need."""
 
 
+def stored_codes(codes: torch.Tensor, n_levels: int) -> np.ndarray:
+    """Whole-number codes in 0..n_levels-1 (any torch dtype) in the archive's width
+    (`code_dtype`); straight to uint8 where that is it, with no int32 copy of a wide layer's
+    codes."""
+    width = code_dtype(n_levels)
+    if width == np.uint8:
+        return codes.to(torch.uint8).numpy()
+    return codes.to(torch.int32).numpy().astype(width)
+
+
 def code_dtype(n_levels: int) -> np.dtype:
     """The archive's width for codes ``< n_levels`` (uint8 or uint16, see
     `qlis.archive.format.code_dtype`), refusing an alphabet beyond MAX_LEVELS."""
@@ -996,12 +1001,8 @@ class UniformQuantizer(Quantizer):
             )
         offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
         shifted = codes - low if codes.is_floating_point() else codes.to(torch.int32) - low
-        if n_levels <= 256:  # straight to uint8 (codes are whole numbers in 0..255)
-            stored = shifted.to(torch.uint8).numpy()
-        else:
-            stored = shifted.to(torch.int32).numpy().astype(code_dtype(n_levels))
         return QuantizedTensor(
-            codes=stored.reshape(codes.shape),
+            codes=stored_codes(shifted, n_levels).reshape(codes.shape),
             n_levels=n_levels,
             quantizer=q.quantizer,
             params={"step": q.params["step"], "offset": np.array([offset], dtype=np.float32)},

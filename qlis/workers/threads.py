@@ -144,9 +144,10 @@ def _start(slots: deque[_Slot], submit: Callable[[_Slot], Future], budget: float
     large = [s for s in slots if s.weight > budget / 2]
     if large and all(s.future is None for s in large):
         large[0].future = submit(large[0])
-    started = sum(s.weight for s in slots if s.future is not None and s.weight <= budget / 2)
-    for slot in slots:
-        if slot.future is None and slot.weight <= budget / 2:
+    small = [s for s in slots if s.weight <= budget / 2]
+    started = sum(s.weight for s in small if s.future is not None)
+    for slot in small:
+        if slot.future is None:
             if started + slot.weight > budget:
                 return
             slot.future = submit(slot)
