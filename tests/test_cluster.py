@@ -268,7 +268,16 @@ class Block(nn.Module):
         return x + self.down(torch.relu(self.up(x)))
 
 
-model = nn.Sequential(nn.Linear(16, 24), nn.Sequential(*[Block() for _ in range(3)]),
+class Front(nn.Module):  # a table looked up by the inputs: rd fits it on its gradients
+    def __init__(self):
+        super().__init__()
+        self.table, self.proj = nn.Embedding(32, 16), nn.Linear(16, 24)
+
+    def forward(self, x):
+        return self.proj(x + self.table((x[:, 0].abs() * 8).long().clamp(max=31)))
+
+
+model = nn.Sequential(Front(), nn.Sequential(*[Block() for _ in range(3)]),
                       nn.Linear(24, 6)).eval()
 gen = torch.Generator().manual_seed(1)
 calib = [torch.randn(20, 16, generator=gen) for _ in range(8)]
@@ -328,6 +337,9 @@ def test_two_ranks_calibrate_to_the_bytes_of_one_process(calibrated, policy):
     with qlis.open(two) as archive:
         assert archive.entry("1.0.up.weight").plan["reconstruction"] == (
             "error feedback + bias correction")
+        assert archive.entry("0.table.weight").plan["reconstruction"] == (
+            "error feedback along the output's gradients" if policy == "rd"
+            else "data-free: no error feedback for this kind of tensor")
 
 
 def test_a_batch_one_rank_cannot_run_stops_every_rank_with_its_message(calibrated):

@@ -399,3 +399,45 @@ def test_a_model_given_too_few_inputs_is_told_so_not_a_traceback():
     model = transformers.CLIPModel(config).eval()
     with pytest.raises(qlis.InputError, match=r"does not fit the model \(batch 0\): Attrib"):
         qlis.compress(model, calib=[{"input_ids": torch.randint(0, 40, (2, 5))}])
+
+
+class Lookup(nn.Module):
+    """A table whose first three columns alone reach the output, and a layer that reads them;
+    ``tied``: the output layer multiplies by the table too."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.table = nn.Embedding(64, 8)
+        self.head = nn.Linear(3, 8)
+        self.out = nn.Linear(8, 64, bias=False)
+        if tied:
+            self.out.weight = self.table.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.head(self.table(ids)[..., :3])))
+
+
+def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
+    """rd's backward passes measure E[g g^T] of the gradients at a table's output rows: none
+    along the columns the output never reads; reconstruction rounds the table along it and
+    says so. Tied to a matrix product, the table is rounded data-free as before."""
+    torch.manual_seed(3)
+    ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
+    model = Lookup().eval()
+    calibration = qlis.measure.calibrate.Calibration(model, ids)
+    calibration.sensitivities(["table.weight", "head.weight", "out.weight"])
+    covariance = calibration.output_covariances["table.weight"]
+    assert covariance.shape == (8, 8) and torch.equal(covariance, covariance.T)
+    assert not covariance[3:].any() and not covariance[:, 3:].any()
+    assert bool((torch.linalg.eigvalsh(covariance[:3, :3].double()) > 0).all())
+    assert list(calibration.output_covariances) == ["table.weight"]
+    result = qlis.compress(model, calib=ids, min_cosine=0.99)
+    table = next(layer for layer in result.layers if layer.name == "table.weight")
+    assert table.reconstruction == rec.OUTPUT_FED_BACK and table.feedback < 1.0
+    tied = Lookup(tied=True).eval()
+    calibration = qlis.measure.calibrate.Calibration(tied, ids)
+    calibration.sensitivities(["table.weight", "head.weight"])
+    assert calibration.output_covariances == {}
+    result = qlis.compress(tied, calib=ids, min_cosine=0.99)
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert rec.OUTPUT_FED_BACK not in notes.values()

@@ -31,6 +31,7 @@ from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.workers.cluster import Cluster, share_of, together
+from qlis.workers.threads import single_threaded_ops
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
 Run = tuple[int, Callable[[], Any]]
@@ -44,6 +45,10 @@ HOLDOUT_EVERY = 4
 """With at least this many batches, every fourth one is held out: reconstruction and the
 allocation's probes fit on the others, and the output quality that ``min_cosine`` aims at and
 the result reports is measured on the held-out ones, which no layer was fitted to."""
+OUTPUT_COVARIANCE_BYTES = 256 << 20
+"""The most float64 an embedding's output covariance may take over all fitting batches (a
+job keeps each batch's term until the ranks add them in order): a wider table, or one
+calibrated on more batches, is rounded data-free as before (the same in one process)."""
 _MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
 """What a model raises for inputs of the wrong shape, dtype or keywords (AttributeError: an
 input it needs left out, read as None: CLIP's pixel_values given text alone)."""
@@ -86,6 +91,36 @@ def _calling_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return module if isinstance(module, torch.nn.Embedding) and attr == "weight" else None
+
+
+def _table(model: torch.nn.Module, name: str, shared: set[int]) -> torch.nn.Embedding | None:
+    """The embedding whose table weight ``name`` is, when nothing else holds it (a table
+    tied to an output layer is also a matrix product, which its lookups do not see)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if (isinstance(module, torch.nn.Embedding) and attr == "weight"
+            and id(module.weight) not in shared and module.weight.ndim == 2):
+        return module
+    return None
+
+
+def _add_gram(total: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Add G^T G of an output gradient's rows to ``total``, on one thread (a product's bits
+    depend on how many threads split it, and a job's ranks must add the same bits)."""
+    rows = gradient.detach().reshape(-1, gradient.shape[-1]).to(torch.float64)
+    with single_threaded_ops():
+        total += rows.T @ rows
+
+
+def _gram_hook(total: torch.Tensor) -> Callable[[torch.nn.Module, tuple, Any], None]:
+    """A forward hook that adds the gradient of the module's output to ``total``
+    (`_add_gram`) when backward reaches it."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda gradient: _add_gram(total, gradient))
+
+    return hook
 
 
 def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
@@ -189,6 +224,10 @@ class Calibration:
         self.unreached: set[str] = set()
         """Weights whose effect on the outputs a policy measured as none (never run, or off
         the path to the compared outputs): the compression names them in its warnings."""
+        self.output_covariances: dict[str, torch.Tensor] = {}
+        """Per embedding table `sensitivities` measured, E[g g^T] of the gradients g that
+        reach its output rows: what a row's error costs the outputs, direction by direction
+        (reconstruction's error feedback for a table lookup, which has no input covariance)."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.calls: list[tuple[tuple, dict]] = []
@@ -389,6 +428,9 @@ class Calibration:
         r.P f: ``samples`` backward passes estimate it for every weight at once (Hutchinson),
         where a probe per layer needs a forward pass each. None when the outputs carry no
         gradient (a callable that computes them under no_grad): measure probes instead.
+
+        The same passes measure each embedding table's `output_covariances` (the gradients
+        at its output rows), within `OUTPUT_COVARIANCE_BYTES`.
         """
         tensors = {name: self._tensor(name) for name in names}
         if not all(t.is_leaf and t.is_floating_point() for t in tensors.values()):
@@ -400,6 +442,11 @@ class Calibration:
         # counts the batch's output vectors
         batch_totals = torch.zeros(len(names) + 1, dtype=torch.float64)
         totals = OrderedSum((len(names) + 1,), self.cluster is not None)
+        tables = self._tables(names)
+        batch_grams = {name: torch.zeros(2 * (table.embedding_dim,), dtype=torch.float64)
+                       for name, table in tables.items()}
+        grams = {name: OrderedSum(gram.shape, self.cluster is not None)
+                 for name, gram in batch_grams.items()}
         runs = self._runs(False, self.fitting)
         start = time.perf_counter()
         was_training = self.model.training
@@ -412,9 +459,13 @@ class Calibration:
                 t.grad = None  # the user's own gradients are put back after
                 handles.append(t.register_post_accumulate_grad_hook(
                     lambda t, index=index: _take_gradient(t, index, batch_totals)))
+            for name, table in tables.items():
+                handles.append(table.register_forward_hook(_gram_hook(batch_grams[name])))
             with torch.enable_grad(), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()
+                    for gram in batch_grams.values():
+                        gram.zero_()
                     reference = self.reference[i].double()
                     batch_totals[-1] = len(reference)
                     norms = reference.norm(dim=1, keepdim=True)
@@ -431,6 +482,8 @@ class Calibration:
                         r = torch.where(norms > 0, r / (math.sqrt(2) * norms), 0.0)
                         (f * r.to(f.device)).sum().backward()
                     totals.add((i,), batch_totals)
+                    for name, gram in batch_grams.items():
+                        grams[name].add((i,), gram)
         finally:
             for handle in handles:
                 handle.remove()
@@ -444,11 +497,27 @@ class Calibration:
             self.model.train(was_training)
             self.passes += samples
             self.seconds += time.perf_counter() - start
-        gather_totals(self.cluster, [totals])
+        gather_totals(self.cluster, [totals, *grams.values()])
         *squared, count = totals.total().tolist()
+        self.output_covariances = {name: (gram.total() / (samples * count)).float()
+                                   for name, gram in grams.items()}
         return {name: squared[index] / samples / count
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}
+
+    def _tables(self, names: list[str]) -> dict[str, torch.nn.Embedding]:
+        """The embedding tables among ``names`` whose output covariances fit (in all, over
+        every fitting batch) `OUTPUT_COVARIANCE_BYTES`, smallest first."""
+        shared = _shared_tensors(self.model)
+        found = {name: table for name in names
+                 if (table := _table(self.model, name, shared)) is not None}
+        chosen, spent = {}, 0
+        for name, table in sorted(found.items(), key=lambda item: item[1].embedding_dim):
+            spent += table.embedding_dim ** 2 * 8 * len(self.fitting)
+            if spent > OUTPUT_COVARIANCE_BYTES:
+                break
+            chosen[name] = table
+        return chosen
 
     def compare(self, outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:
         """Distortion of ``outputs`` (output vectors by batch: this rank's) from the original

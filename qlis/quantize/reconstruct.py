@@ -29,8 +29,17 @@ Every sum over calibration batches is the same bits however the batches are spli
 runs its batches, a layer's moments are added onto the rank that quantizes it, and the
 layer is sent to the others (`reconstruct`).
 
+An embedding table has no input covariance (a lookup's input is a row index), but an error in a
+row costs the outputs by the gradients that reach the rows it gives: where rd's backward
+passes measured their covariance S (`Calibration.output_covariances`), the table is rounded
+with the same error feedback along S (its columns as a layer's inputs), once the layers are
+done (fitted first, so that the layers saw its rows, MiniLM at 2.75 bits/weight kept less:
+cosine 0.9739 against 0.9772). On MiniLM it moves the calibrated front by 0.17 bits/weight
+at cosine 0.99 (docs/method.md).
+
 Layers that calibration never reaches, and weights of kinds without ``LayerInputs``
-(embeddings), are rounded data-free; every layer's ``LayerPlan.reconstruction`` says which.
+(embeddings without S), are rounded data-free; every layer's ``LayerPlan.reconstruction`` says
+which.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from qlis.workers.threads import single_threaded_ops
 _BIAS_BAND = 1 << 18  # weights widened to float64 at once by a bias correction
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
+OUTPUT_FED_BACK = "error feedback along the output's gradients"
 NOT_REACHED = "data-free: calibration never reached this layer"
 NO_INPUTS = "data-free: no error feedback for this kind of tensor"
 
@@ -428,6 +438,16 @@ def reconstruct(
             release_freed_memory()
             if progress is not None:
                 progress(layer.numel)
+    for name, covariance in calibration.output_covariances.items():
+        if name not in plan or kinds[name] is not None or not state[name].numel() or (
+                plan[name].quantizer is None):
+            continue
+        with single_threaded_ops():  # every rank fits the table, to the same bits
+            result.tensors[name], result.layers[name] = execute(
+                name, state[name], plan[name], hessian=covariance.clone(),
+                reconstruction=OUTPUT_FED_BACK, overwrite_hessian=True)
+        if progress is not None:
+            progress(result.layers[name].numel)
     for name in plan:
         if name not in result.layers:
             note = NO_INPUTS if kinds[name] is None else NOT_REACHED
