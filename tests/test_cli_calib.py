@@ -194,6 +194,8 @@ def _edited_copy(folder: Path, tmp_path: Path, **config: object) -> Path:
 @pytest.mark.parametrize(("key", "value"), [
     ("num_hidden_layers", 10**6), ("hidden_size", 10**9),
     ("hidden_size", "32"), ("hidden_size", 32.5), ("intermediate_size", -1),
+    ("num_attention_heads", [2, 10**9]), ("num_attention_heads", []),
+    ("num_attention_heads", [2] * 40),
 ])
 def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
         bert_folder, tmp_path, key, value):
@@ -361,3 +363,18 @@ def test_a_buffer_the_module_recomputes_is_left_out_as_transformers_leaves_it(
     save_file(state, folder / "model.safetensors")
     assert "'unknown.weight'" in user_error("pack", folder, "-o", tmp_path / "c.qlis",
                                             "--calib", text)
+
+
+def test_a_config_of_sizes_per_stage_is_calibrated(tmp_path):
+    """Swin's num_heads is a list (one per stage): each entry is checked, and the folder
+    calibrates (it was refused as "'num_heads' is list")."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1],
+                                     num_heads=[1, 2], window_size=2)
+    folder = tmp_path / "swin"
+    transformers.SwinModel(config).save_pretrained(folder)
+    inputs = tmp_path / "pixels.safetensors"
+    save_file({"pixel_values": torch.randn(4, 3, 16, 16)}, str(inputs))
+    result = run(cli, "pack", folder, "-o", tmp_path / "swin.qlis", "--calib", inputs)
+    assert result.exit_code == 0, result.output
+    assert "cosine" in result.output

@@ -348,3 +348,42 @@ def test_float16_weights_near_its_largest_value_dequantize_finite(quantizer):
     assert values.dtype == torch.float16 and bool(torch.isfinite(values).all())
     assert float((values.float() - weight.float()).norm() / weight.float().norm()) < 0.6
     assert torch.equal(runtime.DequantLinear(q, None).dequantized_weight(), values)
+
+
+class StandardizedConv2d(nn.Conv2d):
+    """A convolution that standardises its weight in its own forward (as BiT's does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / (
+            self.weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class PadsByKernel(nn.Module):
+    """Model code that reads its convolutions' attributes (HF MobileNetV2's TF padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2)
+        self.standardized = StandardizedConv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.conv.kernel_size[0] - 1
+        x = F.pad(x, (pad // 2, pad - pad // 2) * 2)
+        assert self.conv.in_channels == x.shape[1]
+        return self.standardized(self.conv(x))
+
+
+def test_convolutions_keep_their_attributes_and_subclasses_their_own_forward(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "convs.qlis"
+    qlis.save(qlis.compress(PadsByKernel().eval(), "quant", bits=8), path)
+    reference, low = PadsByKernel().eval(), PadsByKernel().eval()
+    qlis.load(path, model=reference)
+    qlis.load(path, model=low, runtime="lowbit")
+    assert isinstance(low.conv, runtime.DequantConv2d)
+    assert type(low.standardized) is StandardizedConv2d  # its forward is not a plain conv
+    assert (low.conv.kernel_size, low.conv.out_channels) == ((3, 3), 16)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(low(x), reference(x))

@@ -79,7 +79,9 @@ def _without_initialising() -> contextlib.AbstractContextManager:
 
 def _check_config_sizes(folder: Path, config: dict, tensors: int, elements: int) -> None:
     """Refuse a config.json whose sizes the weights cannot justify (see _WIDTH_KEYS), in
-    nested configs too (text_config, vision_config), before transformers builds anything."""
+    nested configs too (text_config, vision_config), before transformers builds anything. A
+    size may be a list of one per stage (Swin's ``num_heads``), each entry checked, and no
+    more entries than the weights have tensors."""
     pending = [config]
     while pending:
         entries = pending.pop()
@@ -90,13 +92,15 @@ def _check_config_sizes(folder: Path, config: dict, tensors: int, elements: int)
             limit = tensors if key in _LAYER_KEYS else elements if key in _WIDTH_KEYS else None
             if limit is None or value is None:
                 continue
-            if type(value) is not int or not 0 <= value <= limit:
-                shown = repr(value) if type(value) is int else type(value).__name__
-                raise InputError(
-                    f"{folder / 'config.json'}: {tensor_label(key)} is {shown[:40]}; it must be "
-                    f"an integer from 0 to {limit:,} (the weights hold {tensors:,} tensors of "
-                    f"{elements:,} elements)"
-                )
+            sizes = value if type(value) is list and 0 < len(value) <= tensors else [value]
+            for size in sizes:
+                if type(size) is not int or not 0 <= size <= limit:
+                    shown = repr(size) if type(size) is int else type(size).__name__
+                    raise InputError(
+                        f"{folder / 'config.json'}: {tensor_label(key)} is {shown[:40]}; it "
+                        f"must be an integer from 0 to {limit:,}, or a list of such (the "
+                        f"weights hold {tensors:,} tensors of {elements:,} elements)"
+                    )
 
 
 def _conversions() -> tuple[Any, Any] | None:

@@ -238,10 +238,14 @@ class DequantLinear(_LowBit):
 
 
 class DequantConv2d(DequantLinear):
-    """A Conv2d whose weight is dequantized at every call (bit-exact with the archive)."""
+    """A Conv2d whose weight is dequantized at every call (bit-exact with the archive). It
+    keeps the Conv2d's attributes, which model code reads (Hugging Face's MobileNetV2 pads
+    by ``kernel_size``)."""
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> None:
         super().__init__(q, bias)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.padding_mode = conv.kernel_size, conv.padding_mode
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
 
@@ -286,7 +290,7 @@ class Int8Linear(_LowBit):
 
 def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Module) -> _LowBit:
     """The low-bit replacement of a Linear or Conv2d whose weight the archive holds as ``q``."""
-    if isinstance(module, nn.Conv2d):
+    if type(module) is nn.Conv2d:
         return DequantConv2d(q, bias, module)
     path = choose_path(q.grid, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
     if path == "int8":
@@ -298,7 +302,10 @@ def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Modu
 
 
 def _replaceable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Conv2d):
+    """Whether a low-bit module computes what ``module`` does: a plain Linear, or a plain
+    Conv2d padded with zeros; a subclass may compute otherwise in its own ``forward`` (a
+    weight-standardised convolution) and stays a float layer."""
+    if type(module) is nn.Conv2d:
         return module.padding_mode == "zeros"
     return type(module) is nn.Linear
 
