@@ -501,3 +501,15 @@ def test_a_size_target_is_met_for_a_model_with_zero_initialised_biases(tmp_path)
     size = qlis.save(result, tmp_path / "m.qlis").stat().st_size
     assert result.original_bits / 8 / size >= 8 * 0.99
     assert abs(result.estimated_bytes - size) < 0.02 * size
+
+
+def test_a_size_below_the_fixed_part_is_refused_before_any_calibration_pass():
+    """The fixed part (header, tensors kept as they are) is known from the tensors: a
+    calibrated pack used to learn it was out of reach only after its calibration passes."""
+    calls = []
+    model = TwoPaths()
+    x = torch.randn(8, 128)
+    with pytest.raises(ConfigError, match="does not even hold"):
+        qlis.compress(model, target_bits_per_weight=0.01,
+                      calib=lambda m: calls.append(1) or m(x))
+    assert calls == []

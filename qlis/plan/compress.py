@@ -399,6 +399,7 @@ def plan_compression(
         plan_policy = make_policy(policy, **options)
     report = inspect(state, beta=beta, eps=eps, select=select, jobs=jobs, cluster=cluster,
                      cache=cache, score=plan_policy.ranks_by_score)
+    plan_policy.check_reach(state, report)
     calibration = None
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):

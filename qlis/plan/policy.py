@@ -97,6 +97,10 @@ class Policy(Strategy):
     def make_plan(self, context: PlanContext) -> Plan:
         raise NotImplementedError
 
+    def check_reach(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> None:
+        """Refuse, before any calibration pass, a target this policy can tell from the
+        tensors alone is out of reach (rd: a size below the archive's fixed part)."""
+
     def review(self, result: CompressionResult) -> list[str]:
         """Warnings about the executed result (e.g. a quality target that was missed)."""
         return []

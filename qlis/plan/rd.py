@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,6 +59,7 @@ from qlis.quantize.quantizers import (
 from qlis.workers.cluster import spread
 
 if TYPE_CHECKING:
+    from qlis.measure.stats import InspectionReport
     from qlis.plan.compress import CompressionResult
 
 DEFAULT_MAX_DISTORTION = 1e-4
@@ -495,10 +496,12 @@ class RDPolicy(Policy):
             return original_bytes / self.target_ratio
         return None
 
-    def _budget(self, context: PlanContext) -> float | None:
+    def check_reach(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> None:
+        self._budget(state, report)
+
+    def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> float | None:
         """Bytes the selected layers may take, from the size target (None: no size target)."""
-        state = context.state
-        selected = {layer.name for layer in context.report.layers}
+        selected = {layer.name for layer in report.layers}
         fixed = HEADER_BYTES + sum(unplanned_bytes(t) for n, t in state.items()
                                    if n not in selected)
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
@@ -521,7 +524,7 @@ class RDPolicy(Policy):
         gain for; under a size target they count as typical layers (`_output_distortions`),
         the budget bounding them; under a cosine target, whose measures cannot see them,
         they take rd's data-free default (`_data_free_choice`) and the rest meet the target."""
-        budget = self._budget(context)
+        budget = self._budget(context.state, context.report)
         if budget is not None:
             return _allocate_for_size(context, curves, names, plan_of, budget)
         if context.calibration is not None and self.max_distortion is None:
