@@ -441,3 +441,24 @@ def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
     result = qlis.compress(tied, calib=ids, min_cosine=0.99)
     notes = {layer.name: layer.reconstruction for layer in result.layers}
     assert rec.OUTPUT_FED_BACK not in notes.values()
+
+
+class Loud(nn.Module):
+    """A table whose rows reach the output through sin(1e20 x): gradients at its output
+    square beyond float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(4096, 8)
+        self.head = nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.sin(self.table(ids) * 1e20))
+
+
+def test_a_table_whose_output_covariance_overflows_is_rounded_to_nearest():
+    torch.manual_seed(4)
+    ids = [torch.randint(0, 4096, (16, 6)) for _ in range(4)]
+    result = qlis.compress(Loud().eval(), calib=ids, target_bits_per_weight=4)
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes["table.weight"] == rec.NO_INPUTS

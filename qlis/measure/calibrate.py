@@ -499,8 +499,10 @@ class Calibration:
             self.seconds += time.perf_counter() - start
         gather_totals(self.cluster, [totals, *grams.values()])
         *squared, count = totals.total().tolist()
-        self.output_covariances = {name: (gram.total() / (samples * count)).float()
-                                   for name, gram in grams.items()}
+        means = {name: (gram.total() / (samples * count)).float() for name, gram in grams.items()}
+        # a covariance beyond float32 (gradients that overflow) says nothing: nearest rounding
+        self.output_covariances = {name: mean for name, mean in means.items()
+                                   if bool(torch.isfinite(mean).all())}
         return {name: squared[index] / samples / count
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}
