@@ -34,8 +34,8 @@ row costs the outputs by the gradients that reach the rows it gives: where rd's 
 passes measured their covariance S (`Calibration.output_covariances`), the table is rounded
 with the same error feedback along S (its columns as a layer's inputs), once the layers are
 done (fitted first, so that the layers saw its rows, MiniLM at 2.75 bits/weight kept less:
-cosine 0.9739 against 0.9772). On MiniLM it moves the calibrated front by 0.17 bits/weight
-at cosine 0.99 (docs/method.md).
+cosine 0.9739 against 0.9772). On MiniLM it moves the calibrated front by 0.14-0.17 bits/weight
+at cosines 0.99-0.995 (docs/method.md).
 
 Layers that calibration never reaches, and weights of kinds without ``LayerInputs``
 (embeddings without S), are rounded data-free; every layer's ``LayerPlan.reconstruction`` says
