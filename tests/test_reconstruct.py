@@ -408,6 +408,7 @@ class Lookup(nn.Module):
     def __init__(self, tied: bool = False) -> None:
         super().__init__()
         self.table = nn.Embedding(64, 8)
+        self.spare = nn.Embedding(16, 8)  # never looked up
         self.head = nn.Linear(3, 8)
         self.out = nn.Linear(8, 64, bias=False)
         if tied:
@@ -420,27 +421,30 @@ class Lookup(nn.Module):
 def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
     """rd's backward passes measure E[g g^T] of the gradients at a table's output rows: none
     along the columns the output never reads; reconstruction rounds the table along it and
-    says so. Tied to a matrix product, the table is rounded data-free as before."""
+    says so. A table never looked up, or tied to a matrix product, is rounded data-free."""
     torch.manual_seed(3)
     ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
     model = Lookup().eval()
     calibration = qlis.measure.calibrate.Calibration(model, ids)
-    calibration.sensitivities(["table.weight", "head.weight", "out.weight"])
+    calibration.sensitivities(["table.weight", "spare.weight", "head.weight", "out.weight"])
     covariance = calibration.output_covariances["table.weight"]
     assert covariance.shape == (8, 8) and torch.equal(covariance, covariance.T)
     assert not covariance[3:].any() and not covariance[:, 3:].any()
     assert bool((torch.linalg.eigvalsh(covariance[:3, :3].double()) > 0).all())
     assert list(calibration.output_covariances) == ["table.weight"]
-    result = qlis.compress(model, calib=ids, min_cosine=0.99)
+    with pytest.warns(qlis.QualityWarning, match="do not depend on .*spare.weight"):
+        result = qlis.compress(model, calib=ids, min_cosine=0.99)
     table = next(layer for layer in result.layers if layer.name == "table.weight")
     assert table.reconstruction == rec.OUTPUT_FED_BACK and table.feedback < 1.0
     tied = Lookup(tied=True).eval()
     calibration = qlis.measure.calibrate.Calibration(tied, ids)
     calibration.sensitivities(["table.weight", "head.weight"])
     assert calibration.output_covariances == {}
-    result = qlis.compress(tied, calib=ids, min_cosine=0.99)
+    with pytest.warns(qlis.QualityWarning, match="do not depend on .*spare.weight"):
+        result = qlis.compress(tied, calib=ids, min_cosine=0.99)
     notes = {layer.name: layer.reconstruction for layer in result.layers}
     assert rec.OUTPUT_FED_BACK not in notes.values()
+    assert notes["spare.weight"] == rec.NO_INPUTS
 
 
 class Loud(nn.Module):

@@ -500,9 +500,10 @@ class Calibration:
         gather_totals(self.cluster, [totals, *grams.values()])
         *squared, count = totals.total().tolist()
         means = {name: (gram.total() / (samples * count)).float() for name, gram in grams.items()}
-        # a covariance beyond float32 (gradients that overflow) says nothing: nearest rounding
+        # none (a table off the path to the outputs, or never run) or one beyond float32
+        # (gradients that overflow) says nothing: those tables are rounded to nearest
         self.output_covariances = {name: mean for name, mean in means.items()
-                                   if bool(torch.isfinite(mean).all())}
+                                   if bool(mean.any()) and bool(torch.isfinite(mean).all())}
         return {name: squared[index] / samples / count
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}
