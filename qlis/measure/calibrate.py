@@ -46,9 +46,10 @@ HOLDOUT_EVERY = 4
 allocation's probes fit on the others, and the output quality that ``min_cosine`` aims at and
 the result reports is measured on the held-out ones, which no layer was fitted to."""
 OUTPUT_COVARIANCE_BYTES = 256 << 20
-"""The most float64 an embedding's output covariance may take over all fitting batches (a
+"""The most float64 the embeddings' output covariances may take over all fitting batches (a
 job keeps each batch's term until the ranks add them in order): a wider table, or one
-calibrated on more batches, is rounded data-free as before (the same in one process)."""
+calibrated on more batches, is rounded to nearest, in one process too (so that a job writes
+the archive one process writes)."""
 _MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
 """What a model raises for inputs of the wrong shape, dtype or keywords (AttributeError: an
 input it needs left out, read as None: CLIP's pixel_values given text alone)."""
@@ -96,10 +97,8 @@ def _calling_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None
 def _table(model: torch.nn.Module, name: str, shared: set[int]) -> torch.nn.Embedding | None:
     """The embedding whose table weight ``name`` is, when nothing else holds it (a table
     tied to an output layer is also a matrix product, which its lookups do not see)."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if (isinstance(module, torch.nn.Embedding) and attr == "weight"
-            and id(module.weight) not in shared and module.weight.ndim == 2):
+    module = _calling_module(model, name)
+    if isinstance(module, torch.nn.Embedding) and id(module.weight) not in shared:
         return module
     return None
 
