@@ -378,3 +378,19 @@ def test_a_config_of_sizes_per_stage_is_calibrated(tmp_path):
     result = run(cli, "pack", folder, "-o", tmp_path / "swin.qlis", "--calib", inputs)
     assert result.exit_code == 0, result.output
     assert "cosine" in result.output
+
+
+@pytest.mark.parametrize(("file", "text"), [
+    ("tokenizer.json", "[" * 100_000 + "]" * 100_000),
+    ("tokenizer_config.json", '{"a":' * 100_000 + "1" + "}" * 100_000),
+])
+def test_a_tokenizer_file_nested_past_the_parsers_depth_is_one_line(bert_folder, tmp_path, file,
+                                                                    text):
+    """Python's JSON parser raised RecursionError inside transformers: a traceback."""
+    folder = _edited_copy(bert_folder, tmp_path)
+    (folder / file).write_text(text)
+    prompts = tmp_path / "ok.txt"
+    prompts.write_text("a red cat\n")
+    message = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", prompts)
+    assert "no usable tokenizer" in message and "recursion" in message
+    assert not (tmp_path / "x.qlis").exists()

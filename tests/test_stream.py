@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import qlis
+import qlis.archive.pack
 import qlis.measure.stats
 import qlis.plan.rd
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
@@ -644,6 +645,94 @@ def test_a_saved_pass_that_does_not_match_is_measured_again(model_file, tmp_path
     expected = tmp_path / "expected.qlis"
     qlis.save(qlis.compress(load_state_dict(model), target_bits_per_weight=bits), expected)
     assert out.read_bytes() == expected.read_bytes() and not saved.exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(size="x"), lambda c: c.update(size=-1.0), lambda c: c.update(rel_mse=-1),
+    lambda c: c.update(rel_mse=True), lambda c: c.update(config={"id": "nonesuch"}),
+    lambda c: c.pop("pruner"),
+], ids=["string", "negative-size", "negative-error", "bool", "unknown-quantizer", "key-missing"])
+def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path, monkeypatch,
+                                                          edit):
+    """A cache of the right fingerprint whose values are not what the first pass writes was
+    read as it was: "x" a ValueError deep in the allocation (a traceback), negative sizes
+    and errors allocated on."""
+    out = tmp_path / "out.qlis"
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        with pytest.raises(Interrupted):
+            qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3)
+    saved = tmp_path / ".out.qlis-pass1.json"
+    document = json.loads(saved.read_text())
+    key = next(k for k in document["results"] if k.startswith("rd "))
+    edit(document["results"][key][0][-1])
+    saved.write_text(json.dumps(document))
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert "rd" in measured and "inspect" not in measured  # the layers' statistics were fine
+    expected = tmp_path / "expected.qlis"
+    qlis.save(qlis.compress(load_state_dict(model_file), target_bits_per_weight=3), expected)
+    assert out.read_bytes() == expected.read_bytes()
+
+
+@pytest.mark.parametrize("value", [["x", 1.0, 0.0], [1.0, float("nan"), 0.0], [1.0, 2.0, 1.5],
+                                   [1.0, None, 0.0], [1.0, 2.0]])
+def test_saved_layer_statistics_that_no_pass_makes_are_measured_again(model_file, tmp_path,
+                                                                      monkeypatch, value):
+    out = tmp_path / "out.qlis"
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        with pytest.raises(Interrupted):
+            qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3)
+    saved = tmp_path / ".out.qlis-pass1.json"
+    document = json.loads(saved.read_text())
+    key = next(k for k in document["results"] if k.startswith("inspect"))
+    document["results"][key][0] = value
+    saved.write_text(json.dumps(document))  # NaN as JSON's NaN: Python reads it back
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert "inspect" in measured
+
+
+def test_a_folder_under_the_saved_passs_name_is_left_and_the_pack_succeeds(model_file,
+                                                                           tmp_path):
+    """Removing the saved pass once the archive was published raised IsADirectoryError: the
+    command failed (exit 2) after it had replaced the output."""
+    out = tmp_path / "out.qlis"
+    mine = tmp_path / ".out.qlis-pass1.json"
+    mine.mkdir()
+    (mine / "keep").write_text("the user's")
+    result = run(cli, "pack", model_file, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and (mine / "keep").read_text() == "the user's"
+
+
+def test_a_failed_sharded_unpack_leaves_the_folder_as_it_was(model_file, tmp_path,
+                                                              monkeypatch):
+    """A corrupt stream found while decoding the 3rd tensor left the shards before it in the
+    folder, with no index; a folder made for the shards stayed behind."""
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "model-00001-of-00003.safetensors").write_text("the user's")
+    calls = [0]
+    read_pieces = qlis.Archive.read_pieces
+
+    def failing(self, name):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise InputError("corrupt 'ans' stream (simulated)")
+        return read_pieces(self, name)
+
+    monkeypatch.setattr(qlis.Archive, "read_pieces", failing)
+    for folder, force in ((tmp_path / "fresh", ()), (existing, ("--force",))):
+        calls[0] = 0
+        result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1KB", *force)
+        assert result.exit_code == 2 and "simulated" in result.output
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in existing.iterdir()] == ["model-00001-of-00003.safetensors"]
+    assert (existing / "model-00001-of-00003.safetensors").read_text() == "the user's"
 
 
 def test_the_cli_resumes_an_interrupted_pack(model_file, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ further than the checks below.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,8 +70,12 @@ class PassCache:
             self.results.pop(key, None)
 
     def discard(self) -> None:
-        """Remove the saved pass (the archive is written: nothing is left to resume)."""
-        self.path.unlink(missing_ok=True)
+        """Remove the saved pass (the archive is written: nothing is left to resume). Only a
+        file this cache could have written is removed (a folder or link of the user's under
+        its name stays), and failing to remove it fails nothing: the archive is published."""
+        with contextlib.suppress(OSError):
+            if self.path.is_file() and not self.path.is_symlink():
+                self.path.unlink()
 
 
 def input_fingerprint(files: list[Path], options: Mapping[str, Any]) -> str:

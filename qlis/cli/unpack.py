@@ -6,7 +6,9 @@ fair part of an unpack.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -30,6 +32,20 @@ from qlis.workers.memory import keep_freed_memory_for_reuse
 SOURCE_METADATA = "source_metadata."
 """The prefix of the archive metadata that `qlis pack` carries from a safetensors source, and
 that unpack gives back as the output's own metadata."""
+
+
+def _shards(output: Path, *args: Any) -> list[Path]:
+    """`write_sharded_safetensors` into ``output``, made for it when absent and removed again
+    when the shards fail (it then holds nothing of ours)."""
+    made = not output.exists()
+    output.mkdir(exist_ok=True)
+    try:
+        return write_sharded_safetensors(output, *args)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                output.rmdir()
+        raise
 
 
 @click.command()
@@ -66,9 +82,8 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
         with progress_bars(quiet) as bar:
             progress = bar("unpacking", len(rows), "tensors")
             if max_shard_size is not None:
-                output.mkdir(exist_ok=True)
-                files = write_sharded_safetensors(output, layout, archive.read_pieces, max_bytes,
-                                                  progress, source, jobs)
+                files = _shards(output, layout, archive.read_pieces, max_bytes, progress,
+                                source, jobs)
             elif output.suffix == ".safetensors":
                 write_safetensors(output, layout, archive.read_pieces, progress=progress,
                                   metadata=source, overwrite=force, jobs=jobs)

@@ -189,6 +189,21 @@ def _layer_measures(tensor: torch.Tensor, eps: float,
     return _sigma(flat), entropy, sparsity
 
 
+def _measures_from_json(value: object) -> tuple[float, float, float] | tuple[None, None, None]:
+    """A layer's measures read back (the pass-1 cache, another rank), as `_layer_measures`
+    makes them: three Nones, or sigma and entropy finite and >= 0 and a sparsity in [0, 1];
+    a ValueError otherwise (the cache is then measured again)."""
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ValueError(f"not a layer's measures: {value!r:.80}")
+    if all(v is None for v in value):
+        return None, None, None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               and v >= 0 for v in value) or value[2] > 1:
+        raise ValueError(f"not a layer's measures: {value!r:.80}")
+    sigma, entropy, sparsity = (float(v) for v in value)
+    return sigma, entropy, sparsity
+
+
 def _sigma(flat: torch.Tensor) -> float:
     """Standard deviation (population); of a large tensor, from float32 copies of one chunk at
     a time, in two passes (mean, then squared deviations) summed in float64."""
@@ -246,7 +261,7 @@ def inspect(
             raise InputError(f"layer {name!r} {err}") from None
 
     measures = spread(measure, names, [state[n].numel() for n in names], jobs, cluster,
-                      from_json=tuple, cache=cache,
+                      from_json=_measures_from_json, cache=cache,
                       key=f"inspect {eps!r}" if score else "inspect unscored")
 
     layers = []

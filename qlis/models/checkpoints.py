@@ -8,6 +8,7 @@ depth-bounded, and every tensor is validated (`qlis.models.tensors.checked_state
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -674,6 +675,13 @@ def split_into_shards(layout: list[tuple[str, str, list[int]]],
     return shards
 
 
+def _remove(paths: list[Path]) -> None:
+    """Remove the files a failed write made (those already gone are fine)."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 def write_sharded_safetensors(
     folder: str | Path,
     layout: list[tuple[str, str, list[int]]],
@@ -685,17 +693,31 @@ def write_sharded_safetensors(
 ) -> list[Path]:
     """Tensors as Hugging Face shards in ``folder`` (an existing folder): files
     ``model-00001-of-0000N.safetensors`` of at most ``max_shard_bytes`` each and the index
-    ``model.safetensors.index.json`` that ``transformers`` loads them by. Each file is written
-    atomically, the index last, so the folder names no shard that is not complete; files of
-    those names are replaced. Returns the files written, the index last."""
+    ``model.safetensors.index.json`` that ``transformers`` loads them by. Every shard is
+    written under a hidden name first and takes its own name only once all are complete, the
+    index last: a failure (a corrupt archive found while decoding) leaves the folder as it
+    was, and files of those names are replaced only by a complete set. Returns the files
+    written, the index last."""
     folder = Path(folder)
     shards = split_into_shards(layout, max_shard_bytes)
-    weight_map, written = {}, []
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(folder / name, shard, read, progress, metadata, jobs=jobs)
-        weight_map.update({entry[0]: name for entry in shard})
-        written.append(folder / name)
+    names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+             for number in range(1, len(shards) + 1)]
+    weight_map, partial = {}, []
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            partial.append(folder / f".{name}.partial")
+            write_safetensors(partial[-1], shard, read, progress, metadata, jobs=jobs)
+            weight_map.update({entry[0]: name for entry in shard})
+        for path, name in zip(partial, names, strict=True):
+            os.replace(path, folder / name)
+    except OSError as err:
+        _remove(partial)
+        raise InputError(f"{folder}: the shards could not be written ({err.strerror or err})"
+                         ) from None
+    except BaseException:
+        _remove(partial)
+        raise
+    written = [folder / name for name in names]
     index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
              "weight_map": weight_map}
     try:

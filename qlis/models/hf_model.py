@@ -245,7 +245,8 @@ def load_tokenizer(folder: str | Path) -> Any:
         with _quietly():
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 Path(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+        # RecursionError: a tokenizer file nested past Python's JSON parser's depth
         raise InputError(f"{folder}: no usable tokenizer for text calibration "
                          f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); "
                          f"{advice}") from None

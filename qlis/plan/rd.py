@@ -33,7 +33,7 @@ from numba import njit
 
 from qlis.archive.codecs import entropy_bits
 from qlis.config import Param
-from qlis.errors import ConfigError
+from qlis.errors import ConfigError, QlisError
 from qlis.measure.distortion import peak_abs, sum_of_squares
 from qlis.models.tensors import storage_bits
 from qlis.plan.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
@@ -48,11 +48,13 @@ from qlis.plan.sizes import (
     unplanned_bytes,
 )
 from qlis.quantize.grid import rounded_level
+from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import (
     GRANULARITIES,
     MAX_GROUP_SIZE,
     MAX_LEVELS,
     GroupAffineQuantizer,
+    get_quantizer,
     group_scale_dtype,
     row_mean_squares,
 )
@@ -96,6 +98,29 @@ class _Candidate:
         `dataclasses.asdict`'s deep copies cost more than measuring a small layer)."""
         return {"config": self.config, "size": self.size, "rel_mse": self.rel_mse,
                 "pruner": self.pruner}
+
+    @classmethod
+    def from_json(cls, value: object) -> _Candidate:
+        """A candidate read back (the pass-1 cache, another rank), checked as `to_json`
+        writes one: a size and an error finite and >= 0, configs a quantizer and a pruner
+        accept; a ValueError otherwise (the cache is then measured again)."""
+        if not isinstance(value, dict) or set(value) != {"config", "size", "rel_mse", "pruner"}:
+            raise ValueError(f"not a candidate: {value!r:.80}")
+        for number in (value["size"], value["rel_mse"]):
+            if (isinstance(number, bool) or not isinstance(number, int | float)
+                    or not 0 <= number < math.inf):
+                raise ValueError(f"not a size or an error: {number!r:.80}")
+        for config, get in ((value["config"], get_quantizer), (value["pruner"], get_pruner)):
+            if config is None:
+                continue
+            if not isinstance(config, dict):
+                raise ValueError(f"not a config: {config!r:.80}")
+            try:
+                get(config)
+            except QlisError as err:
+                raise ValueError(str(err)) from None
+        return cls(value["config"], float(value["size"]), float(value["rel_mse"]),
+                   value["pruner"])
 
 
 _POSITIVE = Param("float", 0, low_open=True, optional=True)
@@ -426,7 +451,7 @@ class RDPolicy(Policy):
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
                            context.cluster, to_json=lambda found: [c.to_json() for c in found],
-                           from_json=lambda found: [_Candidate(**c) for c in found],
+                           from_json=lambda found: [_Candidate.from_json(c) for c in found],
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
                            cache=context.cache, key=f"rd {self.get_config()}")
