@@ -647,6 +647,16 @@ def test_a_saved_pass_that_does_not_match_is_measured_again(model_file, tmp_path
     assert out.read_bytes() == expected.read_bytes() and not saved.exists()
 
 
+def _interrupted_pack(model: Path, out: Path, monkeypatch) -> Path:
+    """A 3-bit pack of ``model`` into ``out`` stopped in its second pass: the first pass it
+    saved beside ``out``."""
+    with monkeypatch.context() as patch:
+        _interrupt_second_pass(patch)
+        with pytest.raises(Interrupted):
+            qlis.pack(load_state_dict(model), out, target_bits_per_weight=3)
+    return out.with_name(f".{out.name}-pass1.json")
+
+
 @pytest.mark.parametrize("edit", [
     lambda c: c.update(size="x"), lambda c: c.update(size=-1.0), lambda c: c.update(rel_mse=-1),
     lambda c: c.update(rel_mse=True), lambda c: c.update(config={"id": "nonesuch"}),
@@ -658,11 +668,7 @@ def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path,
     read as it was: "x" a ValueError deep in the allocation (a traceback), negative sizes
     and errors allocated on."""
     out = tmp_path / "out.qlis"
-    with monkeypatch.context() as patch:
-        _interrupt_second_pass(patch)
-        with pytest.raises(Interrupted):
-            qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3)
-    saved = tmp_path / ".out.qlis-pass1.json"
+    saved = _interrupted_pack(model_file, out, monkeypatch)
     document = json.loads(saved.read_text())
     key = next(k for k in document["results"] if k.startswith("rd "))
     edit(document["results"][key][0][-1])
@@ -680,11 +686,7 @@ def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path,
 def test_saved_layer_statistics_that_no_pass_makes_are_measured_again(model_file, tmp_path,
                                                                       monkeypatch, value):
     out = tmp_path / "out.qlis"
-    with monkeypatch.context() as patch:
-        _interrupt_second_pass(patch)
-        with pytest.raises(Interrupted):
-            qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3)
-    saved = tmp_path / ".out.qlis-pass1.json"
+    saved = _interrupted_pack(model_file, out, monkeypatch)
     document = json.loads(saved.read_text())
     key = next(k for k in document["results"] if k.startswith("inspect"))
     document["results"][key][0] = value
