@@ -403,14 +403,15 @@ def test_a_model_given_too_few_inputs_is_told_so_not_a_traceback():
 
 class Lookup(nn.Module):
     """A table whose first three columns alone reach the output, and a layer that reads them;
-    ``tied``: the output layer multiplies by the table too."""
+    ``tied``: the output layer multiplies by the table too (``"linear"``), another kind of
+    module does (``"other"``), or it does and the table scales its rows (``"scaled"``)."""
 
-    def __init__(self, tied: bool = False) -> None:
+    def __init__(self, tied: str | None = None) -> None:
         super().__init__()
-        self.table = nn.Embedding(64, 8)
+        self.table = nn.Embedding(64, 8) if tied != "scaled" else Scaled(64, 8)
         self.spare = nn.Embedding(16, 8)  # never looked up
         self.head = nn.Linear(3, 8)
-        self.out = nn.Linear(8, 64, bias=False)
+        self.out = nn.Linear(8, 64, bias=False) if tied != "other" else Projection(8, 64)
         if tied:
             self.out.weight = self.table.weight
 
@@ -418,10 +419,28 @@ class Lookup(nn.Module):
         return self.out(torch.tanh(self.head(self.table(ids)[..., :3])))
 
 
+class Scaled(nn.Embedding):
+    """An embedding with a forward of its own (rows times 4, as BART's scaled embedding)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 4.0
+
+
+class Projection(nn.Module):
+    """A matrix product that is not an ``nn.Linear``."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, inputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
 def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
     """rd's backward passes measure E[g g^T] of the gradients at a table's output rows: none
     along the columns the output never reads; reconstruction rounds the table along it and
-    says so. A table never looked up, or tied to a matrix product, is rounded data-free."""
+    says so. A table never looked up is rounded data-free."""
     torch.manual_seed(3)
     ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
     model = Lookup().eval()
@@ -436,15 +455,43 @@ def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
         result = qlis.compress(model, calib=ids, min_cosine=0.99)
     table = next(layer for layer in result.layers if layer.name == "table.weight")
     assert table.reconstruction == rec.OUTPUT_FED_BACK and table.feedback < 1.0
-    tied = Lookup(tied=True).eval()
-    calibration = qlis.measure.calibrate.Calibration(tied, ids)
-    calibration.sensitivities(["table.weight", "head.weight"])
-    assert calibration.output_covariances == {}
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes["spare.weight"] == rec.NO_INPUTS
+
+
+def test_a_table_tied_to_the_output_layer_is_fitted_along_both_of_its_uses():
+    """A table that the output layer multiplies by too costs its lookups' S plus, per row,
+    sum_p |g_p|^2 h_p h_p^T of the output layer's inputs h_p: the same lookups' S with the
+    output layer kept apart, plus a positive-definite term along every column (the output
+    layer reads all eight). Held by another kind of module, or scaled by its own forward, the
+    table stays data-free."""
+    torch.manual_seed(3)
+    ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
+    tied = Lookup(tied="linear").eval()
+    apart = Lookup().eval()
+    apart.load_state_dict(tied.state_dict())
+    both = qlis.measure.calibrate.Calibration(tied, ids)
+    both.sensitivities(["table.weight", "head.weight"])
+    lookups = qlis.measure.calibrate.Calibration(apart, ids)
+    lookups.sensitivities(["table.weight", "head.weight", "out.weight"])
+    assert torch.equal(apart.out.weight, tied.table.weight)
+    covariance = both.output_covariances["table.weight"]
+    assert torch.equal(covariance, covariance.T)
+    head_part = (covariance - lookups.output_covariances["table.weight"]).double()
+    assert bool((torch.linalg.eigvalsh(head_part) > 0).all())
     with pytest.warns(qlis.QualityWarning, match="do not depend on .*spare.weight"):
         result = qlis.compress(tied, calib=ids, min_cosine=0.99)
+    table = next(layer for layer in result.layers if layer.name == "table.weight")
+    assert table.reconstruction == rec.OUTPUT_FED_BACK and table.feedback < 1.0
+    for kind in ("other", "scaled"):
+        calibration = qlis.measure.calibrate.Calibration(Lookup(tied=kind).eval(), ids)
+        calibration.sensitivities(["table.weight", "head.weight"])
+        assert calibration.output_covariances == {}
+    other = Lookup(tied="other").eval()
+    with pytest.warns(qlis.QualityWarning, match="do not depend on .*spare.weight"):
+        result = qlis.compress(other, calib=ids, min_cosine=0.99)
     notes = {layer.name: layer.reconstruction for layer in result.layers}
-    assert rec.OUTPUT_FED_BACK not in notes.values()
-    assert notes["spare.weight"] == rec.NO_INPUTS
+    assert notes["table.weight"] == rec.NO_INPUTS
 
 
 class Loud(nn.Module):

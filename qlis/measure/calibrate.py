@@ -95,12 +95,32 @@ def _calling_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None
 
 
 def _table(model: torch.nn.Module, name: str, shared: set[int]) -> torch.nn.Embedding | None:
-    """The embedding whose table weight ``name`` is, when nothing else holds it (a table
-    tied to an output layer is also a matrix product, which its lookups do not see)."""
+    """The embedding whose table weight ``name`` is, when every use of it is one whose cost
+    the calibration's hooks see (`table_uses`)."""
     module = _calling_module(model, name)
-    if isinstance(module, torch.nn.Embedding) and id(module.weight) not in shared:
+    if isinstance(module, torch.nn.Embedding) and table_uses(model, module, shared) is not None:
         return module
     return None
+
+
+def table_uses(model: torch.nn.Module, table: torch.nn.Embedding, shared: set[int],
+               ) -> tuple[list[torch.nn.Embedding], list[torch.nn.Linear]] | None:
+    """The embeddings that look rows up in ``table``'s weight and the Linear layers that
+    multiply by it: the table alone, or, for a weight tied between modules (a language
+    model's input embedding and output layer: GPT-2, OPT, Gemma, T5), its plain
+    ``nn.Embedding`` lookups and ``nn.Linear`` products. None when another module holds it
+    too (one with a forward of its own, even a scaled embedding: its rows' cost in the
+    output is not what the hooks measure, and the tied uses must be in the same units)."""
+    if id(table.weight) not in shared:
+        return [table], []
+    holders = [module for module in model.modules()
+               if any(p is table.weight for p in module.parameters(recurse=False))]
+    lookups = [module for module in holders if isinstance(module, torch.nn.Embedding)
+               and type(module).forward is torch.nn.Embedding.forward]
+    heads = [module for module in holders if type(module) is torch.nn.Linear]
+    if len(lookups) + len(heads) < len(holders):
+        return None
+    return lookups, heads
 
 
 def _add_gram(total: torch.Tensor, gradient: torch.Tensor) -> None:
@@ -118,6 +138,29 @@ def _gram_hook(total: torch.Tensor) -> Callable[[torch.nn.Module, tuple, Any], N
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda gradient: _add_gram(total, gradient))
+
+    return hook
+
+
+def _add_head_gram(total: torch.Tensor, inputs: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Add sum_p |g_p|^2 h_p h_p^T to ``total``: what an output layer's row errors cost, on
+    average over its rows, for inputs h_p whose outputs receive the gradients g_p (row r's
+    error e moves output p's entry r by e.h_p, weighed by g_pr^2), on one thread."""
+    with single_threaded_ops():
+        weights = gradient.detach().reshape(-1, gradient.shape[-1]).to(torch.float64).square()
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        rows = rows * weights.sum(dim=1, keepdim=True).sqrt()
+        total += rows.T @ rows
+
+
+def _head_gram_hook(total: torch.Tensor) -> Callable[[torch.nn.Module, tuple, Any], None]:
+    """A forward hook on an output layer tied to a table that adds its rows' cost
+    (`_add_head_gram`) to the table's ``total`` when backward reaches its output."""
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if args and isinstance(output, torch.Tensor) and output.requires_grad:
+            inputs = args[0]
+            output.register_hook(lambda gradient: _add_head_gram(total, inputs, gradient))
 
     return hook
 
@@ -429,7 +472,8 @@ class Calibration:
         gradient (a callable that computes them under no_grad): measure probes instead.
 
         The same passes measure each embedding table's `output_covariances` (the gradients
-        at its output rows), within `OUTPUT_COVARIANCE_BYTES`.
+        at its output rows, plus, for a table tied to output layers, what their products
+        cost: `_add_head_gram`), within `OUTPUT_COVARIANCE_BYTES`.
         """
         tensors = {name: self._tensor(name) for name in names}
         if not all(t.is_leaf and t.is_floating_point() for t in tensors.values()):
@@ -458,8 +502,13 @@ class Calibration:
                 t.grad = None  # the user's own gradients are put back after
                 handles.append(t.register_post_accumulate_grad_hook(
                     lambda t, index=index: _take_gradient(t, index, batch_totals)))
+            shared = _shared_tensors(self.model)
             for name, table in tables.items():
-                handles.append(table.register_forward_hook(_gram_hook(batch_grams[name])))
+                lookups, heads = table_uses(self.model, table, shared) or ([], [])
+                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name]))
+                            for lookup in lookups]
+                handles += [head.register_forward_hook(_head_gram_hook(batch_grams[name]))
+                            for head in heads]
             with torch.enable_grad(), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()

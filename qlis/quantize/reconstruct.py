@@ -32,7 +32,8 @@ layer is sent to the others (`reconstruct`).
 An embedding table has no input covariance (a lookup's input is a row index), but an error in a
 row costs the outputs by the gradients that reach the rows it gives: where rd's backward
 passes measured their covariance S (`Calibration.output_covariances`), the table is rounded
-with the same error feedback along S (its columns as a layer's inputs), once the layers are
+with the same error feedback along S (its columns as a layer's inputs; for a table tied to
+the output layer, S adds what the output layer's products cost), once the layers are
 done (fitted first, so that the layers saw its rows, MiniLM at 2.75 bits/weight kept less:
 cosine 0.9739 against 0.9772). On MiniLM it moves the calibrated front by 0.14-0.17 bits/weight
 at cosines 0.99-0.995 (docs/method.md).
