@@ -403,27 +403,38 @@ def test_a_model_given_too_few_inputs_is_told_so_not_a_traceback():
 
 class Lookup(nn.Module):
     """A table whose first three columns alone reach the output, and a layer that reads them;
-    ``tied``: the output layer multiplies by the table too (``"linear"``), another kind of
-    module does (``"other"``), or it does and the table scales its rows (``"scaled"``)."""
+    ``tied``: the output layer multiplies by the table too (``"linear"``) or another kind of
+    module does (``"other"``). ``table``: an embedding class; ``outside``: the rows are
+    multiplied by it after the lookup."""
 
-    def __init__(self, tied: str | None = None) -> None:
+    def __init__(self, tied: str | None = None, table: type = nn.Embedding,
+                 outside: float = 1.0) -> None:
         super().__init__()
-        self.table = nn.Embedding(64, 8) if tied != "scaled" else Scaled(64, 8)
+        self.table = table(64, 8)
         self.spare = nn.Embedding(16, 8)  # never looked up
         self.head = nn.Linear(3, 8)
         self.out = nn.Linear(8, 64, bias=False) if tied != "other" else Projection(8, 64)
+        self.outside = outside
         if tied:
             self.out.weight = self.table.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.head(self.table(ids)[..., :3])))
+        rows = self.table(ids) * self.outside
+        return self.out(torch.tanh(self.head(rows[..., :3])))
 
 
 class Scaled(nn.Embedding):
-    """An embedding with a forward of its own (rows times 4, as BART's scaled embedding)."""
+    """An embedding that scales its rows in its own forward (BART's, Gemma's)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return super().forward(ids) * 4.0
+
+
+class Squashed(nn.Embedding):
+    """An embedding whose forward gives no multiple of its rows."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(ids))
 
 
 class Projection(nn.Module):
@@ -459,12 +470,17 @@ def test_an_embedding_is_fitted_along_the_gradients_its_rows_receive():
     assert notes["spare.weight"] == rec.NO_INPUTS
 
 
+def _output_covariance(model: nn.Module, ids: list[torch.Tensor]) -> torch.Tensor | None:
+    calibration = qlis.measure.calibrate.Calibration(model, ids)
+    calibration.sensitivities(["table.weight", "head.weight"])
+    return calibration.output_covariances.get("table.weight")
+
+
 def test_a_table_tied_to_the_output_layer_is_fitted_along_both_of_its_uses():
     """A table that the output layer multiplies by too costs its lookups' S plus, per row,
     sum_p |g_p|^2 h_p h_p^T of the output layer's inputs h_p: the same lookups' S with the
     output layer kept apart, plus a positive-definite term along every column (the output
-    layer reads all eight). Held by another kind of module, or scaled by its own forward, the
-    table stays data-free."""
+    layer reads all eight). Held by another kind of module, the table stays data-free."""
     torch.manual_seed(3)
     ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
     tied = Lookup(tied="linear").eval()
@@ -483,15 +499,28 @@ def test_a_table_tied_to_the_output_layer_is_fitted_along_both_of_its_uses():
         result = qlis.compress(tied, calib=ids, min_cosine=0.99)
     table = next(layer for layer in result.layers if layer.name == "table.weight")
     assert table.reconstruction == rec.OUTPUT_FED_BACK and table.feedback < 1.0
-    for kind in ("other", "scaled"):
-        calibration = qlis.measure.calibrate.Calibration(Lookup(tied=kind).eval(), ids)
-        calibration.sensitivities(["table.weight", "head.weight"])
-        assert calibration.output_covariances == {}
     other = Lookup(tied="other").eval()
+    assert _output_covariance(other, ids) is None
     with pytest.warns(qlis.QualityWarning, match="do not depend on .*spare.weight"):
         result = qlis.compress(other, calib=ids, min_cosine=0.99)
     notes = {layer.name: layer.reconstruction for layer in result.layers}
     assert notes["table.weight"] == rec.NO_INPUTS
+
+
+def test_a_tied_scaled_embedding_costs_what_the_same_scale_outside_it_costs():
+    """A tied embedding whose own forward multiplies its rows by c (BART's, Gemma's) is
+    measured at its rows, in the units of the output layer's term: its S is that of a plain
+    table scaled after the lookup, not the gradient at its scaled output. A tied one whose
+    forward is no multiple of its rows is rounded to nearest."""
+    torch.manual_seed(5)
+    ids = [torch.randint(0, 64, (16, 6)) for _ in range(4)]
+    scaled = Lookup(tied="linear", table=Scaled).eval()
+    plain = Lookup(tied="linear", outside=4.0).eval()
+    plain.load_state_dict(scaled.state_dict())
+    inside, outside = _output_covariance(scaled, ids), _output_covariance(plain, ids)
+    torch.testing.assert_close(inside, outside, rtol=1e-5, atol=0.0)
+    assert _output_covariance(Lookup(tied="linear", table=Squashed).eval(), ids) is None
+    assert _output_covariance(Lookup(table=Squashed).eval(), ids) is not None  # untied
 
 
 class Loud(nn.Module):

@@ -107,16 +107,14 @@ def table_uses(model: torch.nn.Module, table: torch.nn.Embedding, shared: set[in
                ) -> tuple[list[torch.nn.Embedding], list[torch.nn.Linear]] | None:
     """The embeddings that look rows up in ``table``'s weight and the Linear layers that
     multiply by it: the table alone, or, for a weight tied between modules (a language
-    model's input embedding and output layer: GPT-2, OPT, Gemma, T5), its plain
-    ``nn.Embedding`` lookups and ``nn.Linear`` products. None when another module holds it
-    too (one with a forward of its own, even a scaled embedding: its rows' cost in the
-    output is not what the hooks measure, and the tied uses must be in the same units)."""
+    model's input embedding and output layer: GPT-2, OPT, Gemma, T5, BART), its
+    ``nn.Embedding`` lookups and ``nn.Linear`` products. None when another kind of module
+    holds it too, whose products' cost the hooks do not see."""
     if id(table.weight) not in shared:
         return [table], []
     holders = [module for module in model.modules()
                if any(p is table.weight for p in module.parameters(recurse=False))]
-    lookups = [module for module in holders if isinstance(module, torch.nn.Embedding)
-               and type(module).forward is torch.nn.Embedding.forward]
+    lookups = [module for module in holders if isinstance(module, torch.nn.Embedding)]
     heads = [module for module in holders if type(module) is torch.nn.Linear]
     if len(lookups) + len(heads) < len(holders):
         return None
@@ -131,13 +129,48 @@ def _add_gram(total: torch.Tensor, gradient: torch.Tensor) -> None:
         total += rows.T @ rows
 
 
-def _gram_hook(total: torch.Tensor) -> Callable[[torch.nn.Module, tuple, Any], None]:
+def _lookup_scale(module: torch.nn.Embedding, args: tuple, output: torch.Tensor,
+                  ) -> float | None:
+    """c where an embedding with a forward of its own gives c times the rows it looks up
+    (BART's and Gemma's scaled embeddings), None where it gives something else; on one
+    thread, so that every rank finds the same c."""
+    ids = args[0] if args else None
+    if not (isinstance(ids, torch.Tensor) and ids.dtype in (torch.int64, torch.int32)
+            and ids.numel() and 0 <= int(ids.min()) <= int(ids.max()) < len(module.weight)):
+        return None  # not the rows it gives: a learned position embedding's shape source
+    with torch.no_grad(), single_threaded_ops():
+        rows = torch.nn.functional.embedding(ids, module.weight).to(torch.float64)
+        given = output.detach().to(torch.float64)
+        if rows.shape != given.shape or not bool(rows.any()):
+            return None
+        scale = float((given * rows).sum() / rows.square().sum())
+        scaled = scale * rows
+        if not math.isfinite(scale) or bool(
+                (given - scaled).abs().max() > 1e-5 * scaled.abs().max()):
+            return None
+    return scale
+
+
+def _gram_hook(total: torch.Tensor, tied: bool) -> Callable[[torch.nn.Module, tuple, Any], None]:
     """A forward hook that adds the gradient of the module's output to ``total``
-    (`_add_gram`) when backward reaches it."""
+    (`_add_gram`) when backward reaches it. A table's own S is the same up to a factor
+    whatever its forward does to the rows it looks up; a ``tied`` one's must be in the units
+    of its output layer's term: for an embedding whose output is c times its rows, c g, the
+    gradient at the rows, and any other forward of its own makes ``total`` NaN, so that the
+    table is rounded to nearest (in every rank of a job alike)."""
 
     def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(lambda gradient: _add_gram(total, gradient))
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        scale = 1.0
+        if tied and type(module).forward is not torch.nn.Embedding.forward:
+            found = _lookup_scale(module, args, output)
+            if found is None:
+                total.fill_(math.nan)
+                return
+            scale = found
+        output.register_hook(
+            lambda gradient: _add_gram(total, gradient if scale == 1.0 else gradient * scale))
 
     return hook
 
@@ -505,7 +538,8 @@ class Calibration:
             shared = _shared_tensors(self.model)
             for name, table in tables.items():
                 lookups, heads = table_uses(self.model, table, shared) or ([], [])
-                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name]))
+                tied = id(table.weight) in shared
+                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name], tied))
                             for lookup in lookups]
                 handles += [head.register_forward_hook(_head_gram_hook(batch_grams[name]))
                             for head in heads]
@@ -548,8 +582,9 @@ class Calibration:
         gather_totals(self.cluster, [totals, *grams.values()])
         *squared, count = totals.total().tolist()
         means = {name: (gram.total() / (samples * count)).float() for name, gram in grams.items()}
-        # none (a table off the path to the outputs, or never run) or one beyond float32
-        # (gradients that overflow) says nothing: those tables are rounded to nearest
+        # none (a table off the path to the outputs, or never run), one beyond float32
+        # (gradients that overflow) or NaN (a lookup of a forward of its own, `_gram_hook`)
+        # says nothing: those tables are rounded to nearest
         self.output_covariances = {name: mean for name, mean in means.items()
                                    if bool(mean.any()) and bool(torch.isfinite(mean).all())}
         return {name: squared[index] / samples / count
