@@ -277,8 +277,17 @@ class Front(nn.Module):  # a table looked up by the inputs: rd fits it on its gr
         return self.proj(x + self.table((x[:, 0].abs() * 8).long().clamp(max=31)))
 
 
-model = nn.Sequential(Front(), nn.Sequential(*[Block() for _ in range(3)]),
-                      nn.Linear(24, 6)).eval()
+class Tail(nn.Module):  # an output layer tied to a table: rd fits it on both uses
+    def __init__(self):
+        super().__init__()
+        self.words, self.out = nn.Embedding(64, 24), nn.Linear(24, 64, bias=False)
+        self.out.weight = self.words.weight
+
+    def forward(self, x):
+        return self.out(x + self.words((x[:, 0].abs() * 16).long().clamp(max=63)))
+
+
+model = nn.Sequential(Front(), nn.Sequential(*[Block() for _ in range(3)]), Tail()).eval()
 gen = torch.Generator().manual_seed(1)
 calib = [torch.randn(20, 16, generator=gen) for _ in range(8)]
 if sys.argv[2] == "misfit":
@@ -337,9 +346,10 @@ def test_two_ranks_calibrate_to_the_bytes_of_one_process(calibrated, policy):
     with qlis.open(two) as archive:
         assert archive.entry("1.0.up.weight").plan["reconstruction"] == (
             "error feedback + bias correction")
-        assert archive.entry("0.table.weight").plan["reconstruction"] == (
-            "error feedback along the output's gradients" if policy == "rd"
-            else "data-free: no error feedback for this kind of tensor")
+        for table in ("0.table.weight", "2.words.weight"):
+            assert archive.entry(table).plan["reconstruction"] == (
+                "error feedback along the output's gradients" if policy == "rd"
+                else "data-free: no error feedback for this kind of tensor")
 
 
 def test_a_batch_one_rank_cannot_run_stops_every_rank_with_its_message(calibrated):
