@@ -361,9 +361,8 @@ def test_progress_counts_every_layer_executed_in_every_pass(net_and_batches):
     data_free = qlis.compress(model, progress=lambda n: planned.__setitem__(0, planned[0] + n))
     assert planned[0] == sum(layer.numel for layer in data_free.layers)
     counted = [0]
-    with pytest.warns(qlis.QualityWarning, match="never ran"):
-        calibrated = qlis.compress(model, calib=batches, min_cosine=0.99,
-                                   progress=lambda n: counted.__setitem__(0, counted[0] + n))
+    calibrated = qlis.compress(model, calib=batches, min_cosine=0.99,
+                               progress=lambda n: counted.__setitem__(0, counted[0] + n))
     total = sum(layer.numel for layer in calibrated.layers)
     assert counted[0] >= total and counted[0] % total == 0  # whole passes only
 
@@ -386,6 +385,34 @@ def test_layers_of_no_inputs_or_no_outputs_are_left_to_data_free_rounding():
     assert notes["no_inputs.weight"] == notes["no_outputs.weight"] == rec.NO_INPUTS
     assert notes["a.weight"] == notes["b.weight"] == rec.BIAS_CORRECTED
     assert result.distortion["output"]["cosine"] > 0.9
+
+
+def test_layers_a_plan_keeps_as_they_are_claim_no_rounding():
+    """A layer the plan neither prunes nor quantizes is not "error feedback" or "data-free
+    rounding": a Linear after a quantized one only has its bias corrected, a kept table and
+    a kept layer never reached say nothing (and no warning: nothing of them was lost)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.a, self.b = nn.Embedding(32, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.unused = nn.Linear(8, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(self.table(ids))))
+
+    torch.manual_seed(0)
+    uniform = {"id": "uniform", "rel_mse": 0.05}
+    plan = {"a.weight": {"quantizer": uniform}, "b.weight": {},
+            "table.weight": {}, "unused.weight": {}}
+    net = Net().eval()
+    result = qlis.compress(net, plan=plan, calib=[torch.randint(0, 32, (4, 5)) for _ in range(3)])
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes == {"a.weight": rec.BIAS_CORRECTED, "b.weight": rec.BIAS_ONLY,
+                     "table.weight": "", "unused.weight": ""}
+    assert torch.equal(result.tensors["b.weight"], net.b.weight)
+    assert not torch.equal(result.tensors["b.bias"], net.b.bias)
+    assert not result.warnings  # a kept layer never reached lost nothing to warn of
 
 
 def test_a_model_given_too_few_inputs_is_told_so_not_a_traceback():
@@ -411,7 +438,7 @@ class Lookup(nn.Module):
                  outside: float = 1.0) -> None:
         super().__init__()
         self.table = table(64, 8)
-        self.spare = nn.Embedding(16, 8)  # never looked up
+        self.spare = nn.Embedding(512, 8)  # never looked up
         self.head = nn.Linear(3, 8)
         self.out = nn.Linear(8, 64, bias=False) if tied != "other" else Projection(8, 64)
         self.outside = outside

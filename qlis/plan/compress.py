@@ -195,11 +195,11 @@ def _snr_db(rel_mse: float) -> float:
 def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) -> list[str]:
     """Warnings naming the planned layers that calibration never ran, and those a policy
     found the calibration's outputs do not depend on (``Calibration.unreached``): both
-    were rounded data-free."""
+    were rounded data-free (layers stored as they were lost nothing, and are not named)."""
     never_ran = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
     off_path = [] if calibration is None else [
-        layer.name for layer in layers
-        if layer.name in calibration.unreached and layer.name not in never_ran]
+        layer.name for layer in layers if layer.name in calibration.unreached
+        and layer.name not in never_ran and not layer.unchanged]
     found = []
     for names, what in ((never_ran, "the calibration never ran"),
                         (off_path, "the calibration's outputs do not depend on")):

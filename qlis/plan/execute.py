@@ -57,6 +57,11 @@ class LayerPlan:
     reconstruction: str = ""
     feedback: float | None = None
 
+    @property
+    def unchanged(self) -> bool:
+        """Neither pruned nor quantized: stored exactly as it was."""
+        return self.pruner is None and self.quantizer is None
+
 
 def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
     """How many weights the pruner zeroed (zeros already in the weight are not counted)."""

@@ -58,6 +58,11 @@ class LayerConfig:
         return {"pruner": self.pruner, "quantizer": self.quantizer}
 
     @property
+    def unchanged(self) -> bool:
+        """Neither pruned nor quantized: the layer is stored exactly as it is."""
+        return self.pruner is None and self.quantizer is None
+
+    @property
     def k(self) -> float | None:
         """The paper's k: the sigma pruner's multiplier, 0 without pruning, None for other
         pruners."""

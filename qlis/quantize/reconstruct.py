@@ -70,6 +70,9 @@ from qlis.workers.threads import single_threaded_ops
 _BIAS_BAND = 1 << 18  # weights widened to float64 at once by a bias correction
 FED_BACK = "error feedback"
 BIAS_CORRECTED = "error feedback + bias correction"
+BIAS_ONLY = "bias correction"
+"""A layer kept as it is (neither pruned nor quantized) whose bias takes the mean shift of
+the quantized layers before it."""
 OUTPUT_FED_BACK = "error feedback along the output's gradients"
 NOT_REACHED = "data-free: calibration never reached this layer"
 NO_INPUTS = "data-free: no error feedback for this kind of tensor"
@@ -391,17 +394,20 @@ def reconstruct(
         thread (`single_threaded_ops`): torch's reductions round by the number of threads
         that split them, and the layer must be the same bits in any process of any job."""
         inputs, config = reachable[name], plan[name]
+        kept = config.unchanged
         with single_threaded_ops():
             hessian = moments.take_covariance() if config.quantizer is not None else None
             stored, layer = execute(name, state[name], config, hessian=hessian,
-                                    transposed=inputs.transposed, reconstruction=FED_BACK,
+                                    transposed=inputs.transposed,
+                                    reconstruction="" if kept else FED_BACK,
                                     overwrite_hessian=True)
             if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
                 return stored, layer, None
             corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
                                         dequantized(stored), float_moments[name].mean(),
                                         moments.mean())
-        return stored, dataclasses.replace(layer, reconstruction=BIAS_CORRECTED), corrected
+        note = BIAS_ONLY if kept else BIAS_CORRECTED
+        return stored, dataclasses.replace(layer, reconstruction=note), corrected
 
     def of_block(index: int) -> dict[str, Replacement]:
         return {n: v for n, v in replacements.items() if blocks.index_of(n) == index}
@@ -452,6 +458,8 @@ def reconstruct(
     for name in plan:
         if name not in result.layers:
             note = NO_INPUTS if kinds[name] is None else NOT_REACHED
+            if plan[name].unchanged:
+                note = ""  # nothing rounded
             result.tensors[name], result.layers[name] = execute(
                 name, state[name], plan[name], reconstruction=note)
             if progress is not None:
