@@ -50,6 +50,9 @@ OUTPUT_COVARIANCE_BYTES = 256 << 20
 job keeps each batch's term until the ranks add them in order): a wider table, or one
 calibrated on more batches, is rounded to nearest, in one process too (so that a job writes
 the archive one process writes)."""
+_SQUARES_AT_ONCE = 1 << 20
+"""Output gradients widened to float64 at once (a 256k-word vocabulary's logits would take
+2 GiB for 1,024 tokens)."""
 _MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
 """What a model raises for inputs of the wrong shape, dtype or keywords (AttributeError: an
 input it needs left out, read as None: CLIP's pixel_values given text alone)."""
@@ -179,10 +182,13 @@ def _add_head_gram(total: torch.Tensor, inputs: torch.Tensor, gradient: torch.Te
     """Add sum_p |g_p|^2 h_p h_p^T to ``total``: what an output layer's row errors cost, on
     average over its rows, for inputs h_p whose outputs receive the gradients g_p (row r's
     error e moves output p's entry r by e.h_p, weighed by g_pr^2), on one thread."""
+    gradient = gradient.detach().reshape(-1, gradient.shape[-1])
+    step = max(1, _SQUARES_AT_ONCE // max(gradient.shape[1], 1))  # a vocabulary's logits
     with single_threaded_ops():
-        weights = gradient.detach().reshape(-1, gradient.shape[-1]).to(torch.float64).square()
+        weights = torch.cat([part.to(torch.float64).square().sum(dim=1)
+                             for part in gradient.split(step)])
         rows = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
-        rows = rows * weights.sum(dim=1, keepdim=True).sqrt()
+        rows = rows * weights.sqrt().unsqueeze(1)
         total += rows.T @ rows
 
 
