@@ -534,6 +534,19 @@ def test_a_table_tied_to_the_output_layer_is_fitted_along_both_of_its_uses():
     assert notes["table.weight"] == rec.NO_INPUTS
 
 
+def test_the_output_layers_term_is_summed_a_few_rows_of_logits_at_a_time(monkeypatch):
+    """sum_p |g_p|^2 h_p h_p^T, with the gradients widened to float64 a few rows at a time
+    (a large vocabulary's logits are not copied whole)."""
+    torch.manual_seed(6)
+    inputs, gradient = torch.randn(2, 5, 8), torch.randn(2, 5, 300)
+    monkeypatch.setattr(qlis.measure.calibrate, "_SQUARES_AT_ONCE", 600)  # 2 rows at once
+    total = torch.zeros(8, 8, dtype=torch.float64)
+    qlis.measure.calibrate._add_head_gram(total, inputs, gradient)
+    h, g = inputs.reshape(10, 8).double(), gradient.reshape(10, 300).double()
+    expected = sum(g[p].square().sum() * torch.outer(h[p], h[p]) for p in range(10))
+    torch.testing.assert_close(total, expected)
+
+
 def test_a_tied_scaled_embedding_costs_what_the_same_scale_outside_it_costs():
     """A tied embedding whose own forward multiplies its rows by c (BART's, Gemma's) is
     measured at its rows, in the units of the output layer's term: its S is that of a plain
