@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
 from qlis_iqa.families import RANDOM_INIT_FLAG, RANDOM_LABEL, Family, get_family
-from qlis_iqa.schema import MAX_PARAMETERS, parse_config
+from qlis_iqa.schema import MAX_CONFIG_CHARS, MAX_PARAMETERS, parse_config
+
+ATTENTION = "sdpa"
+"""How every backbone computes attention, whatever its config says: the same product as
+"eager", without holding heads x patches^2 scores per image (a small checkpoint of 4,096
+patches and 8 heads took 1.5 GB for one image eagerly)."""
 
 try:  # huggingface_hub >= 0.33 validates config fields strictly (an int for a float, say)
     from huggingface_hub.errors import StrictDataclassError
@@ -119,6 +125,10 @@ def _checked_config(fam: Family, source: str, cache_dir: Path | None) -> Pretrai
     (`schema.parse_config`) and at most MAX_PARAMETERS: transformers allocates what a config
     says (hidden_size=10**9, or 64 layers beside 2 layers of weights) and raises tracebacks
     on wrong types."""
+    local = Path(source) / "config.json"
+    if local.is_file() and local.stat().st_size > 4 * MAX_CONFIG_CHARS:  # read whole below
+        raise IQAError(f"the {fam.name} backbone config in {source} is refused: "
+                       f"{local.stat().st_size:,} bytes (at most {4 * MAX_CONFIG_CHARS:,})")
     try:
         config = fam.config_cls.from_pretrained(
             source, local_files_only=True, cache_dir=cache_dir
@@ -128,7 +138,8 @@ def _checked_config(fam: Family, source: str, cache_dir: Path | None) -> Pretrai
             skeleton = fam.model_cls(config, **fam.model_kwargs)
     except IQAError as exc:
         raise IQAError(f"the {fam.name} backbone config in {source} is refused: {exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, ImportError, RecursionError,
+            StrictDataclassError) as exc:  # ImportError: an attention kernel not installed
         text = " ".join(str(exc).split()) or type(exc).__name__  # one line
         raise IQAError(f"the {fam.name} backbone config in {source} cannot be used: "
                        f"{text[:200]}") from None
@@ -167,18 +178,23 @@ def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTra
             cache_dir=cache_dir,
             use_safetensors=True,  # unset, transformers unpickles a pytorch_model.bin
             output_loading_info=True,
+            attn_implementation=ATTENTION,
             **fam.model_kwargs,
         )
     except RuntimeError:  # transformers' report of the shapes is logged, which is silenced
         raise IQAError(f"the weights in {source} do not fit its config.json: tensors of other "
                        "shapes than the config's") from None
+    except (SafetensorError, ValueError, ImportError, RecursionError) as exc:
+        # a damaged model.safetensors, a shard index that is no JSON or names files outside
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise IQAError(f"the weights in {source} cannot be loaded: {text[:200]}") from None
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise IQAError(
             f"the weights in {source} do not fit the {fam.title} backbone: {len(missing)} "
             f"tensors missing (first: {', '.join(missing[:3])}); is this a {fam.name} model?"
         )
-    return model.eval()
+    return model.float().eval()  # weights stored in half precision run on float32 inputs
 
 
 def load_backbone(

@@ -42,7 +42,25 @@ FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
 MAX_WORKERS = 64  # each worker is a process holding a model's preprocessing: more only thrash
 MAX_EPOCHS = 100_000  # a head trains in seconds per thousand epochs; more is a typo, not a run
+MAX_BATCH = 1 << 16  # images per batch: a whole dataset at most; more is a typo
 SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed takes without overflowing
+
+
+class _TextPath(type(PATH)):
+    """qlis's path type, refusing a name that is not valid UTF-8: qlis-iqa writes its paths into
+    CSV and JSON outputs, which hold text (such a name would fail only once the work is done)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        path = super().convert(value, param, ctx)
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{escape(str(path))} is not valid UTF-8; rename it", param, ctx)
+        return path
+
+
+TEXT_PATH = _TextPath(path_type=Path)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -155,7 +173,7 @@ def _options(*decorators: Callable) -> Callable:
 
 def output_option(text: str, required: bool = True) -> Callable:
     """``-o/--output``, the one spelling of an output in both tools."""
-    return click.option("-o", "--output", type=PATH, required=required,
+    return click.option("-o", "--output", type=TEXT_PATH, required=required,
                         help=text)
 
 
@@ -179,10 +197,11 @@ workers_option = click.option(
 )
 cache_option = click.option(
     "--cache-dir",
-    type=PATH,
+    type=TEXT_PATH,
     help="Feature cache folder (default: the run folder's cache/).",
 )
-batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+batch_option = click.option("--batch-size", default=16, show_default=True,
+                            type=click.IntRange(1, MAX_BATCH))
 logistic_option = click.option(
     "--logistic", is_flag=True, help="Also PLCC after the 4-parameter logistic fit."
 )
@@ -197,11 +216,11 @@ codec_option = click.option(
 )
 eval_set_options = _options(
     click.option("--dataset", type=DATASET, help="Default: the one the model was trained on."),
-    click.option("--root", type=PATH, help="Default: the training root."),
+    click.option("--root", type=TEXT_PATH, help="Default: the training root."),
     click.option(
         "--split",
         "split_file",
-        type=PATH,
+        type=TEXT_PATH,
         help="Default: the split file the model was trained with.",
     ),
 )
@@ -256,13 +275,13 @@ def make_backbone(family: str, size: str, seed: int, output: Path, force: bool) 
 @cli.command()
 @click.option("--family", type=FAMILY, required=True)
 @click.option("--dataset", type=DATASET, default="agiqa-3k", show_default=True)
-@click.option("--root", type=PATH, required=True, help="Dataset folder.")
+@click.option("--root", type=TEXT_PATH, required=True, help="Dataset folder.")
 @click.option("--weights", help="Backbone folder or hub id (HF cache); default: the paper's.")
 @output_option("The run folder (its parent must exist).")
 @click.option(
     "--split",
     "split_file",
-    type=PATH,
+    type=TEXT_PATH,
     help="Split file to reuse, or to create (default: OUTPUT/split.json).",
 )
 @click.option("--limit", type=click.IntRange(2), help="Use this many annotated images only.")
@@ -354,7 +373,7 @@ def train(
 
 
 @cli.command()
-@click.argument("model", type=PATH)
+@click.argument("model", type=TEXT_PATH)
 @eval_set_options
 @output_option("Predictions CSV.", required=False)
 @logistic_option
@@ -415,7 +434,7 @@ def evaluate(
 
 
 @cli.command()
-@click.argument("model", type=PATH)
+@click.argument("model", type=TEXT_PATH)
 @output_option("The .qlis archive to write.")
 @click.option("--policy", type=click.Choice(policy_names()), default="rd", show_default=True,
               help="rd: rate–distortion, calibrated on training images; lapq etc.: the paper's.")
@@ -529,7 +548,7 @@ def _training_samples(meta, root, split_file, dataset):
 
 
 @cli.command()
-@click.argument("model", type=PATH)
+@click.argument("model", type=TEXT_PATH)
 @output_option("The output folder (its parent must exist).")
 @eval_set_options
 @beta_option
@@ -653,11 +672,11 @@ def sweep(
 
 
 @cli.command()
-@click.argument("images_dir", type=PATH)
+@click.argument("images_dir", type=TEXT_PATH)
 @click.option(
     "--model",
     "model_path",
-    type=PATH,
+    type=TEXT_PATH,
     required=True,
     help=".qlis archive (or checkpoint / run folder).",
 )

@@ -209,12 +209,12 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     if unpacked > MAX_XLSX_UNPACKED_BYTES:
         raise IQAError(f"{path} unpacks to {human_bytes(unpacked)}, more than the "
                        f"{human_bytes(MAX_XLSX_UNPACKED_BYTES)} accepted for an annotation sheet")
-    try:
+    try:  # read-only openpyxl parses the sheet as it is iterated: its errors come here too
         book = openpyxl.load_workbook(io.BytesIO(packed), read_only=True, data_only=True)
+        rows = list(book.worksheets[0].iter_rows(values_only=True))
+        book.close()
     except Exception as exc:  # openpyxl raises many types for a bad file
         raise IQAError(f"{path}: not a readable .xlsx file ({exc})") from None
-    rows = list(book.worksheets[0].iter_rows(values_only=True))
-    book.close()
     if not rows:
         raise IQAError(f"{path}: the sheet is empty")
     header = [str(c).strip() if c is not None else "" for c in rows[0]]

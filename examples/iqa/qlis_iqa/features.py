@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from qlis import QlisError
+from qlis.regular_files import open_regular_file
 from qlis_iqa.models import IQAModel
 from qlis_iqa.preprocess import (
     DECODING,
@@ -78,12 +80,13 @@ class FeatureCache:
         """
         path = folder / f"{key}.npy"
         try:
+            os.close(open_regular_file(path))  # a FIFO or device would block the load
             array = np.load(path, mmap_mode="r", allow_pickle=False)
             if array.shape != shape or array.dtype != np.float32:
                 return None
             return torch.from_numpy(np.array(array))
-        except (OSError, ValueError, EOFError):
-            return None  # absent or damaged entry: recompute it
+        except (OSError, ValueError, EOFError, QlisError):
+            return None  # absent, damaged or not a file: recompute it
 
     @staticmethod
     def put(folder: Path, key: str, value: torch.Tensor) -> None:

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from qlis.archive.atomic import atomic_path
-from qlis_iqa.backbones import RANDOM_LABEL, build_backbone, get_family, is_random_init
+from qlis_iqa.backbones import (
+    ATTENTION,
+    RANDOM_LABEL,
+    build_backbone,
+    get_family,
+    is_random_init,
+)
 from qlis_iqa.errors import IQAError
 from qlis_iqa.preprocess import Preprocess, for_family
 from qlis_iqa.schema import (
@@ -241,7 +247,7 @@ def model_from_spec(spec: ModelSpec, meta: bool = False) -> IQAModel:
     if meta:
         with torch.device("meta"):
             return model_from_spec(spec)
-    backbone = build_backbone(spec.family, spec.config, spec.attn_implementation)
+    backbone = build_backbone(spec.family, spec.config, ATTENTION)
     model = make_model(spec.family, backbone, spec.head_hidden)
     if spec.preprocess is not None:
         model.preprocess = spec.preprocess

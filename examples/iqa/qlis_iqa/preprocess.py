@@ -47,6 +47,9 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 MODES = ("shortest-crop", "square")
 MIN_SIZE, MAX_SIZE = 16, 1024
 MAX_IMAGE_PIXELS = 8192 * 8192  # decoded size bound, checked on the header before decoding
+MAX_IMAGE_FILE_BYTES = 4 * MAX_IMAGE_PIXELS  # an uncompressed 8-bit RGBA image of that size:
+# a larger file is refused unread (decoders take a minute per GiB of a padded file)
+_CONVERTED_AT_ONCE = 1 << 20  # pixels of a deep grey image widened to float64 at once
 MIN_STD = 1e-3  # pixels in [0, 1] over a smaller std: scores far off, or infinite
 MAX_ASPECT = 32  # longest / shortest side accepted by the shortest-side resize
 
@@ -157,14 +160,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         top = _INT16_MAX
     elif mode not in ("I", "F"):
         return image.convert("RGB")  # 8-bit modes (16-bit RGB PNGs PIL reads as 8-bit RGB)
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image)  # as stored (a 64 M pixel image: 0.5 GB in float64)
     if mode == "F":
         top = 1.0
-        values = np.nan_to_num(values, nan=0.0)
     elif mode == "I":
         top = _INT16_MAX if values.size and values.max() <= _INT16_MAX else _INT32_MAX
-    grey = np.rint(np.clip(values / top, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return Image.fromarray(grey, "L").convert("RGB")
+    flat = values.reshape(-1)
+    grey = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, _CONVERTED_AT_ONCE):
+        part = flat[start:start + _CONVERTED_AT_ONCE].astype(np.float64)
+        if mode == "F":
+            part = np.nan_to_num(part, nan=0.0)
+        grey[start:start + part.size] = np.rint(np.clip(part / top, 0.0, 1.0) * 255.0)
+    return Image.fromarray(grey.reshape(values.shape), "L").convert("RGB")
 
 
 def for_family(family: str, size: int) -> Preprocess:
@@ -184,8 +192,12 @@ def open_image_file(path: str | Path) -> Iterator[BinaryIO]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # open() itself blocks on a FIFO
         with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 raise ImageReadError(f"{path}: unreadable (not a regular file)")
+            if info.st_size > MAX_IMAGE_FILE_BYTES:
+                raise ImageReadError(f"{path}: unreadable ({info.st_size:,} bytes; at most "
+                                     f"{MAX_IMAGE_FILE_BYTES:,} are read)")
             yield f
     except FileNotFoundError:
         raise ImageReadError(f"{path}: missing") from None

@@ -142,7 +142,6 @@ class ModelSpec:
 
     family: str
     config: dict[str, Any]  # backbone config: the family's ARCH_KEYS only, validated
-    attn_implementation: str | None
     head_hidden: int
     preprocess: Preprocess | None  # None: the family's default at the image size
 
@@ -162,8 +161,9 @@ def _bad(what: str) -> IQAError:
     return IQAError(f"the stored model description is not usable: {what}")
 
 
-def parse_config(family: str, config_json: str) -> tuple[dict[str, Any], str | None]:
-    """The validated architecture keys of a stored backbone config, and its attention choice."""
+def parse_config(family: str, config_json: str) -> dict[str, Any]:
+    """The validated architecture keys of a stored backbone config (its attention choice is
+    checked, not kept: every backbone runs with `backbones.ATTENTION`)."""
     fam = get_family(family)
     if len(config_json) > MAX_CONFIG_CHARS:
         raise _bad(
@@ -197,8 +197,7 @@ def parse_config(family: str, config_json: str) -> tuple[dict[str, Any], str | N
             f"image_size {size} / patch_size {config['patch_size']} gives {patches} patches "
             f"(1..{MAX_PATCHES})"
         )
-    attn = raw.get("attn_implementation", raw.get("_attn_implementation"))
-    return config, attn
+    return config
 
 
 def _short(value: Any) -> str:
@@ -224,7 +223,7 @@ def parse_metadata(metadata: Mapping[str, str]) -> ModelSpec:
         )
     if family not in ARCH_KEYS:
         raise _bad(f"unknown model family {_short(family)}; use one of {sorted(ARCH_KEYS)}")
-    config, attn = parse_config(family, config_json)
+    config = parse_config(family, config_json)
     head = metadata.get(KEY + "head_hidden", "256")
     if not (len(head) <= 6 and head.isdigit() and 1 <= int(head) <= MAX_HEAD_HIDDEN):
         raise _bad(f"head_hidden {_short(head)} is not an integer in 1..{MAX_HEAD_HIDDEN}")
@@ -234,7 +233,7 @@ def parse_metadata(metadata: Mapping[str, str]) -> ModelSpec:
         if len(stored_pre) > 4096:
             raise _bad("preprocessing config longer than 4096 characters")
         preprocess = Preprocess.from_json(stored_pre)
-    spec = ModelSpec(family, config, attn, int(head), preprocess)
+    spec = ModelSpec(family, config, int(head), preprocess)
     if preprocess is not None and preprocess.size != spec.image_size:
         raise _bad(
             f"preprocessing size {preprocess.size} differs from the backbone's image size "

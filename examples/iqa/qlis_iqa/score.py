@@ -52,7 +52,8 @@ class Scores:
     def write_csv(self, path: str | Path, root: Path, label: str) -> Path:
         """image, score, error, backbone — one row per file, in folder order."""
         path = Path(path)
-        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8",
+                                                errors="backslashreplace") as f:  # any name
             w = csv.writer(f)
             w.writerow(["image", "score", "error", "backbone"])
             for i, p in enumerate(self.paths):
