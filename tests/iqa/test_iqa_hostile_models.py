@@ -223,3 +223,26 @@ def test_the_feature_cache_is_never_written_among_the_inputs(
                                              "--cache-dir", cache)
     assert sorted(p.name for p in (root / "images").iterdir()) == images
     assert not (tmp_path / "a").exists() and not (tmp_path / "sw").exists()
+
+
+def test_nothing_is_written_among_the_images_by_default_either(
+    tmp_path: Path, runs: dict, sample_root: Path
+) -> None:
+    """A model kept among the dataset's images (its default feature cache would go there), a
+    new split file named there, a calibrated compression written there: all refused."""
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    shutil.copy(runs["clip"].checkpoint, root / "images" / "m.safetensors")
+    images = sorted(p.name for p in (root / "images").iterdir())
+    commands = [
+        ["evaluate", root / "images" / "m.safetensors", "--root", root],
+        ["sweep", root / "images" / "m.safetensors", "--root", root, "-o", tmp_path / "sw",
+         "--only", "Baseline"],
+        ["train", "--family", "clip", "--root", root, "-o", tmp_path / "run", "--split",
+         root / "images" / "s.json", "--epochs", "1"],
+        ["compress", runs["clip"].checkpoint, "--root", root, "-o",
+         root / "images" / "x.qlis", "--calib-images", "2"],
+    ]
+    for command in commands:
+        assert "is inside" in one_line_error(cli, "qlis-iqa: error: ", *command)
+    assert sorted(p.name for p in (root / "images").iterdir()) == images

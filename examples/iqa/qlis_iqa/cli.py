@@ -334,7 +334,8 @@ def train(
     _check_cache_dir(cache_dir, output)
     inputs, images = _dataset_inputs(dataset, root, split_file)
     weights_folder = [Path(weights)] if weights else []
-    _refuse_inputs([output, *([cache_dir] if cache_dir else [])], inputs, [images],
+    new_split = [split_file] if split_file is not None and not split_file.exists() else []
+    _refuse_inputs([output, *([cache_dir] if cache_dir else []), *new_split], inputs, [images],
                    weights_folder)
     if split_file is not None and not split_file.exists() and not split_file.parent.is_dir():
         raise InputError(f"{split_file.parent}: no such folder (create it first)")
@@ -415,12 +416,11 @@ def evaluate(
 
     iqa, meta = load_model(path, runtime, precision)
     es = eval_set_for(meta, root, split_file, dataset)
-    written = [p for p in (output, cache_dir) if p is not None]
-    if written:
-        inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
-        _refuse_inputs(written, inputs, [images])
+    cache_dir = cache_dir or path.parent / "cache"  # written too: never among the images
+    inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
+    _refuse_inputs([p for p in (output, cache_dir) if p is not None], inputs, [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
-    cache = FeatureCache(cache_dir or path.parent / "cache")
+    cache = FeatureCache(cache_dir)
     preds = predict_samples(
         iqa.to(device), es.samples, cache, batch_size, workers, _progress(progress)
     )
@@ -499,7 +499,8 @@ def compress(
     iqa, meta = load_model(path)
     calib = None
     if calibrated:
-        calib = calibration(iqa, _training_samples(meta, root, split_file, dataset), calib_images)
+        samples = _training_samples(meta, root, split_file, dataset, [output])
+        calib = calibration(iqa, samples, calib_images)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
     with warnings.catch_warnings():  # printed below, once, as a qlis-iqa line
         warnings.simplefilter("ignore", QualityWarning)
@@ -533,12 +534,15 @@ def _as_flags(names: Iterable[str], given: Collection[str]) -> AbstractContextMa
                            "policy")
 
 
-def _training_samples(meta, root, split_file, dataset):
-    """The training-split images of the data set a model was trained on (for calibration)."""
+def _training_samples(meta, root, split_file, dataset, written: list[Path]):
+    """The training-split images of the data set a model was trained on (for calibration);
+    the ``written`` files must not lie among its images."""
     from qlis_iqa.data import split_samples
     from qlis_iqa.evaluate import recorded_split
 
     ds, split, split_path = recorded_split(meta, root, split_file, dataset)
+    inputs, images = _dataset_inputs(ds.name, ds.root, split_path)
+    _refuse_inputs(written, inputs, [images])
     samples = split_samples(ds, split.train)[0]
     if not samples:
         raise QlisError(f"none of the {len(split.train)} training images of {split_path} is "
@@ -641,7 +645,8 @@ def sweep(
     es = eval_set_for(meta, root, split_file, dataset)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
     written = [output, *output_files(output, variants, archives)]
-    _refuse_inputs([*written, *([cache_dir] if cache_dir else [])], [path, *inputs], [images])
+    cache_dir = cache_dir or path.parent / "cache"  # written too: never among the images
+    _refuse_inputs([*written, cache_dir], [path, *inputs], [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     rd = None
     if any(v.kind == "rd" for v in variants):
@@ -652,7 +657,7 @@ def sweep(
         es.samples,
         output,
         variants,
-        FeatureCache(cache_dir or path.parent / "cache"),
+        FeatureCache(cache_dir),
         baseline_file=path if path.suffix == ".safetensors" else None,
         model_metadata=meta,
         beta=beta,
