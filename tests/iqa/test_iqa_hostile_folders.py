@@ -120,3 +120,13 @@ def test_names_that_are_not_utf8_are_refused_or_escaped(tmp_path: Path):
     scores = Scores([odd], {0: 0.5})
     out = scores.write_csv(tmp_path / "out.csv", tmp_path, "label")
     assert "\\udce9.png,0.500000" in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("option", [["sweep", "--rd-ratio", "1e308"],
+                                    ["score", "--batch-size", "99999999999999999999"]])
+def test_options_past_any_use_are_refused_before_work(tmp_path: Path, option: list[str]):
+    command, *values = option
+    args = {"sweep": [tmp_path, "-o", tmp_path / "sw"],
+            "score": [tmp_path, "--model", tmp_path / "m.qlis", "-o", tmp_path / "s.csv"]}
+    line = one_line_error(cli, "qlis-iqa: error:", command, *args[command], *values)
+    assert "is not in the range" in line

@@ -43,6 +43,7 @@ DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
 MAX_WORKERS = 64  # each worker is a process holding a model's preprocessing: more only thrash
 MAX_EPOCHS = 100_000  # a head trains in seconds per thousand epochs; more is a typo, not a run
 MAX_BATCH = 1 << 16  # images per batch: a whole dataset at most; more is a typo
+MAX_RD_RATIO = 1000  # 0.03 bits per float32 weight: no size target beyond is reachable
 SEED = click.IntRange(0, 2**63 - 1)  # what torch.manual_seed takes without overflowing
 
 
@@ -563,7 +564,7 @@ def _training_samples(meta, root, split_file, dataset, written: list[Path]):
     multiple=True,
     help="Add a LAPQ row in budget mode at this paper CR (repeatable).",
 )
-@click.option("--rd-ratio", type=FiniteFloatRange(min=1), multiple=True,
+@click.option("--rd-ratio", type=FiniteFloatRange(min=1, max=MAX_RD_RATIO), multiple=True,
               default=(8.0, 12.0, 16.0, 22.0), show_default=True,
               help="rd rows (calibrated and reconstructed) at these real archive ratios "
                    "(repeatable; giving it replaces the default; --only to skip them).")
