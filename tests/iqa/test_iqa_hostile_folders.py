@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qlis_iqa import preprocess as preprocess_module
-from qlis_iqa.backbones import ATTENTION, load_backbone, save_random_backbone
+from qlis_iqa.backbones import attention, load_backbone, save_random_backbone
 from qlis_iqa.cli import cli
 from qlis_iqa.data import load_agiqa1k
 from qlis_iqa.errors import IQAError
@@ -91,7 +91,7 @@ def test_half_precision_weights_run_on_float32_inputs_with_sdpa(tmp_path: Path):
         {**config, "dtype": "float16", "attn_implementation": "eager"}))
     backbone = load_backbone("dino", folder)
     assert {p.dtype for p in backbone.parameters()} == {torch.float32}
-    assert backbone.config._attn_implementation == ATTENTION
+    assert backbone.config._attn_implementation == attention("dino") == "sdpa"
     size = backbone.config.image_size
     assert torch.isfinite(backbone(torch.randn(1, 3, size, size)).last_hidden_state).all()
 

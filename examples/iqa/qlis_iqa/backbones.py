@@ -21,11 +21,6 @@ from qlis_iqa.errors import IQAError, WeightsNotFoundError
 from qlis_iqa.families import RANDOM_INIT_FLAG, RANDOM_LABEL, Family, get_family
 from qlis_iqa.schema import MAX_CONFIG_CHARS, MAX_PARAMETERS, parse_config
 
-ATTENTION = "sdpa"
-"""How every backbone computes attention, whatever its config says: the same product as
-"eager", without holding heads x patches^2 scores per image (a small checkpoint of 4,096
-patches and 8 heads took 1.5 GB for one image eagerly)."""
-
 try:  # huggingface_hub >= 0.33 validates config fields strictly (an int for a float, say)
     from huggingface_hub.errors import StrictDataclassError
 except ImportError:  # older: configs are not strict dataclasses, nothing more to catch
@@ -45,6 +40,14 @@ def _no_init_weights() -> AbstractContextManager:
 
 
 SIZES = ("tiny", "full")
+
+
+def attention(family: str) -> str | None:
+    """How a backbone computes attention, whatever its config says: PyTorch's fused kernel
+    ("sdpa", the same product as "eager" without holding heads x patches^2 scores per image: a
+    160 KB checkpoint of 4,096 patches and 8 heads took 1.5 GB for one image eagerly) where
+    this transformers has it for the family, else its default (None)."""
+    return "sdpa" if getattr(get_family(family).model_cls, "_supports_sdpa", False) else None
 
 
 def is_random_init(config: PretrainedConfig) -> bool:
@@ -178,7 +181,7 @@ def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTra
             cache_dir=cache_dir,
             use_safetensors=True,  # unset, transformers unpickles a pytorch_model.bin
             output_loading_info=True,
-            attn_implementation=ATTENTION,
+            **({"attn_implementation": kernel} if (kernel := attention(fam.name)) else {}),
             **fam.model_kwargs,
         )
     except RuntimeError:  # transformers' report of the shapes is logged, which is silenced

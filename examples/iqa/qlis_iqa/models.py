@@ -23,8 +23,8 @@ from torch import nn
 
 from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import (
-    ATTENTION,
     RANDOM_LABEL,
+    attention,
     build_backbone,
     get_family,
     is_random_init,
@@ -247,7 +247,7 @@ def model_from_spec(spec: ModelSpec, meta: bool = False) -> IQAModel:
     if meta:
         with torch.device("meta"):
             return model_from_spec(spec)
-    backbone = build_backbone(spec.family, spec.config, ATTENTION)
+    backbone = build_backbone(spec.family, spec.config, attention(spec.family))
     model = make_model(spec.family, backbone, spec.head_hidden)
     if spec.preprocess is not None:
         model.preprocess = spec.preprocess

@@ -163,7 +163,7 @@ def _bad(what: str) -> IQAError:
 
 def parse_config(family: str, config_json: str) -> dict[str, Any]:
     """The validated architecture keys of a stored backbone config (its attention choice is
-    checked, not kept: every backbone runs with `backbones.ATTENTION`)."""
+    checked, not kept: every backbone runs with `backbones.attention`)."""
     fam = get_family(family)
     if len(config_json) > MAX_CONFIG_CHARS:
         raise _bad(
