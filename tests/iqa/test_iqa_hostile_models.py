@@ -243,6 +243,7 @@ def test_nothing_is_written_among_the_images_by_default_either(
         ["compress", runs["clip"].checkpoint, "--root", root, "-o",
          root / "images" / "x.qlis", "--calib-images", "2"],
     ]
-    for command in commands:
-        assert "is inside" in one_line_error(cli, "qlis-iqa: error: ", *command)
+    for command, message in zip(commands, ["pass --cache-dir", "pass --cache-dir",
+                                           "is inside", "is inside"], strict=True):
+        assert message in one_line_error(cli, "qlis-iqa: error: ", *command)
     assert sorted(p.name for p in (root / "images").iterdir()) == images

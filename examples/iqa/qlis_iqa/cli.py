@@ -126,6 +126,18 @@ def _check_cache_dir(cache_dir: Path | None, output_dir: Path | None = None) -> 
         raise InputError(f"{cache_dir.parent}: no such folder (create it first)")
 
 
+def _feature_cache(cache_dir: Path | None, model: Path, images: Path) -> Path:
+    """--cache-dir, or the folder ``cache`` beside the model, which must not lie among the
+    dataset's images (nothing is written there)."""
+    if cache_dir is not None:
+        return cache_dir
+    default = model.parent / "cache"
+    if images.is_dir() and default.resolve().is_relative_to(images.resolve()):
+        raise InputError(f"{model} lies among the dataset's images, where its default feature "
+                         f"cache ({default}) would be written; pass --cache-dir")
+    return default
+
+
 def _refuse_inputs(outputs: Iterable[Path], files: Iterable[Path], trees: Iterable[Path] = (),
                    folders: Iterable[Path] = ()) -> None:
     """--force replaces an output, never an input. Refused, by resolved path: an output that is
@@ -417,8 +429,8 @@ def evaluate(
 
     iqa, meta = load_model(path, runtime, precision)
     es = eval_set_for(meta, root, split_file, dataset)
-    cache_dir = cache_dir or path.parent / "cache"  # written too: never among the images
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
+    cache_dir = _feature_cache(cache_dir, path, images)
     _refuse_inputs([p for p in (output, cache_dir) if p is not None], inputs, [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     cache = FeatureCache(cache_dir)
@@ -646,7 +658,7 @@ def sweep(
     es = eval_set_for(meta, root, split_file, dataset)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
     written = [output, *output_files(output, variants, archives)]
-    cache_dir = cache_dir or path.parent / "cache"  # written too: never among the images
+    cache_dir = _feature_cache(cache_dir, path, images)
     _refuse_inputs([*written, cache_dir], [path, *inputs], [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
     rd = None
