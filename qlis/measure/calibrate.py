@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,31 +98,41 @@ def _calling_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None
     return module if isinstance(module, torch.nn.Embedding) and attr == "weight" else None
 
 
-def _table(model: torch.nn.Module, name: str, shared: set[int]) -> torch.nn.Embedding | None:
-    """The embedding whose table weight ``name`` is, when every use of it is one whose cost
-    the calibration's hooks see (`table_uses`)."""
+@dataclass(frozen=True)
+class TableUses:
+    """An embedding table whose cost the calibration's hooks see: the embeddings that look
+    rows up in its weight and the Linear layers that multiply by it; ``tied``: the weight is
+    held by more than one module, so its uses' terms must be in one unit."""
+
+    table: torch.nn.Embedding
+    lookups: list[torch.nn.Embedding]
+    heads: list[torch.nn.Linear]
+    tied: bool
+
+
+def _table(model: torch.nn.Module, name: str, shared: set[int]) -> TableUses | None:
+    """The uses of the embedding whose table weight ``name`` is (`table_uses`), or None."""
     module = _calling_module(model, name)
-    if isinstance(module, torch.nn.Embedding) and table_uses(model, module, shared) is not None:
-        return module
+    if isinstance(module, torch.nn.Embedding):
+        return table_uses(model, module, shared)
     return None
 
 
 def table_uses(model: torch.nn.Module, table: torch.nn.Embedding, shared: set[int],
-               ) -> tuple[list[torch.nn.Embedding], list[torch.nn.Linear]] | None:
-    """The embeddings that look rows up in ``table``'s weight and the Linear layers that
-    multiply by it: the table alone, or, for a weight tied between modules (a language
-    model's input embedding and output layer: GPT-2, OPT, Gemma, T5, BART), its
-    ``nn.Embedding`` lookups and ``nn.Linear`` products. None when another kind of module
-    holds it too, whose products' cost the hooks do not see."""
+               ) -> TableUses | None:
+    """The table alone, or, for a weight tied between modules (a language model's input
+    embedding and output layer: GPT-2, OPT, Gemma, T5, BART), its ``nn.Embedding`` lookups
+    and ``nn.Linear`` products. None when another kind of module holds it too, whose
+    products' cost the hooks do not see."""
     if id(table.weight) not in shared:
-        return [table], []
+        return TableUses(table, [table], [], tied=False)
     holders = [module for module in model.modules()
                if any(p is table.weight for p in module.parameters(recurse=False))]
     lookups = [module for module in holders if isinstance(module, torch.nn.Embedding)]
     heads = [module for module in holders if type(module) is torch.nn.Linear]
     if len(lookups) + len(heads) < len(holders):
         return None
-    return lookups, heads
+    return TableUses(table, lookups, heads, tied=True)
 
 
 def _add_gram(total: torch.Tensor, gradient: torch.Tensor) -> None:
@@ -525,8 +536,8 @@ class Calibration:
         batch_totals = torch.zeros(len(names) + 1, dtype=torch.float64)
         totals = OrderedSum((len(names) + 1,), self.cluster is not None)
         tables = self._tables(names)
-        batch_grams = {name: torch.zeros(2 * (table.embedding_dim,), dtype=torch.float64)
-                       for name, table in tables.items()}
+        batch_grams = {name: torch.zeros(2 * (uses.table.embedding_dim,), dtype=torch.float64)
+                       for name, uses in tables.items()}
         grams = {name: OrderedSum(gram.shape, self.cluster is not None)
                  for name, gram in batch_grams.items()}
         runs = self._runs(False, self.fitting)
@@ -541,14 +552,11 @@ class Calibration:
                 t.grad = None  # the user's own gradients are put back after
                 handles.append(t.register_post_accumulate_grad_hook(
                     lambda t, index=index: _take_gradient(t, index, batch_totals)))
-            shared = _shared_tensors(self.model)
-            for name, table in tables.items():
-                lookups, heads = table_uses(self.model, table, shared) or ([], [])
-                tied = id(table.weight) in shared
-                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name], tied))
-                            for lookup in lookups]
+            for name, uses in tables.items():
+                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name], uses.tied))
+                            for lookup in uses.lookups]
                 handles += [head.register_forward_hook(_head_gram_hook(batch_grams[name]))
-                            for head in heads]
+                            for head in uses.heads]
             with torch.enable_grad(), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()
@@ -597,18 +605,18 @@ class Calibration:
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}
 
-    def _tables(self, names: list[str]) -> dict[str, torch.nn.Embedding]:
+    def _tables(self, names: list[str]) -> dict[str, TableUses]:
         """The embedding tables among ``names`` whose output covariances fit (in all, over
-        every fitting batch) `OUTPUT_COVARIANCE_BYTES`, smallest first."""
+        every fitting batch) `OUTPUT_COVARIANCE_BYTES`, smallest first, with their uses."""
         shared = _shared_tensors(self.model)
-        found = {name: table for name in names
-                 if (table := _table(self.model, name, shared)) is not None}
+        found = {name: uses for name in names
+                 if (uses := _table(self.model, name, shared)) is not None}
         chosen, spent = {}, 0
-        for name, table in sorted(found.items(), key=lambda item: item[1].embedding_dim):
-            spent += table.embedding_dim ** 2 * 8 * len(self.fitting)
+        for name, uses in sorted(found.items(), key=lambda item: item[1].table.embedding_dim):
+            spent += uses.table.embedding_dim ** 2 * 8 * len(self.fitting)
             if spent > OUTPUT_COVARIANCE_BYTES:
                 break
-            chosen[name] = table
+            chosen[name] = uses
         return chosen
 
     def compare(self, outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:
