@@ -57,10 +57,12 @@ def _start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> sub
                             stderr=subprocess.PIPE, text=True)
 
 
-def _torchrun(*args: object, cwd: Path) -> subprocess.Popen:
-    """``torchrun --nproc_per_node=2 ARGS`` on a port the rendezvous picks itself."""
+def _torchrun(*args: object, cwd: Path, monitor_s: float = 0.1) -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 ARGS`` on a port the rendezvous picks itself; torchrun
+    ends the other ranks within ``monitor_s`` of one that fails."""
     return _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                   "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", *map(str, args)], cwd)
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
+                   f"--monitor-interval={monitor_s}", *map(str, args)], cwd)
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -328,7 +330,9 @@ def calibrated(tmp_path_factory) -> dict[str, dict]:
             path.parent.mkdir(parents=True)
         started[name] = out, {how: (_start([sys.executable, str(job), str(out[how]), name],
                                            root) if how == "one"
-                                    else _torchrun(job, out[how], name, cwd=root))
+                                    # the dying rank's partner is given time to see it
+                                    else _torchrun(job, out[how], name, cwd=root,
+                                                   monitor_s=15 if name == "dies" else 0.1))
                               for how in hows}
     return {name: {how: (out[how], *_finish(process)) for how, process in processes.items()}
             for name, (out, processes) in started.items()}
