@@ -142,6 +142,15 @@ def test_unreachable_target(tiny_state, policy, options):
         qlis.compress(tiny_state, policy, **options)
 
 
+def test_layers_that_keep_nothing_of_their_weights_are_named():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with pytest.warns(qlis.QualityWarning, match=r"2 layer\(s\) keep nothing of their "
+                      r"weights .*: 0.weight, 1.weight; the model computes without them"):
+        emptied = qlis.compress(model, "prune", k=1e6)  # every |w| below 1e6 sigma
+    assert len(emptied.warnings) == 1
+    assert not qlis.compress(model, "prune", k=1.5).warnings  # most pruned, not all
+
+
 def test_module_is_untouched_by_default(tiny_vit, tiny_state):
     qlis.compress(tiny_vit, "lapq")
     for name, tensor in tiny_vit.state_dict().items():

@@ -230,6 +230,30 @@ def strict_json(value: Any, **dumps: Any) -> str:
         return json.dumps(clean(value), allow_nan=False, **dumps)
 
 
+UNIFORM_FLAGS = {"k": ("prune",), "bits": ("quant",)}
+"""The uniform flags of the paper's policies, and the policies they set: the others choose
+those values per layer (a uniform --bits would silently override lapq's levels, and --k would
+add pruning to quant)."""
+QUANTIZING_POLICIES = ("quant", "laq", "lapq", "levels")
+"""The policies that quantize by bits, which --granularity, --method and --quantizer shape."""
+
+
+def check_policy_flags(policy: str, given: Collection[str], levels_hint: bool = True) -> None:
+    """Refuse a flag given with a policy it does not apply to, which the library would
+    accept with another meaning or ignore; ``levels_hint``: name `qlis pack`'s ``--set`` way
+    to change the levels."""
+    for key, policies in UNIFORM_FLAGS.items():
+        if key in given and policy not in policies:
+            raise InputError(
+                f"--{key} applies to --policy {' or '.join(policies)}; policy {policy!r} sets "
+                "it per layer" + (f" (use --set {key}_levels=[...] to change its levels)"
+                                  if levels_hint else ""))
+    for key in ("granularity", "method", "quantizer"):
+        if key in given and policy not in QUANTIZING_POLICIES:
+            raise InputError(f"--{key} applies to policies that quantize by bits "
+                             f"({', '.join(QUANTIZING_POLICIES)}), not {policy!r}")
+
+
 @contextlib.contextmanager
 def errors_as_flags(names: Iterable[str], given: Collection[str] = (),
                     help_hint: str = "") -> Iterator[None]:

@@ -24,6 +24,7 @@ from qlis.cli.console import (
     check_input,
     check_output,
     check_output_dir,
+    check_policy_flags,
     errors_as_flags,
     escape,
     human_bytes,
@@ -102,18 +103,7 @@ def _pack_policy(policy: str, given: dict, plan_file: Path | None,
         if options or policy != DEFAULT_POLICY:
             raise InputError("--plan gives every layer's settings: drop --policy and its options")
         return qlis.Plan.coerce(read_json_file(plan_file, "--plan", expected_type=dict)), {}
-    only = {"k": ("prune",), "bits": ("quant",)}
-    for key, policies in only.items():
-        if key in options and policy not in policies:
-            raise InputError(
-                f"--{key} applies to --policy {' or '.join(policies)}; policy {policy!r} sets it "
-                f"per layer (use --set {key}_levels=[...] to change its levels)"
-            )
-    quantizing = ("quant", "laq", "lapq", "levels")
-    for key in ("granularity", "method", "quantizer"):
-        if key in options and policy not in quantizing:
-            raise InputError(f"--{key} applies to policies that quantize by bits "
-                             f"({', '.join(quantizing)}), not {policy!r}")
+    check_policy_flags(policy, options)
     if "min_cosine" in options and not calibrated:
         raise InputError("--min-cosine is measured on calibration data: pass --calib FILE")
     if "max_distortion" in options and calibrated:

@@ -192,6 +192,20 @@ def _snr_db(rel_mse: float) -> float:
     return float("inf") if rel_mse <= 0 else -10 * math.log10(rel_mse)
 
 
+def _emptied(layers: list[LayerPlan]) -> list[str]:
+    """A warning naming the layers that keep nothing of their weights, which the model then
+    computes without; a ratio or a data-free quality line alone does not show it. Pruning
+    and plain rounding (0 on the grid, or the nearest code) leave each weight's error within
+    its magnitude, so a relative error of 1 means every weight became 0; error feedback
+    trades weight error for output error and may exceed 1 with a useful layer."""
+    names = [layer.name for layer in layers if layer.rel_mse >= 1.0 and layer.feedback is None]
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [f"{len(names)} layer(s) keep nothing of their weights (relative error >= 1: "
+            f"pruned or rounded to zeros): {shown}; the model computes without them"]
+
+
 def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) -> list[str]:
     """Warnings naming the planned layers that calibration never ran, and those a policy
     found the calibration's outputs do not depend on (``Calibration.unreached``): both
@@ -346,7 +360,8 @@ class PlannedCompression:
                 distortion["output"]["synthetic"] = True
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
-        result.warnings = (self.policy.review(result) + _unreached(layers, self.calibration)
+        result.warnings = (self.policy.review(result) + _emptied(layers)
+                           + _unreached(layers, self.calibration)
                            + _not_finite(distortion["output"]))
         for warning in result.warnings:
             warnings.warn(warning, QualityWarning, stacklevel=3)

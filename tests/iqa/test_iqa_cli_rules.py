@@ -148,7 +148,13 @@ def test_compress_option_errors_name_the_flags(tmp_path, model_file) -> None:
         ("--policy", "quant", "--target-ratio", "2"): "pass --paper-cr",
         ("--policy", "rd", "--paper-cr", "5"): "unknown option(s) --paper-cr for policy 'rd'; "
                                                "see 'qlis-iqa compress -h'",
-        ("--policy", "rd", "--bits", "4"): "unknown option(s) --bits for policy 'rd'",
+        ("--policy", "rd", "--bits", "4"): "--bits applies to --policy quant; policy 'rd'",
+        # flags the library would take with another meaning: pruning added to quant, lapq's
+        # levels replaced by one, prune rounding at a granularity it never uses
+        ("--policy", "quant", "--k", "1"): "--k applies to --policy prune; policy 'quant'",
+        ("--policy", "lapq", "--bits", "3"): "--bits applies to --policy quant; policy 'lapq'",
+        ("--policy", "prune", "--granularity", "channel"):
+            "--granularity applies to policies that quantize by bits",
     }
     for args, message in cases.items():
         line = refused("compress", model_file, "-o", out, *args)

@@ -28,6 +28,7 @@ from qlis.cli.console import (
     check_input,
     check_output,
     check_output_dir,
+    check_policy_flags,
     errors_as_flags,
     escape,
     human_bytes,
@@ -503,6 +504,7 @@ def compress(
     calibrated = policy == "rd" and calib_images > 0
     if min_cosine is not None and not calibrated:
         raise QlisError("--min-cosine needs --policy rd and --calib-images > 0")
+    check_policy_flags(policy, options, levels_hint=False)
     with _as_flags(given, options):  # options the policy refuses: before the model loads
         make_policy(policy, **options)
     _start_work()
