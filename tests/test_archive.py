@@ -127,6 +127,33 @@ def test_pieces_from_a_quantizer_that_skips_rows_are_refused(tmp_path, monkeypat
         list(archive.read_pieces("w"))
 
 
+def test_memory_that_runs_out_while_dequantizing_is_said_so(tmp_path, monkeypatch):
+    """Under a process memory limit the system's free memory says a tensor fits and its
+    allocation fails (torch raises a RuntimeError): the reader says so, and does not blame
+    the file's parameters; other failures still do."""
+    path = qlis.save(qlis.compress({"w": torch.randn(8, 4)}, "quant", bits=4),
+                     tmp_path / "m.qlis")
+    failure = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 4294967296 bytes. Error code 12")
+
+    def failing(self, q):
+        raise failure
+
+    def failing_rows(self, q):  # a generator, as the quantizers' own: it fails when read
+        yield failing(self, q)
+
+    monkeypatch.setattr(qlis.quantize.quantizers.Quantizer, "dequantize", failing)
+    monkeypatch.setattr(qlis.quantize.quantizers.Quantizer, "dequantized_rows", failing_rows)
+    with qlis.open(path) as archive:
+        for read in (archive.read, lambda name: list(archive.read_pieces(name))):
+            with pytest.raises(InputError, match=r"not enough memory to dequantize tensor "
+                               r"'w' \(128 bytes\)"):
+                read("w")
+        failure = ValueError("shapes do not match")
+        with pytest.raises(ArchiveError, match="'w': inconsistent parameters"):
+            archive.read("w")
+
+
 def test_lazy_reads_and_load_into_model(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     result = qlis.compress(model, policy="quant", bits=8)

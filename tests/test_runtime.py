@@ -277,6 +277,34 @@ def test_bad_runtime_and_missing_model_are_user_errors(tmp_path):
         qlis.load(bare, model=nn.Linear(8, 8), runtime="lowbit")
 
 
+TORCH_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. "
+                                   "DefaultCPUAllocator: can't allocate memory: you tried to "
+                                   "allocate 2147483648 bytes. Error code 12")
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), TORCH_OUT_OF_MEMORY], ids=["numpy", "torch"])
+def test_memory_that_runs_out_while_packing_a_layer_is_a_user_error(tmp_path, monkeypatch,
+                                                                      failure):
+    """A process under a memory limit fails the allocation that the system's free memory
+    said would fit: numpy raises MemoryError, torch's allocator a RuntimeError."""
+    path, _, _ = archive_of(tmp_path, {"id": "uniform", "step": 0.02})
+
+    def raising(error: Exception):
+        def fail(*args, **kwargs):
+            raise error
+        return fail
+
+    monkeypatch.setattr(runtime, "lowbit_module", raising(failure))
+    with torch.device("meta"):
+        model = Toy().eval()
+    with pytest.raises(InputError, match=r"not enough memory to keep layer 'patch' packed"):
+        qlis.load(path, model=model, runtime="lowbit")
+    monkeypatch.setattr(runtime, "lowbit_module", raising(
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    with pytest.raises(RuntimeError, match="shapes"):  # not a user's error: not hidden as one
+        qlis.load(path, model=model, runtime="lowbit")
+
+
 def test_meta_buffer_not_in_the_archive_is_refused_before_any_change(tmp_path):
     path, _, _ = archive_of(tmp_path, {"id": "kmeans", "bits": 2})
     with torch.device("meta"):

@@ -681,6 +681,55 @@ def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path,
     assert out.read_bytes() == expected.read_bytes()
 
 
+def test_a_saved_pass_without_a_layers_candidates_is_measured_again(model_file, tmp_path,
+                                                                    monkeypatch):
+    """An empty list of candidates passed every check and failed the allocation ("a curve
+    needs as many sizes as distortions, at least one"), at every rerun with --resume."""
+    out = tmp_path / "out.qlis"
+    saved = _interrupted_pack(model_file, out, monkeypatch)
+    document = json.loads(saved.read_text())
+    key = next(k for k in document["results"] if k.startswith("rd "))
+    document["results"][key][0] = []
+    saved.write_text(json.dumps(document))
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert "rd" in measured and "inspect" not in measured
+
+
+def test_a_pack_that_fails_after_using_a_saved_pass_measures_again(model_file, tmp_path,
+                                                                   monkeypatch):
+    """A saved candidate every check accepts and no first pass makes (a step so fine that
+    the layer's codes cannot be stored) failed the pack with an error that never named the
+    saved pass, at every rerun with --resume, until the user found the hidden file."""
+    out = tmp_path / "out.qlis"
+    saved = _interrupted_pack(model_file, out, monkeypatch)
+    document = json.loads(saved.read_text())
+    key = next(k for k in document["results"] if k.startswith("rd "))
+    for layer in document["results"][key]:
+        layer.append({"config": {"id": "uniform", "step": 1e-30}, "size": 0.0,
+                      "rel_mse": 0.0, "pruner": None})  # free and exact: always chosen
+    saved.write_text(json.dumps(document))
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert "rd" in measured and "inspect" in measured  # measured again from the start
+    expected = tmp_path / "expected.qlis"
+    qlis.save(qlis.compress(load_state_dict(model_file), target_bits_per_weight=3), expected)
+    assert out.read_bytes() == expected.read_bytes() and not saved.exists()
+
+
+def test_a_pack_refused_after_its_first_pass_leaves_nothing_beside_the_output(
+        model_file, tmp_path, monkeypatch):
+    """A user's error found in the second pass (a tensor of more dimensions than an archive
+    holds) left the saved first pass beside the output, which a rerun could not use."""
+    def refused(*_args, **_kwargs):
+        raise InputError("w: 64 dimensions; archives hold 32 (simulated)")
+
+    monkeypatch.setattr(sys.modules["qlis.archive.pack"], "encode_tensor", refused)
+    with pytest.raises(InputError, match="simulated"):
+        qlis.pack(load_state_dict(model_file), tmp_path / "out.qlis")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", [["x", 1.0, 0.0], [1.0, float("nan"), 0.0], [1.0, 2.0, 1.5],
                                    [1.0, None, 0.0], [1.0, 2.0]])
 def test_saved_layer_statistics_that_no_pass_makes_are_measured_again(model_file, tmp_path,

@@ -57,7 +57,7 @@ from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.regular_files import open_regular_file
 from qlis.runtime import lowbit
-from qlis.workers.memory import available_memory
+from qlis.workers.memory import allocation_failed, available_memory
 from qlis.workers.threads import ordered_map
 from qlis.write_behind import WriteBehind
 
@@ -494,6 +494,15 @@ class Archive:
                 f"{self.path}: not enough memory to decode tensor {name!r} ({needed:,} bytes)"
             ) from None
 
+    def _unreadable(self, name: str, err: Exception) -> QlisError:
+        """The error of a tensor whose parameters do not fit its codes, or that memory could
+        not hold once dequantized (under a process limit the system's free memory hides)."""
+        if allocation_failed(err):
+            entry = self.entry(name)
+            return InputError(f"{self.path}: not enough memory to dequantize tensor {name!r} "
+                              f"({entry.numel * element_size(entry.dtype):,} bytes)")
+        return self._fail(f"tensor {name!r}: inconsistent parameters ({err})")
+
     def _decode(self, entry: TensorEntry, out: np.ndarray) -> np.ndarray:
         name = entry.name
         data = self._read_record(entry.data, f"tensor {name!r}")
@@ -594,8 +603,9 @@ class Archive:
                 tensor = self.quantizer(name).dequantize(quantized)
             except QlisError as err:
                 raise self._fail(f"tensor {name!r}: {err}") from None
-            except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
-                raise self._fail(f"tensor {name!r}: inconsistent parameters ({err})") from None
+            except (MemoryError, RuntimeError, ValueError, IndexError, KeyError,
+                    TypeError) as err:
+                raise self._unreadable(name, err) from None
             if tuple(tensor.shape) != entry.shape or tensor.dtype != quantized.dtype:
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
             return tensor
@@ -629,8 +639,9 @@ class Archive:
                 break
             except QlisError as err:
                 raise self._fail(f"tensor {name!r}: {err}") from None
-            except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
-                raise self._fail(f"tensor {name!r}: inconsistent parameters ({err})") from None
+            except (MemoryError, RuntimeError, ValueError, IndexError, KeyError,
+                    TypeError) as err:
+                raise self._unreadable(name, err) from None
             if (start != done or tuple(values.shape) != (stop - start, width)
                     or values.dtype != quantized.dtype):
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong rows")

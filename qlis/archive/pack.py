@@ -129,12 +129,38 @@ def pack(
             save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
                  source_bytes=source_bytes, progress=progress)
         return result
-    cache = None
-    if cluster is None and isinstance(model_or_state_dict, MappedState):
-        settings = {"policy": repr(policy), "beta": beta,
-                    **{k: v for k, v in options.items() if v is not None}}
-        cache = PassCache(path, input_fingerprint(model_or_state_dict.files(), settings),
-                          resume)
+    if cluster is not None or not isinstance(model_or_state_dict, MappedState):
+        return _streamed(model_or_state_dict, path, policy, beta, codec, metadata,
+                         source_bytes, overwrite, progress, planning_progress, jobs, cluster,
+                         None, options)
+    settings = {"policy": repr(policy), "beta": beta,
+                **{k: v for k, v in options.items() if v is not None}}
+    fingerprint = input_fingerprint(model_or_state_dict.files(), settings)
+    cache = PassCache(path, fingerprint, resume)
+    try:
+        return _streamed(model_or_state_dict, path, policy, beta, codec, metadata,
+                         source_bytes, overwrite, progress, planning_progress, jobs, cluster,
+                         cache, options)
+    except QlisError:
+        cache.discard()  # a rerun that fails the same way has no use for it
+        if not cache.used:
+            raise
+    # what failed may be the saved pass (a file beside the output, like any other hostile
+    # until proven otherwise): measured again, once
+    return _streamed(model_or_state_dict, path, policy, beta, codec, metadata, source_bytes,
+                     overwrite, progress, planning_progress, jobs, cluster,
+                     PassCache(path, fingerprint, resume=False), options)
+
+
+def _streamed(
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike, policy: str | Policy, beta: float, codec: str,
+    metadata: Mapping[str, str] | None, source_bytes: int | None, overwrite: bool,
+    progress: Progress | None, planning_progress: Progress | None, jobs: int | None,
+    cluster: Cluster | None, cache: PassCache | None, options: Mapping[str, Any],
+) -> CompressionResult:
+    """The data-free `pack`: the first pass (saved in ``cache`` where given), the plan, then
+    each tensor executed, encoded and written in the model's order."""
     planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs, cluster=cluster,
                                cache=cache, planning_progress=planning_progress, **options)
     state, plan = planned.state, planned.plan

@@ -6,7 +6,8 @@ data-free pack. After it, `PassCache` writes its results next to the output
 measuring again, when they were made from the same input files (sizes and modification
 times) with the same options, and removes the file once the archive is written. A cache that
 does not match, or does not parse, is ignored and measured again: it is never trusted
-further than the checks below.
+further than the checks below, and a pack that fails after using it measures again, once
+(`qlis.archive.pack.pack`); a pack that fails with a user's error removes it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class PassCache:
         output = Path(output)
         self.path = output.with_name(f".{output.name}-pass1.json")
         self.fingerprint = fingerprint
+        self.used = False
+        """Whether a `lookup` gave saved results (the pass they save was not measured)."""
         self.results: dict[str, list] = {}
         if resume and self.path.is_file():
             self.results = self._read()
@@ -55,9 +58,11 @@ class PassCache:
         if saved is None or len(saved) != count:
             return None
         try:
-            return [from_json(value) for value in saved]
+            found = [from_json(value) for value in saved]
         except (TypeError, ValueError, KeyError):
             return None
+        self.used = True
+        return found
 
     def store(self, key: str, results: list) -> None:
         """Save ``results`` (plain JSON) under ``key``, with everything saved before."""

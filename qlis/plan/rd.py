@@ -123,6 +123,14 @@ class _Candidate:
                    value["pruner"])
 
 
+def _candidates_from_json(found: object) -> list[_Candidate]:
+    """A layer's candidates read back: a list of at least one (keeping the layer as it is is
+    always one), each checked by `_Candidate.from_json`; a ValueError otherwise."""
+    if not isinstance(found, list) or not found:
+        raise ValueError(f"not a layer's candidates: {found!r:.80}")
+    return [_Candidate.from_json(c) for c in found]
+
+
 _POSITIVE = Param("float", 0, low_open=True, optional=True)
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -451,7 +459,7 @@ class RDPolicy(Policy):
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
                            context.cluster, to_json=lambda found: [c.to_json() for c in found],
-                           from_json=lambda found: [_Candidate.from_json(c) for c in found],
+                           from_json=_candidates_from_json,
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
                            cache=context.cache, key=f"rd {self.get_config()}")

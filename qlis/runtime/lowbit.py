@@ -59,7 +59,7 @@ from torch import nn
 from qlis.errors import ConfigError, InputError
 from qlis.quantize.grid import Grid, in_dtype, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
-from qlis.workers.memory import release_freed_memory
+from qlis.workers.memory import allocation_failed, release_freed_memory
 
 RUNTIMES = ("float", "lowbit")
 KERNEL_MAX_ROWS = 8
@@ -391,7 +391,15 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         bias = None
         if module.bias is not None:
             bias = archive.read(f"{name}.bias")
-        replacements[name] = _take_over(module, lowbit_module(q, bias, module))
+        try:
+            packed = lowbit_module(q, bias, module)
+        except (MemoryError, RuntimeError) as err:
+            if not allocation_failed(err):
+                raise
+            raise InputError(f"not enough memory to keep layer {name!r} packed "
+                             f"({q.codes.size:,} codes)") from None
+        replacements[name] = _take_over(module, packed)
+        del packed
         del q, bias
         release_freed_memory()  # the freed temporaries of the layer's decode
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}

@@ -61,6 +61,14 @@ def keep_freed_memory_for_reuse() -> None:
         _MALLOPT(_M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
 
 
+def allocation_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a failed allocation: numpy's MemoryError, or the RuntimeError
+    torch's CPU allocator raises in its place (a process under a memory limit, where the
+    system's free memory said it would fit)."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def available_memory() -> int | None:
     """Bytes the system can give without swapping (Linux's MemAvailable); None where it does
     not say."""
