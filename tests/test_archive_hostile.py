@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import qlis
+from qlis.archive.file import write_tensors
 from qlis.archive.format import (
     ALIASES_VERSION,
     ALIGN,
@@ -199,6 +201,36 @@ def test_other_versions_are_refused_with_the_reason(tmp_path, base):
         path.write_bytes(build(*base, version=version))
         with pytest.raises(ArchiveError, match=f"version {version}.*{word}"):
             qlis.open(path)
+
+
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path):
+    """A byte of 2 read as True: a file the format does not allow, unpacked to other bytes."""
+    path = tmp_path / "b.qlis"
+    write_tensors(path, {"m": torch.tensor([True, False, True, True])})
+    header, data = split(path.read_bytes())
+    record = header["tensors"][0]["data"]
+    assert header["tensors"][0]["codec"] == {"id": "raw"}  # the bytes are the values
+    values = bytearray(data)
+    values[record["offset"] + 1] = 2
+    record["crc32c"] = google_crc32c.value(bytes(values[:record["length"]]))
+    path.write_bytes(build(header, bytes(values)))
+    with qlis.open(path) as archive:
+        for read in (archive.read, lambda name: list(archive.read_pieces(name))):
+            with pytest.raises(ArchiveError, match="'m': a bool tensor holds bytes other "
+                               "than 0 and 1"):
+                read("m")
+
+
+@pytest.mark.parametrize("stated, shown", [("2", '"2"'), (2.0, "2.0"), ([2], "a JSON list")])
+def test_a_header_version_of_another_type_is_shown_as_written(tmp_path, base, stated, shown):
+    """The string "2" was reported as "header version 2 is not the file's version 2"."""
+    header = copy.deepcopy(base[0])
+    header["version"] = stated
+    path = tmp_path / "v.qlis"
+    path.write_bytes(build(json.dumps(header).encode(), base[1]))
+    with pytest.raises(ArchiveError, match=f"header version {re.escape(shown)} is not the "
+                       "file's version"):
+        qlis.open(path)
 
 
 # -- a generator and a mutator of headers (hypothesis) ----------------------------------------

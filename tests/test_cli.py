@@ -207,6 +207,19 @@ def test_corrupt_archives_get_one_line(runner, model_pt, tmp_path):
     assert "no such file" in run_user_error(runner, "info", tmp_path / "none.qlis")
 
 
+def test_an_input_that_cannot_be_reached_says_why(runner, tmp_path):
+    """A loop of links was reported as "no such file" (pathlib's exists() is False for it)."""
+    loop = tmp_path / "loop.qlis"
+    loop.symlink_to(loop)
+    for command in (["info", loop], ["unpack", loop, "-o", tmp_path / "o.pt"],
+                    ["pack", loop, "-o", tmp_path / "m.qlis"], ["inspect", loop]):
+        line = run_user_error(runner, *command)
+        assert line.endswith("loop.qlis: cannot be read (Too many levels of symbolic links)"), line
+    inside_a_file = tmp_path / "none.qlis" / "m.qlis"
+    (tmp_path / "none.qlis").write_bytes(b"")
+    assert run_user_error(runner, "info", inside_a_file).endswith("m.qlis: no such file")
+
+
 def test_bad_options_exit_2(runner, model_pt, tmp_path):
     result = runner.invoke(cli, ["pack", str(model_pt), "-o", str(tmp_path / "m.qlis"),
                                  "--codec", "zip"])

@@ -615,6 +615,9 @@ class Archive:
         dtype = TORCH_DTYPES[entry.dtype]
         size = element_size(entry.dtype)
         patterns = self._decode(entry, self._empty(entry.name, entry.numel, _PATTERN[size]))
+        if dtype == torch.bool and patterns.size and int(patterns.max()) > 1:
+            raise self._fail(f"tensor {entry.name!r}: a bool tensor holds bytes other than "
+                             "0 and 1 (docs/format.md)")
         signed = torch.from_numpy(patterns.view(_SIGNED[size]))
         tensor = signed.to(torch.bool) if dtype == torch.bool else signed.view(dtype)
         return tensor.reshape(entry.shape)

@@ -727,8 +727,10 @@ def _validate_sections(header: dict, entries: _Entries, max_decoded_bytes: int |
     if header.get("format") != "qlis":
         raise ArchiveError("corrupt header (not a qlis header)")
     if header.get("version") != version or not _is_int(header.get("version")):
-        raise ArchiveError(f"header version {str(header.get('version'))[:20]} is not the "
-                           f"file's version {version}")
+        stated = header.get("version")
+        shown = json.dumps(stated)[:20] if isinstance(stated, _SCALAR) else "a JSON " + (
+            "list" if isinstance(stated, list) else "object")
+        raise ArchiveError(f"header version {shown} is not the file's version {version}")
     if "aliases" in header and version < ALIASES_VERSION:
         raise ArchiveError(f"header aliases: a version {version} header has none (they came "
                            f"with version {ALIASES_VERSION})")

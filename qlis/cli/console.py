@@ -389,10 +389,17 @@ def silence_broken_pipe() -> None:
 
 
 def check_input(path: str | os.PathLike, what: str = "file or folder") -> Path:
-    """``path`` if it exists; an InputError naming it otherwise (checked before any work)."""
+    """``path`` if it exists; an InputError naming it otherwise (checked before any work),
+    with the reason where it is not that nothing is there (a loop of links, a folder that
+    cannot be searched): ``Path.exists`` says False for those too."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such {what}")
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputError(f"{escape(str(path))}: no such {what}") from None
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+        raise InputError(f"{escape(str(path))}: cannot be read "
+                         f"({getattr(err, 'strerror', None) or err})") from None
     return path
 
 
