@@ -284,6 +284,23 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
     assert entry.plan["reconstruction"] == "error feedback"
 
 
+def test_an_encoder_decoder_without_a_decoder_start_token_is_refused_in_one_line(tmp_path):
+    """transformers 5 saves a T5 config without decoder_start_token_id unless given one: the
+    shift of its decoder's inputs failed with an AttributeError (a traceback)."""
+    folder = tmp_path / "tiny-t5"
+    config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=2, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    assert getattr(model.config, "decoder_start_token_id", None) is None
+    line = user_error("pack", folder, "-o", tmp_path / "t5.qlis", "--calib", "synthetic",
+                      "--calib-examples", "4")
+    assert "config gives no decoder_start_token_id" in line and "config.json" in line
+    assert not (tmp_path / "t5.qlis").exists()
+    given = [{"input_ids": torch.tensor([[2, 7]]), "decoder_input_ids": torch.tensor([[0, 2]])}]
+    assert hf_model.with_decoder_inputs(model, given) == given  # nothing to make: no error
+
+
 def vit_folder(tmp_path: Path) -> tuple[Path, set[str]]:
     """A tiny ViT folder (no tokenizer) and its module's tensor names."""
     config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -310,6 +310,16 @@ def with_decoder_inputs(model: torch.nn.Module, batches: list[dict[str, torch.Te
     if not (getattr(config, "is_encoder_decoder", False) and callable(prepare)):
         return batches
     given = ("decoder_input_ids", "decoder_inputs_embeds")
-    return [{**batch, "decoder_input_ids": prepare(labels=batch["input_ids"])}
-            if "input_ids" in batch and not any(k in batch for k in given) else batch
-            for batch in batches]
+    needed = [i for i, batch in enumerate(batches)
+              if "input_ids" in batch and not any(k in batch for k in given)]
+    if needed and getattr(config, "decoder_start_token_id", None) is None:
+        # the shift starts the decoder's inputs with it (transformers 5 no longer gives T5
+        # one by default: a config saved by it has none, and T5's shift fails on the lookup)
+        raise InputError(
+            f"this {type(model).__name__}'s config gives no decoder_start_token_id, which "
+            "its decoder's inputs start with: set it in config.json (T5: 0, its padding "
+            "token) or give decoder_input_ids in the calibration batches")
+    fed = list(batches)
+    for i in needed:
+        fed[i] = {**batches[i], "decoder_input_ids": prepare(labels=batches[i]["input_ids"])}
+    return fed
