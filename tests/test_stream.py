@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import qlis
 import qlis.archive.pack
+import qlis.archive.resume
 import qlis.measure.stats
 import qlis.plan.rd
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
@@ -715,6 +716,24 @@ def test_a_pack_that_fails_after_using_a_saved_pass_measures_again(model_file, t
     expected = tmp_path / "expected.qlis"
     qlis.save(qlis.compress(load_state_dict(model_file), target_bits_per_weight=3), expected)
     assert out.read_bytes() == expected.read_bytes() and not saved.exists()
+
+
+def test_a_first_pass_too_large_to_save_is_not_saved_and_the_pack_goes_on(
+        model_file, tmp_path, monkeypatch):
+    """A model of 100,000 small layers made 4 M rd candidates, whose JSON, made all at once
+    to be saved, ran out of memory (a traceback): the file is written a result at a time
+    and given up past the size that reading it back allows."""
+    monkeypatch.setattr(qlis.archive.resume, "MAX_CACHE_BYTES", 2000)
+    out = tmp_path / "out.qlis"
+    saved = _interrupted_pack(model_file, out, monkeypatch)
+    kept = json.loads(saved.read_text())["results"]  # the layers' statistics fit, rd's not
+    assert len(saved.read_bytes()) <= 2000 and [k.split()[0] for k in kept] == ["inspect"]
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
+    assert "rd" in measured and "inspect" not in measured
+    expected = tmp_path / "expected.qlis"
+    qlis.save(qlis.compress(load_state_dict(model_file), target_bits_per_weight=3), expected)
+    assert out.read_bytes() == expected.read_bytes()
 
 
 def test_a_pack_refused_after_its_first_pass_leaves_nothing_beside_the_output(

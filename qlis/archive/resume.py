@@ -16,16 +16,17 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from qlis.archive.atomic import atomic_path
 from qlis.errors import InputError
 from qlis.json_input import read_json_file
 
 MAX_CACHE_BYTES = 1 << 28
-"""256 MiB: the first pass of a model with a million layers."""
+"""256 MiB: the first pass of a model of some 50,000 layers (rd's candidates of one take
+about 5 KB of JSON); a larger one is not saved."""
 
 
 class PassCache:
@@ -38,11 +39,12 @@ class PassCache:
         self.fingerprint = fingerprint
         self.used = False
         """Whether a `lookup` gave saved results (the pass they save was not measured)."""
-        self.results: dict[str, list] = {}
+        self.results: dict[str, tuple[Sequence, Callable[[Any], Any]]] = {}
+        """Results by key, each with what makes one of them plain JSON."""
         if resume and self.path.is_file():
             self.results = self._read()
 
-    def _read(self) -> dict[str, list]:
+    def _read(self) -> dict[str, tuple[Sequence, Callable[[Any], Any]]]:
         try:
             saved = read_json_file(self.path, "the saved first pass", MAX_CACHE_BYTES, dict)
         except InputError:
@@ -50,11 +52,11 @@ class PassCache:
         results = saved.get("results")
         if saved.get("fingerprint") != self.fingerprint or not isinstance(results, dict):
             return {}
-        return {k: v for k, v in results.items() if isinstance(v, list)}
+        return {k: (v, _plain) for k, v in results.items() if isinstance(v, list)}
 
     def lookup(self, key: str, count: int, from_json: Callable[[Any], Any]) -> list | None:
         """The ``count`` results saved under ``key``, decoded; None if absent or unusable."""
-        saved = self.results.get(key)
+        saved, _ = self.results.get(key, (None, None))
         if saved is None or len(saved) != count:
             return None
         try:
@@ -64,15 +66,37 @@ class PassCache:
         self.used = True
         return found
 
-    def store(self, key: str, results: list) -> None:
-        """Save ``results`` (plain JSON) under ``key``, with everything saved before."""
-        self.results[key] = results
-        document = {"fingerprint": self.fingerprint, "results": self.results}
+    def store(self, key: str, results: Sequence,
+              to_json: Callable[[Any], Any] = lambda result: result) -> None:
+        """Save ``results`` under ``key``, each as ``to_json`` makes it plain JSON, with
+        everything saved before: written one result at a time (a model of 100,000 small
+        layers has 4 M rd candidates, whose JSON all at once ran out of memory), and not
+        saved where the file would pass MAX_CACHE_BYTES, which reading it back refuses."""
+        self.results[key] = (results, to_json)
         try:
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(json.dumps(document, allow_nan=False), encoding="ascii")
+            with atomic_path(self.path) as tmp, tmp.open("w", encoding="ascii") as file:
+                self._write(file)
         except (OSError, ValueError):  # the cache only saves time: never fail for it
             self.results.pop(key, None)
+
+    def _write(self, file: TextIO) -> None:
+        """The document {"fingerprint", "results"}, a ValueError past MAX_CACHE_BYTES."""
+        written = 0
+
+        def put(text: str) -> None:
+            nonlocal written
+            written += len(text)
+            if written > MAX_CACHE_BYTES:
+                raise ValueError("the first pass is too large to save")
+            file.write(text)
+
+        put(f'{{"fingerprint": {json.dumps(self.fingerprint)}, "results": {{')
+        for n, (key, (results, to_json)) in enumerate(self.results.items()):
+            put(f'{", " if n else ""}{json.dumps(key)}: [')
+            for i, result in enumerate(results):
+                put(("," if i else "") + json.dumps(to_json(result), allow_nan=False))
+            put("]")
+        put("}}")
 
     def discard(self) -> None:
         """Remove the saved pass (the archive is written: nothing is left to resume). Only a
@@ -81,6 +105,11 @@ class PassCache:
         with contextlib.suppress(OSError):
             if self.path.is_file() and not self.path.is_symlink():
                 self.path.unlink()
+
+
+def _plain(result: Any) -> Any:
+    """A result read back: plain JSON already."""
+    return result
 
 
 def input_fingerprint(files: list[Path], options: Mapping[str, Any]) -> str:

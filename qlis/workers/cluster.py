@@ -194,7 +194,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
         if saved is not None:
             return saved
         results = spread(fn, items, costs, jobs, None, done=done)
-        cache.store(key, [to_json(r) for r in results])
+        cache.store(key, results, to_json)
         return results
     owner, mine = share(cluster, costs)
     found = []
