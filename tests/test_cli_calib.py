@@ -112,8 +112,8 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path, monkeypatch):
     assert "first dimension" in user_error("pack", bert_folder, "-o", out, "--calib", ragged)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"pixel_values": torch.zeros(2, 3)}, str(wrong))
-    assert "does not fit the model" in user_error("pack", bert_folder, "-o", out,
-                                                   "--calib", wrong)
+    assert "'pixel_values' is not a tensor input of BertModel" in user_error(
+        "pack", bert_folder, "-o", out, "--calib", wrong)
     binary = tmp_path / "bytes.txt"
     binary.write_bytes(b"\xff\xfe\x00")
     assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
@@ -196,6 +196,7 @@ def _edited_copy(folder: Path, tmp_path: Path, **config: object) -> Path:
     ("hidden_size", "32"), ("hidden_size", 32.5), ("intermediate_size", -1),
     ("num_attention_heads", [2, 10**9]), ("num_attention_heads", []),
     ("num_attention_heads", [2] * 40),
+    ("num_labels", 10**9),  # transformers made an id2label of 10**9 entries: 100 GB
 ])
 def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
         bert_folder, tmp_path, key, value):
@@ -282,6 +283,33 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
     with qlis.open(tmp_path / "t5.qlis") as archive:  # the decoder was fitted on the text
         entry = archive.entry("decoder.block.0.layer.1.EncDecAttention.q.weight")
     assert entry.plan["reconstruction"] == "error feedback"
+
+
+IDS = torch.randint(5, 40, (8, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"input_ids": IDS, "atention_mask": torch.ones(8, 12)},
+     "calibration tensor 'atention_mask' is not a tensor input of BertModel (its inputs: "
+     "attention_mask, "),
+    ({"input_ids": IDS, "return_dict": torch.ones(8)},
+     "calibration tensor 'return_dict' is not a tensor input of BertModel"),
+    ({"input_ids": IDS, "attention_mask": torch.ones(8, 5, dtype=torch.int64)},
+     "ids and masks must have one length per example; got (examples, length) "
+     "{'attention_mask': (8, 5), 'input_ids': (8, 12)}"),
+    ({"input_ids": IDS, "attention_mask": torch.full((8, 12), float("nan"))},
+     "calibration tensor 'attention_mask' holds NaN or inf"),
+], ids=["misspelt", "a flag", "lengths", "nan"])
+def test_calibration_tensors_the_model_would_ignore_or_misread_are_refused(
+        bert_folder, tmp_path, tensors, message):
+    """transformers 5's forward takes unknown keywords into **kwargs and ignores them, and
+    only the examples' count was compared: each of these calibrated (exit 0) without the
+    input the user meant, or on a mask of NaN."""
+    inputs = tmp_path / "calib.safetensors"
+    save_file(tensors, str(inputs))
+    line = user_error("pack", bert_folder, "-o", tmp_path / "x.qlis", "--calib", inputs)
+    assert message in line, line
+    assert not (tmp_path / "x.qlis").exists()
 
 
 def test_an_encoder_decoder_without_a_decoder_start_token_is_refused_in_one_line(tmp_path):

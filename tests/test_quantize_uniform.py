@@ -82,8 +82,10 @@ def test_other_dtypes_come_back_in_their_dtype(dtype):
     [
         ({}, "exactly one"),
         ({"step": 1.0, "rel_mse": 1e-3}, "exactly one"),
-        ({"step": 0.0}, r"step must be a finite number in \(0, inf\)"),
-        ({"step": float("inf")}, r"step must be a finite number in \(0, inf\)"),
+        ({"step": 0.0}, r"step must be a finite number in \(0, 3.40282e\+38\]"),
+        ({"step": float("inf")}, r"step must be a finite number in \(0, 3.40282e\+38\]"),
+        # past float32, the steps' dtype: a traceback when the steps were made
+        ({"step": 1e39}, r"step must be a finite number in \(0, 3.40282e\+38\]"),
         ({"rel_mse": 16.5}, r"\(0, 16\]"),
         ({"step": 1.0, "rounding": 0.0}, "rounding"),
         ({"step": 1.0, "granularity": "row"}, "granularity"),

@@ -41,6 +41,7 @@ from qlis.models.calib_files import DEFAULT_EXAMPLES as FILE_EXAMPLES
 from qlis.models.calib_files import check_calibration_path, read_calibration
 from qlis.models.checkpoints import load_state_dict, model_file_bytes, read_metadata
 from qlis.models.hf_model import (
+    check_input_names,
     load_hf_model,
     load_tokenizer,
     max_input_length,
@@ -300,11 +301,15 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         if not synthetic:
             check_calibration_path(calib_file)
         model = load_hf_model(path)
-        batches = (_synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
-                                      calib_batch_size or SYNTHETIC_BATCH)
-                   if synthetic else with_decoder_inputs(model, read_calibration(
-                       calib_file, path, calib_examples or FILE_EXAMPLES,
-                       calib_batch_size or FILE_BATCH, max_input_length(model))))
+        if synthetic:
+            batches = _synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
+                                         calib_batch_size or SYNTHETIC_BATCH)
+        else:
+            batches = read_calibration(calib_file, path, calib_examples or FILE_EXAMPLES,
+                                       calib_batch_size or FILE_BATCH, max_input_length(model))
+            if Path(calib_file).suffix != ".txt":  # the tokenizer's names: its own choice
+                check_input_names(model, batches, escape(str(calib_file)))
+            batches = with_decoder_inputs(model, batches)
         examples = sum(len(next(iter(batch.values()))) for batch in batches)
         calib, pooling = sentence_embedding_batches(path, batches)
         state = model.state_dict()

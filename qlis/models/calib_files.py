@@ -40,6 +40,10 @@ def _text_lines(path: Path, examples: int) -> list[str]:
     return lines[:examples]
 
 
+_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+"""Inputs of one value per token (a ``decoder_`` one per decoder token)."""
+
+
 def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str, Any]]:
     inputs = load_state_dict(path)
     rows = {name: (t.shape[0] if t.ndim else None) for name, t in inputs.items()}
@@ -49,6 +53,16 @@ def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str
     count = min(next(iter(rows.values())), examples)
     if count == 0:
         raise InputError(f"{path}: the calibration tensors hold no example")
+    for name, tensor in inputs.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor[:count]).all()):
+            raise InputError(f"{path}: calibration tensor {name!r} holds NaN or inf")
+    for side in ("", "decoder_"):  # the ids and masks of one side run along its tokens
+        per_token = {name: tuple(t.shape[:2]) for name, t in inputs.items()
+                     if t.ndim >= 2 and name in {side + key for key in _PER_TOKEN}}
+        if len(set(per_token.values())) > 1:
+            raise InputError(f"{path}: calibration ids and masks must have one length per "
+                             f"example; got (examples, length) "
+                             f"{dict(sorted(per_token.items()))}")
     return [{name: t[start:min(start + batch_size, count)] for name, t in inputs.items()}
             for start in range(0, count, batch_size)]
 

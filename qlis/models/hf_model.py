@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import math
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ _WIDTH_KEYS = frozenset({
     "num_key_value_heads", "head_dim", "d_model", "d_ff", "d_kv", "ffn_dim", "encoder_ffn_dim",
     "decoder_ffn_dim", "encoder_attention_heads", "decoder_attention_heads", "type_vocab_size",
     "embedding_size", "dim", "hidden_dim",
+    "num_labels",  # transformers builds id2label with this many entries, weights or not
 })
 # The module built may hold at most twice the folder's elements (float16 weights, a float32
 # module) plus this slack for buffers that are not saved (position ids, rotary tables).
@@ -296,6 +298,26 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
                             max_length=limit)
         batches.append(dict(encoded))
     return batches
+
+
+def check_input_names(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                      source: object) -> None:
+    """Refuse calibration tensors under a name that is not a tensor input of the model's
+    ``forward``: transformers 5's models take any other keyword into ``**kwargs`` and
+    ignore it, so a misspelt ``atention_mask`` calibrated without its mask, and a flag such
+    as ``return_dict`` given as a tensor went through. A forward of ``**kwargs`` alone names
+    nothing to check against."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    named = {p.name: p.annotation for p in parameters
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    if not named:
+        return
+    inputs = sorted(name for name, annotation in named.items()
+                    if annotation is inspect.Parameter.empty or "Tensor" in str(annotation))
+    for key in sorted({key for batch in batches for key in batch}):
+        if key not in inputs:
+            raise InputError(f"{source}: calibration tensor {key!r} is not a tensor input of "
+                             f"{type(model).__name__} (its inputs: {', '.join(inputs)})")
 
 
 def with_decoder_inputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],

@@ -874,7 +874,7 @@ class UniformQuantizer(Quantizer):
     """
 
     strategy_id = "uniform"
-    params = {"step": Param("float", 0, low_open=True, optional=True),
+    params = {"step": Param("float", 0, _FLOAT32_MAX, low_open=True, optional=True),
               "rel_mse": Param("float", 0, MAX_REL_MSE, low_open=True, optional=True),
               "granularity": GRANULARITY,
               "rounding": Param("float", 0, 0.5, low_open=True)}
