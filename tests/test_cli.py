@@ -151,6 +151,16 @@ def test_bad_inputs_get_one_line_and_exit_2(runner, tmp_path, command, monkeypat
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_module_is_told_apart_from_bytes_that_are_no_checkpoint(runner, tmp_path):
+    """Random bytes were reported as "pickled Python objects that would run code"."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    assert run_user_error(runner, "inspect", garbage).endswith(
+        "garbage.pt: not a PyTorch checkpoint (its pickle data is not a state dict's)")
+    assert "would run code when loaded (for example a whole nn.Module)" in run_user_error(
+        runner, "inspect", bad_inputs(tmp_path)["module"])
+
+
 def test_nan_error_names_the_layer(runner, tmp_path):
     line = run_user_error(runner, "inspect", bad_inputs(tmp_path)["nan"])
     assert "'w'" in line and "NaN" in line

@@ -298,7 +298,10 @@ def _load_torch(path: Path) -> Mapping:
     _check_zip_records(path)
     try:
         obj = _torch_load(path)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # bytes no pickle of tensors is made of
+            raise InputError(f"{path}: not a PyTorch checkpoint (its pickle data is not a "
+                             "state dict's)") from None
         raise InputError(
             f"{path}: the file holds pickled Python objects that would run code when loaded "
             "(for example a whole nn.Module); save model.state_dict() instead"
