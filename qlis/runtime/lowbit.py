@@ -399,8 +399,7 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
             raise InputError(f"not enough memory to keep layer {name!r} packed "
                              f"({q.codes.size:,} codes)") from None
         replacements[name] = _take_over(module, packed)
-        del packed
-        del q, bias
+        del packed, q, bias
         release_freed_memory()  # the freed temporaries of the layer's decode
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
     rest = {name: archive.read(name) for name in persistent if name not in covered}
