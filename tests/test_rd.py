@@ -18,9 +18,12 @@ from qlis.plan.execute import Realized, execute_layer
 from qlis.plan.rd import (
     _COSINE_PASSES,
     DEFAULT_MAX_DISTORTION,
+    RDPolicy,
     _allocate_for_cosine,
+    _layer_candidates,
     renormalized,
 )
+from qlis.plan.sizes import QUANTIZED_RECORD_BYTES, kept_bytes
 
 
 class TwoPaths(nn.Module):
@@ -278,6 +281,19 @@ def test_a_torchscript_model_is_compressed_data_free_and_refused_calibration(mlp
     assert qlis.compress(scripted).layers
     with pytest.raises(InputError, match="TorchScript"):
         qlis.compress(scripted, calib=[torch.randn(2, 256)], target_ratio=4)
+
+
+def test_a_layer_smaller_than_any_quantized_record_is_kept_unmeasured():
+    """Its bytes as they are undercut every quantized candidate, whose record alone takes
+    more, at no error: measuring its ladder (40 candidates) was all the cost of a model of
+    many tiny tensors (100,000 of shape (1, 1): rd's part of a 2-minute pack)."""
+    small = torch.randn(8, 4)
+    assert kept_bytes(small) <= QUANTIZED_RECORD_BYTES
+    assert [c.config for c in _layer_candidates(small, RDPolicy(), seed=0)] == [None]
+    state = {"small": small, "large": torch.randn(64, 64)}
+    result = qlis.compress(state, target_bits_per_weight=3)
+    assert torch.equal(result.state_dict()["small"], small)
+    assert isinstance(result.tensors["large"], qlis.QuantizedTensor)
 
 
 def test_candidate_estimates_match_the_executed_layer():

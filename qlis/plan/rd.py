@@ -320,6 +320,8 @@ def _layer_candidates(
     numel = w.numel()
     peak = peak_abs(w)
     keep = _Candidate(None, kept_bytes(w, zeros=peak == 0), 0.0)
+    if keep.size <= QUANTIZED_RECORD_BYTES:
+        return [keep]  # smaller than any quantized record, and exact: nothing else is chosen
     if peak and not _SMALLEST_PEAK < peak < _FLOAT32_MAX / COARSEST_STEP:
         return [keep]  # float64 whose steps float32 (the grids' steps) cannot hold
     layer_peak = peak
