@@ -240,7 +240,8 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--calib", "calib_file", type=PATH,
               help="Calibration data for a Hugging Face model folder: a .txt file of one "
                    "example per line (tokenized by the folder's tokenizer), .safetensors/.pt "
-                   "tensors of the model's keyword inputs (one example per row), or "
+                   "tensors named as the model's forward names its inputs (input_ids, "
+                   "attention_mask, ...; one example per row), or "
                    f"'{SYNTHETIC}': random token sequences from a text model's vocabulary, "
                    "when there is no data (the quality is then measured on them).")
 @click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16),
