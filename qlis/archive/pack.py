@@ -21,6 +21,7 @@ import struct
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import closing
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,27 +130,24 @@ def pack(
             save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
                  source_bytes=source_bytes, progress=progress)
         return result
+    streamed = partial(_streamed, model_or_state_dict, path, policy, beta, codec, metadata,
+                       source_bytes, overwrite, progress, planning_progress, jobs, cluster,
+                       options=options)
     if cluster is not None or not isinstance(model_or_state_dict, MappedState):
-        return _streamed(model_or_state_dict, path, policy, beta, codec, metadata,
-                         source_bytes, overwrite, progress, planning_progress, jobs, cluster,
-                         None, options)
+        return streamed(None)
     settings = {"policy": repr(policy), "beta": beta,
                 **{k: v for k, v in options.items() if v is not None}}
     fingerprint = input_fingerprint(model_or_state_dict.files(), settings)
     cache = PassCache(path, fingerprint, resume)
     try:
-        return _streamed(model_or_state_dict, path, policy, beta, codec, metadata,
-                         source_bytes, overwrite, progress, planning_progress, jobs, cluster,
-                         cache, options)
+        return streamed(cache)
     except QlisError:
         cache.discard()  # a rerun that fails the same way has no use for it
         if not cache.used:
             raise
     # what failed may be the saved pass (a file beside the output, like any other hostile
     # until proven otherwise): measured again, once
-    return _streamed(model_or_state_dict, path, policy, beta, codec, metadata, source_bytes,
-                     overwrite, progress, planning_progress, jobs, cluster,
-                     PassCache(path, fingerprint, resume=False), options)
+    return streamed(PassCache(path, fingerprint, resume=False))
 
 
 def _streamed(

@@ -29,6 +29,11 @@ MAX_CACHE_BYTES = 1 << 28
 about 5 KB of JSON); a larger one is not saved."""
 
 
+def _plain(result: Any) -> Any:
+    """A result that is plain JSON already (read back, or made so by its caller)."""
+    return result
+
+
 class PassCache:
     """First-pass results under keys (``"inspect"``, ``"rd"``), tied to a ``fingerprint`` of
     the input files and options; ``resume=False`` starts afresh (and overwrites)."""
@@ -67,7 +72,7 @@ class PassCache:
         return found
 
     def store(self, key: str, results: Sequence,
-              to_json: Callable[[Any], Any] = lambda result: result) -> None:
+              to_json: Callable[[Any], Any] = _plain) -> None:
         """Save ``results`` under ``key``, each as ``to_json`` makes it plain JSON, with
         everything saved before: written one result at a time (a model of 100,000 small
         layers has 4 M rd candidates, whose JSON all at once ran out of memory), and not
@@ -105,11 +110,6 @@ class PassCache:
         with contextlib.suppress(OSError):
             if self.path.is_file() and not self.path.is_symlink():
                 self.path.unlink()
-
-
-def _plain(result: Any) -> Any:
-    """A result read back: plain JSON already."""
-    return result
 
 
 def input_fingerprint(files: list[Path], options: Mapping[str, Any]) -> str:

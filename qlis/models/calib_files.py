@@ -57,8 +57,9 @@ def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor[:count]).all()):
             raise InputError(f"{path}: calibration tensor {name!r} holds NaN or inf")
     for side in ("", "decoder_"):  # the ids and masks of one side run along its tokens
+        names = {side + key for key in _PER_TOKEN}
         per_token = {name: tuple(t.shape[:2]) for name, t in inputs.items()
-                     if t.ndim >= 2 and name in {side + key for key in _PER_TOKEN}}
+                     if t.ndim >= 2 and name in names}
         if len(set(per_token.values())) > 1:
             raise InputError(f"{path}: calibration ids and masks must have one length per "
                              f"example; got (examples, length) "

@@ -201,9 +201,14 @@ def _emptied(layers: list[LayerPlan]) -> list[str]:
     names = [layer.name for layer in layers if layer.rel_mse >= 1.0 and layer.feedback is None]
     if not names:
         return []
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     return [f"{len(names)} layer(s) keep nothing of their weights (relative error >= 1: "
-            f"pruned or rounded to zeros): {shown}; the model computes without them"]
+            f"pruned or rounded to zeros): {_some_names(names)}; the model computes without "
+            "them"]
+
+
+def _some_names(names: list[str]) -> str:
+    """The first five of ``names``, and how many more, for a warning."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) -> list[str]:
@@ -218,10 +223,9 @@ def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) 
     for names, what in ((never_ran, "the calibration never ran"),
                         (off_path, "the calibration's outputs do not depend on")):
         if names:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more"
-                                            if len(names) > 5 else "")
-            found.append(f"{what} {len(names)} planned layer(s): {shown}; they were "
-                         "rounded data-free and their effect on the output was not measured")
+            found.append(f"{what} {len(names)} planned layer(s): {_some_names(names)}; they "
+                         "were rounded data-free and their effect on the output was not "
+                         "measured")
     return found
 
 
