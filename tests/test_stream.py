@@ -5,11 +5,13 @@ publishes atomically or leaves nothing behind; ``qlis pack --jobs``."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +26,13 @@ import qlis.archive.pack
 import qlis.archive.resume
 import qlis.measure.stats
 import qlis.plan.rd
+import qlis.workers.threads
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
 from qlis.cli.main import cli
 from qlis.errors import ConfigError, InputError
 from qlis.models.checkpoints import MappedState, load_state_dict
 from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
-from qlis.workers.threads import check_jobs, default_jobs, ordered_map
+from qlis.workers.threads import GROUP_ITEMS, check_jobs, default_jobs, ordered_map
 
 PLAN = {
     "0.weight": {"quantizer": {"id": "affine", "bits": 4}},
@@ -131,6 +134,28 @@ def test_a_mapped_file_packs_as_the_dict_it_was_saved_from(state, model_file, tm
     qlis.pack(state, tmp_path / "dict.qlis", target_bits_per_weight=3)
     qlis.pack(mapped, tmp_path / "mapped.qlis", target_bits_per_weight=3)
     assert (tmp_path / "dict.qlis").read_bytes() == (tmp_path / "mapped.qlis").read_bytes()
+
+
+@pytest.mark.parametrize("options", POLICIES.values(), ids=POLICIES.keys())
+def test_a_file_is_read_once_a_pass_its_sizes_taken_from_its_header(
+        model_file, tmp_path, monkeypatch, options):
+    """Sizes, dtypes and shapes come from the file's header (`MappedState.layout`): a pack
+    reads each tensor once in each pass that needs its values (the scores, rd's curves, the
+    archive), where summing sizes read them all again (15 reads a tensor)."""
+    reads: collections.Counter[str] = collections.Counter()
+    read = MappedState.__getitem__
+
+    def counted(self: MappedState, name: str) -> torch.Tensor:
+        reads[name] += 1
+        return read(self, name)
+
+    monkeypatch.setattr(MappedState, "__getitem__", counted)
+    mapped = load_state_dict(model_file)
+    qlis.inspect(mapped)
+    assert set(reads.values()) == {1}
+    reads.clear()
+    qlis.pack(mapped, tmp_path / "packed.qlis", **options)
+    assert max(reads.values()) <= 3 and sorted(reads) == sorted(mapped)
 
 
 @pytest.mark.parametrize("options", POLICIES.values(), ids=POLICIES.keys())
@@ -320,6 +345,47 @@ def test_a_large_item_started_early_that_fails_raises_at_its_own_turn():
         for value in ordered_map(fn, range(10), jobs=2, cost=costs.__getitem__, budget=100.0):
             got.append(value)
     assert got == list(range(6))  # everything before it, in order
+
+
+def test_small_items_run_as_one_task_until_their_cost_adds_up(monkeypatch):
+    """Consecutive items cheaper than ``group_below`` are one task while their cost stays
+    within it (and `GROUP_ITEMS` at most); a costlier item is a task of its own; the results
+    are the same, in order."""
+    tasks = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            tasks.append(args[-1] if args else None)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(qlis.workers.threads, "ThreadPoolExecutor", CountingPool)
+    costs = {i: 1.0 for i in range(100)} | {50: 1000.0}
+    got = list(ordered_map(lambda i: -i, range(100), jobs=2, cost=costs.__getitem__,
+                           budget=1e6, group_below=10))
+    assert got == [-i for i in range(100)]
+    assert [len(items) for items in tasks] == [10] * 5 + [1] + [10] * 4 + [9]
+    assert tasks[5] == [50]
+    tasks.clear()
+    assert list(ordered_map(lambda i: i, range(200), jobs=2, cost=lambda _: 0.0,
+                            group_below=10)) == list(range(200))
+    assert [len(items) for items in tasks] == [GROUP_ITEMS] * 3 + [200 - 3 * GROUP_ITEMS]
+
+
+def test_an_item_that_fails_inside_a_group_raises_after_the_ones_before_it():
+    ran = []
+
+    def fn(i: int) -> int:
+        ran.append(i)
+        if i == 13:
+            raise ValueError("item 13 failed")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="item 13 failed"):
+        for value in ordered_map(fn, range(40), jobs=1, cost=lambda _: 1.0, group_below=10):
+            got.append(value)
+    assert got == list(range(13))
+    assert 14 not in ran and 19 not in ran  # the rest of its group never ran
 
 
 def test_ordered_map_raises_at_the_failing_items_turn_and_starts_nothing_far_beyond():

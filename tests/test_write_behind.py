@@ -22,11 +22,11 @@ def chunks(count: int, size: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
 
 
-def written_in_order(path, data: list[np.ndarray], window: int):
+def written_in_order(path, data: list[np.ndarray], window: int, advise_bytes: int = 1):
     """``data`` written one chunk after the other through a `WriteBehind`, then an empty
     write past the end (nothing to write: no advice)."""
     with open(path, "wb") as f:
-        out = WriteBehind(f.fileno(), window=window)
+        out = WriteBehind(f.fileno(), window=window, advise_bytes=advise_bytes)
         offset = 0
         for chunk in data:
             out.write(chunk, offset)
@@ -49,6 +49,20 @@ def test_ranges_are_written_back_at_once_and_dropped_a_window_later(tmp_path, mo
     for i in range(10):
         expected += [(100 * i, 100)] + ([(100 * (i - 2), 100)] if i >= 2 else [])
     assert [(offset, length) for offset, length, _ in advised] == expected
+
+
+def test_short_writes_are_written_back_together_once_they_add_up(tmp_path, monkeypatch):
+    """Writes shorter than ``advise_bytes`` are advised as the span that covers them once
+    they add up to it (one system call for many small records), and dropped as one range a
+    window later; a long write is advised alone, at once."""
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice:
+                        advised.append((offset, length)))
+    data = chunks(9, 100) + chunks(1, 400)
+    path = written_in_order(tmp_path / "out.bin", data, window=500, advise_bytes=300)
+    assert path.read_bytes() == b"".join(c.tobytes() for c in data)
+    assert advised == [(0, 300), (300, 300), (0, 300), (600, 300), (300, 300), (900, 400),
+                       (600, 300)]
 
 
 def test_threads_and_short_writes_put_every_byte_in_place(tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ from qlis.archive.resume import PassCache, input_fingerprint
 from qlis.config import Param
 from qlis.errors import ClusterError, QlisError
 from qlis.models.checkpoints import MappedState
-from qlis.models.tensors import as_state_dict, bit_patterns
+from qlis.models.tensors import as_state_dict, bit_patterns, tensor_layout
 from qlis.plan.compress import (
     DEFAULT_POLICY,
     CompressionResult,
@@ -51,7 +51,12 @@ from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.policy import Policy
 from qlis.plan.spill import CodeSpill
 from qlis.workers.cluster import Cluster, framed, share, unframed
-from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map, single_threaded_ops
+from qlis.workers.threads import (
+    IN_FLIGHT_ELEMENTS,
+    SMALL_TENSOR_ELEMENTS,
+    ordered_map,
+    single_threaded_ops,
+)
 
 Progress = Callable[[int], None]
 Encoded = tuple[EncodedTensor, LayerPlan | None]  # a tensor's records, and its plan row
@@ -171,10 +176,10 @@ def _streamed(
         return encode_tensor(name, stored, codec, plan_entry(layer)), layer
 
     names = list(state)
-    sizes = {name: state[name].numel() for name in names}
+    sizes = {name: t.numel() for name, t in tensor_layout(state).items()}
     owner, owned = share(cluster, list(sizes.values()))
     mine = ordered_map(work, [names[i] for i in owned], jobs, cost=sizes.__getitem__,
-                       budget=IN_FLIGHT_ELEMENTS)
+                       budget=IN_FLIGHT_ELEMENTS, group_below=SMALL_TENSOR_ELEMENTS)
     if cluster is not None and not cluster.leader:
         return _follow(cluster, planned, mine)
     layers: dict[str, LayerPlan] = {}

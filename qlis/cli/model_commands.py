@@ -52,6 +52,7 @@ from qlis.models.sentence_pooling import sentence_embedding_batches
 from qlis.models.synthetic_inputs import DEFAULT_BATCH as SYNTHETIC_BATCH
 from qlis.models.synthetic_inputs import DEFAULT_EXAMPLES as SYNTHETIC_EXAMPLES
 from qlis.models.synthetic_inputs import SYNTHETIC, synthetic_calibration
+from qlis.models.tensors import tensor_layout
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
 from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
@@ -317,7 +318,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     else:
         keep_freed_memory_for_reuse()  # the streaming pack: see its doc
         model = state = load_state_dict(path)
-    total = sum(t.numel() for t in state.values())
+    total = sum(t.numel() for t in tensor_layout(state).values())
     source_bytes = model_file_bytes(path)
     metadata = {"source": path.name}
     metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})

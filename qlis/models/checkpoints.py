@@ -29,7 +29,7 @@ from qlis.archive.atomic import atomic_path
 from qlis.errors import InputError
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 from qlis.regular_files import file_kind, read_small_file
-from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
+from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
 from qlis.write_behind import WriteBehind
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
@@ -161,6 +161,13 @@ class MappedState(ValidatedState):
 
     def __init__(self, specs: dict[str, tuple[Path, int, torch.dtype, list[int], int]]) -> None:
         self._specs = specs  # name -> (file, absolute offset, dtype, shape, bytes)
+        self._layout: dict[str, torch.Tensor] | None = None
+
+    def layout(self) -> Mapping[str, torch.Tensor]:
+        if self._layout is None:  # made once: ~500 bytes a tensor
+            self._layout = {name: torch.empty(shape, dtype=dtype, device="meta")
+                            for name, (_, _, dtype, shape, _) in self._specs.items()}
+        return self._layout
 
     @classmethod
     def of_file(cls, path: Path) -> MappedState:
@@ -636,7 +643,7 @@ def write_safetensors(
             out = WriteBehind(f.fileno())
             for _ in ordered_map(write, range(len(layout)), jobs,
                                  cost=lambda i: math.prod(layout[i][2]),
-                                 budget=IN_FLIGHT_ELEMENTS):
+                                 budget=IN_FLIGHT_ELEMENTS, group_below=SMALL_TENSOR_ELEMENTS):
                 if progress is not None:
                     progress(1)
     except OSError as err:  # a full disk (ENOSPC), a quota, a read-only file system

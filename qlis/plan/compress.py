@@ -22,7 +22,13 @@ from qlis.errors import ConfigError, InputError
 from qlis.measure.calibrate import Calibration, CalibSpec
 from qlis.measure.select import SelectSpec
 from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
-from qlis.models.tensors import as_state_dict, split_aliases, storage_bits, with_aliases
+from qlis.models.tensors import (
+    as_state_dict,
+    split_aliases,
+    storage_bits,
+    tensor_layout,
+    with_aliases,
+)
 from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import Plan, finite_json
@@ -261,7 +267,7 @@ def _check_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> None:
     for name in plan:
         if name not in state:
             raise ConfigError(f"the plan names {name!r}, which the model does not have")
-        if not state[name].is_floating_point():
+        if not tensor_layout(state)[name].is_floating_point():
             raise ConfigError(f"the plan names {name!r}, which is not a floating-point tensor")
 
 
@@ -354,7 +360,8 @@ class PlannedCompression:
         }
         result = CompressionResult(
             tensors=tensors, layers=layers, policy=self.policy, report=self.report,
-            original_bits=sum(t.numel() * storage_bits(t.dtype) for t in self.state.values()),
+            original_bits=sum(t.numel() * storage_bits(t.dtype)
+                              for t in tensor_layout(self.state).values()),
             config=self.config, distortion=distortion, aliases=self.aliases,
         )
         if self.calibration is not None:

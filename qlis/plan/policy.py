@@ -30,7 +30,7 @@ import torch
 from qlis.archive.resume import PassCache
 from qlis.config import Param, check_options
 from qlis.errors import ConfigError
-from qlis.models.tensors import storage_bits
+from qlis.models.tensors import storage_bits, tensor_layout
 from qlis.plan.execute import Realized, pruned_count
 from qlis.plan.plans import LayerConfig, Plan, finite_json
 from qlis.quantize.pruners import get_pruner
@@ -271,7 +271,7 @@ class LevelsPolicy(Policy):
             state = context.state
             assignment = self.assign(
                 scores, self._paper_bits(state, context.report),
-                sum(t.numel() * storage_bits(t.dtype) for t in state.values()),
+                sum(t.numel() * storage_bits(t.dtype) for t in tensor_layout(state).values()),
             )
         return Plan({
             layer.name: LayerConfig(pruner=self.level_pruner(k), quantizer=self.level_quantizer(b))
@@ -290,10 +290,11 @@ class LevelsPolicy(Policy):
                 pruned = get_pruner(config).prune(weight)[0] if config else weight
                 counts[k] = weight.numel() - pruned_count(weight, pruned)
             kept.append(counts)
-        widths = [storage_bits(state[layer.name].dtype) for layer in report.layers]
+        layout = tensor_layout(state)
+        widths = [storage_bits(layout[layer.name].dtype) for layer in report.layers]
         selected = {layer.name for layer in report.layers}
         fixed = sum(
-            t.numel() * storage_bits(t.dtype) for n, t in state.items() if n not in selected
+            t.numel() * storage_bits(t.dtype) for n, t in layout.items() if n not in selected
         )
 
         def paper_bits(assignment: Assignment) -> float:

@@ -35,7 +35,7 @@ from qlis.archive.codecs import entropy_bits
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
 from qlis.measure.distortion import peak_abs, sum_of_squares
-from qlis.models.tensors import storage_bits
+from qlis.models.tensors import storage_bits, tensor_layout
 from qlis.plan.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.plan.execute import Realized, dequantized, execute_layer
 from qlis.plan.plans import LayerConfig, Plan
@@ -537,10 +537,11 @@ class RDPolicy(Policy):
     def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> float | None:
         """Bytes the selected layers may take, from the size target (None: no size target)."""
         selected = {layer.name for layer in report.layers}
-        fixed = HEADER_BYTES + sum(unplanned_bytes(t) for n, t in state.items()
+        layout = tensor_layout(state)
+        fixed = HEADER_BYTES + sum(unplanned_bytes(t) for n, t in layout.items()
                                    if n not in selected)
-        original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in state.values())
-        total = self._target_bytes(original, sum(t.numel() for t in state.values()))
+        original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in layout.values())
+        total = self._target_bytes(original, sum(t.numel() for t in layout.values()))
         if total is None:
             return None
         if total <= fixed:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from qlis.archive.resume import PassCache
 from qlis.errors import ClusterError, QlisError
-from qlis.workers.threads import IN_FLIGHT_ELEMENTS, ordered_map
+from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -199,7 +199,7 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
     owner, mine = share(cluster, costs)
     found = []
     computed = ordered_map(lambda i: fn(items[i]), mine, jobs, cost=costs.__getitem__,
-                           budget=IN_FLIGHT_ELEMENTS)
+                           budget=IN_FLIGHT_ELEMENTS, group_below=SMALL_TENSOR_ELEMENTS)
     for index, result in zip(mine, computed, strict=True):
         found.append(result)
         if done is not None:
