@@ -270,6 +270,8 @@ class ArchiveWriter:
         self._out = WriteBehind(self._fd)
         self._entries: list[dict] = []
         self._offset = 0
+        self._gathered = bytearray()  # short records not written yet, from _gathered_at
+        self._gathered_at = 0
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -287,9 +289,23 @@ class ArchiveWriter:
     def _record(self, data: bytes | memoryview, crc: int) -> dict:
         self._offset = aligned(self._offset)  # the gap reads as zeros
         entry = Record(self._offset, len(data), crc).to_json()
-        self._out.write(np.frombuffer(data, dtype=np.uint8), self._offset)
+        end = self._gathered_at + len(self._gathered)
+        if self._offset + len(data) - self._gathered_at > GATHER_BYTES:
+            self._write_gathered()
+            end = self._gathered_at = self._offset
+        if len(data) >= GATHER_BYTES:
+            self._out.write(np.frombuffer(data, dtype=np.uint8), self._offset)
+            self._gathered_at = self._offset + len(data)
+        else:
+            self._gathered += bytes(self._offset - end)
+            self._gathered += data
         self._offset += len(data)
         return entry
+
+    def _write_gathered(self) -> None:
+        if self._gathered:
+            self._out.write(np.frombuffer(self._gathered, dtype=np.uint8), self._gathered_at)
+            self._gathered = bytearray()
 
     def add(self, encoded: EncodedTensor) -> None:
         """Append one encoded tensor (its records and its header entry)."""
@@ -345,6 +361,7 @@ class ArchiveWriter:
                              data_len)
         room = prefix + raw_header + b" " * (front - PREFIX.size - len(raw_header))
         try:
+            self._write_gathered()
             os.ftruncate(self._fd, data_len)  # the last record's padding reads as zeros
             make_room(self._fd, front, data_len)
             self._out.write(np.frombuffer(room, dtype=np.uint8), 0)
@@ -355,6 +372,11 @@ class ArchiveWriter:
             raise InputError(f"{self.path}: could not be written ({err.strerror or err}); "
                              "free space or write elsewhere") from None
         return self.path
+
+
+GATHER_BYTES = 1 << 20
+"""Records shorter than this are gathered and written together, up to this much: a write is
+a system call (~35 us on the benchmarks' VM), a 100,000-tensor archive's 3.5 s of 31."""
 
 
 def write_tensors(
@@ -391,15 +413,15 @@ def write_tensors(
 
 def _header_bytes(header: dict, data_len: int) -> bytes:
     """The header as ASCII JSON, checked by the reader's own rules (never write what we refuse)."""
-    where = non_finite_path(header)
-    if where is not None:
-        raise InputError(
-            f"cannot write the archive: {where} is not a finite number (JSON has no inf/nan); "
-            "fix the setting that produced it"
-        )
     try:
         raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("ascii")
     except (TypeError, ValueError) as err:
+        where = non_finite_path(header)  # searched only then: a path a value, 5 s at 100,000
+        if where is not None:
+            raise InputError(
+                f"cannot write the archive: {where} is not a finite number (JSON has no "
+                "inf/nan); fix the setting that produced it"
+            ) from None
         raise InputError(f"cannot write the archive header: {err}") from None
     try:
         parse_header(raw, data_len, max_decoded_bytes=None, version=header["version"],
