@@ -66,7 +66,7 @@ class Param:
                       f"{high}{')' if self.high_open or self.high is None else ']'}")
         if self.sequence:
             items = (f"items each {words}" if self.choices else _plural(words)) + (
-                " (or null)" if self.items_optional else "")
+                ", each may be null" if self.items_optional else "")
             words = f"a {'non-empty ' if self.non_empty else ''}list of {items}"
         return words + (" or null" if self.optional else "")
 

@@ -162,3 +162,41 @@ def test_a_version_2_file_has_no_aliases_and_one_without_ties_stays_version_2(tm
         Archive(path)
     untied = qlis.save(qlis.compress(torch.nn.Linear(8, 8)), tmp_path / "u.qlis")
     assert PREFIX.unpack_from(untied.read_bytes())[1] == VERSION
+
+
+def test_an_archive_of_untied_tensors_does_not_load_into_a_model_that_ties_them(tmp_path):
+    """Loading both names into the one tensor would keep the last and lose the first."""
+    torch.manual_seed(0)
+    untied = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    path = qlis.save(qlis.compress(untied), tmp_path / "untied.qlis")
+    shared = nn.Linear(16, 16)
+    tied = nn.Sequential(shared, nn.ReLU(), shared)
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    for runtime in ("float", "lowbit"):
+        with pytest.raises(qlis.InputError, match=r"ties '2.weight' to '0.weight'.*stores them "
+                                                  r"apart\); model unchanged"):
+            qlis.load(path, model=tied, runtime=runtime)
+        assert all(torch.equal(v, before[k]) for k, v in tied.state_dict().items())
+    again = nn.Linear(16, 16)
+    retied = nn.Sequential(again, nn.ReLU(), again)
+    qlis.load(qlis.save(qlis.compress(tied), tmp_path / "tied.qlis"), model=retied)
+    assert retied[0].weight is retied[2].weight
+
+
+@pytest.mark.parametrize("how", ["expanded", "inference"])
+def test_a_model_that_cannot_be_written_into_is_refused_before_anything_changes(tmp_path, how):
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    path = qlis.save(qlis.compress(model), tmp_path / "m.qlis")
+    if how == "expanded":
+        model[2].weight = nn.Parameter(torch.randn(1, 64).expand(8, 64))
+        match = r"'2.weight' of the model repeats its elements"
+    else:
+        with torch.inference_mode():
+            model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+        match = r"'0.weight' of the model is an inference tensor"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(qlis.InputError, match=match):
+        qlis.load(path, model=model)
+    with pytest.raises(qlis.InputError, match=match):
+        qlis.compress(model, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -274,3 +274,21 @@ def test_nan_weight_names_the_layer(tiny_state):
 def test_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         qlis.compress(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"inplace": "yes"}, "inplace must be true or false"),
+    ({"progress": 5}, "progress takes a callable"),
+])
+def test_compress_checks_its_own_arguments_before_any_work(options, match):
+    model = torch.nn.Linear(8, 8)
+    before = model.weight.clone()
+    with pytest.raises(ConfigError, match=match):
+        qlis.compress(model, **options)
+    assert torch.equal(model.weight, before)
+
+
+def test_save_says_what_it_writes_when_given_something_else(tmp_path):
+    with pytest.raises(InputError, match="save writes a compression result .* not a dict"):
+        qlis.save({"w": torch.ones(3)}, tmp_path / "m.qlis")
+    assert not list(tmp_path.iterdir())

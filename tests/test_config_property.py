@@ -177,5 +177,5 @@ def test_messages_say_what_an_option_takes():
                                         "one of 'tensor', 'channel', got"):
         make_policy("rd", granularities=[])
     with pytest.raises(QlisError, match=r"bits_levels must be a non-empty list of integers in "
-                                        r"\[1, 8\] \(or null\), got \[9\]"):
+                                        r"\[1, 8\], each may be null, got \[9\]"):
         make_policy("levels", bits_levels=[9])

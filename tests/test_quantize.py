@@ -11,11 +11,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import qlis
 import qlis.registry
 from qlis import (
     AffineQuantizer,
     BinaryQuantizer,
     ConfigError,
+    InputError,
     KMeansQuantizer,
     QuantizedTensor,
     Quantizer,
@@ -94,6 +96,32 @@ def test_affine_range_is_widened_to_include_zero():
     assert q.dequantize().tolist() == [1.0, 2.0, 3.0]
     q = AffineQuantizer(bits=2).quantize(torch.tensor([-3.0, -1.0]))
     assert q.params["zero_point"].tolist() == [3.0]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_affine_holds_a_range_wider_than_float32_can_subtract(granularity):
+    """3e38 - (-3e38) overflows float32: the step is then computed in float64, and the
+    values come back within half a step."""
+    weight = torch.tensor([[3e38, -3e38, 1e37, 0.0], [2e38, -1e38, 5e37, 1.0]])
+    q = AffineQuantizer(bits=8, granularity=granularity).quantize(weight)
+    assert np.isfinite(q.params["scale"]).all()
+    error, allowed = _affine_reference_error(weight, q, granularity)
+    assert (error <= allowed).all()
+
+
+@pytest.mark.parametrize("weight", [
+    torch.tensor([[3.4028234e38, -3.4028234e38], [1.0, 2.0]]),  # float32's largest
+    torch.tensor([[1e300, -1e300], [1.0, 2.0]], dtype=torch.float64),  # beyond float32
+])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_grid_beyond_float32_is_refused_naming_the_layer(weight, calibrated):
+    model = torch.nn.Linear(2, 2, bias=False).to(weight.dtype)
+    model.weight.data.copy_(weight)
+    calib = [torch.ones(4, 2, dtype=weight.dtype) * 1e-3] if calibrated else None
+    before = model.weight.detach().clone()
+    with pytest.raises(InputError, match="layer 'weight': quantizer 'affine' cannot hold"):
+        qlis.compress(model, policy="quant", bits=8, calib=calib, inplace=True)
+    assert torch.equal(model.weight, before)
 
 
 def test_per_channel_beats_per_tensor_when_rows_differ_in_scale():

@@ -295,6 +295,103 @@ def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
         qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
 
 
+class Flaky(nn.Module):
+    """A linear model that misbehaves from its ``fails_from``-th call on: raises ``error``,
+    or (``error`` None) returns one vector fewer."""
+
+    def __init__(self, fails_from: int, error: Exception | None) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 4)
+        self.calls, self.fails_from, self.error = 0, fails_from, error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls >= self.fails_from:
+            if self.error is not None:
+                raise self.error
+            x = x[1:]
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("division by zero"),
+                                   AssertionError("a check of the model's"),
+                                   RuntimeError("Can't call numpy() on Tensor that requires "
+                                                "grad")])
+@pytest.mark.parametrize("fails_from", [1, 3])
+def test_whatever_the_model_raises_in_any_pass_is_a_clear_error(error, fails_from):
+    model = Flaky(fails_from, error)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    when = "does not fit the model" if fails_from == 1 and isinstance(error, RuntimeError) \
+        else "failed on the calibration data" if fails_from == 1 else "after running on it"
+    with pytest.raises(qlis.InputError, match=rf"{when}.*{type(error).__name__}") as raised:
+        qlis.compress(model, calib=[torch.randn(4, 8), torch.randn(4, 8)])
+    assert raised.value.__cause__ is error or fails_from == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+
+
+def test_an_output_that_changes_shape_between_passes_is_refused():
+    with pytest.raises(qlis.InputError, match=r"changed shape between passes \(\[4, 4\] "
+                                              r"vectors, then \[3, 4\]\)"):
+        qlis.compress(Flaky(3, None), calib=[torch.randn(4, 8), torch.randn(4, 8)])
+
+
+def test_a_model_built_in_inference_mode_is_refused_before_it_is_changed():
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(8, 4))
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(qlis.InputError, match=r"'0.weight' is an inference tensor"):
+        qlis.compress(model, calib=[torch.randn(4, 8)])
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+
+
+class Counting(nn.Module):
+    """A model whose forward updates a buffer (a step counter, an observer's running range)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 4)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += 1
+        return self.layer(x) + 0 * self.seen
+
+
+def test_buffers_a_forward_updates_start_every_pass_as_they_were_and_are_left_so():
+    model = Counting()
+    result = qlis.compress(model, calib=[torch.randn(4, 8) for _ in range(3)])
+    assert model.seen.item() == 0.0 and result.tensors["seen"].item() == 0.0
+
+
+class Unreadable(list):
+    """A list of batches whose third batch raises when it is read."""
+
+    def __getitem__(self, index):
+        if index == 2:
+            raise OSError("the batch file is gone")
+        return super().__getitem__(index)
+
+
+def test_a_batch_that_cannot_be_read_is_named():
+    with pytest.raises(qlis.InputError, match=r"calib= batch 2 could not be read: OSError"):
+        qlis.compress(nn.Linear(8, 4), calib=Unreadable([torch.randn(2, 8)] * 3))
+
+
+def test_an_output_on_the_meta_device_is_refused():
+    class Meta(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x).to("meta")
+
+    with pytest.raises(qlis.InputError, match="output is on the meta device"):
+        qlis.compress(Meta(), calib=[torch.randn(2, 8)])
+
+
 def test_a_callables_model_calls_are_replayed_one_by_one():
     """A callable that runs several batches still lets each pass stop early per call."""
     torch.manual_seed(4)

@@ -52,7 +52,7 @@ from qlis.archive.format import (
 from qlis.archive.front_room import ROOM_BLOCK, make_room
 from qlis.config import Param
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
-from qlis.models.tensors import bit_patterns, with_aliases
+from qlis.models.tensors import bit_patterns, check_loadable, with_aliases
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.regular_files import open_regular_file
@@ -197,6 +197,9 @@ def save(
     >>> sorted(qlis.load(path)) == ["bias", "weight"]
     True
     """
+    if not all(hasattr(result, field) for field in ("tensors", "layers", "header")):
+        raise InputError(f"save writes a compression result (qlis.compress(...)), not a "
+                         f"{type(result).__name__}: compress a state dict first")
     return write_tensors(
         path,
         result.tensors,
@@ -738,8 +741,24 @@ def _check_fits(archive: Archive, model: torch.nn.Module) -> None:
                 problem = f"{name!r} is {dtype} in the archive, {tensor.dtype} in the model"
             if problem:
                 break
+    if problem is None:
+        problem = _untied_in_archive(archive, model)
     if problem:
         raise InputError(f"{archive.path} does not fit the model ({problem}); model unchanged")
+    check_loadable(model, f"{archive.path} cannot be loaded")
+
+
+def _untied_in_archive(archive: Archive, model: torch.nn.Module) -> str | None:
+    """Names the model ties (one tensor) that the archive stores apart: loading both into
+    the one tensor would keep only the last (an empty tensor has nothing to disagree on)."""
+    for names in lowbit.tied_names(model):
+        if math.prod(archive.shape(names[0])) == 0:
+            continue
+        stored = {archive.aliases.get(name, name) for name in names}
+        if len(stored) > 1:
+            return (f"the model ties {names[1]!r} to {names[0]!r}, one tensor; the archive "
+                    "stores them apart")
+    return None
 
 
 def load(
@@ -779,8 +798,9 @@ def load(
         ties = lowbit.tied_names(model)
         try:
             model.load_state_dict(state, assign=on_meta)
-        except RuntimeError as err:
-            raise InputError(f"{path} does not fit the model: {str(err).splitlines()[0]}") from None
+        except RuntimeError as err:  # what the checks before did not foresee
+            detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+            raise InputError(f"{path} does not fit the model: {detail or err}") from None
         if on_meta:
             lowbit.retie(model, ties)
     return state

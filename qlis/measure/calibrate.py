@@ -23,15 +23,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from qlis.errors import ConfigError, InputError
+from qlis.errors import ConfigError, InputError, QlisError
 from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.workers.cluster import Cluster, share_of, together
+from qlis.workers.memory import allocation_failed
 from qlis.workers.threads import single_threaded_ops
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
@@ -61,20 +63,39 @@ input it needs left out, read as None: CLIP's pixel_values given text alone)."""
 
 def first_tensor(output: Any) -> torch.Tensor:
     """The tensor a model output stands for (first of a tuple, dict or ModelOutput)."""
-    if isinstance(output, torch.Tensor):
-        return output
     values: Iterable[Any] = ()
-    if isinstance(output, Mapping):
+    if isinstance(output, torch.Tensor):
+        values = (output,)
+    elif isinstance(output, Mapping):
         values = output.values()
     elif isinstance(output, Sequence):
         values = output
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-    raise InputError(
-        f"the model returned a {type(output).__name__} without a tensor; pass "
-        "calib=callable(model) -> tensor to say which output to compare"
-    )
+    found = next((value for value in values if isinstance(value, torch.Tensor)), None)
+    if found is None:
+        raise InputError(
+            f"the model returned a {type(output).__name__} without a tensor; pass "
+            "calib=callable(model) -> tensor to say which output to compare"
+        )
+    if found.is_meta:
+        raise InputError("the model's output is on the meta device (a tensor without "
+                         "values): load its weights before calibrating")
+    return found
+
+
+def _model_failed(err: Exception, where: str, first: bool) -> InputError:
+    """What the model raised on calibration data, as the user's error: on the first pass a
+    batch it cannot take; after it, a model that no longer computes as it did."""
+    if isinstance(err, MemoryError) or allocation_failed(err):
+        return InputError(f"not enough memory to run the model on the calibration data "
+                          f"({where}): calibrate on smaller batches")
+    text = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+    if first and isinstance(err, _MISFIT_ERRORS):
+        return InputError(f"the calibration data does not fit the model ({where}): {text}")
+    if first:
+        return InputError(f"the model failed on the calibration data ({where}): {text}")
+    return InputError(f"the model failed on the calibration data ({where}) after running on "
+                      f"it before: {text}; calibration needs a model that computes the same "
+                      "way on every pass")
 
 
 def _shared_tensors(model: torch.nn.Module) -> set[int]:
@@ -304,12 +325,23 @@ class Calibration:
         elif cluster is not None:
             raise ConfigError("a callable calib= runs the model its own way and cannot be "
                               "split over ranks: pass a list of input batches")
+        inference = next((name for name, t in model.named_parameters() if t.is_inference()),
+                         None)
+        if inference is not None:
+            raise InputError(
+                f"the model's parameter {inference!r} is an inference tensor (made under "
+                "torch.inference_mode()): calibration measures gradients, which it cannot "
+                "have; build or load the model outside inference mode")
         self.model = model
         self.calib = calib
         # batches that say they were made up (`synthetic_calibration`'s, and what wraps
         # them): the quality measured on them is not the user's data's
         self.synthetic = not callable(calib) and all(
-            getattr(batch, "synthetic", False) is True for batch in calib)
+            getattr(self._batch(i), "synthetic", False) is True for i in range(len(calib)))
+        self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        """The buffers' values before any pass, which every pass starts from (a forward that
+        updates a counter or an observer's range would otherwise change the next pass and
+        leave the user's model changed)."""
         self.cluster = cluster
         self.passes = 0
         self.seconds = 0.0
@@ -386,15 +418,12 @@ class Calibration:
                     except Exception as err:
                         if stop is not None and isinstance(err, stop):
                             continue
-                        if checked and isinstance(err, _MISFIT_ERRORS):
-                            where = "the callable" if callable(self.calib) else f"batch {i}"
-                            raise InputError(
-                                f"the calibration data does not fit the model ({where}): "
-                                f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                            ) from None
-                        raise
+                        if isinstance(err, QlisError):
+                            raise
+                        raise _model_failed(err, self._where(i), checked) from err
         finally:
             self.model.train(was_training)
+            self._restore_buffers()
         self.passes += 1
         self.seconds += time.perf_counter() - start
         return outputs
@@ -408,8 +437,28 @@ class Calibration:
         if callable(self.calib):
             return [(0, lambda: self.calib(self.model))]
         chosen = range(len(self.calib)) if batches is None else batches
-        return [(i, lambda batch=self.calib[i]: self._call(batch))
-                for i in chosen if i in self.local]
+        return [(i, partial(self._call, self._batch(i))) for i in chosen if i in self.local]
+
+    def _batch(self, index: int) -> Any:
+        """Batch ``index`` of a list of batches (a Sequence of the user's: read with care)."""
+        try:
+            return self.calib[index]
+        except Exception as err:
+            raise InputError(f"calib= batch {index} could not be read: {type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:300]}") from err
+
+    def _where(self, batch: int) -> str:
+        return "the callable" if callable(self.calib) else f"batch {batch}"
+
+    def _restore_buffers(self) -> None:
+        """The buffers as they were before the first pass (`_buffers`), where a pass changed
+        them (inside inference mode, which also writes an inference tensor)."""
+        with torch.inference_mode():
+            for name, buffer in self.model.named_buffers():
+                saved = self._buffers.get(name)
+                if (saved is not None and saved.shape == buffer.shape
+                        and saved.dtype == buffer.dtype and not torch.equal(saved, buffer)):
+                    buffer.copy_(saved)
 
     @property
     def forward_calls(self) -> int:
@@ -567,10 +616,16 @@ class Calibration:
                     norms = reference.norm(dim=1, keepdim=True)
                     unit = reference / norms.clamp(min=1e-300)
                     for sample in range(samples):  # noise of its own per batch and sample
-                        output = first_tensor(run())
+                        try:
+                            output = first_tensor(run())
+                        except QlisError:
+                            raise
+                        except Exception as err:
+                            raise _model_failed(err, self._where(i), False) from err
                         if not output.requires_grad:
                             return None
                         f = _vectors(output, detach=False)
+                        self._check_shape(i, f)
                         generator = torch.Generator().manual_seed(
                             hash((seed, sample, i)) & (2**63 - 1))
                         r = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
@@ -581,6 +636,8 @@ class Calibration:
                     for name, gram in batch_grams.items():
                         grams[name].add((i,), gram)
         finally:
+            self.model.train(was_training)
+            self._restore_buffers()
             for handle in handles:
                 handle.remove()
             for name, t in tensors.items():
@@ -590,7 +647,6 @@ class Calibration:
             for t in tensors.values():
                 if id(t) not in flags:
                     t.requires_grad_(False)
-            self.model.train(was_training)
             self.passes += samples
             self.seconds += time.perf_counter() - start
         gather_totals(self.cluster, [totals, *grams.values()])
@@ -619,6 +675,15 @@ class Calibration:
             chosen[name] = uses
         return chosen
 
+    def _check_shape(self, batch: int, vectors: torch.Tensor) -> None:
+        """Refuse a pass's output vectors that are not the shape the first pass gave."""
+        expected = self.reference[batch].shape
+        if vectors.shape != expected:
+            raise InputError(
+                f"the model's output on the calibration data ({self._where(batch)}) changed "
+                f"shape between passes ({list(expected)} vectors, then {list(vectors.shape)}):"
+                " calibration needs a model that computes the same way on every pass")
+
     def compare(self, outputs: Mapping[int, torch.Tensor]) -> dict[str, Any]:
         """Distortion of ``outputs`` (output vectors by batch: this rank's) from the original
         model's, over every rank's. Outputs holding NaN or inf (a model the quantization
@@ -630,6 +695,7 @@ class Calibration:
         # squared cosines summed
         totals = OrderedSum((6,), self.cluster is not None)
         for key, out in outputs.items():
+            self._check_shape(key, out)
             ref = self.reference[key].double()
             dot = (ref * out).sum(dim=1)
             norms = ref.norm(dim=1) * out.norm(dim=1)

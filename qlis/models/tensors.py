@@ -88,6 +88,25 @@ def _may_overlap(tensor: torch.Tensor) -> bool:
     return False
 
 
+def check_loadable(model: torch.nn.Module, what: str) -> None:
+    """Refuse, before anything is written, a model whose tensors cannot be written into in
+    place (what ``load_state_dict`` does, tensor by tensor: one that fails leaves the ones
+    before it overwritten): an inference tensor, or one that repeats its elements."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:
+            continue
+        if tensor.is_inference():
+            raise InputError(
+                f"{what}: tensor {tensor_label(name)} of the model is an inference tensor "
+                "(made under torch.inference_mode()), which cannot be written into; build or "
+                "load the model outside inference mode; the model is unchanged")
+        if _may_overlap(tensor):
+            raise InputError(
+                f"{what}: tensor {tensor_label(name)} of the model repeats its elements (a "
+                "stride-0 view, e.g. from expand()), which cannot be written into; make it "
+                "contiguous first; the model is unchanged")
+
+
 def _checked_tensor(name: object, value: object, where: str) -> torch.Tensor:
     if not isinstance(name, str):
         raise InputError(f"{where}a key is a {type(name).__name__}; tensor names must be strings")

@@ -24,6 +24,7 @@ from qlis.measure.select import SelectSpec
 from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
 from qlis.models.tensors import (
     as_state_dict,
+    check_loadable,
     split_aliases,
     storage_bits,
     tensor_layout,
@@ -322,13 +323,17 @@ def compress(
     >>> result.layers[0].bits, result.policy.strategy_id
     (4, 'quant')
     """
+    Param("bool").check(inplace, "compress: inplace")
+    inplace = inplace and isinstance(model_or_state_dict, torch.nn.Module)
+    if inplace:
+        check_loadable(model_or_state_dict, "compress(inplace=True)")
     planned = plan_compression(
         model_or_state_dict, policy, beta, plan=plan, calib=calib, eps=eps, select=select,
         progress=progress, error_feedback=error_feedback, bias_correction=bias_correction,
         rounding_sweeps=rounding_sweeps, jobs=jobs, **options)
     stored, layers = planned.executor.run(planned.plan)
     result = planned.result(stored, layers)
-    if inplace and isinstance(model_or_state_dict, torch.nn.Module):
+    if inplace:
         model_or_state_dict.load_state_dict(result.state_dict())
     return result
 
@@ -407,6 +412,10 @@ def plan_compression(
     (qlis/plan/spill.py)."""
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
+    for callback, label in ((progress, "progress"), (planning_progress, "planning_progress")):
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"{label} takes a callable(parameters done) or None, got "
+                              f"{type(callback).__name__}")
     checked = check_options(COMPRESS_PARAMS, {
         "beta": beta, "eps": eps, "error_feedback": error_feedback,
         "bias_correction": bias_correction, "rounding_sweeps": rounding_sweeps}, "compress")

@@ -6,14 +6,16 @@ candidate, so a probe measures exactly what the result will hold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from qlis.archive.codecs import optimal_huffman_bits, symbol_histogram
+from qlis.errors import InputError
 from qlis.measure.calibrate import Replacement
-from qlis.measure.distortion import relative_mse
+from qlis.measure.distortion import peak_abs, relative_mse
 from qlis.models.tensors import storage_bits
 from qlis.plan.plans import LayerConfig
 from qlis.plan.sizes import (
@@ -106,7 +108,7 @@ def execute_layer(
         bits = None
     else:
         if hessian is not None:
-            plain = _plain_output_error(weight, pruned, config, hessian, transposed)
+            plain = _plain_output_error(name, weight, pruned, config, hessian, transposed)
             # the fit measures what it leaves, except from a pruned weight or after learned
             # rounding: then the covariance is needed after the fit and must not be its buffer
             measures = pruner is None and not sweeps
@@ -125,6 +127,8 @@ def execute_layer(
             quantizer = get_quantizer(config.quantizer)
             stored = quantizer.quantize(pruned)
             rel_mse = quantizer.relative_error(weight, stored)
+        if not math.isfinite(rel_mse):
+            raise _beyond_float32(name, weight, config)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
         counts = _symbol_counts(stored.codes, stored.n_levels)
@@ -153,12 +157,24 @@ def execute_layer(
     return stored, plan
 
 
-def _plain_output_error(weight: torch.Tensor, pruned: torch.Tensor, config: LayerConfig,
-                        hessian: torch.Tensor, transposed: bool) -> float:
+def _plain_output_error(name: str, weight: torch.Tensor, pruned: torch.Tensor,
+                        config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float:
     """The output error of plain rounding, what ``LayerPlan.feedback`` compares the fed-back
     weight's with (float32 products: it is a ratio)."""
     plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
+    if not bool(torch.isfinite(plain).all()):
+        raise _beyond_float32(name, weight, config)
     return output_error(plain - weight, hessian, transposed, dtype=torch.float32)
+
+
+def _beyond_float32(name: str, weight: torch.Tensor, config: LayerConfig) -> InputError:
+    """A quantizer whose grid, sized by the weight's range, does not fit float32 (values
+    near float32's largest, or a float64 weight beyond it)."""
+    return InputError(
+        f"layer {name!r}: quantizer {config.quantizer.get('id')!r} cannot hold its values "
+        f"(up to {peak_abs(weight):.3g}): its grid leaves float32's range; keep the layer "
+        "as it is or use rd"
+    )
 
 
 @dataclass(frozen=True)

@@ -422,6 +422,8 @@ class AffineQuantizer(Quantizer):
         else:
             lo = hi = torch.zeros(rows.shape[0])
         scale = (hi - lo) / top
+        if not bool(torch.isfinite(scale).all()):  # hi - lo beyond float32, as from +-3e38
+            scale = ((hi.double() - lo.double()) / top).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.round(-lo / scale).clamp(0, top)
         params = {"scale": scale.numpy(), "zero_point": zero_point.numpy()}
