@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import qlis
+from qlis.archive.file import ArchiveWriter
 from qlis.cli.main import cli
 from qlis.plan.rd import DEFAULT_MAX_DISTORTION
 
@@ -197,6 +201,34 @@ def test_option_errors_name_the_commands_flags(model_file, tmp_path, args, expec
     # the library's messages name its keywords (target_ratio=); a command user typed flags
     message = user_error("pack", model_file, "-o", tmp_path / "m.qlis", *args)
     assert expected in message and "target_ratio" not in message
+
+
+def test_a_terminated_pack_unwinds_as_an_interrupted_one_and_leaves_no_file(
+        model_file, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's time limit, torchrun ending a job) ended the process where it
+    stood, leaving the archive being written under a hidden name."""
+    add = ArchiveWriter.add
+
+    def terminated(self, encoded):
+        add(self, encoded)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # the handler raises here
+
+    monkeypatch.setattr(ArchiveWriter, "add", terminated)
+    out = tmp_path / "out"
+    out.mkdir()
+    def ignored(signum, frame):  # without the command's own handler: the test goes on
+        pass
+
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        result = invoke("pack", model_file, "-o", out / "m.qlis", "--jobs", "1")
+        assert signal.getsignal(signal.SIGTERM) is ignored  # given back after the command
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 130 and result.output.strip().endswith("qlis: interrupted")
+    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+    assert not (out / "m.qlis").exists()
 
 
 def test_an_interrupted_pack_says_so_and_exits_as_shells_expect(model_file, tmp_path,

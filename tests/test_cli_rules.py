@@ -103,6 +103,13 @@ def test_pack_checks_the_output_before_loading(model_pt, tmp_path, no_loading):
     assert "no such file" in one_line_error("pack", tmp_path / "none.pt", "-o", tmp_path / "m.qlis")
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a folder no file "
+                                                             "can be made in")
+def test_an_output_whose_folder_takes_no_file_is_refused_before_loading(model_pt, no_loading):
+    line = one_line_error("pack", model_pt, "-o", "/proc/m.qlis")
+    assert line.startswith("qlis: error: /proc/m.qlis: cannot write beside it (")
+
+
 def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path, no_loading):
     before = model_pt.read_bytes()
     assert "must end in .png" in one_line_error("inspect", model_pt, "--plot", tmp_path / "x.jpg")

@@ -209,7 +209,9 @@ def test_a_rank_that_dies_mid_pack_ends_the_job_without_an_archive(tmp_path):
             sys.exit(3)
         say(f"PACKED rank {rank}")
     """)
-    rc, out_text, err = _finish(_torchrun(script, model, out, cwd=tmp_path))  # or: hung
+    # torchrun checks its ranks every 15 s here: on a loaded machine, at 0.1 s it ended rank 0
+    # (SIGTERM: no clean-up in a script) before gloo told it that rank 1 was gone
+    rc, out_text, err = _finish(_torchrun(script, model, out, cwd=tmp_path, monitor_s=15))
     assert "DYING rank 1" in out_text, out_text + err[-4000:]  # the hook was reached
     assert rc != 0
     assert "PACKED" not in out_text

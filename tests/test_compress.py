@@ -292,3 +292,10 @@ def test_save_says_what_it_writes_when_given_something_else(tmp_path):
     with pytest.raises(InputError, match="save writes a compression result .* not a dict"):
         qlis.save({"w": torch.ones(3)}, tmp_path / "m.qlis")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("select", [lambda name, t: 1 / 0, lambda name, t: t])
+def test_a_select_callable_that_raises_or_answers_no_truth_value_is_named(select):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ConfigError, match=r"select= raised \w+ on tensor '0.weight'"):
+        qlis.compress(model, select=select)

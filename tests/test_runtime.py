@@ -153,6 +153,14 @@ def test_int8_kernel_branch_handles_an_uncentred_zero_point():
     assert torch.equal(module(x), expected)
 
 
+def test_an_input_of_the_wrong_width_gets_the_message_a_linear_layer_gives():
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(16, 32))
+    module = runtime.Int8Linear(q, None)
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied "
+                                           r"\(2x31 and 32x16\)"):
+        module(torch.randn(2, 31))
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_levels=st.integers(1, 65536), size=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
 def test_pack_codes_round_trips(n_levels, size, seed):

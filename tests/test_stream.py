@@ -645,6 +645,34 @@ def test_unpack_refuses_a_shard_size_that_is_not_one(model_file, tmp_path, size)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["model-00001-of-00001.safetensors",
+                                  "model.safetensors.index.json",
+                                  ".model-00001-of-00001.safetensors.partial"])
+def test_unpack_into_shards_never_replaces_its_own_input(model_file, tmp_path, name):
+    """An archive under a name the shards take, in the folder they go to: refused, even with
+    --force, before anything is written (it was replaced by the shard it was read into)."""
+    archive = tmp_path / name
+    qlis.pack(load_state_dict(model_file), archive)
+    before = archive.read_bytes()
+    link = tmp_path / "link.qlis"
+    link.symlink_to(archive)
+    for given in (archive, link):
+        result = run(cli, "unpack", given, "-o", tmp_path, "--max-shard-size", "1GB", "--force")
+        assert result.exit_code == 2 and "is the input" in result.stderr, result.output
+    assert archive.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "link.qlis"])
+
+
+@pytest.mark.parametrize("target", ["loop", "nowhere"])
+def test_unpack_into_shards_says_a_link_that_leads_nowhere_is_not_a_folder(model_file, tmp_path,
+                                                                          target):
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    (tmp_path / "loop").symlink_to(tmp_path / target)
+    result = run(cli, "unpack", archive, "-o", tmp_path / "loop", "--max-shard-size", "1GB")
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+
+
 # Resuming an interrupted pack
 
 

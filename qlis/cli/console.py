@@ -19,7 +19,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -316,6 +319,25 @@ PATH = _PathParameter(path_type=Path)
 """The type of every path argument and option of `qlis` and `qlis-iqa`."""
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, torchrun ending a failed job's other ranks) unwinds
+    the command as Ctrl-C does, so that the files it was writing are removed; by default it
+    ended the process where it stood and left them. Only the main thread sets a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class CommandGroup(click.Group):
     """The error policy of both commands: a user's mistake is one line ``PROG: error: ...``
     on stderr and exit code 2, whether it comes from the library (a QlisError), the system (an
@@ -340,7 +362,8 @@ class CommandGroup(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         prog = kwargs.get("prog_name") or self.name
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            with _terminated_as_interrupted():
+                result = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as err:
             where = err.ctx.command_path if err.ctx is not None else prog
             click.echo(f"{prog}: error: {_one_line(err)} (see '{where} -h')", err=True)
@@ -446,7 +469,17 @@ def check_output(
         raise InputError(f"{path} is a folder; give a file name")
     if (path.exists() or path.is_symlink()) and not force:
         raise InputError(f"{path} exists; pass --force to replace it")
+    _check_writable(parent, path)
     return path
+
+
+def _check_writable(folder: Path, path: Path) -> None:
+    """Refuse an output whose folder cannot take a file, before the work (a calibrated
+    compress ran 20 s before it found out): the output is written beside itself first."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise InputError(f"{path}: cannot write beside it ({err.strerror or err})") from None
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -475,7 +508,7 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
     """The rule for an output folder: its parent must exist, and a folder that already holds
     files is written into only with ``force``."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
+    if (path.exists() or path.is_symlink()) and not path.is_dir():  # a link to nowhere too
         raise InputError(f"{path} exists and is not a folder")
     if not path.parent.is_dir():
         raise _no_folder(path.parent)

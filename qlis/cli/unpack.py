@@ -83,7 +83,7 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
             progress = bar("unpacking", len(rows), "tensors")
             if max_shard_size is not None:
                 files = _shards(output, layout, archive.read_pieces, max_bytes, progress,
-                                source, jobs)
+                                source, jobs, [path])
             elif output.suffix == ".safetensors":
                 write_safetensors(output, layout, archive.read_pieces, progress=progress,
                                   metadata=source, overwrite=force, jobs=jobs)

@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 import torch
-from numba import njit
+
+from qlis.compiled import njit
 
 CHUNK_ELEMENTS = 1 << 20
 """Large tensors are quantized, dequantized and measured this many elements at a time

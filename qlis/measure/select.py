@@ -36,7 +36,7 @@ def make_selector(select: SelectSpec = None) -> Selector:
     if select is None:
         return default_select
     if callable(select):
-        return select
+        return _users(select)
     if isinstance(select, str):
         patterns = [select]
     elif isinstance(select, list | tuple) and all(isinstance(p, str) for p in select):
@@ -49,3 +49,17 @@ def make_selector(select: SelectSpec = None) -> Selector:
         return tensor.is_floating_point() and any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     return by_pattern
+
+
+def _users(select: Selector) -> Selector:
+    """A user's ``select`` callable, whatever it raises (or returns that is no truth value) a
+    ConfigError naming the tensor it was asked about."""
+
+    def chosen(name: str, tensor: torch.Tensor) -> bool:
+        try:
+            return bool(select(name, tensor))
+        except Exception as err:
+            raise ConfigError(f"select= raised {type(err).__name__} on tensor {name!r}: "
+                              f"{(str(err).splitlines() or [''])[0][:200]}") from err
+
+    return chosen

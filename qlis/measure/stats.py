@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from numba import njit
 
 from qlis.archive.codecs import symbol_histogram
 from qlis.archive.resume import PassCache
+from qlis.compiled import njit
 from qlis.config import Param, check_options
 from qlis.errors import InputError
 from qlis.measure.distortion import CHUNK_ELEMENTS, peak_abs

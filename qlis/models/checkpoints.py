@@ -18,7 +18,7 @@ import stat
 import struct
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -692,6 +692,13 @@ def _remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is absent (or unreadable): not one file
+        return False
+
+
 def write_sharded_safetensors(
     folder: str | Path,
     layout: list[tuple[str, str, list[int]]],
@@ -700,18 +707,24 @@ def write_sharded_safetensors(
     progress: Callable[[int], None] | None = None,
     metadata: Mapping[str, str] | None = None,
     jobs: int | None = 1,
+    inputs: Sequence[Path] = (),
 ) -> list[Path]:
     """Tensors as Hugging Face shards in ``folder`` (an existing folder): files
     ``model-00001-of-0000N.safetensors`` of at most ``max_shard_bytes`` each and the index
     ``model.safetensors.index.json`` that ``transformers`` loads them by. Every shard is
     written under a hidden name first and takes its own name only once all are complete, the
     index last: a failure (a corrupt archive found while decoding) leaves the folder as it
-    was, and files of those names are replaced only by a complete set. Returns the files
-    written, the index last."""
+    was, and files of those names are replaced only by a complete set. A file of ``inputs``
+    (what is being read) under one of those names is refused before anything is written.
+    Returns the files written, the index last."""
     folder = Path(folder)
     shards = split_into_shards(layout, max_shard_bytes)
     names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
              for number in range(1, len(shards) + 1)]
+    for name in [*names, *(f".{name}.partial" for name in names), SHARD_INDEX]:
+        if any(_same_file(folder / name, given) for given in inputs):
+            raise InputError(f"{folder / name}: is the input, which the shards would replace; "
+                             "unpack into another folder")
     weight_map, partial = {}, []
     try:
         for name, shard in zip(names, shards, strict=True):

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
-from numba import njit
 
 from qlis.archive.codecs import entropy_bits
+from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
 from qlis.measure.distortion import peak_abs, sum_of_squares

@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from numba import njit
 
+from qlis.compiled import njit
 from qlis.errors import ArchiveError
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from numba import njit
 
 from qlis.archive.format import code_dtype as stored_code_dtype
+from qlis.compiled import njit
 from qlis.config import Param, config_id
 from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.measure.distortion import CHUNK_ELEMENTS, relative_unit, squared_sums

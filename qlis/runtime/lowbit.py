@@ -277,6 +277,7 @@ class Int8Linear(_LowBit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.ndim == 0 or x.shape[-1] != self.shape[1]  # F.linear says what is wrong
                 or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
                 or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
             return F.linear(x, self.dequantized_weight(), self.bias)

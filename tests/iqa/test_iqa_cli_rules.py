@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from cli_helpers import one_line_error, run
+from safetensors import SafetensorError
 
+import qlis_iqa.backbones as backbones
 from qlis.cli.choices import codec_names
 from qlis_iqa.backbones import random_backbone
 from qlis_iqa.cli import cli
@@ -168,3 +170,22 @@ def test_compress_errors_raised_while_packing_name_the_flags(tmp_path) -> None:
     line = refused("compress", model, "-o", tmp_path / "x.qlis", "--policy", "quant",
                    "--bits", "2", "--paper-cr", "1000")
     assert "--paper-cr 1000.0 is out of reach for policy 'quant'" in line, line
+
+
+def test_a_backbone_that_cannot_be_written_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """save_pretrained writes config.json before the weights: where the weights fail (a
+    read-only folder, a full disk), the folder keeps its old files and no hidden one."""
+    folder = tmp_path / "bb"
+    assert invoke("make-backbone", "--family", "dino", "-o", folder).exit_code == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = random_backbone("dino", "tiny", seed=5)
+
+    def failing(out, **_):
+        model.config.save_pretrained(out)
+        raise SafetensorError("Error while serializing: I/O error: Permission denied")
+
+    monkeypatch.setattr(model, "save_pretrained", failing)
+    monkeypatch.setattr(backbones, "random_backbone", lambda *args: model)
+    line = refused("make-backbone", "--family", "dino", "--seed", "5", "-o", folder, "--force")
+    assert "bb: the backbone could not be written (Error while serializing" in line
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

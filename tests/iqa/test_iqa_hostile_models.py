@@ -17,7 +17,7 @@ import pytest
 import torch
 from cli_helpers import one_line_error
 from iqa_helpers import write_image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qlis_iqa.backbones import load_backbone, random_backbone
 from qlis_iqa.cli import cli
@@ -44,6 +44,22 @@ def test_checkpoints_with_non_finite_weights_are_refused(
     path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     with pytest.raises(IQAError, match=r"1 tensor\(s\) hold NaN or infinite values.*head.2"):
         load_model(path)
+
+
+def test_a_backbone_folder_with_non_finite_weights_is_refused_not_trained_on(
+    backbones: dict[str, Path], tmp_path: Path, sample_root: Path
+) -> None:
+    """Training on it "diverged", advising a lower learning rate."""
+    folder = shutil.copytree(backbones["dino"], tmp_path / "w")
+    weights = load_file(folder / "model.safetensors")
+    name = next(n for n, t in weights.items() if t.is_floating_point() and t.ndim == 2)
+    weights[name][0, 0] = math.nan
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(IQAError, match=rf"the weights in {folder}: 1 tensor\(s\) hold NaN"):
+        load_backbone("dino", folder)
+    line = one_line_error(cli, "qlis-iqa: error:", "train", "--family", "dino", "--root",
+                          sample_root, "--weights", folder, "-o", tmp_path / "run")
+    assert "hold NaN or infinite values" in line and not (tmp_path / "run").exists()
 
 
 def test_stored_preprocessing_std_is_bounded_below() -> None:
@@ -97,6 +113,19 @@ def test_weights_folders_with_hostile_configs_are_refused(
     (folder / "config.json").write_text(json.dumps([config] if changes is None
                                                    else {**config, **changes}))
     with pytest.raises(IQAError, match=message):
+        load_backbone("clip", folder)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "nowhere", "folder"])
+def test_a_config_json_that_is_not_a_file_is_said_to_be_so_not_missing(
+    backbones: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    folder = shutil.copytree(backbones["clip"], tmp_path / "w")
+    config = folder / "config.json"
+    config.unlink()
+    {"fifo": lambda: os.mkfifo(config), "device": lambda: config.symlink_to("/dev/zero"),
+     "nowhere": lambda: config.symlink_to(config), "folder": config.mkdir}[kind]()
+    with pytest.raises(IQAError, match=r"config.json is not a regular file"):
         load_backbone("clip", folder)
 
 
@@ -157,6 +186,34 @@ def test_fifos_devices_and_dangling_links_are_unreadable_images(
         4: f"{paths[4]}: unreadable (not an image format PIL knows)",
         5: f"{paths[5]}: unreadable (not a regular file)",
     }
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_an_unreadable_entry_not_left_out(
+    tiny_model: torch.nn.Module, tmp_path: Path, monkeypatch
+) -> None:
+    folder = tmp_path / "imgs"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "open").mkdir()
+    write_image(folder / "a.png", 0)
+    write_image(folder / "open" / "b.png", 1)
+    write_image(folder / "locked" / "c.png", 2)
+    scandir = os.scandir
+
+    def refusing(path):  # what a folder of mode 000 does to a user other than root
+        if Path(path).name in ("locked", "imgs") and refused_now[0] in (Path(path).name, "*"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    refused_now = ["locked"]
+    monkeypatch.setattr(os, "scandir", refusing)
+    paths = list_images(folder, recursive=True)
+    assert [p.relative_to(folder).as_posix() for p in paths] == ["a.png", "locked", "open/b.png"]
+    scores = score_images(tiny_model, paths)
+    assert sorted(scores.scores) == [0, 2]
+    assert scores.errors == {1: f"{paths[1]}: a folder whose files cannot be listed"}
+    refused_now[0] = "*"
+    with pytest.raises(IQAError, match=r"imgs: cannot be read \(Permission denied\)"):
+        list_images(folder)
 
 
 def test_cached_feature_keys_do_not_wait_on_fifos_or_read_devices(

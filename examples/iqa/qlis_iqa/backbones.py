@@ -9,6 +9,8 @@ machine. Random-initialised backbones (tests, benchmarks without weights) carry 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -55,6 +57,16 @@ def is_random_init(config: PretrainedConfig) -> bool:
     return bool(getattr(config, RANDOM_INIT_FLAG, False))
 
 
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Refuse a model holding NaN or infinite values: every score it gives would be NaN, and
+    NaN correlations would be printed as if they were results (training "diverged")."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise IQAError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values "
+                       f"(first: {bad[0][:80]!r}); refused")
+
+
 def random_backbone(family: str, size: str = "tiny", seed: int = 0) -> PreTrainedModel:
     """A random-initialised backbone of the family: 'tiny' for tests, 'full' = the paper's shape."""
     fam = get_family(family)
@@ -71,9 +83,22 @@ def random_backbone(family: str, size: str = "tiny", seed: int = 0) -> PreTraine
 def save_random_backbone(
     family: str, out_dir: str | Path, size: str = "tiny", seed: int = 0
 ) -> Path:
-    """Write a random-initialised backbone folder that `load_backbone` accepts."""
+    """Write a random-initialised backbone folder that `load_backbone` accepts. It is made in
+    a hidden folder first (inside an existing ``out_dir``, else beside it) and its files are
+    then moved in: a write that fails (a read-only folder, a full disk) leaves ``out_dir`` as
+    it was, where ``save_pretrained`` into it rewrote config.json before the weights failed."""
     out = Path(out_dir)
-    random_backbone(family, size, seed).save_pretrained(out)
+    model = random_backbone(family, size, seed)
+    try:
+        with tempfile.TemporaryDirectory(dir=out if out.is_dir() else out.parent,
+                                         prefix=f".{out.name}.") as tmp:
+            model.save_pretrained(tmp)
+            out.mkdir(exist_ok=True)
+            for file in sorted(Path(tmp).iterdir()):
+                os.replace(file, out / file.name)
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise IQAError(f"{out}: the backbone could not be written ({reason})") from None
     return out
 
 
@@ -197,7 +222,9 @@ def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTra
             f"the weights in {source} do not fit the {fam.title} backbone: {len(missing)} "
             f"tensors missing (first: {', '.join(missing[:3])}); is this a {fam.name} model?"
         )
-    return model.float().eval()  # weights stored in half precision run on float32 inputs
+    model = model.float().eval()  # weights stored in half precision run on float32 inputs
+    check_finite(model, f"the weights in {source}")
+    return model
 
 
 def load_backbone(
@@ -216,7 +243,11 @@ def load_backbone(
         if not folder.is_dir():
             raise IQAError(f"--weights {folder} is a file; give the folder that holds config.json")
         for cand in _candidate_folders(fam, folder):
-            if (cand / "config.json").is_file():
+            config = cand / "config.json"
+            if (config.exists() or config.is_symlink()) and not config.is_file():
+                raise IQAError(f"{config} is not a regular file (a folder, a device, a pipe "
+                               "or a link to nowhere); give the backbone's own config.json")
+            if config.is_file():
                 if pickled := _pickle_only(cand):
                     raise IQAError(_pickle_refused(cand, pickled))
                 try:

@@ -151,7 +151,8 @@ def _refuse_inputs(outputs: Iterable[Path], files: Iterable[Path], trees: Iterab
     for output in outputs:
         for file in existing:
             if same_file(output, file):
-                raise InputError(f"{output} is one of the inputs ({file}); write the output "
+                through = f" ({file})" if Path(file) != Path(output) else ""  # a link's target
+                raise InputError(f"{output} is one of the inputs{through}; write the output "
                                  "somewhere else")
         target = output.resolve()
         if target in input_folders:

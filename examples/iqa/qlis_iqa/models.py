@@ -26,6 +26,7 @@ from qlis_iqa.backbones import (
     RANDOM_LABEL,
     attention,
     build_backbone,
+    check_finite,
     get_family,
     is_random_init,
 )
@@ -360,16 +361,6 @@ def load_model(
             raise IQAError(f"{path} does not load: {exc}") from None
     check_finite(model, str(path))
     return model.set_precision(precision), metadata
-
-
-def check_finite(model: nn.Module, source: str) -> None:
-    """Refuse a model holding NaN or infinite values: every score it gives would be NaN, and
-    NaN correlations would be printed as if they were results."""
-    bad = [name for name, t in model.state_dict().items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise IQAError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values "
-                       f"(first: {bad[0][:80]!r}); refused")
 
 
 def load_state(model: IQAModel, state: dict[str, torch.Tensor], source: str = "state") -> None:

@@ -201,6 +201,8 @@ def open_image_file(path: str | Path) -> Iterator[BinaryIO]:
             yield f
     except FileNotFoundError:
         raise ImageReadError(f"{path}: missing") from None
+    except IsADirectoryError:  # listed because its images could not be (score.list_images)
+        raise ImageReadError(f"{path}: a folder whose files cannot be listed") from None
     except OSError as exc:
         raise ImageReadError(f"{path}: unreadable ({exc.strerror or exc})") from None
 

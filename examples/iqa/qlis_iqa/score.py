@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,23 @@ def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
     """Image files of a folder (by suffix), sorted; an empty or absent folder is an error.
 
     Every entry with an image suffix but a folder is listed: a FIFO, a device or a dangling
-    link named *.png is reported unreadable by `score_images`, not silently left out."""
+    link named *.png is reported unreadable by `score_images`, not silently left out; so is,
+    with ``recursive``, a sub-folder that cannot be listed (links to folders are not
+    followed)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise IQAError(f"{folder}: no such folder of images")
-    pattern = "**/*" if recursive else "*"
+    entries: list[Path] = []
+    unlisted: list[OSError] = []
+    for root, _, files in os.walk(folder, onerror=unlisted.append):
+        entries += [Path(root) / name for name in files]
+        if not recursive:
+            break
+    if any(Path(err.filename) == folder for err in unlisted):
+        raise IQAError(f"{folder}: cannot be read ({unlisted[0].strerror})")
     paths = sorted(
-        p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+        [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+        + [Path(err.filename) for err in unlisted]
     )
     if not paths:
         raise IQAError(f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")

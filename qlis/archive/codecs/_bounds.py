@@ -9,7 +9,8 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
-from numba import njit
+
+from qlis.compiled import njit
 
 
 def entropy_bits(counts: np.ndarray) -> float:

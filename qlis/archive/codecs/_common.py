@@ -7,8 +7,8 @@ ArchiveError at the first bad byte instead of an IndexError or a huge allocation
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from qlis.compiled import njit
 from qlis.errors import ArchiveError, ConfigError
 
 _MAX_VARINT_BYTES = 10

@@ -10,7 +10,6 @@ instruction-level parallelism), with a frequency table normalised to ``2**scale`
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from qlis.archive.codecs._common import (
     Reader,
@@ -23,6 +22,7 @@ from qlis.archive.codecs._common import (
     write_varints,
 )
 from qlis.archive.codecs.base import Codec, register_codec
+from qlis.compiled import njit
 
 MAX_SCALE = 16  # the format's cap: a decode table never exceeds 2**16 entries
 _LOWER = 1 << 31  # every state lies in [_LOWER, 2**63) between symbols

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from qlis.archive.codecs._common import (
     Reader,
@@ -16,6 +15,7 @@ from qlis.archive.codecs._common import (
     write_varint,
 )
 from qlis.archive.codecs.base import Codec, register_codec
+from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError
 

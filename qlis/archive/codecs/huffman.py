@@ -10,7 +10,6 @@ of more than 2**11 symbols starts from the smallest cap that can hold it.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from qlis.archive.codecs._bounds import huffman_code_lengths
 from qlis.archive.codecs._common import (
@@ -24,6 +23,7 @@ from qlis.archive.codecs._common import (
     write_codes_lsb,
 )
 from qlis.archive.codecs.base import Codec, register_codec
+from qlis.compiled import njit
 
 MAX_CODE_LENGTH = 16  # the format's cap: a decode table never exceeds 2**16 entries
 _SMALL_TABLE_BITS = 11  # a cap this low keeps the decode table in L1 cache

@@ -7,7 +7,6 @@ trip is exact: -0.0 has a non-zero pattern and is kept, NaN payloads survive.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from qlis.archive.codecs._common import (
     Reader,
@@ -19,6 +18,7 @@ from qlis.archive.codecs._common import (
     write_varint,
 )
 from qlis.archive.codecs.base import Codec, register_codec
+from qlis.compiled import njit
 from qlis.errors import ArchiveError, ConfigError
 
 _BITMASK, _DELTAS = 0, 1
