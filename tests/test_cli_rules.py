@@ -108,6 +108,8 @@ def test_pack_checks_the_output_before_loading(model_pt, tmp_path, no_loading):
 def test_an_output_whose_folder_takes_no_file_is_refused_before_loading(model_pt, no_loading):
     line = one_line_error("pack", model_pt, "-o", "/proc/m.qlis")
     assert line.startswith("qlis: error: /proc/m.qlis: cannot write beside it (")
+    line = one_line_error("demo", "-o", "/proc")  # a folder written into
+    assert line.startswith("qlis: error: /proc: cannot write beside it (")
 
 
 def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path, no_loading):

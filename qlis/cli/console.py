@@ -514,4 +514,5 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
         raise _no_folder(path.parent)
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{path} exists and is not empty; pass --force to write into it")
+    _check_writable(path if path.is_dir() else path.parent, path)
     return path
