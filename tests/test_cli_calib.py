@@ -439,3 +439,22 @@ def test_a_tokenizer_file_nested_past_the_parsers_depth_is_one_line(bert_folder,
     message = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", prompts)
     assert "no usable tokenizer" in message and "recursion" in message
     assert not (tmp_path / "x.qlis").exists()
+
+
+class SilentTokenizer:
+    """A tokenizer whose class reads other files than the folder holds (transformers 5's
+    Qwen2Tokenizer beside a WordLevel tokenizer.json): every line comes back as no token."""
+
+    pad_token = "<pad>"
+    model_max_length = 512
+
+    def __call__(self, lines, **kwargs):
+        n = len(lines)
+        return {"input_ids": torch.zeros(n, 0, dtype=torch.long),
+                "attention_mask": torch.zeros(n, 0, dtype=torch.long)}
+
+
+def test_text_the_tokenizer_turns_into_no_tokens_is_refused_naming_the_tokenizer():
+    with pytest.raises(InputError, match=r"SilentTokenizer\) turns calibration lines 1-4 "
+                                         r"into no tokens"):
+        hf_model.tokenized_batches(SilentTokenizer(), [f"line {i}" for i in range(8)], 4)

@@ -14,6 +14,7 @@ from torch import nn
 import qlis
 import qlis.measure.layer_inputs
 from qlis.measure.layer_inputs import layer_inputs
+from qlis.quantize import gptq
 from qlis.quantize import reconstruct as rec
 
 UNIFORM = {"id": "uniform", "rel_mse": 0.03}
@@ -679,3 +680,25 @@ def test_a_table_whose_output_covariance_overflows_is_rounded_to_nearest():
     result = qlis.compress(Loud().eval(), calib=ids, target_bits_per_weight=4)
     notes = {layer.name: layer.reconstruction for layer in result.layers}
     assert notes["table.weight"] == rec.NO_INPUTS
+
+
+def test_a_layer_whose_covariance_has_no_factor_is_rounded_data_free(monkeypatch):
+    """A layer whose inputs a coarse layer before it nearly silenced (rd's size search on a
+    ConvNeXt) has sums too coarse on the grid for a Cholesky factor: that layer is rounded
+    as data-free quantization does, and says so; the call goes on."""
+    factor = gptq._upper_inverse_factor
+
+    def failing_for_the_second(hessian, damp):
+        if hessian.shape[-1] == 16:
+            raise gptq.CovarianceNotPositive("not positive")
+        return factor(hessian, damp)
+
+    monkeypatch.setattr(gptq, "_upper_inverse_factor", failing_for_the_second)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    result = qlis.compress(model, policy="quant", bits=4,
+                           calib=[torch.randn(32, 8) for _ in range(4)])
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes == {"0.weight": rec.BIAS_CORRECTED, "2.weight": rec.NOT_POSITIVE}
+    plain = qlis.AffineQuantizer(bits=4).quantize(model[2].weight.detach())
+    assert torch.equal(result.state_dict()["2.weight"], plain.dequantize())

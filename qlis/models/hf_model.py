@@ -296,6 +296,12 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
         chunk = [line[:_MAX_EXAMPLE_CHARS] for line in lines[start:start + batch_size]]
         encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                             max_length=limit)
+        ids = encoded.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] == 0:
+            raise InputError(
+                f"the tokenizer ({type(tokenizer).__name__}) turns calibration lines "
+                f"{start + 1}-{start + len(chunk)} into no tokens at all: its files are not "
+                "the ones its class reads (transformers picks the class by model_type)")
         batches.append(dict(encoded))
     return batches
 

@@ -44,6 +44,13 @@ whole calibrated rd at 2.75-4.0 bits/weight keeps 4-6% less output error on 240 
 prompts with 0.3 than with 0.1, and InceptionV3 at 12x as much test SRCC (docs/method.md)."""
 
 
+class CovarianceNotPositive(InputError):
+    """A layer's input covariance that no Cholesky factor exists for, even damped: inputs a
+    layer before nearly silenced (rd zeroed it), whose sums lost their precision on the
+    fixed-point grid sized for the float model's inputs. Reconstruction rounds such a layer
+    as data-free quantization does."""
+
+
 def _damping(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """The dead inputs of one group's covariance (a zero diagonal: set to 1) and what damping
     adds to every diagonal entry, ``damp`` times the mean diagonal once they are 1."""
@@ -103,9 +110,9 @@ def _upper_inverse_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         if info == 0:
             lower, info = lapack.strtri(lower, lower=1, overwrite_c=1)
     if info:
-        raise InputError(
-            "the input covariance is not positive definite even after damping; pass a "
-            f"larger damp= (now {damp}) or more calibration data"
+        raise CovarianceNotPositive(
+            f"the input covariance is not positive definite even after damping ({damp} of "
+            "its mean diagonal): its inputs are (nearly) constant, or fewer than its width"
         )
     if not np.shares_memory(lower, work):  # LAPACK worked on a copy after all
         work.T[...] = lower

@@ -63,6 +63,7 @@ from qlis.measure.layer_inputs import LayerInputs, call_inputs, float64_parts, l
 from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.plan.plans import Plan
+from qlis.quantize.gptq import CovarianceNotPositive
 from qlis.workers.cluster import Cluster
 from qlis.workers.memory import release_freed_memory
 from qlis.workers.threads import single_threaded_ops
@@ -76,6 +77,7 @@ the quantized layers before it."""
 OUTPUT_FED_BACK = "error feedback along the output's gradients"
 NOT_REACHED = "data-free: calibration never reached this layer"
 NO_INPUTS = "data-free: no error feedback for this kind of tensor"
+NOT_POSITIVE = "data-free: its inputs' covariance has no Cholesky factor (nearly silent inputs)"
 
 
 class _GroupDone(Exception):
@@ -397,10 +399,13 @@ def reconstruct(
         kept = config.unchanged
         with single_threaded_ops():
             hessian = moments.take_covariance() if config.quantizer is not None else None
-            stored, layer = execute(name, state[name], config, hessian=hessian,
-                                    transposed=inputs.transposed,
-                                    reconstruction="" if kept else FED_BACK,
-                                    overwrite_hessian=True)
+            try:
+                stored, layer = execute(name, state[name], config, hessian=hessian,
+                                        transposed=inputs.transposed,
+                                        reconstruction="" if kept else FED_BACK,
+                                        overwrite_hessian=True)
+            except CovarianceNotPositive:
+                return (*execute(name, state[name], config, reconstruction=NOT_POSITIVE), None)
             if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
                 return stored, layer, None
             corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
