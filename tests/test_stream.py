@@ -871,6 +871,24 @@ def test_a_folder_under_the_saved_passs_name_is_left_and_the_pack_succeeds(model
     assert out.is_file() and (mine / "keep").read_text() == "the user's"
 
 
+def test_a_complete_set_of_shards_replaces_an_earlier_sets_and_keeps_other_files(
+        model_file, tmp_path):
+    """As save_pretrained does: the index names the new set only, and the earlier set's shards
+    are removed once it is complete; other files stay."""
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("model-00001-of-00009.safetensors", "model-00009-of-00009.safetensors",
+                 "config.json", "model-notes.safetensors"):
+        (folder / name).write_text("earlier")
+    result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1GB", "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "model-00001-of-00001.safetensors", "model-notes.safetensors",
+        "model.safetensors.index.json"]
+
+
 def test_a_failed_sharded_unpack_leaves_the_folder_as_it_was(model_file, tmp_path,
                                                               monkeypatch):
     """A corrupt stream found while decoding the 3rd tensor left the shards before it in the

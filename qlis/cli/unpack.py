@@ -55,7 +55,8 @@ def _shards(output: Path, *args: Any) -> list[Path]:
                    "--max-shard-size: a folder).")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
-                   "index into the folder OUTPUT, as save_pretrained does.")
+                   "index into the folder OUTPUT, as save_pretrained does (an earlier set's "
+                   "shards there are removed once the new set is complete).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 1024),
               help="Threads that decode tensors side by side (default: every core); the "
                    "output is the same bytes whatever N.")

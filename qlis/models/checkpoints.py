@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import stat
 import struct
 import warnings
@@ -686,10 +687,15 @@ def split_into_shards(layout: list[tuple[str, str, list[int]]],
 
 
 def _remove(paths: list[Path]) -> None:
-    """Remove the files a failed write made (those already gone are fine)."""
+    """Remove files: what a failed write made, an earlier set's shards (gone already: fine)."""
     for path in paths:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+"""A shard of an earlier set (`write_sharded_safetensors`): removed once a new set and its
+index are complete, as ``save_pretrained`` does (the index names only the new set)."""
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -750,4 +756,7 @@ def write_sharded_safetensors(
     except OSError as err:
         raise InputError(f"{folder / SHARD_INDEX}: could not be written "
                          f"({err.strerror or err})") from None
+    _remove([path for path in folder.glob("model-*-of-*.safetensors")
+             if _SHARD_NAME.fullmatch(path.name) and path.name not in names
+             and not any(_same_file(path, given) for given in inputs)])
     return [*written, folder / SHARD_INDEX]
