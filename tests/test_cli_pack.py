@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 import qlis
 from qlis.archive.file import ArchiveWriter
+from qlis.cli import console
 from qlis.cli.main import cli
 from qlis.plan.rd import DEFAULT_MAX_DISTORTION
 
@@ -229,6 +231,24 @@ def test_a_terminated_pack_unwinds_as_an_interrupted_one_and_leaves_no_file(
     assert result.exit_code == 130 and result.output.strip().endswith("qlis: interrupted")
     assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
     assert not (out / "m.qlis").exists()
+
+
+def test_sigterm_inside_an_import_is_sent_again_not_raised_there(monkeypatch):
+    """KeyboardInterrupt raised inside an import left numpy half imported (a traceback about
+    a missing numpy name instead of "interrupted"): there the signal comes again later."""
+    sent = []
+    monkeypatch.setattr(console.threading, "Timer",
+                        lambda delay, fn, args: SimpleNamespace(start=lambda: sent.append(args)))
+
+    def frame(filename, back=None):
+        return SimpleNamespace(f_code=SimpleNamespace(co_filename=filename), f_back=back)
+
+    importing = frame("/numpy/__init__.py", frame("<frozen importlib._bootstrap>",
+                                                  frame("/qlis/cli/main.py")))
+    console._interrupt(signal.SIGTERM, importing)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(KeyboardInterrupt):
+        console._interrupt(signal.SIGTERM, frame("/qlis/archive/file.py", frame("/main.py")))
 
 
 def test_an_interrupted_pack_says_so_and_exits_as_shells_expect(model_file, tmp_path,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import run
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import qlis
@@ -30,7 +30,7 @@ import qlis.workers.threads
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
 from qlis.cli.main import cli
 from qlis.errors import ConfigError, InputError
-from qlis.models.checkpoints import MappedState, load_state_dict
+from qlis.models.checkpoints import MappedState, load_state_dict, write_sharded_safetensors
 from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
 from qlis.workers.threads import GROUP_ITEMS, check_jobs, default_jobs, ordered_map
 
@@ -646,8 +646,7 @@ def test_unpack_refuses_a_shard_size_that_is_not_one(model_file, tmp_path, size)
 
 
 @pytest.mark.parametrize("name", ["model-00001-of-00001.safetensors",
-                                  "model.safetensors.index.json",
-                                  ".model-00001-of-00001.safetensors.partial"])
+                                  "model.safetensors.index.json"])
 def test_unpack_into_shards_never_replaces_its_own_input(model_file, tmp_path, name):
     """An archive under a name the shards take, in the folder they go to: refused, even with
     --force, before anything is written (it was replaced by the shard it was read into)."""
@@ -887,6 +886,49 @@ def test_a_complete_set_of_shards_replaces_an_earlier_sets_and_keeps_other_files
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "model-00001-of-00001.safetensors", "model-notes.safetensors",
         "model.safetensors.index.json"]
+
+
+def test_an_index_name_taken_by_a_folder_is_refused_before_any_shard_is_written(
+        model_file, tmp_path):
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    folder = tmp_path / "out"
+    (folder / "model.safetensors.index.json").mkdir(parents=True)
+    result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1GB", "--force")
+    assert result.exit_code == 2 and "is not a file the index can replace" in result.stderr
+    assert [p.name for p in folder.iterdir()] == ["model.safetensors.index.json"]
+
+
+def test_two_sharded_unpacks_into_one_folder_leave_one_whole_set(tmp_path, monkeypatch):
+    """Their hidden shards had the same names and their renames interleaved: a set of shards
+    from both archives, one command exiting 0."""
+    replace = os.replace
+
+    def slow_replace(source, target):  # renames far apart: the other writer's come between
+        replace(source, target)
+        time.sleep(0.02)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    states = [{f"t{i}": torch.full((64, 64), float(k)) for i in range(6)} for k in (1, 2)]
+    layout = [(name, "float32", [64, 64]) for name in states[0]]
+
+    def unpack(state):
+        def read(name):
+            yield state[name].reshape(-1)
+
+        write_sharded_safetensors(folder, layout, read, 20_000)
+
+    threads = [threading.Thread(target=unpack, args=(state,)) for state in states]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    values = {float(load_file(folder / shard)[name][0, 0])
+              for name, shard in index["weight_map"].items()}
+    assert len(values) == 1 and not list(folder.glob(".*"))
 
 
 def test_a_failed_sharded_unpack_leaves_the_folder_as_it_was(model_file, tmp_path,

@@ -25,6 +25,7 @@ import tempfile
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -319,8 +320,19 @@ PATH = _PathParameter(path_type=Path)
 """The type of every path argument and option of `qlis` and `qlis-iqa`."""
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Raise KeyboardInterrupt, except inside an import, which it would leave half done (a
+    numpy or scipy module missing its names: a traceback instead of "interrupted"): there
+    the signal is sent again a moment later."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            threading.Timer(_RETRY_S, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
     raise KeyboardInterrupt
+
+
+_RETRY_S = 0.05
 
 
 @contextlib.contextmanager

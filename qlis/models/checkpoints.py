@@ -33,6 +33,11 @@ from qlis.regular_files import file_kind, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
 from qlis.write_behind import WriteBehind
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no folder lock (`_locked`)
+    fcntl = None
+
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights")
 _MAX_NESTING = 16  # levels of {"state_dict": {"model": ...}} searched for the state dict
 _FOLDER_FILES = (
@@ -693,6 +698,29 @@ def _remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock, where the system has it): two unpacks into
+    one folder publish one whole set each, one after the other, not a mix of both."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_index(path: Path, layout: list[tuple[str, str, list[int]]],
+                 weight_map: dict[str, str]) -> None:
+    index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
+             "weight_map": weight_map}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 """A shard of an earlier set (`write_sharded_safetensors`): removed once a new set and its
 index are complete, as ``save_pretrained`` does (the index names only the new set)."""
@@ -720,25 +748,36 @@ def write_sharded_safetensors(
     ``model.safetensors.index.json`` that ``transformers`` loads them by. Every shard is
     written under a hidden name first and takes its own name only once all are complete, the
     index last: a failure (a corrupt archive found while decoding) leaves the folder as it
-    was, and files of those names are replaced only by a complete set. A file of ``inputs``
-    (what is being read) under one of those names is refused before anything is written.
-    Returns the files written, the index last."""
+    was, and files of those names are replaced only by a complete set, under a lock on the
+    folder (two unpacks into it leave one whole set, not a mix); an earlier set's shards are
+    then removed. A file of ``inputs`` (what is being read) under one of those names, or an
+    index name taken by what is not a file, is refused before anything is written. Returns
+    the files written, the index last."""
     folder = Path(folder)
     shards = split_into_shards(layout, max_shard_bytes)
     names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
              for number in range(1, len(shards) + 1)]
-    for name in [*names, *(f".{name}.partial" for name in names), SHARD_INDEX]:
+    for name in [*names, SHARD_INDEX]:
         if any(_same_file(folder / name, given) for given in inputs):
             raise InputError(f"{folder / name}: is the input, which the shards would replace; "
                              "unpack into another folder")
+    index_path = folder / SHARD_INDEX
+    if (index_path.exists() or index_path.is_symlink()) and not index_path.is_file():
+        raise InputError(f"{index_path}: is not a file the index can replace")
     weight_map, partial = {}, []
+    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # another writer's partials are its own
     try:
         for name, shard in zip(names, shards, strict=True):
-            partial.append(folder / f".{name}.partial")
+            partial.append(folder / f".{name}.{unique}.partial")
             write_safetensors(partial[-1], shard, read, progress, metadata, jobs=jobs)
             weight_map.update({entry[0]: name for entry in shard})
-        for path, name in zip(partial, names, strict=True):
-            os.replace(path, folder / name)
+        with _locked(folder):  # a set and its index published whole, one writer at a time
+            for path, name in zip(partial, names, strict=True):
+                os.replace(path, folder / name)
+            _write_index(index_path, layout, weight_map)
+            _remove([path for path in folder.glob("model-*-of-*.safetensors")
+                     if _SHARD_NAME.fullmatch(path.name) and path.name not in names
+                     and not any(_same_file(path, given) for given in inputs)])
     except OSError as err:
         _remove(partial)
         raise InputError(f"{folder}: the shards could not be written ({err.strerror or err})"
@@ -747,16 +786,4 @@ def write_sharded_safetensors(
         _remove(partial)
         raise
     written = [folder / name for name in names]
-    index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
-             "weight_map": weight_map}
-    try:
-        with atomic_path(folder / SHARD_INDEX) as tmp:
-            tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{folder / SHARD_INDEX}: could not be written "
-                         f"({err.strerror or err})") from None
-    _remove([path for path in folder.glob("model-*-of-*.safetensors")
-             if _SHARD_NAME.fullmatch(path.name) and path.name not in names
-             and not any(_same_file(path, given) for given in inputs)])
     return [*written, folder / SHARD_INDEX]
