@@ -112,6 +112,12 @@ def test_an_output_whose_folder_takes_no_file_is_refused_before_loading(model_pt
     assert line.startswith("qlis: error: /proc: cannot write beside it (")
 
 
+def test_an_error_line_never_carries_a_paths_terminal_codes(model_pt, tmp_path, no_loading):
+    line = one_line_error("pack", model_pt, "-o", tmp_path / "no\x1b]0;T\x07dir" / "m.qlis")
+    assert "\x1b" not in line and "\x07" not in line
+    assert "no\\x1b]0;T\\x07dir: no such folder" in line
+
+
 def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path, no_loading):
     before = model_pt.read_bytes()
     assert "must end in .png" in one_line_error("inspect", model_pt, "--plot", tmp_path / "x.jpg")

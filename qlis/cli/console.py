@@ -301,8 +301,9 @@ class _UserError(click.ClickException):
 
 
 def _one_line(err: click.ClickException) -> str:
-    """click's message on one line (it lists choices on lines of their own)."""
-    return " ".join(err.format_message().split())
+    """click's message on one line (it lists choices on lines of their own), its control
+    codes escaped (a path the user gave may hold ESC sequences that drive the terminal)."""
+    return escape(" ".join(err.format_message().split()))
 
 
 class _PathParameter(click.Path):
