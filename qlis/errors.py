@@ -19,3 +19,10 @@ class ArchiveError(QlisError):
 
 class ClusterError(QlisError):
     """The ranks of a distributed job (torchrun) could not work together."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of ``err``'s message, at most ``limit`` characters: what a one-line
+    error quotes of an exception another library (or the user's code) raised."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""

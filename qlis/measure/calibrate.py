@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qlis.errors import ConfigError, InputError, QlisError
+from qlis.errors import ConfigError, InputError, QlisError, first_line
 from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
@@ -88,7 +88,7 @@ def _model_failed(err: Exception, where: str, first: bool) -> InputError:
     if isinstance(err, MemoryError) or allocation_failed(err):
         return InputError(f"not enough memory to run the model on the calibration data "
                           f"({where}): calibrate on smaller batches")
-    text = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+    text = f"{type(err).__name__}: {first_line(err)}"
     if first and isinstance(err, _MISFIT_ERRORS):
         return InputError(f"the calibration data does not fit the model ({where}): {text}")
     if first:
@@ -445,7 +445,7 @@ class Calibration:
             return self.calib[index]
         except Exception as err:
             raise InputError(f"calib= batch {index} could not be read: {type(err).__name__}: "
-                             f"{(str(err).splitlines() or [''])[0][:300]}") from err
+                             f"{first_line(err)}") from err
 
     def _where(self, batch: int) -> str:
         return "the callable" if callable(self.calib) else f"batch {batch}"

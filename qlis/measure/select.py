@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from qlis.config import shown
-from qlis.errors import ConfigError
+from qlis.errors import ConfigError, first_line
 
 Selector = Callable[[str, torch.Tensor], bool]
 SelectSpec = Selector | str | Sequence[str] | None
@@ -60,6 +60,6 @@ def _users(select: Selector) -> Selector:
             return bool(select(name, tensor))
         except Exception as err:
             raise ConfigError(f"select= raised {type(err).__name__} on tensor {name!r}: "
-                              f"{(str(err).splitlines() or [''])[0][:200]}") from err
+                              f"{first_line(err, 200)}") from err
 
     return chosen

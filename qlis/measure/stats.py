@@ -249,10 +249,10 @@ def inspect(
     also_named: dict[str, list[str]] = {}
     for alias, name in aliases.items():
         also_named.setdefault(name, []).append(alias)
-    layout = state if callable(select) else tensor_layout(state)  # a user's sees values
-    names = [name for name, t in layout.items()
-             if any(selector(n, t) for n in (name, *also_named.get(name, ())))]
     layout = tensor_layout(state)
+    seen = state if callable(select) else layout  # a user's selector sees the values
+    names = [name for name, t in seen.items()
+             if any(selector(n, t) for n in (name, *also_named.get(name, ())))]
     if not names:
         raise InputError(
             "no layer selected: the model has no floating-point tensor with 2 or more "

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from qlis.archive.atomic import atomic_path
+from qlis.cli.console import same_file
 from qlis.errors import InputError
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 from qlis.regular_files import file_kind, read_small_file
@@ -726,13 +727,6 @@ _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 index are complete, as ``save_pretrained`` does (the index names only the new set)."""
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # either is absent (or unreadable): not one file
-        return False
-
-
 def write_sharded_safetensors(
     folder: str | Path,
     layout: list[tuple[str, str, list[int]]],
@@ -758,7 +752,7 @@ def write_sharded_safetensors(
     names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
              for number in range(1, len(shards) + 1)]
     for name in [*names, SHARD_INDEX]:
-        if any(_same_file(folder / name, given) for given in inputs):
+        if any(same_file(folder / name, given) for given in inputs):
             raise InputError(f"{folder / name}: is the input, which the shards would replace; "
                              "unpack into another folder")
     index_path = folder / SHARD_INDEX
@@ -777,7 +771,7 @@ def write_sharded_safetensors(
             _write_index(index_path, layout, weight_map)
             _remove([path for path in folder.glob("model-*-of-*.safetensors")
                      if _SHARD_NAME.fullmatch(path.name) and path.name not in names
-                     and not any(_same_file(path, given) for given in inputs)])
+                     and not any(same_file(path, given) for given in inputs)])
     except OSError as err:
         _remove(partial)
         raise InputError(f"{folder}: the shards could not be written ({err.strerror or err})"

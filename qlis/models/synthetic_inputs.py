@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from qlis.errors import InputError
+from qlis.errors import InputError, first_line
 from qlis.models.hf_model import max_input_length, with_decoder_inputs
 
 SYNTHETIC = "synthetic"
@@ -74,7 +74,7 @@ def _framing(tokenizer: Any) -> tuple[list[int], list[int], set[str]]:
         bare = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise InputError(f"the tokenizer cannot encode text ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0][:200]})") from None
+                         f"{first_line(err, 200)})") from None
     ids = list(framed["input_ids"])
     for start in range(len(ids) - len(bare) + 1):
         if bare and ids[start:start + len(bare)] == bare:

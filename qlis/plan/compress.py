@@ -265,10 +265,11 @@ def _first_names(plan: Plan, aliases: Mapping[str, str]) -> dict[str, dict]:
 
 
 def _check_plan(plan: Plan, state: Mapping[str, torch.Tensor]) -> None:
+    layout = tensor_layout(state)
     for name in plan:
-        if name not in state:
+        if name not in layout:
             raise ConfigError(f"the plan names {name!r}, which the model does not have")
-        if not tensor_layout(state)[name].is_floating_point():
+        if not layout[name].is_floating_point():
             raise ConfigError(f"the plan names {name!r}, which is not a floating-point tensor")
 
 
