@@ -102,7 +102,8 @@ def run_info(code: Path | None, archive: Path) -> str:
     totals, distortion = info["totals"], info["distortion"]
     return (f"{totals['archive_bytes'] / 2**20:.2f} MiB, real ratio "
             f"{totals['real_ratio']:.2f}x of the values, "
-            f"{totals['real_ratio_vs_source_file']:.2f}x of the file; weight relative MSE "
+            f"{totals['real_ratio_vs_source_file']:.2f}x of the file (the paper's idealised CR "
+            f"{totals['paper_cr']:.2f}, HCR {totals['paper_hcr']:.2f}); weight relative MSE "
             f"{distortion['weight_rel_mse']:.2e} per layer on average")
 
 
