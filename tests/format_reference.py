@@ -8,7 +8,8 @@ codec, quantizer and stored dtype (plus an empty and a 0-d tensor), the inputs t
 from and the tensors they decode to, all committed. tests/test_format_pinned.py checks that
 this version decodes them to the committed tensors bit for bit and re-encodes the committed
 inputs to the very same bytes. Regenerate only with a format version bump (docs/format.md):
-aliases.qlis pins version 3 (tied tensors), the others version 2.
+aliases.qlis pins version 3 (tied tensors), row-classes.qlis version 4 (an ans stream in row
+classes), the others version 2.
 Inputs come from numpy's legacy seeded generator, whose stream numpy keeps stable.
 """
 
@@ -53,6 +54,9 @@ def make_inputs() -> dict[str, torch.Tensor]:
         "bool": torch.from_numpy(rng.random_sample(11) < 0.5),
         "empty": torch.zeros(0, 4),
         "scalar": torch.tensor(1.25),
+        # rows of three spreads, enough codes for ans to code them in row classes (version 4)
+        "rows": torch.from_numpy((rng.standard_normal((256, 64)) * rng.choice(
+            [0.05, 0.5, 4.0], size=(256, 1))).astype(np.float32)),
     }
 
 
@@ -84,6 +88,8 @@ def archives(inputs: dict[str, torch.Tensor]) -> dict[str, tuple[dict, dict]]:
     files["plain.qlis"] = (plain, {"plans": {"pruned": plan}, "summary": {"cr": 1.5}})
     tied = {"weight": quantized["affine-channel"], "bf16": inputs["bf16"]}  # version 3
     files["aliases.qlis"] = (tied, {"aliases": {"head.weight": "weight", "bf16.tied": "bf16"}})
+    rows = {"rows": qlis.get_quantizer(QUANTIZERS["uniform"]).quantize(inputs["rows"])}
+    files["row-classes.qlis"] = (rows, {"codec": "ans"})  # version 4
     return files
 
 

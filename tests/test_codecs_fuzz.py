@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qlis.archive.codecs import ANS, BitPack, Codec, Huffman, Raw, Sparse
 from qlis.archive.codecs._common import WIDE_TAG
+from qlis.archive.codecs.ans import CLASS_TAG
 from qlis.errors import ArchiveError
 
 
@@ -22,7 +23,11 @@ def _samples() -> list[tuple[Codec, np.ndarray]]:
     very_sparse[[3, 99, 4000]] = -0.0
     laplace = np.round(rng.laplace(size=3000) * 10 + 700).astype(np.uint16)
     laplace[[5, 2000]] = [3, 60000]
+    rows = rng.choice([0.3, 3.0, 30.0], size=400)  # rows coded in classes (test_row_classes)
+    mixed = np.clip(np.round(rng.standard_normal((400, 48)) * rows[:, None]) + 128, 0, 255)
     return [
+        (ANS(), mixed.astype(np.uint8).reshape(-1)),
+        (ANS(), (mixed.astype(np.uint16) * 7).reshape(-1)),
         (BitPack(3), skewed.astype(np.uint16)),
         (BitPack(11), laplace % 2048),
         (BitPack(16), laplace),
@@ -44,7 +49,10 @@ def _samples() -> list[tuple[Codec, np.ndarray]]:
 
 
 SAMPLES = _samples()
-ENCODED = [codec.encode(array) for codec, array in SAMPLES]
+ROW_LENGTH = {0: 48, 1: 48}  # the samples encoded as a matrix's rows
+ENCODED = [bytes(codec.encode_rows(array, ROW_LENGTH[i])) if i in ROW_LENGTH
+           else codec.encode(array) for i, (codec, array) in enumerate(SAMPLES)]
+assert all(ENCODED[i][:2] == CLASS_TAG for i in ROW_LENGTH)
 IDS = [f"{codec!r}-{i}" for i, (codec, _) in enumerate(SAMPLES)]
 
 

@@ -24,6 +24,7 @@ import torch
 from qlis import version
 from qlis.archive.atomic import new_temporary, publish
 from qlis.archive.codecs import BitPack, Codec, Raw, get_codec
+from qlis.archive.codecs.ans import in_row_classes
 from qlis.archive.codecs.auto import Auto
 from qlis.archive.codecs.sparse import Sparse
 from qlis.archive.format import (
@@ -35,6 +36,7 @@ from qlis.archive.format import (
     MAX_LEVELS,
     PARAM_DTYPES,
     PREFIX,
+    ROW_CLASSES_VERSION,
     VERSION,
     Record,
     Summary,
@@ -120,15 +122,16 @@ def _check_params(stored: QuantizedTensor, name: str) -> None:
         raise InputError(f"{name}: cannot write its quantizer parameters: {err}") from None
 
 
-def _encode_codes(codes: np.ndarray, n_levels: int, codec: str,
+def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
                   ) -> tuple[Codec, bytes | memoryview]:
-    """Encode with exactly the codec asked for ("auto": the smallest; it says which)."""
+    """Encode with exactly the codec asked for ("auto": the smallest; it says which), the
+    codes as rows of the layer's matrix."""
     if codec == "auto":
-        return Auto().select(codes)
+        return Auto().select(codes, row_length)
     chosen = BitPack(bits=max(1, (n_levels - 1).bit_length())) if codec == "bitpack" else (
         get_codec(codec)
     )
-    return chosen, chosen.encode_view(codes)
+    return chosen, chosen.encode_rows(codes, row_length)
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
@@ -236,7 +239,8 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
     if isinstance(stored, QuantizedTensor):
         _check_params(stored, name)
         codes = _codes(stored, name)
-        chosen, data = _encode_codes(codes, stored.n_levels, codec)
+        row_length = matrix_shape(stored.shape)[1]
+        chosen, data = _encode_codes(codes, stored.n_levels, codec, row_length)
         params = {}
         for key, value in sorted(stored.params.items()):
             params[key], raw = _param_record(name, key, value)
@@ -272,6 +276,7 @@ class ArchiveWriter:
                 from None
         self._out = WriteBehind(self._fd)
         self._entries: list[dict] = []
+        self._version = VERSION  # the oldest format version that holds the records so far
         self._offset = 0
         self._gathered = bytearray()  # short records not written yet, from _gathered_at
         self._gathered_at = 0
@@ -318,6 +323,8 @@ class ArchiveWriter:
             for key, data, crc in encoded.records:
                 if key is None:
                     entry["data"] = self._record(data, crc)
+                    if in_row_classes(entry["codec"], data):
+                        self._version = ROW_CLASSES_VERSION
                 else:
                     params[key].update(self._record(data, crc))
         except OSError as err:
@@ -343,7 +350,8 @@ class ArchiveWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
         data_len = aligned(self._offset)
-        format_version = ALIASES_VERSION if aliases else VERSION  # the oldest that holds it
+        format_version = max(ALIASES_VERSION if aliases else VERSION,  # the oldest that
+                             self._version)                             # holds it
         header = {
             "format": "qlis",
             "version": format_version,
@@ -484,6 +492,7 @@ class Archive:
                                                build_config)
         self._entries = header.entries
         self.aliases: dict[str, str] = header.aliases
+        self.version: int = header.version
         self._quantizers: dict[int, Quantizer] = {}
         self.writer: dict = header.writer
         self.metadata: dict[str, str] = header.metadata
@@ -531,6 +540,10 @@ class Archive:
     def _decode(self, entry: TensorEntry, out: np.ndarray) -> np.ndarray:
         name = entry.name
         data = self._read_record(entry.data, f"tensor {name!r}")
+        if self.version < ROW_CLASSES_VERSION and in_row_classes(entry.codec, data):
+            raise self._fail(f"tensor {name!r}: an ans stream in row classes, which format "
+                             f"version {ROW_CLASSES_VERSION} brought, in a version "
+                             f"{self.version} file")
         try:
             return get_codec(dict(entry.codec)).decode(data, out)
         except ArchiveError as err:

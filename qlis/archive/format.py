@@ -36,7 +36,8 @@ from qlis.regular_files import open_regular_file
 MAGIC = b"\x89QLIS\r\n\x1a"
 VERSION = 2  # what an archive is written as unless it needs a later version's feature
 ALIASES_VERSION = 3  # version 2 + the header's `aliases` (tied tensors stored once)
-READABLE_VERSIONS = (VERSION, ALIASES_VERSION)
+ROW_CLASSES_VERSION = 4  # version 3 + ans streams coded in row classes (docs/codecs.md)
+READABLE_VERSIONS = (VERSION, ALIASES_VERSION, ROW_CLASSES_VERSION)
 PREFIX = struct.Struct("<8sIIQQ")  # magic, version, header crc32c, header length, data length
 ALIGN = 64
 
@@ -398,6 +399,7 @@ class Header:
     summary: Summary
     decoded_bytes: int
     aliases: dict[str, str] = field(default_factory=dict)
+    version: int = VERSION
 
 
 def _record(value: object, where: str, data_len: int, keys: set[str] = _RECORD_KEYS) -> Record:
@@ -747,7 +749,7 @@ def _validate_sections(header: dict, entries: _Entries, max_decoded_bytes: int |
         )
     aliases = _check_aliases(header.get("aliases", {}), entries.entries)
     return Header(entries.entries, writer, metadata, compression, distortion, summary, total,
-                  aliases)
+                  aliases, version)
 
 
 def crc32c(data: bytes | memoryview) -> int:
@@ -843,7 +845,7 @@ def read_header(pread: Callable[[int, int], bytes], size: int, max_decoded_bytes
                  else "an older qlis")
         raise ArchiveError(
             f"format version {version} is not supported (this reader reads versions "
-            f"{' and '.join(map(str, READABLE_VERSIONS))}); it was written by {newer}, "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); it was written by {newer}, "
             "or re-create the archive"
         )
     if header_len > size - PREFIX.size:

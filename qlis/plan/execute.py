@@ -25,6 +25,7 @@ from qlis.plan.sizes import (
     param_bytes,
 )
 from qlis.quantize.gptq import fit_with_error_feedback, output_error
+from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
 
@@ -70,13 +71,16 @@ def pruned_count(weight: torch.Tensor, pruned: torch.Tensor) -> int:
     return int(torch.count_nonzero((pruned == 0) & (weight != 0)))
 
 
-def _symbol_counts(codes: np.ndarray, n_levels: int) -> np.ndarray:
-    """How often each code occurs, for the ``n_levels`` codes (numpy's bincount would widen
-    the codes to int64 first: 8 bytes per weight). Codes of another integer type (a
-    third-party quantizer's) are narrowed to the width the archive stores them in."""
+def _stored_codes(codes: np.ndarray, n_levels: int) -> np.ndarray:
+    """The codes, flat, in the width the archive stores them in (a third-party quantizer's
+    codes of another integer type narrowed)."""
     flat = np.ascontiguousarray(codes).reshape(-1)
-    if flat.dtype != code_dtype(n_levels):
-        flat = flat.astype(code_dtype(n_levels))
+    return flat if flat.dtype == code_dtype(n_levels) else flat.astype(code_dtype(n_levels))
+
+
+def _symbol_counts(flat: np.ndarray, n_levels: int) -> np.ndarray:
+    """How often each code occurs, for the ``n_levels`` codes (numpy's bincount would widen
+    the codes to int64 first: 8 bytes per weight)."""
     return symbol_histogram(flat)[:n_levels]
 
 
@@ -131,12 +135,15 @@ def execute_layer(
             raise _beyond_float32(name, weight, config)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
-        counts = _symbol_counts(stored.codes, stored.n_levels)
+        codes = _stored_codes(stored.codes, stored.n_levels)
+        counts = _symbol_counts(codes, stored.n_levels)
         kept_counts = counts  # the paper's HCR codes only the weights the pruner kept
         if removed:
-            kept_counts = _symbol_counts(stored.codes[~removed_mask.numpy()], stored.n_levels)
+            kept_counts = _symbol_counts(codes[~removed_mask.numpy().reshape(-1)],
+                                         stored.n_levels)
         huffman = float(optimal_huffman_bits(kept_counts))
-        coded = coded_code_bytes(counts) + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES
+        coded = (coded_code_bytes(counts, codes, matrix_shape(weight.shape)[1])
+                 + param_bytes(stored.params) + QUANTIZED_RECORD_BYTES)
     plan = LayerPlan(
         name=name,
         numel=weight.numel(),

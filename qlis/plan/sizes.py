@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from qlis.archive.codecs import entropy_bits
+from qlis.archive.codecs.row_classes import TABLE_BYTES_PER_SYMBOL, row_classes
 from qlis.models.tensors import storage_bits
 
 HEADER_BYTES = 1024
@@ -17,19 +18,21 @@ QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
 
-TABLE_BYTES_PER_SYMBOL = 1.5
-"""An entropy-coded stream lists its alphabet and a frequency per present symbol."""
 
 
-def coded_code_bytes(counts: np.ndarray) -> float:
+def coded_code_bytes(counts: np.ndarray, codes: np.ndarray | None = None,
+                     row_length: int = 0) -> float:
     """Bytes an entropy coder needs for codes with these symbol counts: information +
-    alphabet table.
+    alphabet table; given the ``codes`` themselves (uint8 or uint16, rows of
+    ``row_length``), what coding their classes of alike rows saves is counted too.
 
     >>> coded_code_bytes(np.array([1000])) < 10
     True
     """
     present = int(np.count_nonzero(counts))
-    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+    one_table = entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+    classes = None if codes is None else row_classes(codes, row_length)
+    return one_table if classes is None else min(one_table, classes.estimated_bytes)
 
 
 def param_bytes(params: dict[str, np.ndarray]) -> int:

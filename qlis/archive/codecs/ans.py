@@ -9,6 +9,8 @@ instruction-level parallelism), with a frequency table normalised to ``2**scale`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from qlis.archive.codecs._common import (
@@ -19,15 +21,19 @@ from qlis.archive.codecs._common import (
     read_symbol_head,
     read_varints,
     start_symbol_stream,
+    write_varint,
     write_varints,
 )
 from qlis.archive.codecs.base import Codec, register_codec
+from qlis.archive.codecs.row_classes import MAX_CLASSES, RowClasses, row_classes
 from qlis.compiled import njit
 
 MAX_SCALE = 16  # the format's cap: a decode table never exceeds 2**16 entries
 _LOWER = 1 << 31  # every state lies in [_LOWER, 2**63) between symbols
 _LANES = 4
 _SCALE_TOLERANCE = 2e-4  # a smaller table may cost at most this fraction more
+CLASS_TAG = b"\x81\x00"
+"""Starts a stream of row classes: a non-minimal varint, so no one-table stream starts so."""
 
 
 @njit(cache=True, nogil=True)
@@ -210,6 +216,12 @@ def _symbol_tables(present: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, 
     return freq, start
 
 
+def in_row_classes(codec: Mapping[str, object], data: bytes | memoryview) -> bool:
+    """Whether a record of ``codec`` (its config) is an ans stream in row classes, which
+    archives hold from format version 4 on."""
+    return codec.get("id") == ANS.codec_id and bytes(data[:2]) == CLASS_TAG
+
+
 @register_codec
 class ANS(Codec):
     """rANS entropy coder for uint8 or uint16 symbols: reaches the entropy where Huffman
@@ -219,6 +231,8 @@ class ANS(Codec):
     (as in Huffman); if k > 1: ``u8 scale``,
     k-1 varint frequencies (the last is ``2**scale`` minus their sum), the four final states
     as u64 little-endian, then 32-bit little-endian words. A lone symbol needs nothing more.
+    A matrix's codes (`encode_rows`) may instead be coded in classes of alike rows, a table
+    each (docs/codecs.md, "Row classes").
 
     >>> codec = ANS()
     >>> codec.decode(codec.encode(np.array([0, 0, 0, 3], dtype=np.uint8)), np.empty(4, np.uint8))
@@ -256,9 +270,67 @@ class ANS(Codec):
             states.astype("<u8").tobytes(), dtype=np.uint8)
         return memoryview(buffer[pos:]).toreadonly()
 
+    def encode_rows(self, array: np.ndarray, row_length: int) -> bytes | memoryview:
+        """One table, or a table per class of alike rows where that is smaller
+        (`qlis.archive.codecs.row_classes`)."""
+        symbols = check_input(array, self.codec_id)
+        one_table = self.encode_view(symbols)
+        classes = row_classes(symbols, row_length)
+        if classes is None:
+            return one_table
+        in_classes = self._encode_classes(symbols, row_length, classes)
+        return in_classes if len(in_classes) < len(one_table) else one_table
+
+    def _encode_classes(self, symbols: np.ndarray, row_length: int,
+                        classes: RowClasses) -> bytes:
+        stream = bytearray(CLASS_TAG)
+        write_varint(stream, row_length)
+        stream.append(classes.count - 1)
+        matrix = symbols.reshape(-1, row_length)
+        parts = [classes.of_row] + [matrix[classes.of_row == k].reshape(-1)
+                                    for k in range(classes.count)]
+        for part in parts:
+            coded = self.encode_view(part)
+            write_varint(stream, len(coded))
+            stream += coded
+        return bytes(stream)
+
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         out = check_out(out, self.codec_id)
         reader = Reader(as_bytes_array(buf), self.codec_id)
+        data = reader.data
+        if data.size >= 2 and data[0] == CLASS_TAG[0] and data[1] == CLASS_TAG[1]:
+            reader.take(2)
+            return self._decode_classes(reader, out)
+        return self._decode_one_table(reader, out)
+
+    def _decode_classes(self, reader: Reader, out: np.ndarray) -> np.ndarray:
+        """Rows of ``row_length`` codes, each class's rows from a one-table stream of its own
+        (a class stream inside is refused by that stream's head: a non-minimal varint)."""
+        row_length = reader.varint(limit=max(out.size, 1))
+        if row_length == 0 or out.size % row_length:
+            raise reader.fail(f"rows of {row_length} codes do not tile {out.size}")
+        rows = out.size // row_length
+        count = reader.u8() + 1
+        if not 2 <= count <= min(MAX_CLASSES, rows):
+            raise reader.fail(f"{count} row classes for {rows} rows")
+        of_row = self._decode_part(reader, np.empty(rows, dtype=np.uint8))
+        members = np.bincount(of_row, minlength=count)
+        if members.size > count or not members.all():
+            raise reader.fail(f"the row classes are not exactly 0..{count - 1}, each used")
+        matrix = out.reshape(rows, row_length)
+        for k in range(count):
+            chosen = of_row == k
+            part = np.empty(int(members[k]) * row_length, dtype=out.dtype)
+            matrix[chosen] = self._decode_part(reader, part).reshape(-1, row_length)
+        reader.expect_end()
+        return out
+
+    def _decode_part(self, reader: Reader, part: np.ndarray) -> np.ndarray:
+        length = reader.varint(limit=reader.remaining)
+        return self._decode_one_table(Reader(reader.take(length), self.codec_id), part)
+
+    def _decode_one_table(self, reader: Reader, out: np.ndarray) -> np.ndarray:
         present = read_symbol_head(reader, out)
         if present is None:
             return out

@@ -44,8 +44,10 @@ class Auto(Codec):
         bits = self.bits or max(1, int(array.max()).bit_length() if array.size else 1)
         return [get_codec({"id": "bitpack", "bits": bits}), get_codec("huffman"), get_codec("ans")]
 
-    def select(self, array: np.ndarray) -> tuple[Codec, bytes]:
-        """The candidate codec that encodes ``array`` smallest, and its bytes."""
+    def select(self, array: np.ndarray, row_length: int | None = None,
+               ) -> tuple[Codec, bytes | memoryview]:
+        """The candidate codec that encodes ``array`` smallest, and its bytes; with
+        ``row_length``, each candidate encodes it as a matrix's rows (`Codec.encode_rows`)."""
         array = check_input(array, self.codec_id, dtypes=None)
         if self.candidates is None:
             codecs = self._default_candidates(array)
@@ -55,7 +57,8 @@ class Auto(Codec):
         reasons = []
         for codec in codecs:
             try:
-                data = codec.encode(array)
+                data = (codec.encode(array) if row_length is None
+                        else codec.encode_rows(array, row_length))
             except ConfigError as err:
                 reasons.append(str(err))
                 continue

@@ -40,6 +40,12 @@ class Codec:
         codec's own: what the archive writer takes, without a copy into ``bytes``."""
         return self.encode(array)
 
+    def encode_rows(self, array: np.ndarray, row_length: int) -> bytes | memoryview:
+        """``encode_view`` of a matrix's values, flattened, whose rows are ``row_length``
+        long: a codec that can use the rows does (``ans`` codes classes of alike rows with a
+        table each); the stream decodes as any other of the codec's."""
+        return self.encode_view(array)
+
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` from ``buf`` and return it."""
         raise NotImplementedError

@@ -1,0 +1,109 @@
+"""Classes of alike rows in a matrix's codes, for the ans codec to code each class with a
+table of its own.
+
+One table for a whole matrix codes every row with the matrix's mixed histogram. Rows whose
+codes spread differently (steps per row, rows an outlier or the pruner left narrow, a
+table's rare tokens rounded coarser than its frequent ones) each cost less under a table
+fitted to rows like them: the mixture's entropy exceeds the mean of its parts' by what the
+class says about a code. The classes are quantiles of the rows' code variance, 2 to 16 of
+them, whichever the size estimate (information, tables, the rows' class ids) makes
+smallest; one table where no split pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qlis.archive.codecs._bounds import entropy_bits
+from qlis.compiled import njit
+
+MAX_CLASSES = 16
+"""The most classes a stream holds (the finest quantile split; coarser ones merge its
+neighbours)."""
+MIN_SYMBOLS = 1 << 14
+"""Below this many codes one table is kept: a class costs a few dozen bytes of head."""
+STREAM_BYTES = 44
+"""A class's fixed cost in the estimate: its length and count varints, scale and states."""
+TABLE_BYTES_PER_SYMBOL = 1.5
+"""A present symbol's cost in a table: its place in the alphabet and its frequency."""
+_SAVING_BYTES = 64
+"""Classes are used only where the estimate says they save more than this."""
+
+
+@dataclass(frozen=True)
+class RowClasses:
+    """Each row's class (uint8, 0..count-1, every class used) and the estimated stream bytes
+    with them."""
+
+    of_row: np.ndarray
+    count: int
+    estimated_bytes: float
+
+
+@njit(cache=True, nogil=True)
+def _row_variances(symbols: np.ndarray, row_length: int) -> np.ndarray:
+    # exact integer sums (a row of 2**31 16-bit codes stays within int64), then one division
+    rows = symbols.size // row_length
+    out = np.empty(rows, dtype=np.float64)
+    for r in range(rows):
+        total = np.int64(0)
+        squares = np.int64(0)
+        base = r * row_length
+        for j in range(row_length):
+            v = np.int64(symbols[base + j])
+            total += v
+            squares += v * v
+        mean = total / row_length
+        out[r] = max(squares / row_length - mean * mean, 0.0)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _class_histograms(symbols: np.ndarray, row_length: int, of_row: np.ndarray,
+                      classes: int, bins: int) -> np.ndarray:
+    counts = np.zeros((classes, bins), dtype=np.int64)
+    for r in range(of_row.size):
+        row_counts = counts[of_row[r]]
+        base = r * row_length
+        for j in range(row_length):
+            row_counts[symbols[base + j]] += 1
+    return counts
+
+
+def stream_bytes(counts: np.ndarray) -> float:
+    """Estimated bytes of one table's stream of codes with these counts."""
+    present = int(np.count_nonzero(counts))
+    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + STREAM_BYTES
+
+
+def row_classes(symbols: np.ndarray, row_length: int) -> RowClasses | None:
+    """The classes that code ``symbols`` (uint8 or uint16, rows of ``row_length``) smallest,
+    or None where one table is estimated as small (within `_SAVING_BYTES`)."""
+    if row_length < 1 or symbols.size < MIN_SYMBOLS or symbols.size % row_length:
+        return None
+    rows = symbols.size // row_length
+    if rows < 2:
+        return None
+    variances = _row_variances(symbols, row_length)
+    edges = np.quantile(variances, np.arange(1, MAX_CLASSES) / MAX_CLASSES)
+    finest = np.searchsorted(edges, variances, side="right").astype(np.uint8)
+    bins = 1 << (8 * symbols.dtype.itemsize)
+    counts = _class_histograms(symbols, row_length, finest, MAX_CLASSES, bins)
+    best_bytes = stream_bytes(counts.sum(axis=0)) - _SAVING_BYTES
+    best: RowClasses | None = None
+    for classes in (2, 4, 8, MAX_CLASSES):  # each merges neighbouring finest classes
+        merged = counts.reshape(classes, -1, bins).sum(axis=1)
+        used = np.flatnonzero(merged.sum(axis=1))
+        if used.size < 2:
+            continue
+        of_row = finest // (MAX_CLASSES // classes)
+        ids = np.bincount(of_row, minlength=classes)[used]
+        estimate = sum(stream_bytes(merged[k]) for k in used) + stream_bytes(ids) + 4
+        if estimate < best_bytes:
+            renumber = np.zeros(classes, dtype=np.uint8)
+            renumber[used] = np.arange(used.size)
+            best = RowClasses(renumber[of_row], int(used.size), estimate)
+            best_bytes = estimate
+    return best
