@@ -32,6 +32,7 @@ from qlis.errors import ConfigError, InputError, QlisError, first_line
 from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
+from qlis.measure.row_shares import lookup_shares
 from qlis.workers.cluster import Cluster, share_of, together
 from qlis.workers.memory import allocation_failed
 from qlis.workers.threads import single_threaded_ops
@@ -186,9 +187,24 @@ def _lookup_scale(module: torch.nn.Embedding, args: tuple, output: torch.Tensor,
     return scale
 
 
-def _gram_hook(total: torch.Tensor, tied: bool) -> Callable[[torch.nn.Module, tuple, Any], None]:
+def _count_lookups(counts: torch.Tensor, ids: Any, gradient: torch.Tensor) -> None:
+    """Add to ``counts`` each row that ``ids`` looked up where the output's gradient is not
+    zero (a lookup that reaches the outputs: not a padding position). Ids that are not the
+    rows' indices (a forward of its own) count nothing."""
+    if not (isinstance(ids, torch.Tensor) and ids.dtype in (torch.int64, torch.int32)
+            and tuple(ids.shape) == tuple(gradient.shape[:-1]) and ids.numel()
+            and int(ids.min()) >= 0 and int(ids.max()) < len(counts)):
+        return
+    reached = gradient.detach().reshape(-1, gradient.shape[-1]).ne(0).any(dim=1)
+    looked_up = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64)[reached.cpu()]
+    counts.index_add_(0, looked_up, torch.ones(len(looked_up), dtype=counts.dtype))
+
+
+def _gram_hook(total: torch.Tensor, tied: bool, counts: torch.Tensor | None = None,
+               ) -> Callable[[torch.nn.Module, tuple, Any], None]:
     """A forward hook that adds the gradient of the module's output to ``total``
-    (`_add_gram`) when backward reaches it. A table's own S is the same up to a factor
+    (`_add_gram`) when backward reaches it, and the rows it looked up to ``counts`` (when
+    given: `_count_lookups`). A table's own S is the same up to a factor
     whatever its forward does to the rows it looks up; a ``tied`` one's must be in the units
     of its output layer's term: for an embedding whose output is c times its rows, c g, the
     gradient at the rows, and any other forward of its own makes ``total`` NaN, so that the
@@ -204,8 +220,14 @@ def _gram_hook(total: torch.Tensor, tied: bool) -> Callable[[torch.nn.Module, tu
                 total.fill_(math.nan)
                 return
             scale = found
-        output.register_hook(
-            lambda gradient: _add_gram(total, gradient if scale == 1.0 else gradient * scale))
+        ids = args[0] if args else None
+
+        def take(gradient: torch.Tensor) -> None:
+            _add_gram(total, gradient if scale == 1.0 else gradient * scale)
+            if counts is not None:
+                _count_lookups(counts, ids, gradient)
+
+        output.register_hook(take)
 
     return hook
 
@@ -352,6 +374,10 @@ class Calibration:
         """Per embedding table `sensitivities` measured, E[g g^T] of the gradients g that
         reach its output rows: what a row's error costs the outputs, direction by direction
         (reconstruction's error feedback for a table lookup, which has no input covariance)."""
+        self.row_shares: dict[str, torch.Tensor] = {}
+        """Per table of `output_covariances` that only lookups use (not tied to an output
+        layer), each row's expected share of the lookups (`lookup_shares`): how much a row's
+        error weighs against another's."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.calls: list[tuple[tuple, dict]] = []
@@ -589,6 +615,10 @@ class Calibration:
                        for name, uses in tables.items()}
         grams = {name: OrderedSum(gram.shape, self.cluster is not None)
                  for name, gram in batch_grams.items()}
+        batch_counts = {name: torch.zeros(uses.table.num_embeddings, dtype=torch.float64)
+                        for name, uses in tables.items() if not uses.tied}
+        counts = {name: OrderedSum(tuple(c.shape), self.cluster is not None)
+                  for name, c in batch_counts.items()}
         runs = self._runs(False, self.fitting)
         start = time.perf_counter()
         was_training = self.model.training
@@ -602,14 +632,15 @@ class Calibration:
                 handles.append(t.register_post_accumulate_grad_hook(
                     lambda t, index=index: _take_gradient(t, index, batch_totals)))
             for name, uses in tables.items():
-                handles += [lookup.register_forward_hook(_gram_hook(batch_grams[name], uses.tied))
-                            for lookup in uses.lookups]
+                handles += [lookup.register_forward_hook(
+                    _gram_hook(batch_grams[name], uses.tied, batch_counts.get(name)))
+                    for lookup in uses.lookups]
                 handles += [head.register_forward_hook(_head_gram_hook(batch_grams[name]))
                             for head in uses.heads]
             with torch.enable_grad(), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()
-                    for gram in batch_grams.values():
+                    for gram in [*batch_grams.values(), *batch_counts.values()]:
                         gram.zero_()
                     reference = self.reference[i].double()
                     batch_totals[-1] = len(reference)
@@ -635,6 +666,8 @@ class Calibration:
                     totals.add((i,), batch_totals)
                     for name, gram in batch_grams.items():
                         grams[name].add((i,), gram)
+                    for name, looked_up in batch_counts.items():
+                        counts[name].add((i,), looked_up)
         finally:
             self.model.train(was_training)
             self._restore_buffers()
@@ -649,7 +682,7 @@ class Calibration:
                     t.requires_grad_(False)
             self.passes += samples
             self.seconds += time.perf_counter() - start
-        gather_totals(self.cluster, [totals, *grams.values()])
+        gather_totals(self.cluster, [totals, *grams.values(), *counts.values()])
         *squared, count = totals.total().tolist()
         means = {name: (gram.total() / (samples * count)).float() for name, gram in grams.items()}
         # none (a table off the path to the outputs, or never run), one beyond float32
@@ -657,6 +690,11 @@ class Calibration:
         # says nothing: those tables are rounded to nearest
         self.output_covariances = {name: mean for name, mean in means.items()
                                    if bool(mean.any()) and bool(torch.isfinite(mean).all())}
+        # every sample's backward counted each lookup once
+        shares = {name: lookup_shares(torch.round(total.total() / samples),
+                                      tables[name].table.weight)
+                  for name, total in counts.items() if name in self.output_covariances}
+        self.row_shares = {name: share for name, share in shares.items() if share is not None}
         return {name: squared[index] / samples / count
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
                 for index, (name, t) in enumerate(tensors.items())}

@@ -284,6 +284,12 @@ class Quantizer(Strategy):
         return QuantizedTensor(stored_codes(codes, q.n_levels).reshape(q.shape), q.n_levels,
                                q.quantizer, q.params, q.dtype)
 
+    def with_row_scales(self, q: QuantizedTensor, factors: np.ndarray) -> QuantizedTensor | None:
+        """``q`` with the values of matrix row r times ``factors[r]`` (float64), the codes
+        kept: the layer quantized with its own step per row, as quantizing the weight's rows
+        divided by the factors gave; None where the grid has no per-row scale to carry them."""
+        return None
+
 
 quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers")
 
@@ -980,6 +986,20 @@ class UniformQuantizer(Quantizer):
         which may lie outside the codes when every weight has one sign)."""
         return {"step": ParamSpec(_param_rows(shape, self.granularity), positive=True),
                 "offset": ParamSpec((1,), integer=True)}
+
+    def with_row_scales(self, q: QuantizedTensor, factors: np.ndarray) -> QuantizedTensor | None:
+        """A step per row (granularity ``channel``): each row's step times its factor; the
+        config's ``step`` (or ``rel_mse``) stays what the steps were derived from."""
+        rows = matrix_shape(q.shape)[0]
+        if len(q.shape) < 2 or len(factors) != rows:
+            return None
+        steps = np.broadcast_to(np.asarray(q.params["step"], dtype=np.float64).reshape(-1),
+                                (rows,))
+        scaled = (steps * factors).astype(np.float32)
+        if not (np.isfinite(scaled).all() and (scaled > 0).all()):
+            return None
+        return QuantizedTensor(q.codes, q.n_levels, {**q.quantizer, "granularity": "channel"},
+                               {"step": scaled, "offset": q.params["offset"]}, q.dtype)
 
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
         """Unbounded: (code - offset) * step, one step per tensor or row, codes rebased to 0."""

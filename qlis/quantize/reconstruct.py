@@ -457,7 +457,8 @@ def reconstruct(
         with single_threaded_ops():  # every rank fits the table, to the same bits
             result.tensors[name], result.layers[name] = execute(
                 name, state[name], plan[name], hessian=covariance.clone(),
-                reconstruction=OUTPUT_FED_BACK, overwrite_hessian=True)
+                reconstruction=OUTPUT_FED_BACK, overwrite_hessian=True,
+                row_shares=calibration.row_shares.get(name))
         if progress is not None:
             progress(result.layers[name].numel)
     for name in plan:
