@@ -13,6 +13,7 @@ from torch import nn
 import qlis
 from qlis.measure.calibrate import Calibration, _count_lookups
 from qlis.measure.row_shares import MIN_ROWS, STEP_RANGE, lookup_shares, step_factors
+from qlis.models.synthetic_inputs import SyntheticBatch
 from qlis.plan.execute import STEPS_BY_LOOKUPS
 from qlis.quantize.quantizers import get_quantizer
 
@@ -126,3 +127,13 @@ def test_a_small_table_keeps_one_step(rows):
     table = next(layer for layer in result.layers if layer.name == "table.weight")
     assert not table.reconstruction.endswith(STEPS_BY_LOOKUPS)
     assert np.asarray(result.tensors["table.weight"].params["step"]).size == 1
+
+
+def test_made_up_batches_do_not_step_the_rows():
+    torch.manual_seed(0)
+    model = Bag().eval()
+    made_up = [SyntheticBatch(ids=b) for b in zipf_batches(8, 1)]
+    calibration = Calibration(model, made_up)
+    assert calibration.synthetic
+    calibration.sensitivities(["table.weight", "head.weight"])
+    assert "table.weight" in calibration.output_covariances and not calibration.row_shares

@@ -377,7 +377,8 @@ class Calibration:
         self.row_shares: dict[str, torch.Tensor] = {}
         """Per table of `output_covariances` that only lookups use (not tied to an output
         layer), each row's expected share of the lookups (`lookup_shares`): how much a row's
-        error weighs against another's."""
+        error weighs against another's. None for synthetic batches, whose tokens are no
+        user's."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.calls: list[tuple[tuple, dict]] = []
@@ -615,8 +616,10 @@ class Calibration:
                        for name, uses in tables.items()}
         grams = {name: OrderedSum(gram.shape, self.cluster is not None)
                  for name, gram in batch_grams.items()}
+        # made-up batches' tokens say nothing of which rows a user's data looks up
         batch_counts = {name: torch.zeros(uses.table.num_embeddings, dtype=torch.float64)
-                        for name, uses in tables.items() if not uses.tied}
+                        for name, uses in tables.items()
+                        if not uses.tied and not self.synthetic}
         counts = {name: OrderedSum(tuple(c.shape), self.cluster is not None)
                   for name, c in batch_counts.items()}
         runs = self._runs(False, self.fitting)
