@@ -350,8 +350,8 @@ class ArchiveWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
         data_len = aligned(self._offset)
-        format_version = max(ALIASES_VERSION if aliases else VERSION,  # the oldest that
-                             self._version)                             # holds it
+        # the oldest version that holds the archive
+        format_version = max(ALIASES_VERSION if aliases else VERSION, self._version)
         header = {
             "format": "qlis",
             "version": format_version,

@@ -377,7 +377,7 @@ class Calibration:
         self.row_shares: dict[str, torch.Tensor] = {}
         """Per table of `output_covariances` that only lookups use (not tied to an output
         layer), each row's expected share of the lookups (`lookup_shares`): how much a row's
-        error weighs against another's. None for synthetic batches, whose tokens are no
+        error weighs against another's. Empty with synthetic batches, whose tokens are no
         user's."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
