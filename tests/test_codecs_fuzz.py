@@ -140,3 +140,14 @@ def test_hostile_16_bit_alphabets_are_bounded(codec: Codec) -> None:
     # The full 65536-symbol alphabet is legal and decodes (with the tables it declares).
     every = np.arange(65536, dtype=np.uint16)
     assert np.array_equal(codec.decode(codec.encode(every), np.empty_like(every)), every)
+
+
+@pytest.mark.parametrize("bits", [9, 12, 16])
+def test_bitpack_codes_wider_than_the_elements_are_refused(bits: int) -> None:
+    """A head of 9-16 bits without the wide flag, decoded into uint8, kept each code's low
+    byte (897 read as 129) and said nothing."""
+    codes = np.array([897 % (1 << bits), 5, 300 % (1 << bits), 1], dtype=np.uint16)
+    wide = BitPack(bits).encode(codes)
+    narrow = bytes([wide[0] & 0x7F]) + wide[1:]  # the same stream, flagged 8-bit
+    with pytest.raises(ArchiveError, match="do not fit"):
+        BitPack(bits).decode(narrow, np.empty(4, dtype=np.uint8))

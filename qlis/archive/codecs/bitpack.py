@@ -131,6 +131,8 @@ class BitPack(Codec):
             raise reader.fail(f"its width is not the configured {self.bits} bits")
         if width != symbol_width(out.dtype):
             raise reader.fail(f"it holds {width}-bit elements, the record says {out.dtype}")
+        if self.bits > width:  # would be cut to the element's low bits
+            raise reader.fail(f"{self.bits}-bit codes do not fit {width}-bit elements")
         n = read_count(reader, out)
         payload = reader.take((n * self.bits + 7) // 8)
         reader.expect_end()
