@@ -458,3 +458,49 @@ def test_text_the_tokenizer_turns_into_no_tokens_is_refused_naming_the_tokenizer
     with pytest.raises(InputError, match=r"SilentTokenizer\) turns calibration lines 1-4 "
                                          r"into no tokens"):
         hf_model.tokenized_batches(SilentTokenizer(), [f"line {i}" for i in range(8)], 4)
+
+
+@pytest.mark.parametrize(("file", "edit"), [
+    ("tokenizer.json", lambda o: o["model"].update(type="NoSuchModel")),
+    ("tokenizer.json", lambda o: o.update(normalizer={"type": "NoSuchNormalizer"})),
+])
+def test_a_tokenizer_file_the_tokenizers_library_cannot_read_is_one_line(bert_folder, tmp_path,
+                                                                         file, edit):
+    """The tokenizers library raises a bare Exception for it: a traceback."""
+    folder = _edited_copy(bert_folder, tmp_path)
+    content = json.loads((folder / file).read_text())
+    edit(content)
+    (folder / file).write_text(json.dumps(content))
+    prompts = tmp_path / "ok.txt"
+    prompts.write_text("a red cat\n")
+    message = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", prompts)
+    assert "no usable tokenizer" in message
+    assert not (tmp_path / "x.qlis").exists()
+
+
+class OddLengthTokenizer(SilentTokenizer):
+    """A tokenizer_config.json's model_max_length as the file says it: unchecked."""
+
+    def __call__(self, lines, max_length, **kwargs):
+        assert max_length == 512
+        n = len(lines)
+        return {"input_ids": torch.ones(n, 3, dtype=torch.long),
+                "attention_mask": torch.ones(n, 3, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("stated", ["abc", -5, float("inf"), float("nan"), True, None])
+def test_a_model_max_length_that_is_no_length_is_passed_over(stated):
+    """A string, a negative or an infinite length gave ValueError / OverflowError."""
+    tokenizer = OddLengthTokenizer()
+    tokenizer.model_max_length = stated
+    assert len(hf_model.tokenized_batches(tokenizer, ["a", "b"], 2)) == 1
+
+
+def test_a_tokenizer_that_fails_on_the_text_is_one_error():
+    class Failing(SilentTokenizer):
+        def __call__(self, lines, **kwargs):
+            raise OverflowError("can't convert negative int to unsigned")
+
+    with pytest.raises(InputError, match=r"Failing\) failed on calibration lines 1-2: "
+                                         r"OverflowError"):
+        hf_model.tokenized_batches(Failing(), ["a", "b"], 2)

@@ -80,9 +80,11 @@ def test_a_plain_model_folder_has_no_pooling(tmp_path):
     assert pooling_modes(folder) is None
 
 
-@pytest.mark.parametrize("path", ["../elsewhere", "/etc"])
+@pytest.mark.parametrize("path", ["../elsewhere", "/etc", "a\x00b", "loop"])
 def test_a_pooling_module_outside_the_folder_is_refused(tmp_path, path):
+    """A NUL byte and a loop of links raised ValueError / RuntimeError: a traceback."""
     folder = st_folder(tmp_path, mean_tokens=True)
+    (folder / "loop").symlink_to(folder / "loop")
     listing = json.loads((folder / "modules.json").read_text())
     listing[1]["path"] = path
     (folder / "modules.json").write_text(json.dumps(listing))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from qlis.errors import InputError
+from qlis.errors import InputError, first_line
 from qlis.models.checkpoints import load_state_dict, read_config
 from qlis.models.tensors import tensor_label
 
@@ -247,7 +247,9 @@ def load_tokenizer(folder: str | Path) -> Any:
         with _quietly():
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 Path(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the tokenizer files make it raise
+        # the tokenizers library raises a bare Exception for a tokenizer.json it cannot
+        # read (an unknown model type, a bad pattern, a vocabulary that is not UTF-8);
         # RecursionError: a tokenizer file nested past Python's JSON parser's depth
         raise InputError(f"{folder}: no usable tokenizer for text calibration "
                          f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); "
@@ -283,8 +285,9 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
     """Text examples as keyword batches, padded and truncated to the model's length (the
     tokenizer's ``model_max_length``, ``max_length`` (`max_input_length`) and 512, the
     least)."""
-    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512,
-                max_length or 512)
+    stated = getattr(tokenizer, "model_max_length", None)  # tokenizer_config.json's, unchecked
+    usable = isinstance(stated, int | float) and not isinstance(stated, bool) and stated >= 1
+    limit = min(int(min(stated, 512)) if usable else 512, 512, max_length or 512)
     if getattr(tokenizer, "pad_token", None) is None:  # GPT-2 style: pad with end-of-text
         if getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -294,8 +297,13 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
     batches = []
     for start in range(0, len(lines), batch_size):
         chunk = [line[:_MAX_EXAMPLE_CHARS] for line in lines[start:start + batch_size]]
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                            max_length=limit)
+        try:
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
+                                max_length=limit)
+        except Exception as err:  # noqa: BLE001 - whatever the tokenizer's files make it do
+            raise InputError(f"the tokenizer ({type(tokenizer).__name__}) failed on "
+                             f"calibration lines {start + 1}-{start + len(chunk)}: "
+                             f"{type(err).__name__}: {first_line(err)}") from None
         ids = encoded.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim == 2 and ids.shape[1] == 0:
             raise InputError(

@@ -41,7 +41,12 @@ def pooling_modes(folder: str | Path) -> tuple[str, ...] | None:
         return None
     where = pooling[0].get("path")
     inside = folder.resolve()
-    if not isinstance(where, str) or not (inside / where).resolve().is_relative_to(inside):
+    try:
+        outside = not isinstance(where, str) or not (inside / where).resolve().is_relative_to(
+            inside)
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a loop of links
+        outside = True
+    if outside:
         raise InputError(f"{folder}/modules.json: the Pooling module's path must be a folder "
                          f"inside the model folder, got {where!r}")
     config = read_json_file(folder / where / "config.json", "the Pooling module's config.json",
