@@ -128,6 +128,19 @@ def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path,
     assert model_pt.read_bytes() == before
 
 
+def test_a_plan_or_calibration_file_is_never_the_packs_output(model_pt, tmp_path, no_loading):
+    """`pack --plan plan.qlis -o plan.qlis --force` replaced the plan with the archive."""
+    plan = tmp_path / "plan.qlis"
+    plan.write_text('{"w": {"quantizer": {"id": "group", "bits": 4}}}')
+    before = plan.read_bytes()
+    line = one_line_error("pack", model_pt, "--plan", plan, "-o", plan, "--force")
+    assert "one of the inputs" in line and plan.read_bytes() == before
+    calib = tmp_path / "calib.qlis"
+    calib.write_text("a red cat\n")
+    line = one_line_error("pack", model_pt, "--calib", calib, "-o", calib, "--force")
+    assert "one of the inputs" in line and calib.read_text() == "a red cat\n"
+
+
 def test_inspect_plot_is_not_replaced_without_force(model_pt, tmp_path):
     plot = tmp_path / "q.png"
     plot.write_bytes(b"keep")

@@ -16,6 +16,7 @@ import socket
 import struct
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -667,3 +668,30 @@ def test_a_pt_record_size_past_the_end_is_named(tmp_path):
     struct.pack_into("<II", data, at + 20, 0xFFFFFFF0, 0xFFFFFFF0)
     path.write_bytes(bytes(data))
     assert "()" not in refused(path, "damaged (")
+
+
+def test_a_checkpoint_whose_records_are_compressed_is_refused(tmp_path):
+    """torch.load maps a record's bytes as the tensor's: a deflated .pt loaded (and packed)
+    as garbage, silently."""
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.randn(16, 16)}, plain)
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(deflated, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info), zipfile.ZIP_DEFLATED)
+    assert torch.equal(load_state_dict(plain)["w"], torch.load(plain)["w"])
+    with pytest.raises(InputError, match="is compressed"):
+        load_state_dict(deflated)
+
+
+def test_a_safetensors_file_that_cannot_be_mapped_is_an_input_error(tmp_path, monkeypatch):
+    """Under an address-space limit, mapping a large file raised MemoryError: a traceback."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, path)
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(qlis.models.checkpoints, "safe_open", refuse)
+    with pytest.raises(InputError, match="cannot be mapped into memory"):
+        load_state_dict(path)

@@ -275,7 +275,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     are reconstructed on the calibration data and the output quality is measured.
     """
     check_input(path)
-    check_output(output, force, (".qlis",), inputs=[path])
+    # a file the pack reads is never its output (a plan or calibration file replaced by it)
+    inputs = [path, *(given for given in (plan_file, calib_file) if given is not None)]
+    check_output(output, force, (".qlis",), inputs=inputs)
     flags = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
         "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,

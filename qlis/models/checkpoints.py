@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import same_file
-from qlis.errors import InputError
+from qlis.errors import InputError, first_line
 from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
 from qlis.regular_files import file_kind, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
@@ -123,6 +123,9 @@ def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, l
             (header_len,) = struct.unpack("<Q", f.read(8))
     except (SafetensorError, OSError, ValueError, struct.error) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
+    except MemoryError as err:  # mapping the file failed: a limit on the address space
+        raise InputError(f"{path}: cannot be mapped into memory ({first_line(err)}); raise "
+                         "the process's address-space limit (ulimit -v)") from None
     specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]
     data_start = 8 + header_len
     if data_start + sum(size for *_, size in specs) != file_size:
@@ -287,9 +290,10 @@ def _torch_load(path: Path) -> object:
 def _check_zip_records(path: Path) -> None:
     """Every stored record of a zip checkpoint read once against its CRC-32, which
     torch.load never checks: a damaged .pt otherwise loads (and packs) its damaged weights
-    silently. One more read of the file (the page cache then serves torch.load's). Compressed
-    records are left to torch.load, which refuses them, and so is a file that is no zip (a
-    legacy pickle checkpoint)."""
+    silently. One more read of the file (the page cache then serves torch.load's). A
+    compressed record is refused: torch.load maps a record's bytes as the tensor's, so a
+    deflated one loaded as garbage, silently. A file that is no zip (a legacy pickle
+    checkpoint) is left to torch.load."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
@@ -298,7 +302,10 @@ def _check_zip_records(path: Path) -> None:
         with archive:
             for info in archive.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:
-                    continue
+                    raise InputError(
+                        f"{path}: its record {info.filename[:200]!r} is compressed, which "
+                        "torch.save never writes and torch.load reads as raw bytes; save the "
+                        "checkpoint again with torch.save")
                 with archive.open(info) as record:
                     while record.read(1 << 24):
                         pass
