@@ -220,7 +220,7 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
         with torch.device("meta"):
             skeleton = build()
     except Exception as err:  # noqa: BLE001 - a hostile config.json, not a bug of ours
-        detail = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        detail = first_line(err) or type(err).__name__
         raise InputError(f"{folder}: transformers cannot build this model from its "
                          f"config.json ({detail})") from None
     state = _without_recomputed_buffers(skeleton, _as_module_names(folder, skeleton, state))
@@ -252,7 +252,7 @@ def load_tokenizer(folder: str | Path) -> Any:
         # read (an unknown model type, a bad pattern, a vocabulary that is not UTF-8);
         # RecursionError: a tokenizer file nested past Python's JSON parser's depth
         raise InputError(f"{folder}: no usable tokenizer for text calibration "
-                         f"({(str(err).splitlines() or [type(err).__name__])[0][:300]}); "
+                         f"({first_line(err) or type(err).__name__}); "
                          f"{advice}") from None
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
         # transformers builds a tokenizer from config.json alone, which reads every word as

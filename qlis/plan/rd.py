@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from qlis.archive.codecs import entropy_bits
+from qlis.archive.codecs.row_classes import TABLE_BYTES_PER_SYMBOL
 from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
@@ -43,7 +44,6 @@ from qlis.plan.policy import PlanContext, Policy, register_policy
 from qlis.plan.sizes import (
     HEADER_BYTES,
     QUANTIZED_RECORD_BYTES,
-    TABLE_BYTES_PER_SYMBOL,
     kept_bytes,
     unplanned_bytes,
 )

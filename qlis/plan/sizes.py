@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qlis.archive.codecs import entropy_bits
-from qlis.archive.codecs.row_classes import TABLE_BYTES_PER_SYMBOL, row_classes
+from qlis.archive.codecs.row_classes import row_classes, stream_bytes
 from qlis.models.tensors import storage_bits
 
 HEADER_BYTES = 1024
@@ -29,8 +28,7 @@ def coded_code_bytes(counts: np.ndarray, codes: np.ndarray | None = None,
     >>> coded_code_bytes(np.array([1000])) < 10
     True
     """
-    present = int(np.count_nonzero(counts))
-    one_table = entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + 8
+    one_table = stream_bytes(counts, fixed=8)
     classes = None if codes is None else row_classes(codes, row_length)
     return one_table if classes is None else min(one_table, classes.estimated_bytes)
 

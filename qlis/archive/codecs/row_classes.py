@@ -72,10 +72,11 @@ def _class_histograms(symbols: np.ndarray, row_length: int, of_row: np.ndarray,
     return counts
 
 
-def stream_bytes(counts: np.ndarray) -> float:
-    """Estimated bytes of one table's stream of codes with these counts."""
+def stream_bytes(counts: np.ndarray, fixed: float = STREAM_BYTES) -> float:
+    """Estimated bytes of one table's stream of codes with these counts: information,
+    table, and ``fixed`` bytes of head."""
     present = int(np.count_nonzero(counts))
-    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + STREAM_BYTES
+    return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + fixed
 
 
 def row_classes(symbols: np.ndarray, row_length: int) -> RowClasses | None:
