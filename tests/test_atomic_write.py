@@ -60,6 +60,17 @@ def test_without_hard_links_the_write_still_publishes(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
 
 
+@pytest.mark.parametrize("name", ["o" * 251 + ".bin", "é" * 123 + ".bin"])
+def test_a_name_near_the_file_systems_limit_is_still_written(tmp_path, name):
+    # the temporary's longer name is cut (at a character), never the target's
+    assert len(os.fsencode(name)) in (250, 255)
+    with atomic_path(tmp_path / name) as tmp:
+        assert len(os.fsencode(tmp.name)) <= 255
+        tmp.write_bytes(b"x")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes() == b"x"
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -246,20 +246,6 @@ def test_a_module_larger_than_its_weights_is_refused_before_it_is_built(
         load_hf_model(folder)
 
 
-def test_a_config_linked_from_outside_the_folder_is_refused(bert_folder, tmp_path):
-    """config.json is read like the weights: a link out of the folder is not followed."""
-    folder = tmp_path / "linked"
-    shutil.copytree(bert_folder, folder)
-    outside = tmp_path / "elsewhere.json"
-    outside.write_bytes((folder / "config.json").read_bytes())
-    (folder / "config.json").unlink()
-    (folder / "config.json").symlink_to(outside)
-    text = tmp_path / "ok.txt"
-    text.write_text("a red cat\n")
-    line = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", text)
-    assert "outside the model folder" in line
-
-
 def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_path):
     # T5 cannot run on input_ids alone: text calibration ended in "does not fit the model"
     folder = tmp_path / "tiny-t5"

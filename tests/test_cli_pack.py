@@ -115,6 +115,9 @@ def test_set_passes_any_policy_option(model_file, tmp_path):
         (["--set", 'granularities={"a": 1}'], "takes a list"),
         (["--set", "min_cosine=0.99"], "measured on calibration data: pass --calib"),
         (["--min-cosine", "0.99"], "measured on calibration data: pass --calib"),
+        (["--min-cosine", "0"], "0<x<1"),  # as the library's own range: a cosine above 0
+        (["--calib-examples", "8"], "size the calibration: pass --calib"),
+        (["--calib-batch-size", "4"], "size the calibration: pass --calib"),
         (["--calib", "calib.txt", "--max-distortion", "1e-3"], "weight-error target"),
         (["--policy", "quant", "--method", "nope", "--bits", "4"], "unknown quantizer"),
         (["--policy", "lapq", "--plan", "plan.json"], "--plan gives every layer"),

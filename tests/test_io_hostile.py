@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import warnings
 import zipfile
@@ -155,6 +156,7 @@ def odd_tensors() -> dict[str, torch.Tensor]:
             "sparse_coo": torch.eye(3).to_sparse(),
             "sparse_csr": torch.eye(3).to_sparse_csr(),
             "meta": torch.empty(3, 3, device="meta"),
+            "nested": torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)]),
             "float8_e4m3fn": torch.ones(3).to(torch.float8_e4m3fn),
             "float8_e5m2": torch.ones(3).to(torch.float8_e5m2),
             "qint8": torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8),
@@ -175,6 +177,22 @@ def test_odd_tensors_are_refused_by_name_and_kind_without_warnings(tmp_path, cap
         message = refused(path, "'odd'", kind.split("_")[-1] if "sparse" in kind else kind)
     assert not caught and capfd.readouterr().err == ""
     assert "e.g." in message or "use " in message or "give " in message  # says what to do
+
+
+def test_a_nested_tensor_is_refused_silently_with_a_hint_that_applies(tmp_path):
+    path = tmp_path / "nested.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save({"odd": torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)])},
+                   path)
+    # a fresh process: torch warns once per process as a nested tensor is made
+    code = ("import sys; from qlis.models.checkpoints import load_state_dict\n"
+            "try:\n    load_state_dict(sys.argv[1])\nexcept Exception as err:\n    print(err)")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.stderr == "" and "'odd' is a nested tensor" in run.stdout, run
+    assert "to_dense" not in run.stdout  # what a nested tensor cannot do
+    assert "to_padded_tensor" in run.stdout
 
 
 # 4. FIFOs, devices and sockets
@@ -256,6 +274,9 @@ def test_a_hugging_face_cache_snapshot_may_link_to_its_blobs(tmp_path):
          ("'v'", "does not hold it")),
         ({"weight_map": {"w": "missing.safetensors"}}, ("'missing.safetensors' is missing",)),
         ({"weight_map": {"w": "a\u0000b"}}, ("cannot resolve",)),
+        # the folder itself, or a folder in it: named as the index's, not the user's fault
+        *[({"weight_map": {"w": shard}}, (f"'{shard}', which names no file",))
+          for shard in ("", ".", "./", "sub/", "a/..")],
     ],
 )
 def test_bad_shard_indexes_get_one_line(tmp_path, index, words):

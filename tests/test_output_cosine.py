@@ -1,10 +1,12 @@
 """What the output cosine compares: vectors along the last dimension (a token's, an
-embedding's), and a feature map (examples, channels, space) one example at a time."""
+embedding's), a feature map (examples, channels, space) one example at a time, never a loss."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from qlis.errors import InputError
 from qlis.measure.calibrate import Calibration
 
 
@@ -68,3 +70,36 @@ def test_a_single_output_vector_claims_no_standard_error():
     assert one["cosine_stderr"] is None and one["cosine"] < 1.0
     two = Calibration(model, [batch, batch + 1]).measure({"0.weight": noisy})
     assert two["cosine_stderr"] is not None and two["cosine_stderr"] >= 0.0
+
+
+class WithLoss(torch.nn.Module):
+    """A Hugging Face-style model given labels: the loss (one number) first, then the logits
+    (or, ``loss_only``, nothing else)."""
+
+    def __init__(self, loss_only: bool = False) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.loss_only = loss_only
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.linear(x)
+        loss = torch.nn.functional.mse_loss(logits, labels)
+        return {"loss": loss} if self.loss_only else {"loss": loss, "logits": logits}
+
+
+def test_a_loss_before_the_outputs_is_not_what_is_compared():
+    torch.manual_seed(0)
+    model = WithLoss().eval()
+    batches = [{"x": torch.randn(4, 8), "labels": torch.randn(4, 8)}]
+    noisy = model.linear.weight + 0.3 * torch.randn_like(model.linear.weight)
+    measured = Calibration(model, batches).measure({"linear.weight": noisy})
+    with torch.no_grad():
+        reference = model.linear(batches[0]["x"])
+        output = batches[0]["x"] @ noisy.T + model.linear.bias
+    assert abs(measured["cosine"] - mean_cosine(reference, output)) < 1e-9
+
+
+def test_a_model_that_returns_only_a_number_is_refused():
+    batches = [{"x": torch.randn(4, 8), "labels": torch.randn(4, 8)}]
+    with pytest.raises(InputError, match="a single number"):
+        Calibration(WithLoss(loss_only=True).eval(), batches)

@@ -296,6 +296,14 @@ def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
         qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
 
 
+def test_a_model_of_mixed_weight_dtypes_is_named_not_the_calibration_data():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].half()
+    with pytest.raises(qlis.InputError, match=r"float32 but for some \('1.weight' is "
+                                              r"torch.float16.*store them in one dtype"):
+        qlis.compress(model, calib=[torch.randn(2, 8)])
+
+
 class Flaky(nn.Module):
     """A linear model that misbehaves from its ``fails_from``-th call on: raises ``error``,
     or (``error`` None) returns one vector fewer."""

@@ -144,3 +144,20 @@ def test_pooled_batches_keep_the_mark_of_synthetic_ones(tmp_path):
     made_up = qlis.synthetic_calibration(model, examples=2, length=4)[0]
     assert PooledBatch(made_up, ("mean_tokens",)).synthetic is True
     assert PooledBatch(dict(made_up), ("mean_tokens",)).synthetic is False
+
+
+@pytest.mark.parametrize("linked", ["config.json", "tokenizer.json", "tokenizer_config.json",
+                                    "modules.json", "1_Pooling/config.json"])
+def test_a_file_linked_from_outside_the_folder_is_not_read(tmp_path, linked):
+    """What the folder's files say (the model, its tokenizer, its pooling) comes from the
+    folder: a link out of it is refused, as for the weights, whatever library reads it."""
+    folder = st_folder(tmp_path, mean_tokens=True)
+    outside = tmp_path / "elsewhere"
+    (folder / linked).rename(outside)
+    (folder / linked).symlink_to(outside)
+    text = tmp_path / "prompts.txt"
+    text.write_text("a red cat\n")
+    message = one_line_error(cli, "qlis: error:", "pack", folder, "-o", tmp_path / "x.qlis",
+                             "--calib", text)
+    assert f"{linked} resolves to {outside}, outside the model folder" in message
+    assert not (tmp_path / "x.qlis").exists()

@@ -27,6 +27,7 @@ TMP_MARK = ".qlis-tmp-"
 STALE_SECONDS = 300
 _TMP_NAME = re.compile(r"^\..+\.qlis-tmp-(\d+)-[0-9a-f]{8}$")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+_NAME_MAX = 255  # bytes in one file name on the file systems qlis writes to
 _NO_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
@@ -66,10 +67,21 @@ def clean_stale(folder: Path) -> list[Path]:
     return removed
 
 
+def hidden_beside(path: Path, suffix: str) -> Path:
+    """``.NAME`` + ``suffix`` in ``path``'s folder, NAME cut (at a character) so that the
+    whole name fits a file system's 255 bytes: a target whose own name is near that long
+    still gets its temporaries."""
+    room = _NAME_MAX - 1 - len(os.fsencode(suffix))
+    name = path.name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return path.parent / f".{name}{suffix}"
+
+
 def _create_temporary(path: Path) -> Path:
     """A new empty file beside ``path``, created with mode 0666 so the umask applies."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = hidden_beside(path, f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
         try:
             fd = os.open(tmp, _CREATE, 0o666)
         except FileExistsError:

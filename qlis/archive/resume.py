@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from qlis.archive.atomic import atomic_path
+from qlis.archive.atomic import atomic_path, hidden_beside
 from qlis.errors import InputError
 from qlis.json_input import read_json_file
 
@@ -40,7 +40,7 @@ class PassCache:
 
     def __init__(self, output: str | os.PathLike, fingerprint: str, resume: bool) -> None:
         output = Path(output)
-        self.path = output.with_name(f".{output.name}-pass1.json")
+        self.path = hidden_beside(output, "-pass1.json")
         self.fingerprint = fingerprint
         self.used = False
         """Whether a `lookup` gave saved results (the pass they save was not measured)."""

@@ -254,7 +254,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
 @click.option("--rounding-sweeps", type=click.IntRange(min=0, max=MAX_SWEEPS), default=0,
               help="With --calib: passes of learned rounding after GPTQ (each layer's codes "
                    "re-chosen for output error + coded length; slower).")
-@click.option("--min-cosine", type=click.FloatRange(min=0, max=1, max_open=True),
+@click.option("--min-cosine", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
               help="rd with --calib: the least mean output cosine to the original model.")
 @_codec
 @_jobs
@@ -294,6 +294,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     with in_flags():
         plan, options = _pack_policy(policy, given, plan_file,
                                      calibrated=calib_file is not None)
+    if calib_file is None and (calib_examples or calib_batch_size):
+        raise InputError("--calib-examples and --calib-batch-size size the calibration: "
+                         "pass --calib FILE")
     if rounding_sweeps:
         if calib_file is None:
             raise InputError("--rounding-sweeps refines reconstruction on calibration data: "

@@ -33,6 +33,7 @@ from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.measure.row_shares import lookup_shares
+from qlis.models.tensors import tensor_label
 from qlis.workers.cluster import Cluster, share_of, together
 from qlis.workers.memory import allocation_failed
 from qlis.workers.threads import single_threaded_ops
@@ -63,7 +64,9 @@ input it needs left out, read as None: CLIP's pixel_values given text alone)."""
 
 
 def first_tensor(output: Any) -> torch.Tensor:
-    """The tensor a model output stands for (first of a tuple, dict or ModelOutput)."""
+    """The tensor a model output stands for: the first of a tuple, dict or ModelOutput that
+    has a dimension (a 0-d one is a loss, which a Hugging Face model puts first when the
+    batch holds ``labels``: one number, whose cosine is 1 whatever the weights)."""
     values: Iterable[Any] = ()
     if isinstance(output, torch.Tensor):
         values = (output,)
@@ -71,11 +74,14 @@ def first_tensor(output: Any) -> torch.Tensor:
         values = output.values()
     elif isinstance(output, Sequence):
         values = output
-    found = next((value for value in values if isinstance(value, torch.Tensor)), None)
+    tensors = [value for value in values if isinstance(value, torch.Tensor)]
+    found = next((value for value in tensors if value.ndim), None)
     if found is None:
+        what = "a single number (a loss?)" if tensors else "no tensor"
         raise InputError(
-            f"the model returned a {type(output).__name__} without a tensor; pass "
-            "calib=callable(model) -> tensor to say which output to compare"
+            f"the model returned a {type(output).__name__} with {what}; pass calib="
+            "callable(model) -> tensor to say which output to compare, and leave the "
+            "training targets (labels) out of the calibration batches"
         )
     if found.is_meta:
         raise InputError("the model's output is on the meta device (a tensor without "
@@ -83,13 +89,35 @@ def first_tensor(output: Any) -> torch.Tensor:
     return found
 
 
-def _model_failed(err: Exception, where: str, first: bool) -> InputError:
+def _mixed_dtypes(model: torch.nn.Module) -> str | None:
+    """How the model's floating weights mix dtypes (None where they share one): a forward
+    that multiplies them together fails whatever the inputs."""
+    elements: dict[torch.dtype, int] = {}
+    example: dict[torch.dtype, str] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point():
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+            example.setdefault(tensor.dtype, name)
+    if len(elements) < 2:
+        return None
+    common, *others = sorted(elements, key=elements.__getitem__, reverse=True)
+    odd = ", ".join(f"{tensor_label(example[dtype])} is {dtype}" for dtype in others)
+    return f"its weights are {common} but for some ({odd})"
+
+
+def _model_failed(err: Exception, where: str, first: bool,
+                  model: torch.nn.Module | None = None) -> InputError:
     """What the model raised on calibration data, as the user's error: on the first pass a
-    batch it cannot take; after it, a model that no longer computes as it did."""
+    batch it cannot take (or a model that cannot run at all: weights of mixed dtypes);
+    after it, a model that no longer computes as it did."""
     if isinstance(err, MemoryError) or allocation_failed(err):
         return InputError(f"not enough memory to run the model on the calibration data "
                           f"({where}): calibrate on smaller batches")
     text = f"{type(err).__name__}: {first_line(err)}"
+    mixed = _mixed_dtypes(model) if first and model is not None else None
+    if mixed is not None:
+        return InputError(f"the model failed on the calibration data ({where}): {text}; "
+                          f"{mixed}: store them in one dtype")
     if first and isinstance(err, _MISFIT_ERRORS):
         return InputError(f"the calibration data does not fit the model ({where}): {text}")
     if first:
@@ -447,7 +475,7 @@ class Calibration:
                             continue
                         if isinstance(err, QlisError):
                             raise
-                        raise _model_failed(err, self._where(i), checked) from err
+                        raise _model_failed(err, self._where(i), checked, self.model) from err
         finally:
             self.model.train(was_training)
             self._restore_buffers()

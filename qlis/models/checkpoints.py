@@ -20,7 +20,7 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -386,6 +386,33 @@ def _inside(roots: tuple[Path, ...], candidate: Path, named_by: Path) -> Path:
     return resolved
 
 
+def folder_file(folder: str | Path, name: str | Path) -> Path:
+    """``folder / name``, refused (an InputError) where it resolves outside the folder (or a
+    Hugging Face snapshot's blobs): a file of a model folder that qlis reads, such as its
+    modules.json, is read only from inside it, like the weights and config.json."""
+    candidate = Path(folder) / name
+    _inside(_folder_roots(Path(folder)), candidate, Path(folder))
+    return candidate
+
+
+_MAX_LISTED = 10_000  # entries of a folder's top level whose links are checked
+
+
+def check_folder_links(folder: str | Path) -> None:
+    """Refuse a folder whose top-level entries link outside it, before a library that reads
+    whichever of its files it knows (a tokenizer: tokenizer.json, vocab.txt, merges.txt, ...)
+    is let at it."""
+    folder = Path(folder)
+    roots = _folder_roots(folder)
+    try:
+        with os.scandir(folder) as entries:
+            for _, entry in zip(range(_MAX_LISTED), entries, strict=False):
+                if entry.is_symlink():
+                    _inside(roots, Path(entry.path), folder)
+    except OSError as err:
+        raise InputError(f"{folder}: cannot list it ({err.strerror or err})") from None
+
+
 def _folder_model_file(path: Path, roots: tuple[Path, ...]) -> tuple[str, Path]:
     """The file of a model folder that `load_state_dict` starts from (a checkpoint or a
     shard index: the first of `_FOLDER_FILES` present): its name, which says its kind (a
@@ -415,8 +442,7 @@ def read_config(folder: str | Path) -> dict:
     """A model folder's ``config.json`` as a JSON object, read with bounds (a regular file of
     at most 1 MiB, bounded nesting) before transformers parses it without any; like the
     weights, it must lie in the folder (a link out of it is refused)."""
-    path = Path(folder) / "config.json"
-    _inside(_folder_roots(Path(folder)), path, path)
+    path = folder_file(folder, "config.json")
     parsed = _parse_json(read_small_file(path, _MAX_CONFIG_BYTES, expected="a JSON file"), path)
     if not isinstance(parsed, dict):
         raise InputError(f"{path}: holds a JSON {type(parsed).__name__}, not an object")
@@ -430,11 +456,14 @@ def _weight_map(index: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict):
         raise InputError(f"{index}: not a shard index (no 'weight_map' object)")
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
+        if not isinstance(shard, str):
             raise InputError(
                 f"{index}: the shard of tensor {tensor_label(name)} is a "
                 f"{type(shard).__name__}, not a file name"
             )
+        if PurePosixPath(shard).name in ("", ".", "..") or shard.endswith("/"):
+            raise InputError(f"{index}: the shard of tensor {tensor_label(name)} is "
+                             f"{tensor_label(shard)}, which names no file")
     return weight_map
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from qlis.errors import InputError, first_line
-from qlis.models.checkpoints import load_state_dict, read_config
+from qlis.models.checkpoints import check_folder_links, load_state_dict, read_config
 from qlis.models.tensors import tensor_label
 
 _MAX_EXAMPLE_CHARS = 20_000
@@ -243,6 +243,7 @@ def load_tokenizer(folder: str | Path) -> Any:
     transformers = _transformers()
     advice = ("give the model's inputs as tensors instead (a .safetensors file of keyword "
               "inputs, e.g. pixel_values)")
+    check_folder_links(folder)  # the tokenizer reads whichever of its files it finds
     try:
         with _quietly():
             tokenizer = transformers.AutoTokenizer.from_pretrained(

@@ -12,6 +12,7 @@ the sentence embeddings.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from qlis.errors import InputError
 from qlis.json_input import read_json_file
 from qlis.measure.calibrate import first_tensor
+from qlis.models.checkpoints import folder_file
 
 POOLING_TYPE = "sentence_transformers.models.Pooling"
 MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens",
@@ -33,8 +35,9 @@ def pooling_modes(folder: str | Path) -> tuple[str, ...] | None:
     Pooling module, whose ``config.json`` says which), None for other folders."""
     folder = Path(folder)
     listing = folder / "modules.json"
-    if not listing.exists():
+    if not os.path.lexists(listing):
         return None
+    folder_file(folder, "modules.json")
     modules = read_json_file(listing, "modules.json", _MAX_JSON_BYTES, list)
     pooling = [m for m in modules if isinstance(m, dict) and m.get("type") == POOLING_TYPE]
     if not pooling:
@@ -49,8 +52,8 @@ def pooling_modes(folder: str | Path) -> tuple[str, ...] | None:
     if outside:
         raise InputError(f"{folder}/modules.json: the Pooling module's path must be a folder "
                          f"inside the model folder, got {where!r}")
-    config = read_json_file(folder / where / "config.json", "the Pooling module's config.json",
-                            _MAX_JSON_BYTES, dict)
+    config = read_json_file(folder_file(folder, Path(where) / "config.json"),
+                            "the Pooling module's config.json", _MAX_JSON_BYTES, dict)
     modes = tuple(mode for mode in MODES if config.get(f"pooling_mode_{mode}") is True)
     if not modes:
         raise InputError(f"{folder / where}/config.json: no pooling mode is set (one of "

@@ -126,13 +126,17 @@ def _checked_tensor(name: object, value: object, where: str) -> torch.Tensor:
             + ("run the lazy module once to initialise it" if lazy
                else "convert it to a plain tensor first")
         )
-    tensor = value.detach()
-    if tensor.layout != torch.strided or tensor.is_nested:
+    if value.is_nested:  # before detach, which makes a nested tensor anew (and warns)
         raise InputError(
-            f"{where}tensor {label} has layout {tensor.layout}"
-            f"{' (nested)' if tensor.is_nested else ''}; qlis reads dense tensors: "
+            f"{where}tensor {label} is a nested tensor (parts of different shapes); qlis "
+            "reads dense tensors: pad it into one, e.g. torch.nested.to_padded_tensor(t, 0.0)"
+        )
+    if value.layout != torch.strided:
+        raise InputError(
+            f"{where}tensor {label} has layout {value.layout}; qlis reads dense tensors: "
             "use tensor.to_dense()"
         )
+    tensor = value.detach()
     if tensor.device.type == "meta":
         raise InputError(
             f"{where}tensor {label} is on the meta device (it holds no values); "
