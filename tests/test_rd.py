@@ -87,6 +87,20 @@ def test_bits_per_weight_target_holds_on_the_real_archive(mlp, tmp_path, target)
         assert torch.equal(state[name], tensor)
 
 
+def test_a_size_target_counts_the_row_classes_the_codec_will_code(tmp_path):
+    """Rows of four spreads (a vocabulary's rare and frequent tokens, an output layer): the
+    ans codec codes each class of rows with its own table, and the allocation plans on
+    that size, not one table's (which left a 3-bit target at 2.3 bits)."""
+    torch.manual_seed(0)
+    spreads = torch.tensor([1.0, 0.3, 0.1, 0.03]).repeat(128)[:, None]
+    state = {f"w{i}": torch.randn(512, 64) * spreads * (1 + i) for i in range(6)}
+    result = qlis.compress(state, target_bits_per_weight=3.0)
+    path = qlis.save(result, tmp_path / "m.qlis", codec="ans")
+    real_bits = 8 * path.stat().st_size / result.numel
+    assert 3.0 * 0.94 <= real_bits <= 3.0 * 1.02  # six alike layers: half-octave steps
+    assert abs(path.stat().st_size / result.estimated_bytes - 1) < 0.02
+
+
 def test_ratio_and_bytes_targets(mlp):
     by_ratio = qlis.compress(mlp, target_ratio=8)
     assert by_ratio.original_bytes / by_ratio.estimated_bytes >= 8 * 0.99

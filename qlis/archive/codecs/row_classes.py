@@ -22,13 +22,15 @@ from qlis.compiled import njit
 MAX_CLASSES = 16
 """The most classes a stream holds (the finest quantile split; coarser ones merge its
 neighbours)."""
+SPLITS = (2, 4, 8, MAX_CLASSES)
+"""The class counts weighed, each merging neighbouring classes of the finest split."""
 MIN_SYMBOLS = 1 << 14
 """Below this many codes one table is kept: a class costs a few dozen bytes of head."""
 STREAM_BYTES = 44
 """A class's fixed cost in the estimate: its length and count varints, scale and states."""
 TABLE_BYTES_PER_SYMBOL = 1.5
 """A present symbol's cost in a table: its place in the alphabet and its frequency."""
-_SAVING_BYTES = 64
+SAVING_BYTES = 64
 """Classes are used only where the estimate says they save more than this."""
 
 
@@ -72,6 +74,13 @@ def _class_histograms(symbols: np.ndarray, row_length: int, of_row: np.ndarray,
     return counts
 
 
+def finest_classes(spreads: np.ndarray) -> np.ndarray:
+    """Each row's class (uint8) in the finest split: the `MAX_CLASSES` quantiles of the
+    rows' ``spreads``, which coarser splits merge by neighbours."""
+    edges = np.quantile(spreads, np.arange(1, MAX_CLASSES) / MAX_CLASSES)
+    return np.searchsorted(edges, spreads, side="right").astype(np.uint8)
+
+
 def stream_bytes(counts: np.ndarray, fixed: float = STREAM_BYTES) -> float:
     """Estimated bytes of one table's stream of codes with these counts: information,
     table, and ``fixed`` bytes of head."""
@@ -81,20 +90,18 @@ def stream_bytes(counts: np.ndarray, fixed: float = STREAM_BYTES) -> float:
 
 def row_classes(symbols: np.ndarray, row_length: int) -> RowClasses | None:
     """The classes that code ``symbols`` (uint8 or uint16, rows of ``row_length``) smallest,
-    or None where one table is estimated as small (within `_SAVING_BYTES`)."""
+    or None where one table is estimated as small (within `SAVING_BYTES`)."""
     if row_length < 1 or symbols.size < MIN_SYMBOLS or symbols.size % row_length:
         return None
     rows = symbols.size // row_length
     if rows < 2:
         return None
-    variances = _row_variances(symbols, row_length)
-    edges = np.quantile(variances, np.arange(1, MAX_CLASSES) / MAX_CLASSES)
-    finest = np.searchsorted(edges, variances, side="right").astype(np.uint8)
+    finest = finest_classes(_row_variances(symbols, row_length))
     bins = 1 << (8 * symbols.dtype.itemsize)
     counts = _class_histograms(symbols, row_length, finest, MAX_CLASSES, bins)
-    best_bytes = stream_bytes(counts.sum(axis=0)) - _SAVING_BYTES
+    best_bytes = stream_bytes(counts.sum(axis=0)) - SAVING_BYTES
     best: RowClasses | None = None
-    for classes in (2, 4, 8, MAX_CLASSES):  # each merges neighbouring finest classes
+    for classes in SPLITS:
         merged = counts.reshape(classes, -1, bins).sum(axis=1)
         used = np.flatnonzero(merged.sum(axis=1))
         if used.size < 2:
