@@ -194,6 +194,18 @@ def test_pack_info_unpack(runner, model_pt, tmp_path):
         assert all(same_bits(state[n], expected[n]) for n in expected)
 
 
+def test_info_cuts_a_long_metadata_value_in_its_table_not_in_json(runner, tmp_path):
+    archive = tmp_path / "m.qlis"
+    note = "x" * 100_000
+    qlis.save(qlis.compress({"w": torch.randn(8, 8)}, "quant", bits=4), archive,
+              metadata={"note": note})
+    table = run_ok(runner, "info", archive).stdout
+    line = next(line for line in table.splitlines() if line.startswith("  note = "))
+    assert len(line) < 300 and "(100,000 characters; --format json: all)" in line
+    info = json.loads(run_ok(runner, "info", archive, "--format", "json").stdout)
+    assert info["metadata"]["note"] == note
+
+
 def test_outputs_are_not_overwritten_without_force(runner, model_pt, tmp_path):
     archive = tmp_path / "model.qlis"
     archive.write_bytes(b"keep me")

@@ -110,10 +110,22 @@ def test_bad_calibration_input_is_one_line(bert_folder, tmp_path, monkeypatch):
     save_file({"input_ids": torch.zeros(3, 4, dtype=torch.int64),
                "attention_mask": torch.ones(2, 4, dtype=torch.int64)}, str(ragged))
     assert "first dimension" in user_error("pack", bert_folder, "-o", out, "--calib", ragged)
+    save_file({"input_ids": torch.tensor(3)}, str(ragged))
+    assert "'input_ids' is a single number; each tensor holds one example per row" in (
+        user_error("pack", bert_folder, "-o", out, "--calib", ragged))
     wrong = tmp_path / "wrong.safetensors"
     save_file({"pixel_values": torch.zeros(2, 3)}, str(wrong))
     assert "'pixel_values' is not a tensor input of BertModel" in user_error(
         "pack", bert_folder, "-o", out, "--calib", wrong)
+    for key, ids, words in [("input_ids", [[2, 40, 3]], "holds input_ids 40; the model has 40 "
+                             "rows in its token embedding (ids 0-39)"),
+                            ("input_ids", [[2, -1, 3]], "holds input_ids -1"),
+                            ("token_type_ids", [[0, 2, 0]], "holds token_type_ids 2; the model "
+                             "has 2 token types")]:
+        beyond = tmp_path / "beyond.safetensors"
+        batch = {"input_ids": torch.tensor([[2, 7, 3]]), key: torch.tensor(ids)}
+        save_file(batch, str(beyond))
+        assert words in user_error("pack", bert_folder, "-o", out, "--calib", beyond)
     binary = tmp_path / "bytes.txt"
     binary.write_bytes(b"\xff\xfe\x00")
     assert "not UTF-8" in user_error("pack", bert_folder, "-o", out, "--calib", binary)
@@ -490,3 +502,45 @@ def test_a_tokenizer_that_fails_on_the_text_is_one_error():
     with pytest.raises(InputError, match=r"Failing\) failed on calibration lines 1-2: "
                                          r"OverflowError"):
         hf_model.tokenized_batches(Failing(), ["a", "b"], 2)
+
+
+def _resnet(folder: Path) -> dict[str, torch.Tensor]:
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    transformers.ResNetModel(config).save_pretrained(folder)
+    return {"pixel_values": torch.randn(4, 3, 32, 32)}
+
+
+def _pegasus(folder: Path) -> dict[str, torch.Tensor]:
+    config = transformers.PegasusConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)
+    transformers.PegasusModel(config).save_pretrained(folder)
+    return {"input_ids": torch.randint(2, 40, (4, 6))}
+
+
+def _whisper(folder: Path) -> dict[str, torch.Tensor]:
+    config = transformers.WhisperConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=8, max_target_positions=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    transformers.WhisperModel(config).save_pretrained(folder)
+    return {"input_features": torch.randn(4, 8, 16)}
+
+
+@pytest.mark.parametrize("build", [_resnet, _pegasus, _whisper],
+                         ids=["resnet", "pegasus-base", "whisper-base"])
+def test_models_without_a_token_table_or_a_decoder_shift_calibrate(tmp_path, build):
+    """ResNet has no token table (asking for it raised NotImplementedError: a traceback); a
+    base encoder-decoder (PegasusModel, WhisperModel) has no shift of its own, and its
+    decoder got no inputs ("cannot specify both decoder_input_ids and
+    decoder_inputs_embeds", which the user gave neither of)."""
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    inputs = tmp_path / "inputs.safetensors"
+    save_file(build(folder), str(inputs))
+    result = run(cli, "pack", folder, "-o", tmp_path / "m.qlis", "--calib", inputs)
+    assert result.exit_code == 0, result.output
+    assert "output on the calibration data: cosine" in result.output

@@ -114,6 +114,10 @@ def test_set_passes_any_policy_option(model_file, tmp_path):
         (["--set", "no-equals"], "KEY=VALUE"),
         (["--set", 'granularities={"a": 1}'], "takes a list"),
         (["--set", "min_cosine=0.99"], "measured on calibration data: pass --calib"),
+        (["--target-bytes", "5000", "--set", "target_bytes=9000"],
+         "--set target_bytes= and --target-bytes both give target_bytes"),
+        (["--policy", "quant", "--bits", "2", "--set", "bits=8"], "both give bits"),
+        (["--policy", "plan"], "'plan' is not one of"),  # a plan is --plan FILE
         (["--min-cosine", "0.99"], "measured on calibration data: pass --calib"),
         (["--min-cosine", "0"], "0<x<1"),  # as the library's own range: a cosine above 0
         (["--calib-examples", "8"], "size the calibration: pass --calib"),

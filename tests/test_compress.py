@@ -151,6 +151,15 @@ def test_layers_that_keep_nothing_of_their_weights_are_named():
     assert not qlis.compress(model, "prune", k=1.5).warnings  # most pruned, not all
 
 
+@pytest.mark.parametrize("options", [{}, {"bits_levels": [None]}, {"k_levels": [0.0]}])
+def test_levels_that_compress_no_layer_are_refused(options):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match="neither prune nor quantize any layer"):
+        qlis.compress(model, "levels", **options)
+    one = qlis.compress(model, "levels", bits_levels=[8, None])
+    assert any(layer.quantizer for layer in one.layers)
+
+
 def test_module_is_untouched_by_default(tiny_vit, tiny_state):
     qlis.compress(tiny_vit, "lapq")
     for name, tensor in tiny_vit.state_dict().items():

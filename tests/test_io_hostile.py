@@ -369,6 +369,21 @@ def test_deep_and_junk_headers_cost_nothing(tmp_path):
     refused(path, "not a readable safetensors file")
 
 
+def test_a_header_naming_a_tensor_twice_is_refused(tmp_path):
+    """The safetensors library keeps the last entry of a name: a [64, 32] tensor read as
+    the [32, 64] given after it over the same bytes, silently."""
+    path = tmp_path / "m.safetensors"
+    twice = (b'{"w":{"dtype":"F32","shape":[4,2],"data_offsets":[0,32]},'
+             b'"w":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}}')
+    twice += b" " * (-len(twice) % 8)
+    path.write_bytes(struct.pack("<Q", len(twice)) + twice + bytes(32))
+    refused(path, "names a tensor twice")
+    # the words an entry holds, in a metadata string and as a tensor's name, are no entry
+    save_file({"data_offsets": torch.ones(2)}, path,
+              metadata={"note": '"data_offsets": [0, 8]'})
+    assert torch.equal(load_state_dict(path)["data_offsets"], torch.ones(2))
+
+
 def test_safetensors_tensors_are_read_when_used_and_unaligned_data_is_read_right(tmp_path):
     header = {"u": entry("U8", [3], 0, 3), "f": entry("F32", [2], 3, 11),
               "h": entry("F16", [1], 11, 13), "z": entry("F64", [0, 5], 13, 13)}

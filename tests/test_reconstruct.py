@@ -296,6 +296,15 @@ def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
         qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
 
 
+def test_a_weight_holding_nan_is_named_not_the_calibration_data():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[3] = float("nan")  # a tensor no layer plan touches
+    with pytest.raises(qlis.InputError, match=r"its tensor '1.weight' holds NaN or inf; "
+                                              "repair the model's weights"):
+        qlis.compress(model, calib=[torch.randn(2, 8)])
+
+
 def test_a_model_of_mixed_weight_dtypes_is_named_not_the_calibration_data():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
     model[1].half()

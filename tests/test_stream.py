@@ -754,13 +754,18 @@ def _interrupted_pack(model: Path, out: Path, monkeypatch) -> Path:
 @pytest.mark.parametrize("edit", [
     lambda c: c.update(size="x"), lambda c: c.update(size=-1.0), lambda c: c.update(rel_mse=-1),
     lambda c: c.update(rel_mse=True), lambda c: c.update(config={"id": "nonesuch"}),
-    lambda c: c.pop("pruner"),
-], ids=["string", "negative-size", "negative-error", "bool", "unknown-quantizer", "key-missing"])
+    lambda c: c.pop("pruner"), lambda c: c.update(rel_mse=0.0),
+    lambda c: c.update(pruner={"id": "fraction", "fraction": 0.99}),
+    lambda c: c.update(config={"id": "group", "bits": 4, "group_size": 1}),
+    lambda c: c["config"].update(granularity="channel"),
+], ids=["string", "negative-size", "negative-error", "bool", "unknown-quantizer", "key-missing",
+        "lossless", "pruner-not-offered", "grid-not-offered", "granularity-not-offered"])
 def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path, monkeypatch,
                                                           edit):
     """A cache of the right fingerprint whose values are not what the first pass writes was
     read as it was: "x" a ValueError deep in the allocation (a traceback), negative sizes
-    and errors allocated on."""
+    and errors allocated on, candidates the options never make (a pruner keeping 1%, groups
+    of one weight, a rounded layer without error) planned with: a destroyed model, exit 0."""
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
     document = json.loads(saved.read_text())
@@ -800,8 +805,10 @@ def test_a_pack_that_fails_after_using_a_saved_pass_measures_again(model_file, t
     document = json.loads(saved.read_text())
     key = next(k for k in document["results"] if k.startswith("rd "))
     for layer in document["results"][key]:
-        layer.append({"config": {"id": "uniform", "step": 1e-30}, "size": 0.0,
-                      "rel_mse": 0.0, "pruner": None})  # free and exact: always chosen
+        # free and all but exact, of a step family the options offer: always chosen
+        layer.append({"config": {"id": "uniform", "rel_mse": 1e-61, "granularity": "tensor",
+                                 "rounding": qlis.plan.rd.RDPolicy().rounding},
+                      "size": 0.0, "rel_mse": 1e-60, "pruner": None})
     saved.write_text(json.dumps(document))
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
@@ -873,19 +880,32 @@ def test_a_folder_under_the_saved_passs_name_is_left_and_the_pack_succeeds(model
 def test_a_complete_set_of_shards_replaces_an_earlier_sets_and_keeps_other_files(
         model_file, tmp_path):
     """As save_pretrained does: the index names the new set only, and the earlier set's shards
-    are removed once it is complete; other files stay."""
+    are removed once it is complete, with a model.safetensors, which loaders read before an
+    index (it stood in for the new set); other files stay."""
     archive = tmp_path / "m.qlis"
     qlis.pack(load_state_dict(model_file), archive)
     folder = tmp_path / "out"
     folder.mkdir()
     for name in ("model-00001-of-00009.safetensors", "model-00009-of-00009.safetensors",
-                 "config.json", "model-notes.safetensors"):
+                 "config.json", "model-notes.safetensors", "model.safetensors"):
         (folder / name).write_text("earlier")
     result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1GB", "--force")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json", "model-00001-of-00001.safetensors", "model-notes.safetensors",
         "model.safetensors.index.json"]
+    unpacked, stored = load_state_dict(folder), qlis.load(archive)
+    assert all(torch.equal(unpacked[name], tensor) for name, tensor in stored.items())
+
+
+@pytest.mark.parametrize("name", ["out.safetensors", "out.PT"])
+def test_shards_are_not_written_into_a_new_folder_named_as_a_file(model_file, tmp_path, name):
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    result = run(cli, "unpack", archive, "-o", tmp_path / name, "--max-shard-size", "1GB")
+    assert result.exit_code == 2 and "writes a folder of shards; name it without" in (
+        result.stderr)
+    assert not (tmp_path / name).exists()
 
 
 def test_an_index_name_taken_by_a_folder_is_refused_before_any_shard_is_written(

@@ -34,11 +34,17 @@ VERIFY = "qlis.cli.model_commands:verified_runtime"
 """Reads and checks every record of an archive; returns how each layer would run packed."""
 
 
+_SHOWN_CHARACTERS = 200
+"""A longer header value is cut in the table (``--format json`` gives it whole)."""
+
+
 def _setting(value: object) -> str:
-    """A header value on one line: plain for scalars, compact JSON otherwise."""
-    if isinstance(value, str):
-        return escape(value)
-    return escape(strict_json(value, separators=(", ", ": ")))
+    """A header value on one line: plain for scalars, compact JSON otherwise, cut after
+    `_SHOWN_CHARACTERS` (a metadata string may be megabytes)."""
+    text = value if isinstance(value, str) else strict_json(value, separators=(", ", ": "))
+    if len(text) > _SHOWN_CHARACTERS:
+        text = f"{text[:_SHOWN_CHARACTERS]}... ({len(text):,} characters; --format json: all)"
+    return escape(text)
 
 
 def _flat(values: dict, prefix: str = "") -> dict[str, object]:

@@ -42,6 +42,7 @@ from qlis.models.calib_files import check_calibration_path, read_calibration
 from qlis.models.checkpoints import load_state_dict, model_file_bytes, read_metadata
 from qlis.models.hf_model import (
     check_input_names,
+    check_token_ids,
     load_hf_model,
     load_tokenizer,
     max_input_length,
@@ -61,7 +62,7 @@ from qlis.workers.cluster import Cluster
 from qlis.workers.memory import keep_freed_memory_for_reuse
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
-POLICY_NAMES = policy_names()
+POLICY_NAMES = [name for name in policy_names() if name != "plan"]  # --plan FILE gives one
 CODECS = click.Choice(codec_names())
 
 
@@ -286,7 +287,11 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         "pruner": _json_option(pruner_json, "--pruner"),
         "quantizer": _json_option(quantizer_json, "--quantizer"),
     }
-    given = {**flags, **_set_options(settings)}
+    settable = _set_options(settings)
+    if twice := [key for key in settable if flags.get(key) is not None]:
+        raise InputError(f"--set {twice[0]}= and --{twice[0].replace('_', '-')} both give "
+                         f"{twice[0]}: give it once")
+    given = {**flags, **settable}
     # the library's messages name its keywords; here they are this command's flags
     in_flags = partial(errors_as_flags, flags,
                        [key for key, value in flags.items() if value is not None],
@@ -316,6 +321,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
                                        calib_batch_size or FILE_BATCH, max_input_length(model))
             if Path(calib_file).suffix != ".txt":  # the tokenizer's names: its own choice
                 check_input_names(model, batches, escape(str(calib_file)))
+            check_token_ids(model, batches, escape(str(calib_file)))
             batches = with_decoder_inputs(model, batches)
         examples = sum(len(next(iter(batch.values()))) for batch in batches)
         calib, pooling = sentence_embedding_batches(path, batches)

@@ -56,7 +56,8 @@ def _shards(output: Path, *args: Any) -> list[Path]:
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write Hugging Face shards of at most SIZE (e.g. 5GB, 500MiB) and their "
                    "index into the folder OUTPUT, as save_pretrained does (an earlier set's "
-                   "shards there are removed once the new set is complete).")
+                   "shards there, and a model.safetensors that would be loaded instead, are "
+                   "removed once the new set is complete).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 1024),
               help="Threads that decode tensors side by side (default: every core); the "
                    "output is the same bytes whatever N.")
@@ -68,6 +69,10 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
     check_input(path, "file")
     if max_shard_size is not None:
         max_bytes = parse_size(max_shard_size, "--max-shard-size")
+        if not output.is_dir() and output.suffix.lower() in (".safetensors", ".pt", ".pth"):
+            raise InputError(f"{output}: --max-shard-size writes a folder of shards; name "
+                             f"it without {output.suffix} (or leave --max-shard-size out "
+                             "for one file)")
         check_output_dir(output, force)  # the input, a file, is refused as not a folder
     else:
         check_output(output, force, (".safetensors", ".pt", ".pth"), inputs=[path])

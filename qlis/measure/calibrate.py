@@ -89,6 +89,15 @@ def first_tensor(output: Any) -> torch.Tensor:
     return found
 
 
+def _first_not_finite(model: torch.nn.Module) -> str | None:
+    """The name of the model's first floating weight or buffer holding NaN or inf, if any:
+    what makes its outputs NaN whatever the inputs."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def _mixed_dtypes(model: torch.nn.Module) -> str | None:
     """How the model's floating weights mix dtypes (None where they share one): a forward
     that multiplies them together fails whatever the inputs."""
@@ -446,8 +455,13 @@ class Calibration:
         for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
                 where = "the callable's output" if callable(self.calib) else f"batch {i}"
-                raise InputError(f"the model's output on the calibration data ({where}) holds "
-                                 "NaN or inf: calibrate on inputs the model computes finitely")
+                text = f"the model's output on the calibration data ({where}) holds NaN or inf"
+                broken = _first_not_finite(self.model)
+                if broken is not None:
+                    raise InputError(f"{text}: its tensor {tensor_label(broken)} holds NaN or "
+                                     "inf; repair the model's weights")
+                raise InputError(f"{text}: calibrate on inputs the model computes finitely "
+                                 "(or fix the settings of a model that computes NaN itself)")
         return reference
 
     def run_calls(self, runs: Sequence[Run],

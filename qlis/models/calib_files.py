@@ -46,8 +46,11 @@ _PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str, Any]]:
     inputs = load_state_dict(path)
-    rows = {name: (t.shape[0] if t.ndim else None) for name, t in inputs.items()}
-    if any(n is None for n in rows.values()) or len(set(rows.values())) != 1:
+    if scalars := sorted(name for name, t in inputs.items() if not t.ndim):
+        raise InputError(f"{path}: calibration tensor {scalars[0]!r} is a single number; "
+                         "each tensor holds one example per row")
+    rows = {name: t.shape[0] for name, t in inputs.items()}
+    if len(set(rows.values())) != 1:
         raise InputError(f"{path}: calibration tensors must share their first dimension "
                          f"(one example per row); got {dict(sorted(rows.items()))}")
     count = min(next(iter(rows.values())), examples)

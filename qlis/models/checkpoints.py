@@ -107,6 +107,12 @@ def _tensor_spec(path: Path, name: str, dtype_code: str, shape: list[int]) -> tu
     return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
+_ENTRY = re.compile(rb'"data_offsets"\s*:\s*\[')
+"""What each tensor entry of a safetensors header holds once (a quote inside a metadata string
+is escaped, and a tensor of that name is an object): counted against the entries the library
+keeps, it finds a name given twice without parsing the JSON again."""
+
+
 def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]]]:
     """(where the data starts, [(name, dtype, shape, bytes)] in file order), validated.
 
@@ -121,11 +127,15 @@ def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, l
                        for n in f.offset_keys()]
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            header = f.read(header_len)  # bounded: the library read it whole
     except (SafetensorError, OSError, ValueError, struct.error) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
     except MemoryError as err:  # mapping the file failed: a limit on the address space
         raise InputError(f"{path}: cannot be mapped into memory ({first_line(err)}); raise "
                          "the process's address-space limit (ulimit -v)") from None
+    if len(_ENTRY.findall(header)) != len(entries):
+        raise InputError(f"{path}: its header names a tensor twice (the library keeps the "
+                         "last entry of a name: which one is meant is not known)")
     specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]
     data_start = 8 + header_len
     if data_start + sum(size for *_, size in specs) != file_size:
@@ -758,6 +768,7 @@ def _write_index(path: Path, layout: list[tuple[str, str, list[int]]],
         tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+_SINGLE_CHECKPOINT = _FOLDER_FILES[0]  # model.safetensors
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 """A shard of an earlier set (`write_sharded_safetensors`): removed once a new set and its
 index are complete, as ``save_pretrained`` does (the index names only the new set)."""
@@ -779,10 +790,11 @@ def write_sharded_safetensors(
     written under a hidden name first and takes its own name only once all are complete, the
     index last: a failure (a corrupt archive found while decoding) leaves the folder as it
     was, and files of those names are replaced only by a complete set, under a lock on the
-    folder (two unpacks into it leave one whole set, not a mix); an earlier set's shards are
-    then removed. A file of ``inputs`` (what is being read) under one of those names, or an
-    index name taken by what is not a file, is refused before anything is written. Returns
-    the files written, the index last."""
+    folder (two unpacks into it leave one whole set, not a mix); an earlier set's shards, and
+    a ``model.safetensors`` that loaders would read instead of the index, are then removed.
+    A file of ``inputs`` (what is being read) under one of those names, or an index name
+    taken by what is not a file, is refused before anything is written. Returns the files
+    written, the index last."""
     folder = Path(folder)
     shards = split_into_shards(layout, max_shard_bytes)
     names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -805,8 +817,12 @@ def write_sharded_safetensors(
             for path, name in zip(partial, names, strict=True):
                 os.replace(path, folder / name)
             _write_index(index_path, layout, weight_map)
-            _remove([path for path in folder.glob("model-*-of-*.safetensors")
-                     if _SHARD_NAME.fullmatch(path.name) and path.name not in names
+            # an earlier set's shards, and a single checkpoint, which loaders (qlis and
+            # transformers) read before an index: it would stand in for the new set
+            _remove([path for path in [*folder.glob("model-*-of-*.safetensors"),
+                                       folder / _SINGLE_CHECKPOINT]
+                     if (_SHARD_NAME.fullmatch(path.name) and path.name not in names
+                         or path.name == _SINGLE_CHECKPOINT)
                      and not any(same_file(path, given) for given in inputs)])
     except OSError as err:
         _remove(partial)

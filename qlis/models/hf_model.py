@@ -335,28 +335,69 @@ def check_input_names(model: torch.nn.Module, batches: list[dict[str, torch.Tens
                              f"{type(model).__name__} (its inputs: {', '.join(inputs)})")
 
 
+def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                    source: object) -> None:
+    """Refuse token ids that the model's tables have no row for (``input_ids`` past its
+    vocabulary: a tokenizer or a file of another model; ``token_type_ids`` past its
+    segments), by name and limit, before a pass fails on them with torch's "index out of
+    range in self"."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # an image model: no token table
+        embeddings = None
+    limits = {}
+    if isinstance(embeddings, torch.nn.Embedding):
+        limits["input_ids"] = ("rows in its token embedding", embeddings.num_embeddings)
+    segments = getattr(getattr(model, "config", None), "type_vocab_size", None)
+    if type(segments) is int and segments >= 1:
+        limits["token_type_ids"] = ("token types (type_vocab_size)", segments)
+    for index, batch in enumerate(batches):
+        for key, (what, limit) in limits.items():
+            ids = batch.get(key)
+            if not (isinstance(ids, torch.Tensor) and ids.numel()) or ids.is_floating_point():
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= limit:
+                raise InputError(f"{source}: calibration batch {index} holds {key} "
+                                 f"{high if high >= limit else low}; the model has {limit} "
+                                 f"{what} (ids 0-{limit - 1}): calibrate with this model's "
+                                 "own tokenizer")
+
+
 def with_decoder_inputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
                         ) -> list[dict[str, torch.Tensor]]:
-    """Batches for an encoder-decoder model (T5, Whisper's text side) that give only
-    ``input_ids``, with the decoder fed that text shifted right, as in training (the model's
-    own ``prepare_decoder_input_ids_from_labels``): without decoder inputs T5 cannot run, and
-    its decoder weights would get no calibration. Other models' batches are returned as
-    they are."""
+    """Batches for an encoder-decoder model (T5, BART, Pegasus, Whisper) that give no
+    decoder inputs, with the decoder fed the text shifted right, as in training (the model's
+    own ``prepare_decoder_input_ids_from_labels`` where it has one: a base model such as
+    ``PegasusModel`` has not, and its shift is the start token then the ids), or, for
+    inputs that are no text (Whisper's ``input_features``), the start token alone: without
+    decoder inputs such a model cannot run, and its decoder weights would get no
+    calibration. Other models' batches are returned as they are."""
     config = getattr(model, "config", None)
-    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if not (getattr(config, "is_encoder_decoder", False) and callable(prepare)):
+    if not getattr(config, "is_encoder_decoder", False):
         return batches
     given = ("decoder_input_ids", "decoder_inputs_embeds")
-    needed = [i for i, batch in enumerate(batches)
-              if "input_ids" in batch and not any(k in batch for k in given)]
-    if needed and getattr(config, "decoder_start_token_id", None) is None:
+    needed = [i for i, batch in enumerate(batches) if not any(k in batch for k in given)]
+    if not needed:
+        return batches
+    start = getattr(config, "decoder_start_token_id", None)
+    if type(start) is not int:
         # the shift starts the decoder's inputs with it (transformers 5 no longer gives T5
         # one by default: a config saved by it has none, and T5's shift fails on the lookup)
         raise InputError(
             f"this {type(model).__name__}'s config gives no decoder_start_token_id, which "
             "its decoder's inputs start with: set it in config.json (T5: 0, its padding "
             "token) or give decoder_input_ids in the calibration batches")
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     fed = list(batches)
     for i in needed:
-        fed[i] = {**batches[i], "decoder_input_ids": prepare(labels=batches[i]["input_ids"])}
+        ids = batches[i].get("input_ids")
+        examples = len(next(iter(batches[i].values())))
+        if not (isinstance(ids, torch.Tensor) and ids.ndim == 2):
+            decoder = torch.full((examples, 1), start, dtype=torch.long)
+        elif callable(prepare):
+            decoder = prepare(labels=ids)
+        else:
+            decoder = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+        fed[i] = {**batches[i], "decoder_input_ids": decoder}
     return fed

@@ -264,6 +264,10 @@ class LevelsPolicy(Policy):
         ]
 
     def make_plan(self, context: PlanContext) -> Plan:
+        if (self.quantizer is None and self.pruner is None and not any(self.k_levels)
+                and all(bits is None for bits in self.bits_levels)):
+            raise ConfigError("these levels neither prune nor quantize any layer: give "
+                              "bits_levels or k_levels (or another policy)")
         scores = np.array([layer.QLIS for layer in context.report.layers])
         if self.paper_cr is None:
             assignment = self.assign(scores)

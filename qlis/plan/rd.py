@@ -567,7 +567,7 @@ class RDPolicy(Policy):
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
                            context.cluster, to_json=lambda found: [c.to_json() for c in found],
-                           from_json=_candidates_from_json,
+                           from_json=lambda found: self._made_here(_candidates_from_json(found)),
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
                            cache=context.cache, key=f"rd {self.get_config()}")
@@ -691,6 +691,33 @@ class RDPolicy(Policy):
                               "min_cosine (output quality) or a size target")
         limit = self.max_distortion if self.max_distortion is not None else DEFAULT_MAX_DISTORTION
         return allocate_for_distortion(curves, limit * _SAMPLING_MARGIN)
+
+    def _made_here(self, candidates: list[_Candidate]) -> list[_Candidate]:
+        """``candidates`` (read back: the pass-1 cache, another rank) if this policy makes
+        such ones: a step family and rounding it offers, a pruning level of its, a group
+        grid of its sizes and bits, and a rounded layer that measured some error; a
+        ValueError otherwise (a cache from other options, or edited: measured again; a layer
+        whose rounding is exact is measured again too, which costs time, not quality).
+        Their numbers were checked by `_Candidate.from_json`."""
+        prune_levels = {float(k) for k in self.prune_levels}
+        for candidate in candidates:
+            config, pruner = candidate.config or {}, candidate.pruner
+            pruned = pruner is not None
+            if pruned and not (set(pruner) == {"id", "k"} and pruner["id"] == "sigma"
+                               and pruner["k"] in prune_levels):
+                raise ValueError(f"a pruner this policy does not offer: {pruner!r:.80}")
+            if config.get("id") == "uniform":
+                made = (config.get("granularity") in self.granularities
+                        and config.get("rounding") == self.rounding)
+            elif config.get("id") == "group":
+                made = (not pruned and config.get("bits") in self.group_bits
+                        and config.get("group_size") in self.group_sizes
+                        and config.get("symmetric") is False)
+            else:
+                made = candidate.config is None and not pruned and candidate.rel_mse == 0
+            if not made or (candidate.config is not None and candidate.rel_mse == 0):
+                raise ValueError(f"a candidate this policy does not make: {config!r:.80}")
+        return candidates
 
     def _output_distortions(
         self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
