@@ -249,7 +249,7 @@ class _SampledRows:
         finest = finest_classes(row_mean_squares(rows).double().numpy())
         per_class = np.bincount(finest, minlength=MAX_CLASSES)
         merged = [per_class.reshape(classes, -1).sum(axis=1) for classes in SPLITS]
-        id_bytes = np.array([stream_bytes(rows[rows > 0]) + 4 for rows in merged])
+        id_bytes = np.array([stream_bytes(ids[ids > 0]) + 4 for ids in merged])
         return cls(finest[row_of.numpy()], per_class, rows.shape[1], id_bytes)
 
     def code_bytes(self, levels: np.ndarray, low: int, high: int) -> float | None:
