@@ -296,6 +296,29 @@ def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
         qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
 
 
+class CachesItsIndex(nn.Module):
+    """A model that computes a tensor on its first call and keeps it (as BEiT caches its
+    relative position index): made in a measuring pass, it is used by the gradient passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.order: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order is None:
+            self.order = torch.arange(7, -1, -1)
+        return self.linear(x)[:, self.order]
+
+
+def test_a_model_that_caches_what_a_measuring_pass_computed_still_calibrates():
+    """The measuring passes ran in inference mode, whose tensors the model kept: the
+    gradient passes failed ("Inference tensors cannot be saved for backward")."""
+    torch.manual_seed(0)
+    result = qlis.compress(CachesItsIndex(), calib=[torch.randn(16, 8)], min_cosine=0.99)
+    assert result.distortion["output"]["cosine"] >= 0.99
+
+
 def test_a_weight_holding_nan_is_named_not_the_calibration_data():
     model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
     with torch.no_grad():

@@ -469,16 +469,18 @@ class Calibration:
                   stop: type[Exception] | None = None, checked: bool = False,
                   eager_bytes: int | None = None) -> list[Any]:
         """Make each of ``runs`` (calls of the model or of its parts, keyed by batch) in eval
-        and inference mode, with ``replacements`` swapped in (`swapped`), and return their
-        outputs (counted as one pass); a call that raises ``stop`` (a hook that has seen what
-        it needed) is cut short and gives no output. ``checked``: a batch the model cannot
-        take is an InputError that says which."""
+        mode without gradients, with ``replacements`` swapped in (`swapped`), and return
+        their outputs (counted as one pass); a call that raises ``stop`` (a hook that has
+        seen what it needed) is cut short and gives no output. ``checked``: a batch the
+        model cannot take is an InputError that says which. Not inference mode: a model
+        that caches what it computes (BEiT's relative position index) would keep inference
+        tensors, which the gradient passes then cannot use."""
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         outputs = []
         try:
-            with (torch.inference_mode(), self.swapped(replacements or {}, eager_bytes),
+            with (torch.no_grad(), self.swapped(replacements or {}, eager_bytes),
                   _renormed_copies(self.model)):
                 for i, run in runs:
                     self.batch = i
