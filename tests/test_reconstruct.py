@@ -296,6 +296,30 @@ def test_calibration_data_that_does_not_fit_or_gives_nan_is_a_clear_error():
         qlis.compress(model, calib=[torch.full((2, 8), float("inf"))])
 
 
+class TextAndImage(nn.Module):
+    """A two-tower model (CLIP's shape): both inputs optional in its signature, both used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = nn.Embedding(10, 8)
+        self.image = nn.Linear(12, 8)
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        images = self.image(pixel_values.reshape(pixel_values.shape[0], -1))
+        return self.text(input_ids).mean(dim=1) @ images.T
+
+
+def test_a_batch_without_an_input_the_model_needs_names_it():
+    """CLIP calibrated on text alone failed with "'NoneType' object has no attribute
+    'shape'", which names nothing the user gave."""
+    with pytest.raises(qlis.InputError, match="the batch gives no pixel_values, which "
+                                              "TextAndImage takes"):
+        qlis.compress(TextAndImage(), calib=[{"input_ids": torch.randint(0, 10, (2, 3))}])
+    both = {"input_ids": torch.randint(0, 10, (2, 3)), "pixel_values": torch.randn(2, 3, 4)}
+    assert qlis.compress(TextAndImage(), calib=[both]).distortion["output"]["cosine"] > 0.9
+
+
 class CachesItsIndex(nn.Module):
     """A model that computes a tensor on its first call and keeps it (as BEiT caches its
     relative position index): made in a measuring pass, it is used by the gradient passes."""

@@ -18,6 +18,7 @@ are compared as one vector per batch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -114,15 +115,37 @@ def _mixed_dtypes(model: torch.nn.Module) -> str | None:
     return f"its weights are {common} but for some ({odd})"
 
 
+_MAIN_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values")
+"""The inputs a Hugging Face model's forward is fed by (text, images, audio); a model of two
+(CLIP: text and images) fails without either, with a message of its own about None."""
+
+
+def _inputs_left_out(model: torch.nn.Module, batch: object) -> list[str]:
+    """The main inputs (`_MAIN_INPUTS`) that ``model``'s forward takes and the keyword
+    ``batch`` does not give; none for other batches or forwards that do not say."""
+    if not isinstance(batch, Mapping):
+        return []
+    try:
+        taken = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in _MAIN_INPUTS if name in taken and name not in batch]
+
+
 def _model_failed(err: Exception, where: str, first: bool,
-                  model: torch.nn.Module | None = None) -> InputError:
+                  model: torch.nn.Module | None = None,
+                  left_out: Sequence[str] = ()) -> InputError:
     """What the model raised on calibration data, as the user's error: on the first pass a
-    batch it cannot take (or a model that cannot run at all: weights of mixed dtypes);
-    after it, a model that no longer computes as it did."""
+    batch it cannot take (or a model that cannot run at all: weights of mixed dtypes; with
+    the main inputs the batch ``left_out`` named); after it, a model that no longer computes
+    as it did."""
     if isinstance(err, MemoryError) or allocation_failed(err):
         return InputError(f"not enough memory to run the model on the calibration data "
                           f"({where}): calibrate on smaller batches")
     text = f"{type(err).__name__}: {first_line(err)}"
+    if first and left_out:
+        text += (f"; the batch gives no {' or '.join(left_out)}, which "
+                 f"{type(model).__name__} takes")
     mixed = _mixed_dtypes(model) if first and model is not None else None
     if mixed is not None:
         return InputError(f"the model failed on the calibration data ({where}): {text}; "
@@ -491,7 +514,10 @@ class Calibration:
                             continue
                         if isinstance(err, QlisError):
                             raise
-                        raise _model_failed(err, self._where(i), checked, self.model) from err
+                        left_out = (_inputs_left_out(self.model, self._batch(i))
+                                    if checked and not callable(self.calib) else [])
+                        raise _model_failed(err, self._where(i), checked, self.model,
+                                            left_out) from err
         finally:
             self.model.train(was_training)
             self._restore_buffers()
