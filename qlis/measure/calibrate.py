@@ -133,17 +133,17 @@ def _inputs_left_out(model: torch.nn.Module, batch: object) -> list[str]:
 
 
 def _model_failed(err: Exception, where: str, first: bool,
-                  model: torch.nn.Module | None = None,
-                  left_out: Sequence[str] = ()) -> InputError:
+                  model: torch.nn.Module | None = None, batch: object = None) -> InputError:
     """What the model raised on calibration data, as the user's error: on the first pass a
-    batch it cannot take (or a model that cannot run at all: weights of mixed dtypes; with
-    the main inputs the batch ``left_out`` named); after it, a model that no longer computes
+    batch it cannot take (naming the main inputs ``batch`` leaves out), or a model that
+    cannot run at all (weights of mixed dtypes); after it, a model that no longer computes
     as it did."""
     if isinstance(err, MemoryError) or allocation_failed(err):
         return InputError(f"not enough memory to run the model on the calibration data "
                           f"({where}): calibrate on smaller batches")
     text = f"{type(err).__name__}: {first_line(err)}"
-    if first and left_out:
+    left_out = _inputs_left_out(model, batch) if first and model is not None else []
+    if left_out:
         text += (f"; the batch gives no {' or '.join(left_out)}, which "
                  f"{type(model).__name__} takes")
     mixed = _mixed_dtypes(model) if first and model is not None else None
@@ -514,10 +514,9 @@ class Calibration:
                             continue
                         if isinstance(err, QlisError):
                             raise
-                        left_out = (_inputs_left_out(self.model, self._batch(i))
-                                    if checked and not callable(self.calib) else [])
+                        batch = None if callable(self.calib) else self._batch(i)
                         raise _model_failed(err, self._where(i), checked, self.model,
-                                            left_out) from err
+                                            batch) from err
         finally:
             self.model.train(was_training)
             self._restore_buffers()

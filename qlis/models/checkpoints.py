@@ -819,11 +819,10 @@ def write_sharded_safetensors(
             _write_index(index_path, layout, weight_map)
             # an earlier set's shards, and a single checkpoint, which loaders (qlis and
             # transformers) read before an index: it would stand in for the new set
-            _remove([path for path in [*folder.glob("model-*-of-*.safetensors"),
-                                       folder / _SINGLE_CHECKPOINT]
-                     if (_SHARD_NAME.fullmatch(path.name) and path.name not in names
-                         or path.name == _SINGLE_CHECKPOINT)
-                     and not any(same_file(path, given) for given in inputs)])
+            stale = [path for path in folder.glob("model-*-of-*.safetensors")
+                     if _SHARD_NAME.fullmatch(path.name) and path.name not in names]
+            _remove([path for path in [*stale, folder / _SINGLE_CHECKPOINT]
+                     if not any(same_file(path, given) for given in inputs)])
     except OSError as err:
         _remove(partial)
         raise InputError(f"{folder}: the shards could not be written ({err.strerror or err})"

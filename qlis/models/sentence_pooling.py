@@ -37,8 +37,8 @@ def pooling_modes(folder: str | Path) -> tuple[str, ...] | None:
     listing = folder / "modules.json"
     if not os.path.lexists(listing):
         return None
-    folder_file(folder, "modules.json")
-    modules = read_json_file(listing, "modules.json", _MAX_JSON_BYTES, list)
+    modules = read_json_file(folder_file(folder, "modules.json"), "modules.json",
+                             _MAX_JSON_BYTES, list)
     pooling = [m for m in modules if isinstance(m, dict) and m.get("type") == POOLING_TYPE]
     if not pooling:
         return None
