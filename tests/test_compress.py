@@ -183,6 +183,110 @@ def test_calibration_leaves_a_max_norm_embedding_untouched():
     assert torch.equal(calibrated.state_dict()["0.weight"], data_free.state_dict()["0.weight"])
 
 
+def test_calibration_keeps_each_modules_own_training_flag():
+    """A model training with one BatchNorm frozen in eval mode (and one in eval with a
+    Dropout left on) gets every module's own flag back, not the top module's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(16, 4))
+    batches = [torch.randn(6, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for top, odd in ((True, 1), (False, 2)):
+        model.train(top)
+        model[odd].train(not top)
+        flags = [m.training for m in model.modules()]
+        qlis.compress(model, calib=batches)
+        assert [m.training for m in model.modules()] == flags
+
+
+def test_calibration_measures_the_swapped_weights_under_autocast():
+    """Inside ``torch.autocast`` a weight is cast once and the copy reused: the passes with
+    quantized weights swapped in measured the original's copy (cosine 1.0 for 2 bits)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    batches = [torch.randn(16, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain = qlis.compress(model, "quant", bits=2, calib=batches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = qlis.compress(model, "quant", bits=2, calib=batches)
+        after = model(batches[0])  # the model's own weights again, not the last swapped in
+    assert cast.distortion["output"]["cosine"] < 0.99
+    assert cast.distortion["output"]["cosine"] == pytest.approx(
+        plain.distortion["output"]["cosine"], abs=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(after, model(batches[0]))
+
+
+def test_calibration_batches_keep_their_gradients_and_graph():
+    """rd's backward passes reach the weights alone: a batch that requires grad gets no
+    ``.grad``, and one made by the user's own graph (a non-leaf) is not backed through
+    twice."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    leaf = torch.randn(6, 8, requires_grad=True)
+    made = torch.randn(6, 8, requires_grad=True)
+    qlis.compress(model, calib=[leaf, made * 2])
+    assert leaf.grad is None and made.grad is None
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205 - autograd's signature
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        raise NotImplementedError("this op has no backward")
+
+
+def test_a_model_without_a_backward_is_measured_by_forward_probes():
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(_NoBackward.apply(self.first(x)))
+
+    model = Model()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    batches = [torch.randn(6, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    result = qlis.compress(model, calib=batches)
+    assert result.distortion["output"]["cosine"] > 0.9
+    assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_a_forward_that_edits_its_weights_or_inputs_in_place_is_refused():
+    """Calibration swaps weights and runs each batch several times: a forward that changes a
+    weight (other than nn.Embedding's max_norm) or its input in place is named."""
+
+    class Clamping(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.layer.weight.clamp_(-0.1, 0.1)
+            return self.layer(x)
+
+    class Shifting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x.add_(1))
+
+    torch.manual_seed(0)
+    batch = torch.randn(6, 8)
+    with pytest.raises(InputError, match="changed its weight 'layer.weight' in place"):
+        qlis.compress(Clamping(), "quant", bits=4, calib=[batch.clone()])
+    with pytest.raises(InputError, match="changed calibration batch 0's input in place"):
+        qlis.compress(Shifting(), "quant", bits=4, calib=[batch.clone()])
+
+
 def test_inplace_loads_the_dequantized_weights(tiny_vit, tiny_state):
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     before = tiny_vit(images)

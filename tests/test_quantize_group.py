@@ -281,8 +281,10 @@ def test_config_registry_and_errors() -> None:
     ):
         with pytest.raises(ConfigError):
             GroupAffineQuantizer(**bad)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="finite weights"):
         GroupAffineQuantizer().quantize(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(InputError, match="range .* within float32's"):  # finite, range is not
+        GroupAffineQuantizer().quantize(torch.tensor([2e38, -2e38]))
     q.params["scale"] = q.params["scale"][:, :1]
     with pytest.raises(ArchiveError):
         q.dequantize()

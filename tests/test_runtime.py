@@ -339,6 +339,33 @@ class Tied(nn.Module):
         return self.out(self.mid(self.embed(ids)))
 
 
+def test_a_layer_tied_to_a_max_norm_table_stays_float_and_computes_as_the_float_model(
+        tmp_path):
+    """An nn.Embedding with max_norm rescales the rows it looks up in place; the output layer
+    tied to its table multiplies by them in the float model, which a packed copy would not."""
+
+    class Renormed(Tied):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed.max_norm = 1.0
+            with torch.no_grad():
+                self.embed.weight.mul_(3)
+
+    torch.manual_seed(0)
+    qlis.save(qlis.compress(Renormed(), "quant", quantizer={"id": "affine", "bits": 8}),
+              tmp_path / "renormed.qlis")
+    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for kind in ("float", "lowbit"):
+        model = Renormed()
+        qlis.load(tmp_path / "renormed.qlis", model=model, runtime=kind)
+        with torch.no_grad():
+            outputs.append(model(ids))
+    assert isinstance(model.mid, runtime.DequantLinear | runtime.Int8Linear)
+    assert type(model.out) is nn.Linear and model.out.weight is model.embed.weight
+    assert torch.equal(*outputs)
+
+
 def test_a_meta_model_takes_the_archive_in_the_float_runtime_too(tmp_path):
     """torch cannot copy into a meta tensor (it warns and does nothing): the model stayed on
     the meta device while qlis.load returned as if it had loaded. Assigned tensors come in

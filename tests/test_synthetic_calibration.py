@@ -101,6 +101,25 @@ def test_a_model_that_takes_no_token_ids_is_refused(model):
         qlis.synthetic_calibration(model)
 
 
+def test_a_tokenizer_of_the_users_own_is_read_with_care(bert_folder):
+    """A plain function without a length frames the tokens; one that raises anything is
+    named as the tokenizer's failure."""
+    model = load_hf_model(bert_folder)
+
+    def framing(text: str, add_special_tokens: bool = True) -> dict:
+        ids = [2, 7, 8, 3] if add_special_tokens else [7, 8]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    batch = qlis.synthetic_calibration(model, framing, examples=2, length=6)[0]
+    assert (batch["input_ids"][:, 0] == 2).all() and (batch["input_ids"][:, -1] == 3).all()
+
+    def broken(text: str, add_special_tokens: bool = True) -> dict:
+        raise RuntimeError("tokenizer broken")
+
+    with pytest.raises(InputError, match="cannot encode text .*RuntimeError: tokenizer broken"):
+        qlis.synthetic_calibration(model, broken)
+
+
 @pytest.mark.parametrize("kwargs", [{"examples": 0}, {"length": True}, {"batch_size": 1.5},
                                     {"seed": -1}])
 def test_bad_sizes_are_refused(bert_folder, kwargs):

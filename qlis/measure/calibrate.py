@@ -34,7 +34,7 @@ from qlis.measure.batch_sums import OrderedSum, gather_totals
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.measure.row_shares import lookup_shares
-from qlis.models.tensors import tensor_label
+from qlis.models.tensors import renormed_tables, tensor_label
 from qlis.workers.cluster import Cluster, share_of, together
 from qlis.workers.memory import allocation_failed
 from qlis.workers.threads import single_threaded_ops
@@ -325,11 +325,41 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
 
     def enter(module: torch.nn.Module, args: tuple) -> None:
         tensor.data = make().to(dtype=tensor.dtype, device=tensor.device).reshape(tensor.shape)
+        _fresh_casts()
 
     def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
         tensor.data = own
+        _fresh_casts()
 
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+@contextmanager
+def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every module of ``model`` is in eval mode; after it, each is in the
+    mode it was (a model in training with a frozen BatchNorm, or in eval with one Dropout
+    kept on, keeps each module's own flag, which one ``model.train(flag)`` would overwrite)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _fresh_casts() -> None:
+    """Forget autocast's low-precision copies of the weights: inside ``torch.autocast`` a
+    weight is cast once and the copy reused, so a weight swapped in (or put back) would
+    compute with the cast of the one before it."""
+    torch.clear_autocast_cache()
+
+
+def _batch_tensors(batch: object) -> list[torch.Tensor]:
+    """The tensors a batch gives the model (itself, its positional or keyword arguments)."""
+    values = batch.values() if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, tuple | list) else [batch])
+    return [value for value in values if isinstance(value, torch.Tensor)]
 
 
 @contextmanager
@@ -340,9 +370,7 @@ def _renormed_copies(model: torch.nn.Module) -> Iterator[None]:
     what the user's call computes, yet leaves the model's weights (and the result's tensors
     swapped in) as they were; the reference pass had rescaled the user's weights before
     they were quantized."""
-    tables = [module.weight for module in model.modules()
-              if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag)
-              and module.max_norm is not None]
+    tables = renormed_tables(model)
     saved = [table.data for table in tables]
     try:
         for table in tables:
@@ -468,11 +496,29 @@ class Calibration:
                 lambda module, args, kwargs: self.calls.append((args, kwargs)),
                 with_kwargs=True)
         runs = self._runs(False)
+        renormed = {id(t) for t in renormed_tables(self.model)}
+        weights = [(name, t, t._version) for name, t in self.model.named_parameters()
+                   if id(t) not in renormed]
+        inputs = [] if callable(self.calib) else [
+            (i, t, t._version) for i in sorted(self.local) for t in _batch_tensors(self._batch(i))]
         try:
             outputs = self.run_calls(runs, checked=True)
         finally:
             if handle is not None:
                 handle.remove()
+        edited = next((name for name, t, version in weights if t._version != version), None)
+        if edited is not None:
+            raise InputError(
+                f"the model's forward changed its weight {edited!r} in place: calibration "
+                "runs the model several times with some weights swapped for others, which "
+                "it cannot measure (nn.Embedding's max_norm is the one such change it "
+                "handles); compress without calib=")
+        edited = next((i for i, t, version in inputs if t._version != version), None)
+        if edited is not None:
+            raise InputError(
+                f"the model's forward changed calibration batch {edited}'s input in place: "
+                "calibration runs each batch several times and needs it unchanged (clone an "
+                "input inside forward before editing it)")
         reference = {key: _vectors(first_tensor(output), widen=False)
                      for (key, _), output in zip(runs, outputs, strict=True)}
         for i, vectors in reference.items():
@@ -499,14 +545,13 @@ class Calibration:
         that caches what it computes (BEiT's relative position index) would keep inference
         tensors, which the gradient passes then cannot use."""
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
         outputs = []
         try:
-            with (torch.no_grad(), self.swapped(replacements or {}, eager_bytes),
-                  _renormed_copies(self.model)):
+            with (torch.no_grad(), _in_eval_mode(self.model),
+                  self.swapped(replacements or {}, eager_bytes), _renormed_copies(self.model)):
                 for i, run in runs:
                     self.batch = i
+                    _fresh_casts()
                     try:
                         outputs.append(run())
                     except Exception as err:
@@ -518,7 +563,7 @@ class Calibration:
                         raise _model_failed(err, self._where(i), checked, self.model,
                                             batch) from err
         finally:
-            self.model.train(was_training)
+            _fresh_casts()
             self._restore_buffers()
         self.passes += 1
         self.seconds += time.perf_counter() - start
@@ -664,7 +709,8 @@ class Calibration:
         random Gaussian vector per output, ||P J||^2 = E ||J^T P r||^2, the gradient of
         r.P f: ``samples`` backward passes estimate it for every weight at once (Hutchinson),
         where a probe per layer needs a forward pass each. None when the outputs carry no
-        gradient (a callable that computes them under no_grad): measure probes instead.
+        gradient (a callable that computes them under no_grad) or the model has no backward
+        (an autograd Function without one): measure probes instead.
 
         The same passes measure each embedding table's `output_covariances` (the gradients
         at its output rows, plus, for a table tied to output layers, what their products
@@ -693,8 +739,7 @@ class Calibration:
                   for name, c in batch_counts.items()}
         runs = self._runs(False, self.fitting)
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
+        weights = list(tensors.values())
         try:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -709,7 +754,7 @@ class Calibration:
                     for lookup in uses.lookups]
                 handles += [head.register_forward_hook(_head_gram_hook(batch_grams[name]))
                             for head in uses.heads]
-            with torch.enable_grad(), _renormed_copies(self.model):
+            with torch.enable_grad(), _in_eval_mode(self.model), _renormed_copies(self.model):
                 for i, run in runs:
                     batch_totals.zero_()
                     for gram in [*batch_grams.values(), *batch_counts.values()]:
@@ -719,6 +764,7 @@ class Calibration:
                     norms = reference.norm(dim=1, keepdim=True)
                     unit = reference / norms.clamp(min=1e-300)
                     for sample in range(samples):  # noise of its own per batch and sample
+                        _fresh_casts()
                         try:
                             output = first_tensor(run())
                         except QlisError:
@@ -734,14 +780,19 @@ class Calibration:
                         r = torch.randn(reference.shape, generator=generator, dtype=torch.float64)
                         r = r - (r * unit).sum(dim=1, keepdim=True) * unit
                         r = torch.where(norms > 0, r / (math.sqrt(2) * norms), 0.0)
-                        (f * r.to(f.device)).sum().backward()
+                        try:  # into the weights alone: not the batch's own graph or grads
+                            torch.autograd.backward((f * r.to(f.device)).sum(), inputs=weights)
+                        except Exception as err:
+                            if isinstance(err, MemoryError) or allocation_failed(err):
+                                raise _model_failed(err, self._where(i), False) from err
+                            return None  # a model without a backward: probes measure it
                     totals.add((i,), batch_totals)
                     for name, gram in batch_grams.items():
                         grams[name].add((i,), gram)
                     for name, looked_up in batch_counts.items():
                         counts[name].add((i,), looked_up)
         finally:
-            self.model.train(was_training)
+            _fresh_casts()
             self._restore_buffers()
             for handle in handles:
                 handle.remove()

@@ -12,6 +12,8 @@ batches is measured on random tokens, not on the user's data.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -69,16 +71,17 @@ def _config_specials(model: torch.nn.Module) -> set[int]:
 def _framing(tokenizer: Any) -> tuple[list[int], list[int], set[str]]:
     """The ids a tokenizer puts before and after a text's own tokens, and the keyword
     inputs it gives: found by encoding one short text with and without them."""
-    try:
+    try:  # the tokenizer is the user's code: whatever it raises, it cannot encode
         framed = tokenizer(_PROBE_TEXT)
         bare = list(tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"])
-    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        ids = list(framed["input_ids"])
+        keys = set(framed.keys())
+    except Exception as err:
         raise InputError(f"the tokenizer cannot encode text ({type(err).__name__}: "
                          f"{first_line(err, 200)})") from None
-    ids = list(framed["input_ids"])
     for start in range(len(ids) - len(bare) + 1):
         if bare and ids[start:start + len(bare)] == bare:
-            return ids[:start], ids[start + len(bare):], set(framed.keys())
+            return ids[:start], ids[start + len(bare):], keys
     raise InputError("the tokenizer's encoding of a text does not hold the text's own tokens; "
                      "give calibration batches instead of synthetic ones")
 
@@ -109,8 +112,10 @@ def synthetic_calibration(
     specials = _config_specials(model)
     if tokenizer is not None:
         prefix, suffix, keys = _framing(tokenizer)
-        size = min(size, len(tokenizer))
-        specials |= set(getattr(tokenizer, "all_special_ids", []))
+        with contextlib.suppress(TypeError):  # a tokenizer that does not say its size
+            size = min(size, len(tokenizer))
+        given = getattr(tokenizer, "all_special_ids", None)
+        specials |= {i for i in given if type(i) is int} if isinstance(given, Iterable) else set()
     limit = max_input_length(model)
     if limit is not None:
         length = min(length, limit - len(prefix) - len(suffix))

@@ -61,6 +61,14 @@ MAX_NDIM = 64  # numpy's limit: a tensor with more dimensions cannot be processe
 VIEW_SLACK_BYTES = 16 << 20
 
 
+def renormed_tables(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tables of the model's embeddings with ``max_norm``: each lookup rescales the rows
+    it reads in place, so the model's weights change as it runs."""
+    return [module.weight for module in model.modules()
+            if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag)
+            and module.max_norm is not None]
+
+
 def tensor_label(name: str) -> str:
     """A tensor name for a message: quoted, escaped (control characters, surrogates), short."""
     text = ascii(name)

@@ -693,7 +693,11 @@ class GroupAffineQuantizer(Quantizer):
             lo = groups.amin(dim=2).clamp(max=0.0)
             scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / ((1 << self.bits) - 1)
         if not bool(torch.isfinite(scale).all()):
-            raise InputError("group quantization needs finite weights (found inf or NaN)")
+            if not bool(torch.isfinite(rows).all()):
+                raise InputError("group quantization needs finite weights (found inf or NaN)")
+            raise InputError("group quantization needs each group's range (largest minus "
+                             "smallest weight) within float32's; a group spans more: use a "
+                             "per-tensor or per-channel quantizer")
         return rows, scale, lo
 
     def scale_dtype(self, weight: torch.Tensor) -> str:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlis.errors import ConfigError, InputError
+from qlis.models.tensors import renormed_tables
 from qlis.quantize.grid import Grid, in_dtype, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.workers.memory import allocation_failed, release_freed_memory
@@ -381,11 +382,14 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
     if _replaceable(model) and archive.entry("weight").quantizer is not None:
         raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
     check_meta_buffers(model, persistent)
+    renormed = {id(table) for table in renormed_tables(model)}
     replacements: dict[str, _LowBit] = {}
     for name, module in model.named_modules():
         weight = f"{name}.weight"
         if not name or not _replaceable(module) or weight not in persistent:
             continue
+        if id(module.weight) in renormed:
+            continue  # tied to a table its lookups rescale in place: it multiplies by those
         if not _packable(archive, weight):
             continue
         q = archive.read_quantized(weight)
