@@ -271,6 +271,12 @@ def test_a_forward_that_edits_its_weights_or_inputs_in_place_is_refused():
                 self.layer.weight.clamp_(-0.1, 0.1)
             return self.layer(x)
 
+    class Rescaling(Clamping):  # in place once, to the values it had (RWKV's eval rescale)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self.layer.weight.div_(1.0)
+            return self.layer(x)
+
     class Shifting(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -285,6 +291,7 @@ def test_a_forward_that_edits_its_weights_or_inputs_in_place_is_refused():
         qlis.compress(Clamping(), "quant", bits=4, calib=[batch.clone()])
     with pytest.raises(InputError, match="changed calibration batch 0's input in place"):
         qlis.compress(Shifting(), "quant", bits=4, calib=[batch.clone()])
+    assert qlis.compress(Rescaling(), "quant", bits=4, calib=[batch.clone()]).distortion["output"]
 
 
 def test_inplace_loads_the_dequantized_weights(tiny_vit, tiny_state):

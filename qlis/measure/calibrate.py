@@ -362,6 +362,27 @@ def _batch_tensors(batch: object) -> list[torch.Tensor]:
     return [value for value in values if isinstance(value, torch.Tensor)]
 
 
+def _digest(tensor: torch.Tensor) -> int | None:
+    """A hash of the tensor's values (None for a dtype torch cannot hash)."""
+    try:
+        return int(torch.hash_tensor(tensor.detach()))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
+class _State:
+    """A tensor's version and values, to tell whether a pass changed it in place: an in-place
+    operation counts in the version even where it leaves the values (a weight divided by 1
+    once, as RWKV's eval mode rescales its layers), so the values decide."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor, self.version, self.digest = tensor, tensor._version, _digest(tensor)
+
+    def changed(self) -> bool:
+        return self.tensor._version != self.version and (
+            self.digest is None or _digest(self.tensor) != self.digest)
+
+
 @contextmanager
 def _renormed_copies(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, the tables of the model's embeddings with ``max_norm`` are copies of
@@ -497,23 +518,23 @@ class Calibration:
                 with_kwargs=True)
         runs = self._runs(False)
         renormed = {id(t) for t in renormed_tables(self.model)}
-        weights = [(name, t, t._version) for name, t in self.model.named_parameters()
+        weights = [(name, _State(t)) for name, t in self.model.named_parameters()
                    if id(t) not in renormed]
         inputs = [] if callable(self.calib) else [
-            (i, t, t._version) for i in sorted(self.local) for t in _batch_tensors(self._batch(i))]
+            (i, _State(t)) for i in sorted(self.local) for t in _batch_tensors(self._batch(i))]
         try:
             outputs = self.run_calls(runs, checked=True)
         finally:
             if handle is not None:
                 handle.remove()
-        edited = next((name for name, t, version in weights if t._version != version), None)
+        edited = next((name for name, state in weights if state.changed()), None)
         if edited is not None:
             raise InputError(
                 f"the model's forward changed its weight {edited!r} in place: calibration "
                 "runs the model several times with some weights swapped for others, which "
                 "it cannot measure (nn.Embedding's max_norm is the one such change it "
                 "handles); compress without calib=")
-        edited = next((i for i, t, version in inputs if t._version != version), None)
+        edited = next((i for i, state in inputs if state.changed()), None)
         if edited is not None:
             raise InputError(
                 f"the model's forward changed calibration batch {edited}'s input in place: "
