@@ -258,6 +258,24 @@ def test_a_module_larger_than_its_weights_is_refused_before_it_is_built(
         load_hf_model(folder)
 
 
+def test_tensors_the_class_makes_itself_are_made_not_missing(tmp_path):
+    """Marian's files leave out its sinusoidal position tables, which transformers makes as
+    it loads: calibration refused the folder for lacking them."""
+    folder = tmp_path / "tiny-marian"
+    torch.manual_seed(0)
+    config = transformers.MarianConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
+        decoder_start_token_id=0)
+    transformers.MarianMTModel(config).save_pretrained(folder)
+    assert not [k for k in load_file(folder / "model.safetensors") if "embed_positions" in k]
+    expected = transformers.MarianMTModel.from_pretrained(folder).state_dict()
+    loaded = load_hf_model(folder).state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+
+
 def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_path):
     # T5 cannot run on input_ids alone: text calibration ended in "does not fit the model"
     folder = tmp_path / "tiny-t5"

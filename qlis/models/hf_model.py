@@ -14,6 +14,7 @@ import importlib
 import inspect
 import io
 import math
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -232,10 +233,25 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
     given = {loaded[n].data_ptr() for n in state}
     untied = [name for name in loaded if name not in state
               and loaded[name].data_ptr() not in given]
+    untied = [name for name in untied if not _made_by_the_class(model, name)]
     if untied:
         raise InputError(f"{folder}: the weights lack {len(untied)} tensor(s) the model needs, "
                          f"e.g. {tensor_label(untied[0])}")
     return model.eval()
+
+
+def _made_by_the_class(model: Any, name: str) -> bool:
+    """Whether the model's class makes tensor ``name`` itself when a file lacks it (a name
+    it ignores when missing: Marian's sinusoidal position tables, which its files leave
+    out), and it was made so now (the module was built without initialising)."""
+    ignored = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    if not any(re.search(pattern, name) for pattern in ignored):
+        return False
+    try:  # transformers' own initialisation of that module
+        model._init_weights(model.get_submodule(name.rpartition(".")[0]))
+    except Exception:  # noqa: BLE001 - a class that cannot make it: the tensor is missing
+        return False
+    return bool(torch.isfinite(model.state_dict()[name]).all())
 
 
 def load_tokenizer(folder: str | Path) -> Any:

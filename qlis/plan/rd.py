@@ -81,6 +81,10 @@ DEFAULT_MIN_COSINE = 0.999
 
 _PROBE_REL_MSE = 1e-3
 _GRADIENT_SAMPLES = 4
+_FLAT_GAIN = 1e-2
+"""A layer whose gradient gain is below this share of the median is probed as well: a
+gradient sees only what is differentiable, and a top-1 router's choice is not (Mixtral:
+1e-15 of the median, while rounding the router sends tokens to other experts)."""
 _COSINE_PASSES = 4
 _COSINE_AIM = 0.95  # between two executions, aim this share of the allowed output error
 _SIZE_PASSES = 3
@@ -724,23 +728,24 @@ class RDPolicy(Policy):
         The gains come from a few backward passes (``Calibration.sensitivities``), or, when
         the outputs carry no gradient, from one probe pass per layer (measured on MiniLM:
         the two agree within 10-20% per layer; the backward passes took 4.3 s, the probes
-        9.8 s, and the gap grows with the number of layers). A layer that measures no gain
-        counts as a typical one (the median gain); the indices of those that had something
-        to round come second (recorded in ``calibration.unreached`` for the warnings)."""
+        9.8 s, and the gap grows with the number of layers); a layer whose gradient is flat
+        (`_FLAT_GAIN`) is probed too, and keeps the larger gain. A layer that measures no
+        gain counts as a typical one (the median gain); the indices of those that had
+        something to round come second (recorded in ``calibration.unreached`` for the
+        warnings)."""
         calibration = context.calibration
         gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed)
         if gains is None:
-            gains = {}
+            probed = {name: _probe_gain(context, name, cands)
+                      for name, cands in zip(names, per_layer, strict=True)}
+            gains = {name: gain for name, gain in probed.items() if gain is not None}
+        else:
+            measured = [g for g in gains.values() if g > 0]
+            flat = float(np.median(measured)) * _FLAT_GAIN if measured else math.inf
             for name, cands in zip(names, per_layer, strict=True):
-                quantized = [c for c in cands if c.config is not None]
-                if not quantized:
-                    continue
-                probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
-                                                          - math.log(_PROBE_REL_MSE)))
-                stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-                if layer.rel_mse > 0:  # else the probe changed nothing: no gain measured
-                    measured = calibration.measure({name: dequantized(stored)}, held_out=False)
-                    gains[name] = measured["one_minus_cosine"] / layer.rel_mse
+                if name in gains and gains[name] < flat:
+                    gain = _probe_gain(context, name, cands)
+                    gains[name] = max(gains[name], gain if gain is not None else 0.0)
         # a layer the calibration's outputs do not depend on (never run, or not on the path
         # to the compared output) measures no gain: the data says nothing about it, so it
         # counts as a typical layer (the median gain) rather than being rounded to nothing
@@ -754,6 +759,22 @@ class RDPolicy(Policy):
         return [np.array([(gains.get(name, 0.0) if gains.get(name, 0.0) > 0 else typical)
                           * c.rel_mse for c in cands])
                 for name, cands in zip(names, per_layer, strict=True)], unreached
+
+
+def _probe_gain(context: PlanContext, name: str, candidates: list[_Candidate]) -> float | None:
+    """A layer's gain measured by one forward pass over the fitting batches with the layer
+    alone rounded (at the candidate nearest `_PROBE_REL_MSE`); None where no candidate
+    rounds it or the rounding changed nothing."""
+    quantized = [c for c in candidates if c.config is not None]
+    if not quantized:
+        return None
+    probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
+                                             - math.log(_PROBE_REL_MSE)))
+    stored, layer = execute_layer(name, context.state[name], probe.layer_config)
+    if not layer.rel_mse > 0:
+        return None
+    measured = context.calibration.measure({name: dequantized(stored)}, held_out=False)
+    return measured["one_minus_cosine"] / layer.rel_mse
 
 
 def _data_free_choice(per_layer: list[list[_Candidate]], indices: list[int],
