@@ -294,6 +294,24 @@ def test_a_forward_that_edits_its_weights_or_inputs_in_place_is_refused():
     assert qlis.compress(Rescaling(), "quant", bits=4, calib=[batch.clone()]).distortion["output"]
 
 
+def test_a_model_whose_output_changes_from_run_to_run_is_named():
+    """A model that samples as it runs (Reformer's random hashing) scored cosine 0.96 against
+    itself: rd could not meet a target and kept every weight raw, the archive larger than the
+    model, with nothing saying why."""
+
+    class Sampling(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x + 0.3 * torch.randn_like(x))
+
+    torch.manual_seed(0)
+    with pytest.raises(InputError, match="differs from one run to the next"):
+        qlis.compress(Sampling(), calib=[torch.randn(6, 8)])
+
+
 def test_inplace_loads_the_dequantized_weights(tiny_vit, tiny_state):
     images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     before = tiny_vit(images)

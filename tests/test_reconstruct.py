@@ -498,7 +498,8 @@ def test_gradient_sensitivities_agree_with_probe_passes():
         probe = calibration.measure({name: weight + noise})["one_minus_cosine"]
         rel = float(noise.square().sum() / weight.square().sum())
         assert gains[name] == pytest.approx(probe / rel, rel=0.35)
-    quiet = qlis.measure.calibrate.Calibration(model, lambda m: m(torch.randn(8, 32)).detach())
+    x = torch.randn(8, 32)
+    quiet = qlis.measure.calibrate.Calibration(model, lambda m: m(x).detach())
     assert quiet.sensitivities(names) is None  # no gradient: rd measures probes instead
     assert [p.requires_grad for p in model.parameters()] == flags
 

@@ -56,6 +56,10 @@ OUTPUT_COVARIANCE_BYTES = 256 << 20
 job keeps each batch's term until the ranks add them in order): a wider table, or one
 calibrated on more batches, is rounded to nearest, in one process too (so that a job writes
 the archive one process writes)."""
+_REPEATABLE = 1e-4
+"""The largest relative difference between two runs of the float model on one batch that
+counts as the same output (float rounding of another order of sums; Reformer's random hashing
+differs by 0.3)."""
 _SQUARES_AT_ONCE = 1 << 20
 """Output gradients widened to float64 at once (a 256k-word vocabulary's logits would take
 2 GiB for 1,024 tokens)."""
@@ -552,6 +556,19 @@ class Calibration:
                                      "inf; repair the model's weights")
                 raise InputError(f"{text}: calibrate on inputs the model computes finitely "
                                  "(or fix the settings of a model that computes NaN itself)")
+        if runs:  # the first call again: every measure compares one run with another
+            key = runs[0][0]
+            again = _vectors(first_tensor(self.run_calls(runs[:1])[0]))
+            first = reference[key].double()
+            self._check_shape(key, again, first.shape)
+            difference = float((again - first).norm()) / max(float(first.norm()), 1e-300)
+            if difference > _REPEATABLE:
+                raise InputError(
+                    f"the model's output on the calibration data ({self._where(key)}) differs "
+                    f"from one run to the next (relative difference {difference:.2g}, the "
+                    "model unchanged): calibration measures a compression by comparing "
+                    "runs, which a model that samples as it runs (random hashing, dropout in "
+                    "eval mode) does not allow; compress without calib=")
         return reference
 
     def run_calls(self, runs: Sequence[Run],
@@ -857,9 +874,10 @@ class Calibration:
             chosen[name] = uses
         return chosen
 
-    def _check_shape(self, batch: int, vectors: torch.Tensor) -> None:
+    def _check_shape(self, batch: int, vectors: torch.Tensor,
+                     expected: torch.Size | None = None) -> None:
         """Refuse a pass's output vectors that are not the shape the first pass gave."""
-        expected = self.reference[batch].shape
+        expected = self.reference[batch].shape if expected is None else expected
         if vectors.shape != expected:
             raise InputError(
                 f"the model's output on the calibration data ({self._where(batch)}) changed "

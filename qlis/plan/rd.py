@@ -82,9 +82,9 @@ DEFAULT_MIN_COSINE = 0.999
 _PROBE_REL_MSE = 1e-3
 _GRADIENT_SAMPLES = 4
 _FLAT_GAIN = 1e-2
-"""A layer whose gradient gain is below this share of the median is probed as well: a
-gradient sees only what is differentiable, and a top-1 router's choice is not (Mixtral:
-1e-15 of the median, while rounding the router sends tokens to other experts)."""
+"""A layer whose gradient gain is above 0 and below this share of the median is probed as
+well: a gradient sees only what is differentiable, and a top-1 router's choice is not
+(Mixtral: 1e-15 of the median, while rounding the router sends tokens to other experts)."""
 _COSINE_PASSES = 4
 _COSINE_AIM = 0.95  # between two executions, aim this share of the allowed output error
 _SIZE_PASSES = 3
@@ -743,7 +743,8 @@ class RDPolicy(Policy):
             measured = [g for g in gains.values() if g > 0]
             flat = float(np.median(measured)) * _FLAT_GAIN if measured else math.inf
             for name, cands in zip(names, per_layer, strict=True):
-                if name in gains and gains[name] < flat:
+                # none at all: never run, or off the path (counted below, not probed)
+                if name in gains and 0 < gains[name] < flat:
                     gain = _probe_gain(context, name, cands)
                     gains[name] = max(gains[name], gain if gain is not None else 0.0)
         # a layer the calibration's outputs do not depend on (never run, or not on the path
