@@ -348,8 +348,8 @@ def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, training in flags:  # parents first: each child then sets its own
+            module.train(training)
 
 
 def _fresh_casts() -> None:
