@@ -247,11 +247,13 @@ def _made_by_the_class(model: Any, name: str) -> bool:
     ignored = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
     if not any(re.search(pattern, name) for pattern in ignored):
         return False
+    owner, _, attribute = name.rpartition(".")
     try:  # transformers' own initialisation of that module
-        model._init_weights(model.get_submodule(name.rpartition(".")[0]))
+        module = model.get_submodule(owner)
+        model._init_weights(module)
     except Exception:  # noqa: BLE001 - a class that cannot make it: the tensor is missing
         return False
-    return bool(torch.isfinite(model.state_dict()[name]).all())
+    return bool(torch.isfinite(getattr(module, attribute)).all())
 
 
 def load_tokenizer(folder: str | Path) -> Any:
