@@ -13,6 +13,10 @@ one such image. ``forward`` returns the model's output, softmax probabilities ov
 ``logits`` the same before the softmax; ``features`` the 2048-d pooled features (the 8x8
 average pool of the last Inception block, flattened) that the classifier head reads.
 
+The same package's MobileNetV2 (``model_folder(model="mobilenet_v2")``, input 224x224) runs on
+the same port, which also reads its depthwise convolutions, capped ReLUs and additions, and can
+fold each BatchNorm into the convolution it reads (``fold_batch_norm``).
+
 ``python benchmarks/inception.py`` checks the port against TensorFlow.js itself (installed with
 npm into the cache) on the same input arrays, and measures the port's speed on this CPU.
 """
@@ -41,6 +45,8 @@ TFJS = "@tensorflow/tfjs@4.22.0"  # the version nsfwjs 4.4.0 is developed agains
 CACHE = Path(tempfile.gettempdir()) / "qlis-bench" / "nsfwjs"
 SHARED_AGIQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "agiqa-3k"
 SIZE = 299  # nsfwjs's InceptionV3Model.options.size
+MODELS = {"inception_v3": SIZE, "mobilenet_v2": 224}
+"""The package's Keras models measured here, with the input size nsfwjs feeds each."""
 CLASSES = ("Drawing", "Hentai", "Neutral", "Porn", "Sexy")  # nsfwjs's NSFW_CLASSES
 
 
@@ -107,13 +113,16 @@ def _complete(folder: Path) -> bool:
     return True
 
 
-def model_folder(cache: Path = CACHE) -> Path:
-    """The folder with InceptionV3's model.json and binary weight shards: reused from
-    ``cache``, else fetched with ``npm pack`` and unwrapped from the package's .min.js files."""
-    target = cache / "inception_v3"
+def model_folder(cache: Path = CACHE, model: str = "inception_v3") -> Path:
+    """The folder with one of the package's models' (``MODELS``) model.json and binary weight
+    shards: reused from ``cache``, else fetched with ``npm pack`` and unwrapped from the
+    package's .min.js files."""
+    if model not in MODELS:
+        raise ValueError(f"{PACKAGE} ships no model {model!r}; it ships {sorted(MODELS)}")
+    target = cache / model
     if _complete(target):
         return target
-    source = cache / "package" / "dist" / "models" / "inception_v3"
+    source = cache / "package" / "dist" / "models" / model
     if not (source / "model.min.js").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         out = _run([_tool("npm"), "pack", PACKAGE, "--silent", "--pack-destination", str(cache)],
@@ -125,12 +134,12 @@ def model_folder(cache: Path = CACHE) -> Path:
             tar.extractall(cache, filter="data")
         archive.unlink()  # package/ is what is reused
         if not (source / "model.min.js").is_file():
-            raise Unavailable(f"{PACKAGE} has no dist/models/inception_v3/model.min.js")
+            raise Unavailable(f"{PACKAGE} has no dist/models/{model}/model.min.js")
     target.mkdir(parents=True, exist_ok=True)
     _run([_tool("node"), "-e", _UNWRAP_JS, str(source.resolve()), str(target.resolve())],
          f"unwrapping {source}", cache)
     if not _complete(target):
-        raise Unavailable(f"the InceptionV3 files unwrapped into {target} are incomplete")
+        raise Unavailable(f"the {model} files unwrapped into {target} are incomplete")
     return target
 
 
@@ -274,6 +283,51 @@ def _conv2d(config: dict, name: str, weights: dict[str, np.ndarray]
     return conv, pad
 
 
+def _depthwise_conv2d(config: dict, name: str, weights: dict[str, np.ndarray]
+                      ) -> tuple[nn.Conv2d, _SamePad | None]:
+    """A DepthwiseConv2D as a grouped nn.Conv2d: TF's output channel c * multiplier + m is
+    torch's channel c * multiplier + m, and so are its weights."""
+    kernel = weights[f"{name}/depthwise_kernel"]  # (kh, kw, in, multiplier)
+    channels, multiplier = kernel.shape[2], kernel.shape[3]
+    spec = {**config, "groups": channels}
+    as_full = kernel.reshape(*kernel.shape[:2], 1, channels * multiplier)
+    return _conv2d(spec, name, {**weights, f"{name}/kernel": as_full})
+
+
+class _ReLU(nn.Module):
+    """Keras ReLU with a cap (MobileNetV2's ReLU6); a negative slope or threshold is refused."""
+
+    def __init__(self, config: dict, name: str) -> None:
+        super().__init__()
+        if config.get("negative_slope", 0) or config.get("threshold", 0):
+            raise ValueError(f"{name}: ReLU with a negative slope or threshold")
+        self.cap = config.get("max_value")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.cap is None else x.clamp(0, self.cap)
+
+
+class _Add(nn.Module):
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        total = xs[0]
+        for x in xs[1:]:
+            total = total + x
+        return total
+
+
+def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` with the inference-mode ``norm`` that reads it folded in (in float64), as a
+    deployed network often comes: each output channel's weights scaled by gamma / sigma."""
+    scale = norm.weight.double() / (norm.running_var.double() + norm.eps).sqrt()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                       conv.padding, conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+        folded.bias.copy_((bias - norm.running_mean.double()) * scale + norm.bias.double())
+    return folded
+
+
 def _batch_norm(config: dict, name: str, weights: dict[str, np.ndarray], rank: int
                 ) -> nn.Module:
     if config["axis"] not in (-1, rank - 1):
@@ -310,10 +364,13 @@ class KerasModel(nn.Module):
 
     Layers live in ``self.layers`` under their Keras names (``layers.conv2d_1.weight``, ...);
     padding that nn.Conv2d cannot express (asymmetric 'same') is a separate ``_SamePad`` in
-    ``self.pads``, so a plain Conv2d can be swapped for a quantized one.
+    ``self.pads``, so a plain Conv2d can be swapped for a quantized one. ``fold_batch_norm``:
+    a BatchNormalization that alone reads a convolution without an activation is folded into
+    it (the convolution keeps its name; the norm's readers read the convolution).
     """
 
-    def __init__(self, topology: dict, weights: dict[str, np.ndarray]) -> None:
+    def __init__(self, topology: dict, weights: dict[str, np.ndarray],
+                 fold_batch_norm: bool = False) -> None:
         super().__init__()
         model = topology.get("model_config", topology)
         if model["class_name"] not in ("Model", "Functional"):
@@ -326,6 +383,12 @@ class KerasModel(nn.Module):
         self.feature_name = ""
         ranks: dict[str, int] = {}
         nodes: list[tuple[str, tuple[str, ...], str]] = []
+        readers: dict[str, int] = {}
+        for layer in graph["layers"]:
+            for inbound in (layer["inbound_nodes"] or [[]])[0]:
+                readers[inbound[0]] = readers.get(inbound[0], 0) + 1
+        alias: dict[str, str] = {}  # a folded norm -> the convolution it went into
+        activations: dict[str, str] = {}
         for layer in graph["layers"]:
             kind, name, config = layer["class_name"], layer["name"], layer["config"]
             if kind == "InputLayer":
@@ -333,17 +396,31 @@ class KerasModel(nn.Module):
                 continue
             if len(layer["inbound_nodes"]) != 1:
                 raise ValueError(f"{name}: shared layers are not supported")
-            inputs = tuple(inbound[0] for inbound in layer["inbound_nodes"][0])
+            inputs = tuple(alias.get(inbound[0], inbound[0])
+                           for inbound in layer["inbound_nodes"][0])
             missing = [i for i in inputs if i not in ranks]
             if missing:
                 raise ValueError(f"{name}: inputs {missing} are not defined before it")
             rank, activation = ranks[inputs[0]], config.get("activation", "linear")
-            if kind == "Conv2D":
-                self.layers[name], pad = _conv2d(config, name, weights)
+            if kind in ("Conv2D", "DepthwiseConv2D"):
+                make = _conv2d if kind == "Conv2D" else _depthwise_conv2d
+                self.layers[name], pad = make(config, name, weights)
                 if pad is not None:
                     self.pads[name] = pad
             elif kind == "BatchNormalization":
-                self.layers[name] = _batch_norm(config, name, weights, rank)
+                norm = _batch_norm(config, name, weights, rank)
+                source = inputs[0]
+                if (fold_batch_norm and isinstance(self.layers[source], nn.Conv2d)
+                        and readers[source] == 1 and activations[source] == "linear"
+                        and activation == "linear"):
+                    self.layers[source] = _folded(self.layers[source], norm)
+                    alias[name] = source
+                    continue
+                self.layers[name] = norm
+            elif kind == "ReLU":
+                self.layers[name] = _ReLU(config, name)
+            elif kind == "Add":
+                self.layers[name] = _Add()
             elif kind == "Dense":
                 if rank != 2:
                     raise ValueError(f"{name}: Dense on a rank-{rank} tensor is not supported")
@@ -368,7 +445,7 @@ class KerasModel(nn.Module):
                 raise ValueError(f"{name}: layer class {kind} is not supported")
             if activation not in _ACTIVATIONS:
                 raise ValueError(f"{name}: activation {activation!r} is not supported")
-            ranks[name] = rank
+            ranks[name], activations[name] = rank, activation
             nodes.append((name, inputs, activation))
         self.feature_name = self.feature_name or nodes[-1][1][0]
         last_use = {n: i for i, (_, inputs, _) in enumerate(nodes) for n in inputs}
@@ -405,13 +482,14 @@ class KerasModel(nn.Module):
         return self._run(x, self.feature_name)
 
 
-def load_inception(folder: Path | None = None) -> KerasModel:
-    """nsfwjs's InceptionV3 as a float32 torch module in eval mode (fetched if ``folder`` is
-    None). Input: (N, 3, 299, 299) RGB in [0, 1], as ``preprocess`` makes it."""
+def load_inception(folder: Path | None = None, fold_batch_norm: bool = False) -> KerasModel:
+    """nsfwjs's InceptionV3 (or another of its Keras models, from its ``folder``) as a float32
+    torch module in eval mode (fetched if ``folder`` is None). Input: (N, 3, 299, 299) RGB in
+    [0, 1], as ``preprocess`` makes it (MobileNetV2: 224)."""
     folder = model_folder() if folder is None else folder
     spec = json.loads((folder / "model.json").read_text())
     weights = _read_weights(folder, spec["weightsManifest"])
-    return KerasModel(spec["modelTopology"], weights).eval()
+    return KerasModel(spec["modelTopology"], weights, fold_batch_norm).eval()
 
 
 def _taps(old: int, new: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -98,12 +98,10 @@ _CHANNEL_EMPHASIS = 0.5
 convolution's) counts times (the layer's mean square / its output channel's) ** this: 0
 is the layer's relative error (right where a channel's scale is its importance), 1 each
 channel's own (right where a normalization rescales every channel: BatchNorm, folded or
-not); this is their geometric middle (`_channel_emphasis`). Measured at equal real size
-on two real conv networks (feature cosine to the float model; 0 / 0.5 / 1): nsfwjs's
-MobileNetV2, BatchNorm folded, 6x 0.985 / 0.987 / 0.982, 8x 0.567 / 0.924 / 0.903, 12x
-0.340 / 0.553 / 0.557 (at 0 the depthwise convolutions' small channels round to zeros
-while their layers' relative errors stay under 3e-3); InceptionV3, 12x 0.974 / 0.975 /
-0.974, 16x 0.866 / 0.878 / 0.927, 22x 0.775 / 0.752 / 0.746."""
+not); this is their geometric middle (`_channel_emphasis`). Against 0, at equal real size
+(bench_vision --data-free, feature cosine): nsfwjs's MobileNetV2, BatchNorm folded, 8x 0.917 ->
+0.932, 12x 0.274 -> 0.548 (at 0 its depthwise convolutions' quiet channels rounded to zeros);
+InceptionV3 16x 0.866 -> 0.878, 22x 0.775 -> 0.752 (docs/method.md)."""
 _SAMPLING_MARGIN = 0.98  # sampled errors are estimates: aim 2% under a weight target
 
 
