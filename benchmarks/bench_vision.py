@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     test, train = sorted(rows[:n_test]), sorted(rows[n_test:])
     names = [n for n, _ in train] + [n for n, _ in test]
     size = MODELS[args.backbone]
-    label = args.backbone + ("-folded" if args.fold_batch_norm else "")
-    features = float_features(backbone, args.root, names, size, label)
+    features = float_features(backbone, args.root, names, size,
+                              args.backbone + ("-folded" if args.fold_batch_norm else ""))
     width = features.shape[1]
     mos = torch.tensor([m for _, m in train + test], dtype=torch.float32)
     scorer = Scorer(backbone, width).eval()

@@ -410,9 +410,9 @@ class KerasModel(nn.Module):
             elif kind == "BatchNormalization":
                 norm = _batch_norm(config, name, weights, rank)
                 source = inputs[0]
-                if (fold_batch_norm and isinstance(self.layers[source], nn.Conv2d)
-                        and readers[source] == 1 and activations[source] == "linear"
-                        and activation == "linear"):
+                if (fold_batch_norm and source in self.layers
+                        and isinstance(self.layers[source], nn.Conv2d) and readers[source] == 1
+                        and activations[source] == "linear" and activation == "linear"):
                     self.layers[source] = _folded(self.layers[source], norm)
                     alias[name] = source
                     continue
