@@ -604,6 +604,25 @@ def test_a_size_target_counts_the_plan_of_every_layer_kept_as_it_is(tmp_path):
     assert path.stat().st_size <= result.original_bytes / 3 * 1.01
 
 
+def test_buffers_selected_as_layers_are_calibrated_by_probes():
+    """BatchNorm's running statistics are buffers its forward may not differentiate: selected as
+    layers (``select="*"``), the gradient passes set them to require grad and the model
+    failed on every batch; they are measured by probes instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32), nn.Flatten(),
+                          nn.Linear(32 * 4 * 4, 8)).eval()
+    with torch.no_grad():
+        for norm in (model[1], model[4]):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2)
+    calib = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    result = qlis.compress(model, calib=calib, target_ratio=4, select="*")
+    assert {"1.running_mean", "4.running_var"} <= {layer.name for layer in result.layers}
+    assert result.distortion["output"]["cosine"] > 0.99
+    assert not any(t.requires_grad for t in model.buffers())
+
+
 def test_a_size_target_is_met_for_a_model_with_zero_initialised_biases(tmp_path):
     # the writer stores biases and norms raw: counting all-zero ones as one coded symbol
     # left the budget ~10% too large, and GPT-2 at target_ratio=8 wrote 7.3x, silently

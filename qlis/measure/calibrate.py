@@ -747,15 +747,19 @@ class Calibration:
         random Gaussian vector per output, ||P J||^2 = E ||J^T P r||^2, the gradient of
         r.P f: ``samples`` backward passes estimate it for every weight at once (Hutchinson),
         where a probe per layer needs a forward pass each. None when the outputs carry no
-        gradient (a callable that computes them under no_grad) or the model has no backward
-        (an autograd Function without one): measure probes instead.
+        gradient (a callable that computes them under no_grad), the model has no backward
+        (an autograd Function without one) or a weight is a buffer: measure probes instead.
 
         The same passes measure each embedding table's `output_covariances` (the gradients
         at its output rows, plus, for a table tied to output layers, what their products
         cost: `_add_head_gram`), within `OUTPUT_COVARIANCE_BYTES`.
         """
         tensors = {name: self._tensor(name) for name in names}
-        if not all(t.is_leaf and t.is_floating_point() for t in tensors.values()):
+        parameters = {id(p) for p in self.model.parameters()}
+        # a buffer (BatchNorm's running statistics, selected as a layer) may not require
+        # grad where the module uses it: probes measure it
+        if not all(t.is_leaf and t.is_floating_point() and id(t) in parameters
+                   for t in tensors.values()):
             return None
         flags = {id(p): p.requires_grad for p in self.model.parameters()}
         grads = {name: t.grad for name, t in tensors.items()}
