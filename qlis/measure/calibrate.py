@@ -755,13 +755,12 @@ class Calibration:
         cost: `_add_head_gram`), within `OUTPUT_COVARIANCE_BYTES`.
         """
         tensors = {name: self._tensor(name) for name in names}
-        parameters = {id(p) for p in self.model.parameters()}
+        flags = {id(p): p.requires_grad for p in self.model.parameters()}
         # a buffer (BatchNorm's running statistics, selected as a layer) may not require
         # grad where the module uses it: probes measure it
-        if not all(t.is_leaf and t.is_floating_point() and id(t) in parameters
+        if not all(t.is_leaf and t.is_floating_point() and id(t) in flags
                    for t in tensors.values()):
             return None
-        flags = {id(p): p.requires_grad for p in self.model.parameters()}
         grads = {name: t.grad for name, t in tensors.items()}
         handles = []
         # per batch (over the samples), each weight's squared gradients; the last entry
