@@ -229,7 +229,8 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
     """Encode one tensor as the archive stores it (thread-safe: pure work on its arguments).
 
     A plain tensor with a ``plan`` is stored with the ``sparse`` codec when that is smaller (a
-    pruned layer), every other plain tensor as ``raw`` bytes."""
+    pruned layer), every other plain tensor as ``raw`` bytes; codes go with ``codec`` unless
+    their quantizer names its own (`Quantizer.codes_codec`)."""
     if not isinstance(name, str):
         raise InputError(f"tensor names must be strings, got {name!r}")
     if len(stored.shape) > MAX_DIMS:
@@ -240,7 +241,8 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
         _check_params(stored, name)
         codes = _codes(stored, name)
         row_length = matrix_shape(stored.shape)[1]
-        chosen, data = _encode_codes(codes, stored.n_levels, codec, row_length)
+        own_codec = get_quantizer(stored.quantizer).codes_codec
+        chosen, data = _encode_codes(codes, stored.n_levels, own_codec or codec, row_length)
         params = {}
         for key, value in sorted(stored.params.items()):
             params[key], raw = _param_record(name, key, value)

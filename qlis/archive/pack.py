@@ -73,7 +73,7 @@ class _Recomputed(Mapping[str, StoredTensor]):
         planned = self._planned
         tensor = planned.state[name]
         if name not in planned.plan:
-            return tensor
+            return planned.executor.rest(tensor)
         with single_threaded_ops():  # as pack executed it, whatever the caller's threads
             return planned.executor.execute(name, tensor, planned.plan[name])[0]
 
@@ -171,7 +171,7 @@ def _streamed(
     def work(name: str) -> Encoded:
         tensor = state[name]
         if name not in plan:
-            return encode_tensor(name, tensor, codec), None
+            return encode_tensor(name, planned.executor.rest(tensor), codec), None
         stored, layer = planned.executor.execute(name, tensor, plan[name])
         return encode_tensor(name, stored, codec, plan_entry(layer)), layer
 

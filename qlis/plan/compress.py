@@ -34,7 +34,7 @@ from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
-from qlis.plan.sizes import HEADER_BYTES, unplanned_bytes
+from qlis.plan.sizes import HEADER_BYTES, stored_bits, unplanned_bytes
 from qlis.plan.spill import CodeSpill
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.quantize.quantizers import QuantizedTensor
@@ -97,8 +97,8 @@ class CompressionResult:
         self.calibration_cost: dict[str, float] | None = None
         planned = {layer.name for layer in layers}
         fixed = [tensors[n] for n in tensors if n not in planned]
-        fixed_bits = sum(t.numel() * storage_bits(t.dtype) for t in fixed)
-        self.numel = sum(t.numel() for t in fixed) + sum(p.numel for p in layers)
+        fixed_bits = sum(stored_bits(t) for t in fixed)
+        self.numel = sum(math.prod(t.shape) for t in fixed) + sum(p.numel for p in layers)
         """Elements of all tensors (every parameter and buffer)."""
         self.paper_bits = fixed_bits + sum(p.paper_bits for p in layers)
         self.huffman_bits = fixed_bits + sum(p.huffman_bits for p in layers)
@@ -443,7 +443,7 @@ def plan_compression(
         calibration = Calibration(model_or_state_dict, calib, cluster)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
-                            rounding_sweeps, progress, jobs, spill)
+                            rounding_sweeps, progress, jobs, spill, plan_policy.stored_rest)
     context = PlanContext(
         state=state,
         report=report,

@@ -31,8 +31,11 @@ class PlanExecutor:
                  calibration: Calibration | None, bias_correction: bool,
                  rounding_sweeps: int = 0,
                  progress: Callable[[int], None] | None = None,
-                 jobs: int | None = None, spill: CodeSpill | None = None) -> None:
+                 jobs: int | None = None, spill: CodeSpill | None = None,
+                 rest: Callable[[torch.Tensor], StoredTensor] | None = None) -> None:
         self.state = state
+        self.rest = rest or (lambda tensor: tensor)
+        """How a tensor outside the plan is stored (the policy's `stored_rest`)."""
         self.spill = spill
         self.jobs = jobs
         self.scores = scores
@@ -61,12 +64,13 @@ class PlanExecutor:
         key = json.dumps(plan.to_json(), sort_keys=True)
         if key in self._done:
             return self._done[key]
-        stored: dict[str, StoredTensor] = dict(self.state)
+        stored: dict[str, StoredTensor] = {
+            name: t if name in plan else self.rest(t) for name, t in self.state.items()}
         if self.calibration is not None:
             done = reconstruct(self.calibration, plan, self.state, self.execute,
                                self.bias_correction, self.progress, self._keep)
             stored.update(done.tensors)
-            stored.update(done.biases)
+            stored.update({name: self.rest(bias) for name, bias in done.biases.items()})
             layers = [done.layers[name] for name in plan]
         else:
             layers = []

@@ -34,7 +34,12 @@ from qlis.models.tensors import storage_bits, tensor_layout
 from qlis.plan.execute import Realized, pruned_count
 from qlis.plan.plans import LayerConfig, Plan, finite_json
 from qlis.quantize.pruners import get_pruner
-from qlis.quantize.quantizers import GRANULARITY, get_quantizer, quantizer_registry
+from qlis.quantize.quantizers import (
+    GRANULARITY,
+    QuantizedTensor,
+    get_quantizer,
+    quantizer_registry,
+)
 from qlis.registry import Registry
 from qlis.strategy import Strategy
 from qlis.workers.cluster import Cluster
@@ -100,6 +105,10 @@ class Policy(Strategy):
     def check_reach(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> None:
         """Refuse, before any calibration pass, a target this policy can tell from the
         tensors alone is out of reach (rd: a size below the archive's fixed part)."""
+
+    def stored_rest(self, tensor: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """How a tensor outside the plan (a bias, a norm, a buffer) is stored: as it is."""
+        return tensor
 
     def review(self, result: CompressionResult) -> list[str]:
         """Warnings about the executed result (e.g. a quality target that was missed)."""

@@ -53,10 +53,12 @@ from qlis.plan.plans import LayerConfig, Plan
 from qlis.plan.policy import PlanContext, Policy, register_policy
 from qlis.plan.sizes import (
     HEADER_BYTES,
+    NARROWED_ENTRY_BYTES,
     QUANTIZED_RECORD_BYTES,
     kept_bytes,
     unplanned_bytes,
 )
+from qlis.quantize.float16 import Float16Quantizer
 from qlis.quantize.grid import rounded_level
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import (
@@ -64,6 +66,7 @@ from qlis.quantize.quantizers import (
     MAX_GROUP_SIZE,
     MAX_LEVELS,
     GroupAffineQuantizer,
+    QuantizedTensor,
     get_quantizer,
     group_scale_dtype,
     row_mean_squares,
@@ -527,7 +530,8 @@ class RDPolicy(Policy):
     each layer (``"tensor"``: one step per layer, the weight-MSE optimum; ``"channel"``: one
     per output channel); ``prune_levels`` adds sigma pruning at those k before the steps;
     ``group_sizes`` adds group-wise affine at ``group_bits``; ``rounding`` < 0.5 adds a dead
-    zone.
+    zone. ``float16_rest``: the float32 tensors outside the layers (biases, norms, BatchNorm
+    statistics) are stored as float16 where it holds them (`Float16Quantizer.holds`).
     """
 
     strategy_id: ClassVar[str] = "rd"
@@ -547,6 +551,7 @@ class RDPolicy(Policy):
         "finest_step": Param("float", 0, 1, low_open=True, high_open=True),
         "sample_size": Param("int", 1024, 1 << 30),
         "seed": Param("int", 0, 2**31 - 1),
+        "float16_rest": Param("bool"),
     }
 
     target_bits_per_weight: float | None = None
@@ -563,6 +568,7 @@ class RDPolicy(Policy):
     finest_step: float = 1e-3
     sample_size: int = 1 << 16
     seed: int = 0
+    float16_rest: bool = True
 
     def check(self) -> None:
         targets = [n for n in ("target_bits_per_weight", "target_bytes", "target_ratio",
@@ -672,18 +678,35 @@ class RDPolicy(Policy):
         return None
 
     def check_reach(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> None:
-        self._budget(state, report)
+        self._budget(state, report, read=False)
 
-    def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport) -> float | None:
-        """Bytes the selected layers may take, from the size target (None: no size target)."""
+    def stored_rest(self, tensor: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """As float16 where that holds it and saves bytes (a scalar's record grows more)."""
+        if not (self.float16_rest and Float16Quantizer.holds(tensor)):
+            return tensor
+        narrowed = Float16Quantizer().quantize(tensor)
+        return narrowed if unplanned_bytes(narrowed) < unplanned_bytes(tensor) else tensor
+
+    def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport,
+                read: bool = True) -> float | None:
+        """Bytes the selected layers may take, from the size target (None: no size target).
+        ``read=False``: the tensors rd may narrow are not read, counted at their records
+        alone (a bound: a target refused then is out of reach whatever their values)."""
         selected = {layer.name for layer in report.layers}
         layout = tensor_layout(state)
-        fixed = HEADER_BYTES + sum(unplanned_bytes(t) for n, t in layout.items()
-                                   if n not in selected)
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in layout.values())
         total = self._target_bytes(original, sum(t.numel() for t in layout.values()))
         if total is None:
             return None
+
+        def stored_bytes(name: str, tensor: torch.Tensor) -> float:
+            if not self.float16_rest or tensor.dtype != torch.float32:
+                return unplanned_bytes(tensor)
+            return unplanned_bytes(self.stored_rest(state[name])) if read else min(
+                unplanned_bytes(tensor), NARROWED_ENTRY_BYTES)
+
+        fixed = HEADER_BYTES + sum(stored_bytes(n, t) for n, t in layout.items()
+                                   if n not in selected)
         if total <= fixed:
             raise ConfigError(
                 f"the size target ({total:,.0f} bytes) does not even hold the archive's "

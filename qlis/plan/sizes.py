@@ -3,11 +3,17 @@ plan executor estimate an archive before it is written, from one set of figures.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+from qlis.archive.codecs.auto import Auto
 from qlis.archive.codecs.row_classes import row_classes, stream_bytes
+from qlis.archive.format import aligned
 from qlis.models.tensors import storage_bits
+from qlis.quantize.grid import matrix_shape
+from qlis.quantize.quantizers import QuantizedTensor
 
 HEADER_BYTES = 1024
 """An archive's fixed cost: prefix, header skeleton, policy options and summary."""
@@ -18,6 +24,10 @@ KEPT_LAYER_BYTES = 150
 entry (71 bytes) and its line in the recorded plan (40 bytes and its name). Uncounted, the
 BatchNorm parameters of a MobileNetV2 planned as layers (123 kept of 266) made a 12x target
 an 11.66x archive."""
+NARROWED_ENTRY_BYTES = 210
+"""The header entry of a tensor outside the plan stored as float16 codes: its name, shape,
+quantizer, alphabet, codec and record (measured: 146-210 bytes for GPT-2's and MobileNetV2's
+names); its codes' record is counted aligned (a norm of ones codes to 7 bytes, 64 on disk)."""
 QUANTIZED_RECORD_BYTES = 900
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
 in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
@@ -43,16 +53,33 @@ def param_bytes(params: dict[str, np.ndarray]) -> int:
     return sum(int(np.asarray(v).nbytes) for v in params.values())
 
 
-def unplanned_bytes(tensor: torch.Tensor) -> float:
+def unplanned_bytes(tensor: torch.Tensor | QuantizedTensor) -> float:
     """Bytes of a tensor outside the plan (a bias, a norm, a buffer): the writer stores it raw
     whatever its values (only a planned layer kept as it is is tried sparse, `kept_bytes`), so
     a zero-initialised bias costs its full size. Counting it as one symbol made the budget of
     a model with zero biases too large: target_ratio=8 wrote a 7.3x archive and no warning.
+    A quantized ``tensor`` (rd's float16 `stored_rest`) is stored with the smallest codec,
+    and counted so, encoded: its codes at their width, entropy-coded (the high bytes of a
+    norm's float16 patterns repeat) or neither, as the tables of their alphabet cost
+    (counted at their width, a MobileNetV2 with its BatchNorms wrote 8.19x asked 8; at
+    their entropy, 11.71x asked 12).
 
     >>> unplanned_bytes(torch.zeros(1000)) == unplanned_bytes(torch.ones(1000)) == 4000 + 176
     True
     """
+    if isinstance(tensor, QuantizedTensor):
+        codes = np.asarray(tensor.codes).reshape(-1)
+        coded = len(Auto().select(codes, matrix_shape(tensor.shape)[1])[1]) if codes.size else 0
+        return aligned(coded) + NARROWED_ENTRY_BYTES
     return tensor.numel() * storage_bits(tensor.dtype) / 8 + RECORD_OVERHEAD_BYTES
+
+
+def stored_bits(tensor: torch.Tensor | QuantizedTensor) -> int:
+    """Bits of a tensor outside the plan as stored, for the paper's CR (its codes' fixed
+    width where it is stored quantized)."""
+    if isinstance(tensor, QuantizedTensor):
+        return math.prod(tensor.shape) * tensor.code_bits
+    return tensor.numel() * storage_bits(tensor.dtype)
 
 
 def kept_bytes(tensor: torch.Tensor, zeros: bool | None = None) -> float:

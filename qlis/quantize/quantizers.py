@@ -14,7 +14,7 @@ import inspect as _inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -135,6 +135,8 @@ class Quantizer(Strategy):
     """
 
     config_kind = "quantizer"
+    codes_codec: ClassVar[str | None] = None
+    """The codec its codes are stored with, whatever the archive's (None: the archive's)."""
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         raise NotImplementedError
@@ -291,7 +293,8 @@ class Quantizer(Strategy):
         return None
 
 
-quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers")
+quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers",
+                                                  builtins=("qlis.quantize.float16",))
 
 
 def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:

@@ -64,6 +64,7 @@ from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.plan.plans import Plan
 from qlis.quantize.gptq import CovarianceNotPositive
+from qlis.quantize.quantizers import get_quantizer
 from qlis.workers.cluster import Cluster
 from qlis.workers.memory import release_freed_memory
 from qlis.workers.threads import single_threaded_ops
@@ -78,6 +79,7 @@ OUTPUT_FED_BACK = "error feedback along the output's gradients"
 NOT_REACHED = "data-free: calibration never reached this layer"
 NO_INPUTS = "data-free: no error feedback for this kind of tensor"
 NOT_POSITIVE = "data-free: its inputs' covariance has no Cholesky factor (nearly silent inputs)"
+NO_GRID = "data-free: its quantizer describes no grid to feed errors back on"
 
 
 class _GroupDone(Exception):
@@ -397,21 +399,26 @@ def reconstruct(
         that split them, and the layer must be the same bits in any process of any job."""
         inputs, config = reachable[name], plan[name]
         kept = config.unchanged
+        on_grid = config.quantizer is None or get_quantizer(config.quantizer).has_grid()
         with single_threaded_ops():
-            hessian = moments.take_covariance() if config.quantizer is not None else None
-            try:
-                stored, layer = execute(name, state[name], config, hessian=hessian,
-                                        transposed=inputs.transposed,
-                                        reconstruction="" if kept else FED_BACK,
-                                        overwrite_hessian=True)
-            except CovarianceNotPositive:
-                return (*execute(name, state[name], config, reconstruction=NOT_POSITIVE), None)
+            if not on_grid:
+                stored, layer = execute(name, state[name], config, reconstruction=NO_GRID)
+            else:
+                hessian = moments.take_covariance() if config.quantizer is not None else None
+                try:
+                    stored, layer = execute(name, state[name], config, hessian=hessian,
+                                            transposed=inputs.transposed,
+                                            reconstruction="" if kept else FED_BACK,
+                                            overwrite_hessian=True)
+                except CovarianceNotPositive:
+                    return (*execute(name, state[name], config, reconstruction=NOT_POSITIVE),
+                            None)
             if not (bias_correction and inputs.bias in state and inputs.bias not in plan):
                 return stored, layer, None
             corrected = _corrected_bias(state[inputs.bias], inputs, state[name],
                                         dequantized(stored), float_moments[name].mean(),
                                         moments.mean())
-        note = BIAS_ONLY if kept else BIAS_CORRECTED
+        note = BIAS_ONLY if kept else BIAS_CORRECTED if on_grid else f"{NO_GRID}; {BIAS_ONLY}"
         return stored, dataclasses.replace(layer, reconstruction=note), corrected
 
     def of_block(index: int) -> dict[str, Replacement]:
