@@ -137,6 +137,10 @@ def train_head(scorer: Scorer, features: torch.Tensor, mos: torch.Tensor, seed: 
 
 
 def srcc(scores: torch.Tensor, mos: torch.Tensor) -> float:
+    """Spearman's rank correlation; 0 for scores all alike (a model compressed until its
+    features vanish ranks nothing, where SciPy gives nan)."""
+    if bool((scores == scores.reshape(-1)[0]).all()):
+        return 0.0
     return float(spearmanr(scores.numpy(), mos.numpy()).statistic)
 
 
@@ -257,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
 def render(table: list, float_srcc: float, n_train: int, n_test: int, args: argparse.Namespace,
            n_params: int, n_conv: int, elapsed: float) -> str:
     name = NAMES[args.backbone]
-    folded = ", BatchNorm folded into its convolutions" if args.fold_batch_norm else ""
+    folded = (", BatchNorm folded into its convolutions" if args.fold_batch_norm
+              else ", its BatchNorm modules kept")
     lines = [
-        f"## A real conv backbone on AGIQA-3K at the paper's ratios ({name})"
+        f"## A real conv backbone on AGIQA-3K at the paper's ratios ({name}"
+        + (", BatchNorm folded" if args.fold_batch_norm else "") + ")"
         + (f" ({args.section})" if args.section != "bench_vision" else ""),
         "",
         f"Machine: {machine()}. Command: `{command()}`; {elapsed / 60:.0f} min in all.",
