@@ -1,5 +1,6 @@
 """Synthetic calibration: random token sequences from a text model's vocabulary, framed as its
-tokenizer frames a text, for `qlis.compress(calib=...)` and `qlis pack --calib synthetic`."""
+tokenizer frames a text, and noise images for an image model, for `qlis.compress(calib=...)`
+and `qlis pack --calib synthetic`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import qlis
 from qlis.cli.main import cli
 from qlis.errors import InputError
 from qlis.models.hf_model import load_hf_model, load_tokenizer
+from qlis.models.synthetic_inputs import DEFAULT_IMAGES
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,12 +95,59 @@ def test_an_encoder_decoder_gets_decoder_inputs():
     model(**batch)
 
 
-@pytest.mark.parametrize("model", [torch.nn.Linear(4, 4), transformers.ViTModel(
-    transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=8, image_size=8, patch_size=4))])
-def test_a_model_that_takes_no_token_ids_is_refused(model):
-    with pytest.raises(InputError, match="does not take"):
-        qlis.synthetic_calibration(model)
+def tiny_vit(image_size: int = 8) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+        image_size=image_size, patch_size=4)).eval()
+
+
+def test_a_model_that_says_nothing_of_its_inputs_is_refused():
+    with pytest.raises(InputError, match="does not say it takes"):
+        qlis.synthetic_calibration(torch.nn.Linear(4, 4))
+
+
+def test_a_vision_model_gets_noise_images_of_its_configs_size():
+    model = tiny_vit()
+    batches = qlis.synthetic_calibration(model)
+    assert sum(len(b["pixel_values"]) for b in batches) == DEFAULT_IMAGES
+    pixels = torch.cat([b["pixel_values"] for b in batches])
+    assert pixels.shape[1:] == (3, 8, 8)
+    assert -1 <= float(pixels.min()) < -0.9 and 0.9 < float(pixels.max()) <= 1  # [0, 1] normed
+    again = qlis.synthetic_calibration(model)
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(
+        batches, again, strict=True))
+    result = qlis.compress(model, calib=batches)
+    assert result.distortion["output"]["synthetic"] is True
+
+
+def test_any_image_model_gets_noise_images_of_the_shape_asked():
+    """Measured on nsfwjs's MobileNetV2 at 8x (a module of this kind): 16 noise images kept
+    feature cosine 0.971 on real images, data-free rd 0.895."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3)).eval()
+    batches = qlis.synthetic_calibration(model, image_shape=(3, 12, 12), examples=6,
+                                         batch_size=4, pixel_mean=(0, 0.5, 1), pixel_std=1)
+    assert [tuple(b[0].shape) for b in batches] == [(4, 3, 12, 12), (2, 3, 12, 12)]
+    pixels = torch.cat([b[0] for b in batches])
+    assert float(pixels[:, 2].max()) <= 0 <= float(pixels[:, 0].min())  # per-channel means
+    result = qlis.compress(model, calib=batches)
+    assert result.distortion["output"]["synthetic"] is True
+    assert "synthetic inputs, not your data" in result.describe_quality()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_shape": (3, 0, 8)}, "image shape"),
+    ({"image_shape": (3, 8)}, "image shape"),
+    ({"image_shape": (3, 1 << 13, 1 << 13)}, "exceed"),  # before any allocation
+    ({"image_shape": (3, 8, 8), "pixel_std": 0}, "pixel_std"),
+    ({"image_shape": (3, 8, 8), "pixel_mean": (0, 1)}, "pixel_mean"),
+    ({"image_shape": (3, 8, 8), "pixel_mean": float("nan")}, "pixel_mean"),
+])
+def test_bad_image_settings_are_refused(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        qlis.synthetic_calibration(torch.nn.Conv2d(3, 3, 1), **kwargs)
 
 
 def test_a_tokenizer_of_the_users_own_is_read_with_care(bert_folder):
@@ -134,7 +183,7 @@ def test_pack_calibrates_on_synthetic_tokens_and_says_so(bert_folder, tmp_path):
                  "--calib-batch-size", "4")
     assert result.exit_code == 0, result.output
     assert "calibration: 24 synthetic examples" in result.output
-    assert "held-out calibration batches (synthetic: random tokens, not your data): cosine" \
+    assert "held-out calibration batches (synthetic inputs, not your data): cosine" \
         in result.output
     assert any(note and note.startswith("error feedback") for note in reconstruction_notes(out))
 
@@ -152,15 +201,12 @@ def test_pack_of_a_folder_without_a_tokenizer_calibrates_on_bare_tokens(bert_fol
     assert "on 1 held-out calibration batches" in result.output
 
 
-def test_pack_of_a_model_without_token_inputs_is_one_line(tmp_path):
+def test_pack_calibrates_a_vision_model_on_noise_images(tmp_path):
     folder = tmp_path / "vit"
-    transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
-        image_size=8, patch_size=4)).save_pretrained(folder)
-    message = one_line_error(cli, "qlis: error:", "pack", folder, "-o", tmp_path / "v.qlis",
-                             "--calib", "synthetic")
-    assert "synthetic calibration makes token ids" in message
-    assert not (tmp_path / "v.qlis").exists()
+    tiny_vit().save_pretrained(folder)
+    result = run(cli, "pack", folder, "-o", tmp_path / "v.qlis", "--calib", "synthetic")
+    assert result.exit_code == 0, result.output
+    assert f"calibration: {DEFAULT_IMAGES} synthetic examples" in result.output
 
 
 def test_ids_stay_within_the_rows_of_the_input_embedding(bert_folder):
@@ -195,7 +241,7 @@ def test_a_result_calibrated_on_synthetic_batches_says_its_quality_is_theirs(ber
     synthetic = qlis.synthetic_calibration(model, tokenizer, examples=16, batch_size=4)
     result = qlis.compress(model, "quant", bits=6, calib=synthetic)
     assert result.distortion["output"]["synthetic"] is True
-    assert "(synthetic: random tokens, not your data)" in result.describe_quality()
+    assert "(synthetic inputs, not your data)" in result.describe_quality()
     real = [dict(batch) for batch in synthetic]  # the same inputs, not marked as made up
     plain = qlis.compress(model, "quant", bits=6, calib=real)
     assert "synthetic" not in plain.distortion["output"]

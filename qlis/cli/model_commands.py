@@ -52,6 +52,7 @@ from qlis.models.sentence_pooling import describe as describe_pooling
 from qlis.models.sentence_pooling import sentence_embedding_batches
 from qlis.models.synthetic_inputs import DEFAULT_BATCH as SYNTHETIC_BATCH
 from qlis.models.synthetic_inputs import DEFAULT_EXAMPLES as SYNTHETIC_EXAMPLES
+from qlis.models.synthetic_inputs import DEFAULT_IMAGES as SYNTHETIC_IMAGES
 from qlis.models.synthetic_inputs import SYNTHETIC, synthetic_calibration
 from qlis.models.tensors import tensor_layout
 from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
@@ -245,10 +246,11 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
                    "tensors named as the model's forward names its inputs (input_ids, "
                    "attention_mask, ...; one example per row), or "
                    f"'{SYNTHETIC}': random token sequences from a text model's vocabulary, "
-                   "when there is no data (the quality is then measured on them).")
+                   "or uniform-noise images for a vision model (pixel_values), when there "
+                   "is no data (the quality is then measured on them).")
 @click.option("--calib-examples", type=click.IntRange(min=1, max=1 << 16),
               help=f"Calibration examples to use at most [default: {FILE_EXAMPLES}; "
-                   f"{SYNTHETIC_EXAMPLES} synthetic ones].")
+                   f"{SYNTHETIC_EXAMPLES} synthetic sequences, {SYNTHETIC_IMAGES} images].")
 @click.option("--calib-batch-size", type=click.IntRange(min=1, max=4096),
               help=f"Calibration examples per forward pass [default: {FILE_BATCH}; "
                    f"{SYNTHETIC_BATCH} synthetic ones].")
@@ -314,7 +316,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
             check_calibration_path(calib_file)
         model = load_hf_model(path)
         if synthetic:
-            batches = _synthetic_batches(model, path, calib_examples or SYNTHETIC_EXAMPLES,
+            batches = _synthetic_batches(model, path, calib_examples,
                                          calib_batch_size or SYNTHETIC_BATCH)
         else:
             batches = read_calibration(calib_file, path, calib_examples or FILE_EXAMPLES,
@@ -370,10 +372,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
                f"CR {result.cr:.2f}, HCR {result.hcr:.2f}")
 
 
-def _synthetic_batches(model: torch.nn.Module, folder: Path, examples: int,
+def _synthetic_batches(model: torch.nn.Module, folder: Path, examples: int | None,
                        batch_size: int) -> list[dict]:
-    """`synthetic_calibration` for a model folder, framed by its tokenizer where it has one
-    (a folder of weights alone gets bare token sequences)."""
+    """`synthetic_calibration` for a model folder (``examples`` None: its default), framed by
+    its tokenizer where it has one (a folder of weights alone gets bare token sequences)."""
     try:
         tokenizer = load_tokenizer(folder)
     except InputError:

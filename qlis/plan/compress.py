@@ -174,7 +174,7 @@ class CompressionResult:
             where = (f"{output['batches']} held-out calibration batches"
                      if output.get("held_out") else "the calibration data")
             if output.get("synthetic"):
-                where += " (synthetic: random tokens, not your data)"
+                where += " (synthetic inputs, not your data)"
             rel_mse = output.get("rel_mse")
             stderr = output.get("cosine_stderr")  # absent from older archives
             spread = f" ± {stderr:.5f}" if stderr is not None else ""
