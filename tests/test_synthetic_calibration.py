@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import one_line_error, reconstruction_notes, run
+from cli_helpers import reconstruction_notes, run
 
 import qlis
 from qlis.cli.main import cli
