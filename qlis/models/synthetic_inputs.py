@@ -30,7 +30,7 @@ SYNTHETIC = "synthetic"
 """What ``qlis pack --calib`` takes, instead of a file, for synthetic calibration."""
 DEFAULT_EXAMPLES = 192
 DEFAULT_IMAGES = 16
-"""Noise images by default: the MobileNetV2 above kept as much with 16 as real images need."""
+"""Noise images by default: as many as the real images of the measure in the module doc."""
 DEFAULT_BATCH = 8
 DEFAULT_LENGTH = 32
 PIXEL_MEAN = PIXEL_STD = 0.5

@@ -36,6 +36,7 @@ class PlanExecutor:
         self.state = state
         self.rest = rest or (lambda tensor: tensor)
         """How a tensor outside the plan is stored (the policy's `stored_rest`)."""
+        self._rested: dict[str, StoredTensor] = {}  # `rest` of the input's, made once
         self.spill = spill
         self.jobs = jobs
         self.scores = scores
@@ -65,7 +66,7 @@ class PlanExecutor:
         if key in self._done:
             return self._done[key]
         stored: dict[str, StoredTensor] = {
-            name: t if name in plan else self.rest(t) for name, t in self.state.items()}
+            name: t if name in plan else self._rest_of(name, t) for name, t in self.state.items()}
         if self.calibration is not None:
             done = reconstruct(self.calibration, plan, self.state, self.execute,
                                self.bias_correction, self.progress, self._keep)
@@ -84,6 +85,12 @@ class PlanExecutor:
                     self.progress(layer.numel)
         self._done = {**dict(list(self._done.items())[-1:]), key: (stored, layers)}
         return stored, layers
+
+    def _rest_of(self, name: str, tensor: torch.Tensor) -> StoredTensor:
+        """`rest` of an input tensor, made once (a calibrated rd runs many plans)."""
+        if name not in self._rested:
+            self._rested[name] = self.rest(tensor)
+        return self._rested[name]
 
     def realize(self, plan: Plan) -> Realized:
         """``plan`` executed: the tensors it changes (a quantized one as how to dequantize

@@ -42,6 +42,7 @@ from qlis.archive.codecs.row_classes import (
     finest_classes,
     stream_bytes,
 )
+from qlis.archive.format import aligned
 from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
@@ -681,11 +682,13 @@ class RDPolicy(Policy):
         self._budget(state, report, read=False)
 
     def stored_rest(self, tensor: torch.Tensor) -> torch.Tensor | QuantizedTensor:
-        """As float16 where that holds it and saves bytes (a scalar's record grows more)."""
-        if not (self.float16_rest and Float16Quantizer.holds(tensor)):
+        """As float16 where that holds it and saves bytes (a scalar's record grows more), by
+        the codes' size at their width: encoding them to decide took every pass's time."""
+        at_most = aligned(2 * tensor.numel()) + NARROWED_ENTRY_BYTES
+        if not (self.float16_rest and at_most < unplanned_bytes(tensor)
+                and Float16Quantizer.holds(tensor)):
             return tensor
-        narrowed = Float16Quantizer().quantize(tensor)
-        return narrowed if unplanned_bytes(narrowed) < unplanned_bytes(tensor) else tensor
+        return Float16Quantizer().quantize(tensor)
 
     def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport,
                 read: bool = True) -> float | None:
