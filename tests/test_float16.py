@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_archive_hostile import build, split
 from torch import nn
 
 import qlis
@@ -134,3 +135,21 @@ def test_calibration_rounds_a_layer_without_a_grid_data_free_and_says_so():
     assert all(layer.reconstruction == f"{NO_GRID}; {BIAS_ONLY}" for layer in result.layers)
     assert torch.equal(result.state_dict()["0.weight"], model[0].weight.half().float())
     assert result.distortion["output"]["cosine"] > 0.9999
+
+
+@pytest.mark.parametrize("change", [
+    lambda entry: entry.update(n_levels=256),  # another alphabet: 8-bit codes
+    lambda entry: entry.update(params={"step": {"offset": 0, "length": 4, "crc32c": 0,
+                                                "shape": [1], "dtype": "float32"}}),
+    lambda entry: entry["quantizer"].update(bits=8),  # an option float16 does not take
+])
+def test_a_crafted_float16_entry_is_refused_in_one_line(tmp_path, change):
+    path = qlis.save(qlis.compress(_normed_convolutions(), target_ratio=8), tmp_path / "m.qlis")
+    header, data = split(path.read_bytes())
+    entry = next(e for e in header["tensors"] if e["name"] == "1.running_var")
+    assert entry["quantizer"] == {"id": "float16"}
+    change(entry)
+    path.write_bytes(build(header, data))
+    with pytest.raises(ArchiveError) as refused:
+        qlis.load(path)
+    assert "\n" not in str(refused.value)
