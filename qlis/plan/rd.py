@@ -532,7 +532,7 @@ class RDPolicy(Policy):
     per output channel); ``prune_levels`` adds sigma pruning at those k before the steps;
     ``group_sizes`` adds group-wise affine at ``group_bits``; ``rounding`` < 0.5 adds a dead
     zone. ``float16_rest``: the float32 tensors outside the layers (biases, norms, BatchNorm
-    statistics) are stored as float16 where it holds them (`Float16Quantizer.holds`).
+    statistics) are stored as float16 where it holds them (`Float16Quantizer.narrowed`).
     """
 
     strategy_id: ClassVar[str] = "rd"
@@ -685,10 +685,10 @@ class RDPolicy(Policy):
         """As float16 where that holds it and saves bytes (a scalar's record grows more), by
         the codes' size at their width: encoding them to decide took every pass's time."""
         at_most = aligned(2 * tensor.numel()) + NARROWED_ENTRY_BYTES
-        if not (self.float16_rest and at_most < unplanned_bytes(tensor)
-                and Float16Quantizer.holds(tensor)):
+        if not (self.float16_rest and at_most < unplanned_bytes(tensor)):
             return tensor
-        return Float16Quantizer().quantize(tensor)
+        narrowed = Float16Quantizer().narrowed(tensor)
+        return tensor if narrowed is None else narrowed
 
     def _budget(self, state: Mapping[str, torch.Tensor], report: InspectionReport,
                 read: bool = True) -> float | None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from qlis.errors import ConfigError
-from qlis.measure.distortion import CHUNK_ELEMENTS
+from qlis.measure.distortion import peak_abs
 from qlis.quantize.quantizers import (
     MAX_LEVELS,
     ParamSpec,
@@ -26,7 +26,7 @@ from qlis.quantize.quantizers import (
 
 FLOAT16_MAX = 65504.0
 MAX_RELATIVE_ERROR = 2.0 ** -20
-"""The largest ``||x - float16(x)||^2 / ||x||^2`` at which a tensor is `held` (about 1e-6):
+"""The largest ``||x - float16(x)||^2 / ||x||^2`` at which a tensor is `narrowed` (about 1e-6):
 rounding in float16's normal range gives at most 2^-22 per value; values below its normal
 range (6.1e-5), rounded to a multiple of 2^-24, may lift it, up to a hundredth of the weight
 error rd's default leaves in a layer (DEFAULT_MAX_DISTORTION, 1e-4)."""
@@ -48,21 +48,16 @@ class Float16Quantizer(Quantizer):
     params = {}
     codes_codec: ClassVar[str | None] = "auto"
 
-    @staticmethod
-    def holds(tensor: torch.Tensor) -> bool:
-        """Whether float16 stores ``tensor`` (float32, finite) within its range and to a
-        relative squared error of at most MAX_RELATIVE_ERROR: what ``rd`` narrows."""
+    def narrowed(self, tensor: torch.Tensor) -> QuantizedTensor | None:
+        """``tensor`` quantized where float16 holds it (float32, finite, within its range, a
+        relative squared error of at most MAX_RELATIVE_ERROR): what ``rd`` narrows; None
+        elsewhere."""
         if tensor.dtype != torch.float32 or not tensor.numel():
-            return False
-        flat = tensor.detach().reshape(-1)
-        energy = error = 0.0
-        for start in range(0, flat.numel(), CHUNK_ELEMENTS):  # float64 copies of a chunk
-            values = flat[start:start + CHUNK_ELEMENTS].double()
-            if not bool(torch.isfinite(values).all()) or float(values.abs().max()) > FLOAT16_MAX:
-                return False
-            energy += float(values.square().sum())
-            error += float((values - values.half().double()).square().sum())
-        return error <= MAX_RELATIVE_ERROR * energy
+            return None
+        if not peak_abs(tensor) <= FLOAT16_MAX:  # nan and inf fail too
+            return None
+        q = self.quantize(tensor)
+        return q if self.relative_error(tensor, q) <= MAX_RELATIVE_ERROR else None
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         values = weight.detach()
