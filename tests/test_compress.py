@@ -437,3 +437,53 @@ def test_a_select_callable_that_raises_or_answers_no_truth_value_is_named(select
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(ConfigError, match=r"select= raised \w+ on tensor '0.weight'"):
         qlis.compress(model, select=select)
+
+
+def test_with_tensors_stores_a_retrained_part_as_its_plan_says_and_keeps_the_rest(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    batches = [torch.randn(16, 32) for _ in range(2)]
+    result = qlis.compress(model, "quant", bits=4, calib=batches)
+    assert result.distortion["output"] is not None
+    head = {"2.weight": torch.randn(8, 64) * 3, "2.bias": torch.randn(8)}
+    replaced = result.with_tensors(head)
+    assert [p.name for p in replaced.layers] == [p.name for p in result.layers]
+    row = replaced.layers[1]
+    assert row.name == "2.weight" and row.quantizer == result.layers[1].quantizer
+    assert row.reconstruction == ""  # rounded data-free, not fitted to the old inputs
+    assert replaced.layers[0] == result.layers[0]
+    assert replaced.distortion["output"] is None
+    assert replaced.distortion["weight_rel_mse_max"] == max(p.rel_mse for p in replaced.layers)
+    assert replaced.config["replaced"] == ["2.bias", "2.weight"]
+    before = qlis.load(qlis.save(result, tmp_path / "a.qlis"))
+    after = qlis.load(qlis.save(replaced, tmp_path / "b.qlis"))
+    assert torch.equal(after["2.bias"], head["2.bias"])  # "quant" keeps the rest exact
+    error = (after["2.weight"] - head["2.weight"]).pow(2).sum() / head["2.weight"].pow(2).sum()
+    assert float(error) == pytest.approx(row.rel_mse, rel=1e-5) and 0 < row.rel_mse < 0.05
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in head)
+    assert (tmp_path / "b.qlis").stat().st_size == pytest.approx(
+        (tmp_path / "a.qlis").stat().st_size, rel=0.05)
+    assert not torch.equal(result.state_dict()["2.bias"], head["2.bias"])  # result unchanged
+
+
+@pytest.mark.parametrize(("tensors", "match"), [
+    ({"9.weight": torch.zeros(1)}, "not a tensor of this result"),
+    ({"2.weight": torch.zeros(8, 65)}, r"must be a \(8, 64\) torch.float32 tensor"),
+    ({"2.weight": torch.zeros(8, 64, dtype=torch.float64)}, "torch.float64"),
+    ({"2.weight": [[0.0] * 64] * 8}, "got list"),
+    ({"2.bias": torch.tensor([float("nan")] * 8)}, "NaN or infinity"),
+])
+def test_with_tensors_refuses_what_does_not_replace_a_tensor(tensors, match):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    result = qlis.compress(model.state_dict(), "quant", bits=4)
+    with pytest.raises(InputError, match=match):
+        result.with_tensors(tensors)
+
+
+def test_with_tensors_names_a_tied_alias():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model[1].weight = model[0].weight
+    result = qlis.compress(model, "quant", bits=4)
+    assert result.aliases == {"1.weight": "0.weight"}
+    with pytest.raises(InputError, match="tied alias"):
+        result.with_tensors({"1.weight": torch.zeros(64, 64)})

@@ -30,9 +30,9 @@ from qlis.models.tensors import (
     tensor_layout,
     with_aliases,
 )
-from qlis.plan.execute import LayerPlan, StoredTensor
+from qlis.plan.execute import LayerPlan, StoredTensor, execute_layer
 from qlis.plan.plan_executor import PlanExecutor
-from qlis.plan.plans import Plan, finite_json
+from qlis.plan.plans import LayerConfig, Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
 from qlis.plan.sizes import HEADER_BYTES, stored_bits, unplanned_bytes
 from qlis.plan.spill import CodeSpill
@@ -163,6 +163,51 @@ class CompressionResult:
             "aliases": self.aliases,
         }
 
+    def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> CompressionResult:
+        """This compression applied, data-free, to new values of some of its tensors: a part
+        trained again on the compressed model's own outputs (an MLP head refit on the
+        compressed backbone's features) is stored as the part it replaces was (a planned
+        layer rounded with its plan row's pruner and quantizer, and measured again; another
+        tensor as the policy stores what lies outside its layers), and every other tensor
+        keeps its codes and bytes. The output quality measured on calibration data described
+        the model before and is dropped: the caller measures the new one. The archive's
+        ``compression.replaced`` names them. Each must be one of this result's tensors (not
+        a tied alias), with its shape and dtype, and finite."""
+        checked: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            stored = self.tensors.get(name)
+            if stored is None:
+                where = "a tied alias: give the tensor it names" if name in self.aliases else (
+                    "not a tensor of this result")
+                raise InputError(f"tensor {name!r} is {where}")
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(
+                    stored.shape) or tensor.dtype != stored.dtype:
+                got = (f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor)
+                       else type(tensor).__name__)
+                raise InputError(f"tensor {name!r} must be a {tuple(stored.shape)} "
+                                 f"{stored.dtype} tensor like the one it replaces, got {got}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise InputError(f"tensor {name!r} holds NaN or infinity")
+            checked[name] = tensor.detach().to("cpu").clone()
+        new = dict(self.tensors)
+        rows = {layer.name: i for i, layer in enumerate(self.layers)}
+        layers = list(self.layers)
+        for name, tensor in checked.items():
+            if name in rows:
+                row = layers[rows[name]]
+                new[name], layers[rows[name]] = execute_layer(
+                    name, tensor, LayerConfig(row.pruner, row.quantizer), row.qlis)
+            else:
+                new[name] = self.policy.stored_rest(tensor)
+        replaced = sorted({*self.config.get("replaced", ()), *checked})
+        result = CompressionResult(
+            tensors=new, layers=layers, policy=self.policy, report=self.report,
+            original_bits=self.original_bits, config={**self.config, "replaced": replaced},
+            distortion={**weight_distortion(layers), "output": None}, aliases=self.aliases)
+        result.warnings = list(self.warnings)
+        result.calibration_cost = self.calibration_cost
+        return result
+
     def describe_quality(self) -> str:
         """One line on what the compression cost: the weight error, and the output error
         when calibration data was given (the mean cosine ± its standard error)."""
@@ -189,6 +234,17 @@ class CompressionResult:
             f"estimated_bytes={self.estimated_bytes}, "
             f"weight_rel_mse={self.distortion['weight_rel_mse']:.3g})"
         )
+
+
+def weight_distortion(layers: list[LayerPlan]) -> dict[str, float]:
+    """The layers' relative weight errors: their mean (each layer counting equally), their
+    mean weighted by parameters, and the worst."""
+    return {
+        "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
+        "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
+        / max(sum(p.numel for p in layers), 1),
+        "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
+    }
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -357,13 +413,7 @@ class PlannedCompression:
     def result(self, tensors: Mapping[str, StoredTensor], layers: list[LayerPlan],
                ) -> CompressionResult:
         """The result of the executed plan (quality measured, warnings raised)."""
-        distortion: dict[str, Any] = {
-            "weight_rel_mse": sum(p.rel_mse for p in layers) / max(len(layers), 1),
-            "weight_rel_mse_params": sum(p.rel_mse * p.numel for p in layers)
-            / max(sum(p.numel for p in layers), 1),
-            "weight_rel_mse_max": max((p.rel_mse for p in layers), default=0.0),
-            "output": None,
-        }
+        distortion: dict[str, Any] = {**weight_distortion(layers), "output": None}
         result = CompressionResult(
             tensors=tensors, layers=layers, policy=self.policy, report=self.report,
             original_bits=sum(t.numel() * storage_bits(t.dtype)

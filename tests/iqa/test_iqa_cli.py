@@ -101,9 +101,12 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
         "3",
         "--val-images",
         "3",
+        "--refit-head",
     )
     assert code == 0 and out.count(RANDOM_LABEL) >= 3
-    assert "rd [3x]" in (tmp_path / "sweep" / "sweep.md").read_text()
+    md = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| rd [3x] |" in md and "| rd [3x] + head refit |" in md
+    assert (tmp_path / "sweep" / "archives" / "rd-3x-head-refit.qlis").is_file()
     assert {p.name for p in (tmp_path / "sweep").iterdir()} >= {
         "sweep.md",
         "sweep.csv",

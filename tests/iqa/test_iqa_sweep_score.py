@@ -24,6 +24,7 @@ from qlis_iqa.sweep import (
     COSINE_LADDER,
     CSV_FIELDS,
     RDData,
+    RefitData,
     _QualitySearch,
     extra_variants,
     paper_variants,
@@ -33,6 +34,7 @@ from qlis_iqa.sweep import (
     run_sweep,
     write_outputs,
 )
+from qlis_iqa.train import TrainConfig, refit_head
 
 TABLE_1 = [
     "Baseline",
@@ -361,3 +363,43 @@ def test_quality_search_with_an_undefined_baseline_says_so() -> None:
     chosen, note = search.min_cosine_for(0.05)
     assert chosen == COSINE_LADDER[-1] and search.calls == []
     assert "undefined" in note and "cannot be measured" in note and "not met" not in note
+
+
+@pytest.mark.parametrize("family", ["clip", "dino"])
+def test_a_refit_head_row_beside_each_rd_row(runs: dict, tmp_path: Path, family: str) -> None:
+    """The refit row's archive holds the rd row's backbone to the bit and a head trained
+    again from the float model's on the compressed backbone's outputs, stored as rd stored
+    the head it replaces."""
+    run = runs[family]
+    rd = rd_data(run.model, _train_samples(run), calib_images=3, val_images=3, batch_size=2)
+    refit = RefitData(_train_samples(run), TrainConfig(epochs=3, batch_size=2, lr=1e-2))
+    variants = pick_variants(paper_variants(), "Q 8-bit") + rd_variants([4])
+    rows = run_sweep(run.model, _test_samples(run), tmp_path, variants, None, rd=rd,
+                     refit=refit, log=lambda m: None)
+    assert [(r.variant, r.kind) for r in rows] == [
+        ("Q 8-bit", "paper"), ("rd [4x]", "rd"), ("rd [4x] + head refit", "refit")]
+    plain = qlis.load(tmp_path / "archives" / "rd-4x.qlis")
+    refitted = qlis.load(tmp_path / "archives" / "rd-4x-head-refit.qlis")
+    assert plain.keys() == refitted.keys()
+    head = [k for k in plain if k.startswith("head.")]
+    assert head and all(torch.equal(plain[k], refitted[k]) for k in plain if k not in head)
+    float_head = run.model.head.state_dict()
+    for name in head:
+        assert not torch.equal(refitted[name], plain[name])
+        assert not torch.equal(refitted[name], float_head[name.removeprefix("head.")])
+    assert rows[2].file_bytes == pytest.approx(rows[1].file_bytes, rel=0.05)  # head as rd's
+    assert "head refit" in write_outputs(rows, tmp_path, "refit")["markdown"].read_text()
+    with pytest.raises(IQAError, match="no training image"):
+        refit_head(run.model, torch.zeros(0, *run.model.feature_shape), torch.zeros(0))
+
+
+def test_refit_head_lowers_the_training_loss_and_trains_the_head_alone(runs: dict) -> None:
+    model = model_from_metadata(runs["dino"].model.metadata())
+    load_state(model, runs["dino"].model.state_dict())
+    torch.manual_seed(0)
+    features = torch.randn(16, *model.feature_shape)
+    targets = torch.linspace(1, 5, 16)
+    block = {k: v.clone() for k, v in model.blocks[-1].state_dict().items()}
+    losses = refit_head(model, features, targets, TrainConfig(epochs=20, batch_size=8, lr=1e-2))
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(v, model.blocks[-1].state_dict()[k]) for k, v in block.items())

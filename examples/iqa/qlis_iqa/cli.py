@@ -589,6 +589,10 @@ def _training_samples(meta, root, split_file, dataset, written: list[Path]):
               help="rd rows: training images to calibrate on.")
 @click.option("--val-images", type=click.IntRange(min=3), default=64, show_default=True,
               help="rd SRCC-drop rows: training images (disjoint from calibration) to tune on.")
+@click.option("--refit-head", is_flag=True,
+              help="Beside each rd row, one whose MLP head (the float model's) is trained "
+                   "again on the compressed backbone's outputs of the training images, with "
+                   "the paper's settings, and stored as the rd row stored its head.")
 @click.option("--only", help="Comma-separated row names to run (default: all).")
 @click.option(
     "--archives/--no-archives",
@@ -616,6 +620,7 @@ def sweep(
     rd_srcc_drop: tuple[float, ...],
     calib_images: int,
     val_images: int,
+    refit_head: bool,
     only: str | None,
     archives: bool,
     codec: str,
@@ -642,6 +647,7 @@ def sweep(
     from qlis_iqa.features import FeatureCache
     from qlis_iqa.models import load_model
     from qlis_iqa.sweep import (
+        RefitData,
         extra_variants,
         output_files,
         paper_variants,
@@ -660,14 +666,15 @@ def sweep(
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
-    written = [output, *output_files(output, variants, archives)]
+    written = [output, *output_files(output, variants, archives, refit_head)]
     cache_dir = _feature_cache(cache_dir, path, images)
     _refuse_inputs([*written, cache_dir], [path, *inputs], [images])
     _err(skipped_report("test", [(n, "missing") for n in es.absent]))
-    rd = None
+    rd = refit = None
     if any(v.kind == "rd" for v in variants):
         train = split_samples(es.dataset, es.split.train)[0]
         rd = rd_data(iqa, train, calib_images, val_images, batch_size)
+        refit = RefitData(train) if refit_head else None
     rows = run_sweep(
         iqa.to(device),
         es.samples,
@@ -685,6 +692,7 @@ def sweep(
         progress=_progress(progress),
         rd=rd,
         runtime=runtime,
+        refit=refit,
         log=click.echo,
     )
     title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"

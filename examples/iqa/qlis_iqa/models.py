@@ -125,8 +125,12 @@ class IQAModel(nn.Module):
     def frozen_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
+    def head_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """What the MLP head reads, from the frozen outputs (`frozen_forward`)."""
         raise NotImplementedError
+
+    def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_inputs(features)).squeeze(-1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Scores, shape (batch,)."""
@@ -194,8 +198,8 @@ class CLIPIQA(IQAModel):
     def frozen_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixel_values=pixel_values).image_embeds
 
-    def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features).squeeze(-1)
+    def head_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 class DINOIQA(IQAModel):
@@ -229,9 +233,8 @@ class DINOIQA(IQAModel):
             hidden = _call_block(block, hidden)
         return hidden
 
-    def trainable_forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.layernorm(_call_block(self.blocks[-1], features))
-        return self.head(hidden[:, 0]).squeeze(-1)
+    def head_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.layernorm(_call_block(self.blocks[-1], features))[:, 0]
 
 
 MODEL_CLASSES: dict[str, type[IQAModel]] = {"clip": CLIPIQA, "dino": DINOIQA}

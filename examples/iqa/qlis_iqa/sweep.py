@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qlis import QlisError, QualityWarning
 from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
-from qlis_iqa.evaluate import Log, predict_samples, skipped_report
+from qlis_iqa.evaluate import Log, predict_samples, sample_features, skipped_report
 from qlis_iqa.features import FeatureCache
 from qlis_iqa.metrics import LogisticFit, logistic_fit, srcc
 from qlis_iqa.models import (
@@ -46,6 +48,7 @@ from qlis_iqa.models import (
     state_nbytes,
 )
 from qlis_iqa.pack import CentredScores, calibration, compress_model, write_archive
+from qlis_iqa.train import TrainConfig, refit_head
 
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
 PAPER_BITS = (1, 2, 4, 8)
@@ -148,6 +151,24 @@ def rd_data(
     return RDData(calib, validation)
 
 
+@dataclass
+class RefitData:
+    """What the rows with a refit head train it on: the training split's images (those the
+    model was trained on) and the settings (the paper's by default)."""
+
+    samples: list[Sample]
+    config: TrainConfig = field(default_factory=TrainConfig)
+
+
+REFIT_SUFFIX = " + head refit"
+
+
+def refit_variant(variant: Variant) -> Variant:
+    """The row beside an rd row whose MLP head is trained again on its compressed backbone."""
+    return Variant(variant.name + REFIT_SUFFIX, variant.policy, variant.options,
+                   variant.srcc_drop, kind="refit")
+
+
 def pick_variants(variants: list[Variant], only: str | None) -> list[Variant]:
     """Keep the rows named in `only` (comma-separated, case-insensitive); all when None.
 
@@ -226,6 +247,7 @@ def run_sweep(
     progress: bool = False,
     rd: RDData | None = None,
     runtime: str = "float",
+    refit: RefitData | None = None,
     log: Log = print,
 ) -> list[SweepRow]:
     """Evaluate each variant on `samples`; write each compressed model to OUT/archives/*.qlis.
@@ -235,7 +257,11 @@ def run_sweep(
     `rd` (see `rd_data`) gives rd rows their calibration data; SRCC-drop rows need it. A row
     qlis refuses (e.g. a size target out of reach) is logged and left out. With
     ``runtime="lowbit"`` every compressed row is scored by its archive loaded with the low-bit
-    runtime (layers kept packed), which must give the dequantized model's SRCC.
+    runtime (layers kept packed), which must give the dequantized model's SRCC. With `refit`,
+    each rd row gets a row beside it (`refit_variant`) whose MLP head, started from the float
+    model's, is trained again on the compressed backbone's outputs of `refit.samples` and
+    stored as the rd row stored its head (`CompressionResult.with_tensors`): SRCC with and
+    without, labelled apart.
     """
     if runtime == "lowbit" and not archives:
         raise IQAError("the low-bit runtime scores the archives: do not pass --no-archives")
@@ -250,12 +276,27 @@ def run_sweep(
     searching = rd is not None and any(v.srcc_drop is not None for v in variants)
     search = _QualitySearch(model, rd, beta, batch_size) if searching else None
     rows: list[SweepRow] = []
+
+    def compressed(v: Variant, result: Any, candidate: IQAModel, started: float) -> Scored:
+        """A compressed row's model and sizes, its archive written when `archives` (then
+        loaded packed for the low-bit runtime)."""
+        size = 0
+        if archives:
+            path = archive_path(out, v)
+            extra = {KEY + "variant": v.name, **passthrough}
+            size = write_archive(model, result, path, codec, extra, overwrite=True).file_bytes
+            if runtime == "lowbit":
+                device = next(model.parameters()).device
+                candidate = load_model(path, runtime="lowbit")[0].to(device)
+        return Scored(candidate, float(result.cr), float(result.hcr), *_plan_stats(result),
+                      size, started)
+
     for v in variants:
         start = time.perf_counter()
         options, note = dict(v.options), ""
         if v.policy is None:
-            candidate, cr, hcr, sparsity, bits = model, 1.0, 1.0, 0.0, math.nan
             size = Path(baseline_file).stat().st_size if baseline_file else 0
+            scored = Scored(model, 1.0, 1.0, 0.0, math.nan, size, start)
         else:
             calib = rd.calib if v.policy == "rd" and rd is not None else None
             try:
@@ -269,51 +310,91 @@ def run_sweep(
                 continue
             for warning in result.warnings:
                 log(f"{v.name}: warning: {warning}")
-            candidate = _with_state(model, metadata, result, v.name)
-            cr, hcr = float(result.cr), float(result.hcr)
-            sparsity, bits = _plan_stats(result)
-            size = 0
-            if archives:
-                path = archive_path(out, v)
-                extra = {KEY + "variant": v.name, **passthrough}
-                size = write_archive(model, result, path, codec, extra, overwrite=True).file_bytes
-                if runtime == "lowbit":
-                    device = next(model.parameters()).device
-                    candidate = load_model(path, runtime="lowbit")[0].to(device)
-        preds = predict_samples(
-            candidate, samples, cache, batch_size, workers, progress, f"eval {v.name}"
-        )
-        if preds.skipped and not rows:
-            log(skipped_report("test", preds.skipped))
-        m = preds.metrics()
-        fit = logistic_fit(preds.pred, preds.mos) if logistic else None
-        why = preds.undefined({**m, **({"plcc_logistic": fit.plcc} if fit else {})})
-        if why:  # the table shows "—": say why, beside the row
-            log(f"{v.name}: {why}")
-        rows.append(
-            SweepRow(
-                variant=v.name,
-                policy=v.policy or "none",
-                options=_options_text(v.policy, options, beta, note),
-                srcc=m["srcc"],
-                krcc=m["krcc"],
-                plcc=m["plcc"],
-                plcc_logistic=fit.plcc if fit else math.nan,
-                logistic_fit=_fit_text(fit),
-                cr=cr,
-                hcr=hcr,
-                real_ratio=original / size if size else math.nan,
-                file_bytes=size,
-                sparsity=sparsity,
-                mean_bits=bits,
-                test_images=len(preds.names),
-                seconds=time.perf_counter() - start,
-                backbone=model.label,
-                kind=v.kind,
-            )
-        )
+            scored = compressed(v, result, _with_state(model, metadata, result, v.name), start)
+        options_text = _options_text(v.policy, options, beta, note)
+        rows.append(_scored_row(v, scored, samples, cache, batch_size, workers, progress,
+                                options_text, original, model.label, logistic, log,
+                                first=not rows))
         log(_row_line(rows[-1]))
+        if refit is not None and v.kind == "rd":
+            start = time.perf_counter()
+            row = refit_variant(v)
+            scored = compressed(row, *_refit(model, result, refit, cache, batch_size, workers,
+                                             progress), start)
+            rows.append(_scored_row(row, scored, samples, cache, batch_size, workers,
+                                    progress, options_text, original, model.label, logistic,
+                                    log, first=False))
+            log(_row_line(rows[-1]))
     return rows
+
+
+@dataclass
+class Scored:
+    """A row's model and sizes, before it is scored on the test images."""
+
+    model: IQAModel
+    cr: float
+    hcr: float
+    sparsity: float
+    mean_bits: float
+    file_bytes: int
+    started: float
+
+
+def _scored_row(
+    v: Variant, scored: Scored, samples: Sequence[Sample], cache: FeatureCache | None,
+    batch_size: int, workers: int, progress: bool, options: str, original: int, label: str,
+    logistic: bool, log: Log, first: bool,
+) -> SweepRow:
+    """`scored`'s metrics on the test `samples` as a row of the table (`first`: the sweep's
+    first row, which reports the images it could not read)."""
+    preds = predict_samples(
+        scored.model, samples, cache, batch_size, workers, progress, f"eval {v.name}"
+    )
+    if preds.skipped and first:
+        log(skipped_report("test", preds.skipped))
+    m = preds.metrics()
+    fit = logistic_fit(preds.pred, preds.mos) if logistic else None
+    why = preds.undefined({**m, **({"plcc_logistic": fit.plcc} if fit else {})})
+    if why:  # the table shows "—": say why, beside the row
+        log(f"{v.name}: {why}")
+    return SweepRow(
+        variant=v.name,
+        policy=v.policy or "none",
+        options=options,
+        srcc=m["srcc"],
+        krcc=m["krcc"],
+        plcc=m["plcc"],
+        plcc_logistic=fit.plcc if fit else math.nan,
+        logistic_fit=_fit_text(fit),
+        cr=scored.cr,
+        hcr=scored.hcr,
+        real_ratio=original / scored.file_bytes if scored.file_bytes else math.nan,
+        file_bytes=scored.file_bytes,
+        sparsity=scored.sparsity,
+        mean_bits=scored.mean_bits,
+        test_images=len(preds.names),
+        seconds=time.perf_counter() - scored.started,
+        backbone=label,
+        kind=v.kind,
+    )
+
+
+def _refit(
+    model: IQAModel, result: Any, refit: RefitData, cache: FeatureCache | None,
+    batch_size: int, workers: int, progress: bool,
+) -> tuple[Any, IQAModel]:
+    """`result` holding the float `model`'s MLP head trained again on the compressed
+    backbone's outputs of the training images, and the compressed model with that head."""
+    candidate = _with_state(model, model.metadata(), result, "refit")
+    candidate.head.load_state_dict(model.head.state_dict())
+    found = sample_features(candidate, refit.samples, cache, batch_size, workers, progress,
+                            "features (refit)")
+    targets = torch.tensor([s.mos for s in found.samples], dtype=torch.float32)
+    refit_head(candidate, found.values, targets, refit.config, progress)
+    head = {f"head.{name}": t.detach().cpu().to(result.tensors[f"head.{name}"].dtype)
+            for name, t in candidate.head.state_dict().items()}
+    return result.with_tensors(head), candidate
 
 
 def _with_state(model: IQAModel, metadata: dict[str, str], result: Any, name: str) -> IQAModel:
@@ -499,6 +580,7 @@ PLOT_STYLE = {  # kind -> matplotlib marker style and legend label
     "paper": ({"marker": "o", "color": "tab:blue"}, "paper policies"),
     "extra": ({"marker": "s", "color": "tab:gray"}, "paper policies, qlis options"),
     "rd": ({"marker": "^", "color": "tab:orange"}, "qlis rd (calibrated)"),
+    "refit": ({"marker": "v", "color": "tab:green"}, "qlis rd, MLP head refit"),
 }
 
 
@@ -518,7 +600,7 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str) -> Path:
             continue
         x, y = [r.real_ratio for r in group], [r.srcc for r in group]
         ax.scatter(x, y, label=legend, **style)
-        if kind == "rd" and len(group) > 1:
+        if kind in ("rd", "refit") and len(group) > 1:
             ax.plot(x, y, color=style["color"], alpha=0.5)
         for r in group:
             ax.annotate(
@@ -547,12 +629,15 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str) -> Path:
 
 
 def output_files(out_dir: str | Path, variants: Sequence[Variant],
-                 archives: bool = True) -> list[Path]:
-    """Every file a sweep of `variants` writes in OUT_DIR: none of them may be an input."""
+                 archives: bool = True, refit: bool = False) -> list[Path]:
+    """Every file a sweep of `variants` writes in OUT_DIR (`refit`: with the rows of a refit
+    head): none of them may be an input."""
     out = Path(out_dir)
     files = [out / name for name in OUTPUT_NAMES.values()]
     if archives:
         files += [archive_path(out, v) for v in variants if v.policy is not None]
+        files += [archive_path(out, refit_variant(v)) for v in variants
+                  if refit and v.kind == "rd"]
     return files
 
 

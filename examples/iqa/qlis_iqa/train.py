@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,30 +57,77 @@ def fit(
     """
     if len(features) == 0:
         raise IQAError("no training image could be read")
-    device = next(model.head.parameters()).device
     with torch.no_grad():
         model.head[-1].bias.fill_(float(targets.mean()))
+    losses = _epochs(model.trainable_modules(), model.trainable_forward, features, targets,
+                     config, progress, "train")
+    model.eval()
+    return losses
+
+
+HEAD_INPUT_BATCH = 64
+"""Images whose head inputs are made at once by `refit_head` (DINO runs its last block)."""
+
+
+def refit_head(
+    model: IQAModel,
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    progress: bool = False,
+) -> list[float]:
+    """Train the MLP head again, alone, on what the model's layers before it now give
+    (``features``: frozen outputs of the training images): what a user who trains a head on
+    a compressed backbone does. It starts from the head the model holds; returns the mean
+    loss per epoch."""
+    if len(features) == 0:
+        raise IQAError("no training image could be read")
+    device = next(model.head.parameters()).device
+    model.eval()
+    with torch.no_grad(), model.inference_context():
+        inputs = torch.cat([
+            model.head_inputs(features[i:i + HEAD_INPUT_BATCH].to(device)).float().cpu()
+            for i in range(0, len(features), HEAD_INPUT_BATCH)])
+    losses = _epochs([model.head], lambda x: model.head(x).squeeze(-1), inputs, targets,
+                     config, progress, "refit head")
+    model.eval()
+    return losses
+
+
+def _epochs(
+    modules: list[nn.Module],
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    progress: bool,
+    desc: str,
+) -> list[float]:
+    """Adam on the MSE of ``forward(inputs)`` to ``targets``, training ``modules``' parameters
+    (seeded batches); the mean loss per epoch."""
+    device = next(modules[0].parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
-        TensorDataset(features, targets.float()),
+        TensorDataset(inputs, targets.float()),
         batch_size=config.batch_size,
         shuffle=True,
         generator=generator,
     )
     optimizer = torch.optim.Adam(
-        model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
+        [p for module in modules for p in module.parameters()], lr=config.lr,
+        weight_decay=config.weight_decay
     )
     loss_fn = nn.MSELoss()
-    for module in model.trainable_modules():
+    for module in modules:
         module.train()
     losses: list[float] = []
-    with tqdm(total=config.epochs * len(loader), desc="train", disable=not progress) as bar:
+    with tqdm(total=config.epochs * len(loader), desc=desc, disable=not progress) as bar:
         for epoch in range(config.epochs):
             total, count = 0.0, 0
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model.trainable_forward(x), y)
+                loss = loss_fn(forward(x), y)
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(x)
@@ -93,7 +140,6 @@ def fit(
                     f"lower the learning rate (lr {config.lr:g}) or check the scores"
                 )
             bar.set_postfix(epoch=epoch + 1, mse=f"{losses[-1]:.4f}")
-    model.eval()
     return losses
 
 
