@@ -159,6 +159,13 @@ def test_other_options_are_range_checked(args: list[str]) -> None:
     assert "Invalid value for" in refused(*args)
 
 
+def test_a_head_refit_without_rd_rows_is_refused(model_file: Path, tmp_path: Path) -> None:
+    line = refused("sweep", model_file, "-o", tmp_path / "s", "--refit-head", "--only",
+                   "Baseline,LAPQ")
+    assert "--refit-head refits the head of the rd rows, and none is selected" in line
+    assert not (tmp_path / "s").exists()
+
+
 def test_sweep_selection_and_ratios() -> None:
     with pytest.raises(IQAError, match="names no row"):
         pick_variants(paper_variants(), ",")

@@ -663,6 +663,9 @@ def sweep(
         + rd_variants(rd_ratio, rd_srcc_drop),
         only,
     )
+    if refit_head and not any(v.kind == "rd" for v in variants):
+        raise QlisError("--refit-head refits the head of the rd rows, and none is selected "
+                        "(--rd-ratio, --rd-srcc-drop, --only)")
     iqa, meta = load_model(path)
     es = eval_set_for(meta, root, split_file, dataset)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
