@@ -393,6 +393,21 @@ def test_a_refit_head_row_beside_each_rd_row(runs: dict, tmp_path: Path, family:
         refit_head(run.model, torch.zeros(0, *run.model.feature_shape), torch.zeros(0))
 
 
+def test_the_low_bit_runtime_scores_a_refit_row_as_its_archive_says(runs: dict,
+                                                                    tmp_path: Path) -> None:
+    run = runs["dino"]
+    rd = rd_data(run.model, _train_samples(run), calib_images=3, val_images=3, batch_size=2)
+    refit = RefitData(_train_samples(run), TrainConfig(epochs=2, batch_size=2, lr=1e-2))
+    kwargs = dict(cache=None, rd=rd, refit=refit, log=lambda m: None)
+    floats = run_sweep(run.model, _test_samples(run), tmp_path / "f", rd_variants([4]), **kwargs)
+    packed = run_sweep(run.model, _test_samples(run), tmp_path / "p", rd_variants([4]),
+                       runtime="lowbit", **kwargs)
+    assert [r.kind for r in packed] == ["rd", "refit"]
+    for a, b in zip(floats, packed, strict=True):
+        assert a.variant == b.variant and a.file_bytes == b.file_bytes
+        assert b.srcc == pytest.approx(a.srcc, abs=1e-9)
+
+
 def test_refit_head_lowers_the_training_loss_and_trains_the_head_alone(runs: dict) -> None:
     model = model_from_metadata(runs["dino"].model.metadata())
     load_state(model, runs["dino"].model.state_dict())
