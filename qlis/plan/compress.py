@@ -203,7 +203,7 @@ class CompressionResult:
         result = CompressionResult(
             tensors=new, layers=layers, policy=self.policy, report=self.report,
             original_bits=self.original_bits, config={**self.config, "replaced": replaced},
-            distortion={**weight_distortion(layers), "output": None}, aliases=self.aliases)
+            distortion={**_weight_distortion(layers), "output": None}, aliases=self.aliases)
         result.warnings = list(self.warnings)
         result.calibration_cost = self.calibration_cost
         return result
@@ -236,7 +236,7 @@ class CompressionResult:
         )
 
 
-def weight_distortion(layers: list[LayerPlan]) -> dict[str, float]:
+def _weight_distortion(layers: list[LayerPlan]) -> dict[str, float]:
     """The layers' relative weight errors: their mean (each layer counting equally), their
     mean weighted by parameters, and the worst."""
     return {
@@ -413,7 +413,7 @@ class PlannedCompression:
     def result(self, tensors: Mapping[str, StoredTensor], layers: list[LayerPlan],
                ) -> CompressionResult:
         """The result of the executed plan (quality measured, warnings raised)."""
-        distortion: dict[str, Any] = {**weight_distortion(layers), "output": None}
+        distortion: dict[str, Any] = {**_weight_distortion(layers), "output": None}
         result = CompressionResult(
             tensors=tensors, layers=layers, policy=self.policy, report=self.report,
             original_bits=sum(t.numel() * storage_bits(t.dtype)

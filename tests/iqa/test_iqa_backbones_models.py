@@ -66,7 +66,7 @@ def test_split_forward_and_trainable_parts(family: str) -> None:
     keys = model.state_dict().keys()
     assert any(k.startswith("backbone.") for k in keys) and "head.0.weight" in keys
     assert model.head[0].in_features == model.feature_dim and model.head[0].out_features == 256
-    trainable = {id(p) for p in model.trainable_parameters()}
+    trainable = {id(p) for p in (p for m in model.trainable_modules() for p in m.parameters())}
     for p in model.parameters():
         assert p.requires_grad == (id(p) in trainable)
     if family == "dino":  # last block and final norm train with the head
@@ -81,7 +81,7 @@ def test_fingerprint_tracks_frozen_tensors_only(family: str) -> None:
     model = make_model(family, random_backbone(family, "tiny"))
     before = model.fingerprint()
     with torch.no_grad():
-        for p in model.trainable_parameters():
+        for p in (p for m in model.trainable_modules() for p in m.parameters()):
             p.add_(1.0)
     assert model.fingerprint() == before
     with torch.no_grad():

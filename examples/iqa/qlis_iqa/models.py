@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,10 +117,6 @@ class IQAModel(nn.Module):
 
     def trainable_modules(self) -> list[nn.Module]:
         raise NotImplementedError
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        for module in self.trainable_modules():
-            yield from module.parameters()
 
     def frozen_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
