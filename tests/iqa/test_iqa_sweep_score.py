@@ -388,6 +388,9 @@ def test_a_refit_head_row_beside_each_rd_row(runs: dict, tmp_path: Path, family:
         assert not torch.equal(refitted[name], plain[name])
         assert not torch.equal(refitted[name], float_head[name.removeprefix("head.")])
     assert rows[2].file_bytes == pytest.approx(rows[1].file_bytes, rel=0.05)  # head as rd's
+    stored = predict_samples(load_model(tmp_path / "archives" / "rd-4x-head-refit.qlis")[0],
+                             _test_samples(run), None).metrics()
+    assert rows[2].plcc == pytest.approx(stored["plcc"], abs=1e-6)  # scored as stored
     assert "head refit" in write_outputs(rows, tmp_path, "refit")["markdown"].read_text()
     with pytest.raises(IQAError, match="no training image"):
         refit_head(run.model, torch.zeros(0, *run.model.feature_shape), torch.zeros(0))

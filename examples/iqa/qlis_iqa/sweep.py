@@ -385,7 +385,8 @@ def _refit(
     batch_size: int, workers: int, progress: bool,
 ) -> tuple[Any, IQAModel]:
     """`result` holding the float `model`'s MLP head trained again on the compressed
-    backbone's outputs of the training images, and the compressed model with that head."""
+    backbone's outputs of the training images, and the model that result holds (the head
+    as stored: rounded as the one it replaces)."""
     candidate = _with_state(model, model.metadata(), result, "refit")
     candidate.head.load_state_dict(model.head.state_dict())
     found = sample_features(candidate, refit.samples, cache, batch_size, workers, progress,
@@ -394,7 +395,8 @@ def _refit(
     refit_head(candidate, found.values, targets, refit.config, progress)
     head = {f"head.{name}": t.detach().cpu().to(result.tensors[f"head.{name}"].dtype)
             for name, t in candidate.head.state_dict().items()}
-    return result.with_tensors(head), candidate
+    refitted = result.with_tensors(head)
+    return refitted, _with_state(model, model.metadata(), refitted, "refit")
 
 
 def _with_state(model: IQAModel, metadata: dict[str, str], result: Any, name: str) -> IQAModel:
