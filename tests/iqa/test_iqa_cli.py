@@ -6,8 +6,10 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+import qlis
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.cli import cli
 
@@ -52,6 +54,17 @@ def test_train_evaluate_compress_score_sweep(tmp_path: Path, sample_root: Path) 
     )
     assert code == 0 and "policy rd, calibrated on 4 training images" in out, out
     assert "output on the calibration data: cosine" in out
+    code, out, _ = invoke(  # the same with the head trained again on the compressed backbone
+        "compress", run, "--calib-images", "4", "--target-ratio", "3", "--refit-head", "-o",
+        tmp_path / "refit.qlis"
+    )
+    assert code == 0 and "quality before the head refit: weight error" in out, out
+    assert "head refit on 6 training images: the mean squared error of their scores" in out
+    plain, refit = qlis.load(tmp_path / "rd.qlis"), qlis.load(tmp_path / "refit.qlis")
+    assert all(torch.equal(plain[k], refit[k]) for k in plain if not k.startswith("head."))
+    assert not torch.equal(plain["head.0.weight"], refit["head.0.weight"])
+    code, out, _ = invoke("evaluate", tmp_path / "refit.qlis")
+    assert code == 0 and "test (6 images)" in out
     code, out, _ = invoke("evaluate", tmp_path / "m.qlis")  # dataset and split from the archive
     assert code == 0 and "test (6 images)" in out
     code, out, _ = invoke(

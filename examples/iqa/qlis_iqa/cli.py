@@ -468,6 +468,9 @@ def evaluate(
                    "the original model's (default 0.999).")
 @click.option("--calib-images", type=click.IntRange(min=0), default=32, show_default=True,
               help="rd: training-split images to calibrate on (0: data-free).")
+@click.option("--refit-head", is_flag=True,
+              help="Train the MLP head again (from the float model's, the paper's settings) "
+                   "on the compressed backbone's outputs of the training split's images.")
 @eval_set_options
 @codec_option
 @force_option
@@ -484,6 +487,7 @@ def compress(
     target_bits_per_weight: float | None,
     min_cosine: float | None,
     calib_images: int,
+    refit_head: bool,
     dataset: str | None,
     root: Path | None,
     split_file: Path | None,
@@ -513,19 +517,21 @@ def compress(
     from qlis_iqa.pack import calibration, constant_output, pack
 
     iqa, meta = load_model(path)
-    calib = None
-    if calibrated:
+    calib = samples = None
+    if calibrated or refit_head:
         samples = _training_samples(meta, root, split_file, dataset, [output])
+    if calibrated:
         calib = calibration(iqa, samples, calib_images)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
     with warnings.catch_warnings():  # printed below, once, as a qlis-iqa line
         warnings.simplefilter("ignore", QualityWarning)
         with _as_flags(given, options):
             packed = pack(iqa, output, policy, beta, codec, keep, overwrite=force, calib=calib,
-                          **options)
+                          refit=samples if refit_head else None, **options)
+    compressed = packed.refit.compressed if packed.refit else packed.result
     for warning in packed.result.warnings:
         _err(f"qlis-iqa: warning: {warning}")
-    if calib is not None and constant_output(packed.result):
+    if calib is not None and constant_output(compressed):
         _err(f"qlis-iqa: warning: the compressed model gives all {calib.images} calibration "
              "images the same score: the correlation of its scores to the original model's is "
              "undefined (its output cosine reads 0); it cannot rank images: ask for a larger "
@@ -538,6 +544,11 @@ def compress(
            f"{packed.result.calibration_cost['seconds']:.1f} s)" if calib else "")
         + f"  [{iqa.label}]"
     )
+    if packed.refit:
+        click.echo(f"quality before the head refit: {compressed.describe_quality()}")
+        click.echo(f"head refit on {packed.refit.images} training images: the mean squared "
+                   f"error of their scores {packed.refit.mse_before:.4g} with the compressed "
+                   f"head, {packed.refit.mse_after:.4g} refit (as stored)")
     click.echo(f"quality: {packed.result.describe_quality()}")
     click.echo(f"idealised paper ratios (pruned zeros count as free): CR {packed.result.cr:.2f}, "
                f"HCR {packed.result.hcr:.2f}")

@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -369,6 +369,14 @@ def load_state(model: IQAModel, state: dict[str, torch.Tensor], source: str = "s
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise IQAError(f"{source} does not match the model it describes: {first}") from None
+
+
+def with_result(model: IQAModel, result: Any, source: str) -> IQAModel:
+    """A copy of `model`'s architecture holding a compression result's tensors (dequantized),
+    on its device; `source` names the result in an error."""
+    candidate = model_from_metadata(model.metadata()).to(next(model.parameters()).device)
+    load_state(candidate, result.state_dict(), f"{source} state")
+    return candidate
 
 
 def save_checkpoint(

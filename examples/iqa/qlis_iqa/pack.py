@@ -25,6 +25,7 @@ from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import image_loader
 from qlis_iqa.models import KEY, IQAModel, state_nbytes
+from qlis_iqa.train import HeadRefit, refit_compressed
 
 
 class CentredScores:
@@ -80,6 +81,7 @@ class Packed:
     path: Path
     file_bytes: int
     original_bytes: int
+    refit: HeadRefit | None = None
 
     @property
     def real_ratio(self) -> float:
@@ -135,12 +137,15 @@ def pack(
     metadata: dict[str, str] | None = None,
     overwrite: bool = False,
     calib: CentredScores | None = None,
+    refit: Sequence[Sample] | None = None,
     **options: Any,
 ) -> Packed:
     """Compress the whole model (backbone and head) and write its archive.
 
     The target is checked before compressing: its folder must exist, and an existing file is
-    replaced only with `overwrite`. `calib` (policy "rd"): see `calibration`.
+    replaced only with `overwrite`. `calib` (policy "rd"): see `calibration`. `refit`
+    (training images): the MLP head is trained again on the compressed backbone's outputs of
+    them (`refit_compressed`) before the archive is written.
     """
     check_target(path, overwrite)
     result = compress_model(model, policy, beta, calib, **options)
@@ -148,4 +153,12 @@ def pack(
     extra.update({KEY + f"option.{k}": str(v) for k, v in options.items()})
     if calib is not None:
         extra[KEY + "calibration"] = f"{calib.images} training images, centred scores"
-    return write_archive(model, result, path, codec, extra, overwrite)
+    head = None
+    if refit is not None:
+        head = refit_compressed(model, result, refit)
+        result = head.result
+        extra[KEY + "head_refit"] = (f"{head.images} training images, score MSE "
+                                     f"{head.mse_before:.6g} -> {head.mse_after:.6g}")
+    packed = write_archive(model, result, path, codec, extra, overwrite)
+    packed.refit = head
+    return packed

@@ -29,26 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qlis import QlisError, QualityWarning
 from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
-from qlis_iqa.evaluate import Log, predict_samples, sample_features, skipped_report
+from qlis_iqa.evaluate import Log, predict_samples, skipped_report
 from qlis_iqa.features import FeatureCache
 from qlis_iqa.metrics import LogisticFit, logistic_fit, srcc
 from qlis_iqa.models import (
     KEY,
     IQAModel,
     load_model,
-    load_state,
-    model_from_metadata,
     state_nbytes,
+    with_result,
 )
 from qlis_iqa.pack import CentredScores, calibration, compress_model, write_archive
-from qlis_iqa.train import TrainConfig, refit_head
+from qlis_iqa.train import TrainConfig, refit_compressed
 
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
 PAPER_BITS = (1, 2, 4, 8)
@@ -310,7 +307,7 @@ def run_sweep(
                 continue
             for warning in result.warnings:
                 log(f"{v.name}: warning: {warning}")
-            scored = compressed(v, result, _with_state(model, metadata, result, v.name), start)
+            scored = compressed(v, result, with_result(model, result, v.name), start)
         options_text = _options_text(v.policy, options, beta, note)
         rows.append(_scored_row(v, scored, samples, cache, batch_size, workers, progress,
                                 options_text, original, model.label, logistic, log,
@@ -319,8 +316,9 @@ def run_sweep(
         if refit is not None and v.kind == "rd":
             start = time.perf_counter()
             row = refit_variant(v)
-            scored = compressed(row, *_refit(model, result, refit, cache, batch_size, workers,
-                                             progress), start)
+            head = refit_compressed(model, result, refit.samples, cache, refit.config,
+                                    batch_size, workers, progress)
+            scored = compressed(row, head.result, head.model, start)
             rows.append(_scored_row(row, scored, samples, cache, batch_size, workers,
                                     progress, options_text, original, model.label, logistic,
                                     log, first=False))
@@ -380,32 +378,6 @@ def _scored_row(
     )
 
 
-def _refit(
-    model: IQAModel, result: Any, refit: RefitData, cache: FeatureCache | None,
-    batch_size: int, workers: int, progress: bool,
-) -> tuple[Any, IQAModel]:
-    """`result` holding the float `model`'s MLP head trained again on the compressed
-    backbone's outputs of the training images, and the model that result holds (the head
-    as stored: rounded as the one it replaces)."""
-    candidate = _with_state(model, model.metadata(), result, "refit")
-    candidate.head.load_state_dict(model.head.state_dict())
-    found = sample_features(candidate, refit.samples, cache, batch_size, workers, progress,
-                            "features (refit)")
-    targets = torch.tensor([s.mos for s in found.samples], dtype=torch.float32)
-    refit_head(candidate, found.values, targets, refit.config, progress)
-    head = {f"head.{name}": t.detach().cpu().to(result.tensors[f"head.{name}"].dtype)
-            for name, t in candidate.head.state_dict().items()}
-    refitted = result.with_tensors(head)
-    return refitted, _with_state(model, model.metadata(), refitted, "refit")
-
-
-def _with_state(model: IQAModel, metadata: dict[str, str], result: Any, name: str) -> IQAModel:
-    """A copy of `model`'s architecture holding a compression result's tensors."""
-    candidate = model_from_metadata(metadata).to(next(model.parameters()).device)
-    load_state(candidate, result.state_dict(), f"{name} state")
-    return candidate
-
-
 class _QualitySearch:
     """Bisect COSINE_LADDER for the smallest archive within an allowed validation SRCC drop.
 
@@ -415,7 +387,6 @@ class _QualitySearch:
 
     def __init__(self, model: IQAModel, rd: RDData, beta: float, batch_size: int) -> None:
         self.model, self.rd, self.beta, self.batch_size = model, rd, beta, batch_size
-        self.metadata = model.metadata()
         self.baseline = self._srcc(model)
         self.memo: dict[int, float] = {}
 
@@ -428,7 +399,7 @@ class _QualitySearch:
             result = compress_model(
                 self.model, "rd", self.beta, self.rd.calib, min_cosine=COSINE_LADDER[i]
             )
-            self.memo[i] = self._srcc(_with_state(self.model, self.metadata, result, "search"))
+            self.memo[i] = self._srcc(with_result(self.model, result, "search"))
         return self.memo[i]
 
     def min_cosine_for(self, drop: float) -> tuple[float, str]:

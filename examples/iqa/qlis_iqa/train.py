@@ -12,10 +12,11 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,11 +26,18 @@ from tqdm.auto import tqdm
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import same_file
 from qlis_iqa.backbones import load_backbone, weights_label
-from qlis_iqa.data import Split, load_dataset, make_split, split_samples
+from qlis_iqa.data import Sample, Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError
-from qlis_iqa.evaluate import Log, Predictions, predict_samples, sample_features, skipped_report
+from qlis_iqa.evaluate import (
+    Log,
+    Predictions,
+    predict_features,
+    predict_samples,
+    sample_features,
+    skipped_report,
+)
 from qlis_iqa.features import FeatureCache
-from qlis_iqa.models import KEY, IQAModel, make_model, save_checkpoint
+from qlis_iqa.models import KEY, IQAModel, make_model, save_checkpoint, with_result
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,58 @@ def refit_head(
                      config, progress, "refit head")
     model.eval()
     return losses
+
+
+@dataclass
+class HeadRefit:
+    """A compression whose MLP head was trained again on its compressed backbone: the result
+    it was made from, the result holding that head (`CompressionResult.with_tensors`), the
+    model it holds, and the mean squared error of its training images' scores with the head
+    before and after."""
+
+    compressed: Any
+    result: Any
+    model: IQAModel
+    images: int
+    mse_before: float
+    mse_after: float
+
+
+def refit_compressed(
+    model: IQAModel,
+    result: Any,
+    samples: Sequence[Sample],
+    cache: FeatureCache | None = None,
+    config: TrainConfig = TrainConfig(),
+    batch_size: int = 16,
+    workers: int = 0,
+    progress: bool = False,
+) -> HeadRefit:
+    """`result` (a compression of `model`) with the float `model`'s MLP head trained again
+    (`refit_head`) on the compressed backbone's outputs of `samples` (training images), and
+    stored as the head it replaces was; its scores' error on them measured before and after
+    with the head as stored."""
+    compressed = with_result(model, result, "compressed")
+    found = sample_features(compressed, samples, cache, batch_size, workers, progress,
+                            "features (refit)")
+    if not found.samples:
+        why = f" ({found.skipped[0][1]})" if found.skipped else ""
+        raise IQAError(f"no training image could be read{why}")
+    targets = torch.tensor([s.mos for s in found.samples], dtype=torch.float32)
+    before = _score_mse(compressed, found.values, targets)
+    compressed.head.load_state_dict(model.head.state_dict())
+    refit_head(compressed, found.values, targets, config, progress)
+    head = {f"head.{name}": t.detach().cpu().to(result.tensors[f"head.{name}"].dtype)
+            for name, t in compressed.head.state_dict().items()}
+    refitted = result.with_tensors(head)
+    stored = with_result(model, refitted, "refit")
+    return HeadRefit(result, refitted, stored, len(found.samples), before,
+                     _score_mse(stored, found.values, targets))
+
+
+def _score_mse(model: IQAModel, features: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean squared error of the scores the model gives cached frozen outputs."""
+    return float(((predict_features(model, features).float() - targets) ** 2).mean())
 
 
 def _epochs(
