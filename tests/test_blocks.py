@@ -15,7 +15,9 @@ from qlis.measure import blocks as blocks_module
 from qlis.measure import calibrate
 from qlis.measure.blocks import ChainCheck, find_blocks
 from qlis.measure.layer_inputs import layer_inputs
+from qlis.plan.execute import Dequantized
 from qlis.quantize import reconstruct as rec
+from qlis.quantize.quantizers import get_quantizer
 
 UNIFORM = {"id": "uniform", "rel_mse": 0.03}
 
@@ -176,9 +178,9 @@ def test_finished_quantized_layers_are_made_one_at_a_time_past_the_budget(monkey
     assert all(p.data_ptr() == own[n].data_ptr() for n, p in model.named_parameters())
 
 
-def test_a_pass_after_the_chain_holds_one_blocks_float_copies():
-    """The head's pass runs every finished block; their layers are made as each module runs
-    (the last block's are still held), not all at once, however small the model is."""
+def test_a_pass_after_the_chain_holds_no_blocks_float_copies():
+    """The head's pass runs every finished block; their layers are made as each module runs,
+    not all at once, however small the model is."""
     torch.manual_seed(3)
     model, calib = Chain(depth=4).eval(), batches(4)
     own = {n: p.data for n, p in model.named_parameters()}
@@ -191,34 +193,84 @@ def test_a_pass_after_the_chain_holds_one_blocks_float_copies():
 
     model.head.register_forward_pre_hook(at_head)
     qlis.compress(model, "quant", bits=4, calib=calib)
-    # the head's reconstruction pass holds the last block's layers only (the final measure,
-    # a pass like any other caller's, makes them all up front)
-    assert {3} in held and {0, 1, 2, 3} in held
+    # the head's reconstruction pass holds no block's layers (the final measure, a pass like
+    # any other caller's, makes them all up front)
+    assert all(blocks in (set(), {0, 1, 2, 3}) for blocks in held) and {0, 1, 2, 3} in held
 
 
-def test_a_finished_blocks_quantized_layers_are_let_go_before_the_next_block(monkeypatch):
-    """Past a block, its quantized layers are made again when a pass needs them: while a
-    block runs for its own fit, the float copies alive are its own (and the layer before the
-    chain's), never also the previous block's."""
+def test_a_block_pass_holds_no_float_copy_but_the_running_layers(monkeypatch):
+    """Inside the chain a fitted layer is made when its module runs and let go when it
+    returns: as a block runs for its own fit, the float copies alive are the layer before
+    the chain's (made up front), never the block's other layers nor the previous block's."""
     torch.manual_seed(4)
     model, calib = Chain(depth=3).eval(), batches(4)
     made: list[weakref.ref] = []
-    real = rec.dequantized
+    real_dequantized, real_lazily = rec.dequantized, rec.lazily
 
     def tracked(stored: object) -> torch.Tensor:
-        tensor = real(stored)
+        tensor = real_dequantized(stored)
         made.append(weakref.ref(tensor))
         return tensor
 
+    def tracked_lazily(stored: object) -> object:
+        made_lazily.append(real_lazily(stored))
+        return lambda: tracked(stored)
+
+    made_lazily: list[object] = []
     alive: list[int] = []
     monkeypatch.setattr(rec, "dequantized", tracked)
+    monkeypatch.setattr(rec, "lazily", tracked_lazily)
     for layer in model.layers:
-        layer.register_forward_pre_hook(
-            lambda module, args: alive.append(sum(ref() is not None for ref in made)))
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                module.register_forward_pre_hook(
+                    lambda module, args: alive.append(sum(ref() is not None for ref in made)))
     qlis.compress(model, "quant", bits=4, calib=calib)
     per_block = sum(p.ndim == 2 for p in model.layers[0].parameters())
-    assert max(alive) >= per_block  # the last block's layers, made for the final measure
-    assert max(alive) <= per_block + 1  # and the layer before the chain
+    assert len(made_lazily) == 3 * per_block  # every layer inside the chain, made on call
+    assert len(made) > 3 * per_block  # and made again by each pass that ran it
+    assert max(alive) == 1  # the layer before the chain's
+
+
+def test_an_embeddings_quantized_table_gives_a_pass_only_the_rows_it_looks_up(monkeypatch):
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(3000, 8, padding_idx=2999)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.embed(ids)).sum(1)
+
+    class Counted(Dequantized):
+        def __call__(self) -> torch.Tensor:
+            wholes.append(1)
+            return super().__call__()
+
+    torch.manual_seed(5)
+    model = Lookup().eval()
+    generator = torch.Generator().manual_seed(6)
+    calib = [torch.randint(2990, 3000, (2, 5), generator=generator) for _ in range(2)]
+    stored = get_quantizer({"id": "affine", "bits": 4}).quantize(model.embed.weight.detach())
+    own = model.embed.weight.data_ptr()
+    measurement = calibrate.Calibration(model, calib)
+    eager = measurement.outputs_with({"embed.weight": stored.dequantize()})
+    wholes: list[int] = []
+    tables: list[int] = []
+    model.embed.register_forward_hook(lambda module, args, out: tables.append(
+        module.weight.shape[0]))
+    monkeypatch.setattr(calibrate, "EAGER_BYTES", 0)
+    lazy = measurement.outputs_with({"embed.weight": Counted(stored)})
+    assert all(torch.equal(eager[key], lazy[key]) for key in eager)
+    assert not wholes and tables and max(tables) <= 10  # the ids lie in 2990..2999
+    assert model.embed.weight.data_ptr() == own and model.embed.padding_idx == 2999
+    handles = calibrate._rows_on_call(model.embed, model.embed.weight, Counted(stored))
+    with torch.no_grad(), pytest.raises(IndexError, match="index out of range"):
+        model.embed(torch.tensor([[3000]]))
+    for handle in handles:
+        handle.remove()
+    assert wholes == [1]  # not a valid lookup: the whole table, and torch's own refusal
+    assert model.embed.weight.data_ptr() == own and model.embed.padding_idx == 2999
 
 
 def test_a_hugging_face_encoder_runs_block_by_block(monkeypatch):

@@ -13,7 +13,7 @@ import torch
 import qlis.measure.distortion
 import qlis.measure.stats
 import qlis.quantize.quantizers
-from qlis.plan.execute import execute_layer
+from qlis.plan.execute import Dequantized, execute_layer
 from qlis.plan.plans import LayerConfig
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.quantizers import UniformQuantizer, _row_extremes, _row_view, get_quantizer
@@ -148,3 +148,19 @@ def test_error_measured_while_rounding_saturates_as_dequantize(tiny_chunks, dtyp
     assert torch.equal(values.abs(), torch.full_like(values, torch.finfo(dtype).max))
     expected = UniformQuantizer(step=step).relative_error(weight, measured)
     assert math.isfinite(error) and error == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("config", [
+    {"id": "uniform", "step": 0.01},
+    {"id": "uniform", "rel_mse": 1e-3, "granularity": "channel"},
+    {"id": "group", "bits": 3, "group_size": 8},
+    {"id": "kmeans", "bits": 3},  # a codebook grid: decoded at once
+])
+def test_a_tables_rows_are_decoded_from_the_chunks_that_hold_them(tiny_chunks, config):
+    stored = get_quantizer(config).quantize(_weight(torch.float32, (61, 12)))
+    index = torch.tensor([0, 5, 6, 40, 60])
+    rows = Dequantized(stored).rows(index)
+    assert torch.equal(rows, stored.dequantize()[index])
+    ranges = [(a, b) for a, b, _ in get_quantizer(config).dequantized_rows(stored, index)]
+    if config["id"] != "kmeans":  # chunks of 8 rows (100 elements): 3 of the 8 hold a row
+        assert ranges == [(0, 8), (40, 48), (56, 61)]

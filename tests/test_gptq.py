@@ -15,6 +15,8 @@ from threadpoolctl import threadpool_limits
 import qlis
 import qlis.quantize.gptq
 from qlis.errors import ConfigError, InputError
+from qlis.plan.execute import execute_layer
+from qlis.plan.plans import LayerConfig
 from qlis.quantize.gptq import quantize_with_error_feedback
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
 
@@ -250,3 +252,16 @@ def test_the_inverse_factor_is_the_same_bits_whatever_threads_the_blas_has():
 def test_docstring_examples():
     result = doctest.testmod(qlis.quantize.gptq, optionflags=doctest.ELLIPSIS)
     assert result.attempted and result.failed == 0
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_layer_fitted_on_a_covariance_it_may_overwrite_frees_it(overwrite):
+    """The caller's frames still name the covariance while the layer's sizes are measured
+    (width^2, the largest buffer of a wide layer's fit): the fit lets its storage go."""
+    weight, _, hessian = correlated_layer(seed=5)
+    covariance = hessian.clone()
+    stored, layer = execute_layer("w", weight, LayerConfig(quantizer={"id": "affine", "bits": 3}),
+                                  hessian=covariance, overwrite_hessian=overwrite)
+    assert layer.feedback is not None and stored.shape == weight.shape
+    assert (covariance.numel() == 0) == overwrite
+    assert overwrite or torch.equal(covariance, hessian)

@@ -33,7 +33,7 @@ HEADROOM_BITS = 16
 inputs 256x larger in norm) before the grid's integers could overflow, and the pass is
 measured again on a grid sized by what was seen."""
 _SUM_BITS = 62  # the largest integer sum: int64 with a bit to spare
-_CHUNK = 1 << 20  # entries converted at once
+_CHUNK = 1 << 18  # entries added or converted at once (a band: 2 MiB of float64)
 
 
 class OrderedSum:
@@ -156,13 +156,15 @@ class FixedPointSum:
 
     def take(self, rows: Sequence[int]) -> torch.Tensor:
         """The sums over ``rows`` (each group's row count, at least 1), float32 (groups,
-        width, width): each band is converted (through float64, as the sums are) into the
-        upper triangle and freed, then the lower triangle is mirrored from it, so that no
+        width, width), or (width, width) for one group (no view of a larger tensor, so that
+        the fit can free it): each band is converted (through float64, as the sums are) into
+        the upper triangle and freed, then the lower triangle is mirrored from it, so that no
         moment holds more than the integers' half and the float32 result."""
         groups, width = self.shape[0], self.shape[-1]
         counts = torch.tensor(rows, dtype=torch.float64)[:, None, None]
         scale = math.ldexp(1.0, self.exponent)
-        total = torch.empty(groups, width, width, dtype=torch.float32)
+        result = torch.empty((groups, width, width)[groups == 1:], dtype=torch.float32)
+        total = result.view(groups, width, width)
         start = 0
         while self.bands:
             band = self.bands.pop(0)
@@ -175,7 +177,7 @@ class FixedPointSum:
         step = _band(width)
         for start in range(step, width, step):
             total[:, start:start + step, :start] = total[:, :start, start:start + step].mT
-        return total
+        return result
 
 
 def _band(width: int) -> int:

@@ -214,12 +214,14 @@ class CachedInputs:
     def run(self, block: nn.Module, replacements: Mapping[str, Replacement],
             stop: type[Exception] | None = None) -> None:
         """One pass of ``block`` alone on the cached inputs (for the caller's hooks); a call
-        that raises ``stop`` is cut short."""
-        self.calibration.run_calls(self._calls_of(block), replacements, stop)
+        that raises ``stop`` is cut short. A replacement that is a callable is made when
+        its module runs (`Calibration.swapped`)."""
+        self.calibration.run_calls(self._calls_of(block), replacements, stop, eager_bytes=0)
 
     def advance(self, block: nn.Module, replacements: Mapping[str, Replacement]) -> None:
         """Replace the cached inputs by ``block``'s outputs: the next block's inputs."""
-        outputs = self.calibration.run_calls(self._calls_of(block), replacements)
+        outputs = self.calibration.run_calls(self._calls_of(block), replacements,
+                                             eager_bytes=0)
         self.calls = [(key, call.with_hidden(first_tensor(output)))
                       for (key, call), output in zip(self.calls, outputs, strict=True)]
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,6 +44,16 @@ Run = tuple[int, Callable[[], Any]]
 """One model call of a pass: its key (the batch's index) and how to make it."""
 Replacement = torch.Tensor | Callable[[], torch.Tensor]
 """A tensor a calibration pass computes with instead of the model's own, or how to make it."""
+
+
+@runtime_checkable
+class LazyTable(Protocol):
+    """A replacement that makes its whole tensor when called, or some of its rows alone: an
+    embedding's table then gives a call only the rows it looks up (`Calibration.swapped`)."""
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor: ...
 EAGER_BYTES = 256 << 20
 """Replacements made when asked total at most this much float32 before they are made layer by
 layer instead (`Calibration.swapped`)."""
@@ -336,6 +346,40 @@ def _swapped_on_call(module: torch.nn.Module, tensor: torch.Tensor,
         _fresh_casts()
 
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+def _looks_up_rows(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a plain embedding whose call only gathers rows of its table (one
+    with ``max_norm`` also rescales them in place, a subclass may do anything)."""
+    return type(module) is torch.nn.Embedding and module.max_norm is None
+
+
+def _rows_on_call(module: torch.nn.Embedding, tensor: torch.Tensor, table: LazyTable) -> list:
+    """Hooks that give an embedding, while it runs, only the rows its call looks up (the ids
+    renumbered into them: the same output), or the whole table where the ids are not a valid
+    lookup (then torch says why, as without the swap)."""
+    own, padding = tensor.data, module.padding_idx
+
+    def enter(module: torch.nn.Module, args: tuple) -> tuple | None:
+        ids = args[0] if args else None
+        if not (isinstance(ids, torch.Tensor) and ids.dtype in (torch.int32, torch.int64)
+                and ids.numel() and int(ids.min()) >= 0 and int(ids.max()) < own.shape[0]):
+            tensor.data = table().to(dtype=own.dtype, device=own.device).reshape(own.shape)
+            _fresh_casts()
+            return None
+        wanted, renumbered = torch.unique(ids, return_inverse=True)
+        tensor.data = table.rows(wanted.cpu()).to(dtype=own.dtype, device=own.device)
+        module.padding_idx = None  # a row of the whole table; it matters to gradients only
+        _fresh_casts()
+        return (renumbered, *args[1:])
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        tensor.data = own
+        module.padding_idx = padding
+        _fresh_casts()
+
+    return [module.register_forward_pre_hook(enter),
+            module.register_forward_hook(leave, always_call=True)]
 
 
 @contextmanager
@@ -686,10 +730,11 @@ class Calibration:
         A replacement is a tensor, or a callable that makes one (a layer dequantized when
         asked). Callables are made up front while they total at most ``eager_bytes`` (None:
         `EAGER_BYTES`); beyond, each is made when the module that multiplies by it runs and
-        dropped when it returns (`LayerInputs.module`, or the embedding whose table it is),
-        so that a pass holds one layer's float copy, not the model's (other tensors no layer
-        kind names, and tensors two modules share, such as tied embeddings, are still made
-        up front)."""
+        dropped when it returns (`LayerInputs.module`, or the embedding whose table it is:
+        given only the rows its call looks up where the replacement can make them,
+        `LazyTable`), so that a pass holds one layer's float copy, not the model's (other
+        tensors no layer kind names, and tensors two modules share, such as tied
+        embeddings, are still made up front)."""
         targets = {name: self._tensor(name) for name in replacements}
         saved = {name: t.data for name, t in targets.items()}
         lazy = {name: value for name, value in replacements.items()
@@ -705,7 +750,9 @@ class Calibration:
         try:
             for name, t in targets.items():
                 if name in on_call:
-                    handles += _swapped_on_call(on_call[name], t, lazy[name])
+                    module, make = on_call[name], lazy[name]
+                    rows = isinstance(make, LazyTable) and _looks_up_rows(module)
+                    handles += (_rows_on_call if rows else _swapped_on_call)(module, t, make)
                     continue
                 value = replacements[name]
                 value = value if isinstance(value, torch.Tensor) else value()

@@ -25,8 +25,8 @@ from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PATCH_ROWS = 1 << 14  # unfold at most this many output positions at once (bounded memory)
-PART_ELEMENTS = 1 << 22
-"""Input rows are widened to float64 this many elements at a time (32 MiB) to be measured:
+PART_ELEMENTS = 1 << 20
+"""Input rows are widened to float64 this many elements at a time (8 MiB) to be measured:
 each part is one term of a layer's exact covariance sum (qlis/measure/batch_sums.py)."""
 
 

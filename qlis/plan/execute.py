@@ -100,9 +100,9 @@ def execute_layer(
     feeds its error forward (GPTQ, qlis/quantize/gptq.py; ``transposed`` for a weight stored
     (in, out)), then ``sweeps`` passes of learned rounding refine the codes
     (qlis/quantize/rounding.py); the stored format is the quantizer's own.
-    ``overwrite_hessian``: the fit may use ``hessian``'s buffer for its factor (its values
-    are then lost). ``row_shares`` (an embedding table's rows' expected shares of the
-    lookups, `qlis.measure.row_shares`): a quantizer with a step per row
+    ``overwrite_hessian``: the fit may use ``hessian``'s buffer for its factor, and frees
+    it once done (``hessian`` is then empty). ``row_shares`` (an embedding table's rows'
+    expected shares of the lookups, `qlis.measure.row_shares`): a quantizer with a step per row
     (`Quantizer.with_row_scales`) steps each row by it, and the fit's feedback is left
     unmeasured.
     ``reconstruction`` is recorded in the plan row."""
@@ -147,6 +147,8 @@ def execute_layer(
                 left = fed.output_error if measures else output_error(approx - weight, hessian,
                                                                       transposed)
                 feedback = left / plain if plain > 0 else None
+            if overwrite_hessian:  # the caller's buffer, done with: its width^2 freed now,
+                hessian.set_()  # not when the caller's frames let go of it
             rel_mse = relative_mse(weight, approx)
         elif pruner is None:
             stored, rel_mse = get_quantizer(config.quantizer).quantize_measured(weight)
@@ -228,3 +230,32 @@ class Realized:
 def dequantized(stored: StoredTensor) -> torch.Tensor:
     """The tensor a stored layer computes with."""
     return stored.dequantize() if isinstance(stored, QuantizedTensor) else stored
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A quantized layer's values, made when a calibration pass asks for them
+    (`Calibration.swapped`): all of them, or, for an embedding's table, only the rows a call
+    looks up, decoded a chunk of rows at a time (a vocabulary's float table is the largest
+    copy a pass would otherwise make: 119 MiB for BERT's at width 1024)."""
+
+    stored: QuantizedTensor
+
+    def __call__(self) -> torch.Tensor:
+        return self.stored.dequantize()
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (ascending, distinct, each a row of the table) of the table."""
+        q = self.stored
+        width = math.prod(q.shape[1:])
+        out = torch.empty(len(index), width, dtype=q.dtype)
+        for start, stop, values in get_quantizer(q.quantizer).dequantized_rows(q, index):
+            first, last = torch.searchsorted(index, torch.tensor([start, stop])).tolist()
+            out[first:last] = values[index[first:last] - start]
+        return out.reshape(len(index), *q.shape[1:])
+
+
+def lazily(stored: StoredTensor) -> Replacement:
+    """What a calibration pass computes with for a stored layer: a quantized one is made when
+    its module runs (`Dequantized`), a float one is itself."""
+    return Dequantized(stored) if isinstance(stored, QuantizedTensor) else stored

@@ -4,7 +4,6 @@ a plan a policy measured while choosing is not executed twice."""
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,10 +11,9 @@ from typing import Any
 import torch
 
 from qlis.measure.calibrate import Calibration
-from qlis.plan.execute import LayerPlan, Realized, StoredTensor, dequantized, execute_layer
+from qlis.plan.execute import LayerPlan, Realized, StoredTensor, execute_layer, lazily
 from qlis.plan.plans import LayerConfig, Plan
 from qlis.plan.spill import CodeSpill
-from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import reconstruct
 from qlis.workers.threads import ordered_map
 
@@ -96,8 +94,7 @@ class PlanExecutor:
         """``plan`` executed: the tensors it changes (a quantized one as how to dequantize
         it, made when a calibration pass needs it), and its layers' bytes."""
         stored, layers = self.run(plan)
-        changed = {name: functools.partial(dequantized, t) if isinstance(t, QuantizedTensor)
-                   else t for name, t in stored.items() if t is not self.state[name]}
+        changed = {name: lazily(t) for name, t in stored.items() if t is not self.state[name]}
         return Realized(changed, sum(layer.coded_bytes for layer in layers),
                         {layer.name: layer.feedback for layer in layers
                          if layer.feedback is not None})

@@ -261,10 +261,12 @@ class Quantizer(Strategy):
             values[a:b] = rows
         return values.reshape(q.shape)
 
-    def dequantized_rows(self, q: QuantizedTensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def dequantized_rows(self, q: QuantizedTensor, within: torch.Tensor | None = None,
+                         ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """``dequantize`` a range of rows of the matrix view at a time: (start, stop, their
         values in ``q``'s dtype), so that a large layer can be measured without a float copy
-        of all of it (an affine grid's codes go a chunk at a time; other grids at once)."""
+        of all of it (an affine grid's codes go a chunk at a time; other grids at once).
+        ``within`` (ascending row indices): only the ranges that hold one of them."""
         shape = matrix_shape(q.shape)
         if not math.prod(q.shape):
             return
@@ -277,7 +279,8 @@ class Quantizer(Strategy):
             yield 0, shape[0], in_dtype(grid.decode(q.matrix_codes()), q.dtype)
             return
         for a, b in _grid_chunks(grid, shape):
-            yield a, b, in_dtype(grid.rows(a, b).decode(q.matrix_codes(a, b)), q.dtype)
+            if within is None or _holds(within, a, b):
+                yield a, b, in_dtype(grid.rows(a, b).decode(q.matrix_codes(a, b)), q.dtype)
 
     def with_codes(self, q: QuantizedTensor, codes: torch.Tensor) -> QuantizedTensor:
         """``q`` with other codes on the same grid (from error feedback or reconstruction)."""
@@ -331,6 +334,12 @@ def _chunks(shape: tuple[int, int], align: int = 1) -> list[tuple[int, int]]:
     align = max(1, min(align, n_rows))
     per = max(align, CHUNK_ELEMENTS // max(n_columns, 1) // align * align)
     return [(r, min(r + per, n_rows)) for r in range(0, max(n_rows, 1), per)]
+
+
+def _holds(ascending: torch.Tensor, start: int, stop: int) -> bool:
+    """Whether ``ascending`` (sorted indices) has one in ``start..stop``."""
+    first = int(torch.searchsorted(ascending, start))
+    return first < len(ascending) and int(ascending[first]) < stop
 
 
 def _grid_chunks(grid: AffineGrid, shape: tuple[int, int]) -> list[tuple[int, int]]:

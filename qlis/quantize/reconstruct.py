@@ -60,7 +60,7 @@ from qlis.measure.blocks import Blocks, CachedInputs, ChainCheck, find_blocks
 from qlis.measure.calibrate import EAGER_BYTES, Calibration, Replacement
 from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import LayerInputs, call_inputs, float64_parts, layer_inputs
-from qlis.plan.execute import LayerPlan, StoredTensor, dequantized
+from qlis.plan.execute import LayerPlan, StoredTensor, dequantized, lazily
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.plan.plans import Plan
 from qlis.quantize.gptq import CovarianceNotPositive
@@ -133,8 +133,7 @@ class _Moments:
     def take_covariance(self) -> torch.Tensor:
         """(groups, width, width) float32, or (width, width) for one group; the sums are
         released (width^2 per group: the largest buffers of a wide layer's pass)."""
-        h = self.covariance.take([max(n, 1) for n in self.rows])
-        return h[0] if h.shape[0] == 1 else h
+        return self.covariance.take([max(n, 1) for n in self.rows])
 
     def mean(self) -> torch.Tensor:
         counts = torch.tensor([max(n, 1) for n in self.rows], dtype=torch.float64)
@@ -438,10 +437,6 @@ def reconstruct(
                 cached = CachedInputs(calibration, blocks, replacements)
             while at < position:
                 cached.advance(blocks.modules[at], of_block(at))
-                # no name may hold the finished block's dequantized layers past this point:
-                # they would stay beside the next block's (48 MiB a block at width 1024)
-                for name in of_block(at).keys() & result.tensors.keys():
-                    replacements[name] = functools.partial(dequantized, result.tensors[name])
                 at += 1
                 release_freed_memory()
             run = functools.partial(cached.run, blocks.modules[position], of_block(position))
@@ -449,7 +444,9 @@ def reconstruct(
                                  run)
         for name, (stored, layer, corrected) in _fitted(calibration.cluster, group, moments,
                                                          state, fit, keep):
-            replacements[name] = dequantized(stored)
+            # inside the chain a fitted layer is made when its module runs, so that a pass
+            # holds one float copy of a layer, not the block's (48 MiB at width 1024)
+            replacements[name] = dequantized(stored) if position is None else lazily(stored)
             if corrected is not None:
                 result.biases[reachable[name].bias] = corrected
                 replacements[reachable[name].bias] = corrected
