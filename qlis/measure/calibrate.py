@@ -44,16 +44,6 @@ Run = tuple[int, Callable[[], Any]]
 """One model call of a pass: its key (the batch's index) and how to make it."""
 Replacement = torch.Tensor | Callable[[], torch.Tensor]
 """A tensor a calibration pass computes with instead of the model's own, or how to make it."""
-
-
-@runtime_checkable
-class LazyTable(Protocol):
-    """A replacement that makes its whole tensor when called, or some of its rows alone: an
-    embedding's table then gives a call only the rows it looks up (`Calibration.swapped`)."""
-
-    def __call__(self) -> torch.Tensor: ...
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor: ...
 EAGER_BYTES = 256 << 20
 """Replacements made when asked total at most this much float32 before they are made layer by
 layer instead (`Calibration.swapped`)."""
@@ -76,6 +66,16 @@ _SQUARES_AT_ONCE = 1 << 20
 _MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError)
 """What a model raises for inputs of the wrong shape, dtype or keywords (AttributeError: an
 input it needs left out, read as None: CLIP's pixel_values given text alone)."""
+
+
+@runtime_checkable
+class LazyTable(Protocol):
+    """A replacement that makes its whole tensor when called, or some of its rows alone: an
+    embedding's table then gives a call only the rows it looks up (`Calibration.swapped`)."""
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor: ...
 
 
 def first_tensor(output: Any) -> torch.Tensor:
