@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         float_scores = scorer.head(test_features).squeeze(-1)
     float_srcc = srcc(float_scores, test_mos)
     state = {k: v.detach().clone() for k, v in scorer.state_dict().items()}
-    folder = Path(tempfile.mkdtemp())
+    scratch = tempfile.TemporaryDirectory()  # the float model and each row's archive
+    folder = Path(scratch.name)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "float.safetensors"))
     float_bytes = (folder / "float.safetensors").stat().st_size
     n_params = sum(v.numel() for v in state.values())
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if not args.no_write:
         write_section(args.section, markdown)
+    scratch.cleanup()
     return 0
 
 

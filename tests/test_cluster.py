@@ -62,7 +62,8 @@ def _torchrun(*args: object, cwd: Path, monitor_s: float = 0.1) -> subprocess.Po
     ends the other ranks within ``monitor_s`` of one that fails."""
     return _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                    "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0",
-                   f"--monitor-interval={monitor_s}", *map(str, args)], cwd)
+                   f"--monitor-interval={monitor_s}", *map(str, args)], cwd,
+                  {**_env(), "TMPDIR": str(cwd)})  # torchrun leaves its log folders there
 
 
 def _finish(process: subprocess.Popen) -> tuple[int, str, str]:

@@ -155,10 +155,11 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """Yield a temporary path to write; on success it becomes ``path`` durably.
 
     >>> import tempfile, os
-    >>> target = os.path.join(tempfile.mkdtemp(), "out.txt")
-    >>> with atomic_path(target) as tmp:
-    ...     _ = tmp.write_text("done")
-    >>> open(target).read()
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     target = os.path.join(folder, "out.txt")
+    ...     with atomic_path(target) as tmp:
+    ...         _ = tmp.write_text("done")
+    ...     Path(target).read_text()
     'done'
     """
     path = Path(path)

@@ -196,9 +196,10 @@ def save(
 
     >>> import qlis, torch, tempfile, os
     >>> result = qlis.compress(torch.nn.Linear(16, 16), policy="quant", bits=4)
-    >>> path = save(result, os.path.join(tempfile.mkdtemp(), "m.qlis"))
-    >>> sorted(qlis.load(path)) == ["bias", "weight"]
-    True
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save(result, os.path.join(folder, "m.qlis"))
+    ...     sorted(qlis.load(path))
+    ['bias', 'weight']
     """
     if not all(hasattr(result, field) for field in ("tensors", "layers", "header")):
         raise InputError(f"save writes a compression result (qlis.compress(...)), not a "
@@ -459,10 +460,11 @@ class Archive:
     Archive may be read from several threads at once.
 
     >>> import qlis, torch, tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "m.qlis")
-    >>> _ = qlis.save(qlis.compress(torch.nn.Linear(4, 4), policy="quant", bits=8), path)
-    >>> with qlis.open(path) as archive:
-    ...     archive.names(), archive.read("weight").shape
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = os.path.join(folder, "m.qlis")
+    ...     _ = qlis.save(qlis.compress(torch.nn.Linear(4, 4), policy="quant", bits=8), path)
+    ...     with qlis.open(path) as archive:
+    ...         archive.names(), archive.read("weight").shape
     (['weight', 'bias'], torch.Size([4, 4]))
     """
 
