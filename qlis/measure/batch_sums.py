@@ -163,7 +163,8 @@ class FixedPointSum:
         groups, width = self.shape[0], self.shape[-1]
         counts = torch.tensor(rows, dtype=torch.float64)[:, None, None]
         scale = math.ldexp(1.0, self.exponent)
-        result = torch.empty((groups, width, width)[groups == 1:], dtype=torch.float32)
+        shape = (width, width) if groups == 1 else (groups, width, width)
+        result = torch.empty(shape, dtype=torch.float32)
         total = result.view(groups, width, width)
         start = 0
         while self.bands:
