@@ -15,9 +15,10 @@ from torch import nn
 
 import qlis
 from qlis.errors import ClusterError, ConfigError
-from qlis.measure import batch_sums
+from qlis.measure import batch_sums, layer_inputs
 from qlis.measure.batch_sums import FixedPointSum, OrderedSum, gather_totals
 from qlis.measure.calibrate import Calibration
+from qlis.measure.layer_inputs import float64_parts
 from qlis.models.tensors import same_bits
 from qlis.plan.layer_message import error_message, layer_message, read_layer_message
 from qlis.quantize import reconstruct as rec
@@ -61,16 +62,32 @@ def test_a_fixed_point_sum_is_the_same_bits_in_any_order_and_split(seed, count, 
 
 def test_a_wide_sum_is_added_a_band_at_a_time_and_mirrored(monkeypatch):
     monkeypatch.setattr(batch_sums, "_CHUNK", 3 * 10)  # bands of 3 rows of a width of 10
-    rows = _parts(1, 1, width=10)[0]
-    grid = FixedPointSum((2, 10, 10), _trace(rows), 1)
+    parts = _parts(1, 3, width=10)
+    largest = max(_trace(rows) for rows in parts)
+    grid = FixedPointSum((2, 10, 10), largest, 3)
     assert [tuple(band.shape) for band in grid.bands] == [(2, 3, 10), (2, 3, 7), (2, 3, 4),
                                                           (2, 1, 1)]  # upper triangle only
-    grid.add_gram(1, rows, _trace(rows))
+    for group, rows in zip((1, 0, 1), parts, strict=True):  # every term through one buffer
+        grid.add_gram(group, rows, _trace(rows))
     total = grid.take([1, 2])
     assert grid.bands is None  # freed as they were converted
-    assert torch.equal(total[0], torch.zeros(10, 10))
-    assert torch.allclose(total[1].double(), rows.T @ rows / 2, rtol=1e-6)
-    assert torch.equal(total[1], total[1].T)
+    expected = [parts[1].T @ parts[1], (parts[0].T @ parts[0] + parts[2].T @ parts[2]) / 2]
+    for group in (0, 1):
+        assert torch.allclose(total[group].double(), expected[group], rtol=1e-6,
+                              atol=1e-7 * largest)
+        assert torch.equal(total[group], total[group].T)
+
+
+def test_float64_parts_are_the_rows_a_bounded_part_at_a_time(monkeypatch):
+    monkeypatch.setattr(layer_inputs, "PART_ELEMENTS", 2 * 3)  # parts of 2 rows of width 3
+    rows = torch.randn(5, 3)
+    parts = [part.clone() for part in float64_parts(rows)]  # one buffer: each valid in turn
+    assert [len(part) for part in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat(parts), rows.double())
+    wide = rows.double()
+    assert all(part.data_ptr() == wide[2 * i].data_ptr()  # already float64: no copy
+               for i, part in enumerate(float64_parts(wide)))
+    assert list(float64_parts(torch.empty(0, 3))) == []
 
 
 def test_a_term_beyond_the_grid_is_not_added_and_says_how_large_it_was():

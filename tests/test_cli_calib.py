@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import qlis
 import qlis.cli.progress
 import qlis.models.calib_files
+from qlis.cli import model_commands
 from qlis.cli.main import cli
 from qlis.errors import InputError
 from qlis.models import hf_model
@@ -77,18 +78,23 @@ def test_pack_calibrated_on_input_tensors(bert_folder, tmp_path):
         assert archive.compression["rounding_sweeps"] == 1
 
 
-def test_only_the_data_free_streaming_commands_keep_freed_memory(bert_folder, tmp_path,
-                                                                  monkeypatch):
+def test_each_pack_sets_the_allocator_for_its_own_work(bert_folder, tmp_path, monkeypatch):
     """The allocator setting that speeds a streaming pack or unpack raises a calibrated run's
-    held memory (workers/memory.py): the calibrated pack leaves it alone."""
-    settings: list[tuple[int, int]] = []
+    held memory (workers/memory.py): the calibrated pack instead unmaps its buffers when
+    freed, and sets it before the model is built (whose weights are freed when the file's
+    replace them)."""
+    settings: list[object] = []
     monkeypatch.setattr(memory, "_MALLOPT", lambda option, value: settings.append((option, value)))
+    built = model_commands.load_hf_model
+    monkeypatch.setattr(model_commands, "load_hf_model",
+                        lambda path: settings.append("built") or built(path))
     kept = [(-3, memory.KEPT_MMAP_THRESHOLD), (-1, memory.KEPT_TRIM_THRESHOLD)]
     inputs = tmp_path / "inputs.safetensors"
     save_file({"input_ids": torch.randint(5, 40, (8, 7))}, str(inputs))
     calibrated = run(cli, "pack", bert_folder, "-o", tmp_path / "c.qlis", "--calib", inputs)
     assert calibrated.exit_code == 0, calibrated.output
-    assert settings == []
+    assert settings == [(-3, memory.RETURNED_MMAP_THRESHOLD), "built"]
+    settings.clear()
     out = tmp_path / "bert.qlis"
     assert run(cli, "pack", bert_folder, "-o", out).exit_code == 0
     assert settings == kept

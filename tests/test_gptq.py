@@ -18,6 +18,7 @@ from qlis.errors import ConfigError, InputError
 from qlis.plan.execute import execute_layer
 from qlis.plan.plans import LayerConfig
 from qlis.quantize.gptq import quantize_with_error_feedback
+from qlis.quantize.grid import AffineGrid, CodebookGrid
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer, quantizer_registry
 
 CONFIGS = [
@@ -265,3 +266,27 @@ def test_a_layer_fitted_on_a_covariance_it_may_overwrite_frees_it(overwrite):
     assert layer.feedback is not None and stored.shape == weight.shape
     assert (covariance.numel() == 0) == overwrite
     assert overwrite or torch.equal(covariance, hessian)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c["id"] != "uniform"],
+                         ids=lambda c: "-".join(map(str, c.values())))
+def test_codes_that_fit_a_byte_are_kept_in_one_with_the_same_values(config, monkeypatch):
+    """The column loop holds a bounded grid's codes (at most 256) in uint8, a quarter of the
+    float32 it held before (4 MiB against 16 for a 4096 x 1024 layer), and finds the same
+    codes as with them in float32 (the path of a grid whose codes are unbounded)."""
+    weight, _, hessian = correlated_layer()
+    kinds: list[torch.dtype] = []
+    feed_back = qlis.quantize.gptq._feed_back
+
+    def recorded(*args, **kwargs):
+        codes, *rest = feed_back(*args, **kwargs)
+        kinds.append(codes.dtype)
+        return (codes, *rest)
+
+    monkeypatch.setattr(qlis.quantize.gptq, "_feed_back", recorded)
+    narrow = quantize_with_error_feedback(weight, hessian, config, block_size=16)
+    for grid in (AffineGrid, CodebookGrid):
+        monkeypatch.setattr(grid, "levels", property(lambda self: None))
+    wide = quantize_with_error_feedback(weight, hessian, config, block_size=16)
+    assert kinds == [torch.uint8, torch.float32]
+    assert np.array_equal(narrow.codes, wide.codes)

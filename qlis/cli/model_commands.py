@@ -60,7 +60,7 @@ from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.runtime.lowbit import runtime_plan
 from qlis.workers.cluster import Cluster
-from qlis.workers.memory import keep_freed_memory_for_reuse
+from qlis.workers.memory import keep_freed_memory_for_reuse, return_freed_buffers_at_once
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 POLICY_NAMES = [name for name in policy_names() if name != "plan"]  # --plan FILE gives one
@@ -314,6 +314,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     if calib_file is not None:
         if not synthetic:
             check_calibration_path(calib_file)
+        return_freed_buffers_at_once()  # the calibrated pack's memory: see its doc
         model = load_hf_model(path)
         if synthetic:
             batches = _synthetic_batches(model, path, calib_examples,

@@ -122,7 +122,10 @@ class FixedPointSum:
 
     Only the upper triangle is held, in ``bands`` of rows (band ``k``: rows ``start:stop``,
     columns ``start:``, for every group): half the integers of the full sums, no float64
-    term of width^2 while adding, and `take` frees each band as it converts it."""
+    term of width^2 while adding, and `take` frees each band as it converts it. A band's
+    product and its integers are made in two buffers of the largest band's size, kept from
+    the first term to `take`: thousands of terms make no allocation each (each one freed
+    was a band's worth of pages the heap kept, or a fresh mapping to fault in)."""
 
     def __init__(self, shape: tuple[int, ...], largest_trace: float, terms: int) -> None:
         self.allowed = min(max(largest_trace, 1e-280), 1e280) * 2.0 ** HEADROOM_BITS
@@ -134,6 +137,7 @@ class FixedPointSum:
             torch.zeros(groups, min(band, width - start), width - start, dtype=torch.int64)
             for start in range(0, width, band)]
         self.overflow = 0.0
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_gram(self, group: int, rows: torch.Tensor, trace: float) -> None:
         """Add X^T X of ``rows`` (float64, (n, width)) to ``group``'s sum; ``trace`` is its
@@ -142,11 +146,18 @@ class FixedPointSum:
             self.overflow = max(self.overflow, trace if math.isfinite(trace) else math.inf)
             return
         scale = math.ldexp(1.0, -self.exponent)  # a power of two: scaling is exact
+        if self._scratch is None and self.bands:  # the first band's entries: the most
+            entries = self.bands[0][0].numel()
+            self._scratch = (torch.empty(entries, dtype=torch.float64),
+                             torch.empty(entries, dtype=torch.int64))
         start = 0
         for band in self.bands:
             stop = start + band.shape[1]
-            product = rows[:, start:stop].T @ rows[:, start:]
-            band[group] += product.mul_(scale).round_().long()
+            shape, entries = band.shape[1:], band[0].numel()
+            product = self._scratch[0][:entries].view(shape)
+            torch.matmul(rows[:, start:stop].T, rows[:, start:], out=product)
+            integers = self._scratch[1][:entries].view(shape)
+            band[group] += integers.copy_(product.mul_(scale).round_())  # integral: exact
             start = stop
 
     def reduce_onto(self, cluster: Cluster, owner: int) -> None:
@@ -174,7 +185,7 @@ class FixedPointSum:
             del band
             release_freed_memory()  # a band below glibc's mmap threshold sits in the heap
             start = stop
-        self.bands = None
+        self.bands = self._scratch = None
         step = _band(width)
         for start in range(step, width, step):
             total[:, start:start + step, :start] = total[:, :start, start:start + step].mT

@@ -194,10 +194,17 @@ def layer_inputs(model: nn.Module, name: str) -> LayerInputs | None:
 
 
 def float64_parts(rows: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``rows`` (n, width) in float64, at most `PART_ELEMENTS` at a time (bounded copies)."""
+    """``rows`` (n, width) in float64, at most `PART_ELEMENTS` at a time (bounded copies).
+    The copies share one buffer: a part is valid until the next one is asked for."""
     step = max(1, PART_ELEMENTS // max(rows.shape[1], 1))
-    for start in range(0, rows.shape[0], step):
-        yield rows[start : start + step].to(device="cpu", dtype=torch.float64)
+    if not rows.shape[0]:
+        return
+    if rows.dtype == torch.float64 and rows.device.type == "cpu":
+        yield from rows.split(step)
+        return
+    buffer = torch.empty(min(step, rows.shape[0]), rows.shape[1], dtype=torch.float64)
+    for part in rows.split(step):
+        yield buffer[: part.shape[0]].copy_(part)
 
 
 def call_inputs(args: tuple, kwargs: dict) -> Any:

@@ -298,32 +298,33 @@ def fit_with_error_feedback(
 def _feed_back(
     matrix: torch.Tensor, grid: Grid, factors: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes, as float32 (outputs,
-    inputs); the sum of the squared scaled errors |d|^2; and each output group's squared
-    weight error per input column (groups, inputs), float64. ``factors`` (groups, inputs,
-    inputs), float64: one upper inverse factor per output group, used in float32 a block of
-    rows at a time."""
+    """GPTQ's column loop on ``matrix`` (outputs, inputs): the codes (outputs, inputs), uint8
+    where the grid's codes fit it, float32 otherwise; the sum of the squared scaled errors
+    |d|^2; and each output group's squared weight error per input column (groups, inputs),
+    float64. ``factors`` (groups, inputs, inputs), float64: one upper inverse factor per
+    output group, used in float32 a block of rows at a time."""
     groups = factors.shape[0]
     # (inputs, outputs): one column of the matrix per row; a copy even where the transpose is
     # contiguous already (a weight stored (in, out)), so the caller's weight is never touched
     work = matrix.T.clone(memory_format=torch.contiguous_format)
-    keep_zero = work == 0
     width, outputs = work.shape
     per_group = outputs // groups
     columns = [grid.column(j) for j in range(width)]
-    codes = torch.empty_like(work)
+    small = grid.levels is not None and grid.levels <= 256  # a quarter of float32's bytes
+    codes = torch.empty_like(work, dtype=torch.uint8 if small else torch.float32)
     scaled = 0.0
     column_errors = torch.empty(groups, width, dtype=torch.float64)
     for start in range(0, width, block_size):
         stop = min(start + block_size, width)
         block = work[start:stop].clone()
+        keep_zero = matrix.T[start:stop] == 0
         errors = torch.empty_like(block)
         values = torch.empty_like(block)
         slab = factors[:, start:stop].float()  # the factors' rows of this block, float32
         inner = slab[:, :, start:stop]
         for i in range(stop - start):
             j = start + i
-            column = torch.where(keep_zero[j], 0.0, block[i])[:, None]
+            column = torch.where(keep_zero[i], 0.0, block[i])[:, None]
             code = columns[j].encode(column)
             codes[j] = code[:, 0]
             values[i] = columns[j].decode(code)[:, 0]
