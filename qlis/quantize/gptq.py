@@ -310,8 +310,8 @@ def _feed_back(
     width, outputs = work.shape
     per_group = outputs // groups
     columns = [grid.column(j) for j in range(width)]
-    small = grid.levels is not None and grid.levels <= 256  # a quarter of float32's bytes
-    codes = torch.empty_like(work, dtype=torch.uint8 if small else torch.float32)
+    in_a_byte = grid.levels is not None and grid.levels <= 256  # a quarter of float32's
+    codes = torch.empty_like(work, dtype=torch.uint8 if in_a_byte else torch.float32)
     scaled = 0.0
     column_errors = torch.empty(groups, width, dtype=torch.float64)
     for start in range(0, width, block_size):
