@@ -307,6 +307,62 @@ def test_ans_size_close_to_entropy_on_skewed_data() -> None:
     assert len(roundtrip(ANS(), single)) <= 6
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("codec", [Huffman(), ANS()], ids=repr)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fewest_bytes_bounds_the_stream(codec: Codec, dtype: type, data: st.DataObject) -> None:
+    array = data.draw(symbol_arrays(dtype))
+    row_length = data.draw(st.integers(1, 64))
+    assert codec.fewest_bytes(array) <= len(codec.encode(array))
+    if array.size % row_length == 0:
+        assert codec.fewest_bytes(array, row_length) <= len(codec.encode_rows(array, row_length))
+
+
+@pytest.mark.parametrize("codec", [Huffman(), ANS()], ids=repr)
+def test_fewest_bytes_is_close_on_large_arrays(codec: Codec) -> None:
+    rng = np.random.default_rng(4)
+    for array in (skewed_symbols(rng, 200_000, 200, 1.0),
+                  wide_symbols(rng, 200_000, spread=12.0, centre=1000)):
+        assert codec.fewest_bytes(array) > 0.99 * len(codec.encode(array)) - 400
+
+
+def exhaustive_choice(array: np.ndarray, row_length: int) -> tuple[str, bytes]:
+    """Every default candidate encoded, the smallest kept (the earlier on a tie)."""
+    bits = max(1, int(array.max()).bit_length() if array.size else 1)
+    best: tuple[str, bytes] | None = None
+    for codec in (BitPack(bits), Huffman(), ANS()):
+        data = bytes(codec.encode_rows(array, row_length))
+        if best is None or len(data) < len(best[1]):
+            best = (codec.codec_id, data)
+    return best
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_auto_chooses_as_if_it_encoded_every_candidate(dtype: type,
+                                                       data: st.DataObject) -> None:
+    array = data.draw(symbol_arrays(dtype))
+    row_length = max(1, array.size // data.draw(st.integers(1, 8)))
+    if array.size % row_length:
+        row_length = 1
+    codec, encoded = Auto().select(array, row_length)
+    assert (codec.codec_id, bytes(encoded)) == exhaustive_choice(array, row_length)
+
+
+def test_auto_does_not_build_a_code_that_cannot_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a norm's float16 patterns, nearly all distinct: a Huffman table of them alone takes
+    # more than the 16-bit packing, which wins
+    patterns = np.random.default_rng(0).normal(size=1024).astype(np.float16).view(np.uint16)
+    built = []
+    encode = Huffman.encode
+    monkeypatch.setattr(Huffman, "encode", lambda self, array: built.append(1) or encode(
+        self, array))
+    codec, _ = Auto().select(patterns, 1024)
+    assert codec.codec_id == "bitpack" and not built
+
+
 def test_ans_within_1_percent_of_entropy_on_16_bit_laplacian_codes() -> None:
     rng = np.random.default_rng(6)
     # A uniform quantizer's codes of Laplacian weights: ~200 symbols around 1000, plus

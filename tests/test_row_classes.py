@@ -57,6 +57,19 @@ def test_rows_that_spread_differently_are_coded_in_classes(dtype: type) -> None:
     assert np.array_equal(codec.decode(in_classes, np.empty_like(codes)), codes)
 
 
+def test_classes_below_the_one_tables_bound_leave_it_unencoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    codes = mixed_rows(2000, 96, [0.3, 2.0, 9.0, 30.0])
+    classes = row_classes(codes, 96)
+    assert np.array_equal(classes.counts, np.bincount(codes))
+    encoded = []
+    encode_view = ANS.encode_view
+    monkeypatch.setattr(ANS, "encode_view", lambda self, array: encoded.append(array.size)
+                        or encode_view(self, array))
+    data = ANS().encode_rows(codes, 96)
+    assert bytes(data[:2]) == CLASS_TAG and codes.size not in encoded
+
+
 def test_alike_rows_keep_the_one_table_stream() -> None:
     codes = mixed_rows(2000, 96, [4.0])
     assert bytes(ANS().encode_rows(codes, 96)) == bytes(ANS().encode_view(codes))

@@ -314,14 +314,19 @@ def start_symbol_stream(symbols: np.ndarray) -> tuple[bytearray, np.ndarray, np.
     Returns (stream, counts, present); the stream is already complete when at most one
     symbol is present, since the head alone then says everything.
     """
-    wide = symbols.dtype == np.uint16
-    stream = bytearray(WIDE_TAG if wide else b"")
-    write_varint(stream, symbols.size)
     counts = symbol_histogram(symbols)
     present = np.flatnonzero(counts)
+    return symbol_head(symbols.size, present, symbols.dtype == np.uint16), counts, present
+
+
+def symbol_head(size: int, present: np.ndarray, wide: bool) -> bytearray:
+    """`start_symbol_stream`'s head for ``size`` symbols (16-bit where ``wide``) of which
+    ``present`` (sorted) occur: what the coders' size bounds count without encoding."""
+    stream = bytearray(WIDE_TAG if wide else b"")
+    write_varint(stream, size)
     if present.size:
         (write_runs if wide else write_alphabet)(stream, present)
-    return stream, counts, present
+    return stream
 
 
 def read_width(reader: Reader, out: np.ndarray) -> None:

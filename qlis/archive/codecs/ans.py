@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from qlis.archive.codecs._bounds import entropy_bits
 from qlis.archive.codecs._common import (
     Reader,
     as_bytes_array,
@@ -21,11 +22,13 @@ from qlis.archive.codecs._common import (
     read_symbol_head,
     read_varints,
     start_symbol_stream,
+    symbol_head,
+    symbol_histogram,
     write_varint,
     write_varints,
 )
 from qlis.archive.codecs.base import Codec, register_codec
-from qlis.archive.codecs.row_classes import MAX_CLASSES, RowClasses, row_classes
+from qlis.archive.codecs.row_classes import MAX_CLASSES, RowClasses, may_split, row_classes
 from qlis.compiled import njit
 
 MAX_SCALE = 16  # the format's cap: a decode table never exceeds 2**16 entries
@@ -222,6 +225,23 @@ def in_row_classes(codec: Mapping[str, object], data: bytes | memoryview) -> boo
     return codec.get("id") == ANS.codec_id and bytes(data[:2]) == CLASS_TAG
 
 
+def one_table_bytes_at_least(counts: np.ndarray, dtype: np.dtype) -> float:
+    """A lower bound of the one-table stream of symbols (``dtype``) with these ``counts``:
+    the head, a byte per table entry, the words and the states. Each state grows by
+    ``2**scale / f`` per symbol, less at most ``2**-15`` of itself (``x >= f * 2**15``
+    before each step), and sheds at most 32 bits and as little more per word; a final
+    state's 8 bytes hold at most 4 bytes above its start: so words and states hold the
+    coded bits less 1e-4 bit per symbol, and the table's coded bits are at least the
+    entropy."""
+    present = np.flatnonzero(counts)
+    size = int(counts.sum())
+    head = len(symbol_head(size, present, dtype == np.uint16))
+    if present.size <= 1:
+        return float(head)
+    words_and_states = (entropy_bits(counts[present]) - 1e-4 * size) / 8 + 4 * _LANES
+    return head + present.size + max(words_and_states, 0.0)
+
+
 @register_codec
 class ANS(Codec):
     """rANS entropy coder for uint8 or uint16 symbols: reaches the entropy where Huffman
@@ -272,14 +292,25 @@ class ANS(Codec):
 
     def encode_rows(self, array: np.ndarray, row_length: int) -> bytes | memoryview:
         """One table, or a table per class of alike rows where that is smaller
-        (`qlis.archive.codecs.row_classes`)."""
+        (`qlis.archive.codecs.row_classes`); the one table is not encoded where the classes
+        beat its bound (`one_table_bytes_at_least`)."""
         symbols = check_input(array, self.codec_id)
-        one_table = self.encode_view(symbols)
         classes = row_classes(symbols, row_length)
         if classes is None:
-            return one_table
+            return self.encode_view(symbols)
         in_classes = self._encode_classes(symbols, row_length, classes)
+        if len(in_classes) < one_table_bytes_at_least(classes.counts, symbols.dtype):
+            return in_classes
+        one_table = self.encode_view(symbols)
         return in_classes if len(in_classes) < len(one_table) else one_table
+
+    def fewest_bytes(self, array: np.ndarray, row_length: int | None = None) -> float:
+        """`one_table_bytes_at_least`; 0 where rows of ``row_length`` may be coded in
+        classes, which can take less."""
+        symbols = check_input(array, self.codec_id)
+        if row_length is not None and may_split(symbols.size, row_length):
+            return 0.0
+        return one_table_bytes_at_least(symbol_histogram(symbols), symbols.dtype)
 
     def _encode_classes(self, symbols: np.ndarray, row_length: int,
                         classes: RowClasses) -> bytes:

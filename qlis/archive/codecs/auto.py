@@ -57,6 +57,8 @@ class Auto(Codec):
         reasons = []
         for codec in codecs:
             try:
+                if best is not None and codec.fewest_bytes(array, row_length) >= len(best[1]):
+                    continue  # it cannot win: ties go to the earlier candidate
                 data = (codec.encode(array) if row_length is None
                         else codec.encode_rows(array, row_length))
             except ConfigError as err:

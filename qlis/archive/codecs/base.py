@@ -46,6 +46,12 @@ class Codec:
         table each); the stream decodes as any other of the codec's."""
         return self.encode_view(array)
 
+    def fewest_bytes(self, array: np.ndarray, row_length: int | None = None) -> float:
+        """A lower bound of the size of ``array``'s stream (`encode_rows`'s, with
+        ``row_length``), far cheaper than encoding it: `Auto` does not encode a candidate
+        that cannot beat its best so far. 0 where the codec knows no such bound."""
+        return 0.0
+
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` from ``buf`` and return it."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlis.archive.codecs._bounds import huffman_code_lengths
+from qlis.archive.codecs._bounds import huffman_code_lengths, optimal_huffman_bits
 from qlis.archive.codecs._common import (
     Reader,
     as_bytes_array,
@@ -192,6 +192,17 @@ class Huffman(Codec):
         payload = np.empty((int(np.dot(counts, lengths)) + 7) // 8 + 8, dtype=np.uint8)
         size = write_codes_lsb(symbols, codes, lengths, payload)
         return bytes(stream) + payload[:size].tobytes()
+
+    def fewest_bytes(self, array: np.ndarray, row_length: int | None = None) -> float:
+        """The head, the nibbles and the codes at optimal Huffman lengths (capped lengths
+        only cost more): on the float16 patterns of a norm, where bitpack wins, building
+        the code took 2 ms a tensor."""
+        symbols = check_input(array, self.codec_id)
+        stream, counts, present = start_symbol_stream(symbols)
+        if present.size <= 1:
+            return float(len(stream))
+        return float(len(stream) + (present.size + 1) // 2
+                     + (optimal_huffman_bits(counts) + 7) // 8)
 
     def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
         out = check_out(out, self.codec_id)

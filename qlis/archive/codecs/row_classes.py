@@ -36,25 +36,27 @@ SAVING_BYTES = 64
 
 @dataclass(frozen=True)
 class RowClasses:
-    """Each row's class (uint8, 0..count-1, every class used) and the estimated stream bytes
-    with them."""
+    """Each row's class (uint8, 0..count-1, every class used), the estimated stream bytes
+    with them, and every symbol's count over all rows."""
 
     of_row: np.ndarray
     count: int
     estimated_bytes: float
+    counts: np.ndarray
 
 
 @njit(cache=True, nogil=True)
 def _row_variances(symbols: np.ndarray, row_length: int) -> np.ndarray:
-    # exact integer sums (a row of 2**31 16-bit codes stays within int64), then one division
+    # exact integer sums (a row of 2**31 16-bit codes stays within int64), then one division;
+    # a row taken as a slice lets the compiler vectorise the sums (10x)
     rows = symbols.size // row_length
     out = np.empty(rows, dtype=np.float64)
     for r in range(rows):
-        total = np.int64(0)
-        squares = np.int64(0)
-        base = r * row_length
+        row = symbols[r * row_length:(r + 1) * row_length]
+        total = 0
+        squares = 0
         for j in range(row_length):
-            v = np.int64(symbols[base + j])
+            v = np.int64(row[j])
             total += v
             squares += v * v
         mean = total / row_length
@@ -88,18 +90,23 @@ def stream_bytes(counts: np.ndarray, fixed: float = STREAM_BYTES) -> float:
     return entropy_bits(counts) / 8 + TABLE_BYTES_PER_SYMBOL * present + fixed
 
 
+def may_split(size: int, row_length: int) -> bool:
+    """Whether `row_classes` may split ``size`` codes in rows of ``row_length``: enough of
+    them, in two rows or more."""
+    return (row_length >= 1 and size >= MIN_SYMBOLS and not size % row_length
+            and size // row_length >= 2)
+
+
 def row_classes(symbols: np.ndarray, row_length: int) -> RowClasses | None:
     """The classes that code ``symbols`` (uint8 or uint16, rows of ``row_length``) smallest,
     or None where one table is estimated as small (within `SAVING_BYTES`)."""
-    if row_length < 1 or symbols.size < MIN_SYMBOLS or symbols.size % row_length:
-        return None
-    rows = symbols.size // row_length
-    if rows < 2:
+    if not may_split(symbols.size, row_length):
         return None
     finest = finest_classes(_row_variances(symbols, row_length))
-    bins = 1 << (8 * symbols.dtype.itemsize)
+    bins = int(symbols.max()) + 1  # not all 65536 of 16-bit codes: the splits sum them
     counts = _class_histograms(symbols, row_length, finest, MAX_CLASSES, bins)
-    best_bytes = stream_bytes(counts.sum(axis=0)) - SAVING_BYTES
+    total = counts.sum(axis=0)
+    best_bytes = stream_bytes(total) - SAVING_BYTES
     best: RowClasses | None = None
     for classes in SPLITS:
         merged = counts.reshape(classes, -1, bins).sum(axis=1)
@@ -112,6 +119,6 @@ def row_classes(symbols: np.ndarray, row_length: int) -> RowClasses | None:
         if estimate < best_bytes:
             renumber = np.zeros(classes, dtype=np.uint8)
             renumber[used] = np.arange(used.size)
-            best = RowClasses(renumber[of_row], int(used.size), estimate)
+            best = RowClasses(renumber[of_row], int(used.size), estimate, total)
             best_bytes = estimate
     return best
