@@ -16,7 +16,12 @@ import qlis
 from qlis.archive.codecs import ANS, Auto, entropy_bits, symbol_histogram
 from qlis.archive.codecs._common import write_varint
 from qlis.archive.codecs.ans import CLASS_TAG
-from qlis.archive.codecs.row_classes import MIN_SYMBOLS, row_classes
+from qlis.archive.codecs.row_classes import (
+    MIN_SYMBOLS,
+    _streams_bytes,
+    row_classes,
+    stream_bytes,
+)
 from qlis.errors import ArchiveError
 from qlis.plan.execute import execute_layer
 from qlis.plan.plans import LayerConfig
@@ -68,6 +73,15 @@ def test_classes_below_the_one_tables_bound_leave_it_unencoded(
                         or encode_view(self, array))
     data = ANS().encode_rows(codes, 96)
     assert bytes(data[:2]) == CLASS_TAG and codes.size not in encoded
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 10**6), min_size=3, max_size=3), min_size=1,
+                max_size=6))
+def test_the_classes_streams_are_estimated_one_by_one(rows: list[list[int]]) -> None:
+    counts = np.array(rows, dtype=np.int64)
+    expected = sum(stream_bytes(row) for row in counts if row.any())
+    assert _streams_bytes(counts) == pytest.approx(expected, rel=1e-12, abs=1e-9)
 
 
 def test_alike_rows_keep_the_one_table_stream() -> None:

@@ -25,6 +25,7 @@ import qlis
 import qlis.archive.pack
 import qlis.archive.resume
 import qlis.measure.stats
+import qlis.plan.compress
 import qlis.plan.rd
 import qlis.workers.threads
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
@@ -125,6 +126,17 @@ def test_pack_writes_the_bytes_of_save_compress(state, model_file, tmp_path, sou
     assert result.layers, "the policy planned no layer: nothing was compared"
     if "plan" in options:
         assert [layer.name for layer in result.layers] == list(PLAN)
+
+
+def test_pack_counts_the_archive_estimate_only_when_asked(state, tmp_path, monkeypatch):
+    counted = []
+    unplanned_bytes = qlis.plan.compress.unplanned_bytes
+    monkeypatch.setattr(qlis.plan.compress, "unplanned_bytes",
+                        lambda tensor: counted.append(1) or unplanned_bytes(tensor))
+    result = qlis.pack(state, tmp_path / "m.qlis")
+    assert not counted  # the float16 norms were written, not encoded once more for a guess
+    estimate = result.estimated_bytes
+    assert counted and estimate == qlis.compress(state).estimated_bytes
 
 
 def test_a_mapped_file_packs_as_the_dict_it_was_saved_from(state, model_file, tmp_path):
