@@ -74,7 +74,7 @@ PACK_CALL = (
 
 def pack_call_seconds(checkpoint: Path, archive: Path, jobs: int) -> float:
     """The ``qlis.pack`` call alone (file mapped, not yet read), in a fresh process after a
-    first pack of one small tensor (start-up, imports and compiled kernels left out): the
+    first pack of a small layer and a norm (start-up, imports and compiled kernels left out): the
     pipeline's own throughput."""
     out = subprocess.run([sys.executable, "-c", PACK_CALL, str(checkpoint), str(archive),
                           str(jobs)], capture_output=True, text=True, check=True)
@@ -239,7 +239,7 @@ def main() -> None:
             f"this machine's own ceiling, independent numpy sorts on 2 threads against 1 in "
             f"the same run: {ceiling:.2f}x.",
             f"- The `qlis.pack` call alone (in its own process, after a first pack of one "
-            f"64x64 tensor: start-up, imports and compiled kernels left out): "
+            f"256x256 layer and a norm: start-up, imports and compiled kernels left out): "
             f"{min(calls[1]):.1f} s with 1 worker, {min(calls[2]):.1f} s with 2: "
             f"{params / min(calls[1]) / 1e6:.0f} and {params / min(calls[2]) / 1e6:.0f} M "
             f"parameters/s, {min(calls[1]) / min(calls[2]):.2f}x (goal 1.7x: "
