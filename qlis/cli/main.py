@@ -18,6 +18,7 @@ import click
 
 from qlis.cli.console import LazyCommandGroup
 from qlis.version import __version__
+from qlis.workers.memory import one_arena_for_every_thread
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -75,6 +76,7 @@ def _return_freed_buffers_to_the_os() -> None:
 def main() -> None:
     _pause_collections()
     _return_freed_buffers_to_the_os()
+    one_arena_for_every_thread()
     cli(prog_name="qlis")
 
 

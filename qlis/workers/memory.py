@@ -30,7 +30,7 @@ def _glibc(name: str) -> object:
 
 _TRIM = _glibc("malloc_trim")
 _MALLOPT = _glibc("mallopt")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
 KEPT_MMAP_THRESHOLD = 32 << 20
 """Allocations below this come from the heap when `keep_freed_memory_for_reuse` is in force
 (glibc's largest: HEAP_MAX_SIZE / 2 on 64-bit)."""
@@ -44,6 +44,18 @@ def release_freed_memory() -> None:
     """Ask the C allocator to return its free pages to the system (glibc's malloc_trim)."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def one_arena_for_every_thread() -> None:
+    """Make glibc serve every thread from one arena, for the rest of the process. By default
+    each thread that allocates gets an arena of its own, which keeps what that thread frees
+    for that thread alone: a streaming pack's two workers each held their own freed buffers,
+    and the 2.4 B float16 pack's peak went from 1.22 to 1.59-1.70 GB in three runs of four
+    (one arena: 1.17-1.25 GB in eight, 14.4-15.4 s against 15.1-15.9 s, interleaved). Made
+    when a command starts, before any thread allocates: made later (after torch loaded),
+    the ViT-L/14 pack took 4.8 s against 4.3 s. Elsewhere than glibc, nothing is done."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_ARENA_MAX, 1)
 
 
 def keep_freed_memory_for_reuse() -> None:
