@@ -17,8 +17,10 @@ from qlis.archive.codecs import ANS, Auto, entropy_bits, symbol_histogram
 from qlis.archive.codecs._common import write_varint
 from qlis.archive.codecs.ans import CLASS_TAG
 from qlis.archive.codecs.row_classes import (
+    MAX_CLASSES,
     MIN_SYMBOLS,
     _streams_bytes,
+    quantile_edges,
     row_classes,
     stream_bytes,
 )
@@ -82,6 +84,15 @@ def test_the_classes_streams_are_estimated_one_by_one(rows: list[list[int]]) -> 
     counts = np.array(rows, dtype=np.int64)
     expected = sum(stream_bytes(row) for row in counts if row.any())
     assert _streams_bytes(counts) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.5, 1e-300, 7e12]) | st.floats(0, 1e6),
+                min_size=1, max_size=300))
+def test_quantile_edges_are_numpys_to_the_bit(spreads: list[float]) -> None:
+    values = np.array(spreads)
+    expected = np.quantile(values, np.arange(1, MAX_CLASSES) / MAX_CLASSES)
+    assert quantile_edges(values).tobytes() == expected.tobytes()
 
 
 def test_alike_rows_keep_the_one_table_stream() -> None:

@@ -76,10 +76,30 @@ def _class_histograms(symbols: np.ndarray, row_length: int, of_row: np.ndarray,
     return counts
 
 
+@njit(cache=True, nogil=True)
+def quantile_edges(spreads: np.ndarray) -> np.ndarray:
+    """``np.quantile(spreads, np.arange(1, MAX_CLASSES) / MAX_CLASSES)`` to the bit (its
+    "linear" method's index and interpolation, in its order of operations), compiled: numpy's
+    quantile held the GIL a tenth of a second of a ViT-L/14 pack on two threads."""
+    ordered = np.sort(spreads)
+    last = ordered.size - 1
+    edges = np.empty(MAX_CLASSES - 1, dtype=np.float64)
+    for k in range(1, MAX_CLASSES):
+        virtual = last * (k / MAX_CLASSES)
+        below = np.floor(virtual)
+        if virtual >= last:
+            edges[k - 1] = ordered[last]
+            continue
+        a, b = ordered[int(below)], ordered[int(below) + 1]
+        t = virtual - below
+        edges[k - 1] = b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
+    return edges
+
+
 def finest_classes(spreads: np.ndarray) -> np.ndarray:
     """Each row's class (uint8) in the finest split: the `MAX_CLASSES` quantiles of the
     rows' ``spreads``, which coarser splits merge by neighbours."""
-    edges = np.quantile(spreads, np.arange(1, MAX_CLASSES) / MAX_CLASSES)
+    edges = quantile_edges(np.ascontiguousarray(spreads, dtype=np.float64))
     return np.searchsorted(edges, spreads, side="right").astype(np.uint8)
 
 
