@@ -6,6 +6,7 @@ import json
 import os
 import struct
 
+import google_crc32c
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ import qlis
 import qlis.archive.file
 import qlis.quantize.quantizers
 import qlis.write_behind
-from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
+from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION, crc32c
 from qlis.errors import ArchiveError, InputError
 from qlis.models.tensors import same_bits
 
@@ -556,3 +557,12 @@ def test_short_records_are_written_together_into_the_same_bytes(tmp_path, monkey
     assert len(writes) > 300
     assert gathered == one_by_one
     assert same_bits(qlis.load(tmp_path / "gathered.qlis")["after"], tensors["after"])
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, (1 << 24) + 3])
+def test_a_records_crc_is_that_of_its_bytes_whatever_holds_them(size: int) -> None:
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    expected = google_crc32c.value(data.tobytes())
+    assert crc32c(data.tobytes()) == expected
+    assert crc32c(memoryview(data).toreadonly()) == expected
+    assert crc32c(memoryview(bytearray(data.tobytes()))) == expected
