@@ -64,7 +64,7 @@ def test_start_up_pauses_the_collector_and_the_command_runs_with_it(tmp_path, mo
                      tmp_path / "m.qlis")
     seen, frozen = [], []
     monkeypatch.setattr(qlis.cli.main, "cli", lambda **_: seen.append(gc.isenabled()))
-    monkeypatch.setattr(qlis.cli.main, "_return_freed_buffers_to_the_os", lambda: None)
+    monkeypatch.setattr(qlis.cli.main, "set_the_commands_allocator", lambda: None)
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
     try:
         qlis.cli.main.main()

@@ -9,18 +9,14 @@ qlis.cli.unpack) load it.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
-import sys
 
 import click
 
 from qlis.cli.console import LazyCommandGroup
 from qlis.version import __version__
-from qlis.workers.memory import one_arena_for_every_thread
+from qlis.workers.memory import set_the_commands_allocator
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 COMMANDS = {
     "inspect": "qlis.cli.model_commands:inspect",
@@ -60,23 +56,9 @@ def _resume_collections() -> None:
         gc.enable()
 
 
-def _return_freed_buffers_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 8 MiB. Its adaptive default moves large buffers to the
-    heap once one is freed, and the heap keeps whole-layer temporaries (measured on a
-    ViT-L/14 pack: peak memory 2.6x the checkpoint instead of 1.6x); a chunk's temporaries
-    (qlis.measure.distortion.CHUNK_ELEMENTS, 4 MiB of float32) stay below it and are reused.
-    Measured on a 2.4 B float16 pack: 1 MiB made every chunk buffer a fresh mapping (105 s); 64 MiB
-    let the heap keep layers' codes (2.27 GB peak, killed in a 1.5 GiB cgroup); 8 MiB: 47 s,
-    1.72 GB, and it completes in the cgroup."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 23)
-
-
 def main() -> None:
     _pause_collections()
-    _return_freed_buffers_to_the_os()
-    one_arena_for_every_thread()
+    set_the_commands_allocator()
     cli(prog_name="qlis")
 
 

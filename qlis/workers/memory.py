@@ -35,6 +35,9 @@ KEPT_MMAP_THRESHOLD = 32 << 20
 """Allocations below this come from the heap when `keep_freed_memory_for_reuse` is in force
 (glibc's largest: HEAP_MAX_SIZE / 2 on 64-bit)."""
 KEPT_TRIM_THRESHOLD = 1 << 30
+COMMAND_MMAP_THRESHOLD = 8 << 20
+"""Allocations from this size are mapped apart in every command (`set_the_commands_allocator`)
+until a command sets its own."""
 RETURNED_MMAP_THRESHOLD = 256 << 10
 """Allocations from this size are mapped, and unmapped when freed, once
 `return_freed_buffers_at_once` is in force."""
@@ -46,15 +49,25 @@ def release_freed_memory() -> None:
         _TRIM(0)
 
 
-def one_arena_for_every_thread() -> None:
-    """Make glibc serve every thread from one arena, for the rest of the process. By default
-    each thread that allocates gets an arena of its own, which keeps what that thread frees
-    for that thread alone: a streaming pack's two workers each held their own freed buffers,
-    and the 2.4 B float16 pack's peak went from 1.22 to 1.59-1.70 GB in three runs of four
-    (one arena: 1.17-1.25 GB in eight, 14.4-15.4 s against 15.1-15.9 s, interleaved). Made
-    when a command starts, before any thread allocates: made later (after torch loaded),
-    the ViT-L/14 pack took 4.8 s against 4.3 s. Elsewhere than glibc, nothing is done."""
+def set_the_commands_allocator() -> None:
+    """What every `qlis` command sets when it starts, before any thread allocates.
+
+    glibc's mmap threshold fixed at 8 MiB (`COMMAND_MMAP_THRESHOLD`). Its adaptive default
+    moves large buffers to the heap once one is freed, and the heap keeps whole-layer
+    temporaries (measured on a ViT-L/14 pack: peak memory 2.6x the checkpoint instead of
+    1.6x); a chunk's temporaries (qlis.measure.distortion.CHUNK_ELEMENTS, 4 MiB of float32)
+    stay below it and are reused. Measured on a 2.4 B float16 pack: 1 MiB made every chunk
+    buffer a fresh mapping (105 s); 64 MiB let the heap keep layers' codes (2.27 GB peak,
+    killed in a 1.5 GiB cgroup); 8 MiB: 47 s, 1.72 GB, and it completes in the cgroup.
+
+    Every thread served from one arena. By default each thread that allocates gets an arena
+    of its own, which keeps what that thread frees for that thread alone: a streaming pack's
+    two workers each held their own freed buffers, and the 2.4 B float16 pack's peak went
+    from 1.22 to 1.59-1.70 GB in three runs of four (one arena: 1.17-1.25 GB in eight,
+    14.4-15.4 s against 15.1-15.9 s, interleaved). Set later (after torch loaded), the
+    ViT-L/14 pack took 4.8 s against 4.3 s. Elsewhere than glibc, nothing is done."""
     if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_THRESHOLD, COMMAND_MMAP_THRESHOLD)
         _MALLOPT(_M_ARENA_MAX, 1)
 
 
@@ -80,8 +93,8 @@ def return_freed_buffers_at_once() -> None:
     """Make glibc map every allocation from 256 KiB and unmap it when freed, for the rest of
     the process. A calibrated pack makes and frees activations, sums and factors of a few MiB
     per batch and per layer; cut from the heap (below the 8 MiB threshold every command starts
-    with, `qlis.cli.main`), each freed one stays resident in a hole of the heap until the next
-    trim: 40-60 MiB at the peaks of a 6-block BERT-shaped pack of width 1024 (what
+    with, `set_the_commands_allocator`), each freed one stays resident in a hole of the heap
+    until the next trim: 40-60 MiB at the peaks of a 6-block BERT-shaped pack of width 1024 (what
     `malloc_trim` gave back at each new peak). Measured (`bench_calib_blocks.py` 6-block pack,
     2 cores, with `FixedPointSum`'s reused buffers): peak 535 -> 467 MiB, 56.3 -> 60.4 s.
     Only the calibrated pack makes it (the streaming commands keep their buffers instead:
