@@ -33,7 +33,13 @@ from qlis.cli.main import cli
 from qlis.errors import ConfigError, InputError
 from qlis.models.checkpoints import MappedState, load_state_dict, write_sharded_safetensors
 from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
-from qlis.workers.threads import GROUP_ITEMS, check_jobs, default_jobs, ordered_map
+from qlis.workers.threads import (
+    GROUP_ITEMS,
+    SWITCH_INTERVAL_S,
+    check_jobs,
+    default_jobs,
+    ordered_map,
+)
 
 PLAN = {
     "0.weight": {"quantizer": {"id": "affine", "bits": 4}},
@@ -453,6 +459,36 @@ def test_ordered_map_runs_fn_on_one_torch_thread_and_restores_the_count(torch_th
     assert next(gen) == 1
     gen.close()  # a consumer that stops early
     assert torch.get_num_threads() == 3
+
+
+def test_ordered_map_hands_the_gil_over_promptly_and_restores_the_interval():
+    before = sys.getswitchinterval()
+    assert before != SWITCH_INTERVAL_S
+    seen = list(ordered_map(lambda _: sys.getswitchinterval(), range(8), jobs=2))
+    assert seen == pytest.approx([SWITCH_INTERVAL_S] * 8)
+    assert sys.getswitchinterval() == before
+
+    def fail_at_2(i: int) -> float:
+        if i == 2:
+            raise RuntimeError("boom")
+        return sys.getswitchinterval()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(ordered_map(fail_at_2, range(8), jobs=2))
+    assert sys.getswitchinterval() == before
+
+
+def test_a_pools_setting_is_restored_when_the_last_of_overlapping_pools_ends():
+    """Pools may overlap (from two threads, or one inside another's task): the first to end
+    must leave the setting to the one still running."""
+    before = sys.getswitchinterval()
+    outer = ordered_map(lambda i: i, range(4), jobs=1)
+    assert next(outer) == 0
+    inner = list(ordered_map(lambda _: sys.getswitchinterval(), range(4), jobs=2))
+    assert inner == pytest.approx([SWITCH_INTERVAL_S] * 4)
+    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)  # the outer pool still runs
+    assert list(outer) == [1, 2, 3]
+    assert sys.getswitchinterval() == before
 
 
 @pytest.mark.parametrize("jobs", [0, -1, True, False, 1.5, "2", 1025])
