@@ -7,6 +7,7 @@ no code with the library.
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 import torch
@@ -111,3 +112,20 @@ def normalized_frequencies(counts: np.ndarray, scale: int) -> np.ndarray:
                                            -i))
         freqs[best] += step
     return np.array(freqs, dtype=np.int64)
+
+
+def ans_table(counts: np.ndarray, tolerance: float, max_scale: int = 16,
+              ) -> tuple[np.ndarray, int]:
+    """The rANS table's scale rule: at each scale that holds the alphabet, the coded bits
+    plus the table's varints (every frequency but the last); the smallest scale within
+    ``tolerance`` of the best."""
+    first = max(1, (len(counts) - 1).bit_length())
+    costs = {}
+    for scale in range(first, max_scale + 1):
+        freqs = normalized_frequencies(counts, scale)
+        bits = sum(c * (scale - math.log2(f)) for c, f in zip(counts, freqs, strict=True))
+        varints = sum(1 + (f >= 1 << 7) + (f >= 1 << 14) + (f >= 1 << 21) for f in freqs[:-1])
+        costs[scale] = bits + 8 * varints
+    limit = min(costs.values()) * (1 + tolerance)
+    scale = next(s for s, cost in costs.items() if cost <= limit)
+    return normalized_frequencies(counts, scale), scale

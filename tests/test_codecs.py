@@ -34,7 +34,12 @@ from qlis.archive.codecs._common import (
     read_varints,
     write_runs,
 )
-from qlis.archive.codecs.ans import _encoder_table, _normalize
+from qlis.archive.codecs.ans import (
+    _SCALE_TOLERANCE,
+    _encoder_table,
+    _normalize,
+    frequency_table,
+)
 from qlis.archive.codecs.huffman import _package_merge, canonical_codes, code_lengths
 from qlis.errors import ArchiveError, ConfigError
 
@@ -413,6 +418,16 @@ def test_ans_frequency_table_follows_its_rule(counts: list[int], data: st.DataOb
     scale = data.draw(st.integers(max(1, (len(counts) - 1).bit_length()), 16))
     expected = reference.normalized_frequencies(array, scale)
     assert np.array_equal(_normalize(array, scale), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=200).filter(any))
+def test_ans_table_scale_follows_its_rule(counts: list[int]) -> None:
+    array = np.array(counts, dtype=np.int64)
+    freqs, scale = frequency_table(array)
+    want_freqs, want_scale = reference.ans_table(array, _SCALE_TOLERANCE)
+    assert scale == want_scale
+    assert np.array_equal(freqs, want_freqs)
 
 
 def test_ans_reciprocals_divide_exactly() -> None:
