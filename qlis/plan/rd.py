@@ -270,17 +270,11 @@ class _SampledRows:
         id_bytes = np.array([stream_bytes(ids[ids > 0]) + 4 for ids in merged])
         return cls(finest[row_of.numpy()], per_class, rows.shape[1], id_bytes)
 
-    def code_bytes(self, levels: np.ndarray, low: int, high: int) -> float | None:
-        """Estimated bytes of the layer's codes coded in the smallest split into classes,
-        from the sample's ``levels``; None where no split's classes are sampled thickly
-        enough to say (`_bits_per_symbol`)."""
-        splits = _classed_code_bytes(levels, low, high - low + 1, self.of_sample,
-                                     self.per_class, self.length, _SPLIT_COUNTS)
-        estimated = (splits + self.id_bytes)[splits >= 0]
-        return float(estimated.min()) if estimated.size else None
-
 
 _SPLIT_COUNTS = np.array(SPLITS)
+_NO_ROWS = _SampledRows(np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.int64), 0,
+                        np.zeros(0))
+"""What the compiled ladder takes for a layer measured on one table."""
 
 
 @njit(cache=True, nogil=True)
@@ -325,6 +319,37 @@ def _classed_code_bytes(levels: np.ndarray, low: int, width: int, of_sample: np.
     return splits
 
 
+@njit(cache=True, nogil=True)
+def _measure_steps(scaled: np.ndarray, steps: np.ndarray, rounding: np.float32,
+                   rms: np.ndarray, reference: np.ndarray, widest: float,
+                   of_sample: np.ndarray, per_class: np.ndarray, length: int,
+                   splits_of: np.ndarray, id_bytes: np.ndarray, classed: bool,
+                   ) -> tuple[int, np.ndarray]:
+    # Each step in turn, until its levels would pass MAX_LEVELS (how many were measured is
+    # returned): the sample's squared error, how many levels occur, the Shannon bound of
+    # their counts in bits and, with ``classed`` and where the sample is thick enough
+    # (`_bits_per_symbol`), the smallest split's row classes' bytes (NaN where none can say,
+    # `_classed_code_bytes`). One call a layer: a call a step held the GIL between steps.
+    levels = np.empty(scaled.size, dtype=np.int64)
+    measured = np.empty((steps.size, 4))
+    for s in range(steps.size):
+        low, high = _round_to_steps(scaled, steps[s], rounding, levels)
+        if (high - low + 1) * max(1.0, widest) > MAX_LEVELS:
+            return s, measured
+        error, present, entropy = _error_and_entropy(levels, low, high, steps[s], rms,
+                                                     reference)
+        smallest = np.nan
+        if classed and not present > scaled.size / 16:
+            splits = _classed_code_bytes(levels, low, high - low + 1, of_sample, per_class,
+                                         length, splits_of)
+            for i in range(splits.size):
+                if splits[i] >= 0 and not splits[i] + id_bytes[i] >= smallest:
+                    smallest = splits[i] + id_bytes[i]
+        measured[s, 0], measured[s, 1] = error, present
+        measured[s, 2], measured[s, 3] = entropy, smallest
+    return steps.size, measured
+
+
 def _uniform_ladder(
     values: torch.Tensor, rms: torch.Tensor, n_params: int, numel: int, widest: float,
     granularity: str, rounding: float, finest: float, pruner: dict | None,
@@ -346,19 +371,18 @@ def _uniform_ladder(
     if emphasis is not None:  # the errors (reference - level * step * rms) weighed
         rms, reference = rms * emphasis, reference * emphasis
     rms_values, reference_values = rms.numpy(), reference.numpy()
-    levels = np.empty(scaled.size, dtype=np.int64)
+    steps = [t for t in _relative_steps(finest) if t < coarsest]
+    rows = sampled_rows or _NO_ROWS
+    count, measured = _measure_steps(
+        scaled, np.array(steps, dtype=np.float32), np.float32(rounding), rms_values,
+        reference_values, float(widest), rows.of_sample, rows.per_class, rows.length,
+        _SPLIT_COUNTS, rows.id_bytes, sampled_rows is not None)
     found = []
     reliable = None
     saved = 0.0  # bytes the row classes saved at the last step that measured them
-    for t in _relative_steps(finest):
-        if t >= coarsest:
-            continue
-        step = np.float32(t)
-        low, high = _round_to_steps(scaled, step, np.float32(rounding), levels)
-        if (high - low + 1) * max(1.0, widest) > MAX_LEVELS:
-            break
-        error, present, entropy = _error_and_entropy(levels, low, high, step, rms_values,
-                                                     reference_values)
+    for t, (error, present, entropy, classed) in zip(steps[:count],
+                                                     measured[:count].tolist(), strict=True):
+        present = int(present)
         bits = _bits_per_symbol(present, entropy, values.numel())
         sampled = bits is not None
         if sampled:
@@ -369,8 +393,7 @@ def _uniform_ladder(
             bits = entropy / values.numel()
         code_bytes = numel * bits / 8 + TABLE_BYTES_PER_SYMBOL * present + 12
         if sampled_rows is not None and sampled:
-            classed = sampled_rows.code_bytes(levels, low, high)
-            pays = classed is not None and classed < code_bytes - SAVING_BYTES
+            pays = classed < code_bytes - SAVING_BYTES  # never where NaN: none could say
             saved = code_bytes - classed if pays else 0.0
         # kept finer, where a class's sample is too thin: what a class tells of a code, at
         # high rates, no longer changes with the step
