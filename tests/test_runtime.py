@@ -267,10 +267,10 @@ def test_hooks_on_a_packed_layer_still_run(tmp_path):
     (reference, _), (low, handle) = models
     assert isinstance(low.fc2, runtime._LowBit) and not low.fc2.training
     x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.equal(low(x), reference(x))
+    with torch.no_grad():  # int8 kernels sum in another order than float ones on some CPUs
+        torch.testing.assert_close(low(x), reference(x), rtol=1e-4, atol=1e-5)
         handle.remove()
-        assert not torch.equal(low(x), reference(x))
+        assert not torch.allclose(low(x), reference(x), rtol=1e-2, atol=1e-3)
 
 
 def test_bad_runtime_and_missing_model_are_user_errors(tmp_path):
