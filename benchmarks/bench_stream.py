@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,14 @@ def pack_call_seconds(checkpoint: Path, archive: Path, jobs: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def speedup(one: list[float], two: list[float]) -> tuple[float, float]:
+    """Two workers against one from interleaved rounds: the fastest against the fastest, and
+    the median of each round's own ratio. The second is the goal's measure: a round's two runs
+    share the machine's drift of the moment (on the shared VM, the same one-worker call took
+    4.8-5.6 s within ten minutes), where the two fastest may come from different moments."""
+    return min(one) / min(two), statistics.median(a / b for a, b in zip(one, two, strict=True))
+
+
 def throughput_note(checkpoint: Path, archive: Path, rounds: int) -> str:
     """Two workers against one on ``checkpoint``: `qlis pack` commands and the `qlis.pack`
     call, ``rounds`` rounds interleaved (the machine's drift hits both alike), fastest
@@ -93,14 +102,16 @@ def throughput_note(checkpoint: Path, archive: Path, rounds: int) -> str:
                                  "--jobs", str(jobs)])
             commands[jobs].append(seconds)
             calls[jobs].append(pack_call_seconds(checkpoint, archive, jobs))
-    command_x = min(commands[1]) / min(commands[2])
-    call_x = min(calls[1]) / min(calls[2])
+    command_x, command_paired = speedup(commands[1], commands[2])
+    call_x, call_paired = speedup(calls[1], calls[2])
     return (f"- Throughput on the {checkpoint.stem} checkpoint, 2 workers against 1 ({rounds} "
-            f"rounds interleaved, fastest shown; goal 1.7x): `qlis pack --jobs 1` "
-            f"{min(commands[1]):.1f} s, `--jobs 2` {min(commands[2]):.1f} s: {command_x:.2f}x "
-            f"({'met' if command_x >= 1.7 else 'NOT met'}); the `qlis.pack` call alone "
+            f"rounds interleaved, fastest shown; goal 1.7x, `speedup`): `qlis pack --jobs 1` "
+            f"{min(commands[1]):.1f} s, `--jobs 2` {min(commands[2]):.1f} s: {command_x:.2f}x, "
+            f"{command_paired:.2f}x the median of the rounds "
+            f"({'met' if command_paired >= 1.7 else 'NOT met'}); the `qlis.pack` call alone "
             f"(start-up left out, as above) {min(calls[1]):.1f} s and {min(calls[2]):.1f} s: "
-            f"{call_x:.2f}x ({'met' if call_x >= 1.7 else 'NOT met'}).")
+            f"{call_x:.2f}x, {call_paired:.2f}x the median of the rounds "
+            f"({'met' if call_paired >= 1.7 else 'NOT met'}).")
 
 
 def llm_layout(hidden: int, layers: int, intermediate: int, vocab: int,
@@ -226,6 +237,7 @@ def main() -> None:
                                                                    "core)"])
         unpack_jobs = min(times["qlis unpack --jobs 1"]) / min(
             times["qlis unpack (default: every core)"])
+        call_x, call_paired = speedup(calls[1], calls[2])
         lines += [
             "",
             f"Archive: {size / 2**20:.1f} MiB, real ratio {vit.stat().st_size / size:.2f}x, "
@@ -242,8 +254,10 @@ def main() -> None:
             f"256x256 layer and a norm: start-up, imports and compiled kernels left out): "
             f"{min(calls[1]):.1f} s with 1 worker, {min(calls[2]):.1f} s with 2: "
             f"{params / min(calls[1]) / 1e6:.0f} and {params / min(calls[2]) / 1e6:.0f} M "
-            f"parameters/s, {min(calls[1]) / min(calls[2]):.2f}x (goal 1.7x: "
-            f"{'met' if min(calls[1]) / min(calls[2]) >= 1.7 else 'NOT met'}).",
+            f"parameters/s, {call_x:.2f}x; the median of the rounds' own ratios "
+            f"{', '.join(f'{a / b:.2f}' for a, b in zip(calls[1], calls[2], strict=True))}: "
+            f"{call_paired:.2f}x (goal 1.7x, `speedup`: "
+            f"{'met' if call_paired >= 1.7 else 'NOT met'}).",
             "",
         ]
         vit.unlink()
