@@ -32,6 +32,7 @@ from qlis.archive.codecs._common import (
     read_runs,
     read_symbol_head,
     read_varints,
+    symbol_histogram,
     write_runs,
 )
 from qlis.archive.codecs.ans import (
@@ -418,6 +419,18 @@ def test_ans_frequency_table_follows_its_rule(counts: list[int], data: st.DataOb
     scale = data.draw(st.integers(max(1, (len(counts) - 1).bit_length()), 16))
     expected = reference.normalized_frequencies(array, scale)
     assert np.array_equal(_normalize(array, scale), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([np.uint8, np.uint16]), st.integers(0, 70_000), st.integers(0, 2**32),
+       st.data())
+def test_symbol_histogram_counts_every_value_short_or_long(dtype, size: int, seed: int,
+                                                           data: st.DataObject) -> None:
+    """Arrays shorter than their bins are counted in one table, longer ones in four."""
+    top = data.draw(st.integers(0, np.iinfo(dtype).max))
+    symbols = np.random.default_rng(seed).integers(0, top + 1, size).astype(dtype)
+    bins = np.iinfo(dtype).max + 1
+    assert np.array_equal(symbol_histogram(symbols), np.bincount(symbols, minlength=bins))
 
 
 @settings(max_examples=200, deadline=None)
