@@ -323,13 +323,13 @@ def _classed_code_bytes(levels: np.ndarray, low: int, width: int, of_sample: np.
 def _measure_steps(scaled: np.ndarray, steps: np.ndarray, rounding: np.float32,
                    rms: np.ndarray, reference: np.ndarray, widest: float,
                    of_sample: np.ndarray, per_class: np.ndarray, length: int,
-                   splits_of: np.ndarray, id_bytes: np.ndarray, classed: bool,
-                   ) -> tuple[int, np.ndarray]:
+                   splits_of: np.ndarray, id_bytes: np.ndarray) -> tuple[int, np.ndarray]:
     # Each step in turn, until its levels would pass MAX_LEVELS (how many were measured is
     # returned): the sample's squared error, how many levels occur, the Shannon bound of
-    # their counts in bits and, with ``classed`` and where the sample is thick enough
-    # (`_bits_per_symbol`), the smallest split's row classes' bytes (NaN where none can say,
-    # `_classed_code_bytes`). One call a layer: a call a step held the GIL between steps.
+    # their counts in bits and, given the rows' classes (``per_class``, empty for a layer on
+    # one table) and where the sample is thick enough (`_bits_per_symbol`), the smallest
+    # split's row classes' bytes (NaN where none can say, `_classed_code_bytes`). One call a
+    # layer: a call a step held the GIL between steps.
     levels = np.empty(scaled.size, dtype=np.int64)
     measured = np.empty((steps.size, 4))
     for s in range(steps.size):
@@ -339,7 +339,7 @@ def _measure_steps(scaled: np.ndarray, steps: np.ndarray, rounding: np.float32,
         error, present, entropy = _error_and_entropy(levels, low, high, steps[s], rms,
                                                      reference)
         smallest = np.nan
-        if classed and not present > scaled.size / 16:
+        if per_class.size and not present > scaled.size / 16:
             splits = _classed_code_bytes(levels, low, high - low + 1, of_sample, per_class,
                                          length, splits_of)
             for i in range(splits.size):
@@ -376,7 +376,7 @@ def _uniform_ladder(
     count, measured = _measure_steps(
         scaled, np.array(steps, dtype=np.float32), np.float32(rounding), rms_values,
         reference_values, float(widest), rows.of_sample, rows.per_class, rows.length,
-        _SPLIT_COUNTS, rows.id_bytes, sampled_rows is not None)
+        _SPLIT_COUNTS, rows.id_bytes)
     found = []
     reliable = None
     saved = 0.0  # bytes the row classes saved at the last step that measured them
