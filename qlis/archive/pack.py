@@ -7,8 +7,8 @@ model's order: memory holds the tensors in flight and their records, whatever th
 size (with a `qlis.models.checkpoints.MappedState` input, tensors are read as they are
 used). The archive is the bytes ``save(compress(...))`` writes, whatever ``jobs`` is. With
 calibration data the reconstruction runs the whole model, so pack then compresses and saves,
-each finished layer's codes waiting in an unlinked file beside the archive, not in memory
-(qlis/plan/spill.py).
+each finished layer's codes and the float model's outputs on the calibration data waiting in
+an unlinked file beside the archive, not in memory (qlis/workers/spill_file.py).
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from qlis.plan.compress import (
 )
 from qlis.plan.execute import LayerPlan, StoredTensor
 from qlis.plan.policy import Policy
-from qlis.plan.spill import CodeSpill
 from qlis.workers.cluster import Cluster, framed, share, unframed
+from qlis.workers.spill_file import SpillFile
 from qlis.workers.threads import (
     IN_FLIGHT_ELEMENTS,
     SMALL_TENSOR_ELEMENTS,
@@ -129,7 +129,7 @@ def pack(
     if options.get("calib") is not None:
         planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
                                    progress=planning_progress, cluster=cluster,
-                                   spill=CodeSpill(Path(path).parent), **options)
+                                   spill=SpillFile(Path(path).parent), **options)
         result = planned.result(*planned.executor.run(planned.plan))
         if cluster is None or cluster.leader:
             save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,

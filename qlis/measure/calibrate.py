@@ -37,6 +37,7 @@ from qlis.measure.row_shares import lookup_shares
 from qlis.models.tensors import renormed_tables, tensor_label
 from qlis.workers.cluster import Cluster, share_of, together
 from qlis.workers.memory import allocation_failed
+from qlis.workers.spill_file import SpillFile
 from qlis.workers.threads import single_threaded_ops
 
 CalibSpec = Sequence[Any] | Callable[[torch.nn.Module], Any]
@@ -482,10 +483,11 @@ class Calibration:
     In a ``cluster`` (qlis/workers/cluster.py) each rank runs its share of the batches (a
     contiguous run of the fitting batches and of the held-out ones) and every measure adds
     the ranks' parts in the batches' order (qlis/measure/batch_sums.py): the same bits as one
-    process."""
+    process. With a ``spill``, the reference outputs wait in its file, not in memory: they
+    are read once per measure, and are as large as a block's activations."""
 
     def __init__(self, model: torch.nn.Module, calib: CalibSpec,
-                 cluster: Cluster | None = None) -> None:
+                 cluster: Cluster | None = None, spill: SpillFile | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise InputError("calibration needs the model as an nn.Module")
         if isinstance(model, torch.jit.ScriptModule):
@@ -553,6 +555,9 @@ class Calibration:
         """The batches this rank runs (all of them in one process)."""
         with together(cluster):
             self.reference = self._references()
+        if spill is not None:
+            self.reference = {key: spill.keep_tensor(vectors)
+                              for key, vectors in self.reference.items()}
         values = sum(v.numel() for v in self.reference.values())
         if not (sum(cluster.all_gather_json(values)) if cluster is not None else values):
             raise InputError("the calibration outputs are empty")

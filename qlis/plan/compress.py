@@ -36,11 +36,11 @@ from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import LayerConfig, Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
 from qlis.plan.sizes import HEADER_BYTES, stored_bits, unplanned_bytes
-from qlis.plan.spill import CodeSpill
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import NOT_REACHED
 from qlis.workers.cluster import Cluster
+from qlis.workers.spill_file import SpillFile
 from qlis.workers.threads import check_jobs
 
 COMPRESS_PARAMS = {
@@ -459,15 +459,15 @@ def plan_compression(
     jobs: int | None = None,
     cluster: Cluster | None = None,
     cache: PassCache | None = None,
-    spill: CodeSpill | None = None,
+    spill: SpillFile | None = None,
     **options: Any,
 ) -> PlannedCompression:
     """Validate ``compress``'s arguments, inspect the model and let the policy plan; nothing
     is executed but what the policy measures while it plans. ``planning_progress`` gets the
     parameters of each layer the policy has measured; in a ``cluster`` every rank plans the
     same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
-    measured (qlis/archive/resume.py); ``spill`` keeps executed layers' codes out of memory
-    (qlis/plan/spill.py)."""
+    measured (qlis/archive/resume.py); ``spill`` keeps executed layers' codes and the calibration's
+    reference outputs out of memory (qlis/workers/spill_file.py)."""
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
     for callback, label in ((progress, "progress"), (planning_progress, "planning_progress")):
@@ -497,7 +497,7 @@ def plan_compression(
     if calib is not None:
         if not isinstance(model_or_state_dict, torch.nn.Module):
             raise InputError("calib= needs the model as an nn.Module (not a state dict)")
-        calibration = Calibration(model_or_state_dict, calib, cluster)
+        calibration = Calibration(model_or_state_dict, calib, cluster, spill)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
                             rounding_sweeps, progress, jobs, spill, plan_policy.stored_rest)

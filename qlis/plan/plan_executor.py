@@ -4,6 +4,7 @@ a plan a policy measured while choosing is not executed twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,8 +14,9 @@ import torch
 from qlis.measure.calibrate import Calibration
 from qlis.plan.execute import LayerPlan, Realized, StoredTensor, execute_layer, lazily
 from qlis.plan.plans import LayerConfig, Plan
-from qlis.plan.spill import CodeSpill
+from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import reconstruct
+from qlis.workers.spill_file import SpillFile
 from qlis.workers.threads import ordered_map
 
 
@@ -23,13 +25,13 @@ class PlanExecutor:
     forward order on the calibration data (``calibration`` given). The last two results are
     kept, so a plan a policy measured while choosing is not executed twice. ``progress`` gets
     the parameter count of every layer executed, in every pass; with a ``spill``, each
-    executed layer's codes wait in its file, not in memory (qlis/plan/spill.py)."""
+    executed layer's codes wait in its file, not in memory (qlis/workers/spill_file.py)."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], scores: Mapping[str, float],
                  calibration: Calibration | None, bias_correction: bool,
                  rounding_sweeps: int = 0,
                  progress: Callable[[int], None] | None = None,
-                 jobs: int | None = None, spill: CodeSpill | None = None,
+                 jobs: int | None = None, spill: SpillFile | None = None,
                  rest: Callable[[torch.Tensor], StoredTensor] | None = None) -> None:
         self.state = state
         self.rest = rest or (lambda tensor: tensor)
@@ -56,7 +58,10 @@ class PlanExecutor:
     def _keep(self, stored: StoredTensor) -> StoredTensor:
         """A layer as this compression keeps it (its codes in the spill, when there is one),
         whichever rank executed it."""
-        return stored if self.spill is None else self.spill.keep(stored)
+        if self.spill is None or not isinstance(stored, QuantizedTensor):
+            return stored
+        codes = self.spill.keep_array(stored.codes)
+        return stored if codes is stored.codes else dataclasses.replace(stored, codes=codes)
 
     def run(self, plan: Plan) -> tuple[dict[str, StoredTensor], list[LayerPlan]]:
         """Every tensor as stored (the input's own where unchanged), and the plan rows."""
