@@ -282,10 +282,12 @@ def main() -> None:
             archive = folder / f"{label}.qlis"
             seconds, peak, _ = run([*QLIS, "pack", str(path), "-o", str(archive), "--force"])
             bound = 1e9 + 2 * largest
+            # the bound is the 2.4B's goal; the 7B's is to pack here, its time and memory shown
+            verdict = f" ({'met' if peak <= bound else 'NOT met'})" if label == "2.4B" else ""
             size, rel_mse = archive_quality(archive)
             lines.append(f"| {label} | {params / 1e9:.2f} B | {path.stat().st_size / 1e9:.2f} | "
                          f"{largest / 1e6:.0f} | {seconds:.0f} | {peak / 1e9:.2f} | "
-                         f"{bound / 1e9:.2f} ({'met' if peak <= bound else 'NOT met'}) | "
+                         f"{bound / 1e9:.2f}{verdict} | "
                          f"{size / 1e6:.0f} | {path.stat().st_size / size:.2f} | "
                          f"{rel_mse:.2e} |")
             if label == "2.4B":  # long enough that start-up and first calls hardly count
