@@ -97,3 +97,9 @@ def test_a_kept_tensor_has_its_values_dtype_and_shape(tmp_path, monkeypatch, dty
     assert SpillFile(tmp_path).keep_tensor(tensors[0]) is not tensors[0]
     monkeypatch.setattr(spill_file, "SPILL_FROM_BYTES", tensors[0].numel() * 8 + 1)
     assert SpillFile(tmp_path).keep_tensor(tensors[0]) is tensors[0]  # small: in memory
+
+
+def test_a_tensor_outside_the_process_memory_stays_where_it_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(spill_file, "SPILL_FROM_BYTES", 0)
+    elsewhere = torch.empty(64, 64, device="meta")  # stands for a GPU's: no numpy view
+    assert SpillFile(tmp_path).keep_tensor(elsewhere) is elsewhere

@@ -60,9 +60,11 @@ class SpillFile:
                              shape=array.shape)
 
     def keep_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A CPU ``tensor``'s values, mapped from the file, in its dtype and shape (its bytes
-        go as they are: numpy has no bfloat16)."""
-        if tensor.numel() * tensor.element_size() < SPILL_FROM_BYTES:
+        """``tensor``'s values, mapped from the file, in its dtype and shape (its bytes go as
+        they are: numpy has no bfloat16); a small one, or one outside the process's memory (on
+        a GPU), is returned as it is."""
+        if (tensor.device.type != "cpu"
+                or tensor.numel() * tensor.element_size() < SPILL_FROM_BYTES):
             return tensor
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         return torch.from_numpy(self.keep_array(raw)).view(tensor.dtype).reshape(tensor.shape)
