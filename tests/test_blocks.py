@@ -333,3 +333,28 @@ def test_a_decoders_key_value_cache_starts_empty_in_every_block_replay(monkeypat
     mine, theirs = by_blocks.state_dict(), whole.state_dict()
     assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
     assert by_blocks.distortion["output"]["cosine"] > 0.9
+
+
+def test_advancing_the_cache_lets_each_batchs_inputs_go_once_its_outputs_are_made():
+    torch.manual_seed(0)
+    model = Chain().eval()
+    calibration = calibrate.Calibration(model, batches(6))
+    blocks = find_blocks(model)
+    cached = blocks_module.CachedInputs(calibration, blocks, {})
+    with torch.no_grad():
+        expected = [calibrate.first_tensor(blocks.modules[0](*fresh.args, **fresh.kwargs))
+                    for fresh in (call.fresh() for _, call in cached.calls)]
+    inputs = [weakref.ref(call.hidden) for _, call in cached.calls]
+    alive_at_each_call = []
+    handle = blocks.modules[0].register_forward_pre_hook(
+        lambda module, args: alive_at_each_call.append(
+            sum(ref() is not None for ref in inputs)))
+    try:
+        cached.advance(blocks.modules[0], {})
+    finally:
+        handle.remove()
+    count = len(inputs)
+    assert alive_at_each_call == list(range(count, 0, -1))  # the earlier batches' are gone
+    assert all(ref() is None for ref in inputs)
+    for (_, call), output in zip(cached.calls, expected, strict=True):
+        assert torch.equal(call.hidden, output)

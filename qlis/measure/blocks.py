@@ -13,7 +13,7 @@ the float model's own pass; a model that is not one keeps the forward passes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,11 +219,22 @@ class CachedInputs:
         self.calibration.run_calls(self._calls_of(block), replacements, stop, eager_bytes=0)
 
     def advance(self, block: nn.Module, replacements: Mapping[str, Replacement]) -> None:
-        """Replace the cached inputs by ``block``'s outputs: the next block's inputs."""
-        outputs = self.calibration.run_calls(self._calls_of(block), replacements,
-                                             eager_bytes=0)
-        self.calls = [(key, call.with_hidden(first_tensor(output)))
-                      for (key, call), output in zip(self.calls, outputs, strict=True)]
+        """Replace the cached inputs by ``block``'s outputs: the next block's inputs, each
+        batch's as soon as its output is made, so that the cache holds one block's
+        activations and a batch, not two blocks' (a long calibration's activations are the
+        largest thing it holds)."""
+
+        def replaced(index: int) -> Callable[[], None]:
+            def run() -> None:
+                key, call = self.calls[index]
+                fresh = call.fresh()
+                output = block(*fresh.args, **fresh.kwargs)
+                self.calls[index] = (key, call.with_hidden(first_tensor(output)))
+
+            return run
+
+        runs = [(key, replaced(index)) for index, (key, _) in enumerate(self.calls)]
+        self.calibration.run_calls(runs, replacements, eager_bytes=0)
 
     def _calls_of(self, block: nn.Module) -> list[Run]:
         """Calls of ``block`` on the cached inputs, each on fresh copies of them
