@@ -7,11 +7,14 @@ lies in the file), so the reader really parses and validates what it is given.
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import google_crc32c
 import pytest
@@ -193,6 +196,24 @@ def test_crafted_headers_are_refused_in_one_line(tmp_path, base, case):
 
 def test_the_base_file_reads(tmp_path, base):
     assert outcome(tmp_path, build(*base)) == "ok"
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+def test_a_regular_file_the_system_cannot_read_is_refused_by_name():
+    with pytest.raises(ArchiveError, match=r"^/proc/self/mem: cannot be read \("):
+        qlis.open("/proc/self/mem")  # stat calls it regular; reading it fails
+
+
+def test_a_record_the_disk_fails_to_give_is_refused_by_file_and_tensor(tmp_path, base,
+                                                                       monkeypatch):
+    path = tmp_path / "m.qlis"
+    path.write_bytes(build(*base))
+    with qlis.open(path) as archive:
+        monkeypatch.setattr(os, "pread", lambda *args: (_ for _ in ()).throw(
+            OSError(errno.EIO, "Input/output error")))
+        with pytest.raises(ArchiveError, match=r"m\.qlis: .*fc\.weight.*cannot be read "
+                                               r"\(Input/output error\)"):
+            archive.read("fc.weight")
 
 
 def test_other_versions_are_refused_with_the_reason(tmp_path, base):

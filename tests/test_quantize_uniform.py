@@ -60,6 +60,14 @@ def test_wide_ranges_use_16_bit_codes_and_the_limit_is_enforced():
     assert MAX_LEVELS == 65536
 
 
+def test_codes_far_from_zero_are_kept_while_the_float32_offset_holds_them_exactly():
+    weight = torch.full((4, 4), 3.0)  # one level: the range alone says nothing
+    q = UniformQuantizer(step=3.0 / 2**23).quantize(weight)
+    assert q.n_levels == 1 and torch.equal(q.dequantize(), weight)
+    with pytest.raises(ConfigError, match="float32 offset holds exactly"):
+        UniformQuantizer(step=1e-30).quantize(weight)  # codes near 3e30 from zero
+
+
 def test_a_dead_zone_lowers_the_rate():
     torch.manual_seed(0)
     weight = torch.randn(10000)

@@ -508,7 +508,10 @@ class Archive:
     # -- reading -----------------------------------------------------------------------------
 
     def _read_record(self, record: Record, where: str) -> bytes:
-        data = self._pread(record.length, self._data_start + record.offset)
+        try:
+            data = self._pread(record.length, self._data_start + record.offset)
+        except ArchiveError as err:
+            raise self._fail(f"{where}: {err}") from None
         if len(data) != record.length:
             raise self._fail(f"{where}: truncated record")
         if crc32c(data) != record.crc32c:

@@ -759,7 +759,21 @@ def crc32c(data: bytes | memoryview) -> int:
 
 
 def positional_reader(fd: int) -> Callable[[int, int], bytes]:
-    """pread where the system has it; elsewhere seek+read under a lock (thread-safe either way)."""
+    """pread where the system has it; elsewhere seek+read under a lock (thread-safe either
+    way). A read the system fails (a disk error, a file that stat calls regular but cannot
+    be read, such as /proc/self/mem) is an ArchiveError that says why."""
+    read = _positional_read(fd)
+
+    def checked(length: int, offset: int) -> bytes:
+        try:
+            return read(length, offset)
+        except OSError as err:
+            raise ArchiveError(f"cannot be read ({err.strerror or err})") from None
+
+    return checked
+
+
+def _positional_read(fd: int) -> Callable[[int, int], bytes]:
     if hasattr(os, "pread"):
 
         def pread(length: int, offset: int) -> bytes:

@@ -29,7 +29,14 @@ from safetensors import SafetensorError, safe_open
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import same_file
 from qlis.errors import InputError, first_line
-from qlis.models.tensors import MAX_NDIM, ValidatedState, bit_patterns, checked_state, tensor_label
+from qlis.models.tensors import (
+    MAX_NDIM,
+    ValidatedState,
+    bit_patterns,
+    check_storable_shape,
+    checked_state,
+    tensor_label,
+)
 from qlis.regular_files import file_kind, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
 from qlis.write_behind import WriteBehind
@@ -50,7 +57,6 @@ _FOLDER_FILES = (
 _MAX_INDEX_BYTES = 16 << 20  # a shard index of ~100,000 tensors is about 10 MB
 _MAX_JSON_CONTAINERS = 100_000
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors library's own limit
-_MAX_ELEMENTS = 2**63 - 1  # torch computes strides in int64
 
 _SAFETENSORS_DTYPES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int8": "I8",
@@ -102,15 +108,17 @@ def _tensor_spec(path: Path, name: str, dtype_code: str, shape: list[int]) -> tu
         )
     if len(shape) > MAX_NDIM:
         raise InputError(f"{path}: tensor {label} has {len(shape)} dimensions (at most {MAX_NDIM})")
-    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
-        raise InputError(f"{path}: tensor {label} has an impossible shape {shape}")
+    check_storable_shape(shape, label, f"{path}: ")
     return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
-_ENTRY = re.compile(rb'"data_offsets"\s*:\s*\[')
-"""What each tensor entry of a safetensors header holds once (a quote inside a metadata string
-is escaped, and a tensor of that name is an object): counted against the entries the library
-keeps, it finds a name given twice without parsing the JSON again."""
+def _names_given_twice(header: bytes) -> bool:
+    """Whether a safetensors header (already accepted by the library, which bounds its size and
+    depth, and keeps the last entry of a name) gives a name twice. Its keys are read as JSON
+    reads them: a key may be spelt with escapes (``"data_offs\\u0065ts"``), which a search of
+    the bytes would miss or miscount."""
+    keys = [key for key, _ in json.loads(header, object_pairs_hook=lambda pairs: pairs)]
+    return len(keys) != len(set(keys))
 
 
 def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]]]:
@@ -118,7 +126,7 @@ def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, l
 
     The header is read through the safetensors library (which bounds its size and depth and
     checks that the tensors tile the data exactly); offsets follow from the tensors in offset
-    order, so no JSON is parsed here.
+    order; the JSON is parsed here only for its names (`_names_given_twice`).
     """
     file_size = _require_regular(path)
     try:
@@ -133,7 +141,11 @@ def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, l
     except MemoryError as err:  # mapping the file failed: a limit on the address space
         raise InputError(f"{path}: cannot be mapped into memory ({first_line(err)}); raise "
                          "the process's address-space limit (ulimit -v)") from None
-    if len(_ENTRY.findall(header)) != len(entries):
+    try:
+        twice = _names_given_twice(header)
+    except (ValueError, RecursionError) as err:  # what the library read, json does not
+        raise InputError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+    if twice:
         raise InputError(f"{path}: its header names a tensor twice (the library keeps the "
                          "last entry of a name: which one is meant is not known)")
     specs = [(name, *_tensor_spec(path, name, code, shape)) for name, code, shape in entries]

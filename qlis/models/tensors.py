@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
+from qlis.archive.format import MAX_ELEMENTS
 from qlis.errors import InputError
 
 _PATTERN_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -159,7 +161,19 @@ def _checked_tensor(name: object, value: object, where: str) -> torch.Tensor:
         raise InputError(
             f"{where}tensor {label} has {tensor.ndim} dimensions (at most {MAX_NDIM})"
         )
+    check_storable_shape(tensor.shape, label, where)
     return tensor
+
+
+def check_storable_shape(shape: Iterable[int], label: str, where: str = "") -> None:
+    """Refuse a shape no archive holds: its dimensions, zeros counted as ones, multiply past
+    2**53 (an empty tensor too: numpy cannot even describe [1, 0, 2**62])."""
+    shape = list(shape)
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InputError(
+            f"{where}tensor {label} has shape {shape}: an archive holds shapes whose "
+            "dimensions multiply to at most 2**53, zeros counted as ones"
+        )
 
 
 def checked_state(items: Iterable[tuple[object, object]], where: str = "") -> dict:

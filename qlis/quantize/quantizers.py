@@ -41,6 +41,7 @@ SEED = Param("int", 0, (1 << 63) - 1)
 MAX_GROUP_SIZE = 1 << 31
 """The largest group a group-wise quantizer takes (a group longer than its row is the row)."""
 MAX_LEVELS = 1 << 16
+EXACT_FLOAT32_INTEGERS = 1 << 24  # every whole number up to this is a float32
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -1038,6 +1039,12 @@ class UniformQuantizer(Quantizer):
                 f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
             )
         offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
+        if abs(offset) > EXACT_FLOAT32_INTEGERS:
+            raise ConfigError(
+                f"a step this small puts this layer's codes {abs(offset):.3g} steps from "
+                f"zero, beyond the {EXACT_FLOAT32_INTEGERS} that the stored float32 offset "
+                "holds exactly; use a larger step or rel_mse"
+            )
         shifted = codes - low if codes.is_floating_point() else codes.to(torch.int32) - low
         return QuantizedTensor(
             codes=stored_codes(shifted, n_levels).reshape(codes.shape),
