@@ -59,6 +59,33 @@ def test_token_vectors_are_compared_along_the_last_dimension():
     assert abs(measured["cosine"] - mean_cosine(reference, output)) < 1e-9
 
 
+class Imaginary(torch.nn.Module):
+    """All of its output in the imaginary part of a complex tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return torch.complex(torch.zeros_like(y), y)
+
+
+def test_a_complex_output_is_compared_by_its_real_and_imaginary_parts():
+    torch.manual_seed(0)
+    model = Imaginary().eval()
+    batches = [torch.randn(6, 8) for _ in range(2)]
+    noisy = model.linear.weight + 0.3 * torch.randn_like(model.linear.weight)
+    measured = Calibration(model, batches).measure({"linear.weight": noisy})
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in batches])
+        output = torch.cat([b @ noisy.T + model.linear.bias for b in batches])
+    pairs = torch.view_as_real(reference).reshape(-1, 16)  # (re, im) of each of the 8
+    assert abs(measured["cosine"] - mean_cosine(pairs, torch.stack(
+        [torch.zeros_like(output), output], dim=-1).reshape(-1, 16))) < 1e-9
+    assert measured["cosine"] < 0.99  # the real part alone is zeros: it saw no error
+
+
 def test_a_single_output_vector_claims_no_standard_error():
     """A score per input over one batch is one vector: its cosine has no measurable spread,
     so none is reported (it was 0: a precision the measure does not have)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import types
 import warnings
 
@@ -174,6 +175,16 @@ def _cosine_search(truth, stderr: float = 0.0):
                                     calibration=types.SimpleNamespace(measure=measure))
     choice = _allocate_for_cosine(context, curves, [str(i) for i in range(8)], list, 0.99)
     return choice, totals(curves, choice)[0], executions, curves
+
+
+def test_a_missed_cosine_target_is_shown_with_the_digits_that_tell_them_apart():
+    calib = [torch.randn(16, 128) for _ in range(2)]
+    target = 1 - 1e-11  # beyond what float32 layers can be stored within
+    with pytest.warns(qlis.QualityWarning) as caught:
+        result = qlis.compress(TwoPaths(), min_cosine=target, calib=calib, finest_step=0.01)
+    text = next(str(w.message) for w in caught if "misses the target" in str(w.message))
+    shown = float(re.search(r"the output cosine ([0-9.]+) ", text).group(1))
+    assert shown < target and shown == pytest.approx(result.distortion["output"]["cosine"])
 
 
 @pytest.mark.parametrize("truth", [lambda d: 3 * d ** 0.8, lambda d: 0.2 * d ** 0.9,

@@ -168,9 +168,16 @@ def test_a_tokenizer_of_the_users_own_is_read_with_care(bert_folder):
     with pytest.raises(InputError, match="cannot encode text .*RuntimeError: tokenizer broken"):
         qlis.synthetic_calibration(model, broken)
 
+    for odd in ("[CLS]", 2**70, -1):
+        def naming(text: str, add_special_tokens: bool = True, odd: object = odd) -> dict:
+            return {"input_ids": ([odd] if add_special_tokens else []) + [7, 8]}
+
+        with pytest.raises(InputError, match="which is no token id"):
+            qlis.synthetic_calibration(model, naming)
+
 
 @pytest.mark.parametrize("kwargs", [{"examples": 0}, {"length": True}, {"batch_size": 1.5},
-                                    {"seed": -1}])
+                                    {"seed": -1}, {"seed": 2**64}])
 def test_bad_sizes_are_refused(bert_folder, kwargs):
     with pytest.raises(InputError, match="must be an integer"):
         qlis.synthetic_calibration(load_hf_model(bert_folder), **kwargs)

@@ -467,8 +467,11 @@ def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> No
 def _vectors(output: torch.Tensor, detach: bool = True, widen: bool = True) -> torch.Tensor:
     """The output as the vectors whose cosines are compared: float64, or (``widen`` False) a
     copy in its own floating dtype, which widens to the same float64 when compared (the
-    float model's references, kept in half the memory of float64)."""
+    float model's references, kept in half the memory of float64). A complex output is the
+    real vector of its real and imaginary parts (its real part alone would miss half of it)."""
     out = output.detach() if detach else output
+    if out.is_complex():
+        out = torch.view_as_real(out).flatten(-2) if out.ndim else torch.view_as_real(out)
     out = out.double() if widen or not out.is_floating_point() else out.clone()
     if out.ndim >= 4:  # a feature map: one vector per example
         return out.reshape(out.shape[0], math.prod(out.shape[1:]))

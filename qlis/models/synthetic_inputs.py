@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -153,6 +154,11 @@ def _framing(tokenizer: Any) -> tuple[list[int], list[int], set[str]]:
     except Exception as err:
         raise InputError(f"the tokenizer cannot encode text ({type(err).__name__}: "
                          f"{first_line(err, 200)})") from None
+    if not all(isinstance(i, numbers.Integral) and 0 <= i < 2**63 for i in ids):
+        shown = next(i for i in ids if not (isinstance(i, numbers.Integral) and 0 <= i < 2**63))
+        raise InputError(f"the tokenizer gives {first_line(repr(shown), 60)} among a text's ids, "
+                         "which is no token id (a whole number in [0, 2**63))")
+    ids = [int(i) for i in ids]
     for start in range(len(ids) - len(bare) + 1):
         if bare and ids[start:start + len(bare)] == bare:
             return ids[:start], ids[start + len(bare):], keys
@@ -188,8 +194,8 @@ def synthetic_calibration(
                         ("batch_size", batch_size), ("length", length)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 16:
             raise InputError(f"{name} must be an integer from 1 to 65536, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InputError(f"seed must be an integer in [0, 2**64) (torch's seeds), got {seed!r}")
     configured = _config_image_shape(model) if image_shape is None else None
     if image_shape is not None or configured is not None:
         examples = examples or DEFAULT_IMAGES

@@ -539,6 +539,16 @@ def _layer_candidates(
     return candidates
 
 
+def _shown_below(value: float, target: float) -> str:
+    """``value`` with as many decimals (5 at least) as show it under ``target``: a cosine of
+    0.99999999 missing 0.999999999 is not 1.00000."""
+    for digits in range(5, 18):
+        text = f"{value:.{digits}f}"
+        if float(text) < target:
+            return text
+    return repr(value)
+
+
 @register_policy
 @dataclass(frozen=True)
 class RDPolicy(Policy):
@@ -674,8 +684,9 @@ class RDPolicy(Policy):
             wanted = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
             if output["cosine"] < wanted:
                 where = "held-out" if output.get("held_out") else "calibration"
-                found.append(f"the output cosine {output['cosine']:.5f} on the {where} batches "
-                             f"misses the target {wanted} even after {_COSINE_PASSES} passes")
+                found.append(f"the output cosine {_shown_below(output['cosine'], wanted)} on "
+                             f"the {where} batches misses the target {wanted} even after "
+                             f"{_COSINE_PASSES} passes")
         elif output is None and self._size_target() is None:
             limit = self.max_distortion or DEFAULT_MAX_DISTORTION
             key = "weight_rel_mse" if self.weighting == "layers" else "weight_rel_mse_params"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,19 @@ def test_user_mistakes_are_one_line(
 def test_usage_errors_exit_2() -> None:
     code, _, err = invoke("train", "--family", "resnet")
     assert code == 2 and "resnet" in err
+
+
+def test_a_failed_sweep_leaves_no_folder_to_block_its_rerun(
+    runs: dict, tmp_path: Path, sample_root: Path
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sample_root, damaged)
+    for image in (damaged / "images").iterdir():
+        image.write_bytes(b"junk")
+    out = tmp_path / "sweep"
+    code, _, err = invoke("sweep", runs["dino"].checkpoint, "-o", out, "--only", "Baseline",
+                          "--root", damaged)
+    assert code == 2 and "no readable image" in err and not out.exists()
+    code, _, _ = invoke("sweep", runs["dino"].checkpoint, "-o", out, "--only", "Baseline",
+                        "--root", sample_root)
+    assert code == 0 and (out / "sweep.md").is_file()

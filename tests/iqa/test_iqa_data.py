@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
+import re
+import zipfile
 from pathlib import Path
 
 import openpyxl
@@ -78,6 +81,35 @@ def test_agiqa1k(tmp_path: Path, with_xlsx: bool) -> None:
     assert ds.name == "agiqa-1k" and len(ds.samples) == 6
     assert ds.missing == ["dreamStudio_8_9_1_.jpg"]
     assert ds.samples[1].mos == pytest.approx(15.0 if with_xlsx else 1.5)  # xlsx preferred
+
+
+def _without_dimension(path: Path) -> None:
+    """The sheet without its <dimension> element, as many writers other than Excel leave it:
+    then openpyxl gives each row only the cells it has."""
+    packed = io.BytesIO()
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.startswith("xl/worksheets/sheet"):
+                data = re.sub(rb"<dimension[^>]*/>", b"", data)
+            target.writestr(name, data)
+    path.write_bytes(packed.getvalue())
+
+
+def test_an_xlsx_row_that_stops_short_or_holds_a_boolean_is_named(tmp_path: Path) -> None:
+    root = _agiqa1k(tmp_path, with_xlsx=True)
+    book = openpyxl.load_workbook(root / "AIGC_MOS_Zscore.xlsx")
+    book.active.append(["img_short.jpg"])  # no prompt, no score
+    book.save(root / "AIGC_MOS_Zscore.xlsx")
+    _without_dimension(root / "AIGC_MOS_Zscore.xlsx")
+    with pytest.raises(IQAError, match=r"row 9: no score"):
+        load_agiqa1k(root)
+    book = openpyxl.load_workbook(root / "AIGC_MOS_Zscore.xlsx")
+    book.active.delete_rows(9)
+    book.active.append(["img_true.jpg", "prompt", True])
+    book.save(root / "AIGC_MOS_Zscore.xlsx")
+    with pytest.raises(IQAError, match=r"row 9: score True is not a number"):
+        load_agiqa1k(root)
 
 
 def test_agiqa1k_scores_only_is_a_clear_error(tmp_path: Path) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from iqa_helpers import write_image
 
+from qlis_iqa import features as features_module
 from qlis_iqa.backbones import random_backbone
+from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features
 from qlis_iqa.models import make_model
 
@@ -58,3 +63,18 @@ def test_unreadable_and_missing_images_are_skipped(tmp_path: Path) -> None:
         assert out.index == [0, 2, 3] and out.values.shape[0] == 3
         assert [i for i, _ in out.bad] == [1, 4]
         assert "unreadable" in out.bad[0][1] and "missing" in out.bad[1][1]
+
+
+def test_an_entry_that_cannot_be_written_names_the_cache_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "blocked.npy").mkdir()  # a folder where the entry goes
+    with pytest.raises(IQAError, match=rf"^{re.escape(str(folder))}: cannot write the feature"):
+        FeatureCache.put(folder, "blocked", torch.ones(3))
+    monkeypatch.setattr(features_module.np, "save", lambda *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(IQAError, match=r"\(No space left on device\)"):
+        FeatureCache.put(folder, "full", torch.ones(3))
+    assert sorted(p.name for p in folder.iterdir()) == ["blocked.npy"]

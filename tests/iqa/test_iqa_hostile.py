@@ -198,6 +198,27 @@ def test_image_bombs_are_unreadable_images(tmp_path: Path) -> None:
     assert for_family("dino", 32)(image).shape == (3, 32, 32)  # a square resize is harmless
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_whatever_a_format_plugin_raises_makes_an_unreadable_image(tmp_path: Path) -> None:
+    dds = bytearray(128)  # a DDS header whose pixel format PIL does not know
+    dds[0:4] = b"DDS "
+    struct.pack_into("<7I", dds, 4, 124, 0x1007, 8, 8, 0, 0, 0)
+    struct.pack_into("<2I", dds, 76, 32, 0x2000)
+    (tmp_path / "dds.png").write_bytes(bytes(dds) + bytes(256))  # NotImplementedError
+    pixels = zlib.compress(bytes(range(256)) * 23)  # rows of 48 x 3 bytes and a filter byte
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 48, 40, 8, 2, 0, 0, 0))
+    split = (b"\x89PNG\r\n\x1a\n" + header
+             + _png_chunk(b"IDAT", pixels[:40]) + _png_chunk(b"\0\0IE", pixels[40:])
+             + _png_chunk(b"IEND", b""))
+    (tmp_path / "split.png").write_bytes(split)  # SyntaxError: a damaged chunk type
+    for name in ("dds.png", "split.png"):
+        with pytest.raises(ImageReadError, match=f"{name}: unreadable"):
+            read_image(tmp_path / name)
+
+
 def test_header_bound_is_checked_before_decoding(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

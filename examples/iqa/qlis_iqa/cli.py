@@ -36,6 +36,7 @@ from qlis.cli.console import (
 )
 from qlis.json_input import read_json_file
 from qlis.plan.policy import make_policy, policy_names
+from qlis_iqa.created_paths import removed_on_failure, top_missing
 from qlis_iqa.data import dataset_paths
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -689,28 +690,30 @@ def sweep(
         train = split_samples(es.dataset, es.split.train)[0]
         rd = rd_data(iqa, train, calib_images, val_images, batch_size)
         refit = RefitData(train) if refit_head else None
-    rows = run_sweep(
-        iqa.to(device),
-        es.samples,
-        output,
-        variants,
-        FeatureCache(cache_dir),
-        baseline_file=path if path.suffix == ".safetensors" else None,
-        model_metadata=meta,
-        beta=beta,
-        archives=archives,
-        codec=codec,
-        logistic=logistic,
-        batch_size=batch_size,
-        workers=workers,
-        progress=_progress(progress),
-        rd=rd,
-        runtime=runtime,
-        refit=refit,
-        log=click.echo,
-    )
-    title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"
-    files = write_outputs(rows, output, title, logistic)
+    created = [p for p in (top_missing(output), top_missing(output / "archives")) if p]
+    with removed_on_failure(created):  # a failed sweep leaves no folder to block its rerun
+        rows = run_sweep(
+            iqa.to(device),
+            es.samples,
+            output,
+            variants,
+            FeatureCache(cache_dir),
+            baseline_file=path if path.suffix == ".safetensors" else None,
+            model_metadata=meta,
+            beta=beta,
+            archives=archives,
+            codec=codec,
+            logistic=logistic,
+            batch_size=batch_size,
+            workers=workers,
+            progress=_progress(progress),
+            rd=rd,
+            runtime=runtime,
+            refit=refit,
+            log=click.echo,
+        )
+        title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"
+        files = write_outputs(rows, output, title, logistic)
     click.echo("wrote " + ", ".join(escape(str(p)) for p in files.values()))
 
 

@@ -141,8 +141,14 @@ def _check_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> No
 
 
 def _score(path: Path, line: int, value: object) -> float:
-    """A finite score: NaN or infinity would train a NaN model and give NaN correlations."""
+    """A finite score: NaN or infinity would train a NaN model and give NaN correlations.
+    A spreadsheet's empty or missing cell (None) is no score, and its TRUE / FALSE no number
+    (the same words in a CSV are refused too)."""
+    if value is None:
+        raise IQAError(f"{path}, row {line}: no score")
     try:
+        if isinstance(value, bool):
+            raise TypeError
         score = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise IQAError(f"{path}, row {line}: score {value!r} is not a number") from None
@@ -220,10 +226,14 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     header = [str(c).strip() if c is not None else "" for c in rows[0]]
     _check_columns(path, header, (name_col, score_col))
     i_name, i_score = header.index(name_col), header.index(score_col)
+
+    def cell(row: tuple, index: int) -> object:  # a sheet's rows may stop short
+        return row[index] if index < len(row) else None
+
     return [
-        _row(path, line, str(r[i_name]).strip(), r[i_score])
+        _row(path, line, str(cell(r, i_name)).strip(), cell(r, i_score))
         for line, r in enumerate(rows[1:], start=2)
-        if r[i_name] is not None and str(r[i_name]).strip()
+        if cell(r, i_name) is not None and str(cell(r, i_name)).strip()
     ]
 
 

@@ -9,12 +9,14 @@ stale feature. Entries are .npy files written atomically (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from qlis import QlisError
 from qlis.regular_files import open_regular_file
+from qlis_iqa.errors import IQAError
 from qlis_iqa.models import IQAModel
 from qlis_iqa.preprocess import (
     DECODING,
@@ -90,17 +93,28 @@ class FeatureCache:
 
     @staticmethod
     def put(folder: Path, key: str, value: torch.Tensor) -> None:
-        path = folder / f"{key}.npy"
-        tmp = folder / f".{key}.{os.getpid()}.tmp"
-        with tmp.open("wb") as f:
-            np.save(f, value.detach().cpu().numpy(), allow_pickle=False)
-        tmp.replace(path)
+        _replaced(folder / f"{key}.npy",
+                  lambda f: np.save(f, value.detach().cpu().numpy(), allow_pickle=False))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    _replaced(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _replaced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``path`` made anew by ``write`` into a temporary file beside it (no fsync: a cache
+    entry lost to a crash is recomputed). A write that fails (a full disk, a folder where the
+    entry goes) leaves no temporary file and names the cache it could not write."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+        tmp.replace(path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise IQAError(f"{path.parent}: cannot write the feature cache ({err.strerror or err});"
+                       " free some space, or pass --cache-dir elsewhere") from None
 
 
 class ImageDataset(Dataset):

@@ -250,5 +250,7 @@ def _decode(path: str | Path, f: BinaryIO) -> Image.Image:
         raise ImageReadError(
             f"{path}: unreadable (more than {MAX_IMAGE_PIXELS:,} pixels are never decoded)"
         ) from None
-    except (OSError, ValueError) as exc:
+    except (ImageReadError, MemoryError):
+        raise
+    except Exception as exc:  # PIL's format plugins raise many types for a damaged file
         raise ImageReadError(f"{path}: unreadable ({exc})") from None

@@ -10,10 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from tqdm.auto import tqdm
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import same_file
 from qlis_iqa.backbones import load_backbone, weights_label
+from qlis_iqa.created_paths import removed_on_failure, top_missing
 from qlis_iqa.data import Sample, Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import (
@@ -228,33 +227,6 @@ def _check_reused_split(
     )
 
 
-def _top_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` (or `path` itself) that does not exist yet: what making
-    it creates. None when it exists."""
-    made = None
-    for folder in (path, *path.parents):
-        if folder.exists() or folder.is_symlink():
-            return made
-        made = folder
-    return made
-
-
-@contextmanager
-def _removed_on_failure(created: list[Path]) -> Iterator[None]:
-    """Remove the paths this run creates (listed before it creates them) if it fails: a
-    half-made run folder (split.json, cache/) would block the corrected rerun. Nothing that
-    existed before the run is touched."""
-    try:
-        yield
-    except BaseException:
-        for path in reversed(created):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-        raise
-
-
 @dataclass
 class TrainResult:
     """What `train_run` produced: the model, its files and its test metrics."""
@@ -348,9 +320,9 @@ def train_run(
     backbone = load_backbone(family, weights)
     label = weights_label(backbone, weights)
     cache_root = Path(cache_dir or out / "cache")
-    created = [p for p in (_top_missing(out), split_path if new_split else None,
-                           _top_missing(cache_root)) if p is not None]
-    with _removed_on_failure(created):
+    created = [p for p in (top_missing(out), split_path if new_split else None,
+                           top_missing(cache_root)) if p is not None]
+    with removed_on_failure(created):
         out.mkdir(exist_ok=True)
         if new_split:
             split.save(split_path)
