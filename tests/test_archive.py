@@ -17,6 +17,7 @@ import qlis
 import qlis.archive.file
 import qlis.quantize.quantizers
 import qlis.write_behind
+from qlis.archive.codecs import Codec, codec_registry, register_codec
 from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION, crc32c
 from qlis.errors import ArchiveError, InputError
 from qlis.models.tensors import same_bits
@@ -389,8 +390,9 @@ def test_decoded_size_is_bounded_before_reading(tmp_path):
     declared = _declared_bytes(result)
     with qlis.open(path, max_decoded_bytes=declared) as archive:
         assert archive.decoded_bytes == declared
-    with pytest.raises(ArchiveError, match="max_decoded_bytes"):
-        qlis.open(path, max_decoded_bytes=declared - 1)
+    with pytest.raises(ArchiveError, match=rf"take {declared:,} bytes once decoded, over the "
+                                           rf"limit of {declared - 1:,} bytes.*max_decoded_bytes"):
+        qlis.open(path, max_decoded_bytes=declared - 1)  # a small limit in bytes, not 0.00 GiB
     with pytest.raises(ArchiveError, match="max_decoded_bytes"):
         qlis.load(path, max_decoded_bytes=declared - 1)
     with pytest.raises(qlis.ConfigError):
@@ -566,3 +568,46 @@ def test_a_records_crc_is_that_of_its_bytes_whatever_holds_them(size: int) -> No
     assert crc32c(data.tobytes()) == expected
     assert crc32c(memoryview(data).toreadonly()) == expected
     assert crc32c(memoryview(bytearray(data.tobytes()))) == expected
+
+
+
+class _Misbehaving(Codec):
+    """A user's codec that breaks its contract in the way its ``how`` says."""
+
+    how = ""
+
+    def encode(self, array: np.ndarray) -> bytes:
+        if self.how == "raises":
+            raise ZeroDivisionError("the plugin's own bug")
+        return "text" if self.how == "text" else array.tobytes()
+
+    def decode(self, buf: bytes | memoryview, out: np.ndarray) -> np.ndarray:
+        if self.how == "short":
+            return out[:3]
+        if self.how == "none":
+            return None
+        out[:] = np.frombuffer(buf, dtype=out.dtype)
+        return out
+
+
+@pytest.mark.parametrize(("how", "match"), [
+    ("raises", r"^w: codec 'test-bad-raises' failed to encode \(ZeroDivisionError"),
+    ("text", r"^w: codec 'test-bad-text' encoded to a str, not bytes"),
+    ("short", r"tensor 'w': codec 'test-bad-short' did not decode 256 values of uint8"),
+    ("none", r"tensor 'w': codec 'test-bad-none' did not decode 256 values of uint8"),
+    ("", None),  # keeping its contract, the same codec stores and reads the layer
+])
+def test_a_user_codec_that_breaks_its_contract_is_named(tmp_path, monkeypatch, how, match):
+    from qlis.archive.file import write_tensors
+
+    monkeypatch.setattr(codec_registry, "_classes", dict(codec_registry._classes))
+    codec = f"test-bad-{how}"
+    register_codec(type(f"Bad{how}", (_Misbehaving,), {"codec_id": codec, "how": how}))
+    q = qlis.AffineQuantizer(bits=8).quantize(torch.randn(16, 16))
+    if match is None:
+        write_tensors(tmp_path / "m.qlis", {"w": q}, codec=codec)
+        assert torch.equal(qlis.load(tmp_path / "m.qlis")["w"], q.dequantize())
+        return
+    with pytest.raises(qlis.QlisError, match=match):
+        write_tensors(tmp_path / "m.qlis", {"w": q}, codec=codec)
+        qlis.load(tmp_path / "m.qlis")

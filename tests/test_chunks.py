@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import qlis.measure.distortion
-import qlis.measure.stats
 import qlis.quantize.quantizers
 from qlis.plan.execute import Dequantized, execute_layer
 from qlis.plan.plans import LayerConfig
@@ -22,7 +21,7 @@ from qlis.quantize.quantizers import UniformQuantizer, _row_extremes, _row_view,
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Chunks of 100 elements: every tensor below spans many of them."""
-    for module in (qlis.quantize.quantizers, qlis.measure.distortion, qlis.measure.stats):
+    for module in (qlis.quantize.quantizers, qlis.measure.distortion):
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 100)
 
 
@@ -92,7 +91,8 @@ def test_chunked_measures_agree_with_the_whole_tensor_s(tiny_chunks):
     assert qlis.measure.distortion.sum_of_squares(weight) == pytest.approx(
         float(ref.square().sum()), rel=1e-5)
     flat = (weight.float() + 3.0).reshape(-1)  # a mean far from 0: deviations, not squares
-    assert qlis.measure.stats._sigma(flat) == pytest.approx(float(flat.std(correction=0)), rel=1e-5)
+    assert qlis.measure.distortion.population_std(flat) == pytest.approx(
+        float(flat.std(correction=0)), rel=1e-5)
 
 
 @pytest.mark.parametrize("config", [

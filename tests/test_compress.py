@@ -378,6 +378,51 @@ def test_compress_with_a_user_registered_quantizer(tiny_state, monkeypatch):
     assert result.cr == pytest.approx(cr) and result.hcr == pytest.approx(hcr)
 
 
+class Misbehaving(HalfStepQuantizer):
+    """A user's quantizer that breaks its contract in the way ``how`` says."""
+
+    strategy_id = "test-misbehaving"
+
+    def __init__(self, bits: int = 4, how: str = "") -> None:
+        super().__init__(bits)
+        self.how = how
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        q = super().quantize(weight)
+        if self.how == "rows":  # the codes of half of the rows: stored as another tensor
+            q.codes = q.codes[: len(q.codes) // 2]
+        elif self.how == "dtype":  # stored as float16 for a float32 weight
+            q.dtype = torch.float16
+        elif self.how == "levels":
+            q.n_levels = float(q.n_levels)
+        elif self.how == "tensor":
+            return weight
+        elif self.how == "raises":
+            raise ZeroDivisionError("the plugin's own bug")
+        return q
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        values = super().dequantize(q)
+        return values.double() if self.how == "float64" else values
+
+
+@pytest.mark.parametrize(("how", "match"), [
+    ("rows", r"returned codes of shape \[8, 32\] .* for a weight of shape \[16, 32\]"),
+    ("dtype", r"dtype torch.float16 for a weight .* dtype torch.float32"),
+    ("levels", r"returned n_levels 16.0"),
+    ("tensor", r"returned a Tensor, not a QuantizedTensor"),
+    ("raises", r"failed \(ZeroDivisionError: the plugin's own bug\)"),
+    ("float64", r"its dequantize did not return a tensor of the weight's shape"),
+])
+def test_a_user_quantizer_that_breaks_its_contract_is_named_before_anything_is_stored(
+        monkeypatch, how, match):
+    monkeypatch.setattr(quantizer_registry, "_classes", dict(quantizer_registry._classes))
+    register_quantizer(Misbehaving)
+    plan = {"w.weight": {"quantizer": {"id": "test-misbehaving", "how": how}}}
+    with pytest.raises(ConfigError, match=rf"^w\.weight: quantizer 'test-misbehaving'.*{match}"):
+        qlis.compress({"w.weight": torch.rand(16, 32) * 2 - 1}, plan=plan)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_float_dtypes(tiny_state, dtype):
     state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tiny_state.items()}
@@ -470,8 +515,11 @@ def test_with_tensors_stores_a_retrained_part_as_its_plan_says_and_keeps_the_res
     ({"9.weight": torch.zeros(1)}, "not a tensor of this result"),
     ({"2.weight": torch.zeros(8, 65)}, r"must be a \(8, 64\) torch.float32 tensor"),
     ({"2.weight": torch.zeros(8, 64, dtype=torch.float64)}, "torch.float64"),
-    ({"2.weight": [[0.0] * 64] * 8}, "got list"),
+    ({"2.weight": [[0.0] * 64] * 8}, "is a list, not a tensor"),
     ({"2.bias": torch.tensor([float("nan")] * 8)}, "NaN or infinity"),
+    ({"2.bias": torch.zeros(8, device="meta")}, "on the meta device"),
+    ({"2.bias": torch.zeros(8).to_sparse()}, "layout torch.sparse_coo"),
+    ([("2.bias", torch.zeros(8))], "takes a mapping of names to tensors, got a list"),
 ])
 def test_with_tensors_refuses_what_does_not_replace_a_tensor(tensors, match):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))

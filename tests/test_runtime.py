@@ -153,6 +153,21 @@ def test_int8_kernel_branch_handles_an_uncentred_zero_point():
     assert torch.equal(module(x), expected)
 
 
+def test_int8_kernel_branch_gives_what_float_gives_for_infinite_and_huge_inputs():
+    """The kernel's terms are larger than the result they cancel to: an inf made NaN, 3e37
+    made infinities of either sign, where F.linear gives +-inf and numbers near 1e37."""
+    torch.manual_seed(0)
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(32, 32))
+    module = runtime.Int8Linear(q, torch.randn(32))
+    weight = q.dequantize()
+    infinite = torch.randn(1, 32)
+    infinite[0, 3] = float("inf")
+    for x in (infinite, torch.full((2, 32), 3e37), torch.full((1, 32), -1e36)):
+        expected = F.linear(x, weight, module.bias)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=0, equal_nan=True)
+    assert 1e30 < module.kernel_input_limit < 3e37  # ordinary inputs still take the kernel
+
+
 def test_an_input_of_the_wrong_width_gets_the_message_a_linear_layer_gives():
     q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(16, 32))
     module = runtime.Int8Linear(q, None)

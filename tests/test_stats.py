@@ -233,3 +233,15 @@ def test_beta_outside_unit_interval(beta):
 def test_negative_eps():
     with pytest.raises(QlisError, match="eps"):
         qlis.inspect(torch.nn.Linear(3, 3), eps=-1e-3)
+
+
+def test_a_float64_layer_past_float32s_range_has_its_sigma_and_is_pruned_by_it():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64, dtype=torch.float64)
+    huge = weight * 1e100  # finite in float64, infinite as float32
+    report = qlis.inspect({"w.weight": huge})
+    sigma = float(huge.std(correction=0))
+    assert report.layers[0].sigma == pytest.approx(sigma, rel=1e-12)
+    pruned = qlis.compress({"w.weight": huge}, policy="prune", k=1.0).state_dict()["w.weight"]
+    plain = qlis.compress({"w.weight": weight}, policy="prune", k=1.0).state_dict()["w.weight"]
+    assert torch.equal(pruned == 0, plain == 0)  # the same weights, not all of them

@@ -53,7 +53,7 @@ from qlis.archive.format import (
 )
 from qlis.archive.front_room import ROOM_BLOCK, make_room
 from qlis.config import Param
-from qlis.errors import ArchiveError, ConfigError, InputError, QlisError
+from qlis.errors import ArchiveError, ConfigError, InputError, QlisError, first_line
 from qlis.models.tensors import bit_patterns, check_loadable, with_aliases
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
@@ -123,7 +123,7 @@ def _check_params(stored: QuantizedTensor, name: str) -> None:
 
 
 def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
-                  ) -> tuple[Codec, bytes | memoryview]:
+                  name: str) -> tuple[Codec, bytes | memoryview]:
     """Encode with exactly the codec asked for ("auto": the smallest; it says which), the
     codes as rows of the layer's matrix."""
     if codec == "auto":
@@ -131,7 +131,25 @@ def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
     chosen = BitPack(bits=max(1, (n_levels - 1).bit_length())) if codec == "bitpack" else (
         get_codec(codec)
     )
-    return chosen, chosen.encode_rows(codes, row_length)
+    if _is_ours(chosen):
+        return chosen, chosen.encode_rows(codes, row_length)
+    try:  # a third-party codec: what it raises or returns is named
+        data = chosen.encode_rows(codes, row_length)
+    except QlisError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"{name}: codec {chosen.codec_id!r} failed to encode "
+                          f"({type(err).__name__}: {first_line(err)})") from None
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ConfigError(f"{name}: codec {chosen.codec_id!r} encoded to a {type(data).__name__}, "
+                          "not bytes")
+    return chosen, data
+
+
+def _is_ours(strategy: object) -> bool:
+    """Whether a codec or quantizer is qlis' own (whose failures are bugs to show as they
+    are), not a third party's (whose failures are named as theirs)."""
+    return type(strategy).__module__.split(".")[0] == "qlis"
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
@@ -243,7 +261,8 @@ def encode_tensor(name: str, stored: Stored, codec: str = "ans",
         codes = _codes(stored, name)
         row_length = matrix_shape(stored.shape)[1]
         own_codec = get_quantizer(stored.quantizer).codes_codec
-        chosen, data = _encode_codes(codes, stored.n_levels, own_codec or codec, row_length)
+        chosen, data = _encode_codes(codes, stored.n_levels, own_codec or codec, row_length,
+                                     name)
         params = {}
         for key, value in sorted(stored.params.items()):
             params[key], raw = _param_record(name, key, value)
@@ -551,12 +570,23 @@ class Archive:
             raise self._fail(f"tensor {name!r}: an ans stream in row classes, which format "
                              f"version {ROW_CLASSES_VERSION} brought, in a version "
                              f"{self.version} file")
+        codec = get_codec(dict(entry.codec))
         try:
-            return get_codec(dict(entry.codec)).decode(data, out)
+            decoded = codec.decode(data, out)
         except ArchiveError as err:
             raise self._fail(f"tensor {name!r}: {err}") from None
         except (ConfigError, TypeError, ValueError, KeyError, IndexError) as err:
             raise self._fail(f"tensor {name!r}: cannot decode ({err})") from None
+        except Exception as err:
+            if _is_ours(codec):
+                raise
+            raise self._fail(f"tensor {name!r}: codec {codec.codec_id!r} failed to decode "
+                             f"({type(err).__name__}: {first_line(err)})") from None
+        if not (isinstance(decoded, np.ndarray) and decoded.size == out.size
+                and decoded.dtype == out.dtype):
+            raise self._fail(f"tensor {name!r}: codec {codec.codec_id!r} did not decode "
+                             f"{out.size} values of {out.dtype}")
+        return decoded
 
     def names(self) -> list[str]:
         """Tensor names in stored order, then the further names of tied tensors (`aliases`)."""

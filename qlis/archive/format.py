@@ -742,8 +742,8 @@ def _validate_sections(header: dict, entries: _Entries, max_decoded_bytes: int |
     total = entries.decoded_bytes
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise ArchiveError(
-            f"the tensors would take {total / 2**30:.2f} GiB once decoded, over the limit of "
-            f"{max_decoded_bytes / 2**30:.2f} GiB; if you trust this file, raise the limit "
+            f"the tensors would take {_size(total)} once decoded, over the limit of "
+            f"{_size(max_decoded_bytes)}; if you trust this file, raise the limit "
             "(max_decoded_bytes=)"
         )
     aliases = _check_aliases(header.get("aliases", {}), entries.entries)
@@ -839,6 +839,11 @@ def describe_entries(entries: Mapping[str, TensorEntry]) -> Iterator[dict]:
             "bytes": stored,
             "bits_per_weight": 8 * stored / numel if numel else None,
         }
+
+
+def _size(n: int) -> str:
+    """Bytes as a limit's message shows them: GiB from one, else the bytes themselves."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n:,} bytes"
 
 
 def read_header(pread: Callable[[int, int], bytes], size: int, max_decoded_bytes: int | None,

@@ -105,3 +105,17 @@ def peak_abs(tensor: torch.Tensor) -> float:
         return 0.0
     low, high = torch.aminmax(tensor.detach().reshape(-1))
     return max(-float(low), float(high))
+
+
+def population_std(flat: torch.Tensor) -> float:
+    """Standard deviation (population) of a 1-D tensor; of a large one, from float32 copies of
+    one chunk at a time (float64 ones of a float64 tensor, whose values may lie past float32's
+    range), in two passes (mean, then squared deviations) summed in float64."""
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    if flat.numel() <= CHUNK_ELEMENTS:
+        return float(flat.to(dtype).std(correction=0))
+    pieces = range(0, flat.numel(), CHUNK_ELEMENTS)
+    mean = sum(float(flat[c:c + CHUNK_ELEMENTS].to(dtype).sum()) for c in pieces) / flat.numel()
+    deviations = sum(float((flat[c:c + CHUNK_ELEMENTS].to(dtype) - mean).square_().sum())
+                  for c in pieces)
+    return math.sqrt(deviations / flat.numel())

@@ -19,7 +19,7 @@ from qlis.archive.resume import PassCache
 from qlis.compiled import njit
 from qlis.config import Param, check_options
 from qlis.errors import InputError
-from qlis.measure.distortion import CHUNK_ELEMENTS, peak_abs
+from qlis.measure.distortion import peak_abs, population_std
 from qlis.measure.select import SelectSpec, make_selector
 from qlis.models.tensors import (
     as_state_dict,
@@ -192,7 +192,7 @@ def _layer_measures(tensor: torch.Tensor, eps: float,
     if flat.numel() == 0:
         return 0.0, 0.0, 0.0
     entropy, sparsity = _scan(flat, eps)
-    return _sigma(flat), entropy, sparsity
+    return population_std(flat), entropy, sparsity
 
 
 def _measures_from_json(value: object) -> tuple[float, float, float] | tuple[None, None, None]:
@@ -208,18 +208,6 @@ def _measures_from_json(value: object) -> tuple[float, float, float] | tuple[Non
         raise ValueError(f"not a layer's measures: {value!r:.80}")
     sigma, entropy, sparsity = (float(v) for v in value)
     return sigma, entropy, sparsity
-
-
-def _sigma(flat: torch.Tensor) -> float:
-    """Standard deviation (population); of a large tensor, from float32 copies of one chunk at
-    a time, in two passes (mean, then squared deviations) summed in float64."""
-    if flat.numel() <= CHUNK_ELEMENTS:
-        return float(flat.float().std(correction=0))
-    pieces = range(0, flat.numel(), CHUNK_ELEMENTS)
-    mean = sum(float(flat[c:c + CHUNK_ELEMENTS].float().sum()) for c in pieces) / flat.numel()
-    deviations = sum(float((flat[c:c + CHUNK_ELEMENTS].float() - mean).square_().sum())
-                  for c in pieces)
-    return math.sqrt(deviations / flat.numel())
 
 
 def inspect(

@@ -26,6 +26,7 @@ from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
 from qlis.models.tensors import (
     as_state_dict,
     check_loadable,
+    checked_state,
     split_aliases,
     storage_bits,
     tensor_layout,
@@ -180,8 +181,11 @@ class CompressionResult:
         the model before and is dropped: the caller measures the new one. The archive's
         ``compression.replaced`` names them. Each must be one of this result's tensors (not
         a tied alias), with its shape and dtype, and finite."""
+        if not isinstance(tensors, Mapping):
+            raise InputError(f"with_tensors takes a mapping of names to tensors, got a "
+                             f"{type(tensors).__name__}")
         checked: dict[str, torch.Tensor] = {}
-        for name, tensor in tensors.items():
+        for name, tensor in checked_state(tensors.items()).items():  # dense, plain, not meta
             stored = self.tensors.get(name)
             if stored is None:
                 where = "a tied alias: give the tensor it names" if name in self.aliases else (

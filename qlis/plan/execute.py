@@ -28,7 +28,7 @@ from qlis.plan.sizes import (
 from qlis.quantize.gptq import fit_with_error_feedback, output_error
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
-from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer
+from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer, quantized
 
 StoredTensor = torch.Tensor | QuantizedTensor
 
@@ -151,10 +151,10 @@ def execute_layer(
                 hessian.set_()  # not when the caller's frames let go of it
             rel_mse = relative_mse(weight, approx)
         elif pruner is None:
-            stored, rel_mse = get_quantizer(config.quantizer).quantize_measured(weight)
+            stored, rel_mse = quantized(get_quantizer(config.quantizer), weight, name)
         else:
             quantizer = get_quantizer(config.quantizer)
-            stored = quantizer.quantize(pruned)
+            stored = quantized(quantizer, pruned, name, measured=False)[0]
             rel_mse = quantizer.relative_error(weight, stored)
         if not math.isfinite(rel_mse):
             raise _beyond_float32(name, weight, config)

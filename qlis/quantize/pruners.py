@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qlis.config import Param, config_id
+from qlis.measure.distortion import population_std
 from qlis.models.tensors import smallest_at_least
 from qlis.registry import Registry
 from qlis.strategy import Strategy
@@ -61,7 +62,7 @@ class SigmaPruner(Pruner):
     def threshold(self, weight: torch.Tensor) -> float:
         if weight.numel() == 0:
             return 0.0
-        return self.k * float(weight.float().std(correction=0))
+        return self.k * population_std(weight.detach().reshape(-1))
 
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
         if self.k == 0:

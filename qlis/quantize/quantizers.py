@@ -22,7 +22,7 @@ import torch
 from qlis.archive.format import code_dtype as stored_code_dtype
 from qlis.compiled import njit
 from qlis.config import Param, config_id
-from qlis.errors import ArchiveError, ConfigError, InputError
+from qlis.errors import ArchiveError, ConfigError, InputError, QlisError, first_line
 from qlis.measure.distortion import CHUNK_ELEMENTS, relative_unit, squared_sums
 from qlis.quantize.grid import (
     AffineGrid,
@@ -311,6 +311,43 @@ def get_quantizer(config: dict | str) -> Quantizer:
     """A quantizer from its config dict (or a bare id with default parameters)."""
     name, options = config_id(config, "quantizer")
     return quantizer_registry.get(name).from_config({"id": name, **options})
+
+
+def quantized(quantizer: Quantizer, weight: torch.Tensor, label: str,
+              measured: bool = True) -> tuple[QuantizedTensor, float | None]:
+    """``quantizer.quantize_measured(weight)`` (``measured`` False: ``quantize``, error None).
+
+    A third-party quantizer's output is checked against the weight before anything stores
+    it, and what it raises is named: codes of another shape or a result of another dtype would
+    be written to an archive as another tensor, and a ``dequantize`` of the wrong shape or
+    dtype makes an archive that every reader refuses."""
+    if type(quantizer).__module__.split(".")[0] == "qlis":
+        return quantizer.quantize_measured(weight) if measured else (
+            quantizer.quantize(weight), None)
+    where = f"{label}: quantizer {quantizer.strategy_id!r}"
+    try:
+        q = quantizer.quantize(weight)
+        if not isinstance(q, QuantizedTensor):
+            raise ConfigError(f"{where} returned a {type(q).__name__}, not a QuantizedTensor")
+        if not (isinstance(q.codes, np.ndarray) and q.codes.dtype.kind in "ui"):
+            raise ConfigError(f"{where} returned codes that are not a numpy integer array")
+        if not (type(q.n_levels) is int and 1 <= q.n_levels <= MAX_LEVELS):
+            raise ConfigError(f"{where} returned n_levels {q.n_levels!r} (an int from 1 to "
+                              f"{MAX_LEVELS})")
+        if q.shape != tuple(weight.shape) or q.dtype != weight.dtype:
+            raise ConfigError(f"{where} returned codes of shape {list(q.shape)} and dtype "
+                              f"{q.dtype} for a weight of shape {list(weight.shape)} and dtype "
+                              f"{weight.dtype}")
+        values = quantizer.dequantize(q)
+        if not (isinstance(values, torch.Tensor) and values.shape == weight.shape
+                and values.dtype == weight.dtype):
+            raise ConfigError(f"{where}: its dequantize did not return a tensor of the "
+                              f"weight's shape {list(weight.shape)} and dtype {weight.dtype}")
+        return q, quantizer.relative_error(weight, q) if measured else None
+    except QlisError:
+        raise
+    except Exception as err:  # the plugin's own failure, named
+        raise ConfigError(f"{where} failed ({type(err).__name__}: {first_line(err)})") from None
 
 
 def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:

@@ -268,6 +268,12 @@ class Int8Linear(_LowBit):
         self.register_buffer("scale", scale.float())
         self.register_buffer("zero", zero.float())
         self.kernel_max_rows = KERNEL_MAX_ROWS
+        # the kernel's two terms (the inputs against code - 128, their sum against 128 - zero)
+        # are larger than the result they cancel to: inputs past this could overflow float32
+        # where F.linear's result would not (3e37 gave infinities of either sign, an inf NaN)
+        largest = float((self.scale * (128.0 + (128.0 - self.zero).abs())).max()) if len(
+            self.scale) else 0.0
+        self.kernel_input_limit = 1e37 / (largest * max(q.shape[1], 1)) if largest else math.inf
 
     def dequantized_weight(self) -> torch.Tensor:
         # (code - 128) + (128 - zero) is the archive's integer code - zero, exactly
@@ -280,7 +286,8 @@ class Int8Linear(_LowBit):
         if (rows > self.kernel_max_rows or x.dtype != torch.float32 or x.device.type != "cpu"
                 or x.ndim == 0 or x.shape[-1] != self.shape[1]  # F.linear says what is wrong
                 or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
-                or (x.requires_grad and torch.is_grad_enabled())):  # the kernel has no backward
+                or (x.requires_grad and torch.is_grad_enabled())  # the kernel has no backward
+                or not x.numel() or not bool(x.abs().amax() <= self.kernel_input_limit)):
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
