@@ -212,3 +212,9 @@ def _qualname(obj: object) -> str:
 def _exception_text(err: Exception) -> str:
     """``Type: message`` on one line (the CLI prints an error as a single line)."""
     return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def is_builtin(strategy: object) -> bool:
+    """Whether a registered class's instance (a codec, quantizer, pruner) is qlis' own, whose
+    failures are bugs to show as they are, not a plugin's, whose failures are named as its."""
+    return type(strategy).__module__.split(".")[0] == "qlis"

@@ -57,6 +57,7 @@ from qlis.errors import ArchiveError, ConfigError, InputError, QlisError, first_
 from qlis.models.tensors import bit_patterns, check_loadable, with_aliases
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
+from qlis.registry import is_builtin
 from qlis.regular_files import open_regular_file
 from qlis.runtime import lowbit
 from qlis.workers.memory import allocation_failed, available_memory
@@ -131,7 +132,7 @@ def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
     chosen = BitPack(bits=max(1, (n_levels - 1).bit_length())) if codec == "bitpack" else (
         get_codec(codec)
     )
-    if _is_ours(chosen):
+    if is_builtin(chosen):
         return chosen, chosen.encode_rows(codes, row_length)
     try:  # a third-party codec: what it raises or returns is named
         data = chosen.encode_rows(codes, row_length)
@@ -144,12 +145,6 @@ def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
         raise ConfigError(f"{name}: codec {chosen.codec_id!r} encoded to a {type(data).__name__}, "
                           "not bytes")
     return chosen, data
-
-
-def _is_ours(strategy: object) -> bool:
-    """Whether a codec or quantizer is qlis' own (whose failures are bugs to show as they
-    are), not a third party's (whose failures are named as theirs)."""
-    return type(strategy).__module__.split(".")[0] == "qlis"
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
@@ -578,7 +573,7 @@ class Archive:
         except (ConfigError, TypeError, ValueError, KeyError, IndexError) as err:
             raise self._fail(f"tensor {name!r}: cannot decode ({err})") from None
         except Exception as err:
-            if _is_ours(codec):
+            if is_builtin(codec):
                 raise
             raise self._fail(f"tensor {name!r}: codec {codec.codec_id!r} failed to decode "
                              f"({type(err).__name__}: {first_line(err)})") from None

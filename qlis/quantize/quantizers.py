@@ -32,7 +32,7 @@ from qlis.quantize.grid import (
     matrix_shape,
     rounded_level,
 )
-from qlis.registry import Registry
+from qlis.registry import Registry, is_builtin
 from qlis.strategy import Strategy
 
 GRANULARITIES = ("tensor", "channel")
@@ -321,7 +321,7 @@ def quantized(quantizer: Quantizer, weight: torch.Tensor, label: str,
     it, and what it raises is named: codes of another shape or a result of another dtype would
     be written to an archive as another tensor, and a ``dequantize`` of the wrong shape or
     dtype makes an archive that every reader refuses."""
-    if type(quantizer).__module__.split(".")[0] == "qlis":
+    if is_builtin(quantizer):
         return quantizer.quantize_measured(weight) if measured else (
             quantizer.quantize(weight), None)
     where = f"{label}: quantizer {quantizer.strategy_id!r}"
