@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -218,6 +219,39 @@ def test_a_rank_that_dies_mid_pack_ends_the_job_without_an_archive(tmp_path):
     assert "PACKED" not in out_text
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no temporary file either
+
+
+def test_sigterm_ends_a_rank_stuck_joining_a_job_that_does_not_answer(tmp_path):
+    """The rank's rendezvous blocks in torch's own code against a port that accepts and
+    never answers: SIGTERM (a scheduler, torchrun ending the job) must end it, and it has
+    written nothing to leave behind."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections wait in its backlog: nothing is ever sent back
+        script = _script(tmp_path, """
+            import signal
+            from qlis.workers.cluster import Cluster
+
+            def interrupt(signum, frame):  # what qlis' commands make of SIGTERM
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, interrupt)
+            print("JOINING", flush=True)
+            Cluster.from_environment(timeout_s=600)
+        """)
+        env = {**_env(), "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(silent.getsockname()[1])}
+        process = _start([sys.executable, str(script)], tmp_path, env)
+        try:
+            assert process.stdout.readline() == "JOINING\n"
+            time.sleep(2)  # inside the rendezvous
+            process.terminate()
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            pytest.fail("SIGTERM did not end a rank waiting to join")
+    assert process.returncode == -signal.SIGTERM
 
 
 def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):

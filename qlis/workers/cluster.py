@@ -19,7 +19,9 @@ import datetime
 import heapq
 import json
 import os
+import signal
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,6 +60,24 @@ def unframed(message: bytes) -> tuple[Any, int]:
     return json.loads(message[_HEAD_LENGTH.size:start]), start
 
 
+@contextmanager
+def _signals_end_the_process() -> Iterator[None]:
+    """SIGTERM and SIGINT end the process at once while it joins the other ranks (joining
+    writes nothing): the rendezvous blocks in torch's own code, which never gives Python's
+    handlers (qlis turns SIGTERM into Ctrl-C) a turn, so a rank waiting for a job that would
+    not start ignored them until SIGKILL (torchrun ending a failed job waited 30 s for it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_DFL)
+             for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """This process's place in a torch.distributed job: its ``rank`` among ``world`` ranks."""
@@ -78,7 +98,8 @@ class Cluster:
             raise ClusterError("WORLD_SIZE asks for several ranks, but this torch has no "
                                "torch.distributed")
         try:
-            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            with _signals_end_the_process():
+                dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as err:
             raise ClusterError(f"could not join the other ranks ({_first_line(err)}); check "
                                "MASTER_ADDR, MASTER_PORT and that every rank was started"
