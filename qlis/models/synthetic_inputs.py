@@ -154,10 +154,10 @@ def _framing(tokenizer: Any) -> tuple[list[int], list[int], set[str]]:
     except Exception as err:
         raise InputError(f"the tokenizer cannot encode text ({type(err).__name__}: "
                          f"{first_line(err, 200)})") from None
-    if not all(isinstance(i, numbers.Integral) and 0 <= i < 2**63 for i in ids):
-        shown = next(i for i in ids if not (isinstance(i, numbers.Integral) and 0 <= i < 2**63))
-        raise InputError(f"the tokenizer gives {first_line(repr(shown), 60)} among a text's ids, "
-                         "which is no token id (a whole number in [0, 2**63))")
+    odd = [i for i in ids if not (isinstance(i, numbers.Integral) and 0 <= i < 2**63)]
+    if odd:
+        raise InputError(f"the tokenizer gives {first_line(repr(odd[0]), 60)} among a text's "
+                         "ids, which is no token id (a whole number in [0, 2**63))")
     ids = [int(i) for i in ids]
     for start in range(len(ids) - len(bare) + 1):
         if bare and ids[start:start + len(bare)] == bare:

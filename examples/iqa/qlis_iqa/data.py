@@ -231,9 +231,9 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
         return row[index] if index < len(row) else None
 
     return [
-        _row(path, line, str(cell(r, i_name)).strip(), cell(r, i_score))
+        _row(path, line, str(name).strip(), cell(r, i_score))
         for line, r in enumerate(rows[1:], start=2)
-        if cell(r, i_name) is not None and str(cell(r, i_name)).strip()
+        if (name := cell(r, i_name)) is not None and str(name).strip()
     ]
 
 
