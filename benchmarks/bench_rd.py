@@ -11,6 +11,7 @@ Spearman correlation of all pairwise similarities, on the distinct AGIQA-3K prom
     python benchmarks/bench_rd.py --groups gguf,torchao --no-write
     python benchmarks/bench_rd.py --groups gguf_imatrix,hqq --no-write
     python benchmarks/bench_rd.py --groups rd_in_sample --no-write   # a bound, not a result
+    python benchmarks/bench_rd.py --groups rd_cross_fit --no-write   # 4x the calibration text
 
 Exits 0 with a line saying why where the model or transformers cannot be had.
 """
@@ -30,7 +31,16 @@ import numpy as np
 import torch
 from gguf_quants import Quantized, gguf, int4_groupwise, int8_per_channel
 from hqq_quants import hqq
-from minilm import Fidelity, Unavailable, embed, load, model_folder, sentences, tokenize
+from minilm import (
+    Fidelity,
+    Unavailable,
+    distinct_prompts,
+    embed,
+    load,
+    model_folder,
+    sentences,
+    tokenize,
+)
 
 import qlis
 from report import command, machine, write_section
@@ -51,9 +61,11 @@ CALIB_BATCH = 8  # sentences per calibration batch of the qlis rows (60: 8 batch
 RD_MIN_COSINES = [0.99, 0.995]  # calibrated quality targets: the smallest archive keeping it
 RD_SYNTHETIC_BITS = [3.0, 3.25, 3.5, 4.0]  # no data: calibrated on random tokens
 RD_IN_SAMPLE_BITS = [2.75, 3.25]  # issue 14's calibrated goal sizes
+FOLDS = 5  # rd_cross_fit: each fifth of the prompts scored, calibrated on the other four
 GROUPS = ("gguf", "gguf_imatrix", "hqq", "torchao", "paper", "rd", "rd_synthetic", "gptq")
-# only when asked: calibrated on every prompt, the scored ones included (no user has that)
-DIAGNOSTIC_GROUPS = ("rd_in_sample",)
+# only when asked: calibrated on every prompt, the scored ones included (no user has that);
+# calibrated on four fifths of the prompts, each fifth scored in turn (disjoint, 4x the text)
+DIAGNOSTIC_GROUPS = ("rd_in_sample", "rd_cross_fit")
 COSINE_GOALS = [(0.99, 3.5), (0.995, 4.5)]  # columns of the bits-needed table
 # issue 14's goals: (family, mean cosine, bits per weight at most)
 GOALS = [("qlis rd calibrated", 0.99, 2.75), ("qlis rd calibrated", 0.995, 3.25),
@@ -330,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"rd calib target {bits} b/w, scored prompts included (ans)",
                              result, state, fidelity, "ans", folder,
                              f"compress {seconds:.1f} s"))
+        if "rd_cross_fit" in groups:
+            for bits in RD_IN_SAMPLE_BITS:
+                add(cross_fit(model, tokenizer, state, bits, folder))
         if "gptq" in groups:
             def calib_gptq(m: torch.nn.Module) -> torch.Tensor:
                 return embed(m, calib_batches, grad=True)
@@ -350,6 +365,37 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_section("bench_rd", markdown)
     return 0
+
+
+def cross_fit(model: torch.nn.Module, tokenizer: object, state: dict[str, torch.Tensor],
+              bits: float, folder: Path) -> Row:
+    """Calibrated rd at ``bits`` with four times bench_rd's calibration text, still disjoint:
+    each of FOLDS fifths of the prompts scored by the model calibrated on the other four,
+    the mean over all prompts (every prompt scored once)."""
+    prompts, _ = distinct_prompts()
+    found = []
+    started = time.perf_counter()
+    for fold in range(FOLDS):
+        scored = prompts[fold::FOLDS]
+        fitted = [p for i, p in enumerate(prompts) if i % FOLDS != fold]
+        calib = [lambda m, b=b: embed(m, [b], grad=True)
+                 for b in tokenize(tokenizer, fitted, batch=CALIB_BATCH)]
+        result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits)
+        found.append((len(scored), qlis_row("", "", result, state,
+                                            Fidelity(model, tokenize(tokenizer, scored)),
+                                            "ans", folder)))
+    count = sum(n for n, _ in found)
+
+    def mean(field: str) -> float:
+        return sum(n * getattr(r, field) for n, r in found) / count
+
+    cosines = ", ".join(f"{r.cosine:.5f}" for _, r in found)
+    return Row("qlis rd calibrated, 4x the text (cross-fit)",
+               f"rd calib target {bits} b/w, {FOLDS} folds of {len(prompts)} prompts (ans)",
+               round(mean("nbytes")), mean("layer_bits"), mean("all_bits"), mean("cosine"),
+               mean("spearman"), f"folds' cosines {cosines}; largest "
+               f"{max(r.all_bits for _, r in found):.3f} b/w; "
+               f"{time.perf_counter() - started:.0f} s")
 
 
 def render(

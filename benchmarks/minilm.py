@@ -143,18 +143,23 @@ def load(folder: Path) -> tuple[torch.nn.Module, object]:
     return model.eval(), tokenizer
 
 
-def sentences(shared: Path = SHARED_AGIQA, calibration_every: int = 5) -> Sentences:
-    """The distinct AGIQA-3K prompts (first-seen order), every ``calibration_every``-th one
-    held out for calibration; the built-in list where ../shared is missing."""
+def distinct_prompts(shared: Path = SHARED_AGIQA) -> tuple[list[str], str]:
+    """The distinct AGIQA-3K prompts (first-seen order) and where they come from; the
+    built-in list where ../shared is missing."""
     table = shared / "data.csv"
     if table.exists():
         with table.open(newline="", encoding="utf-8") as f:
             prompts = list(dict.fromkeys(row["prompt"].strip() for row in csv.DictReader(f)))
-        source = f"the {len(prompts)} distinct prompts of AGIQA-3K ({table.parent.name}/data.csv)"
-    else:
-        prompts = list(BUILTIN_SENTENCES)
-        source = (f"the built-in list of {len(prompts)} sentences in benchmarks/minilm.py "
-                  f"(../shared/data/agiqa-3k is missing here)")
+        return prompts, (f"the {len(prompts)} distinct prompts of AGIQA-3K "
+                         f"({table.parent.name}/data.csv)")
+    return list(BUILTIN_SENTENCES), (f"the built-in list of {len(BUILTIN_SENTENCES)} sentences "
+                                     f"in benchmarks/minilm.py (../shared/data/agiqa-3k is "
+                                     f"missing here)")
+
+
+def sentences(shared: Path = SHARED_AGIQA, calibration_every: int = 5) -> Sentences:
+    """The distinct prompts, every ``calibration_every``-th one held out for calibration."""
+    prompts, source = distinct_prompts(shared)
     calibration = prompts[calibration_every - 1::calibration_every]
     held = set(calibration)
     return Sentences([p for p in prompts if p not in held], calibration, source)

@@ -157,6 +157,21 @@ def check_options(schema: Mapping[str, Param], options: Mapping[str, Any],
     return {k: schema[k].check(v, f"{what}: {k}") for k, v in options.items()}
 
 
+def check_callback(callback: Any, name: str) -> None:
+    """Refuse a ``callback`` (a progress report) that cannot be called, up front: called
+    only after a layer or a tensor is done, it failed once the work was."""
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"{name} takes a callable(parameters done) or None, got "
+                          f"{type(callback).__name__}")
+
+
+def check_instance(value: Any, kind: type, name: str) -> None:
+    """Refuse a ``value`` other than None or a ``kind`` (a worker object such as a
+    `Cluster`), which was used later as one: an AttributeError deep inside."""
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{name} takes a {kind.__name__} or None, got {type(value).__name__}")
+
+
 def _refuse_unknown(schema: Mapping[str, Param], names: Iterable[str], what: str) -> None:
     unknown = sorted(str(k) for k in names if k not in schema)
     if unknown:

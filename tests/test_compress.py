@@ -399,10 +399,16 @@ class Misbehaving(HalfStepQuantizer):
             return weight
         elif self.how == "raises":
             raise ZeroDivisionError("the plugin's own bug")
+        elif self.how == "codes":  # saved, refused only by the writer
+            q.codes = q.codes * 5
+        elif self.how == "other id":  # read back by another quantizer's dequantize
+            q.quantizer = {"id": "uniform"}
         return q
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         values = super().dequantize(q)
+        if self.how == "nan":
+            return values * float("nan")
         return values.double() if self.how == "float64" else values
 
 
@@ -413,6 +419,9 @@ class Misbehaving(HalfStepQuantizer):
     ("tensor", r"returned a Tensor, not a QuantizedTensor"),
     ("raises", r"failed \(ZeroDivisionError: the plugin's own bug\)"),
     ("float64", r"its dequantize did not return a tensor of the weight's shape"),
+    ("codes", r"returned codes from 0 to 75, outside 0\.\.15"),
+    ("other id", r"codes that name another quantizer"),
+    ("nan", r"its dequantize returned NaN values"),
 ])
 def test_a_user_quantizer_that_breaks_its_contract_is_named_before_anything_is_stored(
         monkeypatch, how, match):
@@ -462,6 +471,7 @@ def test_bad_input(args, kwargs, error, match):
 @pytest.mark.parametrize(("options", "match"), [
     ({"inplace": "yes"}, "inplace must be true or false"),
     ({"progress": 5}, "progress takes a callable"),
+    ({"cluster": 5}, "cluster takes a Cluster or None"),
 ])
 def test_compress_checks_its_own_arguments_before_any_work(options, match):
     model = torch.nn.Linear(8, 8)
@@ -469,6 +479,26 @@ def test_compress_checks_its_own_arguments_before_any_work(options, match):
     with pytest.raises(ConfigError, match=match):
         qlis.compress(model, **options)
     assert torch.equal(model.weight, before)
+
+
+@pytest.mark.parametrize("write", [
+    lambda model, path: qlis.save(qlis.compress(model), path, progress="x"),
+    lambda model, path: qlis.pack(model, path, progress=5),
+    lambda model, path: qlis.pack(model, path, cluster=5),
+])
+def test_save_and_pack_check_their_callbacks_and_cluster_before_any_work(tmp_path, write):
+    """Called once a tensor was written, a progress that cannot be called failed with a
+    TypeError after all the work; a cluster of another type, an AttributeError."""
+    with pytest.raises(ConfigError, match="takes a"):
+        write(torch.nn.Linear(8, 8), tmp_path / "m.qlis")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"cluster": 5}, "cluster takes a Cluster"), ({"cache": 5}, "cache takes a PassCache")])
+def test_inspect_checks_its_workers(options, match):
+    with pytest.raises(ConfigError, match=match):
+        qlis.inspect(torch.nn.Linear(8, 8), **options)
 
 
 def test_save_says_what_it_writes_when_given_something_else(tmp_path):

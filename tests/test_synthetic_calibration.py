@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import reconstruction_notes, run
@@ -144,10 +145,22 @@ def test_any_image_model_gets_noise_images_of_the_shape_asked():
     ({"image_shape": (3, 8, 8), "pixel_std": 0}, "pixel_std"),
     ({"image_shape": (3, 8, 8), "pixel_mean": (0, 1)}, "pixel_mean"),
     ({"image_shape": (3, 8, 8), "pixel_mean": float("nan")}, "pixel_mean"),
+    ({"image_shape": np.array([3, 8, 8])}, "image shape"),  # its truth value raised
+    ({"image_shape": (3, 8, 8), "pixel_std": 1e-300}, "beyond float32"),  # 0 as float32
+    ({"image_shape": (3, 8, 8), "pixel_mean": 1e300}, "beyond float32"),  # inf images
 ])
 def test_bad_image_settings_are_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
         qlis.synthetic_calibration(torch.nn.Conv2d(3, 3, 1), **kwargs)
+
+
+def test_numpy_numbers_are_taken_for_image_settings():
+    batches = qlis.synthetic_calibration(
+        torch.nn.Conv2d(3, 3, 1), image_shape=(np.int64(3), 8, 8), examples=2,
+        pixel_mean=np.float32(0.5), pixel_std=np.float32(0.25))
+    pixels = batches[0][0]
+    assert pixels.shape == (2, 3, 8, 8)
+    assert float(pixels.min()) >= -2 and float(pixels.max()) <= 2
 
 
 def test_a_tokenizer_of_the_users_own_is_read_with_care(bert_folder):

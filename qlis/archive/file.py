@@ -52,7 +52,7 @@ from qlis.archive.format import (
     read_header,
 )
 from qlis.archive.front_room import ROOM_BLOCK, make_room
-from qlis.config import Param
+from qlis.config import Param, check_callback
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError, first_line
 from qlis.models.tensors import bit_patterns, check_loadable, with_aliases
 from qlis.quantize.grid import Grid, matrix_shape
@@ -217,6 +217,7 @@ def save(
     if not all(hasattr(result, field) for field in ("tensors", "layers", "header")):
         raise InputError(f"save writes a compression result (qlis.compress(...)), not a "
                          f"{type(result).__name__}: compress a state dict first")
+    check_callback(progress, "progress")
     return write_tensors(
         path,
         result.tensors,

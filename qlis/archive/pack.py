@@ -37,7 +37,7 @@ from qlis.archive.file import (
     save,
 )
 from qlis.archive.resume import PassCache, input_fingerprint
-from qlis.config import Param
+from qlis.config import Param, check_callback, check_instance
 from qlis.errors import ClusterError, QlisError
 from qlis.models.checkpoints import MappedState
 from qlis.models.tensors import as_state_dict, bit_patterns, tensor_layout
@@ -122,6 +122,8 @@ def pack(
     """
     check_codec_name(codec)
     resume = Param("bool").check(resume, "resume")
+    check_callback(progress, "progress")
+    check_instance(cluster, Cluster, "cluster")
     cluster = Cluster.from_environment() if cluster is None else cluster
     if cluster is not None:
         cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),

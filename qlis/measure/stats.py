@@ -17,7 +17,7 @@ import torch
 from qlis.archive.codecs import symbol_histogram
 from qlis.archive.resume import PassCache
 from qlis.compiled import njit
-from qlis.config import Param, check_options
+from qlis.config import Param, check_instance, check_options
 from qlis.errors import InputError
 from qlis.measure.distortion import peak_abs, population_std
 from qlis.measure.select import SelectSpec, make_selector
@@ -232,6 +232,8 @@ def inspect(
     """
     checked = check_options(SCORE_PARAMS, {"beta": beta, "eps": eps}, "inspect")
     beta, eps = checked["beta"], checked["eps"]
+    check_instance(cluster, Cluster, "cluster")
+    check_instance(cache, PassCache, "cache")
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     selector = make_selector(select)
     also_named: dict[str, list[str]] = {}

@@ -78,9 +78,11 @@ def _config_image_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
 
 def _check_image_shape(shape: object, examples: int) -> tuple[int, int, int]:
     if not (isinstance(shape, list | tuple) and len(shape) == 3
-            and all(type(n) is int and 1 <= n <= MAX_IMAGE_SIDE for n in shape)):
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                    and 1 <= n <= MAX_IMAGE_SIDE for n in shape)):
         raise InputError(f"an image shape is (channels, height, width), each from 1 to "
                          f"{MAX_IMAGE_SIDE}; got {shape!r}")
+    shape = tuple(int(n) for n in shape)
     if examples * shape[0] * shape[1] * shape[2] > MAX_IMAGE_ELEMENTS:
         raise InputError(f"{examples} noise images of {list(shape)} exceed "
                          f"{MAX_IMAGE_ELEMENTS:,} values; make fewer or smaller ones")
@@ -90,16 +92,16 @@ def _check_image_shape(shape: object, examples: int) -> tuple[int, int, int]:
 def _per_channel(value: float | Iterable[float], channels: int, name: str,
                  positive: bool) -> torch.Tensor:
     """``value`` (one number, or one per channel) as a (channels, 1, 1) float32 tensor."""
-    values = [value] if isinstance(value, int | float) else list(value)
+    values = [value] if isinstance(value, numbers.Real) else list(value)
     if len(values) == 1:
         values *= channels
     if (len(values) != channels or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             and (v > 0 or not positive) for v in values)):
         rule = "> 0" if positive else "finite"
         raise InputError(f"{name} takes one number or one per channel ({channels}), each "
                          f"{rule}; got {value!r}")
-    return torch.tensor(values, dtype=torch.float32).reshape(channels, 1, 1)
+    return torch.tensor([float(v) for v in values], dtype=torch.float32).reshape(channels, 1, 1)
 
 
 def _noise_images(shape: tuple[int, int, int], examples: int, batch_size: int, seed: int,
@@ -108,6 +110,10 @@ def _noise_images(shape: tuple[int, int, int], examples: int, batch_size: int, s
     """Uniform pixels in [0, 1], seeded, normalised as ``(x - mean) / std``, in batches."""
     centre = _per_channel(mean, shape[0], "pixel_mean", positive=False)
     scale = _per_channel(std, shape[0], "pixel_std", positive=True)
+    ends = (torch.tensor([0.0, 1.0]).reshape(1, 2, 1) - centre) / scale
+    if not (scale > 0).all() or not ends.isfinite().all():  # a std under float32's smallest
+        raise InputError(f"pixel_mean {mean!r} and pixel_std {std!r} put normalised pixels "
+                         f"beyond float32's range; give the model's own normalisation")
     generator = torch.Generator().manual_seed(seed)
     return [(torch.rand(min(batch_size, examples - start), *shape, generator=generator)
              - centre) / scale for start in range(0, examples, batch_size)]
@@ -199,7 +205,8 @@ def synthetic_calibration(
     configured = _config_image_shape(model) if image_shape is None else None
     if image_shape is not None or configured is not None:
         examples = examples or DEFAULT_IMAGES
-        shape = _check_image_shape(image_shape or configured, examples)
+        shape = _check_image_shape(configured if image_shape is None else image_shape,
+                                   examples)
         images = _noise_images(shape, examples, batch_size, seed, pixel_mean, pixel_std)
         if configured is None:
             return [SyntheticImages((batch,)) for batch in images]

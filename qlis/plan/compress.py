@@ -18,7 +18,7 @@ import torch
 
 from qlis.archive.format import Summary
 from qlis.archive.resume import PassCache
-from qlis.config import Param, check_options
+from qlis.config import Param, check_callback, check_instance, check_options
 from qlis.errors import ConfigError, InputError
 from qlis.measure.calibrate import Calibration, CalibSpec
 from qlis.measure.select import SelectSpec
@@ -474,10 +474,10 @@ def plan_compression(
     reference outputs out of memory (qlis/workers/spill_file.py)."""
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
-    for callback, label in ((progress, "progress"), (planning_progress, "planning_progress")):
-        if callback is not None and not callable(callback):
-            raise ConfigError(f"{label} takes a callable(parameters done) or None, got "
-                              f"{type(callback).__name__}")
+    check_callback(progress, "progress")
+    check_callback(planning_progress, "planning_progress")
+    check_instance(cluster, Cluster, "cluster")
+    check_instance(cache, PassCache, "cache")
     checked = check_options(COMPRESS_PARAMS, {
         "beta": beta, "eps": eps, "error_feedback": error_feedback,
         "bias_correction": bias_correction, "rounding_sweeps": rounding_sweeps}, "compress")

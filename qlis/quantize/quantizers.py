@@ -338,11 +338,19 @@ def quantized(quantizer: Quantizer, weight: torch.Tensor, label: str,
             raise ConfigError(f"{where} returned codes of shape {list(q.shape)} and dtype "
                               f"{q.dtype} for a weight of shape {list(weight.shape)} and dtype "
                               f"{weight.dtype}")
+        if q.codes.size and not (q.codes.min() >= 0 and q.codes.max() < q.n_levels):
+            raise ConfigError(f"{where} returned codes from {q.codes.min()} to "
+                              f"{q.codes.max()}, outside 0..{q.n_levels - 1} (its n_levels)")
+        if config_id(q.quantizer, "quantizer")[0] != quantizer.strategy_id:
+            raise ConfigError(f"{where} returned codes that name another quantizer "
+                              f"({q.quantizer!r}); they would be read back by that one")
         values = quantizer.dequantize(q)
         if not (isinstance(values, torch.Tensor) and values.shape == weight.shape
                 and values.dtype == weight.dtype):
             raise ConfigError(f"{where}: its dequantize did not return a tensor of the "
                               f"weight's shape {list(weight.shape)} and dtype {weight.dtype}")
+        if values.isnan().any():
+            raise ConfigError(f"{where}: its dequantize returned NaN values")
         return q, quantizer.relative_error(weight, q) if measured else None
     except QlisError:
         raise
