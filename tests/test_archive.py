@@ -611,3 +611,17 @@ def test_a_user_codec_that_breaks_its_contract_is_named(tmp_path, monkeypatch, h
     with pytest.raises(qlis.QlisError, match=match):
         write_tensors(tmp_path / "m.qlis", {"w": q}, codec=codec)
         qlis.load(tmp_path / "m.qlis")
+
+
+def test_a_closed_archive_reads_nothing_more(tmp_path):
+    """The reader kept the closed descriptor's number, which the next file opened takes:
+    a read after close read that file."""
+    path = qlis.save(qlis.compress(torch.nn.Linear(16, 16), "quant", bits=4), tmp_path / "m.qlis")
+    archive = qlis.Archive(path)
+    archive.close()
+    other = os.open(path, os.O_RDONLY)  # the lowest free number: the one just closed
+    try:
+        with pytest.raises(ArchiveError, match="closed"):
+            archive.read("weight")
+    finally:
+        os.close(other)

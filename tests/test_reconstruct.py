@@ -550,6 +550,27 @@ def test_layers_of_no_inputs_or_no_outputs_are_left_to_data_free_rounding():
     assert result.distortion["output"]["cosine"] > 0.9
 
 
+def test_a_layer_the_outputs_do_not_depend_on_is_fitted_and_not_called_data_free():
+    """A layer that runs but whose result the output drops is fitted to its inputs like
+    the others: the warning said it was rounded data-free, its plan said it was fitted."""
+
+    class Dropped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kept, self.dropped = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.dropped(x)
+            return self.kept(x)
+
+    torch.manual_seed(0)
+    with pytest.warns(qlis.QualityWarning, match="do not depend on") as caught:
+        result = qlis.compress(Dropped(), calib=[torch.randn(8, 16) for _ in range(4)])
+    notes = {layer.name: layer.reconstruction for layer in result.layers}
+    assert notes["dropped.weight"] == rec.BIAS_CORRECTED
+    assert not any("data-free" in str(w.message) for w in caught)
+
+
 def test_layers_a_plan_keeps_as_they_are_claim_no_rounding():
     """A layer the plan neither prunes nor quantizes is not "error feedback" or "data-free
     rounding": a Linear after a quantized one only has its bias corrected, a kept table and

@@ -499,6 +499,7 @@ def test_check_jobs_refuses_what_is_not_a_worker_count(jobs, tmp_path):
 def test_check_jobs_takes_positive_ints_and_none_as_every_core():
     assert check_jobs(None) == default_jobs() >= 1
     assert [check_jobs(j) for j in (1, 2, 7, 1024)] == [1, 2, 7, 1024]
+    assert type(check_jobs(np.int32(2))) is int  # as every option takes numpy integers
 
 
 # -- ArchiveWriter ----------------------------------------------------------------------------

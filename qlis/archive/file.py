@@ -744,15 +744,22 @@ class Archive:
         return list(describe_entries(self._entries))
 
     def close(self) -> None:
+        """Close the file; a later read is an ArchiveError: reading on through the closed
+        descriptor's number read whatever file the process opened next under it."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self._pread = _closed
 
     def __enter__(self) -> Archive:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _closed(length: int, offset: int) -> bytes:
+    raise ArchiveError("the archive is closed; open it again to read it")
 
 
 def _is_size(value: object) -> bool:

@@ -227,7 +227,8 @@ class CompressionResult:
                 f"(SNR {_snr_db(mean):.1f} dB), worst layer {worst:.2e}")
         output = self.distortion.get("output")
         if output:
-            where = (f"{output['batches']} held-out calibration batches"
+            batches = output["batches"]
+            where = (f"{batches} held-out calibration batch{'es' if batches != 1 else ''}"
                      if output.get("held_out") else "the calibration data")
             if output.get("synthetic"):
                 where += " (synthetic inputs, not your data)"
@@ -286,20 +287,22 @@ def _some_names(names: list[str]) -> str:
 
 
 def _unreached(layers: list[LayerPlan], calibration: Calibration | None = None) -> list[str]:
-    """Warnings naming the planned layers that calibration never ran, and those a policy
-    found the calibration's outputs do not depend on (``Calibration.unreached``): both
-    were rounded data-free (layers stored as they were lost nothing, and are not named)."""
+    """Warnings naming the planned layers that calibration never ran (rounded data-free),
+    and those a policy found the calibration's outputs do not depend on
+    (``Calibration.unreached``: they ran, and were fitted to the inputs they saw where their
+    ``reconstruction`` says so); layers stored as they were lost nothing, and are not
+    named."""
     never_ran = [layer.name for layer in layers if layer.reconstruction == NOT_REACHED]
     off_path = [] if calibration is None else [
         layer.name for layer in layers if layer.name in calibration.unreached
         and layer.name not in never_ran and not layer.unchanged]
     found = []
-    for names, what in ((never_ran, "the calibration never ran"),
-                        (off_path, "the calibration's outputs do not depend on")):
+    for names, what, how in (
+            (never_ran, "the calibration never ran", "they were rounded data-free and "),
+            (off_path, "the calibration's outputs do not depend on", "")):
         if names:
-            found.append(f"{what} {len(names)} planned layer(s): {_some_names(names)}; they "
-                         "were rounded data-free and their effect on the output was not "
-                         "measured")
+            found.append(f"{what} {len(names)} planned layer(s): {_some_names(names)}; {how}"
+                         "their effect on the output was not measured")
     return found
 
 

@@ -13,6 +13,7 @@ And the GIL changes hands sooner than Python's default (`SWITCH_INTERVAL_S`).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import threading
@@ -58,9 +59,9 @@ def check_jobs(jobs: int | None) -> int:
     """``jobs`` as a worker count (None: every core), refused unless a positive integer."""
     if jobs is None:
         return default_jobs()
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 1024:
+    if isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or not 1 <= jobs <= 1024:
         raise ConfigError(f"jobs must be an integer from 1 to 1024, got {jobs!r}")
-    return jobs
+    return int(jobs)  # a numpy integer too, as the options take them
 
 
 SWITCH_INTERVAL_S = 2e-4
