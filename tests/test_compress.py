@@ -565,3 +565,12 @@ def test_with_tensors_names_a_tied_alias():
     assert result.aliases == {"1.weight": "0.weight"}
     with pytest.raises(InputError, match="tied alias"):
         result.with_tensors({"1.weight": torch.zeros(64, 64)})
+
+
+def test_a_plan_takes_numpy_numbers_as_the_options_do_and_stores_them_plain():
+    plan = {"w.weight": {"quantizer": {"id": "affine", "bits": np.int64(4)}}}
+    result = qlis.compress({"w.weight": torch.randn(16, 16)}, plan=plan)
+    assert type(result.layers[0].quantizer["bits"]) is int
+    plan["w.weight"]["quantizer"]["bits"] = object()
+    with pytest.raises(ConfigError, match="not plain JSON"):
+        qlis.compress({"w.weight": torch.randn(16, 16)}, plan=plan)

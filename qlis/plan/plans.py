@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,16 @@ from qlis.config import shown
 from qlis.errors import ConfigError
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import get_quantizer
+
+
+def _plain_number(value: object) -> int | float:
+    """A numpy (or other) number as JSON writes it, as the policies' options take them;
+    anything else is not JSON."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _check_config(config: object, kind: str, layer: str) -> dict | None:
@@ -33,7 +44,7 @@ def _check_config(config: object, kind: str, layer: str) -> dict | None:
             f"layer {layer!r}: the {kind} must be a dict with an 'id', got {shown(config)}"
         )
     try:
-        text = json.dumps(dict(config), allow_nan=False)
+        text = json.dumps(dict(config), allow_nan=False, default=_plain_number)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"layer {layer!r}: the {kind} config is not plain JSON ({err})") from None
     try:
