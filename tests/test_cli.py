@@ -258,3 +258,14 @@ def test_demo_runs_and_verifies(runner, tmp_path):
     assert (tmp_path / "vit-tiny.qlis").is_file()
     assert str(tmp_path / "vit-tiny.safetensors") in out
     assert "exists" in run_user_error(runner, "demo", "--model", "vit-tiny", "-o", tmp_path)
+
+
+def test_a_suffix_in_capitals_is_the_same_format(runner, model_pt, tmp_path):
+    """The output rule took .SAFETENSORS, and the writer, comparing case, wrote a torch
+    pickle under that name; inspect read such a file as a torch checkpoint."""
+    archive = tmp_path / "m.qlis"
+    run_ok(runner, "pack", model_pt, "-o", archive)
+    target = tmp_path / "UNPACKED.SAFETENSORS"
+    run_ok(runner, "unpack", archive, "-o", target)
+    assert sorted(load_file(target)) == sorted(qlis.load(archive))
+    assert "layer" in run_ok(runner, "inspect", target).stdout

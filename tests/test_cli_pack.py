@@ -118,6 +118,8 @@ def test_set_passes_any_policy_option(model_file, tmp_path):
         (["--target-bytes", "5000", "--set", "target_bytes=9000"],
          "--set target_bytes= and --target-bytes both give target_bytes"),
         (["--policy", "quant", "--bits", "2", "--set", "bits=8"], "both give bits"),
+        (["--set", "max_distortion=0.1", "--set", "max_distortion=1e-6"], "given twice"),
+        (["--calib", "calib.txt", "--resume"], "leave --resume out"),
         (["--policy", "plan"], "'plan' is not one of"),  # a plan is --plan FILE
         (["--min-cosine", "0.99"], "measured on calibration data: pass --calib"),
         (["--min-cosine", "0"], "0<x<1"),  # as the library's own range: a cosine above 0

@@ -17,6 +17,7 @@ from cli_helpers import one_line_error as cli_error
 from cli_helpers import run, within_5_s
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import qlis
 import qlis.cli.main
@@ -139,6 +140,19 @@ def test_a_plan_or_calibration_file_is_never_the_packs_output(model_pt, tmp_path
     calib.write_text("a red cat\n")
     line = one_line_error("pack", model_pt, "--calib", calib, "-o", calib, "--force")
     assert "one of the inputs" in line and calib.read_text() == "a red cat\n"
+
+
+def test_a_folders_weight_file_is_never_the_packs_output(tmp_path, no_loading):
+    """A folder's model.safetensors linked to weights.qlis: the output was checked against
+    the folder alone, and the pack replaced the only copy of the weights it read."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights = folder / "weights.qlis"
+    save_file({"w": torch.randn(16, 16)}, weights)
+    (folder / "model.safetensors").symlink_to("weights.qlis")
+    before = weights.read_bytes()
+    line = one_line_error("pack", folder, "-o", weights, "--force")
+    assert "one of the inputs" in line and weights.read_bytes() == before
 
 
 def test_inspect_plot_is_not_replaced_without_force(model_pt, tmp_path):

@@ -481,15 +481,17 @@ def test_compress_checks_its_own_arguments_before_any_work(options, match):
     assert torch.equal(model.weight, before)
 
 
-@pytest.mark.parametrize("write", [
-    lambda model, path: qlis.save(qlis.compress(model), path, progress="x"),
-    lambda model, path: qlis.pack(model, path, progress=5),
-    lambda model, path: qlis.pack(model, path, cluster=5),
+@pytest.mark.parametrize(("write", "match"), [
+    (lambda model, path: qlis.save(qlis.compress(model), path, progress="x"), "takes a"),
+    (lambda model, path: qlis.pack(model, path, progress=5), "takes a"),
+    (lambda model, path: qlis.pack(model, path, cluster=5), "takes a"),
+    (lambda model, path: qlis.pack(model, path, resume=True, calib=[torch.randn(2, 8)]),
+     "leave resume out"),  # was ignored
 ])
-def test_save_and_pack_check_their_callbacks_and_cluster_before_any_work(tmp_path, write):
+def test_save_and_pack_check_their_arguments_before_any_work(tmp_path, write, match):
     """Called once a tensor was written, a progress that cannot be called failed with a
     TypeError after all the work; a cluster of another type, an AttributeError."""
-    with pytest.raises(ConfigError, match="takes a"):
+    with pytest.raises(ConfigError, match=match):
         write(torch.nn.Linear(8, 8), tmp_path / "m.qlis")
     assert not list(tmp_path.iterdir())
 

@@ -15,6 +15,7 @@ from qlis.errors import ArchiveError, ConfigError, InputError
 from qlis.quantize.quantizers import (
     AffineQuantizer,
     GroupAffineQuantizer,
+    KMeansQuantizer,
     QuantizedTensor,
     get_quantizer,
 )
@@ -288,3 +289,18 @@ def test_config_registry_and_errors() -> None:
     q.params["scale"] = q.params["scale"][:, :1]
     with pytest.raises(ArchiveError):
         q.dequantize()
+
+
+def test_float64_weights_beyond_float32_are_named_so_not_called_infinite() -> None:
+    weight = torch.randn(4, 32, dtype=torch.float64) * 1e300
+    with pytest.raises(InputError, match="beyond its range"):
+        GroupAffineQuantizer(bits=4).quantize(weight)
+
+
+def test_kmeans_keeps_a_finite_codebook_for_weights_near_float32s_limit() -> None:
+    """A centroid's values were summed in float32: from |w| ~1e33 the sum overflowed and
+    the codebook took -inf."""
+    weight = torch.randn(256, 1024) * 1e37
+    q = KMeansQuantizer(bits=1).quantize(weight)
+    assert np.isfinite(q.params["codebook"]).all()
+    assert KMeansQuantizer(bits=1).relative_error(weight, q) < 0.5

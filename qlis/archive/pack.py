@@ -38,7 +38,7 @@ from qlis.archive.file import (
 )
 from qlis.archive.resume import PassCache, input_fingerprint
 from qlis.config import Param, check_callback, check_instance
-from qlis.errors import ClusterError, QlisError
+from qlis.errors import ClusterError, ConfigError, QlisError
 from qlis.models.checkpoints import MappedState
 from qlis.models.tensors import as_state_dict, bit_patterns, tensor_layout
 from qlis.plan.compress import (
@@ -124,6 +124,9 @@ def pack(
     resume = Param("bool").check(resume, "resume")
     check_callback(progress, "progress")
     check_instance(cluster, Cluster, "cluster")
+    if resume and options.get("calib") is not None:
+        raise ConfigError("resume reuses the first pass of a data-free pack; a calibrated "
+                          "pack measures on its data every time: leave resume out")
     cluster = Cluster.from_environment() if cluster is None else cluster
     if cluster is not None:
         cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),

@@ -39,7 +39,12 @@ from qlis.json_input import JSONSyntaxError, parse_json_text, read_json_file
 from qlis.models.calib_files import DEFAULT_BATCH as FILE_BATCH
 from qlis.models.calib_files import DEFAULT_EXAMPLES as FILE_EXAMPLES
 from qlis.models.calib_files import check_calibration_path, read_calibration
-from qlis.models.checkpoints import load_state_dict, model_file_bytes, read_metadata
+from qlis.models.checkpoints import (
+    load_state_dict,
+    model_file_bytes,
+    read_metadata,
+    weight_files,
+)
 from qlis.models.hf_model import (
     check_input_names,
     check_token_ids,
@@ -87,6 +92,8 @@ def _set_options(pairs: tuple[str, ...]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise InputError(f"--set takes KEY=VALUE (a policy option), got {pair!r}")
+        if key in options:
+            raise InputError(f"--set {key}= is given twice: give it once")
         if key in _NOT_SETTABLE:
             flag = _NOT_SETTABLE[key]
             raise InputError(f"--set {key}= is not a policy option"
@@ -174,7 +181,7 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
     """Per-layer importance report of a model (.pt/.pth, .safetensors, or a HF folder)."""
     check_input(path)
     if plot:
-        check_output(plot, force, (".png",), inputs=[path])
+        check_output(plot, force, (".png",), inputs=[path, *weight_files(path)])
     report = qlis.inspect(load_state_dict(path), beta=beta, eps=eps, select=select or None)
     records = report.records()
     if fmt == "json":
@@ -278,8 +285,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     are reconstructed on the calibration data and the output quality is measured.
     """
     check_input(path)
-    # a file the pack reads is never its output (a plan or calibration file replaced by it)
-    inputs = [path, *(given for given in (plan_file, calib_file) if given is not None)]
+    # a file the pack reads is never its output (a plan or calibration file replaced by it,
+    # or a folder's weights, which a link may name as the output)
+    inputs = [path, *weight_files(path),
+              *(given for given in (plan_file, calib_file) if given is not None)]
     check_output(output, force, (".qlis",), inputs=inputs)
     flags = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
@@ -304,6 +313,9 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     if calib_file is None and (calib_examples or calib_batch_size):
         raise InputError("--calib-examples and --calib-batch-size size the calibration: "
                          "pass --calib FILE")
+    if resume and calib_file is not None:
+        raise InputError("--resume reuses the first pass of a data-free pack; with --calib "
+                         "every pack measures on its data: leave --resume out")
     if rounding_sweeps:
         if calib_file is None:
             raise InputError("--rounding-sweeps refines reconstruction on calibration data: "

@@ -90,7 +90,7 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
             if max_shard_size is not None:
                 files = _shards(output, layout, archive.read_pieces, max_bytes, progress,
                                 source, jobs, [path])
-            elif output.suffix == ".safetensors":
+            elif output.suffix.lower() == ".safetensors":
                 write_safetensors(output, layout, archive.read_pieces, progress=progress,
                                   metadata=source, overwrite=force, jobs=jobs)
             else:

@@ -74,7 +74,7 @@ def _tensor_batches(path: Path, examples: int, batch_size: int) -> list[dict[str
 def check_calibration_path(path: str | Path) -> Path:
     """``path`` if it names a calibration file of a known kind (checked before any work)."""
     path = Path(path)
-    if path.suffix not in CALIB_SUFFIXES:
+    if path.suffix.lower() not in CALIB_SUFFIXES:
         raise InputError(f"{path}: calibration data must be {', '.join(CALIB_SUFFIXES)}")
     if not path.is_file():
         raise InputError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
@@ -88,7 +88,7 @@ def read_calibration(path: str | Path, model_folder: str | Path,
     """Keyword input batches for ``qlis.compress(model, calib=...)`` from ``path``; text
     examples are cut to ``max_length`` tokens (see `max_input_length`)."""
     path = check_calibration_path(path)
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         lines = _text_lines(path, examples)
         return tokenized_batches(load_tokenizer(model_folder), lines, batch_size, max_length)
     return _tensor_batches(path, examples, batch_size)

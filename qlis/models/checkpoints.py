@@ -452,7 +452,7 @@ def _load_folder(path: Path) -> Mapping:
     name, file = _folder_model_file(path, roots)
     if name.endswith(".index.json"):
         return _load_shards(file, path, roots)
-    if name.endswith(".safetensors"):
+    if name.lower().endswith(".safetensors"):
         return MappedState.of_file(file)
     return _load_torch(file)
 
@@ -497,7 +497,7 @@ def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> Mapping:
         shard_path = _inside(roots, folder / shard, index)
         if not os.path.lexists(shard_path):
             raise InputError(f"{index}: shard {tensor_label(shard)} is missing")
-        part = (MappedState.of_file(shard_path) if shard.endswith(".safetensors")
+        part = (MappedState.of_file(shard_path) if shard.lower().endswith(".safetensors")
                 else _load_torch(shard_path))
         for name in part:
             if weight_map.get(name) != shard:
@@ -539,9 +539,9 @@ def load_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
         state = _load_folder(path)
     elif not stat.S_ISREG(mode):
         raise InputError(f"{path}: is {file_kind(mode)}; give a model file or a model folder")
-    elif path.suffix == ".safetensors":
+    elif path.suffix.lower() == ".safetensors":
         state = MappedState.of_file(path)
-    elif path.suffix == ".qlis":
+    elif path.suffix.lower() == ".qlis":
         raise InputError(f"{path}: is a qlis archive; use 'qlis unpack' or qlis.load()")
     else:
         state = _load_torch(path)
@@ -567,10 +567,10 @@ def read_metadata(path: str | Path) -> dict[str, str] | None:
             index = _inside(roots, path / "model.safetensors.index.json", path)
             shards = sorted(set(_weight_map(index).values()))  # .bin shards have none
             files = [_inside(roots, path / shard, index) for shard in shards
-                     if shard.endswith(".safetensors")]
+                     if shard.lower().endswith(".safetensors")]
         else:
             return None
-    elif path.suffix == ".safetensors":
+    elif path.suffix.lower() == ".safetensors":
         files = [path]
     else:
         return None

@@ -610,9 +610,11 @@ class KMeansQuantizer(Quantizer):
         centroids = torch.quantile(values, (torch.arange(k) + 0.5) / k).unique()
         for _ in range(self.iterations):
             assign = _nearest(values, centroids)
-            sums = torch.bincount(assign, weights=values, minlength=centroids.numel())
+            # summed in float64: a cluster's float32 sum overflowed from |w| ~1e33 (262,144
+            # values), and the codebook took -inf for finite weights
+            sums = torch.bincount(assign, weights=values.double(), minlength=centroids.numel())
             counts = torch.bincount(assign, minlength=centroids.numel())
-            updated = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+            updated = torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids)
             updated, _ = updated.sort()
             if torch.equal(updated, centroids):
                 break
@@ -752,6 +754,10 @@ class GroupAffineQuantizer(Quantizer):
             scale = (groups.amax(dim=2).clamp(min=0.0) - lo) / ((1 << self.bits) - 1)
         if not bool(torch.isfinite(scale).all()):
             if not bool(torch.isfinite(rows).all()):
+                if bool(torch.isfinite(weight).all()):  # a float64 weight beyond float32
+                    raise InputError("group quantization computes in float32, and the "
+                                     "weights reach beyond its range (|w| < 3.4e38); keep "
+                                     "the layer as it is or use rd")
                 raise InputError("group quantization needs finite weights (found inf or NaN)")
             raise InputError("group quantization needs each group's range (largest minus "
                              "smallest weight) within float32's; a group spans more: use a "
