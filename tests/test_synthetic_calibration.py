@@ -203,7 +203,7 @@ def test_pack_calibrates_on_synthetic_tokens_and_says_so(bert_folder, tmp_path):
                  "--calib-batch-size", "4")
     assert result.exit_code == 0, result.output
     assert "calibration: 24 synthetic examples" in result.output
-    assert "held-out calibration batches (synthetic inputs, not your data): cosine" \
+    assert "held-out calibration batch (synthetic inputs, not your data): cosine" \
         in result.output
     assert any(note and note.startswith("error feedback") for note in reconstruction_notes(out))
 
@@ -218,7 +218,7 @@ def test_pack_of_a_folder_without_a_tokenizer_calibrates_on_bare_tokens(bert_fol
     assert result.exit_code == 0, result.output
     assert "calibration: 32 synthetic" in result.output
     # in synthetic batches of 8 by default (as measured): four, the fourth held out
-    assert "on 1 held-out calibration batches" in result.output
+    assert "on 1 held-out calibration batch " in result.output
 
 
 def test_pack_calibrates_a_vision_model_on_noise_images(tmp_path):

@@ -610,9 +610,12 @@ class KMeansQuantizer(Quantizer):
         centroids = torch.quantile(values, (torch.arange(k) + 0.5) / k).unique()
         for _ in range(self.iterations):
             assign = _nearest(values, centroids)
-            # summed in float64: a cluster's float32 sum overflowed from |w| ~1e33 (262,144
-            # values), and the codebook took -inf for finite weights
-            sums = torch.bincount(assign, weights=values.double(), minlength=centroids.numel())
+            sums = torch.bincount(assign, weights=values, minlength=centroids.numel())
+            if not bool(sums.isfinite().all()):  # from |w| ~1e33 over 262,144 values: the
+                # codebook took -inf for finite weights; summed in float64 there alone, as
+                # float32 everywhere else keeps the codebooks archives were written with
+                sums = torch.bincount(assign, weights=values.double(),
+                                      minlength=centroids.numel())
             counts = torch.bincount(assign, minlength=centroids.numel())
             updated = torch.where(counts > 0, (sums / counts.clamp(min=1)).float(), centroids)
             updated, _ = updated.sort()

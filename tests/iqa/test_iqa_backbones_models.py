@@ -18,6 +18,7 @@ from qlis_iqa.backbones import (
 )
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
 from qlis_iqa.models import load_model, make_model, read_metadata, save_checkpoint
+from qlis_iqa.pack import compress_model, write_archive
 
 
 def test_load_from_folder_and_from_parent(backbones: dict[str, Path], tmp_path: Path) -> None:
@@ -111,3 +112,14 @@ def test_bad_model_files(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(IQAError, match="not a qlis-iqa model"):
         load_model(tmp_path / "plain.safetensors")
+
+
+def test_an_archive_named_in_capitals_is_read_as_an_archive(tmp_path: Path) -> None:
+    """Read by its suffix, compared case by case: model.QLIS was read as a safetensors file."""
+    model = make_model("dino", random_backbone("dino", "tiny", seed=2))
+    path = tmp_path / "M.QLIS"
+    write_archive(model, compress_model(model, policy="quant", bits=8), path)
+    loaded, _ = load_model(path, runtime="lowbit")
+    x = torch.randn(2, 3, model.preprocess.size, model.preprocess.size)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=0.05)

@@ -698,7 +698,7 @@ def sweep(
             output,
             variants,
             FeatureCache(cache_dir),
-            baseline_file=path if path.suffix == ".safetensors" else None,
+            baseline_file=path if path.suffix.lower() == ".safetensors" else None,
             model_metadata=meta,
             beta=beta,
             archives=archives,

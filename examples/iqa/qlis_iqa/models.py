@@ -301,7 +301,7 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
     path = Path(path)
     if not path.is_file():
         raise IQAError(f"{path}: no such model file")
-    if path.suffix == ".qlis":
+    if path.suffix.lower() == ".qlis":
         import qlis
 
         with qlis.open(path) as archive:
@@ -341,9 +341,9 @@ def load_model(
     spec = parse_metadata(metadata)
     check_declared_shapes(spec, declared, str(path))
     model = model_from_spec(spec)
-    if runtime == "lowbit" and path.suffix != ".qlis":
+    if runtime == "lowbit" and path.suffix.lower() != ".qlis":
         raise IQAError(f"{path}: the low-bit runtime runs .qlis archives, not checkpoints")
-    if path.suffix == ".qlis":
+    if path.suffix.lower() == ".qlis":
         import qlis
 
         if runtime == "lowbit":
