@@ -200,3 +200,25 @@ def test_a_model_that_cannot_be_written_into_is_refused_before_anything_changes(
     with pytest.raises(qlis.InputError, match=match):
         qlis.compress(model, inplace=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_packed_folder_without_its_tied_copies_loads_into_its_model(tmp_path):
+    """Hugging Face checkpoints leave a tied tensor's copies out (GPT-2's lm_head.weight):
+    the data-free pack of the folder had no module to learn the tie from, and its archive
+    did not load back into the model it came from."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2,
+                                     n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    archive = tmp_path / "m.qlis"
+    assert run(cli, "pack", tmp_path / "hf", "-o", archive).exit_code == 0
+    assert "lm_head.weight" not in qlis.load(archive)
+    model, packed = (transformers.GPT2LMHeadModel(config).eval() for _ in range(2))
+    qlis.load(archive, model=model)
+    qlis.load(archive, model=packed, runtime="lowbit")  # the head packed, the table not
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.transformer.wte.weight, qlis.load(archive)["transformer.wte.weight"])
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, atol=1e-3, rtol=0)

@@ -151,6 +151,18 @@ def test_layers_that_keep_nothing_of_their_weights_are_named():
     assert not qlis.compress(model, "prune", k=1.5).warnings  # most pruned, not all
 
 
+def test_a_layer_left_with_one_outlier_is_named_as_keeping_nothing():
+    """A data-free rd at 12x kept 1 of a tied LLaMA table's 32,768 weights (relative error
+    0.9999): its logits were all 0, and no warning said so."""
+    torch.manual_seed(0)
+    weight = torch.randn(128, 128)
+    weight[0, 0] = 7.0  # the only weight a step of 10 keeps
+    plan = {"w.weight": {"quantizer": {"id": "uniform", "step": 10.0}}}
+    with pytest.warns(qlis.QualityWarning, match=r"1 layer\(s\) keep nothing .*: w\.weight"):
+        result = qlis.compress({"w.weight": weight}, plan=plan)
+    assert int(result.state_dict()["w.weight"].count_nonzero()) == 1
+
+
 @pytest.mark.parametrize("options", [{}, {"bits_levels": [None]}, {"k_levels": [0.0]}])
 def test_levels_that_compress_no_layer_are_refused(options):
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))

@@ -801,6 +801,19 @@ def _check_fits(archive: Archive, model: torch.nn.Module) -> None:
     check_loadable(model, f"{archive.path} cannot be loaded")
 
 
+def _adopt_model_ties(archive: Archive, model: torch.nn.Module) -> None:
+    """Read a name the model ties to one the archive holds as that one: a Hugging Face
+    checkpoint leaves the tied copies out (GPT-2's lm_head.weight), and the data-free pack
+    of its folder had no module to learn the ties from, so its archive did not load back."""
+    known = set(archive.names())
+    for names in lowbit.tied_names(model):
+        held = next((name for name in names if name in known), None)
+        if held is not None:
+            for name in names:
+                if name not in known:
+                    archive.aliases[name] = archive.aliases.get(held, held)
+
+
 def _untied_in_archive(archive: Archive, model: torch.nn.Module) -> str | None:
     """Names the model ties (one tensor) that the archive stores apart: loading both into
     the one tensor would keep only the last (an empty tensor has nothing to disagree on)."""
@@ -837,6 +850,7 @@ def load(
         raise ConfigError('runtime="lowbit" loads into a model: pass model=')
     with Archive(path, max_decoded_bytes=max_decoded_bytes) as archive:
         if model is not None:
+            _adopt_model_ties(archive, model)
             _check_fits(archive, model)
         if runtime == "lowbit":
             lowbit.load_lowbit(archive, model)
