@@ -219,8 +219,9 @@ def _beyond_float32(name: str, weight: torch.Tensor, config: LayerConfig) -> Inp
 @dataclass(frozen=True)
 class Realized:
     """A plan as executed: the tensors it changed, as the model computes with them, and the
-    coded bytes of its layers (what a size target counts, besides the fixed part), and each
-    reconstructed layer's ``LayerPlan.feedback``."""
+    coded bytes of its layers and of what correcting biases added to the fixed part (what a
+    size target counts, besides the fixed part), and each reconstructed layer's
+    ``LayerPlan.feedback``."""
 
     tensors: dict[str, Replacement]
     layer_bytes: float
