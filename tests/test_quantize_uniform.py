@@ -55,8 +55,10 @@ def test_wide_ranges_use_16_bit_codes_and_the_limit_is_enforced():
     q = UniformQuantizer(step=1e-3).quantize(weight)
     assert q.n_levels == 2001 and q.codes.dtype == np.uint16
     assert float((q.dequantize() - weight).abs().max()) <= 5e-4 + 1e-6
-    with pytest.raises(ConfigError, match="levels"):
+    with pytest.raises(ConfigError, match="a step this small needs .* levels"):
         UniformQuantizer(step=1e-6).quantize(torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ConfigError, match="the step that rel_mse 1e-12 asks for needs"):
+        UniformQuantizer(rel_mse=1e-12).quantize(torch.linspace(-1, 1, 5001))
     assert MAX_LEVELS == 65536
 
 

@@ -1087,15 +1087,18 @@ class UniformQuantizer(Quantizer):
                               "float32's range (|w| < 3.4e38)")
         low, high = int(low), int(high)
         n_levels = high - low + 1
+        # the user gave a step, or a rel_mse that the step came from: the message names it
+        small = ("a step this small" if self.step is not None
+                 else f"the step that rel_mse {self.rel_mse:g} asks for")
         if n_levels > MAX_LEVELS:
             raise ConfigError(
-                f"a step this small needs {n_levels} levels for this layer's range "
+                f"{small} needs {n_levels} levels for this layer's range "
                 f"(at most {MAX_LEVELS}); use a larger step or rel_mse"
             )
         offset = float(np.asarray(q.params["offset"]).reshape(-1)[0]) - low
         if abs(offset) > EXACT_FLOAT32_INTEGERS:
             raise ConfigError(
-                f"a step this small puts this layer's codes {abs(offset):.3g} steps from "
+                f"{small} puts this layer's codes {abs(offset):.3g} steps from "
                 f"zero, beyond the {EXACT_FLOAT32_INTEGERS} that the stored float32 offset "
                 "holds exactly; use a larger step or rel_mse"
             )
