@@ -104,9 +104,10 @@ class PlanExecutor:
         # corrected biases outside the plan: what they add to the fixed part counts too (a
         # model's zero biases, coded in a few bytes, took their full float16 size once
         # corrected: a calibrated BERT at target_ratio=8 wrote 7.57x)
-        grown = sum(unplanned_bytes(t) - unplanned_bytes(self._rest_of(name, self.state[name]))
-                    for name, t in stored.items()
-                    if name not in plan and t is not self._rest_of(name, self.state[name]))
+        grown = 0.0
+        for name, tensor in stored.items():
+            if name not in plan and tensor is not (before := self._rest_of(name, self.state[name])):
+                grown += unplanned_bytes(tensor) - unplanned_bytes(before)
         return Realized(changed, sum(layer.coded_bytes for layer in layers) + grown,
                         {layer.name: layer.feedback for layer in layers
                          if layer.feedback is not None})
