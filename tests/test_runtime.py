@@ -153,6 +153,25 @@ def test_int8_kernel_branch_handles_an_uncentred_zero_point():
     assert torch.equal(module(x), expected)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_int8_kernel_branch_keeps_a_row_of_zeros_zero(granularity):
+    """A zero-initialised layer (or a dead row) has codes and zero point 0: an offset of 128
+    cancelled 128 sum(x) scale against itself, 0.875 where the layer gives 0 (inputs 1e4)."""
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    weight[3] = 0
+    if granularity == "tensor":
+        weight.zero_()
+    q = qlis.AffineQuantizer(bits=8, granularity=granularity).quantize(weight)
+    module = runtime.Int8Linear(q, None)
+    x = torch.rand(4, 64) * 1e4
+    assert x.abs().amax() <= module.kernel_input_limit  # the kernel branch
+    out = module(x)
+    assert torch.equal(out[:, 3], torch.zeros(4))
+    terms = F.linear(x, q.dequantize().abs()).amax()  # float32 rounding is relative to these
+    torch.testing.assert_close(out, F.linear(x, q.dequantize()), rtol=0, atol=1e-6 * terms)
+
+
 def test_int8_kernel_branch_gives_what_float_gives_for_infinite_and_huge_inputs():
     """The kernel's terms are larger than the result they cancel to: an inf made NaN, 3e37
     made infinities of either sign, where F.linear gives +-inf and numbers near 1e37."""

@@ -14,8 +14,8 @@ describes its grid runs packed too:
 =================================================  ===========  ================================
 grid of the weight                                 path         held in memory per weight
 =================================================  ===========  ================================
-Linear: one (scale, zero) per row, 17..256 levels  ``int8``     1 byte (int8 code - 128) + a
-(8-bit affine per tensor or channel, uniform)                   float32 scale and zero per row
+Linear: one (scale, zero) per row, 17..256 levels  ``int8``     1 byte (code - a row's offset)
+(8-bit affine per tensor or channel, uniform)                   + a float32 scale and shift per row
 Linear: any other grid (group-wise, codebooks,     ``dequant``  ceil(log2(levels)) bits (bit
 <= 16 or > 256 levels, third-party grids); every                planes, `pack_codes`); the
 quantized Conv2d                                                grid's tensors as buffers
@@ -256,29 +256,37 @@ class DequantConv2d(DequantLinear):
 
 
 class Int8Linear(_LowBit):
-    """8-bit row-affine codes as int8 (code - 128); torch's int8 weight-only kernel."""
+    """8-bit row-affine codes as int8 (code - offset); torch's int8 weight-only kernel.
+
+    The kernel computes x (code - offset) scale, and the correction x (offset - zero) scale
+    is added: each row's integer ``offset`` is the one nearest its zero point that keeps its
+    codes within int8, so that the two terms are no larger than the weights make them. A
+    fixed offset of 128 cancelled 128 sum(x) scale against itself on a row of zeros (codes
+    and zero point 0): outputs of 0.875 where the layer gives 0, for inputs of 1e4.
+    """
 
     path = "int8"
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
         super().__init__(q.shape, q.dtype, bias)
-        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8))
-        self.register_buffer("weight_int8", (codes.to(torch.int16) - 128).to(torch.int8))
+        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8)).to(torch.int16)
         scale, zero = q.grid.row_affine(q.shape[0])
         self.register_buffer("scale", scale.float())
-        self.register_buffer("zero", zero.float())
+        offset = _int8_offsets(codes, zero.float())
+        self.register_buffer("weight_int8", (codes - offset[:, None]).to(torch.int8))
+        self.register_buffer("shift", (offset - zero.float()))  # offset - zero, per row
         self.kernel_max_rows = KERNEL_MAX_ROWS
-        # the kernel's two terms (the inputs against code - 128, their sum against 128 - zero)
-        # are larger than the result they cancel to: inputs past this could overflow float32
-        # where F.linear's result would not (3e37 gave infinities of either sign, an inf NaN)
-        largest = float((self.scale * (128.0 + (128.0 - self.zero).abs())).max()) if len(
+        # the kernel's two terms (the inputs against the int8 codes, their sum against the
+        # shift) are larger than the result they cancel to: inputs past this could overflow
+        # float32 where F.linear's result would not (3e37 gave infinities of either sign)
+        largest = float((self.scale * (128.0 + self.shift.abs())).max()) if len(
             self.scale) else 0.0
         self.kernel_input_limit = 1e37 / (largest * max(q.shape[1], 1)) if largest else math.inf
 
     def dequantized_weight(self) -> torch.Tensor:
-        # (code - 128) + (128 - zero) is the archive's integer code - zero, exactly
+        # int8 code + (offset - zero) is the archive's integer code - zero, exactly
         weight = self.weight_int8.float()  # one allocation, then in place
-        weight = weight.add_((128.0 - self.zero)[:, None]).mul_(self.scale[:, None])
+        weight = weight.add_(self.shift[:, None]).mul_(self.scale[:, None])
         return weight.to(self.weight_dtype)  # float32 unless the module was converted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,10 +299,20 @@ class Int8Linear(_LowBit):
             return F.linear(x, self.dequantized_weight(), self.bias)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-        out = out + flat.sum(dim=1, keepdim=True) * ((128.0 - self.zero) * self.scale)
+        out = out + flat.sum(dim=1, keepdim=True) * (self.shift * self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _int8_offsets(codes: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Per row, the integer nearest its zero point from which every code of the row lies
+    within int8 (codes - offset in [-128, 127]); float32, exact."""
+    if not codes.numel():
+        return torch.full((codes.shape[0],), 128.0)
+    lowest = codes.amax(dim=1).float() - 127.0
+    highest = codes.amin(dim=1).float() + 128.0
+    return torch.minimum(torch.maximum(zero.round(), lowest), highest)
 
 
 def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Module) -> _LowBit:
