@@ -7,9 +7,10 @@ In the manner of numcodecs' ``check_backwards_compatibility``: small archives th
 codec, quantizer and stored dtype (plus an empty and a 0-d tensor), the inputs they were made
 from and the tensors they decode to, all committed. tests/test_format_pinned.py checks that
 this version decodes them to the committed tensors bit for bit and re-encodes the committed
-inputs to the very same bytes. Regenerate only with a format version bump (docs/format.md):
-aliases.qlis pins version 3 (tied tensors), row-classes.qlis version 4 (an ans stream in row
-classes), the others version 2.
+inputs to the same file (version 5: its header deflated). Regenerate only with a format
+version bump (docs/format.md), moving the files the earlier version wrote to a folder of
+their own (tests/data/format-v2-v4 holds versions 2-4: aliases.qlis version 3, tied tensors;
+row-classes.qlis version 4, an ans stream in row classes; the others version 2).
 Inputs come from numpy's legacy seeded generator, whose stream numpy keeps stable.
 """
 

@@ -10,6 +10,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import torch
+from archive_layout import build, split
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,15 @@ import qlis.archive.file
 import qlis.quantize.quantizers
 import qlis.write_behind
 from qlis.archive.codecs import Codec, codec_registry, register_codec
-from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION, crc32c
+from qlis.archive.format import (
+    ALIGN,
+    COMPACT_VERSION,
+    MAGIC,
+    PREFIX,
+    RECORD_ALIGN,
+    VERSION,
+    crc32c,
+)
 from qlis.errors import ArchiveError, InputError
 from qlis.models.tensors import same_bits
 
@@ -180,12 +189,13 @@ def test_records_are_aligned_and_sizes_add_up(tmp_path):
     path = qlis.save(result, tmp_path / "m.qlis", source_bytes=12345)
     raw = path.read_bytes()
     magic, version, _, header_len, data_len = PREFIX.unpack(raw[: PREFIX.size])
-    header = json.loads(raw[PREFIX.size : PREFIX.size + header_len])
-    assert magic == MAGIC and version == VERSION == header["version"]
+    header, _ = split(raw)
+    assert magic == MAGIC and version == COMPACT_VERSION == header["version"]
     data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
     assert data_start + data_len == len(raw)
-    for entry in header["tensors"]:
-        assert entry["data"]["offset"] % ALIGN == 0
+    offsets = [entry["data"]["offset"] for entry in header["tensors"]]
+    assert all(offset % RECORD_ALIGN == 0 for offset in offsets)
+    assert any(offset % ALIGN for offset in offsets)  # small records are not padded to 64
     assert header["summary"]["source_bytes"] == 12345
     assert header["summary"]["cr"] == pytest.approx(result.cr)
 
@@ -263,17 +273,9 @@ def test_truncation_and_appended_garbage_are_rejected(tmp_path, archive_bytes, d
 
 def _with_header(raw: bytes, mutate) -> bytes:
     """Rewrite the JSON header (with a valid checksum) the way a hostile writer would."""
-    import google_crc32c
-
-    _, version, _, header_len, data_len = PREFIX.unpack(raw[: PREFIX.size])
-    header = json.loads(raw[PREFIX.size : PREFIX.size + header_len])
-    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
-    data = raw[data_start:]
+    header, data = split(raw)
     mutate(header)
-    new_header = json.dumps(header).encode()
-    prefix = PREFIX.pack(MAGIC, version, google_crc32c.value(new_header), len(new_header), data_len)
-    pad = -(-(PREFIX.size + len(new_header)) // ALIGN) * ALIGN - PREFIX.size - len(new_header)
-    return prefix + new_header + b" " * pad + data
+    return build(header, data)
 
 
 def _first_quantized(header: dict) -> dict:
@@ -284,6 +286,7 @@ HOSTILE = {
     "huge shape": lambda h: h["tensors"][0].update(shape=[1 << 20, 1 << 20]),
     "negative dim": lambda h: h["tensors"][0].update(shape=[-1, 4]),
     "offset past end": lambda h: h["tensors"][0]["data"].update(offset=1 << 40),
+    "unaligned offset": lambda h: h["tensors"][0]["data"].update(offset=4),
     "length past end": lambda h: h["tensors"][0]["data"].update(length=1 << 40),
     "string offset": lambda h: h["tensors"][0]["data"].update(offset="0"),
     "unknown dtype": lambda h: h["tensors"][0].update(dtype="complex64"),

@@ -14,11 +14,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import google_crc32c
 import pytest
 import torch
+from archive_layout import build, split
 from click.testing import CliRunner
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -28,8 +30,10 @@ from qlis.archive.file import write_tensors
 from qlis.archive.format import (
     ALIASES_VERSION,
     ALIGN,
+    COMPACT_VERSION,
     MAGIC,
     MAX_DIMS,
+    MAX_HEADER_BYTES,
     PREFIX,
     VERSION,
     read_header_file,
@@ -39,20 +43,6 @@ from qlis.errors import ArchiveError
 
 TMP_FIXTURE = [HealthCheck.function_scoped_fixture]
 LIMIT = 256 << 20  # decoded-bytes limit for generated files: keeps the fuzz light on memory
-
-
-def build(header: dict | bytes, data: bytes, version: int = VERSION) -> bytes:
-    """A file around ``header`` (dict or raw bytes) and a data section, CRC recomputed."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    pad = -(-(PREFIX.size + len(raw)) // ALIGN) * ALIGN - PREFIX.size - len(raw)
-    prefix = PREFIX.pack(MAGIC, version, google_crc32c.value(raw), len(raw), len(data))
-    return prefix + raw + b" " * pad + data
-
-
-def split(raw: bytes) -> tuple[dict, bytes]:
-    _, _, _, header_len, _ = PREFIX.unpack(raw[: PREFIX.size])
-    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
-    return json.loads(raw[PREFIX.size : PREFIX.size + header_len]), raw[data_start:]
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +207,7 @@ def test_a_record_the_disk_fails_to_give_is_refused_by_file_and_tensor(tmp_path,
 
 
 def test_other_versions_are_refused_with_the_reason(tmp_path, base):
-    for version, word in ((1, "older"), (5, "newer")):
+    for version, word in ((1, "older"), (6, "newer")):
         path = tmp_path / "v.qlis"
         path.write_bytes(build(*base, version=version))
         with pytest.raises(ArchiveError, match=f"version {version}.*{word}"):
@@ -240,6 +230,41 @@ def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path):
             with pytest.raises(ArchiveError, match="'m': a bool tensor holds bytes other "
                                "than 0 and 1"):
                 read("m")
+
+
+def _deflated_file(stored: bytes, data: bytes) -> bytes:
+    """A version-5 file whose stored header is ``stored`` as it is, its CRC recomputed."""
+    pad = -(-(PREFIX.size + len(stored)) // ALIGN) * ALIGN - PREFIX.size - len(stored)
+    prefix = PREFIX.pack(MAGIC, COMPACT_VERSION, google_crc32c.value(stored),
+                         len(stored), len(data))
+    return prefix + stored + b" " * pad + data
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda z: z[: len(z) // 2], "its zlib stream stops short"),
+    (lambda z: z + b"}", "bytes other than spaces after its zlib stream"),
+    (lambda z: z + b"  " + zlib.compress(b"{}"), "bytes other than spaces after"),
+    (lambda z: b"{" + z[1:], "its zlib stream"),
+])
+def test_a_deflated_header_that_is_not_one_whole_stream_is_refused(tmp_path, base, damage,
+                                                                     message):
+    header = zlib.compress(json.dumps(base[0]).encode())
+    assert outcome(tmp_path, _deflated_file(header, base[1])) == "ok"
+    path = tmp_path / "damaged.qlis"
+    path.write_bytes(_deflated_file(damage(header), base[1]))
+    with pytest.raises(ArchiveError, match=message):
+        qlis.open(path)
+
+
+def test_a_header_that_inflates_past_the_cap_is_refused_before_it_is_inflated(tmp_path, base):
+    """A few kilobytes that would inflate to 64 GiB: the reader stops at the cap."""
+    inflater = zlib.compressobj(9)
+    bomb = inflater.compress(b"[" + b" " * (MAX_HEADER_BYTES + 100) + b"]") + inflater.flush()
+    assert len(bomb) < MAX_HEADER_BYTES >> 10
+    path = tmp_path / "bomb.qlis"
+    path.write_bytes(_deflated_file(bomb, base[1]))
+    with pytest.raises(ArchiveError, match="header inflates past the 64 MiB cap"):
+        qlis.open(path)
 
 
 @pytest.mark.parametrize("stated, shown", [("2", '"2"'), (2.0, "2.0"), ([2], "a JSON list")])

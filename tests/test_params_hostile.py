@@ -11,7 +11,6 @@ crafted file carries correct CRCs, so the reader really gets to the parameters.
 from __future__ import annotations
 
 import copy
-import json
 import resource
 import sys
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import google_crc32c
 import numpy as np
 import pytest
 import torch
+from archive_layout import build, split
 from cli_helpers import one_line_error, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +28,7 @@ from torch import nn
 import qlis
 from qlis.archive.codecs import get_codec
 from qlis.archive.file import write_tensors
-from qlis.archive.format import ALIGN, MAGIC, PREFIX, VERSION
+from qlis.archive.format import ALIGN
 from qlis.cli.main import cli
 from qlis.errors import ArchiveError
 from qlis.models.tensors import same_bits
@@ -67,12 +67,6 @@ class Net(nn.Module):
 
 
 # -- crafting files ----------------------------------------------------------------------------
-
-
-def split(raw: bytes) -> tuple[dict, bytes]:
-    _, _, _, header_len, _ = PREFIX.unpack(raw[: PREFIX.size])
-    data_start = -(-(PREFIX.size + header_len) // ALIGN) * ALIGN
-    return json.loads(raw[PREFIX.size : PREFIX.size + header_len]), raw[data_start:]
 
 
 class Crafted:
@@ -120,10 +114,7 @@ class Crafted:
         return np.frombuffer(self.record(self.entry["data"]), width).copy()
 
     def file_bytes(self) -> bytes:
-        raw = json.dumps(self.header).encode()
-        pad = -(-(PREFIX.size + len(raw)) // ALIGN) * ALIGN - PREFIX.size - len(raw)
-        prefix = PREFIX.pack(MAGIC, VERSION, google_crc32c.value(raw), len(raw), len(self.data))
-        return prefix + raw + b" " * pad + bytes(self.data)
+        return build(self.header, bytes(self.data))
 
 
 @pytest.fixture(scope="module")

@@ -119,9 +119,12 @@ def test_the_papers_ratios_are_reached_with_a_measured_quality(mlp, ratio, tmp_p
 
 
 def test_a_size_target_beyond_reach_returns_the_smallest_and_says_what_was_reached(mlp):
+    """Its layers at their coarsest (zeros) take the fixed part and about 200 bytes more: a
+    target between the two is beyond reach, and is said so (one below the fixed part is
+    refused before anything is measured)."""
     with pytest.warns(qlis.QualityWarning, match=r"out of reach.*takes about [\d,]+ bytes"):
-        result = qlis.compress(mlp, target_ratio=300)
-    assert result.warnings and 100 < result.original_bytes / result.estimated_bytes < 300
+        result = qlis.compress(mlp, target_ratio=385)
+    assert result.warnings and 300 < result.original_bytes / result.estimated_bytes < 385
 
 
 def test_rd_beats_the_paper_policy_at_equal_size(mlp, tmp_path):
@@ -312,7 +315,7 @@ def test_a_layer_smaller_than_any_quantized_record_is_kept_unmeasured():
     """Its bytes as they are undercut every quantized candidate, whose record alone takes
     more, at no error: measuring its ladder (40 candidates) was all the cost of a model of
     many tiny tensors (100,000 of shape (1, 1): rd's part of a 2-minute pack)."""
-    small = torch.randn(8, 4)
+    small = torch.randn(2, 3)
     assert kept_bytes(small) <= QUANTIZED_RECORD_BYTES
     assert [c.config for c in _layer_candidates(small, RDPolicy(), seed=0)] == [None]
     state = {"small": small, "large": torch.randn(64, 64)}
@@ -383,11 +386,11 @@ def test_data_free_a_convolutions_quiet_channels_keep_their_shape():
                           nn.Conv2d(256, 256, 1), nn.ReLU(), nn.Conv2d(256, 256, 1))
     with torch.no_grad():
         model[0].weight[::4] *= 0.01
-    result = qlis.compress(model, target_ratio=6)
+    result = qlis.compress(model, target_ratio=7)  # 0.70 of their scale with emphasis 0
     weight = model[0].weight.detach().reshape(256, -1)
     error = (result.state_dict()["0.weight"].reshape(256, -1) - weight).square().sum(dim=1)
     assert float((error / weight.square().sum(dim=1))[::4].max()) < 0.05
-    assert result.estimated_bytes < 4 * sum(p.numel() for p in model.parameters()) / 6 * 1.01
+    assert result.estimated_bytes < 4 * sum(p.numel() for p in model.parameters()) / 7 * 1.01
 
 
 @pytest.mark.parametrize("scale", [1e7, 1e-7, 1e-12, "near 65504 at 4 bits"])
@@ -472,7 +475,9 @@ def test_a_layer_the_calibration_output_does_not_depend_on_is_not_rounded_away()
     with pytest.warns(qlis.QualityWarning, match="never ran"):
         result = qlis.compress(model, target_bits_per_weight=4, calib=lambda m: m.body(x))
     errors = {layer.name: layer.rel_mse for layer in result.layers}
-    assert errors["head.weight"] < 0.2 and errors["head.weight"] < 10 * errors["body.weight"]
+    typical = {layer.name: layer.rel_mse for layer in
+               qlis.compress(model, target_bits_per_weight=4).layers}  # data-free, alike
+    assert errors["head.weight"] < 0.2 and errors["head.weight"] <= 1.5 * typical["head.weight"]
 
 
 def test_a_router_without_a_gradient_is_measured_by_a_probe():
@@ -608,9 +613,9 @@ def test_a_size_target_counts_the_plan_of_every_layer_kept_as_it_is(tmp_path):
     selected as layers) overshot its target by a fifth."""
     torch.manual_seed(0)
     state = {"big.weight": torch.randn(256, 256)}
-    state |= {f"norm{i}.with_a_long_name.weight": torch.randn(64) for i in range(150)}
+    state |= {f"block{i}.norm{i % 7}.with_a_long_name.weight": torch.randn(4) for i in range(600)}
     result = qlis.compress(state, target_ratio=3, select="*")
-    assert sum(layer.quantizer is None for layer in result.layers) >= 100
+    assert sum(layer.quantizer is None for layer in result.layers) >= 500
     path = qlis.save(result, tmp_path / "kept.qlis")
     assert path.stat().st_size <= result.original_bytes / 3 * 1.01
 

@@ -28,7 +28,7 @@ from qlis.archive.codecs.ans import in_row_classes
 from qlis.archive.codecs.auto import Auto
 from qlis.archive.codecs.sparse import Sparse
 from qlis.archive.format import (
-    ALIASES_VERSION,
+    COMPACT_VERSION,
     DEFAULT_MAX_DECODED_BYTES,
     DTYPE_SIZES,
     MAGIC,
@@ -36,14 +36,15 @@ from qlis.archive.format import (
     MAX_LEVELS,
     PARAM_DTYPES,
     PREFIX,
+    RECORD_ALIGN,
     ROW_CLASSES_VERSION,
-    VERSION,
     Record,
     Summary,
     TensorEntry,
     aligned,
     code_dtype,
     crc32c,
+    deflated_header,
     describe_entries,
     element_size,
     non_finite_path,
@@ -294,7 +295,6 @@ class ArchiveWriter:
                 from None
         self._out = WriteBehind(self._fd)
         self._entries: list[dict] = []
-        self._version = VERSION  # the oldest format version that holds the records so far
         self._offset = 0
         self._gathered = bytearray()  # short records not written yet, from _gathered_at
         self._gathered_at = 0
@@ -313,7 +313,7 @@ class ArchiveWriter:
             self._fd = None
 
     def _record(self, data: bytes | memoryview, crc: int) -> dict:
-        self._offset = aligned(self._offset)  # the gap reads as zeros
+        self._offset = aligned(self._offset, RECORD_ALIGN)  # the gap reads as zeros
         entry = Record(self._offset, len(data), crc).to_json()
         end = self._gathered_at + len(self._gathered)
         if self._offset + len(data) - self._gathered_at > GATHER_BYTES:
@@ -341,8 +341,6 @@ class ArchiveWriter:
             for key, data, crc in encoded.records:
                 if key is None:
                     entry["data"] = self._record(data, crc)
-                    if in_row_classes(entry["codec"], data):
-                        self._version = ROW_CLASSES_VERSION
                 else:
                     params[key].update(self._record(data, crc))
         except OSError as err:
@@ -368,11 +366,9 @@ class ArchiveWriter:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InputError("archive metadata must map strings to strings")
         data_len = aligned(self._offset)
-        # the oldest version that holds the archive
-        format_version = max(ALIASES_VERSION if aliases else VERSION, self._version)
         header = {
             "format": "qlis",
-            "version": format_version,
+            "version": COMPACT_VERSION,
             "writer": {"name": "qlis", "version": version.__version__},
             "metadata": metadata,
             "compression": compression,
@@ -381,13 +377,13 @@ class ArchiveWriter:
             **({"aliases": dict(aliases)} if aliases else {}),
             "tensors": self._entries,
         }
-        raw_header = _header_bytes(header, data_len)
+        raw_header = deflated_header(_header_bytes(header, data_len))
         front = aligned(PREFIX.size + len(raw_header))
-        if data_len >= BLOCK_FRONT_BYTES:  # JSON whitespace, where the reader finds records
+        if data_len >= BLOCK_FRONT_BYTES:  # spaces after the stream, where the reader finds records
             front = -(-front // ROOM_BLOCK) * ROOM_BLOCK
             raw_header += b" " * (front - PREFIX.size - len(raw_header))
-        prefix = PREFIX.pack(MAGIC, format_version, crc32c(raw_header), len(raw_header),
-                             data_len)
+        prefix = PREFIX.pack(MAGIC, COMPACT_VERSION, crc32c(raw_header),
+                             len(raw_header), data_len)
         room = prefix + raw_header + b" " * (front - PREFIX.size - len(raw_header))
         try:
             self._write_gathered()

@@ -42,7 +42,7 @@ from qlis.archive.codecs.row_classes import (
     finest_classes,
     stream_bytes,
 )
-from qlis.archive.format import aligned
+from qlis.archive.format import RECORD_ALIGN, aligned
 from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
@@ -718,7 +718,7 @@ class RDPolicy(Policy):
     def stored_rest(self, tensor: torch.Tensor) -> torch.Tensor | QuantizedTensor:
         """As float16 where that holds it and saves bytes (a scalar's record grows more), by
         the codes' size at their width: encoding them to decide took every pass's time."""
-        at_most = aligned(2 * tensor.numel()) + NARROWED_ENTRY_BYTES
+        at_most = aligned(2 * tensor.numel(), RECORD_ALIGN) + NARROWED_ENTRY_BYTES
         if not (self.float16_rest and at_most < unplanned_bytes(tensor)):
             return tensor
         narrowed = Float16Quantizer().narrowed(tensor)

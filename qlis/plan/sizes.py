@@ -11,27 +11,30 @@ import torch
 from qlis.archive.codecs.ans import ANS
 from qlis.archive.codecs.auto import Auto
 from qlis.archive.codecs.row_classes import MIN_SYMBOLS, row_classes, stream_bytes
-from qlis.archive.format import aligned
+from qlis.archive.format import RECORD_ALIGN, aligned
 from qlis.models.tensors import storage_bits
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
 
 HEADER_BYTES = 1024
-"""An archive's fixed cost: prefix, header skeleton, policy options and summary."""
-RECORD_OVERHEAD_BYTES = 176
-"""A tensor stored as it is: its JSON header entry and its record's 64-byte alignment."""
-KEPT_LAYER_BYTES = 150
+"""An archive's fixed cost: prefix, header skeleton, policy options and summary, deflated,
+and the padding of the data section's start and end (measured: 860-1030 bytes)."""
+RECORD_OVERHEAD_BYTES = 24
+"""A tensor stored as it is: its header entry, deflated, and its record's 8-byte alignment."""
+KEPT_LAYER_BYTES = 8
 """A planned layer stored as it is, beyond `RECORD_OVERHEAD_BYTES`: the plan in its header
-entry (71 bytes) and its line in the recorded plan (40 bytes and its name). Uncounted, the
-BatchNorm parameters of a MobileNetV2 planned as layers (123 kept of 266) made a 12x target
-an 11.66x archive."""
-NARROWED_ENTRY_BYTES = 210
-"""The header entry of a tensor outside the plan stored as float16 codes: its name, shape,
-quantizer, alphabet, codec and record (measured: 146-210 bytes for GPT-2's and MobileNetV2's
-names); its codes' record is counted aligned (a norm of ones codes to 7 bytes, 64 on disk)."""
-QUANTIZED_RECORD_BYTES = 900
-"""A quantized layer: its header entry (codec, quantizer, parameter records, plan), its line
-in the recorded plan, and the alignment of its three records (measured: 850-950 bytes)."""
+entry and its line in the recorded plan, deflated. Uncounted (at their size before version
+5 deflated the header), the BatchNorm parameters of a MobileNetV2 planned as layers (123
+kept of 266) made a 12x target an 11.66x archive."""
+NARROWED_ENTRY_BYTES = 32
+"""The header entry of a tensor outside the plan stored as float16 codes (name, shape,
+quantizer, alphabet, codec and record; deflated) and its record's alignment."""
+QUANTIZED_RECORD_BYTES = 64
+"""A quantized layer: its header entry (codec, quantizer, parameter records, plan) and its
+line in the recorded plan, deflated, and the alignment of its three records (measured on
+BERT-shaped layers: 48-56 bytes, beside 24 of a plain tensor; 850-950 before version 5)."""
+
+
 
 
 
@@ -70,13 +73,13 @@ def unplanned_bytes(tensor: torch.Tensor | QuantizedTensor) -> float:
     (counted at their width, a MobileNetV2 with its BatchNorms wrote 8.19x asked 8; at
     their entropy, 11.71x asked 12).
 
-    >>> unplanned_bytes(torch.zeros(1000)) == unplanned_bytes(torch.ones(1000)) == 4000 + 176
+    >>> unplanned_bytes(torch.zeros(1000)) == unplanned_bytes(torch.ones(1000)) == 4000 + 24
     True
     """
     if isinstance(tensor, QuantizedTensor):
         codes = np.asarray(tensor.codes).reshape(-1)
         coded = len(Auto().select(codes, matrix_shape(tensor.shape)[1])[1]) if codes.size else 0
-        return aligned(coded) + NARROWED_ENTRY_BYTES
+        return aligned(coded, RECORD_ALIGN) + NARROWED_ENTRY_BYTES
     return tensor.numel() * storage_bits(tensor.dtype) / 8 + RECORD_OVERHEAD_BYTES
 
 
@@ -95,7 +98,7 @@ def kept_bytes(tensor: torch.Tensor, zeros: bool | None = None) -> float:
     reach by the whole layer. ``zeros``: whether it is all zeros, when the caller knows
     (None: look).
 
-    >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 176 + 150
+    >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 24 + 8
     True
     """
     if zeros is None:
