@@ -243,6 +243,24 @@ def test_a_terminated_pack_unwinds_as_an_interrupted_one_and_leaves_no_file(
     assert not (out / "m.qlis").exists()
 
 
+@pytest.mark.parametrize("caller_handler", ["python's", "ignored"])
+def test_ctrl_c_waits_for_an_import_as_sigterm_does(model_file, tmp_path, monkeypatch,
+                                                     caller_handler):
+    """Python's own SIGINT handler raised inside torch's start-up, which swallowed it (the
+    command ran on, exit 0) or left numpy half imported; one the caller set is kept."""
+    given = signal.default_int_handler if caller_handler == "python's" else signal.SIG_IGN
+    during = []
+    monkeypatch.setattr(qlis, "pack", lambda *a, **k: during.append(signal.getsignal(
+        signal.SIGINT)))
+    before = signal.signal(signal.SIGINT, given)
+    try:
+        invoke("pack", model_file, "-o", tmp_path / "m.qlis")
+        assert signal.getsignal(signal.SIGINT) is given  # given back after the command
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert during == [console._interrupt if given is signal.default_int_handler else given]
+
+
 def test_sigterm_inside_an_import_is_sent_again_not_raised_there(monkeypatch):
     """KeyboardInterrupt raised inside an import left numpy half imported (a traceback about
     a missing numpy name instead of "interrupted"): there the signal comes again later."""

@@ -340,15 +340,22 @@ _RETRY_S = 0.05
 def _terminated_as_interrupted() -> Iterator[None]:
     """SIGTERM (a scheduler's time limit, torchrun ending a failed job's other ranks) unwinds
     the command as Ctrl-C does, so that the files it was writing are removed; by default it
-    ended the process where it stood and left them. Only the main thread sets a handler."""
+    ended the process where it stood and left them. Ctrl-C itself waits for an import in
+    progress (`_interrupt`): Python's own handler raised inside torch's start-up, which
+    swallowed it (the command ran on and exited 0) or left numpy half imported (a
+    traceback); a SIGINT handler the caller set (ignored, in a background job) is kept. Only
+    the main thread sets handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class CommandGroup(click.Group):
