@@ -100,6 +100,26 @@ def test_scores_must_be_finite(tmp_path: Path, score: str) -> None:
         load_agiqa3k(root)
 
 
+@pytest.mark.parametrize("score", ["4_5", "\u0661\u0662", "0x10", "4.5.1"])
+def test_scores_are_ascii_decimal_numbers(tmp_path: Path, score: str) -> None:
+    """float() read "4_5" as 45 and Arabic-Indic digits as a number."""
+    root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", score)])
+    with pytest.raises(IQAError, match=r"row 4: score .* is not a number"):
+        load_agiqa3k(root)
+
+
+@pytest.mark.parametrize("spelling", ["./sd1.5_normal_001.jpg", ".//sd1.5_normal_001.jpg"])
+def test_one_image_spelled_twice_is_one_sample(tmp_path: Path, spelling: str) -> None:
+    """"./NAME" and "NAME" were two samples of one file: one could train, the other test."""
+    root = _annotate(tmp_path, [(spelling, "2.5")])
+    ds = load_agiqa3k(root)
+    assert sorted(s.name for s in ds.samples) == ["sd1.5_normal_000.jpg", "sd1.5_normal_001.jpg"]
+    root = _annotate(tmp_path / "other", [(spelling, "4.5")])
+    ds = load_agiqa3k(root)
+    assert [s.name for s in ds.samples] == ["sd1.5_normal_000.jpg"]
+    assert "annotated twice with different scores" in ds.missing_report()
+
+
 @pytest.mark.parametrize("name", ["../data.csv", "/etc/hostname", "sub/../../x.jpg"])
 def test_image_names_must_stay_in_the_images_folder(tmp_path: Path, name: str) -> None:
     root = _annotate(tmp_path, [(name, "1.0")])

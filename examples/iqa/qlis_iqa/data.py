@@ -20,6 +20,7 @@ import io
 import json
 import math
 import random
+import re
 import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,13 @@ def _check_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> No
         )
 
 
+_DECIMAL = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                      r"|(?i:nan|inf|infinity))")
+"""A score as text: ASCII digits, a point and an exponent, or a word for a non-finite
+number (refused as such); Python's float() also reads "4_5" as 45, and other scripts'
+digits."""
+
+
 def _score(path: Path, line: int, value: object) -> float:
     """A finite score: NaN or infinity would train a NaN model and give NaN correlations.
     A spreadsheet's empty or missing cell (None) is no score, and its TRUE / FALSE no number
@@ -147,7 +155,8 @@ def _score(path: Path, line: int, value: object) -> float:
     if value is None:
         raise IQAError(f"{path}, row {line}: no score")
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or isinstance(value, str) and not _DECIMAL.fullmatch(
+                value.strip()):
             raise TypeError
         score = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -166,7 +175,8 @@ def _row(path: Path, line: int, name: str, score: object) -> Row:
             f"{path}, row {line}: image name {name!r} leaves the images folder; "
             "names are relative to it"
         )
-    return Row(line, name, _score(path, line, score))
+    # one spelling per file: "./a.png" and "a.png" were two samples, one in train, one in test
+    return Row(line, parts.as_posix(), _score(path, line, score))
 
 
 def _read_text(path: Path) -> str:
