@@ -9,13 +9,14 @@ run leaves nothing it made behind. Each case is one clear error, never a traceba
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
-from cli_helpers import one_line_error, within_5_s
+from cli_helpers import one_line_error, run, within_5_s
 from iqa_helpers import make_agiqa3k
 
 from qlis import QlisError
@@ -213,6 +214,23 @@ def test_no_input_is_an_output(tmp_path: Path, runs: dict, sample_root: Path) ->
         assert f"{output} is an input folder" in line
     assert (weights / "model.safetensors").read_bytes() == b"keep"
     assert sorted(p.name for p in weights.iterdir()) == ["model.safetensors"]
+
+
+def test_an_evaluation_that_fails_keeps_the_file_it_would_replace(tmp_path: Path, runs: dict,
+                                                                     sample_root: Path) -> None:
+    """The predictions replaced the user's file, then the metrics refused one image."""
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    model = runs["clip"].checkpoint
+    split = json.loads((model.parent / "split.json").read_text())
+    for name in split["test"][1:]:
+        (root / "images" / name).write_bytes(b"")  # unreadable: skipped and reported
+    kept = tmp_path / "mine.csv"
+    kept.write_text("my predictions")
+    result = run(cli, "evaluate", model, "--root", root, "-o", kept, "--force",
+                 prog_name="qlis-iqa")
+    assert result.exit_code == 2 and "need at least 2 images" in result.stderr
+    assert kept.read_text() == "my predictions"
 
 
 def test_a_failed_run_leaves_nothing_it_made(tmp_path: Path, backbones: dict) -> None:

@@ -441,9 +441,9 @@ def evaluate(
         iqa.to(device), es.samples, cache, batch_size, workers, _progress(progress)
     )
     _err(skipped_report("test", preds.skipped))
+    metrics = preds.metrics(logistic)  # before the output replaces a file: it may refuse
     if output:
         preds.write_csv(output, iqa.label)
-    metrics = preds.metrics(logistic)
     click.echo(f"test ({len(preds.names)} images): {_metrics_line(metrics, iqa.label)}")
     if note := preds.undefined(metrics):
         _err(f"qlis-iqa: warning: {note}")
