@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import shutil
@@ -16,7 +17,7 @@ from qlis_iqa.backbones import RANDOM_LABEL
 from qlis_iqa.data import Split, load_agiqa3k, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import predict_samples
-from qlis_iqa.features import FeatureCache
+from qlis_iqa.features import FeatureCache, image_loader
 from qlis_iqa.models import load_model, load_state, model_from_metadata
 from qlis_iqa.pack import calibration, pack
 from qlis_iqa.score import list_images, score_folder, score_images
@@ -134,8 +135,8 @@ def test_the_low_bit_runtime_gives_the_same_srcc(runs: dict, tmp_path: Path) -> 
 def test_bfloat16_precision_scores_alike_in_both_runtimes(
     runs: dict, tmp_path: Path, sample_root: Path, family: str
 ) -> None:
-    """bfloat16 inference rounds the same matmuls whether the layers are packed or not, stays
-    near float32, and never shares feature-cache entries with float32."""
+    """bfloat16 inference rounds the same backbone matmuls whether the layers are packed or
+    not, stays near float32, and never shares feature-cache entries with float32."""
     packed = pack(runs[family].model, tmp_path / "m.qlis", "quant", bits=8)
     images = list_images(sample_root / "images")[:6]
     scores = {}
@@ -143,7 +144,8 @@ def test_bfloat16_precision_scores_alike_in_both_runtimes(
         for precision in ("float32", "bfloat16"):
             model, _ = load_model(packed.path, runtime, precision)
             scores[runtime, precision] = score_images(model, images, batch_size=3).scores
-    assert scores["lowbit", "bfloat16"] == scores["float", "bfloat16"]
+    # the head in float32 either way: its int8 path equals its float one to float rounding
+    assert scores["lowbit", "bfloat16"] == pytest.approx(scores["float", "bfloat16"], rel=1e-5)
     exact, fast = scores["float", "float32"], scores["float", "bfloat16"]
     assert fast != exact
     for i, value in exact.items():
@@ -152,6 +154,18 @@ def test_bfloat16_precision_scores_alike_in_both_runtimes(
     assert float32.fingerprint() != float32.set_precision("bfloat16").fingerprint()
     with pytest.raises(IQAError, match="precision"):
         load_model(packed.path, precision="float16")
+
+
+def test_bfloat16_precision_runs_the_head_in_float32(runs: dict, sample_root: Path) -> None:
+    """Only the backbone's matmuls round to bfloat16: the score itself kept 8 bits."""
+    model = copy.deepcopy(runs["clip"].model).set_precision("bfloat16").eval()
+    images = list_images(sample_root / "images")[:4]
+    _, pixels, _ = next(iter(image_loader(images, model.preprocess, 4, 0)))
+    with torch.no_grad():
+        with model.inference_context():
+            features = model.frozen_forward(pixels)
+            mixed = model.trainable_forward(features)
+        assert torch.equal(mixed, model.trainable_forward(features.float()))
 
 
 @pytest.mark.parametrize("family", ["clip", "dino"])
