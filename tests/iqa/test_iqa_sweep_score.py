@@ -70,6 +70,11 @@ def test_variants() -> None:
         pick_variants(paper_variants(), "LAPQ,foo")
     with pytest.raises(IQAError, match="paper-cr"):
         extra_variants(paper_crs=[0.5])
+    picked = pick_variants(extra, "LAPQ [budget 20x, channel], laq [channel]")  # a comma inside
+    assert [v.name for v in picked] == ["LAQ [channel]", "LAPQ [budget 20x, channel]"]
+    for crs in ([3, 3], [3, 3.0000001]):  # one archive, two rows of the table
+        with pytest.raises(IQAError, match="two rows are named alike"):
+            pick_variants(extra_variants(paper_crs=crs), None)
 
 
 def _test_samples(run) -> list:

@@ -167,13 +167,22 @@ def refit_variant(variant: Variant) -> Variant:
 
 
 def pick_variants(variants: list[Variant], only: str | None) -> list[Variant]:
-    """Keep the rows named in `only` (comma-separated, case-insensitive); all when None.
+    """Keep the rows named in `only` (comma-separated outside brackets, case-insensitive, as
+    "LAPQ [budget 20x, channel]" is one row); all when None.
 
-    A selection that names no row (``--only ","``) is refused: it would write empty tables.
+    A selection that names no row (``--only ","``) is refused: it would write empty tables;
+    so are two rows of one name (``--paper-cr 3 --paper-cr 3.0000001``), which wrote one
+    archive and two rows of its table.
     """
+    seen: dict[str, Variant] = {}
+    for v in variants:
+        if seen.setdefault(_slug(v.name), v) is not v:
+            raise IQAError(f"two rows are named alike ({seen[_slug(v.name)].name!r} and "
+                           f"{v.name!r}: the same archive); give each value once, and values "
+                           "that differ in their first six digits")
     if only is None:
         return variants
-    wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
+    wanted = [w.strip().lower() for w in _outside_brackets(only) if w.strip()]
     known = {v.name.lower() for v in variants}
     unknown = [w for w in wanted if w not in known]
     rows = ", ".join(v.name for v in variants)
@@ -182,6 +191,20 @@ def pick_variants(variants: list[Variant], only: str | None) -> list[Variant]:
     if unknown:
         raise IQAError(f"--only: unknown row(s) {', '.join(unknown)}; rows: {rows}")
     return [v for v in variants if v.name.lower() in wanted]
+
+
+def _outside_brackets(text: str) -> list[str]:
+    """``text`` split at the commas that no [...] encloses."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]" and depth:
+            depth -= 1
+        elif c == "," and not depth:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 @dataclass
