@@ -97,6 +97,20 @@ def test_folder_outputs_are_not_reused_without_force(tmp_path, model_file, sampl
     assert model_file.read_bytes() == b"checkpoint"
 
 
+def test_the_cache_is_not_the_output_folder_nor_a_file_written_there(tmp_path, model_file,
+                                                                       sample_root) -> None:
+    """A whole run was done before writing its model.safetensors onto the cache failed."""
+    out = tmp_path / "out"
+    for cache in (out, out / "model.safetensors", out / "metrics.json"):
+        line = refused("train", "--family", "dino", "--root", sample_root, "-o", out,
+                       "--cache-dir", cache)
+        assert "give the cache a folder of its own" in line
+    for cache in (out / "sweep.csv", out / "archives"):
+        line = refused("sweep", model_file, "-o", out, "--cache-dir", cache)
+        assert "give the cache a folder of its own" in line
+    assert not out.exists()
+
+
 def test_train_warns_when_the_stored_split_ignores_limit(tmp_path, model_file, sample_root):
     run = model_file.parent
     dataset = load_dataset("agiqa-3k", sample_root)

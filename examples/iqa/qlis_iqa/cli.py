@@ -36,7 +36,7 @@ from qlis.cli.console import (
 )
 from qlis.json_input import read_json_file
 from qlis.plan.policy import make_policy, policy_names
-from qlis_iqa.created_paths import removed_on_failure, top_missing
+from qlis_iqa.created_paths import RUN_FILES, SWEEP_FILES, removed_on_failure, top_missing
 from qlis_iqa.data import dataset_paths
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -115,14 +115,21 @@ def _check_eval_set(root: Path | None, split_file: Path | None) -> None:
         _check_split_file(split_file)
 
 
-def _check_cache_dir(cache_dir: Path | None, output_dir: Path | None = None) -> None:
+def _check_cache_dir(cache_dir: Path | None, output_dir: Path | None = None,
+                     writes: Collection[str] = ()) -> None:
     """--cache-dir is reused as it is (its entries accumulate, so no --force), but like any
     output it is never a file, and its missing parent folder is never created (unless it is
-    `output_dir`, the folder this command makes)."""
+    `output_dir`, the folder this command makes), nor is it `output_dir` or one of the
+    ``writes`` (names) the command puts there: a whole run was done before writing its
+    model.safetensors onto the cache failed."""
     if cache_dir is None:
         return
     if cache_dir.exists() and not cache_dir.is_dir():
         raise InputError(f"--cache-dir {cache_dir} exists and is not a folder")
+    if output_dir is not None and cache_dir.resolve() in {
+            output_dir.resolve() / name for name in ("", *writes)}:
+        raise InputError(f"--cache-dir {cache_dir} is {output_dir} or a file this command "
+                         "writes there; give the cache a folder of its own")
     made = output_dir is not None and cache_dir.parent.resolve() == output_dir.resolve()
     if not cache_dir.parent.is_dir() and not made:
         raise InputError(f"{cache_dir.parent}: no such folder (create it first)")
@@ -347,7 +354,7 @@ def train(
     """
     check_input(root, "dataset folder")
     check_output_dir(output, force)
-    _check_cache_dir(cache_dir, output)
+    _check_cache_dir(cache_dir, output, RUN_FILES)
     inputs, images = _dataset_inputs(dataset, root, split_file)
     weights_folder = [Path(weights)] if weights else []
     new_split = [split_file] if split_file is not None and not split_file.exists() else []
@@ -652,7 +659,7 @@ def sweep(
     path = _model_file(model)
     _check_eval_set(root, split_file)
     check_output_dir(output, force)
-    _check_cache_dir(cache_dir, output)
+    _check_cache_dir(cache_dir, output, [*SWEEP_FILES.values(), "archives"])
     _start_work()
     from qlis_iqa.data import split_samples
     from qlis_iqa.evaluate import eval_set_for, skipped_report

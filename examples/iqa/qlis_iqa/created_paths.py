@@ -8,6 +8,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+RUN_FILES = ("model.safetensors", "split.json", "predictions_test.csv", "metrics.json",
+             "train_log.csv")
+"""What `qlis-iqa train` writes into its run folder."""
+SWEEP_FILES = {"markdown": "sweep.md", "csv": "sweep.csv", "plot": "sweep.png"}
+"""The tables `qlis-iqa sweep` writes into its folder, beside ``archives/``."""
+
 
 def top_missing(path: Path) -> Path | None:
     """The outermost folder of `path` (or `path` itself) that does not exist yet: what making

@@ -32,6 +32,7 @@ from typing import Any
 from qlis import QlisError, QualityWarning
 from qlis.archive.atomic import atomic_path
 from qlis_iqa.backbones import RANDOM_LABEL
+from qlis_iqa.created_paths import SWEEP_FILES
 from qlis_iqa.data import Sample
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import Log, predict_samples, skipped_report
@@ -50,7 +51,6 @@ from qlis_iqa.train import TrainConfig, refit_compressed
 PAPER_K = (1.5, 1.0, 0.5, 0.25)
 PAPER_BITS = (1, 2, 4, 8)
 COSINE_LADDER = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
-OUTPUT_NAMES = {"markdown": "sweep.md", "csv": "sweep.csv", "plot": "sweep.png"}
 
 
 @dataclass(frozen=True)
@@ -629,7 +629,7 @@ def output_files(out_dir: str | Path, variants: Sequence[Variant],
     """Every file a sweep of `variants` writes in OUT_DIR (`refit`: with the rows of a refit
     head): none of them may be an input."""
     out = Path(out_dir)
-    files = [out / name for name in OUTPUT_NAMES.values()]
+    files = [out / name for name in SWEEP_FILES.values()]
     if archives:
         files += [archive_path(out, v) for v in variants if v.policy is not None]
         files += [archive_path(out, refit_variant(v)) for v in variants
@@ -642,11 +642,11 @@ def write_outputs(
 ) -> dict[str, Path]:
     """sweep.md, sweep.csv and sweep.png in OUT_DIR."""
     out = make_folder(out_dir)
-    md = out / OUTPUT_NAMES["markdown"]
+    md = out / SWEEP_FILES["markdown"]
     with atomic_path(md) as tmp:
         tmp.write_text(markdown_table(rows, title, logistic), encoding="utf-8")
     return {
         "markdown": md,
-        "csv": write_csv(rows, out / OUTPUT_NAMES["csv"]),
-        "plot": plot(rows, out / OUTPUT_NAMES["plot"], title),
+        "csv": write_csv(rows, out / SWEEP_FILES["csv"]),
+        "plot": plot(rows, out / SWEEP_FILES["plot"], title),
     }

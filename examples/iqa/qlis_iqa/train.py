@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import same_file
 from qlis_iqa.backbones import load_backbone, weights_label
-from qlis_iqa.created_paths import removed_on_failure, top_missing
+from qlis_iqa.created_paths import RUN_FILES, removed_on_failure, top_missing
 from qlis_iqa.data import Sample, Split, load_dataset, make_split, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.evaluate import (
@@ -305,8 +305,7 @@ def train_run(
             raise IQAError(f"split {split_path} is for {split.dataset}, not {ds.name}")
         asked = {"limit": limit, "test_fraction": test_fraction, "split_seed": split_seed}
         _check_reused_split(split, split_path, asked, split_conflict, log)
-        written = [checkpoint, *(out / n for n in ("predictions_test.csv", "metrics.json",
-                                                  "train_log.csv"))]
+        written = [out / n for n in RUN_FILES if n != "split.json"]
         if any(same_file(split_path, w) for w in written):
             raise IQAError(f"{split_path} is one of the files this run writes; the split file "
                            "must be somewhere else")
