@@ -46,6 +46,19 @@ def test_checkpoints_with_non_finite_weights_are_refused(
         load_model(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_checkpoint_storing_weights_as_integers_is_refused(
+    tiny_model: torch.nn.Module, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """Weights cast to int64 are zeros: the model gave every image one score, exit 0."""
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    state = load_file(path)
+    state["head.2.weight"] = state["head.2.weight"].to(dtype)
+    save_file(state, path, metadata=tiny_model.metadata())
+    with pytest.raises(IQAError, match="'head.2.weight' is stored as integers"):
+        load_model(path)
+
+
 def test_a_backbone_folder_with_non_finite_weights_is_refused_not_trained_on(
     backbones: dict[str, Path], tmp_path: Path, sample_root: Path
 ) -> None:

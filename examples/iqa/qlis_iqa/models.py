@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qlis.archive.atomic import atomic_path
+from qlis.archive.format import FLOAT_DTYPES
 from qlis_iqa.backbones import (
     RANDOM_LABEL,
     attention,
@@ -296,8 +297,10 @@ def check_declared_shapes(
         raise IQAError(f"{source} does not match the model it describes: {'; '.join(problems)}")
 
 
-def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """Metadata and declared tensor shapes of a checkpoint (.safetensors) or archive (.qlis).
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]],
+                                            set[str]]:
+    """Metadata, declared tensor shapes and the names of the tensors stored in a floating
+    dtype, of a checkpoint (.safetensors) or archive (.qlis).
 
     Nothing but the header is read: no tensor is decoded.
     """
@@ -308,16 +311,33 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
         import qlis
 
         with qlis.open(path) as archive:
-            shapes = {n: archive.entry(n).shape for n in archive.names()}
-            return dict(archive.metadata), shapes
+            entries = {n: archive.entry(n) for n in archive.names()}
+            return (dict(archive.metadata), {n: e.shape for n, e in entries.items()},
+                    {n for n, e in entries.items() if e.dtype in FLOAT_DTYPES})
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            return dict(f.metadata() or {}), shapes
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+            return (dict(f.metadata() or {}),
+                    {k: tuple(v.get_shape()) for k, v in slices.items()},
+                    {k for k, v in slices.items() if v.get_dtype() in _SAFETENSORS_FLOATS})
     except (SafetensorError, OSError) as exc:
         raise IQAError(f"{path}: not a safetensors checkpoint ({exc})") from None
+
+
+_SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def check_floating(model: nn.Module, floating: set[str], source: str) -> None:
+    """Refuse a file that stores one of the model's floating tensors as integers or booleans:
+    qlis-iqa writes none, and read as numbers its values (weights cast to int64 are zeros)
+    gave every image one score."""
+    stored_as_integers = [name for name, tensor in model.state_dict().items()
+                          if tensor.is_floating_point() and name not in floating]
+    if stored_as_integers:
+        raise IQAError(f"{source}: tensor {stored_as_integers[0][:80]!r} is stored as integers "
+                       "where the model holds floating-point values; not a qlis-iqa model")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -340,10 +360,11 @@ def load_model(
         raise IQAError(f"runtime must be 'float' or 'lowbit', got {runtime!r}")
     check_precision(precision)  # before anything is built or read
     path = Path(path)
-    metadata, declared = read_header(path)
+    metadata, declared, floating = read_header(path)
     spec = parse_metadata(metadata)
     check_declared_shapes(spec, declared, str(path))
     model = model_from_spec(spec)
+    check_floating(model, floating, str(path))
     if runtime == "lowbit" and path.suffix.lower() != ".qlis":
         raise IQAError(f"{path}: the low-bit runtime runs .qlis archives, not checkpoints")
     if path.suffix.lower() == ".qlis":
