@@ -696,3 +696,21 @@ def test_a_calibrated_size_target_counts_the_biases_it_corrects(tmp_path):
     size = qlis.save(result, tmp_path / "m.qlis").stat().st_size
     assert result.original_bytes / size >= 8 * 0.99
     assert not result.warnings
+
+
+def test_an_archive_written_over_its_size_target_says_so(tmp_path):
+    """The plan counts codes as ans codes them: codec "raw" wrote a 2.5x archive asked 4x,
+    silently (qlis-iqa compress --codec raw, qlis pack --codec raw)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
+    result = qlis.compress(model, target_ratio=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qlis.QualityWarning)
+        kept = qlis.save(result, tmp_path / "ans.qlis")  # meets it: nothing said
+    assert result.original_bytes / kept.stat().st_size >= 4 and not result.warnings
+    with pytest.warns(qlis.QualityWarning, match=r"over the size target .* codec 'raw'"):
+        qlis.save(result, tmp_path / "raw.qlis", codec="raw")
+    assert "codec 'raw'" in result.warnings[-1]
+    with pytest.warns(qlis.QualityWarning, match="over the size target"):
+        packed = qlis.pack(model, tmp_path / "packed.qlis", target_ratio=4, codec="bitpack")
+    assert "codec 'bitpack'" in packed.warnings[-1]

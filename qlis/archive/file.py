@@ -187,6 +187,8 @@ class Savable(Protocol):
 
     def header(self, source_bytes: int | None) -> dict[str, Any]: ...
 
+    def check_written_size(self, path: Path, codec: str) -> None: ...
+
 
 def save(
     result: Savable,
@@ -215,11 +217,12 @@ def save(
     ...     sorted(qlis.load(path))
     ['bias', 'weight']
     """
-    if not all(hasattr(result, field) for field in ("tensors", "layers", "header")):
+    if not all(hasattr(result, field) for field in ("tensors", "layers", "header",
+                                                    "check_written_size")):
         raise InputError(f"save writes a compression result (qlis.compress(...)), not a "
                          f"{type(result).__name__}: compress a state dict first")
     check_callback(progress, "progress")
-    return write_tensors(
+    written = write_tensors(
         path,
         result.tensors,
         codec=codec,
@@ -229,6 +232,8 @@ def save(
         progress=progress,
         **result.header(source_bytes),
     )
+    result.check_written_size(written, codec)
+    return written
 
 
 @dataclass

@@ -202,6 +202,7 @@ def _streamed(
             if cluster is not None:
                 cluster.all_gather_json({"error": str(err)})
             raise
+    result.check_written_size(Path(path), codec)
     if cache is not None:
         cache.discard()
     if cluster is not None:

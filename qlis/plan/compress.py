@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +155,22 @@ class CompressionResult:
             **{f"distortion_{k}": v for k, v in self.distortion.items() if k != "output"},
             "output": self.distortion.get("output"),
         }
+
+    def check_written_size(self, path: Path, codec: str) -> None:
+        """Warn (and add to `warnings`) when the archive written at ``path`` is over its size
+        target by more than 1%: the plan counts codes as ans codes them (``codec`` "raw"
+        wrote a 2.5x archive asked 4x, silently), and its header and records by estimate."""
+        wanted = self.policy.size_target_bytes(self.original_bytes, self.numel)
+        size = path.stat().st_size
+        if wanted is None or size <= wanted * 1.01:
+            return
+        why = (f"the plan counts codes as 'ans' codes them, and codec {codec!r} stores them "
+               "otherwise" if codec not in ("ans", "auto") else "the plan's estimate missed")
+        missed = (f"the archive is {size:,} bytes ({self.original_bytes / size:.2f}x), over the "
+                  f"size target ({wanted:,.0f} bytes, {self.original_bytes / wanted:.2f}x) by "
+                  f"{size / wanted - 1:.1%}: {why}")
+        self.warnings.append(missed)
+        warnings.warn(missed, QualityWarning, stacklevel=3)
 
     def header(self, source_bytes: int | None) -> dict[str, Any]:
         """The archive header's fields that describe this compression (`qlis.save` writes

@@ -114,6 +114,11 @@ class Policy(Strategy):
         """Warnings about the executed result (e.g. a quality target that was missed)."""
         return []
 
+    def size_target_bytes(self, original_bytes: float, numel: int) -> float | None:
+        """The archive size, in real bytes, a size target of this policy asks for (None: it
+        has none; the paper's budgets count idealised bits, not bytes)."""
+        return None
+
     @classmethod
     def from_options(cls, **options: Any) -> Policy:
         """The policy built from keyword options (``make_policy``'s entry point)."""

@@ -671,7 +671,7 @@ class RDPolicy(Policy):
 
     def review(self, result: CompressionResult) -> list[str]:
         found = []
-        wanted = self._target_bytes(result.original_bytes, result.numel)
+        wanted = self.size_target_bytes(result.original_bytes, result.numel)
         if wanted is not None and result.estimated_bytes > wanted * 1.01:
             reached = result.original_bytes / max(result.estimated_bytes, 1)
             found.append(
@@ -702,8 +702,7 @@ class RDPolicy(Policy):
                 return name
         return None
 
-    def _target_bytes(self, original_bytes: float, numel: int) -> float | None:
-        """The archive size the size target asks for (None: no size target)."""
+    def size_target_bytes(self, original_bytes: float, numel: int) -> float | None:
         if self.target_bits_per_weight is not None:
             return self.target_bits_per_weight * numel / 8
         if self.target_bytes is not None:
@@ -732,7 +731,7 @@ class RDPolicy(Policy):
         selected = {layer.name for layer in report.layers}
         layout = tensor_layout(state)
         original = sum(t.numel() * storage_bits(t.dtype) / 8 for t in layout.values())
-        total = self._target_bytes(original, sum(t.numel() for t in layout.values()))
+        total = self.size_target_bytes(original, sum(t.numel() for t in layout.values()))
         if total is None:
             return None
 
