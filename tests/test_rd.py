@@ -14,6 +14,7 @@ from torch import nn
 import qlis
 from qlis import ConfigError, InputError
 from qlis.measure import stats
+from qlis.models.tensors import renormalized
 from qlis.plan.allocate import Curve, allocate_for_distortion, totals
 from qlis.plan.execute import Realized, execute_layer
 from qlis.plan.rd import (
@@ -22,7 +23,6 @@ from qlis.plan.rd import (
     RDPolicy,
     _allocate_for_cosine,
     _layer_candidates,
-    renormalized,
 )
 from qlis.plan.sizes import QUANTIZED_RECORD_BYTES, kept_bytes
 
@@ -581,6 +581,23 @@ def test_a_normalized_weight_keeps_every_row_at_the_papers_ratios(kind):
     model = make()
     model.load_state_dict(result.state_dict())
     assert bool(torch.isfinite(model(torch.randn(4, 64))).all())
+
+
+def test_a_policy_that_zeroes_a_normalized_row_says_the_outputs_are_nan():
+    """The paper's prune at k=1.5 emptied rows of a weight_norm direction (Linear(32, 64)): it
+    computed NaN, and nothing was said (rd keeps every such row, above)."""
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(NORMALIZED_LAYERS["weight_norm"](), nn.ReLU(), nn.Linear(128, 64))
+
+    with pytest.warns(qlis.QualityWarning, match=r"row made all zeros: .*original1.*NaN"):
+        result = qlis.compress(make(), "prune", k=2.5)
+    model = make()
+    model.load_state_dict(result.state_dict())
+    assert bool(model(torch.randn(4, 64)).isnan().any())  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qlis.QualityWarning)
+        qlis.compress(make(), "prune", k=0.5)  # rows kept: nothing to say
 
 
 def test_renormalized_names():

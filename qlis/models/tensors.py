@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 
@@ -302,3 +303,14 @@ def as_state_dict(
     if not state:
         raise InputError("the model has no tensors")
     return state
+
+
+_RENORMALIZED = re.compile(r"((^|\.)weight_(v|orig)|\.parametrizations\.[^.]+\.original1?)$")
+
+
+def renormalized(name: str) -> bool:
+    """Whether ``name`` is a tensor its module divides by its own norm before use: the
+    direction of weight normalization (``weight_v``; ``parametrizations.weight.original1``)
+    and the weight of spectral normalization (``weight_orig``; ``...original``). Rounded to
+    zeros, a row of it makes the layer's output NaN where an ordinary weight gives zeros."""
+    return bool(_RENORMALIZED.search(name))

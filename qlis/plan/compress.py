@@ -28,6 +28,7 @@ from qlis.models.tensors import (
     as_state_dict,
     check_loadable,
     checked_state,
+    renormalized,
     split_aliases,
     storage_bits,
     tensor_layout,
@@ -305,6 +306,29 @@ def _emptied(layers: list[LayerPlan]) -> list[str]:
             f"{_some_names(names)}; the model computes without them"]
 
 
+def _zero_rows_divided(layers: list[LayerPlan], tensors: Mapping[str, StoredTensor],
+                       state: Mapping[str, torch.Tensor]) -> list[str]:
+    """A warning naming the layers whose module divides them by their rows' norms (weight
+    or spectral normalization's direction) with a row the compression made all zeros: 0 / 0,
+    the model's outputs are NaN (the paper's prune at k=1.5 did it to a weight_norm layer,
+    silently). rd keeps a weight in every such row; other policies are told here."""
+    names = []
+    for layer in layers:
+        if layer.unchanged or not renormalized(layer.name):
+            continue
+        stored = tensors[layer.name]
+        values = stored.dequantize() if isinstance(stored, QuantizedTensor) else stored
+        before, after = (t.reshape(len(t), -1) if t.ndim else t.reshape(1, 1)
+                         for t in (state[layer.name], values))
+        if bool(((after == 0).all(dim=1) & (before != 0).any(dim=1)).any()):
+            names.append(layer.name)
+    if not names:
+        return []
+    return [f"{len(names)} layer(s) divided by their rows' norms (weight normalization) have "
+            f"a row made all zeros: {_some_names(names)}; the model's outputs are NaN (rd "
+            "keeps a weight in every such row; or prune or round them less)"]
+
+
 def _some_names(names: list[str]) -> str:
     """The first five of ``names``, and how many more, for a warning."""
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
@@ -466,6 +490,7 @@ class PlannedCompression:
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
         result.warnings = (self.policy.review(result) + _emptied(layers)
+                           + _zero_rows_divided(layers, tensors, self.state)
                            + _unreached(layers, self.calibration)
                            + _not_finite(distortion["output"]))
         for warning in result.warnings:

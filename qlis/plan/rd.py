@@ -23,7 +23,6 @@ qlis/plan/allocate.py then picks one candidate per layer to meet a size or a qua
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -47,7 +46,7 @@ from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
 from qlis.measure.distortion import peak_abs, sum_of_squares
-from qlis.models.tensors import storage_bits, tensor_layout
+from qlis.models.tensors import renormalized, storage_bits, tensor_layout
 from qlis.plan.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.plan.execute import Realized, dequantized, execute_layer
 from qlis.plan.plans import LayerConfig, Plan
@@ -173,17 +172,6 @@ def _relative_steps(finest: float) -> np.ndarray:
     """Steps relative to the RMS, half an octave apart, from COARSEST_STEP to ``finest``."""
     count = int(math.floor(2 * math.log2(COARSEST_STEP / finest))) + 1
     return COARSEST_STEP * 2.0 ** (-np.arange(count) / 2)
-
-
-_RENORMALIZED = re.compile(r"((^|\.)weight_(v|orig)|\.parametrizations\.[^.]+\.original1?)$")
-
-
-def renormalized(name: str) -> bool:
-    """Whether ``name`` is a tensor its module divides by its own norm before use: the
-    direction of weight normalization (``weight_v``; ``parametrizations.weight.original1``)
-    and the weight of spectral normalization (``weight_orig``; ``...original``). Rounded to
-    zeros, a row of it makes the layer's output NaN where an ordinary weight gives zeros."""
-    return bool(_RENORMALIZED.search(name))
 
 
 def _vanishing_limit(peaks: torch.Tensor, scale: torch.Tensor, rounding: float) -> float:
