@@ -788,3 +788,18 @@ def test_a_layer_whose_covariance_has_no_factor_is_rounded_data_free(monkeypatch
     assert notes == {"0.weight": rec.BIAS_CORRECTED, "2.weight": rec.NOT_POSITIVE}
     plain = qlis.AffineQuantizer(bits=4).quantize(model[2].weight.detach())
     assert torch.equal(result.state_dict()["2.weight"], plain.dequantize())
+
+
+def test_inputs_whose_covariance_overflows_name_the_layer_and_the_way_out():
+    """A weight of 1e30 (finite outputs) made the next layer's input covariance inf: every
+    calibrated policy refused "a finite weight and covariance", which the weights were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 16))
+    with torch.no_grad():
+        model[2].weight[0, 0] = 1e30
+    calib = [torch.randn(4, 32) for _ in range(4)]
+    with pytest.raises(qlis.InputError, match=r"^4\.weight: the covariance of its calibration "
+                                         r"inputs is not finite.*error_feedback=False"):
+        qlis.compress(model, "quant", calib=calib)
+    qlis.compress(model, "quant", calib=calib, error_feedback=False)  # the way out works

@@ -121,6 +121,12 @@ def execute_layer(
         bits = None
     else:
         if hessian is not None:
+            if not bool(torch.isfinite(hessian).all()):  # the weight was checked finite
+                raise InputError(
+                    f"{name}: the covariance of its calibration inputs is not finite (their "
+                    "squares sum past float32's 3.4e38, or they hold inf or NaN): it cannot be "
+                    "fitted to them; compress with error_feedback=False, or calibrate with "
+                    "inputs of an ordinary scale")
             stored = None
             if row_shares is not None and not transposed:
                 factors = step_factors(row_shares)
