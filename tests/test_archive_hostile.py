@@ -37,6 +37,7 @@ from qlis.archive.format import (
     PREFIX,
     VERSION,
     read_header_file,
+    scan_json,
 )
 from qlis.cli.main import cli
 from qlis.errors import ArchiveError
@@ -471,8 +472,16 @@ COSTLY = {
     "16 MiB of []": 'b"[" + b"[]," * ((16 << 20) // 3 - 1) + b"[]]"',
     "deep nesting": 'b"[" * 100000 + b"]" * 100000',
     "64 MiB + 1 header": 'b" " * ((64 << 20) + 1)',
-    "many floats": 'b"[" + b"1.5," * ((16 << 20) // 4 - 1) + b"1.5]"',
+    "many floats": 'b"[" + b"1.5," * ((48 << 20) // 4 - 1) + b"1.5]"',
 }
+
+
+def test_the_scan_lets_the_items_of_100000_tensors_through():
+    """80 items a tensor (a mixture of experts' small tensors): the 4,000,000 of version 4
+    refused a pack of 50,000 after all its work."""
+    assert scan_json(b'{"a":[' + b"0," * 8_000_000 + b"0]}") == 1
+    with pytest.raises(ArchiveError, match="over 10000000 JSON items"):
+        scan_json(b"[" + b"0," * 10_000_000 + b"0]")
 
 
 @pytest.mark.parametrize("case", sorted(COSTLY))

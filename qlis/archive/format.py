@@ -47,7 +47,7 @@ RECORD_ALIGN = 8  # where records start from version 5 on
 
 MAX_HEADER_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64
-MAX_JSON_ITEMS = 4_000_000  # '[', '{', ',' and ':' outside strings
+MAX_JSON_ITEMS = 10_000_000  # '[', '{', ',' and ':' outside strings
 MAX_INT_DIGITS = 19  # every JSON integer fits in a signed 64-bit integer
 MAX_DIMS = 32
 MAX_ELEMENTS = 1 << 53  # product of the dimensions, zeros counted as ones
