@@ -241,11 +241,17 @@ def _deflated_file(stored: bytes, data: bytes) -> bytes:
     return prefix + stored + b" " * pad + data
 
 
+def _with_preset_dictionary(text: bytes) -> bytes:
+    deflater = zlib.compressobj(zdict=b'{"format":"qlis"')
+    return deflater.compress(text) + deflater.flush()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda z: z[: len(z) // 2], "its zlib stream stops short"),
     (lambda z: z + b"}", "bytes other than spaces after its zlib stream"),
     (lambda z: z + b"  " + zlib.compress(b"{}"), "bytes other than spaces after"),
     (lambda z: b"{" + z[1:], "its zlib stream"),
+    (lambda z: _with_preset_dictionary(zlib.decompress(z)), "asks for a preset dictionary"),
 ])
 def test_a_deflated_header_that_is_not_one_whole_stream_is_refused(tmp_path, base, damage,
                                                                      message):

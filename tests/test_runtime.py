@@ -172,6 +172,15 @@ def test_int8_kernel_branch_keeps_a_row_of_zeros_zero(granularity):
     torch.testing.assert_close(out, F.linear(x, q.dequantize()), rtol=0, atol=1e-6 * terms)
 
 
+def test_zero_points_past_float32_integers_take_the_dequantize_path():
+    """A valid archive's offset of -3e9 made offset - zero round apart from code - zero: the
+    int8 module's weight was 1 ulp off the archive's in a quarter of the layer."""
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(16, 32))
+    assert runtime.choose_path(q.grid, q.n_levels, q.shape) == "int8"
+    far = q.grid.replace(zero=q.grid.zero + 3e9)
+    assert runtime.choose_path(far, q.n_levels, q.shape) == "dequant"
+
+
 def test_int8_kernel_branch_gives_what_float_gives_for_infinite_and_huge_inputs():
     """The kernel's terms are larger than the result they cancel to: an inf made NaN, 3e37
     made infinities of either sign, where F.linear gives +-inf and numbers near 1e37."""

@@ -903,6 +903,9 @@ def read_header(pread: Callable[[int, int], bytes], size: int, max_decoded_bytes
     return parse_header(raw, data_len, max_decoded_bytes, version, lookup), data_start
 
 
+_PRESET_DICTIONARY = 0x20  # FDICT, in the second byte of a zlib stream (RFC 1950)
+
+
 def deflated_header(raw: bytes) -> bytes:
     """A header's JSON as version 5 stores it: a zlib stream. Per-tensor entries repeat their
     keys and configs; deflated they take a tenth of their bytes (54 KB of a MobileNetV2's
@@ -914,6 +917,9 @@ def inflated_header(stored: bytes) -> bytes:
     """The JSON of a version-5 header: ``stored`` is one zlib stream, then nothing but
     spaces (the room a writer leaves in front of the records). What it inflates to is
     bounded by MAX_HEADER_BYTES before it is made, whatever the stream claims."""
+    if len(stored) >= 2 and stored[1] & _PRESET_DICTIONARY:
+        raise ArchiveError("corrupt header (its zlib stream asks for a preset dictionary; "
+                           "the format has none)")
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(stored, MAX_HEADER_BYTES + 1)

@@ -16,26 +16,26 @@ from qlis.models.tensors import storage_bits
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor
 
-HEADER_BYTES = 1024
+HEADER_BYTES = 1000
 """An archive's fixed cost: prefix, header skeleton, policy options and summary, deflated,
-and the padding of the data section's start and end (measured: 860-1030 bytes)."""
-RECORD_OVERHEAD_BYTES = 24
-"""A tensor stored as it is: its header entry, deflated, and its record's 8-byte alignment."""
-KEPT_LAYER_BYTES = 8
+and the padding of the data section's start and end. Fitted with the per-entry costs below
+(least squares over 32 archives of MLPs, transformer encoders and convolutional networks
+with BatchNorm, 2026-12-07: 845 bytes, residuals within +-270), then rounded up."""
+RECORD_OVERHEAD_BYTES = 12
+"""A tensor stored as it is: its header entry, deflated, and its record's 8-byte alignment
+(fitted: 11 bytes)."""
+KEPT_LAYER_BYTES = 4
 """A planned layer stored as it is, beyond `RECORD_OVERHEAD_BYTES`: the plan in its header
-entry and its line in the recorded plan, deflated. Uncounted (at their size before version
-5 deflated the header), the BatchNorm parameters of a MobileNetV2 planned as layers (123
-kept of 266) made a 12x target an 11.66x archive."""
-NARROWED_ENTRY_BYTES = 32
+entry and its line in the recorded plan, deflated (fitted: 12 bytes in all). Uncounted, at
+their size before version 5 deflated the header, the BatchNorm parameters of a MobileNetV2
+planned as layers (123 kept of 266) made a 12x target an 11.66x archive."""
+NARROWED_ENTRY_BYTES = 16
 """The header entry of a tensor outside the plan stored as float16 codes (name, shape,
-quantizer, alphabet, codec and record; deflated) and its record's alignment."""
-QUANTIZED_RECORD_BYTES = 64
+quantizer, alphabet, codec and record; deflated) and its record's alignment (fitted: 14)."""
+QUANTIZED_RECORD_BYTES = 52
 """A quantized layer: its header entry (codec, quantizer, parameter records, plan) and its
-line in the recorded plan, deflated, and the alignment of its three records (measured on
-BERT-shaped layers: 48-56 bytes, beside 24 of a plain tensor; 850-950 before version 5)."""
-
-
-
+line in the recorded plan, deflated, and the alignment of its three records (fitted: 49
+bytes; 850-950 before version 5)."""
 
 
 def coded_code_bytes(counts: np.ndarray, codes: np.ndarray | None = None,
@@ -73,7 +73,7 @@ def unplanned_bytes(tensor: torch.Tensor | QuantizedTensor) -> float:
     (counted at their width, a MobileNetV2 with its BatchNorms wrote 8.19x asked 8; at
     their entropy, 11.71x asked 12).
 
-    >>> unplanned_bytes(torch.zeros(1000)) == unplanned_bytes(torch.ones(1000)) == 4000 + 24
+    >>> unplanned_bytes(torch.zeros(1000)) == unplanned_bytes(torch.ones(1000)) == 4000 + 12
     True
     """
     if isinstance(tensor, QuantizedTensor):
@@ -98,7 +98,7 @@ def kept_bytes(tensor: torch.Tensor, zeros: bool | None = None) -> float:
     reach by the whole layer. ``zeros``: whether it is all zeros, when the caller knows
     (None: look).
 
-    >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 24 + 8
+    >>> kept_bytes(torch.zeros(1000)) < kept_bytes(torch.ones(1000)) == 4000 + 12 + 4
     True
     """
     if zeros is None:

@@ -82,11 +82,21 @@ def int8_possible(n_levels: int, shape: Iterable[int], dtype: str = "float32") -
 
 def choose_path(grid: Grid, n_levels: int, shape: Iterable[int], dtype: str = "float32") -> str:
     """The path ("int8" or "dequant") a quantized Linear weight of ``shape`` on ``grid`` takes:
-    int8 for 17..256 levels on a grid with one (scale, zero) per row, else dequant."""
+    int8 for 17..256 levels on a grid with one (scale, zero) per row whose zero points float32
+    holds with integers to spare (below 2**24: code - zero is exact, as the archive computes
+    it; a valid archive's offset of -3e9 rounded twice, 1 ulp off in a quarter of a layer),
+    else dequant."""
     shape = tuple(shape)
-    if int8_possible(n_levels, shape, dtype) and grid.row_affine(shape[0]) is not None:
-        return "int8"
-    return "dequant"
+    if not int8_possible(n_levels, shape, dtype):
+        return "dequant"
+    affine = grid.row_affine(shape[0])
+    if affine is None or not bool(affine[1].abs().max() < _EXACT_ZERO_POINTS):
+        return "dequant"
+    return "int8"
+
+
+_EXACT_ZERO_POINTS = 2.0 ** 24 - 256
+"""Zero points below this, and codes below 256, keep code - zero an exact float32 integer."""
 
 
 # -- bit packing for the dequantize path -------------------------------------------------------
