@@ -9,7 +9,7 @@ import zlib
 
 import google_crc32c
 
-from qlis.archive.format import ALIGN, COMPACT_VERSION, MAGIC, PREFIX
+from qlis.archive.format import ALIGN, COMPACT_VERSION, MAGIC, PREFIX, READABLE_VERSIONS
 
 
 def split(raw: bytes) -> tuple[dict, bytes]:
@@ -24,11 +24,12 @@ def split(raw: bytes) -> tuple[dict, bytes]:
 
 def build(header: dict | bytes, data: bytes, version: int | None = None) -> bytes:
     """A file around ``header`` (a dict, or its JSON's bytes) and a data section, stored as
-    ``version`` stores a header (by default the version a dict states, else the one qlis
-    writes), its CRC recomputed."""
+    ``version`` stores a header (by default the readable version a dict states, else the
+    one qlis writes), its CRC recomputed."""
     if version is None:
         stated = header.get("version") if isinstance(header, dict) else None
-        version = stated if type(stated) is int else COMPACT_VERSION
+        version = stated if stated in READABLE_VERSIONS and type(stated) is int \
+            else COMPACT_VERSION
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     if version >= COMPACT_VERSION:
         raw = zlib.compress(raw)
