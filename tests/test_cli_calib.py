@@ -568,3 +568,39 @@ def test_models_without_a_token_table_or_a_decoder_shift_calibrate(tmp_path, bui
     result = run(cli, "pack", folder, "-o", tmp_path / "m.qlis", "--calib", inputs)
     assert result.exit_code == 0, result.output
     assert "output on the calibration data: cosine" in result.output
+
+
+class NoPadTokenizer:
+    """A tokenizer with neither a padding nor an end-of-text token: padding refuses."""
+
+    pad_token = eos_token = None
+    model_max_length = 512
+
+    def __call__(self, lines, padding=False, **kwargs):
+        if padding:
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token")
+        return {"input_ids": torch.ones(len(lines), 3, dtype=torch.long)}
+
+
+def test_one_example_a_batch_needs_no_padding_token():
+    """The refusal's advice, --calib-batch-size 1, failed as well: the one line was padded."""
+    with pytest.raises(InputError, match="--calib-batch-size 1"):
+        hf_model.tokenized_batches(NoPadTokenizer(), ["a b", "c d"], 2)
+    batches = hf_model.tokenized_batches(NoPadTokenizer(), ["a b", "c d"], 1)
+    assert [b["input_ids"].shape for b in batches] == [(1, 3), (1, 3)]
+
+
+def test_text_calibration_is_one_example_a_line_whatever_the_suffix_case(bert_folder, tmp_path):
+    """splitlines() also split at U+2028, form feeds and NEL (2 lines by wc, 5 examples);
+    "PROMPTS.TXT" was read as text but its tokenizer's names checked as the user's."""
+    text = tmp_path / "PROMPTS.TXT"
+    line = " ".join(WORDS[:6])
+    text.write_text(f"{line}\u2028{line}\f{line}\n{line}\x85{line}\n")
+    result = run(cli, "pack", bert_folder, "-o", tmp_path / "m.qlis", "--calib", text)
+    assert result.exit_code == 0, result.output
+    assert "calibration: 2 examples" in result.output
+
+
+def test_a_path_given_as_calib_to_the_library_says_what_calib_takes():
+    with pytest.raises(qlis.ConfigError, match="not a str .*tokenize its lines"):
+        qlis.compress(torch.nn.Linear(4, 4), calib="prompts.txt")

@@ -334,7 +334,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
         else:
             batches = read_calibration(calib_file, path, calib_examples or FILE_EXAMPLES,
                                        calib_batch_size or FILE_BATCH, max_input_length(model))
-            if Path(calib_file).suffix != ".txt":  # the tokenizer's names: its own choice
+            if Path(calib_file).suffix.lower() != ".txt":  # a text file's: the tokenizer's names
                 check_input_names(model, batches, escape(str(calib_file)))
             check_token_ids(model, batches, escape(str(calib_file)))
             batches = with_decoder_inputs(model, batches)

@@ -500,6 +500,11 @@ class Calibration:
                 "nn.Module it was made from, or compress without calib="
             )
         if not callable(calib):
+            if isinstance(calib, str | bytes):  # a Sequence, of one-character "batches"
+                raise ConfigError(
+                    f"calib= takes a list of input batches or a callable(model) -> outputs, "
+                    f"not a {type(calib).__name__} (a text file is `qlis pack --calib`'s; "
+                    "in Python, tokenize its lines into batches)")
             if isinstance(calib, torch.Tensor | Mapping) or not isinstance(calib, Sequence):
                 raise ConfigError(
                     "calib= takes a list of input batches or a callable(model) -> outputs"

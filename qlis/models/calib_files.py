@@ -34,7 +34,8 @@ def _text_lines(path: Path, examples: int) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # one example a line, as wc counts them: splitlines() also split at U+2028, \f and \x85
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
     if not lines:
         raise InputError(f"{path}: no example (one per line) in the calibration text")
     return lines[:examples]

@@ -317,8 +317,8 @@ def tokenized_batches(tokenizer: Any, lines: list[str], batch_size: int,
     for start in range(0, len(lines), batch_size):
         chunk = [line[:_MAX_EXAMPLE_CHARS] for line in lines[start:start + batch_size]]
         try:
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
-                                max_length=limit)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1,
+                                truncation=True, max_length=limit)  # one: nothing to pad
         except Exception as err:  # noqa: BLE001 - whatever the tokenizer's files make it do
             raise InputError(f"the tokenizer ({type(tokenizer).__name__}) failed on "
                              f"calibration lines {start + 1}-{start + len(chunk)}: "
