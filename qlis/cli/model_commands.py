@@ -367,10 +367,11 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     for warning in result.warnings:
         click.echo(f"qlis: warning: {warning}", err=True)
     archive_bytes = output.stat().st_size
-    click.echo(
+    click.echo(  # the tensors' ratio is the one a --target-ratio (and its warning) counts
         f"{escape(str(output))}: {human_bytes(archive_bytes)} from {human_bytes(source_bytes)}, "
         f"real ratio {source_bytes / archive_bytes:.2f}x "
-        f"({8 * archive_bytes / max(result.numel, 1):.2f} bits per element); "
+        f"({result.original_bytes / archive_bytes:.2f}x of its tensors' bytes, "
+        f"{8 * archive_bytes / max(result.numel, 1):.2f} bits per element); "
         f"policy {result.policy.strategy_id}"
     )
     click.echo(f"quality: {result.describe_quality()}")
