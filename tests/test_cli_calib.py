@@ -321,7 +321,11 @@ IDS = torch.randint(5, 40, (8, 12), generator=torch.Generator().manual_seed(0))
      "{'attention_mask': (8, 5), 'input_ids': (8, 12)}"),
     ({"input_ids": IDS, "attention_mask": torch.full((8, 12), float("nan"))},
      "calibration tensor 'attention_mask' holds NaN or inf"),
-], ids=["misspelt", "a flag", "lengths", "nan"])
+    ({"input_ids": IDS.repeat(1, 7)},
+     "calibration batch 0 holds sequences of 84 tokens; the model's position table holds 64"),
+    ({"input_ids": IDS, "position_ids": IDS + 60},
+     "holds position_ids 99; the model has 64 positions (its position table)"),
+], ids=["misspelt", "a flag", "lengths", "nan", "too long", "positions"])
 def test_calibration_tensors_the_model_would_ignore_or_misread_are_refused(
         bert_folder, tmp_path, tensors, message):
     """transformers 5's forward takes unknown keywords into **kwargs and ignores them, and

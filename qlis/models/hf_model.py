@@ -357,8 +357,9 @@ def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
                     source: object) -> None:
     """Refuse token ids that the model's tables have no row for (``input_ids`` past its
     vocabulary: a tokenizer or a file of another model; ``token_type_ids`` past its
-    segments), by name and limit, before a pass fails on them with torch's "index out of
-    range in self"."""
+    segments; ``position_ids``, or sequences, past its position table), by name and limit,
+    before a pass fails on them with torch's "index out of range in self" (a GPT-2 of 64
+    positions given 100 valid ids said only that)."""
     try:
         embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):  # an image model: no token table
@@ -369,7 +370,16 @@ def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     segments = getattr(getattr(model, "config", None), "type_vocab_size", None)
     if type(segments) is int and segments >= 1:
         limits["token_type_ids"] = ("token types (type_vocab_size)", segments)
+    positions = max_input_length(model)
+    if positions is not None:
+        limits["position_ids"] = ("positions (its position table)", positions)
     for index, batch in enumerate(batches):
+        ids = batch.get("input_ids")
+        if positions is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2 and (
+                ids.shape[1] > positions):
+            raise InputError(f"{source}: calibration batch {index} holds sequences of "
+                             f"{ids.shape[1]} tokens; the model's position table holds "
+                             f"{positions}: cut them to its length")
         for key, (what, limit) in limits.items():
             ids = batch.get(key)
             if not (isinstance(ids, torch.Tensor) and ids.numel()) or ids.is_floating_point():
