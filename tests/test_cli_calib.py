@@ -305,6 +305,10 @@ def test_an_encoder_decoder_calibrated_on_text_feeds_its_decoder_the_text(tmp_pa
     with qlis.open(tmp_path / "t5.qlis") as archive:  # the decoder was fitted on the text
         entry = archive.entry("decoder.block.0.layer.1.EncDecAttention.q.weight")
     assert entry.plan["reconstruction"] == "error feedback"
+    with pytest.raises(InputError, match="holds decoder_input_ids 502; the model has 40 rows "
+                                         "in its decoder's token embedding"):
+        hf_model.check_token_ids(model, [{"input_ids": ids, "decoder_input_ids": ids + 493}],
+                                 "calib.safetensors")
 
 
 IDS = torch.randint(5, 40, (8, 12), generator=torch.Generator().manual_seed(0))

@@ -373,6 +373,10 @@ def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     positions = max_input_length(model)
     if positions is not None:
         limits["position_ids"] = ("positions (its position table)", positions)
+    decoder = _decoder_embeddings(model)
+    if decoder is not None:
+        limits["decoder_input_ids"] = ("rows in its decoder's token embedding",
+                                       decoder.num_embeddings)
     for index, batch in enumerate(batches):
         ids = batch.get("input_ids")
         if positions is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2 and (
@@ -390,6 +394,18 @@ def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
                                  f"{high if high >= limit else low}; the model has {limit} "
                                  f"{what} (ids 0-{limit - 1}): calibrate with this model's "
                                  "own tokenizer")
+
+
+def _decoder_embeddings(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """An encoder-decoder's decoder token table (BART's, T5's, Whisper's), None for other
+    models or where the model does not say."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        table = model.get_decoder().get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return table if isinstance(table, torch.nn.Embedding) else None
 
 
 def with_decoder_inputs(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
