@@ -523,6 +523,7 @@ class Calibration:
                 "have; build or load the model outside inference mode")
         self.model = model
         self.calib = calib
+        self._token_masks: dict[int, torch.Tensor | None] = {}  # `_token_rows`, by batch
         # batches that say they were made up (`synthetic_calibration`'s, and what wraps
         # them): the quality measured on them is not the user's data's
         self.synthetic = not callable(calib) and all(
@@ -601,7 +602,7 @@ class Calibration:
                 f"the model's forward changed calibration batch {edited}'s input in place: "
                 "calibration runs each batch several times and needs it unchanged (clone an "
                 "input inside forward before editing it)")
-        reference = {key: self._vectors(key, first_tensor(output), widen=False)
+        reference = {key: self._output_vectors(key, first_tensor(output), widen=False)
                      for (key, _), output in zip(runs, outputs, strict=True)}
         for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
@@ -615,7 +616,7 @@ class Calibration:
                                  "(or fix the settings of a model that computes NaN itself)")
         if runs:  # the first call again: every measure compares one run with another
             key = runs[0][0]
-            again = self._vectors(key, first_tensor(self.run_calls(runs[:1])[0]))
+            again = self._output_vectors(key, first_tensor(self.run_calls(runs[:1])[0]))
             first = reference[key].double()
             self._check_shape(key, again, first.shape)
             difference = float((again - first).norm()) / max(float(first.norm()), 1e-300)
@@ -683,8 +684,8 @@ class Calibration:
             raise InputError(f"calib= batch {index} could not be read: {type(err).__name__}: "
                              f"{first_line(err)}") from err
 
-    def _vectors(self, key: int, output: torch.Tensor, detach: bool = True,
-                 widen: bool = True) -> torch.Tensor:
+    def _output_vectors(self, key: int, output: torch.Tensor, detach: bool = True,
+                        widen: bool = True) -> torch.Tensor:
         """`_vectors` of batch ``key``'s output, without the positions its attention mask
         leaves out: the padding of a batch of lines of unequal length (nine tenths of one of
         GPT-2's) counted in the cosine, which met a min_cosine of 0.99 that the real tokens
@@ -697,15 +698,17 @@ class Calibration:
 
     def _token_rows(self, key: int) -> torch.Tensor | None:
         """Which output rows of batch ``key`` are real tokens: its 0/1 ``attention_mask``,
-        flattened (None for a callable, or a batch without one)."""
+        flattened (None for a callable, or a batch without one); read once per batch, not at
+        every pass."""
         if callable(self.calib):
             return None
-        batch = self._batch(key)
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or not bool(
-                ((mask == 0) | (mask == 1)).all()):
-            return None
-        return mask.reshape(-1).bool()
+        if key not in self._token_masks:
+            batch = self._batch(key)
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            usable = isinstance(mask, torch.Tensor) and mask.ndim == 2 and bool(
+                ((mask == 0) | (mask == 1)).all())
+            self._token_masks[key] = mask.reshape(-1).bool() if usable else None
+        return self._token_masks[key]
 
     def _where(self, batch: int) -> str:
         return "the callable" if callable(self.calib) else f"batch {batch}"
@@ -756,7 +759,7 @@ class Calibration:
         """The output vectors with some state-dict entries replaced (the model is restored
         after), on this rank's ``batches`` (default: every batch), by batch."""
         runs = self._runs(False, batches)
-        return {key: self._vectors(key, first_tensor(output)) for (key, _), output in
+        return {key: self._output_vectors(key, first_tensor(output)) for (key, _), output in
                 zip(runs, self.run_calls(runs, replacements), strict=True)}
 
     @contextmanager
@@ -898,7 +901,7 @@ class Calibration:
                             raise _model_failed(err, self._where(i), False) from err
                         if not output.requires_grad:
                             return None
-                        f = self._vectors(i, output, detach=False)
+                        f = self._output_vectors(i, output, detach=False)
                         self._check_shape(i, f)
                         generator = torch.Generator().manual_seed(
                             hash((seed, sample, i)) & (2**63 - 1))

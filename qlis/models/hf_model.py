@@ -378,11 +378,11 @@ def check_token_ids(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
         limits["decoder_input_ids"] = ("rows in its decoder's token embedding",
                                        decoder.num_embeddings)
     for index, batch in enumerate(batches):
-        ids = batch.get("input_ids")
-        if positions is not None and isinstance(ids, torch.Tensor) and ids.ndim == 2 and (
-                ids.shape[1] > positions):
+        tokens = batch.get("input_ids")
+        if positions is not None and isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and (
+                tokens.shape[1] > positions):
             raise InputError(f"{source}: calibration batch {index} holds sequences of "
-                             f"{ids.shape[1]} tokens; the model's position table holds "
+                             f"{tokens.shape[1]} tokens; the model's position table holds "
                              f"{positions}: cut them to its length")
         for key, (what, limit) in limits.items():
             ids = batch.get(key)

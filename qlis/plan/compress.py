@@ -34,7 +34,7 @@ from qlis.models.tensors import (
     tensor_layout,
     with_aliases,
 )
-from qlis.plan.execute import LayerPlan, StoredTensor, execute_layer
+from qlis.plan.execute import LayerPlan, StoredTensor, dequantized, execute_layer
 from qlis.plan.plan_executor import PlanExecutor
 from qlis.plan.plans import LayerConfig, Plan, finite_json
 from qlis.plan.policy import PlanContext, PlanPolicy, Policy, make_policy
@@ -313,8 +313,7 @@ def _emptied(layers: list[LayerPlan], tensors: Mapping[str, StoredTensor],
 
 def _energy(tensor: StoredTensor) -> float:
     """The sum of the squares of the values ``tensor`` holds (dequantized)."""
-    values = tensor.dequantize() if isinstance(tensor, QuantizedTensor) else tensor
-    return float(values.double().square().sum())
+    return float(dequantized(tensor).double().square().sum())
 
 
 def _zero_rows_divided(layers: list[LayerPlan], tensors: Mapping[str, StoredTensor],
@@ -327,10 +326,8 @@ def _zero_rows_divided(layers: list[LayerPlan], tensors: Mapping[str, StoredTens
     for layer in layers:
         if layer.unchanged or not renormalized(layer.name):
             continue
-        stored = tensors[layer.name]
-        values = stored.dequantize() if isinstance(stored, QuantizedTensor) else stored
         before, after = (t.reshape(len(t), -1) if t.ndim else t.reshape(1, 1)
-                         for t in (state[layer.name], values))
+                         for t in (state[layer.name], dequantized(tensors[layer.name])))
         if bool(((after == 0).all(dim=1) & (before != 0).any(dim=1)).any()):
             names.append(layer.name)
     if not names:
