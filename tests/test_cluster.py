@@ -262,7 +262,7 @@ def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):
         from qlis.workers.cluster import Cluster
         from qlis.errors import ClusterError
         try:
-            Cluster.from_environment(timeout_s=1)
+            Cluster.from_environment(timeout_s=1, waiting=lambda text: print("WAITING:", text))
         except ClusterError as err:
             print(f"CLUSTER-ERROR: {err}", flush=True)
             raise SystemExit(3)
@@ -280,8 +280,11 @@ def test_rendezvous_without_the_other_rank_is_one_cluster_error(tmp_path):
         pytest.fail("rank 0 still waited for rank 1 after 30 s with timeout_s=1")
     assert time.monotonic() - start < 30
     assert process.returncode == 3, out + err
-    assert out.startswith("CLUSTER-ERROR: could not join the other ranks"), out
-    assert "MASTER_ADDR" in out
+    waiting, refusal = out.splitlines()[:2]
+    assert waiting == (f"WAITING: joining a job of 2 ranks at 127.0.0.1:{port} (waiting up to "
+                       "1 s for every rank to start)")
+    assert refusal.startswith("CLUSTER-ERROR: could not join the other ranks"), out
+    assert "MASTER_ADDR" in refusal
     assert "Traceback" not in err
 
 
@@ -422,6 +425,28 @@ def test_no_job_in_the_environment_is_no_cluster(monkeypatch):
     assert Cluster.from_environment() is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert Cluster.from_environment() is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' in the environment is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2"},
+     "RANK=2 in a job of WORLD_SIZE=2: each rank's RANK is one of 0..1"),
+    ({"WORLD_SIZE": "3", "RANK": "-1"}, "RANK=-1 in a job of WORLD_SIZE=3"),
+    ({"WORLD_SIZE": "2", "RANK": "0x"}, "RANK='0x' in the environment is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 is not a TCP port"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "0"}, "MASTER_PORT=0 is not a TCP port"),
+])
+def test_a_job_environment_no_rank_could_join_is_refused_before_waiting(monkeypatch, env, message):
+    for name in DIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    waited = []
+    with pytest.raises(ClusterError) as refused:
+        Cluster.from_environment(timeout_s=1, waiting=waited.append)
+    assert str(refused.value).startswith(message)
+    assert not waited
 
 
 @given(costs=st.lists(st.floats(0, 1e9, allow_nan=False), max_size=40),

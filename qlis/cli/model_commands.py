@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import warnings
 from contextlib import nullcontext
 from functools import partial
@@ -122,6 +123,12 @@ def _pack_policy(policy: str, given: dict, plan_file: Path | None,
                          "--min-cosine (output quality) or a size")
     qlis.make_policy(policy, **options)  # unknown or bad options fail here, before the work
     return None, options
+
+
+def _rank_zero_says(text: str) -> None:
+    """A note of the job's rank 0 alone (the others would repeat it), before ranks exist."""
+    if os.environ.get("RANK", "0").strip() == "0":
+        click.echo(f"qlis: {text}", err=True)
 
 
 def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -> None:
@@ -348,7 +355,7 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     source_bytes = model_file_bytes(path)
     metadata = {"source": path.name}
     metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
-    cluster = Cluster.from_environment()  # under torchrun: rank 0 writes and reports
+    cluster = Cluster.from_environment(waiting=_rank_zero_says)  # rank 0 writes, reports
     leader = cluster is None or cluster.leader
     bars = progress_bars(quiet) if leader else nullcontext(lambda *_: None)
     with bars as bar, warnings.catch_warnings():

@@ -86,17 +86,24 @@ class Cluster:
     world: int
 
     @classmethod
-    def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S) -> Cluster | None:
+    def from_environment(cls, timeout_s: float = DEFAULT_TIMEOUT_S,
+                         waiting: Callable[[str], None] | None = None) -> Cluster | None:
         """The job this process belongs to: an initialised process group, or the one that
         ``torchrun``'s environment (WORLD_SIZE > 1) describes, joined over gloo; None for a
-        single process."""
+        single process. ``waiting`` is told, before the rendezvous, whom the job waits for
+        and how long (a rank started alone waits silently otherwise)."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        world = _job_size()
+        if world <= 1:
             return None
         if not dist.is_available():
             raise ClusterError("WORLD_SIZE asks for several ranks, but this torch has no "
                                "torch.distributed")
+        if waiting is not None:
+            where = ":".join(os.environ.get(k, "?") for k in ("MASTER_ADDR", "MASTER_PORT"))
+            waiting(f"joining a job of {world} ranks at {where} (waiting up to "
+                    f"{timeout_s:g} s for every rank to start)")
         try:
             with _signals_end_the_process():
                 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -272,6 +279,34 @@ def _reporting(doing: str) -> Iterator[None]:
     except (RuntimeError, ValueError) as err:  # ValueError: no process group at all
         raise ClusterError(f"the distributed job failed while {doing}: {_first_line(err)} "
                            "(did a rank stop?)") from None
+
+
+def _environment_integer(name: str) -> int | None:
+    """An integer variable of torchrun's environment (None when unset or empty)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ClusterError(f"{name}={text!r} in the environment is not an integer") from None
+
+
+def _job_size() -> int:
+    """The ranks torchrun's environment asks for (1: none), its RANK and MASTER_PORT checked
+    first: a rank outside the job, or a port no socket has, would wait out the rendezvous
+    timeout for ranks that never come."""
+    world = _environment_integer("WORLD_SIZE")
+    if world is None or world <= 1:
+        return 1
+    rank = _environment_integer("RANK")
+    if rank is not None and not 0 <= rank < world:
+        raise ClusterError(f"RANK={rank} in a job of WORLD_SIZE={world}: each rank's RANK is "
+                           f"one of 0..{world - 1}")
+    port = _environment_integer("MASTER_PORT")
+    if port is not None and not 0 < port < 1 << 16:
+        raise ClusterError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+    return world
 
 
 def _leave() -> None:
