@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import qlis
 from qlis.cli.main import cli
-from qlis.cli.model_commands import INSPECT_KEYS
+from qlis.cli.model_commands import INSPECT_KEYS, PLOT_LABELS
 from qlis.models.tensors import same_bits
 
 
@@ -90,6 +90,31 @@ def test_inspect_plot_writes_png(runner, model_pt, tmp_path):
     plot = tmp_path / "qlis.png"
     run_ok(runner, "inspect", model_pt, "--plot", plot, "--policy", "laq")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_inspect_plot_names_layers_as_text_and_bounds_its_width(runner, model_pt, tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "many.pt"
+    state = {f"layers.{i}.weight": torch.randn(2, 2) for i in range(400)}
+    state["a$\\foo{$"] = torch.randn(3, 3)  # not a formula matplotlib could parse
+    torch.save(state, checkpoint)
+    plot = tmp_path / "q\x1b[31m.png"
+    result = run_ok(runner, "inspect", checkpoint, "--plot", plot)
+    assert result.stderr == "plot written to " + str(plot).replace("\x1b", "\\x1b") + "\n"
+    assert 0 < _png_width(plot) <= PLOT_LABELS * 0.25 * 120  # 0.25 inch a label, 120 dpi
+    few = tmp_path / "few.png"
+    run_ok(runner, "inspect", model_pt, "--plot", few)
+    assert _png_width(few) < _png_width(plot)
+
+
+@pytest.mark.parametrize("option", [["--policy", "lap"], ["--force"]])
+def test_inspect_plot_options_without_a_plot_are_refused(runner, model_pt, option):
+    line = run_user_error(runner, "inspect", model_pt, *option)
+    assert line == f"qlis: error: {option[0]} is for the plot: give --plot PATH too"
 
 
 def test_inspect_reads_safetensors_and_hf_folders(runner, tmp_path):

@@ -132,8 +132,8 @@ def test_sparsity_threshold_is_strict_and_exact_at_eps(dtype):
     # |w| < 0.5: 0.25, -0.0, 0.0 and the value just below 0.5
     sparsity = qlis.inspect({"w": w}, eps=eps).layers[0].S
     assert sparsity == pytest.approx(4 / 7)
-    sparsity = qlis.inspect({"w": w}, eps=0.0).layers[0].S
-    assert sparsity == 0.0
+    for zero in (0.0, -0.0):  # -0.0 >= 0 passes the check, and is the same threshold
+        assert qlis.inspect({"w": w}, eps=zero).layers[0].S == 0.0
 
 
 def test_eps_between_representable_values():
@@ -245,3 +245,12 @@ def test_a_float64_layer_past_float32s_range_has_its_sigma_and_is_pruned_by_it()
     pruned = qlis.compress({"w.weight": huge}, policy="prune", k=1.0).state_dict()["w.weight"]
     plain = qlis.compress({"w.weight": weight}, policy="prune", k=1.0).state_dict()["w.weight"]
     assert torch.equal(pruned == 0, plain == 0)  # the same weights, not all of them
+
+
+@pytest.mark.parametrize("scale", [1e300, -1e300, 1e-300])
+def test_sigma_of_finite_float64_weights_whose_squares_overflow_or_underflow(scale):
+    torch.manual_seed(0)
+    weight = torch.randn(64, 64, dtype=torch.float64)
+    expected = float(weight.std(correction=0)) * abs(scale)
+    assert qlis.inspect({"w.weight": weight * scale}).layers[0].sigma == pytest.approx(
+        expected, rel=1e-12)

@@ -131,6 +131,11 @@ def _rank_zero_says(text: str) -> None:
         click.echo(f"qlis: {text}", err=True)
 
 
+PLOT_LABELS = 192
+"""Layers named on the plot at most (0.25 inch each): a model of more has one in every few
+named, so that the figure's memory is bounded (thousands of layers took gigabytes)."""
+
+
 def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -> None:
     try:
         import matplotlib
@@ -145,13 +150,18 @@ def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -
         "/".join(p for p in (f"k{k:g}" if k else "", f"{b}b" if b else "") if p) or "fp"
         for k, b in plan
     ]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(scores)), 4.5))
-    bars = ax.bar(range(len(scores)), scores, color="tab:blue")
-    for bar, label in zip(bars, labels, strict=True):
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                    va="bottom", fontsize=6, rotation=90)
-    ax.set_xticks(range(len(scores)), [escape(layer.name) for layer in report.layers], rotation=90,
-                  fontsize=6)
+    every = -(-len(scores) // PLOT_LABELS)  # label one layer in `every`
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(scores[::every])), 4.5))
+    if every == 1:
+        ax.bar(range(len(scores)), scores, color="tab:blue")
+    else:  # one collection of lines: thousands of bars are thousands of patches
+        ax.vlines(range(len(scores)), 0, scores, color="tab:blue", linewidth=0.5)
+    for x in range(0, len(scores), every):
+        ax.annotate(labels[x], (x, scores[x]), ha="center", va="bottom", fontsize=6,
+                    rotation=90)
+    ax.set_xticks(range(0, len(scores), every),
+                  [escape(layer.name) for layer in report.layers[::every]], rotation=90,
+                  fontsize=6, parse_math=False)  # a name is text, not a formula ($x^2$)
     ax.set_ylabel("QLIS")
     ax.set_title(f"QLIS per layer (beta={report.beta}) and the {policy} plan (k / bits)")
     fig.tight_layout()
@@ -181,11 +191,14 @@ _codec = click.option("--codec", type=CODECS, default="ans", show_default=True,
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
 @click.option("--plot", type=PATH, help="Write a PNG of QLIS per layer.")
-@click.option("--policy", type=click.Choice(PAPER_POLICIES), default="lapq", show_default=True,
-              help="The paper policy whose per-layer plan the plot shows.")
+@click.option("--policy", type=click.Choice(PAPER_POLICIES),
+              help="The paper policy whose per-layer plan the plot shows.  [default: lapq]")
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
     """Per-layer importance report of a model (.pt/.pth, .safetensors, or a HF folder)."""
+    if not plot and (policy is not None or force):
+        raise InputError(f"{'--policy' if policy is not None else '--force'} is for the plot: "
+                         "give --plot PATH too")
     check_input(path)
     if plot:
         check_output(plot, force, (".png",), inputs=[path, *weight_files(path)])
@@ -217,8 +230,8 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
             f"QLIS {t['min_QLIS']:.4f}..{t['max_QLIS']:.4f} (beta={beta}, eps={eps})"
         )
     if plot:
-        _plot(report, policy, plot, force)
-        click.echo(f"plot written to {plot}", err=True)
+        _plot(report, policy or "lapq", plot, force)
+        click.echo(f"plot written to {escape(str(plot))}", err=True)
 
 
 @click.command()

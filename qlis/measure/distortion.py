@@ -110,7 +110,17 @@ def peak_abs(tensor: torch.Tensor) -> float:
 def population_std(flat: torch.Tensor) -> float:
     """Standard deviation (population) of a 1-D tensor; of a large one, from float32 copies of
     one chunk at a time (float64 ones of a float64 tensor, whose values may lie past float32's
-    range), in two passes (mean, then squared deviations) summed in float64."""
+    range), in two passes (mean, then squared deviations) summed in float64. Finite values
+    whose squares overflow (float64 past 1e154) are measured scaled by a power of two."""
+    spread = _unscaled_std(flat)
+    if math.isinf(spread):
+        largest = float(flat.abs().max())
+        scale = math.ldexp(1.0, math.frexp(largest)[1])
+        spread = _unscaled_std(flat / scale) * scale
+    return spread
+
+
+def _unscaled_std(flat: torch.Tensor) -> float:
     dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     if flat.numel() <= CHUNK_ELEMENTS:
         return float(flat.to(dtype).std(correction=0))

@@ -78,8 +78,10 @@ cost ~0.1 ms a tensor, 1 s of an inspect of 10,000 small ones."""
 
 
 def _small_threshold_pattern(eps: float, dtype: torch.dtype) -> int:
-    """The bit pattern p of the smallest ``dtype`` value >= eps: |x| < eps iff |x|'s pattern < p."""
-    return int(bit_patterns(smallest_at_least(eps, dtype).reshape(1))[0])
+    """The bit pattern p of the smallest ``dtype`` value >= eps: |x| < eps iff |x|'s pattern < p.
+    ``eps`` is >= 0, but may be -0.0, whose pattern (the sign bit alone) is above every |x|'s:
+    it is taken as the 0 it equals."""
+    return int(bit_patterns(smallest_at_least(abs(eps), dtype).reshape(1))[0])
 
 
 def _scan(tensor: torch.Tensor, eps: float) -> tuple[float, float]:
