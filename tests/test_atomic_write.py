@@ -11,6 +11,8 @@ import textwrap
 import time
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from qlis.archive.atomic import STALE_SECONDS, atomic_path
 from qlis.errors import InputError
@@ -29,6 +31,17 @@ def test_new_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert _mode(tmp_path / "out.bin") == 0o666 & ~umask
+
+
+def test_a_file_its_writer_makes_anew_still_follows_the_umask(tmp_path):
+    """safetensors' save_file replaces the temporary with a file of mode 0600."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "m.safetensors") as tmp:
+            save_file({"w": torch.ones(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "m.safetensors") == 0o644
 
 
 def test_a_replaced_file_keeps_its_mode(tmp_path):

@@ -387,3 +387,8 @@ def test_the_help_lists_the_commands_alike_before_and_after_they_are_loaded():
     listed = [line.split()[0] for line in first.stdout.split("Commands:")[1].splitlines()
               if line.strip()]
     assert listed == ["inspect", "pack", "unpack", "info", "demo"]
+
+
+def test_demo_offers_no_policy_it_cannot_run_without_options():
+    line = one_line_error("demo", "--model", "vit-tiny", "--policy", "levels")
+    assert "Invalid value for '--policy': 'levels' is not one of" in line

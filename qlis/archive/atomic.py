@@ -164,8 +164,11 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """
     path = Path(path)
     tmp = new_temporary(path, overwrite)
+    created = tmp.stat().st_mode & 0o7777  # what the umask gives a new file
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o7777 != created:  # a writer that made the file anew
+            os.chmod(tmp, created)                   # (safetensors: 0600)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

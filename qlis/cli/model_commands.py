@@ -70,6 +70,8 @@ from qlis.workers.memory import keep_freed_memory_for_reuse, return_freed_buffer
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
 POLICY_NAMES = [name for name in policy_names() if name != "plan"]  # --plan FILE gives one
+DEMO_POLICIES = [name for name in POLICY_NAMES if name != "levels"]
+"""demo takes no policy options, and "levels" does nothing without its bits/k levels."""
 CODECS = click.Choice(codec_names())
 
 
@@ -419,7 +421,7 @@ def _synthetic_batches(model: torch.nn.Module, folder: Path, examples: int | Non
 
 @click.command()
 @click.option("--model", type=click.Choice(list(VIT_SHAPES)), default="vit-b16", show_default=True)
-@click.option("--policy", type=click.Choice(POLICY_NAMES), default=DEFAULT_POLICY,
+@click.option("--policy", type=click.Choice(DEMO_POLICIES), default=DEFAULT_POLICY,
               show_default=True)
 @_codec
 @click.option("-o", "--output-dir", type=PATH,
