@@ -125,6 +125,26 @@ def test_pieces_are_the_tensor_a_range_of_rows_at_a_time(tmp_path, monkeypatch, 
         assert counts["embed.weight"] > 1 and counts["empty"] == 0  # 640 elements in 100s
 
 
+def test_verify_checks_every_tensor_a_piece_at_a_time(tmp_path, monkeypatch):
+    """verify never holds a tensor's whole float copy, yet still finds a bad record."""
+    path = qlis.save(qlis.compress(small_model_state(), policy="quant", bits=4),
+                     tmp_path / "m.qlis")
+
+    def whole(self, name):
+        raise AssertionError(f"verify read all of {name!r} at once")
+
+    monkeypatch.setattr(qlis.archive.file.Archive, "read", whole)
+    with qlis.open(path) as archive:
+        archive.verify()
+        last = max(archive.names(), key=lambda n: archive.entry(n).data.offset)
+        at = archive._data_start + archive.entry(last).data.offset
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with qlis.open(path) as archive, pytest.raises(ArchiveError, match=last):
+        archive.verify()
+
+
 def test_pieces_from_a_quantizer_that_skips_rows_are_refused(tmp_path, monkeypatch):
     path = qlis.save(qlis.compress({"w": torch.randn(8, 4)}, "quant", bits=4),
                      tmp_path / "m.qlis")
@@ -269,6 +289,15 @@ def test_truncation_and_appended_garbage_are_rejected(tmp_path, archive_bytes, d
     garbage = data.draw(st.binary(min_size=1, max_size=200))
     with pytest.raises(ArchiveError):
         _load_bytes(tmp_path, raw + garbage)
+
+
+@pytest.mark.parametrize("cut", [1, 8, 31])
+def test_a_cut_within_the_prefix_is_called_truncated_not_foreign(tmp_path, archive_bytes, cut):
+    raw, _ = archive_bytes
+    with pytest.raises(ArchiveError, match=f"truncated: {cut} bytes"):
+        _load_bytes(tmp_path, raw[:cut])
+    with pytest.raises(ArchiveError, match="bad magic bytes"):
+        _load_bytes(tmp_path, b"PK" + raw[2:cut])
 
 
 def _with_header(raw: bytes, mutate) -> bytes:

@@ -872,8 +872,11 @@ def read_header(pread: Callable[[int, int], bytes], size: int, max_decoded_bytes
     and where its data section starts: the prefix is checked against the file's size and the
     header against its checksum before the header is parsed (`parse_header`)."""
     prefix = pread(PREFIX.size, 0)
-    if len(prefix) < PREFIX.size or not prefix.startswith(MAGIC):
+    if not prefix.startswith(MAGIC[:len(prefix)]) or not prefix:
         raise ArchiveError("not a qlis archive (bad magic bytes)")
+    if len(prefix) < PREFIX.size:
+        raise ArchiveError(f"truncated: {len(prefix)} bytes, where a qlis archive's prefix "
+                           f"alone is {PREFIX.size}")
     _, version, header_crc, header_len, data_len = PREFIX.unpack(prefix)
     if version not in READABLE_VERSIONS:
         newer = ("a newer qlis: upgrade qlis" if version > max(READABLE_VERSIONS)
