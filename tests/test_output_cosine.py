@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qlis
 from qlis.errors import InputError
 from qlis.measure.calibrate import Calibration
+from qlis.plan.compress import QualityWarning
 
 
 class MaskedConv(torch.nn.Module):
@@ -161,3 +163,41 @@ def test_a_model_that_returns_only_a_number_is_refused():
     batches = [{"x": torch.randn(4, 8), "labels": torch.randn(4, 8)}]
     with pytest.raises(InputError, match="a single number"):
         Calibration(WithLoss(loss_only=True).eval(), batches)
+
+
+def _scorer(offset: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        model[2].bias.fill_(offset)
+    return model.eval()
+
+
+def _score_warnings(model: torch.nn.Module, calib: list[torch.Tensor]) -> list[str]:
+    with pytest.warns(QualityWarning):
+        result = qlis.compress(model, "quant", bits=4, calib=calib)
+    return [w for w in result.warnings if "score" in w or "one output value" in w]
+
+
+def test_scores_compared_uncentred_or_one_a_batch_are_said_to_say_little():
+    batches = [torch.randn(8, 16) for _ in range(4)]
+    (uncentred,) = _score_warnings(_scorer(3.5), batches)
+    assert "one score per example, compared un-centred" in uncentred
+    assert "minus their mean" in uncentred
+    (single,) = _score_warnings(_scorer(3.5), [b[:1] for b in batches])
+    assert single.startswith("each calibration batch gives one output value")
+
+
+def test_centred_scores_and_vector_outputs_need_no_such_warning():
+    batches = [torch.randn(8, 16) for _ in range(4)]
+
+    def centred(model: torch.nn.Module) -> torch.Tensor:
+        scores = torch.cat([model(b) for b in batches]).reshape(-1)
+        return scores - scores.mean()
+
+    result = qlis.compress(_scorer(3.5), "quant", bits=4, calib=centred)
+    assert not [w for w in result.warnings if "score" in w]
+    torch.manual_seed(0)
+    vectors = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    result = qlis.compress(vectors, "quant", bits=4, calib=batches)
+    assert not [w for w in result.warnings if "score" in w]

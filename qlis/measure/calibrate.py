@@ -480,6 +480,21 @@ def _vectors(output: torch.Tensor, detach: bool = True, widen: bool = True) -> t
     return out.reshape(1, -1)
 
 
+def _score_count(output: torch.Tensor) -> int | None:
+    """How many examples an output of one value per example, (n,) or (n, 1), scores; None
+    for any other output (what `_vectors` compares as one un-centred vector per batch)."""
+    if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
+        return output.shape[0]
+    return None
+
+
+def _offset_dominated(scores: torch.Tensor) -> bool:
+    """Whether a vector of scores lies far from zero against its spread (a mean past a tenth
+    of the standard deviation), so that its cosine is more the offset's than the scores'."""
+    values = scores.double().reshape(-1)
+    return bool(values.mean().abs() > 0.1 * values.std(correction=0))
+
+
 class Calibration:
     """Reference outputs of ``model`` on ``calib``, and the distortion of any weight swap.
 
@@ -549,6 +564,9 @@ class Calibration:
         user's."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
+        self.scores_per_batch: int | None = None
+        """Where every calibration output is one value per example (a score), not centred,
+        or one per batch: the fewest in a batch (their cosine says little of the scores)."""
         self.calls: list[tuple[tuple, dict]] = []
         count = 1 if callable(calib) else len(calib)
         split = not callable(calib) and count >= HOLDOUT_EVERY
@@ -602,8 +620,13 @@ class Calibration:
                 f"the model's forward changed calibration batch {edited}'s input in place: "
                 "calibration runs each batch several times and needs it unchanged (clone an "
                 "input inside forward before editing it)")
-        reference = {key: self._output_vectors(key, first_tensor(output), widen=False)
-                     for (key, _), output in zip(runs, outputs, strict=True)}
+        tensors = [first_tensor(output) for output in outputs]
+        reference = {key: self._output_vectors(key, tensor, widen=False)
+                     for (key, _), tensor in zip(runs, tensors, strict=True)}
+        counts = [_score_count(tensor) for tensor in tensors]
+        if counts and None not in counts and (min(counts) == 1 or any(
+                _offset_dominated(vectors) for vectors in reference.values())):
+            self.scores_per_batch = min(counts)
         for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
                 where = "the callable's output" if callable(self.calib) else f"batch {i}"
