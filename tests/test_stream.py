@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -956,15 +957,30 @@ def test_shards_are_not_written_into_a_new_folder_named_as_a_file(model_file, tm
     assert not (tmp_path / name).exists()
 
 
-def test_an_index_name_taken_by_a_folder_is_refused_before_any_shard_is_written(
-        model_file, tmp_path):
+@pytest.mark.parametrize("taken", ["model.safetensors.index.json",
+                                   "model-00001-of-00001.safetensors"])
+def test_a_name_of_the_set_taken_by_a_folder_is_refused_before_any_shard_is_written(
+        model_file, tmp_path, taken):
     archive = tmp_path / "m.qlis"
     qlis.pack(load_state_dict(model_file), archive)
     folder = tmp_path / "out"
-    (folder / "model.safetensors.index.json").mkdir(parents=True)
+    (folder / taken).mkdir(parents=True)
     result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1GB", "--force")
-    assert result.exit_code == 2 and "is not a file the index can replace" in result.stderr
-    assert [p.name for p in folder.iterdir()] == ["model.safetensors.index.json"]
+    assert result.exit_code == 2
+    assert f"{folder / taken}: is not a file the new set can replace" in result.stderr
+    assert [p.name for p in folder.iterdir()] == [taken]
+
+
+def test_replaced_shards_keep_their_modes_without_setuid(model_file, tmp_path):
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    folder = tmp_path / "out"
+    args = ("unpack", archive, "-o", folder, "--max-shard-size", "1GB", "--force")
+    assert run(cli, *args).exit_code == 0
+    shard = folder / "model-00001-of-00001.safetensors"
+    os.chmod(shard, 0o4640)
+    assert run(cli, *args).exit_code == 0
+    assert stat.S_IMODE(os.stat(shard).st_mode) == 0o640
 
 
 def test_two_sharded_unpacks_into_one_folder_leave_one_whole_set(tmp_path, monkeypatch):

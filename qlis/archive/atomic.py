@@ -93,10 +93,16 @@ def _create_temporary(path: Path) -> Path:
     raise InputError(f"{path.parent}: cannot create a temporary file")
 
 
+def keep_mode(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the permissions of the file ``path`` it is to replace, if there is one:
+    the read and write bits, not setuid/setgid/sticky (the tensors we write run nothing)."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+
+
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     if overwrite:
-        with contextlib.suppress(OSError):  # keep the mode of the file we replace
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        keep_mode(tmp, path)
         os.replace(tmp, path)
         return
     try:

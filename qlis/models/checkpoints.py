@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qlis.archive.atomic import atomic_path
+from qlis.archive.atomic import atomic_path, keep_mode
 from qlis.cli.console import same_file
 from qlis.errors import InputError, first_line
 from qlis.models.tensors import (
@@ -815,9 +815,10 @@ def write_sharded_safetensors(
         if any(same_file(folder / name, given) for given in inputs):
             raise InputError(f"{folder / name}: is the input, which the shards would replace; "
                              "unpack into another folder")
+    for target in [folder / name for name in names] + [folder / SHARD_INDEX]:
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise InputError(f"{target}: is not a file the new set can replace")
     index_path = folder / SHARD_INDEX
-    if (index_path.exists() or index_path.is_symlink()) and not index_path.is_file():
-        raise InputError(f"{index_path}: is not a file the index can replace")
     weight_map, partial = {}, []
     unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # another writer's partials are its own
     try:
@@ -827,6 +828,7 @@ def write_sharded_safetensors(
             weight_map.update({entry[0]: name for entry in shard})
         with _locked(folder):  # a set and its index published whole, one writer at a time
             for path, name in zip(partial, names, strict=True):
+                keep_mode(path, folder / name)
                 os.replace(path, folder / name)
             _write_index(index_path, layout, weight_map)
             # an earlier set's shards, and a single checkpoint, which loaders (qlis and
