@@ -119,6 +119,15 @@ def test_an_error_line_never_carries_a_paths_terminal_codes(model_pt, tmp_path, 
     assert "no\\x1b]0;T\\x07dir: no such folder" in line
 
 
+def test_a_plan_file_named_as_the_pass_cache_is_refused_not_replaced(model_pt, tmp_path,
+                                                                    no_loading):
+    plan = tmp_path / ".out.qlis-pass1.json"
+    plan.write_text('{"a.weight": {"quantizer": {"id": "affine", "bits": 4}}}')
+    line = one_line_error("pack", model_pt, "-o", tmp_path / "out.qlis", "--plan", plan)
+    assert "is an input, and the name of the pass cache" in line
+    assert plan.read_text().startswith('{"a.weight"')
+
+
 def test_outputs_that_are_inputs_are_refused_even_with_force(model_pt, tmp_path, no_loading):
     before = model_pt.read_bytes()
     assert "must end in .png" in one_line_error("inspect", model_pt, "--plot", tmp_path / "x.jpg")

@@ -38,9 +38,13 @@ class PassCache:
     """First-pass results under keys (``"inspect"``, ``"rd"``), tied to a ``fingerprint`` of
     the input files and options; ``resume=False`` starts afresh (and overwrites)."""
 
+    @staticmethod
+    def path_for(output: str | os.PathLike) -> Path:
+        """Where the pass cache of an archive written to ``output`` lies."""
+        return hidden_beside(Path(output), "-pass1.json")
+
     def __init__(self, output: str | os.PathLike, fingerprint: str, resume: bool) -> None:
-        output = Path(output)
-        self.path = hidden_beside(output, "-pass1.json")
+        self.path = self.path_for(output)
         self.fingerprint = fingerprint
         self.used = False
         """Whether a `lookup` gave saved results (the pass they save was not measured)."""

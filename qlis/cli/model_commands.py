@@ -19,6 +19,7 @@ import torch
 
 import qlis
 from qlis.archive.atomic import atomic_path
+from qlis.archive.resume import PassCache
 from qlis.cli.choices import codec_names
 from qlis.cli.console import (
     PATH,
@@ -29,6 +30,7 @@ from qlis.cli.console import (
     errors_as_flags,
     escape,
     human_bytes,
+    same_file,
     strict_json,
     table,
 )
@@ -312,6 +314,10 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     inputs = [path, *weight_files(path),
               *(given for given in (plan_file, calib_file) if given is not None)]
     check_output(output, force, (".qlis",), inputs=inputs)
+    cache = PassCache.path_for(output)  # written and removed by the pack: never an input
+    if any(same_file(cache, given) for given in inputs):
+        raise InputError(f"{escape(str(cache))}: is an input, and the name of the pass cache "
+                         "the pack writes beside its output; rename it or the output")
     flags = {
         "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
         "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
