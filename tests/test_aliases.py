@@ -154,6 +154,23 @@ def test_crafted_aliases_are_refused(tmp_path, aliases, message):
         Archive(path)
 
 
+def test_the_decoded_bytes_limit_counts_each_alias_as_a_copy(tmp_path):
+    """An unpacked .safetensors copies every alias: many aliases of one stored tensor named
+    gigabytes of output in a few hundred bytes of header."""
+    path = qlis.save(qlis.compress(TiedLM()), tmp_path / "m.qlis")
+    with Archive(path) as archive:
+        stored = sum(archive.entry(n).decoded_bytes for n in archive.names()
+                     if n not in archive.aliases)
+        copy = archive.entry("embed.weight").numel * 4  # float32 values
+    header, data = split(path.read_bytes())
+    header["aliases"] = {f"copy{i}": "embed.weight" for i in range(40)}
+    path.write_bytes(build(header, data))
+    with pytest.raises(ArchiveError, match="once decoded, over the limit"):
+        Archive(path, max_decoded_bytes=stored + 39 * copy)
+    with Archive(path, max_decoded_bytes=stored + 40 * copy) as archive:
+        assert torch.equal(archive.read("copy39"), archive.read("embed.weight"))
+
+
 def test_a_version_2_file_has_no_aliases(tmp_path):
     header, data = split((FOLDER.parent / "format-v2-v4" / "aliases.qlis").read_bytes())
     assert header["version"] == ALIASES_VERSION  # what version 3 wrote: 64-byte records

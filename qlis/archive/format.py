@@ -759,14 +759,18 @@ def _validate_sections(header: dict, entries: _Entries, max_decoded_bytes: int |
     if header.get("tensors") is not _STREAMED:
         raise ArchiveError("corrupt header (no tensor list)")
     _check_overlaps(entries.entries.values(), entries.starts, entries.lengths)
-    total = entries.decoded_bytes
+    aliases = _check_aliases(header.get("aliases", {}), entries.entries)
+    # each alias is one more copy of its tensor's values wherever it cannot share them (an
+    # unpacked .safetensors): a few hundred bytes of aliases named gigabytes of output
+    total = entries.decoded_bytes + sum(
+        entries.entries[name].numel * element_size(entries.entries[name].dtype)
+        for name in aliases.values())
     if max_decoded_bytes is not None and total > max_decoded_bytes:
         raise ArchiveError(
             f"the tensors would take {_size(total)} once decoded, over the limit of "
             f"{_size(max_decoded_bytes)}; if you trust this file, raise the limit "
             "(max_decoded_bytes=)"
         )
-    aliases = _check_aliases(header.get("aliases", {}), entries.entries)
     return Header(entries.entries, writer, metadata, compression, distortion, summary, total,
                   aliases, version)
 
