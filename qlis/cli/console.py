@@ -285,10 +285,17 @@ def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),
     "unknown option(s) --bits for policy 'rd'; see 'qlis-iqa compress -h'"
     >>> as_flags("pass paper_cr= (qlis pack --paper-cr)", ["paper_cr"])
     'pass --paper-cr'
+    >>> as_flags('pass it as quantizer={"id": "kmeans"} instead of method=', ["quantizer"])
+    'pass it as --quantizer {"id": "kmeans"} instead of method='
     """
     head, listed, _ = message.partition("; known: ")
     message = head + (f"; {help_hint}" if listed and help_hint else "")
     message = re.sub(r" \(qlis pack [^)]*\)", "", message)
+    names = list(names)
+    keyword = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    if names:  # any name written as a keyword (quantizer=...) is its flag and a value
+        message = re.sub(keyword + r")=(?=\S)",
+                         lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
     words = [n for n in names if "_" in n or n in given]
     if not words:
         return message

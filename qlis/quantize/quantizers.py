@@ -229,7 +229,7 @@ class Quantizer(Strategy):
         if "bits" not in accepts:
             raise ConfigError(
                 f"quantizer {cls.strategy_id!r} has no 'bits' parameter: pass it as "
-                f"quantizer={{'id': {cls.strategy_id!r}, ...}} instead of method="
+                f'quantizer={{"id": "{cls.strategy_id}", ...}} instead of method='
             )
         config: dict[str, Any] = {"id": cls.strategy_id, "bits": bits}
         if "granularity" in accepts:
