@@ -112,6 +112,32 @@ def test_an_xlsx_row_that_stops_short_or_holds_a_boolean_is_named(tmp_path: Path
         load_agiqa1k(root)
 
 
+def test_an_xlsx_sheet_with_a_far_cell_on_each_row_reads_its_two_columns(tmp_path: Path):
+    root = _agiqa1k(tmp_path, with_xlsx=True)
+    book = openpyxl.load_workbook(root / "AIGC_MOS_Zscore.xlsx")
+    for row in range(1, book.active.max_row + 1):
+        book.active.cell(row=row, column=16384, value="far")  # column XFD
+    book.save(root / "AIGC_MOS_Zscore.xlsx")
+    ds = load_agiqa1k(root)
+    assert len(ds.samples) == 6 and ds.samples[1].mos == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize("with_xlsx", [True, False])
+def test_a_score_column_twice_in_the_header_is_refused(tmp_path: Path, with_xlsx: bool):
+    root = _agiqa1k(tmp_path, with_xlsx)
+    if with_xlsx:
+        book = openpyxl.load_workbook(root / "AIGC_MOS_Zscore.xlsx")
+        book.active.cell(row=1, column=2, value="MOS")
+        book.save(root / "AIGC_MOS_Zscore.xlsx")
+    else:
+        text = (root / "AIGC_all.csv").read_text().splitlines()
+        text = ["Image,Score,Score"] + [line + ",9" for line in text[1:]]
+        (root / "AIGC_all.csv").write_text("\n".join(text) + "\n")
+    column = "MOS" if with_xlsx else "Score"
+    with pytest.raises(IQAError, match=f"column {column} appears 2 times in the header"):
+        load_agiqa1k(root)
+
+
 def test_agiqa1k_scores_only_is_a_clear_error(tmp_path: Path) -> None:
     root = _agiqa1k(tmp_path, with_xlsx=False)
     for p in (root / "file").iterdir():

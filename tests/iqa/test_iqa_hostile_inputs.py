@@ -94,6 +94,13 @@ def test_annotation_files_are_read_bounded(tmp_path: Path, monkeypatch) -> None:
     within_5_s(read, root / "data.csv")
 
 
+@pytest.mark.parametrize("score", ["1e39", "-1e300", "1000000001"])
+def test_scores_past_any_rating_scale_are_refused(tmp_path: Path, score: str) -> None:
+    root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", score)])
+    with pytest.raises(IQAError, match=rf"row 4: score '{score}' is past any rating scale"):
+        load_agiqa3k(root)
+
+
 @pytest.mark.parametrize("score", ["nan", "inf", "-Infinity"])
 def test_scores_must_be_finite(tmp_path: Path, score: str) -> None:
     root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", score)])

@@ -75,6 +75,35 @@ def test_a_backbone_folder_with_non_finite_weights_is_refused_not_trained_on(
     assert "hold NaN or infinite values" in line and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("family", ["clip", "dino"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_backbone_folder_storing_weights_as_integers_is_refused(
+    backbones: dict[str, Path], tmp_path: Path, family: str, dtype: torch.dtype
+) -> None:
+    """from_pretrained cast them back to floats: every image got one score, exit 0."""
+    folder = shutil.copytree(backbones[family], tmp_path / "w")
+    weights = load_file(folder / "model.safetensors")
+    name = next(n for n, t in weights.items() if t.is_floating_point() and t.ndim == 2)
+    weights[name] = weights[name].to(dtype)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(IQAError, match=f"tensor '{name}' is stored as integers or booleans"):
+        load_backbone(family, folder)
+
+
+@pytest.mark.parametrize("family", ["clip", "dino"])
+def test_a_backbone_config_of_fewer_layers_than_its_weights_is_refused(
+    backbones: dict[str, Path], tmp_path: Path, family: str
+) -> None:
+    """The extra layers' tensors were dropped: a shortened model, trained and saved."""
+    folder = shutil.copytree(backbones[family], tmp_path / "w")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] >= 2
+    config["num_hidden_layers"] -= 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IQAError, match="hold more layers than its config.json"):
+        load_backbone(family, folder)
+
+
 def test_stored_preprocessing_std_is_bounded_below() -> None:
     text = json.dumps({"size": 28, "mode": "square", "resample": "bilinear",
                        "mean": [0, 0, 0], "std": [1e-300, 1, 1]})

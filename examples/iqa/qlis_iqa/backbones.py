@@ -10,6 +10,7 @@ machine. Random-initialised backbones (tests, benchmarks without weights) carry 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -19,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
+from qlis.errors import QlisError
+from qlis.models.checkpoints import load_state_dict
+from qlis.models.tensors import tensor_layout
 from qlis_iqa.errors import IQAError, WeightsNotFoundError
 from qlis_iqa.families import RANDOM_INIT_FLAG, RANDOM_LABEL, Family, get_family
 from qlis_iqa.schema import MAX_CONFIG_CHARS, MAX_PARAMETERS, parse_config
@@ -222,9 +226,50 @@ def _from_pretrained(fam: Family, source: str, cache_dir: Path | None) -> PreTra
             f"the weights in {source} do not fit the {fam.title} backbone: {len(missing)} "
             f"tensors missing (first: {', '.join(missing[:3])}); is this a {fam.name} model?"
         )
+    extra = _layers_past_the_config(model, info.get("unexpected_keys", ()))
+    if extra:
+        raise IQAError(
+            f"the weights in {source} hold more layers than its config.json ({len(extra)} "
+            f"tensors left unused, first: {extra[0]}); correct the config's layer count")
+    integer = _integer_weight(source, model)
+    if integer is not None:
+        raise IQAError(f"the weights in {source}: tensor {integer!r} is stored as integers or "
+                       "booleans where the backbone holds floating-point values")
     model = model.float().eval()  # weights stored in half precision run on float32 inputs
     check_finite(model, f"the weights in {source}")
     return model
+
+
+_NUMBERED = re.compile(r"^((?:.*\.)?layers?)\.\d+\.")
+"""A tensor of a numbered block: its container's name (``encoder.layers``, ``layer``)."""
+
+
+def _layers_past_the_config(model: PreTrainedModel, unexpected: Any) -> list[str]:
+    """The unused tensors of numbered blocks of a container the model has: a config of fewer
+    layers than the weights loaded a shortened model, the rest dropped (another tower's
+    tensors, a full CLIP's text model, are unused and harmless)."""
+    containers = {m.group(1) for name in model.state_dict() if (m := _NUMBERED.match(name))}
+    return sorted(name for name in unexpected
+                  if (m := _NUMBERED.match(name)) and m.group(1) in containers)
+
+
+def _integer_weight(source: str, model: PreTrainedModel) -> str | None:
+    """A tensor a local weights folder stores as integers or booleans where the model holds
+    floats (from_pretrained casts it: every image then got one score), or None. Compared by
+    the names' last part (``weight``, ``cls_token``): transformers renames the rest on load
+    (a ViT's ``encoder.layer.0.attention.attention.key`` is its ``layers.0.attention.k_proj``),
+    and integer buffers (``position_ids``) end otherwise."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    floating = {name.rpartition(".")[2] for name, t in model.state_dict().items()
+                if t.is_floating_point()}
+    try:
+        layout = tensor_layout(load_state_dict(folder))
+    except QlisError:  # what from_pretrained read, qlis' reader cannot: nothing to compare
+        return None
+    return next((name for name, t in layout.items() if not t.is_floating_point()
+                 and name.rpartition(".")[2] in floating), None)
 
 
 def load_backbone(

@@ -139,6 +139,10 @@ def _check_columns(path: Path, header: list[str], needed: tuple[str, ...]) -> No
             f"{path}: expected column(s) {', '.join(needed)}, missing {', '.join(absent)} "
             f"(found: {escape(', '.join(map(str, header)))})"
         )
+    repeated = [c for c in needed if header.count(c) > 1]
+    if repeated:  # which copy is meant? (a CSV reader takes the last, a sheet the first)
+        raise IQAError(f"{path}: column {escape(repeated[0])} appears "
+                       f"{header.count(repeated[0])} times in the header; keep one")
 
 
 _DECIMAL = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
@@ -146,6 +150,11 @@ _DECIMAL = re.compile(r"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9
 """A score as text: ASCII digits, a point and an exponent, or a word for a non-finite
 number (refused as such); Python's float() also reads "4_5" as 45, and other scripts'
 digits."""
+
+
+MAX_SCORE = 1e9
+"""The largest score's size: float32 training squares the scores' errors (1e20 overflows
+it, and larger scores passed the check only to end in "training diverged")."""
 
 
 def _score(path: Path, line: int, value: object) -> float:
@@ -163,6 +172,9 @@ def _score(path: Path, line: int, value: object) -> float:
         raise IQAError(f"{path}, row {line}: score {value!r} is not a number") from None
     if not math.isfinite(score):
         raise IQAError(f"{path}, row {line}: score {value!r} is not a finite number")
+    if abs(score) > MAX_SCORE:
+        raise IQAError(f"{path}, row {line}: score {value!r} is past any rating scale (at "
+                       f"most {MAX_SCORE:g} in size: training computes in float32)")
     return score
 
 
@@ -227,22 +239,29 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
                        f"{human_bytes(MAX_XLSX_UNPACKED_BYTES)} accepted for an annotation sheet")
     try:  # read-only openpyxl parses the sheet as it is iterated: its errors come here too
         book = openpyxl.load_workbook(io.BytesIO(packed), read_only=True, data_only=True)
-        rows = list(book.worksheets[0].iter_rows(values_only=True))
+        sheet = book.worksheets[0]
+        first = next(sheet.iter_rows(max_row=1, values_only=True), None)
+        if first is None:
+            raise IQAError(f"{path}: the sheet is empty")
+        header = [str(c).strip() if c is not None else "" for c in first]
+        _check_columns(path, header, (name_col, score_col))
+        i_name, i_score = header.index(name_col), header.index(score_col)
+        # only the columns read: each row is otherwise padded to the sheet's widest (16,384
+        # cells for a cell in column XFD: an 81 KB sheet of 16,000 rows took 2.4 GB)
+        rows = list(sheet.iter_rows(min_row=2, max_col=max(i_name, i_score) + 1,
+                                    values_only=True))
         book.close()
+    except IQAError:
+        raise
     except Exception as exc:  # openpyxl raises many types for a bad file
         raise IQAError(f"{path}: not a readable .xlsx file ({exc})") from None
-    if not rows:
-        raise IQAError(f"{path}: the sheet is empty")
-    header = [str(c).strip() if c is not None else "" for c in rows[0]]
-    _check_columns(path, header, (name_col, score_col))
-    i_name, i_score = header.index(name_col), header.index(score_col)
 
     def cell(row: tuple, index: int) -> object:  # a sheet's rows may stop short
         return row[index] if index < len(row) else None
 
     return [
         _row(path, line, str(name).strip(), cell(r, i_score))
-        for line, r in enumerate(rows[1:], start=2)
+        for line, r in enumerate(rows, start=2)
         if (name := cell(r, i_name)) is not None and str(name).strip()
     ]
 
