@@ -93,6 +93,16 @@ def _create_temporary(path: Path) -> Path:
     raise InputError(f"{path.parent}: cannot create a temporary file")
 
 
+def new_file_mode(folder: Path) -> int:
+    """The permissions a new file gets in ``folder`` (0666 less the umask), learnt from one
+    made and removed: reading the umask means setting it, for every thread at once."""
+    probe = _create_temporary(folder / "mode")
+    try:
+        return probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+
+
 def keep_mode(tmp: Path, path: Path) -> None:
     """Give ``tmp`` the permissions of the file ``path`` it is to replace, if there is one:
     the read and write bits, not setuid/setgid/sticky (the tensors we write run nothing)."""

@@ -4,6 +4,8 @@ transformers is imported), no output replaced without --force, no missing folder
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +186,17 @@ def test_compress_errors_raised_while_packing_name_the_flags(tmp_path) -> None:
     line = refused("compress", model, "-o", tmp_path / "x.qlis", "--policy", "quant",
                    "--bits", "2", "--paper-cr", "1000")
     assert "--paper-cr 1000.0 is out of reach for policy 'quant'" in line, line
+
+
+def test_a_backbone_folders_files_follow_the_umask(tmp_path):
+    """safetensors writes its weights file 0600: the folder was half private."""
+    old = os.umask(0o022)
+    try:
+        assert invoke("make-backbone", "--family", "clip", "-o", tmp_path / "bb").exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "bb").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}
 
 
 def test_a_backbone_that_cannot_be_written_leaves_the_folder_as_it_was(tmp_path, monkeypatch):

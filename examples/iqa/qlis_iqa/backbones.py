@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
+from qlis.archive.atomic import new_file_mode
 from qlis.errors import QlisError
 from qlis.models.checkpoints import load_state_dict
 from qlis.models.tensors import tensor_layout
@@ -97,8 +98,10 @@ def save_random_backbone(
         with tempfile.TemporaryDirectory(dir=out if out.is_dir() else out.parent,
                                          prefix=f".{out.name}.") as tmp:
             model.save_pretrained(tmp)
+            mode = new_file_mode(Path(tmp))  # safetensors writes its file 0600
             out.mkdir(exist_ok=True)
             for file in sorted(Path(tmp).iterdir()):
+                os.chmod(file, mode)
                 os.replace(file, out / file.name)
     except (OSError, SafetensorError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
