@@ -357,6 +357,23 @@ def test_sweep_says_why_a_row_has_no_correlation_and_logs_quality_warnings(
                for m in messages), messages
 
 
+def test_an_archive_over_its_size_target_is_a_log_line_not_a_python_warning(
+    runs: dict, tmp_path: Path
+) -> None:
+    """qlis.save warns of a size target the archive missed (the model's metadata, which the
+    plan does not count, on a tiny model); the sweep printed it as Python's warning."""
+    import warnings
+
+    run = runs["clip"]
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qlis.QualityWarning)  # none may escape
+        run_sweep(run.model, _test_samples(run), tmp_path / "sweep", rd_variants([8]),
+                  FeatureCache(run.checkpoint.parent / "cache"), log=messages.append)
+    assert any(m.startswith("rd [8x]: warning: the archive is ") and "over the size target"
+               in m for m in messages), messages
+
+
 def test_constant_output_flags_a_compression_that_scores_every_image_alike(
     runs: dict, tmp_path: Path
 ) -> None:
