@@ -223,6 +223,29 @@ def test_score_folder_lists_bad_images(runs: dict, tmp_path: Path, sample_root: 
         list_images(tmp_path / "absent")
 
 
+def test_an_image_memory_is_short_for_is_listed_unreadable_and_the_rest_scored(
+    runs: dict, tmp_path: Path, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError while decoding one large image was a traceback that ended the folder."""
+    from qlis_iqa import features
+
+    folder = shutil.copytree(sample_root / "images", tmp_path / "imgs")
+    huge = sorted(folder.iterdir())[0]
+    real = features.read_image
+
+    def short_of_memory(path):
+        if Path(path).name == huge.name:
+            raise MemoryError
+        return real(path)
+
+    monkeypatch.setattr(features, "read_image", short_of_memory)
+    archive = pack(runs["dino"].model, tmp_path / "m.qlis", "lapq").path
+    scores, _ = score_folder(folder, archive, tmp_path / "scores.csv", batch_size=4)
+    assert len(scores.scores) == 11
+    assert list(scores.errors.values()) == [
+        f"{huge}: unreadable (not enough memory to decode it)"]
+
+
 def test_pack_checks_its_target_before_compressing(
     runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

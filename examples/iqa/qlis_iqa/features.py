@@ -130,12 +130,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
             image = read_image(self.paths[i])
-        except ImageReadError as exc:
-            return i, None, str(exc)
-        try:
             return i, self.preprocess(image), ""
         except ImageReadError as exc:  # e.g. an aspect ratio the resize would blow up on
-            return i, None, f"{self.paths[i]}: {exc}"
+            text = str(exc)
+            return i, None, text if text.startswith(str(self.paths[i])) else (
+                f"{self.paths[i]}: {text}")
+        except MemoryError:  # a large image where memory is short: the others may fit
+            return i, None, f"{self.paths[i]}: unreadable (not enough memory to decode it)"
 
 
 def collate_images(
