@@ -225,9 +225,23 @@ def test_fifos_devices_and_dangling_links_are_unreadable_images(
         1: f"{paths[1]}: unreadable (an empty file)",
         2: f"{paths[2]}: unreadable (not a regular file)",
         3: f"{paths[3]}: missing",
-        4: f"{paths[4]}: unreadable (not an image format PIL knows)",
+        4: f"{paths[4]}: unreadable (not a JPEG, PNG, BMP, WebP, TIFF or GIF image)",
         5: f"{paths[5]}: unreadable (not a regular file)",
     }
+
+
+def test_an_icon_under_an_image_suffix_is_never_decoded(
+    tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """PIL decodes an ICO's largest picture as it opens it, before its size can be checked:
+    one of 13300 x 13300 in a 688 KB file took 1.2 GB."""
+    from PIL import Image
+
+    icon = tmp_path / "icon.png"
+    Image.new("RGB", (64, 64), "red").save(icon, format="ICO")
+    scores = score_images(tiny_model, [icon])
+    assert scores.errors == {
+        0: f"{icon}: unreadable (not a JPEG, PNG, BMP, WebP, TIFF or GIF image)"}
 
 
 def test_a_sub_folder_that_cannot_be_listed_is_an_unreadable_entry_not_left_out(
