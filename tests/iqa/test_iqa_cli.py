@@ -171,6 +171,14 @@ def test_usage_errors_exit_2() -> None:
     assert code == 2 and "resnet" in err
 
 
+@pytest.mark.parametrize("policy", ["plan", "levels"])
+def test_compress_offers_no_policy_its_flags_cannot_configure(policy: str, tmp_path) -> None:
+    """--policy plan wrote the model uncompressed, exit 0."""
+    code, _, err = invoke("compress", tmp_path / "m.safetensors", "-o", tmp_path / "m.qlis",
+                          "--policy", policy)
+    assert code == 2 and f"'{policy}' is not one of" in err
+
+
 def test_a_failed_sweep_leaves_no_folder_to_block_its_rerun(
     runs: dict, tmp_path: Path, sample_root: Path
 ) -> None:
@@ -185,3 +193,16 @@ def test_a_failed_sweep_leaves_no_folder_to_block_its_rerun(
     code, _, _ = invoke("sweep", runs["dino"].checkpoint, "-o", out, "--only", "Baseline",
                         "--root", sample_root)
     assert code == 0 and (out / "sweep.md").is_file()
+
+
+def test_a_sweep_whose_every_row_is_skipped_writes_no_empty_table(
+    runs: dict, tmp_path: Path, sample_root: Path
+) -> None:
+    out = tmp_path / "sweep"
+    code, stdout, err = invoke("sweep", runs["dino"].checkpoint, "-o", out, "--only",
+                               "LAPQ [budget 1000x]", "--paper-cr", "1000", "--root",
+                               sample_root)
+    assert code == 2 and "LAPQ [budget 1000x]: skipped (" in stdout
+    assert err.strip() == ("qlis-iqa: error: every row of the sweep was skipped (the lines "
+                           "above say why): no table is written")
+    assert not out.exists()

@@ -40,6 +40,9 @@ from qlis_iqa.created_paths import RUN_FILES, SWEEP_FILES, removed_on_failure, t
 from qlis_iqa.data import dataset_paths
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+COMPRESS_POLICIES = [name for name in policy_names() if name not in ("plan", "levels")]
+"""What compress's flags configure: "plan" (a plan file) and "levels" (its bits/k levels) take
+options it has no flags for, and without them store the model as it is."""
 FAMILY = click.Choice(["clip", "dino"])
 DATASET = click.Choice(["agiqa-3k", "agiqa-1k"])
 MAX_WORKERS = 64  # each worker is a process holding a model's preprocessing: more only thrash
@@ -459,7 +462,7 @@ def evaluate(
 @cli.command()
 @click.argument("model", type=TEXT_PATH)
 @output_option("The .qlis archive to write.")
-@click.option("--policy", type=click.Choice(policy_names()), default="rd", show_default=True,
+@click.option("--policy", type=click.Choice(COMPRESS_POLICIES), default="rd", show_default=True,
               help="rd: rate–distortion, calibrated on training images; lapq etc.: the paper's.")
 @beta_option
 @click.option("--k", type=FiniteFloatRange(min=0), help="Pruning level (policy prune).")
@@ -719,6 +722,9 @@ def sweep(
             refit=refit,
             log=click.echo,
         )
+        if not rows:
+            raise InputError("every row of the sweep was skipped (the lines above say why): "
+                             "no table is written")
         title = f"{iqa.family.upper()}IQA on {es.dataset.name}, Table 1 sweep [{iqa.label}]"
         files = write_outputs(rows, output, title, logistic)
     click.echo("wrote " + ", ".join(escape(str(p)) for p in files.values()))
