@@ -154,8 +154,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     deep = mode in ("I", "F") or mode.startswith("I;16")
     if not deep and ({"A", "a"} & set(image.getbands()) or "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
+        onto = Image.new("RGB", rgba.size, WHITE[:3])  # pasted through alpha: the pixels of
+        onto.paste(rgba, mask=rgba.getchannel("A"))  # alpha_composite, in 2 copies fewer
+        return onto
     if mode.startswith("I;16"):
         top = _INT16_MAX
     elif mode not in ("I", "F"):
