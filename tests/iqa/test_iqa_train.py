@@ -12,6 +12,7 @@ import pytest
 import torch
 from iqa_helpers import make_agiqa3k
 
+from qlis.errors import QlisError
 from qlis_iqa.backbones import RANDOM_LABEL, random_backbone
 from qlis_iqa.data import Split
 from qlis_iqa.errors import IQAError
@@ -181,3 +182,25 @@ def test_undefined_test_metrics_are_written_as_strict_json(
     assert "same MOS" in summary["test_undefined"]
     _, meta = load_model(run.checkpoint)
     assert strict(meta["qlis_iqa.test_metrics"])["srcc"] is None
+
+
+def test_a_moved_run_finds_its_split_beside_its_model(runs: dict, tmp_path: Path) -> None:
+    """The split file's recorded path is absolute: a moved run folder could not evaluate."""
+    import shutil
+
+    from qlis_iqa.evaluate import recorded_split
+    from qlis_iqa.models import KEY
+
+    run = runs["dino"]
+    moved = shutil.copytree(run.checkpoint.parent, tmp_path / "moved")
+    meta = {**load_model(run.checkpoint)[1],
+            KEY + "split_file": str(tmp_path / "gone" / "split.json")}
+    _, split, path = recorded_split(meta, model_file=moved / run.checkpoint.name)
+    assert path == moved / "split.json" and split.digest() == meta[KEY + "split_sha256"]
+    text = json.loads(path.read_text())
+    text["test"] = text["test"][:-1]
+    path.write_text(json.dumps(text))
+    with pytest.raises(IQAError, match="changed since the model was trained"):
+        recorded_split(meta, model_file=moved / run.checkpoint.name)
+    with pytest.raises(QlisError, match="split.json: no such file"):
+        recorded_split(meta)  # without the model's place: the recorded path alone

@@ -441,7 +441,7 @@ def evaluate(
     from qlis_iqa.models import load_model
 
     iqa, meta = load_model(path, runtime, precision)
-    es = eval_set_for(meta, root, split_file, dataset)
+    es = eval_set_for(meta, root, split_file, dataset, path)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
     cache_dir = _feature_cache(cache_dir, path, images)
     _refuse_inputs([p for p in (output, cache_dir) if p is not None], inputs, [images])
@@ -530,7 +530,7 @@ def compress(
     iqa, meta = load_model(path)
     calib = samples = None
     if calibrated or refit_head:
-        samples = _training_samples(meta, root, split_file, dataset, [output])
+        samples = _training_samples(meta, root, split_file, dataset, [output], path)
     if calibrated:
         calib = calibration(iqa, samples, calib_images)
     keep = {key: v for key, v in meta.items() if key.startswith("qlis_iqa.")}
@@ -572,13 +572,13 @@ def _as_flags(names: Iterable[str], given: Collection[str]) -> AbstractContextMa
                            "policy")
 
 
-def _training_samples(meta, root, split_file, dataset, written: list[Path]):
-    """The training-split images of the data set a model was trained on (for calibration);
-    the ``written`` files must not lie among its images."""
+def _training_samples(meta, root, split_file, dataset, written: list[Path], model_file: Path):
+    """The training-split images of the data set the model in ``model_file`` was trained on
+    (for calibration); the ``written`` files must not lie among its images."""
     from qlis_iqa.data import split_samples
     from qlis_iqa.evaluate import recorded_split
 
-    ds, split, split_path = recorded_split(meta, root, split_file, dataset)
+    ds, split, split_path = recorded_split(meta, root, split_file, dataset, model_file)
     inputs, images = _dataset_inputs(ds.name, ds.root, split_path)
     _refuse_inputs(written, inputs, [images])
     samples = split_samples(ds, split.train)[0]
@@ -689,7 +689,7 @@ def sweep(
         raise QlisError("--refit-head refits the head of the rd rows, and none is selected "
                         "(--rd-ratio, --rd-srcc-drop, --only)")
     iqa, meta = load_model(path)
-    es = eval_set_for(meta, root, split_file, dataset)
+    es = eval_set_for(meta, root, split_file, dataset, path)
     inputs, images = _dataset_inputs(es.dataset.name, es.dataset.root, es.split_file)
     written = [output, *output_files(output, variants, archives, refit_head)]
     cache_dir = _feature_cache(cache_dir, path, images)

@@ -160,13 +160,20 @@ def recorded_split(
     root: str | Path | None = None,
     split_path: str | Path | None = None,
     dataset: str | None = None,
+    model_file: str | Path | None = None,
 ) -> tuple[IQADataset, Split, Path]:
     """The data set and split a checkpoint/archive was trained with, and the split's file;
-    arguments override what it recorded."""
+    arguments override what it recorded. A recorded split file that is gone is looked for
+    beside ``model_file`` under its name (a run folder moved or copied elsewhere): its digest
+    must then be the recorded one."""
     split_given = split_path is not None
     dataset = dataset or metadata.get(KEY + "dataset")
     root = root or metadata.get(KEY + "dataset_root")
     split_path = split_path or metadata.get(KEY + "split_file")
+    if not split_given and split_path and model_file is not None and not Path(split_path).exists():
+        moved = Path(model_file).parent / Path(split_path).name
+        if moved.is_file():
+            split_path = moved
     if not dataset or not root or not split_path:
         raise IQAError(
             "this model does not record its dataset/split; pass --dataset, --root and --split"
@@ -185,9 +192,10 @@ def eval_set_for(
     root: str | Path | None = None,
     split_path: str | Path | None = None,
     dataset: str | None = None,
+    model_file: str | Path | None = None,
 ) -> EvalSet:
     """The test split a checkpoint/archive was trained with (see `recorded_split`)."""
-    ds, split, split_file = recorded_split(metadata, root, split_path, dataset)
+    ds, split, split_file = recorded_split(metadata, root, split_path, dataset, model_file)
     samples, absent = split_samples(ds, split.test)
     if not samples:
         raise IQAError(f"none of the {len(split.test)} test images of {split_file} is in "
