@@ -33,7 +33,7 @@ def _sheet(cell: str) -> bytes:
     import openpyxl
 
     book = openpyxl.Workbook()
-    book.active.append(["name", "mos_quality"])
+    book.active.append(["Image", "MOS"])  # AGIQA-1K's columns
     book.active.append(["a.jpg", 1.5])
     packed = io.BytesIO()
     book.save(packed)

@@ -242,10 +242,10 @@ def test_an_evaluation_that_fails_keeps_the_file_it_would_replace(tmp_path: Path
 
 def test_a_failed_run_leaves_nothing_it_made(tmp_path: Path, backbones: dict) -> None:
     root = make_agiqa3k(tmp_path / "d", 6)
-    scores = [[n, "1e30"] for n in sorted(p.name for p in (root / "images").iterdir())]
+    scores = [[n, "1e9"] for n in sorted(p.name for p in (root / "images").iterdir())]
     with (root / "data.csv").open("w", newline="") as f:
         csv.writer(f).writerows([["name", "mos_quality"], *scores])
-    config = TrainConfig(epochs=1, batch_size=2)
+    config = TrainConfig(epochs=1, batch_size=2, lr=1e30)  # scores of 1e9: a NaN model
     with pytest.raises(IQAError, match="training diverged"):
         train_run("clip", "agiqa-3k", root, tmp_path / "run", backbones["clip"], config=config,
                   test_fraction=0.5, log=lambda m: None)
