@@ -42,6 +42,7 @@ from qlis.archive.codecs.ans import (
     frequency_table,
 )
 from qlis.archive.codecs.huffman import _package_merge, canonical_codes, code_lengths
+from qlis.archive.codecs.sparse import sparse_bytes
 from qlis.errors import ArchiveError, ConfigError
 
 ALL_IDS = {"ans", "auto", "bitpack", "huffman", "raw", "sparse"}
@@ -458,6 +459,20 @@ def test_ans_reciprocals_divide_exactly() -> None:
         for x in states:
             q = ((x * reciprocal) >> 64) >> shift
             assert x + bias + q * complement == (x // f << scale) + x % f + start
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 3000), share=st.floats(0, 1), seed=st.integers(0, 2**32 - 1),
+       width=st.sampled_from([np.uint8, np.uint16, np.uint32]))
+def test_sparse_bytes_is_the_length_the_writer_stores_without_encoding(size, share, seed,
+                                                                        width) -> None:
+    rng = np.random.default_rng(seed)
+    patterns = np.where(rng.random(size) < share, rng.integers(1, 200, size), 0).astype(width)
+    predicted = sparse_bytes(patterns)
+    encoded = len(Sparse().encode(patterns)) if size else None
+    sparse_taken = bool(size) and np.count_nonzero(patterns) < 0.9 * size and (
+        encoded < patterns.nbytes)
+    assert predicted == (encoded if sparse_taken else None)
 
 
 def test_sparse_keeps_bit_patterns_and_picks_the_smaller_position_coding() -> None:

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import qlis
 import qlis.registry
 from qlis import ConfigError, FractionPruner, Pruner, SigmaPruner, get_pruner, register_pruner
 from qlis.quantize.pruners import pruner_registry
@@ -173,3 +174,15 @@ def test_entry_point_does_not_replace_a_registered_name(clean_registry, monkeypa
     )
     assert "sigma" in clean_registry.names()
     assert isinstance(get_pruner("sigma"), SigmaPruner)
+
+
+@pytest.mark.parametrize("policy, options", [("prune", {"k": 1.0}), ("lap", {})])
+def test_a_pruned_layer_kept_in_float_is_estimated_as_the_sparse_record_it_is(
+        tmp_path, policy, options):
+    """Counted raw, pruned layers were estimated over the original model's size."""
+    torch.manual_seed(0)
+    state = {f"l{i}.weight": torch.randn(128, 128) for i in range(3)}
+    result = qlis.compress(state, policy, **options)
+    path = qlis.save(result, tmp_path / "m.qlis")
+    assert result.estimated_bytes < result.original_bytes
+    assert abs(path.stat().st_size / result.estimated_bytes - 1) < 0.02

@@ -26,7 +26,7 @@ from qlis.archive.atomic import new_temporary, publish
 from qlis.archive.codecs import BitPack, Codec, Raw, get_codec
 from qlis.archive.codecs.ans import in_row_classes
 from qlis.archive.codecs.auto import Auto
-from qlis.archive.codecs.sparse import Sparse
+from qlis.archive.codecs.sparse import Sparse, sparse_bytes
 from qlis.archive.format import (
     COMPACT_VERSION,
     DEFAULT_MAX_DECODED_BYTES,
@@ -150,10 +150,8 @@ def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
     patterns = bit_patterns(tensor).reshape(-1)
-    if try_sparse and patterns.size and np.count_nonzero(patterns) < 0.9 * patterns.size:
-        sparse = Sparse().encode(patterns)
-        if len(sparse) < patterns.nbytes:
-            return Sparse(), sparse
+    if try_sparse and sparse_bytes(patterns) is not None:
+        return Sparse(), Sparse().encode(patterns)
     return Raw(), memoryview(patterns).cast("B").toreadonly()  # raw stream, no copy
 
 

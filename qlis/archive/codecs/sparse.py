@@ -97,6 +97,27 @@ def _scatter_bitmask(mask: np.ndarray, values: np.ndarray, out: np.ndarray) -> b
     return j == values.size
 
 
+def _varint_bytes(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
+
+
+SPARSE_SHARE = 0.9
+"""A plain tensor is tried as ``sparse`` only below this share of non-zero patterns."""
+
+
+def sparse_bytes(patterns: np.ndarray) -> int | None:
+    """The length of `Sparse.encode`'s stream for the unsigned bit ``patterns`` (1-D), when a
+    writer of plain tensors takes it over the raw bytes (fewer than `SPARSE_SHARE` of them
+    non-zero, and smaller), else None; without making the stream."""
+    nonzero = int(np.count_nonzero(patterns))
+    if not patterns.size or nonzero >= SPARSE_SHARE * patterns.size:
+        return None
+    positions = min(int(_gap_varint_bytes(np.flatnonzero(patterns))), (patterns.size + 7) // 8)
+    size = (2 + _varint_bytes(patterns.size) + _varint_bytes(nonzero) + positions
+            + nonzero * patterns.dtype.itemsize)
+    return size if size < patterns.nbytes else None
+
+
 @register_codec
 class Sparse(Codec):
     """Non-zero positions (a bitmask or delta-coded indices, whichever is smaller) and the
