@@ -197,6 +197,14 @@ def test_centred_scores_and_vector_outputs_need_no_such_warning():
 
     result = qlis.compress(_scorer(3.5), "quant", bits=4, calib=centred)
     assert not [w for w in result.warnings if "score" in w]
+    # scores about zero, each batch's mean off by its sampling noise; the last batch of one
+    uneven = [*batches, torch.randn(1, 16)]
+    result = qlis.compress(_scorer(0.0), "quant", bits=4, calib=uneven)
+    assert not [w for w in result.warnings if "score" in w or "one output value" in w]
+    torch.manual_seed(0)
+    unbatched = torch.nn.Linear(16, 8).eval()  # one example's features: a vector
+    result = qlis.compress(unbatched, "quant", bits=4, calib=[b[0] for b in batches])
+    assert not [w for w in result.warnings if "score" in w or "one output value" in w]
     torch.manual_seed(0)
     vectors = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
     result = qlis.compress(vectors, "quant", bits=4, calib=batches)

@@ -247,10 +247,20 @@ def test_a_float64_layer_past_float32s_range_has_its_sigma_and_is_pruned_by_it()
     assert torch.equal(pruned == 0, plain == 0)  # the same weights, not all of them
 
 
-@pytest.mark.parametrize("scale", [1e300, -1e300, 1e-300])
+@pytest.mark.parametrize("scale", [1e300, -1e300, 1e-300, 1.7e308 / 5])
 def test_sigma_of_finite_float64_weights_whose_squares_overflow_or_underflow(scale):
     torch.manual_seed(0)
     weight = torch.randn(64, 64, dtype=torch.float64)
     expected = float(weight.std(correction=0)) * abs(scale)
     assert qlis.inspect({"w.weight": weight * scale}).layers[0].sigma == pytest.approx(
         expected, rel=1e-12)
+
+
+def test_sigma_of_float64_weights_at_the_top_of_their_range():
+    """2^1023 and more: the scale itself overflowed; +-1.7e308 summed to nan."""
+    top = torch.tensor([[1e308, 1e308], [1e308, 1e308]], dtype=torch.float64)
+    assert qlis.inspect({"w.weight": top}).layers[0].sigma == 0.0
+    both = torch.tensor([[1.7e308, -1.7e308], [1.0, 0.0]], dtype=torch.float64)
+    sigma = qlis.inspect({"w.weight": both}).layers[0].sigma
+    scale = math.ldexp(1.0, 1000)
+    assert sigma == pytest.approx(float((both / scale).std(correction=0)) * scale, rel=1e-12)

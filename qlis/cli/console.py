@@ -287,6 +287,8 @@ def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),
     'pass --paper-cr'
     >>> as_flags('pass it as quantizer={"id": "kmeans"} instead of method=', ["quantizer"])
     'pass it as --quantizer {"id": "kmeans"} instead of method='
+    >>> as_flags("give either k= (sigma pruning) or pruner=, not both", ["k", "pruner"], ["k"])
+    'give either --k (sigma pruning) or pruner=, not both'
     """
     head, listed, _ = message.partition("; known: ")
     message = head + (f"; {help_hint}" if listed and help_hint else "")
@@ -294,7 +296,7 @@ def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),
     names = list(names)
     keyword = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
     if names:  # any name written as a keyword (quantizer=...) is its flag and a value
-        message = re.sub(keyword + r")=(?=\S)",
+        message = re.sub(keyword + r")=(?=[\w{\[\"'+-])",
                          lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
     words = [n for n in names if "_" in n or n in given]
     if not words:

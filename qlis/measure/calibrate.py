@@ -480,19 +480,24 @@ def _vectors(output: torch.Tensor, detach: bool = True, widen: bool = True) -> t
     return out.reshape(1, -1)
 
 
-def _score_count(output: torch.Tensor) -> int | None:
+def _score_count(output: torch.Tensor, batch: object) -> int | None:
     """How many examples an output of one value per example, (n,) or (n, 1), scores; None
-    for any other output (what `_vectors` compares as one un-centred vector per batch)."""
-    if output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1):
-        return output.shape[0]
-    return None
+    for any other output (what `_vectors` compares as one un-centred vector per batch), and
+    where ``batch`` (None: a callable's, unknown) is no batch of those n examples: the
+    features of one unbatched example are a vector, not scores."""
+    if not (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)):
+        return None
+    inputs = [] if batch is None else _batch_tensors(batch)
+    if inputs and (inputs[0].ndim < 2 or inputs[0].shape[0] != output.shape[0]):
+        return None
+    return output.shape[0]
 
 
 def _offset_dominated(scores: torch.Tensor) -> bool:
-    """Whether a vector of scores lies far from zero against its spread (a mean past a tenth
-    of the standard deviation), so that its cosine is more the offset's than the scores'."""
-    values = scores.double().reshape(-1)
-    return bool(values.mean().abs() > 0.1 * values.std(correction=0))
+    """Whether the scores lie farther from zero than they spread (their mean past their
+    standard deviation), so that their cosine is more the offset's than the scores'."""
+    values = scores.double()
+    return bool(values.mean().abs() > values.std(correction=0))
 
 
 class Calibration:
@@ -566,7 +571,7 @@ class Calibration:
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.scores_per_batch: int | None = None
         """Where every calibration output is one value per example (a score), not centred,
-        or one per batch: the fewest in a batch (their cosine says little of the scores)."""
+        or one per batch: the most in a batch (their cosine says little of the scores)."""
         self.calls: list[tuple[tuple, dict]] = []
         count = 1 if callable(calib) else len(calib)
         split = not callable(calib) and count >= HOLDOUT_EVERY
@@ -623,10 +628,11 @@ class Calibration:
         tensors = [first_tensor(output) for output in outputs]
         reference = {key: self._output_vectors(key, tensor, widen=False)
                      for (key, _), tensor in zip(runs, tensors, strict=True)}
-        counts = [_score_count(tensor) for tensor in tensors]
-        if counts and None not in counts and (min(counts) == 1 or any(
-                _offset_dominated(vectors) for vectors in reference.values())):
-            self.scores_per_batch = min(counts)
+        counts = [_score_count(tensor, None if callable(self.calib) else self._batch(key))
+                  for (key, _), tensor in zip(runs, tensors, strict=True)]
+        if counts and None not in counts and (max(counts) == 1 or _offset_dominated(
+                torch.cat([vectors.reshape(-1) for vectors in reference.values()]))):
+            self.scores_per_batch = max(counts)
         for i, vectors in reference.items():
             if not bool(torch.isfinite(vectors).all()):
                 where = "the callable's output" if callable(self.calib) else f"batch {i}"

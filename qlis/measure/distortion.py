@@ -113,10 +113,11 @@ def population_std(flat: torch.Tensor) -> float:
     range), in two passes (mean, then squared deviations) summed in float64. Finite values
     whose squares overflow (float64 past 1e154) are measured scaled by a power of two."""
     spread = _unscaled_std(flat)
-    if math.isinf(spread):
+    if not math.isfinite(spread):  # inf, or nan from a sum of +-1e308 that overflowed
         largest = float(flat.abs().max())
-        scale = math.ldexp(1.0, math.frexp(largest)[1])
-        spread = _unscaled_std(flat / scale) * scale
+        if math.isfinite(largest) and largest > 0:
+            scale = math.ldexp(1.0, math.frexp(largest)[1] - 1)  # the values within +-2
+            spread = _unscaled_std(flat / scale) * scale
     return spread
 
 

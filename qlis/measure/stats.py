@@ -188,7 +188,9 @@ def _layer_measures(tensor: torch.Tensor, eps: float,
     are finite."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() and not math.isfinite(peak_abs(flat)):  # a NaN or an infinity
-        raise InputError("contains NaN or Inf values")
+        raise InputError("contains NaN or Inf values: repair the weights, or, if it is no "
+                         "weight (a mask of -inf kept as a buffer), leave it out of the "
+                         "layers with select= (qlis pack --select), and it is stored as it is")
     if not score:
         return None, None, None
     if flat.numel() == 0:

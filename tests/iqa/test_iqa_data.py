@@ -83,17 +83,26 @@ def test_agiqa1k(tmp_path: Path, with_xlsx: bool) -> None:
     assert ds.samples[1].mos == pytest.approx(15.0 if with_xlsx else 1.5)  # xlsx preferred
 
 
-def _without_dimension(path: Path) -> None:
-    """The sheet without its <dimension> element, as many writers other than Excel leave it:
-    then openpyxl gives each row only the cells it has."""
+def _without_dimension(path: Path, instead: bytes = b"") -> None:
+    """The sheet without its <dimension> element, as many writers other than Excel leave it
+    (then openpyxl gives each row only the cells it has), or with ``instead``."""
     packed = io.BytesIO()
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(packed, "w") as target:
         for name in source.namelist():
             data = source.read(name)
             if name.startswith("xl/worksheets/sheet"):
-                data = re.sub(rb"<dimension[^>]*/>", b"", data)
+                data = re.sub(rb"<dimension[^>]*/>", instead, data)
             target.writestr(name, data)
     path.write_bytes(packed.getvalue())
+
+
+@pytest.mark.parametrize("ref", [b"A1", b"A1:B2"])
+def test_an_xlsx_dimension_that_understates_the_sheet_loses_nothing(tmp_path: Path, ref):
+    """openpyxl's read-only sheets trust it: the MOS column was cut off, "missing MOS"."""
+    root = _agiqa1k(tmp_path, with_xlsx=True)
+    _without_dimension(root / "AIGC_MOS_Zscore.xlsx", b'<dimension ref="' + ref + b'"/>')
+    ds = load_agiqa1k(root)
+    assert len(ds.samples) == 6 and ds.samples[1].mos == pytest.approx(15.0)
 
 
 def test_an_xlsx_row_that_stops_short_or_holds_a_boolean_is_named(tmp_path: Path) -> None:

@@ -90,12 +90,15 @@ def test_a_backbone_folder_storing_weights_as_integers_is_refused(
         load_backbone(family, folder)
 
 
-@pytest.mark.parametrize("family", ["clip", "dino"])
+@pytest.mark.parametrize("family, prefix", [("clip", ""), ("dino", ""), ("dino", "vit.")])
 def test_a_backbone_config_of_fewer_layers_than_its_weights_is_refused(
-    backbones: dict[str, Path], tmp_path: Path, family: str
+    backbones: dict[str, Path], tmp_path: Path, family: str, prefix: str
 ) -> None:
-    """The extra layers' tensors were dropped: a shortened model, trained and saved."""
+    """The extra layers' tensors were dropped: a shortened model, trained and saved (also
+    from a task model's checkpoint, whose names carry its base model's prefix)."""
     folder = shutil.copytree(backbones[family], tmp_path / "w")
+    weights = load_file(folder / "model.safetensors")
+    save_file({prefix + name: t for name, t in weights.items()}, folder / "model.safetensors")
     config = json.loads((folder / "config.json").read_text())
     assert config["num_hidden_layers"] >= 2
     config["num_hidden_layers"] -= 1

@@ -252,8 +252,11 @@ def _layers_past_the_config(model: PreTrainedModel, unexpected: Any) -> list[str
     layers than the weights loaded a shortened model, the rest dropped (another tower's
     tensors, a full CLIP's text model, are unused and harmless)."""
     containers = {m.group(1) for name in model.state_dict() if (m := _NUMBERED.match(name))}
-    return sorted(name for name in unexpected
-                  if (m := _NUMBERED.match(name)) and m.group(1) in containers)
+
+    def ours(container: str) -> bool:  # under a task model's prefix too (``vit.layers``)
+        return any(container == c or container.endswith(f".{c}") for c in containers)
+
+    return sorted(name for name in unexpected if (m := _NUMBERED.match(name)) and ours(m[1]))
 
 
 def _integer_weight(source: str, model: PreTrainedModel) -> str | None:

@@ -240,6 +240,7 @@ def _read_xlsx(path: Path, name_col: str, score_col: str) -> list[Row]:
     try:  # read-only openpyxl parses the sheet as it is iterated: its errors come here too
         book = openpyxl.load_workbook(io.BytesIO(packed), read_only=True, data_only=True)
         sheet = book.worksheets[0]
+        sheet.reset_dimensions()  # a <dimension> that understates the sheet cut its columns
         first = next(sheet.iter_rows(max_row=1, values_only=True), None)
         if first is None:
             raise IQAError(f"{path}: the sheet is empty")
