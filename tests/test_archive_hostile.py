@@ -386,6 +386,17 @@ def test_info_shows_or_refuses_every_mutated_header(tmp_path, base, data):
             assert (result.exit_code == 0) == (loaded == "ok"), result.output
 
 
+def test_info_shows_both_of_two_settings_that_flatten_to_one_name(tmp_path, base):
+    """``"a.b": 1`` beside ``"a": {"b": 2}``: the table showed one of them, the other lost."""
+    header = copy.deepcopy(base[0])
+    header["compression"] = {"a.b": 1, "a": {"b": 2}}
+    path = tmp_path / "h.qlis"
+    path.write_bytes(build(header, base[1]))
+    result = CliRunner().invoke(cli, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "  a.b = 1\n" in result.output and "  a.b (again) = 2\n" in result.output
+
+
 def _record(draw, data: bytearray) -> dict:
     offset = draw(st.sampled_from([0, 64, 128, 4096, 1 << 40, -64])) if draw(
         st.booleans()

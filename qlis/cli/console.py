@@ -74,6 +74,8 @@ def describe_rel_mse(rel_mse: float) -> str:
 
     >>> describe_rel_mse(0.01)
     "weight relative MSE 0.01 (SNR 20.0 dB: small; the error holds 1% of the weights' energy)"
+    >>> describe_rel_mse(4.0).split("; ")[1]
+    "the error's energy is 4 times the weights')"
     """
     if not math.isfinite(rel_mse) or rel_mse < 0:
         return f"weight relative MSE {rel_mse} (not a valid error)"
@@ -81,8 +83,9 @@ def describe_rel_mse(rel_mse: float) -> str:
         return "weight relative MSE 0 (exact)"
     snr = -10 * math.log10(rel_mse)
     verdict = "small" if snr >= 20 else "moderate" if snr >= 10 else "large"
-    return (f"weight relative MSE {rel_mse:.4g} (SNR {snr:.1f} dB: {verdict}; "
-            f"the error holds {100 * rel_mse:.3g}% of the weights' energy)")
+    share = (f"the error holds {100 * rel_mse:.3g}% of the weights' energy" if rel_mse <= 1
+             else f"the error's energy is {rel_mse:.3g} times the weights'")
+    return f"weight relative MSE {rel_mse:.4g} (SNR {snr:.1f} dB: {verdict}; {share})"
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]], **layout: Any) -> str:

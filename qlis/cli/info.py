@@ -50,11 +50,18 @@ def _setting(value: object) -> str:
 def _flat(values: dict, prefix: str = "") -> dict[str, object]:
     """Nested settings as dotted keys (``policy.bits_levels``), one per line in `info`."""
     flat: dict[str, object] = {}
+
+    def add(key: str, value: object) -> None:  # "a.b" beside {"a": {"b"}}: both shown
+        while key in flat:
+            key += " (again)"
+        flat[key] = value
+
     for key, value in values.items():
         if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
+            for inner, item in _flat(value, f"{prefix}{key}.").items():
+                add(inner, item)
         else:
-            flat[f"{prefix}{key}"] = value
+            add(f"{prefix}{key}", value)
     return flat
 
 
