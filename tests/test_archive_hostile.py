@@ -397,6 +397,16 @@ def test_info_shows_both_of_two_settings_that_flatten_to_one_name(tmp_path, base
     assert "  a.b = 1\n" in result.output and "  a.b (again) = 2\n" in result.output
 
 
+def test_info_shows_a_huge_paper_ratio_in_a_few_characters(tmp_path, base):
+    header = copy.deepcopy(base[0])
+    header.setdefault("summary", {})["cr"] = 1e308
+    path = tmp_path / "h.qlis"
+    path.write_bytes(build(header, base[1]))
+    result = CliRunner().invoke(cli, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "CR 1e+308" in result.output and "0" * 30 not in result.output
+
+
 def _record(draw, data: bytearray) -> dict:
     offset = draw(st.sampled_from([0, 64, 128, 4096, 1 << 40, -64])) if draw(
         st.booleans()

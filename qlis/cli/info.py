@@ -147,7 +147,8 @@ def _info(path: Path, fmt: str, verify: bool) -> None:
     if source:
         click.echo(f"source file: {human_bytes(source)}   real ratio vs the file: "
                    f"{totals['real_ratio_vs_source_file']:.2f}x")
-    paper = [f"{name} {value:.2f}" for name, value in (("CR", summary.cr), ("HCR", summary.hcr))
+    paper = [f"{name} {value:.2f}" if value < 1e6 else f"{name} {value:.3g}"  # a header's
+             for name, value in (("CR", summary.cr), ("HCR", summary.hcr))  # 1e308: 309 digits
              if value is not None]
     if paper:
         click.echo("paper ratios (idealised: pruned zeros count as free, no index or metadata "
