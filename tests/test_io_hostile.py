@@ -31,7 +31,12 @@ from safetensors.torch import save_file
 import qlis.models.checkpoints
 import qlis.models.tensors
 from qlis.errors import InputError
-from qlis.models.checkpoints import load_state_dict, read_metadata, write_safetensors
+from qlis.models.checkpoints import (
+    load_state_dict,
+    read_metadata,
+    write_safetensors,
+    write_sharded_safetensors,
+)
 from qlis.models.tensors import _may_overlap, as_state_dict, checked_state
 
 
@@ -630,6 +635,17 @@ def test_write_safetensors_reports_a_full_disk_in_one_line_and_leaves_nothing(tm
     with pytest.raises(InputError, match="exists"):
         write_safetensors(out, [("w", "float32", [2])], lambda _: torch.ones(2), overwrite=False)
     assert out.read_bytes() == b"keep"
+
+
+def test_a_full_disk_while_sharding_names_the_shard_not_its_hidden_partial(tmp_path):
+    def read(name: str) -> torch.Tensor:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(InputError) as info:
+        write_sharded_safetensors(tmp_path, [("w", "float32", [2])], read, 1 << 20)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'model-00001-of-00001.safetensors'}: could not be written (No space")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

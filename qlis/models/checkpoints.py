@@ -667,6 +667,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     overwrite: bool = True,
     jobs: int | None = 1,
+    named: str | Path | None = None,
 ) -> None:
     """Stream tensors into a .safetensors file, one at a time (atomically).
 
@@ -679,6 +680,8 @@ def write_safetensors(
     (`WriteBehind`): the final fsync has little left to wait for.
     ``metadata`` becomes the file's ``__metadata__`` (e.g. the source's, see `read_metadata`);
     ``overwrite=False`` refuses an existing ``path``, also one that appears while writing.
+    ``named``: the file's name in messages, where ``path`` is a stand-in for it (a shard's
+    hidden partial file).
     """
     encoded = _safetensors_header(layout, metadata)
     starts = np.cumsum([8 + len(encoded)] + [_tensor_bytes(d, s) for _, d, s in layout])
@@ -713,8 +716,8 @@ def write_safetensors(
                     progress(1)
     except OSError as err:  # a full disk (ENOSPC), a quota, a read-only file system
         raise InputError(
-            f"{path}: could not be written ({err.strerror or err}); free space or write "
-            "elsewhere"
+            f"{named or path}: could not be written ({err.strerror or err}); free space or "
+            "write elsewhere"
         ) from None
 
 
@@ -824,7 +827,8 @@ def write_sharded_safetensors(
     try:
         for name, shard in zip(names, shards, strict=True):
             partial.append(folder / f".{name}.{unique}.partial")
-            write_safetensors(partial[-1], shard, read, progress, metadata, jobs=jobs)
+            write_safetensors(partial[-1], shard, read, progress, metadata, jobs=jobs,
+                              named=folder / name)
             weight_map.update({entry[0]: name for entry in shard})
         with _locked(folder):  # a set and its index published whole, one writer at a time
             for path, name in zip(partial, names, strict=True):
