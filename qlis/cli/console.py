@@ -297,15 +297,22 @@ def as_flags(message: str, names: Iterable[str], given: Collection[str] = (),
     message = head + (f"; {help_hint}" if listed and help_hint else "")
     message = re.sub(r" \(qlis pack [^)]*\)", "", message)
     names = list(names)
-    keyword = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
     if names:  # any name written as a keyword (quantizer=...) is its flag and a value
-        message = re.sub(keyword + r")=(?=[\w{\[\"'+-])",
-                         lambda m: "--" + m.group(1).replace("_", "-") + " ", message)
+        message = re.sub(_any_of(names) + r"=(?=[\w{\[\"'+-])",
+                         lambda m: _flag(m.group(1)) + " ", message)
     words = [n for n in names if "_" in n or n in given]
     if not words:
         return message
-    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, sorted(words, key=len, reverse=True)))
-    return re.sub(pattern + r")\b=?", lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return re.sub(_any_of(words) + r"\b=?", lambda m: _flag(m.group(1)), message)
+
+
+def _any_of(names: list[str]) -> str:
+    """A pattern of any of ``names`` as a whole word (longest first), captured."""
+    return r"(?<![\w-])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class _UserError(click.ClickException):
