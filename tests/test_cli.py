@@ -77,6 +77,18 @@ def test_inspect_table_piped_shows_full_names(runner, model_pt):
         assert sum(line.startswith(name + " ") for line in lines) == 1, (name, lines)
 
 
+def test_inspect_and_pack_name_a_mask_of_infinities_and_keep_it(runner, tmp_path):
+    state = {**make_state(), "attn.mask": torch.triu(torch.full((4, 4), -torch.inf), 1)}
+    save_file(state, tmp_path / "masked.safetensors")
+    shown = run_ok(runner, "inspect", tmp_path / "masked.safetensors")
+    assert "3 layers" in shown.stdout and "attn.mask" not in shown.stdout
+    assert "1 tensor(s) of infinities left out of the layers" in shown.stderr
+    packed = run_ok(runner, "pack", tmp_path / "masked.safetensors", "-o", tmp_path / "m.qlis")
+    assert "hold infinities and no NaN" in packed.stderr
+    run_ok(runner, "unpack", tmp_path / "m.qlis", "-o", tmp_path / "back.safetensors")
+    assert torch.equal(load_file(tmp_path / "back.safetensors")["attn.mask"], state["attn.mask"])
+
+
 def test_inspect_csv_and_options(runner, model_pt):
     out = run_ok(runner, "inspect", model_pt, "--format", "csv", "--beta", "1").stdout
     header, *rows = out.strip().splitlines()

@@ -151,6 +151,39 @@ def test_layers_that_keep_nothing_of_their_weights_are_named():
     assert not qlis.compress(model, "prune", k=1.5).warnings  # most pruned, not all
 
 
+class _CausalMixer(torch.nn.Module):
+    """A layer and a causal mask of -inf kept as a (persistent) buffer, as some attention
+    implementations do."""
+
+    def __init__(self, n: int = 8, width: int = 16) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+        self.register_buffer("mask", torch.triu(torch.full((n, n), -torch.inf), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.softmax(x @ x.transpose(-1, -2) + self.mask, dim=-1) @ x
+        return self.proj(mixed)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_mask_of_infinities_is_stored_as_it_is_and_named(tmp_path, calibrated):
+    torch.manual_seed(0)
+    model = _CausalMixer()
+    calib = [torch.randn(2, 8, 16) for _ in range(4)] if calibrated else None
+    with pytest.warns(qlis.QualityWarning, match=r"1 tensor\(s\) hold infinities .*: mask"):
+        result = qlis.compress(model, calib=calib)
+    assert [layer.name for layer in result.layers] == ["proj.weight"]
+    path = tmp_path / "masked.qlis"
+    qlis.save(result, path)
+    loaded = _CausalMixer()
+    qlis.load(path, model=loaded)
+    assert torch.equal(loaded.mask, model.mask) and loaded.mask.dtype == torch.float32
+    x = torch.randn(2, 8, 16)
+    assert torch.isfinite(loaded(x)).all()
+    with pytest.raises(InputError, match=r"layer 'mask' contains NaN or Inf"):
+        qlis.compress(model, select="*")  # named as a layer, it is refused
+
+
 def test_a_layer_left_with_one_outlier_is_named_as_keeping_nothing():
     """A data-free rd at 12x kept 1 of a tied LLaMA table's 32,768 weights (relative error
     0.9999): its logits were all 0, and no warning said so."""

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qlis
+from qlis.archive.resume import PassCache
 from qlis.errors import InputError, QlisError
 from qlis.measure.stats import RECORD_KEYS, value_entropy_bits
 
@@ -181,14 +182,32 @@ def test_report_records_and_totals(tiny_vit):
         report["head.bias"]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_name_the_layer(bad):
+@pytest.mark.parametrize(("bad", "select"), [
+    (float("nan"), None), (float("inf"), "*"), (-float("inf"), ["*.weight"])])
+def test_non_finite_weights_name_the_layer(bad, select):
     state = {"good.weight": torch.ones(2, 2), "bad.weight": torch.ones(3, 3)}
     state["bad.weight"][1, 2] = bad
-    with pytest.raises(InputError, match=r"bad\.weight.*NaN or Inf"):
-        qlis.inspect(state)
-    with pytest.raises(InputError, match=r"bad\.weight.*NaN or Inf"):
-        qlis.inspect(state, score=False)  # unscored, the values are still checked
+    with pytest.raises(InputError, match=r"bad\.weight.*contains NaN"):
+        qlis.inspect(state, select=select)
+    with pytest.raises(InputError, match=r"bad\.weight.*contains NaN"):
+        qlis.inspect(state, select=select, score=False)  # unscored, still checked
+
+
+@pytest.mark.parametrize("score", [True, False])
+def test_a_tensor_of_infinities_is_a_mask_left_out_of_the_default_layers(score):
+    mask = torch.triu(torch.full((4, 4), -torch.inf), 1)
+    state = {"lin.weight": torch.randn(3, 3), "attn.mask": mask, "attn.both": mask.neg()}
+    report = qlis.inspect(state, score=score)
+    assert [layer.name for layer in report.layers] == ["lin.weight"]
+    assert report.layers[0].P == 1.0 and report.layer_params == 9
+    assert report.masks == ["attn.mask", "attn.both"]
+    assert {"attn.mask", "attn.both"} <= set(report.unselected)
+    with pytest.raises(InputError, match=r"no layer left.*'attn\.mask'"):
+        qlis.inspect({"attn.mask": mask}, score=score)
+    state["attn.mask"] = mask.clone()
+    state["attn.mask"][3, 0] = torch.nan  # a NaN is no mask
+    with pytest.raises(InputError, match=r"attn\.mask.*contains NaN values"):
+        qlis.inspect(state, score=score)
 
 
 def test_an_unscored_report_has_the_same_layers_and_no_scores(tiny_state):
@@ -264,3 +283,12 @@ def test_sigma_of_float64_weights_at_the_top_of_their_range():
     sigma = qlis.inspect({"w.weight": both}).layers[0].sigma
     scale = math.ldexp(1.0, 1000)
     assert sigma == pytest.approx(float((both / scale).std(correction=0)) * scale, rel=1e-12)
+
+
+def test_a_mask_read_back_from_the_saved_first_pass_stays_a_mask(tmp_path):
+    state = {"lin.weight": torch.randn(3, 3), "mask": torch.full((2, 2), torch.inf)}
+    first = qlis.inspect(state, cache=PassCache(tmp_path / "out.qlis", "same input", False))
+    cache = PassCache(tmp_path / "out.qlis", "same input", resume=True)
+    again = qlis.inspect(state, cache=cache)
+    assert cache.used and again.masks == first.masks == ["mask"]
+    assert again.records() == first.records()

@@ -736,9 +736,9 @@ def _count_measures(monkeypatch) -> list[str]:
     measured: list[str] = []
     layer_measures, candidates = qlis.measure.stats._layer_measures, qlis.plan.rd._layer_candidates
 
-    def counted_measures(tensor, eps, score):
+    def counted_measures(tensor, eps, score, masks):
         measured.append("inspect")
-        return layer_measures(tensor, eps, score)
+        return layer_measures(tensor, eps, score, masks)
 
     def counted_candidates(weight, policy, seed, **options):
         measured.append("rd")

@@ -233,6 +233,10 @@ def inspect(path, beta, eps, select, fmt, plot, policy, force) -> None:
             f"{t['layers']} layers, {t['layer_params']:,} of {t['total_params']:,} parameters; "
             f"QLIS {t['min_QLIS']:.4f}..{t['max_QLIS']:.4f} (beta={beta}, eps={eps})"
         )
+    if report.masks:
+        click.echo(f"{len(report.masks)} tensor(s) of infinities left out of the layers "
+                   f"(masks, stored as they are): {', '.join(map(escape, report.masks[:5]))}"
+                   f"{' ...' if len(report.masks) > 5 else ''}", err=True)
     if plot:
         _plot(report, policy or "lapq", plot, force)
         click.echo(f"plot written to {escape(str(plot))}", err=True)

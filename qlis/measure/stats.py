@@ -149,6 +149,9 @@ class InspectionReport:
     total_params: int
     layer_params: int
     unselected: list[str] = field(default_factory=list)
+    masks: list[str] = field(default_factory=list)
+    """Tensors the default selection took that hold infinities and no NaN (masks, no
+    weights): stored as they are, among ``unselected``."""
 
     @property
     def totals(self) -> dict:
@@ -182,15 +185,23 @@ SCORE_PARAMS = {"beta": Param("float", 0, 1), "eps": Param("float", 0)}
 """The options of the QLIS score (β weighs E against S; ε is the small-weight threshold)."""
 
 
-def _layer_measures(tensor: torch.Tensor, eps: float,
-                    score: bool) -> tuple[float, float, float] | tuple[None, None, None]:
+Measures = tuple[float, float, float] | tuple[None, None, None]
+
+
+def _layer_measures(tensor: torch.Tensor, eps: float, score: bool,
+                    masks: bool) -> Measures | None:
     """(sigma, H in bits, S) of one layer; without ``score``, only the check that its values
-    are finite."""
+    are finite. With ``masks``, None for a tensor of infinities and no NaN: a mask (a causal
+    one of -inf kept as a buffer) that no weight can be, to be stored as it is."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() and not math.isfinite(peak_abs(flat)):  # a NaN or an infinity
-        raise InputError("contains NaN or Inf values: repair the weights, or, if it is no "
-                         "weight (a mask of -inf kept as a buffer), leave it out of the "
-                         "layers with select= (qlis pack --select), and it is stored as it is")
+        if not masks:
+            raise InputError("contains NaN or Inf values: repair the weights, or, if it is no "
+                             "weight (a mask of -inf kept as a buffer), leave it out of the "
+                             "layers selected (select=, qlis pack --select)")
+        if bool(flat.isnan().any()):
+            raise InputError("contains NaN values: repair the weights")
+        return None
     if not score:
         return None, None, None
     if flat.numel() == 0:
@@ -199,10 +210,12 @@ def _layer_measures(tensor: torch.Tensor, eps: float,
     return population_std(flat), entropy, sparsity
 
 
-def _measures_from_json(value: object) -> tuple[float, float, float] | tuple[None, None, None]:
+def _measures_from_json(value: object) -> Measures | None:
     """A layer's measures read back (the pass-1 cache, another rank), as `_layer_measures`
-    makes them: three Nones, or sigma and entropy finite and >= 0 and a sparsity in [0, 1];
-    a ValueError otherwise (the cache is then measured again)."""
+    makes them: None (a mask), three Nones, or sigma and entropy finite and >= 0 and a
+    sparsity in [0, 1]; a ValueError otherwise (the cache is then measured again)."""
+    if value is None:
+        return None
     if not isinstance(value, list | tuple) or len(value) != 3:
         raise ValueError(f"not a layer's measures: {value!r:.80}")
     if all(v is None for v in value):
@@ -228,7 +241,8 @@ def inspect(
     in a ``cluster``, each rank the layers it owns; measures saved in ``cache`` reused). A
     tied tensor is one layer, under its first name (`qlis.models.tensors.split_aliases`), selected
     when any of its names is. ``score=False`` only checks that the values are finite and
-    leaves the measures (sigma, E, S, EWDS, QLIS) out, as None.
+    leaves the measures (sigma, E, S, EWDS, QLIS) out, as None. With the default selection a
+    tensor of infinities and no NaN is a mask, not a layer (``masks``); a NaN is an error.
 
     >>> report = inspect(torch.nn.Linear(4, 3))
     >>> [r.name for r in report.layers], round(report.layers[0].P, 3)
@@ -252,22 +266,28 @@ def inspect(
             "no layer selected: the model has no floating-point tensor with 2 or more "
             "dimensions (or none matches the selection)"
         )
-    layer_params = sum(layout[n].numel() for n in names)
-    if layer_params == 0:
+    if sum(layout[n].numel() for n in names) == 0:
         raise InputError("the selected layers are all empty")
 
-    def measure(name: str) -> tuple[float, float, float] | tuple[None, None, None]:
+    def measure(name: str) -> Measures | None:
         try:
-            return _layer_measures(state[name], eps, score)
+            return _layer_measures(state[name], eps, score, masks=select is None)
         except InputError as err:
             raise InputError(f"layer {name!r} {err}") from None
 
-    measures = spread(measure, names, [layout[n].numel() for n in names], jobs, cluster,
+    measured = spread(measure, names, [layout[n].numel() for n in names], jobs, cluster,
                       from_json=_measures_from_json, cache=cache,
                       key=f"inspect {eps!r}" if score else "inspect unscored")
+    masks = [name for name, m in zip(names, measured, strict=True) if m is None]
+    kept = [(name, m) for name, m in zip(names, measured, strict=True) if m is not None]
+    layer_params = sum(layout[name].numel() for name, _ in kept)
+    if layer_params == 0:
+        shown_masks = ", ".join(map(repr, masks[:3])) + (" ..." if len(masks) > 3 else "")
+        raise InputError(f"no layer left to compress: every selected tensor with values holds "
+                         f"infinities ({shown_masks}: masks, no weights)")
 
     layers = []
-    for name, (sigma, entropy, sparsity) in zip(names, measures, strict=True):
+    for name, (sigma, entropy, sparsity) in kept:
         tensor = layout[name]
         share = tensor.numel() / layer_params
         e = ewds = qlis_score = None
@@ -289,7 +309,7 @@ def inspect(
                 QLIS=qlis_score,
             )
         )
-    selected = set(names)
+    selected = {name for name, _ in kept}
     return InspectionReport(
         layers=layers,
         beta=beta,
@@ -297,4 +317,5 @@ def inspect(
         total_params=sum(t.numel() for t in layout.values()),
         layer_params=layer_params,
         unselected=[n for n in state if n not in selected],
+        masks=masks,
     )

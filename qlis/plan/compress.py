@@ -311,6 +311,15 @@ def _emptied(layers: list[LayerPlan], tensors: Mapping[str, StoredTensor],
             f"{_some_names(names)}; the model computes without them"]
 
 
+def _masks(report: InspectionReport) -> list[str]:
+    """A warning naming the tensors left out of the layers for their infinities: a mask (a
+    causal one of -inf) is stored as it is, but so would be a weight an overflow broke."""
+    if not report.masks:
+        return []
+    return [f"{len(report.masks)} tensor(s) hold infinities and no NaN, so are masks, no "
+            f"weights: stored as they are, not compressed: {_some_names(report.masks)}"]
+
+
 def _energy(tensor: StoredTensor) -> float:
     """The sum of the squares of the values ``tensor`` holds (dequantized)."""
     return float(dequantized(tensor).double().square().sum())
@@ -515,7 +524,8 @@ class PlannedCompression:
                 distortion["output"]["synthetic"] = True
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
-        result.warnings = (self.policy.review(result) + _emptied(layers, tensors, self.state)
+        result.warnings = (_masks(self.report) + self.policy.review(result)
+                           + _emptied(layers, tensors, self.state)
                            + _zero_rows_divided(layers, tensors, self.state)
                            + _unreached(layers, self.calibration)
                            + _score_outputs(self.calibration)
