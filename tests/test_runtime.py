@@ -196,6 +196,94 @@ def test_int8_kernel_branch_gives_what_float_gives_for_infinite_and_huge_inputs(
     assert 1e30 < module.kernel_input_limit < 3e37  # ordinary inputs still take the kernel
 
 
+def test_int8_kernel_branch_keeps_tiny_weights_against_huge_inputs_finite():
+    """The kernel sums the inputs against the int8 codes before it scales them: with scales
+    of 1e-22 the sum of inputs of 1e37 overflowed where the layer's outputs are near 1e17."""
+    torch.manual_seed(0)
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(4, 64) * 1e-20)
+    module = runtime.Int8Linear(q, None)
+    x = torch.full((1, 64), 1e37)
+    expected = F.linear(x, q.dequantize())
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=0)
+    assert module.kernel_input_limit > 1e30  # ordinary inputs still take the kernel
+
+
+def test_int8_kernel_branch_reads_inputs_of_any_layout():
+    """The kernel reads its input's rows as laid out in memory: a transposed or strided
+    input of a few rows was a RuntimeError ("A must be contiguous on the last dimension")."""
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(5, 8))
+    module = runtime.Int8Linear(q, torch.randn(5))
+    wide = torch.randn(8, 4)
+    for x in (wide.t(), torch.randn(4, 16)[:, ::2], wide[:1, :1].expand(3, 8)):
+        assert x.stride(-1) != 1
+        torch.testing.assert_close(module(x), F.linear(x.contiguous(), q.dequantize(),
+                                                       module.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_codes_take_one_byte_per_weight_while_packing(monkeypatch):
+    """``code - offset`` was computed through int16 codes and float32 offsets (4 bytes per
+    weight, more than the float runtime's weight): every tensor made while packing is now
+    at most a byte per weight."""
+    q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(64, 96))
+    made = []
+    sub = torch.Tensor.sub
+
+    def recorded(self, *args, **kwargs):
+        out = sub(self, *args, **kwargs)
+        made.append(out.element_size() * out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "sub", recorded)
+    module = runtime.Int8Linear(q, None)
+    monkeypatch.undo()
+    assert made and max(made) <= q.codes.size
+    assert torch.equal(module.dequantized_weight(), q.dequantize())
+
+
+@pytest.mark.parametrize("name", ["affine8-channel", "group4"])
+def test_torch_func_transforms_run_through_packed_layers(tmp_path, name):
+    """grad and jacrev met numba's decode (tensors without storage), vmap the int8 branch's
+    test of the inputs' magnitude (data-dependent control flow): both now stay in torch ops."""
+    _, reference, low = archive_of(tmp_path, QUANTIZERS[name][0])
+    x = torch.randn(5, 64)
+    for transform in (lambda f: torch.func.vmap(f)(x), lambda f: torch.func.jacrev(f)(x[0]),
+                      lambda f: torch.func.grad(lambda v: f(v).sum())(x)):
+        torch.testing.assert_close(transform(low.fc1), transform(reference.fc1),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linears_keep_their_features_and_parameters_their_identity(tmp_path):
+    """A head reads ``in_features``; an optimizer made before loading holds the model's own
+    tensors: the float parameters are copied into, not replaced, as the float runtime does."""
+    path, reference, _ = archive_of(tmp_path, QUANTIZERS["group4"][0])
+    model = Toy().eval()
+    norm_bias = model.norm.bias
+    qlis.load(path, model=model, runtime="lowbit")
+    assert (model.fc1.in_features, model.fc1.out_features) == (64, 128)
+    assert model.norm.bias is norm_bias and torch.equal(norm_bias, reference.norm.bias)
+
+
+def test_a_module_registered_twice_is_packed_once_under_both_names(tmp_path):
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    path = tmp_path / "twice.qlis"
+    qlis.save(qlis.compress(model, "quant", quantizer=QUANTIZERS["group4"][0]), path)
+    reference = nn.Sequential(shared2 := nn.Linear(32, 32), nn.ReLU(), shared2)
+    qlis.load(path, model=reference)
+    qlis.load(path, model=model, runtime="lowbit")
+    assert isinstance(model[0], runtime.DequantLinear) and model[2] is model[0]
+    x = torch.randn(3, 32)
+    assert torch.equal(model(x), reference(x))
+
+
+def test_a_packed_model_is_refused_by_compress(tmp_path):
+    """Its codes and grid scales would be quantized as weights: wrong outputs, no error."""
+    _, _, low = archive_of(tmp_path, QUANTIZERS["group4"][0])
+    with pytest.raises(InputError, match=r"'patch' runs packed .* runtime=.float."):
+        qlis.compress(low)
+
+
 def test_an_input_of_the_wrong_width_gets_the_message_a_linear_layer_gives():
     q = qlis.AffineQuantizer(bits=8, granularity="channel").quantize(torch.randn(16, 32))
     module = runtime.Int8Linear(q, None)

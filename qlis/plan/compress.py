@@ -42,6 +42,7 @@ from qlis.plan.sizes import HEADER_BYTES, stored_bits, unplanned_bytes
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.quantize.reconstruct import NOT_REACHED
+from qlis.runtime.lowbit import check_not_packed
 from qlis.workers.cluster import Cluster
 from qlis.workers.spill_file import SpillFile
 from qlis.workers.threads import check_jobs
@@ -561,6 +562,8 @@ def plan_compression(
     same, each measuring the layers it owns; ``cache`` saves (and gives back) what the layers
     measured (qlis/archive/resume.py); ``spill`` keeps executed layers' codes and the calibration's
     reference outputs out of memory (qlis/workers/spill_file.py)."""
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        check_not_packed(model_or_state_dict)
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
     check_callback(progress, "progress")

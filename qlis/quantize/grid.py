@@ -83,6 +83,12 @@ _INTEGER_CODES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 _EXACT_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def tensors_traced() -> bool:
+    """Whether torch.func transforms (grad, jacrev, vmap) are running: their tensors have no
+    storage that numba or a value-dependent branch could read, so only torch ops may follow."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _blocks(matrix: torch.Tensor, block_size: tuple[int, int]) -> torch.Tensor:
     """(row blocks, rows per block, column blocks, columns per block); edges padded with 0.
     A block larger than the matrix is the whole matrix (no padding to its size)."""
@@ -231,17 +237,17 @@ class AffineGrid(Grid):
         if self._decodes_compiled(codes):
             return self._decode_compiled(codes)
         x = _blocks(codes.float(), self.block_size)
-        if x.data_ptr() == codes.data_ptr():
-            x = x.clone()  # never write into the caller's codes
+        if codes.dtype == torch.float32:
+            x = x.clone()  # never write into the caller's codes (x may be a view of them)
         values = x.sub_(self.zero[:, None, :, None]).mul_(self.scale[:, None, :, None])
         return _unblock(values, tuple(codes.shape))
 
     def _decodes_compiled(self, codes: torch.Tensor) -> bool:
         """Whether `_decode_compiled` gives ``decode``'s values: an integer code matrix and
         parameter matrices that float32 holds exactly (torch computes in float32 then too),
-        all on the CPU, none recording gradients."""
+        all on the CPU, none recording gradients, under no torch.func transform."""
         return (codes.dtype in _INTEGER_CODES and codes.device.type == "cpu"
-                and codes.dim() == 2
+                and codes.dim() == 2 and not tensors_traced()
                 and all(t.dtype in _EXACT_IN_FLOAT32 and t.device.type == "cpu"
                         and t.dim() == 2 and not t.requires_grad
                         for t in (self.scale, self.zero)))

@@ -58,7 +58,7 @@ from torch import nn
 
 from qlis.errors import ConfigError, InputError
 from qlis.models.tensors import renormed_tables
-from qlis.quantize.grid import Grid, in_dtype, matrix_shape
+from qlis.quantize.grid import Grid, in_dtype, matrix_shape, tensors_traced
 from qlis.quantize.quantizers import QuantizedTensor
 from qlis.workers.memory import allocation_failed, release_freed_memory
 
@@ -279,19 +279,24 @@ class Int8Linear(_LowBit):
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None) -> None:
         super().__init__(q.shape, q.dtype, bias)
-        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8)).to(torch.int16)
+        codes = torch.from_numpy(np.ascontiguousarray(q.codes, dtype=np.uint8))
         scale, zero = q.grid.row_affine(q.shape[0])
         self.register_buffer("scale", scale.float())
         offset = _int8_offsets(codes, zero.float())
-        self.register_buffer("weight_int8", (codes - offset[:, None]).to(torch.int8))
+        # code - offset lies in int8, so uint8 arithmetic (modulo 256) read as int8 gives it
+        # exactly, in one byte per weight (through float32: four)
+        wrapped = offset.to(torch.int16).remainder(256).to(torch.uint8)
+        self.register_buffer("weight_int8", codes.sub(wrapped[:, None]).view(torch.int8))
         self.register_buffer("shift", (offset - zero.float()))  # offset - zero, per row
         self.kernel_max_rows = KERNEL_MAX_ROWS
-        # the kernel's two terms (the inputs against the int8 codes, their sum against the
-        # shift) are larger than the result they cancel to: inputs past this could overflow
-        # float32 where F.linear's result would not (3e37 gave infinities of either sign)
+        # the kernel's sums (the inputs against the int8 codes, at most 128 each, and the
+        # inputs' own sum against the shift, each then scaled) are larger than the result they
+        # cancel to: inputs past this could overflow float32 where F.linear's result would not
+        # (3e37 gave infinities of either sign; so did 1e37 against scales of 1e-22)
         largest = float((self.scale * (128.0 + self.shift.abs())).max()) if len(
             self.scale) else 0.0
-        self.kernel_input_limit = 1e37 / (largest * max(q.shape[1], 1)) if largest else math.inf
+        terms = max(q.shape[1], 1) * max(largest, 128.0)
+        self.kernel_input_limit = 1e37 / terms
 
     def dequantized_weight(self) -> torch.Tensor:
         # int8 code + (offset - zero) is the archive's integer code - zero, exactly
@@ -305,9 +310,10 @@ class Int8Linear(_LowBit):
                 or x.ndim == 0 or x.shape[-1] != self.shape[1]  # F.linear says what is wrong
                 or self.weight_dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
                 or (x.requires_grad and torch.is_grad_enabled())  # the kernel has no backward
+                or tensors_traced()  # nor a rule for torch.func; and amax is a value below
                 or not x.numel() or not bool(x.abs().amax() <= self.kernel_input_limit)):
             return F.linear(x, self.dequantized_weight(), self.bias)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # the kernel reads rows as laid out
         out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
         out = out + flat.sum(dim=1, keepdim=True) * (self.shift * self.scale)
         if self.bias is not None:
@@ -316,8 +322,8 @@ class Int8Linear(_LowBit):
 
 
 def _int8_offsets(codes: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Per row, the integer nearest its zero point from which every code of the row lies
-    within int8 (codes - offset in [-128, 127]); float32, exact."""
+    """Per row, the integer nearest its zero point from which every code of the row (uint8)
+    lies within int8 (codes - offset in [-128, 127]); float32, exact."""
     if not codes.numel():
         return torch.full((codes.shape[0],), 128.0)
     lowest = codes.amax(dim=1).float() - 127.0
@@ -330,9 +336,9 @@ def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Modu
     if type(module) is nn.Conv2d:
         return DequantConv2d(q, bias, module)
     path = choose_path(q.grid, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
-    if path == "int8":
-        return Int8Linear(q, bias)
-    return DequantLinear(q, bias)
+    packed = Int8Linear(q, bias) if path == "int8" else DequantLinear(q, bias)
+    packed.in_features, packed.out_features = module.in_features, module.out_features  # read
+    return packed  # by model code (heads, adapters), as a Conv2d's attributes are
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -418,9 +424,13 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
         raise InputError("the model is a bare Linear/Conv2d: wrap it in a module to run it packed")
     check_meta_buffers(model, persistent)
     renormed = {id(table) for table in renormed_tables(model)}
-    replacements: dict[str, _LowBit] = {}
-    for name, module in model.named_modules():
+    packed_once: dict[int, _LowBit] = {}  # by the replaced module: one registered twice
+    replacements: dict[str, _LowBit] = {}  # is one low-bit module under both names
+    for name, module in model.named_modules(remove_duplicate=False):
         weight = f"{name}.weight"
+        if id(module) in packed_once:
+            replacements[name] = packed_once[id(module)]
+            continue
         if not name or not _replaceable(module) or weight not in persistent:
             continue
         if id(module.weight) in renormed:
@@ -433,12 +443,14 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
             bias = archive.read(f"{name}.bias")
         try:
             packed = lowbit_module(q, bias, module)
+            if not module.weight.is_meta:  # where the layer was (on the meta device: the CPU)
+                packed = packed.to(module.weight.device)
         except (MemoryError, RuntimeError) as err:
             if not allocation_failed(err):
                 raise
             raise InputError(f"not enough memory to keep layer {name!r} packed "
                              f"({q.codes.size:,} codes)") from None
-        replacements[name] = _take_over(module, packed)
+        replacements[name] = packed_once[id(module)] = _take_over(module, packed)
         del packed, q, bias
         release_freed_memory()  # the freed temporaries of the layer's decode
     covered = {f"{n}.{p}" for n in replacements for p in ("weight", "bias")}
@@ -446,9 +458,22 @@ def load_lowbit(archive, model: nn.Module) -> dict[str, str]:  # noqa: ANN001 - 
     ties = tied_names(model)
     for name, new in replacements.items():
         setattr(*_parent(model, name), new)
-    model.load_state_dict(rest, strict=False, assign=True)
-    retie(model, ties)
+    # copied into the model's own tensors (an optimizer made before still holds them), as the
+    # float runtime does; a model on the meta device takes the archive's instead
+    on_meta = any(tensor.is_meta for tensor in persistent.values())
+    model.load_state_dict(rest, strict=False, assign=on_meta)
+    if on_meta:
+        retie(model, ties)
     return {name: module.path for name, module in replacements.items()}
+
+
+def check_not_packed(model: nn.Module) -> None:
+    """Refuse to compress a model whose layers run packed: its state holds codes and grid
+    scales, which would be taken for weights and quantized again (no error, wrong outputs)."""
+    packed = [name for name, module in model.named_modules() if isinstance(module, _LowBit)]
+    if packed:
+        raise InputError(f"layer {packed[0]!r} runs packed (loaded with runtime=\"lowbit\"): "
+                         "load the archive with runtime=\"float\" to compress the model again")
 
 
 def check_meta_buffers(model: nn.Module, persistent: dict[str, torch.Tensor]) -> None:
