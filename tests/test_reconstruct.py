@@ -430,6 +430,39 @@ def test_buffers_a_forward_updates_start_every_pass_as_they_were_and_are_left_so
     assert model.seen.item() == 0.0 and result.tensors["seen"].item() == 0.0
 
 
+class Normalising(nn.Module):
+    """A running normaliser that keeps updating in eval mode (as observation normalisers
+    do), and a history that grows by concatenation, re-registered at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("history", torch.zeros(0, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.mean.mul_(0.5).add_(0.5 * x.mean(dim=0))
+        self.history = torch.cat([self.history, x])
+        if not hasattr(self, "first"):
+            self.register_buffer("first", x[:1].clone())
+        return self.layer(x - self.mean)
+
+
+def test_every_call_starts_from_the_buffers_as_they_were_and_leaves_them_so():
+    """A pass measuring 2 of 8 batches read them with the normaliser in another state than
+    the reference pass had: cosine 0.982 with no weight changed. A buffer replaced by one of
+    another shape, or registered by the forward, stayed in the user's model."""
+    torch.manual_seed(0)
+    model = Normalising()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    calibration = qlis.measure.calibrate.Calibration(
+        model, [torch.randn(4, 8) * (i + 1) for i in range(8)])
+    assert calibration.measure({})["cosine"] == pytest.approx(1.0, abs=1e-12)
+    result = qlis.compress(model, calib=[torch.randn(4, 8) for _ in range(4)])
+    assert model.state_dict().keys() == state.keys() == result.tensors.keys()
+    assert all(torch.equal(model.state_dict()[name], t) for name, t in state.items())
+
+
 class Unreadable(list):
     """A list of batches whose third batch raises when it is read."""
 
@@ -455,6 +488,20 @@ def test_an_output_on_the_meta_device_is_refused():
 
     with pytest.raises(qlis.InputError, match="output is on the meta device"):
         qlis.compress(Meta(), calib=[torch.randn(2, 8)])
+
+
+def test_a_callable_that_refills_one_input_tensor_is_refused():
+    """Its calls are recorded to be replayed: all of them replayed the last batch's values,
+    and the layers were fitted to one batch."""
+    batches = [torch.randn(4, 8) for _ in range(3)]
+    reused = torch.empty(4, 8)
+
+    def calib(model: nn.Module) -> torch.Tensor:
+        return torch.cat([model(reused.copy_(batch)) for batch in batches])
+
+    with pytest.raises(qlis.InputError, match=r"input of the calib callable's model call 0 "
+                                              r"changed after the call"):
+        qlis.compress(nn.Sequential(nn.Linear(8, 4)), calib=calib)
 
 
 def test_a_callables_model_calls_are_replayed_one_by_one():

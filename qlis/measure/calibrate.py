@@ -548,10 +548,14 @@ class Calibration:
         # them): the quality measured on them is not the user's data's
         self.synthetic = not callable(calib) and all(
             getattr(self._batch(i), "synthetic", False) is True for i in range(len(calib)))
-        self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-        """The buffers' values before any pass, which every pass starts from (a forward that
-        updates a counter or an observer's range would otherwise change the next pass and
-        leave the user's model changed)."""
+        self._buffers = {id(module): (module, {name: None if b is None else b.detach().clone()
+                                               for name, b in module._buffers.items()})
+                         for module in model.modules()}
+        """Each module's buffers before any pass (as it registered them), which every call of
+        the model starts from: a forward that updates a running normaliser or grows a
+        history would otherwise make each batch's output depend on the batches before it
+        (a pass measuring 2 of 8 batches read them in another state than the reference's:
+        cosine 0.982 with no weight changed) and leave the user's model changed."""
         self.cluster = cluster
         self.passes = 0
         self.seconds = 0.0
@@ -586,29 +590,42 @@ class Calibration:
         self.local = set(share_of(self.fitting, cluster) + share_of(self.held_out, cluster))
         """The batches this rank runs (all of them in one process)."""
         with together(cluster):
-            self.reference = self._references()
-        if spill is not None:
-            self.reference = {key: spill.keep_tensor(vectors)
-                              for key, vectors in self.reference.items()}
+            self.reference = self._references(spill)
         values = sum(v.numel() for v in self.reference.values())
         if not (sum(cluster.all_gather_json(values)) if cluster is not None else values):
             raise InputError("the calibration outputs are empty")
 
-    def _references(self) -> dict[int, torch.Tensor]:
-        """The original model's output vectors on this rank's batches, checked."""
+    def _references(self, spill: SpillFile | None) -> dict[int, torch.Tensor]:
+        """The original model's output vectors on this rank's batches, checked (each kept
+        in ``spill``, where given, as it comes)."""
         handle = None
+        inputs: list[tuple[int, _State]] = []
         if callable(self.calib):  # record the model calls it makes, to replay them in `feed`
-            handle = self.model.register_forward_pre_hook(
-                lambda module, args, kwargs: self.calls.append((args, kwargs)),
-                with_kwargs=True)
+
+            def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                inputs.extend((len(self.calls), _State(t)) for t in
+                              [*_batch_tensors(args), *_batch_tensors(kwargs)])
+                self.calls.append((args, kwargs))
+
+            handle = self.model.register_forward_pre_hook(record, with_kwargs=True)
+        else:
+            inputs = [(i, _State(t)) for i in sorted(self.local)
+                      for t in _batch_tensors(self._batch(i))]
         runs = self._runs(False)
         renormed = {id(t) for t in renormed_tables(self.model)}
         weights = [(name, _State(t)) for name, t in self.model.named_parameters()
                    if id(t) not in renormed]
-        inputs = [] if callable(self.calib) else [
-            (i, _State(t)) for i in sorted(self.local) for t in _batch_tensors(self._batch(i))]
+        counts: list[int | None] = []
+
+        def reference_of(key: int, output: Any) -> torch.Tensor:
+            tensor = first_tensor(output)
+            counts.append(_score_count(tensor, None if callable(self.calib) else
+                                       self._batch(key)))
+            vectors = self._output_vectors(key, tensor, widen=False)
+            return vectors if spill is None else spill.keep_tensor(vectors)
+
         try:
-            outputs = self.run_calls(runs, checked=True)
+            kept = self.run_calls(runs, checked=True, keep=reference_of)
         finally:
             if handle is not None:
                 handle.remove()
@@ -620,16 +637,17 @@ class Calibration:
                 "it cannot measure (nn.Embedding's max_norm is the one such change it "
                 "handles); compress without calib=")
         edited = next((i for i, state in inputs if state.changed()), None)
+        if edited is not None and callable(self.calib):
+            raise InputError(
+                f"the input of the calib callable's model call {edited} changed after the "
+                "call (one tensor refilled for every call, or edited by the forward): "
+                "calibration replays each call, so give each its own input tensor")
         if edited is not None:
             raise InputError(
                 f"the model's forward changed calibration batch {edited}'s input in place: "
                 "calibration runs each batch several times and needs it unchanged (clone an "
                 "input inside forward before editing it)")
-        tensors = [first_tensor(output) for output in outputs]
-        reference = {key: self._output_vectors(key, tensor, widen=False)
-                     for (key, _), tensor in zip(runs, tensors, strict=True)}
-        counts = [_score_count(tensor, None if callable(self.calib) else self._batch(key))
-                  for (key, _), tensor in zip(runs, tensors, strict=True)]
+        reference = {key: vectors for (key, _), vectors in zip(runs, kept, strict=True)}
         if counts and None not in counts and (max(counts) == 1 or _offset_dominated(
                 torch.cat([vectors.reshape(-1) for vectors in reference.values()]))):
             self.scores_per_batch = max(counts)
@@ -661,24 +679,29 @@ class Calibration:
     def run_calls(self, runs: Sequence[Run],
                   replacements: Mapping[str, Replacement] | None = None,
                   stop: type[Exception] | None = None, checked: bool = False,
-                  eager_bytes: int | None = None) -> list[Any]:
+                  eager_bytes: int | None = None,
+                  keep: Callable[[int, Any], Any] | None = None) -> list[Any]:
         """Make each of ``runs`` (calls of the model or of its parts, keyed by batch) in eval
         mode without gradients, with ``replacements`` swapped in (`swapped`), and return
-        their outputs (counted as one pass); a call that raises ``stop`` (a hook that has
-        seen what it needed) is cut short and gives no output. ``checked``: a batch the
-        model cannot take is an InputError that says which. Not inference mode: a model
-        that caches what it computes (BEiT's relative position index) would keep inference
-        tensors, which the gradient passes then cannot use."""
+        their outputs (counted as one pass), or what ``keep(batch, output)`` keeps of each
+        as it comes (a language model's logits and cache, whole, for 32 batches held 1.2 GB
+        at once); a call that raises ``stop`` (a hook that has seen what it needed) is cut
+        short and gives no output. ``checked``: a batch the model cannot take is an
+        InputError that says which. Not inference mode: a model that caches what it
+        computes (BEiT's relative position index) would keep inference tensors, which the
+        gradient passes then cannot use."""
         start = time.perf_counter()
         outputs = []
         try:
             with (torch.no_grad(), _in_eval_mode(self.model),
                   self.swapped(replacements or {}, eager_bytes), _renormed_copies(self.model)):
-                for i, run in runs:
+                for n, (i, run) in enumerate(runs):
                     self.batch = i
                     _fresh_casts()
+                    if n and not callable(self.calib):  # a callable's calls are one sequence
+                        self._restore_buffers()
                     try:
-                        outputs.append(run())
+                        output = run()
                     except Exception as err:
                         if stop is not None and isinstance(err, stop):
                             continue
@@ -687,6 +710,8 @@ class Calibration:
                         batch = None if callable(self.calib) else self._batch(i)
                         raise _model_failed(err, self._where(i), checked, self.model,
                                             batch) from err
+                    outputs.append(output if keep is None else keep(i, output))
+                    del output
         finally:
             _fresh_casts()
             self._restore_buffers()
@@ -718,16 +743,23 @@ class Calibration:
         """`_vectors` of batch ``key``'s output, without the positions its attention mask
         leaves out: the padding of a batch of lines of unequal length (nine tenths of one of
         GPT-2's) counted in the cosine, which met a min_cosine of 0.99 that the real tokens
-        (0.9889) did not."""
+        (0.9889) did not. Only an output of one vector per token: (batch, length, width) as
+        the mask is (batch, length), or sequence-first, (length, batch, width), as
+        nn.Transformer's default (the mask read in the flat order of the other dropped
+        real tokens and kept padding)."""
         vectors = _vectors(output, detach, widen)
-        rows = self._token_rows(key)
-        if rows is None or len(rows) != len(vectors):
+        mask = self._token_rows(key)
+        if mask is None or output.ndim != 3:
             return vectors
-        return vectors[rows.to(vectors.device)]
+        if output.shape[:2] == mask.shape:
+            return vectors[mask.reshape(-1).to(vectors.device)]
+        if output.shape[:2] == mask.T.shape:
+            return vectors[mask.T.reshape(-1).to(vectors.device)]
+        return vectors
 
     def _token_rows(self, key: int) -> torch.Tensor | None:
-        """Which output rows of batch ``key`` are real tokens: its 0/1 ``attention_mask``,
-        flattened (None for a callable, or a batch without one); read once per batch, not at
+        """Which positions of batch ``key`` are real tokens: its 0/1 ``attention_mask`` as
+        bools (None for a callable, or a batch without one); read once per batch, not at
         every pass."""
         if callable(self.calib):
             return None
@@ -736,21 +768,29 @@ class Calibration:
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             usable = isinstance(mask, torch.Tensor) and mask.ndim == 2 and bool(
                 ((mask == 0) | (mask == 1)).all())
-            self._token_masks[key] = mask.reshape(-1).bool() if usable else None
+            self._token_masks[key] = mask.bool() if usable else None
         return self._token_masks[key]
 
     def _where(self, batch: int) -> str:
         return "the callable" if callable(self.calib) else f"batch {batch}"
 
     def _restore_buffers(self) -> None:
-        """The buffers as they were before the first pass (`_buffers`), where a pass changed
-        them (inside inference mode, which also writes an inference tensor)."""
-        with torch.inference_mode():
-            for name, buffer in self.model.named_buffers():
-                saved = self._buffers.get(name)
-                if (saved is not None and saved.shape == buffer.shape
-                        and saved.dtype == buffer.dtype and not torch.equal(saved, buffer)):
-                    buffer.copy_(saved)
+        """The buffers as they were before the first pass (`_buffers`): values a call changed
+        copied back into the same tensors (inside inference mode, which also writes an
+        inference tensor), a buffer a call replaced by another shape or kind put back, one it
+        registered taken out."""
+        for module, saved in self._buffers.values():
+            for name in module._buffers.keys() - saved.keys():
+                del module._buffers[name]
+            for name, value in saved.items():
+                buffer = module._buffers.get(name)
+                if value is None or buffer is None or (buffer.shape, buffer.dtype,
+                                                       buffer.device) != (
+                        value.shape, value.dtype, value.device):
+                    module._buffers[name] = None if value is None else value.clone()
+                elif not torch.equal(value, buffer):
+                    with torch.inference_mode():
+                        buffer.copy_(value)
 
     @property
     def forward_calls(self) -> int:
@@ -788,8 +828,9 @@ class Calibration:
         """The output vectors with some state-dict entries replaced (the model is restored
         after), on this rank's ``batches`` (default: every batch), by batch."""
         runs = self._runs(False, batches)
-        return {key: self._output_vectors(key, first_tensor(output)) for (key, _), output in
-                zip(runs, self.run_calls(runs, replacements), strict=True)}
+        vectors = self.run_calls(runs, replacements, keep=lambda key, output: (
+            self._output_vectors(key, first_tensor(output))))
+        return {key: found for (key, _), found in zip(runs, vectors, strict=True)}
 
     @contextmanager
     def swapped(self, replacements: Mapping[str, Replacement],

@@ -89,6 +89,12 @@ _FLAT_GAIN = 1e-2
 """A layer whose gradient gain is above 0 and below this share of the median is probed as
 well: a gradient sees only what is differentiable, and a top-1 router's choice is not
 (Mixtral: 1e-15 of the median, while rounding the router sends tokens to other experts)."""
+_ROUNDING_DISTORTION = 1e-12
+"""Output distortion (1 - cosine) that float rounding makes with no layer involved: equal
+outputs measure up to ~2e-16, a float32 network's reordered sums ~1e-15. A layer whose gain
+says that even its removal moves the output less than this is one the outputs do not depend
+on (attention's query and key on sequences of one token measured 2e-16, and were rounded to
+nothing without a word)."""
 _COSINE_PASSES = 4
 _COSINE_AIM = 0.95  # between two executions, aim this share of the allowed output error
 _SIZE_PASSES = 3
@@ -818,7 +824,7 @@ class RDPolicy(Policy):
         if gains is None:
             probed = {name: _probe_gain(context, name, cands)
                       for name, cands in zip(names, per_layer, strict=True)}
-            gains = {name: gain for name, gain in probed.items() if gain is not None}
+            gains = {name: 0.0 if gain is None else gain for name, gain in probed.items()}
         else:
             measured = [g for g in gains.values() if g > 0]
             flat = float(np.median(measured)) * _FLAT_GAIN if measured else math.inf
@@ -827,6 +833,8 @@ class RDPolicy(Policy):
                 if name in gains and 0 < gains[name] < flat:
                     gain = _probe_gain(context, name, cands)
                     gains[name] = max(gains[name], gain if gain is not None else 0.0)
+        gains = {name: gain if gain > _ROUNDING_DISTORTION else 0.0
+                 for name, gain in gains.items()}
         # a layer the calibration's outputs do not depend on (never run, or not on the path
         # to the compared output) measures no gain: the data says nothing about it, so it
         # counts as a typical layer (the median gain) rather than being rounded to nothing
@@ -834,18 +842,18 @@ class RDPolicy(Policy):
         measured = [g for g in gains.values() if g > 0]
         typical = float(np.median(measured)) if measured else 1.0
         unreached = [i for i, (name, cands) in enumerate(zip(names, per_layer, strict=True))
-                     if name in gains and not gains[name] > 0
+                     if not gains[name] > 0
                      and any(c.config is not None and c.rel_mse > 0 for c in cands)]
         calibration.unreached.update(names[i] for i in unreached)
-        return [np.array([(gains.get(name, 0.0) if gains.get(name, 0.0) > 0 else typical)
-                          * c.rel_mse for c in cands])
+        return [np.array([(gains[name] if gains[name] > 0 else typical) * c.rel_mse
+                          for c in cands])
                 for name, cands in zip(names, per_layer, strict=True)], unreached
 
 
 def _probe_gain(context: PlanContext, name: str, candidates: list[_Candidate]) -> float | None:
     """A layer's gain measured by one forward pass over the fitting batches with the layer
     alone rounded (at the candidate nearest `_PROBE_REL_MSE`); None where no candidate
-    rounds it or the rounding changed nothing."""
+    rounds it or the rounding changed the outputs no more than float rounding does."""
     quantized = [c for c in candidates if c.config is not None]
     if not quantized:
         return None
@@ -854,8 +862,9 @@ def _probe_gain(context: PlanContext, name: str, candidates: list[_Candidate]) -
     stored, layer = execute_layer(name, context.state[name], probe.layer_config)
     if not layer.rel_mse > 0:
         return None
-    measured = context.calibration.measure({name: dequantized(stored)}, held_out=False)
-    return measured["one_minus_cosine"] / layer.rel_mse
+    measured = context.calibration.measure({name: dequantized(stored)},
+                                           held_out=False)["one_minus_cosine"]
+    return measured / layer.rel_mse if measured > _ROUNDING_DISTORTION else None
 
 
 def _data_free_choice(per_layer: list[list[_Candidate]], indices: list[int],
