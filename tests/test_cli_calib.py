@@ -229,6 +229,19 @@ def test_config_sizes_the_weights_cannot_justify_are_refused_before_building(
     assert not (tmp_path / "x.qlis").exists()
 
 
+def test_a_config_count_no_listed_key_bounds_stops_the_build_early(tmp_path):
+    """ALBERT's inner_group_num is no key of a layer count qlis bounds: 300,000 built layers
+    for minutes and 7.5 GB on the meta device before the skeleton was compared."""
+    folder = tmp_path / "albert"
+    transformers.AlbertModel(transformers.AlbertConfig(
+        vocab_size=40, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
+    ).save_pretrained(folder)
+    folder = _edited_copy(folder, tmp_path, inner_group_num=100_000)
+    message = user_error("pack", folder, "-o", tmp_path / "x.qlis", "--calib", "synthetic")
+    assert "describes a model of more than" in message and "modules" in message
+
+
 def test_a_config_transformers_cannot_build_or_weights_of_the_wrong_kind_are_one_line(
         bert_folder, tmp_path):
     """Zero attention heads was a ZeroDivisionError inside transformers, 10**9 positions a

@@ -9,8 +9,10 @@ must refuse.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -434,6 +436,85 @@ def _mapped(path: Path) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+@pytest.mark.parametrize("size", [16, 1 << 19])  # read, and mapped
+def test_a_file_replaced_after_its_header_was_read_is_refused_not_mixed_in(tmp_path, size):
+    """Tensors are read long after the header: a file swapped in meanwhile (a download
+    finishing) was read as the model, silently; a pipe put there blocked the read."""
+    path, other = tmp_path / "m.safetensors", tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(size)}, path)
+    save_file({"w": torch.ones(size)}, other)
+    state = load_state_dict(path)
+    os.replace(other, path)
+    with pytest.raises(InputError, match="changed while qlis read it"):
+        state["w"]
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(InputError, match="not a regular file"):
+        state["w"]
+
+
+def _checkpoint_claiming(path: Path, numel: int) -> None:
+    """A zip checkpoint as torch.save writes it, whose one storage's pickle claims ``numel``
+    floats where its record holds 16."""
+
+    class Claim:
+        pass
+
+    class Rebuilt:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (Claim(), 0, (numel,), (1,), False, {})
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if isinstance(
+                obj, Claim) else None
+
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump({"w": Rebuilt()})
+    writer = torch._C.PyTorchFileWriter(str(path))
+    for name, record in (("data.pkl", data.getvalue()), ("byteorder", b"little"),
+                         ("data/0", torch.arange(16.0).numpy().tobytes())):
+        writer.write_record(name, record, len(record))
+    writer.write_end_of_file()
+
+
+def test_a_storage_claiming_more_than_its_record_is_refused(tmp_path):
+    """Mapped, the storage ran on past its record: the zip's directory read as weights."""
+    _checkpoint_claiming(tmp_path / "honest.pt", 16)
+    assert torch.equal(load_state_dict(tmp_path / "honest.pt")["w"], torch.arange(16.0))
+    _checkpoint_claiming(tmp_path / "claims.pt", 48)
+    refused(tmp_path / "claims.pt", "record size", "does not match")
+
+
+def test_legacy_and_code_running_checkpoints_are_refused_with_the_reason(tmp_path):
+    """A legacy (pre-zip) pickle allocates every storage it claims before reading any; a
+    pickle that runs os.system was told it is not a checkpoint (torch 2.13 spells its
+    "unsupported GLOBAL" otherwise)."""
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    refused(tmp_path / "legacy.pt", "legacy format", "torch 1.6")
+
+    class Runs:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    torch.save({"w": Runs()}, tmp_path / "runs.pt")
+    refused(tmp_path / "runs.pt", "would run code")
+
+
+def test_a_bool_tensor_of_other_bytes_in_a_torch_file_is_refused(tmp_path):
+    flags = torch.tensor([2, 3, 0, 1], dtype=torch.uint8).view(torch.bool)
+    torch.save({"mask": flags}, tmp_path / "flags.pt")
+    refused(tmp_path / "flags.pt", "bool tensor 'mask'", "other than 0 and 1")
+
+
+def test_a_shard_index_giving_a_tensor_twice_is_refused(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "s0.safetensors")
+    save_file({"a": torch.zeros(2)}, tmp_path / "s1.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "s0.safetensors", "a": "s1.safetensors"}}')
+    refused(tmp_path, "key 'a' is given twice")
+
+
 def test_a_large_tensor_is_mapped_while_it_lives_and_writes_never_reach_the_file(tmp_path):
     path = tmp_path / "big.safetensors"
     save_file({"small": torch.ones(4), "big": torch.arange(1 << 19, dtype=torch.float32)}, path)

@@ -37,7 +37,7 @@ from qlis.models.tensors import (
     checked_state,
     tensor_label,
 )
-from qlis.regular_files import file_kind, read_small_file
+from qlis.regular_files import file_kind, open_regular_file, read_small_file
 from qlis.workers.threads import IN_FLIGHT_ELEMENTS, SMALL_TENSOR_ELEMENTS, ordered_map
 from qlis.write_behind import WriteBehind
 
@@ -75,22 +75,54 @@ def _stat(path: Path) -> os.stat_result:
             from None
 
 
-def _require_regular(path: Path) -> int:
-    """The size of a regular file; anything else is refused before it is opened."""
+def _require_regular(path: Path) -> os.stat_result:
+    """The status of a regular file; anything else is refused before it is opened."""
     info = _stat(path)
     if not stat.S_ISREG(info.st_mode):
         raise InputError(
             f"{path}: is {file_kind(info.st_mode)}; give a model file or a model folder"
         )
-    return info.st_size
+    return info
+
+
+FileIdentity = tuple[int, int, int, int]
+"""A file as it was validated: device, inode, size and modification time."""
+
+
+def _identity(info: os.stat_result) -> FileIdentity:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _open_unchanged(path: Path, identity: FileIdentity) -> int:
+    """A descriptor of ``path`` that is still the file validated as ``identity``: tensors are
+    read long after their header, and a file replaced since (a download finishing, another
+    model copied over it) was read as this one, silently, or a pipe put there blocked."""
+    fd = open_regular_file(path, str(path), "a model file")
+    if _identity(os.fstat(fd)) != identity:
+        os.close(fd)
+        raise InputError(f"{path}: changed while qlis read it (replaced or rewritten since "
+                         "its header was read); run again once it is complete")
+    return fd
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all different (json keeps the last of a key given twice:
+    a shard index naming a tensor's shard twice read one shard, silently)."""
+    found: dict[str, object] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"the key {key[:200]!r} is given twice")
+        found[key] = value
+    return found
 
 
 def _parse_json(data: bytes, path: Path) -> object:
-    """JSON with bounded cost: the size is capped by the caller, containers and depth here."""
+    """JSON with bounded cost (the size is capped by the caller, containers and depth here),
+    every object's keys different."""
     if data.count(b"[") + data.count(b"{") > _MAX_JSON_CONTAINERS:
         raise InputError(f"{path}: more than {_MAX_JSON_CONTAINERS:,} JSON arrays and objects")
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply") from None
     except ValueError as err:  # also UnicodeDecodeError and over-long integers
@@ -121,21 +153,25 @@ def _names_given_twice(header: bytes) -> bool:
     return len(keys) != len(set(keys))
 
 
-def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]]]:
-    """(where the data starts, [(name, dtype, shape, bytes)] in file order), validated.
+def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, list, int]],
+                                              FileIdentity]:
+    """(where the data starts, [(name, dtype, shape, bytes)] in file order, the file's
+    identity), validated.
 
     The header is read through the safetensors library (which bounds its size and depth and
     checks that the tensors tile the data exactly); offsets follow from the tensors in offset
-    order; the JSON is parsed here only for its names (`_names_given_twice`).
+    order; the JSON is parsed here only for its names (`_names_given_twice`), from the file
+    as it was first seen (`_open_unchanged`).
     """
-    file_size = _require_regular(path)
+    identity = _identity(_require_regular(path))
+    file_size = identity[2]
     try:
         with safe_open(str(path), framework="pt") as f:
             entries = [(n, f.get_slice(n).get_dtype(), f.get_slice(n).get_shape())
                        for n in f.offset_keys()]
-        with open(path, "rb") as f:
+        with open(_open_unchanged(path, identity), "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = f.read(header_len)  # bounded: the library read it whole
+            header = f.read(min(header_len, file_size))  # the library read it whole
     except (SafetensorError, OSError, ValueError, struct.error) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from None
     except MemoryError as err:  # mapping the file failed: a limit on the address space
@@ -152,7 +188,7 @@ def _safetensors_layout(path: Path) -> tuple[int, list[tuple[str, torch.dtype, l
     data_start = 8 + header_len
     if data_start + sum(size for *_, size in specs) != file_size:
         raise InputError(f"{path}: tensor data does not match the file size (corrupt file)")
-    return data_start, specs
+    return data_start, specs, identity
 
 
 def _check_bool(path: Path, name: str, raw: np.ndarray) -> None:
@@ -164,19 +200,16 @@ def _check_bool(path: Path, name: str, raw: np.ndarray) -> None:
 _MAPPED_FROM_BYTES = 1 << 20  # smaller tensors are read into memory, larger ones mapped
 
 
-def _mapped(path: Path, offset: int, size: int) -> np.ndarray:
+def _mapped(path: Path, fd: int, offset: int, size: int) -> np.ndarray:
     """``size`` bytes of the file at ``offset``, mapped copy-on-write (writes never reach the
     file); the mapping lives as long as the array. What ``np.memmap(mode="c")`` does, without
     its bookkeeping: a pack maps every tensor three times, and that cost a tenth of a second
     of held GIL on ViT-L/14."""
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    fd = os.open(path, os.O_RDONLY)
     try:
         mapping = mmap.mmap(fd, offset - start + size, access=mmap.ACCESS_COPY, offset=start)
     except ValueError:  # shorter than the header said: it changed since it was opened
         raise InputError(f"{path}: the file ended early (changed while reading)") from None
-    finally:
-        os.close(fd)
     return np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset - start)
 
 
@@ -191,8 +224,10 @@ class MappedState(ValidatedState):
     not the model: memory independent of its size.
     """
 
-    def __init__(self, specs: dict[str, tuple[Path, int, torch.dtype, list[int], int]]) -> None:
+    def __init__(self, specs: dict[str, tuple[Path, int, torch.dtype, list[int], int]],
+                 files: dict[Path, FileIdentity]) -> None:
         self._specs = specs  # name -> (file, absolute offset, dtype, shape, bytes)
+        self._files = files  # each file as it was validated (`_open_unchanged`)
         self._layout: dict[str, torch.Tensor] | None = None
 
     def layout(self) -> Mapping[str, torch.Tensor]:
@@ -203,12 +238,12 @@ class MappedState(ValidatedState):
 
     @classmethod
     def of_file(cls, path: Path) -> MappedState:
-        data_start, layout = _safetensors_layout(path)
+        data_start, layout, identity = _safetensors_layout(path)
         specs, offset = {}, data_start
         for name, dtype, shape, size in layout:
             specs[name] = (path, offset, dtype, shape, size)
             offset += size
-        state = cls(specs)
+        state = cls(specs, {path: identity})
         for name, dtype, *_ in layout:
             if dtype == torch.bool:  # rare and small: a bad one is refused at once
                 state[name]
@@ -218,16 +253,18 @@ class MappedState(ValidatedState):
         path, offset, dtype, shape, size = self._specs[name]
         if size == 0:
             return torch.empty(shape, dtype=dtype)
-        if size < _MAPPED_FROM_BYTES or offset % dtype.itemsize:  # unaligned: a copy
-            tensor = torch.empty(shape, dtype=dtype)
-            raw = tensor.reshape(-1).view(torch.uint8).numpy()
-            with open(path, "rb") as f:
-                f.seek(offset)
-                if f.readinto(memoryview(raw)) != size:
+        fd = _open_unchanged(path, self._files[path])
+        try:
+            if size < _MAPPED_FROM_BYTES or offset % dtype.itemsize:  # unaligned: a copy
+                tensor = torch.empty(shape, dtype=dtype)
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                if os.preadv(fd, [memoryview(raw)], offset) != size:
                     raise InputError(f"{path}: the file ended early (changed while reading)")
-        else:
-            raw = _mapped(path, offset, size)
-            tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
+            else:
+                raw = _mapped(path, fd, offset, size)
+                tensor = torch.from_numpy(raw).view(dtype).reshape(shape)
+        finally:
+            os.close(fd)
         if dtype == torch.bool:
             _check_bool(path, name, raw)
         return tensor
@@ -247,7 +284,7 @@ class MappedState(ValidatedState):
 
     def merged(self, other: MappedState) -> MappedState:
         """Both files' tensors (shards of one model, which the caller checked are disjoint)."""
-        return MappedState({**self._specs, **other._specs})
+        return MappedState({**self._specs, **other._specs}, {**self._files, **other._files})
 
 
 def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -262,7 +299,7 @@ def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor])
     overwritten, so read into a model that is being built.
     """
     path = Path(path)
-    data_start, specs = _safetensors_layout(path)
+    data_start, specs, identity = _safetensors_layout(path)
     names = [name for name, *_ in specs]
     if set(names) != set(tensors):
         missing = sorted(set(tensors) - set(names))
@@ -277,7 +314,7 @@ def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor])
         if not target.is_contiguous() or target.device.type != "cpu":
             raise InputError(f"tensor {tensor_label(name)} of the model is not contiguous "
                              "CPU memory; read the file with load_state_dict instead")
-    with open(path, "rb") as f:
+    with open(_open_unchanged(path, identity), "rb") as f:
         f.seek(data_start)
         for name, dtype, shape, size in specs:
             if size == 0:
@@ -294,19 +331,16 @@ def read_safetensors_into(path: str | Path, tensors: Mapping[str, torch.Tensor])
 
 
 def _torch_load(path: Path) -> object:
-    """torch.load, memory-mapped when the file is a zip checkpoint (no second copy in memory).
+    """torch.load of a zip checkpoint, read into memory: mapped, a storage that claims more
+    than its record read the bytes after it as weights (torch checks a record's size only
+    when it reads it), and a file truncated while in use killed the process (SIGBUS).
 
     Warnings are silenced: a checkpoint we refuse (e.g. of quantized tensors) must give one
     clear line, not torch's deprecation notices.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _check_zip_records(path: Path) -> None:
@@ -314,12 +348,20 @@ def _check_zip_records(path: Path) -> None:
     torch.load never checks: a damaged .pt otherwise loads (and packs) its damaged weights
     silently. One more read of the file (the page cache then serves torch.load's). A
     compressed record is refused: torch.load maps a record's bytes as the tensor's, so a
-    deflated one loaded as garbage, silently. A file that is no zip (a legacy pickle
-    checkpoint) is left to torch.load."""
+    deflated one loaded as garbage, silently. A file that is no zip is refused: torch's
+    legacy format (before 1.6) allocates every storage its pickle claims before reading
+    any (32 GB asked by a 500-byte file)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return
+        with contextlib.suppress(OSError), open(path, "rb") as file:
+            if file.read(1) == b"\x80":  # a pickle: torch's legacy format
+                raise InputError(
+                    f"{path}: a checkpoint of torch's legacy format (before torch 1.6), which "
+                    "qlis does not read; load it and save it again with torch.save, or as "
+                    ".safetensors") from None
+        raise InputError(f"{path}: not a PyTorch checkpoint (its pickle data is not a state "
+                         "dict's)") from None
     try:
         with archive:
             for info in archive.infolist():
@@ -342,7 +384,7 @@ def _load_torch(path: Path) -> Mapping:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # bytes no pickle of tensors is made of
+        if "unsupported global" not in str(err).lower():  # bytes no pickle of tensors has
             raise InputError(f"{path}: not a PyTorch checkpoint (its pickle data is not a "
                              "state dict's)") from None
         raise InputError(
@@ -377,6 +419,11 @@ def _tensor_mapping(obj: object, path: Path) -> Mapping:
         if not obj:
             raise InputError(f"{path}: holds an empty state dict")
         if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            for name, tensor in obj.items():
+                if (tensor.dtype == torch.bool and tensor.layout == torch.strided
+                        and tensor.device.type == "cpu"):  # as a safetensors file's are
+                    _check_bool(path, name,
+                                tensor.detach().reshape(-1).view(torch.uint8).numpy())
             return obj
         nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
         if nested is None:
@@ -492,7 +539,7 @@ def _weight_map(index: Path) -> dict[str, str]:
 def _load_shards(index: Path, folder: Path, roots: tuple[Path, ...]) -> Mapping:
     """Every shard the index names, each tensor checked to be where the index puts it."""
     weight_map = _weight_map(index)
-    state: Mapping = MappedState({})
+    state: Mapping = MappedState({}, {})
     for shard in sorted(set(weight_map.values())):
         shard_path = _inside(roots, folder / shard, index)
         if not os.path.lexists(shard_path):

@@ -15,11 +15,12 @@ import inspect
 import io
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.modules.module as registration
 
 from qlis.errors import InputError, first_line
 from qlis.models.checkpoints import check_folder_links, load_state_dict, read_config
@@ -183,6 +184,37 @@ def _check_skeleton(folder: Path, skeleton: torch.nn.Module,
                          f"its weights hold {elements:,}")
 
 
+_MODULES_PER_TENSOR = 64
+"""Modules a build may register per tensor of the weights (plus `_MODULE_SLACK`): a layer
+holds a few tensors and a dozen modules, dropouts and activations included."""
+_MODULE_SLACK = 10_000
+
+
+class _BuildTooLarge(Exception):
+    """A build registered more modules than the weights can justify."""
+
+
+@contextlib.contextmanager
+def _bounded_build(limit: int) -> Iterator[None]:
+    """Within the block, module construction stops (`_BuildTooLarge`) past ``limit``
+    modules: a config count that no listed key bounds (ALBERT's ``inner_group_num`` of
+    300,000) built for minutes and 7.5 GB, on the meta device, before the finished skeleton
+    could be compared with the weights (its sizes cost nothing there: `_check_skeleton`)."""
+    built = 0
+
+    def count(_module: torch.nn.Module, _name: str, _child: torch.nn.Module | None) -> None:
+        nonlocal built
+        built += 1
+        if built > limit:
+            raise _BuildTooLarge(f"more than {limit:,} modules")
+
+    hook = registration.register_module_module_registration_hook(count)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def _builder(folder: Path, transformers: Any) -> Callable[[], torch.nn.Module]:
     """What builds the folder's module from its config.json (weights left unfilled)."""
     with _quietly():
@@ -218,8 +250,13 @@ def load_hf_model(folder: str | Path) -> torch.nn.Module:
     _check_config_sizes(folder, read_config(folder), len(state), elements)
     try:  # transformers' own checks raise anything (ZeroDivisionError for zero heads)
         build = _builder(folder, transformers)
-        with torch.device("meta"):
+        with torch.device("meta"), _bounded_build(_MODULES_PER_TENSOR * len(state)
+                                                  + _MODULE_SLACK):
             skeleton = build()
+    except _BuildTooLarge as err:
+        raise InputError(f"{folder}: its config.json describes a model of {err}, which its "
+                         f"weights ({len(state):,} tensors of {elements:,} elements) cannot "
+                         "fill") from None
     except Exception as err:  # noqa: BLE001 - a hostile config.json, not a bug of ours
         detail = first_line(err) or type(err).__name__
         raise InputError(f"{folder}: transformers cannot build this model from its "
