@@ -9,6 +9,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -401,3 +403,17 @@ def test_the_help_lists_the_commands_alike_before_and_after_they_are_loaded():
 def test_demo_offers_no_policy_it_cannot_run_without_options():
     line = one_line_error("demo", "--model", "vit-tiny", "--policy", "levels")
     assert "Invalid value for '--policy': 'levels' is not one of" in line
+
+
+def test_an_environment_torch_refuses_at_import_is_one_line(tmp_path):
+    """TORCH_DISTRIBUTED_DEBUG=bogus made torch's import raise a ValueError: a traceback
+    from every model command."""
+    model = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4, 4)}, model)
+    done = subprocess.run([sys.executable, "-m", "qlis", "inspect", str(model)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TORCH_DISTRIBUTED_DEBUG": "bogus"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "qlis: error: cannot start: The value of TORCH_DISTRIBUTED_DEBUG must be OFF, INFO, "
+        "or DETAIL."]

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import qlis
 from qlis.archive.file import encode_tensor, plan_entry
 from qlis.archive.pack import _fingerprint, _packed, _packed_error, _unpacked
-from qlis.errors import ClusterError
+from qlis.errors import ClusterError, InputError
 from qlis.workers.cluster import Cluster, spread
 
 TIMEOUT_S = 120
@@ -436,6 +436,10 @@ def test_no_job_in_the_environment_is_no_cluster(monkeypatch):
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "70000"},
      "MASTER_PORT=70000 is not a TCP port"),
     ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "0"}, "MASTER_PORT=0 is not a TCP port"),
+    ({"WORLD_SIZE": str(2**32), "RANK": "0"},  # torch's store: a TypeError, a traceback
+     "WORLD_SIZE=4294967296: qlis runs jobs of at most 1,048,576 ranks"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "256.1.1.1", "MASTER_PORT": "29500"},
+     "MASTER_ADDR='256.1.1.1' is no address this machine can reach"),  # waited 1,199 s
 ])
 def test_a_job_environment_no_rank_could_join_is_refused_before_waiting(monkeypatch, env, message):
     for name in DIST_ENV:
@@ -525,6 +529,35 @@ def test_spread_over_ranks_gives_every_rank_all_results_each_computed_once():
     owner = Cluster(0, 3).owners(costs)
     for rank, indices in computed.items():
         assert sorted(indices) == [i for i in items if owner[i] == rank]
+
+
+def test_a_user_error_on_one_rank_is_told_to_the_others():
+    """A NaN in a layer rank 1 owns: rank 0 waited for its results and said gloo's
+    "Connection reset by peer", naming no reason."""
+    ranks = _thread_ranks(2)
+    raised: dict[int, BaseException] = {}
+
+    def measure(x: int) -> int:
+        if x == 3:
+            raise InputError("layer 'w3' contains NaN values: repair the weights")
+        return x
+
+    def run(rank: Cluster) -> None:
+        try:
+            spread(measure, list(range(6)), [1.0] * 6, 1, rank)
+        except BaseException as err:  # re-raised in the test's thread
+            raised[rank.rank] = err
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    owner = Cluster(0, 2).owners([1.0] * 6)[3]
+    assert isinstance(raised[owner], InputError)
+    other = raised[1 - owner]
+    assert isinstance(other, ClusterError)
+    assert str(other) == f"rank {owner}: layer 'w3' contains NaN values: repair the weights"
 
 
 def test_spread_refuses_a_rank_that_returns_another_number_of_results():
@@ -623,4 +656,13 @@ def test_fingerprint_sees_the_input_and_the_options():
     ]
     assert base not in others and others[-1] != others[-2]
     assert len(set(others)) == len(others)
+
+
+def test_fingerprint_sees_a_change_anywhere_in_a_large_tensor():
+    """Only each tensor's first and last 64 KiB were compared: ranks reading copies that
+    differ in the middle wrote an archive of both, silently."""
+    state = {"w.weight": torch.zeros(256, 1024)}  # 1 MiB
+    base = _fingerprint(state, "rd", 0.5, "ans", {})
+    state["w.weight"][128, 512] = 1.0
+    assert _fingerprint(state, "rd", 0.5, "ans", {}) != base
 

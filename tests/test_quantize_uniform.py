@@ -59,6 +59,10 @@ def test_wide_ranges_use_16_bit_codes_and_the_limit_is_enforced():
         UniformQuantizer(step=1e-6).quantize(torch.tensor([-1.0, 1.0]))
     with pytest.raises(ConfigError, match="the step that rel_mse 1e-12 asks for needs"):
         UniformQuantizer(rel_mse=1e-12).quantize(torch.linspace(-1, 1, 5001))
+    # a step below float32's smallest number was taken for a row of zeros (step 1): every
+    # weight of the layer rounded to 0, exit 0
+    with pytest.raises(ConfigError, match="rel_mse=1e-300 makes steps below float32's"):
+        UniformQuantizer(rel_mse=1e-300).quantize(torch.linspace(-1, 1, 5001))
     assert MAX_LEVELS == 65536
 
 

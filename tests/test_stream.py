@@ -6,6 +6,7 @@ publishes atomically or leaves nothing behind; ``qlis pack --jobs``."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import stat
@@ -800,6 +801,18 @@ def _interrupted_pack(model: Path, out: Path, monkeypatch) -> Path:
     return out.with_name(f".{out.name}-pass1.json")
 
 
+def _saved_document(saved: Path) -> dict:
+    """The saved first pass's document (after its digest line)."""
+    return json.loads(saved.read_bytes().split(b"\n", 1)[1])
+
+
+def _forge(saved: Path, document: dict) -> None:
+    """Save ``document`` as the first pass with a digest that matches it: a forgery, which
+    the digest cannot tell (the values must be checked for themselves)."""
+    text = json.dumps(document).encode()
+    saved.write_bytes(hashlib.sha256(text).hexdigest().encode() + b"\n" + text)
+
+
 @pytest.mark.parametrize("edit", [
     lambda c: c.update(size="x"), lambda c: c.update(size=-1.0), lambda c: c.update(rel_mse=-1),
     lambda c: c.update(rel_mse=True), lambda c: c.update(config={"id": "nonesuch"}),
@@ -817,10 +830,10 @@ def test_a_saved_pass_with_forged_values_is_measured_again(model_file, tmp_path,
     of one weight, a rounded layer without error) planned with: a destroyed model, exit 0."""
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
-    document = json.loads(saved.read_text())
+    document = _saved_document(saved)
     key = next(k for k in document["results"] if k.startswith("rd "))
     edit(document["results"][key][0][-1])
-    saved.write_text(json.dumps(document))
+    _forge(saved, document)
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
     assert "rd" in measured and "inspect" not in measured  # the layers' statistics were fine
@@ -835,10 +848,10 @@ def test_a_saved_pass_without_a_layers_candidates_is_measured_again(model_file, 
     needs as many sizes as distortions, at least one"), at every rerun with --resume."""
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
-    document = json.loads(saved.read_text())
+    document = _saved_document(saved)
     key = next(k for k in document["results"] if k.startswith("rd "))
     document["results"][key][0] = []
-    saved.write_text(json.dumps(document))
+    _forge(saved, document)
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
     assert "rd" in measured and "inspect" not in measured
@@ -851,20 +864,57 @@ def test_a_pack_that_fails_after_using_a_saved_pass_measures_again(model_file, t
     saved pass, at every rerun with --resume, until the user found the hidden file."""
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
-    document = json.loads(saved.read_text())
+    document = _saved_document(saved)
     key = next(k for k in document["results"] if k.startswith("rd "))
     for layer in document["results"][key]:
         # free and all but exact, of a step family the options offer: always chosen
         layer.append({"config": {"id": "uniform", "rel_mse": 1e-61, "granularity": "tensor",
                                  "rounding": qlis.plan.rd.RDPolicy().rounding},
                       "size": 0.0, "rel_mse": 1e-60, "pruner": None})
-    saved.write_text(json.dumps(document))
+    _forge(saved, document)
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
     assert "rd" in measured and "inspect" in measured  # measured again from the start
     expected = tmp_path / "expected.qlis"
     qlis.save(qlis.compress(load_state_dict(model_file), target_bits_per_weight=3), expected)
     assert out.read_bytes() == expected.read_bytes() and not saved.exists()
+
+
+@pytest.mark.parametrize("change", ["damaged", "model-copied-with-its-times", "junk"])
+def test_a_damaged_saved_pass_or_a_model_copied_over_is_measured_again(
+        model_file, tmp_path, monkeypatch, change):
+    """One digit of the saved pass changed the plan; a model copied over with its size and
+    times kept (cp -p) was taken for the one measured; a file of junk under the pass's name
+    was parsed whole (8 GB for 256 MiB) before it was found not to match."""
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(model_file.read_bytes())
+    out = tmp_path / "out.qlis"
+    saved = _interrupted_pack(model, out, monkeypatch)
+    if change == "damaged":
+        data = saved.read_bytes()
+        at = data.index(b"rel_mse") + 12
+        saved.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+    elif change == "junk":
+        saved.write_bytes(b"[]," * 1000)
+
+        def never(*_args, **_kwargs):
+            raise AssertionError("parsed")
+
+        monkeypatch.setattr(qlis.archive.resume, "parse_json_text", never)
+    else:
+        times = model.stat()
+        state = load_file(model)
+        state = {name: tensor.flip(0).contiguous() for name, tensor in state.items()}
+        save_file(state, tmp_path / "other.safetensors")
+        os.replace(tmp_path / "other.safetensors", model)
+        os.utime(model, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert model.stat().st_size == times.st_size
+    measured = _count_measures(monkeypatch)
+    qlis.pack(load_state_dict(model), out, target_bits_per_weight=3, resume=True)
+    assert "inspect" in measured and "rd" in measured
+    expected = tmp_path / "expected.qlis"
+    qlis.save(qlis.compress(load_state_dict(model), target_bits_per_weight=3), expected)
+    assert out.read_bytes() == expected.read_bytes()
 
 
 def test_a_first_pass_too_large_to_save_is_not_saved_and_the_pack_goes_on(
@@ -875,7 +925,7 @@ def test_a_first_pass_too_large_to_save_is_not_saved_and_the_pack_goes_on(
     monkeypatch.setattr(qlis.archive.resume, "MAX_CACHE_BYTES", 2000)
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
-    kept = json.loads(saved.read_text())["results"]  # the layers' statistics fit, rd's not
+    kept = _saved_document(saved)["results"]  # the layers' statistics fit, rd's not
     assert len(saved.read_bytes()) <= 2000 and [k.split()[0] for k in kept] == ["inspect"]
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
@@ -904,10 +954,10 @@ def test_saved_layer_statistics_that_no_pass_makes_are_measured_again(model_file
                                                                       monkeypatch, value):
     out = tmp_path / "out.qlis"
     saved = _interrupted_pack(model_file, out, monkeypatch)
-    document = json.loads(saved.read_text())
+    document = _saved_document(saved)
     key = next(k for k in document["results"] if k.startswith("inspect"))
     document["results"][key][0] = value
-    saved.write_text(json.dumps(document))  # NaN as JSON's NaN: Python reads it back
+    _forge(saved, document)  # NaN as JSON's NaN: Python reads it back
     measured = _count_measures(monkeypatch)
     qlis.pack(load_state_dict(model_file), out, target_bits_per_weight=3, resume=True)
     assert "inspect" in measured

@@ -3,11 +3,13 @@
 The first pass (every layer's statistics and rd's rate-distortion curves) is about half of a
 data-free pack. After it, `PassCache` writes its results next to the output
 (``.NAME.qlis-pass1.json``, atomically); ``qlis pack --resume`` reads them back instead of
-measuring again, when they were made from the same input files (sizes and modification
-times) with the same options, and removes the file once the archive is written. A cache that
-does not match, or does not parse, is ignored and measured again: it is never trusted
-further than the checks below, and a pack that fails after using it measures again, once
-(`qlis.archive.pack.pack`); a pack that fails with a user's error removes it.
+measuring again, when they were made from the same input files, unchanged (inode, size,
+times), with the same options and qlis version, and the file is as it was written (its
+digest), and removes the file once the archive is written. A cache that does not match, or
+does not parse, is ignored and measured again: it is never trusted further than the checks
+below, and a pack that fails after using it measures again, once (`qlis.archive.pack.pack`);
+a pack that fails with a user's error removes it. The digest finds damage, not forgery:
+whoever can write beside the output can replace the output itself.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from typing import Any, TextIO
 
 from qlis.archive.atomic import atomic_path, hidden_beside
 from qlis.errors import InputError
-from qlis.json_input import read_json_file
+from qlis.json_input import parse_json_text
+from qlis.regular_files import read_small_file
+from qlis.version import __version__
 
 MAX_CACHE_BYTES = 1 << 28
 """256 MiB: the first pass of a model of some 50,000 layers (rd's candidates of one take
 about 5 KB of JSON); a larger one is not saved."""
+CACHE_FORMAT = 2
+"""The saved document's layout (2: a digest line first), part of the fingerprint."""
+_DIGEST_LINE = 65
 
 
 def _plain(result: Any) -> Any:
@@ -53,13 +60,30 @@ class PassCache:
         if resume and self.path.is_file():
             self.results = self._read()
 
+    def _opening(self) -> str:
+        """How the saved document starts: its fingerprint, then the results."""
+        return f'{{"fingerprint": {json.dumps(self.fingerprint)}, "results": {{'
+
     def _read(self) -> dict[str, tuple[Sequence, Callable[[Any], Any]]]:
+        """The saved results, where the file is this pass's as it was written: its first line
+        the SHA-256 of the rest, which opens with this fingerprint. Checked before the JSON is
+        parsed (a junk file of 256 MiB cost 8 GB and two minutes to parse, then to ignore);
+        a file damaged since (a flipped digit changed the plan) is measured again."""
         try:
-            saved = read_json_file(self.path, "the saved first pass", MAX_CACHE_BYTES, dict)
+            data = read_small_file(self.path, MAX_CACHE_BYTES, "the saved first pass",
+                                   "a JSON file")
         except InputError:
             return {}
+        document = data[_DIGEST_LINE:]
+        if (not document.startswith(self._opening().encode())
+                or data[:_DIGEST_LINE] != _digest_line(hashlib.sha256(document))):
+            return {}
+        try:
+            saved = parse_json_text(document.decode(), "the saved first pass", dict)
+        except (InputError, UnicodeDecodeError):
+            return {}
         results = saved.get("results")
-        if saved.get("fingerprint") != self.fingerprint or not isinstance(results, dict):
+        if not isinstance(results, dict):
             return {}
         return {k: (v, _plain) for k, v in results.items() if isinstance(v, list)}
 
@@ -89,8 +113,11 @@ class PassCache:
             self.results.pop(key, None)
 
     def _write(self, file: TextIO) -> None:
-        """The document {"fingerprint", "results"}, a ValueError past MAX_CACHE_BYTES."""
-        written = 0
+        """The document {"fingerprint", "results"} (ASCII) after a line of its SHA-256, a
+        ValueError past MAX_CACHE_BYTES."""
+        written = _DIGEST_LINE
+        digest = hashlib.sha256()
+        file.write(" " * _DIGEST_LINE)  # its place, filled once the document is written
 
         def put(text: str) -> None:
             nonlocal written
@@ -98,14 +125,17 @@ class PassCache:
             if written > MAX_CACHE_BYTES:
                 raise ValueError("the first pass is too large to save")
             file.write(text)
+            digest.update(text.encode())
 
-        put(f'{{"fingerprint": {json.dumps(self.fingerprint)}, "results": {{')
+        put(self._opening())
         for n, (key, (results, to_json)) in enumerate(self.results.items()):
             put(f'{", " if n else ""}{json.dumps(key)}: [')
             for i, result in enumerate(results):
                 put(("," if i else "") + json.dumps(to_json(result), allow_nan=False))
             put("]")
         put("}}")
+        file.seek(0)
+        file.write(_digest_line(digest).decode())
 
     def discard(self) -> None:
         """Remove the saved pass (the archive is written: nothing is left to resume). Only a
@@ -117,10 +147,18 @@ class PassCache:
 
 
 def input_fingerprint(files: list[Path], options: Mapping[str, Any]) -> str:
-    """A digest of the input files (path, size, modification time) and the options."""
-    digest = hashlib.sha256()
+    """A digest of the input files (path, device, inode, size, modification and change
+    times: a model copied over with its time kept, ``cp -p``, has another inode or change
+    time), the options and the qlis version that measures (another's candidates differ)."""
+    digest = hashlib.sha256(f"qlis {__version__}, first pass {CACHE_FORMAT}".encode())
     for file in files:
         info = file.stat()
-        digest.update(json.dumps([str(file.resolve()), info.st_size, info.st_mtime_ns]).encode())
+        digest.update(json.dumps([str(file.resolve()), info.st_dev, info.st_ino, info.st_size,
+                                  info.st_mtime_ns, info.st_ctime_ns]).encode())
     digest.update(json.dumps(sorted(options.items()), default=repr).encode())
     return digest.hexdigest()
+
+
+def _digest_line(digest: Any) -> bytes:
+    """The first line of a saved pass: the SHA-256 of the rest, in hex."""
+    return digest.hexdigest().encode() + b"\n"

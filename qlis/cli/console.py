@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from qlis.errors import ConfigError, InputError, QlisError
+from qlis.errors import ConfigError, InputError, QlisError, first_line
 
 INTERRUPTED = 130
 """The exit status of a command stopped by Ctrl-C: 128 + SIGINT, as shells report it."""
@@ -438,9 +438,15 @@ class LazyCommandGroup(CommandGroup):
 
     @staticmethod
     def load(target: str) -> Any:
-        """The object ``target`` ("module:attribute") names, its module imported if need be."""
+        """The object ``target`` ("module:attribute") names, its module imported if need be.
+        An import that the environment makes fail (torch refuses TORCH_DISTRIBUTED_DEBUG=x
+        with a ValueError) is the user's error, one line, not a traceback."""
         module, _, attribute = target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        try:
+            imported = importlib.import_module(module)
+        except ValueError as err:
+            raise _UserError(f"cannot start: {first_line(err)}") from None
+        return getattr(imported, attribute)
 
 
 def silence_broken_pipe() -> None:

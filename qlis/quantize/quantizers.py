@@ -993,8 +993,11 @@ class UniformQuantizer(Quantizer):
         else:  # scaled first: no under/overflow
             scale = torch.where(peak > 0, peak, torch.ones_like(peak))
             rms = (rows.float() / scale).square().mean(dim=1).sqrt() * scale.squeeze(1)
-        step = math.sqrt(12.0 * self.rel_mse) * rms
-        return torch.where(step > 0, step, torch.ones_like(step)).float()
+        step = (math.sqrt(12.0 * self.rel_mse) * rms).float()
+        if bool(((step == 0) & (rms > 0)).any()):  # was taken for a row of zeros: step 1
+            raise ConfigError(f"rel_mse={self.rel_mse:g} makes steps below float32's "
+                              "smallest number: no layer can be rounded that finely")
+        return torch.where(step > 0, step, torch.ones_like(step))
 
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         return self._round(weight, None)[0]

@@ -20,10 +20,11 @@ import heapq
 import json
 import os
 import signal
+import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -39,6 +40,8 @@ R = TypeVar("R")
 
 DEFAULT_TIMEOUT_S = 600
 """How long a rank waits for the others (rendezvous, or a rank's share of a pass)."""
+MAX_RANKS = 1 << 20
+"""The most ranks a job may have (torch's store counts them in 32 bits)."""
 _MAX_MESSAGE = 1 << 31  # one exchanged JSON document or record: refused beyond 2 GiB
 _HEAD_LENGTH = struct.Struct("<Q")
 
@@ -226,16 +229,29 @@ def spread(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float],
         return results
     owner, mine = share(cluster, costs)
     found = []
+    failed: QlisError | None = None
     computed = ordered_map(lambda i: fn(items[i]), mine, jobs, cost=costs.__getitem__,
                            budget=IN_FLIGHT_ELEMENTS, group_below=SMALL_TENSOR_ELEMENTS)
-    for index, result in zip(mine, computed, strict=True):
-        found.append(result)
-        if done is not None:
-            done(index)
+    try:
+        with closing(computed):  # the items still running are stopped, not left behind
+            for index, result in zip(mine, computed, strict=True):
+                found.append(result)
+                if done is not None:
+                    done(index)
+    except QlisError as err:  # told to the other ranks, which waited for the results
+        if cluster is None or isinstance(err, ClusterError):  # (gloo's "connection reset")
+            raise
+        failed = err
     if cluster is None:
         return found
+    gathered = cluster.all_gather_json(
+        {"error": str(failed)} if failed is not None else [to_json(r) for r in found])
+    if failed is not None:
+        raise failed
     results: list[Any] = [None] * len(items)
-    for rank, shared in enumerate(cluster.all_gather_json([to_json(r) for r in found])):
+    for rank, shared in enumerate(gathered):
+        if isinstance(shared, dict) and "error" in shared:
+            raise ClusterError(f"rank {rank}: {shared['error']}")
         owned = [i for i in range(len(items)) if owner[i] == rank]
         if not isinstance(shared, list) or len(shared) != len(owned):
             raise ClusterError(f"rank {rank} returned another number of results than the "
@@ -299,6 +315,8 @@ def _job_size() -> int:
     world = _environment_integer("WORLD_SIZE")
     if world is None or world <= 1:
         return 1
+    if world > MAX_RANKS:  # torch's store takes a 32-bit count: a traceback past it
+        raise ClusterError(f"WORLD_SIZE={world}: qlis runs jobs of at most {MAX_RANKS:,} ranks")
     rank = _environment_integer("RANK")
     if rank is not None and not 0 <= rank < world:
         raise ClusterError(f"RANK={rank} in a job of WORLD_SIZE={world}: each rank's RANK is "
@@ -306,6 +324,13 @@ def _job_size() -> int:
     port = _environment_integer("MASTER_PORT")
     if port is not None and not 0 < port < 1 << 16:
         raise ClusterError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+    address = os.environ.get("MASTER_ADDR")
+    if address:  # a name no resolver knows: the rendezvous retried it for twice its timeout
+        try:
+            socket.getaddrinfo(address, port)
+        except (OSError, UnicodeError) as err:
+            raise ClusterError(f"MASTER_ADDR={address[:200]!r} is no address this machine "
+                               f"can reach ({_first_line(err)})") from None
     return world
 
 
