@@ -347,8 +347,8 @@ def _check_zip_records(path: Path) -> None:
     """Every stored record of a zip checkpoint read once against its CRC-32, which
     torch.load never checks: a damaged .pt otherwise loads (and packs) its damaged weights
     silently. One more read of the file (the page cache then serves torch.load's). A
-    compressed record is refused: torch.load maps a record's bytes as the tensor's, so a
-    deflated one loaded as garbage, silently. A file that is no zip is refused: torch's
+    compressed record, which torch.save never writes, is refused: mapped, a deflated one
+    loaded as garbage, silently. A file that is no zip is refused: torch's
     legacy format (before 1.6) allocates every storage its pickle claims before reading
     any (32 GB asked by a 500-byte file)."""
     try:
