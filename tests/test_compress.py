@@ -10,6 +10,7 @@ import torch
 import qlis
 from qlis import CompressionResult, ConfigError, InputError, QlisError, QuantizedTensor
 from qlis.quantize.quantizers import Quantizer, quantizer_registry, register_quantizer
+from qlis.workers.cluster import Cluster
 
 POLICIES = [
     ("prune", {"k": 1.5}),
@@ -545,6 +546,10 @@ def test_compress_checks_its_own_arguments_before_any_work(options, match):
     (lambda model, path: qlis.pack(model, path, cluster=5), "takes a"),
     (lambda model, path: qlis.pack(model, path, resume=True, calib=[torch.randn(2, 8)]),
      "leave resume out"),  # was ignored
+    (lambda model, path: qlis.pack(model, path, resume=True),  # no file's pass is saved:
+     "this input is not read from safetensors files .*: leave resume out"),  # was ignored
+    (lambda model, path: qlis.pack(model, path, resume=True, cluster=Cluster(0, 2)),
+     "under torchrun each rank measures its share: leave resume out"),
 ])
 def test_save_and_pack_check_their_arguments_before_any_work(tmp_path, write, match):
     """Called once a tensor was written, a progress that cannot be called failed with a

@@ -129,6 +129,11 @@ def pack(
         raise ConfigError("resume reuses the first pass of a data-free pack; a calibrated "
                           "pack measures on its data every time: leave resume out")
     cluster = Cluster.from_environment() if cluster is None else cluster
+    if resume and (cluster is not None or not isinstance(model_or_state_dict, MappedState)):
+        why = ("under torchrun each rank measures its share" if cluster is not None else
+               "this input is not read from safetensors files (a .pt, a module)")
+        raise ConfigError(f"resume reuses the first pass a pack of safetensors files saves in "
+                          f"one process, and {why}: leave resume out")  # was ignored
     if cluster is not None:
         cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),
                       "input or options")
