@@ -221,6 +221,22 @@ def test_a_rank_that_dies_mid_pack_ends_the_job_without_an_archive(tmp_path):
     assert list(out.parent.iterdir()) == []  # no temporary file either
 
 
+def test_a_rank_whose_input_is_wrong_tells_the_others_before_any_work(tmp_path):
+    """The command checked its input before it joined the job: rank 0 of ranks started by
+    hand waited out the rendezvous (600 s) for a rank that had said why only to itself."""
+    model = _model_file(tmp_path / "m.safetensors")
+    script = _script(tmp_path, """
+        import os, runpy, sys
+        if os.environ["RANK"] == "1":
+            sys.argv[2] += ".missing"
+        runpy.run_module("qlis", run_name="__main__", alter_sys=True)
+    """)
+    rc, out_text, err = _finish(_torchrun(script, "pack", model, "-o", tmp_path / "m.qlis",
+                                          cwd=tmp_path, monitor_s=15))
+    assert rc != 0 and not (tmp_path / "m.qlis").exists()
+    assert "qlis: error: rank 1: " in err and "m.safetensors.missing: no such file" in err, err
+
+
 def test_sigterm_ends_a_rank_stuck_joining_a_job_that_does_not_answer(tmp_path):
     """The rank's rendezvous blocks in torch's own code against a port that accepts and
     never answers: SIGTERM (a scheduler, torchrun ending the job) must end it, and it has

@@ -67,7 +67,7 @@ from qlis.plan.compress import DEFAULT_POLICY, QualityWarning
 from qlis.plan.policy import PAPER_POLICIES, policy_names
 from qlis.quantize.gptq import MAX_SWEEPS
 from qlis.runtime.lowbit import runtime_plan
-from qlis.workers.cluster import Cluster
+from qlis.workers.cluster import Cluster, together
 from qlis.workers.memory import keep_freed_memory_for_reuse, return_freed_buffers_at_once
 
 INSPECT_KEYS = ("name", "shape", "numel", "dtype", "sigma", "P", "E", "S", "EWDS", "QLIS")
@@ -312,75 +312,79 @@ def pack(path, output, policy, target_bits_per_weight, target_bytes, target_rati
     --target-bytes or --target-ratio. With --calib (a Hugging Face model folder), layers
     are reconstructed on the calibration data and the output quality is measured.
     """
-    check_input(path)
-    # a file the pack reads is never its output (a plan or calibration file replaced by it,
-    # or a folder's weights, which a link may name as the output)
-    inputs = [path, *weight_files(path),
-              *(given for given in (plan_file, calib_file) if given is not None)]
-    check_output(output, force, (".qlis",), inputs=inputs)
-    cache = PassCache.path_for(output)  # written and removed by the pack: never an input
-    if any(same_file(cache, given) for given in inputs):
-        raise InputError(f"{escape(str(cache))}: is an input, and the name of the pass cache "
-                         "the pack writes beside its output; rename it or the output")
-    flags = {
-        "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
-        "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
-        "k": k, "bits": bits,
-        "granularity": granularity, "method": method, "min_cosine": min_cosine,
-        "pruner": _json_option(pruner_json, "--pruner"),
-        "quantizer": _json_option(quantizer_json, "--quantizer"),
-    }
-    settable = _set_options(settings)
-    if twice := [key for key in settable if flags.get(key) is not None]:
-        raise InputError(f"--set {twice[0]}= and --{twice[0].replace('_', '-')} both give "
-                         f"{twice[0]}: give it once")
-    given = {**flags, **settable}
-    # the library's messages name its keywords; here they are this command's flags
-    in_flags = partial(errors_as_flags, flags,
-                       [key for key, value in flags.items() if value is not None],
-                       "see 'qlis pack -h'")
-    with in_flags():
-        plan, options = _pack_policy(policy, given, plan_file,
-                                     calibrated=calib_file is not None)
-    if calib_file is None and (calib_examples or calib_batch_size):
-        raise InputError("--calib-examples and --calib-batch-size size the calibration: "
-                         "pass --calib FILE")
-    if resume and calib_file is not None:
-        raise InputError("--resume reuses the first pass of a data-free pack; with --calib "
-                         "every pack measures on its data: leave --resume out")
-    if rounding_sweeps:
-        if calib_file is None:
-            raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
-                             "pass --calib FILE")
-        options["rounding_sweeps"] = rounding_sweeps
-    calib = pooling = None
-    synthetic = calib_file is not None and str(calib_file) == SYNTHETIC
-    if calib_file is not None:
-        if not synthetic:
-            check_calibration_path(calib_file)
-        return_freed_buffers_at_once()  # the calibrated pack's memory: see its doc
-        model = load_hf_model(path)
-        if synthetic:
-            batches = _synthetic_batches(model, path, calib_examples,
-                                         calib_batch_size or SYNTHETIC_BATCH)
-        else:
-            batches = read_calibration(calib_file, path, calib_examples or FILE_EXAMPLES,
-                                       calib_batch_size or FILE_BATCH, max_input_length(model))
-            if Path(calib_file).suffix.lower() != ".txt":  # a text file's: the tokenizer's names
-                check_input_names(model, batches, escape(str(calib_file)))
-            check_token_ids(model, batches, escape(str(calib_file)))
-            batches = with_decoder_inputs(model, batches)
-        examples = sum(len(next(iter(batch.values()))) for batch in batches)
-        calib, pooling = sentence_embedding_batches(path, batches)
-        state = model.state_dict()
-    else:
-        keep_freed_memory_for_reuse()  # the streaming pack: see its doc
-        model = state = load_state_dict(path)
-    total = sum(t.numel() for t in tensor_layout(state).values())
-    source_bytes = model_file_bytes(path)
-    metadata = {"source": path.name}
-    metadata.update({f"{SOURCE_METADATA}{k}": v for k, v in (read_metadata(path) or {}).items()})
+    # joined first: a rank that finds a mistake in its input tells the others, which
+    # waited out the rendezvous for it otherwise (ranks started by hand, on several machines)
     cluster = Cluster.from_environment(waiting=_rank_zero_says)  # rank 0 writes, reports
+    with together(cluster):
+        check_input(path)
+        # a file the pack reads is never its output (a plan or calibration file replaced by it,
+        # or a folder's weights, which a link may name as the output)
+        inputs = [path, *weight_files(path),
+                  *(given for given in (plan_file, calib_file) if given is not None)]
+        check_output(output, force, (".qlis",), inputs=inputs)
+        cache = PassCache.path_for(output)  # written and removed by the pack: never an input
+        if any(same_file(cache, given) for given in inputs):
+            raise InputError(f"{escape(str(cache))}: is an input, and the name of the pass cache "
+                             "the pack writes beside its output; rename it or the output")
+        flags = {
+            "target_bits_per_weight": target_bits_per_weight, "target_bytes": target_bytes,
+            "target_ratio": target_ratio, "paper_cr": paper_cr, "max_distortion": max_distortion,
+            "k": k, "bits": bits,
+            "granularity": granularity, "method": method, "min_cosine": min_cosine,
+            "pruner": _json_option(pruner_json, "--pruner"),
+            "quantizer": _json_option(quantizer_json, "--quantizer"),
+        }
+        settable = _set_options(settings)
+        if twice := [key for key in settable if flags.get(key) is not None]:
+            raise InputError(f"--set {twice[0]}= and --{twice[0].replace('_', '-')} both give "
+                             f"{twice[0]}: give it once")
+        given = {**flags, **settable}
+        # the library's messages name its keywords; here they are this command's flags
+        in_flags = partial(errors_as_flags, flags,
+                           [key for key, value in flags.items() if value is not None],
+                           "see 'qlis pack -h'")
+        with in_flags():
+            plan, options = _pack_policy(policy, given, plan_file,
+                                         calibrated=calib_file is not None)
+        if calib_file is None and (calib_examples or calib_batch_size):
+            raise InputError("--calib-examples and --calib-batch-size size the calibration: "
+                             "pass --calib FILE")
+        if resume and calib_file is not None:
+            raise InputError("--resume reuses the first pass of a data-free pack; with --calib "
+                             "every pack measures on its data: leave --resume out")
+        if rounding_sweeps:
+            if calib_file is None:
+                raise InputError("--rounding-sweeps refines reconstruction on calibration data: "
+                                 "pass --calib FILE")
+            options["rounding_sweeps"] = rounding_sweeps
+        calib = pooling = None
+        synthetic = calib_file is not None and str(calib_file) == SYNTHETIC
+        if calib_file is not None:
+            if not synthetic:
+                check_calibration_path(calib_file)
+            return_freed_buffers_at_once()  # the calibrated pack's memory: see its doc
+            model = load_hf_model(path)
+            if synthetic:
+                batches = _synthetic_batches(model, path, calib_examples,
+                                             calib_batch_size or SYNTHETIC_BATCH)
+            else:
+                batches = read_calibration(calib_file, path, calib_examples or FILE_EXAMPLES,
+                                           calib_batch_size or FILE_BATCH, max_input_length(model))
+                if Path(calib_file).suffix.lower() != ".txt":  # a text's: the tokenizer's names
+                    check_input_names(model, batches, escape(str(calib_file)))
+                check_token_ids(model, batches, escape(str(calib_file)))
+                batches = with_decoder_inputs(model, batches)
+            examples = sum(len(next(iter(batch.values()))) for batch in batches)
+            calib, pooling = sentence_embedding_batches(path, batches)
+            state = model.state_dict()
+        else:
+            keep_freed_memory_for_reuse()  # the streaming pack: see its doc
+            model = state = load_state_dict(path)
+        total = sum(t.numel() for t in tensor_layout(state).values())
+        source_bytes = model_file_bytes(path)
+        metadata = {"source": path.name}
+        metadata.update({f"{SOURCE_METADATA}{k}": v
+                         for k, v in (read_metadata(path) or {}).items()})
     leader = cluster is None or cluster.leader
     bars = progress_bars(quiet) if leader else nullcontext(lambda *_: None)
     with bars as bar, warnings.catch_warnings():
