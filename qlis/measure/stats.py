@@ -266,9 +266,6 @@ def inspect(
             "no layer selected: the model has no floating-point tensor with 2 or more "
             "dimensions (or none matches the selection)"
         )
-    if sum(layout[n].numel() for n in names) == 0:
-        raise InputError("the selected layers are all empty")
-
     def measure(name: str) -> Measures | None:
         try:
             return _layer_measures(state[name], eps, score, masks=select is None)
@@ -281,6 +278,8 @@ def inspect(
     masks = [name for name, m in zip(names, measured, strict=True) if m is None]
     kept = [(name, m) for name, m in zip(names, measured, strict=True) if m is not None]
     layer_params = sum(layout[name].numel() for name, _ in kept)
+    if layer_params == 0 and not masks:
+        raise InputError("the selected layers are all empty")
     if layer_params == 0:
         shown_masks = ", ".join(map(repr, masks[:3])) + (" ..." if len(masks) > 3 else "")
         raise InputError(f"no layer left to compress: every selected tensor with values holds "

@@ -337,8 +337,9 @@ def lowbit_module(q: QuantizedTensor, bias: torch.Tensor | None, module: nn.Modu
         return DequantConv2d(q, bias, module)
     path = choose_path(q.grid, q.n_levels, q.shape, str(q.dtype).removeprefix("torch."))
     packed = Int8Linear(q, bias) if path == "int8" else DequantLinear(q, bias)
-    packed.in_features, packed.out_features = module.in_features, module.out_features  # read
-    return packed  # by model code (heads, adapters), as a Conv2d's attributes are
+    # read by model code (heads, adapters), as a Conv2d's attributes are
+    packed.in_features, packed.out_features = module.in_features, module.out_features
+    return packed
 
 
 # -- loading -----------------------------------------------------------------------------------

@@ -309,9 +309,9 @@ def _environment_integer(name: str) -> int | None:
 
 
 def _job_size() -> int:
-    """The ranks torchrun's environment asks for (1: none), its RANK and MASTER_PORT checked
-    first: a rank outside the job, or a port no socket has, would wait out the rendezvous
-    timeout for ranks that never come."""
+    """The ranks torchrun's environment asks for (1: none), its RANK, MASTER_PORT and
+    MASTER_ADDR checked first: a rank outside the job, a port no socket has or an address no
+    resolver knows would wait out the rendezvous timeout for ranks that never come."""
     world = _environment_integer("WORLD_SIZE")
     if world is None or world <= 1:
         return 1
