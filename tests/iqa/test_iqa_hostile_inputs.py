@@ -21,6 +21,7 @@ from iqa_helpers import make_agiqa3k
 
 from qlis import QlisError
 from qlis_iqa import data as data_module
+from qlis_iqa import evaluate, score
 from qlis_iqa.cli import MAX_WORKERS, cli
 from qlis_iqa.data import Split, load_agiqa1k, load_agiqa3k, make_split
 from qlis_iqa.errors import IQAError
@@ -133,6 +134,26 @@ def test_image_names_must_stay_in_the_images_folder(tmp_path: Path, name: str) -
     root = _annotate(tmp_path, [(name, "1.0")])
     with pytest.raises(IQAError, match="row 4: image name .* leaves the images folder"):
         load_agiqa3k(root)
+
+
+def test_a_file_whose_every_name_is_scored_twice_says_so(tmp_path: Path) -> None:
+    """It said that none of the annotated images was in the images folder, where all were."""
+    root = make_agiqa3k(tmp_path, 2)
+    names = sorted(p.name for p in (root / "images").iterdir())
+    with (root / "data.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["name", "mos_quality"], *([n, s] for n in names
+                                                             for s in ("1.0", "2.0"))])
+    with pytest.raises(IQAError, match="every image of .* is annotated twice with different "
+                                       "scores .*rows 2 and 3"):
+        load_agiqa3k(root)
+
+
+@pytest.mark.parametrize("name", ["y" * 300 + ".jpg", "d/" * 3000 + "a.jpg"])
+def test_names_no_file_can_have_are_missing_images(tmp_path: Path, name: str) -> None:
+    """A name part over 255 bytes (or a path past PATH_MAX) was an OSError ending the load."""
+    root = _annotate(tmp_path, [(name, "2.5")])
+    ds = load_agiqa3k(root)
+    assert len(ds.samples) == 2 and ds.missing == [name]
 
 
 def test_names_scored_twice_differently_are_skipped_and_reported(tmp_path: Path) -> None:
@@ -283,3 +304,41 @@ def test_calibration_without_its_training_images_names_them(tmp_path: Path, runs
                    "-o", tmp_path / "m.qlis")
     assert f"none of the {len(split.train)} training images" in line
     assert "--calib-images 0" in line and not (tmp_path / "m.qlis").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "model.safetensors"])
+def test_a_new_split_file_is_not_one_the_run_writes(tmp_path: Path, backbones: dict,
+                                                    sample_root: Path, name: str) -> None:
+    """A new --split named as a run file: metrics.json replaced it (the run 'succeeded' and
+    could not be evaluated), model.safetensors was refused once the run was done."""
+    out = tmp_path / "run"
+    out.mkdir()
+    line = refused("train", "--family", "clip", "--root", sample_root, "--weights",
+                   backbones["clip"], "-o", out, "--split", out / name, "--epochs", "1",
+                   "--test-fraction", "0.5", "--no-progress")
+    assert "is one of the files this run writes" in line
+    assert list(out.iterdir()) == []
+
+
+def test_an_output_that_appears_during_the_run_is_kept_without_force(
+    tmp_path: Path, runs: dict, sample_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """score and evaluate checked for an existing output before the work, then replaced
+    whatever file had appeared there by the end of it, --force or not."""
+    out = tmp_path / "out.csv"
+    for module, name in ((score, "score_images"), (evaluate, "predict_samples")):
+        real = getattr(module, name)
+
+        def meanwhile(*args, real=real, **kwargs):
+            out.write_text("someone else's")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, meanwhile)
+    model = runs["clip"].checkpoint
+    for args in (["score", sample_root / "images", "--model", model],
+                 ["evaluate", model, "--root", sample_root]):
+        out.unlink(missing_ok=True)
+        line = refused(*args, "-o", out, "--no-progress")
+        assert f"{out} exists; pass --force" in line
+        assert out.read_text() == "someone else's"
+        assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]

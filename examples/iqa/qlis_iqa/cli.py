@@ -453,7 +453,7 @@ def evaluate(
     _err(skipped_report("test", preds.skipped))
     metrics = preds.metrics(logistic)  # before the output replaces a file: it may refuse
     if output:
-        preds.write_csv(output, iqa.label)
+        preds.write_csv(output, iqa.label, force)
     click.echo(f"test ({len(preds.names)} images): {_metrics_line(metrics, iqa.label)}")
     if note := preds.undefined(metrics):
         _err(f"qlis-iqa: warning: {note}")
@@ -781,6 +781,7 @@ def score(
         _progress(progress),
         runtime,
         precision,
+        force,
     )
     bad = [(escape(scores.paths[i].name), why) for i, why in sorted(scores.errors.items())]
     _err(skipped_report("score", bad))

@@ -113,6 +113,16 @@ def _unique(path: Path, rows: Iterable[Row]) -> tuple[list[Row], list[str]]:
     return [r for r in first.values() if r.name not in conflicts], described
 
 
+def _is_file(path: Path) -> bool:
+    """Whether an annotated image is there. A name no file can have (a part over 255 bytes,
+    a path past PATH_MAX) or a folder that cannot be searched is an OSError of `Path.is_file`:
+    one such row ended the whole load, where a missing image is reported and skipped."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _build(name: str, root: Path, images: Path, path: Path, rows: list[Row]) -> IQADataset:
     if not rows:
         raise IQAError(f"{name}: the annotation file under {root} has no rows")
@@ -120,10 +130,13 @@ def _build(name: str, root: Path, images: Path, path: Path, rows: list[Row]) -> 
     samples, missing = [], []
     for row in unique:
         file = images / row.name
-        if file.is_file():
+        if _is_file(file):
             samples.append(Sample(row.name, file, row.mos))
         else:
             missing.append(row.name)
+    if not unique:  # the images may all be there: "none is in IMAGES" sent the user astray
+        raise IQAError(f"{name}: every image of {escape(str(path))} is annotated twice with "
+                       f"different scores (first: {ambiguous[0]}); keep one score per image")
     if not samples:
         raise IQAError(
             f"{name}: none of the {len(rows)} annotated images is in {images} "

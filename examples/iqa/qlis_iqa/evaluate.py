@@ -58,10 +58,14 @@ class Predictions:
             why = f"the logistic fit is degenerate ({reason})"
         return f"{', '.join(names)} undefined (nan): {why}"
 
-    def write_csv(self, path: str | Path, label: str) -> Path:
-        """name, mos, prediction, backbone label — one row per scored image."""
+    def write_csv(self, path: str | Path, label: str, overwrite: bool = False) -> Path:
+        """name, mos, prediction, backbone label — one row per scored image. A file at `path`
+        is replaced only with `overwrite`, also one that appeared during the evaluation."""
         path = Path(path)
-        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        with (
+            atomic_path(path, overwrite) as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as f,
+        ):
             w = csv.writer(f)
             w.writerow(["name", "mos", "prediction", "backbone"])
             for n, m, p in zip(self.names, self.mos, self.pred, strict=True):

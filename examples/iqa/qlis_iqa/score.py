@@ -60,11 +60,16 @@ class Scores:
     scores: dict[int, float] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
 
-    def write_csv(self, path: str | Path, root: Path, label: str) -> Path:
-        """image, score, error, backbone — one row per file, in folder order."""
+    def write_csv(self, path: str | Path, root: Path, label: str,
+                  overwrite: bool = False) -> Path:
+        """image, score, error, backbone — one row per file, in folder order. A file at
+        `path` is replaced only with `overwrite`, also one that appeared while the folder was
+        being scored (the command checked for one long before)."""
         path = Path(path)
-        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8",
-                                                errors="backslashreplace") as f:  # any name
+        with (
+            atomic_path(path, overwrite) as tmp,
+            tmp.open("w", newline="", encoding="utf-8", errors="backslashreplace") as f,  # any name
+        ):
             w = csv.writer(f)
             w.writerow(["image", "score", "error", "backbone"])
             for i, p in enumerate(self.paths):
@@ -111,14 +116,16 @@ def score_folder(
     progress: bool = False,
     runtime: str = "float",
     precision: str = "float32",
+    overwrite: bool = False,
 ) -> tuple[Scores, str]:
     """Score a folder with the model stored in `model_path`; returns the scores and its label.
 
     ``runtime="lowbit"``: the archive's compressed layers stay packed (less memory);
-    ``precision="bfloat16"``: matmuls in bfloat16 (faster on recent CPUs)."""
+    ``precision="bfloat16"``: matmuls in bfloat16 (faster on recent CPUs). An existing
+    `out_csv` is replaced only with ``overwrite``."""
     root = Path(images_dir)
     paths = list_images(root, recursive)
     model, _ = load_model(model_path, runtime, precision)
     scores = score_images(model.to(device), paths, batch_size, workers, progress)
-    scores.write_csv(out_csv, root, model.label)
+    scores.write_csv(out_csv, root, model.label, overwrite)
     return scores, model.label

@@ -240,6 +240,21 @@ class TrainResult:
     label: str
 
 
+def _check_split_path(split_path: Path, out: Path) -> None:
+    """Refuse a split file (to reuse or to create) that is one of the files the run writes,
+    before any work: a new one was written over by the run's metrics.json (the run said it
+    succeeded, and could then be neither evaluated nor compressed), or refused only once the
+    whole run was done (model.safetensors). Compared by resolved path, since the files need
+    not exist yet, and as files (a hard link to one of them)."""
+    target = split_path.resolve()
+    for name in RUN_FILES:
+        written = out / name
+        if name != "split.json" and (target == written.resolve()
+                                     or same_file(split_path, written)):
+            raise IQAError(f"{split_path} is one of the files this run writes; the split file "
+                           "must be somewhere else")
+
+
 def train_run(
     family: str,
     dataset: str,
@@ -285,10 +300,11 @@ def train_run(
         raise IQAError(f"split_conflict must be one of {SPLIT_CONFLICT}, got {split_conflict!r}")
     if not out.is_dir() and not out.parent.is_dir():
         raise IQAError(f"{out.parent}: no such folder (create it first)")
+    split_path = Path(split_file) if split_file else out / "split.json"
+    _check_split_path(split_path, out)
     ds = load_dataset(dataset, root)
     if report := ds.missing_report():
         log(report)
-    split_path = Path(split_file) if split_file else out / "split.json"
     new_split = not (split_path.exists() or split_path.is_symlink())
     if new_split:
         names = [s.name for s in ds.samples] + ds.missing
@@ -305,10 +321,6 @@ def train_run(
             raise IQAError(f"split {split_path} is for {split.dataset}, not {ds.name}")
         asked = {"limit": limit, "test_fraction": test_fraction, "split_seed": split_seed}
         _check_reused_split(split, split_path, asked, split_conflict, log)
-        written = [out / n for n in RUN_FILES if n != "split.json"]
-        if any(same_file(split_path, w) for w in written):
-            raise IQAError(f"{split_path} is one of the files this run writes; the split file "
-                           "must be somewhere else")
     train_samples, train_absent = split_samples(ds, split.train)
     test_samples, test_absent = split_samples(ds, split.test)
     if len(test_samples) < 2:  # before the backbone loads and the model trains, not after
@@ -378,7 +390,7 @@ def train_run(
             KEY + "test_metrics": json.dumps(stored, sort_keys=True, allow_nan=False),
         }
         save_checkpoint(model, checkpoint, extra, overwrite=overwrite)
-        preds.write_csv(out / "predictions_test.csv", label)
+        preds.write_csv(out / "predictions_test.csv", label, overwrite=True)  # the run's own
         with (
             atomic_path(out / "train_log.csv") as tmp,
             tmp.open("w", newline="", encoding="utf-8") as f,
