@@ -62,9 +62,26 @@ class Registry(Generic[T]):
         self._entry_points_loaded: dict[str, _Plugin] | Literal[False] = False
 
     def register(self, name: str, cls: type[T] | None = None) -> Callable[[type[T]], type[T]]:
-        """Register ``cls`` under ``name``; usable as a decorator (``@registry.register("x")``)."""
+        """Register ``cls`` under ``name``; usable as a decorator (``@registry.register("x")``).
+
+        Archives name what made them by id, so a name is never taken from qlis' own class
+        (its archives would be read by another): that is a ConfigError, and another package's
+        class replaced by a third is a PluginWarning.
+        """
 
         def add(klass: type[T]) -> type[T]:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{_qualname(klass)} needs a non-empty string id to be "
+                                  f"registered as a {self.kind}, got {name!r}")
+            if not is_builtin(klass):  # qlis' own first: a plugin cannot take their names
+                self._import_builtins()
+            old = self._classes.get(name)
+            if old is not None and old is not klass:
+                if is_builtin(old):
+                    raise ConfigError(f"{self.kind} {name!r} is qlis' own ({_qualname(old)}); "
+                                      f"register {_qualname(klass)} under another id")
+                warnings.warn(f"{self.kind} {name!r}: {_qualname(klass)} replaces "
+                              f"{_qualname(old)}", PluginWarning, stacklevel=3)
             self._classes[name] = klass
             return klass
 
@@ -215,6 +232,8 @@ def _exception_text(err: Exception) -> str:
 
 
 def is_builtin(strategy: object) -> bool:
-    """Whether a registered class's instance (a codec, quantizer, pruner) is qlis' own, whose
-    failures are bugs to show as they are, not a plugin's, whose failures are named as its."""
-    return type(strategy).__module__.split(".")[0] == "qlis"
+    """Whether a registered class, or its instance (a codec, quantizer, pruner), is qlis' own,
+    whose failures are bugs to show as they are, not a plugin's, whose failures are named as
+    its."""
+    cls = strategy if isinstance(strategy, type) else type(strategy)
+    return cls.__module__.split(".")[0] == "qlis"

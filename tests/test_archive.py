@@ -619,17 +619,22 @@ class _Misbehaving(Codec):
         if self.how == "none":
             return None
         out[:] = np.frombuffer(buf, dtype=out.dtype)
+        if self.how == "lossy":
+            out[::7] = 0
         return out
 
 
 @pytest.mark.parametrize(("how", "match"), [
     ("raises", r"^w: codec 'test-bad-raises' failed to encode \(ZeroDivisionError"),
     ("text", r"^w: codec 'test-bad-text' encoded to a str, not bytes"),
-    ("short", r"tensor 'w': codec 'test-bad-short' did not decode 256 values of uint8"),
-    ("none", r"tensor 'w': codec 'test-bad-none' did not decode 256 values of uint8"),
+    ("short", r"^w: codec 'test-bad-short' does not decode its stream back to the codes"),
+    ("none", r"^w: codec 'test-bad-none' does not decode its stream back to the codes"),
+    ("lossy", r"^w: codec 'test-bad-lossy' does not decode its stream back to the codes"),
     ("", None),  # keeping its contract, the same codec stores and reads the layer
 ])
 def test_a_user_codec_that_breaks_its_contract_is_named(tmp_path, monkeypatch, how, match):
+    """A codec whose stream does not decode back to its codes is refused by the writer: a
+    lossy one made an archive that loaded other values than compress reported, silently."""
     from qlis.archive.file import write_tensors
 
     monkeypatch.setattr(codec_registry, "_classes", dict(codec_registry._classes))
@@ -640,9 +645,25 @@ def test_a_user_codec_that_breaks_its_contract_is_named(tmp_path, monkeypatch, h
         write_tensors(tmp_path / "m.qlis", {"w": q}, codec=codec)
         assert torch.equal(qlis.load(tmp_path / "m.qlis")["w"], q.dequantize())
         return
-    with pytest.raises(qlis.QlisError, match=match):
+    with pytest.raises(qlis.ConfigError, match=match):
         write_tensors(tmp_path / "m.qlis", {"w": q}, codec=codec)
-        qlis.load(tmp_path / "m.qlis")
+    assert not (tmp_path / "m.qlis").exists()
+
+
+@pytest.mark.parametrize("how", ["short", "none"])
+def test_a_user_codec_that_decodes_wrong_is_named_by_the_reader(tmp_path, monkeypatch, how):
+    """An archive written by a codec and read where another class has that id."""
+    from qlis.archive.file import write_tensors
+
+    monkeypatch.setattr(codec_registry, "_classes", dict(codec_registry._classes))
+    register_codec(type("Good", (_Misbehaving,), {"codec_id": "test-codec", "how": ""}))
+    q = qlis.AffineQuantizer(bits=8).quantize(torch.randn(16, 16))
+    path = write_tensors(tmp_path / "m.qlis", {"w": q}, codec="test-codec")
+    codec_registry._classes["test-codec"] = type("Bad", (_Misbehaving,),
+                                                 {"codec_id": "test-codec", "how": how})
+    with pytest.raises(qlis.ArchiveError,
+                       match="tensor 'w': codec 'test-codec' did not decode 256 values of uint8"):
+        qlis.load(path)
 
 
 def test_a_closed_archive_reads_nothing_more(tmp_path):

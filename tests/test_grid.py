@@ -164,6 +164,80 @@ def test_a_third_party_quantizer_works_end_to_end(tmp_path, third_party):
         assert {row["path"] for row in runtime.runtime_plan(archive)} == {"dequant"}
 
 
+def test_a_codebook_out_of_order_or_with_a_false_zero_code_is_refused():
+    """Nearest-entry rounding and `neighbour` assume each block's entries sorted and the zero
+    code holding 0.0: error feedback on such a grid rounded to the wrong entries, silently."""
+    good = torch.tensor([[[-1.0, 0.0, 2.0]], [[-3.0, 0.0, 3.0]]])
+    CodebookGrid((1, 4), good, zero_code=1).check((2, 4))
+    with pytest.raises(qlis.ArchiveError, match="sorted"):
+        CodebookGrid((1, 4), good[..., [0, 2, 1]]).check((2, 4))
+    for zero_code in (0, 3, -1):
+        with pytest.raises(qlis.ArchiveError, match="zero code"):
+            CodebookGrid((1, 4), good, zero_code=zero_code).check((2, 4))
+    with pytest.raises(qlis.ArchiveError, match="codebook must be"):
+        CodebookGrid((1, 4), good[0]).check((2, 4))
+
+
+class OwnDequantize(BlockTernaryQuantizer):
+    """A user's quantizer whose dequantize does not follow its own grid."""
+
+    strategy_id = "test-own-dequantize"
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        return (super().dequantize(q) * 1.5).to(q.dtype)
+
+
+class UnsortedCodebook(Quantizer):
+    """A user's quantizer whose codebook grid lists its entries out of order (``how``), or
+    holds more entries than its codes have levels."""
+
+    strategy_id = "test-codebook"
+
+    def __init__(self, how: str = "unsorted") -> None:
+        self.how = how
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
+        matrix = weight.detach().float().reshape(matrix_shape(weight.shape))
+        peak = float(matrix.abs().max())
+        book = np.linspace(-peak, peak, 8 if self.how == "more entries" else 4)
+        if self.how == "unsorted":
+            book = book[[0, 2, 1, 3]]
+        params = {"codebook": book.astype(np.float32)}
+        codes = self.grid(tuple(weight.shape), 4, params).encode(matrix).clamp(0, 3)
+        return QuantizedTensor(codes.to(torch.uint8).reshape(weight.shape).numpy(), 4,
+                               self.get_config(), params, weight.dtype)
+
+    def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> CodebookGrid:
+        rows, cols = matrix_shape(shape)
+        book = torch.from_numpy(np.asarray(params["codebook"], np.float32))
+        return CodebookGrid((max(rows, 1), max(cols, 1)), book.reshape(1, 1, -1))
+
+
+def test_a_dequantize_that_does_not_follow_its_grid_is_refused(third_party):
+    """The state dict and ``qlis.load`` took the quantizer's dequantize, the reported error,
+    ``qlis unpack`` and the low-bit runtime its grid: the same archive computed differently
+    (1.0 apart on a Linear's outputs), silently."""
+    qlis.register_quantizer(OwnDequantize)
+    with pytest.raises(qlis.ConfigError, match=r"fc1.weight: quantizer 'test-own-dequantize': "
+                                               r"its dequantize gives other values"):
+        qlis.compress(Tiny().eval(), "quant", quantizer={"id": "test-own-dequantize"})
+
+
+@pytest.mark.parametrize(("how", "match"), [
+    ("unsorted", "sorted, lowest first"),
+    ("more entries", "its grid decodes 8 codes but its codes have 4 levels"),
+])
+def test_error_feedback_refuses_a_grid_it_cannot_round_to(third_party, how, match):
+    """Error feedback took a user's grid as it came: an unsorted codebook rounded weights to
+    the wrong entries, silently; more entries than levels gave codes past them."""
+    qlis.register_quantizer(UnsortedCodebook)
+    torch.manual_seed(0)
+    x = torch.randn(64, 24)
+    with pytest.raises(qlis.ConfigError, match=f"fc1.weight: quantizer 'test-codebook'.*{match}"):
+        qlis.compress(Tiny().eval(), "quant", quantizer={"id": "test-codebook", "how": how},
+                      calib=[x], error_feedback=True)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 23), st.integers(0, 37), st.integers(1, 40), st.integers(1, 40),
        st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),

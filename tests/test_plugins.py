@@ -18,14 +18,20 @@ import torch
 from cli_helpers import one_line_error, run
 from safetensors.torch import save_file
 
+import qlis
 import qlis.registry
-from qlis.archive.codecs import codec_registry
+from qlis.archive.codecs import Codec, codec_registry, register_codec
 from qlis.cli.choices import codec_names
 from qlis.cli.main import cli
 from qlis.errors import ConfigError
 from qlis.plan.policy import policy_names, policy_registry
 from qlis.quantize.pruners import pruner_registry
-from qlis.quantize.quantizers import AffineQuantizer, Quantizer, quantizer_registry
+from qlis.quantize.quantizers import (
+    AffineQuantizer,
+    Quantizer,
+    quantizer_registry,
+    register_quantizer,
+)
 from qlis.registry import PluginWarning, Registry
 
 GROUP = "qlis.quantizers"
@@ -246,3 +252,111 @@ def test_the_entry_point_groups_are_the_documented_ones():
                                         codec_registry)}
     assert groups == {"quantizer": "qlis.quantizers", "pruner": "qlis.pruners",
                       "policy": "qlis.policies", "codec": "qlis.codecs"}
+
+
+# A plugin quantizer with a grid (one float32 scale, 4 codes), and what another plugin under
+# the same id may do instead when it reads the archive back.
+GRID_PLUGIN = """
+import numpy as np
+import torch
+from qlis.quantize.grid import AffineGrid, matrix_shape
+from qlis.quantize.quantizers import Quantizer, QuantizedTensor
+
+class Mine(Quantizer):
+    strategy_id = "mine"
+
+    def quantize(self, weight):
+        params = {{"scale": np.array([float(weight.abs().max()) / 2], np.float32)}}
+        codes = self.grid(tuple(weight.shape), 4, params).encode(
+            weight.detach().float().reshape(matrix_shape(weight.shape)))
+        return QuantizedTensor(codes.to(torch.uint8).reshape(weight.shape).numpy(), 4,
+                               self.get_config(), params, weight.dtype)
+
+    def grid(self, shape, n_levels, params):
+        {grid}
+        rows, cols = matrix_shape(shape)
+        scale = torch.from_numpy(np.asarray(params["scale"], np.float32)).reshape(1, 1)
+        return AffineGrid((max(rows, 1), max(cols, 1)), scale, torch.full((1, 1), 2.0), top=3)
+
+    def dequantize(self, q):
+        {dequantize}
+        return super().dequantize(q)
+
+    {more}
+"""
+OTHER_PLUGINS = {  # (grid, dequantize, more): what each reader's plugin does wrong
+    "init raises": ("", "", "def __init__(self):\n        raise RuntimeError('needs a GPU')"),
+    "grid raises": ("raise ZeroDivisionError('its own bug')", "", ""),
+    "grid not a Grid": ("return 'a grid'", "", ""),
+    "level_range fails": ("", "", "def level_range(self):\n        return None"),
+    "dequantize raises": ("", "raise AttributeError('its own bug')", ""),
+}
+
+
+@pytest.mark.parametrize("other", OTHER_PLUGINS)
+def test_an_archive_read_by_another_plugin_under_its_id_is_one_error_line(plugins, tmp_path,
+                                                                         other):
+    """An archive written with one plugin and read where another package declares the same
+    id: what that plugin raises or returns wrong is one error line naming it, never a
+    traceback, whichever reader meets it."""
+    writer = plugins.module(GRID_PLUGIN.format(grid="", dequantize="", more=""))
+    model = tmp_path / "model.safetensors"
+    save_file({"a.weight": torch.randn(8, 16)}, str(model))
+    plugins.package("writer", {"mine": f"{writer}:Mine"})
+    archive = tmp_path / "m.qlis"
+    result = run(cli, "pack", model, "-o", archive, "--policy", "quant",
+                 "--quantizer", '{"id": "mine"}')
+    assert result.exit_code == 0, result.output
+
+    reader = plugins.module(GRID_PLUGIN.format(grid=OTHER_PLUGINS[other][0],
+                                               dequantize=OTHER_PLUGINS[other][1],
+                                               more=OTHER_PLUGINS[other][2]))
+    plugins.dists.clear()
+    plugins.package("reader", {"mine": f"{reader}:Mine"})
+    quantizer_registry._entry_points_loaded = False
+    commands = (["unpack", archive, "-o", tmp_path / "out.safetensors"],
+                ["info", "--verify", archive])
+    for args in commands if other != "dequantize raises" else ():  # they decode on the grid
+        line = one_line_error(cli, "qlis: error:", *args)
+        assert "'mine'" in line, line
+    with pytest.raises(qlis.QlisError, match="'mine'"):
+        qlis.load(archive)
+
+
+def test_a_plugin_cannot_take_a_built_in_id_nor_an_empty_one(monkeypatch):
+    """Archives name what wrote them by id: a class registered under qlis' own id would read
+    every archive qlis wrote (a registered 'affine' that doubles its values loaded them
+    doubled, silently), and one without an id was registered as ''."""
+    for registry in (quantizer_registry, codec_registry):
+        monkeypatch.setattr(registry, "_classes", dict(registry._classes))
+
+    class Doubled(AffineQuantizer):
+        def dequantize(self, q):
+            return super().dequantize(q) * 2
+
+    class MyAns(Codec):
+        codec_id = "ans"
+
+    class NoId(Quantizer):
+        pass
+
+    with pytest.raises(ConfigError, match="'affine' is qlis' own"):
+        register_quantizer(Doubled)
+    with pytest.raises(ConfigError, match="'ans' is qlis' own"):
+        register_codec(MyAns)
+    with pytest.raises(ConfigError, match="non-empty string id"):
+        register_quantizer(NoId)
+    assert quantizer_registry.get("affine") is AffineQuantizer
+    assert "" not in quantizer_registry.names()
+    register_quantizer(AffineQuantizer)  # registering the same class again is harmless
+
+    class Mine(Quantizer):
+        strategy_id = "test-mine"
+
+    class Mine2(Quantizer):
+        strategy_id = "test-mine"
+
+    register_quantizer(Mine)
+    assert plugin_warnings(lambda: register_quantizer(Mine2)) == [
+        f"quantizer 'test-mine': {Mine2.__module__}.{Mine2.__qualname__} replaces "
+        f"{Mine.__module__}.{Mine.__qualname__}"]

@@ -145,7 +145,23 @@ def _encode_codes(codes: np.ndarray, n_levels: int, codec: str, row_length: int,
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ConfigError(f"{name}: codec {chosen.codec_id!r} encoded to a {type(data).__name__}, "
                           "not bytes")
+    _check_round_trip(chosen, data, codes, name)
     return chosen, data
+
+
+def _check_round_trip(codec: Codec, data: bytes | bytearray | memoryview, codes: np.ndarray,
+                      name: str) -> None:
+    """Refuse a third-party codec whose stream does not decode back to the codes it encoded:
+    the archive would load other values than compress reported, and nothing would say so."""
+    try:
+        back = codec.decode(data, np.empty_like(codes))
+    except Exception as err:
+        raise ConfigError(f"{name}: codec {codec.codec_id!r} cannot decode the stream it "
+                          f"encoded ({type(err).__name__}: {first_line(err)})") from None
+    if not (isinstance(back, np.ndarray) and back.dtype == codes.dtype
+            and back.size == codes.size and np.array_equal(back.reshape(-1), codes)):
+        raise ConfigError(f"{name}: codec {codec.codec_id!r} does not decode its stream back "
+                          "to the codes it encoded")
 
 
 def _encode_plain(tensor: torch.Tensor, try_sparse: bool) -> tuple[Codec, bytes | memoryview]:
@@ -558,6 +574,13 @@ class Archive:
                               f"({entry.numel * element_size(entry.dtype):,} bytes)")
         return self._fail(f"tensor {name!r}: inconsistent parameters ({err})")
 
+    def _plugin_failed(self, name: str, err: Exception) -> ArchiveError:
+        """What a third-party quantizer raised while dequantizing, named as its failure (a
+        built-in's is a bug, shown as it is)."""
+        quantizer = self.quantizer(name)
+        return self._fail(f"tensor {name!r}: quantizer {quantizer.strategy_id!r} failed to "
+                          f"dequantize ({type(err).__name__}: {first_line(err)})")
+
     def _decode(self, entry: TensorEntry, out: np.ndarray) -> np.ndarray:
         name = entry.name
         data = self._read_record(entry.data, f"tensor {name!r}")
@@ -676,7 +699,12 @@ class Archive:
             except (MemoryError, RuntimeError, ValueError, IndexError, KeyError,
                     TypeError) as err:
                 raise self._unreadable(name, err) from None
-            if tuple(tensor.shape) != entry.shape or tensor.dtype != quantized.dtype:
+            except Exception as err:
+                if is_builtin(self.quantizer(name)):
+                    raise
+                raise self._plugin_failed(name, err) from None
+            if not (isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == entry.shape
+                    and tensor.dtype == quantized.dtype):
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong shape/dtype")
             return tensor
         return self._read_plain(entry)
@@ -715,6 +743,10 @@ class Archive:
             except (MemoryError, RuntimeError, ValueError, IndexError, KeyError,
                     TypeError) as err:
                 raise self._unreadable(name, err) from None
+            except Exception as err:
+                if is_builtin(self.quantizer(name)):
+                    raise
+                raise self._plugin_failed(name, err) from None
             if (start != done or tuple(values.shape) != (stop - start, width)
                     or values.dtype != quantized.dtype):
                 raise self._fail(f"tensor {name!r}: the quantizer returned the wrong rows")

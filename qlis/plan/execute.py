@@ -131,7 +131,7 @@ def execute_layer(
             if row_shares is not None and not transposed:
                 factors = step_factors(row_shares)
                 fed = fit_with_error_feedback(_rows_scaled(pruned, 1 / factors), hessian,
-                                              config.quantizer, sweeps=sweeps)
+                                              config.quantizer, sweeps=sweeps, label=name)
                 stored = get_quantizer(config.quantizer).with_row_scales(fed.quantized, factors)
             if stored is not None:
                 # no feedback: weighed by the shares, the error it leaves looks small and the
@@ -147,7 +147,8 @@ def execute_layer(
                 measures = pruner is None and not sweeps
                 fed = fit_with_error_feedback(pruned, hessian, config.quantizer,
                                               transposed=transposed, sweeps=sweeps,
-                                              overwrite_hessian=overwrite_hessian and measures)
+                                              overwrite_hessian=overwrite_hessian and measures,
+                                              label=name)
                 stored = fed.quantized
                 approx = stored.dequantize()
                 left = fed.output_error if measures else output_error(approx - weight, hessian,
@@ -199,7 +200,8 @@ def _plain_output_error(name: str, weight: torch.Tensor, pruned: torch.Tensor,
                         config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float:
     """The output error of plain rounding, what ``LayerPlan.feedback`` compares the fed-back
     weight's with (float32 products: it is a ratio)."""
-    plain = get_quantizer(config.quantizer).quantize(pruned).dequantize()
+    plain = quantized(get_quantizer(config.quantizer), pruned, name, measured=False)[0]
+    plain = plain.dequantize()
     if not bool(torch.isfinite(plain).all()):
         raise _beyond_float32(name, weight, config)
     return output_error(plain - weight, hessian, transposed, dtype=torch.float32)

@@ -28,7 +28,7 @@ from scipy.linalg import lapack
 
 from qlis.errors import ConfigError, InputError
 from qlis.quantize.grid import Grid, matrix_shape
-from qlis.quantize.quantizers import QuantizedTensor, get_quantizer
+from qlis.quantize.quantizers import QuantizedTensor, checked_grid, get_quantizer, quantized
 from qlis.quantize.rounding import refine_codes
 from qlis.workers.threads import single_threaded_ops
 
@@ -253,6 +253,7 @@ def fit_with_error_feedback(
     transposed: bool = False,
     sweeps: int = 0,
     overwrite_hessian: bool = False,
+    label: str = "error feedback",
 ) -> FedBack:
     """`quantize_with_error_feedback`, and the output error the result leaves, which the
     column loop gives almost for free: its scaled errors d (each column's rounding error
@@ -261,7 +262,8 @@ def fit_with_error_feedback(
     Measuring it by products with ``H`` instead cost a quarter of a calibrated rd run.
 
     ``overwrite_hessian``: a contiguous float32 ``hessian`` becomes the factor's buffer (its
-    values are lost), so that a wide layer's fit holds one width^2 buffer, not two."""
+    values are lost), so that a wide layer's fit holds one width^2 buffer, not two.
+    ``label`` names the layer in what a third-party quantizer is refused for."""
     quantizer = get_quantizer(config)
     if not quantizer.has_grid():
         raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
@@ -269,10 +271,10 @@ def fit_with_error_feedback(
     _check(weight, hessian, damp, block_size, transposed)
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or not 0 <= sweeps <= MAX_SWEEPS:
         raise ConfigError(f"sweeps must be an integer from 0 to {MAX_SWEEPS}, got {sweeps!r}")
-    reference = quantizer.quantize(weight)
+    reference = quantized(quantizer, weight, label, measured=False)[0]
     if weight.numel() == 0:
         return FedBack(reference, 0.0)
-    grid = quantizer.grid(reference.shape, reference.n_levels, reference.params)
+    grid = checked_grid(quantizer, reference, label)
     matrix = weight.detach().to(device="cpu", dtype=torch.float32).reshape(
         matrix_shape(weight.shape))
     if transposed:

@@ -308,6 +308,24 @@ class CodebookGrid(Grid):
     def levels(self) -> int:
         return self.codebook.shape[2]
 
+    def check(self, shape: tuple[int, int]) -> None:
+        """Also refuse what nearest-entry rounding and `neighbour` cannot work with (error
+        feedback and reconstruction would round to the wrong entries): a block's entries
+        out of order, or a zero code that is not an entry holding 0.0 in every block."""
+        if self.codebook.dim() != 3:
+            raise ArchiveError(f"a codebook grid's codebook must be (row blocks, column blocks, "
+                               f"entries), got shape {list(self.codebook.shape)}")
+        super().check(shape)
+        book = self.codebook
+        if bool((book[..., 1:] < book[..., :-1]).any()):
+            raise ArchiveError("a codebook grid's entries must be sorted, lowest first, in "
+                               "every block")
+        zero = self.zero_code
+        if zero is not None and not (type(zero) is int and 0 <= zero < self.levels
+                                     and bool((book[..., zero] == 0).all())):
+            raise ArchiveError(f"a codebook grid's zero code {zero!r} must be an entry that "
+                               "holds 0.0 in every block")
+
     def peak(self, n_levels: int) -> float | None:
         if not self.codebook.numel():
             return 0.0

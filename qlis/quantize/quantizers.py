@@ -186,8 +186,23 @@ class Quantizer(Strategy):
         (present, nothing else, dtype, shape, finite, in range); then the grid they describe
         must fit the tensor's matrix, decode every code below ``n_levels`` and be finite.
         Raises ArchiveError naming the parameter; returns that grid (None for a quantizer
-        without one, or for an empty tensor, which has nothing to decode).
+        without one, or for an empty tensor, which has nothing to decode). What a third-party
+        quantizer's methods raise here, or a grid that is not a `Grid`, is an ArchiveError
+        naming it: an archive read by another plugin under the same id must not crash a reader.
         """
+        if is_builtin(self):
+            return self._check_params(shape, n_levels, params)
+        try:
+            return self._check_params(shape, n_levels, params)
+        except QlisError:
+            raise
+        except Exception as err:
+            raise ArchiveError(f"quantizer {self.strategy_id!r} failed to check its parameters "
+                               f"({type(err).__name__}: {first_line(err)})") from None
+
+    def _check_params(
+        self, shape: tuple[int, ...], n_levels: int, params: dict[str, np.ndarray]
+    ) -> Grid | None:
         low, high = self.level_range()
         if not low <= n_levels <= high:
             allowed = str(low) if low == high else f"{low} to {high}"
@@ -209,6 +224,9 @@ class Quantizer(Strategy):
             grid = self.grid(shape, n_levels, params)
         except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as err:
             raise ArchiveError(f"the parameters do not describe a grid ({err})") from None
+        if not isinstance(grid, Grid):
+            raise ArchiveError(f"quantizer {self.strategy_id!r} described its grid as a "
+                               f"{type(grid).__name__}, not a qlis.quantize.grid.Grid")
         grid.check(matrix_shape(shape))
         if grid.levels is not None and n_levels > grid.levels:
             raise ArchiveError(f"{n_levels} code levels on a grid of {grid.levels}")
@@ -344,6 +362,15 @@ def quantized(quantizer: Quantizer, weight: torch.Tensor, label: str,
         if config_id(q.quantizer, "quantizer")[0] != quantizer.strategy_id:
             raise ConfigError(f"{where} returned codes that name another quantizer "
                               f"({q.quantizer!r}); they would be read back by that one")
+        if get_quantizer(q.quantizer) != quantizer:
+            raise ConfigError(f"{where} returned codes that name the config {q.quantizer!r}, "
+                              f"not its own {quantizer.get_config()!r}; they would be read "
+                              "back by that one")
+        try:  # what a reader will refuse, refused now
+            grid = quantizer.check_params(q.shape, q.n_levels, q.params)
+        except ArchiveError as err:
+            raise ConfigError(f"{where} returned parameters that a reader refuses: {err}"
+                              ) from None
         values = quantizer.dequantize(q)
         if not (isinstance(values, torch.Tensor) and values.shape == weight.shape
                 and values.dtype == weight.dtype):
@@ -351,11 +378,49 @@ def quantized(quantizer: Quantizer, weight: torch.Tensor, label: str,
                               f"weight's shape {list(weight.shape)} and dtype {weight.dtype}")
         if values.isnan().any():
             raise ConfigError(f"{where}: its dequantize returned NaN values")
+        _check_on_grid(values, q, grid, where)
         return q, quantizer.relative_error(weight, q) if measured else None
     except QlisError:
         raise
     except Exception as err:  # the plugin's own failure, named
         raise ConfigError(f"{where} failed ({type(err).__name__}: {first_line(err)})") from None
+
+
+def checked_grid(quantizer: Quantizer, q: QuantizedTensor, label: str) -> Grid:
+    """The grid of ``q`` (from ``quantizer``) that error feedback rounds to. A third-party
+    quantizer's is first checked as a reader checks it (`Quantizer.check_params`: it fits,
+    is finite, a codebook is sorted) and must decode as many codes as ``q`` has levels:
+    feedback may move a code to any of the grid's."""
+    if is_builtin(quantizer) or not math.prod(q.shape):
+        return quantizer.grid(q.shape, q.n_levels, q.params)
+    where = f"{label}: quantizer {quantizer.strategy_id!r}"
+    try:
+        grid = quantizer.check_params(q.shape, q.n_levels, q.params)
+    except ArchiveError as err:
+        raise ConfigError(f"{where} returned parameters that a reader refuses: {err}"
+                          ) from None
+    if grid is None:
+        raise ConfigError(f"{where} does not describe its grid")
+    if grid.levels is not None and grid.levels != q.n_levels:
+        raise ConfigError(f"{where}: its grid decodes {grid.levels} codes but its codes have "
+                          f"{q.n_levels} levels; error feedback rounds to any of the grid's")
+    return grid
+
+
+def _check_on_grid(values: torch.Tensor, q: QuantizedTensor, grid: Grid | None,
+                   where: str) -> None:
+    """Refuse a quantizer whose ``dequantize`` (or ``dequantized_rows``) gives other values
+    than its grid decodes: the archive's reader takes the first, while ``qlis unpack``, error
+    feedback, the reported error and the low-bit runtime take the second, so the same archive
+    would compute differently in each."""
+    if grid is None:
+        return
+    decoded = in_dtype(grid.decode(q.matrix_codes()), q.dtype).reshape(q.shape)
+    if not torch.equal(values, decoded):
+        apart = float((values.double() - decoded.double()).abs().nan_to_num(math.inf).max())
+        raise ConfigError(f"{where}: its dequantize gives other values than its grid decodes "
+                          f"(up to {apart:.3g} apart); the low-bit runtime, error feedback and "
+                          "'qlis unpack' use the grid, so make dequantize follow it")
 
 
 def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
