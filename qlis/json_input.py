@@ -58,8 +58,10 @@ def _check_depth(text: str, subject: str, max_depth: int) -> None:
             raise InputError(f"{subject} nests deeper than {max_depth} levels")
 
 
-def _float_sized_int(token: str) -> int:
-    """An integer that a float can hold (one beyond that would be infinite as a number)."""
+def float_sized_int(token: str) -> int:
+    """``json.loads``' parse_int: an integer that a float can hold (one beyond that would be
+    infinite as a number; past 4,300 digits Python's own refusal tells the user to raise its
+    limit)."""
     digits = len(token.lstrip("-"))
     if digits > _FLOAT_DIGITS:
         raise ValueError(f"an integer of {digits} digits is out of range (more than "
@@ -72,7 +74,7 @@ def _parse(text: str, subject: str, expected_type: type | None, max_depth: int,
     _check_depth(text, subject, max_depth)
     try:
         value = json.loads(text, parse_constant=reject_constant, parse_float=finite_float,
-                           parse_int=_float_sized_int)
+                           parse_int=float_sized_int)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno} column {err.colno}" if "\n" in text else f"column {err.colno}"
         hint = f", e.g. '{example}'" if example else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
 import qlis
@@ -106,6 +108,24 @@ def test_inspect_plot_writes_png(runner, model_pt, tmp_path):
 
 def _png_width(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_a_plot_on_a_full_disk_is_named_and_leaves_nothing(runner, model_pt, tmp_path,
+                                                           monkeypatch):
+    """The plot's write failing (a full disk) printed "qlis: error: No space left on device",
+    naming no file: matplotlib's OSError carries none."""
+    def full(self, fname, **kwargs):
+        with open(fname, "wb") as file:
+            file.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    plot = tmp_path / "q.png"
+    result = runner.invoke(cli, ["inspect", str(model_pt), "--plot", str(plot)])
+    assert result.exit_code == 2 and result.stderr == (
+        f"qlis: error: {plot}: could not be written (No space left on device); free space or "
+        "write elsewhere\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
 def test_inspect_plot_names_layers_as_text_and_bounds_its_width(runner, model_pt, tmp_path):

@@ -9,7 +9,9 @@ import collections
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -27,9 +29,11 @@ import qlis
 import qlis.archive.pack
 import qlis.archive.resume
 import qlis.measure.stats
+import qlis.models.checkpoints
 import qlis.plan.compress
 import qlis.plan.rd
 import qlis.workers.threads
+from qlis.archive.atomic import STALE_SECONDS
 from qlis.archive.file import ArchiveWriter, encode_tensor, write_tensors
 from qlis.cli.main import cli
 from qlis.errors import ConfigError, InputError
@@ -696,10 +700,12 @@ def test_unpack_refuses_a_shard_size_that_is_not_one(model_file, tmp_path, size)
 
 
 @pytest.mark.parametrize("name", ["model-00001-of-00001.safetensors",
-                                  "model.safetensors.index.json"])
+                                  "model.safetensors.index.json", "model.safetensors"])
 def test_unpack_into_shards_never_replaces_its_own_input(model_file, tmp_path, name):
     """An archive under a name the shards take, in the folder they go to: refused, even with
-    --force, before anything is written (it was replaced by the shard it was read into)."""
+    --force, before anything is written (it was replaced by the shard it was read into). As
+    model.safetensors, which loaders read before an index, it was kept and the unpack said
+    nothing: the folder loaded as the archive, which is no safetensors file."""
     archive = tmp_path / name
     qlis.pack(load_state_dict(model_file), archive)
     before = archive.read_bytes()
@@ -1091,6 +1097,94 @@ def test_a_failed_sharded_unpack_leaves_the_folder_as_it_was(model_file, tmp_pat
     assert not (tmp_path / "fresh").exists()
     assert [p.name for p in existing.iterdir()] == ["model-00001-of-00003.safetensors"]
     assert (existing / "model-00001-of-00003.safetensors").read_text() == "the user's"
+
+
+def _full_set(folder: Path) -> dict[str, float]:
+    """The first value of each tensor of the shard set in ``folder``, read through its index."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return {name: float(load_file(folder / shard)[name][0, 0])
+            for name, shard in index["weight_map"].items()}
+
+
+def test_ctrl_c_while_the_shards_take_their_names_waits_for_the_whole_set(tmp_path,
+                                                                          monkeypatch):
+    """Ctrl-C between two of the renames that publish a set left the new first shard beside
+    the earlier set's others (the same names) and index: a model of two archives, which
+    loaded without a word. Held back, the interrupt comes once the set is whole."""
+    layout = [(f"t{i}", "float32", [64, 64]) for i in range(4)]
+
+    def unpack(value: float) -> None:
+        write_sharded_safetensors(tmp_path, layout, lambda _: torch.full((64, 64), value),
+                                  20_000)
+
+    unpack(1.0)
+    replace, renamed = os.replace, []
+
+    def replace_then_interrupt(source, target):
+        replace(source, target)
+        if Path(target).name.startswith("model-"):
+            renamed.append(target)
+            if len(renamed) == 1:
+                signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, right then
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        unpack(2.0)
+    assert len(renamed) == 4 and set(_full_set(tmp_path).values()) == {2.0}
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_set_that_appeared_while_shards_were_written_is_kept_without_force(
+        model_file, tmp_path, monkeypatch):
+    """Without --force the folder was checked empty before the work, then whatever appeared
+    in it meanwhile (another unpack's set) was replaced without a word; a single-file unpack
+    refuses that ("appeared while it was being written")."""
+    archive = tmp_path / "m.qlis"
+    qlis.pack(load_state_dict(model_file), archive)
+    folder = tmp_path / "out"
+    read_pieces = qlis.Archive.read_pieces
+
+    def meanwhile(self, name):
+        if not (folder / "model.safetensors.index.json").exists():  # the other unpack's
+            save_file({"other": torch.ones(2, 2)}, folder / "model-00001-of-00001.safetensors")
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"weight_map": {"other": "model-00001-of-00001.safetensors"}}))
+        return read_pieces(self, name)
+
+    monkeypatch.setattr(qlis.Archive, "read_pieces", meanwhile)
+    result = run(cli, "unpack", archive, "-o", folder, "--max-shard-size", "1GB")
+    assert result.exit_code == 2 and "appeared while the shards were being written" in (
+        result.stderr)
+    assert _full_set(folder) == {"other": 1.0}
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+def test_finished_shards_a_killed_unpack_left_are_removed_by_a_later_write(tmp_path,
+                                                                           monkeypatch):
+    """The hidden shards of an unpack killed before its set was complete (SIGKILL, the OOM
+    killer), each a whole shard, were named as no clean-up knew them and stayed for ever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    layout = [("a", "float32", [64, 64]), ("b", "float32", [64, 64])]
+
+    def killed_at_b(name):
+        if name == "b":
+            raise InputError("killed (simulated)")
+        return torch.ones(64, 64)
+
+    with monkeypatch.context() as killed:
+        killed.setattr(os, "getpid", lambda: dead.pid)  # it wrote them, and is gone
+        killed.setattr(qlis.models.checkpoints, "_remove", lambda paths: None)  # no clean-up
+        with pytest.raises(InputError, match="simulated"):
+            write_sharded_safetensors(tmp_path, layout, killed_at_b, 20_000)
+    left = list(tmp_path.glob(".*"))
+    assert left
+    for path in left:
+        old = time.time() - STALE_SECONDS - 60
+        os.utime(path, (old, old))
+    write_sharded_safetensors(tmp_path, layout, lambda _: torch.ones(64, 64), 20_000)
+    assert not list(tmp_path.glob(".*")) and set(_full_set(tmp_path)) == {"a", "b"}
 
 
 def test_the_cli_resumes_an_interrupted_pack(model_file, tmp_path, monkeypatch):

@@ -5,8 +5,9 @@ already had is only replaced once the new one is complete on disk. New files fol
 umask like any other tool's; a replaced file keeps its mode. Without ``overwrite`` the file
 is published with a hard link, which fails if the target appeared meanwhile, so a file that
 someone else creates while we write is never clobbered. Temporaries are named
-``.NAME.qlis-tmp-PID-RANDOM``; those left by a killed qlis are removed on the next write to
-their folder.
+``.NAME.qlis-tmp-PID-RANDOM`` (`temporary_name`); those left by a killed qlis are removed on
+the next write to their folder. A set of files published together (a model's shards and
+their index) is renamed into place with Ctrl-C and SIGTERM held back (`signals_deferred`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import errno
 import os
 import re
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,10 +81,17 @@ def hidden_beside(path: Path, suffix: str) -> Path:
     return path.parent / f".{name}{suffix}"
 
 
+def temporary_name(path: Path) -> Path:
+    """A fresh name beside ``path`` for a file that is to become it, named as `clean_stale`
+    knows them: one that a killed writer leaves (a finished shard waiting for the others) is
+    removed by a later write to the folder, not kept for ever."""
+    return hidden_beside(path, f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _create_temporary(path: Path) -> Path:
     """A new empty file beside ``path``, created with mode 0666 so the umask applies."""
     for _ in range(100):
-        tmp = hidden_beside(path, f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        tmp = temporary_name(path)
         try:
             fd = os.open(tmp, _CREATE, 0o666)
         except FileExistsError:
@@ -164,6 +174,34 @@ def publish(tmp: Path, path: Path, overwrite: bool = True) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while the block runs, then delivered as they would have
+    been: renames that must all happen or none (shards that replace an earlier set of the
+    same names) are not cut in two, which left a model mixed from two archives that loads
+    without a word. Only the main thread can set handlers (elsewhere: nothing held back); an
+    ignored signal stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for signum in _DEFERRED_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda got, _: caught.append(got))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 @contextmanager

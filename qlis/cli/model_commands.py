@@ -169,9 +169,14 @@ def _plot(report: qlis.InspectionReport, policy: str, path: Path, force: bool) -
     ax.set_ylabel("QLIS")
     ax.set_title(f"QLIS per layer (beta={report.beta}) and the {policy} plan (k / bits)")
     fig.tight_layout()
-    with atomic_path(path, overwrite=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path, overwrite=force) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    except OSError as err:  # a full disk: the plot's name, as the other writers say it
+        raise InputError(f"{path}: could not be written ({err.strerror or err}); free space "
+                         "or write elsewhere") from None
+    finally:
+        plt.close(fig)
 
 
 _beta = click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,

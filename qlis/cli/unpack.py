@@ -34,13 +34,13 @@ SOURCE_METADATA = "source_metadata."
 that unpack gives back as the output's own metadata."""
 
 
-def _shards(output: Path, *args: Any) -> list[Path]:
+def _shards(output: Path, *args: Any, overwrite: bool) -> list[Path]:
     """`write_sharded_safetensors` into ``output``, made for it when absent and removed again
     when the shards fail (it then holds nothing of ours)."""
     made = not output.exists()
     output.mkdir(exist_ok=True)
     try:
-        return write_sharded_safetensors(output, *args)
+        return write_sharded_safetensors(output, *args, overwrite=overwrite)
     except BaseException:
         if made:
             with contextlib.suppress(OSError):
@@ -89,7 +89,7 @@ def unpack(path, output, max_shard_size, jobs, quiet, force) -> None:
             progress = bar("unpacking", len(rows), "tensors")
             if max_shard_size is not None:
                 files = _shards(output, layout, archive.read_pieces, max_bytes, progress,
-                                source, jobs, [path])
+                                source, jobs, [path], overwrite=force)
             elif output.suffix.lower() == ".safetensors":
                 write_safetensors(output, layout, archive.read_pieces, progress=progress,
                                   metadata=source, overwrite=force, jobs=jobs)

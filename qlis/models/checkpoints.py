@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qlis.archive.atomic import atomic_path, keep_mode
+from qlis.archive.atomic import atomic_path, keep_mode, signals_deferred, temporary_name
 from qlis.cli.console import same_file
 from qlis.errors import InputError, first_line
+from qlis.json_input import float_sized_int
 from qlis.models.tensors import (
     MAX_NDIM,
     ValidatedState,
@@ -122,7 +123,7 @@ def _parse_json(data: bytes, path: Path) -> object:
     if data.count(b"[") + data.count(b"{") > _MAX_JSON_CONTAINERS:
         raise InputError(f"{path}: more than {_MAX_JSON_CONTAINERS:,} JSON arrays and objects")
     try:
-        return json.loads(data, object_pairs_hook=_unique_keys)
+        return json.loads(data, object_pairs_hook=_unique_keys, parse_int=float_sized_int)
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply") from None
     except ValueError as err:  # also UnicodeDecodeError and over-long integers
@@ -822,6 +823,17 @@ def _locked(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _check_still_free(folder: Path, names: list[str], inputs: Sequence[Path]) -> None:
+    """Refuse to publish a set where a file it would replace or remove (its names, its index,
+    an earlier set's shards, a single checkpoint) appeared while it was written."""
+    candidates = [*(folder / name for name in names), folder / SHARD_INDEX,
+                  folder / _SINGLE_CHECKPOINT, *folder.glob("model-*-of-*.safetensors")]
+    for path in candidates:
+        if os.path.lexists(path) and not any(same_file(path, given) for given in inputs):
+            raise InputError(f"{path} appeared while the shards were being written; it was "
+                             "kept. Pass --force (overwrite=True) to replace it")
+
+
 def _write_index(path: Path, layout: list[tuple[str, str, list[int]]],
                  weight_map: dict[str, str]) -> None:
     index = {"metadata": {"total_size": sum(_tensor_bytes(d, s) for _, d, s in layout)},
@@ -845,6 +857,7 @@ def write_sharded_safetensors(
     metadata: Mapping[str, str] | None = None,
     jobs: int | None = 1,
     inputs: Sequence[Path] = (),
+    overwrite: bool = True,
 ) -> list[Path]:
     """Tensors as Hugging Face shards in ``folder`` (an existing folder): files
     ``model-00001-of-0000N.safetensors`` of at most ``max_shard_bytes`` each and the index
@@ -854,9 +867,14 @@ def write_sharded_safetensors(
     was, and files of those names are replaced only by a complete set, under a lock on the
     folder (two unpacks into it leave one whole set, not a mix); an earlier set's shards, and
     a ``model.safetensors`` that loaders would read instead of the index, are then removed.
-    A file of ``inputs`` (what is being read) under one of those names, or an index name
-    taken by what is not a file, is refused before anything is written. Returns the files
-    written, the index last."""
+    A file of ``inputs`` (what is being read) under one of those names or as the
+    ``model.safetensors`` to remove, or an index name taken by what is not a file, is refused
+    before anything is written. ``overwrite=False``
+    (no --force: the folder was empty) refuses, when the set is complete, a file it would
+    replace or remove that appeared meanwhile (another unpack's set), as `write_safetensors`
+    does. The hidden shards are named as temporaries (`temporary_name`), which a later write
+    removes if a killed unpack left them, and renamed with signals held back
+    (`signals_deferred`). Returns the files written, the index last."""
     folder = Path(folder)
     shards = split_into_shards(layout, max_shard_bytes)
     names = [f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -865,19 +883,25 @@ def write_sharded_safetensors(
         if any(same_file(folder / name, given) for given in inputs):
             raise InputError(f"{folder / name}: is the input, which the shards would replace; "
                              "unpack into another folder")
+    single = folder / _SINGLE_CHECKPOINT  # kept as an input, it stood in for the new set
+    if any(same_file(single, given) for given in inputs):
+        raise InputError(f"{single}: is the input, which loaders would read instead of the "
+                         "shards (it cannot be removed); unpack into another folder")
     for target in [folder / name for name in names] + [folder / SHARD_INDEX]:
         if (target.exists() or target.is_symlink()) and not target.is_file():
             raise InputError(f"{target}: is not a file the new set can replace")
     index_path = folder / SHARD_INDEX
     weight_map, partial = {}, []
-    unique = f"{os.getpid()}-{os.urandom(4).hex()}"  # another writer's partials are its own
     try:
         for name, shard in zip(names, shards, strict=True):
-            partial.append(folder / f".{name}.{unique}.partial")
+            partial.append(temporary_name(folder / name))  # another writer's are its own
             write_safetensors(partial[-1], shard, read, progress, metadata, jobs=jobs,
                               named=folder / name)
             weight_map.update({entry[0]: name for entry in shard})
-        with _locked(folder):  # a set and its index published whole, one writer at a time
+        # a set and its index published whole, one writer at a time, not cut by Ctrl-C
+        with _locked(folder), signals_deferred():
+            if not overwrite:
+                _check_still_free(folder, names, inputs)
             for path, name in zip(partial, names, strict=True):
                 keep_mode(path, folder / name)
                 os.replace(path, folder / name)
