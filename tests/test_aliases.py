@@ -200,6 +200,63 @@ def test_an_archive_of_untied_tensors_does_not_load_into_a_model_that_ties_them(
     assert retied[0].weight is retied[2].weight
 
 
+def _transposed_tie() -> nn.Sequential:
+    """Two layers sharing one weight's memory, the second a transposed view: not one tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64, bias=False), nn.ReLU(), nn.Linear(64, 32, bias=False))
+    model[2].weight = nn.Parameter(model[0].weight.t())
+    return model
+
+
+def test_a_tie_on_the_gpu_stays_one_tensor(monkeypatch):
+    """Each name of a GPU model was moved to the CPU apart, as a copy of its own: the tie was
+    lost, stored twice, and the archive refused to load into the model it came from."""
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: self.clone())  # a copy, as from a GPU
+    result = qlis.compress(TiedLM(), target_bits_per_weight=4)
+    assert result.aliases == {"head.weight": "embed.weight"}
+
+
+def test_tensors_sharing_memory_without_being_one_are_refused(tmp_path):
+    """Compressed apart, the two views were rounded apart: the calibrated quality described a
+    model that cannot exist, and loading wrote one over the other (silently unequal)."""
+    model = _transposed_tie()
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    match = r"'0.weight' and '2.weight' of the model share memory.*model is unchanged"
+    calib = [torch.randn(4, 32) for _ in range(4)]
+    for options in ({}, {"calib": calib}, {"inplace": True}):
+        with pytest.raises(qlis.InputError, match=match):
+            qlis.compress(model, policy="quant", bits=2, granularity="channel", **options)
+    apart = {k: v.clone() for k, v in model.state_dict().items()}
+    path = qlis.save(qlis.compress(apart, policy="quant", bits=2, granularity="channel"),
+                     tmp_path / "m.qlis")
+    for runtime in ("float", "lowbit"):
+        with pytest.raises(qlis.InputError, match=match):
+            qlis.load(path, model=model, runtime=runtime)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].stride() == s for k, (v, s) in before.items())
+    assert model[2].weight.data_ptr() == model[0].weight.data_ptr()
+
+
+def test_views_side_by_side_in_one_buffer_compress_and_load(tmp_path):
+    """A flat buffer holding every parameter (FSDP's), or a fused weight's column slices,
+    shares a storage but no element: compressed and loaded as separate tensors."""
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    flat = torch.randn(sum(p.numel() for p in model.parameters()))
+    start = 0
+    for module in (model[0], model[2]):
+        for name, param in list(module.named_parameters()):
+            setattr(module, name, nn.Parameter(flat[start:start + param.numel()].view_as(param)))
+            start += param.numel()
+    fused = torch.randn(32, 96)  # two column slices of one weight
+    model[0].weight = nn.Parameter(fused[:, :48].t())
+    model[2].weight = nn.Parameter(fused[:16, 48:])
+    result = qlis.compress(model, policy="quant", bits=4, granularity="channel")
+    path = qlis.save(result, tmp_path / "m.qlis")
+    state = qlis.load(path, model=model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(v, result.state_dict()[k]) for k, v in state.items())
+
+
 @pytest.mark.parametrize("how", ["expanded", "inference"])
 def test_a_model_that_cannot_be_written_into_is_refused_before_anything_changes(tmp_path, how):
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))

@@ -91,10 +91,26 @@ def test_many_names_on_one_storage_are_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(qlis.models.tensors, "VIEW_SLACK_BYTES", 0)
     w = torch.randn(64, 16)
     path = tmp_path / "aliases.pt"
-    torch.save({f"layer{i}": w for i in range(3)}, path)
+    torch.save({f"layer{i}": w[i:] for i in range(3)}, path)  # three views, each processed
     refused(path, "sharing storages", "store each shared tensor once")
-    torch.save({"a": w, "b": w}, path)  # twice the storage: tied weights
+    torch.save({"a": w, "b": w[1:]}, path)  # under twice the storage
     assert len(load_state_dict(path)) == 2
+
+
+def test_one_tensor_under_many_names_counts_once(tmp_path, monkeypatch):
+    """A tie is compressed and stored once, however many names it has: a block registered in
+    each of a model's 12 layers (weight sharing across layers) was refused as 12 copies."""
+    monkeypatch.setattr(qlis.models.tensors, "VIEW_SLACK_BYTES", 0)
+    block = torch.nn.Linear(32, 32)
+    model = torch.nn.Sequential(*[block] * 12)
+    path = tmp_path / "shared.pt"
+    torch.save(model.state_dict(), path)
+    state = load_state_dict(path)
+    assert len(state) == 24
+    result = qlis.compress(state, policy="quant", bits=4)
+    assert result.aliases == {f"{i}.{p}": f"0.{p}" for i in range(1, 12)
+                              for p in ("weight", "bias")}
+    assert len(qlis.compress(model, policy="quant", bits=4).tensors) == 2
 
 
 @given(
@@ -306,8 +322,8 @@ def test_hostile_index_json_is_bounded(tmp_path, monkeypatch):
     refused(folder, "JSON arrays and objects")
     index.write_text('{"weight_map": ' + "[" * 5000 + "]" * 5000 + "}")
     refused(folder, "nested too deeply")
-    index.write_text('{"weight_map": {"w": ' + "9" * 5000 + "}}")
-    refused(folder, "not valid JSON")
+    index.write_text('{"weight_map": {"w": ' + "9" * 5000 + "}}")  # Python said: raise its limit
+    refused(folder, "not valid JSON (an integer of 5000 digits is out of range")
     index.write_bytes(b'{"weight_map": \xff}')
     refused(folder, "not valid JSON")
     monkeypatch.setattr(qlis.models.checkpoints, "_MAX_INDEX_BYTES", 100)

@@ -154,6 +154,24 @@ def test_binary_is_sign_times_mean_magnitude_of_non_zeros(weight, granularity):
     assert q.n_levels == (3 if (w == 0).any() else 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_binary_scales_weights_whose_magnitudes_sum_past_float32(dtype):
+    """|w| ~1e37 over 4,096 weights sums past float32's 3.4e38: the scale was inf, a float32
+    layer was refused as if its values left float32's range, and a bfloat16 one (decoding
+    saturates) came back as +3.4e38 everywhere, written into the model with inplace=True."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 64) * 1e37)
+    before = model[0].weight.detach().clone()
+    result = qlis.compress(model, policy="quant", quantizer={"id": "binary"}, inplace=True)
+    alpha = result.tensors["0.weight"].params["alpha"]
+    assert alpha == pytest.approx(before.double().abs().mean().item(), rel=1e-6)
+    after = model[0].weight.detach()
+    assert torch.equal(after.sign(), before.sign())
+    assert result.distortion["weight_rel_mse"] < 0.5
+
+
 @given(weights(), st.integers(1, 8))
 def test_kmeans_maps_every_weight_to_its_nearest_codebook_entry(weight, bits):
     q = KMeansQuantizer(bits).quantize(weight)

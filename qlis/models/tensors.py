@@ -88,6 +88,13 @@ def _dtype_hint(dtype: torch.dtype) -> str:
     return "tensor.to(torch.float32)"
 
 
+def view_key(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors one view of one memory (a tie): device, storage, offset, shape,
+    strides and dtype."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tuple(tensor.shape), tensor.stride(), tensor.dtype)
+
+
 def _may_overlap(tensor: torch.Tensor) -> bool:
     """Whether two indices of a strided tensor may address one element (stride 0, expand)."""
     reach = 0  # the farthest element offset the smaller-stride dimensions address
@@ -99,10 +106,92 @@ def _may_overlap(tensor: torch.Tensor) -> bool:
     return False
 
 
+def _byte_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage a (non-empty, strided) tensor addresses, first to past last."""
+    size = tensor.element_size()
+    first = tensor.storage_offset() * size
+    last = first + size * sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride(),
+                                                                strict=True))
+    return first, last + size
+
+
+def _shared_pair(tensors: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """Two of ``tensors`` (views of one storage whose byte spans overlap) that address a
+    common byte, found by marking each one's bytes in turn (views side by side, as a fused
+    weight's column slices, share none)."""
+    low = min(_byte_span(t)[0] for _, t in tensors)
+    high = max(_byte_span(t)[1] for _, t in tensors)
+    marks = torch.zeros(high - low, dtype=torch.uint8)
+
+    def bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.element_size()
+        return marks.as_strided((*tensor.shape, size), (*(s * size for s in tensor.stride()), 1),
+                                tensor.storage_offset() * size - low)
+
+    for i, (name, tensor) in enumerate(tensors):
+        if bool(bytes_of(tensor).any()):
+            for earlier, other in tensors[:i]:  # which one: an error path, once
+                marks.zero_()
+                bytes_of(other).fill_(1)
+                if bool(bytes_of(tensor).any()):
+                    return earlier, name
+        bytes_of(tensor).fill_(1)
+    return None
+
+
+def shared_memory(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """Two names of ``state`` whose tensors share memory without being one view of it (a
+    weight tied to another's transpose, one tensor a slice of another), or None. A model
+    holding them computes with one set of values where an archive stores two; tied names
+    (one view under two names, `split_aliases`) and views side by side in one buffer (a
+    flat parameter's) are fine."""
+    views: dict[tuple, str] = {}
+    by_storage: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in state.items():
+        if tensor.is_meta or not tensor.numel():
+            continue
+        view = view_key(tensor)
+        storage = view[:2]
+        if view not in views:
+            views[view] = name
+            by_storage.setdefault(storage, []).append((name, tensor))
+    for tensors in by_storage.values():
+        tensors.sort(key=lambda item: _byte_span(item[1]))
+        cluster: list[tuple[str, torch.Tensor]] = []
+        end = 0
+        for item in [*tensors, None]:  # clusters of overlapping byte spans, then the end
+            if item is None or (cluster and _byte_span(item[1])[0] >= end):
+                pair = _shared_pair(cluster) if len(cluster) > 1 else None
+                if pair is not None:
+                    return pair
+                cluster, end = [], 0
+            if item is not None:
+                cluster.append(item)
+                end = max(end, _byte_span(item[1])[1])
+    return None
+
+
+def check_unshared(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model two of whose state tensors share memory without being one tensor (see
+    `shared_memory`): compressed apart they are rounded apart, so the model, which holds one
+    set of values, could never compute with what the result and its quality describe, and
+    loading both into it writes one over the other."""
+    pair = shared_memory(model.state_dict(keep_vars=True))
+    if pair is not None:
+        first, second = (tensor_label(name) for name in pair)
+        raise InputError(
+            f"{what}: tensors {first} and {second} of the model share memory (one is a view "
+            "of the other, e.g. a weight tied to another's transpose) without being one "
+            "tensor, so no values stored for each apart can be written into both; tie them "
+            "as one Parameter, or give each its own memory (clone one); the model is unchanged")
+
+
 def check_loadable(model: torch.nn.Module, what: str) -> None:
     """Refuse, before anything is written, a model whose tensors cannot be written into in
     place (what ``load_state_dict`` does, tensor by tensor: one that fails leaves the ones
-    before it overwritten): an inference tensor, or one that repeats its elements."""
+    before it overwritten): an inference tensor, one that repeats its elements, or two that
+    share memory (`check_unshared`)."""
+    check_unshared(model, what)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_meta:
             continue
@@ -183,11 +272,14 @@ def checked_state(items: Iterable[tuple[object, object]], where: str = "") -> di
     Each value must be a dense, plain (not subclassed), non-meta tensor of a stored dtype under
     a string name encodable as UTF-8. Views are kept as they are (no copy), but the tensors
     together may describe at most twice the bytes their storages hold plus VIEW_SLACK_BYTES,
-    so a tiny stride-0 view cannot make later steps allocate gigabytes. ``where`` prefixes
-    messages (e.g. the file name and ': ').
+    so a tiny stride-0 view cannot make later steps allocate gigabytes; a tied tensor (one
+    view under several names, `split_aliases`) counts once, as it is compressed and stored
+    once (a block registered in each of a model's 12 layers). ``where`` prefixes messages
+    (e.g. the file name and ': ').
     """
     state: dict[str, torch.Tensor] = {}
     storages: dict[int, int] = {}
+    views: set[tuple] = set()
     described = 0
     for name, value in items:
         tensor = _checked_tensor(name, value, where)
@@ -195,7 +287,10 @@ def checked_state(items: Iterable[tuple[object, object]], where: str = "") -> di
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
         storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
-        described += tensor.numel() * tensor.element_size()
+        view = view_key(tensor)
+        if view not in views:  # a tie (one view under many names) is processed once
+            views.add(view)
+            described += tensor.numel() * tensor.element_size()
     held = sum(storages.values())
     if described > 2 * held + VIEW_SLACK_BYTES:
         _refuse_expansion(state, described, held, where)
@@ -257,8 +352,7 @@ def split_aliases(
     for name, tensor in state.items():
         if not tensor.numel():
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-               tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        key = view_key(tensor)
         if key in first:
             aliases[name] = first[key]
         else:
@@ -299,7 +393,13 @@ def as_state_dict(
         raise InputError(
             f"expected an nn.Module or a state dict, got {type(model_or_state_dict).__name__}"
         )
-    state = {name: tensor.cpu() for name, tensor in checked_state(items).items()}
+    on_cpu: dict[tuple, torch.Tensor] = {}  # a tie on the GPU is one CPU tensor, still tied
+    state = {}
+    for name, tensor in checked_state(items).items():
+        view = view_key(tensor)
+        if view not in on_cpu:
+            on_cpu[view] = tensor.cpu()
+        state[name] = on_cpu[view]
     if not state:
         raise InputError("the model has no tensors")
     return state

@@ -27,6 +27,7 @@ from qlis.measure.stats import SCORE_PARAMS, InspectionReport, inspect
 from qlis.models.tensors import (
     as_state_dict,
     check_loadable,
+    check_unshared,
     checked_state,
     renormalized,
     split_aliases,
@@ -564,6 +565,7 @@ def plan_compression(
     reference outputs out of memory (qlis/workers/spill_file.py)."""
     if isinstance(model_or_state_dict, torch.nn.Module):
         check_not_packed(model_or_state_dict)
+        check_unshared(model_or_state_dict, "compress")
     state, aliases = split_aliases(as_state_dict(model_or_state_dict))
     jobs = check_jobs(jobs)
     check_callback(progress, "progress")

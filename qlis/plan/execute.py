@@ -163,7 +163,7 @@ def execute_layer(
             quantizer = get_quantizer(config.quantizer)
             stored = quantized(quantizer, pruned, name, measured=False)[0]
             rel_mse = quantizer.relative_error(weight, stored)
-        if not math.isfinite(rel_mse):
+        if not math.isfinite(rel_mse) or not _finite_params(stored):
             raise _beyond_float32(name, weight, config)
         bits = config.bits or stored.code_bits
         paper = float(kept * bits)
@@ -212,6 +212,14 @@ def _rows_scaled(tensor: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
     rows = torch.as_tensor(factors, dtype=torch.float64).reshape(-1, 1)
     matrix = tensor.reshape(matrix_shape(tensor.shape)).to(torch.float64) * rows
     return matrix.to(tensor.dtype).reshape(tensor.shape)
+
+
+def _finite_params(stored: QuantizedTensor) -> bool:
+    """Whether every parameter of the grid is finite: decoding saturates a bfloat16 or float16
+    weight's values at its dtype's largest, so an infinite scale leaves them finite (every
+    weight at +3.4e38, its sign lost) and the relative error alone does not tell."""
+    return all(bool(np.isfinite(value).all()) for value in map(np.asarray, stored.params.values())
+               if value.dtype.kind == "f")
 
 
 def _beyond_float32(name: str, weight: torch.Tensor, config: LayerConfig) -> InputError:

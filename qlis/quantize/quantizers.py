@@ -611,7 +611,12 @@ class BinaryQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor) -> QuantizedTensor:
         rows = _rows(weight, self.granularity)
         nonzero = rows != 0
-        alpha = rows.abs().sum(dim=1) / nonzero.sum(dim=1).clamp(min=1)
+        magnitudes = rows.abs().sum(dim=1)
+        if not bool(magnitudes.isfinite().all()):  # summed past float32's range (|w| ~1e37
+            # over a few thousand values, a bfloat16 weight's): in float64 there alone, as
+            # float32 everywhere else keeps the scales archives were written with
+            magnitudes = rows.abs().double().sum(dim=1)
+        alpha = (magnitudes / nonzero.sum(dim=1).clamp(min=1)).float()
         n_levels = 3 if bool((~nonzero).any()) else 2
         params = {"alpha": alpha.numpy()}
         grid = self.grid(tuple(weight.shape), n_levels, params)
