@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -625,3 +626,86 @@ def test_text_calibration_is_one_example_a_line_whatever_the_suffix_case(bert_fo
 def test_a_path_given_as_calib_to_the_library_says_what_calib_takes():
     with pytest.raises(qlis.ConfigError, match="not a str .*tokenize its lines"):
         qlis.compress(torch.nn.Linear(4, 4), calib="prompts.txt")
+
+
+def test_only_the_lines_used_are_split_out_of_a_calibration_text(tmp_path, monkeypatch):
+    """Every line of the file was split out and stripped before the first ``examples`` were
+    kept: 60 MB of short lines held 1.8 GB of strings to calibrate on 128 of them."""
+    text = tmp_path / "many.txt"
+    text.write_text("\n \t\n" + "ab\n" * 1_000_000)
+    # read as it is, not into a buffer of the most a text may hold, which the peak would count
+    monkeypatch.setattr(qlis.models.calib_files, "read_small_file",
+                        lambda path, *args, **kwargs: Path(path).read_bytes())
+    tracemalloc.start()
+    try:
+        lines = qlis.models.calib_files._text_lines(text, 8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == ["ab"] * 8
+    assert peak < 3 * text.stat().st_size  # the file's bytes and its text, not its lines
+
+
+@pytest.mark.parametrize(("data", "lines", "message"), [
+    (b"\xef\xbb\xbfa red cat\r\n\r\nthe dog \n", ["a red cat", "the dog"], None),
+    ("a red cat\n".encode("utf-16"), None, "not UTF-8 text but UTF-16 .*save it as UTF-8"),
+    (b"a red\x00cat\n\xe9t\xe9\n", None, r"not UTF-8 text \(byte 10\)"),
+])
+def test_a_calibration_texts_encoding_marks_are_read_or_named(tmp_path, data, lines, message):
+    """A UTF-8 byte order mark was kept as the first example's first character; UTF-16 was
+    "not UTF-8 text (byte 0)"."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(data)
+    if message is None:
+        assert qlis.models.calib_files._text_lines(text, 8) == lines
+    else:
+        with pytest.raises(InputError, match=message):
+            qlis.models.calib_files._text_lines(text, 8)
+
+
+@pytest.mark.parametrize(("tensors", "message"), [
+    ({"input_ids": torch.ones(4, 6)}, "'input_ids' is torch.float32; token ids are integers"),
+    ({"input_ids": torch.ones(4, 6, dtype=torch.bool)}, "'input_ids' is torch.bool"),
+    ({"input_ids": torch.ones(4, 6, dtype=torch.uint8)}, "'input_ids' is torch.uint8"),
+    ({"input_ids": torch.ones(4, 6, dtype=torch.long), "token_type_ids": torch.zeros(4, 6)},
+     "'token_type_ids' is torch.float32"),
+    ({"input_ids": torch.ones(4, dtype=torch.long)}, r"'input_ids' has shape \[4\]; it holds "
+     r"\(examples, tokens\)"),
+    ({"input_ids": torch.ones(4, 6, 1, dtype=torch.long)}, r"has shape \[4, 6, 1\]"),
+    ({"input_ids": torch.ones(4, 0, dtype=torch.long)}, "at least one token an example"),
+    ({"input_ids": torch.ones(4, 6, dtype=torch.long), "attention_mask": torch.ones(4)},
+     r"'attention_mask' has shape \[4\]"),
+    ({"input_ids": torch.ones(4, 6, dtype=torch.long),
+      "decoder_input_ids": torch.ones(4, 3)}, "'decoder_input_ids' is torch.float32"),
+    ({f"x{i}": torch.zeros(1, 1) for i in range(65)}, "holds 65 tensors; calibration tensors "
+     "are a model's keyword inputs .*at most 64"),
+])
+def test_ids_and_masks_that_are_no_row_of_tokens_are_refused_by_name(tmp_path, tensors,
+                                                                     message):
+    """The model failed on them with torch's words ("not enough values to unpack", "Expected
+    tensor for argument #1 'indices'"), a mask of one number per example ran broadcast, and
+    a file of 100,000 tensors was read for 27 s before its names were refused."""
+    path = tmp_path / "inputs.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(InputError, match=message):
+        qlis.models.calib_files.read_calibration(path, tmp_path)
+
+
+def test_int32_ids_and_a_mask_per_pair_of_tokens_are_taken(tmp_path):
+    path = tmp_path / "inputs.safetensors"
+    save_file({"input_ids": torch.ones(3, 5, dtype=torch.int32),
+               "attention_mask": torch.ones(3, 5, 5, dtype=torch.long)}, str(path))
+    batches = qlis.models.calib_files.read_calibration(path, tmp_path, batch_size=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 5), (1, 5)]
+
+
+def test_a_mask_that_keeps_no_token_is_refused_by_name(tmp_path):
+    """Every position was left out of the comparison: "the calibration outputs are empty"."""
+    path = tmp_path / "inputs.safetensors"
+    mask = torch.zeros(4, 3, dtype=torch.long)
+    mask[3] = 1  # past the examples used
+    save_file({"input_ids": torch.ones(4, 3, dtype=torch.long), "attention_mask": mask},
+              str(path))
+    with pytest.raises(InputError, match="'attention_mask' keeps no token of any example"):
+        qlis.models.calib_files.read_calibration(path, tmp_path, examples=3)
+    assert len(qlis.models.calib_files.read_calibration(path, tmp_path)) == 1

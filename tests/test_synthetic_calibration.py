@@ -189,6 +189,29 @@ def test_a_tokenizer_of_the_users_own_is_read_with_care(bert_folder):
             qlis.synthetic_calibration(model, naming)
 
 
+def test_another_models_tokenizer_whose_frame_is_past_the_vocabulary_is_refused(bert_folder,
+                                                                                tmp_path):
+    """A frame id the embedding has no row for made the first pass fail with torch's
+    "index out of range in self", in the library and in ``pack --calib synthetic``."""
+    model = load_hf_model(bert_folder)
+    rows = model.get_input_embeddings().num_embeddings
+
+    def larger(text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": ([rows + 60] if add_special_tokens else []) + [7, 8]}
+
+    with pytest.raises(InputError, match=f"frames a text with token id {rows + 60}; the model "
+                                         f"has {rows} token ids"):
+        qlis.synthetic_calibration(model, larger)
+    folder = tmp_path / "other-tokenizer"
+    shutil.copytree(bert_folder, folder)
+    (folder / "tokenizer.json").unlink()
+    words = [f"w{i}" for i in range(100)]  # its [CLS] and [SEP] are 102 and 103
+    (folder / "vocab.txt").write_text("\n".join([*words, "[PAD]", "[UNK]", *SPECIALS[2:]]))
+    result = run(cli, "pack", folder, "-o", tmp_path / "o.qlis", "--calib", "synthetic",
+                 "--calib-examples", "4")
+    assert result.exit_code == 2 and "frames a text with token id 102" in result.output
+
+
 @pytest.mark.parametrize("kwargs", [{"examples": 0}, {"length": True}, {"batch_size": 1.5},
                                     {"seed": -1}, {"seed": 2**64}])
 def test_bad_sizes_are_refused(bert_folder, kwargs):

@@ -219,6 +219,12 @@ def synthetic_calibration(
     specials = _config_specials(model)
     if tokenizer is not None:
         prefix, suffix, keys = _framing(tokenizer)
+        if beyond := [i for i in (*prefix, *suffix) if i >= size]:
+            # another model's tokenizer: the model failed on the first pass, as torch's
+            # "index out of range in self"
+            raise InputError(f"the tokenizer frames a text with token id {beyond[0]}; the "
+                             f"model has {size} token ids (0-{size - 1}): give this model's "
+                             "own tokenizer")
         with contextlib.suppress(TypeError):  # a tokenizer that does not say its size
             size = min(size, len(tokenizer))
         given = getattr(tokenizer, "all_special_ids", None)
