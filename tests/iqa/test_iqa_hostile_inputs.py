@@ -156,6 +156,17 @@ def test_names_no_file_can_have_are_missing_images(tmp_path: Path, name: str) ->
     assert len(ds.samples) == 2 and ds.missing == [name]
 
 
+def test_reports_of_very_long_names_stay_short(tmp_path: Path) -> None:
+    """A CSV field may be 131,072 characters: five missing or twice-scored such names made
+    one report line of hundreds of kilobytes."""
+    long = ["x" * 100_000 + f"{i}.jpg" for i in range(5)]
+    root = _annotate(tmp_path, [(n, "2.5") for n in long] + [(long[0], "3.5")])
+    report = load_agiqa3k(root).missing_report()
+    assert "4 annotated image(s) missing" in report and "annotated twice" in report
+    assert max(map(len, report.splitlines())) < 1000
+    assert len(skipped_report("test", [(n, "unreadable") for n in long])) < 1000
+
+
 def test_names_scored_twice_differently_are_skipped_and_reported(tmp_path: Path) -> None:
     root = _annotate(tmp_path, [("sd1.5_normal_000.jpg", "4.5"), ("sd1.5_normal_001.jpg", "2.5")])
     ds = load_agiqa3k(root)

@@ -70,7 +70,7 @@ class IQADataset:
         if self.missing:
             lines.append(
                 f"{self.name}: {len(self.missing)} annotated image(s) missing, skipped "
-                f"(first: {escape(', '.join(self.missing[:5]))})"
+                f"(first: {', '.join(map(shown_name, self.missing[:5]))})"
             )
         if self.ambiguous:
             lines.append(
@@ -78,6 +78,13 @@ class IQADataset:
                 f"scores, skipped (first: {'; '.join(self.ambiguous[:3])})"
             )
         return "\n".join(lines)
+
+
+def shown_name(name: str, limit: int = 100) -> str:
+    """An image name for a message: escaped, and cut to ``limit`` characters (a score file's
+    name may be 100,000 characters long; five of them made one line of half a megabyte)."""
+    text = escape(name)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Row(NamedTuple):
@@ -107,7 +114,7 @@ def _unique(path: Path, rows: Iterable[Row]) -> tuple[list[Row], list[str]]:
         if seen is not row and seen.mos != row.mos:
             conflicts.setdefault(row.name, [seen.line]).append(row.line)
     described = [
-        f"{n!r} in rows {' and '.join(map(str, lines))} of {escape(str(path))}"
+        f"'{shown_name(n)}' in rows {' and '.join(map(str, lines[:10]))} of {escape(str(path))}"
         for n, lines in conflicts.items()
     ]
     return [r for r in first.values() if r.name not in conflicts], described
@@ -140,7 +147,8 @@ def _build(name: str, root: Path, images: Path, path: Path, rows: list[Row]) -> 
     if not samples:
         raise IQAError(
             f"{name}: none of the {len(rows)} annotated images is in {images} "
-            f"(first expected: {escape(rows[0].name)}); point --root at the folder that holds them"
+            f"(first expected: {shown_name(rows[0].name)}); point --root at the folder that "
+            "holds them"
         )
     return IQADataset(name, root, samples, missing, ambiguous)
 

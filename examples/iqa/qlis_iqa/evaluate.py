@@ -13,7 +13,7 @@ import torch
 
 from qlis.archive.atomic import atomic_path
 from qlis.cli.console import escape
-from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, split_samples
+from qlis_iqa.data import IQADataset, Sample, Split, load_dataset, shown_name, split_samples
 from qlis_iqa.errors import IQAError
 from qlis_iqa.features import FeatureCache, extract_features
 from qlis_iqa.metrics import correlations, logistic_fit
@@ -26,7 +26,7 @@ def skipped_report(what: str, items: Sequence[tuple[str, str]]) -> str:
     """'' or one line: how many images were skipped and the first few, with why."""
     if not items:
         return ""
-    first = escape("; ".join(f"{name}: {why}" for name, why in items[:3]))
+    first = "; ".join(f"{shown_name(name)}: {escape(why)}" for name, why in items[:3])
     return f"{what}: {len(items)} image(s) skipped (first: {first})"
 
 
