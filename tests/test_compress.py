@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import reference as ref
@@ -255,6 +257,46 @@ def test_calibration_keeps_each_modules_own_training_flag():
         flags = [m.training for m in model.modules()]
         qlis.compress(model, calib=batches)
         assert [m.training for m in model.modules()] == flags
+
+
+def test_calibrated_compressions_of_one_module_from_two_threads_take_turns():
+    """Two threads compressing the same module with calibration ran into each other's hooks
+    and swapped weights: they failed, or measured the other's weights (and could leave the
+    model in eval mode holding quantized weights). The second waits for the first; both give
+    the one-thread result."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    model.train()
+    batches = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    alone = qlis.compress(model, "quant", bits=3, calib=batches, jobs=1)
+    results: dict[str, CompressionResult | BaseException] = {}
+
+    def compress(key: str, calib: object) -> None:
+        try:
+            results[key] = qlis.compress(model, "quant", bits=3, calib=calib, jobs=1)
+        except BaseException as err:  # reported by the asserts below
+            results[key] = err
+
+    other = threading.Thread(target=compress, args=("other", batches))
+    calls = []
+
+    def run(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x)
+        if len(calls) == 5:  # a pass with quantized weights swapped in: the other starts
+            other.start()
+            other.join(timeout=0.5)
+        return m(x)
+
+    compress("first", [lambda m, x=x: run(m, x) for x in batches])
+    other.join()
+    for result in results.values():
+        assert isinstance(result, CompressionResult), result
+        assert torch.equal(result.state_dict()["0.weight"], alone.state_dict()["0.weight"])
+        assert result.distortion["output"] == alone.distortion["output"]
+    assert all(m.training for m in model.modules())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name])
 
 
 def test_calibration_measures_the_swapped_weights_under_autocast():

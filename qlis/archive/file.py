@@ -55,7 +55,7 @@ from qlis.archive.format import (
 from qlis.archive.front_room import ROOM_BLOCK, make_room
 from qlis.config import Param, check_callback
 from qlis.errors import ArchiveError, ConfigError, InputError, QlisError, first_line
-from qlis.models.tensors import bit_patterns, check_loadable, with_aliases
+from qlis.models.tensors import bit_patterns, check_loadable, model_in_use, with_aliases
 from qlis.quantize.grid import Grid, matrix_shape
 from qlis.quantize.quantizers import QuantizedTensor, Quantizer, get_quantizer
 from qlis.registry import is_builtin
@@ -882,6 +882,13 @@ def load(
         raise ConfigError(f"model= takes an nn.Module to load into, got {type(model).__name__}")
     if runtime == "lowbit" and model is None:
         raise ConfigError('runtime="lowbit" loads into a model: pass model=')
+    with model_in_use(model):  # not while a compression in another thread swaps its weights
+        return _load(path, model, max_decoded_bytes, runtime)
+
+
+def _load(path: str | os.PathLike, model: torch.nn.Module | None, max_decoded_bytes: int,
+          runtime: str) -> dict[str, torch.Tensor]:
+    """`load`, its arguments checked."""
     with Archive(path, max_decoded_bytes=max_decoded_bytes) as archive:
         if model is not None:
             _adopt_model_ties(archive, model)

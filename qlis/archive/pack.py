@@ -41,7 +41,7 @@ from qlis.archive.resume import PassCache, input_fingerprint
 from qlis.config import Param, check_callback, check_instance
 from qlis.errors import ClusterError, ConfigError, QlisError
 from qlis.models.checkpoints import MappedState
-from qlis.models.tensors import as_state_dict, bit_patterns, tensor_layout
+from qlis.models.tensors import as_state_dict, bit_patterns, model_in_use, tensor_layout
 from qlis.plan.compress import (
     DEFAULT_POLICY,
     CompressionResult,
@@ -138,10 +138,11 @@ def pack(
         cluster.agree(_fingerprint(model_or_state_dict, policy, beta, codec, options),
                       "input or options")
     if options.get("calib") is not None:
-        planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
-                                   progress=planning_progress, cluster=cluster,
-                                   spill=SpillFile(Path(path).parent), **options)
-        result = planned.result(*planned.executor.run(planned.plan))
+        with model_in_use(model_or_state_dict):  # its weights are swapped while it runs
+            planned = plan_compression(model_or_state_dict, policy, beta, jobs=jobs,
+                                       progress=planning_progress, cluster=cluster,
+                                       spill=SpillFile(Path(path).parent), **options)
+            result = planned.result(*planned.executor.run(planned.plan))
         if cluster is None or cluster.leader:
             save(result, path, codec=codec, metadata=metadata, overwrite=overwrite,
                  source_bytes=source_bytes, progress=progress)

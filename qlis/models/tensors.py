@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import weakref
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -373,6 +376,30 @@ def with_aliases(state: dict[str, torch.Tensor],
     return {**state, **{alias: state[name] for alias, name in aliases.items()}}
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = (
+    weakref.WeakKeyDictionary())
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def model_in_use(model: object) -> Iterator[None]:
+    """Within the block, no other thread's qlis call uses ``model`` (a module; anything else
+    is not held). A calibrated compression swaps quantized weights into the module's
+    parameters, hooks its layers and puts it in eval mode for the length of the call: two at
+    once on one module (two threads) ran into each other's hooks, failed, and left the model
+    in eval mode holding quantized weights; a state read (or a load) beside one saw (or was
+    undone by) the weights swapped in. The same thread may enter again."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+    with lock:
+        yield
+
+
 def as_state_dict(
     model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
 ) -> Mapping[str, torch.Tensor]:
@@ -386,7 +413,8 @@ def as_state_dict(
             raise InputError("the model has no tensors")
         return model_or_state_dict
     if isinstance(model_or_state_dict, torch.nn.Module):
-        items = model_or_state_dict.state_dict().items()
+        with model_in_use(model_or_state_dict):  # not while a calibration swaps its weights
+            items = model_or_state_dict.state_dict().items()
     elif isinstance(model_or_state_dict, Mapping):
         items = model_or_state_dict.items()
     else:

@@ -29,6 +29,7 @@ from qlis.models.tensors import (
     check_loadable,
     check_unshared,
     checked_state,
+    model_in_use,
     renormalized,
     split_aliases,
     storage_bits,
@@ -483,14 +484,17 @@ def compress(
     inplace = inplace and isinstance(model_or_state_dict, torch.nn.Module)
     if inplace:
         check_loadable(model_or_state_dict, "compress(inplace=True)")
-    planned = plan_compression(
-        model_or_state_dict, policy, beta, plan=plan, calib=calib, eps=eps, select=select,
-        progress=progress, error_feedback=error_feedback, bias_correction=bias_correction,
-        rounding_sweeps=rounding_sweeps, jobs=jobs, **options)
-    stored, layers = planned.executor.run(planned.plan)
-    result = planned.result(stored, layers)
-    if inplace:
-        model_or_state_dict.load_state_dict(result.state_dict())
+    # calibration runs the module with its weights swapped: the module to this call alone
+    with model_in_use(model_or_state_dict if calib is not None or inplace else None):
+        planned = plan_compression(
+            model_or_state_dict, policy, beta, plan=plan, calib=calib, eps=eps,
+            select=select, progress=progress, error_feedback=error_feedback,
+            bias_correction=bias_correction, rounding_sweeps=rounding_sweeps, jobs=jobs,
+            **options)
+        stored, layers = planned.executor.run(planned.plan)
+        result = planned.result(stored, layers)
+        if inplace:
+            model_or_state_dict.load_state_dict(result.state_dict())
     return result
 
 
