@@ -69,17 +69,30 @@ def float_sized_int(token: str) -> int:
     return int(token)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object_pairs_hook for every JSON qlis reads: an object, refusing a key
+    given twice with a ValueError (json keeps the last: a plan naming a layer twice, a config
+    giving ``bits`` twice or a shard index naming a tensor's shard twice lost one unseen)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ValueError(f"the key {escape(key[:200])!r} is given twice in one object: "
+                             "give it once")
+        value[key] = item
+    return value
+
+
 def _parse(text: str, subject: str, expected_type: type | None, max_depth: int,
            example: str | None) -> Any:
     _check_depth(text, subject, max_depth)
     try:
         value = json.loads(text, parse_constant=reject_constant, parse_float=finite_float,
-                           parse_int=float_sized_int)
+                           parse_int=float_sized_int, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         where = f"line {err.lineno} column {err.colno}" if "\n" in text else f"column {err.colno}"
         hint = f", e.g. '{example}'" if example else ""
         raise JSONSyntaxError(f"{subject} must be JSON ({err.msg}: {where}){hint}") from None
-    except ValueError as err:  # a number refused by a hook
+    except ValueError as err:  # a number or a repeated key refused by a hook
         raise InputError(f"{subject}: {err}") from None
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
 import qlis
+from qlis.archive.file import write_tensors
 from qlis.cli.main import cli
 from qlis.cli.model_commands import INSPECT_KEYS, PLOT_LABELS
 from qlis.models.tensors import same_bits
@@ -326,3 +327,24 @@ def test_a_suffix_in_capitals_is_the_same_format(runner, model_pt, tmp_path):
     run_ok(runner, "unpack", archive, "-o", target)
     assert sorted(load_file(target)) == sorted(qlis.load(archive))
     assert "layer" in run_ok(runner, "inspect", target).stdout
+
+
+def test_info_states_the_output_quality_the_archive_records_beside_its_ratios(runner, tmp_path):
+    """A calibrated archive's weight error says little of its outputs: `info` shows the
+    output quality its writer measured, labelled held out or not, after the ratios."""
+    archive = tmp_path / "m.qlis"
+    output = {"cosine": 0.99594, "one_minus_cosine": 0.00406, "cosine_stderr": 0.00017,
+              "rel_mse": 8.1e-3, "finite": True, "batches": 1, "held_out": True}
+    write_tensors(archive, {"w": torch.ones(4, 4)}, distortion={
+        "weight_rel_mse": 0.92, "weight_rel_mse_max": 1.77, "output": output})
+    table = run_ok(runner, "info", archive).stdout
+    after_ratios = table[table.index("real ratio"):]
+    assert "output quality on 1 held-out calibration batch: cosine 0.99594 ± 0.00017" in (
+        after_ratios)
+    assert "the mean per layer; worst layer 1.77" in after_ratios
+    write_tensors(archive, {"w": torch.ones(4, 4)}, distortion={
+        "weight_rel_mse": 0.92, "output": {**output, "held_out": False, "batches": 3}})
+    assert "output quality on the calibration data (not held out)" in run_ok(
+        runner, "info", archive).stdout
+    write_tensors(archive, {"w": torch.ones(4, 4)})
+    assert "distortion: none recorded" in run_ok(runner, "info", archive).stdout

@@ -320,6 +320,40 @@ def test_set_refuses_what_pack_passes_itself(model_pt, tmp_path, no_loading, key
         assert line.endswith(f"--set {key}= is not a policy option; give {flag} instead")
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--quantizer", '{"id": "affine", "bits": 2, "bits": 8}', "--policy", "quant"],
+     "--quantizer: the key 'bits' is given twice"),
+    (["--set", 'granularities={"a": 1, "a": 2}'], "--set granularities: the key 'a' is given "
+                                                   "twice"),
+])
+def test_a_json_option_that_gives_a_key_twice_is_refused(model_pt, tmp_path, no_loading, args,
+                                                        said):
+    """Python's json keeps the last of two equal keys: the first was dropped unseen."""
+    assert said in pack_refused(model_pt, tmp_path / "m.qlis", *args)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--policy", "quant", "--bits", "4", "--set", "bits_levels=[2, 4]"],
+     "give either --bits (one level) or bits_levels, not both"),
+    (["--policy", "prune", "--k", "1", "--set", "k_levels=[2, 1]"],
+     "give either --k (one level) or k_levels, not both"),
+    (["--set", "group_bits=[4]"], "give group_sizes too"),
+])
+def test_an_option_that_another_would_override_or_void_is_refused(model_pt, tmp_path,
+                                                                  no_loading, args, said):
+    """--bits replaced the levels of --set bits_levels (and --k those of k_levels); rd's
+    group_bits without group_sizes offers no candidate: each was silently ignored."""
+    assert said in pack_refused(model_pt, tmp_path / "m.qlis", *args)
+
+
+@pytest.mark.parametrize("flag", [["--bits", "4"], ["--k", "1"]])
+def test_a_uniform_flag_with_rd_points_to_no_levels_it_has_not(model_pt, tmp_path, no_loading,
+                                                             flag):
+    """rd has no k_levels or bits_levels: a hint to --set them led to another error."""
+    line = pack_refused(model_pt, tmp_path / "m.qlis", "--policy", "rd", *flag)
+    assert "policy 'rd' does not take it" in line and "_levels" not in line
+
+
 def plan_file(tmp_path: Path, kind: str) -> Path:
     """A --plan that must be refused, and what the error says about it."""
     path = tmp_path / f"{kind}.json"
@@ -331,6 +365,9 @@ def plan_file(tmp_path: Path, kind: str) -> Path:
         path.write_bytes(bytes(range(256)) * 4)
     elif kind == "nan":
         path.write_text('{"a.weight": {"quantizer": {"id": "affine", "bits": NaN}}}')
+    elif kind == "twice":  # the second settings of a layer replaced the first, unseen
+        path.write_text('{"a.weight": {"quantizer": {"id": "affine", "bits": 2}},\n'
+                        ' "a.weight": {"quantizer": {"id": "affine", "bits": 8}}}')
     elif kind == "oversize":  # sparse: no disk space used
         with path.open("wb") as f:
             f.truncate(MAX_FILE_BYTES + 1)
@@ -348,6 +385,7 @@ def plan_file(tmp_path: Path, kind: str) -> Path:
     ("array", "must be a JSON object, got an array"),
     ("binary", "is not UTF-8 text"),
     ("nan", "NaN is not a finite number"),
+    ("twice", "the key 'a.weight' is given twice in one object"),
     ("oversize", "is larger than 16.00 MiB"),
     ("folder", "is a folder; give a JSON file"),
     pytest.param("fifo", "is not a regular file", marks=pytest.mark.skipif(

@@ -179,3 +179,16 @@ def test_strict_utf8_and_no_lone_surrogates(write):
     assert "not UTF-8" in refused(read_json_file, write(b'{"a": "\xc3"}'), "--plan")
     assert "lone surrogate" in refused(parse_json_text, '["\\udc80"]', "--x")
     assert parse_json_text('"\\ud83d\\ude00"', "--x") == "\U0001f600"
+
+
+@pytest.mark.parametrize("text", ['{"a": 1, "a": 2}', '[{"x": {"b": 1, "b": 1}}]'])
+def test_a_key_given_twice_is_refused_at_any_depth(tmp_path, text):
+    """``json.loads`` keeps the last of two equal keys: a plan naming a layer twice, or a
+    config giving ``bits`` twice, lost one unseen."""
+    with pytest.raises(InputError, match="is given twice in one object") as refused:
+        parse_json_text(text, "--x")
+    assert not isinstance(refused.value, JSONSyntaxError)  # JSON, refused: never kept as text
+    path = tmp_path / "twice.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match="is given twice in one object"):
+        read_json_file(path, "--plan")

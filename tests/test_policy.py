@@ -183,3 +183,14 @@ def test_target_ratio_means_real_bytes_so_the_paper_policies_refuse_it(policy):
     with pytest.raises(ConfigError, match="real archive ratio.*paper_cr"):
         make_policy(policy, target_ratio=5)
     assert make_policy(policy, paper_cr=5).paper_cr == 5
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"bits": 4, "bits_levels": (2, 4)}, "either bits .* or bits_levels"),
+    ({"k": 1.0, "k_levels": (2.0, 1.0)}, "either k .* or k_levels"),
+])
+def test_a_shortcut_never_replaces_levels_given_with_it(options, match):
+    """``bits``/``k`` set a single level: levels given too were replaced unseen."""
+    for policy in ("quant", "prune", "lapq", "levels"):
+        with pytest.raises(ConfigError, match=match):
+            make_policy(policy, **options)

@@ -241,6 +241,9 @@ UNIFORM_FLAGS = {"k": ("prune",), "bits": ("quant",)}
 """The uniform flags of the paper's policies, and the policies they set: the others choose
 those values per layer (a uniform --bits would silently override lapq's levels, and --k would
 add pruning to quant)."""
+LEVELS_POLICIES = ("prune", "quant", "lap", "laq", "lapq", "levels")
+"""The policies of k and bits levels (qlis.plan.policy.LevelsPolicy): ``k_levels`` and
+``bits_levels`` are theirs; rd, or a plugin's policy, has neither."""
 QUANTIZING_POLICIES = ("quant", "laq", "lapq", "levels")
 """The policies that quantize by bits, which --granularity, --method and --quantizer shape."""
 
@@ -251,6 +254,9 @@ def check_policy_flags(policy: str, given: Collection[str], levels_hint: bool = 
     to change the levels."""
     for key, policies in UNIFORM_FLAGS.items():
         if key in given and policy not in policies:
+            if policy not in LEVELS_POLICIES:  # no levels to change: no --set hint
+                raise InputError(f"--{key} applies to --policy {' or '.join(policies)}; policy "
+                                 f"{policy!r} does not take it")
             raise InputError(
                 f"--{key} applies to --policy {' or '.join(policies)}; policy {policy!r} sets "
                 "it per layer" + (f" (use --set {key}_levels=[...] to change its levels)"

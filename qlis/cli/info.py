@@ -5,6 +5,7 @@ reads every record through the archive reader (torch), loaded by name as the com
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -92,8 +93,8 @@ def _info_row(entry: TensorEntry) -> tuple[str, ...]:
                    "the low-bit runtime (reads the whole file; loads torch).")
 def info(path: Path, fmt: str, verify: bool) -> None:
     """What an archive holds: metadata, writer and compression settings, then per tensor the
-    quantizer, bits, k, codec and size, then the totals. Reads the header only, unless
-    --verify."""
+    quantizer, bits, k, codec and size, then the totals and the quality measured at them.
+    Reads the header only, unless --verify."""
     with no_cyclic_gc():
         _info(path, fmt, verify)
 
@@ -132,8 +133,6 @@ def _info(path: Path, fmt: str, verify: bool) -> None:
     lines.append(f"writer: {_setting(writer) if writer else 'not recorded'}")
     settings = {k: v for k, v in (compression or {}).items() if k != "plan"}
     lines += _section("compression", settings)
-    if isinstance(distortion, dict) and distortion.get("weight_rel_mse") is not None:
-        lines.append(f"distortion: {describe_rel_mse(distortion['weight_rel_mse'])}")
     click.echo("\n".join(lines) + "\n")
     headers = ("tensor", "shape", "dtype", "quantizer", "bits", "k", "codec", "size")
     echo_table(headers, map(_info_row, entries.values()), right=(4, 5, 7))
@@ -153,12 +152,48 @@ def _info(path: Path, fmt: str, verify: bool) -> None:
     if paper:
         click.echo("paper ratios (idealised: pruned zeros count as free, no index or metadata "
                    "cost): " + "   ".join(paper))
+    click.echo("\n".join(_quality_lines(distortion)))
     paths = Counter(row["path"] for row in runtime or ())
     if paths:
         click.echo("runtime (qlis.load(..., runtime=\"lowbit\"), docs/runtime.md): "
                    + ", ".join(f"{n} layers {_RUNTIME_PATHS[p]}" for p, n in sorted(paths.items())))
     if verify:
         click.echo("all records verified")
+
+
+def _quality_lines(distortion: object) -> list[str]:
+    """The quality the writer measured, beside the ratios: the weight error (a mean over the
+    layers, and the worst), and the output quality when it was measured on data, labelled
+    as `CompressionResult.describe_quality` labels it (held out or not, synthetic or not);
+    a calibrated archive's weight error alone says little of its outputs."""
+    if not isinstance(distortion, dict):
+        return ["distortion: none recorded"]
+    lines = []
+    mean, worst = distortion.get("weight_rel_mse"), distortion.get("weight_rel_mse_max")
+    if mean is not None:
+        lines.append(f"distortion: {describe_rel_mse(mean)}, the mean per layer" + (
+            f"; worst layer {worst:.4g}" if _is_finite_number(worst) else ""))
+    output = distortion.get("output")
+    if isinstance(output, dict) and _is_finite_number(output.get("cosine")):
+        batches = output.get("batches")
+        count = (f"{batches} " if isinstance(batches, int) and not isinstance(batches, bool)
+                 else "")
+        plural = "es" if batches != 1 else ""
+        where = (f"{count}held-out calibration batch{plural}" if output.get("held_out") is True
+                 else "the calibration data (not held out)")
+        if output.get("synthetic") is True:
+            where += " (synthetic inputs, not your data)"
+        stderr = output.get("cosine_stderr")
+        spread = f" ± {stderr:.5f}" if _is_finite_number(stderr) else ""
+        rel_mse = output.get("rel_mse")
+        lines.append(f"output quality on {where}: cosine {output['cosine']:.5f}{spread}, " + (
+            f"relative MSE {rel_mse:.2e}" if _is_finite_number(rel_mse)
+            else "NOT FINITE (the compressed model outputs NaN or inf)"))
+    return lines or ["distortion: none recorded"]
+
+
+def _is_finite_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 _RUNTIME_PATHS = {"int8": "int8 (packed int8 weights)",

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from qlis.archive.atomic import atomic_path, keep_mode, signals_deferred, temporary_name
 from qlis.cli.console import same_file
 from qlis.errors import InputError, first_line
-from qlis.json_input import float_sized_int
+from qlis.json_input import float_sized_int, unique_keys
 from qlis.models.tensors import (
     MAX_NDIM,
     ValidatedState,
@@ -106,24 +106,13 @@ def _open_unchanged(path: Path, identity: FileIdentity) -> int:
     return fd
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """A JSON object whose keys are all different (json keeps the last of a key given twice:
-    a shard index naming a tensor's shard twice read one shard, silently)."""
-    found: dict[str, object] = {}
-    for key, value in pairs:
-        if key in found:
-            raise ValueError(f"the key {key[:200]!r} is given twice")
-        found[key] = value
-    return found
-
-
 def _parse_json(data: bytes, path: Path) -> object:
     """JSON with bounded cost (the size is capped by the caller, containers and depth here),
     every object's keys different."""
     if data.count(b"[") + data.count(b"{") > _MAX_JSON_CONTAINERS:
         raise InputError(f"{path}: more than {_MAX_JSON_CONTAINERS:,} JSON arrays and objects")
     try:
-        return json.loads(data, object_pairs_hook=_unique_keys, parse_int=float_sized_int)
+        return json.loads(data, object_pairs_hook=unique_keys, parse_int=float_sized_int)
     except RecursionError:
         raise InputError(f"{path}: JSON nested too deeply") from None
     except ValueError as err:  # also UnicodeDecodeError and over-long integers

@@ -101,6 +101,9 @@ class CompressionResult:
         self.config = config
         self.distortion = distortion
         self.warnings: list[str] = []
+        self.estimate_warnings: list[str] = []
+        """The warnings in `warnings` that the estimated archive size gave (a size target out
+        of reach): the archive written, its real size confirms or withdraws them."""
         self.calibration_cost: dict[str, float] | None = None
         planned = {layer.name for layer in layers}
         fixed = [tensors[n] for n in tensors if n not in planned]
@@ -160,13 +163,30 @@ class CompressionResult:
             "output": self.distortion.get("output"),
         }
 
+    def estimate_missed(self) -> list[str]:
+        """The warning that the policy's size target is out of reach, when the estimated
+        archive is over it by more than 1% (none when there is no size target)."""
+        wanted = self.policy.size_target_bytes(self.original_bytes, self.numel)
+        if wanted is None or self.estimated_bytes <= wanted * 1.01:
+            return []
+        reached = self.original_bytes / max(self.estimated_bytes, 1)
+        return [f"the size target ({wanted:,.0f} bytes, {self.original_bytes / wanted:.2f}x) "
+                f"is out of reach: the smallest archive the candidates allow takes about "
+                f"{self.estimated_bytes:,} bytes ({reached:.2f}x)"]
+
     def check_written_size(self, path: Path, codec: str) -> None:
         """Warn (and add to `warnings`) when the archive written at ``path`` is over its size
         target by more than 1%: the plan counts codes as ans codes them (``codec`` "raw"
-        wrote a 2.5x archive asked 4x, silently), and its header and records by estimate."""
+        wrote a 2.5x archive asked 4x, silently), and its header and records by estimate.
+        An archive within the target withdraws the estimate's warning that it is out of
+        reach (the estimate is an upper bound: it said so of archives that met it)."""
         wanted = self.policy.size_target_bytes(self.original_bytes, self.numel)
         size = path.stat().st_size
-        if wanted is None or size <= wanted * 1.01:
+        if wanted is None:
+            return
+        if size <= wanted * 1.01:
+            self.warnings = [w for w in self.warnings if w not in self.estimate_warnings]
+            self.estimate_warnings = []
             return
         why = (f"the plan counts codes as 'ans' codes them, and codec {codec!r} stores them "
                "otherwise" if codec not in ("ans", "auto") else "the plan's estimate missed")
@@ -237,6 +257,7 @@ class CompressionResult:
             original_bits=self.original_bits, config={**self.config, "replaced": replaced},
             distortion={**_weight_distortion(layers), "output": None}, aliases=self.aliases)
         result.warnings = list(self.warnings)
+        result.estimate_warnings = list(self.estimate_warnings)
         result.calibration_cost = self.calibration_cost
         return result
 
@@ -530,7 +551,9 @@ class PlannedCompression:
                 distortion["output"]["synthetic"] = True
             result.calibration_cost = {"passes": self.calibration.passes,
                                        "seconds": self.calibration.seconds}
-        result.warnings = (_masks(self.report) + self.policy.review(result)
+        result.estimate_warnings = result.estimate_missed()
+        result.warnings = (_masks(self.report) + result.estimate_warnings
+                           + self.policy.review(result)
                            + _emptied(layers, tensors, self.state)
                            + _zero_rows_divided(layers, tensors, self.state)
                            + _unreached(layers, self.calibration)

@@ -216,10 +216,14 @@ class LevelsPolicy(Policy):
         if k is not None:
             if options.get("pruner") is not None:
                 raise ConfigError("give either k (sigma pruning) or pruner=, not both")
+            if options.get("k_levels") is not None:  # k would replace them unseen
+                raise ConfigError("give either k (one level) or k_levels, not both")
             options["k_levels"] = (k,)
         if bits is not None:
             if options.get("quantizer") is not None:
                 raise ConfigError("give either bits or quantizer=, not both")
+            if options.get("bits_levels") is not None:
+                raise ConfigError("give either bits (one level) or bits_levels, not both")
             options["bits_levels"] = (bits,)
         return super().from_options(**options)
 

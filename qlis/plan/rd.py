@@ -543,6 +543,10 @@ def _shown_below(value: float, target: float) -> str:
     return repr(value)
 
 
+_DEFAULT_GROUP_BITS = (2, 3, 4, 5, 6, 8)
+"""The bits of rd's group-wise candidates unless group_bits says otherwise."""
+
+
 @register_policy
 @dataclass(frozen=True)
 class RDPolicy(Policy):
@@ -590,7 +594,7 @@ class RDPolicy(Policy):
     granularities: tuple[str, ...] = ("tensor",)
     prune_levels: tuple[float, ...] = ()
     group_sizes: tuple[int, ...] = ()
-    group_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    group_bits: tuple[int, ...] = _DEFAULT_GROUP_BITS
     rounding: float = 0.5
     weighting: str = "layers"
     finest_step: float = 1e-3
@@ -603,6 +607,14 @@ class RDPolicy(Policy):
                                "max_distortion", "min_cosine") if getattr(self, n) is not None]
         if len(targets) > 1:
             raise ConfigError(f"give one target, not {', '.join(targets)}")
+        # group candidates are group_sizes x group_bits: one without the other offers none,
+        # and the option given would be silently ignored
+        if self.group_sizes and not self.group_bits:
+            raise ConfigError("group_sizes adds group-wise candidates at group_bits, which is "
+                              "empty: give group_bits too (or leave it out for its default)")
+        if not self.group_sizes and self.group_bits != _DEFAULT_GROUP_BITS:
+            raise ConfigError("group_bits are the bits of the group-wise candidates, which "
+                              "group_sizes adds: give group_sizes too")
 
     @classmethod
     def from_options(cls, **options: Any) -> RDPolicy:
@@ -664,15 +676,7 @@ class RDPolicy(Policy):
         return plan_of(self._allocate(context, curves, names, plan_of, per_layer, unreached))
 
     def review(self, result: CompressionResult) -> list[str]:
-        found = []
-        wanted = self.size_target_bytes(result.original_bytes, result.numel)
-        if wanted is not None and result.estimated_bytes > wanted * 1.01:
-            reached = result.original_bytes / max(result.estimated_bytes, 1)
-            found.append(
-                f"the size target ({wanted:,.0f} bytes, {result.original_bytes / wanted:.1f}x) "
-                f"is out of reach: the smallest archive the candidates allow takes about "
-                f"{result.estimated_bytes:,} bytes ({reached:.1f}x)"
-            )
+        found = []  # a size target the estimate misses: CompressionResult.estimate_missed
         output = result.distortion.get("output")
         if output is not None and self.max_distortion is None and self._size_target() is None:
             wanted = self.min_cosine if self.min_cosine is not None else DEFAULT_MIN_COSINE
