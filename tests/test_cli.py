@@ -111,6 +111,37 @@ def _png_width(path: Path) -> int:
     return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
 
 
+class OutOfMemoryError(RuntimeError):
+    """torch.OutOfMemoryError's name and base, as a GPU's allocator raises it."""
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 70368744177664 bytes."),
+    OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_memory_that_runs_out_is_one_line_saying_what_to_lower(runner, model_pt, monkeypatch,
+                                                               error):
+    """An allocation that failed (a batch size too large for the machine) was a traceback."""
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(qlis, "inspect", allocate)
+    line = run_user_error(runner, "inspect", model_pt)
+    assert line.startswith("qlis: error: out of memory (") and "lower the batch size" in line
+
+
+def test_a_runtime_error_that_is_no_allocation_keeps_its_traceback(runner, model_pt,
+                                                                   monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch in qlis' own code")
+
+    monkeypatch.setattr(qlis, "inspect", bug)
+    result = runner.invoke(cli, ["inspect", str(model_pt)])
+    assert isinstance(result.exception, RuntimeError) and result.exit_code == 1
+
+
 def test_a_plot_on_a_full_disk_is_named_and_leaves_nothing(runner, model_pt, tmp_path,
                                                            monkeypatch):
     """The plot's write failing (a full disk) printed "qlis: error: No space left on device",

@@ -383,18 +383,37 @@ def _terminated_as_interrupted() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|out of memory",
+                            re.IGNORECASE)
+"""What torch's allocators say when an allocation fails: a plain RuntimeError on the CPU
+("DefaultCPUAllocator: can't allocate memory"), torch.OutOfMemoryError on a GPU."""
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed (Python's, or torch's on any device)."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and (type(err).__name__ == "OutOfMemoryError"
+                                           or bool(_OUT_OF_MEMORY.search(first_line(err)))))
+
+
 class CommandGroup(click.Group):
     """The error policy of both commands: a user's mistake is one line ``PROG: error: ...``
     on stderr and exit code 2, whether it comes from the library (a QlisError), the system (an
-    OSError, naming the file) or the command line itself (click's usage errors, which would
-    otherwise print four lines); a closed stdout ends the output quietly (exit code 1).
-    Anything else is a bug and keeps its traceback."""
+    OSError, naming the file; memory that runs out, with what to lower) or the command line
+    itself (click's usage errors, which would otherwise print four lines); a closed stdout
+    ends the output quietly (exit code 1). Anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except QlisError as err:
             raise _UserError(str(err)) from None
+        except (MemoryError, RuntimeError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            said = first_line(err, 200) or type(err).__name__
+            raise _UserError(f"out of memory ({said}); lower the batch size or the number of "
+                             "jobs, or run on a machine with more memory") from None
         except BrokenPipeError:
             silence_broken_pipe()
             ctx.exit(1)
