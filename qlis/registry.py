@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, distributions
 from typing import Any, Generic, Literal, TypeVar
 
-from qlis.errors import ConfigError
+from qlis.config import shown
+from qlis.errors import ConfigError, QlisError, first_line
 
 T = TypeVar("T")
 
@@ -229,6 +230,24 @@ def _qualname(obj: object) -> str:
 def _exception_text(err: Exception) -> str:
     """``Type: message`` on one line (the CLI prints an error as a single line)."""
     return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def construct(cls: type[T], params: dict[str, Any], label: str, unfit: str) -> T:
+    """``cls(**params)`` for a config read from an archive or a command line: parameters the
+    class does not take are a ConfigError (``unfit`` says for what), and whatever a plugin's
+    ``__init__`` raises is one ConfigError naming it (``label``); qlis' own classes' failures
+    are bugs, shown as they are."""
+    try:
+        return cls(**params)
+    except TypeError as err:
+        raise ConfigError(f"{unfit}: {err}") from None
+    except QlisError:
+        raise
+    except Exception as err:
+        if is_builtin(cls):
+            raise
+        raise ConfigError(f"{label} cannot be built from {shown(params)} "
+                          f"({type(err).__name__}: {first_line(err)})") from None
 
 
 def is_builtin(strategy: object) -> bool:

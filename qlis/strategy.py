@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from qlis.config import Param, checked_init, config_id, init_parameters, shown
-from qlis.errors import ConfigError, QlisError, first_line
-from qlis.registry import is_builtin
+from qlis.config import Param, checked_init, config_id, init_parameters
+from qlis.errors import ConfigError
+from qlis.registry import construct
 
 
 class Strategy:
@@ -39,18 +39,8 @@ class Strategy:
         if name != cls.strategy_id:
             raise ConfigError(f"a config of {cls.config_kind} {name!r} given to "
                               f"{cls.strategy_id!r}")
-        try:
-            return cls(**params)
-        except TypeError as err:  # a class without declared params
-            raise ConfigError(f"bad parameters for {cls.strategy_id!r}: {err}") from None
-        except QlisError:
-            raise
-        except Exception as err:  # a plugin's __init__: a config read from an archive or
-            if is_builtin(cls):  # the command line is refused as one error naming it
-                raise
-            raise ConfigError(f"{cls.config_kind} {cls.strategy_id!r} cannot be built from "
-                              f"{shown(params)} ({type(err).__name__}: {first_line(err)})"
-                              ) from None
+        return construct(cls, params, f"{cls.config_kind} {cls.strategy_id!r}",
+                         f"bad parameters for {cls.strategy_id!r}")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")

@@ -12,9 +12,9 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from qlis.config import Param, checked_init, config_id, init_parameters, shown
-from qlis.errors import ConfigError, QlisError, first_line
-from qlis.registry import Registry, is_builtin
+from qlis.config import Param, checked_init, config_id, init_parameters
+from qlis.errors import ConfigError
+from qlis.registry import Registry, construct
 
 
 class Codec:
@@ -69,17 +69,8 @@ class Codec:
         codec_id, params = config_id(config, "codec")
         if codec_id != cls.codec_id:
             raise ConfigError(f"config for codec {codec_id!r} given to {cls.codec_id!r}")
-        try:
-            return cls(**params)
-        except TypeError as err:
-            raise ConfigError(f"bad parameters for codec {cls.codec_id!r}: {err}") from None
-        except QlisError:
-            raise
-        except Exception as err:  # a plugin's __init__, given a config from an archive
-            if is_builtin(cls):
-                raise
-            raise ConfigError(f"codec {cls.codec_id!r} cannot be built from {shown(params)} "
-                              f"({type(err).__name__}: {first_line(err)})") from None
+        return construct(cls, params, f"codec {cls.codec_id!r}",
+                         f"bad parameters for codec {cls.codec_id!r}")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "id")
