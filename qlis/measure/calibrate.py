@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from qlis.errors import ConfigError, InputError, QlisError, first_line
@@ -35,6 +36,7 @@ from qlis.measure.distortion import squared_sums
 from qlis.measure.layer_inputs import layer_inputs
 from qlis.measure.row_shares import lookup_shares
 from qlis.models.tensors import renormed_tables, tensor_label
+from qlis.quantize.column_scales import divided_columns
 from qlis.workers.cluster import Cluster, share_of, together
 from qlis.workers.memory import allocation_failed
 from qlis.workers.spill_file import SpillFile
@@ -451,15 +453,19 @@ def _renormed_copies(model: torch.nn.Module) -> Iterator[None]:
             table.data = data
 
 
-def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor) -> None:
+def _take_gradient(tensor: torch.Tensor, index: int, totals: torch.Tensor,
+                   along: torch.Tensor | None = None) -> None:
     """Add a weight's squared gradient to its total as soon as backward has made it, and
     free it: a backward pass holds one weight's gradient, not the model's. Summed in one
     compiled pass: torch's sum of a large tensor rounds by its thread count. A sparse
     gradient (``nn.Embedding(sparse=True)``) counts its coalesced values: the rows it leaves
-    out are zeros, and a row looked up twice is summed before it is squared."""
+    out are zeros, and a row looked up twice is summed before it is squared. ``along``: the
+    gradient's matrix columns times these factors first (`Calibration.sensitivities`)."""
     grad = tensor.grad
     if grad.is_sparse:
         grad = grad.coalesce().values()
+    elif along is not None:
+        grad = grad.reshape(grad.shape[0], -1) * along.to(grad.device, grad.dtype)
     totals[index] += squared_sums(grad, grad)[0]
     tensor.grad = None
 
@@ -571,6 +577,10 @@ class Calibration:
         layer), each row's expected share of the lookups (`lookup_shares`): how much a row's
         error weighs against another's. Empty with synthetic batches, whose tokens are no
         user's."""
+        self.column_factors: dict[str, np.ndarray] = {}
+        """Per weight that rd steps per input column (qlis/quantize/column_scales.py), the
+        factors of its columns' steps: rd measures its candidates with them, and
+        reconstruction fits the layer on that grid."""
         self.batch = 0
         """The key of the model call running now (hooks read it: `OrderedSum` keys)."""
         self.scores_per_batch: int | None = None
@@ -895,9 +905,14 @@ class Calibration:
                 "held_out": bool(held_out and self.held_out)}
 
     def sensitivities(self, names: list[str], samples: int = 4, seed: int = 0,
+                      column_factors: Mapping[str, np.ndarray] | None = None,
                       ) -> dict[str, float] | None:
         """Per weight, the mean output 1 - cosine per unit of relative weight error, when
         every weight of it takes independent noise (what rounding does at these rates).
+        A weight with ``column_factors`` (one per input column of its (outputs, inputs)
+        matrix) is measured as that matrix with its columns divided by them, the weight rd
+        rounds to a step per input column (qlis/quantize/column_scales.py): its gradients
+        times the factors, its relative error that of the divided matrix.
 
         For small noise of variance v per weight, 1 - cos(f, f + J e) averages
         v ||P J||^2 / (2 ||f||^2) per output vector f (P: off the direction of f); with r a
@@ -936,16 +951,18 @@ class Calibration:
         counts = {name: OrderedSum(tuple(c.shape), self.cluster is not None)
                   for name, c in batch_counts.items()}
         runs = self._runs(False, self.fitting)
+        factors = {name: torch.from_numpy(column_factors[name]).float() for name in names
+                   if column_factors and name in column_factors}
         start = time.perf_counter()
         weights = list(tensors.values())
         try:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for index, t in enumerate(tensors.values()):
+            for index, (name, t) in enumerate(tensors.items()):
                 t.requires_grad_(True)
                 t.grad = None  # the user's own gradients are put back after
-                handles.append(t.register_post_accumulate_grad_hook(
-                    lambda t, index=index: _take_gradient(t, index, batch_totals)))
+                handles.append(t.register_post_accumulate_grad_hook(partial(
+                    _take_gradient, index=index, totals=batch_totals, along=factors.get(name))))
             for name, uses in tables.items():
                 handles += [lookup.register_forward_hook(
                     _gram_hook(batch_grams[name], uses.tied, batch_counts.get(name)))
@@ -1016,9 +1033,12 @@ class Calibration:
                                       tables[name].table.weight)
                   for name, total in counts.items() if name in self.output_covariances}
         self.row_shares = {name: share for name, share in shares.items() if share is not None}
+        measured = {name: t if name not in factors else divided_columns(
+                        t, column_factors[name], transposed=False)
+                    for name, t in tensors.items()}
         return {name: squared[index] / samples / count
                 * squared_sums(t, t)[0] / max(t.numel(), 1)
-                for index, (name, t) in enumerate(tensors.items())}
+                for index, (name, t) in enumerate(measured.items())}
 
     def _tables(self, names: list[str]) -> dict[str, TableUses]:
         """The embedding tables among ``names`` whose output covariances fit (in all, over

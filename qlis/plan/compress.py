@@ -625,7 +625,8 @@ def plan_compression(
         calibration = Calibration(model_or_state_dict, calib, cluster, spill)
     executor = PlanExecutor(state, {layer.name: layer.QLIS for layer in report.layers},
                             calibration if error_feedback else None, bias_correction,
-                            rounding_sweeps, progress, jobs, spill, plan_policy.stored_rest)
+                            rounding_sweeps, progress, jobs, spill, plan_policy.stored_rest,
+                            steps_from=calibration)
     context = PlanContext(
         state=state,
         report=report,

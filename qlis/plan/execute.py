@@ -25,10 +25,17 @@ from qlis.plan.sizes import (
     kept_bytes,
     param_bytes,
 )
+from qlis.quantize.column_scales import column_stepped, divided_columns
 from qlis.quantize.gptq import fit_with_error_feedback, output_error
 from qlis.quantize.grid import matrix_shape
 from qlis.quantize.pruners import get_pruner
-from qlis.quantize.quantizers import QuantizedTensor, code_dtype, get_quantizer, quantized
+from qlis.quantize.quantizers import (
+    QuantizedTensor,
+    Quantizer,
+    code_dtype,
+    get_quantizer,
+    quantized,
+)
 
 StoredTensor = torch.Tensor | QuantizedTensor
 
@@ -93,6 +100,7 @@ def execute_layer(
     name: str, weight: torch.Tensor, config: LayerConfig, qlis: float | None = None,
     hessian: torch.Tensor | None = None, transposed: bool = False, reconstruction: str = "",
     sweeps: int = 0, overwrite_hessian: bool = False, row_shares: torch.Tensor | None = None,
+    column_factors: np.ndarray | None = None,
 ) -> tuple[StoredTensor, LayerPlan]:
     """Prune then quantize one layer as ``config`` says, and measure what that did.
 
@@ -104,7 +112,9 @@ def execute_layer(
     it once done (``hessian`` is then empty). ``row_shares`` (an embedding table's rows'
     expected shares of the lookups, `qlis.measure.row_shares`): a quantizer with a step per row
     (`Quantizer.with_row_scales`) steps each row by it, and the fit's feedback is left
-    unmeasured.
+    unmeasured. ``column_factors`` (one per input, rd's: qlis/quantize/column_scales.py): an
+    unpruned layer whose quantizer can carry them takes a step per input column, fitted or
+    rounded.
     ``reconstruction`` is recorded in the plan row."""
     pruner = get_pruner(config.pruner) if config.pruner else None
     pruned = pruner.prune(weight)[0] if pruner else weight
@@ -113,6 +123,8 @@ def execute_layer(
     kept = weight.numel() - removed
     width = storage_bits(weight.dtype)
     feedback = None
+    if pruner is not None:
+        column_factors = None  # the pruner's threshold is the weight's, not the divided one's
     if config.quantizer is None:
         stored: StoredTensor = pruned
         rel_mse = relative_mse(weight, pruned)
@@ -140,7 +152,8 @@ def execute_layer(
                 reconstruction += STEPS_BY_LOOKUPS
                 approx = stored.dequantize()
             else:
-                plain = _plain_output_error(name, weight, pruned, config, hessian, transposed)
+                plain = _plain_output_error(name, weight, pruned, config, hessian, transposed,
+                                            column_factors)
                 # the fit measures what it leaves, except from a pruned weight or after
                 # learned rounding: then the covariance is needed after the fit and must not
                 # be its buffer
@@ -148,7 +161,7 @@ def execute_layer(
                 fed = fit_with_error_feedback(pruned, hessian, config.quantizer,
                                               transposed=transposed, sweeps=sweeps,
                                               overwrite_hessian=overwrite_hessian and measures,
-                                              label=name)
+                                              label=name, column_factors=column_factors)
                 stored = fed.quantized
                 approx = stored.dequantize()
                 left = fed.output_error if measures else output_error(approx - weight, hessian,
@@ -158,7 +171,12 @@ def execute_layer(
                 hessian.set_()  # not when the caller's frames let go of it
             rel_mse = relative_mse(weight, approx)
         elif pruner is None:
-            stored, rel_mse = quantized(get_quantizer(config.quantizer), weight, name)
+            quantizer = get_quantizer(config.quantizer)
+            stored = _rounded(name, quantizer, weight, column_factors, transposed)
+            if stored is None:
+                stored, rel_mse = quantized(quantizer, weight, name)
+            else:  # its grid is its stored config's (a step per column), not the plan's
+                rel_mse = get_quantizer(stored.quantizer).relative_error(weight, stored)
         else:
             quantizer = get_quantizer(config.quantizer)
             stored = quantized(quantizer, pruned, name, measured=False)[0]
@@ -197,14 +215,30 @@ def execute_layer(
 
 
 def _plain_output_error(name: str, weight: torch.Tensor, pruned: torch.Tensor,
-                        config: LayerConfig, hessian: torch.Tensor, transposed: bool) -> float:
-    """The output error of plain rounding, what ``LayerPlan.feedback`` compares the fed-back
-    weight's with (float32 products: it is a ratio)."""
-    plain = quantized(get_quantizer(config.quantizer), pruned, name, measured=False)[0]
+                        config: LayerConfig, hessian: torch.Tensor, transposed: bool,
+                        column_factors: np.ndarray | None) -> float:
+    """The output error of plain rounding (on the same grid: a step per input column where
+    the fit takes one), what ``LayerPlan.feedback`` compares the fed-back weight's with
+    (float32 products: it is a ratio)."""
+    quantizer = get_quantizer(config.quantizer)
+    plain = _rounded(name, quantizer, pruned, column_factors, transposed)
+    if plain is None:
+        plain = quantized(quantizer, pruned, name, measured=False)[0]
     plain = plain.dequantize()
     if not bool(torch.isfinite(plain).all()):
         raise _beyond_float32(name, weight, config)
     return output_error(plain - weight, hessian, transposed, dtype=torch.float32)
+
+
+def _rounded(name: str, quantizer: Quantizer, weight: torch.Tensor,
+             column_factors: np.ndarray | None, transposed: bool) -> QuantizedTensor | None:
+    """``weight`` rounded to nearest with a step per input column by ``column_factors``;
+    None without factors or where the quantizer cannot carry them."""
+    if column_factors is None:
+        return None
+    divided = divided_columns(weight, column_factors, transposed).to(weight.dtype)
+    q = quantized(quantizer, divided, name, measured=False)[0]
+    return column_stepped(quantizer, q, column_factors, transposed)
 
 
 def _rows_scaled(tensor: torch.Tensor, factors: np.ndarray) -> torch.Tensor:

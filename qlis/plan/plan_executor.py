@@ -33,7 +33,8 @@ class PlanExecutor:
                  rounding_sweeps: int = 0,
                  progress: Callable[[int], None] | None = None,
                  jobs: int | None = None, spill: SpillFile | None = None,
-                 rest: Callable[[torch.Tensor], StoredTensor] | None = None) -> None:
+                 rest: Callable[[torch.Tensor], StoredTensor] | None = None,
+                 steps_from: Calibration | None = None) -> None:
         self.state = state
         self.rest = rest or (lambda tensor: tensor)
         """How a tensor outside the plan is stored (the policy's `stored_rest`)."""
@@ -44,6 +45,9 @@ class PlanExecutor:
         self.calibration = calibration
         self.bias_correction = bias_correction
         self.rounding_sweeps = rounding_sweeps
+        self.steps_from = steps_from
+        """The calibration whose `column_factors` (rd's steps per input column) the layers
+        take, fitted to it or not (``calibration`` is None without error feedback)."""
         self.progress = progress
         self._done: dict[str, tuple[dict[str, StoredTensor], list[LayerPlan]]] = {}
 
@@ -53,6 +57,8 @@ class PlanExecutor:
         ``hessian``)."""
         if how.get("hessian") is not None:
             how["sweeps"] = self.rounding_sweeps
+        if self.steps_from is not None:
+            how["column_factors"] = self.steps_from.column_factors.get(name)
         stored, layer = execute_layer(name, weight, config, self.scores.get(name), **how)
         return self._keep(stored), layer
 

@@ -22,6 +22,7 @@ qlis/plan/allocate.py then picks one candidate per layer to meet a size or a qua
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ from qlis.archive.format import RECORD_ALIGN, aligned
 from qlis.compiled import njit
 from qlis.config import Param
 from qlis.errors import ConfigError, QlisError
-from qlis.measure.distortion import peak_abs, sum_of_squares
+from qlis.measure.column_energy import input_column_energies
+from qlis.measure.distortion import peak_abs, relative_mse, sum_of_squares
 from qlis.models.tensors import renormalized, storage_bits, tensor_layout
 from qlis.plan.allocate import Curve, allocate_for_distortion, allocate_for_size, totals
 from qlis.plan.execute import Realized, dequantized, execute_layer
@@ -58,8 +60,9 @@ from qlis.plan.sizes import (
     kept_bytes,
     unplanned_bytes,
 )
+from qlis.quantize.column_scales import column_factors, divided_columns
 from qlis.quantize.float16 import Float16Quantizer
-from qlis.quantize.grid import rounded_level
+from qlis.quantize.grid import matrix_shape, rounded_level
 from qlis.quantize.pruners import get_pruner
 from qlis.quantize.quantizers import (
     GRANULARITIES,
@@ -74,6 +77,7 @@ from qlis.quantize.quantizers import (
 from qlis.workers.cluster import spread
 
 if TYPE_CHECKING:
+    from qlis.measure.calibrate import Calibration
     from qlis.measure.stats import InspectionReport
     from qlis.plan.compress import CompressionResult
 
@@ -398,6 +402,23 @@ def _uniform_ladder(
     return found
 
 
+def _column_stepped_ladder(divided: torch.Tensor, index: torch.Tensor, row_of: torch.Tensor,
+                           policy: RDPolicy) -> list[_Candidate]:
+    """The one-step candidates of a layer stepped per input column, measured on ``divided``
+    (its matrix with the columns divided by their factors) at the sample ``index``: a step
+    per column to store, the errors relative to the divided matrix's."""
+    values = divided.reshape(-1)[index]
+    energy = sum_of_squares(divided)
+    if energy == 0 or not bool(values.any()):
+        return []
+    numel = divided.numel()
+    rms = torch.full_like(values, math.sqrt(energy / numel))
+    return _uniform_ladder(values, rms, divided.shape[1], numel,
+                           peak_abs(divided) / peak_abs(values), "tensor", policy.rounding,
+                           policy.finest_step, None, values, energy / numel,
+                           sampled_rows=_SampledRows.of(divided, row_of))
+
+
 def _group_param_bytes(quantizer: GroupAffineQuantizer, rows: torch.Tensor,
                        peak: float) -> int:
     """Bytes per group of the parameters ``quantizer`` stores for a layer: its scale (float16,
@@ -462,13 +483,42 @@ def _channel_emphasis(rows: torch.Tensor, mean_square: float) -> torch.Tensor:
     return (ratio ** (_CHANNEL_EMPHASIS / 2)).float()
 
 
+def _column_factors(calibration: Calibration, state: Mapping[str, torch.Tensor],
+                    names: list[str]) -> dict[str, np.ndarray]:
+    """The step factors per input column (qlis/quantize/column_scales.py) of every linear
+    layer the calibration runs (not a `renormalized` one), from the float model's inputs on
+    the fitting batches (qlis/measure/column_energy.py)."""
+    eligible = [n for n in names
+                if state[n].ndim >= 2 and state[n].numel() and not renormalized(n)]
+    found = {}
+    for name, energy in input_column_energies(calibration, eligible).items():
+        factors = column_factors(energy)
+        if factors is not None and len(factors) == matrix_shape(state[name].shape)[1]:
+            found[name] = factors
+    return found
+
+
+def _digest(factors: Mapping[str, np.ndarray]) -> str:
+    """A short digest of the column factors (part of the cache key of the candidates that
+    were measured with them; empty without)."""
+    if not factors:
+        return ""
+    digest = hashlib.sha256()
+    for name in sorted(factors):
+        digest.update(name.encode() + b"\0" + factors[name].astype(np.float64).tobytes())
+    return " columns " + digest.hexdigest()[:16]
+
+
 def _layer_candidates(
     weight: torch.Tensor, policy: RDPolicy, seed: int, keep_rows: bool = False,
-    per_channel: bool = False,
+    per_channel: bool = False, column_factors: np.ndarray | None = None,
 ) -> list[_Candidate]:
     """The candidates of one layer, measured on a sample of its weights. ``keep_rows``
     (a `renormalized` tensor): only candidates that leave no row of it all zeros.
-    ``per_channel``: errors weighed by their rows' scales (`_CHANNEL_EMPHASIS`)."""
+    ``per_channel``: errors weighed by their rows' scales (`_CHANNEL_EMPHASIS`).
+    ``column_factors``: the unpruned one-step-per-tensor candidates are measured on the
+    weight with its input columns divided by them (the layer is then stepped per input
+    column: qlis/quantize/column_scales.py), their errors relative to that matrix's."""
     w = weight.detach()
     numel = w.numel()
     peak = peak_abs(w)
@@ -500,6 +550,9 @@ def _layer_candidates(
     sigma = float(rows.std(correction=0)) if policy.prune_levels else 0.0
     row_peaks = rows.abs().amax(dim=1) if keep_rows else None
     emphasis = _channel_emphasis(rows, energy / numel) if per_channel else None
+    divided = None
+    if column_factors is not None and not keep_rows and len(column_factors) == rows.shape[1]:
+        divided = rows.float() / torch.from_numpy(column_factors).float()
     for k in (0.0, *(() if keep_rows else policy.prune_levels)):
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)
@@ -508,6 +561,9 @@ def _layer_candidates(
         if kept_energy == 0 or not bool(kept_values.any()):
             continue
         for granularity in policy.granularities:
+            if k == 0 and granularity == "tensor" and divided is not None:
+                candidates += _column_stepped_ladder(divided, index, row_of, policy)
+                continue
             if granularity == "channel":
                 row_rms = row_mean_squares(kept_rows).sqrt()
                 row_rms = torch.where(row_rms > 0, row_rms, torch.ones_like(row_rms))
@@ -636,12 +692,17 @@ class RDPolicy(Policy):
         total_numel = sum(layer.numel for layer in context.report.layers)
 
         progress = context.progress
+        factors: dict[str, np.ndarray] = {}
+        if context.calibration is not None:
+            factors = _column_factors(context.calibration, state, names)
+            context.calibration.column_factors = factors
 
         def measure(index: int) -> list[_Candidate]:
             return _layer_candidates(state[names[index]], self, self.seed + index,
                                      keep_rows=renormalized(names[index]),
                                      per_channel=context.calibration is None
-                                     and len(context.report.layers[index].shape) >= 3)
+                                     and len(context.report.layers[index].shape) >= 3,
+                                     column_factors=factors.get(names[index]))
 
         per_layer = spread(measure, range(len(names)),
                            [layer.numel for layer in context.report.layers], context.jobs,
@@ -650,7 +711,8 @@ class RDPolicy(Policy):
                            done=None if progress is None else (
                                lambda i: progress(context.report.layers[i].numel)),
                            cache=context.cache,
-                           key=f"rd {self.get_config()} {context.calibration is None}")
+                           key=f"rd {self.get_config()} {context.calibration is None}"
+                               f"{_digest(factors)}")
         unreached: list[int] = []
         if context.calibration is None:
             share = {layer.name: layer.numel / total_numel for layer in context.report.layers}
@@ -661,7 +723,8 @@ class RDPolicy(Policy):
                 for n, cands in zip(names, per_layer, strict=True)
             ]
         else:
-            dist, unreached = self._output_distortions(context, names, per_layer)
+            per_layer = list(per_layer)
+            dist, unreached = self._output_distortions(context, names, per_layer, measure)
         curves = [
             Curve(np.array([c.size for c in cands]), d)
             for cands, d in zip(per_layer, dist, strict=True)
@@ -811,7 +874,8 @@ class RDPolicy(Policy):
         return candidates
 
     def _output_distortions(
-        self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]]
+        self, context: PlanContext, names: list[str], per_layer: list[list[_Candidate]],
+        measure: Callable[[int], list[_Candidate]],
     ) -> tuple[list[np.ndarray], list[int]]:
         """Output distortion (1 - cosine) of every candidate: each layer's gain (output
         distortion per unit of relative weight error) times the candidate's weight error.
@@ -822,9 +886,12 @@ class RDPolicy(Policy):
         (`_FLAT_GAIN`) is probed too, and keeps the larger gain. A layer that measures no
         gain counts as a typical one (the median gain); the indices of those that had
         something to round come second (recorded in ``calibration.unreached`` for the
-        warnings)."""
+        warnings). Such a layer loses its steps per input column (the calibration says
+        nothing of what its inputs' energy costs the outputs): its candidates in
+        ``per_layer`` are measured again, by ``measure``, without them."""
         calibration = context.calibration
-        gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed)
+        gains = calibration.sensitivities(names, _GRADIENT_SAMPLES, self.seed,
+                                          calibration.column_factors)
         if gains is None:
             probed = {name: _probe_gain(context, name, cands)
                       for name, cands in zip(names, per_layer, strict=True)}
@@ -849,6 +916,9 @@ class RDPolicy(Policy):
                      if not gains[name] > 0
                      and any(c.config is not None and c.rel_mse > 0 for c in cands)]
         calibration.unreached.update(names[i] for i in unreached)
+        for i in unreached:
+            if calibration.column_factors.pop(names[i], None) is not None:
+                per_layer[i] = measure(i)
         return [np.array([(gains[name] if gains[name] > 0 else typical) * c.rel_mse
                           for c in cands])
                 for name, cands in zip(names, per_layer, strict=True)], unreached
@@ -863,12 +933,16 @@ def _probe_gain(context: PlanContext, name: str, candidates: list[_Candidate]) -
         return None
     probe = min(quantized, key=lambda c: abs(math.log(max(c.rel_mse, 1e-30))
                                              - math.log(_PROBE_REL_MSE)))
-    stored, layer = execute_layer(name, context.state[name], probe.layer_config)
-    if not layer.rel_mse > 0:
+    weight, factors = context.state[name], context.calibration.column_factors.get(name)
+    stored, layer = execute_layer(name, weight, probe.layer_config, column_factors=factors)
+    rel_mse = layer.rel_mse if factors is None else relative_mse(
+        divided_columns(weight, factors, False), divided_columns(dequantized(stored), factors,
+                                                                 False))
+    if not rel_mse > 0:
         return None
     measured = context.calibration.measure({name: dequantized(stored)},
                                            held_out=False)["one_minus_cosine"]
-    return measured / layer.rel_mse if measured > _ROUNDING_DISTORTION else None
+    return measured / rel_mse if measured > _ROUNDING_DISTORTION else None
 
 
 def _data_free_choice(per_layer: list[list[_Candidate]], indices: list[int],
@@ -888,10 +962,13 @@ def _data_free_choice(per_layer: list[list[_Candidate]], indices: list[int],
 
 
 def _plain(context: PlanContext, plan: Plan) -> Realized:
-    """A plan executed layer by layer, without reconstruction."""
+    """A plan executed layer by layer, without reconstruction (stepped per input column where
+    the candidates were)."""
+    factors = context.calibration.column_factors if context.calibration is not None else {}
     tensors, size = {}, 0.0
     for name, config in plan.items():
-        stored, layer = execute_layer(name, context.state[name], config)
+        stored, layer = execute_layer(name, context.state[name], config,
+                                      column_factors=factors.get(name))
         tensors[name] = dequantized(stored)
         size += layer.coded_bytes
     return Realized(tensors, size)

@@ -27,8 +27,15 @@ import torch
 from scipy.linalg import lapack
 
 from qlis.errors import ConfigError, InputError
+from qlis.quantize.column_scales import column_stepped, divided_columns
 from qlis.quantize.grid import Grid, matrix_shape
-from qlis.quantize.quantizers import QuantizedTensor, checked_grid, get_quantizer, quantized
+from qlis.quantize.quantizers import (
+    QuantizedTensor,
+    Quantizer,
+    checked_grid,
+    get_quantizer,
+    quantized,
+)
 from qlis.quantize.rounding import refine_codes
 from qlis.workers.threads import single_threaded_ops
 
@@ -254,6 +261,7 @@ def fit_with_error_feedback(
     sweeps: int = 0,
     overwrite_hessian: bool = False,
     label: str = "error feedback",
+    column_factors: np.ndarray | None = None,
 ) -> FedBack:
     """`quantize_with_error_feedback`, and the output error the result leaves, which the
     column loop gives almost for free: its scaled errors d (each column's rounding error
@@ -263,7 +271,10 @@ def fit_with_error_feedback(
 
     ``overwrite_hessian``: a contiguous float32 ``hessian`` becomes the factor's buffer (its
     values are lost), so that a wide layer's fit holds one width^2 buffer, not two.
-    ``label`` names the layer in what a third-party quantizer is refused for."""
+    ``label`` names the layer in what a third-party quantizer is refused for.
+    ``column_factors`` (one per input, qlis/quantize/column_scales.py): where the quantizer
+    can carry them, the fit's grid takes a step per input column, the step the quantizer
+    gives the weight with its input columns divided by them, times them."""
     quantizer = get_quantizer(config)
     if not quantizer.has_grid():
         raise ConfigError(f"quantizer {quantizer.strategy_id!r} does not describe its grid "
@@ -274,6 +285,12 @@ def fit_with_error_feedback(
     reference = quantized(quantizer, weight, label, measured=False)[0]
     if weight.numel() == 0:
         return FedBack(reference, 0.0)
+    factors = column_factors if column_factors is not None and column_stepped(
+        quantizer, reference, column_factors, transposed) is not None else None
+    if factors is not None:  # AWQ's scaling: fitted on scaled columns, stored column-stepped
+        weight, hessian, reference = _scaled_columns(quantizer, weight, hessian, factors,
+                                                      transposed, overwrite_hessian, label)
+        overwrite_hessian = True  # the scaled covariance is a copy of our own
     grid = checked_grid(quantizer, reference, label)
     matrix = weight.detach().to(device="cpu", dtype=torch.float32).reshape(
         matrix_shape(weight.shape))
@@ -284,9 +301,9 @@ def fit_with_error_feedback(
     covariances = _each_group(lambda h: _damped(h, damp), per_group) if sweeps else None
     damping = torch.stack([dead.double() + shift
                            for dead, shift in (_damping(h, damp) for h in per_group)])
-    factors = _inverse_factors(per_group, damp, overwrite_hessian)
-    codes, scaled, column_errors = _feed_back(matrix, grid, factors, block_size)
-    del factors
+    inverse_factors = _inverse_factors(per_group, damp, overwrite_hessian)
+    codes, scaled, column_errors = _feed_back(matrix, grid, inverse_factors, block_size)
+    del inverse_factors
     error: float | None = None
     if covariances is not None:
         codes = refine_codes(matrix, grid, codes, covariances, sweeps, frozen=matrix == 0)
@@ -294,7 +311,26 @@ def fit_with_error_feedback(
         error = max(0.0, scaled - float((damping * column_errors).sum()))
     if transposed:
         codes = codes.T
-    return FedBack(quantizer.with_codes(reference, codes.reshape(weight.shape)), error)
+    fitted = quantizer.with_codes(reference, codes.reshape(weight.shape))
+    if factors is not None:  # checked above: the quantizer carries them
+        fitted = column_stepped(quantizer, fitted, factors, transposed)
+    return FedBack(fitted, error)
+
+
+def _scaled_columns(
+    quantizer: Quantizer, weight: torch.Tensor, hessian: torch.Tensor, factors: np.ndarray,
+    transposed: bool, overwrite_hessian: bool, label: str,
+) -> tuple[torch.Tensor, torch.Tensor, QuantizedTensor]:
+    """The fit's problem with input column j divided by ``factors[j]``: the weight's columns
+    (float32), the covariance's rows and columns times it (``hessian`` scaled in place when
+    ``overwrite_hessian``), the grid the quantizer gives the divided weight. Its codes on
+    that grid are the codes on the column-stepped grid, and its output error is the same."""
+    divided = divided_columns(weight, factors, transposed)
+    probe = quantized(quantizer, divided.to(weight.dtype), label, measured=False)[0]
+    covariance = hessian if overwrite_hessian else hessian.clone()
+    along = torch.from_numpy(factors).to(covariance.device, covariance.dtype)
+    covariance.mul_(along[:, None]).mul_(along[None, :])
+    return divided, covariance, probe
 
 
 def _feed_back(

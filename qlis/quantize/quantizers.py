@@ -37,6 +37,9 @@ from qlis.strategy import Strategy
 
 GRANULARITIES = ("tensor", "channel")
 GRANULARITY = Param("str", choices=GRANULARITIES)
+UNIFORM_GRANULARITY = Param("str", choices=(*GRANULARITIES, "column"))
+"""The uniform grid's steps also come one per input column (the matrix view's columns): what
+rd gives a linear layer by its inputs' energy (qlis/quantize/column_scales.py)."""
 SEED = Param("int", 0, (1 << 63) - 1)
 MAX_GROUP_SIZE = 1 << 31
 """The largest group a group-wise quantizer takes (a group longer than its row is the row)."""
@@ -314,6 +317,14 @@ class Quantizer(Strategy):
         divided by the factors gave; None where the grid has no per-row scale to carry them."""
         return None
 
+    def with_column_scales(self, q: QuantizedTensor,
+                           factors: np.ndarray) -> QuantizedTensor | None:
+        """``q`` with the values of matrix column c times ``factors[c]`` (float64), the codes
+        kept: a weight quantized with its columns divided by the factors, stored with a step
+        per input column (AWQ's scaling, qlis/quantize/column_scales.py); None where the
+        grid has no step to carry them."""
+        return None
+
 
 quantizer_registry: Registry[Quantizer] = Registry("quantizer", "qlis.quantizers",
                                                   builtins=("qlis.quantize.float16",))
@@ -429,11 +440,20 @@ def _rows(weight: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def _row_view(weight: torch.Tensor, granularity: str) -> torch.Tensor:
-    """``_rows`` in the weight's own dtype (no copy)."""
+    """``_rows`` in the weight's own dtype (no copy; granularity ``column``: the matrix
+    view's columns as rows, a transposed view)."""
     w = weight.detach()
     if granularity == "channel" and w.ndim >= 1 and w.shape[0] > 0:
         return w.reshape(w.shape[0], -1)
+    if granularity == "column" and _has_columns(w.shape):
+        return w.reshape(matrix_shape(w.shape)).T
     return w.reshape(1, -1)
+
+
+def _has_columns(shape: tuple[int, ...]) -> bool:
+    """Whether a weight of ``shape`` takes a step per column: a matrix view of elements (an
+    empty one takes the tensor's single step)."""
+    return min(matrix_shape(shape)) > 0
 
 
 
@@ -496,6 +516,8 @@ def _row_layout(
         return (1, max(cols, 1)), (rows, 1)
     if granularity == "channel" and len(shape) == 1 and cols > 0:  # one row per element
         return (1, 1), (1, cols)
+    if granularity == "column" and _has_columns(shape):
+        return (rows, 1), (1, cols)
     return (max(rows, 1), max(cols, 1)), (1, 1)
 
 
@@ -503,6 +525,8 @@ def _param_rows(shape: tuple[int, ...], granularity: str) -> tuple[int]:
     """The shape of a per-row parameter: one value per row of ``_rows``."""
     if granularity == "channel" and len(shape) >= 1 and shape[0] > 0:
         return (shape[0],)
+    if granularity == "column" and _has_columns(shape):
+        return (matrix_shape(shape)[1],)
     return (1,)
 
 
@@ -1012,10 +1036,12 @@ class UniformQuantizer(Quantizer):
     The scalar rate–distortion frontier: with an entropy coder behind it a uniform step is
     within 0.25 bit of the best any scalar quantizer can do at the same error. ``step`` is
     the step itself (relative to nothing), or ``rel_mse`` asks for the step whose high-rate
-    error ``step**2 / 12`` is that fraction of the layer's (or channel's) mean square.
+    error ``step**2 / 12`` is that fraction of the layer's (or channel's, or column's) mean
+    square; ``granularity``: one step for the tensor, one per output row (``channel``) or
+    one per input column (``column``, the matrix view's columns).
     ``rounding`` below 0.5 widens the zero bin (a dead zone) and lowers the rate. ``rel_mse``
     may exceed 1 (up to MAX_REL_MSE): a step coarser than 3.5 RMS, a very low rate.
-    Value of code ``c``: ``(c - offset) * step[row]``; 0 stays exactly 0.
+    Value of code ``c``: ``(c - offset) * step[row or column]``; 0 stays exactly 0.
 
     >>> q = UniformQuantizer(step=0.5).quantize(torch.tensor([-1.0, 0.0, 0.3, 2.0]))
     >>> q.codes.tolist(), q.dequantize().tolist()
@@ -1025,7 +1051,7 @@ class UniformQuantizer(Quantizer):
     strategy_id = "uniform"
     params = {"step": Param("float", 0, _FLOAT32_MAX, low_open=True, optional=True),
               "rel_mse": Param("float", 0, MAX_REL_MSE, low_open=True, optional=True),
-              "granularity": GRANULARITY,
+              "granularity": UNIFORM_GRANULARITY,
               "rounding": Param("float", 0, 0.5, low_open=True)}
 
     def __init__(
@@ -1089,7 +1115,9 @@ class UniformQuantizer(Quantizer):
         small one is rounded at once, unmeasured)."""
         matrix = weight.detach().reshape(matrix_shape(weight.shape))
         chunks = _chunks(matrix.shape)
-        at_once = len(chunks) == 1 or (weight.ndim < 2 and self.granularity == "channel")
+        # a step per column (or per element of a vector) is found from the whole matrix
+        at_once = len(chunks) == 1 or self.granularity == "column" or (
+            weight.ndim < 2 and self.granularity == "channel")
         extremes = None if at_once else _row_extremes(matrix)  # found once for both uses
         step = self.steps(_row_view(weight, self.granularity), extremes)
         params = {"step": step.numpy(), "offset": np.zeros(1, dtype=np.float32)}
@@ -1145,8 +1173,24 @@ class UniformQuantizer(Quantizer):
         return QuantizedTensor(q.codes, q.n_levels, {**q.quantizer, "granularity": "channel"},
                                {"step": scaled, "offset": q.params["offset"]}, q.dtype)
 
+    def with_column_scales(self, q: QuantizedTensor,
+                           factors: np.ndarray) -> QuantizedTensor | None:
+        """One step for the tensor (granularity ``tensor``) becomes a step per column, the
+        step times each column's factor; the config's ``step`` (or ``rel_mse``) stays what
+        the steps were derived from."""
+        columns = matrix_shape(q.shape)[1]
+        if self.granularity != "tensor" or not _has_columns(q.shape) or len(factors) != columns:
+            return None
+        step = float(np.asarray(q.params["step"], dtype=np.float64).reshape(-1)[0])
+        scaled = (step * np.asarray(factors, dtype=np.float64)).astype(np.float32)
+        if not (np.isfinite(scaled).all() and (scaled > 0).all()):
+            return None
+        return QuantizedTensor(q.codes, q.n_levels, {**q.quantizer, "granularity": "column"},
+                               {"step": scaled, "offset": q.params["offset"]}, q.dtype)
+
     def grid(self, shape: tuple[int, ...], n_levels: int, params: dict) -> AffineGrid:
-        """Unbounded: (code - offset) * step, one step per tensor or row, codes rebased to 0."""
+        """Unbounded: (code - offset) * step, one step per tensor, row or column, codes
+        rebased to 0."""
         block, blocks = _row_layout(shape, self.granularity)
         step = _param(params, "step", blocks)
         offset = _param(params, "offset", (1,))
