@@ -25,7 +25,8 @@ from qlis.quantize.quantizers import QuantizedTensor, Quantizer
 
 POWER = 0.75
 """How strongly the steps follow the inputs' energy (0: one step; 1: steps by the inputs'
-RMS). On MiniLM 0.5 and 0.75 measured alike, 0.25 and 1.0 worse."""
+RMS). MiniLM calibrated at 2.76 b/w kept 0.98840 with 0.75, 0.98831 with 0.5, 0.98804 with 1.0
+(docs/method.md)."""
 RANGE = 4.0
 """A column's step is at most this many times finer or coarser than the layer's."""
 
