@@ -13,6 +13,7 @@ input rows column by column (float64, one term per call of its module, in the pa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch import nn
@@ -49,9 +50,8 @@ def input_column_energies(calibration: Calibration,
         sums[name].add(calls[name], term)
 
     handles = [inputs.module.register_forward_pre_hook(
-        lambda module, args, kwargs, name=name, inputs=inputs: hook(module, args, kwargs,
-                                                                    name, inputs),
-        with_kwargs=True) for name, inputs in watched.items()]
+        partial(hook, name=name, inputs=inputs), with_kwargs=True)
+        for name, inputs in watched.items()]
     try:
         calibration.feed()
     finally:

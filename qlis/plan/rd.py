@@ -516,7 +516,8 @@ def _layer_candidates(
     """The candidates of one layer, measured on a sample of its weights. ``keep_rows``
     (a `renormalized` tensor): only candidates that leave no row of it all zeros.
     ``per_channel``: errors weighed by their rows' scales (`_CHANNEL_EMPHASIS`).
-    ``column_factors``: the unpruned one-step-per-tensor candidates are measured on the
+    ``column_factors`` (one per column of the matrix view; `_column_factors` gives none for
+    a `renormalized` tensor): the unpruned one-step-per-tensor candidates are measured on the
     weight with its input columns divided by them (the layer is then stepped per input
     column: qlis/quantize/column_scales.py), their errors relative to that matrix's."""
     w = weight.detach()
@@ -550,9 +551,8 @@ def _layer_candidates(
     sigma = float(rows.std(correction=0)) if policy.prune_levels else 0.0
     row_peaks = rows.abs().amax(dim=1) if keep_rows else None
     emphasis = _channel_emphasis(rows, energy / numel) if per_channel else None
-    divided = None
-    if column_factors is not None and not keep_rows and len(column_factors) == rows.shape[1]:
-        divided = rows.float() / torch.from_numpy(column_factors).float()
+    divided = None if column_factors is None else (
+        rows.float() / torch.from_numpy(column_factors).float())
     for k in (0.0, *(() if keep_rows else policy.prune_levels)):
         kept_rows = rows if k == 0 else torch.where(rows.abs() >= k * sigma, rows, 0.0)
         kept_values = values if k == 0 else torch.where(values.abs() >= k * sigma, values, 0.0)
@@ -935,12 +935,12 @@ def _probe_gain(context: PlanContext, name: str, candidates: list[_Candidate]) -
                                              - math.log(_PROBE_REL_MSE)))
     weight, factors = context.state[name], context.calibration.column_factors.get(name)
     stored, layer = execute_layer(name, weight, probe.layer_config, column_factors=factors)
+    approx = dequantized(stored)
     rel_mse = layer.rel_mse if factors is None else relative_mse(
-        divided_columns(weight, factors, False), divided_columns(dequantized(stored), factors,
-                                                                 False))
+        divided_columns(weight, factors, False), divided_columns(approx, factors, False))
     if not rel_mse > 0:
         return None
-    measured = context.calibration.measure({name: dequantized(stored)},
+    measured = context.calibration.measure({name: approx},
                                            held_out=False)["one_minus_cosine"]
     return measured / rel_mse if measured > _ROUNDING_DISTORTION else None
 
